@@ -1,0 +1,529 @@
+"""Audit the raw images: pixel hashes, duplicates, leakage across splits, label conflicts, bad files.
+
+Identity is the decoded gray pixels (`pixel_hash`), not the file bytes, so the same picture saved
+as PNG and as lossless WebP/TIFF is one image.
+
+Near duplicates, two stages:
+1. candidates: 64-bit difference hashes (`dhash64`) within `near_duplicate_distance` bits
+   (default 4 of 64). On the real set, every re-encoded or resized copy found lies within 3 bits,
+   but so do many distinct slices of one scan (CT slices share their layout), so a dHash match
+   alone is only a candidate for review.
+2. near copies: candidates whose 32x32 thumbnails (`thumbnail`) differ by a mean absolute
+   difference <= SAME_PICTURE_MAD (2.0 of 255). Measured on the real set: re-encoded / resized
+   copies of one picture give 0.03..1.5, the closest distinct slices 2.8 and up. A near copy is
+   the same picture for `leak_policy`, like an exact duplicate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+
+from ctscan import CLASS_NAMES
+from ctscan.data.raw import SPLITS
+from ctscan.errors import DataError
+
+_FORMAT_SUFFIXES = {
+    "PNG": {".png"},
+    "JPEG": {".jpg", ".jpeg"},
+    "MPO": {".jpg", ".jpeg"},
+    "BMP": {".bmp"},
+    "TIFF": {".tif", ".tiff"},
+    "WEBP": {".webp"},
+}
+
+
+def pixel_hash(gray: np.ndarray) -> str:
+    """SHA-256 (hex) of a decoded gray image: its shape and its uint8 pixels in C order."""
+    arr = np.ascontiguousarray(gray, dtype=np.uint8)
+    h = hashlib.sha256(f"{arr.shape[0]}x{arr.shape[1]}:".encode())
+    h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def dhash64(gray: np.ndarray) -> int:
+    """A 64-bit perceptual difference hash of a (H, W) gray image.
+
+    The image is area-averaged (Pillow BOX, in float so flat regions give no rounding ties) to
+    9 columns x 8 rows; bit r*8+c (most significant first) is 1 where column c+1 is brighter
+    than column c in row r. Re-encoding, resizing and mild noise change few bits; a different
+    picture differs in about half of them.
+    """
+    small = Image.fromarray(np.asarray(gray, dtype=np.float32)).resize(
+        (9, 8), Image.Resampling.BOX
+    )
+    a = np.asarray(small, dtype=np.float32)  # (8, 9)
+    bits = a[:, 1:] > a[:, :-1]  # (8, 8)
+    return int.from_bytes(np.packbits(bits.ravel()).tobytes(), "big")
+
+
+THUMB_SIDE = 32
+SAME_PICTURE_MAD = 2.0
+
+
+def thumbnail(gray: np.ndarray) -> bytes:
+    """A 32x32 area-averaged (Pillow BOX, aspect ignored) uint8 thumbnail, as 1024 bytes."""
+    small = Image.fromarray(np.ascontiguousarray(gray, dtype=np.uint8)).resize(
+        (THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX
+    )
+    return np.asarray(small, dtype=np.uint8).tobytes()
+
+
+def thumb_mad(a: bytes, b: bytes) -> float | None:
+    """Mean absolute difference (0..255) of two thumbnails, or None if either is missing."""
+    if not a or not b or len(a) != len(b):
+        return None
+    x = np.frombuffer(a, dtype=np.uint8).astype(np.int16)
+    y = np.frombuffer(b, dtype=np.uint8).astype(np.int16)
+    return float(np.abs(x - y).mean())
+
+
+def hamming(a: int, b: int) -> int:
+    """Number of differing bits between two hashes."""
+    return (a ^ b).bit_count()
+
+
+def _popcount64(x: np.ndarray) -> np.ndarray:
+    if hasattr(np, "bitwise_count"):  # numpy >= 2.0
+        return np.bitwise_count(x).astype(np.int64)
+    table = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
+    return table[x.view(np.uint8).reshape(*x.shape, 8)].sum(axis=-1)
+
+
+def near_pairs(hashes: Sequence[int], max_distance: int) -> list[tuple[int, int, int]]:
+    """All (i, j, distance) with i < j and Hamming distance <= max_distance, vectorised."""
+    h = np.asarray([int(x) for x in hashes], dtype=np.uint64)
+    out: list[tuple[int, int, int]] = []
+    block = 1024  # rows at a time: memory stays at block * n * 8 bytes
+    for start in range(0, len(h), block):
+        rows = h[start : start + block]
+        dist = _popcount64(rows[:, None] ^ h[None, :])  # (b, n)
+        i, j = np.nonzero(dist <= max_distance)
+        i = i + start
+        keep = j > i
+        out.extend(zip(i[keep].tolist(), j[keep].tolist(), dist[i[keep] - start, j[keep]].tolist()))
+    return out
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """What preprocessing learned about one readable raw image."""
+
+    path: str  # relative to the raw dir: split/class folder/file
+    split: str
+    label: str
+    pixel_hash: str
+    dhash: int
+    width: int
+    height: int
+    mode: str
+    format: str | None
+    file_bytes: int = 0
+    thumb: bytes = field(default=b"", repr=False)  # `thumbnail()`; b"": no near-copy check
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["dhash"] = f"{self.dhash:016x}"
+        del d["thumb"]
+        return d
+
+
+@dataclass(frozen=True)
+class BadFile:
+    """A raw file that could not be used, and why."""
+
+    path: str
+    split: str
+    label: str
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DuplicateGroup:
+    """Files whose decoded pixels are identical."""
+
+    pixel_hash: str
+    paths: tuple[str, ...]
+    splits: tuple[str, ...]
+    labels: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class NearDuplicate:
+    """Two different pixel hashes (each possibly with exact copies) with close dHashes.
+
+    `mad`: mean absolute difference of their thumbnails (None if unknown); `same_picture`:
+    mad <= SAME_PICTURE_MAD, i.e. a re-encoded or resized copy (see the module docstring).
+    """
+
+    distance: int
+    a: tuple[str, ...]
+    b: tuple[str, ...]
+    splits: tuple[str, ...]
+    labels: tuple[str, ...]
+    mad: float | None = None
+    same_picture: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class DroppedImage:
+    """An image left out of the store by the leak policy, and why."""
+
+    path: str
+    split: str
+    label: str
+    kind: Literal["label_conflict", "leak", "duplicate"]
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class AuditReport:
+    """Everything the audit found; `to_dict()` is JSON-ready (written as audit.json)."""
+
+    raw_dir: str | None
+    counts: dict[str, dict[str, int]]
+    total: int
+    sizes: dict[str, int]
+    size_range: dict[str, int]
+    modes: dict[str, int]
+    formats: dict[str, int]
+    suffix_mismatches: list[dict[str, str]]
+    bad_files: list[BadFile]
+    ignored_files: list[dict[str, str]]
+    exact_duplicates: list[DuplicateGroup]
+    cross_split_duplicates: list[DuplicateGroup]
+    label_conflicts: list[DuplicateGroup]
+    near_duplicates: list[NearDuplicate]
+    near_duplicate_distance: int
+    on_leak: str | None = None
+    dropped: list[DroppedImage] = field(default_factory=list)
+    kept_counts: dict[str, dict[str, int]] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        for key, value in self.__dict__.items():
+            if isinstance(value, list):
+                d[key] = [v.to_dict() if hasattr(v, "to_dict") else v for v in value]
+            else:
+                d[key] = value
+        d["duplicated_files"] = sum(len(g.paths) for g in self.exact_duplicates)
+        copies = [n for n in self.near_duplicates if n.same_picture]
+        d["near_copy_pairs"] = len(copies)
+        d["cross_split_near_copy_pairs"] = sum(len(n.splits) > 1 for n in copies)
+        return d
+
+
+def _counts(records: Iterable[Any]) -> dict[str, dict[str, int]]:
+    counts = {s: dict.fromkeys(CLASS_NAMES, 0) for s in SPLITS}
+    for r in records:
+        counts.setdefault(r.split, dict.fromkeys(CLASS_NAMES, 0))
+        counts[r.split][r.label] = counts[r.split].get(r.label, 0) + 1
+    return counts
+
+
+def _ordered(values: Iterable[str], order: Sequence[str]) -> tuple[str, ...]:
+    unique = set(values)
+    return tuple(sorted(unique, key=lambda v: (order.index(v) if v in order else len(order), v)))
+
+
+def duplicate_groups(records: Sequence[ImageRecord]) -> list[DuplicateGroup]:
+    """Groups of more than one record with the same pixel hash, in first-seen order."""
+    by_hash: dict[str, list[ImageRecord]] = defaultdict(list)
+    for r in records:
+        by_hash[r.pixel_hash].append(r)
+    return [
+        DuplicateGroup(
+            pixel_hash=h,
+            paths=tuple(r.path for r in group),
+            splits=_ordered((r.split for r in group), SPLITS),
+            labels=_ordered((r.label for r in group), CLASS_NAMES),
+        )
+        for h, group in by_hash.items()
+        if len(group) > 1
+    ]
+
+
+def near_duplicates(records: Sequence[ImageRecord], max_distance: int) -> list[NearDuplicate]:
+    """Pairs of distinct pixel hashes whose dHashes differ in at most `max_distance` bits."""
+    by_hash: dict[str, list[ImageRecord]] = defaultdict(list)
+    for r in records:
+        by_hash[r.pixel_hash].append(r)
+    groups = list(by_hash.values())
+    found = []
+    for i, j, dist in near_pairs([g[0].dhash for g in groups], max_distance):
+        both = groups[i] + groups[j]
+        mad = thumb_mad(groups[i][0].thumb, groups[j][0].thumb)
+        found.append(
+            NearDuplicate(
+                distance=dist,
+                a=tuple(r.path for r in groups[i]),
+                b=tuple(r.path for r in groups[j]),
+                splits=_ordered((r.split for r in both), SPLITS),
+                labels=_ordered((r.label for r in both), CLASS_NAMES),
+                mad=None if mad is None else round(mad, 3),
+                same_picture=mad is not None and mad <= SAME_PICTURE_MAD,
+            )
+        )
+    found.sort(key=lambda n: (not n.same_picture, n.distance, n.a, n.b))
+    return found
+
+
+def _suffix_mismatches(records: Sequence[ImageRecord]) -> list[dict[str, str]]:
+    out = []
+    for r in records:
+        suffix = "." + r.path.rsplit(".", 1)[-1].lower() if "." in r.path else ""
+        expected = _FORMAT_SUFFIXES.get(r.format or "")
+        if expected is not None and suffix not in expected:
+            out.append({"path": r.path, "format": r.format or "?", "suffix": suffix})
+    return out
+
+
+def audit(
+    records: Sequence[ImageRecord],
+    *,
+    bad_files: Sequence[BadFile] = (),
+    ignored: Sequence[tuple[str, str]] = (),
+    near_duplicate_distance: int = 4,
+    raw_dir: str | None = None,
+    on_leak: str | None = None,
+) -> AuditReport:
+    """Summarise the records: counts, sizes, modes, duplicates, leakage, conflicts, bad files.
+
+    With `on_leak` set, the report also lists what `leak_policy` keeps and drops.
+    """
+    groups = duplicate_groups(records)
+    sizes = Counter(f"{r.width}x{r.height}" for r in records)
+    size_range = (
+        {
+            "min_width": min(r.width for r in records),
+            "max_width": max(r.width for r in records),
+            "min_height": min(r.height for r in records),
+            "max_height": max(r.height for r in records),
+        }
+        if records
+        else {}
+    )
+    report = AuditReport(
+        raw_dir=raw_dir,
+        counts=_counts(records),
+        total=len(records),
+        sizes=dict(sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0]))),
+        size_range=size_range,
+        modes=dict(Counter(r.mode for r in records).most_common()),
+        formats=dict(Counter(r.format or "?" for r in records).most_common()),
+        suffix_mismatches=_suffix_mismatches(records),
+        bad_files=list(bad_files),
+        ignored_files=[{"path": str(p), "reason": why} for p, why in ignored],
+        exact_duplicates=groups,
+        cross_split_duplicates=[g for g in groups if len(g.splits) > 1],
+        label_conflicts=[g for g in groups if len(g.labels) > 1],
+        near_duplicates=near_duplicates(records, near_duplicate_distance),
+        near_duplicate_distance=near_duplicate_distance,
+    )
+    if on_leak is not None:
+        kept, dropped = leak_policy(records, on_leak, report.near_duplicates)
+        report.on_leak = on_leak
+        report.dropped = dropped
+        report.kept_counts = _counts(kept)
+    return report
+
+
+def picture_groups(
+    records: Sequence[ImageRecord], near: Sequence[NearDuplicate] = ()
+) -> list[list[int]]:
+    """Record indices grouped by picture: same pixel hash, or linked by a near copy."""
+    parent: dict[str, str] = {}
+
+    def root(h: str) -> str:
+        while parent.setdefault(h, h) != h:
+            parent[h] = parent[parent[h]]
+            h = parent[h]
+        return h
+
+    hash_of = {r.path: r.pixel_hash for r in records}
+    for n in near:
+        if n.same_picture and n.a[0] in hash_of and n.b[0] in hash_of:
+            ra, rb = root(hash_of[n.a[0]]), root(hash_of[n.b[0]])
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(records):
+        groups[root(r.pixel_hash)].append(i)
+    return list(groups.values())
+
+
+def leak_policy(
+    records: Sequence[ImageRecord], on_leak: str, near: Sequence[NearDuplicate] = ()
+) -> tuple[list[ImageRecord], list[DroppedImage]]:
+    """Split records into (kept, dropped with reason), picture by picture.
+
+    A picture is a set of records with the same pixel hash, joined with the near copies in
+    `near` (pairs with `same_picture`; other near duplicates are never acted on).
+    - keep: everything is kept; the audit reports the problems.
+    - drop, in this order:
+      1. every copy of a picture seen under two or more labels (no right answer to learn or test);
+      2. valid/test copies of a picture that is in train (leakage into model selection / test);
+         a picture in valid and test but not train: the valid copies go, so the test split (the
+         reported number) stays as large as possible and selection never sees a test image;
+      3. extra copies within valid or within test (the first path is kept) so a metric does not
+         count one picture twice. Duplicates within train are kept: they only re-weight training.
+    """
+    if on_leak not in ("keep", "drop"):
+        raise DataError(f"on_leak '{on_leak}' is not one of keep, drop.", "set data.on_leak.")
+    if on_leak == "keep":
+        return list(records), []
+    reasons: dict[int, tuple[str, str]] = {}
+
+    def same(i: int, j: int) -> str:
+        a, b = records[i], records[j]
+        how = "same pixels as" if a.pixel_hash == b.pixel_hash else "near copy of"
+        return f"{how} {b.path} in {b.split}"
+
+    for idxs in picture_groups(records, near):
+        if len(idxs) < 2:
+            continue
+        group = [records[i] for i in idxs]
+        labels = _ordered((r.label for r in group), CLASS_NAMES)
+        if len(labels) > 1:
+            where = ", ".join(f"{r.path} ({r.label})" for r in group)
+            for i in idxs:
+                reasons[i] = ("label_conflict", f"one picture under labels {'/'.join(labels)}: {where}")
+            continue
+        train = [i for i in idxs if records[i].split == "train"]
+        test = [i for i in idxs if records[i].split == "test"]
+        source = train or test
+        if source:
+            for i in idxs:
+                if records[i].split != records[source[0]].split and records[i].split in (
+                    "valid",
+                    "test",
+                ):
+                    reasons[i] = ("leak", same(i, source[0]))
+        for split in ("valid", "test"):
+            left = [i for i in idxs if records[i].split == split and i not in reasons]
+            for i in left[1:]:
+                reasons[i] = ("duplicate", same(i, left[0]))
+    kept = [r for i, r in enumerate(records) if i not in reasons]
+    dropped = [
+        DroppedImage(path=r.path, split=r.split, label=r.label, kind=kind, reason=why)  # type: ignore[arg-type]
+        for i, r in enumerate(records)
+        if i in reasons
+        for kind, why in [reasons[i]]
+    ]
+    return kept, dropped
+
+
+def _examples(items: Sequence[str], n: int = 3) -> str:
+    shown = ", ".join(items[:n])
+    return shown + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def render_summary(report: AuditReport) -> Any:
+    """Rich tables for the CLI: counts per split and class, file properties, findings."""
+    from rich.console import Group
+    from rich.table import Table
+
+    counts = Table(title="Images per split and class")
+    counts.add_column("split")
+    classes = list(CLASS_NAMES) + [
+        c for s in report.counts.values() for c in s if c not in CLASS_NAMES
+    ]
+    for name in classes:
+        counts.add_column(name, justify="right")
+    counts.add_column("total", justify="right")
+    for split, per_class in report.counts.items():
+        kept = (report.kept_counts or {}).get(split, {})
+        cells = []
+        for name in [*classes, "total"]:
+            n = sum(per_class.values()) if name == "total" else per_class.get(name, 0)
+            if report.kept_counts is not None:
+                k = sum(kept.values()) if name == "total" else kept.get(name, 0)
+                cells.append(f"{k} (-{n - k})" if k != n else str(n))
+            else:
+                cells.append(str(n))
+        counts.add_row(split, *cells)
+
+    files = Table(title="Files")
+    files.add_column("property")
+    files.add_column("values")
+    files.add_row("modes", ", ".join(f"{k}: {v}" for k, v in report.modes.items()))
+    files.add_row("formats", ", ".join(f"{k}: {v}" for k, v in report.formats.items()))
+    if report.size_range:
+        r = report.size_range
+        files.add_row(
+            "sizes",
+            f"{len(report.sizes)} distinct, width {r['min_width']}..{r['max_width']}, height "
+            f"{r['min_height']}..{r['max_height']}; most common: "
+            + ", ".join(f"{k} ({v})" for k, v in list(report.sizes.items())[:3]),
+        )
+    if report.suffix_mismatches:
+        files.add_row(
+            "format != suffix",
+            _examples([f"{m['path']} is {m['format']}" for m in report.suffix_mismatches]),
+        )
+
+    findings = Table(title="Findings")
+    findings.add_column("finding")
+    findings.add_column("count", justify="right")
+    findings.add_column("examples")
+    findings.add_row(
+        "bad files", str(len(report.bad_files)),
+        _examples([f"{b.path}: {b.reason}" for b in report.bad_files], 2),
+    )
+    findings.add_row(
+        "ignored files", str(len(report.ignored_files)),
+        _examples([f["path"] for f in report.ignored_files]),
+    )
+    dup_files = sum(len(g.paths) for g in report.exact_duplicates)
+    findings.add_row(
+        "exact duplicate groups", f"{len(report.exact_duplicates)} ({dup_files} files)",
+        _examples([" = ".join(g.paths) for g in report.exact_duplicates], 2),
+    )
+    findings.add_row(
+        "cross-split groups (leak)", str(len(report.cross_split_duplicates)),
+        _examples([" = ".join(g.paths) for g in report.cross_split_duplicates], 2),
+    )
+    findings.add_row(
+        "label conflicts", str(len(report.label_conflicts)),
+        _examples([" = ".join(g.paths) for g in report.label_conflicts], 2),
+    )
+    copies = [n for n in report.near_duplicates if n.same_picture]
+    findings.add_row(
+        f"near copies (dHash <= {report.near_duplicate_distance}, thumbnail diff <= "
+        f"{SAME_PICTURE_MAD:g})",
+        f"{len(copies)} ({sum(len(n.splits) > 1 for n in copies)} cross-split)",
+        _examples([f"{n.a[0]} ~ {n.b[0]}" for n in copies], 2),
+    )
+    findings.add_row(
+        "other near-duplicate candidates (review)",
+        str(len(report.near_duplicates) - len(copies)),
+        _examples(
+            [f"{n.a[0]} ~ {n.b[0]} ({n.distance})" for n in report.near_duplicates
+             if not n.same_picture], 2,
+        ),
+    )
+    if report.on_leak is not None:
+        by_kind = Counter(d.kind for d in report.dropped)
+        findings.add_row(
+            f"dropped (on_leak={report.on_leak})", str(len(report.dropped)),
+            ", ".join(f"{k}: {v}" for k, v in sorted(by_kind.items())) or "-",
+        )
+    return Group(counts, files, findings)

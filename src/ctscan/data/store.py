@@ -1,0 +1,426 @@
+"""The processed store: one directory of `.npy` arrays plus JSON, written atomically.
+
+Layout of `<processed_dir>/`:
+    meta.json              spec (size, resize, mean/std, class names), the `data` settings, raw
+                           fingerprint, DVC md5, on_leak and what was dropped/skipped, counts,
+                           version, creation time, size and sha256 of every other file
+    index.json             per split: `paths` (relative to the raw dir) and `pixel_hashes`
+    audit.json             the full audit report
+    <split>_images.npy     (N, 1, S, S) uint8
+    <split>_labels.npy     (N,) int64
+
+The store is built in a temporary directory beside the target, every file is fsynced, and then
+it replaces the target by two renames (old -> backup, new -> target; the backup is deleted).
+A failure while building leaves the old store untouched.
+
+Raw fingerprint: SHA-256 over the sorted `split/class folder/file` paths and file sizes of every
+raw image. It needs one `stat` per file (milliseconds), survives `dvc checkout` (which resets
+mtimes), and catches added, removed, renamed and resized files; an edit that keeps the byte size
+is missed, which the stored pixel hashes and the DVC md5 in meta.json make auditable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+import ctscan
+from ctscan.data.raw import SPLITS, RawImage, discover
+from ctscan.data.transforms import PreprocessSpec
+from ctscan.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
+
+STORE_FORMAT = 1
+META_FILE = "meta.json"
+INDEX_FILE = "index.json"
+AUDIT_FILE = "audit.json"
+PREPROCESS_FIX = "run `ctscan preprocess` to rebuild the processed store."
+# `data` settings that change the stored tensors; they must match what the caller expects.
+TENSOR_KEYS: tuple[str, ...] = ("image_size", "resize", "on_leak")
+# Settings that decide which files are bad: they matter only if the store skipped a file. With no
+# skipped file, every raw image decoded under them, so other values would give the same tensors.
+BAD_FILE_KEYS: tuple[str, ...] = ("on_bad_file", "max_image_pixels", "max_file_bytes")
+# near_duplicate_distance only changes the audit report, never the tensors.
+
+
+@dataclass
+class SplitArrays:
+    """One split as numpy arrays, ready to write."""
+
+    images: np.ndarray  # (N, 1, S, S) uint8
+    labels: np.ndarray  # (N,) int64
+    paths: list[str]
+    hashes: list[str]
+
+
+@dataclass
+class Split:
+    """One split as torch tensors, read from the store."""
+
+    images: torch.Tensor  # (N, 1, S, S) uint8
+    labels: torch.Tensor  # (N,) int64
+    paths: list[str]
+    hashes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def raw_fingerprint(source: Path | str | Sequence[RawImage]) -> str:
+    """SHA-256 of the relative paths and byte sizes of the raw images (see the module doc)."""
+    images = discover(source) if isinstance(source, (str, Path)) else list(source)
+    h = hashlib.sha256()
+    for rel, size in sorted((img.relpath, img.path.stat().st_size) for img in images):
+        h.update(f"{rel}\t{size}\n".encode())
+    return h.hexdigest()
+
+
+_DVC_MD5 = re.compile(r"^\s*-?\s*md5:\s*([0-9a-f]{32}(?:\.dir)?)\s*$", re.MULTILINE)
+
+
+def dvc_data_hash(project_root: Path | str) -> str | None:
+    """The md5 that `<project_root>/data.dvc` records for the data directory, or None."""
+    path = Path(project_root) / "data.dvc"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return None
+    match = _DVC_MD5.search(text)
+    return match.group(1) if match else None
+
+
+def find_dvc_hash(raw_dir: Path | str) -> str | None:
+    """`dvc_data_hash` of the nearest folder above `raw_dir` (or the cwd) holding data.dvc."""
+    here = Path(raw_dir).resolve()
+    for folder in [here, *here.parents, Path.cwd()]:
+        if (folder / "data.dvc").is_file():
+            return dvc_data_hash(folder)
+    return None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not supported on this platform
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, write: Any) -> None:
+    with path.open("wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _write_file(path, lambda fh: fh.write(json.dumps(obj, indent=1, sort_keys=False).encode()))
+
+
+def _looks_like_store(path: Path) -> bool:
+    if not path.exists():
+        return True
+    if path.is_dir() and not any(path.iterdir()):
+        return True
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "store_format" in meta
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Put `new` where `target` is, replacing an existing store."""
+    if not target.exists():
+        os.rename(new, target)
+    else:
+        backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        backup.rmdir()
+        os.rename(target, backup)
+        try:
+            os.rename(new, target)
+        except OSError:
+            os.rename(backup, target)
+            raise
+        shutil.rmtree(backup, ignore_errors=True)
+    _fsync_dir(target.parent)
+
+
+def write_store(
+    out_dir: Path | str,
+    splits: Mapping[str, SplitArrays],
+    *,
+    spec: PreprocessSpec,
+    data_settings: Mapping[str, Any],
+    raw_dir: Path | str | None,
+    raw_fingerprint: str,
+    dvc_md5: str | None = None,
+    on_leak: str,
+    dropped: Sequence[Mapping[str, Any]] = (),
+    skipped: Sequence[Mapping[str, Any]] = (),
+    audit: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write the store atomically to `out_dir` (replacing an older store there) and return it."""
+    out_dir = Path(out_dir)
+    if not _looks_like_store(out_dir):
+        raise DataError(
+            f"'{out_dir}' exists and is not a ctscan processed store; refusing to replace it.",
+            "set paths.processed_dir to a new folder or remove that one.",
+        )
+    for name, arr in splits.items():
+        n = len(arr.paths)
+        size = spec.image_size
+        if arr.images.shape != (n, 1, size, size) or arr.images.dtype != np.uint8:
+            raise ValueError(f"{name}: images {arr.images.dtype} {arr.images.shape}, N={n}")
+        if arr.labels.shape != (n,) or arr.labels.dtype != np.int64 or len(arr.hashes) != n:
+            raise ValueError(f"{name}: labels {arr.labels.dtype} {arr.labels.shape}, N={n}")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        files: dict[str, dict[str, Any]] = {}
+        index: dict[str, dict[str, list[str]]] = {}
+        for name, arr in splits.items():
+            for kind, value in (("images", arr.images), ("labels", arr.labels)):
+                fname = f"{name}_{kind}.npy"
+                _write_file(tmp / fname, lambda fh, v=value: np.save(fh, v, allow_pickle=False))
+            index[name] = {"paths": list(arr.paths), "pixel_hashes": list(arr.hashes)}
+        _write_json(tmp / INDEX_FILE, index)
+        if audit is not None:
+            _write_json(tmp / AUDIT_FILE, audit)
+        for path in sorted(tmp.iterdir()):
+            files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        meta = {
+            "store_format": STORE_FORMAT,
+            "ctscan_version": ctscan.__version__,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "spec": spec.to_dict(),
+            "data": dict(data_settings),
+            "raw_dir": str(raw_dir) if raw_dir is not None else None,
+            "raw_fingerprint": raw_fingerprint,
+            "dvc_md5": dvc_md5,
+            "on_leak": on_leak,
+            "counts": {name: len(arr.paths) for name, arr in splits.items()},
+            "class_counts": {
+                name: {
+                    c: int((arr.labels == i).sum()) for i, c in enumerate(spec.class_names)
+                }
+                for name, arr in splits.items()
+            },
+            "dropped": [dict(d) for d in dropped],
+            "skipped": [dict(s) for s in skipped],
+            "files": files,
+        }
+        _write_json(tmp / META_FILE, meta)  # last: a store without meta.json is incomplete
+        _fsync_dir(tmp)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+class Store:
+    """A processed store opened by `load_store`: `.meta`, `.spec`, `.split(name)`."""
+
+    def __init__(self, path: Path, meta: dict[str, Any], index: dict[str, Any]) -> None:
+        self.path = path
+        self.meta = meta
+        self._index = index
+        self._splits: dict[str, Split] = {}
+
+    @property
+    def spec(self) -> PreprocessSpec:
+        """The preprocessing spec every consumer of this store must use."""
+        return PreprocessSpec.from_dict(self.meta["spec"])
+
+    @property
+    def split_names(self) -> tuple[str, ...]:
+        """The splits held, in the canonical order."""
+        return tuple(s for s in SPLITS if s in self._index) + tuple(
+            s for s in self._index if s not in SPLITS
+        )
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Images per split."""
+        return dict(self.meta["counts"])
+
+    def audit(self) -> dict[str, Any] | None:
+        """The audit report written with the store, as a dict (None if absent)."""
+        path = self.path / AUDIT_FILE
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def split(self, name: str) -> Split:
+        """The images, labels, paths and pixel hashes of one split (loaded once, then cached)."""
+        import torch
+
+        if name not in self._index:
+            raise DataError(
+                f"split '{name}' is not in the store at '{self.path}' "
+                f"(it has {', '.join(self.split_names)}).",
+                "use one of those splits.",
+            )
+        if name not in self._splits:
+            images = self._load_array(f"{name}_images.npy")
+            labels = self._load_array(f"{name}_labels.npy")
+            paths = list(self._index[name]["paths"])
+            hashes = list(self._index[name]["pixel_hashes"])
+            n, s = len(paths), self.spec.image_size
+            if (
+                images.dtype != np.uint8
+                or images.shape != (n, self.spec.channels, s, s)
+                or labels.dtype != np.int64
+                or labels.shape != (n,)
+                or len(hashes) != n
+            ):
+                raise DataError(
+                    f"the store at '{self.path}' is inconsistent: split '{name}' has images "
+                    f"{images.dtype}{list(images.shape)}, labels {labels.dtype}"
+                    f"{list(labels.shape)} for {n} paths.",
+                    PREPROCESS_FIX,
+                )
+            if n and (labels.min() < 0 or labels.max() >= len(self.spec.class_names)):
+                raise DataError(f"split '{name}' has labels out of range.", PREPROCESS_FIX)
+            self._splits[name] = Split(
+                images=torch.from_numpy(images),
+                labels=torch.from_numpy(labels),
+                paths=paths,
+                hashes=hashes,
+            )
+        return self._splits[name]
+
+    def _load_array(self, fname: str) -> np.ndarray:
+        try:
+            return np.load(self.path / fname, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise DataError(
+                f"cannot read '{self.path / fname}' of the processed store: {exc}.",
+                PREPROCESS_FIX,
+            ) from None
+
+
+def _corrupt(store_dir: Path, what: str) -> DataError:
+    return DataError(f"the processed store at '{store_dir}' is corrupt or partial: {what}.",
+                     PREPROCESS_FIX)
+
+
+def _as_dict(data: Any) -> dict[str, Any]:
+    if hasattr(data, "model_dump"):
+        return data.model_dump(mode="json")
+    return dict(data)
+
+
+def stale_keys(meta: Mapping[str, Any], expect_data: Mapping[str, Any] | Any) -> list[str]:
+    """`data.<key>: store=<v> settings=<w>` for every setting that makes the store stale."""
+    stored = meta.get("data", {})
+    expected = _as_dict(expect_data)
+    keys = list(TENSOR_KEYS)
+    if meta.get("skipped"):
+        keys += BAD_FILE_KEYS
+    return [
+        f"data.{k}: store={stored.get(k)!r} settings={expected[k]!r}"
+        for k in keys
+        if k in expected and stored.get(k) != expected[k]
+    ]
+
+
+def load_store(
+    store_dir: Path | str,
+    *,
+    expect_data: Mapping[str, Any] | Any | None = None,
+    raw_fingerprint: str | None = None,
+    verify: bool = True,
+) -> Store:
+    """Open a processed store, refusing a missing, corrupt, partial or stale one.
+
+    `expect_data`: the `data` settings (dict or DataSettings) the caller runs with; keys in
+    TENSOR_KEYS (and BAD_FILE_KEYS if the store skipped files) must match. `raw_fingerprint`: if
+    given, must equal the one the store was built from. `verify`: check every file's sha256.
+    """
+    store_dir = Path(store_dir)
+    if not store_dir.is_dir():
+        leftovers = sorted(store_dir.parent.glob(f".{store_dir.name}.old-*"))
+        hint = f" (an interrupted write left '{leftovers[0]}')" if leftovers else ""
+        raise DataError(f"no processed store at '{store_dir}'{hint}.", PREPROCESS_FIX)
+    try:
+        meta = json.loads((store_dir / META_FILE).read_text())
+        index = json.loads((store_dir / INDEX_FILE).read_text())
+    except FileNotFoundError as exc:
+        raise _corrupt(store_dir, f"'{Path(exc.filename).name}' is missing") from None
+    except (OSError, ValueError) as exc:
+        raise _corrupt(store_dir, f"its JSON cannot be read ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("store_format") != STORE_FORMAT:
+        found = meta.get("store_format") if isinstance(meta, dict) else None
+        raise DataError(
+            f"the processed store at '{store_dir}' has format {found!r}, this ctscan reads "
+            f"format {STORE_FORMAT}.",
+            PREPROCESS_FIX,
+        )
+    for key in ("spec", "data", "counts", "files", "raw_fingerprint"):
+        if key not in meta:
+            raise _corrupt(store_dir, f"meta.json lacks '{key}'")
+    for fname, info in meta["files"].items():
+        path = store_dir / fname
+        if not path.is_file():
+            raise _corrupt(store_dir, f"'{fname}' is missing")
+        if path.stat().st_size != info["bytes"]:
+            raise _corrupt(store_dir, f"'{fname}' has {path.stat().st_size} bytes, expected "
+                                      f"{info['bytes']}")
+        if verify and _sha256(path) != info["sha256"]:
+            raise _corrupt(store_dir, f"'{fname}' does not match its sha256")
+    if expect_data is not None:
+        stale = stale_keys(meta, expect_data)
+        if stale:
+            raise DataError(
+                f"the processed store at '{store_dir}' was built with other settings: "
+                + "; ".join(stale) + ".",
+                PREPROCESS_FIX + " (or change the settings back)",
+            )
+    if raw_fingerprint is not None and meta["raw_fingerprint"] != raw_fingerprint:
+        raise DataError(
+            f"the raw images changed since the processed store at '{store_dir}' was built "
+            f"(raw fingerprint {meta['raw_fingerprint'][:12]} != {raw_fingerprint[:12]}).",
+            PREPROCESS_FIX,
+        )
+    PreprocessSpec.from_dict(meta["spec"])  # refuse a bad spec now, not at first use
+    return Store(store_dir, meta, index)
+
+
+@dataclass
+class StoreSummary:
+    """Sizes of a written store, for benchmarks and the CLI."""
+
+    path: Path
+    total_bytes: int
+    files: dict[str, int] = field(default_factory=dict)
+
+
+def store_size(store_dir: Path | str) -> StoreSummary:
+    """Bytes on disk of every file in the store."""
+    store_dir = Path(store_dir)
+    files = {p.name: p.stat().st_size for p in sorted(store_dir.iterdir()) if p.is_file()}
+    return StoreSummary(path=store_dir, total_bytes=sum(files.values()), files=files)

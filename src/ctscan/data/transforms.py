@@ -1,0 +1,298 @@
+"""The one decode -> gray -> resize -> normalize path, shared by preprocess, evaluate, export and serve.
+
+Choices, fixed here so that training and serving see identical pixels:
+- Gray: ITU-R 601-2 luma (Pillow's `convert("L")`). Alpha is composited over black
+  (`gray * alpha / 255`, rounded), as CT backgrounds are black. 16/32-bit integer and float
+  images are stretched linearly from their own minimum..maximum to 0..255 (a constant image
+  becomes 0): such files carry an arbitrary window/level, and `>> 8` would leave a 12-bit CT
+  nearly black. 8-bit images are never rescaled.
+- Resize: Pillow `BILINEAR` without `reducing_gap`. Pillow's resize widens the filter support
+  when it shrinks, so downscaling is antialiased (area-like), and it is exact and deterministic.
+- Decode limits: the file size is checked before reading, width x height from the header before
+  any pixel is decoded; Pillow's own decompression-bomb error is turned into a `DataError` too.
+  `Image.MAX_IMAGE_PIXELS` is left alone (it is process-global).
+
+This module imports torch only inside `normalize`, so preprocessing workers stay light.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ctscan.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
+
+RESIZE_POLICIES: tuple[str, ...] = ("pad", "stretch", "crop")
+RESAMPLE = Image.Resampling.BILINEAR
+DECODE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "MPO", "BMP", "TIFF", "WEBP")
+_HIGH_DEPTH_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+_ALPHA_MODES = frozenset({"LA", "RGBA"})
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Refuse files larger than `max_bytes` or images with more than `max_pixels` pixels."""
+
+    max_pixels: int = 40_000_000
+    max_bytes: int = 50_000_000
+
+    @classmethod
+    def from_settings(cls, data: Any) -> DecodeLimits:
+        """Limits from a `DataSettings` section (or anything with the same attributes)."""
+        return cls(max_pixels=int(data.max_image_pixels), max_bytes=int(data.max_file_bytes))
+
+
+DEFAULT_LIMITS = DecodeLimits()
+
+
+def _read_source(source: Path | bytes, max_bytes: int, name: str) -> bytes:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        if len(data) > max_bytes:
+            raise DataError(
+                f"{name} is {len(data)} bytes, above the limit of {max_bytes} bytes.",
+                "send a smaller image or raise data.max_file_bytes.",
+            )
+    else:
+        path = Path(source)
+        try:
+            size = path.stat().st_size
+            if size > max_bytes:
+                raise DataError(
+                    f"{name} is {size} bytes, above the limit of {max_bytes} bytes.",
+                    "remove the file or raise data.max_file_bytes.",
+                )
+            with path.open("rb") as fh:
+                data = fh.read(max_bytes + 1)
+        except OSError as exc:
+            raise DataError(f"cannot read {name}: {exc.strerror or exc}.") from None
+        if len(data) > max_bytes:  # grew while we read it
+            raise DataError(f"{name} is above the limit of {max_bytes} bytes.")
+    if not data:
+        raise DataError(f"{name} is empty (0 bytes).", "restore the file (`dvc pull`) or remove it.")
+    return data
+
+
+def decode_image(
+    source: Path | bytes,
+    *,
+    max_pixels: int = DEFAULT_LIMITS.max_pixels,
+    max_bytes: int = DEFAULT_LIMITS.max_bytes,
+    name: str | None = None,
+) -> Image.Image:
+    """Decode an image file or bytes into a loaded PIL image, refusing bombs and broken files.
+
+    The returned image keeps `format` (e.g. "PNG") and the mode the file was stored in. Only the
+    first frame of a multi-frame file is decoded.
+    """
+    if name is None:
+        name = "the image" if isinstance(source, (bytes, bytearray, memoryview)) else f"'{source}'"
+    data = _read_source(source, max_bytes, name)
+    try:
+        img = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)
+    except UnidentifiedImageError:
+        raise DataError(
+            f"{name} is not an image Pillow can read as {', '.join(DECODE_FORMATS)}.",
+            "convert it to PNG or remove it.",
+        ) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(
+            f"{name} is refused as a decompression bomb: {exc}", "remove the file."
+        ) from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
+        raise DataError(f"{name} has a broken header: {exc}.", "remove or replace it.") from None
+    width, height = img.size
+    if width <= 0 or height <= 0 or width * height > max_pixels:
+        img.close()
+        raise DataError(
+            f"{name} claims {width}x{height} = {width * height} pixels, above the limit of "
+            f"{max_pixels} (data.max_image_pixels).",
+            "remove the file or raise data.max_image_pixels if it is a genuine image.",
+        )
+    fmt = img.format
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
+        raise DataError(
+            f"{name} is truncated or corrupt ({fmt or 'unknown format'}): {exc}.",
+            "restore the file (`dvc pull`) or remove it.",
+        ) from None
+    return img
+
+
+def _stretch(values: np.ndarray) -> np.ndarray:
+    """Linearly map an array's own min..max to 0..255 (uint8); a constant array becomes 0."""
+    a = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = float(a.min()), float(a.max())
+    if hi <= lo:
+        return np.zeros(a.shape, dtype=np.uint8)
+    return np.rint((a - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def to_gray(img: Image.Image) -> np.ndarray:
+    """Convert a PIL image of any mode to a (H, W) uint8 gray array (see the module docstring)."""
+    mode = img.mode
+    if mode == "L":
+        gray = np.asarray(img)
+    elif mode in _HIGH_DEPTH_MODES or mode.startswith("I;"):
+        gray = _stretch(np.asarray(img))
+    elif mode == "P":
+        return to_gray(img.convert("RGBA" if "transparency" in img.info else "RGB"))
+    elif mode == "PA":
+        return to_gray(img.convert("RGBA"))
+    elif mode in _ALPHA_MODES:
+        gray = np.asarray(img.convert("L"))  # luma, alpha ignored
+        alpha = np.asarray(img.getchannel("A"))
+        if alpha.min() < 255:  # composite over black
+            gray = ((gray.astype(np.uint16) * alpha + 127) // 255).astype(np.uint8)
+    elif mode == "La" or mode == "LAB":  # premultiplied: the L band is already composited over black
+        gray = np.asarray(img.getchannel("L"))
+    elif mode == "1":
+        gray = np.asarray(img.convert("L"))
+    else:  # RGB, RGBX, RGBa, CMYK, YCbCr, HSV, ...
+        try:
+            gray = np.asarray(img.convert("RGB").convert("L"))
+        except (ValueError, OSError) as exc:
+            raise DataError(
+                f"image mode '{mode}' cannot be converted to gray: {exc}.",
+                "convert the image to PNG (L or RGB) first.",
+            ) from None
+    return np.ascontiguousarray(gray, dtype=np.uint8)
+
+
+def check_resize(policy: str) -> str:
+    """Return `policy` if it is a known resize policy, else raise a DataError naming them."""
+    if policy not in RESIZE_POLICIES:
+        raise DataError(
+            f"resize policy '{policy}' is not one of {', '.join(RESIZE_POLICIES)}.",
+            "set data.resize to pad, stretch or crop.",
+        )
+    return policy
+
+
+def resize_square(gray: np.ndarray, size: int, policy: str = "pad") -> np.ndarray:
+    """Resize a (H, W) uint8 gray array to (size, size) uint8.
+
+    - pad: keep the aspect ratio, scale the long side to `size`, centre it on black.
+    - crop: keep the aspect ratio, scale the short side to `size`, keep the centre square.
+    - stretch: scale both sides to `size` independently (the aspect ratio changes).
+
+    Pillow `BILINEAR` (antialiased when shrinking) is used for every policy.
+    """
+    check_resize(policy)
+    if size < 1:
+        raise DataError(f"image size {size} must be at least 1.", "set data.image_size >= 16.")
+    if gray.ndim != 2 or gray.dtype != np.uint8:
+        raise DataError(f"expected a (H, W) uint8 gray array, got {gray.dtype} {gray.shape}.")
+    h, w = gray.shape
+    img = Image.fromarray(np.ascontiguousarray(gray))
+    if policy == "stretch":
+        out = img.resize((size, size), RESAMPLE)
+    elif policy == "crop":
+        side = min(w, h)
+        left, top = (w - side) / 2, (h - side) / 2
+        out = img.resize((size, size), RESAMPLE, box=(left, top, left + side, top + side))
+    else:
+        scale = size / max(w, h)
+        new_w = min(size, max(1, round(w * scale)))
+        new_h = min(size, max(1, round(h * scale)))
+        out = Image.new("L", (size, size), 0)
+        out.paste(img.resize((new_w, new_h), RESAMPLE), ((size - new_w) // 2, (size - new_h) // 2))
+    return np.asarray(out, dtype=np.uint8).copy()
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """What a model expects of its input: written into the store, checkpoints and exports."""
+
+    image_size: int
+    resize: str
+    mean: float
+    std: float
+    class_names: tuple[str, ...]
+    channels: int = 1
+
+    def __post_init__(self) -> None:
+        check_resize(self.resize)
+        if self.std <= 0:
+            raise DataError(f"preprocess spec std {self.std} must be > 0.", "rerun preprocess.")
+        object.__setattr__(self, "class_names", tuple(self.class_names))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (class_names as a list)."""
+        d = asdict(self)
+        d["class_names"] = list(self.class_names)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PreprocessSpec:
+        """Rebuild a spec from `to_dict()` output; missing or unknown keys are a DataError."""
+        fields = {"image_size", "resize", "mean", "std", "class_names", "channels"}
+        missing = fields - {"channels"} - set(d)
+        unknown = set(d) - fields
+        if missing or unknown:
+            raise DataError(
+                f"preprocess spec has missing keys {sorted(missing)} / unknown keys "
+                f"{sorted(unknown)}.",
+                "rebuild it with `ctscan preprocess` (or retrain with this ctscan version).",
+            )
+        try:
+            return cls(
+                image_size=int(d["image_size"]),
+                resize=str(d["resize"]),
+                mean=float(d["mean"]),
+                std=float(d["std"]),
+                class_names=tuple(str(c) for c in d["class_names"]),
+                channels=int(d.get("channels", 1)),
+            )
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"preprocess spec {d!r} has a bad value: {exc}.") from None
+
+
+def prepare_image(img: Image.Image, size: int, resize: str = "pad") -> np.ndarray:
+    """A decoded PIL image -> (size, size) uint8 gray, the model's input before normalize."""
+    return resize_square(to_gray(img), size, resize)
+
+
+def prepare(
+    source: Path | bytes,
+    spec: PreprocessSpec | int,
+    *,
+    resize: str | None = None,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+    name: str | None = None,
+) -> np.ndarray:
+    """Decode, gray and resize one image file or upload: (S, S) uint8.
+
+    `spec` is a PreprocessSpec (its image_size and resize are used) or a side length, with
+    `resize` (default "pad").
+    """
+    if isinstance(spec, PreprocessSpec):
+        if resize is not None and resize != spec.resize:
+            raise DataError(f"resize '{resize}' contradicts the spec's '{spec.resize}'.")
+        size, policy = spec.image_size, spec.resize
+    else:
+        size, policy = int(spec), resize or "pad"
+    img = decode_image(source, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes, name=name)
+    with img:
+        return prepare_image(img, size, policy)
+
+
+def normalize(batch: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """(B, C, S, S) uint8 -> float32 `(x / 255 - mean) / std` (mean, std in 0..1 units)."""
+    import torch
+
+    if batch.dtype != torch.uint8:
+        raise TypeError(f"normalize expects a uint8 tensor, got {batch.dtype}")
+    x = batch.to(torch.float32)  # a new tensor: the in-place ops below do not touch `batch`
+    return x.div_(255.0).sub_(mean).div_(std)

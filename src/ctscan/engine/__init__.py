@@ -1,0 +1,1 @@
+"""Training, evaluation, metrics, plots, checkpoints and the runtime set-up."""

@@ -1,0 +1,204 @@
+"""Evaluate a checkpoint on a split of the processed store: metrics, plots, the leak-free subset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ctscan.data.store import Store, load_store
+from ctscan.engine import checkpoint as ckpt_io
+from ctscan.engine.metrics import classification_report, worst_errors
+from ctscan.engine.modelling import build_from_checkpoint, model_channels
+from ctscan.engine.runtime import Runtime, resolve_runtime
+from ctscan.errors import CheckpointError, CtscanError
+from ctscan.settings import Settings
+
+SPLITS = ("train", "valid", "test")
+WORST_ERRORS = 16
+
+
+def leak_free_mask(store: Store, split: str) -> np.ndarray:
+    """True for images of `split` with no exact duplicate (same pixels) in the other splits.
+
+    For test: not in train or valid; for valid: not in train; for train: all True.
+    """
+    others = {"test": ("train", "valid"), "valid": ("train",), "train": ()}[split]
+    seen = {h for other in others for h in store.split(other).hashes}
+    return np.array([h not in seen for h in store.split(split).hashes], dtype=bool)
+
+
+def evaluate_checkpoint(
+    path: Path,
+    *,
+    store: Store,
+    split: str,
+    rt: Runtime,
+    out_dir: Path | None,
+) -> dict[str, Any]:
+    """Metrics of the checkpoint's model on `split`; writes JSON and PNGs to `out_dir` if given."""
+    from ctscan.engine.train import predict
+
+    if split not in SPLITS:
+        raise CtscanError(
+            f"split '{split}' is not one of {', '.join(SPLITS)}.", "use --split test."
+        )
+    state = ckpt_io.load_checkpoint(path)
+    spec = store.spec
+    if state["preprocess"] != spec.to_dict():
+        raise CheckpointError(
+            f"checkpoint '{path}' expects images preprocessed as {state['preprocess']}, "
+            f"but the store at {store.path} holds {spec.to_dict()}.",
+            "run `ctscan preprocess` with the checkpoint's data settings "
+            "(see settings.toml in its run folder) and evaluate again.",
+        )
+    model = build_from_checkpoint(state, source=path).to(rt.device)
+    if rt.channels_last:
+        model.to(memory_format=torch.channels_last)
+    data = store.split(split)
+    logits = predict(
+        model,
+        data.images,
+        mean=spec.mean,
+        std=spec.std,
+        channels=model_channels(state["model_name"]),
+        rt=rt,
+    )
+    probs = torch.softmax(logits, dim=1).cpu().numpy().astype(np.float64)
+    y_true = data.labels.cpu().numpy()
+    names = list(spec.class_names)
+    report = classification_report(y_true, probs, names)
+    mask = leak_free_mask(store, split)
+    leak_free = classification_report(y_true[mask], probs[mask], names) if mask.any() else None
+    result: dict[str, Any] = {
+        **report,
+        "split": split,
+        "checkpoint": str(path),
+        "model_name": state["model_name"],
+        "epoch": state.get("epoch"),
+        "data_hash": state.get("data_hash"),
+        "git_commit": state.get("git_commit"),
+        "leak_free": leak_free,
+        "leak_free_excluded": int((~mask).sum()),
+    }
+    if out_dir is not None:
+        _write_outputs(result, probs, y_true, data.images, data.paths, names, out_dir)
+    return result
+
+
+def _write_outputs(
+    result: dict[str, Any],
+    probs: np.ndarray,
+    y_true: np.ndarray,
+    images: torch.Tensor,
+    paths: list[str],
+    names: list[str],
+    out_dir: Path,
+) -> None:
+    from ctscan.engine.plots import plot_confusion_matrix, plot_error_grid, plot_reliability
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_confusion_matrix(
+        np.array(result["confusion_matrix"]), names, out_dir / "confusion_matrix.png"
+    )
+    plot_reliability(result["reliability"], result["ece"], out_dir / "reliability.png")
+    worst = worst_errors(y_true, probs, WORST_ERRORS)
+    preds = probs.argmax(1)
+    plot_error_grid(
+        images[worst, 0].cpu().numpy() if worst else np.zeros((0, 1, 1), dtype=np.uint8),
+        [names[y_true[i]] for i in worst],
+        [names[preds[i]] for i in worst],
+        [float(probs[i, preds[i]]) for i in worst],
+        out_dir / "worst_errors.png",
+    )
+    result["worst_errors"] = [
+        {
+            "path": paths[i],
+            "true": names[y_true[i]],
+            "predicted": names[preds[i]],
+            "confidence": float(probs[i, preds[i]]),
+        }
+        for i in worst
+    ]
+    result["outputs"] = str(out_dir)
+    (out_dir / "evaluation.json").write_text(json.dumps(result, indent=2))
+
+
+def run_evaluation(
+    settings: Settings, checkpoint: Path, *, split: str = "test", out_dir: Path | None = None
+) -> dict[str, Any]:
+    """The `ctscan evaluate` command: load, evaluate, write report files, log to MLflow if on."""
+    rt = resolve_runtime(settings.train)
+    if rt.distributed:
+        raise CtscanError("evaluate runs in one process.", "run it without torchrun.")
+    state = ckpt_io.load_checkpoint(checkpoint)
+    expect = dict(state["settings"].get("data", {}))
+    store = load_store(settings.paths.processed_dir, expect_data=expect or None)
+    out = out_dir or Path(checkpoint).parent / f"eval-{split}"
+    result = evaluate_checkpoint(Path(checkpoint), store=store, split=split, rt=rt, out_dir=out)
+    if settings.tracking.enabled:
+        from ctscan.engine.tracking import open_tracker
+
+        with open_tracker(
+            settings.tracking,
+            runs_dir=settings.paths.runs_dir,
+            run_name=f"evaluate-{Path(checkpoint).parent.name}-{split}",
+        ) as tracker:
+            tracker.set_tags({"kind": "evaluate", "checkpoint": str(checkpoint), "split": split})
+            tracker.log_metrics(
+                {
+                    f"{split}_{k}": float(result[k])
+                    for k in ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "ece")
+                    if result.get(k) is not None
+                },
+                step=0,
+            )
+            for path in sorted(out.iterdir()):
+                tracker.log_artifact(path, artifact_path=f"eval-{split}")
+    return result
+
+
+def render_report(result: dict[str, Any]) -> Any:
+    """Rich tables: summary, per-class metrics and the confusion matrix."""
+    from rich.console import Group
+    from rich.table import Table
+
+    def fmt(v: Any) -> str:
+        return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    summary = Table(title=f"{result['model_name']} on {result['split']} ({result['n']} images)")
+    summary.add_column("metric")
+    summary.add_column("all", justify="right")
+    summary.add_column(f"leak-free (-{result['leak_free_excluded']})", justify="right")
+    lf = result.get("leak_free") or {}
+    for key in (
+        "accuracy",
+        "balanced_accuracy",
+        "macro_f1",
+        "weighted_f1",
+        "macro_roc_auc",
+        "ece",
+        "log_loss",
+    ):
+        summary.add_row(key, fmt(result.get(key)), fmt(lf.get(key)))
+    per_class = Table(title="per class")
+    for col in ("class", "precision", "recall", "f1", "support"):
+        per_class.add_column(col, justify="left" if col == "class" else "right")
+    for name, row in result["per_class"].items():
+        per_class.add_row(
+            name, fmt(row["precision"]), fmt(row["recall"]), fmt(row["f1"]), str(row["support"])
+        )
+    names = result["class_names"]
+    cm = Table(title="confusion matrix (rows: true, columns: predicted)")
+    cm.add_column("")
+    for name in names:
+        cm.add_column(name[:12], justify="right")
+    for name, row in zip(names, result["confusion_matrix"], strict=True):
+        cm.add_row(name, *(str(v) for v in row))
+    parts: list[Any] = [summary, per_class, cm]
+    if result.get("outputs"):
+        parts.append(f"report files: {result['outputs']}")
+    return Group(*parts)

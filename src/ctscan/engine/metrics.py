@@ -1,0 +1,281 @@
+"""Classification metrics in plain numpy: confusion matrix, F1, ROC AUC, calibration, log loss.
+
+Conventions (the same as scikit-learn with ``zero_division=0``):
+
+- precision of a class that is never predicted, recall of a class with no true samples and F1 of
+  a class with neither true positives nor errors are 0.0;
+- ``macro_f1`` averages F1 over the classes that occur in ``y_true`` or ``y_pred`` (scikit-learn's
+  ``labels=None``), so a class absent from both does not drag the mean down; ``weighted_f1``
+  weights each class by its support;
+- ``balanced_accuracy`` is the mean recall over the classes that occur in ``y_true``;
+- ROC AUC is one-vs-rest on each class's probability column, computed from ranks (Mann-Whitney U)
+  with ties counted as half; a class without positives or without negatives gets ``None`` and is
+  left out of ``macro_roc_auc``;
+- ``ece`` is the top-label expected calibration error over ``n_bins`` equal-width confidence bins
+  ``(lower, upper]`` (the first bin also holds 0.0);
+- ``log_loss`` is the mean negative log of the true class's probability, clipped at 1e-12.
+
+Bad shapes or values raise ``ValueError`` naming what was received: these inputs come from the
+model and the data store, so a mismatch is a bug in the caller, not a user mistake.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+PROB_CLIP = 1e-12
+ROW_SUM_ATOL = 1e-3
+
+
+def _labels(values: Any, name: str, num_classes: int) -> np.ndarray:
+    """Return `values` as a 1-D int64 array of class indices in [0, num_classes)."""
+    array = np.asarray(values)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (N,), got shape {array.shape}.")
+    if array.size and not (
+        np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.bool_)
+    ):
+        raise ValueError(f"{name} must hold integer class indices, got dtype {array.dtype}.")
+    array = array.astype(np.int64, copy=False)
+    if array.size and (array.min() < 0 or array.max() >= num_classes):
+        bad = array[(array < 0) | (array >= num_classes)][0]
+        raise ValueError(
+            f"{name} holds class index {int(bad)}, outside [0, {num_classes - 1}] "
+            f"for {num_classes} classes."
+        )
+    return array
+
+
+def _check_num_classes(num_classes: int) -> int:
+    """Return `num_classes` if it is a positive int, else raise."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer):
+        raise ValueError(f"num_classes must be an int, got {num_classes!r}.")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
+    return int(num_classes)
+
+
+def _probabilities(probs: Any, n: int, num_classes: int) -> np.ndarray:
+    """Return `probs` as a float64 (N, C) array whose rows are probability vectors, else raise."""
+    array = np.asarray(probs, dtype=np.float64)
+    if array.ndim != 2 or array.shape != (n, num_classes):
+        raise ValueError(
+            f"probs must have shape (N, C) = ({n}, {num_classes}) to match y_true and the "
+            f"class names, got {array.shape}."
+        )
+    if not np.all(np.isfinite(array)):
+        raise ValueError("probs holds NaN or infinite values.")
+    if array.min() < -ROW_SUM_ATOL or array.max() > 1 + ROW_SUM_ATOL:
+        raise ValueError(
+            f"probs must lie in [0, 1], got values in [{array.min():.4g}, {array.max():.4g}]; "
+            "pass softmax outputs, not logits."
+        )
+    sums = array.sum(axis=1)
+    worst = int(np.argmax(np.abs(sums - 1.0)))
+    if abs(sums[worst] - 1.0) > ROW_SUM_ATOL:
+        raise ValueError(
+            f"each row of probs must sum to 1, row {worst} sums to {sums[worst]:.6g}; "
+            "pass softmax outputs, not logits."
+        )
+    return array
+
+
+def confusion_matrix(y_true: Any, y_pred: Any, num_classes: int) -> np.ndarray:
+    """Return the (C, C) int64 confusion matrix: rows are true classes, columns predicted ones."""
+    num_classes = _check_num_classes(num_classes)
+    true = _labels(y_true, "y_true", num_classes)
+    pred = _labels(y_pred, "y_pred", num_classes)
+    if true.shape != pred.shape:
+        raise ValueError(
+            f"y_true and y_pred must have the same length, got {true.size} and {pred.size}."
+        )
+    flat = np.bincount(true * num_classes + pred, minlength=num_classes * num_classes)
+    return flat.reshape(num_classes, num_classes).astype(np.int64)
+
+
+def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """Return numerator / denominator elementwise, with 0.0 where the denominator is 0."""
+    numerator = numerator.astype(np.float64)
+    denominator = denominator.astype(np.float64)
+    out = np.zeros_like(numerator)
+    np.divide(numerator, denominator, out=out, where=denominator > 0)
+    return out
+
+
+def _per_class(cm: np.ndarray) -> dict[str, np.ndarray]:
+    """Return per-class precision, recall, f1, support, predicted counts from a confusion matrix."""
+    true_positives = np.diag(cm)
+    predicted = cm.sum(axis=0)
+    support = cm.sum(axis=1)
+    return {
+        "precision": _safe_divide(true_positives, predicted),
+        "recall": _safe_divide(true_positives, support),
+        # 2TP / (2TP + FP + FN) == 2PR / (P + R) whenever TP > 0, and 0.0 otherwise.
+        "f1": _safe_divide(2 * true_positives, predicted + support),
+        "support": support,
+        "predicted": predicted,
+    }
+
+
+def _summary(cm: np.ndarray) -> dict[str, float]:
+    """Return accuracy, balanced accuracy, macro and weighted F1 of a non-empty confusion matrix."""
+    n = int(cm.sum())
+    stats = _per_class(cm)
+    occurring = (stats["support"] > 0) | (stats["predicted"] > 0)
+    in_truth = stats["support"] > 0
+    return {
+        "accuracy": float(np.trace(cm) / n),
+        "balanced_accuracy": float(stats["recall"][in_truth].mean()),
+        "macro_f1": float(stats["f1"][occurring].mean()),
+        "weighted_f1": float((stats["f1"] * stats["support"]).sum() / n),
+    }
+
+
+def quick_metrics(y_true: Any, y_pred: Any, num_classes: int) -> dict[str, float]:
+    """Return accuracy and macro F1 of hard predictions (cheap; the same numbers as the report)."""
+    cm = confusion_matrix(y_true, y_pred, num_classes)
+    if cm.sum() == 0:
+        raise ValueError("cannot compute metrics of an empty set (y_true has no samples).")
+    summary = _summary(cm)
+    return {"accuracy": summary["accuracy"], "macro_f1": summary["macro_f1"]}
+
+
+def _average_ranks(scores: np.ndarray) -> np.ndarray:
+    """Return 1-based ranks of `scores`, tied values sharing the mean of their ranks."""
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    first = np.cumsum(counts) - counts  # 0-based position of each distinct value's first copy
+    return (first + (counts + 1) / 2.0)[inverse.reshape(-1)]
+
+
+def binary_roc_auc(is_positive: Any, scores: Any) -> float | None:
+    """Return the ROC AUC of `scores` for the boolean labels, or None without both label kinds.
+
+    It is the probability that a random positive scores above a random negative, ties counting
+    half (Mann-Whitney U / (n_pos * n_neg)), computed from average ranks in O(N log N).
+    """
+    positive = np.asarray(is_positive, dtype=bool)
+    values = np.asarray(scores, dtype=np.float64)
+    if positive.ndim != 1 or positive.shape != values.shape:
+        raise ValueError(
+            f"is_positive and scores must be 1-D of the same length, got shapes "
+            f"{positive.shape} and {values.shape}."
+        )
+    n_pos = int(positive.sum())
+    n_neg = positive.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    rank_sum = float(_average_ranks(values)[positive].sum())
+    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+
+
+def _reliability(
+    y_true: np.ndarray, probs: np.ndarray, n_bins: int
+) -> tuple[float, list[dict[str, Any]]]:
+    """Return the top-label ECE and, per equal-width confidence bin, its counts and averages."""
+    confidence = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == y_true).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # Bin i is (edges[i], edges[i + 1]]; 0.0 goes to the first bin and 1.0 to the last.
+    bins = np.searchsorted(edges[1:-1], confidence, side="left")
+    counts = np.bincount(bins, minlength=n_bins)
+    confidence_sums = np.bincount(bins, weights=confidence, minlength=n_bins)
+    correct_sums = np.bincount(bins, weights=correct, minlength=n_bins)
+    ece = 0.0
+    rows: list[dict[str, Any]] = []
+    for i in range(n_bins):
+        count = int(counts[i])
+        mean_confidence = accuracy = None
+        if count:
+            mean_confidence = float(confidence_sums[i] / count)
+            accuracy = float(correct_sums[i] / count)
+            ece += count / y_true.size * abs(accuracy - mean_confidence)
+        rows.append(
+            {
+                "lower": float(edges[i]),
+                "upper": float(edges[i + 1]),
+                "count": count,
+                "mean_confidence": mean_confidence,
+                "accuracy": accuracy,
+            }
+        )
+    return float(ece), rows
+
+
+def classification_report(
+    y_true: Any,
+    probs: Any,
+    class_names: Sequence[str],
+    *,
+    n_bins: int = 15,
+) -> dict[str, Any]:
+    """Return every evaluation metric of predicted probabilities as a JSON-ready dict.
+
+    `y_true` is (N,) class indices and `probs` (N, C) probabilities in the order of
+    `class_names`; predictions are the argmax of `probs`. Keys: n, class_names, accuracy,
+    balanced_accuracy, macro_f1, weighted_f1, per_class {name: {precision, recall, f1, support}},
+    confusion_matrix (rows true, columns predicted), roc_auc_ovr {name: auc or None},
+    macro_roc_auc, ece, reliability (per bin: lower, upper, count, mean_confidence, accuracy;
+    the last two None for an empty bin) and log_loss. See the module docstring for conventions.
+    """
+    names = [str(name) for name in class_names]
+    if not names:
+        raise ValueError("class_names is empty; pass one name per probability column.")
+    if len(set(names)) != len(names):
+        raise ValueError(f"class_names must be unique, got {names}.")
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int | np.integer) or n_bins < 1:
+        raise ValueError(f"n_bins must be an int >= 1, got {n_bins!r}.")
+    num_classes = len(names)
+    true = _labels(y_true, "y_true", num_classes)
+    if true.size == 0:
+        raise ValueError("cannot compute metrics of an empty set (y_true has no samples).")
+    prob = _probabilities(probs, true.size, num_classes)
+
+    pred = prob.argmax(axis=1)
+    cm = confusion_matrix(true, pred, num_classes)
+    stats = _per_class(cm)
+    aucs = {name: binary_roc_auc(true == c, prob[:, c]) for c, name in enumerate(names)}
+    defined = [auc for auc in aucs.values() if auc is not None]
+    ece, reliability = _reliability(true, prob, int(n_bins))
+    true_class_prob = np.clip(prob[np.arange(true.size), true], PROB_CLIP, 1.0)
+
+    return {
+        "n": int(true.size),
+        "class_names": names,
+        **_summary(cm),
+        "per_class": {
+            name: {
+                "precision": float(stats["precision"][c]),
+                "recall": float(stats["recall"][c]),
+                "f1": float(stats["f1"][c]),
+                "support": int(stats["support"][c]),
+            }
+            for c, name in enumerate(names)
+        },
+        "confusion_matrix": cm.tolist(),
+        "roc_auc_ovr": aucs,
+        "macro_roc_auc": float(np.mean(defined)) if defined else None,
+        "ece": ece,
+        "reliability": reliability,
+        "log_loss": float(-np.log(true_class_prob).mean()),
+    }
+
+
+def worst_errors(y_true: Any, probs: Any, k: int) -> list[int]:
+    """Return the indices of up to `k` misclassified samples, most confident prediction first."""
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 0:
+        raise ValueError(f"k must be an int >= 0, got {k!r}.")
+    prob = np.asarray(probs, dtype=np.float64)
+    if prob.ndim != 2 or prob.shape[1] < 1:
+        raise ValueError(f"probs must have shape (N, C) with C >= 1, got {prob.shape}.")
+    true = _labels(y_true, "y_true", prob.shape[1])
+    if true.size != prob.shape[0]:
+        raise ValueError(
+            f"y_true has {true.size} samples but probs has {prob.shape[0]} rows; they must match."
+        )
+    wrong = np.flatnonzero(prob.argmax(axis=1) != true)
+    confidence = prob[wrong].max(axis=1) if wrong.size else np.empty(0)
+    order = np.argsort(-confidence, kind="stable")  # ties: lower index first
+    return [int(i) for i in wrong[order][: int(k)]]

@@ -1,0 +1,238 @@
+"""PNG plots of evaluation results: confusion matrix, reliability diagram, curves, worst errors.
+
+matplotlib is imported inside each function (so importing ctscan stays fast) and used through
+`matplotlib.figure.Figure` with the Agg renderer, never through pyplot: no global backend switch,
+no GUI, no figure left open, safe to call from any thread.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DPI = 110
+
+
+def _figure(width: float, height: float) -> Any:
+    """Return a new constrained-layout matplotlib Figure that is not registered with pyplot."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+
+
+def _save(figure: Any, path: str | Path) -> Path:
+    """Write `figure` as a PNG at `path` (making parent folders) and return the path."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, format="png", dpi=DPI)
+    figure.clear()
+    return out
+
+
+def plot_confusion_matrix(
+    cm: Any,
+    class_names: Sequence[str],
+    path: str | Path,
+    *,
+    normalize: bool = False,
+    title: str = "Confusion matrix",
+) -> Path:
+    """Draw a confusion matrix (rows true, columns predicted) with the count in every cell.
+
+    With `normalize`, colours and the first number in each cell are row fractions (recall per
+    true class) and the count follows in brackets; a row without samples stays 0.
+    """
+    counts = np.asarray(cm)
+    names = [str(name) for name in class_names]
+    if counts.ndim != 2 or counts.shape[0] != counts.shape[1] or counts.shape[0] != len(names):
+        raise ValueError(
+            f"cm must be square (C, C) with C = len(class_names) = {len(names)}, "
+            f"got shape {counts.shape}."
+        )
+    counts = counts.astype(np.int64)
+    size = len(names)
+    rows = counts.sum(axis=1, keepdims=True)
+    fractions = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)
+    shown = fractions if normalize else counts
+    top = 1.0 if normalize else max(int(counts.max(initial=0)), 1)
+
+    side = 2.2 + 1.1 * size
+    figure = _figure(side + 1.2, side)
+    axes = figure.add_subplot()
+    image = axes.imshow(shown, cmap="Blues", vmin=0, vmax=top)
+    figure.colorbar(
+        image, ax=axes, shrink=0.8, label="fraction of true class" if normalize else "count"
+    )
+    for i in range(size):
+        for j in range(size):
+            text = f"{fractions[i, j]:.2f}\n({counts[i, j]})" if normalize else f"{counts[i, j]}"
+            dark = shown[i, j] > 0.5 * top
+            axes.text(
+                j,
+                i,
+                text,
+                ha="center",
+                va="center",
+                fontsize=9,
+                color="white" if dark else "black",
+            )
+    axes.set_xticks(range(size), labels=names, rotation=35, ha="right", fontsize=8)
+    axes.set_yticks(range(size), labels=names, fontsize=8)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    axes.set_title(title)
+    return _save(figure, path)
+
+
+def plot_reliability(
+    reliability_bins: Sequence[Mapping[str, Any]],
+    ece: float,
+    path: str | Path,
+    *,
+    title: str = "Reliability diagram",
+) -> Path:
+    """Draw accuracy against confidence per bin, the perfect-calibration diagonal and bin counts.
+
+    `reliability_bins` is the `reliability` list of `classification_report` (lower, upper, count,
+    mean_confidence, accuracy); empty bins draw no bar.
+    """
+    figure = _figure(5.5, 5.0)
+    axes = figure.add_subplot()
+    axes.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect calibration")
+    for row in reliability_bins:
+        count = int(row.get("count", 0) or 0)
+        accuracy = row.get("accuracy")
+        if not count or accuracy is None:
+            continue
+        lower, upper = float(row["lower"]), float(row["upper"])
+        axes.bar(
+            lower,
+            accuracy,
+            width=upper - lower,
+            align="edge",
+            color="tab:blue",
+            edgecolor="black",
+            alpha=0.75,
+        )
+        confidence = row.get("mean_confidence")
+        if confidence is not None:
+            axes.plot(confidence, accuracy, marker="o", color="tab:red", markersize=3)
+        axes.text((lower + upper) / 2, accuracy + 0.01, str(count), ha="center", fontsize=7)
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1.08)  # room for the counts above bars of accuracy 1
+    axes.set_yticks(np.linspace(0, 1, 6))
+    axes.set_xlabel("confidence (top-label probability)")
+    axes.set_ylabel("accuracy")
+    axes.set_title(f"{title} (ECE = {float(ece):.3f})")
+    axes.legend(loc="upper left", fontsize=8, title="bar label: samples in bin", title_fontsize=7)
+    return _save(figure, path)
+
+
+_CURVE_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("loss", ("train_loss", "val_loss")),
+    ("accuracy", ("train_accuracy", "val_accuracy")),
+    ("macro F1", ("train_macro_f1", "val_macro_f1")),
+    ("learning rate", ("lr",)),
+)
+
+
+def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """Return the (epochs, values) of `key` over the rows that have a finite number for it."""
+    epochs: list[float] = []
+    values: list[float] = []
+    for index, row in enumerate(history):
+        value = row.get(key)
+        if value is None or not isinstance(value, int | float | np.number):
+            continue
+        if not math.isfinite(float(value)):
+            continue
+        epochs.append(float(row.get("epoch", index + 1)))
+        values.append(float(value))
+    return epochs, values
+
+
+def plot_curves(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """Draw per-epoch loss, accuracy, macro F1 (train and val) and learning rate in four panels.
+
+    Each row is one epoch, e.g. {"epoch": 1, "train_loss": ..., "val_loss": ...,
+    "train_accuracy": ..., "val_accuracy": ..., "val_macro_f1": ..., "lr": ...}; missing keys,
+    None and non-finite values are skipped, and a panel without data says so.
+    """
+    figure = _figure(10.0, 7.0)
+    grid = figure.subplots(2, 2)
+    for axes, (label, keys) in zip(grid.flat, _CURVE_PANELS, strict=True):
+        drawn = False
+        for key in keys:
+            epochs, values = _series(history, key)
+            if values:
+                axes.plot(epochs, values, marker="o", markersize=3, label=key)
+                drawn = True
+        if drawn:
+            axes.legend(fontsize=8)
+            axes.grid(alpha=0.3)
+        else:
+            axes.text(0.5, 0.5, "no data", ha="center", va="center", transform=axes.transAxes)
+        if label == "learning rate":
+            axes.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        axes.set_title(label)
+        axes.set_xlabel("epoch")
+    return _save(figure, path)
+
+
+def plot_error_grid(
+    images: Any,
+    true_names: Sequence[str],
+    pred_names: Sequence[str],
+    confidences: Sequence[float],
+    path: str | Path,
+    *,
+    cols: int = 4,
+    title: str = "Most confident errors",
+) -> Path:
+    """Draw misclassified images in a grid captioned "true -> pred (p=0.93)"; none says so.
+
+    `images` is (K, H, W) uint8 grayscale (or (K, H, W, 3) RGB), one caption per image.
+    """
+    pictures = np.asarray(images)
+    count = len(pictures) if pictures.ndim >= 1 else 0
+    if count and not (pictures.ndim == 3 or (pictures.ndim == 4 and pictures.shape[-1] in (1, 3))):
+        raise ValueError(f"images must be (K, H, W) or (K, H, W, 3), got shape {pictures.shape}.")
+    if not len(true_names) == len(pred_names) == len(confidences) == count:
+        raise ValueError(
+            f"need one caption per image: {count} images, {len(true_names)} true names, "
+            f"{len(pred_names)} predicted names, {len(confidences)} confidences."
+        )
+    if cols < 1:
+        raise ValueError(f"cols must be >= 1, got {cols}.")
+
+    if count == 0:
+        figure = _figure(4.0, 2.0)
+        axes = figure.add_subplot()
+        axes.text(0.5, 0.5, "no errors", ha="center", va="center", fontsize=14)
+        axes.set_axis_off()
+        figure.suptitle(title)
+        return _save(figure, path)
+
+    if pictures.ndim == 4 and pictures.shape[-1] == 1:
+        pictures = pictures[..., 0]
+    ncols = min(cols, count)
+    nrows = math.ceil(count / ncols)
+    figure = _figure(2.6 * ncols, 2.9 * nrows + 0.4)
+    grid = np.atleast_1d(figure.subplots(nrows, ncols, squeeze=False)).reshape(-1)
+    for index, axes in enumerate(grid):
+        axes.set_axis_off()
+        if index >= count:
+            continue
+        if pictures.ndim == 3:
+            axes.imshow(pictures[index], cmap="gray", vmin=0, vmax=255)
+        else:
+            axes.imshow(pictures[index])
+        caption = f"{true_names[index]} -> {pred_names[index]} (p={float(confidences[index]):.2f})"
+        axes.set_title(textwrap.fill(caption, width=30), fontsize=7)
+    figure.suptitle(title)
+    return _save(figure, path)

@@ -1,0 +1,149 @@
+"""Where and how the loop runs: device, precision, compile, seeding and the DDP process group."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ctscan.errors import CtscanError
+from ctscan.settings import TrainSettings
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Resolved execution choices for one process."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None  # None: fp32, no autocast
+    use_scaler: bool  # fp16 only
+    compile: bool
+    channels_last: bool
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def precision(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The autocast context for forward passes (a no-op for fp32)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+
+def _dist_env() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return rank, world, local
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """`auto` picks CUDA when available; `cuda` without a GPU is a user error."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise CtscanError(
+                "train.device is 'cuda' but no CUDA device is available.",
+                "use --device cpu or --device auto.",
+            )
+        return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+    return torch.device("cpu")
+
+
+def resolve_runtime(train: TrainSettings) -> Runtime:
+    """Turn the train settings and the torchrun environment into a Runtime."""
+    rank, world, local = _dist_env()
+    device = resolve_device(train.device, local)
+    precision = train.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise CtscanError(
+            "train.precision 'fp16' needs CUDA (CPU autocast supports bf16 only).",
+            "use --set train.precision=bf16 or fp32 on the CPU.",
+        )
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    compile_ = train.compile == "on" or (train.compile == "auto" and device.type == "cuda")
+    return Runtime(
+        device=device,
+        amp_dtype=amp_dtype,
+        use_scaler=precision == "fp16",
+        compile=compile_,
+        channels_last=train.channels_last,
+        rank=rank,
+        world_size=world,
+        local_rank=local,
+    )
+
+
+def init_distributed(rt: Runtime) -> None:
+    """Join the torchrun process group (gloo on CPU, nccl on CUDA); no-op for one process."""
+    import torch.distributed as dist
+
+    if not rt.distributed or dist.is_initialized():
+        return
+    if rt.device.type == "cuda":
+        torch.cuda.set_device(rt.device)
+    dist.init_process_group(backend="nccl" if rt.device.type == "cuda" else "gloo")
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group if one was joined."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def configure_threads(threads: int, world_size: int) -> None:
+    """Use all cores (split between local processes) unless a count is set."""
+    if threads <= 0:
+        threads = max(1, (os.cpu_count() or 1) // max(world_size, 1))
+    torch.set_num_threads(threads)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed Python and torch; optionally force deterministic kernels."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def rng_state() -> dict[str, Any]:
+    """Torch RNG states (CPU and every CUDA device) for a checkpoint."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` saved."""
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

