@@ -143,18 +143,17 @@ def audit(
         Path | None, typer.Argument(help="Raw Kaggle folder [default: paths.raw_dir].")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="The audit as JSON on stdout.")] = False,
-    on_bad_file: Annotated[str | None, typer.Option(help="error | skip.")] = None,
     settings_files: SettingsFiles = None,
     overrides: Overrides = None,
 ) -> None:
-    """Audit the raw images (counts, sizes, bad files, duplicates, leaks) without writing a store."""
+    """Audit the raw images (counts, sizes, bad files, duplicates, leaks); writes no store."""
     from ctscan.data.audit import render_summary
     from ctscan.data.preprocess import run_audit
 
     settings = _settings(
         settings_files,
         overrides,
-        **{"paths.raw_dir": raw_dir, "data.on_bad_file": on_bad_file},
+        **{"paths.raw_dir": raw_dir},
     )
     report_ = run_audit(settings)
     if as_json:

@@ -103,6 +103,9 @@ class TrainSettings(Section):
     compile: Literal["auto", "on", "off"] = "auto"
     channels_last: bool = True
     threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = all cores")
+    checkpoint_every: int = Field(
+        1, ge=1, description="write last.pt every N epochs (and at the end); resume starts there"
+    )
     quiet: bool = False
     evaluate_test: bool = Field(True, description="evaluate the best checkpoint on test at the end")
 

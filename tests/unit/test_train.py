@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import signal
@@ -35,7 +36,7 @@ def test_lr_factor_warmup_then_cosine() -> None:
     assert lr_factor(12, warmup=4, total=20) == pytest.approx(0.5)
     assert lr_factor(20, warmup=4, total=20) == pytest.approx(0.0, abs=1e-12)
     values = [lr_factor(s, warmup=0, total=10) for s in range(11)]
-    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(values))
 
 
 def test_loop_learns_the_synthetic_task(synthetic_store: Path, tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Audit the raw images: pixel hashes, duplicates, leakage across splits, label conflicts, bad files.
+"""Audit the raw images: pixel hashes, duplicates, cross-split leaks, label conflicts, bad files.
 
 Identity is the decoded gray pixels (`pixel_hash`), not the file bytes, so the same picture saved
 as PNG and as lossless WebP/TIFF is one image.
@@ -9,9 +9,9 @@ Near duplicates, two stages:
    but so do many distinct slices of one scan (CT slices share their layout), so a dHash match
    alone is only a candidate for review.
 2. near copies: candidates whose 32x32 thumbnails (`thumbnail`) differ by a mean absolute
-   difference <= SAME_PICTURE_MAD (2.0 of 255). Measured on the real set: re-encoded / resized
-   copies of one picture give 0.03..1.5, the closest distinct slices 2.8 and up. A near copy is
-   the same picture for `leak_policy`, like an exact duplicate.
+   difference <= SAME_PICTURE_MAD (1.75 of 255). Measured on the real set: re-encoded or
+   resized copies of one picture give 0.02..1.33, the closest distinct slices 2.19 and up.
+   A near copy is the same picture for `leak_policy`, like an exact duplicate.
 """
 
 from __future__ import annotations
@@ -55,22 +55,20 @@ def dhash64(gray: np.ndarray) -> int:
     than column c in row r. Re-encoding, resizing and mild noise change few bits; a different
     picture differs in about half of them.
     """
-    small = Image.fromarray(np.asarray(gray, dtype=np.float32)).resize(
-        (9, 8), Image.Resampling.BOX
-    )
+    small = Image.fromarray(np.asarray(gray, dtype=np.float32)).resize((9, 8), Image.Resampling.BOX)
     a = np.asarray(small, dtype=np.float32)  # (8, 9)
     bits = a[:, 1:] > a[:, :-1]  # (8, 8)
     return int.from_bytes(np.packbits(bits.ravel()).tobytes(), "big")
 
 
 THUMB_SIDE = 32
-SAME_PICTURE_MAD = 2.0
+SAME_PICTURE_MAD = 1.75
 
 
 def thumbnail(gray: np.ndarray) -> bytes:
-    """A 32x32 area-averaged (Pillow BOX, aspect ignored) uint8 thumbnail, as 1024 bytes."""
+    """A 32x32 uint8 thumbnail (Pillow BILINEAR, antialiased, aspect ignored), as 1024 bytes."""
     small = Image.fromarray(np.ascontiguousarray(gray, dtype=np.uint8)).resize(
-        (THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX
+        (THUMB_SIDE, THUMB_SIDE), Image.Resampling.BILINEAR
     )
     return np.asarray(small, dtype=np.uint8).tobytes()
 
@@ -107,7 +105,8 @@ def near_pairs(hashes: Sequence[int], max_distance: int) -> list[tuple[int, int,
         i, j = np.nonzero(dist <= max_distance)
         i = i + start
         keep = j > i
-        out.extend(zip(i[keep].tolist(), j[keep].tolist(), dist[i[keep] - start, j[keep]].tolist()))
+        ii, jj = i[keep], j[keep]
+        out.extend(zip(ii.tolist(), jj.tolist(), dist[ii - start, jj].tolist(), strict=True))
     return out
 
 
@@ -216,6 +215,7 @@ class AuditReport:
     on_leak: str | None = None
     dropped: list[DroppedImage] = field(default_factory=list)
     kept_counts: dict[str, dict[str, int]] | None = None
+    drop_preview: list[DroppedImage] | None = None  # what on_leak=drop removes (always filled)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {}
@@ -338,6 +338,7 @@ def audit(
         near_duplicates=near_duplicates(records, near_duplicate_distance),
         near_duplicate_distance=near_duplicate_distance,
     )
+    report.drop_preview = leak_policy(records, "drop", report.near_duplicates)[1]
     if on_leak is not None:
         kept, dropped = leak_policy(records, on_leak, report.near_duplicates)
         report.on_leak = on_leak
@@ -392,10 +393,11 @@ def leak_policy(
         return list(records), []
     reasons: dict[int, tuple[str, str]] = {}
 
-    def same(i: int, j: int) -> str:
-        a, b = records[i], records[j]
-        how = "same pixels as" if a.pixel_hash == b.pixel_hash else "near copy of"
-        return f"{how} {b.path} in {b.split}"
+    def same(i: int, sources: list[int]) -> str:
+        """Why record i goes: name an exact copy among `sources` if there is one."""
+        exact = [j for j in sources if records[j].pixel_hash == records[i].pixel_hash]
+        b = records[(exact or sources)[0]]
+        return f"{'same pixels as' if exact else 'near copy of'} {b.path} in {b.split}"
 
     for idxs in picture_groups(records, near):
         if len(idxs) < 2:
@@ -405,22 +407,21 @@ def leak_policy(
         if len(labels) > 1:
             where = ", ".join(f"{r.path} ({r.label})" for r in group)
             for i in idxs:
-                reasons[i] = ("label_conflict", f"one picture under labels {'/'.join(labels)}: {where}")
+                reasons[i] = (
+                    "label_conflict",
+                    f"one picture under labels {'/'.join(labels)}: {where}",
+                )
             continue
         train = [i for i in idxs if records[i].split == "train"]
         test = [i for i in idxs if records[i].split == "test"]
         source = train or test
-        if source:
-            for i in idxs:
-                if records[i].split != records[source[0]].split and records[i].split in (
-                    "valid",
-                    "test",
-                ):
-                    reasons[i] = ("leak", same(i, source[0]))
+        for i in idxs:
+            if source and records[i].split not in (records[source[0]].split, "train"):
+                reasons[i] = ("leak", same(i, source))
         for split in ("valid", "test"):
             left = [i for i in idxs if records[i].split == split and i not in reasons]
-            for i in left[1:]:
-                reasons[i] = ("duplicate", same(i, left[0]))
+            for n, i in enumerate(left[1:], 1):
+                reasons[i] = ("duplicate", same(i, left[:n]))
     kept = [r for i, r in enumerate(records) if i not in reasons]
     dropped = [
         DroppedImage(path=r.path, split=r.split, label=r.label, kind=kind, reason=why)  # type: ignore[arg-type]
@@ -432,8 +433,26 @@ def leak_policy(
 
 
 def _examples(items: Sequence[str], n: int = 3) -> str:
+    from rich.markup import escape  # paths may hold [brackets]
+
     shown = ", ".join(items[:n])
-    return shown + (f" (+{len(items) - n} more)" if len(items) > n else "")
+    return escape(shown + (f" (+{len(items) - n} more)" if len(items) > n else ""))
+
+
+def _short(path: str) -> str:
+    """`split/long class folder/file` -> `split:file` (the class folders are long)."""
+    parts = path.split("/")
+    return f"{parts[0]}:{parts[-1]}" if len(parts) >= 3 else path
+
+
+def _group_text(paths: Sequence[str], labels: Sequence[str]) -> str:
+    shown = " = ".join(_short(p) for p in paths[:3]) + (" = ..." if len(paths) > 3 else "")
+    return f"{shown} ({' vs '.join(labels)})" if len(labels) > 1 else shown
+
+
+def _kinds(dropped: Sequence[DroppedImage]) -> str:
+    by = Counter(f"{d.split} {d.kind}" for d in dropped)
+    return ", ".join(f"{k}: {v}" for k, v in sorted(by.items())) or "-"
 
 
 def render_summary(report: AuditReport) -> Any:
@@ -480,50 +499,53 @@ def render_summary(report: AuditReport) -> Any:
             _examples([f"{m['path']} is {m['format']}" for m in report.suffix_mismatches]),
         )
 
-    findings = Table(title="Findings")
+    findings = Table(
+        title="Findings",
+        caption="every list in full: `ctscan audit --json`, or audit.json in the store",
+    )
     findings.add_column("finding")
     findings.add_column("count", justify="right")
-    findings.add_column("examples")
+    findings.add_column("example")
     findings.add_row(
-        "bad files", str(len(report.bad_files)),
-        _examples([f"{b.path}: {b.reason}" for b in report.bad_files], 2),
+        "bad files",
+        str(len(report.bad_files)),
+        _examples([b.reason for b in report.bad_files], 1),
     )
     findings.add_row(
-        "ignored files", str(len(report.ignored_files)),
-        _examples([f["path"] for f in report.ignored_files]),
+        "ignored files",
+        str(len(report.ignored_files)),
+        _examples([f["path"] for f in report.ignored_files], 2),
     )
     dup_files = sum(len(g.paths) for g in report.exact_duplicates)
-    findings.add_row(
-        "exact duplicate groups", f"{len(report.exact_duplicates)} ({dup_files} files)",
-        _examples([" = ".join(g.paths) for g in report.exact_duplicates], 2),
-    )
-    findings.add_row(
-        "cross-split groups (leak)", str(len(report.cross_split_duplicates)),
-        _examples([" = ".join(g.paths) for g in report.cross_split_duplicates], 2),
-    )
-    findings.add_row(
-        "label conflicts", str(len(report.label_conflicts)),
-        _examples([" = ".join(g.paths) for g in report.label_conflicts], 2),
-    )
+    for title, groups, count in (
+        ("exact duplicate groups", report.exact_duplicates, f"({dup_files} files)"),
+        ("cross-split groups (leak)", report.cross_split_duplicates, ""),
+        ("label conflicts", report.label_conflicts, ""),
+    ):
+        findings.add_row(
+            title,
+            f"{len(groups)} {count}".strip(),
+            _examples([_group_text(g.paths, g.labels) for g in groups], 1),
+        )
     copies = [n for n in report.near_duplicates if n.same_picture]
     findings.add_row(
         f"near copies (dHash <= {report.near_duplicate_distance}, thumbnail diff <= "
         f"{SAME_PICTURE_MAD:g})",
         f"{len(copies)} ({sum(len(n.splits) > 1 for n in copies)} cross-split)",
-        _examples([f"{n.a[0]} ~ {n.b[0]}" for n in copies], 2),
+        _examples([f"{_short(n.a[0])} ~ {_short(n.b[0])}" for n in copies], 1),
     )
+    others = [n for n in report.near_duplicates if not n.same_picture]
     findings.add_row(
         "other near-duplicate candidates (review)",
-        str(len(report.near_duplicates) - len(copies)),
-        _examples(
-            [f"{n.a[0]} ~ {n.b[0]} ({n.distance})" for n in report.near_duplicates
-             if not n.same_picture], 2,
-        ),
+        str(len(others)),
+        _examples([f"{_short(n.a[0])} ~ {_short(n.b[0])} ({n.distance})" for n in others], 1),
     )
-    if report.on_leak is not None:
-        by_kind = Counter(d.kind for d in report.dropped)
+    if report.on_leak == "drop":
+        findings.add_row("dropped (on_leak=drop)", str(len(report.dropped)), _kinds(report.dropped))
+    elif report.drop_preview is not None:
         findings.add_row(
-            f"dropped (on_leak={report.on_leak})", str(len(report.dropped)),
-            ", ".join(f"{k}: {v}" for k, v in sorted(by_kind.items())) or "-",
+            f"on_leak=drop would drop (now {report.on_leak or 'not applied'})",
+            str(len(report.drop_preview)),
+            _kinds(report.drop_preview),
         )
     return Group(counts, files, findings)

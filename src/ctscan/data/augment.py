@@ -37,7 +37,7 @@ def affine_params(n: int, aug: AugmentSettings, device: torch.device) -> torch.T
 
 
 def _erase(x: torch.Tensor, prob: float) -> torch.Tensor:
-    """Zero one random rectangle (2-20 % of the area, aspect 0.3-3.3) in a `prob` share of images."""
+    """Zero one random rectangle (2-20 % of the area, aspect 0.3-3.3) in a `prob` share."""
     n, _, h, w = x.shape
     device = x.device
     area = _uniform(n, 0.02, 0.2, device) * h * w
@@ -87,7 +87,7 @@ def to_model_input(
     aug: AugmentSettings | None = None,
     channels_last: bool = False,
 ) -> torch.Tensor:
-    """uint8 (B, 1, S, S) on the device -> normalised float (B, channels, S, S), augmented if asked."""
+    """uint8 (B, 1, S, S) on the device -> normalised float (B, channels, S, S), maybe augmented."""
     x = images.float().div_(255.0)  # (B, 1, S, S) float in [0, 1]
     if aug is not None:
         x = augment(x, aug)

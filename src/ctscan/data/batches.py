@@ -1,4 +1,4 @@
-"""Device-resident batches: the whole split lives on the device as uint8; DDP gets disjoint shards."""
+"""Device-resident batches: a whole split on the device as uint8; DDP gets disjoint shards."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ def shard(order: torch.Tensor, rank: int, world_size: int, *, pad: bool) -> torc
     if pad:
         per_rank = -(-len(order) // world_size)
         total = per_rank * world_size
-        if total > len(order):
-            order = torch.cat([order, order[: total - len(order)]])
+        if total > len(order):  # wrap around (several times if there are fewer samples than ranks)
+            order = order.repeat(-(-total // len(order)))[:total]
     return order[rank::world_size]
 
 

@@ -158,7 +158,9 @@ def _scan(
     records, images, bad = [], [], []
     for raw, res in zip(raws, results, strict=True):
         if res.error is not None:
-            bad.append(BadFile(path=raw.relpath, split=raw.split, label=raw.label, reason=res.error))
+            bad.append(
+                BadFile(path=raw.relpath, split=raw.split, label=raw.label, reason=res.error)
+            )
             continue
         records.append(
             ImageRecord(
@@ -211,7 +213,11 @@ def _raise_bad_files(bad: Sequence[BadFile]) -> None:
 
 def mean_std(images: np.ndarray) -> tuple[float, float]:
     """Mean and standard deviation of uint8 pixels in 0..1 units (exact, via a histogram)."""
-    hist = np.bincount(images.ravel(), minlength=256).astype(np.float64)
+    flat = images.reshape(-1)
+    hist = np.zeros(256, dtype=np.float64)
+    step = 1 << 22  # bincount makes an int64 copy: keep it to 32 MB at a time
+    for start in range(0, flat.size, step):
+        hist += np.bincount(flat[start : start + step], minlength=256)
     if hist.sum() == 0:
         raise DataError("cannot compute mean/std: the train split has no images.")
     values = np.arange(256, dtype=np.float64) / 255.0

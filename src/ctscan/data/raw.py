@@ -26,10 +26,10 @@ _SEPARATORS = re.compile(r"[\s._\-]+")
 # Words that may follow the class name in a Kaggle folder: where the tumour is and its TNM stage,
 # e.g. `_left.lower.lobe_T2_N0_M0_Ib`. Anything else after the class name is rejected.
 _LOCATION_WORDS = frozenset({"left", "right", "upper", "lower", "middle", "lobe", "hilum", "lung"})
-_STAGE_WORD = re.compile(r"^(t[0-4x][a-d]?|n[0-3x][a-c]?|m[01x][a-c]?|i{1,3}[a-c]?|iv[a-c]?|stage)$")
-_CLASS_TOKENS: dict[tuple[str, ...], str] = {
-    tuple(name.split("_")): name for name in CLASS_NAMES
-}
+_STAGE_WORD = re.compile(
+    r"^(t[0-4x][a-d]?|n[0-3x][a-c]?|m[01x][a-c]?|i{1,3}[a-c]?|iv[a-c]?|stage)$"
+)
+_CLASS_TOKENS: dict[tuple[str, ...], str] = {tuple(name.split("_")): name for name in CLASS_NAMES}
 
 
 @dataclass(frozen=True)
@@ -143,8 +143,7 @@ def _scan_split(split_dir: Path, split: str, ignored: list[tuple[Path, str]]) ->
             raise DataError(f"in '{split_dir}': {exc.message}", exc.fix) from None
         if label in folder_of:
             raise DataError(
-                f"folders '{folder_of[label]}' and '{class_dir}' both map to the class "
-                f"'{label}'.",
+                f"folders '{folder_of[label]}' and '{class_dir}' both map to the class '{label}'.",
                 "merge them into one folder or remove one.",
             )
         folder_of[label] = class_dir

@@ -225,9 +225,7 @@ def write_store(
             "on_leak": on_leak,
             "counts": {name: len(arr.paths) for name, arr in splits.items()},
             "class_counts": {
-                name: {
-                    c: int((arr.labels == i).sum()) for i, c in enumerate(spec.class_names)
-                }
+                name: {c: int((arr.labels == i).sum()) for i, c in enumerate(spec.class_names)}
                 for name, arr in splits.items()
             },
             "dropped": [dict(d) for d in dropped],
@@ -324,8 +322,9 @@ class Store:
 
 
 def _corrupt(store_dir: Path, what: str) -> DataError:
-    return DataError(f"the processed store at '{store_dir}' is corrupt or partial: {what}.",
-                     PREPROCESS_FIX)
+    return DataError(
+        f"the processed store at '{store_dir}' is corrupt or partial: {what}.", PREPROCESS_FIX
+    )
 
 
 def _as_dict(data: Any) -> dict[str, Any]:
@@ -388,8 +387,9 @@ def load_store(
         if not path.is_file():
             raise _corrupt(store_dir, f"'{fname}' is missing")
         if path.stat().st_size != info["bytes"]:
-            raise _corrupt(store_dir, f"'{fname}' has {path.stat().st_size} bytes, expected "
-                                      f"{info['bytes']}")
+            raise _corrupt(
+                store_dir, f"'{fname}' has {path.stat().st_size} bytes, expected {info['bytes']}"
+            )
         if verify and _sha256(path) != info["sha256"]:
             raise _corrupt(store_dir, f"'{fname}' does not match its sha256")
     if expect_data is not None:
@@ -397,7 +397,8 @@ def load_store(
         if stale:
             raise DataError(
                 f"the processed store at '{store_dir}' was built with other settings: "
-                + "; ".join(stale) + ".",
+                + "; ".join(stale)
+                + ".",
                 PREPROCESS_FIX + " (or change the settings back)",
             )
     if raw_fingerprint is not None and meta["raw_fingerprint"] != raw_fingerprint:
@@ -424,3 +425,21 @@ def store_size(store_dir: Path | str) -> StoreSummary:
     store_dir = Path(store_dir)
     files = {p.name: p.stat().st_size for p in sorted(store_dir.iterdir()) if p.is_file()}
     return StoreSummary(path=store_dir, total_bytes=sum(files.values()), files=files)
+
+
+def open_store(
+    processed_dir: Path | str,
+    *,
+    expect_data: Mapping[str, Any] | Any | None,
+) -> Store:
+    """Open the store for training or evaluation, refusing it if it is stale.
+
+    Stale means: made with other `data` settings than `expect_data`, or made from raw images that
+    have changed since (checked when the raw folder the store was made from is on disk; a store
+    copied to a machine without the raw images is checked by its settings alone).
+    """
+    store = load_store(processed_dir, expect_data=expect_data)
+    source = Path(store.meta.get("raw_dir") or "")
+    if str(source) not in ("", ".") and source.is_dir():
+        load_store(processed_dir, raw_fingerprint=raw_fingerprint(source), verify=False)
+    return store

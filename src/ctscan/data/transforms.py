@@ -1,4 +1,4 @@
-"""The one decode -> gray -> resize -> normalize path, shared by preprocess, evaluate, export and serve.
+"""The one decode -> gray -> resize -> normalize path: preprocess, evaluate, export and serve.
 
 Choices, fixed here so that training and serving see identical pixels:
 - Gray: ITU-R 601-2 luma (Pillow's `convert("L")`). Alpha is composited over black
@@ -10,7 +10,8 @@ Choices, fixed here so that training and serving see identical pixels:
   when it shrinks, so downscaling is antialiased (area-like), and it is exact and deterministic.
 - Decode limits: the file size is checked before reading, width x height from the header before
   any pixel is decoded; Pillow's own decompression-bomb error is turned into a `DataError` too.
-  `Image.MAX_IMAGE_PIXELS` is left alone (it is process-global).
+  `Image.MAX_IMAGE_PIXELS` is left alone (it is process-global). Only PNG, JPEG, BMP, TIFF
+  and WebP are opened; EXIF orientation is ignored (pixels are used as stored).
 
 This module imports torch only inside `normalize`, so preprocessing workers stay light.
 """
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 
 RESIZE_POLICIES: tuple[str, ...] = ("pad", "stretch", "crop")
 RESAMPLE = Image.Resampling.BILINEAR
-DECODE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "MPO", "BMP", "TIFF", "WEBP")
+DECODE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")  # JPEG covers MPO
 _HIGH_DEPTH_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 _ALPHA_MODES = frozenset({"LA", "RGBA"})
 
@@ -79,7 +80,9 @@ def _read_source(source: Path | bytes, max_bytes: int, name: str) -> bytes:
         if len(data) > max_bytes:  # grew while we read it
             raise DataError(f"{name} is above the limit of {max_bytes} bytes.")
     if not data:
-        raise DataError(f"{name} is empty (0 bytes).", "restore the file (`dvc pull`) or remove it.")
+        raise DataError(
+            f"{name} is empty (0 bytes).", "restore the file (`dvc pull`) or remove it."
+        )
     return data
 
 
@@ -155,7 +158,9 @@ def to_gray(img: Image.Image) -> np.ndarray:
         alpha = np.asarray(img.getchannel("A"))
         if alpha.min() < 255:  # composite over black
             gray = ((gray.astype(np.uint16) * alpha + 127) // 255).astype(np.uint8)
-    elif mode == "La" or mode == "LAB":  # premultiplied: the L band is already composited over black
+    elif (
+        mode == "La" or mode == "LAB"
+    ):  # premultiplied: the L band is already composited over black
         gray = np.asarray(img.getchannel("L"))
     elif mode == "1":
         gray = np.asarray(img.convert("L"))
@@ -184,7 +189,7 @@ def resize_square(gray: np.ndarray, size: int, policy: str = "pad") -> np.ndarra
     """Resize a (H, W) uint8 gray array to (size, size) uint8.
 
     - pad: keep the aspect ratio, scale the long side to `size`, centre it on black.
-    - crop: keep the aspect ratio, scale the short side to `size`, keep the centre square.
+    - crop: cut the centre square (side = the short side; offsets rounded down), scale it.
     - stretch: scale both sides to `size` independently (the aspect ratio changes).
 
     Pillow `BILINEAR` (antialiased when shrinking) is used for every policy.
@@ -200,8 +205,9 @@ def resize_square(gray: np.ndarray, size: int, policy: str = "pad") -> np.ndarra
         out = img.resize((size, size), RESAMPLE)
     elif policy == "crop":
         side = min(w, h)
-        left, top = (w - side) / 2, (h - side) / 2
-        out = img.resize((size, size), RESAMPLE, box=(left, top, left + side, top + side))
+        left, top = (w - side) // 2, (h - side) // 2
+        square = img.crop((left, top, left + side, top + side))  # nothing outside it leaks in
+        out = square.resize((size, size), RESAMPLE)
     else:
         scale = size / max(w, h)
         new_w = min(size, max(1, round(w * scale)))

@@ -6,7 +6,6 @@ import os
 import pickle
 import subprocess
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +76,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
             f"(nothing from it was executed): {str(exc).splitlines()[0]}",
             "only load checkpoints written by `ctscan train`.",
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+    except Exception as exc:  # any other failure to parse: a broken or foreign file
         raise CheckpointError(
             f"checkpoint '{path}' is unreadable or truncated ({str(exc).splitlines()[0]}).",
             "re-copy the file or use another checkpoint (last.pt / best.pt).",

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctscan.data.store import Store, load_store
+from ctscan.data.store import Store, open_store
 from ctscan.engine import checkpoint as ckpt_io
 from ctscan.engine.metrics import classification_report, worst_errors
 from ctscan.engine.modelling import build_from_checkpoint, model_channels
@@ -136,7 +136,7 @@ def run_evaluation(
         raise CtscanError("evaluate runs in one process.", "run it without torchrun.")
     state = ckpt_io.load_checkpoint(checkpoint)
     expect = dict(state["settings"].get("data", {}))
-    store = load_store(settings.paths.processed_dir, expect_data=expect or None)
+    store = open_store(settings.paths.processed_dir, expect_data=expect or None)
     out = out_dir or Path(checkpoint).parent / f"eval-{split}"
     result = evaluate_checkpoint(Path(checkpoint), store=store, split=split, rt=rt, out_dir=out)
     if settings.tracking.enabled:

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
 import math
 import os
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
@@ -302,13 +304,17 @@ def promote_if_better(
     champion_value = _float_or_none(champion.tags.get(TAG_SELECT_VALUE))
     champion_metric = champion.tags.get(TAG_SELECT_METRIC)
     if champion_value is None or (metric and champion_metric and champion_metric != metric):
+        why = (
+            f"has no {TAG_SELECT_VALUE} tag"
+            if champion_value is None
+            else f"was selected by {champion_metric}, not {metric}"
+        )
         log.warning(
-            "model %s version %s is the champion but was selected by %s, not %s: not comparable, "
-            "the alias stays. Move it with MlflowClient().set_registered_model_alias(%r, %r, %s).",
+            "model %s version %s is the champion but %s: not comparable, the alias stays. "
+            "Move it by hand: MlflowClient().set_registered_model_alias(%r, %r, '%s').",
             name,
             champion.version,
-            champion_metric or "an unknown metric",
-            metric or "the same metric",
+            why,
             name,
             CHAMPION_ALIAS,
             version,
@@ -395,58 +401,69 @@ class MlflowTracker(Tracker):
 
         mlflow.set_tracking_uri(self._previous_env_uri)  # None also clears the env variable
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError(f"tracking run {self.run_id} is closed")
+    @contextlib.contextmanager
+    def _active_run(self) -> Iterator[None]:
+        """Make this run the active MLflow run (resumed, then ended again, after close)."""
+        import mlflow
+
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == self.run_id:
+            yield
+            return
+        previous_env_uri = os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(self.uri)
+        try:
+            status = self.client.get_run(self.run_id).info.status
+            with _quiet():
+                mlflow.start_run(run_id=self.run_id)
+            try:
+                yield
+            finally:
+                with _quiet(), contextlib.redirect_stdout(io.StringIO()):  # links: shown once
+                    mlflow.end_run(status=status)
+        finally:
+            mlflow.set_tracking_uri(previous_env_uri)
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Record run parameters (values are stored as strings)."""
-        import mlflow
+        from mlflow.entities import Param
 
-        self._check_open()
-        values = {key: str(value)[:MAX_PARAM_CHARS] for key, value in params.items()}
+        batch = [Param(key, str(value)[:MAX_PARAM_CHARS]) for key, value in params.items()]
         with self._errors("log parameters"):
-            mlflow.log_params(values, run_id=self.run_id)
+            self.client.log_batch(self.run_id, params=batch)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Record metric values at a step (the epoch for the training loop)."""
-        import mlflow
+        from mlflow.entities import Metric
 
-        self._check_open()
-        values = {key: float(value) for key, value in metrics.items()}
+        now_ms = int(time.time() * 1000)
+        batch = [Metric(key, float(value), now_ms, int(step)) for key, value in metrics.items()]
         with self._errors("log metrics"):
-            mlflow.log_metrics(values, step=int(step), run_id=self.run_id)
+            self.client.log_batch(self.run_id, metrics=batch)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         """Set run tags."""
         from mlflow.entities import RunTag
 
-        self._check_open()
-        run_tags = [RunTag(key, str(value)) for key, value in tags.items()]
+        batch = [RunTag(key, str(value)) for key, value in tags.items()]
         with self._errors("set tags"):
-            self.client.log_batch(self.run_id, tags=run_tags)
+            self.client.log_batch(self.run_id, tags=batch)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Copy a file or a folder into the run's artifacts."""
-        import mlflow
-
-        self._check_open()
         path = Path(path)
         if not path.exists():
             raise TrackingError(f"artifact '{path}' does not exist.", "log a file that exists.")
         with self._errors(f"log the artifact '{path}'"):
             if path.is_dir():
-                mlflow.log_artifacts(str(path), artifact_path=artifact_path, run_id=self.run_id)
+                self.client.log_artifacts(self.run_id, str(path), artifact_path)
             else:
-                mlflow.log_artifact(str(path), artifact_path=artifact_path, run_id=self.run_id)
+                self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
         """Store a dict as a JSON or YAML artifact (by the file's suffix)."""
-        import mlflow
-
-        self._check_open()
         with self._errors(f"log '{artifact_file}'"):
-            mlflow.log_dict(data, artifact_file, run_id=self.run_id)
+            self.client.log_dict(self.run_id, data, artifact_file)
 
     def log_model(
         self,
@@ -459,12 +476,13 @@ class MlflowTracker(Tracker):
     ) -> dict | None:
         """Log the model (torch.export 'pt2' format), register a version, maybe move 'champion'.
 
-        The model is copied to the CPU in eval mode; compile/DDP wrappers are removed. An
-        `input_example` with a batch of 1 is repeated to 2 rows so the exported graph keeps a
-        dynamic batch dimension. A model that torch.export cannot trace is pickled instead
-        (loading it then needs ctscan installed). Returns the registered name and version,
-        whether it was promoted, and the champion's version and value after the decision;
-        None when `tracking.log_model` is false.
+        May be called after close: the ended run is resumed for the model and ended again with
+        its status. The model is copied to the CPU in eval mode; compile/DDP wrappers are
+        removed. An `input_example` with a batch of 1 is repeated to 2 rows so the exported
+        graph keeps a dynamic batch dimension. A model that torch.export cannot trace is pickled
+        instead (loading it then needs ctscan installed). Returns the registered name and
+        version, whether it was promoted, and the champion's version and value after the
+        decision; None when `tracking.log_model` is false.
         """
         if not self.settings.log_model:
             return None
@@ -473,13 +491,12 @@ class MlflowTracker(Tracker):
         import numpy as np
         from mlflow.exceptions import MlflowException
 
-        self._check_open()
         example = np.asarray(input_example)
         if example.ndim > 0 and example.shape[0] == 1:
             example = np.concatenate([example, example])
         net = copy.deepcopy(_unwrap(model)).to("cpu").eval()
         requirements = model_requirements()
-        with self._errors("log the model"), _quiet():
+        with self._errors("log the model"), self._active_run(), _quiet():
             try:
                 info = mlflow.pytorch.log_model(
                     net,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import ctscan
 from ctscan.data.augment import to_model_input
 from ctscan.data.batches import batch_indices, epoch_order, shard, steps_per_epoch
-from ctscan.data.store import Store, load_store
+from ctscan.data.store import Store, open_store
 from ctscan.engine import checkpoint as ckpt_io
 from ctscan.engine.metrics import quick_metrics
 from ctscan.engine.modelling import backbone_frozen, build, freeze_backbone, model_channels
@@ -248,7 +248,7 @@ def _train(
     configure_threads(tr.threads, rt.world_size)
     seed_everything(tr.seed + rt.rank, tr.deterministic)
 
-    store = load_store(settings.paths.processed_dir, expect_data=settings.data.model_dump())
+    store = open_store(settings.paths.processed_dir, expect_data=settings.data.model_dump())
     spec = store.spec
     train_split, valid_split = store.split("train"), store.split("valid")
     # The whole split lives on the training device as uint8: (N, 1, S, S).
@@ -265,6 +265,12 @@ def _train(
             "pass --resume auto to continue that run, or choose another --out.",
         )
 
+    if rt.distributed and backbone_frozen(settings, 1):
+        raise CtscanError(
+            f"model.freeze_epochs={settings.model.freeze_epochs} is not supported with "
+            f"{rt.world_size} processes (DDP needs a fixed set of trainable parameters).",
+            "set model.freeze_epochs=0 for torchrun runs.",
+        )
     model = build(settings, image_size=spec.image_size, num_classes=len(spec.class_names))
     channels = model_channels(settings.model.name)
     model.to(rt.device)
@@ -409,6 +415,10 @@ def _train(
                 }
                 if improved:
                     ckpt_io.save_checkpoint(run_dir / "best.pt", payload)
+            save_last = epoch % tr.checkpoint_every == 0 or epoch == tr.epochs
+            patience = tr.early_stop_patience
+            stop = bool(patience) and epoch - best_epoch >= patience
+            if rt.is_main and (save_last or stop):
                 payload.update(
                     {
                         "model_state": raw_model.state_dict(),
@@ -420,12 +430,11 @@ def _train(
                     }
                 )
                 ckpt_io.save_checkpoint(run_dir / "last.pt", payload)
-            else:
+            elif save_last or stop:
                 _gather_rng(rt)
             tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
             progress.epoch_line(row, improved)
-            patience = tr.early_stop_patience
-            if patience and epoch - best_epoch >= patience:
+            if stop:
                 stopped_early = True
                 progress.log(f"early stop: no {tr.select_metric} gain for {patience} epochs")
                 break

@@ -1,0 +1,120 @@
+"""Checkpoints: atomic writes; truncated, foreign, code-carrying or mismatched files refused."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from ctscan.engine.checkpoint import (
+    load_checkpoint,
+    load_model_state,
+    save_checkpoint,
+    unwrap,
+)
+from ctscan.engine.modelling import build_from_checkpoint
+from ctscan.errors import CheckpointError
+from ctscan.models import build_model
+
+SPEC = {
+    "image_size": 32,
+    "resize": "pad",
+    "mean": 0.2,
+    "std": 0.3,
+    "class_names": ["a", "b", "c", "d"],
+    "channels": 1,
+}
+
+
+def _payload(model: torch.nn.Module, name: str = "cnn_gap") -> dict:
+    return {
+        "model_name": name,
+        "model_state": model.state_dict(),
+        "preprocess": SPEC,
+        "class_names": SPEC["class_names"],
+        "settings": {"model": {"dropout": 0.2}},
+        "epoch": 1,
+    }
+
+
+def test_round_trip_and_rebuild(tmp_path: Path) -> None:
+    model = build_model("cnn_gap")
+    path = save_checkpoint(tmp_path / "c.pt", _payload(model))
+    state = load_checkpoint(path)
+    rebuilt = build_from_checkpoint(state, source=path)
+    x = torch.randn(2, 1, 32, 32)
+    model.eval()
+    assert torch.equal(model(x), rebuilt(x))
+    assert not list(tmp_path.glob(".*.tmp"))  # no temp file left behind
+
+
+def test_compiled_and_wrapped_models_unwrap() -> None:
+    model = build_model("cnn_gap")
+    assert unwrap(torch.compile(model)) is model
+
+
+def test_truncated_file_is_refused(tmp_path: Path) -> None:
+    path = save_checkpoint(tmp_path / "c.pt", _payload(build_model("cnn_gap")))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="unreadable or truncated"):
+        load_checkpoint(path)
+
+
+class _Evil:
+    def __reduce__(self):  # runs on unpickling if anything unpickles it without weights_only
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_pickle_with_code_is_refused_and_not_executed(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    evil = _Evil()
+    evil.marker = str(marker)
+    path = tmp_path / "evil.pt"
+    torch.save({"format": 1, "payload": evil}, path, pickle_module=pickle)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_foreign_files_are_refused(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.pt"
+    torch.save({"weights": torch.zeros(2)}, plain)
+    with pytest.raises(CheckpointError, match="not a ctscan checkpoint"):
+        load_checkpoint(plain)
+    text = tmp_path / "text.pt"
+    text.write_text("hello")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_checkpoint(text)
+
+
+def test_other_model_or_shape_is_refused(tmp_path: Path) -> None:
+    state = build_model("cnn_gap").state_dict()
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_model_state(build_model("resnet18"), state, source="x.pt")
+    cnn64 = build_model("cnn", image_size=64).state_dict()
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        load_model_state(build_model("cnn", image_size=32), cnn64, source="x.pt")
+
+
+def test_unknown_model_name_is_refused(tmp_path: Path) -> None:
+    payload = _payload(build_model("cnn_gap"), name="vgg99")
+    path = save_checkpoint(tmp_path / "c.pt", payload)
+    with pytest.raises(CheckpointError, match="unknown model 'vgg99'"):
+        build_from_checkpoint(load_checkpoint(path), source=path)
+
+
+def test_failed_write_keeps_the_old_file(tmp_path: Path) -> None:
+    path = save_checkpoint(tmp_path / "c.pt", _payload(build_model("cnn_gap")))
+    before = path.read_bytes()
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        save_checkpoint(path, {"x": Boom()})
+    assert path.read_bytes() == before
+    assert not list(tmp_path.glob(".*.tmp"))

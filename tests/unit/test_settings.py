@@ -1,0 +1,137 @@
+"""Settings: precedence, unknown keys, files, recipes, TOML round trip."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ctscan.errors import SettingsError
+from ctscan.settings import (
+    Settings,
+    deep_merge,
+    load_settings,
+    parse_overrides,
+    resolve_settings_file,
+    to_toml,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for var in list(os.environ):
+        if var.startswith("CTSCAN_") and var != "CTSCAN_DEBUG":
+            monkeypatch.delenv(var)
+
+
+def test_precedence_cli_over_env_over_files_over_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = tmp_path / "a.toml"
+    a.write_text("[train]\nepochs = 5\nlr = 0.5\nbatch_size = 8\n")
+    b = tmp_path / "b.toml"
+    b.write_text("[train]\nlr = 0.25\n")
+    assert load_settings().train.epochs == Settings().train.epochs
+    s = load_settings([a, b])
+    assert (s.train.epochs, s.train.lr, s.train.batch_size) == (5, 0.25, 8)  # later file wins
+    monkeypatch.setenv("CTSCAN_TRAIN__LR", "0.125")
+    monkeypatch.setenv("CTSCAN_TRAIN__EPOCHS", "7")
+    s = load_settings([a, b])
+    assert (s.train.epochs, s.train.lr, s.train.batch_size) == (7, 0.125, 8)
+    s = load_settings([a, b], ["train.lr=0.0625"])
+    assert (s.train.epochs, s.train.lr, s.train.batch_size) == (7, 0.0625, 8)
+
+
+def test_unknown_keys_are_rejected_with_close_matches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(SettingsError, match=r"unknown settings key 'train\.epoch'.*epochs"):
+        load_settings([], ["train.epoch=3"])
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[modle]\nname = 'cnn'\n")
+    with pytest.raises(SettingsError, match=r"'modle'.*model.*bad\.toml"):
+        load_settings([bad])
+    monkeypatch.setenv("CTSCAN_TRAIN__EPOCS", "3")
+    with pytest.raises(SettingsError, match=r"CTSCAN_TRAIN__EPOCS names no setting.*EPOCHS"):
+        load_settings()
+
+
+def test_bad_values_name_the_key() -> None:
+    with pytest.raises(SettingsError, match=r"'train\.epochs' = 'x'"):
+        load_settings([], ["train.epochs=x"])
+    with pytest.raises(SettingsError, match=r"model\.name"):
+        load_settings([], ['model.name="vgg"'])
+    with pytest.raises(SettingsError, match="not of the form"):
+        parse_overrides(["train.epochs"])
+
+
+def test_missing_or_broken_files_are_errors(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="does not exist"):
+        load_settings([tmp_path / "nope.toml"])
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[train\nepochs = 1")
+    with pytest.raises(SettingsError, match="not valid TOML"):
+        load_settings([broken])
+
+
+def test_recipe_names_resolve_in_settings_dir(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    assert resolve_settings_file("cnn-cuda") == Path("settings/cnn-cuda.toml")
+    with pytest.raises(SettingsError, match=r"Recipes in settings/: .*cnn-cuda"):
+        resolve_settings_file("cnn-cudaa")
+
+
+def test_every_recipe_file_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    recipes = sorted(Path("settings").glob("*.toml"))
+    assert len(recipes) >= 5
+    for recipe in recipes:
+        load_settings([recipe])
+
+
+def test_default_toml_mirrors_the_defaults() -> None:
+    with (ROOT / "settings" / "default.toml").open("rb") as fh:
+        data = tomllib.load(fh)
+    assert Settings.model_validate(data) == Settings()
+    assert to_toml(Settings()).strip() == (ROOT / "settings" / "default.toml").read_text().strip()
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    epochs=st.integers(1, 500),
+    lr=st.floats(1e-6, 1.0, allow_nan=False),
+    ema=st.booleans(),
+    name=st.sampled_from(["cnn", "cnn_gap", "resnet18", "efficientnet_lite0"]),
+    raw=st.text(
+        st.characters(codec="ascii", exclude_characters='"\\\x7f', min_codepoint=32), max_size=20
+    ),
+)
+def test_toml_round_trip(epochs: int, lr: float, ema: bool, name: str, raw: str) -> None:
+    s = Settings.model_validate(
+        {
+            "train": {"epochs": epochs, "lr": lr, "ema": ema},
+            "model": {"name": name},
+            "paths": {"raw_dir": raw or "x"},
+        }
+    )
+    back = Settings.model_validate(tomllib.loads(to_toml(s)))
+    assert back == s
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from("abc"),
+        st.integers() | st.dictionaries(st.sampled_from("xy"), st.integers()),
+    )
+)
+def test_deep_merge_is_identity_with_empty_and_idempotent(d: dict) -> None:
+    assert deep_merge(d, {}) == d
+    assert deep_merge({}, d) == d
+    assert deep_merge(d, d) == d
