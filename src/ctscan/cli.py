@@ -44,6 +44,7 @@ Overrides = Annotated[
         show_default=False,
     ),
 ]
+RawDir = Annotated[Path | None, typer.Argument(help="Raw Kaggle folder [default: paths.raw_dir].")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Plain log lines, no live display.")]
 
 
@@ -105,9 +106,7 @@ def settings_show(
 
 @app.command()
 def preprocess(
-    raw_dir: Annotated[
-        Path | None, typer.Argument(help="Raw Kaggle folder [default: paths.raw_dir].")
-    ] = None,
+    raw_dir: RawDir = None,
     out: Annotated[
         Path | None, typer.Option("--out", help="Store folder [default: paths.processed_dir].")
     ] = None,
@@ -139,9 +138,7 @@ def preprocess(
 
 @app.command()
 def audit(
-    raw_dir: Annotated[
-        Path | None, typer.Argument(help="Raw Kaggle folder [default: paths.raw_dir].")
-    ] = None,
+    raw_dir: RawDir = None,
     as_json: Annotated[bool, typer.Option("--json", help="The audit as JSON on stdout.")] = False,
     settings_files: SettingsFiles = None,
     overrides: Overrides = None,

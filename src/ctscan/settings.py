@@ -35,7 +35,7 @@ class PathsSettings(Section):
 
 
 class DataSettings(Section):
-    image_size: int = Field(224, ge=16, le=1024, description="side of the square stored image (px)")
+    image_size: int = Field(160, ge=16, le=1024, description="side of the square stored image (px)")
     resize: Literal["pad", "stretch", "crop"] = Field(
         "pad",
         description="pad: keep aspect, fit the long side, pad with black; stretch: ignore aspect; "
@@ -61,12 +61,12 @@ class ModelSettings(Section):
     pretrained: bool = True
     weights_path: Path | None = Field(None, description="local ImageNet weights file (optional)")
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
-    freeze_epochs: int = Field(0, ge=0, description="epochs with the pretrained backbone frozen")
+    freeze_epochs: int = Field(1, ge=0, description="epochs with the pretrained backbone frozen")
 
 
 class AugmentSettings(Section):
     enabled: bool = True
-    rotation_deg: float = Field(10.0, ge=0.0, le=180.0)
+    rotation_deg: float = Field(15.0, ge=0.0, le=180.0)
     scale_min: float = Field(0.9, gt=0.0)
     scale_max: float = Field(1.1, gt=0.0)
     translate: float = Field(0.05, ge=0.0, le=0.5, description="max shift, fraction of the side")
@@ -84,16 +84,16 @@ class AugmentSettings(Section):
 
 
 class TrainSettings(Section):
-    epochs: int = Field(12, ge=1)
+    epochs: int = Field(28, ge=1)
     batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(0.05, ge=0.0)
+    lr: float = Field(2e-3, gt=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
     warmup_epochs: float = Field(1.0, ge=0.0)
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
     grad_clip: float = Field(1.0, ge=0.0, description="max grad norm; 0 disables")
     accumulate: int = Field(1, ge=1, description="gradient accumulation steps")
-    ema: bool = False
-    ema_decay: float = Field(0.999, gt=0.0, lt=1.0)
+    ema: bool = True
+    ema_decay: float = Field(0.99, gt=0.0, lt=1.0)
     early_stop_patience: int = Field(0, ge=0, description="epochs without improvement; 0 = off")
     select_metric: Literal["val_macro_f1", "val_accuracy", "val_loss"] = "val_macro_f1"
     seed: int = 0

@@ -79,6 +79,7 @@ def engine_overrides(store: Path, runs: Path, size: int = 32, **extra: object) -
         "train.epochs": 3,
         "train.lr": 0.003,
         "train.warmup_epochs": 0,
+        "train.ema": "false",
         "train.quiet": "true",
         "train.threads": 1,
         "tracking.enabled": "false",

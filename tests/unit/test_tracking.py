@@ -27,13 +27,13 @@ from ctscan.engine.tracking import (
     MlflowTracker,
     Tracker,
     TrackingError,
-    _unwrap,
     model_requirements,
     open_tracker,
     promote_if_better,
     resolve_tracking_uri,
 )
 from ctscan.errors import CtscanError
+from ctscan.models import unwrap
 from ctscan.settings import TrackingSettings
 
 SRC_DIR = Path(__file__).resolve().parents[2] / "src"
@@ -368,8 +368,8 @@ def test_unwrap_removes_compile_and_ddp_style_wrappers():
     inner = TinyNet()
     wrapper = torch.nn.Module()
     wrapper._orig_mod = inner
-    assert _unwrap(wrapper) is inner
-    assert _unwrap(inner) is inner
+    assert unwrap(wrapper) is inner
+    assert unwrap(inner) is inner
 
 
 # --- promote_if_better ---------------------------------------------------------------------------

@@ -12,20 +12,12 @@ from typing import Any
 import torch
 
 from ctscan.errors import CheckpointError
+from ctscan.models import unwrap
+
+__all__ = ["load_checkpoint", "load_model_state", "save_checkpoint", "unwrap"]
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format", "model_name", "model_state", "preprocess", "class_names", "settings")
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module under DDP (`module.`) and torch.compile (`_orig_mod.`) wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
 
 
 def git_commit(cwd: Path | None = None) -> str | None:

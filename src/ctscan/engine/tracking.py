@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ctscan.errors import CtscanError
+from ctscan.models import unwrap
 from ctscan.settings import TrackingSettings
 
 if TYPE_CHECKING:
@@ -248,19 +249,6 @@ def model_requirements() -> list[str]:
         except PackageNotFoundError:
             continue
     return reqs
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module under torch.compile (`_orig_mod`) and DDP (`module`) wrappers."""
-    import torch
-
-    while True:
-        inner = getattr(model, "_orig_mod", None)
-        if inner is None and isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            inner = model.module
-        if not isinstance(inner, torch.nn.Module):
-            return model
-        model = inner
 
 
 def _float_or_none(text: str | None) -> float | None:
@@ -494,7 +482,7 @@ class MlflowTracker(Tracker):
         example = np.asarray(input_example)
         if example.ndim > 0 and example.shape[0] == 1:
             example = np.concatenate([example, example])
-        net = copy.deepcopy(_unwrap(model)).to("cpu").eval()
+        net = copy.deepcopy(unwrap(model)).to("cpu").eval()
         requirements = model_requirements()
         with self._errors("log the model"), self._active_run(), _quiet():
             try:
