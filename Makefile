@@ -60,9 +60,10 @@ test-unit: ## Unit tests only (fast, synthetic)
 test-integration: ## Integration tests only (real data; run `make data` first)
 	$(PYTHON) -m pytest tests/integration $(PYTEST_ARGS)
 
-lint: ## ruff check + ruff format --check
+lint: ## ruff check + ruff format --check + hadolint on the Dockerfiles
 	ruff check .
 	ruff format --check .
+	hadolint Dockerfile Dockerfile.cuda
 
 format: ## Apply ruff's fixes and formatting
 	ruff check --fix .
@@ -71,9 +72,10 @@ format: ## Apply ruff's fixes and formatting
 docker-lint: ## Lint the Dockerfiles with hadolint
 	hadolint Dockerfile Dockerfile.cuda
 
-bench: ## Run the CPU benchmarks (writes bench/results/*.json)
+bench: ## Run the CPU benchmarks (writes bench/results/*.json; about 10 minutes)
+	$(PYTHON) bench/cli_startup.py
 	$(PYTHON) bench/preprocess_bench.py
-	$(PYTHON) bench/train_bench.py --device cpu
+	$(PYTHON) bench/train_bench.py --device cpu --epochs 2 --processed-dir outputs/processed224
 
 clean: ## Remove the processed store and runs (outputs/); keeps data/
 	rm -rf outputs .make

@@ -45,6 +45,9 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
+    # As `ctscan train` does (engine.runtime.configure_threads): the ceiling and the loop must
+    # both flush denormal floats, else the comparison measures the CPU's denormal penalty.
+    torch.set_flush_denormal(True)
     store = load_store(args.processed_dir)
     size = store.spec.image_size
     rows = []

@@ -218,11 +218,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path: Path, sig: int) -
     assert _same_weights(full / "last.pt", cut / "last.pt")
 
 
-@pytest.mark.slow
-def test_ddp_two_processes_with_gloo(synthetic_store: Path, tmp_path: Path) -> None:
-    overrides = engine_overrides(
-        synthetic_store, tmp_path / "runs", **{"train.epochs": 3, "train.evaluate_test": "false"}
-    )
+def _torchrun(overrides: list[str], out: Path, port: int) -> subprocess.CompletedProcess[str]:
     cmd = [
         sys.executable,
         "-m",
@@ -230,16 +226,24 @@ def test_ddp_two_processes_with_gloo(synthetic_store: Path, tmp_path: Path) -> N
         "--nproc-per-node",
         "2",
         "--master-port",
-        "29533",
+        str(port),
         "-m",
         "ctscan",
         "train",
         "--out",
-        str(tmp_path / "run"),
+        str(out),
     ]
     for item in overrides:
         cmd += ["--set", item]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_with_gloo(synthetic_store: Path, tmp_path: Path) -> None:
+    overrides = engine_overrides(
+        synthetic_store, tmp_path / "runs", **{"train.epochs": 3, "train.evaluate_test": "false"}
+    )
+    proc = _torchrun(overrides, tmp_path / "run", 29533)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Only rank 0 prints the summary and the epoch lines.
     assert proc.stdout.count('"best_checkpoint"') == 1
@@ -248,3 +252,23 @@ def test_ddp_two_processes_with_gloo(synthetic_store: Path, tmp_path: Path) -> N
     assert last["epoch"] == 3 and len(last["rng"]) == 2
     assert last["history"][-1]["train_images"] == 64  # both ranks' shards, 2 x 32
     assert last["history"][-1]["train_accuracy"] > 0.5
+
+
+@pytest.mark.slow
+def test_ddp_with_a_frozen_then_unfrozen_backbone(synthetic_store: Path, tmp_path: Path) -> None:
+    overrides = engine_overrides(
+        synthetic_store,
+        tmp_path / "runs",
+        **{
+            "model.name": '"efficientnet_lite0"',
+            "model.pretrained": "true",
+            "model.freeze_epochs": 1,
+            "train.epochs": 2,
+            "train.evaluate_test": "false",
+        },
+    )
+    proc = _torchrun(overrides, tmp_path / "run", 29534)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    history = load_checkpoint(tmp_path / "run" / "last.pt")["history"]
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert all(math.isfinite(row["train_loss"]) for row in history)

@@ -265,12 +265,6 @@ def _train(
             "pass --resume auto to continue that run, or choose another --out.",
         )
 
-    if rt.distributed and backbone_frozen(settings, 1):
-        raise CtscanError(
-            f"model.freeze_epochs={settings.model.freeze_epochs} is not supported with "
-            f"{rt.world_size} processes (DDP needs a fixed set of trainable parameters).",
-            "set model.freeze_epochs=0 for torchrun runs.",
-        )
     model = build(settings, image_size=spec.image_size, num_classes=len(spec.class_names))
     channels = model_channels(settings.model.name)
     model.to(rt.device)
@@ -313,8 +307,12 @@ def _train(
     if rt.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
+        # A backbone frozen for the first epochs gets no gradients then: DDP must look for
+        # parameters that took no part in the step instead of waiting for their gradients.
         train_model = DistributedDataParallel(
-            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None
+            model,
+            device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+            find_unused_parameters=backbone_frozen(settings, 1),
         )
     if rt.compile:
         train_model = torch.compile(train_model)
