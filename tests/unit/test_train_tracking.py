@@ -33,6 +33,7 @@ def test_run_is_tracked_in_mlflow(synthetic_store: Path, mlflow_runs_dir: Path) 
     for metric in ("train_loss", "val_loss", "val_accuracy", "lr", "train_images_per_s"):
         assert len(client.get_metric_history(result.run_id, metric)) == 3
     assert run.data.metrics["test_accuracy"] == pytest.approx(result.test["accuracy"])
+    assert run.data.metrics["run_train_images_per_s"] == pytest.approx(result.train_images_per_s)
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"settings.toml", "curves.png", "eval-test"} <= artifacts
     evaluation = {a.path for a in client.list_artifacts(result.run_id, "eval-test")}

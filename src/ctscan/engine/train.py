@@ -455,7 +455,10 @@ def _train(
             result.train_images_per_s = train_images / train_seconds if train_seconds else 0.0
             result.stopped_early = stopped_early
             tracker.log_metrics(
-                {"run_seconds": result.seconds, "train_images_per_s": result.train_images_per_s},
+                {
+                    "run_seconds": result.seconds,
+                    "run_train_images_per_s": result.train_images_per_s,
+                },
                 step=len(history),
             )
     return result
