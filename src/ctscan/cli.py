@@ -68,18 +68,10 @@ def _settings(
     files: list[str] | None, overrides: list[str] | None, **flags: Any
 ) -> Any:  # -> Settings
     """Resolve settings; explicit command flags (not None) beat --set, env and files."""
-    from ctscan.settings import load_settings
+    from ctscan.settings import load_settings, toml_value
 
-    extra = [f"{key}={_toml(value)}" for key, value in flags.items() if value is not None]
+    extra = [f"{key}={toml_value(value)}" for key, value in flags.items() if value is not None]
     return load_settings(files or [], [*(overrides or []), *extra])
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))
 
 
 def _console(stderr: bool = True) -> Any:

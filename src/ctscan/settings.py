@@ -320,12 +320,13 @@ def to_toml(settings: Settings) -> str:
             if value is None:
                 out.append(f"# {key} = (unset)")
             else:
-                out.append(f"{key} = {_toml_value(value)}")
+                out.append(f"{key} = {toml_value(value)}")
         out.append("")
     return "\n".join(out)
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """A Python scalar or list as a TOML value."""
     import json
 
     if isinstance(value, bool):
@@ -333,7 +334,7 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     return json.dumps(str(value))
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ctscan.data.augment import to_model_input
 from ctscan.data.store import Store, open_store
 from ctscan.engine import checkpoint as ckpt_io
 from ctscan.engine.metrics import classification_report, worst_errors
@@ -31,6 +32,32 @@ def leak_free_mask(store: Store, split: str) -> np.ndarray:
     return np.array([h not in seen for h in store.split(split).hashes], dtype=bool)
 
 
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    *,
+    mean: float,
+    std: float,
+    channels: int,
+    rt: Runtime,
+    batch_size: int = 128,
+) -> torch.Tensor:
+    """Logits (N, C) as float32 for uint8 images (N, 1, S, S) on the runtime's device."""
+    was_training = model.training
+    model.eval()
+    outs = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size].to(rt.device, non_blocking=True)
+        x = to_model_input(
+            chunk, mean=mean, std=std, channels=channels, channels_last=rt.channels_last
+        )
+        with rt.autocast():
+            outs.append(model(x).float())
+    model.train(was_training)
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
 def evaluate_checkpoint(
     path: Path,
     *,
@@ -40,8 +67,6 @@ def evaluate_checkpoint(
     out_dir: Path | None,
 ) -> dict[str, Any]:
     """Metrics of the checkpoint's model on `split`; writes JSON and PNGs to `out_dir` if given."""
-    from ctscan.engine.train import predict
-
     if split not in SPLITS:
         raise CtscanError(
             f"split '{split}' is not one of {', '.join(SPLITS)}.", "use --split test."

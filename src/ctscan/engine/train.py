@@ -19,6 +19,7 @@ from ctscan.data.augment import to_model_input
 from ctscan.data.batches import batch_indices, epoch_order, shard, steps_per_epoch
 from ctscan.data.store import Store, open_store
 from ctscan.engine import checkpoint as ckpt_io
+from ctscan.engine.evaluate import evaluate_checkpoint, predict
 from ctscan.engine.metrics import quick_metrics
 from ctscan.engine.modelling import backbone_frozen, build, freeze_backbone, model_channels
 from ctscan.engine.progress import Progress
@@ -155,32 +156,6 @@ def _check_resume_fits(state: dict[str, Any], settings: Settings, store: Store, 
             f"({state['preprocess']} vs {store.spec.to_dict()}).",
             "preprocess with the settings of that run, or start a new run.",
         )
-
-
-@torch.no_grad()
-def predict(
-    model: torch.nn.Module,
-    images: torch.Tensor,
-    *,
-    mean: float,
-    std: float,
-    channels: int,
-    rt: Runtime,
-    batch_size: int = 128,
-) -> torch.Tensor:
-    """Logits (N, C) as float32 for uint8 images (N, 1, S, S) on the runtime's device."""
-    was_training = model.training
-    model.eval()
-    outs = []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size].to(rt.device, non_blocking=True)
-        x = to_model_input(
-            chunk, mean=mean, std=std, channels=channels, channels_last=rt.channels_last
-        )
-        with rt.autocast():
-            outs.append(model(x).float())
-    model.train(was_training)
-    return torch.cat(outs) if outs else torch.empty(0)
 
 
 def _validate(
@@ -582,7 +557,6 @@ def _finish(
     channels: int,
 ) -> TrainResult:
     """Curves, test evaluation of the best checkpoint, model logging: rank 0 only."""
-    from ctscan.engine.evaluate import evaluate_checkpoint
     from ctscan.engine.plots import plot_curves
 
     best_path, last_path = run_dir / "best.pt", run_dir / "last.pt"
