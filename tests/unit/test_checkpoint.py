@@ -59,7 +59,7 @@ def test_truncated_file_is_refused(tmp_path: Path) -> None:
     path = save_checkpoint(tmp_path / "c.pt", _payload(build_model("cnn_gap")))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="unreadable or truncated"):
+    with pytest.raises(CheckpointError, match="truncated"):
         load_checkpoint(path)
 
 
@@ -86,7 +86,7 @@ def test_foreign_files_are_refused(tmp_path: Path) -> None:
         load_checkpoint(plain)
     text = tmp_path / "text.pt"
     text.write_text("hello")
-    with pytest.raises(CheckpointError, match="unreadable"):
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
         load_checkpoint(text)
 
 

@@ -399,7 +399,8 @@ def load_store(
                 f"the processed store at '{store_dir}' was built with other settings: "
                 + "; ".join(stale)
                 + ".",
-                PREPROCESS_FIX + " (or change the settings back)",
+                "run `ctscan preprocess` with these settings to rebuild it, or change the "
+                "settings back.",
             )
     if raw_fingerprint is not None and meta["raw_fingerprint"] != raw_fingerprint:
         raise DataError(

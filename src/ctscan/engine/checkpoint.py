@@ -6,6 +6,7 @@ import os
 import pickle
 import subprocess
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -60,12 +61,19 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
             f"checkpoint '{path}' does not exist.",
             "pass a .pt file written by `ctscan train` (best.pt or last.pt in the run folder).",
         )
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is broken
+        raise CheckpointError(
+            f"checkpoint '{path}' is not a PyTorch checkpoint file, or it is truncated.",
+            "re-copy the file or use another checkpoint (last.pt / best.pt).",
+        )
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
+        lines = str(exc).splitlines()
+        reason = next((ln.strip() for ln in lines if "global" in ln.lower()), lines[0])
         raise CheckpointError(
             f"checkpoint '{path}' was refused: it holds objects other than tensors and plain data "
-            f"(nothing from it was executed): {str(exc).splitlines()[0]}",
+            f"(nothing from it was executed; {reason})",
             "only load checkpoints written by `ctscan train`.",
         ) from None
     except Exception as exc:  # any other failure to parse: a broken or foreign file
