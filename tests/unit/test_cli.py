@@ -130,3 +130,38 @@ def test_train_then_evaluate_json(synthetic_store: Path, tmp_path: Path) -> None
         assert (tmp_path / "eval" / name).is_file()
     code, _, err = _run(*eval_args[:3], "--split", "nope", *eval_args[5:])
     assert code == 1 and "split 'nope'" in err
+
+
+FILE_FAULTS = {
+    "zero_byte": "empty.png",
+    "truncated": "cut.png",
+    "text_as_png": "notes.png",
+    "bomb": "bomb.png",
+}
+TREE_FAULTS = ("empty_class", "missing_split", "file_in_split", "two_folders_one_label")
+
+
+@pytest.mark.parametrize("variant", sorted(FILE_FAULTS))
+def test_bad_files_fail_by_name_or_are_skipped_and_listed(
+    make_raw_tree, tmp_path: Path, variant: str
+) -> None:
+    raw = make_raw_tree(variant)
+    out = tmp_path / "store"
+    code, _, err = _run("preprocess", str(raw), "--out", str(out), "--quiet")
+    assert code == 3 and "Traceback" not in err
+    assert FILE_FAULTS[variant] in err and "--on-bad-file skip" in err
+    assert not out.exists()  # nothing half-written
+    code, _, err = _run(
+        "preprocess", str(raw), "--out", str(out), "--quiet", "--on-bad-file", "skip"
+    )
+    assert code == 0, err
+    audit = json.loads((out / "audit.json").read_text())
+    assert [Path(b["path"]).name for b in audit["bad_files"]] == [FILE_FAULTS[variant]]
+
+
+@pytest.mark.parametrize("variant", TREE_FAULTS)
+def test_broken_trees_are_one_line_errors(make_raw_tree, tmp_path: Path, variant: str) -> None:
+    raw = make_raw_tree(variant)
+    code, _, err = _run("preprocess", str(raw), "--out", str(tmp_path / "store"))
+    assert code == 3, err
+    assert err.count("\n") == 1 and "Traceback" not in err and "Fix:" in err

@@ -202,12 +202,12 @@ def _check_choice(name: str, value: str, allowed: Sequence[str]) -> str:
 
 
 def _raise_bad_files(bad: Sequence[BadFile]) -> None:
-    shown = "; ".join(b.reason for b in bad[:10])
+    shown = "; ".join(b.reason.rstrip(".") for b in bad[:10])
     more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
     raise DataError(
         f"{len(bad)} raw file(s) cannot be used: {shown}{more}.",
-        "fix or remove them (`dvc pull` restores tracked files), or set "
-        "data.on_bad_file=skip to leave them out (they are then listed in audit.json).",
+        "fix or remove them (`dvc pull` restores tracked files), or pass --on-bad-file skip "
+        "(data.on_bad_file=skip) to leave them out; they are then listed in audit.json.",
     )
 
 
