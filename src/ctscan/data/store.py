@@ -347,6 +347,16 @@ def stale_keys(meta: Mapping[str, Any], expect_data: Mapping[str, Any] | Any) ->
     ]
 
 
+def _check_raw_fingerprint(store_dir: Path, meta: Mapping[str, Any], fingerprint: str) -> None:
+    """Refuse a store built from other raw images than those with `fingerprint`."""
+    if meta["raw_fingerprint"] != fingerprint:
+        raise DataError(
+            f"the raw images changed since the processed store at '{store_dir}' was built "
+            f"(raw fingerprint {meta['raw_fingerprint'][:12]} != {fingerprint[:12]}).",
+            PREPROCESS_FIX,
+        )
+
+
 def load_store(
     store_dir: Path | str,
     *,
@@ -402,12 +412,8 @@ def load_store(
                 "run `ctscan preprocess` with these settings to rebuild it, or change the "
                 "settings back.",
             )
-    if raw_fingerprint is not None and meta["raw_fingerprint"] != raw_fingerprint:
-        raise DataError(
-            f"the raw images changed since the processed store at '{store_dir}' was built "
-            f"(raw fingerprint {meta['raw_fingerprint'][:12]} != {raw_fingerprint[:12]}).",
-            PREPROCESS_FIX,
-        )
+    if raw_fingerprint is not None:
+        _check_raw_fingerprint(store_dir, meta, raw_fingerprint)
     PreprocessSpec.from_dict(meta["spec"])  # refuse a bad spec now, not at first use
     return Store(store_dir, meta, index)
 
@@ -442,5 +448,5 @@ def open_store(
     store = load_store(processed_dir, expect_data=expect_data)
     source = Path(store.meta.get("raw_dir") or "")
     if str(source) not in ("", ".") and source.is_dir():
-        load_store(processed_dir, raw_fingerprint=raw_fingerprint(source), verify=False)
+        _check_raw_fingerprint(store.path, store.meta, raw_fingerprint(source))
     return store

@@ -6,7 +6,7 @@ import contextlib
 import math
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,13 @@ from ctscan.data.store import Store, open_store
 from ctscan.engine import checkpoint as ckpt_io
 from ctscan.engine.evaluate import evaluate_checkpoint, predict
 from ctscan.engine.metrics import quick_metrics
-from ctscan.engine.modelling import backbone_frozen, build, freeze_backbone, model_channels
+from ctscan.engine.modelling import (
+    backbone_frozen,
+    build,
+    build_from_checkpoint,
+    freeze_backbone,
+    model_channels,
+)
 from ctscan.engine.progress import Progress
 from ctscan.engine.runtime import (
     Runtime,
@@ -54,7 +60,6 @@ class TrainResult:
     run_id: str | None = None
     model_version: dict[str, Any] | None = None
     stopped_early: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready digest for the CLI."""
@@ -609,11 +614,9 @@ def _log_model(
     best_value: float | None,
 ) -> dict[str, Any] | None:
     """Log the best weights (on CPU, fp32) as an MLflow model and maybe promote it."""
-    state = ckpt_io.load_checkpoint(best_path)
+    # The checkpoint's own weights: no ImageNet weights are loaded only to be overwritten.
+    model = build_from_checkpoint(ckpt_io.load_checkpoint(best_path), source=best_path)
     spec = store.spec
-    model = build(settings, image_size=spec.image_size, num_classes=len(spec.class_names))
-    model.load_state_dict(state["model_state"])
-    model.eval()
     example = torch.zeros(1, channels, spec.image_size, spec.image_size).numpy()
     return tracker.log_model(
         model,
