@@ -110,8 +110,8 @@ def preprocess(
     quiet: Quiet = False,
 ) -> None:
     """Audit the raw images and write the processed uint8 store."""
-    from ctscan.data.audit import render_summary
     from ctscan.data.preprocess import run_preprocess
+    from ctscan.render import render_summary
 
     settings = _settings(
         settings_files,
@@ -136,8 +136,8 @@ def audit(
     overrides: Overrides = None,
 ) -> None:
     """Audit the raw images (counts, sizes, bad files, duplicates, leaks); writes no store."""
-    from ctscan.data.audit import render_summary
     from ctscan.data.preprocess import run_audit
+    from ctscan.render import render_summary
 
     settings = _settings(
         settings_files,
@@ -204,7 +204,8 @@ def evaluate(
     overrides: Overrides = None,
 ) -> None:
     """Evaluate a checkpoint on a split: metrics, confusion matrix, calibration, worst errors."""
-    from ctscan.engine.evaluate import render_report, run_evaluation
+    from ctscan.engine.evaluate import run_evaluation
+    from ctscan.render import render_report
 
     settings = _settings(settings_files, overrides, **{"train.device": device})
     result = run_evaluation(settings, checkpoint, split=split, out_dir=out)

@@ -23,13 +23,13 @@ from ctscan.data.audit import (
     leak_policy,
     near_pairs,
     pixel_hash,
-    render_summary,
     thumb_mad,
     thumbnail,
 )
 from ctscan.data.raw import SPLITS
 from ctscan.data.transforms import decode_image, to_gray
 from ctscan.errors import DataError
+from ctscan.render import render_summary
 from tests.conftest import smooth_image
 
 

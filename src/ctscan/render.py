@@ -1,0 +1,172 @@
+"""Rich rendering of results for the command line: the data layer and the engine return data."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from ctscan import CLASS_NAMES
+from ctscan.data.audit import SAME_PICTURE_MAD, AuditReport, DroppedImage
+
+
+def _examples(items: Sequence[str], n: int = 3) -> str:
+    from rich.markup import escape  # paths may hold [brackets]
+
+    shown = ", ".join(items[:n])
+    return escape(shown + (f" (+{len(items) - n} more)" if len(items) > n else ""))
+
+
+def _short(path: str) -> str:
+    """`split/long class folder/file` -> `split:file` (the class folders are long)."""
+    parts = path.split("/")
+    return f"{parts[0]}:{parts[-1]}" if len(parts) >= 3 else path
+
+
+def _group_text(paths: Sequence[str], labels: Sequence[str]) -> str:
+    shown = " = ".join(_short(p) for p in paths[:3]) + (" = ..." if len(paths) > 3 else "")
+    return f"{shown} ({' vs '.join(labels)})" if len(labels) > 1 else shown
+
+
+def _kinds(dropped: Sequence[DroppedImage]) -> str:
+    by = Counter(f"{d.split} {d.kind}" for d in dropped)
+    return ", ".join(f"{k}: {v}" for k, v in sorted(by.items())) or "-"
+
+
+def render_summary(report: AuditReport) -> Any:
+    """Rich tables for the CLI: counts per split and class, file properties, findings."""
+    from rich.console import Group
+    from rich.table import Table
+
+    counts = Table(title="Images per split and class")
+    counts.add_column("split")
+    classes = list(CLASS_NAMES) + [
+        c for s in report.counts.values() for c in s if c not in CLASS_NAMES
+    ]
+    for name in classes:
+        counts.add_column(name, justify="right")
+    counts.add_column("total", justify="right")
+    for split, per_class in report.counts.items():
+        kept = (report.kept_counts or {}).get(split, {})
+        cells = []
+        for name in [*classes, "total"]:
+            n = sum(per_class.values()) if name == "total" else per_class.get(name, 0)
+            if report.kept_counts is not None:
+                k = sum(kept.values()) if name == "total" else kept.get(name, 0)
+                cells.append(f"{k} (-{n - k})" if k != n else str(n))
+            else:
+                cells.append(str(n))
+        counts.add_row(split, *cells)
+
+    files = Table(title="Files")
+    files.add_column("property")
+    files.add_column("values")
+    files.add_row("modes", ", ".join(f"{k}: {v}" for k, v in report.modes.items()))
+    files.add_row("formats", ", ".join(f"{k}: {v}" for k, v in report.formats.items()))
+    if report.size_range:
+        r = report.size_range
+        files.add_row(
+            "sizes",
+            f"{len(report.sizes)} distinct, width {r['min_width']}..{r['max_width']}, height "
+            f"{r['min_height']}..{r['max_height']}; most common: "
+            + ", ".join(f"{k} ({v})" for k, v in list(report.sizes.items())[:3]),
+        )
+    if report.suffix_mismatches:
+        files.add_row(
+            "format != suffix",
+            _examples([f"{m['path']} is {m['format']}" for m in report.suffix_mismatches]),
+        )
+
+    findings = Table(
+        title="Findings",
+        caption="every list in full: `ctscan audit --json`, or audit.json in the store",
+    )
+    findings.add_column("finding")
+    findings.add_column("count", justify="right")
+    findings.add_column("example")
+    findings.add_row(
+        "bad files",
+        str(len(report.bad_files)),
+        _examples([b.reason for b in report.bad_files], 1),
+    )
+    findings.add_row(
+        "ignored files",
+        str(len(report.ignored_files)),
+        _examples([f["path"] for f in report.ignored_files], 2),
+    )
+    dup_files = sum(len(g.paths) for g in report.exact_duplicates)
+    for title, groups, count in (
+        ("exact duplicate groups", report.exact_duplicates, f"({dup_files} files)"),
+        ("cross-split groups (leak)", report.cross_split_duplicates, ""),
+        ("label conflicts", report.label_conflicts, ""),
+    ):
+        findings.add_row(
+            title,
+            f"{len(groups)} {count}".strip(),
+            _examples([_group_text(g.paths, g.labels) for g in groups], 1),
+        )
+    copies = [n for n in report.near_duplicates if n.same_picture]
+    findings.add_row(
+        f"near copies (dHash <= {report.near_duplicate_distance}, thumbnail diff <= "
+        f"{SAME_PICTURE_MAD:g})",
+        f"{len(copies)} ({sum(len(n.splits) > 1 for n in copies)} cross-split)",
+        _examples([f"{_short(n.a[0])} ~ {_short(n.b[0])}" for n in copies], 1),
+    )
+    others = [n for n in report.near_duplicates if not n.same_picture]
+    findings.add_row(
+        "other near-duplicate candidates (review)",
+        str(len(others)),
+        _examples([f"{_short(n.a[0])} ~ {_short(n.b[0])} ({n.distance})" for n in others], 1),
+    )
+    if report.on_leak == "drop":
+        findings.add_row("dropped (on_leak=drop)", str(len(report.dropped)), _kinds(report.dropped))
+    elif report.drop_preview is not None:
+        findings.add_row(
+            f"on_leak=drop would drop (now {report.on_leak or 'not applied'})",
+            str(len(report.drop_preview)),
+            _kinds(report.drop_preview),
+        )
+    return Group(counts, files, findings)
+
+
+def render_report(result: dict[str, Any]) -> Any:
+    """Rich tables: summary, per-class metrics and the confusion matrix."""
+    from rich.console import Group
+    from rich.table import Table
+
+    def fmt(v: Any) -> str:
+        return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    summary = Table(title=f"{result['model_name']} on {result['split']} ({result['n']} images)")
+    summary.add_column("metric")
+    summary.add_column("all", justify="right")
+    summary.add_column(f"leak-free (-{result['leak_free_excluded']})", justify="right")
+    lf = result.get("leak_free") or {}
+    for key in (
+        "accuracy",
+        "balanced_accuracy",
+        "macro_f1",
+        "weighted_f1",
+        "macro_roc_auc",
+        "ece",
+        "log_loss",
+    ):
+        summary.add_row(key, fmt(result.get(key)), fmt(lf.get(key)))
+    per_class = Table(title="per class")
+    for col in ("class", "precision", "recall", "f1", "support"):
+        per_class.add_column(col, justify="left" if col == "class" else "right")
+    for name, row in result["per_class"].items():
+        per_class.add_row(
+            name, fmt(row["precision"]), fmt(row["recall"]), fmt(row["f1"]), str(row["support"])
+        )
+    names = result["class_names"]
+    cm = Table(title="confusion matrix (rows: true, columns: predicted)")
+    cm.add_column("")
+    for name in names:
+        cm.add_column(name[:12], justify="right")
+    for name, row in zip(names, result["confusion_matrix"], strict=True):
+        cm.add_row(name, *(str(v) for v in row))
+    parts: list[Any] = [summary, per_class, cm]
+    if result.get("outputs"):
+        parts.append(f"report files: {result['outputs']}")
+    return Group(*parts)
