@@ -7,6 +7,7 @@ each command imports what it needs.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -44,7 +45,7 @@ Overrides = Annotated[
         show_default=False,
     ),
 ]
-RawDir = Annotated[Path | None, typer.Argument(help="Raw Kaggle folder [default: paths.raw_dir].")]
+RawDir = Annotated[Path | None, typer.Argument(help="Raw Kaggle folder (default: paths.raw_dir).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Plain log lines, no live display.")]
 
 
@@ -100,7 +101,7 @@ def settings_show(
 def preprocess(
     raw_dir: RawDir = None,
     out: Annotated[
-        Path | None, typer.Option("--out", help="Store folder [default: paths.processed_dir].")
+        Path | None, typer.Option("--out", help="Store folder (default: paths.processed_dir).")
     ] = None,
     on_bad_file: Annotated[
         str | None, typer.Option(help="error | skip (skipped files are listed in the audit).")
@@ -159,11 +160,16 @@ def train(
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Number of epochs.")] = None,
     out: Annotated[
-        Path | None, typer.Option("--out", help="Run folder [default: paths.runs_dir/<name>].")
+        Path | None,
+        typer.Option("--out", help="Run folder (default: paths.runs_dir/<model>-s<seed>-<time>)."),
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     resume: Annotated[
-        str | None, typer.Option(help="'auto' (last checkpoint in --out) or a checkpoint path.")
+        str | None,
+        typer.Option(
+            help="'auto' (last.pt in --out, or the newest run of this model and seed) or a "
+            "last.pt path; the run's settings must match (-s RUN/settings.toml).",
+        ),
     ] = None,
     settings_files: SettingsFiles = None,
     overrides: Overrides = None,
@@ -197,7 +203,10 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="Metrics as JSON on stdout.")] = False,
     out: Annotated[
         Path | None,
-        typer.Option("--out", help="Folder for the report files [default: beside the checkpoint]."),
+        typer.Option(
+            "--out",
+            help="Folder for the report files (default: eval-<split>/ beside the checkpoint).",
+        ),
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda.")] = None,
     settings_files: SettingsFiles = None,
@@ -215,14 +224,35 @@ def evaluate(
         _console(stderr=False).print(render_report(result))
 
 
+def _interrupt_in(exc: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM behind an exception (Typer turns Ctrl-C into `Exit(130)`)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def main() -> None:
-    """Console-script entry point: user errors become one line and an exit code."""
+    """Console-script entry point: user errors and interrupts become one line and an exit code.
+
+    Exit codes: 0 ok, 1 other user error, 2 settings, 3 data, 4 checkpoint, 130 Ctrl-C,
+    143 SIGTERM; a traceback only for bugs (or with CTSCAN_DEBUG=1).
+    """
+    from ctscan.errors import Interrupted, Terminated, raise_terminated
+
+    signal.signal(signal.SIGTERM, raise_terminated)  # unwind (and clean up) as Ctrl-C does
     try:
         app()
     except CtscanError as error:
         if debug_enabled():
             raise
         sys.exit(report(error))
-    except KeyboardInterrupt:
-        sys.stderr.write("ctscan: interrupted\n")
-        sys.exit(130)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        interrupt = _interrupt_in(exc)
+        if interrupt is None:
+            raise
+        terminated = isinstance(interrupt, Terminated)
+        how = "by SIGTERM" if terminated else "by Ctrl-C"
+        sys.exit(report(Interrupted(f"stopped {how}.", terminated=terminated)))

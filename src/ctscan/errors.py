@@ -39,10 +39,22 @@ class CheckpointError(CtscanError):
     exit_code = 4
 
 
-class MissingExtraError(CtscanError):
-    """An optional dependency is not installed."""
+class Interrupted(CtscanError):
+    """The user stopped the command: Ctrl-C (exit 130) or SIGTERM (exit 143)."""
 
-    exit_code = 5
+    def __init__(self, message: str, fix: str | None = None, *, terminated: bool = False) -> None:
+        super().__init__(message, fix)
+        self.terminated = terminated
+        self.exit_code = 143 if terminated else 130
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as an interrupt so that `finally` blocks and context managers run."""
+
+
+def raise_terminated(signum: int, frame: object) -> None:
+    """A SIGTERM handler: unwind like Ctrl-C does."""
+    raise Terminated()
 
 
 def debug_enabled() -> bool:
@@ -52,7 +64,10 @@ def debug_enabled() -> bool:
 
 def report(error: CtscanError) -> int:
     """Print one line for a user error on stderr and return its exit code."""
-    sys.stderr.write(f"ctscan: error: {error}\n")
+    kind = "error"
+    if isinstance(error, Interrupted):
+        kind = "terminated" if error.terminated else "interrupted"
+    sys.stderr.write(f"ctscan: {kind}: {error}\n")
     return error.exit_code
 
 
@@ -62,16 +77,3 @@ def close_matches(word: str, choices: Iterable[str]) -> str:
 
     found = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.6)
     return f" Did you mean: {', '.join(found)}?" if found else ""
-
-
-def require(module: str, extra: str):
-    """Import an optional module or raise a MissingExtraError naming the extra to install."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise MissingExtraError(
-            f"the optional package '{module}' is not installed ({exc}).",
-            f"pip install 'ctscan[{extra}]'",
-        ) from None

@@ -6,8 +6,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ctscan.data.augment import augment, to_model_input
+from ctscan.data.augment import augment
 from ctscan.data.batches import batch_indices, epoch_order, shard, steps_per_epoch
+from ctscan.data.transforms import model_input
 from ctscan.settings import AugmentSettings
 
 NONE = AugmentSettings(
@@ -82,8 +83,13 @@ def test_model_input_shape_dtype_range(
     raw = augment(_batch(n, size).float() / 255, aug)
     assert raw.shape == (n, 1, size, size) and raw.dtype == torch.float32
     assert raw.min() >= 0.0 and raw.max() <= 1.0
-    x = to_model_input(
-        _batch(n, size), mean=0.25, std=0.5, channels=channels, aug=aug, channels_last=True
+    x = model_input(
+        _batch(n, size),
+        mean=0.25,
+        std=0.5,
+        channels=channels,
+        augment=lambda b: augment(b, aug),
+        channels_last=True,
     )
     assert x.shape == (n, channels, size, size)
     assert x.is_contiguous(memory_format=torch.channels_last)
@@ -94,7 +100,7 @@ def test_model_input_shape_dtype_range(
 
 def test_normalisation_without_augmentation() -> None:
     imgs = _batch()
-    x = to_model_input(imgs, mean=0.5, std=0.25, channels=1)
+    x = model_input(imgs, mean=0.5, std=0.25, channels=1)
     assert torch.allclose(x, (imgs.float() / 255 - 0.5) / 0.25)
 
 

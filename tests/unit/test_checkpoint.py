@@ -8,13 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from ctscan.data.transforms import PreprocessSpec
 from ctscan.engine.checkpoint import (
-    load_checkpoint,
-    load_model_state,
+    Checkpoint,
+    load_model,
+    read_checkpoint,
     save_checkpoint,
     unwrap,
 )
-from ctscan.engine.modelling import build_from_checkpoint
+from ctscan.engine.modelling import load_model_state
 from ctscan.errors import CheckpointError
 from ctscan.models import build_model
 
@@ -28,25 +30,27 @@ SPEC = {
 }
 
 
-def _payload(model: torch.nn.Module, name: str = "cnn_gap") -> dict:
-    return {
-        "model_name": name,
-        "model_state": model.state_dict(),
-        "preprocess": SPEC,
-        "class_names": SPEC["class_names"],
-        "settings": {"model": {"dropout": 0.2}},
-        "epoch": 1,
-    }
+def _checkpoint(model: torch.nn.Module, name: str = "cnn_gap", **more: object) -> Checkpoint:
+    return Checkpoint(
+        kind="best",
+        model_name=name,
+        spec=PreprocessSpec.from_dict(SPEC),
+        model_state=model.state_dict(),
+        settings={"model": {"dropout": 0.2}},
+        epoch=1,
+        **more,
+    )
 
 
 def test_round_trip_and_rebuild(tmp_path: Path) -> None:
     model = build_model("cnn_gap")
-    path = save_checkpoint(tmp_path / "c.pt", _payload(model))
-    state = load_checkpoint(path)
-    rebuilt = build_from_checkpoint(state, source=path)
+    path = save_checkpoint(tmp_path / "c.pt", _checkpoint(model))
+    loaded = load_model(path)
+    assert loaded.checkpoint.source == path and loaded.spec == PreprocessSpec.from_dict(SPEC)
+    assert loaded.channels == 1 and not loaded.model.training
     x = torch.randn(2, 1, 32, 32)
     model.eval()
-    assert torch.equal(model(x), rebuilt(x))
+    assert torch.equal(model(x), loaded.model(x))
     assert not list(tmp_path.glob(".*.tmp"))  # no temp file left behind
 
 
@@ -56,11 +60,11 @@ def test_compiled_and_wrapped_models_unwrap() -> None:
 
 
 def test_truncated_file_is_refused(tmp_path: Path) -> None:
-    path = save_checkpoint(tmp_path / "c.pt", _payload(build_model("cnn_gap")))
+    path = save_checkpoint(tmp_path / "c.pt", _checkpoint(build_model("cnn_gap")))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated"):
-        load_checkpoint(path)
+        read_checkpoint(path)
 
 
 class _Evil:
@@ -75,7 +79,7 @@ def test_pickle_with_code_is_refused_and_not_executed(tmp_path: Path) -> None:
     path = tmp_path / "evil.pt"
     torch.save({"format": 1, "payload": evil}, path, pickle_module=pickle)
     with pytest.raises(CheckpointError, match="refused"):
-        load_checkpoint(path)
+        read_checkpoint(path)
     assert not marker.exists()
 
 
@@ -83,11 +87,11 @@ def test_foreign_files_are_refused(tmp_path: Path) -> None:
     plain = tmp_path / "plain.pt"
     torch.save({"weights": torch.zeros(2)}, plain)
     with pytest.raises(CheckpointError, match="not a ctscan checkpoint"):
-        load_checkpoint(plain)
+        read_checkpoint(plain)
     text = tmp_path / "text.pt"
     text.write_text("hello")
     with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
-        load_checkpoint(text)
+        read_checkpoint(text)
 
 
 def test_other_model_or_shape_is_refused(tmp_path: Path) -> None:
@@ -100,14 +104,13 @@ def test_other_model_or_shape_is_refused(tmp_path: Path) -> None:
 
 
 def test_unknown_model_name_is_refused(tmp_path: Path) -> None:
-    payload = _payload(build_model("cnn_gap"), name="vgg99")
-    path = save_checkpoint(tmp_path / "c.pt", payload)
+    path = save_checkpoint(tmp_path / "c.pt", _checkpoint(build_model("cnn_gap"), name="vgg99"))
     with pytest.raises(CheckpointError, match="unknown model 'vgg99'"):
-        build_from_checkpoint(load_checkpoint(path), source=path)
+        read_checkpoint(path)
 
 
 def test_failed_write_keeps_the_old_file(tmp_path: Path) -> None:
-    path = save_checkpoint(tmp_path / "c.pt", _payload(build_model("cnn_gap")))
+    path = save_checkpoint(tmp_path / "c.pt", _checkpoint(build_model("cnn_gap")))
     before = path.read_bytes()
 
     class Boom:
@@ -115,6 +118,6 @@ def test_failed_write_keeps_the_old_file(tmp_path: Path) -> None:
             raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        save_checkpoint(path, {"x": Boom()})
+        save_checkpoint(path, _checkpoint(build_model("cnn_gap"), history=[{"x": Boom()}]))
     assert path.read_bytes() == before
     assert not list(tmp_path.glob(".*.tmp"))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ctscan.engine.checkpoint import load_checkpoint
+from ctscan.engine.checkpoint import read_checkpoint
 from ctscan.engine.train import run_training
 from tests.unit.conftest_store import engine_settings
 
@@ -36,7 +36,13 @@ def test_cuda_training_learns(
     assert result is not None
     assert all(math.isfinite(row["train_loss"]) for row in result.history)
     assert result.history[-1]["train_accuracy"] >= 0.9
-    state = load_checkpoint(tmp_path / "run" / "last.pt")
-    assert not any(k.startswith(("_orig_mod.", "module.")) for k in state["model_state"])
-    assert all(t.device.type == "cpu" for t in state["model_state"].values())
-    assert state["scaler"] is not None
+    last = read_checkpoint(tmp_path / "run" / "last.pt")
+    assert last.training is not None
+    for weights in (last.model_state, last.training["model_state"]):
+        assert not any(k.startswith(("_orig_mod.", "module.")) for k in weights)
+        assert all(t.device.type == "cpu" for t in weights.values())
+    scaler = last.training["scaler"]
+    if precision == "fp16":  # a live GradScaler: its loss scale and growth tracker are saved
+        assert scaler["scale"] > 0 and "_growth_tracker" in scaler
+    else:  # bf16 needs no loss scaling: the scaler is disabled and saves nothing
+        assert scaler == {}

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from ctscan.engine.checkpoint import load_checkpoint
+from ctscan.engine.checkpoint import read_checkpoint
 from ctscan.engine.train import lr_factor, run_training
 from ctscan.errors import CheckpointError, CtscanError
 from tests.unit.conftest_store import engine_overrides, engine_settings, write_synthetic_store
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(path)["model_state"]
+    return read_checkpoint(path).model_state
 
 
 def _same_weights(a: Path, b: Path) -> bool:
@@ -63,21 +63,24 @@ def test_checkpoint_holds_unwrapped_state_and_metadata(
         synthetic_store, tmp_path / "runs", **{"train.epochs": 2, "train.evaluate_test": "false"}
     )
     run_training(settings, out_dir=tmp_path / "run")
-    last = load_checkpoint(tmp_path / "run" / "last.pt")
-    assert last["epoch"] == 2 and len(last["history"]) == 2
-    assert not any(k.startswith(("module.", "_orig_mod.")) for k in last["model_state"])
-    for key in ("optimizer", "scheduler", "scaler", "rng", "settings", "preprocess"):
-        assert key in last
-    assert last["class_names"] == [
+    last = read_checkpoint(tmp_path / "run" / "last.pt")
+    assert last.kind == "last" and last.resumable
+    assert last.epoch == 2 and len(last.history) == 2
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in last.model_state)
+    assert last.training is not None
+    for key in ("model_state", "optimizer", "scheduler", "scaler", "rng", "ema_state"):
+        assert key in last.training
+    assert last.class_names == (
         "adenocarcinoma",
         "large_cell_carcinoma",
         "squamous_cell_carcinoma",
         "normal",
-    ]
-    assert last["preprocess"]["image_size"] == 32
-    assert last["settings"]["model"]["name"] == "cnn_gap"
-    best = load_checkpoint(tmp_path / "run" / "best.pt")
-    assert best["epoch"] == best["best_epoch"] <= 2
+    )
+    assert last.spec.image_size == 32
+    assert last.settings["model"]["name"] == "cnn_gap"
+    best = read_checkpoint(tmp_path / "run" / "best.pt")
+    assert best.kind == "best" and not best.resumable
+    assert best.epoch == best.best_epoch <= 2
 
 
 def test_same_seed_cpu_runs_are_bit_identical(synthetic_store: Path, tmp_path: Path) -> None:
@@ -124,11 +127,12 @@ def test_ema_accumulation_and_clipping_run(synthetic_store: Path, tmp_path: Path
     )
     result = run_training(settings, out_dir=tmp_path / "run")
     assert result is not None
-    last = load_checkpoint(tmp_path / "run" / "last.pt")
-    assert last["ema_state"] is not None
-    # best.pt holds the EMA weights, which differ from the raw weights in last.pt.
-    ema_weights = {k.removeprefix("module."): v for k, v in last["ema_state"].items()}
-    raw = last["model_state"]
+    last = read_checkpoint(tmp_path / "run" / "last.pt")
+    assert last.training is not None and last.training["ema_state"] is not None
+    # model_state is the EMA (the weights to deploy); the raw trained weights differ from it.
+    ema_weights = {k.removeprefix("module."): v for k, v in last.training["ema_state"].items()}
+    raw = last.training["model_state"]
+    assert all(torch.equal(last.model_state[k], ema_weights[k]) for k in last.model_state)
     assert any(not torch.equal(raw[k], ema_weights[k]) for k in raw if k in ema_weights)
     assert result.history[-1]["train_accuracy"] > 0.5
 
@@ -179,16 +183,16 @@ def _cli_train(store: Path, runs: Path, out: Path, epochs: int, *more: str) -> l
     return [*args, *more]
 
 
-def _interrupt_after_first_epoch(cmd: list[str], sig: int, last: Path) -> int:
-    """Start `cmd`, send `sig` once last.pt exists (epoch 1 done), return the exit code."""
+def _interrupt_after_first_epoch(cmd: list[str], sig: int, last: Path) -> tuple[int, str]:
+    """Start `cmd`, send `sig` once last.pt exists (epoch 1 done); exit code and stderr."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     proc.send_signal(sig)
-    proc.communicate(timeout=60)
-    return proc.returncode
+    _, err = proc.communicate(timeout=60)
+    return proc.returncode, err.decode()
 
 
 @pytest.mark.slow
@@ -201,12 +205,19 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path: Path, sig: int) -
     subprocess.run(_cli_train(store, runs, full, epochs), check=True, capture_output=True)
 
     cut = tmp_path / "cut"
-    code = _interrupt_after_first_epoch(_cli_train(store, runs, cut, epochs), sig, cut / "last.pt")
-    stopped_at = load_checkpoint(cut / "last.pt")["epoch"]
+    code, err = _interrupt_after_first_epoch(
+        _cli_train(store, runs, cut, epochs), sig, cut / "last.pt"
+    )
+    stopped_at = read_checkpoint(cut / "last.pt").epoch
     assert stopped_at < epochs, "the run finished before it could be interrupted"
     assert code != 0
-    if sig != signal.SIGKILL:
-        assert code == 130  # interrupted cleanly, one line, no traceback
+    if sig != signal.SIGKILL:  # stopped cleanly: one line that says where to resume from
+        assert code == (143 if sig == signal.SIGTERM else 130)
+        assert "Traceback" not in err
+        kind = "terminated" if sig == signal.SIGTERM else "interrupted"
+        line = err.strip().splitlines()[-1]
+        assert line.startswith(f"ctscan: {kind}: training stopped by"), err
+        assert str(cut / "last.pt") in line and f"--resume auto --out {cut}" in line
     resumed = subprocess.run(
         _cli_train(store, runs, cut, epochs, "--resume", "auto"),
         capture_output=True,
@@ -214,7 +225,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path: Path, sig: int) -
     )
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {cut / 'last.pt'} at epoch {stopped_at + 1}" in resumed.stderr
-    assert load_checkpoint(cut / "last.pt")["epoch"] == epochs
+    assert read_checkpoint(cut / "last.pt").epoch == epochs
     assert _same_weights(full / "last.pt", cut / "last.pt")
 
 
@@ -248,10 +259,11 @@ def test_ddp_two_processes_with_gloo(synthetic_store: Path, tmp_path: Path) -> N
     # Only rank 0 prints the summary and the epoch lines.
     assert proc.stdout.count('"best_checkpoint"') == 1
     assert proc.stderr.count("epoch   3/3") == 1
-    last = load_checkpoint(tmp_path / "run" / "last.pt")
-    assert last["epoch"] == 3 and len(last["rng"]) == 2
-    assert last["history"][-1]["train_images"] == 64  # both ranks' shards, 2 x 32
-    assert last["history"][-1]["train_accuracy"] > 0.5
+    last = read_checkpoint(tmp_path / "run" / "last.pt")
+    assert last.training is not None
+    assert last.epoch == 3 and len(last.training["rng"]) == 2
+    assert last.history[-1]["train_images"] == 64  # both ranks' shards, 2 x 32
+    assert last.history[-1]["train_accuracy"] > 0.5
 
 
 @pytest.mark.slow
@@ -269,6 +281,6 @@ def test_ddp_with_a_frozen_then_unfrozen_backbone(synthetic_store: Path, tmp_pat
     )
     proc = _torchrun(overrides, tmp_path / "run", 29534)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    history = load_checkpoint(tmp_path / "run" / "last.pt")["history"]
+    history = read_checkpoint(tmp_path / "run" / "last.pt").history
     assert [row["epoch"] for row in history] == [1, 2]
     assert all(math.isfinite(row["train_loss"]) for row in history)

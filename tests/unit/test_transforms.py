@@ -16,7 +16,7 @@ from ctscan.data.transforms import (
     DecodeLimits,
     PreprocessSpec,
     decode_image,
-    normalize,
+    model_input,
     prepare,
     resize_square,
     to_gray,
@@ -239,7 +239,7 @@ def test_resize_rejects_bad_policy_and_input() -> None:
         resize_square(np.zeros((4, 4), np.float32), 8)
 
 
-# ---- spec, prepare, normalize --------------------------------------------------------------
+# ---- spec, prepare, model_input --------------------------------------------------------------
 
 
 def test_spec_round_trip_and_strictness() -> None:
@@ -266,11 +266,15 @@ def test_prepare_is_decode_gray_resize(tmp_path: Path) -> None:
         prepare(data, 24, limits=DecodeLimits(max_pixels=10, max_bytes=10**6))
 
 
-def test_normalize_maps_uint8_to_standard_units() -> None:
+def test_model_input_maps_uint8_to_standard_units() -> None:
     batch = torch.tensor([0, 51, 255], dtype=torch.uint8).reshape(1, 1, 1, 3)
-    out = normalize(batch, mean=0.2, std=0.5)
+    out = model_input(batch, mean=0.2, std=0.5)
     assert out.dtype == torch.float32 and out.shape == batch.shape
     assert torch.allclose(out.flatten(), torch.tensor([-0.4, 0.0, 1.6]), atol=1e-6)
     assert batch.dtype == torch.uint8 and int(batch[0, 0, 0, 2]) == 255  # input untouched
     with pytest.raises(TypeError):
-        normalize(batch.float(), 0.2, 0.5)
+        model_input(batch.float(), mean=0.2, std=0.5)
+    three = model_input(batch, mean=0.2, std=0.5, channels=3)
+    assert three.shape == (1, 3, 1, 3) and all(
+        torch.equal(three[:, c], out[:, 0]) for c in range(3)
+    )

@@ -76,24 +76,3 @@ def augment(x: torch.Tensor, aug: AugmentSettings) -> torch.Tensor:
     if aug.erasing > 0:
         x = _erase(x, aug.erasing)
     return x
-
-
-def to_model_input(
-    images: torch.Tensor,
-    *,
-    mean: float,
-    std: float,
-    channels: int,
-    aug: AugmentSettings | None = None,
-    channels_last: bool = False,
-) -> torch.Tensor:
-    """uint8 (B, 1, S, S) on the device -> normalised float (B, channels, S, S), maybe augmented."""
-    x = images.float().div_(255.0)  # (B, 1, S, S) float in [0, 1]
-    if aug is not None:
-        x = augment(x, aug)
-    x = (x - mean) / std
-    if channels != 1:
-        x = x.expand(-1, channels, -1, -1)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x

@@ -13,7 +13,7 @@ Choices, fixed here so that training and serving see identical pixels:
   `Image.MAX_IMAGE_PIXELS` is left alone (it is process-global). Only PNG, JPEG, BMP, TIFF
   and WebP are opened; EXIF orientation is ignored (pixels are used as stored).
 
-This module imports torch only inside `normalize`, so preprocessing workers stay light.
+This module imports torch only inside `model_input`, so preprocessing workers stay light.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -294,11 +295,32 @@ def prepare(
         return prepare_image(img, size, policy)
 
 
-def normalize(batch: torch.Tensor, mean: float, std: float) -> torch.Tensor:
-    """(B, C, S, S) uint8 -> float32 `(x / 255 - mean) / std` (mean, std in 0..1 units)."""
+def model_input(
+    images: torch.Tensor,
+    *,
+    mean: float,
+    std: float,
+    channels: int = 1,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """uint8 gray (B, 1, S, S) -> the model's float input (B, channels, S, S): THE normalisation.
+
+    `(x / 255 - mean) / std` with the store's train mean/std (0..1 units), the gray channel
+    repeated when the model takes 3. `augment`, if given, runs on the [0, 1] floats before the
+    normalisation (training only). Train, evaluate, the MLflow model and every later consumer
+    (predict, export, serve) call this one function; it is traceable by torch.export.
+    """
     import torch
 
-    if batch.dtype != torch.uint8:
-        raise TypeError(f"normalize expects a uint8 tensor, got {batch.dtype}")
-    x = batch.to(torch.float32)  # a new tensor: the in-place ops below do not touch `batch`
-    return x.div_(255.0).sub_(mean).div_(std)
+    if images.dtype != torch.uint8:
+        raise TypeError(f"model_input expects a uint8 tensor, got {images.dtype}")
+    x = images.to(torch.float32) / 255.0  # (B, 1, S, S) float in [0, 1]
+    if augment is not None:
+        x = augment(x)
+    x = (x - mean) / std
+    if channels != 1:
+        x = x.expand(-1, channels, -1, -1)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x

@@ -1,24 +1,71 @@
-"""Checkpoints: one dict from the unwrapped model, written atomically, loaded with weights_only."""
+"""THE checkpoint schema: what best.pt and last.pt hold, how they are written and read back.
+
+Both files are one dict written by `torch.save` from plain data and tensors (loaded with
+`weights_only=True`), atomically. The keys, format 2:
+
+    format          2
+    kind            "best" (the weights to deploy, chosen on validation) or "last" (resumable)
+    model_name      a registry name (`ctscan.models.MODEL_NAMES`)
+    preprocess      the PreprocessSpec dict (image_size, resize, mean, std, class_names, channels)
+    class_names     the spec's class names, index order of the logits
+    model_state     THE WEIGHTS TO DEPLOY, the same meaning in both files: the EMA weights when
+                    train.ema is on, else the trained weights; unwrapped (no `module.`, no
+                    `_orig_mod.`), on the CPU. `ctscan evaluate last.pt` scores what best.pt
+                    would have had that epoch been the best.
+    epoch, history, best_epoch, best_value, select_metric
+    settings        the resolved settings the run used (JSON-ready dict)
+    data_hash, git_commit, ctscan_version, torch_version, mlflow_run_id
+    training        last.pt only: {model_state (the raw trained weights), ema_state, optimizer,
+                    scheduler, scaler, rng (one per rank)}; None in best.pt, which cannot resume.
+
+Format-1 files (ctscan before this schema: last.pt kept the raw weights in `model_state`) are
+read and upgraded in memory. Everything downstream reads a checkpoint through `read_checkpoint`
+and gets a model through `load_model`: one schema, one model-loading path.
+"""
 
 from __future__ import annotations
 
-import os
+import hashlib
 import pickle
 import subprocess
-import tempfile
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from torch import nn
 
-from ctscan.errors import CheckpointError
+import ctscan
+from ctscan.data.transforms import PreprocessSpec
+from ctscan.engine.modelling import (
+    Deployable,
+    build_model,
+    check_model_name,
+    load_model_state,
+    model_channels,
+)
+from ctscan.errors import CheckpointError, DataError
+from ctscan.files import atomic_write
 from ctscan.models import unwrap
 
-__all__ = ["load_checkpoint", "load_model_state", "save_checkpoint", "unwrap"]
+__all__ = [
+    "FORMAT_VERSION",
+    "Checkpoint",
+    "LoadedModel",
+    "file_sha256",
+    "git_commit",
+    "load_model",
+    "read_checkpoint",
+    "save_checkpoint",
+    "unwrap",
+]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 REQUIRED_KEYS = ("format", "model_name", "model_state", "preprocess", "class_names", "settings")
+TRAINING_KEYS = ("model_state", "ema_state", "optimizer", "scheduler", "scaler", "rng")
+RUN_FIX = "pass best.pt or last.pt from a run folder written by `ctscan train`."
 
 
 def git_commit(cwd: Path | None = None) -> str | None:
@@ -37,39 +84,172 @@ def git_commit(cwd: Path | None = None) -> str | None:
     return out.stdout.strip() or None
 
 
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> Path:
-    """Write `payload` to `path` atomically (temp file in the same folder, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save({"format": FORMAT_VERSION, **payload}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes (the identity of a checkpoint or an exported model)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a ctscan checkpoint safely; anything else is refused with a clear error."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(
-            f"checkpoint '{path}' does not exist.",
-            "pass a .pt file written by `ctscan train` (best.pt or last.pt in the run folder).",
+@dataclass
+class Checkpoint:
+    """One checkpoint file, typed: see the module docstring for what each field means."""
+
+    kind: Literal["best", "last"]
+    model_name: str
+    spec: PreprocessSpec
+    model_state: dict[str, torch.Tensor]
+    settings: dict[str, Any]
+    epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int = 0
+    best_value: float | None = None
+    select_metric: str = "val_macro_f1"
+    data_hash: str | None = None
+    git_commit: str | None = None
+    ctscan_version: str = ctscan.__version__
+    torch_version: str = str(torch.__version__)
+    mlflow_run_id: str | None = None
+    training: dict[str, Any] | None = None
+    source: Path | None = None  # where it was read from (not saved)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """Class names in the index order of the logits."""
+        return self.spec.class_names
+
+    @property
+    def channels(self) -> int:
+        """Input channels of the model (the gray image is repeated when 3)."""
+        return model_channels(self.model_name)
+
+    @property
+    def resumable(self) -> bool:
+        """Whether this file holds the training state (last.pt) to continue the run."""
+        return self.training is not None
+
+    def to_payload(self) -> dict[str, Any]:
+        """The dict `torch.save` writes (plain data and tensors only)."""
+        return {
+            "format": FORMAT_VERSION,
+            "kind": self.kind,
+            "model_name": self.model_name,
+            "preprocess": self.spec.to_dict(),
+            "class_names": list(self.spec.class_names),
+            "model_state": self.model_state,
+            "settings": self.settings,
+            "epoch": self.epoch,
+            "history": self.history,
+            "best_epoch": self.best_epoch,
+            "best_value": self.best_value,
+            "select_metric": self.select_metric,
+            "data_hash": self.data_hash,
+            "git_commit": self.git_commit,
+            "ctscan_version": self.ctscan_version,
+            "torch_version": self.torch_version,
+            "mlflow_run_id": self.mlflow_run_id,
+            "training": self.training,
+        }
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any], *, source: Path) -> Checkpoint:
+        """Check and type a loaded dict (format 1 is upgraded); CheckpointError if it is off."""
+        missing = [k for k in REQUIRED_KEYS if k not in payload]
+        if missing:
+            raise CheckpointError(
+                f"'{source}' is not a ctscan checkpoint (missing {', '.join(missing)}).", RUN_FIX
+            )
+        version = payload["format"]
+        if version not in READABLE_FORMATS:
+            raise CheckpointError(
+                f"checkpoint '{source}' has format {version}, this ctscan "
+                f"{ctscan.__version__} reads formats {', '.join(map(str, READABLE_FORMATS))}.",
+                "use the ctscan version that wrote it (its ctscan_version key says which).",
+            )
+        if version == 1:
+            payload = _upgrade_v1(payload)
+        try:
+            spec = PreprocessSpec.from_dict(payload["preprocess"])
+        except DataError as exc:
+            raise CheckpointError(
+                f"checkpoint '{source}' has a broken preprocessing spec: {exc.message}", RUN_FIX
+            ) from None
+        if list(payload["class_names"]) != list(spec.class_names):
+            raise CheckpointError(
+                f"checkpoint '{source}' is inconsistent: class_names {payload['class_names']} "
+                f"differ from its spec's {list(spec.class_names)}.",
+                RUN_FIX,
+            )
+        state = payload["model_state"]
+        if not isinstance(state, dict) or not all(
+            isinstance(v, torch.Tensor) for v in state.values()
+        ):
+            raise CheckpointError(f"checkpoint '{source}' holds no weights.", RUN_FIX)
+        training = payload.get("training")
+        kind = payload.get("kind") or ("last" if training is not None else "best")
+        return cls(
+            kind=kind,
+            model_name=check_model_name(str(payload["model_name"]), source),
+            spec=spec,
+            model_state=state,
+            settings=dict(payload["settings"]),
+            epoch=int(payload.get("epoch") or 0),
+            history=list(payload.get("history") or []),
+            best_epoch=int(payload.get("best_epoch") or 0),
+            best_value=payload.get("best_value"),
+            select_metric=str(payload.get("select_metric") or "val_macro_f1"),
+            data_hash=payload.get("data_hash"),
+            git_commit=payload.get("git_commit"),
+            ctscan_version=str(payload.get("ctscan_version") or "unknown"),
+            torch_version=str(payload.get("torch_version") or "unknown"),
+            mlflow_run_id=payload.get("mlflow_run_id"),
+            training=training,
+            source=source,
         )
+
+
+def _upgrade_v1(payload: dict[str, Any]) -> dict[str, Any]:
+    """Format 1 -> 2: last.pt kept the raw weights in model_state and the EMA beside them."""
+    if "optimizer" not in payload:  # best.pt: model_state already held the weights to deploy
+        return {**payload, "kind": "best", "training": None}
+    training = {key: payload.get(key) for key in TRAINING_KEYS}
+    deploy = payload["model_state"]
+    if payload.get("ema_state") is not None:  # AveragedModel: `module.` keys + n_averaged
+        deploy = {
+            k.removeprefix("module."): v
+            for k, v in payload["ema_state"].items()
+            if k.startswith("module.")
+        }
+    return {**payload, "kind": "last", "model_state": deploy, "training": training}
+
+
+def save_checkpoint(path: Path, checkpoint: Checkpoint) -> Path:
+    """Write `checkpoint` to `path` atomically (temp file in the same folder, fsync, rename)."""
+    return atomic_write(Path(path), lambda fh: torch.save(checkpoint.to_payload(), fh))
+
+
+def read_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read a ctscan checkpoint safely; anything else is refused with one clear error."""
+    path = Path(path)
+    if path.is_dir():
+        hint = " (it holds best.pt)" if (path / "best.pt").is_file() else ""
+        raise CheckpointError(
+            f"'{path}' is a folder, not a checkpoint file{hint}.",
+            f"pass the file, e.g. '{path / 'best.pt'}'.",
+        )
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' does not exist.", RUN_FIX)
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is broken
         raise CheckpointError(
             f"checkpoint '{path}' is not a PyTorch checkpoint file, or it is truncated.",
             "re-copy the file or use another checkpoint (last.pt / best.pt).",
         )
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        lines = str(exc).splitlines()
+        lines = str(exc).splitlines() or [type(exc).__name__]
         reason = next((ln.strip() for ln in lines if "global" in ln.lower()), lines[0])
         raise CheckpointError(
             f"checkpoint '{path}' was refused: it holds objects other than tensors and plain data "
@@ -77,46 +257,61 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
             "only load checkpoints written by `ctscan train`.",
         ) from None
     except Exception as exc:  # any other failure to parse: a broken or foreign file
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(
-            f"checkpoint '{path}' is unreadable or truncated ({str(exc).splitlines()[0]}).",
+            f"checkpoint '{path}' is unreadable or truncated ({first}).",
             "re-copy the file or use another checkpoint (last.pt / best.pt).",
         ) from None
-    if not isinstance(ckpt, dict) or any(key not in ckpt for key in REQUIRED_KEYS):
-        missing = [k for k in REQUIRED_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if not isinstance(payload, dict):
         raise CheckpointError(
-            f"'{path}' is not a ctscan checkpoint (missing {', '.join(missing)}).",
-            "pass a .pt file written by `ctscan train`.",
+            f"'{path}' is not a ctscan checkpoint (it holds a {type(payload).__name__}).", RUN_FIX
         )
-    if ckpt["format"] != FORMAT_VERSION:
-        raise CheckpointError(
-            f"checkpoint '{path}' has format {ckpt['format']}, this ctscan reads {FORMAT_VERSION}.",
-            "use the ctscan version that wrote it.",
-        )
-    return ckpt
+    return Checkpoint.from_payload(payload, source=path)
 
 
-def load_model_state(model: torch.nn.Module, state: dict[str, Any], *, source: Path | str) -> None:
-    """Load weights strictly; a checkpoint of another model or shape is a clear error."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or wrong:
-        details = "; ".join(
-            part
-            for part in (
-                f"missing {len(missing)} (e.g. {missing[0]})" if missing else "",
-                f"unexpected {len(unexpected)} (e.g. {unexpected[0]})" if unexpected else "",
-                f"shape mismatch {wrong[0]}" if wrong else "",
-            )
-            if part
-        )
-        raise CheckpointError(
-            f"checkpoint '{source}' does not fit this model: {details}.",
-            "use the model name and image size the checkpoint was trained with.",
-        )
-    model.load_state_dict(state, strict=True)
+def build_network(checkpoint: Checkpoint) -> nn.Module:
+    """The checkpoint's model with its deploy weights, on the CPU, in eval mode."""
+    model = build_model(
+        checkpoint.model_name,
+        num_classes=len(checkpoint.class_names),
+        image_size=checkpoint.spec.image_size,
+        dropout=float(checkpoint.settings.get("model", {}).get("dropout", 0.2)),
+    )
+    load_model_state(model, checkpoint.model_state, source=checkpoint.source or "checkpoint")
+    return model.eval()
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference, with what it needs to be fed and read."""
+
+    model: nn.Module  # in eval mode, on `device`; takes model_input's float batch
+    checkpoint: Checkpoint
+
+    @property
+    def spec(self) -> PreprocessSpec:
+        """The preprocessing spec the model was trained with."""
+        return self.checkpoint.spec
+
+    @property
+    def channels(self) -> int:
+        """Input channels of the model."""
+        return self.checkpoint.channels
+
+    def deployable(self) -> Deployable:
+        """The same weights behind a uint8-in, logits-out module (MLflow model, exports)."""
+        return Deployable(self.model, self.spec, self.channels).eval()
+
+
+def load_model(
+    source: Checkpoint | Path | str,
+    *,
+    device: torch.device | str = "cpu",
+    channels_last: bool = False,
+) -> LoadedModel:
+    """THE way to get a model from a checkpoint (file or already read): model + spec + channels."""
+    checkpoint = source if isinstance(source, Checkpoint) else read_checkpoint(source)
+    model = build_network(checkpoint).to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return LoadedModel(model=model, checkpoint=checkpoint)

@@ -9,13 +9,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctscan.data.augment import to_model_input
 from ctscan.data.store import Store, open_store
-from ctscan.engine import checkpoint as ckpt_io
+from ctscan.data.transforms import model_input
+from ctscan.engine.checkpoint import Checkpoint, load_model, read_checkpoint
 from ctscan.engine.metrics import classification_report, worst_errors
-from ctscan.engine.modelling import build_from_checkpoint, model_channels
 from ctscan.engine.runtime import Runtime, resolve_runtime
 from ctscan.errors import CheckpointError, CtscanError
+from ctscan.files import atomic_write, ensure_dir
 from ctscan.settings import Settings
 
 SPLITS = ("train", "valid", "test")
@@ -49,7 +49,7 @@ def predict(
     outs = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size].to(rt.device, non_blocking=True)
-        x = to_model_input(
+        x = model_input(
             chunk, mean=mean, std=std, channels=channels, channels_last=rt.channels_last
         )
         with rt.autocast():
@@ -59,7 +59,7 @@ def predict(
 
 
 def evaluate_checkpoint(
-    path: Path,
+    checkpoint: Checkpoint | Path,
     *,
     store: Store,
     split: str,
@@ -71,25 +71,24 @@ def evaluate_checkpoint(
         raise CtscanError(
             f"split '{split}' is not one of {', '.join(SPLITS)}.", "use --split test."
         )
-    state = ckpt_io.load_checkpoint(path)
+    if not isinstance(checkpoint, Checkpoint):
+        checkpoint = read_checkpoint(checkpoint)
     spec = store.spec
-    if state["preprocess"] != spec.to_dict():
+    if checkpoint.spec != spec:
         raise CheckpointError(
-            f"checkpoint '{path}' expects images preprocessed as {state['preprocess']}, "
-            f"but the store at {store.path} holds {spec.to_dict()}.",
+            f"checkpoint '{checkpoint.source}' expects images preprocessed as "
+            f"{checkpoint.spec.to_dict()}, but the store at {store.path} holds {spec.to_dict()}.",
             "run `ctscan preprocess` with the checkpoint's data settings "
             "(see settings.toml in its run folder) and evaluate again.",
         )
-    model = build_from_checkpoint(state, source=path).to(rt.device)
-    if rt.channels_last:
-        model.to(memory_format=torch.channels_last)
+    loaded = load_model(checkpoint, device=rt.device, channels_last=rt.channels_last)
     data = store.split(split)
     logits = predict(
-        model,
+        loaded.model,
         data.images,
         mean=spec.mean,
         std=spec.std,
-        channels=model_channels(state["model_name"]),
+        channels=loaded.channels,
         rt=rt,
     )
     probs = torch.softmax(logits, dim=1).cpu().numpy().astype(np.float64)
@@ -101,11 +100,12 @@ def evaluate_checkpoint(
     result: dict[str, Any] = {
         **report,
         "split": split,
-        "checkpoint": str(path),
-        "model_name": state["model_name"],
-        "epoch": state.get("epoch"),
-        "data_hash": state.get("data_hash"),
-        "git_commit": state.get("git_commit"),
+        "checkpoint": str(checkpoint.source),
+        "checkpoint_kind": checkpoint.kind,
+        "model_name": checkpoint.model_name,
+        "epoch": checkpoint.epoch,
+        "data_hash": checkpoint.data_hash,
+        "git_commit": checkpoint.git_commit,
         "leak_free": leak_free,
         "leak_free_excluded": int((~mask).sum()),
     }
@@ -125,7 +125,7 @@ def _write_outputs(
 ) -> None:
     from ctscan.engine.plots import plot_confusion_matrix, plot_error_grid, plot_reliability
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out_dir, what="report folder")
     plot_confusion_matrix(
         np.array(result["confusion_matrix"]), names, out_dir / "confusion_matrix.png"
     )
@@ -149,7 +149,8 @@ def _write_outputs(
         for i in worst
     ]
     result["outputs"] = str(out_dir)
-    (out_dir / "evaluation.json").write_text(json.dumps(result, indent=2))
+    text = json.dumps(result, indent=2).encode()
+    atomic_write(out_dir / "evaluation.json", lambda fh: fh.write(text))
 
 
 def run_evaluation(
@@ -159,11 +160,11 @@ def run_evaluation(
     rt = resolve_runtime(settings.train)
     if rt.distributed:
         raise CtscanError("evaluate runs in one process.", "run it without torchrun.")
-    state = ckpt_io.load_checkpoint(checkpoint)
-    expect = dict(state["settings"].get("data", {}))
+    ckpt = read_checkpoint(checkpoint)
+    expect = dict(ckpt.settings.get("data", {}))
     store = open_store(settings.paths.processed_dir, expect_data=expect or None)
-    out = out_dir or Path(checkpoint).parent / f"eval-{split}"
-    result = evaluate_checkpoint(Path(checkpoint), store=store, split=split, rt=rt, out_dir=out)
+    out = ensure_dir(out_dir or Path(checkpoint).parent / f"eval-{split}", what="report folder")
+    result = evaluate_checkpoint(ckpt, store=store, split=split, rt=rt, out_dir=out)
     if settings.tracking.enabled:
         from ctscan.engine.tracking import open_tracker
 

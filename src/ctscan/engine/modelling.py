@@ -1,4 +1,4 @@
-"""The engine's door to the model registry: settings in, CtscanError out."""
+"""The engine's door to the model registry: settings in, CtscanError out; the deployable model."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ctscan import models
-from ctscan.engine.checkpoint import load_model_state
+from ctscan.data.transforms import PreprocessSpec, model_input
 from ctscan.errors import CheckpointError, CtscanError, SettingsError
-from ctscan.settings import Settings
 
 
 def model_channels(name: str) -> int:
@@ -18,20 +18,36 @@ def model_channels(name: str) -> int:
     return models.input_channels(name)
 
 
-def _build(name: str, **kwargs: Any) -> torch.nn.Module:
+def build_model(
+    name: str,
+    *,
+    num_classes: int,
+    image_size: int,
+    dropout: float,
+    pretrained: bool = False,
+    weights_path: Path | None = None,
+) -> nn.Module:
+    """A registry model; registry errors become CtscanErrors (bad settings, missing weights)."""
     try:
-        return models.build_model(name, **kwargs)
+        return models.build_model(
+            name,
+            num_classes=num_classes,
+            pretrained=pretrained,
+            weights_path=weights_path,
+            dropout=dropout,
+            image_size=image_size,
+        )
     except models.WeightsUnavailable as exc:
         raise CtscanError(exc.message, exc.fix) from None
     except ValueError as exc:
         raise SettingsError(str(exc), "check the [model] section of your settings.") from None
 
 
-def build(settings: Settings, *, image_size: int, num_classes: int) -> torch.nn.Module:
+def build(settings: Any, *, image_size: int, num_classes: int) -> nn.Module:
     """A fresh model as the [model] settings say, for a store of `image_size` px."""
     m = settings.model
     pretrained = uses_pretrained(settings)
-    return _build(
+    return build_model(
         m.name,
         num_classes=num_classes,
         pretrained=pretrained,
@@ -41,35 +57,71 @@ def build(settings: Settings, *, image_size: int, num_classes: int) -> torch.nn.
     )
 
 
-def build_from_checkpoint(state: dict[str, Any], *, source: Path | str) -> torch.nn.Module:
-    """The checkpoint's model with its weights, in eval mode (no pretrained download needed)."""
-    name = state["model_name"]
+def load_model_state(model: nn.Module, state: dict[str, Any], *, source: Path | str) -> None:
+    """Load weights strictly; a checkpoint of another model or shape is a clear error."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or wrong:
+        details = "; ".join(
+            part
+            for part in (
+                f"missing {len(missing)} (e.g. {missing[0]})" if missing else "",
+                f"unexpected {len(unexpected)} (e.g. {unexpected[0]})" if unexpected else "",
+                f"shape mismatch {wrong[0]}" if wrong else "",
+            )
+            if part
+        )
+        raise CheckpointError(
+            f"checkpoint '{source}' does not fit this model: {details}.",
+            "use the model name and image size the checkpoint was trained with.",
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def uses_pretrained(settings: Any) -> bool:
+    """Whether this run starts from ImageNet weights (pretrained on and the model has them)."""
+    return settings.model.pretrained and models.has_pretrained(settings.model.name)
+
+
+def backbone_frozen(settings: Any, epoch: int) -> bool:
+    """A pretrained backbone stays frozen for the first `model.freeze_epochs` epochs."""
+    return uses_pretrained(settings) and epoch <= settings.model.freeze_epochs
+
+
+def freeze_backbone(model: nn.Module, frozen: bool) -> None:
+    """Freeze or unfreeze the backbone (BatchNorm of a frozen one stays in eval)."""
+    models.freeze_backbone(model, frozen)
+
+
+class Deployable(nn.Module):
+    """A classifier that takes what a runtime has after decode + resize: uint8 gray images.
+
+    forward: (B, 1, S, S) uint8 -> (B, C) float32 logits. Normalisation (the spec's mean/std)
+    and the channel repeat run inside, through `model_input`, so the MLflow model and the
+    exported files need nothing from ctscan but the decode and resize.
+    """
+
+    def __init__(self, net: nn.Module, spec: PreprocessSpec, channels: int) -> None:
+        super().__init__()
+        self.net = net
+        self.mean, self.std, self.channels = float(spec.mean), float(spec.std), int(channels)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = model_input(images, mean=self.mean, std=self.std, channels=self.channels)
+        return self.net(x).float()
+
+
+def check_model_name(name: str, source: Path | str) -> str:
+    """The checkpoint's model name if this ctscan knows it, else a CheckpointError."""
     if name not in models.MODEL_NAMES:
         raise CheckpointError(
             f"checkpoint '{source}' holds an unknown model '{name}'.",
             f"this ctscan knows {', '.join(models.MODEL_NAMES)}.",
         )
-    model = _build(
-        name,
-        num_classes=len(state["class_names"]),
-        pretrained=False,
-        dropout=state["settings"].get("model", {}).get("dropout", 0.2),
-        image_size=state["preprocess"]["image_size"],
-    )
-    load_model_state(model, state["model_state"], source=source)
-    return model.eval()
-
-
-def uses_pretrained(settings: Settings) -> bool:
-    """Whether this run starts from ImageNet weights (pretrained on and the model has them)."""
-    return settings.model.pretrained and models.has_pretrained(settings.model.name)
-
-
-def backbone_frozen(settings: Settings, epoch: int) -> bool:
-    """A pretrained backbone stays frozen for the first `model.freeze_epochs` epochs."""
-    return uses_pretrained(settings) and epoch <= settings.model.freeze_epochs
-
-
-def freeze_backbone(model: torch.nn.Module, frozen: bool) -> None:
-    """Freeze or unfreeze the backbone (BatchNorm of a frozen one stays in eval)."""
-    models.freeze_backbone(model, frozen)
+    return name

@@ -18,6 +18,11 @@ class Progress:
         self._task: Any = None
         self._console: Any = None
 
+    @property
+    def live(self) -> bool:
+        """Whether per-step updates are shown (a live bar on rank 0)."""
+        return self.enabled and not self.quiet
+
     def __enter__(self) -> Progress:
         if not self.enabled:
             return self

@@ -1,31 +1,50 @@
-"""The one training loop: CPU or CUDA, one process or N under torchrun, AMP, compile, EMA."""
+"""The one training loop: CPU or CUDA, one process or N under torchrun, AMP, compile, EMA.
+
+Read it top to bottom: `run_training` -> `_train` (open the store, plan the run folder, build the
+`TrainState`, maybe resume it, then one `train_one_epoch` + `validate` + `save_checkpoints` per
+epoch) -> `_finish` (curves, test evaluation of best.pt, the MLflow model). `train_step` is one
+optimisation step, shared with `ctscan profile` and the benchmarks.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import signal
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.profiler import record_function
 
 import ctscan
-from ctscan.data.augment import to_model_input
+from ctscan.data.augment import augment
 from ctscan.data.batches import batch_indices, epoch_order, shard, steps_per_epoch
 from ctscan.data.store import Store, open_store
-from ctscan.engine import checkpoint as ckpt_io
+from ctscan.data.transforms import PreprocessSpec, model_input
+from ctscan.engine.checkpoint import (
+    Checkpoint,
+    file_sha256,
+    git_commit,
+    load_model,
+    read_checkpoint,
+    save_checkpoint,
+    unwrap,
+)
 from ctscan.engine.evaluate import evaluate_checkpoint, predict
 from ctscan.engine.metrics import quick_metrics
 from ctscan.engine.modelling import (
     backbone_frozen,
     build,
-    build_from_checkpoint,
     freeze_backbone,
+    load_model_state,
     model_channels,
 )
 from ctscan.engine.progress import Progress
@@ -39,8 +58,31 @@ from ctscan.engine.runtime import (
     set_rng_state,
     shutdown_distributed,
 )
-from ctscan.errors import CheckpointError, CtscanError
+from ctscan.errors import CheckpointError, CtscanError, Interrupted, Terminated, raise_terminated
+from ctscan.files import atomic_write, ensure_dir, folder_lock, remove_stale_temps
 from ctscan.settings import Settings, flatten, to_toml
+
+CHECKPOINT_NAMES = ("best.pt", "last.pt")
+# Settings a resumed run may change: they alter neither the model, the data nor the schedule
+# already followed (train.epochs is handled apart: it may grow).
+RESUME_MAY_CHANGE = (
+    "paths.",
+    "tracking.",
+    "serve.",
+    "data.max_image_pixels",
+    "data.max_file_bytes",
+    "data.on_bad_file",
+    "data.near_duplicate_distance",
+    "model.weights_path",
+    "train.quiet",
+    "train.threads",
+    "train.evaluate_test",
+    "train.checkpoint_every",
+    "train.early_stop_patience",
+    "train.device",
+    "train.compile",
+    "train.deterministic",
+)
 
 
 @dataclass
@@ -54,8 +96,8 @@ class TrainResult:
     best_value: float
     select_metric: str
     history: list[dict[str, Any]]
-    seconds: float
-    train_images_per_s: float
+    seconds: float = 0.0
+    train_images_per_s: float = 0.0
     test: dict[str, Any] | None = None
     run_id: str | None = None
     model_version: dict[str, Any] | None = None
@@ -86,12 +128,74 @@ class TrainResult:
         return out
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, turned into an interrupt so the run closes cleanly."""
+@dataclass(frozen=True)
+class Loop:
+    """What stays fixed during a run: settings, runtime, input spec, and the step schedule."""
+
+    settings: Settings
+    rt: Runtime
+    spec: PreprocessSpec
+    channels: int
+    steps_per_epoch: int
+    augment: Callable[[torch.Tensor], torch.Tensor] | None
+
+    def model_input(self, images: torch.Tensor, *, train: bool) -> torch.Tensor:
+        """uint8 (B, 1, S, S) on the device -> the model's (B, C, S, S) float input."""
+        return model_input(
+            images,
+            mean=self.spec.mean,
+            std=self.spec.std,
+            channels=self.channels,
+            augment=self.augment if train else None,
+            channels_last=self.rt.channels_last,
+        )
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise _Terminated()
+@dataclass
+class TrainState:
+    """Everything that changes while training: what last.pt saves and a resume restores."""
+
+    model: nn.Module  # the plain model whose weights are trained
+    step_model: nn.Module  # the same model behind DDP / torch.compile: forward + backward
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    ema: torch.optim.swa_utils.AveragedModel | None
+    epoch: int = 0  # epochs finished
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_value: float | None = None
+    best_epoch: int = 0
+
+    @property
+    def deploy_model(self) -> nn.Module:
+        """The weights a checkpoint deploys: the EMA when on, else the trained weights."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def training_payload(self, rng: list[dict[str, Any]]) -> dict[str, Any]:
+        """last.pt's `training` entry."""
+        return {
+            "model_state": self.model.state_dict(),
+            "ema_state": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng,
+        }
+
+    def restore(self, checkpoint: Checkpoint, rank: int) -> None:
+        """Continue from last.pt: weights, optimizer, schedule, scaler, EMA, RNG, history."""
+        training = checkpoint.training or {}
+        load_model_state(self.model, training["model_state"], source=checkpoint.source or "")
+        self.optimizer.load_state_dict(training["optimizer"])
+        self.scheduler.load_state_dict(training["scheduler"])
+        self.scaler.load_state_dict(training["scaler"])
+        if self.ema is not None and training.get("ema_state") is not None:
+            self.ema.load_state_dict(training["ema_state"])
+        rngs = training["rng"]
+        set_rng_state(rngs[min(rank, len(rngs) - 1)])
+        self.epoch = checkpoint.epoch
+        self.history = list(checkpoint.history)
+        self.best_value, self.best_epoch = checkpoint.best_value, checkpoint.best_epoch
 
 
 def lr_factor(step: int, *, warmup: int, total: int) -> float:
@@ -102,7 +206,7 @@ def lr_factor(step: int, *, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """No weight decay on biases and normalisation weights (1-d tensors)."""
     decay, no_decay = [], []
     for p in model.parameters():
@@ -113,152 +217,26 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     ]
 
 
-def _make_optimizer(model: torch.nn.Module, settings: Settings, rt: Runtime) -> Any:
-    groups = _param_groups(model, settings.train.weight_decay)
-    kwargs: dict[str, Any] = {"lr": settings.train.lr, "betas": (0.9, 0.999)}
-    if rt.device.type == "cuda":
-        kwargs["fused"] = True
-    return torch.optim.AdamW(groups, **kwargs)
-
-
-def _better(value: float, best: float | None, metric: str) -> bool:
-    if best is None or math.isnan(best):
-        return True
-    return value < best if metric == "val_loss" else value > best
-
-
-def _default_run_dir(settings: Settings) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return settings.paths.runs_dir / f"{settings.model.name}-s{settings.train.seed}-{stamp}"
-
-
-def _resolve_resume(resume: str | None, out_dir: Path | None, settings: Settings) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh run."""
-    if resume is None:
-        return None
-    if resume != "auto":
-        return Path(resume)
-    if out_dir is not None:
-        last = out_dir / "last.pt"
-        return last if last.is_file() else None
-    runs = sorted(
-        settings.paths.runs_dir.glob(f"{settings.model.name}-s{settings.train.seed}-*/last.pt"),
-        key=lambda p: p.stat().st_mtime,
-    )
-    return runs[-1] if runs else None
-
-
-def _check_resume_fits(state: dict[str, Any], settings: Settings, store: Store, path: Path) -> None:
-    if state["model_name"] != settings.model.name:
-        raise CheckpointError(
-            f"checkpoint '{path}' holds a {state['model_name']} model, "
-            f"but model.name is {settings.model.name}.",
-            f"resume with --model {state['model_name']} or start a new run.",
-        )
-    if state["preprocess"] != store.spec.to_dict():
-        raise CheckpointError(
-            f"checkpoint '{path}' was trained on another processed store "
-            f"({state['preprocess']} vs {store.spec.to_dict()}).",
-            "preprocess with the settings of that run, or start a new run.",
-        )
-
-
-def _validate(
-    model: torch.nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    store: Store,
-    channels: int,
-    rt: Runtime,
-    batch_size: int,
-) -> dict[str, float]:
-    """Loss, accuracy and macro-F1 on a split; each rank takes a disjoint shard, then all-reduce."""
-    n = len(labels)
-    mine = shard(torch.arange(n), rt.rank, rt.world_size, pad=False)
-    logits = predict(
-        model,
-        images[mine.to(images.device)],
-        mean=store.spec.mean,
-        std=store.spec.std,
-        channels=channels,
-        rt=rt,
-        batch_size=batch_size,
-    )
-    y = labels[mine.to(labels.device)].to(rt.device)
-    preds = torch.zeros(n, device=rt.device, dtype=torch.float64)
-    losses = torch.zeros(n, device=rt.device, dtype=torch.float64)
-    idx = mine.to(rt.device)
-    preds[idx] = logits.argmax(1).double()
-    losses[idx] = F.cross_entropy(logits, y, reduction="none").double()
-    if rt.distributed:
-        import torch.distributed as dist
-
-        dist.all_reduce(preds)
-        dist.all_reduce(losses)
-    y_true = labels.cpu().numpy()
-    y_pred = preds.long().cpu().numpy()
-    quick = quick_metrics(y_true, y_pred, len(store.spec.class_names))
-    return {
-        "val_loss": float(losses.mean()),
-        "val_accuracy": float(quick["accuracy"]),
-        "val_macro_f1": float(quick["macro_f1"]),
-    }
-
-
-def run_training(
-    settings: Settings, *, out_dir: Path | None = None, resume: str | None = None
-) -> TrainResult | None:
-    """Train as the settings say; returns the result on rank 0 and None on other ranks."""
-    rt = resolve_runtime(settings.train)
-    init_distributed(rt)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        return _train(settings, rt, out_dir, resume)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        shutdown_distributed()
-
-
-def _train(
-    settings: Settings, rt: Runtime, out_dir: Path | None, resume: str | None
-) -> TrainResult | None:
-    t_start = time.perf_counter()
+def new_train_state(
+    settings: Settings, rt: Runtime, spec: PreprocessSpec, steps: int
+) -> TrainState:
+    """A fresh model, AdamW, warmup + cosine schedule, grad scaler and EMA, on the device."""
     tr = settings.train
-    configure_threads(tr.threads, rt.world_size)
-    seed_everything(tr.seed + rt.rank, tr.deterministic)
-
-    store = open_store(settings.paths.processed_dir, expect_data=settings.data.model_dump())
-    spec = store.spec
-    train_split, valid_split = store.split("train"), store.split("valid")
-    # The whole split lives on the training device as uint8: (N, 1, S, S).
-    train_x = train_split.images.to(rt.device)
-    train_y = train_split.labels.to(rt.device)
-    valid_x = valid_split.images.to(rt.device)
-    valid_y = valid_split.labels.to(rt.device)
-
-    resume_path = _resolve_resume(resume, out_dir, settings)
-    run_dir = out_dir or (resume_path.parent if resume_path else _default_run_dir(settings))
-    if resume_path is None and (run_dir / "last.pt").exists():
-        raise CtscanError(
-            f"run folder '{run_dir}' already holds a checkpoint (last.pt).",
-            "pass --resume auto to continue that run, or choose another --out.",
-        )
-
     model = build(settings, image_size=spec.image_size, num_classes=len(spec.class_names))
-    channels = model_channels(settings.model.name)
     model.to(rt.device)
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = _make_optimizer(model, settings, rt)
-    n_steps = steps_per_epoch(len(train_y), tr.batch_size, rt.world_size)
-    updates_per_epoch = max(1, n_steps // tr.accumulate)
-    total_updates = updates_per_epoch * tr.epochs
-    warmup = round(tr.warmup_epochs * updates_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, warmup=warmup, total=total_updates)
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, tr.weight_decay),
+        lr=tr.lr,
+        betas=(0.9, 0.999),
+        **({"fused": True} if rt.device.type == "cuda" else {}),
     )
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.use_scaler)
+    updates_per_epoch = max(1, steps // tr.accumulate)
+    total, warmup = updates_per_epoch * tr.epochs, round(tr.warmup_epochs * updates_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup=warmup, total=total)
+    )
     ema = None
     if tr.ema:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -266,182 +244,174 @@ def _train(
         ema = AveragedModel(
             model, multi_avg_fn=get_ema_multi_avg_fn(tr.ema_decay), use_buffers=True
         )
+    return TrainState(
+        model=model,
+        step_model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler(rt.device.type, enabled=rt.use_scaler),
+        ema=ema,
+    )
 
-    start_epoch, history, best_value, best_epoch = 1, [], None, 0
-    if resume_path is not None:
-        state = ckpt_io.load_checkpoint(resume_path, map_location=rt.device)
-        _check_resume_fits(state, settings, store, resume_path)
-        ckpt_io.load_model_state(model, state["model_state"], source=resume_path)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None and state.get("ema_state") is not None:
-            ema.load_state_dict(state["ema_state"])
-        set_rng_state(state["rng"][min(rt.rank, len(state["rng"]) - 1)])
-        start_epoch = state["epoch"] + 1
-        history = list(state["history"])
-        best_value, best_epoch = state.get("best_value"), state.get("best_epoch", 0)
 
-    raw_model = model
-    train_model: torch.nn.Module = model
+def wrap_for_steps(state: TrainState, settings: Settings, rt: Runtime) -> None:
+    """DDP around the model under torchrun, then torch.compile when on: `state.step_model`."""
+    step_model: nn.Module = state.model
     if rt.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
         # A backbone frozen for the first epochs gets no gradients then: DDP must look for
         # parameters that took no part in the step instead of waiting for their gradients.
-        train_model = DistributedDataParallel(
-            model,
+        step_model = DistributedDataParallel(
+            step_model,
             device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
             find_unused_parameters=backbone_frozen(settings, 1),
         )
     if rt.compile:
-        train_model = torch.compile(train_model)
+        step_model = torch.compile(step_model)
+    state.step_model = step_model
 
-    from ctscan.engine.tracking import Tracker, open_tracker
 
-    tracker = (
-        open_tracker(settings.tracking, runs_dir=settings.paths.runs_dir, run_name=run_dir.name)
-        if rt.is_main
-        else Tracker()
+def train_step(
+    state: TrainState, loop: Loop, images: torch.Tensor, labels: torch.Tensor, *, update: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch: forward and backward; with `update`, the optimizer step too.
+
+    `images` (B, 1, S, S) uint8 and `labels` (B,) on the device. Returns the detached loss and
+    logits. Order: augment + normalise -> autocast forward -> scaled backward -> (unscale ->
+    clip -> step -> scaler update -> schedule -> zero_grad -> EMA) on the last micro-batch of
+    an accumulation group. DDP skips the gradient all-reduce on the other micro-batches.
+    """
+    tr, rt = loop.settings.train, loop.rt
+    with record_function("augment"):
+        x = loop.model_input(images, train=True)
+    no_sync = (
+        state.step_model.no_sync()
+        if rt.distributed and not update and hasattr(state.step_model, "no_sync")
+        else contextlib.nullcontext()
     )
-    if rt.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "settings.toml").write_text(to_toml(settings))
-    meta = {
-        "model_name": settings.model.name,
-        "preprocess": spec.to_dict(),
-        "class_names": list(spec.class_names),
-        "settings": settings.model_dump(mode="json"),
-        "data_hash": store.meta.get("dvc_md5") or store.meta.get("raw_fingerprint"),
-        "git_commit": ckpt_io.git_commit(),
-        "ctscan_version": ctscan.__version__,
-        "torch_version": str(torch.__version__),
-    }
-    stopped_early = False
-    train_seconds, train_images = 0.0, 0
-    with (
-        tracker,
-        Progress(enabled=rt.is_main, quiet=tr.quiet, epochs=tr.epochs, steps=n_steps) as progress,
-    ):
-        tracker.log_params(flatten(settings))
-        tracker.set_tags(
-            {
-                "git_commit": meta["git_commit"] or "unknown",
-                "data_hash": str(meta["data_hash"]),
-                "device": str(rt.device),
-                "precision": rt.precision,
-                "world_size": str(rt.world_size),
-                "torch_version": str(torch.__version__),
-                "model": settings.model.name,
-            }
-        )
-        tracker.log_artifact(run_dir / "settings.toml")
-        audit_json = store.path / "audit.json"
-        if audit_json.is_file():
-            tracker.log_artifact(audit_json)
-        if resume_path is not None:
-            progress.log(f"resumed from {resume_path} at epoch {start_epoch}")
-        for epoch in range(start_epoch, tr.epochs + 1):
-            progress.start_epoch(epoch)
-            t_epoch = time.perf_counter()
-            row = _train_one_epoch(
-                train_model,
-                raw_model,
-                ema,
-                optimizer,
-                scheduler,
-                scaler,
-                train_x,
-                train_y,
-                store=store,
-                channels=channels,
-                settings=settings,
-                rt=rt,
-                epoch=epoch,
-                progress=progress,
-            )
-            train_seconds += row["train_seconds"]
-            train_images += row["train_images"]
-            eval_model = ema.module if ema is not None else raw_model
-            row.update(
-                _validate(
-                    eval_model,
-                    valid_x,
-                    valid_y,
-                    store=store,
-                    channels=channels,
-                    rt=rt,
-                    batch_size=max(tr.batch_size, 64),
-                )
-            )
-            row["epoch"] = epoch
-            row["epoch_seconds"] = time.perf_counter() - t_epoch
-            history.append(row)
-            value = row[tr.select_metric]
-            improved = _better(value, best_value, tr.select_metric)
-            if improved:
-                best_value, best_epoch = value, epoch
-            if rt.is_main:
-                payload = {
-                    **meta,
-                    "model_state": ckpt_io.unwrap(eval_model).state_dict(),
-                    "epoch": epoch,
-                    "history": history,
-                    "best_value": best_value,
-                    "best_epoch": best_epoch,
-                    "select_metric": tr.select_metric,
-                }
-                if improved:
-                    ckpt_io.save_checkpoint(run_dir / "best.pt", payload)
-            save_last = epoch % tr.checkpoint_every == 0 or epoch == tr.epochs
-            patience = tr.early_stop_patience
-            stop = bool(patience) and epoch - best_epoch >= patience
-            if rt.is_main and (save_last or stop):
-                payload.update(
-                    {
-                        "model_state": raw_model.state_dict(),
-                        "ema_state": ema.state_dict() if ema is not None else None,
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        "rng": _gather_rng(rt),
-                    }
-                )
-                ckpt_io.save_checkpoint(run_dir / "last.pt", payload)
-            elif save_last or stop:
-                _gather_rng(rt)
-            tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
-            progress.epoch_line(row, improved)
-            if stop:
-                stopped_early = True
-                progress.log(f"early stop: no {tr.select_metric} gain for {patience} epochs")
-                break
+    with no_sync:
+        with record_function("forward"), rt.autocast():
+            logits = state.step_model(x)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=tr.label_smoothing)
+        with record_function("backward"):
+            state.scaler.scale(loss / tr.accumulate).backward()
+    if update:
+        with record_function("optimizer_step"):
+            if tr.grad_clip > 0:
+                state.scaler.unscale_(state.optimizer)
+                torch.nn.utils.clip_grad_norm_(state.model.parameters(), tr.grad_clip)
+            state.scaler.step(state.optimizer)
+            state.scaler.update()
+            state.scheduler.step()
+            state.optimizer.zero_grad(set_to_none=True)
+            if state.ema is not None:
+                state.ema.update_parameters(state.model)
+    return loss.detach(), logits.detach()
 
-        result = None
-        if rt.is_main:
-            result = _finish(
-                settings,
-                rt,
-                store,
-                run_dir,
-                history,
-                best_epoch,
-                best_value,
-                tracker,
-                progress,
-                channels,
-            )
-            result.seconds = time.perf_counter() - t_start
-            result.train_images_per_s = train_images / train_seconds if train_seconds else 0.0
-            result.stopped_early = stopped_early
-            tracker.log_metrics(
-                {
-                    "run_seconds": result.seconds,
-                    "run_train_images_per_s": result.train_images_per_s,
-                },
-                step=len(history),
-            )
-    return result
+
+def train_batches(loop: Loop, n: int, device: torch.device, epoch: int) -> Iterator[torch.Tensor]:
+    """This rank's batch indices into a split of `n` images for `epoch` (seeded, sharded)."""
+    tr, rt = loop.settings.train, loop.rt
+    order = epoch_order(n, seed=tr.seed, epoch=epoch, shuffle=True)
+    mine = shard(order, rt.rank, rt.world_size, pad=True).to(device)
+    yield from batch_indices(mine, tr.batch_size, drop_last=True)
+
+
+def train_one_epoch(
+    state: TrainState,
+    loop: Loop,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    epoch: int,
+    progress: Progress,
+) -> dict[str, Any]:
+    """One pass over this rank's shard of the train split; returns loss, accuracy, lr, img/s."""
+    tr, rt = loop.settings.train, loop.rt
+    batches = list(train_batches(loop, len(labels), images.device, epoch))
+    state.step_model.train()
+    freeze_backbone(state.model, backbone_frozen(loop.settings, epoch))
+    loss_sum = torch.zeros((), device=rt.device)
+    correct = torch.zeros((), device=rt.device, dtype=torch.long)
+    seen = 0
+    sync = rt.device.type == "cuda"
+    if sync:
+        torch.cuda.synchronize(rt.device)
+    t0 = time.perf_counter()
+    for i, idx in enumerate(batches):
+        with record_function("data"):
+            x, y = images[idx], labels[idx]
+        update = (i + 1) % tr.accumulate == 0 or i + 1 == len(batches)
+        loss, logits = train_step(state, loop, x, y, update=update)
+        loss_sum += loss * len(idx)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(idx)
+        if progress.live and (not sync or i % 10 == 0):
+            elapsed = max(time.perf_counter() - t0, 1e-9)
+            lr = state.optimizer.param_groups[0]["lr"]
+            progress.step(float(loss_sum) / seen, float(correct) / seen, lr, seen / elapsed)
+    if sync:
+        torch.cuda.synchronize(rt.device)
+    seconds = time.perf_counter() - t0
+    seen_t = torch.tensor(seen, device=rt.device, dtype=torch.float64)
+    totals = _all_reduce(rt, torch.stack([loss_sum.double(), correct.double(), seen_t]))
+    n = max(float(totals[2]), 1.0)
+    return {
+        "train_loss": float(totals[0]) / n,
+        "train_accuracy": float(totals[1]) / n,
+        "lr": state.optimizer.param_groups[0]["lr"],
+        "train_seconds": seconds,
+        "train_images": int(n),
+        "train_images_per_s": n / seconds if seconds else 0.0,
+    }
+
+
+def _all_reduce(rt: Runtime, tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over the ranks (itself in one process)."""
+    if rt.distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def validate(
+    model: nn.Module, loop: Loop, images: torch.Tensor, labels: torch.Tensor
+) -> dict[str, float]:
+    """Loss, accuracy and macro-F1 on a split; each rank takes a disjoint shard, then all-reduce."""
+    rt, n = loop.rt, len(labels)
+    mine = shard(torch.arange(n), rt.rank, rt.world_size, pad=False)
+    logits = predict(
+        model,
+        images[mine.to(images.device)],
+        mean=loop.spec.mean,
+        std=loop.spec.std,
+        channels=loop.channels,
+        rt=rt,
+        batch_size=max(loop.settings.train.batch_size, 64),
+    )
+    idx = mine.to(rt.device)
+    preds = torch.zeros(n, device=rt.device, dtype=torch.float64)
+    losses = torch.zeros(n, device=rt.device, dtype=torch.float64)
+    preds[idx] = logits.argmax(1).double()
+    losses[idx] = F.cross_entropy(logits, labels[idx].to(rt.device), reduction="none").double()
+    _all_reduce(rt, preds)
+    _all_reduce(rt, losses)
+    quick = quick_metrics(
+        labels.cpu().numpy(), preds.long().cpu().numpy(), len(loop.spec.class_names)
+    )
+    return {
+        "val_loss": float(losses.mean()),
+        "val_accuracy": float(quick["accuracy"]),
+        "val_macro_f1": float(quick["macro_f1"]),
+    }
+
+
+def _better(value: float, best: float | None, metric: str) -> bool:
+    if best is None or math.isnan(best):
+        return True
+    return value < best if metric == "val_loss" else value > best
 
 
 def _gather_rng(rt: Runtime) -> list[dict[str, Any]]:
@@ -456,124 +426,420 @@ def _gather_rng(rt: Runtime) -> list[dict[str, Any]]:
     return gathered
 
 
-def _train_one_epoch(
-    train_model: torch.nn.Module,
-    raw_model: torch.nn.Module,
-    ema: Any,
-    optimizer: Any,
-    scheduler: Any,
-    scaler: Any,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    store: Store,
-    channels: int,
-    settings: Settings,
-    rt: Runtime,
-    epoch: int,
-    progress: Progress,
-) -> dict[str, Any]:
-    """One pass over this rank's shard; returns train loss/accuracy, lr and throughput."""
-    tr = settings.train
-    aug = settings.augment if settings.augment.enabled else None
-    order = epoch_order(len(labels), seed=tr.seed, epoch=epoch, shuffle=True)
-    mine = shard(order, rt.rank, rt.world_size, pad=True).to(images.device)
-    batches = list(batch_indices(mine, tr.batch_size, drop_last=True))
-    train_model.train()
-    freeze_backbone(raw_model, backbone_frozen(settings, epoch))
-    loss_sum = torch.zeros((), device=rt.device)
-    correct = torch.zeros((), device=rt.device, dtype=torch.long)
-    seen = 0
-    sync = rt.device.type == "cuda"
-    if sync:
-        torch.cuda.synchronize(rt.device)
-    t0 = time.perf_counter()
-    for i, idx in enumerate(batches):
-        x = to_model_input(
-            images[idx],
-            mean=store.spec.mean,
-            std=store.spec.std,
-            channels=channels,
-            aug=aug,
-            channels_last=rt.channels_last,
-        )
-        y = labels[idx]
-        last_micro = (i + 1) % tr.accumulate == 0 or i + 1 == len(batches)
-        no_sync = (
-            train_model.no_sync()
-            if rt.distributed and not last_micro and hasattr(train_model, "no_sync")
-            else contextlib.nullcontext()
-        )
-        with no_sync:
-            with rt.autocast():
-                logits = train_model(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=tr.label_smoothing)
-            scaler.scale(loss / tr.accumulate).backward()
-        if last_micro:
-            if tr.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tr.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update_parameters(raw_model)
-        loss_sum += loss.detach() * len(idx)
-        correct += (logits.detach().argmax(1) == y).sum()
-        seen += len(idx)
-        if progress.enabled and not progress.quiet and (not sync or i % 10 == 0):
-            elapsed = time.perf_counter() - t0
-            progress.step(
-                float(loss_sum) / seen,
-                float(correct) / seen,
-                optimizer.param_groups[0]["lr"],
-                seen * rt.world_size / max(elapsed, 1e-9),
-            )
-    if sync:
-        torch.cuda.synchronize(rt.device)
-    seconds = time.perf_counter() - t0
-    stats = torch.stack([loss_sum.double(), correct.double(), torch.tensor(seen, device=rt.device)])
-    if rt.distributed:
-        import torch.distributed as dist
+# ---- the run folder, resume -------------------------------------------------------------
 
-        dist.all_reduce(stats)
-    total = max(float(stats[2]), 1.0)
-    return {
-        "train_loss": float(stats[0]) / total,
-        "train_accuracy": float(stats[1]) / total,
-        "lr": optimizer.param_groups[0]["lr"],
-        "train_seconds": seconds,
-        "train_images": int(total),
-        "train_images_per_s": total / seconds if seconds else 0.0,
+
+@dataclass
+class RunPlan:
+    """Where a run writes, and the last.pt it continues (None for a fresh run)."""
+
+    run_dir: Path
+    resume_from: Checkpoint | None = None
+    notes: list[str] = field(default_factory=list)  # said once the run starts
+
+
+def _default_run_dir(settings: Settings) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return settings.paths.runs_dir / f"{settings.model.name}-s{settings.train.seed}-{stamp}"
+
+
+def _resume_path(resume: str | None, out_dir: Path | None, settings: Settings) -> Path | None:
+    """The checkpoint `--resume` names, or None for a fresh run."""
+    if resume is None:
+        return None
+    if resume != "auto":
+        return Path(resume)
+    if out_dir is not None:
+        last = out_dir / "last.pt"
+        return last if last.is_file() else None
+    runs = sorted(
+        settings.paths.runs_dir.glob(f"{settings.model.name}-s{settings.train.seed}-*/last.pt"),
+        key=lambda p: p.stat().st_mtime,
+    )
+    return runs[-1] if runs else None
+
+
+def _changed_settings(before: dict[str, Any], now: Settings) -> list[tuple[str, Any, Any]]:
+    """(key, run's value, value now) for each setting that differs, `section.key` names."""
+    flat_before = {
+        f"{section}.{key}": value
+        for section, values in before.items()
+        if isinstance(values, dict)
+        for key, value in values.items()
     }
+    flat_now = {k: v for k, v in flatten(now).items()}
+    return [
+        (key, flat_before.get(key), value)
+        for key, value in flat_now.items()
+        if key in flat_before and flat_before[key] != value
+    ]
+
+
+def check_resume(checkpoint: Checkpoint, settings: Settings, store: Store) -> list[str]:
+    """Refuse a resume that would not continue the same run; return what it changes, said."""
+    path = checkpoint.source
+    if not checkpoint.resumable:
+        raise CheckpointError(
+            f"'{path}' is a {checkpoint.kind} checkpoint: it holds the weights to deploy, not the "
+            "training state a run continues from.",
+            f"resume from last.pt (e.g. --resume {Path(path or '.').parent / 'last.pt'}) or "
+            "--resume auto --out RUN_FOLDER.",
+        )
+    if checkpoint.model_name != settings.model.name:
+        raise CheckpointError(
+            f"checkpoint '{path}' holds a {checkpoint.model_name} model, "
+            f"but model.name is {settings.model.name}.",
+            f"resume with --model {checkpoint.model_name} or start a new run.",
+        )
+    if checkpoint.spec != store.spec:
+        raise CheckpointError(
+            f"checkpoint '{path}' was trained on another processed store "
+            f"({checkpoint.spec.to_dict()} vs {store.spec.to_dict()}).",
+            "preprocess with the settings of that run, or start a new run.",
+        )
+    changed = _changed_settings(checkpoint.settings, settings)
+    refused = [
+        f"{key} {old!r} -> {new!r}"
+        for key, old, new in changed
+        if key != "train.epochs" and not key.startswith(RESUME_MAY_CHANGE)
+    ]
+    if refused:
+        settings_file = Path(path or ".").parent / "settings.toml"
+        raise CheckpointError(
+            f"resuming '{path}' with other settings than the run used: {'; '.join(refused)}. "
+            "A resumed run continues the same schedule, model and data.",
+            f"resume with the run's own settings (-s {settings_file}), or start a new run "
+            "with these settings.",
+        )
+    notes = []
+    epochs_before = checkpoint.settings.get("train", {}).get("epochs")
+    if settings.train.epochs < checkpoint.epoch:
+        raise CheckpointError(
+            f"train.epochs is {settings.train.epochs}, but '{path}' has already finished "
+            f"{checkpoint.epoch} epochs.",
+            f"pass --epochs {checkpoint.epoch} or more.",
+        )
+    if epochs_before is not None and settings.train.epochs != epochs_before:
+        notes.append(
+            f"train.epochs changed from {epochs_before} to {settings.train.epochs}: the "
+            f"learning-rate schedule now ends at epoch {settings.train.epochs}"
+        )
+    notes += [
+        f"{key} changed from {old!r} to {new!r}"
+        for key, old, new in changed
+        if key != "train.epochs" and not key.startswith(("paths.", "tracking."))
+    ]
+    return notes
+
+
+def _refuse_finished_folder(run_dir: Path) -> None:
+    """A fresh run never overwrites another run's checkpoints."""
+    if (run_dir / "last.pt").exists():
+        raise CtscanError(
+            f"run folder '{run_dir}' already holds a checkpoint (last.pt).",
+            "pass --resume auto to continue that run, or choose another --out.",
+        )
+
+
+def plan_run(settings: Settings, out_dir: Path | None, resume: str | None, store: Store) -> RunPlan:
+    """Decide the run folder and the checkpoint to resume; refuse what would lose work."""
+    resume_path = _resume_path(resume, out_dir, settings)
+    if resume_path is None:
+        run_dir = out_dir or _default_run_dir(settings)
+        notes = [f"--resume auto: no last.pt in {run_dir}, starting a new run"] if resume else []
+        _refuse_finished_folder(run_dir)
+        return RunPlan(run_dir=run_dir, notes=notes)
+    checkpoint = read_checkpoint(resume_path)
+    notes = [f"resumed from {resume_path} at epoch {checkpoint.epoch + 1}"]
+    notes += check_resume(checkpoint, settings, store)
+    run_dir = out_dir or resume_path.parent
+    if run_dir.resolve() != resume_path.parent.resolve():
+        if (run_dir / "last.pt").exists():
+            raise CtscanError(
+                f"run folder '{run_dir}' already holds a checkpoint (last.pt); resuming "
+                f"'{resume_path}' into it would overwrite it.",
+                "choose another --out, or resume that folder's own last.pt.",
+            )
+        notes.append(f"continuing '{resume_path}' in the new run folder '{run_dir}'")
+    return RunPlan(run_dir=run_dir, resume_from=checkpoint, notes=notes)
+
+
+def _open_run_dir(plan: RunPlan) -> None:
+    """Under the folder's lock: clean temp files a killed writer left, bring the run's best.pt."""
+    if plan.resume_from is None:  # another run may have written it since `plan_run`
+        _refuse_finished_folder(plan.run_dir)
+    remove_stale_temps(plan.run_dir, CHECKPOINT_NAMES)
+    source = plan.resume_from.source if plan.resume_from is not None else None
+    if source is None or source.parent.resolve() == plan.run_dir.resolve():
+        return
+    best = source.parent / "best.pt"
+    if best.is_file():  # the best epoch so far may never be beaten after the resume
+        with best.open("rb") as src:
+            atomic_write(plan.run_dir / "best.pt", lambda fh: shutil.copyfileobj(src, fh))
+    elif plan.resume_from is not None and plan.resume_from.best_epoch:
+        raise CheckpointError(
+            f"'{best}' is missing: the run's best epoch ({plan.resume_from.best_epoch}) would "
+            "be lost by resuming into another folder.",
+            f"restore it, or resume in the run's own folder (--out {source.parent}).",
+        )
+
+
+# ---- the run ----------------------------------------------------------------------------
+
+
+def run_training(
+    settings: Settings, *, out_dir: Path | None = None, resume: str | None = None
+) -> TrainResult | None:
+    """Train as the settings say; returns the result on rank 0 and None on other ranks.
+
+    Ctrl-C and SIGTERM end the run with an `Interrupted` error that says where the last
+    checkpoint is and how to resume (exit codes 130 and 143 from the CLI).
+    """
+    rt = resolve_runtime(settings.train)
+    init_distributed(rt)
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        return _train(settings, rt, out_dir, resume)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        shutdown_distributed()
+
+
+def _train(
+    settings: Settings, rt: Runtime, out_dir: Path | None, resume: str | None
+) -> TrainResult | None:
+    t_start = time.perf_counter()
+    tr = settings.train
+    configure_threads(tr.threads, rt.world_size)
+    seed_everything(tr.seed + rt.rank, tr.deterministic)
+    store = open_store(settings.paths.processed_dir, expect_data=settings.data.model_dump())
+    plan = plan_run(settings, out_dir, resume, store)
+    # Rank 0 owns the run folder: checked writable and locked before any work is done.
+    lock = (
+        folder_lock(ensure_dir(plan.run_dir, what="run folder"), what="run folder")
+        if rt.is_main
+        else contextlib.nullcontext()
+    )
+    with lock:
+        if rt.is_main:
+            _open_run_dir(plan)
+        train_split, valid_split = store.split("train"), store.split("valid")
+        # The whole split lives on the training device as uint8: (N, 1, S, S).
+        tensors = tuple(
+            t.to(rt.device)
+            for t in (
+                train_split.images,
+                train_split.labels,
+                valid_split.images,
+                valid_split.labels,
+            )
+        )
+        loop = Loop(
+            settings=settings,
+            rt=rt,
+            spec=store.spec,
+            channels=model_channels(settings.model.name),
+            steps_per_epoch=steps_per_epoch(len(train_split), tr.batch_size, rt.world_size),
+            augment=(lambda x: augment(x, settings.augment)) if settings.augment.enabled else None,
+        )
+        state = new_train_state(settings, rt, store.spec, loop.steps_per_epoch)
+        if plan.resume_from is not None:
+            state.restore(plan.resume_from, rt.rank)
+        wrap_for_steps(state, settings, rt)
+        if rt.distributed:
+            plan.notes.append(
+                f"DDP: {rt.world_size} processes x batch {tr.batch_size} = global batch "
+                f"{rt.world_size * tr.batch_size}; train.lr {tr.lr:g} is used as set (not scaled)"
+            )
+        return _run_epochs(settings, loop, state, store, plan, tensors, t_start)
+
+
+def _run_epochs(
+    settings: Settings,
+    loop: Loop,
+    state: TrainState,
+    store: Store,
+    plan: RunPlan,
+    tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    t_start: float,
+) -> TrainResult | None:
+    """The epochs, tracked: train, validate, checkpoint, early stop; then `_finish` on rank 0."""
+    from ctscan.engine.tracking import Tracker, open_tracker
+
+    tr, rt = settings.train, loop.rt
+    train_x, train_y, valid_x, valid_y = tensors
+    resumed = plan.resume_from
+    tracker = (
+        open_tracker(
+            settings.tracking,
+            runs_dir=settings.paths.runs_dir,
+            run_name=plan.run_dir.name,
+            **({"resume_run_id": resumed.mlflow_run_id} if resumed and resumed.mlflow_run_id else {}),  # SHIM
+        )
+        if rt.is_main
+        else Tracker()
+    )
+    meta = _run_meta(settings, store, tracker.run_id)
+    stopped_early, train_seconds, train_images = False, 0.0, 0
+    try:
+        with (
+            tracker,
+            Progress(
+                enabled=rt.is_main, quiet=tr.quiet, epochs=tr.epochs, steps=loop.steps_per_epoch
+            ) as progress,
+        ):
+            if rt.is_main:
+                _log_run_start(settings, loop.rt, plan, store, tracker, meta)
+                for note in plan.notes:
+                    progress.log(note)
+            for epoch in range(state.epoch + 1, tr.epochs + 1):
+                progress.start_epoch(epoch)
+                t_epoch = time.perf_counter()
+                row = train_one_epoch(state, loop, train_x, train_y, epoch=epoch, progress=progress)
+                train_seconds += row["train_seconds"]
+                train_images += row["train_images"]
+                row.update(validate(state.deploy_model, loop, valid_x, valid_y))
+                row["epoch"], row["epoch_seconds"] = epoch, time.perf_counter() - t_epoch
+                state.epoch = epoch
+                state.history.append(row)
+                improved = _better(row[tr.select_metric], state.best_value, tr.select_metric)
+                if improved:
+                    state.best_value, state.best_epoch = row[tr.select_metric], epoch
+                patience = tr.early_stop_patience
+                stop = bool(patience) and epoch - state.best_epoch >= patience
+                save_last = stop or epoch % tr.checkpoint_every == 0 or epoch == tr.epochs
+                save_checkpoints(state, loop, plan.run_dir, meta, best=improved, last=save_last)
+                tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+                progress.epoch_line(row, improved)
+                if stop:
+                    stopped_early = True
+                    progress.log(f"early stop: no {tr.select_metric} gain for {patience} epochs")
+                    break
+            if not rt.is_main:
+                return None
+            result = _finish(settings, loop, store, plan.run_dir, state, tracker, progress)
+            result.seconds = time.perf_counter() - t_start
+            result.train_images_per_s = train_images / train_seconds if train_seconds else 0.0
+            result.stopped_early = stopped_early
+            tracker.log_metrics(
+                {
+                    "run_seconds": result.seconds,
+                    "run_train_images_per_s": result.train_images_per_s,
+                },
+                step=len(state.history),
+            )
+            return result
+    except KeyboardInterrupt as exc:
+        raise _interrupted(plan.run_dir, terminated=isinstance(exc, Terminated)) from None
+
+
+def _run_meta(settings: Settings, store: Store, run_id: str | None) -> dict[str, Any]:
+    """The checkpoint fields that stay the same for the whole run."""
+    return {
+        "model_name": settings.model.name,
+        "spec": store.spec,
+        "settings": settings.model_dump(mode="json"),
+        "select_metric": settings.train.select_metric,
+        "data_hash": store.meta.get("dvc_md5") or store.meta.get("raw_fingerprint"),
+        "git_commit": git_commit(),
+        "ctscan_version": ctscan.__version__,
+        "torch_version": str(torch.__version__),
+        "mlflow_run_id": run_id,
+    }
+
+
+def _log_run_start(
+    settings: Settings, rt: Runtime, plan: RunPlan, store: Store, tracker: Any, meta: dict[str, Any]
+) -> None:
+    """settings.toml (what this run uses) in the run folder, params and tags in MLflow."""
+    text = to_toml(settings).encode()
+    settings_file = atomic_write(plan.run_dir / "settings.toml", lambda fh: fh.write(text))
+    if plan.resume_from is None:  # a resumed MLflow run already holds its params
+        tracker.log_params(flatten(settings))
+    tracker.set_tags(
+        {
+            "git_commit": meta["git_commit"] or "unknown",
+            "data_hash": str(meta["data_hash"]),
+            "device": str(rt.device),
+            "precision": rt.precision,
+            "world_size": str(rt.world_size),
+            "torch_version": meta["torch_version"],
+            "model": settings.model.name,
+        }
+    )
+    tracker.log_artifact(settings_file)
+    audit_json = store.path / "audit.json"
+    if audit_json.is_file():
+        tracker.log_artifact(audit_json)
+
+
+def save_checkpoints(
+    state: TrainState, loop: Loop, run_dir: Path, meta: dict[str, Any], *, best: bool, last: bool
+) -> None:
+    """best.pt when the epoch improved, last.pt (with the training state) when due: rank 0."""
+    rt = loop.rt
+    rng = _gather_rng(rt) if last else []  # every rank takes part in the gather
+    if not rt.is_main or not (best or last):
+        return
+    common = {
+        **meta,
+        "model_state": unwrap(state.deploy_model).state_dict(),
+        "epoch": state.epoch,
+        "history": list(state.history),
+        "best_value": state.best_value,
+        "best_epoch": state.best_epoch,
+    }
+    if best:
+        save_checkpoint(run_dir / "best.pt", Checkpoint(kind="best", **common))
+    if last:
+        training = state.training_payload(rng)
+        save_checkpoint(run_dir / "last.pt", Checkpoint(kind="last", training=training, **common))
+
+
+def _interrupted(run_dir: Path, *, terminated: bool) -> Interrupted:
+    """The one line a stopped run ends with: where its last checkpoint is, how to resume."""
+    how = "by SIGTERM" if terminated else "by Ctrl-C"
+    last = run_dir / "last.pt"
+    try:
+        epoch = read_checkpoint(last).epoch if last.is_file() else 0
+    except CtscanError:
+        epoch = 0
+    if not epoch:
+        return Interrupted(
+            f"training stopped {how} before the first epoch ended; nothing was saved in "
+            f"'{run_dir}'.",
+            "start the run again.",
+            terminated=terminated,
+        )
+    return Interrupted(
+        f"training stopped {how}; the last checkpoint is '{last}' (epoch {epoch}).",
+        f"continue with `ctscan train --resume auto --out {run_dir}` and the same settings "
+        f"(-s {run_dir / 'settings.toml'}).",
+        terminated=terminated,
+    )
 
 
 def _finish(
     settings: Settings,
-    rt: Runtime,
+    loop: Loop,
     store: Store,
     run_dir: Path,
-    history: list[dict[str, Any]],
-    best_epoch: int,
-    best_value: float | None,
+    state: TrainState,
     tracker: Any,
     progress: Progress,
-    channels: int,
 ) -> TrainResult:
     """Curves, test evaluation of the best checkpoint, model logging: rank 0 only."""
     from ctscan.engine.plots import plot_curves
 
     best_path, last_path = run_dir / "best.pt", run_dir / "last.pt"
-    curves = plot_curves(history, run_dir / "curves.png")
-    tracker.log_artifact(curves)
+    tracker.log_artifact(plot_curves(state.history, run_dir / "curves.png"))
     test = None
     if settings.train.evaluate_test:
         test = evaluate_checkpoint(
-            best_path, store=store, split="test", rt=rt, out_dir=run_dir / "eval-test"
+            best_path, store=store, split="test", rt=loop.rt, out_dir=run_dir / "eval-test"
         )
         progress.log(
-            f"test (best epoch {best_epoch}): accuracy {test['accuracy']:.4f} "
+            f"test (best epoch {state.best_epoch}): accuracy {test['accuracy']:.4f} "
             f"macro-F1 {test['macro_f1']:.4f} on {test['n']} images"
         )
         tracker.log_metrics(
@@ -582,46 +848,53 @@ def _finish(
                 "test_macro_f1": test["macro_f1"],
                 "test_balanced_accuracy": test["balanced_accuracy"],
             },
-            step=len(history),
+            step=len(state.history),
         )
         for path in sorted((run_dir / "eval-test").iterdir()):
             tracker.log_artifact(path, artifact_path="eval-test")
+    best_value = float(state.best_value) if state.best_value is not None else float("nan")
     model_version = None
     if settings.tracking.enabled and settings.tracking.log_model:
-        model_version = _log_model(settings, store, best_path, tracker, channels, best_value)
+        model_version = log_best_model(settings, best_path, tracker, best_value)
     return TrainResult(
         run_dir=run_dir,
         best_path=best_path,
         last_path=last_path,
-        best_epoch=best_epoch,
-        best_value=float(best_value) if best_value is not None else float("nan"),
+        best_epoch=state.best_epoch,
+        best_value=best_value,
         select_metric=settings.train.select_metric,
-        history=history,
-        seconds=0.0,
-        train_images_per_s=0.0,
+        history=state.history,
         test=test,
         run_id=tracker.run_id,
         model_version=model_version,
     )
 
 
-def _log_model(
-    settings: Settings,
-    store: Store,
-    best_path: Path,
-    tracker: Any,
-    channels: int,
-    best_value: float | None,
+def log_best_model(
+    settings: Settings, best_path: Path, tracker: Any, best_value: float
 ) -> dict[str, Any] | None:
-    """Log the best weights (on CPU, fp32) as an MLflow model and maybe promote it."""
-    # The checkpoint's own weights: no ImageNet weights are loaded only to be overwritten.
-    model = build_from_checkpoint(ckpt_io.load_checkpoint(best_path), source=best_path)
-    spec = store.spec
-    example = torch.zeros(1, channels, spec.image_size, spec.image_size).numpy()
+    """Log best.pt as an MLflow model that takes uint8 gray images, with its spec; maybe promote.
+
+    The checkpoint's own weights are used (no ImageNet weights are loaded to be overwritten).
+    """
+    loaded = load_model(best_path)
+    spec = loaded.spec
+    example = torch.zeros(1, 1, spec.image_size, spec.image_size, dtype=torch.uint8).numpy()
+    metadata = {
+        "model_name": loaded.checkpoint.model_name,
+        "class_names": list(spec.class_names),
+        "preprocess": spec.to_dict(),
+        "input": "uint8 gray images (B, 1, S, S) after decode + resize; normalised inside",
+        "ctscan_version": ctscan.__version__,
+        "checkpoint_sha256": file_sha256(best_path),
+        "epoch": loaded.checkpoint.epoch,
+        settings.train.select_metric: best_value,
+    }
     return tracker.log_model(
-        model,
+        loaded.deployable(),
         input_example=example,
+        metadata=metadata,
         select_metric=settings.train.select_metric,
-        select_value=float(best_value) if best_value is not None else float("nan"),
+        select_value=best_value,
         higher_is_better=settings.train.select_metric != "val_loss",
     )

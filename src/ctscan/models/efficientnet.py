@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ctscan.models import WeightsUnavailable, load_backbone, read_state_dict
+from ctscan.models.weights import WeightsUnavailable, load_backbone, read_state_dict
 
 if TYPE_CHECKING:
     import torch

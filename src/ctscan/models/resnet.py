@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ctscan.models import WeightsUnavailable, load_backbone, read_state_dict
+from ctscan.models.weights import WeightsUnavailable, load_backbone, read_state_dict
 
 if TYPE_CHECKING:
     import torch

@@ -1,0 +1,129 @@
+"""Files and folders the user names: checked with one clear error, written atomically, locked.
+
+Every command that writes into a folder the user chose (`--out`, `paths.*`) goes through
+`ensure_dir` first, so a path that names a file, lies under a file or cannot be written ends in
+one `CtscanError` line instead of an OSError traceback. `atomic_write` is the one temp file +
+fsync + rename writer; `remove_stale_temps` cleans what a killed writer left; `folder_lock`
+keeps two processes from writing the same run folder at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from ctscan.errors import CtscanError
+
+TEMP_SUFFIX = ".tmp"
+
+
+def ensure_dir(path: Path | str, *, what: str, error: type[CtscanError] = CtscanError) -> Path:
+    """Create folder `path` (and its parents) or raise one clear error naming it.
+
+    `what` says what the folder is for ("run folder", "report folder"); the error names the
+    path, why it cannot be used, and the fix.
+    """
+    path = Path(path)
+    fix = f"choose another {what} (an existing or new folder you can write to)."
+    if path.exists() and not path.is_dir():
+        raise error(f"{what} '{path}' is a file, not a folder.", fix)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise error(f"{what} '{path}' cannot be created: a part of it is a file.", fix) from None
+    except NotADirectoryError:
+        raise error(f"{what} '{path}' lies under a file, not a folder.", fix) from None
+    except OSError as exc:
+        raise error(f"{what} '{path}' cannot be created: {exc.strerror or exc}.", fix) from None
+    probe = None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".ctscan-write-test-", dir=path)
+        os.close(fd)
+    except OSError as exc:
+        raise error(f"{what} '{path}' is not writable: {exc.strerror or exc}.", fix) from None
+    finally:
+        if probe is not None:
+            Path(probe).unlink(missing_ok=True)
+    return path
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not supported on this platform
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
+    """Write `path` through `write(fh)` into a temp file beside it, fsync, then rename over it.
+
+    A failure (or a signal) mid-write leaves the old file as it was; the temp file is removed,
+    except after SIGKILL, which `remove_stale_temps` cleans on the next start.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def remove_stale_temps(folder: Path, names: tuple[str, ...]) -> list[Path]:
+    """Delete temp files `atomic_write` left for `names` in `folder` (call under `folder_lock`)."""
+    removed = []
+    for name in names:
+        for tmp in Path(folder).glob(f".{name}.*{TEMP_SUFFIX}"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
+@contextlib.contextmanager
+def folder_lock(
+    folder: Path, *, what: str, error: type[CtscanError] = CtscanError
+) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (a `.lock` file inside it) or fail at once.
+
+    The lock is an advisory `flock`: it goes away with the process, also after SIGKILL, so a
+    crashed run never leaves the folder locked. Without fcntl (Windows) no lock is taken.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Linux/macOS
+        yield
+        return
+    lock_path = Path(folder) / ".lock"
+    with lock_path.open("a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise error(
+                f"{what} '{folder}' is in use by another ctscan process ({holder}).",
+                f"wait for it to finish, or choose another {what}.",
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
