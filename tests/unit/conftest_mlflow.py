@@ -6,7 +6,6 @@ every test gets its own copy inside its tmp dir, where `open_tracker` finds it b
 
 from __future__ import annotations
 
-import logging
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,16 +19,11 @@ MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "CTSCAN_TRACKING__UR
 def mlflow_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A migrated, empty MLflow SQLite database file (created once per session)."""
     pytest.importorskip("mlflow")
-    from mlflow import MlflowClient
+    from ctscan.engine.tracking import _open_sqlite_store
 
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    mlflow_logger = logging.getLogger("mlflow")
-    level = mlflow_logger.level
-    mlflow_logger.setLevel(logging.WARNING)  # hold the migration chatter
-    try:
-        MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments(max_results=1)
-    finally:
-        mlflow_logger.setLevel(level)
+    # as open_tracker creates a store: under the lock, the Default experiment beside the file
+    _open_sqlite_store(f"sqlite:///{path}", path.parent)
     return path
 
 

@@ -165,3 +165,31 @@ def test_broken_trees_are_one_line_errors(make_raw_tree, tmp_path: Path, variant
     code, _, err = _run("preprocess", str(raw), "--out", str(tmp_path / "store"))
     assert code == 3, err
     assert err.count("\n") == 1 and "Traceback" not in err and "Fix:" in err
+
+
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        (["train"], "(default: paths.runs_dir/<model>-s<seed>-<time>)"),
+        (["evaluate"], "(default: eval-<split>/ beside the checkpoint)"),
+        (["preprocess"], "(default: paths.processed_dir)"),
+        (["audit"], "(default: paths.raw_dir)"),
+    ],
+)
+def test_help_shows_the_defaults(command: list[str], shown: str) -> None:
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0
+    assert shown in " ".join(result.output.replace("│", " ").split())  # not eaten as markup
+
+
+def test_ctrl_c_outside_training_is_one_line_exit_130(tmp_path: Path) -> None:
+    """A KeyboardInterrupt anywhere in a command: `ctscan: interrupted: ...`, exit 130."""
+    code = (
+        "import sys, ctscan.cli as cli\n"
+        "def boom(*a, **k):\n    raise KeyboardInterrupt\n"
+        "import ctscan.settings\nctscan.settings.load_settings = boom\n"
+        "sys.argv = ['ctscan', 'settings', 'show']\ncli.main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip() == "ctscan: interrupted: stopped by Ctrl-C."

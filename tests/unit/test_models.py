@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import urllib.error
 from pathlib import Path
@@ -22,7 +23,6 @@ from ctscan.models import (
     has_pretrained,
     head_module,
     input_channels,
-    pretrained_normalization,
     train_mode,
 )
 from ctscan.models import efficientnet as eff
@@ -69,11 +69,6 @@ def test_input_channels_and_pretrained_flags() -> None:
         "efficientnet_lite0": 3,
     }
     assert [n for n in MODEL_NAMES if has_pretrained(n)] == ["resnet18", "efficientnet_lite0"]
-    assert pretrained_normalization("efficientnet_lite0") == {
-        "mean": (0.5, 0.5, 0.5),
-        "std": (0.5, 0.5, 0.5),
-    }
-    assert pretrained_normalization("cnn") is None
 
 
 def test_bad_arguments_are_value_errors() -> None:
@@ -333,3 +328,28 @@ def test_head_is_found_through_compile_wrapper() -> None:
     model = build_model("cnn_gap")
     compiled = torch.compile(model)  # wraps lazily; nothing is compiled here
     assert head_module(compiled) is model.head
+
+
+def test_the_package_has_no_import_cycle() -> None:
+    """Model modules import weights.py, never the registry that imports them (lazily)."""
+    import ast
+
+    package = Path(__file__).resolve().parents[2] / "src" / "ctscan" / "models"
+    for module in ("resnet.py", "efficientnet.py", "cnn.py", "weights.py"):
+        tree = ast.parse((package / module).read_text())
+        imported = {
+            node.module
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module
+        }
+        assert "ctscan.models" not in imported, module
+    registry = ast.parse((package / "__init__.py").read_text())
+    top_level = {
+        node.module
+        for node in registry.body
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ctscan")
+    }
+    assert top_level == {"ctscan.models.weights"}
+    code = "import ctscan.models.resnet, ctscan.models.efficientnet; print('ok')"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stdout.strip() == "ok", proc.stderr

@@ -21,12 +21,18 @@ from hypothesis import strategies as st
 
 from ctscan.engine.tracking import (
     CHAMPION_ALIAS,
+    SPEC_ARTIFACT,
+    TAG_CLASS_NAMES,
+    TAG_CTSCAN_VERSION,
+    TAG_MODEL_NAME,
+    TAG_RESUMED_FROM,
     TAG_RUN_ID,
     TAG_SELECT_METRIC,
     TAG_SELECT_VALUE,
     MlflowTracker,
     Tracker,
     TrackingError,
+    load_model_spec,
     model_requirements,
     open_tracker,
     promote_if_better,
@@ -39,15 +45,34 @@ from ctscan.settings import TrackingSettings
 SRC_DIR = Path(__file__).resolve().parents[2] / "src"
 
 
+CLASS_NAMES = ["adenocarcinoma", "large_cell_carcinoma", "normal", "squamous_cell_carcinoma"]
+PREPROCESS = {
+    "image_size": 16,
+    "resize": "pad",
+    "mean": [0.5],
+    "std": [0.25],
+    "class_names": CLASS_NAMES,
+    "channels": 1,
+}
+METADATA = {
+    "class_names": CLASS_NAMES,
+    "preprocess": PREPROCESS,
+    "model_name": "tiny",
+    "ctscan_version": "0.1.0",
+    "checkpoint_sha256": "ab" * 32,
+}
+
+
 class TinyNet(torch.nn.Module):
-    """A 4-class classifier small enough to log in well under a second."""
+    """A 4-class classifier of uint8 gray batches, small enough to log in well under a second."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
         self.head = torch.nn.Linear(4, 4)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, H, W) -> (B, 4)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, H, W) uint8 -> (B, 4)
+        x = x.float() / 255
         return self.head(self.conv(x).mean(dim=(2, 3)))
 
 
@@ -61,8 +86,14 @@ class BranchyNet(TinyNet):
         return -out
 
 
-def example(batch: int = 1, size: int = 16) -> np.ndarray:
-    return np.random.default_rng(0).standard_normal((batch, 1, size, size)).astype(np.float32)
+def example(batch: int = 1, size: int = 16) -> np.ndarray:  # (B, 1, S, S) uint8
+    return np.random.default_rng(batch).integers(0, 256, (batch, 1, size, size), dtype=np.uint8)
+
+
+def log(tracker: Tracker, model: torch.nn.Module, value: float, **kwargs) -> dict | None:
+    """log_model with the test metadata and a val_macro_f1 value."""
+    kwargs = {"select_metric": "val_macro_f1", "metadata": METADATA} | kwargs
+    return tracker.log_model(model, input_example=example(), select_value=value, **kwargs)
 
 
 def client_for(tracker: Tracker):
@@ -125,7 +156,9 @@ with open_tracker(TrackingSettings(enabled=False), runs_dir=runs_dir, run_name="
     tracker.set_tags({{"k": "v"}})
     tracker.log_artifact(Path("nowhere.txt"))
     tracker.log_dict({{"a": 1}}, "a.json")
-    model = tracker.log_model(object(), input_example=None, select_metric="m", select_value=1.0)
+    model = tracker.log_model(
+        object(), input_example=None, metadata={{}}, select_metric="m", select_value=1.0
+    )
 print(json.dumps({{"mlflow": "mlflow" in sys.modules, "type": type(tracker).__name__,
                   "run_id": tracker.run_id, "model": model, "runs_dir": runs_dir.exists()}}))
 """
@@ -264,6 +297,68 @@ def test_close_is_idempotent_and_checks_the_status(mlflow_runs_dir):
     assert run.info.status == "KILLED" and run.data.metrics["test_accuracy"] == 0.75
 
 
+# --- resumed runs --------------------------------------------------------------------------------
+
+
+def test_a_resumed_run_continues_the_interrupted_run(mlflow_runs_dir):
+    first = open_tracker(TrackingSettings(), runs_dir=mlflow_runs_dir, run_name="r")
+    for step in (1, 2):
+        first.log_metrics({"val_loss": 1.0 / step}, step)
+    first.close("KILLED")
+    client = client_for(first)
+    assert client.get_run(first.run_id).info.status == "KILLED"
+
+    with open_tracker(
+        TrackingSettings(), runs_dir=mlflow_runs_dir, run_name="ignored", resume_run_id=first.run_id
+    ) as second:
+        assert second.run_id == first.run_id
+        assert second.experiment_id == first.experiment_id
+        assert client.get_run(first.run_id).info.status == "RUNNING"
+        for step in (3, 4):
+            second.log_metrics({"val_loss": 1.0 / step}, step)
+
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "r"
+    history = client.get_metric_history(first.run_id, "val_loss")
+    assert [(m.step, m.value) for m in history] == [(s, 1.0 / s) for s in (1, 2, 3, 4)]
+    assert len(client.search_runs([first.experiment_id])) == 1
+    assert TAG_RESUMED_FROM not in run.data.tags
+
+
+@pytest.mark.parametrize("missing", ["0123456789abcdef0123456789abcdef", "not-a-run-id"])
+def test_resuming_a_run_this_store_lacks_starts_a_tagged_new_run(mlflow_runs_dir, caplog, missing):
+    with (
+        caplog.at_level(logging.WARNING, logger="ctscan.engine.tracking"),
+        open_tracker(
+            TrackingSettings(), runs_dir=mlflow_runs_dir, resume_run_id=missing
+        ) as tracker,
+    ):
+        tracker.log_metrics({"val_loss": 0.5}, 3)
+    assert tracker.run_id != missing
+    run = client_for(tracker).get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[TAG_RESUMED_FROM] == missing
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert missing in warnings[0] and "not in this tracking store" in warnings[0]
+
+
+def test_resuming_a_deleted_run_starts_a_new_run(mlflow_runs_dir, caplog):
+    with open_tracker(TrackingSettings(), runs_dir=mlflow_runs_dir) as first:
+        pass
+    client_for(first).delete_run(first.run_id)
+    with (
+        caplog.at_level(logging.WARNING, logger="ctscan.engine.tracking"),
+        open_tracker(
+            TrackingSettings(), runs_dir=mlflow_runs_dir, resume_run_id=first.run_id
+        ) as second,
+    ):
+        pass
+    assert second.run_id != first.run_id
+    assert client_for(second).get_run(second.run_id).data.tags[TAG_RESUMED_FROM] == first.run_id
+    assert "is deleted" in caplog.text
+
+
 # --- the model registry --------------------------------------------------------------------------
 
 
@@ -275,9 +370,7 @@ def test_log_model_registers_a_loadable_version_with_example_and_requirements(
 
     model = TinyNet()
     with open_tracker(TrackingSettings(), runs_dir=mlflow_runs_dir) as tracker:
-        result = tracker.log_model(
-            model, input_example=example(batch=1), select_metric="val_macro_f1", select_value=0.6
-        )
+        result = log(tracker, model, 0.6)
     assert result is not None
     assert result["name"] == "ctscan-classifier" and result["version"] == 1
     assert result["promoted"] is True
@@ -308,17 +401,123 @@ def test_log_model_registers_a_loadable_version_with_example_and_requirements(
         torch.testing.assert_close(loaded(batch), model.eval()(batch))
 
 
-def test_champion_moves_on_a_better_value_and_stays_on_a_worse_one(mlflow_runs_dir):
-    def log(value: float) -> dict:
-        return tracker.log_model(
-            TinyNet(), input_example=example(), select_metric="val_macro_f1", select_value=value
-        )
+@pytest.mark.slow
+def test_the_registered_model_carries_its_spec_and_a_uint8_signature(mlflow_runs_dir, tmp_path):
+    import mlflow
+    import mlflow.pytorch
+
+    model = TinyNet().eval()
+    with open_tracker(TrackingSettings(), runs_dir=mlflow_runs_dir) as tracker:
+        log(tracker, model, 0.6)
+    mlflow.set_tracking_uri(tracker.uri)  # cleared by the fixture
+    champion_uri = "models:/ctscan-classifier@champion"
+
+    # usable on its own: uint8 images in, the module's logits out, any batch size
+    loaded = mlflow.pytorch.load_model(champion_uri)
+    batch = torch.from_numpy(example(batch=3))  # (3, 1, 16, 16) uint8
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch), model(batch))
+
+    info = mlflow.models.get_model_info(champion_uri)
+    assert info.metadata == METADATA  # (a) in the MLmodel file
+    (spec,) = info.signature.inputs.inputs
+    assert (spec.type, spec.shape) == (np.dtype("uint8"), (-1, 1, 16, 16))
+    (out,) = info.signature.outputs.inputs
+    assert out.shape == (-1, 4)
+
+    # (b) ctscan_spec.json beside the MLmodel file
+    local = Path(mlflow.artifacts.download_artifacts(champion_uri, dst_path=str(tmp_path)))
+    assert json.loads((local / SPEC_ARTIFACT).read_text()) == METADATA
+    assert (local / "MLmodel").is_file()
+
+    # (c) tags on the registered version
+    version = client_for(tracker).get_model_version("ctscan-classifier", "1")
+    assert json.loads(version.tags[TAG_CLASS_NAMES]) == CLASS_NAMES
+    assert version.tags[TAG_MODEL_NAME] == "tiny"
+    assert version.tags[TAG_CTSCAN_VERSION] == "0.1.0"
+
+    # the reader resolves every URI form through the project's tracking settings
+    mlflow.set_tracking_uri(None)
+    for uri in (champion_uri, "models:/ctscan-classifier/1", f"runs:/{tracker.run_id}/model"):
+        assert load_model_spec(uri, TrackingSettings(), mlflow_runs_dir) == METADATA
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+
+
+def test_log_model_refuses_a_float_example_and_incomplete_metadata(mlflow_runs_dir):
+    with open_tracker(TrackingSettings(), runs_dir=mlflow_runs_dir) as tracker:
+        with pytest.raises(ValueError, match="uint8"):
+            tracker.log_model(
+                TinyNet(),
+                input_example=example().astype(np.float32),
+                metadata=METADATA,
+                select_metric="val_loss",
+                select_value=0.1,
+            )
+        incomplete = {k: v for k, v in METADATA.items() if k != "checkpoint_sha256"}
+        with pytest.raises(ValueError, match="checkpoint_sha256"):
+            log(tracker, TinyNet(), 0.5, metadata=incomplete)
+    assert client_for(tracker).search_registered_models() == []
+
+
+@pytest.mark.parametrize(
+    ("model_uri", "expected"),
+    [
+        ("models:/nope@champion", "cannot find the model 'models:/nope@champion'"),
+        ("models:/ctscan-classifier/9", "cannot find the model 'models:/ctscan-classifier/9'"),
+        ("s3://bucket/model", "is not an MLflow model URI"),
+    ],
+)
+def test_load_model_spec_of_a_missing_model_is_a_tracking_error(
+    mlflow_runs_dir, model_uri, expected
+):
+    from mlflow import MlflowClient
+
+    uri = resolve_tracking_uri(TrackingSettings(), mlflow_runs_dir)
+    MlflowClient(tracking_uri=uri).create_registered_model("ctscan-classifier")  # no versions
+    with pytest.raises(TrackingError) as info:
+        load_model_spec(model_uri, TrackingSettings(), mlflow_runs_dir)
+    assert expected in info.value.message and info.value.fix
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+
+
+def test_load_model_spec_without_a_store_is_a_tracking_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("CTSCAN_TRACKING__URI", raising=False)
+    with pytest.raises(TrackingError, match="no MLflow store") as info:
+        load_model_spec("models:/m@champion", TrackingSettings(), tmp_path / "runs")
+    assert "ctscan train" in info.value.fix
+    assert not (tmp_path / "runs").exists()  # looking up creates nothing
+
+
+def test_load_model_spec_of_a_model_without_ctscan_metadata_is_a_tracking_error(
+    mlflow_runs_dir,
+):
+    import mlflow
+    import mlflow.pytorch
 
     with open_tracker(TrackingSettings(), runs_dir=mlflow_runs_dir) as tracker:
-        results = [log(value) for value in (0.5, 0.4, 0.5)]
+        pass
+    mlflow.set_tracking_uri(tracker.uri)  # a model logged by hand, as an older ctscan did
+    with mlflow.start_run(run_id=tracker.run_id):
+        mlflow.pytorch.log_model(
+            TinyNet(),
+            name="model",
+            serialization_format="pickle",
+            pip_requirements=["torch"],
+            registered_model_name="plain",
+        )
+    mlflow.set_tracking_uri(None)
+    with pytest.raises(TrackingError, match="carries no ctscan metadata") as info:
+        load_model_spec("models:/plain/1", TrackingSettings(), mlflow_runs_dir)
+    assert "class_names" in info.value.message and "checkpoint" in info.value.fix
+
+
+def test_champion_moves_on_a_better_value_and_stays_on_a_worse_one(mlflow_runs_dir):
+    with open_tracker(TrackingSettings(), runs_dir=mlflow_runs_dir) as tracker:
+        results = [log(tracker, TinyNet(), value) for value in (0.5, 0.4, 0.5)]
     # after close, as the training loop does: the ended run is resumed for the model, then
     # ended again with its status, and the process-wide URI is left as it was
-    results.append(log(0.7))
+    results.append(log(tracker, TinyNet(), 0.7))
     assert client_for(tracker).get_run(tracker.run_id).info.status == "FINISHED"
     assert "MLFLOW_TRACKING_URI" not in os.environ
     version = client_for(tracker).get_model_version("ctscan-classifier", "4")
@@ -335,9 +534,7 @@ def test_champion_moves_on_a_better_value_and_stays_on_a_worse_one(mlflow_runs_d
 def test_log_model_setting_off_logs_nothing(mlflow_runs_dir):
     settings = TrackingSettings(log_model=False)
     with open_tracker(settings, runs_dir=mlflow_runs_dir) as tracker:
-        result = tracker.log_model(
-            TinyNet(), input_example=example(), select_metric="val_loss", select_value=0.1
-        )
+        result = log(tracker, TinyNet(), 0.1)
     assert result is None
     assert client_for(tracker).search_registered_models() == []
 
@@ -350,18 +547,14 @@ def test_a_model_torch_export_cannot_trace_is_pickled_instead(mlflow_runs_dir, t
         caplog.at_level(logging.WARNING, logger="ctscan.engine.tracking"),
         open_tracker(TrackingSettings(), runs_dir=mlflow_runs_dir) as tracker,
     ):
-        result = tracker.log_model(
-            BranchyNet(),
-            input_example=example(),
-            select_metric="val_loss",
-            select_value=0.3,
-            higher_is_better=False,
-        )
+        result = log(tracker, BranchyNet(), 0.3, select_metric="val_loss", higher_is_better=False)
     assert result["version"] == 1 and result["promoted"] is True
     assert "torch.export failed" in caplog.text
     source = client_for(tracker).get_model_version_download_uri("ctscan-classifier", "1")
     local = Path(mlflow.artifacts.download_artifacts(source, dst_path=str(tmp_path)))
     assert (local / "data" / "model.pth").is_file()
+    assert json.loads((local / SPEC_ARTIFACT).read_text()) == METADATA
+    assert yaml.safe_load((local / "MLmodel").read_text())["metadata"] == METADATA
 
 
 def test_unwrap_removes_compile_and_ddp_style_wrappers():

@@ -5,13 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from ctscan.engine.train import run_training
 from tests.unit.conftest_store import engine_settings
 
 
 @pytest.mark.slow
-def test_run_is_tracked_in_mlflow(synthetic_store: Path, mlflow_runs_dir: Path) -> None:
+def test_run_is_tracked_in_mlflow(
+    synthetic_store: Path, mlflow_runs_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from mlflow import MlflowClient
 
     settings = engine_settings(
@@ -45,3 +48,47 @@ def test_run_is_tracked_in_mlflow(synthetic_store: Path, mlflow_runs_dir: Path) 
     version = client.get_model_version_by_alias("ctscan-classifier", "champion")
     assert version.run_id == result.run_id
     assert result.model_version["promoted"] is True
+    # The registered model stands on its own: uint8 in, the spec and class names with it.
+    import mlflow
+
+    from ctscan.engine.tracking import load_model_spec
+
+    spec = load_model_spec(
+        "models:/ctscan-classifier@champion", settings.tracking, settings.paths.runs_dir
+    )
+    assert (
+        spec["class_names"] == spec["preprocess"]["class_names"] and len(spec["class_names"]) == 4
+    )
+    assert spec["model_name"] == "cnn_gap" and spec["preprocess"]["image_size"] == 32
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{mlflow_runs_dir / 'mlflow.db'}")
+    model = mlflow.pytorch.load_model(f"runs:/{result.run_id}/model")
+    batch = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8)
+    from ctscan.engine.checkpoint import load_model
+
+    expected = load_model(result.best_path).deployable()(batch)
+    assert torch.allclose(model(batch), expected, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_resumed_run_continues_its_mlflow_run(
+    synthetic_store: Path, mlflow_runs_dir: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    extra = {"tracking.enabled": "true", "tracking.log_model": "false"}
+    first = run_training(
+        engine_settings(synthetic_store, mlflow_runs_dir, **extra, **{"train.epochs": 2}),
+        out_dir=mlflow_runs_dir / "run",
+    )
+    again = run_training(
+        engine_settings(synthetic_store, mlflow_runs_dir, **extra, **{"train.epochs": 4}),
+        out_dir=mlflow_runs_dir / "run",
+        resume="auto",
+    )
+    assert first is not None and again is not None and again.run_id == first.run_id
+    client = MlflowClient(tracking_uri=f"sqlite:///{mlflow_runs_dir / 'mlflow.db'}")
+    history = client.get_metric_history(first.run_id, "val_loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4]
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+    experiment = client.get_experiment(client.get_run(first.run_id).info.experiment_id)
+    assert len(client.search_runs([experiment.experiment_id])) == 1

@@ -6,6 +6,9 @@ runs when tracking is enabled: with `tracking.enabled = false` mlflow is never i
 Tracking URI precedence (highest first): `tracking.uri` (settings file, `--set tracking.uri=...`
 or `CTSCAN_TRACKING__URI`), the `MLFLOW_TRACKING_URI` environment variable, the default
 `sqlite:///<runs_dir>/mlflow.db` with artifacts in `<runs_dir>/mlartifacts`.
+
+A SQLite store is created and migrated under an exclusive lock on `<db>.lock`, so processes that
+start together (trainings, evaluations, sweep workers) do not run MLflow's migrations at once.
 """
 
 from __future__ import annotations
@@ -13,11 +16,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import logging
 import math
 import os
+import shlex
 import socket
+import sqlite3
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,11 +49,19 @@ TAG_SELECT_METRIC = "ctscan.select_metric"
 TAG_SELECT_VALUE = "ctscan.select_value"
 TAG_HIGHER_IS_BETTER = "ctscan.higher_is_better"
 TAG_RUN_ID = "ctscan.run_id"
+TAG_RESUMED_FROM = "ctscan.resumed_from_run_id"
+TAG_CLASS_NAMES = "ctscan.class_names"
+TAG_MODEL_NAME = "ctscan.model_name"
+TAG_CTSCAN_VERSION = "ctscan.ctscan_version"
+SPEC_ARTIFACT = "ctscan_spec.json"
+SPEC_KEYS = ("class_names", "preprocess", "model_name", "ctscan_version", "checkpoint_sha256")
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 SERVER_PROBE_TIMEOUT_S = 5.0
 MAX_PARAM_CHARS = 6000
 NOISY_LOGGERS = ("mlflow", "mlflow.pytorch", "alembic")
+STORE_LOCK_TIMEOUT_S = 600.0
+SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
 class TrackingError(CtscanError):
@@ -83,6 +98,7 @@ class Tracker:
         model: torch.nn.Module,
         *,
         input_example: np.ndarray,
+        metadata: dict[str, Any],
         select_metric: str,
         select_value: float,
         higher_is_better: bool = True,
@@ -220,6 +236,144 @@ def _probe_server(uri: str, source: str) -> None:
 
 
 @contextlib.contextmanager
+def _store_lock(db: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `<db>.lock` (no lock where fcntl or flock is unavailable)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: stores created by runs that start together are not protected
+        log.debug("no fcntl: opening %s without a lock", db)
+        yield
+        return
+    lock_path = db.with_name(db.name + ".lock")
+    try:
+        handle = open(lock_path, "a")  # noqa: SIM115  (closed below, after the unlock)
+    except OSError as exc:
+        log.warning("cannot open the lock file %s (%s): no lock", lock_path, exc.strerror or exc)
+        yield
+        return
+    with handle:
+        locked = _acquire(fcntl, handle, lock_path)
+        try:
+            yield
+        finally:
+            if locked:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _acquire(fcntl: Any, handle: io.TextIOBase, lock_path: Path) -> bool:
+    """Take the exclusive lock, waiting up to STORE_LOCK_TIMEOUT_S; False where flock fails."""
+    deadline = time.monotonic() + STORE_LOCK_TIMEOUT_S
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise TrackingError(
+                    f"another process has held the lock '{lock_path}' on the MLflow store for "
+                    f"over {STORE_LOCK_TIMEOUT_S:.0f} s.",
+                    "wait for it or stop it (`fuser` or `lsof` on the lock file names it), "
+                    + _DISABLE_FIX,
+                ) from None
+            time.sleep(0.05)
+        except OSError as exc:  # e.g. ENOLCK on a network file system
+            log.warning("cannot lock %s (%s): no lock", lock_path, exc.strerror or exc)
+            return False
+
+
+def _broken_store(db: Path, why: str, hint: str = "") -> TrackingError:
+    """The error for a SQLite store file MLflow cannot use, with the way out."""
+    path = shlex.quote(str(db))
+    return TrackingError(
+        f"the MLflow store '{db}' {why}.",
+        f"{hint}move it aside (mv {path} {shlex.quote(str(db) + '.broken')}) and rerun to start a "
+        f"new store, point tracking.uri at another store, {_DISABLE_FIX}",
+    )
+
+
+def _check_sqlite_file(db: Path) -> None:
+    """Refuse a file that is not SQLite, or that an interrupted migration left half done."""
+    if not db.is_file() or db.stat().st_size == 0:
+        return  # a new store
+    with open(db, "rb") as fh:
+        if fh.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
+            raise _broken_store(db, "is not an SQLite database")
+    try:
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            rows = conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' "
+                "AND name LIKE '\\_alembic\\_tmp\\_%' ESCAPE '\\' ORDER BY name"
+            ).fetchall()
+    except sqlite3.DatabaseError as exc:
+        raise _broken_store(db, f"cannot be read ({exc})") from None
+    if rows:
+        tables = ", ".join(name for (name,) in rows)
+        raise _broken_store(
+            db, f"was left half-migrated by an interrupted MLflow migration (table {tables})"
+        )
+
+
+def _open_sqlite_store(uri: str, runs_dir: Path) -> None:
+    """Create or migrate a SQLite store under the lock; a broken store is a TrackingError.
+
+    Creating MLflow's store object runs the migrations, and on a new database it creates the
+    Default experiment: here with its artifacts in `mlartifacts/` next to the database file,
+    not in `./mlruns` of the current folder.
+    """
+    db = _sqlite_path(uri)
+    if db is None:
+        return  # in-memory: one process only
+    db = db.resolve()
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    with _store_lock(db), _quiet():
+        _check_sqlite_file(db)
+        try:
+            store = SqlAlchemyStore(uri, _artifact_location(uri, runs_dir))
+            missing = _missing_tables(store.engine)
+        except Exception as exc:  # migrations fail in many ways (alembic, SQLAlchemy, MLflow)
+            reason = _first_line(exc)
+            if "database is locked" in reason:
+                raise TrackingError(
+                    f"the MLflow store '{db}' is locked by another process: {reason}",
+                    "rerun when that process is done writing, " + _DISABLE_FIX,
+                ) from exc
+            hint = ""
+            if "Can't locate revision" in reason:
+                hint = "if a newer MLflow wrote it: upgrade mlflow (pip install -U 'mlflow<4'); or "
+            if "out-of-date database schema" in reason:
+                hint = (
+                    f"if an older MLflow wrote it: back it up, run `mlflow db upgrade {uri}`; or "
+                )
+            raise _broken_store(db, f"cannot be opened: {reason}", hint) from exc
+        if missing:
+            raise _broken_store(
+                db, f"cannot be opened: its schema version lacks tables ({', '.join(missing)})"
+            )
+
+
+def _missing_tables(engine: Any) -> list[str]:
+    """MLflow's tables that the database lacks (its alembic version can claim otherwise)."""
+    import sqlalchemy
+    from mlflow.store.db.base_sql_model import Base
+
+    return sorted(set(Base.metadata.tables) - set(sqlalchemy.inspect(engine).get_table_names()))
+
+
+@contextlib.contextmanager
+def _using_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's process-wide tracking URI at `uri`, then back (env variable included)."""
+    import mlflow
+
+    previous_env_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous_env_uri)  # None also clears the env variable
+
+
+@contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Hold MLflow's and alembic's INFO chatter (database migrations, registrations)."""
     loggers = [logging.getLogger(name) for name in NOISY_LOGGERS]
@@ -314,6 +468,15 @@ def promote_if_better(
     return better
 
 
+def _import_mlflow() -> None:
+    try:
+        import mlflow  # noqa: F401
+    except ImportError as exc:
+        raise TrackingError(
+            f"mlflow cannot be imported ({exc}).", f"pip install 'mlflow>=3,<4', {_DISABLE_FIX}"
+        ) from None
+
+
 class MlflowTracker(Tracker):
     """One MLflow run in one experiment; the registered model gets the logged models."""
 
@@ -325,17 +488,15 @@ class MlflowTracker(Tracker):
         *,
         runs_dir: Path,
         run_name: str | None = None,
+        resume_run_id: str | None = None,
     ) -> None:
         uri, source = _resolve_uri(tracking, runs_dir)
         _prepare_local_store(uri, source, runs_dir)
         _probe_server(uri, source)
-        try:
-            import mlflow
-        except ImportError as exc:
-            raise TrackingError(
-                f"mlflow cannot be imported ({exc}).",
-                f"pip install 'mlflow>=3,<4', {_DISABLE_FIX}",
-            ) from None
+        _import_mlflow()
+        if _scheme(uri) == "sqlite":
+            _open_sqlite_store(uri, runs_dir)
+        import mlflow
 
         self.settings = tracking
         self.uri = uri
@@ -346,15 +507,50 @@ class MlflowTracker(Tracker):
         self._previous_env_uri = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(uri)
         try:
-            with self._errors("open the experiment"), _quiet():  # quiet: SQLite migrations
+            with self._errors("open the experiment"), _quiet():
                 self.client = mlflow.MlflowClient(tracking_uri=uri)
-                experiment_id = self._experiment_id(tracking.experiment, runs_dir)
-                run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
+                run = self._start_run(tracking.experiment, runs_dir, run_name, resume_run_id)
         except BaseException:
             self._restore_uri()
             raise
-        self.experiment_id = experiment_id
+        self.experiment_id = run.info.experiment_id
         self.run_id = run.info.run_id
+
+    def _start_run(
+        self, experiment: str, runs_dir: Path, run_name: str | None, resume_run_id: str | None
+    ) -> Any:
+        """Reopen the run `resume_run_id` when this store has it, else start a new one."""
+        import mlflow
+
+        if resume_run_id and self._resumable(resume_run_id):
+            return mlflow.start_run(run_id=resume_run_id)  # status back to RUNNING
+        tags = {TAG_RESUMED_FROM: resume_run_id} if resume_run_id else None
+        experiment_id = self._experiment_id(experiment, runs_dir)
+        return mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+
+    def _resumable(self, run_id: str) -> bool:
+        """Whether the run exists here (not deleted); a warning line says when it does not."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException as exc:
+            if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
+            why = "is not in this tracking store"
+        else:
+            if run.info.lifecycle_stage != "deleted":
+                return True
+            why = "is deleted"
+        log.warning(
+            "MLflow run %s %s (%s): starting a new run tagged %s=%s",
+            run_id,
+            why,
+            self.uri,
+            TAG_RESUMED_FROM,
+            run_id,
+        )
+        return False
 
     @contextlib.contextmanager
     def _errors(self, action: str) -> Iterator[None]:
@@ -372,10 +568,19 @@ class MlflowTracker(Tracker):
             ) from exc
 
     def _experiment_id(self, name: str, runs_dir: Path) -> str:
+        from mlflow.exceptions import MlflowException
+
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
             location = _artifact_location(self.uri, runs_dir)
-            return self.client.create_experiment(name, artifact_location=location)
+            try:
+                return self.client.create_experiment(name, artifact_location=location)
+            except MlflowException as exc:  # another process created it an instant ago
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                experiment = self.client.get_experiment_by_name(name)
+                if experiment is None:
+                    raise
         if experiment.lifecycle_stage == "deleted":
             raise TrackingError(
                 f"MLflow experiment '{name}' (id {experiment.experiment_id}) is deleted.",
@@ -398,9 +603,7 @@ class MlflowTracker(Tracker):
         if active is not None and active.info.run_id == self.run_id:
             yield
             return
-        previous_env_uri = os.environ.get("MLFLOW_TRACKING_URI")
-        mlflow.set_tracking_uri(self.uri)
-        try:
+        with _using_uri(self.uri):
             status = self.client.get_run(self.run_id).info.status
             with _quiet():
                 mlflow.start_run(run_id=self.run_id)
@@ -409,8 +612,6 @@ class MlflowTracker(Tracker):
             finally:
                 with _quiet(), contextlib.redirect_stdout(io.StringIO()):  # links: shown once
                     mlflow.end_run(status=status)
-        finally:
-            mlflow.set_tracking_uri(previous_env_uri)
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Record run parameters (values are stored as strings)."""
@@ -458,11 +659,18 @@ class MlflowTracker(Tracker):
         model: torch.nn.Module,
         *,
         input_example: np.ndarray,
+        metadata: dict[str, Any],
         select_metric: str,
         select_value: float,
         higher_is_better: bool = True,
     ) -> dict | None:
         """Log the model (torch.export 'pt2' format), register a version, maybe move 'champion'.
+
+        `model` takes the uint8 gray batch `(B, 1, S, S)` and returns logits (normalisation and
+        channel expansion inside it); `input_example` is a uint8 array of that shape. The
+        signature is the uint8 tensor spec `(-1, 1, S, S)` -> the logits. `metadata` (the
+        ctscan spec: SPEC_KEYS at least, JSON-ready) goes into the MLmodel file's `metadata`,
+        into `ctscan_spec.json` beside the MLmodel file, and, in part, into the version's tags.
 
         May be called after close: the ended run is resumed for the model and ended again with
         its status. The model is copied to the CPU in eval mode; compile/DDP wrappers are
@@ -474,41 +682,65 @@ class MlflowTracker(Tracker):
         """
         if not self.settings.log_model:
             return None
-        import mlflow
         import mlflow.pytorch
         import numpy as np
-        from mlflow.exceptions import MlflowException
+        import torch
+        from mlflow.models import infer_signature
 
-        example = np.asarray(input_example)
-        if example.ndim > 0 and example.shape[0] == 1:
+        spec = _checked_spec(metadata)
+        example = np.asarray(input_example)  # (B, 1, S, S) uint8
+        if example.dtype != np.uint8 or example.ndim != 4 or example.shape[1] != 1:
+            raise ValueError(
+                f"input_example must be a (B, 1, S, S) uint8 array, not {example.dtype} "
+                f"{example.shape}"
+            )
+        if example.shape[0] == 1:
             example = np.concatenate([example, example])
         net = copy.deepcopy(unwrap(model)).to("cpu").eval()
-        requirements = model_requirements()
+        with torch.no_grad():
+            logits = net(torch.from_numpy(example))  # (B, C) float
+        signature = infer_signature(example, logits.numpy())
         with self._errors("log the model"), self._active_run(), _quiet():
-            try:
-                info = mlflow.pytorch.log_model(
-                    net,
-                    name=MODEL_ARTIFACT_NAME,
-                    input_example=example,
-                    pip_requirements=requirements,
-                    serialization_format="pt2",
-                )
-            except (MlflowException, OSError):
-                raise
-            except Exception as exc:  # torch.export could not trace the model
-                log.warning("torch.export failed (%s); logging a pickled model", _first_line(exc))
-                logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # same warning again
-                info = mlflow.pytorch.log_model(
-                    net,
-                    name=MODEL_ARTIFACT_NAME,
-                    input_example=example,
-                    pip_requirements=requirements,
-                    serialization_format="pickle",
-                )
-            return self._register(info, select_metric, float(select_value), higher_is_better)
+            info = self._log_pytorch(mlflow.pytorch, net, example, signature, spec)
+            self._log_spec_file(info.model_id, spec)
+            return self._register(info, spec, select_metric, float(select_value), higher_is_better)
+
+    def _log_pytorch(
+        self, flavor: Any, net: torch.nn.Module, example: np.ndarray, signature: Any, spec: dict
+    ) -> Any:
+        """mlflow.pytorch.log_model in pt2 format, or pickled when torch.export fails."""
+        from mlflow.exceptions import MlflowException
+
+        kwargs = {
+            "name": MODEL_ARTIFACT_NAME,
+            "input_example": example,
+            "signature": signature,
+            "metadata": spec,
+            "pip_requirements": model_requirements(),
+        }
+        try:
+            return flavor.log_model(net, serialization_format="pt2", **kwargs)
+        except (MlflowException, OSError):
+            raise
+        except Exception as exc:  # torch.export could not trace the model
+            log.warning("torch.export failed (%s); logging a pickled model", _first_line(exc))
+            logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # same warning again
+            return flavor.log_model(net, serialization_format="pickle", **kwargs)
+
+    def _log_spec_file(self, model_id: str, spec: dict) -> None:
+        """Write the spec as ctscan_spec.json into the logged model's folder, beside MLmodel."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / SPEC_ARTIFACT
+            path.write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+            self.client.log_model_artifact(model_id, str(path))
 
     def _register(
-        self, info: Any, select_metric: str, select_value: float, higher_is_better: bool
+        self,
+        info: Any,
+        spec: dict,
+        select_metric: str,
+        select_value: float,
+        higher_is_better: bool,
     ) -> dict:
         """Add a registry version for a logged model and decide on the champion alias."""
         from mlflow.exceptions import MlflowException
@@ -524,6 +756,9 @@ class MlflowTracker(Tracker):
             TAG_SELECT_VALUE: repr(select_value),
             TAG_HIGHER_IS_BETTER: str(higher_is_better).lower(),
             TAG_RUN_ID: self.run_id,
+            TAG_CLASS_NAMES: json.dumps(spec["class_names"]),
+            TAG_MODEL_NAME: str(spec["model_name"]),
+            TAG_CTSCAN_VERSION: str(spec["ctscan_version"]),
         }
         version = self.client.create_model_version(
             name, source=info.model_uri, run_id=self.run_id, tags=tags, model_id=info.model_id
@@ -565,9 +800,86 @@ class MlflowTracker(Tracker):
 
 
 def open_tracker(
-    tracking: TrackingSettings, *, runs_dir: Path, run_name: str | None = None
+    tracking: TrackingSettings,
+    *,
+    runs_dir: Path,
+    run_name: str | None = None,
+    resume_run_id: str | None = None,
 ) -> Tracker:
-    """A started MLflow run when tracking is enabled, else a no-op Tracker."""
+    """A started MLflow run when tracking is enabled, else a no-op Tracker.
+
+    With `resume_run_id` naming a run of this store, that run is reopened (same id, status
+    RUNNING again) so later metrics continue its history; a run this store does not have gives
+    a new run tagged `ctscan.resumed_from_run_id` and a warning.
+    """
     if not tracking.enabled:
         return Tracker()
-    return MlflowTracker(tracking, runs_dir=Path(runs_dir), run_name=run_name)
+    return MlflowTracker(
+        tracking, runs_dir=Path(runs_dir), run_name=run_name, resume_run_id=resume_run_id
+    )
+
+
+def _checked_spec(metadata: dict[str, Any]) -> dict[str, Any]:
+    """A JSON round-trip copy of the model metadata, with every key of SPEC_KEYS."""
+    missing = [key for key in SPEC_KEYS if key not in metadata]
+    if missing:
+        raise ValueError(
+            f"model metadata lacks {', '.join(missing)} (needs {', '.join(SPEC_KEYS)})"
+        )
+    try:
+        return json.loads(json.dumps(metadata))  # a NaN metric stays NaN (Python's JSON)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"model metadata is not JSON-ready: {exc}") from None
+
+
+MODEL_URI_FORMS = "models:/<name>@<alias>, models:/<name>/<version> or runs:/<run id>/model"
+
+
+def load_model_spec(model_uri: str, tracking: TrackingSettings, runs_dir: Path) -> dict[str, Any]:
+    """The ctscan metadata (class names, preprocessing spec, versions) of a logged MLflow model.
+
+    `model_uri` is resolved in the store that `open_tracker` would use (tracking.uri, else
+    MLFLOW_TRACKING_URI, else the SQLite file in `runs_dir`).
+    """
+    scheme = urlsplit(model_uri).scheme.lower()
+    if scheme not in ("models", "runs"):
+        raise TrackingError(
+            f"'{model_uri}' is not an MLflow model URI.", f"write it as {MODEL_URI_FORMS}."
+        )
+    uri, source = _resolve_uri(tracking, runs_dir)
+    where = f"'{uri}' (from {source})"
+    if _scheme(uri) == "sqlite":
+        db = _sqlite_path(uri)
+        if db is not None and not db.is_file():
+            raise TrackingError(
+                f"there is no MLflow store at {where} to look up '{model_uri}'.",
+                "train and register a model first (ctscan train), or point tracking.uri / "
+                "MLFLOW_TRACKING_URI at the store that holds it.",
+            )
+    _probe_server(uri, source)
+    _import_mlflow()
+    if _scheme(uri) == "sqlite":
+        _open_sqlite_store(uri, runs_dir)
+    import mlflow.models
+    from mlflow.exceptions import MlflowException
+
+    with _using_uri(uri), _quiet():
+        try:
+            info = mlflow.models.get_model_info(model_uri)
+        except (MlflowException, OSError) as exc:
+            raise TrackingError(
+                f"MLflow cannot find the model '{model_uri}' in {where}: {_first_line(exc)}",
+                "check the name, alias or version (MlflowClient().search_model_versions() lists "
+                "them; the alias set by training is 'champion'), or point tracking.uri at the "
+                "store that holds the model.",
+            ) from None
+    metadata = dict(info.metadata or {})
+    missing = [key for key in SPEC_KEYS if key not in metadata]
+    if missing:
+        raise TrackingError(
+            f"the MLflow model '{model_uri}' carries no ctscan metadata (missing: "
+            f"{', '.join(missing)}).",
+            "use a model registered by `ctscan train` of this version (retrain, or re-register "
+            "from its checkpoint), or use the checkpoint itself.",
+        )
+    return metadata

@@ -674,7 +674,7 @@ def _run_epochs(
             settings.tracking,
             runs_dir=settings.paths.runs_dir,
             run_name=plan.run_dir.name,
-            **({"resume_run_id": resumed.mlflow_run_id} if resumed and resumed.mlflow_run_id else {}),  # SHIM
+            resume_run_id=resumed.mlflow_run_id if resumed is not None else None,
         )
         if rt.is_main
         else Tracker()

@@ -68,20 +68,6 @@ def has_pretrained(name: str) -> bool:
     return check_name(name) in PRETRAINED_NAMES
 
 
-def pretrained_normalization(name: str) -> dict[str, tuple[float, float, float]] | None:
-    """Per-channel mean/std (on [0, 1] pixels) the model's ImageNet weights were trained with."""
-    name = check_name(name)
-    if name == "resnet18":
-        from ctscan.models.resnet import PRETRAINED_NORMALIZATION
-
-        return dict(PRETRAINED_NORMALIZATION)
-    if name == "efficientnet_lite0":
-        from ctscan.models.efficientnet import PRETRAINED_NORMALIZATION
-
-        return dict(PRETRAINED_NORMALIZATION)
-    return None
-
-
 def build_model(
     name: str,
     *,
@@ -223,7 +209,6 @@ __all__ = [
     "has_pretrained",
     "head_module",
     "input_channels",
-    "pretrained_normalization",
     "train_mode",
     "unwrap",
 ]

@@ -1,0 +1,69 @@
+"""One input path, on the real images: a raw file read for inference equals the training input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ctscan.data.preprocess import run_preprocess
+from ctscan.data.store import load_store
+from ctscan.data.transforms import model_input, prepare
+from ctscan.engine.evaluate import predict
+from ctscan.engine.modelling import Deployable, build_model
+from ctscan.engine.runtime import resolve_runtime
+from ctscan.settings import TrainSettings, load_settings
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def store_96(real_raw_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("input-path") / "processed"
+    settings = load_settings(
+        [],
+        [f'paths.raw_dir="{real_raw_dir}"', f'paths.processed_dir="{out}"', "data.image_size=96"],
+    )
+    return run_preprocess(settings).store_dir
+
+
+def test_every_raw_file_through_prepare_equals_its_store_row(
+    store_96: Path, real_raw_dir: Path
+) -> None:
+    store = load_store(store_96)
+    spec = store.spec
+    checked = 0
+    for split in store.split_names:
+        data = store.split(split)
+        for i, rel in enumerate(data.paths):
+            raw = prepare(real_raw_dir / rel, spec)  # the path predict and serve will take
+            assert np.array_equal(raw, data.images[i, 0].numpy()), rel
+            checked += 1
+        # ... and the normalised model input of the two is the same tensor, for 1 and 3 channels
+        raw_batch = torch.from_numpy(
+            np.stack([prepare(real_raw_dir / rel, spec) for rel in data.paths[:16]])[:, None]
+        )
+        for channels in (1, 3):
+            a = model_input(raw_batch, mean=spec.mean, std=spec.std, channels=channels)
+            b = model_input(data.images[:16], mean=spec.mean, std=spec.std, channels=channels)
+            assert torch.equal(a, b)
+    assert checked == 944
+
+
+@pytest.mark.parametrize("name", ["cnn_gap", "efficientnet_lite0"])
+def test_deployable_uint8_model_equals_the_evaluation_path(store_96: Path, name: str) -> None:
+    """The MLflow / export module (uint8 in) gives evaluate's logits on the real test split."""
+    torch.manual_seed(0)
+    store = load_store(store_96)
+    spec = store.spec
+    net = build_model(name, num_classes=4, image_size=spec.image_size, dropout=0.2).eval()
+    channels = 1 if name == "cnn_gap" else 3
+    rt = resolve_runtime(TrainSettings(device="cpu", channels_last=False))
+    images = store.split("test").images
+    expected = predict(net, images, mean=spec.mean, std=spec.std, channels=channels, rt=rt)
+    with torch.no_grad():
+        got = Deployable(net, spec, channels).eval()(images)
+    assert got.dtype == torch.float32 and got.shape == (259, 4)
+    assert float((got - expected).abs().max()) <= 1e-5
