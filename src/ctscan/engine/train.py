@@ -326,10 +326,16 @@ def train_one_epoch(
     *,
     epoch: int,
     progress: Progress,
+    max_steps: int | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """One pass over this rank's shard of the train split; returns loss, accuracy, lr, img/s."""
+    """One pass over this rank's shard of the train split; returns loss, accuracy, lr, img/s.
+
+    `max_steps` cuts the pass short and `after_step` runs after every step (`ctscan profile`
+    drives its profiler schedule with it); the training run uses neither.
+    """
     tr, rt = loop.settings.train, loop.rt
-    batches = list(train_batches(loop, len(labels), images.device, epoch))
+    batches = list(train_batches(loop, len(labels), images.device, epoch))[:max_steps]
     state.step_model.train()
     freeze_backbone(state.model, backbone_frozen(loop.settings, epoch))
     loss_sum = torch.zeros((), device=rt.device)
@@ -347,6 +353,8 @@ def train_one_epoch(
         loss_sum += loss * len(idx)
         correct += (logits.argmax(1) == y).sum()
         seen += len(idx)
+        if after_step is not None:
+            after_step()
         if progress.live and (not sync or i % 10 == 0):
             elapsed = max(time.perf_counter() - t0, 1e-9)
             lr = state.optimizer.param_groups[0]["lr"]
