@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from ctscan.errors import SettingsError, close_matches
@@ -28,10 +28,24 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _not_empty_path(value: Any) -> Any:
+    """Refuse "" (and blanks) for a path: Path("") would silently mean the current folder."""
+    if isinstance(value, str) and not value.strip():
+        raise ValueError(
+            "an empty path is not allowed (it would mean the current folder); give a path, "
+            "or leave the key out for its default"
+        )
+    return value
+
+
 class PathsSettings(Section):
     raw_dir: Path = Path("data/chest-ctscan-images")
     processed_dir: Path = Path("outputs/processed")
     runs_dir: Path = Path("outputs/runs")
+
+    _no_empty_paths = field_validator("raw_dir", "processed_dir", "runs_dir", mode="before")(
+        _not_empty_path
+    )
 
 
 class DataSettings(Section):
@@ -62,6 +76,8 @@ class ModelSettings(Section):
     weights_path: Path | None = Field(None, description="local ImageNet weights file (optional)")
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     freeze_epochs: int = Field(1, ge=0, description="epochs with the pretrained backbone frozen")
+
+    _no_empty_path = field_validator("weights_path", mode="before")(_not_empty_path)
 
 
 class AugmentSettings(Section):
@@ -126,6 +142,16 @@ class ServeSettings(Section):
     max_upload_bytes: int = Field(20_000_000, ge=1)
 
 
+class InferenceSettings(Section):
+    batch_size: int = Field(32, ge=1, description="images per model call in ctscan predict")
+    dicom_window_level: float = Field(
+        -600.0, description="DICOM: centre of the Hounsfield window (lung window: -600)"
+    )
+    dicom_window_width: float = Field(
+        1500.0, gt=0.0, description="DICOM: width of the Hounsfield window (lung window: 1500)"
+    )
+
+
 class Settings(BaseSettings):
     """The whole resolved configuration of a ctscan command."""
 
@@ -143,6 +169,7 @@ class Settings(BaseSettings):
     train: TrainSettings = Field(default_factory=TrainSettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
 
 
 class _FileSource(PydanticBaseSettingsSource):
@@ -178,6 +205,13 @@ def resolve_settings_file(name: str | Path) -> Path:
     recipe = RECIPE_DIR / f"{name}.toml"
     if path.suffix == "" and recipe.is_file():
         return recipe
+    if path.is_dir():
+        inside = sorted(str(p) for p in path.glob("*.toml"))[:5]
+        hint = f" TOML files in it: {', '.join(inside)}." if inside else ""
+        raise SettingsError(
+            f"settings file '{name}' is a directory; a TOML file is expected.{hint}",
+            "pass a TOML file (or a recipe name) to --settings, not a folder.",
+        )
     recipes = sorted(p.stem for p in RECIPE_DIR.glob("*.toml")) if RECIPE_DIR.is_dir() else []
     hint = f" Recipes in {RECIPE_DIR}/: {', '.join(recipes)}." if recipes else ""
     raise SettingsError(

@@ -165,3 +165,33 @@ def test_pool_gives_the_same_store_as_one_process(
         assert np.array_equal(a.split(split).images.numpy(), b.split(split).images.numpy())
         assert a.split(split).hashes == b.split(split).hashes
     assert a.spec == b.spec
+
+
+def test_a_bad_out_path_fails_before_any_image_is_read(
+    make_raw_tree, tmp_path: Path, monkeypatch
+) -> None:
+    root = make_raw_tree("minimal")
+    (tmp_path / "file.txt").write_text("x")
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("the raw images were scanned before the output was checked")
+
+    monkeypatch.setattr(pp, "_scan", no_scan)
+    for out in (tmp_path / "file.txt", tmp_path / "file.txt" / "store"):
+        with pytest.raises(DataError, match="file, not a folder") as err:
+            run_preprocess(_settings(), root, out, workers=0)
+        assert f"'{out}'" in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "minimal"]
+
+
+def test_pool_workers_ignore_ctrl_c_and_leave_sigterm_to_the_default() -> None:
+    import signal
+
+    previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        pp._init_worker()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])

@@ -118,7 +118,7 @@ def test_toml_round_trip(epochs: int, lr: float, ema: bool, name: str, raw: str)
         {
             "train": {"epochs": epochs, "lr": lr, "ema": ema},
             "model": {"name": name},
-            "paths": {"raw_dir": raw or "x"},
+            "paths": {"raw_dir": raw if raw.strip() else "x"},  # blank paths are refused
         }
     )
     back = Settings.model_validate(tomllib.loads(to_toml(s)))
@@ -135,3 +135,46 @@ def test_deep_merge_is_identity_with_empty_and_idempotent(d: dict) -> None:
     assert deep_merge(d, {}) == d
     assert deep_merge({}, d) == d
     assert deep_merge(d, d) == d
+
+
+@pytest.mark.parametrize("key", ["raw_dir", "processed_dir", "runs_dir"])
+@pytest.mark.parametrize("value", ['""', '"  "'])
+def test_empty_paths_are_refused_naming_the_key(key: str, value: str, tmp_path: Path) -> None:
+    # An empty path would silently become "." (the current folder).
+    with pytest.raises(SettingsError, match=rf"'paths\.{key}' = .*empty path") as err:
+        load_settings([], [f"paths.{key}={value}"])
+    assert "--set" in str(err.value)
+    toml = tmp_path / "empty.toml"
+    toml.write_text(f"[paths]\n{key} = {value}\n")
+    with pytest.raises(SettingsError, match=rf"'paths\.{key}'.*empty path"):
+        load_settings([toml])
+
+
+def test_an_empty_path_in_the_cli_form_and_the_environment_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with pytest.raises(SettingsError, match=r"'paths\.runs_dir' = ''.*empty path"):
+        load_settings([], ["paths.runs_dir="])  # `--set paths.runs_dir=`
+    monkeypatch.setenv("CTSCAN_PATHS__RUNS_DIR", "")
+    with pytest.raises(SettingsError, match=r"'paths\.runs_dir' = ''.*empty path") as err:
+        load_settings()
+    assert "environment" in str(err.value)
+
+
+def test_an_empty_weights_path_is_refused_and_unset_stays_none() -> None:
+    with pytest.raises(SettingsError, match=r"'model\.weights_path'.*empty path"):
+        load_settings([], ['model.weights_path=""'])
+    assert load_settings().model.weights_path is None
+    assert load_settings([], ['model.weights_path="w.pt"']).model.weights_path == Path("w.pt")
+    assert load_settings([], ['paths.runs_dir="."']).paths.runs_dir == Path(".")  # explicit
+
+
+def test_a_directory_given_as_settings_file_says_so(tmp_path: Path) -> None:
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    (folder / "mine.toml").write_text("[train]\nepochs = 2\n")
+    for name in (folder, f"{folder}/"):
+        with pytest.raises(SettingsError, match="is a directory; a TOML file is expected") as err:
+            resolve_settings_file(name)
+        assert "does not exist" not in str(err.value)
+        assert str(folder / "mine.toml") in str(err.value)  # what it could have meant

@@ -15,10 +15,13 @@ from ctscan.data import store as store_mod
 from ctscan.data.raw import discover
 from ctscan.data.store import (
     SplitArrays,
+    check_store_target,
     dvc_data_hash,
+    find_dvc_file,
     find_dvc_hash,
     load_store,
     raw_fingerprint,
+    stale_keys,
     write_store,
 )
 from ctscan.data.transforms import PreprocessSpec
@@ -109,8 +112,9 @@ def test_failed_write_leaves_the_old_store_intact(tmp_path: Path, monkeypatch) -
         return real_save(*args, **kwargs)
 
     monkeypatch.setattr(store_mod.np, "save", failing_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(DataError, match="disk full") as err:  # one line, not an OSError traceback
         _write(tmp_path / "processed", seed=1)
+    assert f"'{tmp_path / 'processed'}'" in str(err.value) and "old store" in str(err.value)
     monkeypatch.undo()
     after = {p.name: p.read_bytes() for p in (tmp_path / "processed").iterdir()}
     assert after == before
@@ -192,7 +196,8 @@ def test_stale_settings_are_refused(tmp_path: Path) -> None:
         assert "ctscan preprocess" in str(err.value)
 
 
-def test_bad_file_settings_matter_once_files_were_skipped(tmp_path: Path) -> None:
+def test_bad_file_settings_do_not_make_a_store_stale(tmp_path: Path) -> None:
+    """Which files a store skipped is the store's own: train need not repeat on_bad_file."""
     settings = DataSettings(image_size=SIZE, on_bad_file="skip").model_dump(mode="json")
     spec = PreprocessSpec(SIZE, "pad", 0.4, 0.2, CLASS_NAMES)
     path = write_store(
@@ -205,12 +210,15 @@ def test_bad_file_settings_matter_once_files_were_skipped(tmp_path: Path) -> Non
         on_leak="keep",
         skipped=[{"path": "train/normal/x.png", "reason": "empty"}],
     )
-    with pytest.raises(DataError, match=r"data\.on_bad_file"):
-        load_store(path, expect_data=DataSettings(image_size=SIZE, on_bad_file="error"))
-    with pytest.raises(DataError, match=r"data\.max_image_pixels"):
-        load_store(
-            path, expect_data=DataSettings(image_size=SIZE, on_bad_file="skip", max_image_pixels=5)
-        )
+    for data in (
+        DataSettings(image_size=SIZE),  # the defaults: on_bad_file="error"
+        DataSettings(image_size=SIZE, on_bad_file="skip", max_image_pixels=5, max_file_bytes=9),
+    ):
+        assert stale_keys(load_store(path).meta, data) == []
+        store = load_store(path, expect_data=data)
+        assert store.skipped == [{"path": "train/normal/x.png", "reason": "empty"}]
+    with pytest.raises(DataError, match=r"data\.image_size"):  # tensor settings still count
+        load_store(path, expect_data=DataSettings(image_size=2 * SIZE))
 
 
 def test_raw_fingerprint_mismatch_is_refused(tmp_path: Path) -> None:
@@ -244,3 +252,69 @@ def test_dvc_hash_is_read_from_data_dvc(tmp_path: Path) -> None:
     raw = tmp_path / "data" / "chest-ctscan-images"
     raw.mkdir(parents=True)
     assert find_dvc_hash(raw) == "5a37ee9bddad98aa04154962c0bea4b2.dir"
+
+
+def test_meta_records_the_raw_folder_in_full_and_relative_to_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "raw").mkdir()
+    meta = load_store(_write(Path("outputs/processed"))).meta  # raw_dir="raw", as given
+    assert meta["raw_dir"] == str(tmp_path / "raw")  # absolute: checkable from any folder
+    assert meta["raw_dir_from_store"] == "../../raw"
+
+
+def test_dvc_hash_comes_from_the_dvc_file_tracking_the_raw_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dvc = "outs:\n- md5: {}\n  path: data\n"
+    project = tmp_path / "project"
+    raw = project / "data" / "chest-ctscan-images"
+    (project / "data.dvc").parent.mkdir(parents=True)
+    (project / "data.dvc").write_text(dvc.format("1" * 32 + ".dir"))
+    assert find_dvc_file(raw) == project / "data.dvc"  # found without the folder on disk
+    # A data.dvc in the working directory tracks another folder: it is not this data's version.
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "raw").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.dvc").write_text(dvc.format("2" * 32 + ".dir"))
+    assert find_dvc_hash(elsewhere / "raw") is None
+    assert find_dvc_hash(raw) == "1" * 32 + ".dir"
+
+
+def test_store_target_that_is_a_file_or_under_one_is_refused_writing_nothing(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "notes.txt").write_text("keep me")
+    cases = [
+        (tmp_path / "notes.txt", "is a file, not a folder"),
+        (tmp_path / "notes.txt" / "store", "lies under '" + str(tmp_path / "notes.txt")),
+        (tmp_path / "notes.txt" / "a" / "b" / "store", "which is a file"),
+    ]
+    for target, expected in cases:
+        with pytest.raises(DataError, match=expected) as err:
+            check_store_target(target)
+        assert f"'{target}'" in str(err.value) and "--out" in str(err.value)
+        with pytest.raises(DataError, match=expected):
+            _write(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_store_target_that_cannot_be_written_is_refused() -> None:
+    # /sys refuses mkdir even to root (a chmod-ed folder would not stop root)
+    target = Path("/sys/ctscan-test-no-such-folder/processed")
+    if not Path("/sys").is_dir():
+        pytest.skip("no /sys on this platform")
+    with pytest.raises(DataError, match="cannot be written") as err:
+        check_store_target(target)
+    assert f"'{target}'" in str(err.value)
+    assert not target.parent.exists()
+
+
+def test_store_target_checks_leave_an_existing_store_alone(tmp_path: Path) -> None:
+    path = _write(tmp_path / "processed")
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    assert check_store_target(path) == path
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["processed"]  # the probe is gone

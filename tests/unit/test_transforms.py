@@ -278,3 +278,35 @@ def test_model_input_maps_uint8_to_standard_units() -> None:
     assert three.shape == (1, 3, 1, 3) and all(
         torch.equal(three[:, c], out[:, 0]) for c in range(3)
     )
+
+
+@pytest.mark.parametrize(
+    ("width", "height"),
+    [(10_000, 10_000), (20_000, 10_000)],  # 100 M: Pillow warns; 200 M: Pillow refuses
+)
+def test_pixel_bombs_get_ctscans_message_and_no_pillow_warning(
+    width: int, height: int, recwarn: pytest.WarningsRecorder
+) -> None:
+    with pytest.raises(DataError) as err:
+        decode_image(png_header_only(width, height), max_pixels=40_000_000, name="'bomb.png'")
+    message = str(err.value)
+    assert f"'bomb.png' claims {width}x{height} = {width * height} pixels" in message
+    assert "data.max_image_pixels" in message and "40000000" in message
+    assert "decompression bomb DOS attack" not in message  # Pillow's wording
+    assert [str(w.message) for w in recwarn] == []
+
+
+def test_a_limit_above_pillows_hard_limit_still_gives_ctscans_message(
+    recwarn: pytest.WarningsRecorder,
+) -> None:
+    before = Image.MAX_IMAGE_PIXELS
+    hard, claimed = 2 * before, 20_000 * 10_000
+    assert claimed > hard  # Pillow refuses this one whatever ctscan's limit is
+    with pytest.raises(DataError) as err:
+        decode_image(png_header_only(20_000, 10_000), max_pixels=300_000_000)
+    message = str(err.value)
+    assert "20000x10000 = 200000000 pixels" in message
+    assert "data.max_image_pixels (300000000)" in message and f"hard limit of {hard}" in message
+    assert "decompression bomb DOS attack" not in message
+    assert [str(w.message) for w in recwarn] == []
+    assert before == Image.MAX_IMAGE_PIXELS  # the process-global limit is left alone

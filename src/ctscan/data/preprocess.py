@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,7 +33,13 @@ from ctscan.data.audit import (
     thumbnail,
 )
 from ctscan.data.raw import SPLITS, RawImage, RawTree, scan_raw
-from ctscan.data.store import SplitArrays, find_dvc_hash, raw_fingerprint, write_store
+from ctscan.data.store import (
+    SplitArrays,
+    check_store_target,
+    find_dvc_hash,
+    raw_fingerprint,
+    write_store,
+)
 from ctscan.data.transforms import (
     DecodeLimits,
     PreprocessSpec,
@@ -98,6 +106,28 @@ def _process(job: _Job) -> _Done:
     )
 
 
+def _init_worker() -> None:
+    """Pool workers leave Ctrl-C and SIGTERM to the parent, which stops them (no tracebacks)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not ctscan's handler, inherited by fork
+
+
+def _start_pool(ctx: Any, processes: int) -> Any:
+    """A pool whose workers ignore SIGINT from their first instruction on.
+
+    A terminal's Ctrl-C reaches every process of the group: the parent raises KeyboardInterrupt
+    and terminates the pool, the workers must not each print a traceback. SIGINT is ignored in
+    the parent while it forks (the initializer alone would leave a window after each fork).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return ctx.Pool(processes=processes, initializer=_init_worker)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return ctx.Pool(processes=processes, initializer=_init_worker)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _run_jobs(jobs: list[_Job], workers: int | None, progress: Progress | None) -> list[_Done]:
     total = len(jobs)
     if workers is None:
@@ -115,7 +145,7 @@ def _run_jobs(jobs: list[_Job], workers: int | None, progress: Progress | None) 
         method = "fork" if sys.platform == "linux" and "fork" in methods else "spawn"
         ctx = mp.get_context(method)
         chunk = max(1, total // (workers * 8))
-        with ctx.Pool(processes=min(workers, total)) as pool:
+        with _start_pool(ctx, min(workers, total)) as pool:  # on Ctrl-C: terminated
             for n, result in enumerate(pool.imap_unordered(_process, jobs, chunksize=chunk), 1):
                 done[result.index] = result
                 if progress:
@@ -260,6 +290,7 @@ def run_preprocess(
     out_dir = Path(out_dir if out_dir is not None else settings.paths.processed_dir)
     on_bad = _check_choice("on_bad_file", on_bad_file or data.on_bad_file, ("error", "skip"))
     on_leak = _check_choice("on_leak", data.on_leak, ("keep", "drop"))
+    check_store_target(out_dir)  # a bad --out fails now, not after the scan
     scan = _scan(raw_dir, data, resize=True, workers=workers, progress=progress)
     if scan.bad and on_bad == "error":
         _raise_bad_files(scan.bad)

@@ -1,9 +1,10 @@
 """The processed store: one directory of `.npy` arrays plus JSON, written atomically.
 
 Layout of `<processed_dir>/`:
-    meta.json              spec (size, resize, mean/std, class names), the `data` settings, raw
-                           fingerprint, DVC md5, on_leak and what was dropped/skipped, counts,
-                           version, creation time, size and sha256 of every other file
+    meta.json              spec (size, resize, mean/std, class names), the `data` settings, the
+                           raw folder (absolute, and relative to the store), raw fingerprint, DVC
+                           md5, on_leak and what was dropped/skipped, counts, version, creation
+                           time, size and sha256 of every other file
     index.json             per split: `paths` (relative to the raw dir) and `pixel_hashes`
     audit.json             the full audit report
     <split>_images.npy     (N, 1, S, S) uint8
@@ -17,6 +18,11 @@ Raw fingerprint: SHA-256 over the sorted `split/class folder/file` paths and fil
 raw image. It needs one `stat` per file (milliseconds), survives `dvc checkout` (which resets
 mtimes), and catches added, removed, renamed and resized files; an edit that keeps the byte size
 is missed, which the stored pixel hashes and the DVC md5 in meta.json make auditable.
+
+`open_store` checks the fingerprint wherever it runs from: it looks for the raw folder at the
+absolute path recorded, then at the recorded path relative to the store (a project tree moved or
+copied whole). A store copied without its raw images stays usable; `Store.raw_check` then says
+that the raw folder was not found (and what `data.dvc` says), for the caller to print.
 """
 
 from __future__ import annotations
@@ -48,12 +54,17 @@ META_FILE = "meta.json"
 INDEX_FILE = "index.json"
 AUDIT_FILE = "audit.json"
 PREPROCESS_FIX = "run `ctscan preprocess` to rebuild the processed store."
+STORE_FIX = (
+    "choose another --out folder (paths.processed_dir): a new folder or an existing store, "
+    "in a place you can write to."
+)
 # `data` settings that change the stored tensors; they must match what the caller expects.
 TENSOR_KEYS: tuple[str, ...] = ("image_size", "resize", "on_leak")
-# Settings that decide which files are bad: they matter only if the store skipped a file. With no
-# skipped file, every raw image decoded under them, so other values would give the same tensors.
-BAD_FILE_KEYS: tuple[str, ...] = ("on_bad_file", "max_image_pixels", "max_file_bytes")
-# near_duplicate_distance only changes the audit report, never the tensors.
+# Not compared: near_duplicate_distance (the audit report only) and the bad-file settings
+# (on_bad_file, max_image_pixels, max_file_bytes). Which files a store left out is a property of
+# the store, listed in meta.json `skipped` (`Store.skipped`), not a setting train must repeat.
+RAW_VERIFIED = "verified"
+RAW_NOT_RECORDED = "not checked: the store records no raw folder"
 
 
 @dataclass
@@ -91,24 +102,37 @@ def raw_fingerprint(source: Path | str | Sequence[RawImage]) -> str:
 _DVC_MD5 = re.compile(r"^\s*-?\s*md5:\s*([0-9a-f]{32}(?:\.dir)?)\s*$", re.MULTILINE)
 
 
-def dvc_data_hash(project_root: Path | str) -> str | None:
-    """The md5 that `<project_root>/data.dvc` records for the data directory, or None."""
-    path = Path(project_root) / "data.dvc"
+def read_dvc_md5(dvc_file: Path | str) -> str | None:
+    """The md5 a `.dvc` pointer file records for what it tracks, or None."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError:
+        text = Path(dvc_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
         return None
     match = _DVC_MD5.search(text)
     return match.group(1) if match else None
 
 
-def find_dvc_hash(raw_dir: Path | str) -> str | None:
-    """`dvc_data_hash` of the nearest folder above `raw_dir` (or the cwd) holding data.dvc."""
-    here = Path(raw_dir).resolve()
-    for folder in [here, *here.parents, Path.cwd()]:
-        if (folder / "data.dvc").is_file():
-            return dvc_data_hash(folder)
+def dvc_data_hash(project_root: Path | str) -> str | None:
+    """The md5 that `<project_root>/data.dvc` records for the data directory, or None."""
+    return read_dvc_md5(Path(project_root) / "data.dvc")
+
+
+def find_dvc_file(path: Path | str) -> Path | None:
+    """The `.dvc` file tracking `path` or a folder above it (`data.dvc` for `data/...`), or None.
+
+    `path` need not exist: a project checked out without `dvc pull` still has its `data.dvc`.
+    """
+    here = Path(os.path.abspath(path))
+    for folder in [here, *here.parents]:
+        if folder.name and (folder.parent / f"{folder.name}.dvc").is_file():
+            return folder.parent / f"{folder.name}.dvc"
     return None
+
+
+def find_dvc_hash(raw_dir: Path | str) -> str | None:
+    """The md5 recorded by the `.dvc` file that tracks `raw_dir` (see `find_dvc_file`), or None."""
+    dvc_file = find_dvc_file(Path(raw_dir).resolve())
+    return read_dvc_md5(dvc_file) if dvc_file is not None else None
 
 
 def _sha256(path: Path) -> str:
@@ -144,13 +168,55 @@ def _write_json(path: Path, obj: Any) -> None:
 def _looks_like_store(path: Path) -> bool:
     if not path.exists():
         return True
-    if path.is_dir() and not any(path.iterdir()):
-        return True
     try:
+        if path.is_dir() and not any(path.iterdir()):
+            return True
         meta = json.loads((path / META_FILE).read_text())
     except (OSError, ValueError):
         return False
     return isinstance(meta, dict) and "store_format" in meta
+
+
+def _file_above(path: Path) -> Path | None:
+    """The nearest existing folder-or-file above `path` if it is not a folder, else None."""
+    for above in path.parents:
+        if above.exists() or above.is_symlink():
+            return None if above.is_dir() else above
+    return None
+
+
+def check_store_target(out_dir: Path | str) -> Path:
+    """Make sure a store can be written at `out_dir` (creating its parent folder), or raise.
+
+    One DataError names the path when it is a file, a folder that is not a store, lies under a
+    file, or cannot be written; nothing is written then. Called before preprocessing starts, so a
+    bad `--out` fails at once, and again by `write_store`.
+    """
+    out_dir = Path(out_dir)
+    what = f"processed store folder '{out_dir}'"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"{what} is a file, not a folder.", STORE_FIX)
+    if not _looks_like_store(out_dir):
+        raise DataError(
+            f"'{out_dir}' exists and is not a ctscan processed store; refusing to replace it.",
+            "set paths.processed_dir (or --out) to a new folder or remove that one.",
+        )
+    blocker = _file_above(out_dir)
+    if blocker is not None:
+        raise DataError(f"{what} lies under '{blocker}', which is a file, not a folder.", STORE_FIX)
+    probe = None
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent)
+    except OSError as exc:
+        raise DataError(
+            f"{what} cannot be written: {exc.strerror or exc} ('{exc.filename or out_dir}').",
+            STORE_FIX,
+        ) from None
+    finally:
+        if probe is not None:
+            shutil.rmtree(probe, ignore_errors=True)
+    return out_dir
 
 
 def _replace_dir(new: Path, target: Path) -> None:
@@ -185,12 +251,7 @@ def write_store(
     audit: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the store atomically to `out_dir` (replacing an older store there) and return it."""
-    out_dir = Path(out_dir)
-    if not _looks_like_store(out_dir):
-        raise DataError(
-            f"'{out_dir}' exists and is not a ctscan processed store; refusing to replace it.",
-            "set paths.processed_dir to a new folder or remove that one.",
-        )
+    out_dir = check_store_target(out_dir)
     for name, arr in splits.items():
         n = len(arr.paths)
         size = spec.image_size
@@ -198,8 +259,11 @@ def write_store(
             raise ValueError(f"{name}: images {arr.images.dtype} {arr.images.shape}, N={n}")
         if arr.labels.shape != (n,) or arr.labels.dtype != np.int64 or len(arr.hashes) != n:
             raise ValueError(f"{name}: labels {arr.labels.dtype} {arr.labels.shape}, N={n}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    raw_abs = Path(raw_dir).resolve() if raw_dir is not None else None
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    except OSError as exc:
+        raise _write_failed(out_dir, exc) from None
     try:
         files: dict[str, dict[str, Any]] = {}
         index: dict[str, dict[str, list[str]]] = {}
@@ -219,7 +283,8 @@ def write_store(
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "spec": spec.to_dict(),
             "data": dict(data_settings),
-            "raw_dir": str(raw_dir) if raw_dir is not None else None,
+            "raw_dir": str(raw_abs) if raw_abs is not None else None,
+            "raw_dir_from_store": _relative(raw_abs, out_dir) if raw_abs is not None else None,
             "raw_fingerprint": raw_fingerprint,
             "dvc_md5": dvc_md5,
             "on_leak": on_leak,
@@ -235,20 +300,64 @@ def write_store(
         _write_json(tmp / META_FILE, meta)  # last: a store without meta.json is incomplete
         _fsync_dir(tmp)
         _replace_dir(tmp, out_dir)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):  # disk full, permissions changed meanwhile, ...
+            raise _write_failed(out_dir, exc) from None
         raise
     return out_dir
 
 
+def _write_failed(out_dir: Path, exc: OSError) -> DataError:
+    return DataError(
+        f"cannot write the processed store '{out_dir}': {exc.strerror or exc}"
+        f"{f' (at {exc.filename!r})' if exc.filename else ''}; the old store, if any, is kept.",
+        "free disk space or " + STORE_FIX,
+    )
+
+
+def _relative(target: Path, store_dir: Path) -> str | None:
+    """`target` relative to the store folder (None when no relative path exists)."""
+    try:
+        return os.path.relpath(target, Path(store_dir).resolve())
+    except ValueError:  # another drive (Windows)
+        return None
+
+
 class Store:
-    """A processed store opened by `load_store`: `.meta`, `.spec`, `.split(name)`."""
+    """A processed store opened by `load_store`: `.meta`, `.spec`, `.split(name)`.
+
+    `raw_check` says how `open_store` checked it against the raw images: "verified",
+    "raw folder not found: <path>..." (a copied store: usable, `raw_warning` is the line to print)
+    or "not checked: ..." (opened by `load_store`, or a store that records no raw folder).
+    `raw_dir` is the raw folder it was verified against.
+    """
 
     def __init__(self, path: Path, meta: dict[str, Any], index: dict[str, Any]) -> None:
         self.path = path
         self.meta = meta
         self._index = index
         self._splits: dict[str, Split] = {}
+        self.raw_check: str = "not checked: opened without the raw-image check"
+        self.raw_dir: Path | None = None
+
+    @property
+    def raw_warning(self) -> str | None:
+        """One line for stderr when the raw folder could not be checked, else None."""
+        if not self.raw_check.startswith("raw folder not found"):
+            return None
+        what = f"processed store '{self.path}'"
+        return f"{what} not checked against its raw images: {self.raw_check}"
+
+    @property
+    def skipped(self) -> list[dict[str, Any]]:
+        """The raw files preprocess left out as bad (`--on-bad-file skip`), with the reason."""
+        return [dict(s) for s in self.meta.get("skipped", [])]
+
+    @property
+    def dropped(self) -> list[dict[str, Any]]:
+        """The raw files data.on_leak=drop removed, with the reason."""
+        return [dict(d) for d in self.meta.get("dropped", [])]
 
     @property
     def spec(self) -> PreprocessSpec:
@@ -334,27 +443,101 @@ def _as_dict(data: Any) -> dict[str, Any]:
 
 
 def stale_keys(meta: Mapping[str, Any], expect_data: Mapping[str, Any] | Any) -> list[str]:
-    """`data.<key>: store=<v> settings=<w>` for every setting that makes the store stale."""
+    """`data.<key>: store=<v> settings=<w>` for every setting that makes the store stale.
+
+    Only TENSOR_KEYS count: how the store handled bad files is the store's own (see TENSOR_KEYS).
+    """
     stored = meta.get("data", {})
     expected = _as_dict(expect_data)
-    keys = list(TENSOR_KEYS)
-    if meta.get("skipped"):
-        keys += BAD_FILE_KEYS
     return [
         f"data.{k}: store={stored.get(k)!r} settings={expected[k]!r}"
-        for k in keys
+        for k in TENSOR_KEYS
         if k in expected and stored.get(k) != expected[k]
     ]
 
 
-def _check_raw_fingerprint(store_dir: Path, meta: Mapping[str, Any], fingerprint: str) -> None:
+def _check_raw_fingerprint(
+    store_dir: Path, meta: Mapping[str, Any], fingerprint: str, raw_dir: Path | None = None
+) -> None:
     """Refuse a store built from other raw images than those with `fingerprint`."""
     if meta["raw_fingerprint"] != fingerprint:
+        where = f"raw folder '{raw_dir}', " if raw_dir is not None else ""
         raise DataError(
             f"the raw images changed since the processed store at '{store_dir}' was built "
-            f"(raw fingerprint {meta['raw_fingerprint'][:12]} != {fingerprint[:12]}).",
+            f"({where}raw fingerprint {meta['raw_fingerprint'][:12]} != {fingerprint[:12]}).",
             PREPROCESS_FIX,
         )
+
+
+def raw_dir_candidates(store_dir: Path | str, meta: Mapping[str, Any]) -> list[Path]:
+    """Where the raw folder a store was built from may be, best first (they need not exist).
+
+    The absolute path recorded, then the recorded path relative to the store. Stores written
+    before ctscan recorded absolute paths kept the path as given, relative to the folder
+    preprocess ran in: it is looked up from each folder above the store, nearest first.
+    """
+    recorded = meta.get("raw_dir")
+    if not recorded or str(recorded) == ".":
+        return []
+    here = Path(store_dir).resolve()
+    recorded_path = Path(recorded)
+    if recorded_path.is_absolute():
+        found = [recorded_path]
+        if meta.get("raw_dir_from_store"):
+            found.append(Path(os.path.normpath(here / meta["raw_dir_from_store"])))
+    else:
+        found = [folder / recorded_path for folder in here.parents]
+    return list(dict.fromkeys(found))
+
+
+def check_raw(store_dir: Path | str, meta: Mapping[str, Any]) -> tuple[str, Path | None]:
+    """Check a store against its raw folder: ("verified", folder) or (why not checked, None).
+
+    Raises a DataError when the raw folder is found and its images changed (or cannot be
+    read). A raw folder that is not on disk (a copied store) is not an error: the result says
+    so, with the data version the nearest `.dvc` file records when one is found.
+    """
+    store_dir = Path(store_dir)
+    candidates = raw_dir_candidates(store_dir, meta)
+    if not candidates:
+        return RAW_NOT_RECORDED, None
+    for folder in candidates:
+        if folder.is_dir():
+            try:
+                fingerprint = raw_fingerprint(folder)
+            except DataError as exc:
+                raise DataError(
+                    f"the raw folder '{folder}' the processed store at '{store_dir}' was built "
+                    f"from cannot be checked: {exc.message}",
+                    "restore the raw images (`dvc pull`) or run `ctscan preprocess` to rebuild "
+                    "the store.",
+                ) from None
+            _check_raw_fingerprint(store_dir, meta, fingerprint, folder)
+            return RAW_VERIFIED, folder
+    if Path(meta["raw_dir"]).is_absolute():
+        note = f"raw folder not found: '{candidates[0]}'"
+    else:
+        note = (
+            f"raw folder not found: '{meta['raw_dir']}' (a relative path, as older ctscan "
+            "versions recorded it) is in no folder above the store; `ctscan preprocess` records "
+            "it in full"
+        )
+    stored_md5 = meta.get("dvc_md5")
+    for folder in candidates:
+        dvc_file = find_dvc_file(folder)
+        md5 = read_dvc_md5(dvc_file) if dvc_file is not None else None
+        if md5 is None:
+            continue
+        if stored_md5 == md5:
+            note += f"; '{dvc_file}' records the data version the store was built from ({md5})"
+        else:
+            note += (
+                f"; '{dvc_file}' records another data version ({md5}; the store was built "
+                f"from {stored_md5 or 'an unrecorded version'}): `dvc pull`, then "
+                "`ctscan preprocess`"
+            )
+        break
+    return note, None
 
 
 def load_store(
@@ -367,8 +550,8 @@ def load_store(
     """Open a processed store, refusing a missing, corrupt, partial or stale one.
 
     `expect_data`: the `data` settings (dict or DataSettings) the caller runs with; keys in
-    TENSOR_KEYS (and BAD_FILE_KEYS if the store skipped files) must match. `raw_fingerprint`: if
-    given, must equal the one the store was built from. `verify`: check every file's sha256.
+    TENSOR_KEYS must match. `raw_fingerprint`: if given, must equal the one the store was built
+    from. `verify`: check every file's sha256.
     """
     store_dir = Path(store_dir)
     if not store_dir.is_dir():
@@ -441,12 +624,11 @@ def open_store(
 ) -> Store:
     """Open the store for training or evaluation, refusing it if it is stale.
 
-    Stale means: made with other `data` settings than `expect_data`, or made from raw images that
-    have changed since (checked when the raw folder the store was made from is on disk; a store
-    copied to a machine without the raw images is checked by its settings alone).
+    Stale means: made with other `data` settings (TENSOR_KEYS) than `expect_data`, or made from
+    raw images that have changed since. The raw folder is found from any working directory (see
+    `raw_dir_candidates`); when it is not on disk (a store copied without its raw images) the
+    store is still returned, and `store.raw_warning` is the line the caller should print.
     """
     store = load_store(processed_dir, expect_data=expect_data)
-    source = Path(store.meta.get("raw_dir") or "")
-    if str(source) not in ("", ".") and source.is_dir():
-        _check_raw_fingerprint(store.path, store.meta, raw_fingerprint(source))
+    store.raw_check, store.raw_dir = check_raw(store.path, store.meta)
     return store

@@ -9,9 +9,10 @@ Choices, fixed here so that training and serving see identical pixels:
 - Resize: Pillow `BILINEAR` without `reducing_gap`. Pillow's resize widens the filter support
   when it shrinks, so downscaling is antialiased (area-like), and it is exact and deterministic.
 - Decode limits: the file size is checked before reading, width x height from the header before
-  any pixel is decoded; Pillow's own decompression-bomb error is turned into a `DataError` too.
-  `Image.MAX_IMAGE_PIXELS` is left alone (it is process-global). Only PNG, JPEG, BMP, TIFF
-  and WebP are opened; EXIF orientation is ignored (pixels are used as stored).
+  any pixel is decoded, against ctscan's own limit (data.max_image_pixels); Pillow's bomb warning
+  is silenced locally and its hard limit (2 x `Image.MAX_IMAGE_PIXELS`) ends in a ctscan
+  `DataError` too. `Image.MAX_IMAGE_PIXELS` is left alone (it is process-global). Only PNG,
+  JPEG, BMP, TIFF and WebP are opened; EXIF orientation is ignored (pixels are used as stored).
 
 This module imports torch only inside `model_input`, so preprocessing workers stay light.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import io
 import struct
+import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -87,6 +89,58 @@ def _read_source(source: Path | bytes, max_bytes: int, name: str) -> bytes:
     return data
 
 
+def _claimed_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height a file's header claims, read by Pillow's format plugins alone.
+
+    Used once Pillow has refused the file as a bomb, to name its size: the plugins parse the
+    header without `Image.open`'s bomb check and decode no pixel. None if no plugin reads it.
+    """
+    Image.init()
+    prefix = data[:16]
+    for fmt in DECODE_FORMATS:
+        factory, accept = Image.OPEN.get(fmt, (None, None))
+        if factory is None:
+            continue
+        try:
+            ok = accept(prefix) if accept is not None else True
+            if not ok or isinstance(ok, str):
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                im = factory(io.BytesIO(data), "")
+            with im:
+                return im.size
+        except Exception:  # only names the size in a message: never let it mask the refusal
+            continue
+    return None
+
+
+def _too_many_pixels(name: str, size: tuple[int, int] | None, max_pixels: int) -> DataError:
+    """ctscan's refusal of an image whose header claims too many pixels."""
+    hard = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
+    if size is not None:
+        width, height = size
+        claims = f"{name} claims {width}x{height} = {width * height} pixels"
+        if width > 0 and height > 0 and width * height <= max_pixels and hard is not None:
+            return DataError(
+                f"{claims}: within data.max_image_pixels ({max_pixels}) but above Pillow's hard "
+                f"limit of {hard} pixels (2 x PIL.Image.MAX_IMAGE_PIXELS), which ctscan does not "
+                "lift; refused as a possible decompression bomb.",
+                "downscale the image below that limit, or remove it.",
+            )
+        return DataError(
+            f"{claims}, above the limit of {max_pixels} (data.max_image_pixels); refused as a "
+            "possible decompression bomb.",
+            "remove the file or raise data.max_image_pixels if it is a genuine image.",
+        )
+    return DataError(
+        f"{name} claims more pixels than Pillow's hard limit of {hard} (2 x "
+        f"PIL.Image.MAX_IMAGE_PIXELS), which ctscan does not lift whatever data.max_image_pixels "
+        f"({max_pixels}) says; refused as a possible decompression bomb.",
+        "downscale the image below that limit, or remove it.",
+    )
+
+
 def decode_image(
     source: Path | bytes,
     *,
@@ -102,35 +156,40 @@ def decode_image(
     if name is None:
         name = "the image" if isinstance(source, (bytes, bytearray, memoryview)) else f"'{source}'"
     data = _read_source(source, max_bytes, name)
-    try:
-        img = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)
-    except UnidentifiedImageError:
-        raise DataError(
-            f"{name} is not an image Pillow can read as {', '.join(DECODE_FORMATS)}.",
-            "convert it to PNG or remove it.",
-        ) from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DataError(
-            f"{name} is refused as a decompression bomb: {exc}", "remove the file."
-        ) from None
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
-        raise DataError(f"{name} has a broken header: {exc}.", "remove or replace it.") from None
-    width, height = img.size
-    if width <= 0 or height <= 0 or width * height > max_pixels:
-        img.close()
-        raise DataError(
-            f"{name} claims {width}x{height} = {width * height} pixels, above the limit of "
-            f"{max_pixels} (data.max_image_pixels).",
-            "remove the file or raise data.max_image_pixels if it is a genuine image.",
-        )
-    fmt = img.format
-    try:
-        img.load()
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
-        raise DataError(
-            f"{name} is truncated or corrupt ({fmt or 'unknown format'}): {exc}.",
-            "restore the file (`dvc pull`) or remove it.",
-        ) from None
+    # Opening reads the header only; ctscan's pixel limit is checked before any pixel is decoded.
+    # Pillow's own bomb check runs inside `open`: its warning (above MAX_IMAGE_PIXELS) is silenced
+    # here, its error (above twice that) becomes ctscan's message.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)
+        except UnidentifiedImageError:
+            raise DataError(
+                f"{name} is not an image Pillow can read as {', '.join(DECODE_FORMATS)}.",
+                "convert it to PNG or remove it.",
+            ) from None
+        except Image.DecompressionBombError:
+            raise _too_many_pixels(name, _claimed_size(data), max_pixels) from None
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
+            raise DataError(
+                f"{name} has a broken header: {exc}.", "remove or replace it."
+            ) from None
+        width, height = img.size
+        if width <= 0 or height <= 0 or width * height > max_pixels:
+            img.close()
+            raise _too_many_pixels(name, (width, height), max_pixels)
+        fmt = img.format
+        try:
+            img.load()
+        except Image.DecompressionBombError:  # a plugin that checks again while loading
+            img.close()
+            raise _too_many_pixels(name, (width, height), max_pixels) from None
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
+            img.close()
+            raise DataError(
+                f"{name} is truncated or corrupt ({fmt or 'unknown format'}): {exc}.",
+                "restore the file (`dvc pull`) or remove it.",
+            ) from None
     return img
 
 

@@ -58,6 +58,11 @@ def predict(
     return torch.cat(outs) if outs else torch.empty(0)
 
 
+def probabilities(logits: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Class probabilities (N, C) float64 from logits: softmax in float32, as every path does."""
+    return torch.softmax(torch.as_tensor(logits), dim=1).cpu().numpy().astype(np.float64)
+
+
 def evaluate_checkpoint(
     checkpoint: Checkpoint | Path,
     *,
@@ -91,7 +96,7 @@ def evaluate_checkpoint(
         channels=loaded.channels,
         rt=rt,
     )
-    probs = torch.softmax(logits, dim=1).cpu().numpy().astype(np.float64)
+    probs = probabilities(logits)
     y_true = data.labels.cpu().numpy()
     names = list(spec.class_names)
     report = classification_report(y_true, probs, names)
@@ -108,6 +113,15 @@ def evaluate_checkpoint(
         "git_commit": checkpoint.git_commit,
         "leak_free": leak_free,
         "leak_free_excluded": int((~mask).sum()),
+        "predictions": [
+            {
+                "path": path,
+                "true": names[int(y)],
+                "label": names[int(row.argmax())],
+                "probabilities": {n: float(v) for n, v in zip(names, row, strict=True)},
+            }
+            for path, y, row in zip(data.paths, y_true, probs, strict=True)
+        ],
     }
     if out_dir is not None:
         _write_outputs(result, probs, y_true, data.images, data.paths, names, out_dir)
@@ -165,6 +179,7 @@ def run_evaluation(
     store = open_store(settings.paths.processed_dir, expect_data=expect or None)
     out = ensure_dir(out_dir or Path(checkpoint).parent / f"eval-{split}", what="report folder")
     result = evaluate_checkpoint(ckpt, store=store, split=split, rt=rt, out_dir=out)
+    result["warnings"] = [store.raw_warning] if store.raw_warning else []
     if settings.tracking.enabled:
         from ctscan.engine.tracking import open_tracker
 

@@ -883,3 +883,42 @@ def load_model_spec(model_uri: str, tracking: TrackingSettings, runs_dir: Path) 
             "from its checkpoint), or use the checkpoint itself.",
         )
     return metadata
+
+
+def load_logged_model(
+    model_uri: str, tracking: TrackingSettings, runs_dir: Path
+) -> tuple[Any, dict[str, Any], str]:
+    """A logged ctscan model, ready to call: (module in eval mode on the CPU, metadata, version).
+
+    The module takes uint8 gray images (B, 1, S, S) and returns logits. `version` is the
+    registry version a `models:/` URI resolves to, or `run <id>` for a `runs:/` URI.
+    """
+    metadata = load_model_spec(model_uri, tracking, runs_dir)  # checks the URI and the store
+    uri, source = _resolve_uri(tracking, runs_dir)
+    import mlflow.pytorch
+    from mlflow.exceptions import MlflowException
+
+    with _using_uri(uri), _quiet():
+        try:
+            module = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+            version = _registry_version(model_uri)
+        except (MlflowException, OSError) as exc:
+            raise TrackingError(
+                f"MLflow cannot load the model '{model_uri}' from '{uri}' (from {source}): "
+                f"{_first_line(exc)}",
+                "check that its artifacts are reachable from this machine, or use the checkpoint.",
+            ) from None
+    return module.eval(), metadata, version
+
+
+def _registry_version(model_uri: str) -> str:
+    """`models:/name/3` -> "3", `models:/name@alias` -> the version behind the alias."""
+    import mlflow
+
+    rest = model_uri.split(":/", 1)[1].lstrip("/")
+    if model_uri.startswith("runs:"):
+        return f"run {rest.split('/', 1)[0]}"
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        return str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
+    return rest.rsplit("/", 1)[-1]

@@ -622,6 +622,8 @@ def _train(
     seed_everything(tr.seed + rt.rank, tr.deterministic)
     store = open_store(settings.paths.processed_dir, expect_data=settings.data.model_dump())
     plan = plan_run(settings, out_dir, resume, store)
+    if store.raw_warning:
+        plan.notes.append(f"warning: {store.raw_warning}")
     # Rank 0 owns the run folder: checked writable and locked before any work is done.
     lock = (
         folder_lock(ensure_dir(plan.run_dir, what="run folder"), what="run folder")

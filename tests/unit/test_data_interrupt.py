@@ -1,0 +1,82 @@
+"""Ctrl-C during `ctscan preprocess`: one line, exit 130, no worker tracebacks, no temp folder."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FOLDERS, save_gray, smooth_image
+
+N_IMAGES = 320  # well above POOL_MIN_IMAGES: the process pool is used
+SIDE = 640  # big enough that the pool is still busy a moment after it starts
+
+
+_PROC_CHILDREN = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(c) for c in text.split()]
+
+
+def _big_raw_tree(root: Path) -> Path:
+    """N_IMAGES files, written as copies of a few pictures (encoding each one is slow)."""
+    sources = []
+    for seed in range(4):
+        save_gray(smooth_image(seed, SIDE, SIDE), root.parent / "src" / f"{seed}.png")
+        sources.append((root.parent / "src" / f"{seed}.png").read_bytes())
+    per_folder = N_IMAGES // sum(len(f) for f in FOLDERS.values())
+    for split, folders in FOLDERS.items():
+        for i, folder in enumerate(folders.values()):
+            (root / split / folder).mkdir(parents=True)
+            for k in range(per_folder):
+                (root / split / folder / f"{k}.png").write_bytes(sources[i])
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    sys.platform != "linux"
+    or not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists(),
+    reason="needs Linux /proc to see the pool workers start",
+)
+def test_ctrl_c_during_the_pool_is_one_line_exit_130_and_leaves_nothing(tmp_path: Path) -> None:
+    raw = _big_raw_tree(tmp_path / "raw" / "chest-ctscan-images")
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / "processed"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CTSCAN_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ctscan", "preprocess", str(raw), "--out", str(out), "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _children(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _children(proc.pid), "the pool never started: " + proc.communicate()[1]
+        time.sleep(0.3)  # the workers are busy decoding
+        assert proc.poll() is None, "preprocess finished before Ctrl-C: make the tree bigger"
+        os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole group
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert "Traceback" not in err and "ForkPoolWorker" not in err, err
+    assert err.strip() == "ctscan: interrupted: stopped by Ctrl-C.", err  # main() (cli.py)
+    assert proc.returncode == 130
+    assert list(work.iterdir()) == []  # no store, no `.processed.tmp-*` left behind
