@@ -10,6 +10,7 @@ keeps two processes from writing the same run folder at once.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -21,37 +22,70 @@ from ctscan.errors import CtscanError
 TEMP_SUFFIX = ".tmp"
 
 
-def ensure_dir(path: Path | str, *, what: str, error: type[CtscanError] = CtscanError) -> Path:
-    """Create folder `path` (and its parents) or raise one clear error naming it.
+def file_above(path: Path) -> Path | None:
+    """The nearest existing thing above `path` if it is a file (not a folder), else None."""
+    for above in Path(path).parents:
+        if above.exists() or above.is_symlink():
+            return None if above.is_dir() else above
+    return None
 
-    `what` says what the folder is for ("run folder", "report folder"); the error names the
-    path, why it cannot be used, and the fix.
+
+def folder_problem(path: Path | str, *, create: bool = True) -> str | None:
+    """Why `path` cannot be a folder to write in ("is a file, ...", "lies under ..."), or None.
+
+    With `create`, the folder (and its parents) is created and a probe file written in it.
     """
     path = Path(path)
-    fix = f"choose another {what} (an existing or new folder you can write to)."
     if path.exists() and not path.is_dir():
-        raise error(f"{what} '{path}' is a file, not a folder.", fix)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise error(f"{what} '{path}' cannot be created: a part of it is a file.", fix) from None
-    except NotADirectoryError:
-        raise error(f"{what} '{path}' lies under a file, not a folder.", fix) from None
-    except OSError as exc:
-        raise error(f"{what} '{path}' cannot be created: {exc.strerror or exc}.", fix) from None
+        return "is a file, not a folder"
+    blocker = file_above(path)
+    if blocker is not None:
+        return f"lies under '{blocker}', which is a file, not a folder"
+    if not create:
+        return None
     probe = None
     try:
+        path.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".ctscan-write-test-", dir=path)
         os.close(fd)
     except OSError as exc:
-        raise error(f"{what} '{path}' is not writable: {exc.strerror or exc}.", fix) from None
+        return f"cannot be written: {exc.strerror or exc} ('{exc.filename or path}')"
     finally:
         if probe is not None:
             Path(probe).unlink(missing_ok=True)
-    return path
+    return None
 
 
-def _fsync_dir(path: Path) -> None:
+def ensure_dir(
+    path: Path | str,
+    *,
+    what: str,
+    error: type[CtscanError] = CtscanError,
+    fix: str | None = None,
+) -> Path:
+    """Create folder `path` (and its parents) or raise one clear error naming it.
+
+    `what` says what the folder is for ("run folder", "report folder"); the error names the
+    path, why it cannot be used (a file, under a file, not writable) and the fix.
+    """
+    problem = folder_problem(path)
+    if problem is not None:
+        fix = fix or f"choose another {what} (an existing or new folder you can write to)."
+        raise error(f"{what} '{path}' {problem}.", fix)
+    return Path(path)
+
+
+def file_sha256(path: Path | str) -> str:
+    """The sha256 of a file's bytes (a checkpoint's or an exported model's identity)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable (a no-op where folders cannot be opened)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # not supported on this platform
@@ -79,7 +113,7 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 

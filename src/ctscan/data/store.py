@@ -45,6 +45,7 @@ import ctscan
 from ctscan.data.raw import SPLITS, RawImage, discover
 from ctscan.data.transforms import PreprocessSpec
 from ctscan.errors import DataError
+from ctscan.files import file_sha256, folder_problem, fsync_dir
 
 if TYPE_CHECKING:
     import torch
@@ -135,25 +136,6 @@ def find_dvc_hash(raw_dir: Path | str) -> str | None:
     return read_dvc_md5(dvc_file) if dvc_file is not None else None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not supported on this platform
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_file(path: Path, write: Any) -> None:
     with path.open("wb") as fh:
         write(fh)
@@ -177,14 +159,6 @@ def _looks_like_store(path: Path) -> bool:
     return isinstance(meta, dict) and "store_format" in meta
 
 
-def _file_above(path: Path) -> Path | None:
-    """The nearest existing folder-or-file above `path` if it is not a folder, else None."""
-    for above in path.parents:
-        if above.exists() or above.is_symlink():
-            return None if above.is_dir() else above
-    return None
-
-
 def check_store_target(out_dir: Path | str) -> Path:
     """Make sure a store can be written at `out_dir` (creating its parent folder), or raise.
 
@@ -194,28 +168,17 @@ def check_store_target(out_dir: Path | str) -> Path:
     """
     out_dir = Path(out_dir)
     what = f"processed store folder '{out_dir}'"
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DataError(f"{what} is a file, not a folder.", STORE_FIX)
+    problem = folder_problem(out_dir, create=False)
+    if problem is not None:
+        raise DataError(f"{what} {problem}.", STORE_FIX)
     if not _looks_like_store(out_dir):
         raise DataError(
             f"'{out_dir}' exists and is not a ctscan processed store; refusing to replace it.",
             "set paths.processed_dir (or --out) to a new folder or remove that one.",
         )
-    blocker = _file_above(out_dir)
-    if blocker is not None:
-        raise DataError(f"{what} lies under '{blocker}', which is a file, not a folder.", STORE_FIX)
-    probe = None
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent)
-    except OSError as exc:
-        raise DataError(
-            f"{what} cannot be written: {exc.strerror or exc} ('{exc.filename or out_dir}').",
-            STORE_FIX,
-        ) from None
-    finally:
-        if probe is not None:
-            shutil.rmtree(probe, ignore_errors=True)
+    problem = folder_problem(out_dir.parent)  # the store itself appears by a rename
+    if problem is not None:
+        raise DataError(f"{what} {problem}.", STORE_FIX)
     return out_dir
 
 
@@ -233,7 +196,7 @@ def _replace_dir(new: Path, target: Path) -> None:
             os.rename(backup, target)
             raise
         shutil.rmtree(backup, ignore_errors=True)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def write_store(
@@ -276,7 +239,7 @@ def write_store(
         if audit is not None:
             _write_json(tmp / AUDIT_FILE, audit)
         for path in sorted(tmp.iterdir()):
-            files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+            files[path.name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
         meta = {
             "store_format": STORE_FORMAT,
             "ctscan_version": ctscan.__version__,
@@ -298,7 +261,7 @@ def write_store(
             "files": files,
         }
         _write_json(tmp / META_FILE, meta)  # last: a store without meta.json is incomplete
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         _replace_dir(tmp, out_dir)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -583,7 +546,7 @@ def load_store(
             raise _corrupt(
                 store_dir, f"'{fname}' has {path.stat().st_size} bytes, expected {info['bytes']}"
             )
-        if verify and _sha256(path) != info["sha256"]:
+        if verify and file_sha256(path) != info["sha256"]:
             raise _corrupt(store_dir, f"'{fname}' does not match its sha256")
     if expect_data is not None:
         stale = stale_keys(meta, expect_data)

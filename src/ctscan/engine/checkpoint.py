@@ -25,7 +25,6 @@ and gets a model through `load_model`: one schema, one model-loading path.
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import subprocess
 import zipfile
@@ -46,7 +45,7 @@ from ctscan.engine.modelling import (
     model_channels,
 )
 from ctscan.errors import CheckpointError, DataError
-from ctscan.files import atomic_write
+from ctscan.files import atomic_write, file_sha256
 from ctscan.models import unwrap
 
 __all__ = [
@@ -82,15 +81,6 @@ def git_commit(cwd: Path | None = None) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
-
-
-def file_sha256(path: Path) -> str:
-    """The sha256 of a file's bytes (the identity of a checkpoint or an exported model)."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
