@@ -7,7 +7,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 # torch is installed first, pinned, so pip takes the local wheels instead of downloading a CUDA build.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= dev,serve,export
+EXTRAS ?= dev,serve,export,dicom
 # A local copy of the DVC remote (set to empty to pull from the gs:// remote in .dvc/config).
 DVC_MIRROR ?= $(abspath $(wildcard ../shared/dvc-store))
 SETTINGS ?=

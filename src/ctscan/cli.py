@@ -92,7 +92,9 @@ def settings_show(
 
     settings = _settings(settings_files, overrides)
     if as_json:
-        typer.echo(settings.model_dump_json(indent=2))
+        from ctscan.settings import public_dict
+
+        typer.echo(json.dumps(public_dict(settings), indent=2))
     else:
         typer.echo(to_toml(settings), nl=False)
 
@@ -104,7 +106,11 @@ def preprocess(
         Path | None, typer.Option("--out", help="Store folder (default: paths.processed_dir).")
     ] = None,
     on_bad_file: Annotated[
-        str | None, typer.Option(help="error | skip (skipped files are listed in the audit).")
+        str | None,
+        typer.Option(
+            help="error | skip (skipped files are listed in the audit and the store's meta.json;"
+            " train and evaluate need no matching setting)."
+        ),
     ] = None,
     settings_files: SettingsFiles = None,
     overrides: Overrides = None,
@@ -127,6 +133,11 @@ def preprocess(
         f"[green]store written[/green] {result.store_dir} "
         f"({', '.join(f'{k} {v}' for k, v in result.counts.items())}; {result.seconds:.1f} s)"
     )
+    if result.report.bad_files:
+        console.print(
+            f"[yellow]{len(result.report.bad_files)} bad file(s) skipped[/yellow]: listed in "
+            f"{result.store_dir / 'meta.json'} and audit.json"
+        )
 
 
 @app.command()
@@ -218,10 +229,220 @@ def evaluate(
 
     settings = _settings(settings_files, overrides, **{"train.device": device})
     result = run_evaluation(settings, checkpoint, split=split, out_dir=out)
+    for warning in result["warnings"]:
+        _console().print(f"warning: {warning}", markup=False, highlight=False)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     else:
         _console(stderr=False).print(render_report(result))
+
+
+@app.command()
+def predict(
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Image files or folders (searched recursively): PNG, JPEG, BMP, TIFF, WebP, "
+            "DICOM.",
+            show_default=False,
+        ),
+    ],
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            "-m",
+            help="A checkpoint (.pt), an ONNX file from `ctscan export` (.onnx) or an MLflow "
+            "model URI (models:/ctscan-classifier@champion, runs:/<id>/model).",
+            show_default=False,
+        ),
+    ],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object per input on stdout (JSON lines).")
+    ] = False,
+    csv_file: Annotated[
+        Path | None, typer.Option("--csv", help="Also write the predictions to this CSV file.")
+    ] = None,
+    explain: Annotated[
+        Path | None,
+        typer.Option("--explain", help="Write a Grad-CAM overlay PNG per image into this folder."),
+    ] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(help="torch | onnx (default: what the model file runs on)."),
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda.")] = None,
+    settings_files: SettingsFiles = None,
+    overrides: Overrides = None,
+    quiet: Quiet = False,
+) -> None:
+    """Predict the class of CT slices with a trained model; exit 3 if any file failed."""
+    from ctscan.files import atomic_write
+    from ctscan.inference import open_predictor
+    from ctscan.inference.batch import (
+        as_json_rows,
+        collect_inputs,
+        predictions_csv,
+        run_predict,
+    )
+    from ctscan.render import ProgressBar, render_predictions
+
+    settings = _settings(settings_files, overrides, **{"train.device": device})
+    predictor = open_predictor(model, settings=settings, backend=backend)
+    files = collect_inputs(paths)
+    with ProgressBar(len(files), enabled=not quiet and not as_json and len(files) > 1) as bar:
+        predictions = run_predict(predictor, files, explain_dir=explain, progress=bar.advance)
+    if csv_file is not None:
+        data = predictions_csv(predictions, predictor.class_names)
+        atomic_write(_writable_file(csv_file, "--csv file"), lambda fh: fh.write(data))
+    if as_json:
+        for row in as_json_rows(predictions, predictor.info.to_dict()):
+            typer.echo(json.dumps(row))
+    else:
+        _console(stderr=False).print(render_predictions(predictions, predictor))
+    failed = sum(p.error is not None for p in predictions)
+    if failed:
+        _console().print(f"{failed} of {len(predictions)} files could not be predicted")
+        raise typer.Exit(3)
+
+
+@app.command()
+def serve(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="A checkpoint (.pt), an ONNX file (.onnx) or an MLflow model URI "
+            "(models:/ctscan-classifier@champion).",
+            show_default=False,
+        ),
+    ],
+    host: Annotated[str | None, typer.Option(help="Address to bind (default: serve.host).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: serve.port).")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Worker processes, each with the model (default: 1).")
+    ] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(help="auto | torch | onnx (default: auto, ONNX Runtime when it can)."),
+    ] = None,
+    settings_files: SettingsFiles = None,
+    overrides: Overrides = None,
+) -> None:
+    """Serve the model over HTTP: /predict, /explain, KServe v2, /metrics and a web page."""
+    from ctscan.serve.server import run_server
+
+    settings = _settings(
+        settings_files,
+        overrides,
+        **{
+            "serve.host": host,
+            "serve.port": port,
+            "serve.workers": workers,
+            "serve.backend": backend,
+        },
+    )
+    run_server(model, settings)
+
+
+def _writable_file(path: Path, what: str) -> Path:
+    """`path`'s folder created and writable, `path` not a folder: else one clear error."""
+    from ctscan.files import ensure_dir
+
+    if path.is_dir():
+        raise CtscanError(f"{what} '{path}' is a folder.", f"name a file for {what}.")
+    ensure_dir(path.parent, what=f"folder of the {what}")
+    return path
+
+
+@app.command()
+def profile(
+    model: Annotated[
+        str | None, typer.Option(help="cnn | cnn_gap | resnet18 | efficientnet_lite0.")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda.")] = None,
+    steps: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Training steps to record, after 1 wait and 1 warmup step (2 on CUDA) "
+            "(default: 5).",
+            show_default=False,
+        ),
+    ] = 5,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Folder for trace.json.gz, tensorboard/, top_ops.txt and summary.json "
+            "(default: paths.runs_dir/profile-<model>-<time>).",
+        ),
+    ] = None,
+    settings_files: SettingsFiles = None,
+    overrides: Overrides = None,
+) -> None:
+    """Profile training steps with torch.profiler: a Perfetto trace, top operators, a summary."""
+    from ctscan.ops.profile import render_profile, run_profile, split_line
+
+    settings = _settings(settings_files, overrides, **{"model.name": model, "train.device": device})
+    result = run_profile(settings, steps=steps, out_dir=out)
+    console = _console()
+    console.print(render_profile(result.summary))
+    console.print(split_line(result.summary), highlight=False, soft_wrap=True)
+    typer.echo(str(result.out_dir))
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file (.pt) written by train.")],
+    format_: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="onnx | pt2 | all (all: onnx and pt2) (default: onnx).",
+            show_default=False,
+        ),
+    ] = "onnx",
+    int8: Annotated[
+        bool,
+        typer.Option(
+            "--int8",
+            help="Also write a static int8 ONNX model (<name>.int8.onnx), kept only if it agrees "
+            "with the checkpoint on >= 98% of the test images and loses <= 1 point of accuracy.",
+        ),
+    ] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="The file for one format, a folder for all (default: beside the checkpoint: "
+            "best.onnx, best.int8.onnx, best.pt2).",
+            show_default=False,
+        ),
+    ] = None,
+    triton: Annotated[
+        Path | None,
+        typer.Option(
+            "--triton",
+            help="Also lay out a Triton model repository here: <name>/1/model.onnx, "
+            "config.pbtxt, labels.txt.",
+            show_default=False,
+        ),
+    ] = None,
+    settings_files: SettingsFiles = None,
+    overrides: Overrides = None,
+) -> None:
+    """Export a checkpoint to ONNX (fp32, int8) or .pt2, checked against it on the test split."""
+    from ctscan.ops.export import render_parity, run_export
+
+    settings = _settings(settings_files, overrides)
+    result = run_export(settings, checkpoint, fmt=format_, int8=int8, out=out, triton_dir=triton)
+    for warning in result.warnings:
+        _console().print(f"warning: {warning}", markup=False, highlight=False)
+    _console(stderr=False).print(render_parity(result))
+    for path in result.paths:
+        typer.echo(str(path))
+    if result.error is not None:
+        raise result.error
 
 
 def _interrupt_in(exc: BaseException) -> KeyboardInterrupt | None:

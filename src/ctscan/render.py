@@ -170,3 +170,65 @@ def render_report(result: dict[str, Any]) -> Any:
     if result.get("outputs"):
         parts.append(f"report files: {result['outputs']}")
     return Group(*parts)
+
+
+def render_predictions(predictions: Sequence[Any], predictor: Any) -> Any:
+    """A Rich table: one row per input with its label, confidence and class probabilities."""
+    from rich.console import Group
+    from rich.markup import escape
+    from rich.table import Table
+
+    info = predictor.info
+    names = list(predictor.class_names)
+    table = Table(
+        title=f"{info.name} ({info.format}, {info.backend}) sha256 {info.sha256[:12]}",
+        caption="probabilities per class; failed files give the reason",
+    )
+    table.add_column("file", overflow="fold")
+    table.add_column("label")
+    table.add_column("confidence", justify="right")
+    for name in names:
+        table.add_column(name[:12], justify="right")
+    for p in predictions:
+        if p.error is not None:
+            table.add_row(escape(str(p.path)), "[red]error[/red]", "", escape(p.error))
+            continue
+        probs = p.probabilities or {}
+        table.add_row(
+            escape(str(p.path)),
+            p.label,
+            f"{p.confidence:.3f}",
+            *(f"{probs[n]:.3f}" for n in names),
+        )
+    return Group(table)
+
+
+class ProgressBar:
+    """A Rich progress bar on stderr for many files (nothing when disabled or not a terminal)."""
+
+    def __init__(self, total: int, *, enabled: bool) -> None:
+        import sys
+
+        self.total = total
+        self.enabled = enabled and sys.stderr.isatty()
+        self._bar: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> ProgressBar:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import Progress
+
+            self._bar = Progress(console=Console(stderr=True), transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task("predict", total=self.total)
+        return self
+
+    def advance(self, n: int) -> None:
+        """`n` more files done."""
+        if self._bar is not None:
+            self._bar.update(self._task, advance=n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()

@@ -20,6 +20,8 @@ from ctscan.errors import SettingsError, close_matches
 ENV_PREFIX = "CTSCAN_"
 ENV_NOT_SETTINGS = {"CTSCAN_DEBUG"}
 RECIPE_DIR = Path("settings")
+SECRET_KEYS = frozenset({"serve.token"})  # never written to settings.toml, MLflow or the screen
+REDACTED = "<redacted>"
 
 
 class Section(BaseModel):
@@ -139,7 +141,23 @@ class TrackingSettings(Section):
 class ServeSettings(Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    max_upload_bytes: int = Field(20_000_000, ge=1)
+    workers: int = Field(1, ge=1, description="uvicorn worker processes, each with the model")
+    backend: Literal["auto", "torch", "onnx"] = Field(
+        "auto", description="auto: ONNX Runtime when the model is or can be exported, else torch"
+    )
+    model_name: str = Field("ctscan", min_length=1, description="the name in /v2/models/{name}")
+    max_upload_bytes: int = Field(20_000_000, ge=1, description="largest file accepted (413)")
+    max_batch_files: int = Field(32, ge=1, description="most files in one /predict/batch")
+    token: str | None = Field(
+        None, description="bearer token required on every route but the health ones (401)"
+    )
+    batching: bool = Field(True, description="gather concurrent requests into one model call")
+    max_batch_size: int = Field(32, ge=1, description="most images in one model call")
+    max_wait_ms: float = Field(5.0, ge=0.0, description="longest wait to fill a batch")
+    queue_size: int = Field(256, ge=1, description="requests waiting at most; then 503")
+    drift_window: int = Field(500, ge=10, description="recent requests kept for drift tests")
+    drift_min_samples: int = Field(50, ge=10, description="requests before drift is judged")
+    shutdown_timeout_s: float = Field(30.0, ge=0.0, description="SIGTERM: finish in-flight")
 
 
 class InferenceSettings(Section):
@@ -345,14 +363,26 @@ def load_settings(
     return Settings.model_validate(resolved.model_dump())
 
 
+def public_dict(settings: Settings) -> dict[str, dict[str, Any]]:
+    """The settings as JSON-ready sections, secrets (SECRET_KEYS) replaced by REDACTED."""
+    dumped = settings.model_dump(mode="json")
+    for dotted in SECRET_KEYS:
+        section, key = dotted.split(".")
+        if dumped[section].get(key) is not None:
+            dumped[section][key] = REDACTED
+    return dumped
+
+
 def to_toml(settings: Settings) -> str:
-    """Render settings as TOML (None values are left out, as TOML has no null)."""
+    """Render settings as TOML (None values are left out, as TOML has no null; secrets hidden)."""
     out: list[str] = []
-    for section, values in settings.model_dump(mode="json").items():
+    for section, values in public_dict(settings).items():
         out.append(f"[{section}]")
         for key, value in values.items():
             if value is None:
                 out.append(f"# {key} = (unset)")
+            elif value == REDACTED and f"{section}.{key}" in SECRET_KEYS:
+                out.append(f"# {key} = (set, not shown)")
             else:
                 out.append(f"{key} = {toml_value(value)}")
         out.append("")
@@ -373,9 +403,9 @@ def toml_value(value: Any) -> str:
 
 
 def flatten(settings: Settings) -> dict[str, Any]:
-    """`section.key -> value` for every setting (for tracking params)."""
+    """`section.key -> value` for every setting (for tracking params; secrets hidden)."""
     return {
         f"{section}.{key}": value
-        for section, values in settings.model_dump(mode="json").items()
+        for section, values in public_dict(settings).items()
         for key, value in values.items()
     }

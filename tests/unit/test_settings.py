@@ -178,3 +178,14 @@ def test_a_directory_given_as_settings_file_says_so(tmp_path: Path) -> None:
             resolve_settings_file(name)
         assert "does not exist" not in str(err.value)
         assert str(folder / "mine.toml") in str(err.value)  # what it could have meant
+
+
+def test_the_serve_token_is_never_shown_or_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ctscan.settings import flatten, public_dict, to_toml
+
+    monkeypatch.setenv("CTSCAN_SERVE__TOKEN", "s3cret-t0ken")
+    settings = load_settings()
+    assert settings.serve.token == "s3cret-t0ken"  # the server gets it
+    assert "s3cret" not in to_toml(settings)
+    assert "s3cret" not in str(flatten(settings)) and "s3cret" not in str(public_dict(settings))
+    assert "token = (set, not shown)" in to_toml(settings)

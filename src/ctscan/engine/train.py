@@ -60,7 +60,7 @@ from ctscan.engine.runtime import (
 )
 from ctscan.errors import CheckpointError, CtscanError, Interrupted, Terminated, raise_terminated
 from ctscan.files import atomic_write, ensure_dir, folder_lock, remove_stale_temps
-from ctscan.settings import Settings, flatten, to_toml
+from ctscan.settings import Settings, flatten, public_dict, to_toml
 
 CHECKPOINT_NAMES = ("best.pt", "last.pt")
 # Settings a resumed run may change: they alter neither the model, the data nor the schedule
@@ -748,7 +748,7 @@ def _run_meta(settings: Settings, store: Store, run_id: str | None) -> dict[str,
     return {
         "model_name": settings.model.name,
         "spec": store.spec,
-        "settings": settings.model_dump(mode="json"),
+        "settings": public_dict(settings),  # secrets (serve.token) never reach a checkpoint
         "select_metric": settings.train.select_metric,
         "data_hash": store.meta.get("dvc_md5") or store.meta.get("raw_fingerprint"),
         "git_commit": git_commit(),

@@ -1,0 +1,408 @@
+"""THE inference path: a model from a checkpoint, an ONNX file or an MLflow URI, one image API.
+
+    predictor = open_predictor("outputs/runs/x/best.pt", settings=settings)
+    predictor.predict_files([Path("scan.png")])          # -> [Prediction(label=..., ...)]
+    predictor.probabilities(images)                      # uint8 (B, 1, S, S) -> (B, C)
+
+The preprocessing spec and the class names come from the artifact itself (the checkpoint's
+payload, the ONNX file's `ctscan` metadata, the MLflow model's metadata), never from the
+settings. Files are read through `read_image`: DICOM through inference/dicom.py, everything
+else through `data.transforms.prepare` (the decode -> gray -> resize of preprocess). The torch
+backend gets its logits from `engine.evaluate.predict`, the function `ctscan evaluate` uses,
+after `transforms.model_input`; exported and MLflow models do that normalisation inside.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctscan.data.transforms import (
+    DecodeLimits,
+    PreprocessSpec,
+    _read_source,
+    prepare,
+    resize_square,
+)
+from ctscan.errors import CheckpointError, CtscanError, DataError
+
+BACKENDS = ("torch", "onnx")
+MLFLOW_SCHEMES = ("models:/", "runs:/")
+ONNX_METADATA_KEY = "ctscan"  # metadata_props key of an exported ONNX file: JSON, see ops/export
+BATCH = 32
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Which model answered: reported with every prediction."""
+
+    name: str  # registry model name, e.g. efficientnet_lite0
+    source: str  # the path or URI it was opened from
+    backend: str  # torch | onnx
+    version: str  # the MLflow model version, or the ctscan version that wrote the file
+    sha256: str  # of the checkpoint the weights come from (an export names its checkpoint)
+    format: str  # checkpoint | onnx | onnx-int8 | mlflow
+
+    def to_dict(self) -> dict[str, str]:
+        """JSON-ready."""
+        return asdict(self)
+
+
+@dataclass
+class Prediction:
+    """The answer for one input: a label with its probabilities, or the reason it failed."""
+
+    path: str | None
+    label: str | None = None
+    index: int | None = None
+    probabilities: dict[str, float] | None = None
+    error: str | None = None
+    explanation: str | None = None  # the Grad-CAM overlay written for it, if any
+
+    @property
+    def confidence(self) -> float | None:
+        """The probability of the predicted class."""
+        return None if self.probabilities is None else self.probabilities[str(self.label)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: path, label, index, confidence, probabilities; or path and error."""
+        if self.error is not None:
+            return {"path": self.path, "error": self.error}
+        out = {
+            "path": self.path,
+            "label": self.label,
+            "index": self.index,
+            "confidence": self.confidence,
+            "probabilities": self.probabilities,
+        }
+        if self.explanation is not None:
+            out["explanation"] = self.explanation
+        return out
+
+
+@dataclass(frozen=True)
+class DicomWindow:
+    """The Hounsfield window a DICOM slice is mapped through before the resize."""
+
+    level: float = -600.0
+    width: float = 1500.0
+
+
+def read_image(
+    source: Path | bytes,
+    spec: PreprocessSpec,
+    *,
+    limits: DecodeLimits = DecodeLimits(),
+    window: DicomWindow = DicomWindow(),
+    name: str | None = None,
+) -> np.ndarray:
+    """A PNG / JPEG / BMP / TIFF / WebP / DICOM file or upload -> (S, S) uint8, as preprocess does.
+
+    DICOM (the `DICM` marker) goes through pydicom, Hounsfield units and the window; every
+    other format through `transforms.prepare`. The same size and pixel limits apply to both.
+    """
+    if name is None:
+        name = "the upload" if isinstance(source, (bytes, bytearray)) else f"'{source}'"
+    data = _read_source(source, limits.max_bytes, name)
+    from ctscan.inference import dicom
+
+    if dicom.is_dicom(data):
+        gray = dicom.dicom_to_gray(data, level=window.level, width=window.width, name=name)
+        height, width = gray.shape
+        if height * width > limits.max_pixels:
+            raise DataError(
+                f"{name} has {width}x{height} = {width * height} pixels, above the limit of "
+                f"{limits.max_pixels} (data.max_image_pixels).",
+                "send a smaller image or raise data.max_image_pixels.",
+            )
+        return resize_square(gray, spec.image_size, spec.resize)
+    return prepare(data, spec, limits=limits, name=name)
+
+
+class Predictor:
+    """A model and the spec of its input; every backend answers through `logits`."""
+
+    def __init__(
+        self,
+        *,
+        spec: PreprocessSpec,
+        info: ModelInfo,
+        logits_fn: Callable[[np.ndarray], np.ndarray],
+        torch_model: Any = None,
+        limits: DecodeLimits = DecodeLimits(),
+        window: DicomWindow = DicomWindow(),
+        batch_size: int = BATCH,
+    ) -> None:
+        self.spec = spec
+        self.info = info
+        self._logits_fn = logits_fn
+        self.torch_model = torch_model  # (model, channels) for Grad-CAM; None for ONNX
+        self.limits = limits
+        self.window = window
+        self.batch_size = batch_size
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """Class names in the index order of the logits."""
+        return self.spec.class_names
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (B, 1, S, S) -> float32 logits (B, C)."""
+        size = self.spec.image_size
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (1, size, size):
+            raise DataError(
+                f"expected uint8 images of shape (B, 1, {size}, {size}), got "
+                f"{images.dtype} {tuple(images.shape)}.",
+                "decode and resize with ctscan.inference.read_image first.",
+            )
+        if len(images) == 0:
+            return np.zeros((0, len(self.class_names)), dtype=np.float32)
+        out = self._logits_fn(np.ascontiguousarray(images))
+        return np.asarray(out, dtype=np.float32)
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (B, 1, S, S) -> class probabilities (B, C), float64."""
+        from ctscan.engine.evaluate import probabilities
+
+        return probabilities(self.logits(images))
+
+    def read(self, source: Path | bytes, *, name: str | None = None) -> np.ndarray:
+        """One file or upload -> the (S, S) uint8 image this model takes."""
+        return read_image(source, self.spec, limits=self.limits, window=self.window, name=name)
+
+    def predictions(self, probs: np.ndarray, paths: Sequence[str | None]) -> list[Prediction]:
+        """Turn probabilities into labelled `Prediction`s."""
+        names = self.class_names
+        out = []
+        for row, path in zip(probs, paths, strict=True):
+            index = int(row.argmax())
+            out.append(
+                Prediction(
+                    path=path,
+                    label=names[index],
+                    index=index,
+                    probabilities={n: float(p) for n, p in zip(names, row, strict=True)},
+                )
+            )
+        return out
+
+    def predict_files(
+        self, paths: Iterable[Path], *, progress: Callable[[int], None] | None = None
+    ) -> list[Prediction]:
+        """Predict every file; a file that cannot be read gets its own `error` row."""
+        results: list[Prediction] = []
+        batch: list[tuple[int, np.ndarray]] = []
+        paths = list(paths)
+
+        def flush() -> None:
+            if not batch:
+                return
+            images = np.stack([img for _, img in batch])[:, None]
+            probs = self.probabilities(images)
+            for (i, _), pred in zip(
+                batch, self.predictions(probs, [str(paths[i]) for i, _ in batch]), strict=True
+            ):
+                results[i] = pred
+            if progress is not None:
+                progress(len(batch))
+            batch.clear()
+
+        for i, path in enumerate(paths):
+            results.append(Prediction(path=str(path)))
+            try:
+                batch.append((i, self.read(path)))
+            except DataError as exc:
+                results[i].error = str(exc)
+                if progress is not None:
+                    progress(1)
+            if len(batch) >= self.batch_size:
+                flush()
+        flush()
+        return results
+
+
+# ---- opening a model ----------------------------------------------------------------------
+
+
+def open_predictor(
+    model: str | Path,
+    *,
+    settings: Any,
+    backend: str | None = None,
+) -> Predictor:
+    """A Predictor for a checkpoint (.pt), an ONNX file (.onnx) or an MLflow URI.
+
+    `backend`: torch for checkpoints and MLflow models, onnx for ONNX files (the default is the
+    one the artifact runs on; a checkpoint runs on ONNX Runtime once exported with
+    `ctscan export`). `settings` gives the device, the decode limits, the DICOM window and the
+    tracking store that resolves MLflow URIs.
+    """
+    if backend is not None and backend not in BACKENDS:
+        raise CtscanError(f"backend '{backend}' is not one of {', '.join(BACKENDS)}.")
+    limits = DecodeLimits.from_settings(settings.data)
+    window = DicomWindow(
+        level=float(settings.inference.dicom_window_level),
+        width=float(settings.inference.dicom_window_width),
+    )
+    text = str(model)
+    if text.startswith(MLFLOW_SCHEMES):
+        opened = _open_mlflow(text, settings, backend)
+    else:
+        path = Path(text)
+        if path.suffix.lower() == ".onnx":
+            opened = _open_onnx(path, settings, backend)
+        else:
+            opened = _open_checkpoint(path, settings, backend)
+    opened.limits, opened.window = limits, window
+    opened.batch_size = int(settings.inference.batch_size)
+    return opened
+
+
+def _open_checkpoint(path: Path, settings: Any, backend: str | None) -> Predictor:
+    if backend == "onnx":
+        raise CtscanError(
+            f"'{path}' is a checkpoint: it runs on torch.",
+            f"export it first (`ctscan export {path} --format onnx --out model.onnx`) and pass "
+            "the .onnx file, or use --backend torch.",
+        )
+    import torch
+
+    from ctscan.engine.checkpoint import file_sha256, load_model
+    from ctscan.engine.evaluate import predict
+    from ctscan.engine.runtime import resolve_runtime
+
+    rt = resolve_runtime(settings.train)  # as `ctscan evaluate` runs: same device and precision
+    loaded = load_model(path, device=rt.device, channels_last=rt.channels_last)
+    spec = loaded.spec
+
+    def logits_fn(images: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(images)
+        out = predict(
+            loaded.model, x, mean=spec.mean, std=spec.std, channels=loaded.channels, rt=rt
+        )
+        return out.cpu().numpy()
+
+    info = ModelInfo(
+        name=loaded.checkpoint.model_name,
+        source=str(path),
+        backend="torch",
+        version=loaded.checkpoint.ctscan_version,
+        sha256=file_sha256(path),
+        format="checkpoint",
+    )
+    return Predictor(
+        spec=spec, info=info, logits_fn=logits_fn, torch_model=(loaded.model, loaded.channels)
+    )
+
+
+def _onnx_metadata(session: Any, path: Path) -> dict[str, Any]:
+    props = session.get_modelmeta().custom_metadata_map
+    if ONNX_METADATA_KEY not in props:
+        raise CheckpointError(
+            f"'{path}' is an ONNX file without ctscan metadata (no '{ONNX_METADATA_KEY}' entry): "
+            "its class names and preprocessing are unknown.",
+            "export it with `ctscan export CHECKPOINT --format onnx`.",
+        )
+    try:
+        meta = json.loads(props[ONNX_METADATA_KEY])
+        PreprocessSpec.from_dict(meta["preprocess"])
+    except (ValueError, KeyError, TypeError, DataError) as exc:
+        raise CheckpointError(
+            f"'{path}' has broken ctscan metadata ({exc}).", "export it again with ctscan export."
+        ) from None
+    return meta
+
+
+def _open_onnx(path: Path, settings: Any, backend: str | None) -> Predictor:
+    if backend == "torch":
+        raise CtscanError(
+            f"'{path}' is an ONNX file: it runs on ONNX Runtime, not torch.",
+            "pass its checkpoint for --backend torch, or use --backend onnx.",
+        )
+    if path.is_dir() or not path.is_file():
+        raise CheckpointError(
+            f"ONNX file '{path}' {'is a folder' if path.is_dir() else 'does not exist'}.",
+            "pass a .onnx file written by `ctscan export`.",
+        )
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise CtscanError(
+            "onnxruntime is not installed.", "pip install 'ctscan[export]' (or [serve])."
+        ) from None
+    from ctscan.engine.checkpoint import file_sha256
+
+    options = ort.SessionOptions()
+    threads = int(settings.train.threads)
+    if threads > 0:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(
+            str(path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:  # onnxruntime raises its own exception types for bad files
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(
+            f"'{path}' is not a readable ONNX model ({first[:200]}).",
+            "export it again with `ctscan export`.",
+        ) from None
+    meta = _onnx_metadata(session, path)
+    spec = PreprocessSpec.from_dict(meta["preprocess"])
+    input_name = session.get_inputs()[0].name
+
+    def logits_fn(images: np.ndarray) -> np.ndarray:
+        return np.concatenate(
+            [
+                session.run(None, {input_name: images[i : i + 64]})[0]
+                for i in range(0, len(images), 64)
+            ]
+        )
+
+    info = ModelInfo(
+        name=str(meta.get("model_name", "unknown")),
+        source=str(path),
+        backend="onnx",
+        version=str(meta.get("ctscan_version", "unknown")),
+        sha256=str(meta.get("checkpoint_sha256") or file_sha256(path)),
+        format=str(meta.get("format", "onnx")),
+    )
+    return Predictor(spec=spec, info=info, logits_fn=logits_fn)
+
+
+def _open_mlflow(uri: str, settings: Any, backend: str | None) -> Predictor:
+    if backend == "onnx":
+        raise CtscanError(
+            f"'{uri}' is an MLflow PyTorch model: it runs on torch.",
+            "export its checkpoint with `ctscan export` for ONNX Runtime, or use --backend torch.",
+        )
+    import torch
+
+    from ctscan.engine.tracking import load_logged_model
+
+    module, meta, version = load_logged_model(uri, settings.tracking, settings.paths.runs_dir)
+    spec = PreprocessSpec.from_dict(meta["preprocess"])
+
+    def logits_fn(images: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            chunks = [
+                module(torch.from_numpy(images[i : i + 64])).float()
+                for i in range(0, len(images), 64)
+            ]
+        return torch.cat(chunks).numpy()
+
+    info = ModelInfo(
+        name=str(meta.get("model_name", "unknown")),
+        source=uri,
+        backend="torch",
+        version=str(version),
+        sha256=str(meta.get("checkpoint_sha256", "")),
+        format="mlflow",
+    )
+    torch_model = (module.net, module.channels) if hasattr(module, "net") else None
+    return Predictor(spec=spec, info=info, logits_fn=logits_fn, torch_model=torch_model)

@@ -1,0 +1,592 @@
+"""The HTTP service: FastAPI routes over the one Predictor, dynamic batching, metrics, a web page.
+
+Routes (OpenAPI at /docs):
+    POST /predict, /predict/batch, /explain            multipart uploads (field `file` / `files`)
+    GET  /health, /ready                               liveness, readiness (model warmed up)
+    GET  /metrics                                      Prometheus text
+    GET  /monitoring/drift                             two-sample tests against the training data
+    /v2/health/live, /v2/health/ready, /v2/models/{name}[/ready], POST /v2/models/{name}/infer
+                                                       the Open Inference Protocol (KServe v2)
+    GET  /                                             the web page (static/, no build, no CDN)
+
+Every error is JSON `{"error": ..., "fix": ...}` with a 4xx for bad input (400 protocol,
+401 token, 413 too large, 415 not an image, 422 unreadable or wrong field, 503 queue full with
+Retry-After); a 500 only for a bug, without a stack trace. No filesystem path comes from a
+request: uploads are bytes, the model is fixed at start-up.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ctscan.errors import DataError
+from ctscan.inference.predictor import Prediction, Predictor
+from ctscan.serve import kserve
+from ctscan.serve.batching import Batcher, QueueFull
+from ctscan.serve.limits import BodyLimit, sniff_format
+
+log = logging.getLogger("ctscan.serve")
+STATIC = Path(__file__).parent / "static"
+RETRY_AFTER_S = "1"
+
+
+# ---- response models (they document the API) -----------------------------------------------
+
+
+class ModelIdentity(BaseModel):
+    """Which model answered."""
+
+    name: str = Field(description="registry model name, e.g. efficientnet_lite0")
+    version: str = Field(description="MLflow model version or the ctscan version that wrote it")
+    sha256: str = Field(description="sha256 of the checkpoint the weights come from")
+    backend: str = Field(description="torch or onnx")
+    format: str = Field(description="checkpoint, onnx, onnx-int8 or mlflow")
+
+
+class PredictResponse(BaseModel):
+    """The answer for one image."""
+
+    label: str
+    class_index: int
+    confidence: float = Field(description="probability of the predicted class")
+    probabilities: dict[str, float] = Field(description="class name -> probability")
+    model: ModelIdentity
+    latency_ms: float = Field(description="server time from upload read to answer")
+
+
+class BatchItem(BaseModel):
+    """One file of a batch: a prediction, or the reason it failed."""
+
+    filename: str | None
+    label: str | None = None
+    class_index: int | None = None
+    confidence: float | None = None
+    probabilities: dict[str, float] | None = None
+    error: str | None = None
+
+
+class BatchResponse(BaseModel):
+    """The answers for a batch of files, in the order sent."""
+
+    predictions: list[BatchItem]
+    model: ModelIdentity
+    latency_ms: float
+
+
+class ErrorResponse(BaseModel):
+    """Every error: what is wrong and how to fix it."""
+
+    error: str
+    fix: str | None = None
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    text = {
+        400: "the request cannot be read (Open Inference Protocol)",
+        401: "missing or wrong bearer token (serve.token)",
+        404: "no such model",
+        413: "upload larger than serve.max_upload_bytes, or too many files",
+        415: "not a PNG, JPEG, BMP, TIFF, WebP or DICOM file",
+        422: "unreadable image, too many pixels, or a missing or wrong form field",
+        501: "this model cannot do that (Grad-CAM needs the PyTorch model)",
+        503: "the request queue is full: retry after the Retry-After seconds",
+    }
+    return {code: {"model": ErrorResponse, "description": text[code]} for code in codes}
+
+
+class ApiError(Exception):
+    """An error answered as JSON with its status code."""
+
+    def __init__(self, status: int, error: str, fix: str | None = None) -> None:
+        super().__init__(error)
+        self.status, self.error, self.fix = status, error, fix
+
+
+# ---- the service state -----------------------------------------------------------------------
+
+
+@dataclass
+class Service:
+    """What the routes share: the predictor, the batcher, metrics, the drift monitor."""
+
+    predictor: Predictor
+    settings: Any
+    explainer: Predictor | None  # a torch predictor for Grad-CAM (None: ONNX only)
+    metrics: Any  # serve.metrics.Metrics
+    monitor: Any = None  # serve.monitoring.DriftMonitor or None
+    batcher: Batcher | None = None
+    ready: bool = False
+    explain_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def identity(self) -> ModelIdentity:
+        info = self.predictor.info
+        return ModelIdentity(
+            name=info.name,
+            version=info.version,
+            sha256=info.sha256,
+            backend=info.backend,
+            format=info.format,
+        )
+
+
+def create_app(service: Service) -> FastAPI:
+    """The FastAPI application for one loaded model."""
+    serve = service.settings.serve
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        batcher = Batcher(
+            service.predictor.probabilities,
+            max_batch=serve.max_batch_size,
+            max_wait_ms=serve.max_wait_ms,
+            queue_size=serve.queue_size,
+            enabled=serve.batching,
+            on_batch=service.metrics.observe_batch,
+        )
+        await batcher.start()
+        size = service.predictor.spec.image_size
+        await batcher.submit(np.zeros((1, 1, size, size), dtype=np.uint8))  # warm up
+        service.batcher, service.ready = batcher, True
+        log.info("ready: %s", service.predictor.info)
+        try:
+            yield
+        finally:
+            service.ready = False
+            await batcher.stop()  # what is queued still gets its answer
+
+    app = FastAPI(
+        title="ctscan",
+        summary="Chest-CT slice classification: adenocarcinoma, large cell, squamous, normal.",
+        version=service.predictor.info.version,
+        lifespan=lifespan,
+    )
+    app.add_middleware(
+        BodyLimit,
+        default=serve.max_upload_bytes + 64 * 1024,
+        larger={
+            "/predict/batch": serve.max_upload_bytes * serve.max_batch_files + 64 * 1024,
+            "/v2/models/": serve.max_upload_bytes * serve.max_batch_files + 64 * 1024,
+        },
+        on_reject=lambda path: service.metrics.count(path, 413),
+    )
+    _install_error_handlers(app, service)
+    app.middleware("http")(_timing_middleware(service))
+    guard = [Depends(_token_check(serve.token))]
+
+    @app.get("/health", tags=["health"])
+    async def health() -> dict[str, str]:
+        """The process is alive."""
+        return {"status": "ok"}
+
+    @app.get("/ready", tags=["health"], responses=_errors(503))
+    async def ready() -> Any:
+        """The model is loaded and warmed up."""
+        if not service.ready:
+            return JSONResponse({"error": "the model is loading", "fix": None}, status_code=503)
+        return {"status": "ready", "model": service.identity().model_dump()}
+
+    @app.post(
+        "/predict",
+        response_model=PredictResponse,
+        tags=["predict"],
+        dependencies=guard,
+        responses=_errors(401, 413, 415, 422, 503),
+    )
+    async def predict(file: Annotated[UploadFile, File(description="PNG/JPEG/DICOM")]) -> Any:
+        """Predict the class of one CT slice."""
+        start = time.perf_counter()
+        image = await _decode(service, file)
+        probs = await _submit(service, image[None, None])
+        prediction = service.predictor.predictions(probs, [None])[0]
+        _record(service, image, prediction)
+        return PredictResponse(
+            label=str(prediction.label),
+            class_index=int(prediction.index or 0),
+            confidence=float(prediction.confidence or 0.0),
+            probabilities=prediction.probabilities or {},
+            model=service.identity(),
+            latency_ms=(time.perf_counter() - start) * 1000,
+        )
+
+    @app.post(
+        "/predict/batch",
+        response_model=BatchResponse,
+        tags=["predict"],
+        dependencies=guard,
+        responses=_errors(401, 413, 422, 503),
+    )
+    async def predict_batch(
+        files: Annotated[list[UploadFile], File(description="several PNG/JPEG/DICOM files")],
+    ) -> Any:
+        """Predict several files in one request; a file that cannot be read gets its own error."""
+        start = time.perf_counter()
+        if len(files) > serve.max_batch_files:
+            raise ApiError(
+                413,
+                f"{len(files)} files in one request; the limit is {serve.max_batch_files}.",
+                "send fewer files per request (serve.max_batch_files).",
+            )
+        items: list[BatchItem] = []
+        images, slots = [], []
+        for upload in files:
+            try:
+                images.append(await _decode(service, upload))
+                slots.append(len(items))
+                items.append(BatchItem(filename=upload.filename))
+            except ApiError as exc:
+                items.append(BatchItem(filename=upload.filename, error=exc.error))
+        if images:
+            probs = await _submit(service, np.stack(images)[:, None])
+            for slot, image, prediction in zip(
+                slots,
+                images,
+                service.predictor.predictions(probs, [None] * len(images)),
+                strict=True,
+            ):
+                _record(service, image, prediction)
+                items[slot] = BatchItem(
+                    filename=items[slot].filename,
+                    label=prediction.label,
+                    class_index=prediction.index,
+                    confidence=prediction.confidence,
+                    probabilities=prediction.probabilities,
+                )
+        return BatchResponse(
+            predictions=items,
+            model=service.identity(),
+            latency_ms=(time.perf_counter() - start) * 1000,
+        )
+
+    @app.post(
+        "/explain",
+        tags=["predict"],
+        dependencies=guard,
+        response_class=Response,
+        responses={
+            200: {"content": {"image/png": {}}, "description": "Grad-CAM overlay PNG"},
+            **_errors(401, 413, 415, 422, 501),
+        },
+    )
+    async def explain(
+        file: Annotated[UploadFile, File(description="PNG/JPEG/DICOM")],
+        target: Annotated[
+            str | None, Form(description="class to explain (default: the predicted one)")
+        ] = None,
+    ) -> Response:
+        """The Grad-CAM overlay (PNG) for the predicted class, or for `target`."""
+        explainer = service.explainer
+        if explainer is None or explainer.torch_model is None:
+            raise ApiError(
+                501,
+                "Grad-CAM needs the PyTorch model; this server runs an ONNX-only model.",
+                "start the server with the checkpoint (.pt) to get /explain.",
+            )
+        names = list(explainer.class_names)
+        if target is not None and target not in names:
+            raise ApiError(422, f"target '{target}' is not a class.", f"use one of {names}.")
+        image = await _decode(service, file)
+        png, label, confidence = await run_in_threadpool(
+            _grad_cam_png, service, image, names.index(target) if target else None
+        )
+        return Response(
+            png,
+            media_type="image/png",
+            headers={"X-Label": label, "X-Confidence": f"{confidence:.6f}"},
+        )
+
+    @app.get("/metrics", tags=["monitoring"], dependencies=guard, responses=_errors(401))
+    async def metrics() -> Response:
+        """Prometheus metrics: requests, latency, predictions, confidence, batches, drift."""
+        if service.monitor is not None:
+            service.monitor.report()  # refreshes the drift gauges
+        body, content_type = service.metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/monitoring/drift", tags=["monitoring"], dependencies=guard, responses=_errors(401))
+    async def drift() -> dict[str, Any]:
+        """Two-sample tests of recent requests against the training reference."""
+        if service.monitor is None:
+            return {"available": False, "reason": "no training reference was found"}
+        return {"available": True, **service.monitor.report()}
+
+    _add_kserve_routes(app, service, guard)
+    if STATIC.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+        @app.get("/", include_in_schema=False)
+        async def page() -> FileResponse:
+            return FileResponse(STATIC / "index.html")
+
+    return app
+
+
+# ---- helpers of the routes ---------------------------------------------------------------
+
+
+async def _decode(service: Service, upload: UploadFile) -> np.ndarray:
+    """An upload -> (S, S) uint8, or an ApiError (413 / 415 / 422) that says why not."""
+    limit = service.settings.serve.max_upload_bytes
+    data = await upload.read(limit + 1)
+    name = f"'{upload.filename}'" if upload.filename else "the upload"
+    if len(data) > limit:
+        raise ApiError(
+            413,
+            f"{name} is larger than {limit} bytes.",
+            "send a smaller file (serve.max_upload_bytes).",
+        )
+    if not data:
+        raise ApiError(422, f"{name} is empty.", "send an image file.")
+    if sniff_format(data) is None:
+        raise ApiError(
+            415,
+            f"{name} is not a PNG, JPEG, BMP, TIFF, WebP or DICOM file.",
+            "send a CT slice in one of those formats.",
+        )
+    try:
+        return await run_in_threadpool(service.predictor.read, data, name=name)
+    except DataError as exc:
+        raise ApiError(422, exc.message, exc.fix) from None
+
+
+async def _submit(service: Service, images: np.ndarray) -> np.ndarray:
+    assert service.batcher is not None
+    try:
+        return await service.batcher.submit(images)
+    except QueueFull:
+        raise ApiError(
+            503,
+            "the server is busy: the request queue is full.",
+            f"retry after {RETRY_AFTER_S} s, or add replicas / workers.",
+        ) from None
+
+
+def _record(service: Service, image: np.ndarray, prediction: Prediction) -> None:
+    service.metrics.observe_prediction(str(prediction.label), float(prediction.confidence or 0))
+    if service.monitor is not None:
+        service.monitor.observe(image, prediction.confidence)
+
+
+def _grad_cam_png(
+    service: Service, image: np.ndarray, target: int | None
+) -> tuple[bytes, str, float]:
+    import torch
+
+    from ctscan.data.transforms import model_input
+    from ctscan.inference.explain import grad_cam, overlay_png
+    from ctscan.models import gradcam_layer
+
+    explainer = service.explainer
+    assert explainer is not None and explainer.torch_model is not None
+    model, channels = explainer.torch_model
+    spec = explainer.spec
+    probs = explainer.probabilities(image[None, None])[0]
+    index = int(probs.argmax()) if target is None else target
+    with service.explain_lock:  # one Grad-CAM at a time: hooks live on the shared model
+        device = next(model.parameters()).device
+        x = model_input(
+            torch.from_numpy(image[None, None]).to(device),
+            mean=spec.mean,
+            std=spec.std,
+            channels=channels,
+        )
+        heat, _ = grad_cam(model, x, gradcam_layer(model, explainer.info.name), index)
+    label = explainer.class_names[index]
+    return overlay_png(image, heat, title=f"{label} {probs[index]:.1%}"), label, float(probs[index])
+
+
+def _token_check(token: str | None) -> Callable[[Request], None]:
+    """A dependency: without a configured token nothing is checked; else Bearer must match."""
+    expected = f"Bearer {token}".encode() if token else None
+
+    def check(request: Request) -> None:
+        if expected is None:
+            return
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, expected):  # constant time
+            raise ApiError(
+                401,
+                "a bearer token is required.",
+                "send the header 'Authorization: Bearer <serve.token>'.",
+            )
+
+    return check
+
+
+def _timing_middleware(service: Service) -> Callable[..., Any]:
+    async def timing(request: Request, call_next: Callable[..., Any]) -> Any:
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", None) or "unmatched"
+        service.metrics.count(path, response.status_code, time.perf_counter() - start)
+        return response
+
+    return timing
+
+
+def _install_error_handlers(app: FastAPI, service: Service) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        headers = {"Retry-After": RETRY_AFTER_S} if exc.status == 503 else None
+        if exc.status == 401:
+            headers = {"WWW-Authenticate": "Bearer"}
+        return JSONResponse(
+            {"error": exc.error, "fix": exc.fix}, status_code=exc.status, headers=headers
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()))
+            problems.append(f"{where}: {err.get('msg')}")
+        return JSONResponse(
+            {
+                "error": "the request does not fit this route: " + "; ".join(problems),
+                "fix": "see /docs for the fields each route takes (uploads: field 'file').",
+            },
+            status_code=422,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(
+            {"error": str(exc.detail), "fix": None},
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def bug(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s", request.url.path)  # the trace stays in the log
+        return JSONResponse(
+            {"error": "internal error (logged on the server).", "fix": None}, status_code=500
+        )
+
+
+def _add_kserve_routes(app: FastAPI, service: Service, guard: list[Any]) -> None:
+    serve = service.settings.serve
+    name = serve.model_name
+
+    def check_name(model_name: str) -> None:
+        if model_name != name:
+            raise ApiError(404, f"no model '{model_name}' here.", f"this server serves '{name}'.")
+
+    @app.get("/v2/health/live", tags=["kserve-v2"])
+    async def live() -> Response:
+        """Open Inference Protocol: the server is alive."""
+        return Response(status_code=200)
+
+    @app.get("/v2/health/ready", tags=["kserve-v2"], responses=_errors(503))
+    async def v2_ready() -> Response:
+        """Open Inference Protocol: the server is ready."""
+        return Response(status_code=200 if service.ready else 503)
+
+    @app.get(
+        "/v2/models/{model_name}",
+        tags=["kserve-v2"],
+        dependencies=guard,
+        responses=_errors(401, 404),
+    )
+    async def metadata(model_name: str) -> dict[str, Any]:
+        """Open Inference Protocol: the model's inputs and outputs."""
+        check_name(model_name)
+        p = service.predictor
+        return kserve.model_metadata(name, p.info.version, p.spec.image_size, list(p.class_names))
+
+    @app.get(
+        "/v2/models/{model_name}/ready",
+        tags=["kserve-v2"],
+        dependencies=guard,
+        responses=_errors(401, 404, 503),
+    )
+    async def model_ready(model_name: str) -> Response:
+        """Open Inference Protocol: the model is ready."""
+        check_name(model_name)
+        return Response(status_code=200 if service.ready else 503)
+
+    @app.post(
+        "/v2/models/{model_name}/infer",
+        tags=["kserve-v2"],
+        dependencies=guard,
+        responses={
+            200: {"description": "probabilities (FP32 [B, C]); JSON or binary extension"},
+            **_errors(400, 401, 404, 413, 415, 422, 503),
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"type": "object"}},
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                },
+            }
+        },
+    )
+    async def infer(model_name: str, request: Request) -> Response:
+        """Open Inference Protocol: UINT8 images or BYTES files in, FP32 probabilities out."""
+        check_name(model_name)
+        body = await request.body()
+        p = service.predictor
+        try:
+            parsed = kserve.parse_infer(
+                body, request.headers.get(kserve.HEADER_LENGTH), p.spec.image_size
+            )
+        except kserve.ProtocolError as exc:
+            raise ApiError(400, str(exc), "see /v2/models/{name} for the inputs.") from None
+        if parsed.input_name == kserve.BYTES_INPUT:
+            if len(parsed.files) > serve.max_batch_files:
+                raise ApiError(
+                    413,
+                    f"{len(parsed.files)} files; the limit is {serve.max_batch_files}.",
+                    "send fewer per request.",
+                )
+            images = [
+                await _decode(service, _BytesUpload(data, f"input {i}"))
+                for i, data in enumerate(parsed.files)
+            ]
+            batch = (
+                np.stack(images)[:, None]
+                if images
+                else np.zeros((0, 1, p.spec.image_size, p.spec.image_size), np.uint8)
+            )
+        else:
+            batch = parsed.images
+        if len(batch) > serve.max_batch_files:
+            raise ApiError(
+                413,
+                f"{len(batch)} images; the limit is {serve.max_batch_files}.",
+                "send fewer per request.",
+            )
+        probs = await _submit(service, batch) if len(batch) else np.zeros((0, len(p.class_names)))
+        for image, prediction in zip(batch, p.predictions(probs, [None] * len(batch)), strict=True):
+            _record(service, image[0], prediction)
+        content, headers = kserve.encode_infer(name, p.info.version, parsed, probs)
+        return Response(content, headers=headers)
+
+
+class _BytesUpload:
+    """The part of UploadFile `_decode` uses, over bytes already in memory."""
+
+    def __init__(self, data: bytes, filename: str) -> None:
+        self._data, self.filename = data, filename
+
+    async def read(self, size: int = -1) -> bytes:
+        return self._data if size < 0 else self._data[:size]

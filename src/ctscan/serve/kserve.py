@@ -1,0 +1,210 @@
+"""The Open Inference Protocol (KServe v2) REST encoding: requests in, responses out.
+
+Inputs (either one per request):
+    image        UINT8  [-1, 1, S, S]  gray images already decoded and resized
+    image_bytes  BYTES  [-1]           encoded files (PNG, JPEG, DICOM...): raw in the binary
+                                       extension, base64 strings in plain JSON
+Output:
+    probabilities FP32  [-1, C]        class probabilities in the order of the model's labels
+
+Both the JSON form and the binary data extension (the `Inference-Header-Content-Length` header
+that `tritonclient[http]` sends by default) are read and written.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+IMAGE_INPUT = "image"
+BYTES_INPUT = "image_bytes"
+OUTPUT = "probabilities"
+_DTYPES = {
+    "UINT8": np.uint8,
+    "INT8": np.int8,
+    "UINT16": np.uint16,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "FP32": np.float32,
+    "FP64": np.float64,
+}
+
+
+class ProtocolError(ValueError):
+    """A request the protocol cannot read: answered 400 with the reason."""
+
+
+@dataclass
+class InferRequest:
+    """What an infer request asks: one input tensor, and how to send the outputs back."""
+
+    id: str | None
+    input_name: str
+    images: np.ndarray | None = None  # (B, 1, S, S) uint8, for the `image` input
+    files: list[bytes] = field(default_factory=list)  # for the `image_bytes` input
+    binary_output: bool = False
+
+
+def model_metadata(name: str, version: str, image_size: int, class_names: list[str]) -> dict:
+    """GET /v2/models/{name}: the inputs and outputs the model takes and gives."""
+    return {
+        "name": name,
+        "versions": [version],
+        "platform": "ctscan",
+        "inputs": [
+            {"name": IMAGE_INPUT, "datatype": "UINT8", "shape": [-1, 1, image_size, image_size]},
+            {"name": BYTES_INPUT, "datatype": "BYTES", "shape": [-1]},
+        ],
+        "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, len(class_names)]}],
+        "parameters": {"class_names": class_names},
+    }
+
+
+def _split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
+    """The JSON part and the binary tail of a request body."""
+    if header_length is None:
+        json_part, tail = body, b""
+    else:
+        try:
+            n = int(header_length)
+        except ValueError:
+            raise ProtocolError(f"{HEADER_LENGTH} '{header_length}' is not a number.") from None
+        if not 0 < n <= len(body):
+            raise ProtocolError(f"{HEADER_LENGTH} {n} does not fit a body of {len(body)} bytes.")
+        json_part, tail = body[:n], body[n:]
+    try:
+        header = json.loads(json_part)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"the request is not valid JSON ({exc}).") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("the request must be a JSON object with 'inputs'.")
+    return header, tail
+
+
+def _unpack_bytes(raw: bytes, count: int) -> list[bytes]:
+    """BYTES elements of the binary extension: each a 4-byte little-endian length + the bytes."""
+    out, pos = [], 0
+    while pos < len(raw):
+        if pos + 4 > len(raw):
+            raise ProtocolError("a BYTES element is cut short (no room for its length).")
+        (n,) = struct.unpack_from("<I", raw, pos)
+        pos += 4
+        if pos + n > len(raw):
+            raise ProtocolError("a BYTES element is longer than the data sent.")
+        out.append(raw[pos : pos + n])
+        pos += n
+    if len(out) != count:
+        raise ProtocolError(f"the shape says {count} BYTES elements, the data holds {len(out)}.")
+    return out
+
+
+def parse_infer(body: bytes, header_length: str | None, image_size: int) -> InferRequest:
+    """Read an infer request (JSON or binary extension); ProtocolError says what is wrong."""
+    header, tail = _split_body(body, header_length)
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise ProtocolError(
+            f"send exactly one input: '{IMAGE_INPUT}' (UINT8 [B, 1, {image_size}, "
+            f"{image_size}]) or '{BYTES_INPUT}' (BYTES [B])."
+        )
+    spec = inputs[0]
+    name, datatype, shape = spec.get("name"), spec.get("datatype"), spec.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ProtocolError(f"input '{name}' needs a shape of non-negative integers.")
+    count = int(np.prod(shape)) if shape else 1
+    params = spec.get("parameters") or {}
+    binary_size = params.get("binary_data_size") if isinstance(params, dict) else None
+    outputs = header.get("outputs") or []
+    binary_output = any(
+        isinstance(o, dict) and (o.get("parameters") or {}).get("binary_data") is True
+        for o in outputs
+    )
+    request_id = header.get("id") if isinstance(header.get("id"), str) else None
+    raw = None
+    if binary_size is not None:
+        if not isinstance(binary_size, int) or binary_size < 0 or binary_size > len(tail):
+            raise ProtocolError(f"input '{name}' binary_data_size does not fit the data sent.")
+        raw = tail[:binary_size]
+    if name == IMAGE_INPUT:
+        if datatype != "UINT8":
+            raise ProtocolError(f"input '{IMAGE_INPUT}' must be UINT8, not {datatype}.")
+        if len(shape) != 4 or shape[1:] != [1, image_size, image_size]:
+            raise ProtocolError(
+                f"input '{IMAGE_INPUT}' must have shape [B, 1, {image_size}, {image_size}], "
+                f"not {shape}."
+            )
+        if raw is not None:
+            if len(raw) != count:
+                raise ProtocolError(f"input '{name}' has {len(raw)} bytes for {count} values.")
+            array = np.frombuffer(raw, dtype=np.uint8)
+        else:
+            array = _json_values(spec.get("data"), count, name)
+        return InferRequest(
+            id=request_id,
+            input_name=name,
+            images=array.reshape(shape).copy(),
+            binary_output=binary_output,
+        )
+    if name == BYTES_INPUT:
+        if datatype != "BYTES":
+            raise ProtocolError(f"input '{BYTES_INPUT}' must be BYTES, not {datatype}.")
+        if raw is not None:
+            files = _unpack_bytes(raw, count)
+        else:
+            data = spec.get("data")
+            if not isinstance(data, list) or len(data) != count:
+                raise ProtocolError(f"input '{name}' needs {count} base64 strings in 'data'.")
+            try:
+                files = [base64.b64decode(str(d), validate=True) for d in data]
+            except (binascii.Error, ValueError):
+                raise ProtocolError(
+                    f"input '{name}': in JSON, BYTES elements are base64 strings."
+                ) from None
+        return InferRequest(
+            id=request_id, input_name=name, files=files, binary_output=binary_output
+        )
+    raise ProtocolError(f"unknown input '{name}'; use '{IMAGE_INPUT}' or '{BYTES_INPUT}'.")
+
+
+def _json_values(data: Any, count: int, name: str) -> np.ndarray:
+    """A flat (or nested) JSON list of 0..255 integers as uint8."""
+    try:
+        array = np.asarray(data, dtype=np.int64).reshape(-1)
+    except (TypeError, ValueError):
+        raise ProtocolError(f"input '{name}' data must be integers 0..255.") from None
+    if array.size != count:
+        raise ProtocolError(f"input '{name}' has {array.size} values, its shape needs {count}.")
+    if array.size and (array.min() < 0 or array.max() > 255):
+        raise ProtocolError(f"input '{name}' values must be within 0..255 (UINT8).")
+    return array.astype(np.uint8)
+
+
+def encode_infer(
+    model_name: str, version: str, request: InferRequest, probabilities: np.ndarray
+) -> tuple[bytes, dict[str, str]]:
+    """The response body and headers: JSON, or the binary extension when the client asked."""
+    probs = np.ascontiguousarray(probabilities, dtype=np.float32)
+    output: dict[str, Any] = {"name": OUTPUT, "datatype": "FP32", "shape": list(probs.shape)}
+    header: dict[str, Any] = {"model_name": model_name, "model_version": version}
+    if request.id is not None:
+        header["id"] = request.id
+    if request.binary_output:
+        raw = probs.tobytes()
+        output["parameters"] = {"binary_data_size": len(raw)}
+        header["outputs"] = [output]
+        text = json.dumps(header).encode()
+        return text + raw, {
+            HEADER_LENGTH: str(len(text)),
+            "Content-Type": "application/octet-stream",
+        }
+    output["data"] = [float(v) for v in probs.reshape(-1)]
+    header["outputs"] = [output]
+    return json.dumps(header).encode(), {"Content-Type": "application/json"}

@@ -1,0 +1,110 @@
+"""Request limits before any route runs: body size (413), and what an upload's bytes are."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from starlette.exceptions import HTTPException
+
+# Magic numbers of the formats ctscan decodes (transforms.DECODE_FORMATS, and DICOM).
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The format an upload's first bytes announce (PNG, JPEG, BMP, TIFF, WEBP, DICOM) or None."""
+    for magic, name in _MAGIC:
+        if data.startswith(magic):
+            return name
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data[128:132] == b"DICM":
+        return "DICOM"
+    return None
+
+
+class BodyTooLarge(HTTPException):
+    """A body that grew past its limit while streaming in (no Content-Length to refuse early)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(status_code=413, detail=f"the request body is larger than {limit} bytes.")
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies above a limit per path prefix with 413, before reading them.
+
+    A declared Content-Length above the limit is refused at once; a streamed body is counted and
+    cut off when it passes the limit.
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        default: int,
+        larger: dict[str, int] | None = None,
+        on_reject: Callable[[str], None] | None = None,
+    ) -> None:
+        self.app = app
+        self.default = default
+        self.larger = larger or {}
+        self.on_reject = on_reject
+
+    def limit(self, path: str) -> int:
+        """The body limit for a request path."""
+        for prefix, limit in self.larger.items():
+            if path.startswith(prefix):
+                return limit
+        return self.default
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit(scope["path"])
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._reject(scope, send, limit)
+            return
+        received = 0
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    async def _reject(self, scope: dict, send: Callable, limit: int) -> None:
+        if self.on_reject is not None:
+            self.on_reject(scope["path"])
+        body = json.dumps(
+            {
+                "error": f"the request body is larger than {limit} bytes.",
+                "fix": "send a smaller file (serve.max_upload_bytes) or fewer files.",
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,170 @@
+"""`ctscan serve`: open the model once, pick the backend, start uvicorn (1 or N workers).
+
+Backend `auto`: an ONNX file runs on ONNX Runtime; a checkpoint is exported to ONNX once (cached
+by the checkpoint's sha256 under `paths.runs_dir/serve-cache/`, checked against the eager model
+on start-up) and served by ONNX Runtime, keeping the PyTorch model for /explain; an MLflow URI
+runs on torch. With N workers every worker process loads the model itself (uvicorn's
+multiprocess mode); the parent exports first, so the workers find the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctscan.errors import CtscanError
+from ctscan.inference.predictor import MLFLOW_SCHEMES, Predictor, open_predictor
+from ctscan.serve.app import Service, create_app
+from ctscan.serve.metrics import Metrics
+
+log = logging.getLogger("ctscan.serve")
+ENV_ARGS = "_CTSCAN_SERVE_ARGS"  # how the parent hands the model and settings to its workers
+PARITY_ATOL = 1e-4
+
+
+def _cached_onnx(checkpoint: Path, settings: Any) -> Path:
+    """The checkpoint exported to ONNX, from the cache or written to it now."""
+    from ctscan.engine.checkpoint import load_model, read_checkpoint
+    from ctscan.files import file_sha256, folder_problem
+    from ctscan.ops.export import export_metadata, require_onnx_tools, write_onnx
+
+    sha = file_sha256(checkpoint)
+    cache_dir = Path(settings.paths.runs_dir) / "serve-cache"
+    if folder_problem(cache_dir) is not None:  # a read-only runs_dir: export for this run only
+        cache_dir = Path(tempfile.mkdtemp(prefix="ctscan-serve-"))
+    target = cache_dir / f"{sha[:24]}.onnx"
+    if target.is_file():
+        return target
+    require_onnx_tools()
+    ckpt = read_checkpoint(checkpoint)
+    meta = export_metadata(ckpt, checkpoint_sha256=sha, fmt="onnx")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=cache_dir)
+    os.close(fd)
+    try:
+        write_onnx(load_model(ckpt).deployable(), Path(tmp), size=ckpt.spec.image_size, meta=meta)
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return target
+
+
+def _agree(onnx: Predictor, torch_: Predictor) -> bool:
+    """The exported model answers as the eager one on random images (start-up check)."""
+    size = onnx.spec.image_size
+    images = np.random.default_rng(0).integers(0, 256, (4, 1, size, size), dtype=np.uint8)
+    return bool(np.abs(onnx.logits(images) - torch_.logits(images)).max() <= PARITY_ATOL)
+
+
+def open_models(model: str, settings: Any, backend: str) -> tuple[Predictor, Predictor | None]:
+    """(the predictor that answers, a torch predictor for Grad-CAM or None)."""
+    text = str(model)
+    if text.startswith(MLFLOW_SCHEMES) or Path(text).suffix.lower() == ".onnx":
+        predictor = open_predictor(text, settings=settings, backend=None)
+        if backend != "auto" and backend != predictor.info.backend:
+            raise CtscanError(
+                f"'{text}' runs on {predictor.info.backend}, not {backend}.",
+                f"use --backend {predictor.info.backend} or auto.",
+            )
+        return predictor, (predictor if predictor.torch_model is not None else None)
+    path = Path(text)
+    eager = open_predictor(path, settings=settings, backend="torch")
+    if backend == "torch":
+        return eager, eager
+    try:
+        onnx = open_predictor(_cached_onnx(path, settings), settings=settings, backend="onnx")
+    except CtscanError as exc:
+        if backend == "onnx":
+            raise
+        log.warning("serving with torch: ONNX export is not available (%s)", exc.message)
+        return eager, eager
+    if not _agree(onnx, eager):
+        if backend == "onnx":
+            raise CtscanError(
+                f"the ONNX export of '{path}' does not match the PyTorch model.",
+                "serve with --backend torch, and report this.",
+            )
+        log.warning("serving with torch: the ONNX export differs from the eager model")
+        return eager, eager
+    return onnx, eager
+
+
+def _monitor(predictor: Predictor, checkpoint: str, settings: Any) -> Any:
+    """A drift monitor fed by the training reference of the processed store, if one fits."""
+    try:
+        from ctscan.data.store import load_store
+        from ctscan.serve.monitoring import DriftMonitor
+
+        store = load_store(settings.paths.processed_dir, verify=False)
+        reference = store.reference()
+    except (CtscanError, ImportError, OSError):
+        return None
+    if reference is None or store.spec != predictor.spec:
+        return None
+    confidence = None
+    sibling = Path(checkpoint).parent / "reference_confidence.json"
+    if not str(checkpoint).startswith(MLFLOW_SCHEMES) and sibling.is_file():
+        try:
+            confidence = json.loads(sibling.read_text())["confidence"]
+        except (OSError, ValueError, KeyError):
+            confidence = None
+    serve = settings.serve
+    return DriftMonitor(
+        reference,
+        window=serve.drift_window,
+        min_samples=serve.drift_min_samples,
+        confidence_reference=confidence,
+    )
+
+
+def build_service(model: str, settings: Any) -> Service:
+    """Everything a server process needs, opened once: a clear CtscanError if MODEL is bad."""
+    predictor, explainer = open_models(model, settings, settings.serve.backend)
+    metrics = Metrics({k: str(v) for k, v in predictor.info.to_dict().items()})
+    monitor = _monitor(predictor, model, settings)
+    if monitor is not None:
+        monitor.register_metrics(metrics.registry)
+    return Service(
+        predictor=predictor,
+        settings=settings,
+        explainer=explainer,
+        metrics=metrics,
+        monitor=monitor,
+    )
+
+
+def app_from_env() -> Any:
+    """uvicorn's factory in each worker process: the model and settings the parent resolved."""
+    from ctscan.settings import Settings
+
+    args = json.loads(os.environ[ENV_ARGS])
+    settings = Settings.model_validate(args["settings"])
+    return create_app(build_service(args["model"], settings))
+
+
+def run_server(model: str, settings: Any) -> None:
+    """Serve until SIGTERM / Ctrl-C (in-flight requests finish within serve.shutdown_timeout_s)."""
+    import uvicorn
+
+    serve = settings.serve
+    service = build_service(model, settings)  # fails here, before binding, on a bad MODEL
+    common: dict[str, Any] = {
+        "host": serve.host,
+        "port": serve.port,
+        "timeout_graceful_shutdown": serve.shutdown_timeout_s,
+        "log_level": "info",
+    }
+    if serve.workers == 1:
+        uvicorn.run(create_app(service), **common)
+        return
+    # Each worker opens the model itself; a checkpoint's ONNX export is in the cache by now.
+    os.environ[ENV_ARGS] = json.dumps(
+        {"model": model, "settings": settings.model_dump(mode="json")}
+    )
+    del service
+    uvicorn.run("ctscan.serve.server:app_from_env", factory=True, workers=serve.workers, **common)
