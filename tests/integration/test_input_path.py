@@ -67,3 +67,52 @@ def test_deployable_uint8_model_equals_the_evaluation_path(store_96: Path, name:
         got = Deployable(net, spec, channels).eval()(images)
     assert got.dtype == torch.float32 and got.shape == (259, 4)
     assert float((got - expected).abs().max()) <= 1e-5
+
+
+def test_checkpoint_predictor_on_raw_files_equals_evaluate_on_the_store(
+    store_96: Path, real_raw_dir: Path, tmp_path: Path
+) -> None:
+    """Issue 7: every real test file through the Predictor == `ctscan evaluate` on the store."""
+    from ctscan.engine.evaluate import evaluate_checkpoint
+    from ctscan.engine.train import run_training
+    from ctscan.inference import open_predictor
+
+    settings = load_settings(
+        [],
+        [
+            f'paths.processed_dir="{store_96}"',
+            f'paths.runs_dir="{tmp_path / "runs"}"',
+            "data.image_size=96",
+            'model.name="cnn_gap"',
+            "model.pretrained=false",
+            'train.device="cpu"',
+            "train.epochs=1",
+            "train.evaluate_test=false",
+            "train.quiet=true",
+            "tracking.enabled=false",
+        ],
+    )
+    result = run_training(settings, out_dir=tmp_path / "run")
+    store = load_store(store_96)
+    report = evaluate_checkpoint(
+        result.best_path,
+        store=store,
+        split="test",
+        rt=resolve_runtime(settings.train),
+        out_dir=None,
+    )
+    expected = {row["path"]: row for row in report["predictions"]}
+    predictor = open_predictor(result.best_path, settings=settings)
+    files = [real_raw_dir / rel for rel in store.split("test").paths]
+    got = predictor.predict_files(files)
+    assert len(got) == len(expected) == 259
+    worst = 0.0
+    for prediction, path in zip(got, store.split("test").paths, strict=True):
+        assert prediction.error is None
+        row = expected[path]
+        assert prediction.label == row["label"]
+        worst = max(
+            worst,
+            max(abs(prediction.probabilities[k] - v) for k, v in row["probabilities"].items()),
+        )
+    assert worst <= 1e-5

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ctscan.data.raw import IMAGE_SUFFIXES
-from ctscan.errors import CtscanError, DataError
+from ctscan.errors import CheckpointError, CtscanError, DataError
 from ctscan.inference.predictor import Prediction, Predictor
 
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
@@ -91,7 +91,10 @@ def write_overlays(predictor: Predictor, predictions: Sequence[Prediction], out:
     ensure_dir(out, what="--explain folder")
     model, channels = predictor.torch_model
     device = next(model.parameters()).device
-    layer = gradcam_layer(model, predictor.info.name)
+    try:
+        layer = gradcam_layer(model, predictor.info.name)
+    except ValueError as exc:
+        raise CheckpointError(str(exc), "use a checkpoint written by `ctscan train`.") from None
     spec = predictor.spec
     for prediction, name in zip(
         predictions, _overlay_names(p.path or "" for p in predictions), strict=True

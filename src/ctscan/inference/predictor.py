@@ -112,7 +112,9 @@ def read_image(
     from ctscan.inference import dicom
 
     if dicom.is_dicom(data):
-        gray = dicom.dicom_to_gray(data, level=window.level, width=window.width, name=name)
+        gray = dicom.dicom_to_gray(
+            data, level=window.level, width=window.width, name=name, max_pixels=limits.max_pixels
+        )
         height, width = gray.shape
         if height * width > limits.max_pixels:
             raise DataError(

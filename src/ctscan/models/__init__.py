@@ -48,6 +48,22 @@ MODEL_NAMES: tuple[str, ...] = ("cnn", "cnn_gap", "resnet18", "efficientnet_lite
 PRETRAINED_NAMES: tuple[str, ...] = ("resnet18", "efficientnet_lite0")
 _INPUT_CHANNELS = {"cnn": 1, "cnn_gap": 1, "resnet18": 3, "efficientnet_lite0": 3}
 
+# Grad-CAM target per model: the last module whose output still has spatial extent, taken after
+# its activation (what the head pools or flattens), so that Grad-CAM sees the features the
+# classifier reads. At 160 px that is 10x10 for cnn and 5x5 for the others.
+GRADCAM_LAYERS: dict[str, str] = {
+    # 4th conv block (conv -> BN -> ReLU -> max-pool), the input of the flatten head.
+    "cnn": "features.3",
+    # 5th conv block, the input of the global-average-pooling head.
+    "cnn_gap": "features.4",
+    # torchvision's last residual stage (post-ReLU), the input of avgpool -> fc.
+    "resnet18": "layer4",
+    # timm's BatchNormAct2d after conv_head (BN + ReLU6, 1280 channels), the input of
+    # global_pool. Not `conv_head` (pre-BN, pre-activation: its negative values are cut by ReLU6
+    # before the head sees them) and not `blocks.6` (320 channels the 1x1 conv_head still mixes).
+    "efficientnet_lite0": "bn2",
+}
+
 
 def check_name(name: str) -> str:
     """Return `name` if it is a registered model, else raise ValueError naming the allowed ones."""
@@ -190,6 +206,22 @@ def train_mode(model: nn.Module) -> nn.Module:
     return model
 
 
+def gradcam_layer(model: nn.Module, name: str) -> nn.Module:
+    """The Grad-CAM target layer of the registry model `name` (see `GRADCAM_LAYERS`).
+
+    Compile and DDP wrappers are looked through; a model that does not have the named layer (not
+    built as `name`) is a ValueError.
+    """
+    path = GRADCAM_LAYERS[check_name(name)]
+    try:
+        return unwrap(model).get_submodule(path)
+    except AttributeError:
+        raise ValueError(
+            f"a {type(unwrap(model)).__name__} has no layer '{path}', the Grad-CAM target of "
+            f"model '{name}'; was it built as '{name}'?"
+        ) from None
+
+
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (elements) in the model."""
     return sum(
@@ -198,6 +230,7 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 
 
 __all__ = [
+    "GRADCAM_LAYERS",
     "MODEL_NAMES",
     "PRETRAINED_NAMES",
     "WeightsUnavailable",
@@ -206,6 +239,7 @@ __all__ = [
     "check_name",
     "count_parameters",
     "freeze_backbone",
+    "gradcam_layer",
     "has_pretrained",
     "head_module",
     "input_channels",
