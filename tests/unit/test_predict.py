@@ -157,3 +157,33 @@ def test_bad_models_and_inputs_are_one_line_errors(
         predictor.logits(np.zeros((1, 1, 8, 8), dtype=np.float32))
     proc = _cli("predict", str(tmp_path), "--model", str(tmp_path / "none.pt"))
     assert proc.returncode == 4 and "Traceback" not in proc.stderr
+
+
+def test_explain_writes_one_overlay_per_predicted_file(
+    trained: Path, test_pngs: Path, synthetic_store: Path, tmp_path: Path
+) -> None:
+    files = sorted(test_pngs.rglob("*.png"))[:3]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"junk")
+    out = tmp_path / "cams"
+    proc = _cli(
+        "predict",
+        *map(str, files),
+        str(broken),
+        "--model",
+        str(trained),
+        "--json",
+        "--explain",
+        str(out),
+        *_sets(synthetic_store, tmp_path),
+    )
+    assert proc.returncode == 3, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    written = sorted(out.glob("*.png"))
+    assert len(written) == 3  # none for the broken file
+    for row in rows[:3]:
+        overlay = Path(row["explanation"])
+        assert overlay in written
+        with Image.open(overlay) as img:
+            assert img.format == "PNG" and min(img.size) >= 256
+    assert "explanation" not in rows[3]
