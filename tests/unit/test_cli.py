@@ -34,7 +34,17 @@ def test_help_lists_the_commands_that_exist() -> None:
     assert result.exit_code == 0
     panel = result.output.split("Commands")[-1]
     listed = set(re.findall(r"^│ (\S+) ", panel, flags=re.MULTILINE))
-    assert listed == {"preprocess", "audit", "train", "evaluate", "settings"}
+    assert listed == {
+        "preprocess",
+        "audit",
+        "train",
+        "evaluate",
+        "predict",
+        "export",
+        "profile",
+        "serve",
+        "settings",
+    }
 
 
 def test_version() -> None:
@@ -193,3 +203,79 @@ def test_ctrl_c_outside_training_is_one_line_exit_130(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr.strip() == "ctscan: interrupted: stopped by Ctrl-C."
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("out", "expected"),
+    [
+        ("notes.txt", "is a file, not a folder"),
+        ("notes.txt/store", "lies under"),
+        ("notes.txt/a/b/store", "lies under"),
+        ("store/meta.json", "is a file, not a folder"),  # a file inside an existing store
+        ("/proc/ctscan-no-such-folder/store", "cannot be written"),
+        ("/sys/ctscan-no-such-folder/store", "cannot be written"),  # refused even to root
+    ],
+)
+def test_bad_out_paths_are_one_line_exit_3_and_write_nothing(
+    make_raw_tree, tmp_path: Path, out: str, expected: str
+) -> None:
+    raw = make_raw_tree("minimal")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("precious")
+    code, _, err = _run("preprocess", str(raw), "--out", str(work / "store"), "--quiet")
+    assert code == 0, err
+    before = _tree_bytes(work)
+    target = out if out.startswith("/") else str(work / out)
+    code, _, err = _run("preprocess", str(raw), "--out", target, "--quiet")
+    assert code == 3, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"'{target}'" in err and expected in err and "Fix:" in err and "--out" in err
+    assert _tree_bytes(work) == before  # nothing written, the existing store untouched
+    assert sorted(p.name for p in work.iterdir()) == ["notes.txt", "store"]
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() == 0,
+    reason="root writes into a read-only folder: the /sys case above covers an unwritable place",
+)
+def test_read_only_out_folder_is_one_line_exit_3(make_raw_tree, tmp_path: Path) -> None:
+    raw = make_raw_tree("minimal")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        code, _, err = _run("preprocess", str(raw), "--out", str(locked / "store"), "--quiet")
+    finally:
+        locked.chmod(0o755)
+    assert code == 3 and "Traceback" not in err and err.count("\n") == 1, err
+    assert str(locked / "store") in err and "cannot be written" in err
+    assert list(locked.iterdir()) == []
+
+
+def test_a_directory_as_settings_file_is_one_line_exit_2(tmp_path: Path) -> None:
+    code, _, err = _run("settings", "show", "-s", str(tmp_path))
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"'{tmp_path}' is a directory; a TOML file is expected" in err
+
+
+def test_an_empty_path_setting_is_one_line_exit_2() -> None:
+    code, _, err = _run("settings", "show", "--set", "paths.runs_dir=")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "'paths.runs_dir'" in err and "empty path" in err
+
+
+def test_preprocess_says_how_many_bad_files_it_skipped(make_raw_tree, tmp_path: Path) -> None:
+    raw = make_raw_tree("zero_byte")
+    out = tmp_path / "store"
+    code, _, err = _run(
+        "preprocess", str(raw), "--out", str(out), "--quiet", "--on-bad-file", "skip"
+    )
+    assert code == 0, err
+    assert "1 bad file(s) skipped" in err and "meta.json" in err
+    meta = json.loads((out / "meta.json").read_text())
+    assert [Path(s["path"]).name for s in meta["skipped"]] == ["empty.png"]
