@@ -41,9 +41,17 @@ def _not_empty_path(value: Any) -> Any:
 
 
 class PathsSettings(Section):
-    raw_dir: Path = Path("data/chest-ctscan-images")
-    processed_dir: Path = Path("outputs/processed")
-    runs_dir: Path = Path("outputs/runs")
+    raw_dir: Path = Field(
+        Path("data/chest-ctscan-images"),
+        description="the Kaggle folders (train/valid/test/<class>/), pulled by `dvc pull`",
+    )
+    processed_dir: Path = Field(
+        Path("outputs/processed"),
+        description="the processed store preprocess writes and train/evaluate read",
+    )
+    runs_dir: Path = Field(
+        Path("outputs/runs"), description="run folders, the MLflow SQLite store and its artifacts"
+    )
 
     _no_empty_paths = field_validator("raw_dir", "processed_dir", "runs_dir", mode="before")(
         _not_empty_path
@@ -61,7 +69,10 @@ class DataSettings(Section):
         40_000_000, ge=1, description="decoded pixels above this: refused"
     )
     max_file_bytes: int = Field(50_000_000, ge=1, description="files above this size: refused")
-    on_bad_file: Literal["error", "skip"] = "error"
+    on_bad_file: Literal["error", "skip"] = Field(
+        "error",
+        description="error: stop at the first unreadable image; skip: leave it out and list it",
+    )
     on_leak: Literal["keep", "drop"] = Field(
         "keep",
         description="keep: official split, report only; drop: remove valid/test copies of train "
@@ -73,25 +84,38 @@ class DataSettings(Section):
 
 
 class ModelSettings(Section):
-    name: Literal["cnn", "cnn_gap", "resnet18", "efficientnet_lite0"] = "efficientnet_lite0"
-    pretrained: bool = True
+    name: Literal["cnn", "cnn_gap", "resnet18", "efficientnet_lite0"] = Field(
+        "efficientnet_lite0",
+        description="registry model: cnn, cnn_gap, resnet18 or efficientnet_lite0",
+    )
+    pretrained: bool = Field(
+        True, description="start from ImageNet weights (resnet18, efficientnet_lite0 only)"
+    )
     weights_path: Path | None = Field(None, description="local ImageNet weights file (optional)")
-    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    dropout: float = Field(
+        0.2, ge=0.0, lt=1.0, description="dropout before the classification head"
+    )
     freeze_epochs: int = Field(1, ge=0, description="epochs with the pretrained backbone frozen")
 
     _no_empty_path = field_validator("weights_path", mode="before")(_not_empty_path)
 
 
 class AugmentSettings(Section):
-    enabled: bool = True
-    rotation_deg: float = Field(15.0, ge=0.0, le=180.0)
-    scale_min: float = Field(0.9, gt=0.0)
-    scale_max: float = Field(1.1, gt=0.0)
+    enabled: bool = Field(
+        True, description="batched augmentation of the train split on the training device"
+    )
+    rotation_deg: float = Field(
+        15.0, ge=0.0, le=180.0, description="max rotation, degrees either way"
+    )
+    scale_min: float = Field(0.9, gt=0.0, description="smallest zoom factor")
+    scale_max: float = Field(1.1, gt=0.0, description="largest zoom factor")
     translate: float = Field(0.05, ge=0.0, le=0.5, description="max shift, fraction of the side")
-    hflip: float = Field(0.5, ge=0.0, le=1.0)
-    vflip: float = Field(0.0, ge=0.0, le=1.0)
-    brightness: float = Field(0.1, ge=0.0, le=1.0)
-    contrast: float = Field(0.1, ge=0.0, le=1.0)
+    hflip: float = Field(0.5, ge=0.0, le=1.0, description="probability of a horizontal flip")
+    vflip: float = Field(0.0, ge=0.0, le=1.0, description="probability of a vertical flip")
+    brightness: float = Field(
+        0.1, ge=0.0, le=1.0, description="max brightness offset (fraction of full scale)"
+    )
+    contrast: float = Field(0.1, ge=0.0, le=1.0, description="max contrast change (fraction)")
     erasing: float = Field(0.0, ge=0.0, le=1.0, description="probability of one random erase")
 
     @model_validator(mode="after")
@@ -102,45 +126,73 @@ class AugmentSettings(Section):
 
 
 class TrainSettings(Section):
-    epochs: int = Field(28, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(2e-3, gt=0.0)
-    weight_decay: float = Field(0.01, ge=0.0)
-    warmup_epochs: float = Field(1.0, ge=0.0)
-    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    epochs: int = Field(28, ge=1, description="epochs to train (a resume may raise it)")
+    batch_size: int = Field(
+        32, ge=1, description="images per step and process (DDP: global batch = N x this)"
+    )
+    lr: float = Field(
+        2e-3, gt=0.0, description="peak learning rate of AdamW (not scaled under DDP)"
+    )
+    weight_decay: float = Field(
+        0.01, ge=0.0, description="AdamW weight decay (not on biases and norm weights)"
+    )
+    warmup_epochs: float = Field(
+        1.0, ge=0.0, description="linear warmup before the cosine decay, in epochs"
+    )
+    label_smoothing: float = Field(
+        0.1, ge=0.0, lt=1.0, description="label smoothing of the cross-entropy loss"
+    )
     grad_clip: float = Field(1.0, ge=0.0, description="max grad norm; 0 disables")
     accumulate: int = Field(1, ge=1, description="gradient accumulation steps")
-    ema: bool = True
-    ema_decay: float = Field(0.99, gt=0.0, lt=1.0)
+    ema: bool = Field(
+        True, description="keep an exponential moving average of the weights; checkpoints deploy it"
+    )
+    ema_decay: float = Field(0.99, gt=0.0, lt=1.0, description="EMA decay per optimizer step")
     early_stop_patience: int = Field(0, ge=0, description="epochs without improvement; 0 = off")
-    select_metric: Literal["val_macro_f1", "val_accuracy", "val_loss"] = "val_macro_f1"
-    seed: int = 0
-    deterministic: bool = False
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    compile: Literal["auto", "on", "off"] = "auto"
-    channels_last: bool = True
+    select_metric: Literal["val_macro_f1", "val_accuracy", "val_loss"] = Field(
+        "val_macro_f1", description="validation metric that picks best.pt"
+    )
+    seed: int = Field(0, description="random seed (data order, augmentation, initialisation)")
+    deterministic: bool = Field(
+        False, description="deterministic kernels (bit-identical CPU runs; slower on GPU)"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto (CUDA if available), cpu or cuda"
+    )
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 on CUDA, fp32 on CPU; fp16 uses a GradScaler (CUDA only)"
+    )
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the model: auto = on for CUDA"
+    )
+    channels_last: bool = Field(True, description="channels-last memory format for convolutions")
     threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = all cores")
     checkpoint_every: int = Field(
         1, ge=1, description="write last.pt every N epochs (and at the end); resume starts there"
     )
-    quiet: bool = False
+    quiet: bool = Field(False, description="plain log lines instead of the live progress bar")
     evaluate_test: bool = Field(True, description="evaluate the best checkpoint on test at the end")
 
 
 class TrackingSettings(Section):
-    enabled: bool = True
+    enabled: bool = Field(
+        True, description="record runs in MLflow (false: mlflow is not even imported)"
+    )
     uri: str | None = Field(
         None, description="MLflow tracking URI; default sqlite:///<runs_dir>/mlflow.db"
     )
-    experiment: str = "ctscan"
-    registered_model: str = "ctscan-classifier"
-    log_model: bool = True
+    experiment: str = Field("ctscan", description="MLflow experiment name")
+    registered_model: str = Field(
+        "ctscan-classifier", description="registry name the best models are versioned under"
+    )
+    log_model: bool = Field(
+        True, description="log and register the best model at the end of training"
+    )
 
 
 class ServeSettings(Section):
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    host: str = Field("127.0.0.1", description="address `ctscan serve` binds")
+    port: int = Field(8000, ge=1, le=65535, description="port `ctscan serve` listens on")
     workers: int = Field(1, ge=1, description="uvicorn worker processes, each with the model")
     backend: Literal["auto", "torch", "onnx"] = Field(
         "auto", description="auto: ONNX Runtime when the model is or can be exported, else torch"
