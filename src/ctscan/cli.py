@@ -381,7 +381,8 @@ def profile(
     overrides: Overrides = None,
 ) -> None:
     """Profile training steps with torch.profiler: a Perfetto trace, top operators, a summary."""
-    from ctscan.ops.profile import render_profile, run_profile, split_line
+    from ctscan.ops.profile import run_profile, split_line
+    from ctscan.render import render_profile
 
     settings = _settings(settings_files, overrides, **{"model.name": model, "train.device": device})
     result = run_profile(settings, steps=steps, out_dir=out)

@@ -232,3 +232,28 @@ class ProgressBar:
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:
             self._bar.stop()
+
+
+def render_profile(summary: dict[str, Any], rows: int = 10) -> Any:
+    """A Rich table of the top operators by self CPU time (and self CUDA time on CUDA)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    cuda = summary["device"].startswith("cuda")
+    table = Table(
+        title=f"{summary['model']} on {summary['device']}: top operators by self CPU time",
+        title_justify="left",
+    )
+    table.add_column("operator", overflow="fold")
+    table.add_column("calls", justify="right")
+    table.add_column("self CPU ms", justify="right")
+    if cuda:
+        table.add_column("self CUDA ms", justify="right")
+    table.add_column("CPU MiB", justify="right")
+    for op in summary["top_ops"][:rows]:
+        cells = [escape(op["name"]), str(op["calls"]), f"{op['self_cpu_ms']:.2f}"]
+        if cuda:
+            cells.append(f"{op['self_cuda_ms']:.2f}")
+        cells.append(f"{op['cpu_memory_mb']:.1f}")
+        table.add_row(*cells)
+    return table

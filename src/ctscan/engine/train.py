@@ -217,6 +217,18 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     ]
 
 
+def new_loop(settings: Settings, rt: Runtime, spec: PreprocessSpec, n_train: int) -> Loop:
+    """The Loop of a run: settings, runtime, input spec, steps per epoch, augmentation."""
+    return Loop(
+        settings=settings,
+        rt=rt,
+        spec=spec,
+        channels=model_channels(settings.model.name),
+        steps_per_epoch=steps_per_epoch(n_train, settings.train.batch_size, rt.world_size),
+        augment=(lambda x: augment(x, settings.augment)) if settings.augment.enabled else None,
+    )
+
+
 def new_train_state(
     settings: Settings, rt: Runtime, spec: PreprocessSpec, steps: int
 ) -> TrainState:
@@ -644,14 +656,7 @@ def _train(
                 valid_split.labels,
             )
         )
-        loop = Loop(
-            settings=settings,
-            rt=rt,
-            spec=store.spec,
-            channels=model_channels(settings.model.name),
-            steps_per_epoch=steps_per_epoch(len(train_split), tr.batch_size, rt.world_size),
-            augment=(lambda x: augment(x, settings.augment)) if settings.augment.enabled else None,
-        )
+        loop = new_loop(settings, rt, store.spec, len(train_split))
         state = new_train_state(settings, rt, store.spec, loop.steps_per_epoch)
         if plan.resume_from is not None:
             state.restore(plan.resume_from, rt.rank)

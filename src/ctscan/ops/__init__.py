@@ -1,0 +1,1 @@
+"""Operations around the engine: profiling, export and sweeps."""
