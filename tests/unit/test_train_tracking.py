@@ -38,7 +38,7 @@ def test_run_is_tracked_in_mlflow(
     assert run.data.metrics["test_accuracy"] == pytest.approx(result.test["accuracy"])
     assert run.data.metrics["run_train_images_per_s"] == pytest.approx(result.train_images_per_s)
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
-    assert {"settings.toml", "curves.png", "eval-test"} <= artifacts
+    assert {"settings.toml", "curves.png", "eval-test", "reference_confidence.json"} <= artifacts
     evaluation = {a.path for a in client.list_artifacts(result.run_id, "eval-test")}
     assert {
         "eval-test/evaluation.json",

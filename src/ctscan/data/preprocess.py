@@ -1,9 +1,10 @@
 """Raw images -> audited, leak-checked, resized uint8 tensors in the processed store.
 
 `run_preprocess` does: discover -> decode + gray + hashes + resize (a process pool) -> audit ->
-leak policy -> mean/std of the train split -> write the store and audit.json. `run_audit` does
-the same without resizing or writing. Nothing is dropped silently: bad files are an error or,
-with on_bad_file="skip", listed in the audit and in meta.json; leak-policy drops are listed too.
+leak policy -> mean/std and the drift reference of the train split -> write the store,
+audit.json and reference.json. `run_audit` does the same without resizing or writing. Nothing
+is dropped silently: bad files are an error or, with on_bad_file="skip", listed in the audit and
+in meta.json; leak-policy drops are listed too.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from ctscan.data.audit import (
     thumbnail,
 )
 from ctscan.data.raw import SPLITS, RawImage, RawTree, scan_raw
+from ctscan.data.reference import build_reference
 from ctscan.data.store import (
     SplitArrays,
     check_store_target,
@@ -344,6 +346,7 @@ def run_preprocess(
         dropped=[d.to_dict() for d in dropped],
         skipped=[b.to_dict() for b in scan.bad],
         audit=report.to_dict(),
+        reference=build_reference(arrays["train"].images),  # drift monitoring (serve)
     )
     return PreprocessResult(
         store_dir=store_dir,

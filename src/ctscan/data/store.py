@@ -7,6 +7,8 @@ Layout of `<processed_dir>/`:
                            time, size and sha256 of every other file
     index.json             per split: `paths` (relative to the raw dir) and `pixel_hashes`
     audit.json             the full audit report
+    reference.json         per-image statistics of a train sample, the drift reference
+                           (data/reference.py)
     <split>_images.npy     (N, 1, S, S) uint8
     <split>_labels.npy     (N,) int64
 
@@ -43,6 +45,7 @@ import numpy as np
 
 import ctscan
 from ctscan.data.raw import SPLITS, RawImage, discover
+from ctscan.data.reference import REFERENCE_FILE, load_reference
 from ctscan.data.transforms import PreprocessSpec
 from ctscan.errors import DataError
 from ctscan.files import file_sha256, folder_problem, fsync_dir
@@ -212,6 +215,7 @@ def write_store(
     dropped: Sequence[Mapping[str, Any]] = (),
     skipped: Sequence[Mapping[str, Any]] = (),
     audit: Mapping[str, Any] | None = None,
+    reference: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the store atomically to `out_dir` (replacing an older store there) and return it."""
     out_dir = check_store_target(out_dir)
@@ -238,6 +242,8 @@ def write_store(
         _write_json(tmp / INDEX_FILE, index)
         if audit is not None:
             _write_json(tmp / AUDIT_FILE, audit)
+        if reference is not None:
+            _write_json(tmp / REFERENCE_FILE, reference)
         for path in sorted(tmp.iterdir()):
             files[path.name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
         meta = {
@@ -343,6 +349,11 @@ class Store:
         """The audit report written with the store, as a dict (None if absent)."""
         path = self.path / AUDIT_FILE
         return json.loads(path.read_text()) if path.is_file() else None
+
+    def reference(self) -> dict[str, Any] | None:
+        """The drift reference written with the store (checked), or None if absent."""
+        path = self.path / REFERENCE_FILE
+        return load_reference(path) if path.is_file() else None
 
     def split(self, name: str) -> Split:
         """The images, labels, paths and pixel hashes of one split (loaded once, then cached)."""

@@ -867,6 +867,19 @@ def _finish(
         )
         for path in sorted((run_dir / "eval-test").iterdir()):
             tracker.log_artifact(path, artifact_path="eval-test")
+    # The best model's confidence (max softmax) on train: serve's drift reference.
+    import json
+
+    from ctscan.data.reference import CONFIDENCE_FILE, confidence_reference
+    from ctscan.engine.evaluate import probabilities
+
+    best = load_model(best_path, device=loop.rt.device, channels_last=loop.rt.channels_last)
+    spec, train_images = best.spec, store.split("train").images
+    logits = predict(
+        best.model, train_images, mean=spec.mean, std=spec.std, channels=best.channels, rt=loop.rt
+    )
+    body = json.dumps(confidence_reference(probabilities(logits).max(axis=1))).encode()
+    tracker.log_artifact(atomic_write(run_dir / CONFIDENCE_FILE, lambda fh: fh.write(body)))
     best_value = float(state.best_value) if state.best_value is not None else float("nan")
     model_version = None
     if settings.tracking.enabled and settings.tracking.log_model:

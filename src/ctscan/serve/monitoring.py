@@ -1,0 +1,214 @@
+"""Drift monitoring: recent requests against the training reference, by two-sample KS tests.
+
+A `DriftMonitor` keeps a bounded window (a deque) of the per-image FEATURES of recent requests
+(data/reference.py) and, optionally, the model's confidence on them. `report()` runs one
+two-sample Kolmogorov-Smirnov test per feature (scipy.stats.ks_2samp, two-sided) between the
+window and the reference sample written by preprocess (and, when given, the best model's
+confidence on the train images written by train). See docs/monitoring.md.
+
+Prometheus gauges (after `register_metrics(registry)`, refreshed by every `report()`):
+    ctscan_drift_statistic{feature}   KS statistic D (NaN before the first request)
+    ctscan_drift_p_value{feature}     raw p-value (compare with alpha / number of tests)
+    ctscan_drift_detected             1 if drift is detected on any feature, else 0
+    ctscan_drift_window_size          requests in the window
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from scipy.stats import ks_2samp
+
+from ctscan.data.reference import FEATURES, check_reference, features_matrix
+
+CONFIDENCE = "confidence"
+_INDEX = {name: i for i, name in enumerate(FEATURES)}
+
+
+class DriftMonitor:
+    """A bounded window of request statistics, tested against the training reference.
+
+    `reference`: a reference dict (`build_reference`, `load_reference`, `Store.reference()`).
+    `window`: requests kept (the oldest leave first). `min_samples`: requests needed before
+    drift is claimed (below it `enough_data` and `drift` are False; statistics are still shown).
+    `alpha`: family-wise significance level. `confidence_reference`: the model's max-softmax
+    on the train images (reference_confidence.json); when given, confidence is one more test.
+
+    Correction: with k tests (the reference's features, plus confidence when given) a feature
+    drifts when its p-value < alpha / k (Bonferroni), so the chance of a false alarm on any
+    feature of one report stays <= alpha when nothing changed. Each report tests the window
+    afresh: repeated reports over time are not corrected for (see docs/monitoring.md).
+    Thread-safe: `observe` may be called from many threads while `report` runs.
+    """
+
+    def __init__(
+        self,
+        reference: Mapping[str, Any],
+        *,
+        window: int = 500,
+        min_samples: int = 50,
+        alpha: float = 0.01,
+        confidence_reference: Sequence[float] | None = None,
+    ) -> None:
+        reference = check_reference(reference)
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        if min_samples < 1:
+            raise ValueError(f"min_samples must be >= 1, got {min_samples}")
+        if not 0.0 < alpha < 1.0:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+        self.window = window
+        self.min_samples = min_samples
+        self.alpha = alpha
+        self.image_size = int(reference["image_size"])
+        self.features: tuple[str, ...] = tuple(reference["features"])
+        self._columns = [_INDEX[name] for name in self.features]
+        self._reference: dict[str, np.ndarray] = {
+            name: np.asarray(reference["samples"][name], dtype=np.float64) for name in self.features
+        }
+        if confidence_reference is not None:
+            values = np.asarray(confidence_reference, dtype=np.float64).reshape(-1)
+            if values.size == 0 or not np.isfinite(values).all():
+                raise ValueError("confidence_reference must be a non-empty list of numbers")
+            self._reference[CONFIDENCE] = values
+        self.tests: tuple[str, ...] = tuple(self._reference)
+        self._window: deque[tuple[np.ndarray, float | None]] = deque(maxlen=window)
+        self._lock = threading.Lock()
+        self._report_lock = threading.Lock()
+        self._gauges: dict[str, Any] | None = None
+
+    def observe(self, image: np.ndarray, confidence: float | None = None) -> None:
+        """Add one request: its (S, S) uint8 image as the model saw it, and its confidence.
+
+        A ValueError for an image of another dtype or size than the reference (a caller bug:
+        the features would not be comparable).
+        """
+        image = np.asarray(image)
+        if image.ndim == 3 and image.shape[0] == 1:
+            image = image[0]
+        if image.dtype != np.uint8 or image.shape != (self.image_size, self.image_size):
+            raise ValueError(
+                f"expected a uint8 image ({self.image_size}, {self.image_size}) as in the "
+                f"reference, got {image.dtype} {image.shape}"
+            )
+        row = features_matrix(image[None])[0]  # computed outside the lock
+        value = None
+        if confidence is not None and math.isfinite(float(confidence)):
+            value = float(confidence)
+        with self._lock:
+            self._window.append((row, value))
+
+    def __len__(self) -> int:
+        """Requests in the window now."""
+        with self._lock:
+            return len(self._window)
+
+    def report(self) -> dict[str, Any]:
+        """Test the window against the reference; refresh the Prometheus gauges; return it all.
+
+        {"window", "window_capacity", "min_samples", "enough_data", "drift", "alpha",
+        "tests", "corrected_alpha", "features": {name: {"statistic", "p_value", "drift",
+        "reference_mean", "window_mean", "n_reference", "n_window"}}, "drifted": [names]}.
+        A feature's statistic and p_value are None while the window holds no value for it.
+        """
+        with self._lock:
+            snapshot = list(self._window)
+        rows = np.array([row for row, _ in snapshot], dtype=np.float64).reshape(-1, len(FEATURES))
+        window_values = {
+            name: rows[:, i] for name, i in zip(self.features, self._columns, strict=True)
+        }
+        if CONFIDENCE in self._reference:
+            window_values[CONFIDENCE] = np.array(
+                [c for _, c in snapshot if c is not None], dtype=np.float64
+            )
+        corrected = self.alpha / len(self.tests)
+        enough = len(snapshot) >= self.min_samples
+        features: dict[str, dict[str, Any]] = {}
+        for name in self.tests:
+            ref, recent = self._reference[name], window_values[name]
+            statistic = p_value = None
+            if recent.size:
+                result = ks_2samp(ref, recent)
+                statistic, p_value = float(result.statistic), float(result.pvalue)
+            # judged on min_samples values of its own (confidence may be missing for some)
+            drifted = (
+                recent.size >= self.min_samples and p_value is not None and p_value < corrected
+            )
+            features[name] = {
+                "statistic": statistic,
+                "p_value": p_value,
+                "drift": bool(drifted),
+                "reference_mean": float(ref.mean()),
+                "window_mean": float(recent.mean()) if recent.size else None,
+                "n_reference": int(ref.size),
+                "n_window": int(recent.size),
+            }
+        drifted_names = [name for name, f in features.items() if f["drift"]]
+        result_report = {
+            "window": len(snapshot),
+            "window_capacity": self.window,
+            "min_samples": self.min_samples,
+            "enough_data": enough,
+            "drift": bool(drifted_names),
+            "alpha": self.alpha,
+            "tests": len(self.tests),
+            "corrected_alpha": corrected,
+            "features": features,
+            "drifted": drifted_names,
+        }
+        self.update_metrics(result_report)
+        return result_report
+
+    def register_metrics(self, registry: Any) -> None:
+        """Create the drift gauges in a prometheus_client `CollectorRegistry` (once per registry).
+
+        A second call on the same registry raises prometheus_client's ValueError (duplicate).
+        """
+        from prometheus_client import Gauge
+
+        labels = ["feature"]
+        self._gauges = {
+            "statistic": Gauge(
+                "ctscan_drift_statistic",
+                "two-sample KS statistic of recent requests vs the training reference",
+                labels,
+                registry=registry,
+            ),
+            "p_value": Gauge(
+                "ctscan_drift_p_value",
+                "KS p-value per feature (drift when below alpha / number of tests)",
+                labels,
+                registry=registry,
+            ),
+            "detected": Gauge(
+                "ctscan_drift_detected",
+                "1 when drift is detected on any feature (Bonferroni-corrected KS tests)",
+                registry=registry,
+            ),
+            "window": Gauge(
+                "ctscan_drift_window_size", "requests in the drift window", registry=registry
+            ),
+        }
+        self.update_metrics()
+
+    def update_metrics(self, report: Mapping[str, Any] | None = None) -> None:
+        """Set the gauges from `report` (a fresh one if None); nothing before `register_metrics`."""
+        if self._gauges is None:
+            return
+        if report is None:
+            self.report()  # calls back here with its result
+            return
+        nan = float("nan")
+        with self._report_lock:
+            g = self._gauges
+            for name, feature in report["features"].items():
+                statistic, p_value = feature["statistic"], feature["p_value"]
+                g["statistic"].labels(feature=name).set(nan if statistic is None else statistic)
+                g["p_value"].labels(feature=name).set(nan if p_value is None else p_value)
+            g["detected"].set(1 if report["drift"] else 0)
+            g["window"].set(report["window"])
