@@ -1,0 +1,276 @@
+"""The web page end to end: the real `ctscan serve`, headless Chromium, a real test slice.
+
+The model is an untrained cnn_gap (seeded weights) written through the checkpoint schema at 64 px
+with the four real class names: the page does not care how good the model is, and training would
+add ~10 s of imports on two cores. It is served on the torch backend (the ONNX export would add
+another ~10 s); the uploads are real images of the test split. The server asks for a bearer
+token, so the page's token flow runs too. Screenshots go to test-artifacts/ (git-ignored) and
+tmp_path.
+
+Needs Chromium (`make browser`: Debian's `chromium`, or CTSCAN_CHROMIUM=/path/to/chrome) and the
+Python `playwright` package; skipped, with the reason, without them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from ctscan import CLASS_NAMES
+from ctscan.data.transforms import PreprocessSpec
+from ctscan.engine.checkpoint import Checkpoint, save_checkpoint
+from ctscan.models import build_model
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "test-artifacts"
+TOKEN = "web-page-test-token"
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+START_TIMEOUT_S = 90.0
+STATE_TIMEOUT_MS = 30_000
+
+
+def _chromium() -> str:
+    """The Chromium executable to drive, or skip the test saying how to get one."""
+    explicit = os.environ.get("CTSCAN_CHROMIUM")
+    if explicit:
+        if not Path(explicit).is_file():
+            pytest.skip(f"CTSCAN_CHROMIUM={explicit} is not a file")
+        return explicit
+    for name in BROWSERS:
+        found = shutil.which(name)
+        if found:
+            return found
+    pytest.skip(f"no Chromium on PATH (looked for {', '.join(BROWSERS)}): run `make browser`")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"ctscan serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"ctscan serve not ready after {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+
+
+def _untrained_checkpoint(path: Path) -> Path:
+    """A best.pt of cnn_gap with seeded random weights, 64 px, the four real classes."""
+    import torch
+
+    torch.manual_seed(0)
+    spec = PreprocessSpec(image_size=64, resize="pad", mean=0.23, std=0.27, class_names=CLASS_NAMES)
+    model = build_model("cnn_gap")
+    checkpoint = Checkpoint(
+        kind="best",
+        model_name="cnn_gap",
+        spec=spec,
+        model_state=model.state_dict(),
+        settings={"model": {"dropout": 0.0}},
+        epoch=1,
+        best_epoch=1,
+    )
+    return save_checkpoint(path, checkpoint)
+
+
+@pytest.fixture(scope="module")
+def chromium_path() -> str:
+    """Skip early (before any server starts) without playwright or Chromium."""
+    pytest.importorskip(
+        "playwright.sync_api", reason="the playwright package is missing: run `make browser`"
+    )
+    return _chromium()
+
+
+@pytest.fixture(scope="module")
+def server_process(
+    chromium_path: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
+    """`ctscan serve` starting on a free local port with a bearer token (not waited for)."""
+    root = tmp_path_factory.mktemp("web-page")
+    checkpoint = _untrained_checkpoint(root / "best.pt")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CTSCAN_", "MLFLOW_"))}
+    env["CTSCAN_SERVE__TOKEN"] = TOKEN  # by env: a secret stays off the command line
+    log = root / "serve.log"
+    command = [
+        sys.executable,
+        "-m",
+        "ctscan",
+        "serve",
+        str(checkpoint),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend",
+        "torch",
+        "--set",
+        f'paths.runs_dir="{root / "runs"}"',
+        "--set",
+        f'paths.processed_dir="{root / "no-store"}"',  # no drift reference: not needed here
+    ]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        yield f"http://127.0.0.1:{port}", proc, log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def browser(chromium_path: str, server_process: Any) -> Iterator[Any]:
+    """Headless Chromium driven by Playwright (launched while the server starts)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=chromium_path, headless=True, args=["--no-sandbox"]
+        )
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture(scope="module")
+def server(server_process: tuple[str, subprocess.Popen[bytes], Path], browser: Any) -> str:
+    """The base URL of the server, once /ready answers 200."""
+    url, proc, log = server_process
+    _wait_ready(url, proc, log)
+    return url
+
+
+@pytest.fixture(scope="module")
+def real_slice(real_raw_dir: Path) -> Path:
+    """One real PNG of the test split."""
+    return sorted((real_raw_dir / "test" / "large.cell.carcinoma").glob("*.png"))[0]
+
+
+def _screenshot(page: Any, name: str, tmp_path: Path) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(tmp_path / name), full_page=True)
+    shutil.copyfile(tmp_path / name, ARTIFACTS / name)
+
+
+def test_page_predicts_a_real_slice(
+    browser: Any, server: str, real_slice: Path, tmp_path: Path
+) -> None:
+    with real_slice.open("rb") as f:
+        reply = httpx.post(
+            f"{server}/predict",
+            files={"file": (real_slice.name, f, "image/png")},
+            headers={"Authorization": f"Bearer {TOKEN}"},
+            timeout=30,
+        )
+    assert reply.status_code == 200, reply.text
+    expected = reply.json()
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    try:
+        page.goto(f"{server}/")
+        page.wait_for_function("document.getElementById('server').textContent.includes('cnn_gap')")
+
+        # No token yet: the server answers 401 and the page asks for one.
+        page.set_input_files("#file", str(real_slice))
+        page.wait_for_selector("body[data-state=error]", timeout=STATE_TIMEOUT_MS)
+        assert page.is_visible("#token-box")
+        assert "token" in page.text_content("#error-text")
+
+        page.fill("#token", TOKEN)
+        page.click("#token-save")  # retries the same file with the token
+        page.wait_for_selector("body[data-state=done]", timeout=STATE_TIMEOUT_MS)
+        assert page.evaluate("sessionStorage.getItem('ctscan.token')") == TOKEN
+        assert page.is_hidden("#token-box") and page.is_hidden("#error")
+
+        # The answer shown is the one /predict gives for the same file.
+        label = expected["label"]
+        assert page.get_attribute("#label", "data-label") == label
+        assert page.text_content("#label").lower() == label.replace("_", " ")
+        assert page.text_content("#confidence") == f"{100 * expected['confidence']:.1f}%"
+        bars = page.eval_on_selector_all(
+            "#bars li",
+            "rows => rows.map(r => [r.dataset.class, r.classList.contains('best'),"
+            " Number(r.querySelector('[role=meter]').getAttribute('aria-valuenow'))])",
+        )
+        assert [name for name, _, _ in bars] == list(expected["probabilities"])
+        assert len(bars) == 4
+        assert [name for name, best, _ in bars if best] == [label]
+        for name, _, shown in bars:
+            assert shown == pytest.approx(100 * expected["probabilities"][name], abs=0.051)
+
+        # The Grad-CAM overlay came back from /explain and was decoded.
+        assert page.is_visible("#cam")
+        assert page.eval_on_selector("#cam", "img => img.complete && img.naturalWidth") > 0
+
+        model = expected["model"]
+        assert page.text_content("#model-name") == model["name"] == "cnn_gap"
+        assert page.text_content("#model-sha") == model["sha256"][:12]
+        assert page.text_content("#model-backend").startswith(model["backend"])
+        _screenshot(page, "web-page.png", tmp_path)
+    finally:
+        page.close()
+
+
+def test_page_shows_errors_and_a_missing_grad_cam(
+    browser: Any, server: str, real_slice: Path, tmp_path: Path
+) -> None:
+    context = browser.new_context(viewport={"width": 390, "height": 844})
+    context.add_init_script(f"sessionStorage.setItem('ctscan.token', '{TOKEN}')")
+    page = context.new_page()
+    try:
+        page.goto(f"{server}/")
+        # Not an image: the server's 415 error and fix are shown as they come.
+        notes = tmp_path / "notes.png"
+        notes.write_text("this is text, not a PNG\n")
+        page.set_input_files("#file", str(notes))
+        page.wait_for_selector("body[data-state=error]", timeout=STATE_TIMEOUT_MS)
+        assert page.is_visible("#error") and page.is_hidden("#token-box")
+        assert "is not a PNG, JPEG" in page.text_content("#error-text")
+        assert page.text_content("#error-fix").startswith("Fix: send a CT slice")
+        assert page.eval_on_selector_all("#bars li", "rows => rows.length") == 0
+        _screenshot(page, "web-page-error.png", tmp_path)
+
+        # An ONNX-only server answers /explain with 501: the page says so and shows no image.
+        page.route(
+            "**/explain",
+            lambda route: route.fulfill(
+                status=501,
+                content_type="application/json",
+                body='{"error": "Grad-CAM needs the PyTorch model.", "fix": null}',
+            ),
+        )
+        page.set_input_files("#file", str(real_slice))
+        page.wait_for_selector("body[data-state=done]", timeout=STATE_TIMEOUT_MS)
+        assert page.is_hidden("#error")
+        assert page.eval_on_selector_all("#bars li", "rows => rows.length") == 4
+        assert page.is_hidden("#cam")
+        assert page.text_content("#cam-note") == "Grad-CAM not available for this model."
+    finally:
+        context.close()
