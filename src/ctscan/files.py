@@ -96,6 +96,12 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
     """Write `path` through `write(fh)` into a temp file beside it, fsync, then rename over it.
 
@@ -109,6 +115,7 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

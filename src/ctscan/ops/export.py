@@ -1,0 +1,747 @@
+"""`ctscan export`: a checkpoint as ONNX (fp32, static int8) and `.pt2`, checked against eager.
+
+Every file holds `LoadedModel.deployable()`: uint8 gray (B, 1, S, S) in, float32 logits (B, C)
+out, the spec's normalisation and the channel repeat inside, so a runtime needs only the decode
+and the resize (`ctscan.inference.read_image`). The batch axis is dynamic.
+
+    best.onnx        torch.onnx.export(dynamo=True), opset OPSET, one file (no external data);
+                     `metadata_props["ctscan"]` = JSON (see `export_metadata`); onnx.checker'd
+    best.int8.onnx   onnxruntime.quantization: quant_pre_process, then static QDQ, per-channel
+                     int8 weights, uint8 activations, MinMax calibration on up to
+                     CALIBRATION_IMAGES train images of the processed store
+    best.pt2         torch.export.export + torch.export.save (the same JSON as extra file
+                     `ctscan.json`), read back with torch.export.load before it is kept
+
+Parity, on the test split of the processed store (whose spec must equal the checkpoint's):
+answers come from `open_predictor` (the checkpoint on torch, CPU fp32, as the reference; each
+ONNX file on ONNX Runtime), the .pt2 file from its `torch.export.load` module. A float32 file
+whose logits differ from eager by more than FP32_TOLERANCE is refused and nothing is written.
+The int8 file is refused (not written; the fp32 files are) when its argmax agrees with eager on
+fewer than INT8_MIN_AGREEMENT of the test images or its accuracy is more than
+INT8_MAX_ACCURACY_DROP below eager's.
+
+Writes: everything is made in a staging folder beside the targets (`.<name>.export-*.tmp`),
+checked there, then renamed into place; the staging folder is removed whatever happens.
+`--triton DIR` lays out `DIR/<name>/1/model.onnx`, `config.pbtxt` and `labels.txt` from the
+accepted fp32 file (`triton_config` writes the config; it has not been run on a Triton server
+here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+import ctscan
+from ctscan.errors import CheckpointError, CtscanError
+from ctscan.inference.predictor import ONNX_METADATA_KEY as METADATA_KEY
+
+if TYPE_CHECKING:
+    import torch
+
+    from ctscan.data.store import Store
+    from ctscan.engine.checkpoint import Checkpoint
+    from ctscan.settings import Settings
+
+FORMATS = ("onnx", "pt2", "all")  # all: onnx and pt2 (int8 only with --int8)
+OPSET = 20  # ai.onnx opset: ONNX Runtime >= 1.17 (the floor of the [export] extra) runs it
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+PT2_EXTRA_FILE = f"{METADATA_KEY}.json"  # the same JSON in a .pt2 file's extra files
+EXAMPLE_BATCH = 2  # a batch of 1 would specialise the batch axis to 1
+MAX_BATCH = 4096  # upper bound of the dynamic batch axis
+FP32_TOLERANCE = 1e-4  # max |logit difference| vs eager for a float32 export
+INT8_MIN_AGREEMENT = 0.98  # argmax agreement with eager on the test split
+INT8_MAX_ACCURACY_DROP = 0.01  # 1 point of test accuracy
+CALIBRATION_IMAGES = 256  # train images for the int8 calibration (evenly spread over the split)
+CALIBRATION_BATCH = 16
+TRITON_MAX_BATCH = 32
+TRITON_QUEUE_DELAY_US = 2000
+EXPORT_EXTRA = "pip install 'ctscan[export]'"
+_TRITON_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """Where each requested file goes (None: not requested)."""
+
+    folder: Path  # the folder of the onnx / int8 / pt2 files
+    onnx: Path | None = None
+    int8: Path | None = None
+    pt2: Path | None = None
+    triton_dir: Path | None = None
+
+    @property
+    def files(self) -> list[Path]:
+        """The model files in the order they are made."""
+        return [p for p in (self.onnx, self.pt2, self.int8) if p is not None]
+
+
+@dataclass
+class Parity:
+    """How one format answers on the test split, against the eager checkpoint."""
+
+    format: str  # eager | onnx | onnx-int8 | pt2
+    path: Path
+    max_abs_diff: float  # max |logit difference| vs eager
+    agreement: float  # fraction of test images with the same argmax as eager
+    accuracy: float  # test accuracy
+    accepted: bool = True
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return {
+            "format": self.format,
+            "path": str(self.path),
+            "max_abs_logit_diff": self.max_abs_diff,
+            "argmax_agreement": self.agreement,
+            "accuracy": self.accuracy,
+            "accepted": self.accepted,
+            "note": self.note,
+        }
+
+
+@dataclass
+class ExportResult:
+    """What `run_export` wrote and how each format compared with eager."""
+
+    checkpoint: Path
+    model_name: str
+    n_test: int
+    opset: int | None
+    parity: list[Parity]
+    paths: list[Path]  # files written, in order (the Triton files last)
+    triton_model_dir: Path | None = None
+    warnings: list[str] = field(default_factory=list)
+    error: CtscanError | None = None  # an int8 refusal: raised by the CLI after the table
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return {
+            "checkpoint": str(self.checkpoint),
+            "model_name": self.model_name,
+            "n_test": self.n_test,
+            "opset": self.opset,
+            "parity": [row.to_dict() for row in self.parity],
+            "paths": [str(p) for p in self.paths],
+            "triton_model_dir": str(self.triton_model_dir) if self.triton_model_dir else None,
+            "warnings": self.warnings,
+            "error": str(self.error) if self.error else None,
+        }
+
+
+# ---- planning and checks (before any work) -----------------------------------------------
+
+
+def plan_outputs(
+    checkpoint: Path,
+    *,
+    fmt: str,
+    int8: bool = False,
+    out: Path | None = None,
+    triton_dir: Path | None = None,
+) -> ExportPlan:
+    """Resolve the output paths of an export and make their folders; one clear error if off.
+
+    One format: `out` is the file (default: beside the checkpoint, `<stem>.onnx` / `.pt2`).
+    `all`: `out` is a folder (default: the checkpoint's). int8 goes beside the ONNX file as
+    `<stem>.int8.onnx`.
+    """
+    from ctscan.files import ensure_dir
+
+    if fmt not in FORMATS:
+        raise CtscanError(
+            f"--format '{fmt}' is not one of {', '.join(FORMATS)}.", "use --format onnx."
+        )
+    want_onnx, want_pt2 = fmt in ("onnx", "all"), fmt in ("pt2", "all")
+    for flag, asked in (("--int8", int8), ("--triton", triton_dir is not None)):
+        if asked and not want_onnx:
+            raise CtscanError(
+                f"{flag} works on the ONNX model, but --format is '{fmt}'.",
+                f"use --format onnx or --format all with {flag}.",
+            )
+    stem = checkpoint.stem
+    if fmt == "all":
+        if out is not None and out.suffix.lower() in (".onnx", ".pt2") and not out.is_dir():
+            raise CtscanError(
+                f"--out '{out}' looks like a file, but --format all writes several files.",
+                "pass a folder for --format all, or one format with a file for --out.",
+            )
+        folder = ensure_dir(out if out is not None else checkpoint.parent, what="export folder")
+        onnx_path, pt2_path = folder / f"{stem}.onnx", folder / f"{stem}.pt2"
+    else:
+        target = out if out is not None else checkpoint.with_name(f"{stem}.{fmt}")
+        if target.is_dir():
+            raise CtscanError(
+                f"--out '{target}' is a folder; for --format {fmt} it names the file.",
+                f"pass a file such as '{target / f'{stem}.{fmt}'}' (or --format all for a folder).",
+            )
+        if target.suffix.lower() != f".{fmt}":
+            raise CtscanError(
+                f"--out '{target}' does not end in .{fmt}.",
+                f"name the file '{target.with_suffix(f'.{fmt}').name}' (runtimes and "
+                "`ctscan predict` pick the format from the suffix).",
+            )
+        folder = ensure_dir(target.parent, what="export folder")
+        target = folder / target.name
+        onnx_path, pt2_path = (target, None) if fmt == "onnx" else (None, target)
+    int8_path = None
+    if int8 and onnx_path is not None:
+        int8_path = onnx_path.with_name(f"{onnx_path.stem}.int8.onnx")
+    if triton_dir is not None:
+        triton_dir = ensure_dir(triton_dir, what="Triton model repository")
+    if not want_pt2:
+        pt2_path = None
+    return ExportPlan(
+        folder=folder, onnx=onnx_path, int8=int8_path, pt2=pt2_path, triton_dir=triton_dir
+    )
+
+
+def require_onnx_tools() -> None:
+    """onnx, onnxscript and onnxruntime importable, else one error naming the extra."""
+    import importlib.util
+
+    needed = ["onnx", "onnxscript", "onnxruntime"]
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise CtscanError(
+            f"ONNX export needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+            "not installed.",
+            EXPORT_EXTRA + ".",
+        )
+
+
+def check_store_spec(checkpoint: Checkpoint, store: Store) -> None:
+    """The store's test images are what the checkpoint takes, else a CheckpointError."""
+    if checkpoint.spec == store.spec:
+        return
+    spec = checkpoint.spec
+    run_settings = Path(checkpoint.source or ".").parent / "settings.toml"
+    also = f" (or -s {run_settings})" if run_settings.is_file() else ""
+    raise CheckpointError(
+        f"checkpoint '{checkpoint.source}' expects images preprocessed as {spec.to_dict()}, "
+        f"but the processed store at '{store.path}' holds {store.spec.to_dict()}.",
+        f"rebuild the store as the checkpoint was trained: `ctscan preprocess --set "
+        f"data.image_size={spec.image_size} --set data.resize={spec.resize}`{also}, or set "
+        "paths.processed_dir to the store it was trained on.",
+    )
+
+
+# ---- the files -----------------------------------------------------------------------------
+
+
+def export_metadata(
+    checkpoint: Checkpoint,
+    *,
+    checkpoint_sha256: str,
+    fmt: str,
+    quantization: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The JSON an exported file carries: what the model is, what it takes and gives back."""
+    import torch
+
+    spec = checkpoint.spec
+    size, classes = spec.image_size, len(spec.class_names)
+    meta: dict[str, Any] = {
+        "model_name": checkpoint.model_name,
+        "class_names": list(spec.class_names),
+        "preprocess": spec.to_dict(),
+        "ctscan_version": ctscan.__version__,
+        "torch_version": str(torch.__version__),
+        "checkpoint_sha256": checkpoint_sha256,
+        "checkpoint_epoch": checkpoint.epoch,
+        "format": fmt,
+        "opset": OPSET if fmt.startswith("onnx") else None,
+        "input": {
+            "name": INPUT_NAME,
+            "dtype": "uint8",
+            "shape": ["batch", 1, size, size],
+            "description": f"gray CT slices, decoded and resized to {size}x{size} "
+            f"(resize='{spec.resize}'), 0..255; normalisation and channel repeat are inside",
+        },
+        "output": {
+            "name": OUTPUT_NAME,
+            "dtype": "float32",
+            "shape": ["batch", classes],
+            "description": "logits in class_names order (softmax gives probabilities)",
+        },
+    }
+    if quantization is not None:
+        meta["quantization"] = quantization
+    return meta
+
+
+def _example(size: int, batch: int = EXAMPLE_BATCH) -> torch.Tensor:
+    import torch
+
+    return torch.zeros((batch, 1, size, size), dtype=torch.uint8)  # (B, 1, S, S) uint8
+
+
+def _batch_dim() -> Any:
+    import torch
+
+    return torch.export.Dim("batch", min=1, max=MAX_BATCH)
+
+
+def write_onnx(deployable: torch.nn.Module, path: Path, *, size: int, meta: dict[str, Any]) -> int:
+    """Export `deployable` to one ONNX file with a dynamic batch axis and our metadata; opset."""
+    import warnings
+
+    import onnx
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            deployable,
+            (_example(size),),
+            dynamo=True,
+            dynamic_shapes=({0: _batch_dim()},),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=OPSET,
+            external_data=False,
+            verbose=False,
+        )
+    if program is None:  # only without dynamo; kept for the type checker
+        raise RuntimeError("torch.onnx.export returned no program")
+    model = program.model_proto
+    set_onnx_metadata(model, meta)
+    model.doc_string = (
+        f"ctscan {meta['model_name']}: uint8 gray {meta['input']['shape']} -> float32 logits "
+        f"{meta['output']['shape']}"
+    )
+    onnx.save_model(model, str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+    return onnx_opset(model)
+
+
+def set_onnx_metadata(model: Any, meta: dict[str, Any]) -> None:
+    """Put `meta` as JSON under metadata_props["ctscan"], keeping the other entries."""
+    import onnx
+
+    props = {p.key: p.value for p in model.metadata_props}
+    props[METADATA_KEY] = json.dumps(meta)
+    onnx.helper.set_model_props(model, props)
+
+
+def read_onnx_metadata(path: Path) -> dict[str, Any]:
+    """The ctscan JSON of an exported ONNX file (KeyError if it has none)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    props = {p.key: p.value for p in model.metadata_props}
+    return json.loads(props[METADATA_KEY])
+
+
+def onnx_opset(model: Any) -> int:
+    """The ai.onnx opset a model imports."""
+    return next(int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def write_pt2(deployable: torch.nn.Module, path: Path, *, size: int, meta: dict[str, Any]) -> None:
+    """torch.export the deployable with a dynamic batch axis and save it (metadata as extra)."""
+    import torch
+
+    program = torch.export.export(
+        deployable, (_example(size),), dynamic_shapes=({0: _batch_dim()},)
+    )
+    torch.export.save(program, str(path), extra_files={PT2_EXTRA_FILE: json.dumps(meta)})
+
+
+def pt2_logits(path: Path, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    """Logits of a saved .pt2 file, read back with torch.export.load: (N, C) float32."""
+    import torch
+
+    module = torch.export.load(str(path)).module()
+    x = torch.from_numpy(images)  # (N, 1, S, S) uint8
+    with torch.no_grad():
+        chunks = [module(x[i : i + batch]).float() for i in range(0, len(x), batch)]
+    return torch.cat(chunks).numpy()
+
+
+def calibration_images(store: Store, limit: int = CALIBRATION_IMAGES) -> np.ndarray:
+    """Up to `limit` train images, evenly spread over the split (all classes): (N, 1, S, S)."""
+    images = store.split("train").images.numpy()
+    if len(images) <= limit:
+        return images
+    picks = np.linspace(0, len(images) - 1, limit).round().astype(int)
+    return images[picks]
+
+
+def quantize_onnx(
+    fp32_path: Path, path: Path, images: np.ndarray, *, meta: dict[str, Any]
+) -> dict[str, Any]:
+    """Static QDQ int8 of an fp32 ONNX file, calibrated on `images`; returns the settings used."""
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        """uint8 batches of calibration images, as the graph input takes them."""
+
+        def __init__(self) -> None:
+            self.batches = iter(
+                {INPUT_NAME: images[i : i + CALIBRATION_BATCH]}
+                for i in range(0, len(images), CALIBRATION_BATCH)
+            )
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    settings = {
+        "method": "static",
+        "format": "QDQ",
+        "per_channel": True,
+        "weight_type": "int8",
+        "activation_type": "uint8",
+        "reduce_range": False,
+        "calibration": "minmax",
+        "calibration_images": len(images),
+        "calibration_split": "train",
+        "pre_process": True,
+    }
+    prepared = path.with_name(f".{path.stem}.prep.onnx")
+    try:
+        quant_pre_process(str(fp32_path), str(prepared))
+        quantize_static(
+            str(prepared),
+            str(path),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            reduce_range=False,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+    finally:
+        prepared.unlink(missing_ok=True)
+    model = onnx.load(str(path))
+    set_onnx_metadata(model, {**meta, "quantization": settings})
+    onnx.save_model(model, str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+    return settings
+
+
+# ---- Triton ------------------------------------------------------------------------------
+
+
+def triton_config(
+    name: str,
+    *,
+    image_size: int,
+    num_classes: int,
+    max_batch_size: int = TRITON_MAX_BATCH,
+    queue_delay_us: int = TRITON_QUEUE_DELAY_US,
+    input_name: str = INPUT_NAME,
+    output_name: str = OUTPUT_NAME,
+) -> str:
+    """A Triton `config.pbtxt` for an exported ONNX file: uint8 (1, S, S) in, fp32 (C) out.
+
+    Dims leave out the batch axis (max_batch_size > 0: Triton adds it); dynamic batching groups
+    requests up to `max_batch_size`, waiting at most `queue_delay_us` microseconds.
+    """
+    if not _TRITON_NAME.match(name):
+        raise CtscanError(
+            f"Triton model name '{name}' is not a plain folder name.",
+            "use letters, digits, '_', '-' and '.' only.",
+        )
+    if max_batch_size < 1 or max_batch_size > MAX_BATCH:
+        raise CtscanError(
+            f"Triton max_batch_size {max_batch_size} is outside 1..{MAX_BATCH}.",
+            f"use a value from 1 to {MAX_BATCH} (the exported batch axis allows up to that).",
+        )
+    return (
+        f'name: "{name}"\n'
+        'platform: "onnxruntime_onnx"\n'
+        f"max_batch_size: {max_batch_size}\n"
+        "input [\n"
+        "  {\n"
+        f'    name: "{input_name}"\n'
+        "    data_type: TYPE_UINT8\n"
+        f"    dims: [ 1, {image_size}, {image_size} ]\n"
+        "  }\n"
+        "]\n"
+        "output [\n"
+        "  {\n"
+        f'    name: "{output_name}"\n'
+        "    data_type: TYPE_FP32\n"
+        f"    dims: [ {num_classes} ]\n"
+        '    label_filename: "labels.txt"\n'
+        "  }\n"
+        "]\n"
+        "dynamic_batching {\n"
+        f"  max_queue_delay_microseconds: {queue_delay_us}\n"
+        "}\n"
+    )
+
+
+def write_triton_layout(
+    repository: Path, onnx_path: Path, *, name: str, image_size: int, class_names: list[str]
+) -> Path:
+    """`repository/<name>/1/model.onnx` + `config.pbtxt` + `labels.txt`; returns the model folder.
+
+    Each file is written atomically, readable as a plain new file is (the server may run as
+    another user); version 1 is replaced if it exists.
+    """
+    from ctscan.files import atomic_write, ensure_dir
+
+    config = triton_config(name, image_size=image_size, num_classes=len(class_names))
+    model_dir = ensure_dir(repository / name, what="Triton model folder")
+    version_dir = ensure_dir(model_dir / "1", what="Triton model version folder")
+
+    def copy(fh: Any) -> None:
+        with onnx_path.open("rb") as src:
+            shutil.copyfileobj(src, fh, 1 << 20)
+
+    labels = ("\n".join(class_names) + "\n").encode()
+    writers = {
+        version_dir / "model.onnx": copy,
+        model_dir / "labels.txt": lambda fh: fh.write(labels),
+        model_dir / "config.pbtxt": lambda fh: fh.write(config.encode()),
+    }
+    umask = os.umask(0)
+    os.umask(umask)
+    for path, write in writers.items():
+        atomic_write(path, write)
+        path.chmod(0o666 & ~umask)  # a temp file is 0600: let the server's user read it
+    return model_dir
+
+
+# ---- parity --------------------------------------------------------------------------------
+
+
+def compare(
+    fmt: str, path: Path, logits: np.ndarray, reference: np.ndarray, labels: np.ndarray
+) -> Parity:
+    """One format's logits against the eager reference on the same images."""
+    return Parity(
+        format=fmt,
+        path=path,
+        max_abs_diff=float(np.abs(logits - reference).max()) if len(labels) else 0.0,
+        agreement=float((logits.argmax(1) == reference.argmax(1)).mean()) if len(labels) else 1.0,
+        accuracy=float((logits.argmax(1) == labels).mean()) if len(labels) else 0.0,
+    )
+
+
+def int8_refusal(row: Parity, eager: Parity) -> str | None:
+    """Why the int8 model is refused by the rule, or None if it is accepted."""
+    reasons = []
+    if row.agreement < INT8_MIN_AGREEMENT:
+        reasons.append(
+            f"it agrees with eager on {row.agreement:.1%} of the test images "
+            f"(needs >= {INT8_MIN_AGREEMENT:.0%})"
+        )
+    drop = eager.accuracy - row.accuracy
+    if drop > INT8_MAX_ACCURACY_DROP + 1e-9:
+        reasons.append(
+            f"its test accuracy {row.accuracy:.1%} is {drop * 100:.1f} points below eager's "
+            f"{eager.accuracy:.1%} (at most {INT8_MAX_ACCURACY_DROP * 100:.0f} allowed)"
+        )
+    return "; ".join(reasons) or None
+
+
+def _cpu_fp32(settings: Settings) -> Settings:
+    """The settings with the torch reference on the CPU in float32 (what exported files match)."""
+    train = settings.train.model_copy(update={"device": "cpu", "precision": "fp32"})
+    return settings.model_copy(update={"train": train})
+
+
+@contextlib.contextmanager
+def staging(folder: Path, name: str) -> Iterator[Path]:
+    """A temporary folder inside `folder` (same file system: renames are atomic), removed after."""
+    stage = Path(tempfile.mkdtemp(prefix=f".{name}.export-", suffix=".tmp", dir=folder))
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _commit(staged: Path, target: Path) -> None:
+    os.replace(staged, target)
+    with contextlib.suppress(OSError):
+        fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def run_export(
+    settings: Settings,
+    checkpoint: Path | str,
+    *,
+    fmt: str = "onnx",
+    int8: bool = False,
+    out: Path | None = None,
+    triton_dir: Path | None = None,
+    triton_name: str | None = None,
+) -> ExportResult:
+    """The `ctscan export` command: export, check each file on the test split, keep the good.
+
+    Raises for a bad checkpoint, output path, store or a float32 file off by more than
+    FP32_TOLERANCE (then nothing is written). An int8 file refused by the rule is not written
+    and comes back as `result.error`, with the parity table still in the result.
+    """
+    from ctscan.data.store import open_store
+    from ctscan.engine.checkpoint import file_sha256, load_model, read_checkpoint
+    from ctscan.engine.runtime import configure_threads
+    from ctscan.inference import open_predictor
+
+    checkpoint = Path(checkpoint)
+    ckpt = read_checkpoint(checkpoint)  # missing, a folder, broken: one CheckpointError
+    plan = plan_outputs(checkpoint, fmt=fmt, int8=int8, out=out, triton_dir=triton_dir)
+    name = triton_name or f"ctscan-{ckpt.model_name}"
+    if plan.triton_dir is not None:
+        triton_config(name, image_size=ckpt.spec.image_size, num_classes=len(ckpt.class_names))
+    if plan.onnx is not None:
+        require_onnx_tools()
+    store = open_store(settings.paths.processed_dir, expect_data=None)
+    check_store_spec(ckpt, store)
+    settings = _cpu_fp32(settings)
+    configure_threads(settings.train.threads, 1)
+
+    test = store.split("test")
+    images = np.ascontiguousarray(test.images.numpy())  # (N, 1, S, S) uint8
+    labels = test.labels.numpy()
+    reference = open_predictor(checkpoint, settings=settings, backend="torch").logits(images)
+    eager = compare("eager", checkpoint, reference, reference, labels)
+    rows = [eager]
+    sha = file_sha256(checkpoint)
+    size = ckpt.spec.image_size
+    deployable = load_model(ckpt).deployable()
+    opset, error = None, None
+    written: list[Path] = []
+
+    with staging(plan.folder, checkpoint.stem) as stage:
+        staged: dict[Path, Path] = {}  # target -> staged file
+
+        def check_fp32(row: Parity) -> None:
+            rows.append(row)
+            if row.max_abs_diff > FP32_TOLERANCE:
+                raise CtscanError(
+                    f"the {row.format} export differs from the eager model by "
+                    f"{row.max_abs_diff:.2e} in the logits on the {len(labels)} test images "
+                    f"(the limit is {FP32_TOLERANCE:g}): nothing was written.",
+                    "this is an exporter problem: retry with CTSCAN_DEBUG=1 and report it, or "
+                    "export the other format.",
+                )
+
+        if plan.onnx is not None:
+            path = stage / plan.onnx.name
+            meta = export_metadata(ckpt, checkpoint_sha256=sha, fmt="onnx")
+            opset = write_onnx(deployable, path, size=size, meta=meta)
+            logits = open_predictor(path, settings=settings).logits(images)
+            check_fp32(compare("onnx", plan.onnx, logits, reference, labels))
+            staged[plan.onnx] = path
+        if plan.pt2 is not None:
+            path = stage / plan.pt2.name
+            write_pt2(
+                deployable,
+                path,
+                size=size,
+                meta=export_metadata(ckpt, checkpoint_sha256=sha, fmt="pt2"),
+            )
+            check_fp32(compare("pt2", plan.pt2, pt2_logits(path, images), reference, labels))
+            staged[plan.pt2] = path
+        if plan.int8 is not None and plan.onnx is not None:
+            path = stage / plan.int8.name
+            meta = export_metadata(ckpt, checkpoint_sha256=sha, fmt="onnx-int8")
+            quantize_onnx(staged[plan.onnx], path, calibration_images(store), meta=meta)
+            logits = open_predictor(path, settings=settings).logits(images)
+            row = compare("onnx-int8", plan.int8, logits, reference, labels)
+            rows.append(row)
+            refusal = int8_refusal(row, eager)
+            if refusal is None:
+                staged[plan.int8] = path
+            else:
+                row.accepted, row.note = False, "refused: not written"
+                older = (
+                    f" The {plan.int8.name} already there is from an earlier export and was left "
+                    "as it was."
+                    if plan.int8.exists()
+                    else ""
+                )
+                error = CtscanError(
+                    f"the int8 model was refused: {refusal}. {plan.int8} was not written; the "
+                    f"float32 file{'s were' if len(staged) > 1 else ' was'}.{older}",
+                    f"deploy {plan.onnx.name} (float32), or retrain and export again (a model "
+                    "that is further from its decision boundaries quantises better).",
+                )
+        for target, path in staged.items():
+            _commit(path, target)
+            written.append(target)
+
+    triton_model_dir = None
+    if plan.triton_dir is not None and plan.onnx is not None:
+        triton_model_dir = write_triton_layout(
+            plan.triton_dir,
+            plan.onnx,
+            name=name,
+            image_size=size,
+            class_names=list(ckpt.class_names),
+        )
+        written += [
+            triton_model_dir / "1" / "model.onnx",
+            triton_model_dir / "config.pbtxt",
+            triton_model_dir / "labels.txt",
+        ]
+    return ExportResult(
+        checkpoint=checkpoint,
+        model_name=ckpt.model_name,
+        n_test=len(labels),
+        opset=opset,
+        parity=rows,
+        paths=written,
+        triton_model_dir=triton_model_dir,
+        warnings=[store.raw_warning] if store.raw_warning else [],
+        error=error,
+    )
+
+
+def render_parity(result: ExportResult) -> Any:
+    """A Rich table: each format's max |logit difference| vs eager, agreement and accuracy."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    opset = f", ONNX opset {result.opset}" if result.opset else ""
+    table = Table(
+        title=f"{result.model_name}: parity with the eager checkpoint on {result.n_test} test "
+        f"images{opset}",
+        title_justify="left",
+    )
+    table.add_column("format", no_wrap=True)
+    table.add_column("file", no_wrap=True)
+    table.add_column("max |Δlogit|", justify="right")
+    table.add_column("agreement", justify="right")
+    table.add_column("accuracy", justify="right")
+    table.add_column("status")
+    for row in result.parity:
+        status = "reference" if row.format == "eager" else ("ok" if row.accepted else row.note)
+        table.add_row(
+            row.format,
+            escape(row.path.name),
+            "-" if row.format == "eager" else f"{row.max_abs_diff:.2e}",
+            f"{row.agreement:.2%}",
+            f"{row.accuracy:.2%}",
+            escape(status),
+        )
+    return table

@@ -1,0 +1,452 @@
+"""`ctscan export` on a tiny trained model: ONNX / int8 / .pt2 round trips, metadata, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ctscan.data.store import load_store
+from ctscan.engine.checkpoint import file_sha256, load_model, read_checkpoint
+from ctscan.engine.train import run_training
+from ctscan.errors import CheckpointError, CtscanError
+from ctscan.inference import open_predictor
+from ctscan.ops import export
+from ctscan.ops.export import (
+    ExportResult,
+    int8_refusal,
+    plan_outputs,
+    read_onnx_metadata,
+    run_export,
+    triton_config,
+)
+from tests.unit.conftest_store import engine_overrides, engine_settings, write_synthetic_store
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+META_KEYS = {
+    "model_name",
+    "class_names",
+    "preprocess",
+    "ctscan_version",
+    "checkpoint_sha256",
+    "format",
+    "opset",
+    "input",
+    "output",
+}
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """best.pt of a 2-epoch cnn_gap run on the synthetic 32 px store."""
+    out = tmp_path_factory.mktemp("export") / "run"
+    settings = engine_settings(
+        synthetic_store, out.parent / "runs", **{"train.epochs": 2, "train.evaluate_test": "false"}
+    )
+    run_training(settings, out_dir=out)
+    return out / "best.pt"
+
+
+@dataclass
+class Exported:
+    result: ExportResult
+    folder: Path
+    triton: Path
+    checkpoint: Path
+    store: Path
+
+
+@pytest.fixture(scope="module")
+def exported(
+    trained: Path, synthetic_store: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Exported:
+    """One `--format all --int8 --triton` export, shared by the round-trip tests."""
+    root = tmp_path_factory.mktemp("exported")
+    settings = engine_settings(synthetic_store, root / "runs")
+    result = run_export(
+        settings,
+        trained,
+        fmt="all",
+        int8=True,
+        out=root / "models",
+        triton_dir=root / "triton",
+    )
+    return Exported(result, root / "models", root / "triton", trained, synthetic_store)
+
+
+def _settings(store: Path, tmp_path: Path):
+    return engine_settings(store, tmp_path / "runs")
+
+
+def _eager_logits(checkpoint: Path, images: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return load_model(checkpoint).deployable()(images).numpy()
+
+
+def _no_temp_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
+
+
+# ---- planning and refusals before any export (fast) ----------------------------------------
+
+
+def test_default_paths_sit_beside_the_checkpoint(tmp_path: Path) -> None:
+    ckpt = tmp_path / "run" / "best.pt"
+    ckpt.parent.mkdir()
+    plan = plan_outputs(ckpt, fmt="all", int8=True)
+    assert (plan.onnx, plan.int8, plan.pt2) == (
+        tmp_path / "run" / "best.onnx",
+        tmp_path / "run" / "best.int8.onnx",
+        tmp_path / "run" / "best.pt2",
+    )
+    single = plan_outputs(ckpt, fmt="onnx", out=tmp_path / "deploy" / "m.onnx", int8=True)
+    assert single.onnx == tmp_path / "deploy" / "m.onnx"
+    assert single.int8 == tmp_path / "deploy" / "m.int8.onnx"
+    assert single.pt2 is None
+    assert plan_outputs(ckpt, fmt="pt2").files == [tmp_path / "run" / "best.pt2"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "says"),
+    [
+        ({"fmt": "tflite"}, "is not one of onnx, pt2, all"),
+        ({"fmt": "pt2", "int8": True}, "--int8 works on the ONNX model"),
+        ({"fmt": "pt2", "triton_dir": Path("t")}, "--triton works on the ONNX model"),
+        ({"fmt": "onnx", "out": Path("model.bin")}, "does not end in .onnx"),
+        ({"fmt": "all", "out": Path("model.onnx")}, "looks like a file"),
+    ],
+)
+def test_bad_options_are_one_clear_error(
+    tmp_path: Path, kwargs: dict[str, object], says: str
+) -> None:
+    if isinstance(kwargs.get("out"), Path):
+        kwargs = {**kwargs, "out": tmp_path / kwargs["out"]}  # type: ignore[operator]
+    with pytest.raises(CtscanError, match=says) as info:
+        plan_outputs(tmp_path / "best.pt", **kwargs)  # type: ignore[arg-type]
+    assert info.value.fix
+
+
+def test_out_under_a_file_or_naming_a_folder_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(CtscanError, match="is a file, not a folder"):
+        plan_outputs(tmp_path / "best.pt", fmt="onnx", out=tmp_path / "file.txt" / "m.onnx")
+    with pytest.raises(CtscanError, match="is a folder; for --format onnx it names the file"):
+        plan_outputs(tmp_path / "best.pt", fmt="onnx", out=tmp_path)
+    with pytest.raises(CtscanError, match="is a file, not a folder"):
+        plan_outputs(tmp_path / "best.pt", fmt="all", out=tmp_path / "file.txt")
+
+
+def test_checkpoint_missing_or_a_folder(
+    trained: Path, synthetic_store: Path, tmp_path: Path
+) -> None:
+    settings = _settings(synthetic_store, tmp_path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        run_export(settings, tmp_path / "nope.pt", out=tmp_path / "m.onnx")
+    with pytest.raises(CheckpointError, match="is a folder, not a checkpoint file") as info:
+        run_export(settings, trained.parent, out=tmp_path / "m.onnx")
+    assert "best.pt" in str(info.value.fix)
+    assert not list(tmp_path.glob("*.onnx"))
+
+
+def test_store_with_another_spec_is_refused(trained: Path, tmp_path: Path) -> None:
+    other = write_synthetic_store(tmp_path / "other", size=48)
+    settings = _settings(other, tmp_path)
+    with pytest.raises(CheckpointError, match="expects images preprocessed as") as info:
+        run_export(settings, trained, out=tmp_path / "m.onnx")
+    assert "ctscan preprocess --set data.image_size=32" in str(info.value.fix)
+    assert not (tmp_path / "m.onnx").exists()
+    assert _no_temp_files(tmp_path) == []
+
+
+def test_missing_export_extra_names_it(
+    trained: Path, synthetic_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name)
+    )
+    with pytest.raises(CtscanError, match="needs onnxscript") as info:
+        run_export(_settings(synthetic_store, tmp_path), trained, out=tmp_path / "m.onnx")
+    assert "pip install 'ctscan[export]'" in str(info.value.fix)
+
+
+def test_int8_rule() -> None:
+    eager = export.Parity("eager", Path("best.pt"), 0.0, 1.0, 0.90)
+    ok = export.Parity("onnx-int8", Path("i.onnx"), 0.3, 0.985, 0.895)
+    assert int8_refusal(ok, eager) is None
+    disagrees = export.Parity("onnx-int8", Path("i.onnx"), 0.3, 0.97, 0.90)
+    assert "agrees with eager on 97.0%" in str(int8_refusal(disagrees, eager))
+    loses = export.Parity("onnx-int8", Path("i.onnx"), 0.3, 0.99, 0.885)
+    assert "1.5 points below" in str(int8_refusal(loses, eager))
+
+
+# ---- Triton ------------------------------------------------------------------------------
+
+
+def _model_config_class():
+    """The part of Triton's ModelConfig proto (inference/model_config.proto) a config uses."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    f = descriptor_pb2.FileDescriptorProto(name="triton_subset.proto", package="inference")
+    f.syntax = "proto3"
+    dtype = f.enum_type.add(name="DataType")
+    names = [
+        "INVALID",
+        "BOOL",
+        "UINT8",
+        "UINT16",
+        "UINT32",
+        "UINT64",
+        "INT8",
+        "INT16",
+        "INT32",
+        "INT64",
+        "FP16",
+        "FP32",
+    ]
+    for number, name in enumerate(names):
+        dtype.value.add(name=f"TYPE_{name}", number=number)
+    t = descriptor_pb2.FieldDescriptorProto
+    opt, rep = t.LABEL_OPTIONAL, t.LABEL_REPEATED
+
+    def message(name: str, fields: list[tuple[str, int, int, int, str]]) -> None:
+        m = f.message_type.add(name=name)
+        for field_name, number, kind, label, type_name in fields:
+            added = m.field.add(name=field_name, number=number, type=kind, label=label)
+            if type_name:
+                added.type_name = type_name
+
+    message(
+        "ModelInput",
+        [
+            ("name", 1, t.TYPE_STRING, opt, ""),
+            ("data_type", 2, t.TYPE_ENUM, opt, ".inference.DataType"),
+            ("dims", 4, t.TYPE_INT64, rep, ""),
+        ],
+    )
+    message(
+        "ModelOutput",
+        [
+            ("name", 1, t.TYPE_STRING, opt, ""),
+            ("data_type", 2, t.TYPE_ENUM, opt, ".inference.DataType"),
+            ("dims", 3, t.TYPE_INT64, rep, ""),
+            ("label_filename", 4, t.TYPE_STRING, opt, ""),
+        ],
+    )
+    message(
+        "ModelDynamicBatching",
+        [
+            ("preferred_batch_size", 1, t.TYPE_INT32, rep, ""),
+            ("max_queue_delay_microseconds", 2, t.TYPE_UINT64, opt, ""),
+        ],
+    )
+    message(
+        "ModelConfig",
+        [
+            ("name", 1, t.TYPE_STRING, opt, ""),
+            ("platform", 2, t.TYPE_STRING, opt, ""),
+            ("max_batch_size", 4, t.TYPE_INT32, opt, ""),
+            ("input", 5, t.TYPE_MESSAGE, rep, ".inference.ModelInput"),
+            ("output", 6, t.TYPE_MESSAGE, rep, ".inference.ModelOutput"),
+            ("dynamic_batching", 11, t.TYPE_MESSAGE, opt, ".inference.ModelDynamicBatching"),
+        ],
+    )
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(f)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("inference.ModelConfig"))
+
+
+def test_triton_config_parses_as_a_model_config() -> None:
+    from google.protobuf import text_format
+
+    text = triton_config("ctscan-cnn_gap", image_size=64, num_classes=4, max_batch_size=16)
+    config = text_format.Parse(text, _model_config_class()())
+    assert config.name == "ctscan-cnn_gap"
+    assert config.platform == "onnxruntime_onnx"
+    assert config.max_batch_size == 16
+    (inp,) = config.input
+    assert (inp.name, inp.data_type, list(inp.dims)) == ("images", 2, [1, 64, 64])  # UINT8
+    (out,) = config.output
+    assert (out.name, out.data_type, list(out.dims)) == ("logits", 11, [4])  # FP32
+    assert out.label_filename == "labels.txt"
+    assert config.dynamic_batching.max_queue_delay_microseconds > 0
+
+
+def test_triton_config_refuses_bad_names_and_batch() -> None:
+    with pytest.raises(CtscanError, match="not a plain folder name"):
+        triton_config("../x", image_size=64, num_classes=4)
+    with pytest.raises(CtscanError, match="max_batch_size 0"):
+        triton_config("m", image_size=64, num_classes=4, max_batch_size=0)
+
+
+# ---- one real export, shared (slow: torch.export + ONNX + quantisation) --------------------
+
+
+@pytest.mark.slow
+def test_onnx_matches_eager_on_the_test_images(exported: Exported, tmp_path: Path) -> None:
+    settings = _settings(exported.store, tmp_path)
+    images = load_store(exported.store).split("test").images.numpy()
+    onnx_logits = open_predictor(exported.folder / "best.onnx", settings=settings).logits(images)
+    eager = open_predictor(exported.checkpoint, settings=settings, backend="torch")
+    assert np.abs(onnx_logits - eager.logits(images)).max() <= 1e-4
+    rows = {row.format: row for row in exported.result.parity}
+    assert set(rows) == {"eager", "onnx", "pt2", "onnx-int8"}
+    assert rows["onnx"].max_abs_diff <= 1e-4 and rows["onnx"].agreement == 1.0
+    assert exported.result.error is None and rows["onnx-int8"].accepted
+    assert exported.result.opset == export.OPSET
+
+
+@pytest.mark.slow
+def test_onnx_graph_takes_uint8_with_a_dynamic_batch(exported: Exported) -> None:
+    path = exported.folder / "best.onnx"
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    (inp,) = model.graph.input
+    assert inp.name == "images"
+    assert inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    dims = inp.type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [1, 32, 32]
+    (out,) = model.graph.output
+    assert out.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    images = load_store(exported.store).split("test").images
+    for batch in (1, 5):
+        x = images[:batch]
+        got = session.run(None, {"images": x.numpy()})[0]
+        assert got.shape == (batch, 4)
+        assert np.abs(got - _eager_logits(exported.checkpoint, x)).max() <= 1e-4
+
+
+@pytest.mark.slow
+def test_metadata_is_present_and_complete(exported: Exported) -> None:
+    ckpt = read_checkpoint(exported.checkpoint)
+    sha = file_sha256(exported.checkpoint)
+    for name, fmt in (("best.onnx", "onnx"), ("best.int8.onnx", "onnx-int8")):
+        meta = read_onnx_metadata(exported.folder / name)
+        assert set(meta) >= META_KEYS
+        assert meta["format"] == fmt and meta["model_name"] == "cnn_gap"
+        assert meta["preprocess"] == ckpt.spec.to_dict()
+        assert meta["class_names"] == list(ckpt.class_names)
+        assert meta["checkpoint_sha256"] == sha
+        assert meta["input"]["dtype"] == "uint8" and meta["input"]["shape"][1:] == [1, 32, 32]
+        model = onnx.load(str(exported.folder / name))
+        assert meta["opset"] == export.onnx_opset(model) == export.OPSET
+    int8_meta = read_onnx_metadata(exported.folder / "best.int8.onnx")
+    assert int8_meta["quantization"]["format"] == "QDQ"
+    assert int8_meta["quantization"]["per_channel"] is True
+    extra = {"ctscan.json": ""}
+    torch.export.load(str(exported.folder / "best.pt2"), extra_files=extra)
+    pt2_meta = json.loads(extra["ctscan.json"])
+    assert pt2_meta["format"] == "pt2" and pt2_meta["checkpoint_sha256"] == sha
+
+
+@pytest.mark.slow
+def test_int8_file_is_quantised_and_opens_as_int8(exported: Exported, tmp_path: Path) -> None:
+    path = exported.folder / "best.int8.onnx"
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert path.stat().st_size < (exported.folder / "best.onnx").stat().st_size / 2
+    predictor = open_predictor(path, settings=_settings(exported.store, tmp_path))
+    assert predictor.info.format == "onnx-int8"
+    assert predictor.info.sha256 == file_sha256(exported.checkpoint)
+
+
+@pytest.mark.slow
+def test_pt2_round_trip_equals_eager(exported: Exported) -> None:
+    module = torch.export.load(str(exported.folder / "best.pt2")).module()
+    images = load_store(exported.store).split("test").images
+    for batch in (1, 3, len(images)):
+        with torch.no_grad():
+            got = module(images[:batch]).numpy()
+        assert np.abs(got - _eager_logits(exported.checkpoint, images[:batch])).max() <= 1e-5
+
+
+@pytest.mark.slow
+def test_triton_layout_and_no_temp_files(exported: Exported) -> None:
+    model_dir = exported.result.triton_model_dir
+    assert model_dir == exported.triton / "ctscan-cnn_gap"
+    assert (model_dir / "1" / "model.onnx").read_bytes() == (
+        exported.folder / "best.onnx"
+    ).read_bytes()
+    assert (model_dir / "labels.txt").read_text().split() == list(
+        read_checkpoint(exported.checkpoint).class_names
+    )
+    assert "dims: [ 1, 32, 32 ]" in (model_dir / "config.pbtxt").read_text()
+    assert (model_dir / "config.pbtxt").stat().st_mode & 0o044  # readable by the server's user
+    assert sorted(p.name for p in exported.folder.iterdir()) == [
+        "best.int8.onnx",
+        "best.onnx",
+        "best.pt2",
+    ]
+    assert _no_temp_files(exported.folder) == [] and _no_temp_files(exported.triton) == []
+    assert exported.result.paths[:3] == [
+        exported.folder / "best.onnx",
+        exported.folder / "best.pt2",
+        exported.folder / "best.int8.onnx",
+    ]
+
+
+@pytest.mark.slow
+def test_refused_int8_leaves_no_file_and_keeps_fp32(
+    trained: Path, synthetic_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(export, "INT8_MIN_AGREEMENT", 1.01)  # no model can agree on 101%
+    out = tmp_path / "deploy" / "model.onnx"
+    result = run_export(_settings(synthetic_store, tmp_path), trained, int8=True, out=out)
+    assert isinstance(result.error, CtscanError)
+    assert "int8 model was refused" in str(result.error)
+    assert out.is_file() and not (tmp_path / "deploy" / "model.int8.onnx").exists()
+    assert result.paths == [out]
+    row = result.parity[-1]
+    assert row.format == "onnx-int8" and not row.accepted
+    assert _no_temp_files(tmp_path / "deploy") == []
+
+
+@pytest.mark.slow
+def test_fp32_beyond_tolerance_writes_nothing(
+    trained: Path, synthetic_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(export, "FP32_TOLERANCE", -1.0)  # every difference is too large
+    out = tmp_path / "deploy" / "model.pt2"
+    with pytest.raises(CtscanError, match="nothing was written"):
+        run_export(_settings(synthetic_store, tmp_path), trained, fmt="pt2", out=out)
+    assert list((tmp_path / "deploy").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_cli_writes_the_file_and_prints_parity(
+    trained: Path, synthetic_store: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "cli" / "model.onnx"
+    sets = [a for o in engine_overrides(synthetic_store, tmp_path / "runs") for a in ("--set", o)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CTSCAN_", "MLFLOW_"))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "ctscan", "export", str(trained), "--out", str(out), *sets],
+        capture_output=True,
+        text=True,
+        env={**env, "COLUMNS": "120"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert out.is_file()
+    assert "max |Δlogit|" in proc.stdout and "onnx" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1] == str(out)
+    bad = subprocess.run(
+        [sys.executable, "-m", "ctscan", "export", str(trained.parent), *sets],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert bad.returncode == 4
+    assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
