@@ -3,11 +3,36 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
 
+# PYTHON is the base interpreter (3.11+) that creates the project's virtual environment $(VENV), with
+# --system-site-packages so that a torch already installed there is reused, not downloaded again;
+# every target then runs the venv's python. VENV= (empty) means no venv: install into and run $(PYTHON).
 PYTHON ?= python3
-PIP := $(PYTHON) -m pip
-# torch is installed first, pinned, so pip takes the local wheels instead of downloading a CUDA build.
+VENV ?= .venv
+ifeq ($(strip $(VENV)),)
+PY := $(PYTHON)
+VENV_CFG :=
+INSTALLED := .make/installed
+else
+PY := $(VENV)/$(if $(filter Windows_NT,$(OS)),Scripts,bin)/python
+VENV_CFG := $(VENV)/pyvenv.cfg
+INSTALLED := $(VENV)/.ctscan-installed
+endif
+PIP := $(PY) -m pip
+CTSCAN := $(PY) -m ctscan
+DVC := $(PY) -m dvc
+PRE_COMMIT := $(PY) -m pre_commit
+# pre-commit on every tracked file and every new one git does not ignore (--all-files skips new ones).
+PRE_COMMIT_RUN = git ls-files -z --cached --others --exclude-standard | xargs -0 $(PRE_COMMIT) run
+# torch is installed first, pinned, so pip takes the local wheels instead of downloading a CUDA build;
+# TORCH_INDEX names a wheel index for it (CI on Linux: https://download.pytorch.org/whl/cpu).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+TORCH_INDEX ?=
 EXTRAS ?= dev,serve,export,dicom
+# Images: $(IMAGE):$(IMAGE_TAG) (CPU) and $(IMAGE):$(IMAGE_TAG)-cuda; PUSH=1 pushes them after the build.
+IMAGE ?= ctscan
+IMAGE_TAG ?= latest
+PUSH ?=
+IMAGE_REF = $(shell printf '%s' '$(IMAGE)' | tr '[:upper:]' '[:lower:]')
 # A local copy of the DVC remote (set to empty to pull from the gs:// remote in .dvc/config).
 DVC_MIRROR ?= $(abspath $(wildcard ../shared/dvc-store))
 SETTINGS ?=
@@ -15,67 +40,108 @@ SETTINGS_ARGS := $(foreach s,$(SETTINGS),--settings $(s))
 RUN_DIR ?= outputs/runs/main-$(shell date +%Y%m%d-%H%M%S)
 PYTEST_ARGS ?=
 
-.PHONY: help install data preprocess audit train evaluate main test test-unit test-integration \
-        lint format docker-lint bench clean
+.PHONY: help install data preprocess audit audit-summary train evaluate main test test-unit \
+        test-integration lint format docker-lint docker docker-cpu docker-cuda bench clean browser \
+        pre-commit-tool
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo "Environment: PYTHON=$(PYTHON) creates $(if $(VENV),$(VENV),no venv) and every target runs $(PY)."
+	@echo "  make install PYTHON=/usr/bin/python3   another base interpreter (3.11+) for the venv"
+	@echo "  make install VENV=                     no venv: install into and run PYTHON itself"
 
-install: .make/installed ## Install ctscan with its extras (quick when nothing changed)
+install: $(INSTALLED) ## Create .venv from PYTHON, install ctscan with its extras into it (quick when done)
 
-.make/installed: pyproject.toml
-	$(PIP) install -q $(TORCH_SPEC)
+ifneq ($(VENV_CFG),)
+$(VENV_CFG):
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+endif
+
+$(INSTALLED): pyproject.toml $(VENV_CFG)
+	$(PIP) install -q $(TORCH_SPEC) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -q -e ".[$(EXTRAS)]"
-	@mkdir -p .make && touch $@
+	@mkdir -p $(@D) && touch $@
 
-data: ## Pull the raw images with DVC (into data/)
+browser: $(INSTALLED) ## Chromium + playwright for the web-page test (apt-get; quick when present)
+	@found="$${CTSCAN_CHROMIUM:-}"; \
+	for b in chromium chromium-browser google-chrome; do \
+	  [ -n "$$found" ] || found="$$(command -v $$b || true)"; done; \
+	if [ -n "$$found" ]; then echo "browser: $$found"; \
+	elif command -v apt-get >/dev/null; then \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  echo "browser: apt-get install chromium"; \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+	    { $$sudo apt-get update -q >/dev/null && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }; \
+	else echo "browser: no apt-get: install Chromium, set CTSCAN_CHROMIUM (else the test skips)"; fi
+	@$(PY) -c "import playwright" 2>/dev/null || $(PIP) install -q "playwright>=1.40"
+
+data: $(INSTALLED) ## Pull the raw images with DVC (into data/)
 	@if [ -n "$(DVC_MIRROR)" ]; then \
 	  echo "dvc: using the local mirror $(DVC_MIRROR) for remote 'gcs' (.dvc/config.local)"; \
-	  dvc remote modify --local gcs url "$(DVC_MIRROR)"; fi
-	dvc pull -q
+	  $(DVC) remote modify --local gcs url "$(DVC_MIRROR)"; fi
+	$(DVC) pull -q
 
-preprocess: ## Audit the raw images and write the processed store
-	ctscan preprocess $(SETTINGS_ARGS)
+preprocess: $(INSTALLED) ## Audit the raw images and write the processed store
+	$(CTSCAN) preprocess $(SETTINGS_ARGS)
 
-audit: ## Print the audit of the raw images
-	ctscan audit $(SETTINGS_ARGS)
+audit: $(INSTALLED) ## Print the audit of the raw images
+	$(CTSCAN) audit $(SETTINGS_ARGS)
 
-train: ## Train with the default settings (evaluates the best checkpoint on test)
-	ctscan train $(SETTINGS_ARGS) --out $(RUN_DIR) --quiet
+# In GitHub Actions the Markdown goes to the job summary; elsewhere to stdout.
+AUDIT_MD ?= $(or $(GITHUB_STEP_SUMMARY),/dev/stdout)
+audit-summary: $(INSTALLED) ## The audit as Markdown (CI: appended to the job summary)
+	@{ echo "## ctscan audit ($$(git rev-parse --short HEAD 2>/dev/null || echo 'no git'))"; echo; \
+	  echo '```'; COLUMNS=110 $(CTSCAN) audit $(SETTINGS_ARGS); echo '```'; } >> "$(AUDIT_MD)"
 
-evaluate: ## Evaluate a checkpoint: make evaluate CKPT=outputs/runs/.../best.pt
-	ctscan evaluate $(SETTINGS_ARGS) $(CKPT)
+train: $(INSTALLED) ## Train with the default settings (evaluates the best checkpoint on test)
+	$(CTSCAN) train $(SETTINGS_ARGS) --out $(RUN_DIR) --quiet
+
+evaluate: $(INSTALLED) ## Evaluate a checkpoint: make evaluate CKPT=outputs/runs/.../best.pt
+	$(CTSCAN) evaluate $(SETTINGS_ARGS) $(CKPT)
 
 main: install data ## The main job: data -> preprocess -> train -> evaluate, default settings
-	ctscan preprocess $(SETTINGS_ARGS) --quiet
-	ctscan train $(SETTINGS_ARGS) --out $(RUN_DIR) --quiet
-	ctscan evaluate $(SETTINGS_ARGS) $(RUN_DIR)/best.pt
+	$(CTSCAN) preprocess $(SETTINGS_ARGS) --quiet
+	$(CTSCAN) train $(SETTINGS_ARGS) --out $(RUN_DIR) --quiet
+	$(CTSCAN) evaluate $(SETTINGS_ARGS) $(RUN_DIR)/best.pt
 
-test: lint ## Lint, then the unit and real-data integration tests
-	$(PYTHON) -m pytest $(PYTEST_ARGS)
+test: lint $(INSTALLED) ## Lint, then the unit and real-data integration tests
+	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-unit: ## Unit tests only (fast, synthetic)
-	$(PYTHON) -m pytest tests/unit $(PYTEST_ARGS)
+test-unit: $(INSTALLED) ## Unit tests only (fast, synthetic)
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
-test-integration: ## Integration tests only (real data; run `make data` first)
-	$(PYTHON) -m pytest tests/integration $(PYTEST_ARGS)
+test-integration: $(INSTALLED) ## Integration tests only (real data; run `make data` first)
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
-lint: ## ruff check + ruff format --check + hadolint on the Dockerfiles
-	ruff check .
-	ruff format --check .
-	hadolint Dockerfile Dockerfile.cuda
+# lint and format need pre-commit only (it installs the pinned hook tools itself), not the project.
+pre-commit-tool: $(VENV_CFG)
+	@$(PY) -m pre_commit --version >/dev/null 2>&1 || $(PIP) install -q "pre-commit>=4"
 
-format: ## Apply ruff's fixes and formatting
-	ruff check --fix .
-	ruff format .
+lint: pre-commit-tool ## The checks of .pre-commit-config.yaml: ruff, ruff format, hadolint, workflows, hygiene
+	$(PRE_COMMIT_RUN) $(if $(CI),--show-diff-on-failure) --files
 
-docker-lint: ## Lint the Dockerfiles with hadolint
-	hadolint Dockerfile Dockerfile.cuda
+format: pre-commit-tool ## Apply ruff's fixes and formatting (the ruff that make lint uses)
+	-$(PRE_COMMIT_RUN) ruff-fix --hook-stage manual --files
+	-$(PRE_COMMIT_RUN) ruff-format --files
+	$(PRE_COMMIT_RUN) ruff --files
 
-bench: ## Run the CPU benchmarks (writes bench/results/*.json; about 10 minutes)
-	$(PYTHON) bench/cli_startup.py
-	$(PYTHON) bench/preprocess_bench.py
-	$(PYTHON) bench/train_bench.py --device cpu --epochs 2 --processed-dir outputs/processed224
+docker-lint: pre-commit-tool ## Lint the Dockerfiles with hadolint
+	$(PRE_COMMIT) run hadolint --files Dockerfile Dockerfile.cuda
 
-clean: ## Remove the processed store and runs (outputs/); keeps data/
+docker: docker-cpu docker-cuda ## Build both images (IMAGE=ctscan IMAGE_TAG=latest; PUSH=1 pushes)
+
+docker-cpu: ## Build the CPU image $(IMAGE):$(IMAGE_TAG) from Dockerfile
+	docker build -f Dockerfile -t $(IMAGE_REF):$(IMAGE_TAG) .
+	$(if $(PUSH),docker push $(IMAGE_REF):$(IMAGE_TAG))
+
+docker-cuda: ## Build the CUDA image $(IMAGE):$(IMAGE_TAG)-cuda from Dockerfile.cuda
+	docker build -f Dockerfile.cuda -t $(IMAGE_REF):$(IMAGE_TAG)-cuda .
+	$(if $(PUSH),docker push $(IMAGE_REF):$(IMAGE_TAG)-cuda)
+
+bench: $(INSTALLED) ## Run the CPU benchmarks (writes bench/results/*.json; about 10 minutes)
+	$(PY) bench/cli_startup.py
+	$(PY) bench/preprocess_bench.py
+	$(PY) bench/train_bench.py --device cpu --epochs 2 --processed-dir outputs/processed224
+
+clean: ## Remove the processed store and runs (outputs/); keeps data/ and .venv
 	rm -rf outputs .make

@@ -9,10 +9,13 @@ Routes (OpenAPI at /docs):
                                                        the Open Inference Protocol (KServe v2)
     GET  /                                             the web page (static/, no build, no CDN)
 
-Every error is JSON `{"error": ..., "fix": ...}` with a 4xx for bad input (400 protocol,
-401 token, 413 too large, 415 not an image, 422 unreadable or wrong field, 503 queue full with
-Retry-After); a 500 only for a bug, without a stack trace. No filesystem path comes from a
-request: uploads are bytes, the model is fixed at start-up.
+Every error is JSON `{"error": ..., "fix": ...}` with a 4xx for bad input (400 unreadable body
+or protocol, 401 token, 404 no such route or model, 405 wrong method, 413 too large, 415 not an
+image, 422 unreadable image or wrong field, 501 no Grad-CAM, 503 queue full with Retry-After); a
+500 only for a bug, without a stack trace (that goes to the log). The OpenAPI schema documents
+every status and media type a route answers with. With `serve.token` set every route but the
+health ones, the web page and the API docs needs `Authorization: Bearer <token>`. No filesystem
+path comes from a request: uploads are bytes, the model is fixed at start-up.
 """
 
 from __future__ import annotations
@@ -28,13 +31,16 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Request, Security, UploadFile
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from ctscan.errors import DataError
 from ctscan.inference.predictor import Prediction, Predictor
@@ -45,6 +51,13 @@ from ctscan.serve.limits import BodyLimit, sniff_format
 log = logging.getLogger("ctscan.serve")
 STATIC = Path(__file__).parent / "static"
 RETRY_AFTER_S = "1"
+# Parameter types at module level: FastAPI resolves the (string) annotations of the route
+# functions in this module's globals, not in the closures that define them.
+BearerCredentials = Annotated[
+    HTTPAuthorizationCredentials | None,
+    Security(HTTPBearer(auto_error=False, description="serve.token")),
+]
+ModelName = Annotated[str, PathParam(description="serve.model_name (default: ctscan)")]
 
 
 # ---- response models (they document the API) -----------------------------------------------
@@ -97,18 +110,33 @@ class ErrorResponse(BaseModel):
     fix: str | None = None
 
 
+_ERROR_TEXT = {
+    400: "the body cannot be read: malformed multipart form, or an Open Inference Protocol "
+    "request that does not fit the model",
+    401: "missing or wrong bearer token (serve.token)",
+    404: "no such model",
+    413: "upload larger than serve.max_upload_bytes, or too many files",
+    415: "not a PNG, JPEG, BMP, TIFF, WebP or DICOM file",
+    422: "the request does not fit the route: unreadable image, too many pixels, or a missing "
+    "or wrong field",
+    501: "this model cannot do that (Grad-CAM needs the PyTorch model)",
+    503: "the request queue is full, the model is loading or the server is stopping: retry "
+    "after the Retry-After seconds",
+}
+_ERROR_HEADERS = {
+    401: {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
+    503: {"Retry-After": {"description": "seconds to wait", "schema": {"type": "string"}}},
+}
+
+
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    text = {
-        400: "the request cannot be read (Open Inference Protocol)",
-        401: "missing or wrong bearer token (serve.token)",
-        404: "no such model",
-        413: "upload larger than serve.max_upload_bytes, or too many files",
-        415: "not a PNG, JPEG, BMP, TIFF, WebP or DICOM file",
-        422: "unreadable image, too many pixels, or a missing or wrong form field",
-        501: "this model cannot do that (Grad-CAM needs the PyTorch model)",
-        503: "the request queue is full: retry after the Retry-After seconds",
-    }
-    return {code: {"model": ErrorResponse, "description": text[code]} for code in codes}
+    """OpenAPI `responses` for error codes: the JSON ErrorResponse, its meaning, its headers."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for code in codes:
+        out[code] = {"model": ErrorResponse, "description": _ERROR_TEXT[code]}
+        if code in _ERROR_HEADERS:
+            out[code]["headers"] = _ERROR_HEADERS[code]
+    return out
 
 
 class ApiError(Exception):
@@ -160,9 +188,10 @@ def create_app(service: Service) -> FastAPI:
             enabled=serve.batching,
             on_batch=service.metrics.observe_batch,
         )
-        await batcher.start()
         size = service.predictor.spec.image_size
-        await batcher.submit(np.zeros((1, 1, size, size), dtype=np.uint8))  # warm up
+        warm_up = np.zeros((1, 1, size, size), dtype=np.uint8)
+        await run_in_threadpool(service.predictor.probabilities, warm_up)  # not in the metrics
+        await batcher.start()
         service.batcher, service.ready = batcher, True
         log.info("ready: %s", service.predictor.info)
         try:
@@ -184,7 +213,6 @@ def create_app(service: Service) -> FastAPI:
             "/predict/batch": serve.max_upload_bytes * serve.max_batch_files + 64 * 1024,
             "/v2/models/": serve.max_upload_bytes * serve.max_batch_files + 64 * 1024,
         },
-        on_reject=lambda path: service.metrics.count(path, 413),
     )
     _install_error_handlers(app, service)
     app.middleware("http")(_timing_middleware(service))
@@ -198,8 +226,7 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/ready", tags=["health"], responses=_errors(503))
     async def ready() -> Any:
         """The model is loaded and warmed up."""
-        if not service.ready:
-            return JSONResponse({"error": "the model is loading", "fix": None}, status_code=503)
+        _require_ready(service)
         return {"status": "ready", "model": service.identity().model_dump()}
 
     @app.post(
@@ -207,7 +234,7 @@ def create_app(service: Service) -> FastAPI:
         response_model=PredictResponse,
         tags=["predict"],
         dependencies=guard,
-        responses=_errors(401, 413, 415, 422, 503),
+        responses=_errors(400, 401, 413, 415, 422, 503),
     )
     async def predict(file: Annotated[UploadFile, File(description="PNG/JPEG/DICOM")]) -> Any:
         """Predict the class of one CT slice."""
@@ -230,7 +257,7 @@ def create_app(service: Service) -> FastAPI:
         response_model=BatchResponse,
         tags=["predict"],
         dependencies=guard,
-        responses=_errors(401, 413, 422, 503),
+        responses=_errors(400, 401, 413, 422, 503),
     )
     async def predict_batch(
         files: Annotated[list[UploadFile], File(description="several PNG/JPEG/DICOM files")],
@@ -280,8 +307,18 @@ def create_app(service: Service) -> FastAPI:
         dependencies=guard,
         response_class=Response,
         responses={
-            200: {"content": {"image/png": {}}, "description": "Grad-CAM overlay PNG"},
-            **_errors(401, 413, 415, 422, 501),
+            200: {
+                "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+                "description": "Grad-CAM overlay PNG",
+                "headers": {
+                    "X-Label": {"description": "the class explained", "schema": {"type": "string"}},
+                    "X-Confidence": {
+                        "description": "its probability",
+                        "schema": {"type": "string"},
+                    },
+                },
+            },
+            **_errors(400, 401, 413, 415, 422, 501),
         },
     )
     async def explain(
@@ -302,16 +339,31 @@ def create_app(service: Service) -> FastAPI:
         if target is not None and target not in names:
             raise ApiError(422, f"target '{target}' is not a class.", f"use one of {names}.")
         image = await _decode(service, file)
-        png, label, confidence = await run_in_threadpool(
-            _grad_cam_png, service, image, names.index(target) if target else None
-        )
+        index = names.index(target) if target else None
+        if explainer is service.predictor and service.batcher is not None:
+            # One PyTorch model answers both: Grad-CAM's hook must not see a batch's forward.
+            png, label, confidence = await service.batcher.run(_grad_cam_png, service, image, index)
+        else:
+            png, label, confidence = await run_in_threadpool(_grad_cam_png, service, image, index)
         return Response(
             png,
             media_type="image/png",
             headers={"X-Label": label, "X-Confidence": f"{confidence:.6f}"},
         )
 
-    @app.get("/metrics", tags=["monitoring"], dependencies=guard, responses=_errors(401))
+    @app.get(
+        "/metrics",
+        tags=["monitoring"],
+        dependencies=guard,
+        response_class=Response,
+        responses={
+            200: {
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+                "description": "Prometheus text exposition format",
+            },
+            **_errors(401),
+        },
+    )
     async def metrics() -> Response:
         """Prometheus metrics: requests, latency, predictions, confidence, batches, drift."""
         if service.monitor is not None:
@@ -327,6 +379,7 @@ def create_app(service: Service) -> FastAPI:
         return {"available": True, **service.monitor.report()}
 
     _add_kserve_routes(app, service, guard)
+    _document_model_name(app, serve.model_name)
     if STATIC.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -365,6 +418,16 @@ async def _decode(service: Service, upload: UploadFile) -> np.ndarray:
         raise ApiError(422, exc.message, exc.fix) from None
 
 
+def _require_ready(service: Service) -> None:
+    """503 (with Retry-After) until the model is warmed up, and again while stopping."""
+    if not service.ready:
+        raise ApiError(
+            503,
+            "the model is not ready (loading, or the server is stopping).",
+            f"retry after {RETRY_AFTER_S} s.",
+        )
+
+
 async def _submit(service: Service, images: np.ndarray) -> np.ndarray:
     assert service.batcher is not None
     try:
@@ -396,9 +459,11 @@ def _grad_cam_png(
     assert explainer is not None and explainer.torch_model is not None
     model, channels = explainer.torch_model
     spec = explainer.spec
-    probs = explainer.probabilities(image[None, None])[0]
-    index = int(probs.argmax()) if target is None else target
-    with service.explain_lock:  # one Grad-CAM at a time: hooks live on the shared model
+    # One Grad-CAM at a time, its forward passes included: the hook lives on the shared model
+    # and keeps the output of any forward that runs while it is there.
+    with service.explain_lock:
+        probs = explainer.probabilities(image[None, None])[0]
+        index = int(probs.argmax()) if target is None else target
         device = next(model.parameters()).device
         x = model_input(
             torch.from_numpy(image[None, None]).to(device),
@@ -411,31 +476,60 @@ def _grad_cam_png(
     return overlay_png(image, heat, title=f"{label} {probs[index]:.1%}"), label, float(probs[index])
 
 
-def _token_check(token: str | None) -> Callable[[Request], None]:
-    """A dependency: without a configured token nothing is checked; else Bearer must match."""
-    expected = f"Bearer {token}".encode() if token else None
+def _token_check(token: str | None) -> Callable[..., None]:
+    """A dependency: without a configured token nothing is checked; else Bearer must match.
 
-    def check(request: Request) -> None:
-        if expected is None:
-            return
-        given = request.headers.get("authorization", "").encode()
+    With a token the OpenAPI schema declares the HTTP bearer scheme (the /docs "Authorize"
+    button); the comparison is constant-time.
+    """
+    if not token:
+
+        def open_route() -> None:
+            return None
+
+        return open_route
+    expected = token.encode()
+
+    def check(credentials: BearerCredentials) -> None:
+        given = credentials.credentials.encode() if credentials is not None else b""
         if not hmac.compare_digest(given, expected):  # constant time
             raise ApiError(
                 401,
-                "a bearer token is required.",
+                "a bearer token is required." if credentials is None else "wrong bearer token.",
                 "send the header 'Authorization: Bearer <serve.token>'.",
             )
 
     return check
 
 
+def _route_label(request: Request) -> str:
+    """The route template a request went to (bounded label values for the metrics)."""
+    route = request.scope.get("route")
+    if getattr(route, "path", None):
+        return str(route.path)
+    # Routes that are not APIRoutes (docs, static files) and requests answered before routing
+    # (413 from the body limit): match them again; a wrong method is a partial match.
+    partial = None
+    for candidate in request.app.router.routes:
+        match, _ = candidate.matches(request.scope)
+        if match is Match.FULL:
+            return str(candidate.path)
+        if match is Match.PARTIAL and partial is None:
+            partial = str(candidate.path)
+    return partial or "unmatched"
+
+
 def _timing_middleware(service: Service) -> Callable[..., Any]:
     async def timing(request: Request, call_next: Callable[..., Any]) -> Any:
         start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", None) or "unmatched"
-        service.metrics.count(path, response.status_code, time.perf_counter() - start)
+        try:
+            response = await call_next(request)
+        except Exception:  # a bug: answered 500 by the handler outside, counted here
+            service.metrics.count(_route_label(request), 500, time.perf_counter() - start)
+            raise
+        service.metrics.count(
+            _route_label(request), response.status_code, time.perf_counter() - start
+        )
         return response
 
     return timing
@@ -467,8 +561,18 @@ def _install_error_handlers(app: FastAPI, service: Service) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error, fix = str(exc.detail), None
+        if exc.status_code == 400:  # the multipart parser's refusals
+            error = f"the request body cannot be read: {error}"
+            fix = "send multipart/form-data, the image in the field 'file' (curl -F file=@a.png)."
+        elif exc.status_code == 404:
+            fix = "see /docs for the routes."
+        elif exc.status_code == 405:
+            fix = f"this route takes {(exc.headers or {}).get('Allow', 'another method')}."
+        elif exc.status_code == 413:
+            fix = "send a smaller file (serve.max_upload_bytes) or fewer files."
         return JSONResponse(
-            {"error": str(exc.detail), "fix": None},
+            {"error": error, "fix": fix},
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
         )
@@ -484,28 +588,35 @@ def _install_error_handlers(app: FastAPI, service: Service) -> None:
 def _add_kserve_routes(app: FastAPI, service: Service, guard: list[Any]) -> None:
     serve = service.settings.serve
     name = serve.model_name
+    empty_ok = {200: {"description": "yes (empty body)"}}
 
     def check_name(model_name: str) -> None:
         if model_name != name:
             raise ApiError(404, f"no model '{model_name}' here.", f"this server serves '{name}'.")
 
-    @app.get("/v2/health/live", tags=["kserve-v2"])
+    @app.get("/v2/health/live", tags=["kserve-v2"], response_class=Response, responses=empty_ok)
     async def live() -> Response:
         """Open Inference Protocol: the server is alive."""
         return Response(status_code=200)
 
-    @app.get("/v2/health/ready", tags=["kserve-v2"], responses=_errors(503))
+    @app.get(
+        "/v2/health/ready",
+        tags=["kserve-v2"],
+        response_class=Response,
+        responses={**empty_ok, **_errors(503)},
+    )
     async def v2_ready() -> Response:
         """Open Inference Protocol: the server is ready."""
-        return Response(status_code=200 if service.ready else 503)
+        _require_ready(service)
+        return Response(status_code=200)
 
     @app.get(
         "/v2/models/{model_name}",
         tags=["kserve-v2"],
         dependencies=guard,
-        responses=_errors(401, 404),
+        responses=_errors(401, 404, 422),
     )
-    async def metadata(model_name: str) -> dict[str, Any]:
+    async def metadata(model_name: ModelName) -> dict[str, Any]:
         """Open Inference Protocol: the model's inputs and outputs."""
         check_name(model_name)
         p = service.predictor
@@ -515,32 +626,44 @@ def _add_kserve_routes(app: FastAPI, service: Service, guard: list[Any]) -> None
         "/v2/models/{model_name}/ready",
         tags=["kserve-v2"],
         dependencies=guard,
-        responses=_errors(401, 404, 503),
+        response_class=Response,
+        responses={**empty_ok, **_errors(401, 404, 422, 503)},
     )
-    async def model_ready(model_name: str) -> Response:
+    async def model_ready(model_name: ModelName) -> Response:
         """Open Inference Protocol: the model is ready."""
         check_name(model_name)
-        return Response(status_code=200 if service.ready else 503)
+        _require_ready(service)
+        return Response(status_code=200)
 
     @app.post(
         "/v2/models/{model_name}/infer",
         tags=["kserve-v2"],
         dependencies=guard,
+        response_class=Response,
         responses={
-            200: {"description": "probabilities (FP32 [B, C]); JSON or binary extension"},
+            200: {
+                "description": "probabilities (FP32 [B, C]): JSON, or the binary data extension "
+                "(JSON header of Inference-Header-Content-Length bytes, then the raw floats)",
+                "content": {
+                    "application/json": {"schema": kserve.INFER_RESPONSE_SCHEMA},
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                },
+            },
             **_errors(400, 401, 404, 413, 415, 422, 503),
         },
         openapi_extra={
             "requestBody": {
                 "required": True,
+                "description": "JSON, or the binary data extension: the JSON header (its length "
+                "in the Inference-Header-Content-Length header), then the raw tensors",
                 "content": {
-                    "application/json": {"schema": {"type": "object"}},
+                    "application/json": {"schema": kserve.INFER_REQUEST_SCHEMA},
                     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
                 },
             }
         },
     )
-    async def infer(model_name: str, request: Request) -> Response:
+    async def infer(model_name: ModelName, request: Request) -> Response:
         """Open Inference Protocol: UINT8 images or BYTES files in, FP32 probabilities out."""
         check_name(model_name)
         body = await request.body()
@@ -550,7 +673,7 @@ def _add_kserve_routes(app: FastAPI, service: Service, guard: list[Any]) -> None
                 body, request.headers.get(kserve.HEADER_LENGTH), p.spec.image_size
             )
         except kserve.ProtocolError as exc:
-            raise ApiError(400, str(exc), "see /v2/models/{name} for the inputs.") from None
+            raise ApiError(400, str(exc), f"see GET /v2/models/{name} for the inputs.") from None
         if parsed.input_name == kserve.BYTES_INPUT:
             if len(parsed.files) > serve.max_batch_files:
                 raise ApiError(
@@ -580,6 +703,23 @@ def _add_kserve_routes(app: FastAPI, service: Service, guard: list[Any]) -> None
             _record(service, image[0], prediction)
         content, headers = kserve.encode_infer(name, p.info.version, parsed, probs)
         return Response(content, headers=headers)
+
+
+def _document_model_name(app: FastAPI, name: str) -> None:
+    """The OpenAPI schema gives the served model's name as the example of `{model_name}`."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            for operation in (op for item in schema["paths"].values() for op in item.values()):
+                for parameter in operation.get("parameters", []):
+                    if parameter.get("name") == "model_name" and parameter.get("in") == "path":
+                        parameter["example"] = name
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 class _BytesUpload:

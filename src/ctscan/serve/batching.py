@@ -1,27 +1,35 @@
 """Dynamic batching: concurrent requests gathered into one model call, a bounded queue.
 
 Each request puts its images (k, 1, S, S) on an asyncio queue and awaits a future. One task
-takes the first waiting request, then keeps taking requests until `max_batch` images are
-gathered or `max_wait_ms` has passed since the first, runs the model once on a worker thread
-(the event loop stays free) and hands each request its rows. With batching off the task runs
-each request alone, still on the one model thread. A full queue is refused at once
-(`QueueFull` -> 503 with Retry-After) instead of growing without bound.
+takes the first waiting request, then keeps taking requests while they fit in `max_batch` images
+and `max_wait_ms` has not passed since the first (a request that does not fit opens the next
+call; one request is never split), runs the model once on the one model thread (the event loop
+stays free) and hands each request its rows. With batching off the task runs each request
+alone, still on the model thread. A full queue is refused at once (`QueueFull` -> 503 with
+Retry-After) instead of growing without bound. A failed model call fails every request of that
+call with the model's exception; the task itself keeps running. `run` puts other work that
+needs the model (Grad-CAM on a shared PyTorch model) on the same thread, between calls.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 
+T = TypeVar("T")
+log = logging.getLogger("ctscan.serve")
+
 
 class QueueFull(Exception):
-    """The request queue is at its limit: the caller should retry later."""
+    """The request queue is at its limit (or the batcher has stopped): retry later."""
 
 
 @dataclass
@@ -50,6 +58,8 @@ class Batcher:
         self.on_batch = on_batch  # (images in the call, seconds) for the metrics
         self._queue: asyncio.Queue[_Item] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._carry: _Item | None = None  # taken from the queue, did not fit the last call
+        self._closed = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctscan-model")
 
     async def start(self) -> None:
@@ -58,7 +68,8 @@ class Batcher:
         self._task = asyncio.create_task(self._run(), name="ctscan-batcher")
 
     async def stop(self) -> None:
-        """Finish what is queued, then stop the task and the model thread."""
+        """Refuse new requests, answer every queued one, then stop the task and the model thread."""
+        self._closed = True
         if self._queue is not None and self._task is not None:
             await self._queue.join()
             self._task.cancel()
@@ -75,6 +86,8 @@ class Batcher:
         """The model's rows for `images` (k, 1, S, S); QueueFull when the queue is at its limit."""
         if self._queue is None:
             raise RuntimeError("Batcher.start() was not called")
+        if self._closed:
+            raise QueueFull()
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         try:
             self._queue.put_nowait(_Item(images, future))
@@ -82,22 +95,36 @@ class Batcher:
             raise QueueFull() from None
         return await future
 
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on the model thread, between model calls (not queued, not batched)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _next(self, timeout: float | None) -> _Item:
+        """The request held over from the last call, else the next one from the queue."""
+        assert self._queue is not None
+        if self._carry is not None:
+            item, self._carry = self._carry, None
+            return item
+        if timeout is None:
+            return await self._queue.get()
+        if timeout <= 0:
+            return self._queue.get_nowait()
+        return await asyncio.wait_for(self._queue.get(), timeout)
+
     async def _run(self) -> None:
         assert self._queue is not None
         loop = asyncio.get_running_loop()
         while True:
-            items = [await self._queue.get()]
+            items = [await self._next(None)]
             size = len(items[0].images)
             deadline = loop.time() + self.max_wait
             while size < self.max_batch:
-                timeout = deadline - loop.time()
                 try:
-                    item = (
-                        self._queue.get_nowait()
-                        if timeout <= 0
-                        else await asyncio.wait_for(self._queue.get(), timeout)
-                    )
+                    item = await self._next(deadline - loop.time())
                 except (asyncio.QueueEmpty, TimeoutError):
+                    break
+                if size + len(item.images) > self.max_batch:
+                    self._carry = item  # opens the next call
                     break
                 items.append(item)
                 size += len(item.images)
@@ -106,20 +133,26 @@ class Batcher:
                 self._queue.task_done()
 
     async def _call(self, loop: asyncio.AbstractEventLoop, items: list[_Item]) -> None:
-        images = np.concatenate([item.images for item in items])
         start = time.perf_counter()
         try:
+            images = np.concatenate([item.images for item in items])
             scores = await loop.run_in_executor(self._executor, self.model, images)
+            if len(scores) != len(images):
+                raise RuntimeError(f"the model gave {len(scores)} rows for {len(images)} images")
         except Exception as exc:  # the model failed: every waiting request hears why
             for item in items:
                 if not item.future.done():
                     item.future.set_exception(exc)
             return
-        if self.on_batch is not None:
-            self.on_batch(len(images), time.perf_counter() - start)
+        seconds = time.perf_counter() - start
         row = 0
         for item in items:
             k = len(item.images)
             if not item.future.done():  # a caller that went away no longer waits
                 item.future.set_result(scores[row : row + k])
             row += k
+        if self.on_batch is not None:
+            try:
+                self.on_batch(len(images), seconds)
+            except Exception:  # metrics must never stop the batching task
+                log.exception("the on_batch callback failed")

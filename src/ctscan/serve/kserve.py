@@ -8,7 +8,11 @@ Output:
     probabilities FP32  [-1, C]        class probabilities in the order of the model's labels
 
 Both the JSON form and the binary data extension (the `Inference-Header-Content-Length` header
-that `tritonclient[http]` sends by default) are read and written.
+that `tritonclient[http]` sends by default) are read and written. The output is binary when the
+request asks for it, per output (`"parameters": {"binary_data": true}`) or for all
+(`"parameters": {"binary_data_output": true}` at the top, what tritonclient sends when it names
+no outputs). Any request body, however malformed, ends in an `InferRequest` or a
+`ProtocolError` (answered 400), never in another exception.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +40,70 @@ _DTYPES = {
     "INT64": np.int64,
     "FP32": np.float32,
     "FP64": np.float64,
+}
+
+
+_OBJECT = {"type": "object"}
+INFER_REQUEST_SCHEMA: dict[str, Any] = {  # the JSON part of a request (OpenAPI / JSON Schema)
+    "type": "object",
+    "required": ["inputs"],
+    "properties": {
+        "id": {"type": "string"},
+        "inputs": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["name", "datatype", "shape"],
+                "properties": {
+                    "name": {"type": "string", "enum": [IMAGE_INPUT, BYTES_INPUT]},
+                    "datatype": {"type": "string", "enum": ["UINT8", "BYTES"]},
+                    "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                    "data": {
+                        "type": "array",
+                        "description": "UINT8: integers 0..255; BYTES: base64 strings",
+                    },
+                    "parameters": _OBJECT,
+                },
+            },
+        },
+        "outputs": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {
+                    "name": {"type": "string", "enum": [OUTPUT]},
+                    "parameters": _OBJECT,
+                },
+            },
+        },
+        "parameters": _OBJECT,
+    },
+}
+INFER_RESPONSE_SCHEMA: dict[str, Any] = {  # the JSON answer (without the binary extension)
+    "type": "object",
+    "required": ["model_name", "outputs"],
+    "properties": {
+        "model_name": {"type": "string"},
+        "model_version": {"type": "string"},
+        "id": {"type": "string"},
+        "outputs": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name", "datatype", "shape"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "datatype": {"type": "string"},
+                    "shape": {"type": "array", "items": {"type": "integer"}},
+                    "data": {"type": "array", "items": {"type": "number"}},
+                    "parameters": _OBJECT,
+                },
+            },
+        },
+    },
 }
 
 
@@ -82,6 +151,8 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any],
         json_part, tail = body[:n], body[n:]
     try:
         header = json.loads(json_part)
+    except RecursionError:
+        raise ProtocolError("the request JSON is nested too deeply.") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(f"the request is not valid JSON ({exc}).") from None
     if not isinstance(header, dict):
@@ -117,20 +188,16 @@ def parse_infer(body: bytes, header_length: str | None, image_size: int) -> Infe
         )
     spec = inputs[0]
     name, datatype, shape = spec.get("name"), spec.get("datatype"), spec.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise ProtocolError(f"input '{name}' needs a shape of non-negative integers.")
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)
     params = spec.get("parameters") or {}
     binary_size = params.get("binary_data_size") if isinstance(params, dict) else None
-    outputs = header.get("outputs") or []
-    binary_output = any(
-        isinstance(o, dict) and (o.get("parameters") or {}).get("binary_data") is True
-        for o in outputs
-    )
+    binary_output = _binary_output(header)
     request_id = header.get("id") if isinstance(header.get("id"), str) else None
     raw = None
     if binary_size is not None:
-        if not isinstance(binary_size, int) or binary_size < 0 or binary_size > len(tail):
+        if not _is_int(binary_size) or binary_size < 0 or binary_size > len(tail):
             raise ProtocolError(f"input '{name}' binary_data_size does not fit the data sent.")
         raw = tail[:binary_size]
     if name == IMAGE_INPUT:
@@ -160,10 +227,14 @@ def parse_infer(body: bytes, header_length: str | None, image_size: int) -> Infe
             files = _unpack_bytes(raw, count)
         else:
             data = spec.get("data")
-            if not isinstance(data, list) or len(data) != count:
+            if (
+                not isinstance(data, list)
+                or len(data) != count
+                or not all(isinstance(d, str) for d in data)
+            ):
                 raise ProtocolError(f"input '{name}' needs {count} base64 strings in 'data'.")
             try:
-                files = [base64.b64decode(str(d), validate=True) for d in data]
+                files = [base64.b64decode(d, validate=True) for d in data]
             except (binascii.Error, ValueError):
                 raise ProtocolError(
                     f"input '{name}': in JSON, BYTES elements are base64 strings."
@@ -174,12 +245,40 @@ def parse_infer(body: bytes, header_length: str | None, image_size: int) -> Infe
     raise ProtocolError(f"unknown input '{name}'; use '{IMAGE_INPUT}' or '{BYTES_INPUT}'.")
 
 
+def _is_int(value: Any) -> bool:
+    """A JSON integer (not a bool, which Python counts as an int)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _binary_output(header: dict[str, Any]) -> bool:
+    """Whether the client asked for the output in the binary extension; names are checked."""
+    params = header.get("parameters")
+    everything = isinstance(params, dict) and params.get("binary_data_output") is True
+    outputs = header.get("outputs")
+    if outputs is None:
+        return everything
+    if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
+        raise ProtocolError("'outputs' must be a list of objects with a 'name'.")
+    binary = everything
+    for output in outputs:
+        if output.get("name") != OUTPUT:
+            raise ProtocolError(f"unknown output '{output.get('name')}'; the output is '{OUTPUT}'.")
+        out_params = output.get("parameters")
+        if out_params is not None and not isinstance(out_params, dict):
+            raise ProtocolError(f"output '{OUTPUT}' parameters must be an object.")
+        if out_params and "binary_data" in out_params:
+            binary = out_params["binary_data"] is True
+    return binary
+
+
 def _json_values(data: Any, count: int, name: str) -> np.ndarray:
     """A flat (or nested) JSON list of 0..255 integers as uint8."""
     try:
-        array = np.asarray(data, dtype=np.int64).reshape(-1)
-    except (TypeError, ValueError):
+        array = np.asarray(data).reshape(-1)
+    except (TypeError, ValueError, OverflowError, RecursionError):
         raise ProtocolError(f"input '{name}' data must be integers 0..255.") from None
+    if array.size and array.dtype.kind not in "iu":  # floats, strings, bools, huge ints
+        raise ProtocolError(f"input '{name}' data must be integers 0..255.")
     if array.size != count:
         raise ProtocolError(f"input '{name}' has {array.size} values, its shape needs {count}.")
     if array.size and (array.min() < 0 or array.max() > 255):

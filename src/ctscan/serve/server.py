@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ctscan.errors import CtscanError
+from ctscan.errors import CheckpointError, CtscanError
 from ctscan.inference.predictor import MLFLOW_SCHEMES, Predictor, open_predictor
 from ctscan.serve.app import Service, create_app
 from ctscan.serve.metrics import Metrics
@@ -61,9 +61,28 @@ def _agree(onnx: Predictor, torch_: Predictor) -> bool:
     return bool(np.abs(onnx.logits(images) - torch_.logits(images)).max() <= PARITY_ATOL)
 
 
+def _check_model_path(text: str) -> None:
+    """A MODEL path that is missing or a folder fails at once, before the heavy imports."""
+    if text.startswith(MLFLOW_SCHEMES):
+        return
+    path = Path(text)
+    if path.is_dir():
+        raise CheckpointError(
+            f"MODEL '{path}' is a folder, not a model file.",
+            "pass a checkpoint (best.pt), an ONNX file (.onnx) or an MLflow model URI.",
+        )
+    if not path.is_file():
+        raise CheckpointError(
+            f"MODEL '{path}' does not exist.",
+            "pass best.pt from a run folder (ctscan train), an ONNX file (ctscan export) or an "
+            "MLflow model URI (models:/ctscan-classifier@champion).",
+        )
+
+
 def open_models(model: str, settings: Any, backend: str) -> tuple[Predictor, Predictor | None]:
     """(the predictor that answers, a torch predictor for Grad-CAM or None)."""
     text = str(model)
+    _check_model_path(text)
     if text.startswith(MLFLOW_SCHEMES) or Path(text).suffix.lower() == ".onnx":
         predictor = open_predictor(text, settings=settings, backend=None)
         if backend != "auto" and backend != predictor.info.backend:
