@@ -4,25 +4,27 @@ The real data preprocessed at 64 px, cnn_gap trained 2 epochs on it, then 40 tes
 answered by: `ctscan serve --backend torch` (/predict and /v2/.../infer through tritonclient),
 `ctscan serve --backend onnx` (the checkpoint exported on start-up; the same two routes),
 `ctscan predict --json` and `ctscan evaluate --json` (its "predictions", computed from the
-store's preprocessed images). On one backend every answer agrees to 1e-5; ONNX Runtime agrees
-with PyTorch to 1e-4. `ctscan predict` and `ctscan evaluate` run while the servers start.
+store's preprocessed images; both commands run in this process through Typer's runner, which
+spares two interpreters that would import torch again). On one backend every answer agrees to
+1e-5; ONNX Runtime agrees with PyTorch to 1e-4.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from ctscan.cli import app
 from ctscan.data.preprocess import run_preprocess
 from ctscan.data.store import load_store
 from ctscan.engine.train import run_training
 from ctscan.settings import load_settings
-from tests.serve_helpers import clean_env, live_server, toml_str
+from tests.serve_helpers import live_server, toml_str
 from tests.unit.conftest_store import engine_overrides
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -58,21 +60,12 @@ def trained(real_raw_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     return {"root": root, "store": store, "runs": root / "runs", "checkpoint": root / "run/best.pt"}
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "ctscan", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=clean_env(),
-        cwd=cwd,
-    )
-
-
-def _finish(proc: subprocess.Popen[str]) -> str:
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
-    return out
+def _cli_json(*args: str) -> str:
+    """A ctscan command run in this process; its stdout (it must exit 0)."""
+    unset = {k: None for k in os.environ if k.startswith(("CTSCAN_", "MLFLOW_"))}
+    result = CliRunner(env=unset).invoke(app, list(args))
+    assert result.exit_code == 0, (result.output[-3000:], result.exception)
+    return result.stdout
 
 
 def _served(
@@ -128,13 +121,6 @@ def test_every_path_gives_the_same_probabilities(
         "--set",
         "tracking.enabled=false",
     ]
-    predict = _cli(
-        "predict", *map(str, files), "--model", str(checkpoint), "--json", *common, cwd=root
-    )
-    evaluate = _cli(
-        "evaluate", str(checkpoint), "--json", "--out", str(root / "eval"), *common, cwd=root
-    )
-
     torch_predict, torch_infer, backend = _served(
         checkpoint, trained["runs"], "torch", files, root / "serve-torch.log"
     )
@@ -144,12 +130,17 @@ def test_every_path_gives_the_same_probabilities(
     )
     assert backend == "onnx"
 
+    predicted = _cli_json(
+        "predict", *map(str, files), "--model", str(checkpoint), "--json", "--quiet", *common
+    )
     by_path = {}
-    for line in _finish(predict).splitlines():
+    for line in predicted.splitlines():
         row = json.loads(line)
         by_path[row["path"]] = [row["probabilities"][n] for n in names]
     cli_predict = np.array([by_path[str(f)] for f in files])
-    report = json.loads(_finish(evaluate))
+    report = json.loads(
+        _cli_json("evaluate", str(checkpoint), "--json", "--out", str(root / "eval"), *common)
+    )
     evaluated = {row["path"]: row for row in report["predictions"]}
     cli_evaluate = np.array(
         [[evaluated[rel]["probabilities"][n] for n in names] for rel in rel_paths]

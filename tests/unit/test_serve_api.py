@@ -269,7 +269,8 @@ def test_metrics_count_requests_latency_predictions_batches_and_the_model(
 
     assert delta("ctscan_requests_total", route="/predict", status="200") == 3
     assert delta("ctscan_requests_total", route="/predict", status="415") == 1
-    assert delta("ctscan_requests_total", route="/predict", status="413") == 1  # counted once
+    assert delta("ctscan_requests_total", route="/predict", status="413") == 1  # counted once,
+    assert delta("ctscan_requests_total", route="unmatched", status="413") == 0  # under its route
     assert delta("ctscan_request_latency_seconds_count", route="/predict") == 5
     assert sum(delta("ctscan_predictions_total", label=name) for name in CLASS_NAMES) == 3
     assert delta("ctscan_prediction_confidence_count") == 3

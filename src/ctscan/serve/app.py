@@ -367,7 +367,10 @@ def create_app(service: Service) -> FastAPI:
     async def metrics() -> Response:
         """Prometheus metrics: requests, latency, predictions, confidence, batches, drift."""
         if service.monitor is not None:
-            service.monitor.report()  # refreshes the drift gauges
+            try:
+                service.monitor.report()  # refreshes the drift gauges
+            except Exception:  # the other metrics stay scrapeable
+                log.exception("the drift report failed")
         body, content_type = service.metrics.render()
         return Response(body, media_type=content_type)
 
@@ -416,6 +419,13 @@ async def _decode(service: Service, upload: UploadFile) -> np.ndarray:
         return await run_in_threadpool(service.predictor.read, data, name=name)
     except DataError as exc:
         raise ApiError(422, exc.message, exc.fix) from None
+    except Exception as exc:  # a decoder tripping over hostile bytes: still the upload's fault
+        log.exception("decoding %s failed unexpectedly", name)
+        raise ApiError(
+            422,
+            f"{name} cannot be decoded ({type(exc).__name__}).",
+            "send the slice as PNG or JPEG.",
+        ) from None
 
 
 def _require_ready(service: Service) -> None:
@@ -441,9 +451,13 @@ async def _submit(service: Service, images: np.ndarray) -> np.ndarray:
 
 
 def _record(service: Service, image: np.ndarray, prediction: Prediction) -> None:
+    """Metrics and the drift window see every answered image; they never fail the answer."""
     service.metrics.observe_prediction(str(prediction.label), float(prediction.confidence or 0))
     if service.monitor is not None:
-        service.monitor.observe(image, prediction.confidence)
+        try:
+            service.monitor.observe(image, prediction.confidence)
+        except Exception:
+            log.exception("the drift monitor failed to record an image")
 
 
 def _grad_cam_png(

@@ -41,7 +41,8 @@ class BodyLimit:
     """ASGI middleware: refuse bodies above a limit per path prefix with 413, before reading them.
 
     A declared Content-Length above the limit is refused at once; a streamed body is counted and
-    cut off when it passes the limit.
+    cut off when it passes the limit. The metrics count the refusal under the route it was
+    meant for (app.py's timing middleware matches the path again).
     """
 
     def __init__(
@@ -50,12 +51,10 @@ class BodyLimit:
         *,
         default: int,
         larger: dict[str, int] | None = None,
-        on_reject: Callable[[str], None] | None = None,
     ) -> None:
         self.app = app
         self.default = default
         self.larger = larger or {}
-        self.on_reject = on_reject
 
     def limit(self, path: str) -> int:
         """The body limit for a request path."""
@@ -88,8 +87,6 @@ class BodyLimit:
         await self.app(scope, limited_receive, send)
 
     async def _reject(self, scope: dict, send: Callable, limit: int) -> None:
-        if self.on_reject is not None:
-            self.on_reject(scope["path"])
         body = json.dumps(
             {
                 "error": f"the request body is larger than {limit} bytes.",
