@@ -226,3 +226,18 @@ def make_raw_tree(tmp_path: Path) -> Callable[[str], Path]:
         return build_raw_tree(tmp_path / variant / "chest-ctscan-images", variant)
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _denormals_back_on() -> object:
+    """Undo `torch.set_flush_denormal(True)` (training sets it process-wide) after each test.
+
+    Flushed denormals make Hypothesis refuse to generate floats (it needs subnormals), so a
+    property test that runs after a training test in the same process would fail.
+    """
+    yield
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_flush_denormal(False)
