@@ -35,7 +35,7 @@ def trained(synthetic_store: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.fixture(scope="module")
-def test_pngs(synthetic_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def slice_pngs(synthetic_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The store's test split written as PNG files in class folders (nested, for recursion)."""
     folder = tmp_path_factory.mktemp("pngs")
     data = load_store(synthetic_store).split("test")
@@ -51,7 +51,7 @@ def _settings(store: Path, tmp_path: Path):
 
 
 def test_predictor_matches_evaluate_on_every_file(
-    trained: Path, test_pngs: Path, synthetic_store: Path, tmp_path: Path
+    trained: Path, slice_pngs: Path, synthetic_store: Path, tmp_path: Path
 ) -> None:
     settings = _settings(synthetic_store, tmp_path)
     predictor = open_predictor(trained, settings=settings)
@@ -62,10 +62,10 @@ def test_predictor_matches_evaluate_on_every_file(
         trained, store=store, split="test", rt=resolve_runtime(settings.train), out_dir=None
     )
     by_path = {row["path"]: row for row in report["predictions"]}
-    files = collect_inputs([test_pngs])
+    files = collect_inputs([slice_pngs])
     assert len(files) == len(by_path) == 16
     for prediction in predictor.predict_files(files):
-        row = by_path[str(Path(prediction.path).relative_to(test_pngs))]
+        row = by_path[str(Path(prediction.path).relative_to(slice_pngs))]
         assert prediction.label == row["label"]
         for name, p in row["probabilities"].items():
             assert abs(prediction.probabilities[name] - p) <= 1e-5
@@ -86,11 +86,11 @@ def _sets(store: Path, tmp_path: Path) -> list[str]:
 
 
 def test_cli_json_csv_and_a_broken_file(
-    trained: Path, test_pngs: Path, synthetic_store: Path, tmp_path: Path
+    trained: Path, slice_pngs: Path, synthetic_store: Path, tmp_path: Path
 ) -> None:
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    good = sorted(test_pngs.rglob("*.png"))[:3]
+    good = sorted(slice_pngs.rglob("*.png"))[:3]
     csv_path = tmp_path / "out" / "predictions.csv"
     proc = _cli(
         "predict",
@@ -125,10 +125,10 @@ def test_cli_json_csv_and_a_broken_file(
 
 
 def test_cli_table_for_a_folder(
-    trained: Path, test_pngs: Path, synthetic_store: Path, tmp_path
+    trained: Path, slice_pngs: Path, synthetic_store: Path, tmp_path
 ) -> None:
     proc = _cli(
-        "predict", str(test_pngs), "--model", str(trained), *_sets(synthetic_store, tmp_path)
+        "predict", str(slice_pngs), "--model", str(trained), *_sets(synthetic_store, tmp_path)
     )
     assert proc.returncode == 0, proc.stderr
     assert "cnn_gap" in proc.stdout and proc.stdout.count(".png") == 16
@@ -160,9 +160,9 @@ def test_bad_models_and_inputs_are_one_line_errors(
 
 
 def test_explain_writes_one_overlay_per_predicted_file(
-    trained: Path, test_pngs: Path, synthetic_store: Path, tmp_path: Path
+    trained: Path, slice_pngs: Path, synthetic_store: Path, tmp_path: Path
 ) -> None:
-    files = sorted(test_pngs.rglob("*.png"))[:3]
+    files = sorted(slice_pngs.rglob("*.png"))[:3]
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"junk")
     out = tmp_path / "cams"
