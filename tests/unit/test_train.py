@@ -284,3 +284,42 @@ def test_ddp_with_a_frozen_then_unfrozen_backbone(synthetic_store: Path, tmp_pat
     history = read_checkpoint(tmp_path / "run" / "last.pt").history
     assert [row["epoch"] for row in history] == [1, 2]
     assert all(math.isfinite(row["train_loss"]) for row in history)
+
+
+def test_quiet_progress_writes_each_line_in_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A signal between the text and its newline glued the stop message onto the epoch line."""
+    from ctscan.engine.progress import Progress
+
+    writes: list[str] = []
+
+    class Recorder:
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+        def isatty(self) -> bool:
+            return False
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    with Progress(enabled=True, quiet=True, epochs=2, steps=3) as progress:
+        progress.log("resumed from here")
+        progress.epoch_line(
+            {
+                "epoch": 1,
+                "train_loss": 0.5,
+                "train_accuracy": 0.9,
+                "val_loss": 0.1,
+                "val_accuracy": 1.0,
+                "val_macro_f1": 1.0,
+                "lr": 1e-3,
+                "train_images_per_s": 60.0,
+                "epoch_seconds": 3.0,
+            },
+            best=True,
+        )
+    assert len(writes) == 2
+    assert writes[0] == "resumed from here\n"
+    assert writes[1].startswith("epoch   1/2") and writes[1].endswith(" *\n")

@@ -77,5 +77,7 @@ class Progress:
             return
         if self._progress is not None:
             self._console.print(message, highlight=False, markup=False, soft_wrap=True)
-        else:
-            print(message, file=sys.stderr, flush=True)
+        else:  # one write, newline included: a signal between two writes would leave the
+            # line open and glue the one-line stop message onto it
+            sys.stderr.write(f"{message}\n")
+            sys.stderr.flush()
