@@ -238,6 +238,37 @@ def evaluate(
 
 
 @app.command()
+def calibrate(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file (.pt) written by train.")],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Write the calibrated checkpoint here (default: rewrite CHECKPOINT in place).",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The result as JSON on stdout.")] = False,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda.")] = None,
+    settings_files: SettingsFiles = None,
+    overrides: Overrides = None,
+) -> None:
+    """Fit a checkpoint's temperature on the validation split (never test) and store it in it."""
+    from ctscan.engine.calibration import run_calibrate
+    from ctscan.render import render_calibration
+
+    settings = _settings(settings_files, overrides, **{"train.device": device})
+    result = run_calibrate(settings, checkpoint, out=out).to_dict()
+    for warning in result["warnings"]:
+        _console().print(f"warning: {warning}", markup=False, highlight=False)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        _console(stderr=False).print(render_calibration(result))
+        typer.echo(result["checkpoint"])
+
+
+@app.command()
 def predict(
     paths: Annotated[
         list[Path],
@@ -442,6 +473,63 @@ def export(
     _console(stderr=False).print(render_parity(result))
     for path in result.paths:
         typer.echo(str(path))
+    if result.error is not None:
+        raise result.error
+
+
+@app.command()
+def sweep(
+    spec: Annotated[
+        Path,
+        typer.Argument(
+            help="Sweep spec (TOML): the settings to search, the metric, base settings "
+            "(docs/sweep.md); or its name in settings/sweeps/.",
+            show_default=False,
+        ),
+    ],
+    trials: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Finished trials the study should hold; a rerun continues up to it "
+            "(default: the spec's trials).",
+            show_default=False,
+        ),
+    ] = None,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Trials at once, each in its own worker process sharing the study "
+            "(default: 1, in this process).",
+            show_default=False,
+        ),
+    ] = 1,
+    name: Annotated[
+        str | None,
+        typer.Option(help="Study name (default: the spec file's name)."),
+    ] = None,
+    recipe: Annotated[
+        Path | None,
+        typer.Option(
+            "--recipe",
+            help="Where to write the best trial's settings "
+            "(default: paths.runs_dir/sweeps/NAME/best.toml).",
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The result as JSON on stdout.")] = False,
+) -> None:
+    """Search settings with Optuna (TPE, median pruning), one training per trial; write the best."""
+    from ctscan.ops.sweep import run_sweep
+    from ctscan.render import render_sweep
+
+    result = run_sweep(spec, trials=trials, jobs=jobs, name=name, recipe=recipe)
+    if as_json:
+        typer.echo(json.dumps(result.summary(), indent=2))
+    else:
+        _console().print(render_sweep(result.summary()))
+        if result.recipe is not None:
+            typer.echo(str(result.recipe))
     if result.error is not None:
         raise result.error
 

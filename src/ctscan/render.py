@@ -167,9 +167,59 @@ def render_report(result: dict[str, Any]) -> Any:
     for name, row in zip(names, result["confusion_matrix"], strict=True):
         cm.add_row(name, *(str(v) for v in row))
     parts: list[Any] = [summary, per_class, cm]
+    if result.get("calibration"):
+        parts.append(render_calibration_effect(result["calibration"], result["split"]))
     if result.get("outputs"):
         parts.append(f"report files: {result['outputs']}")
     return Group(*parts)
+
+
+def render_calibration_effect(calibration: dict[str, Any], split: str) -> Any:
+    """A Rich table: ECE and log-loss of the split before (T = 1) and after the temperature."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    note = "accuracy and F1 do not depend on T (the argmax is unchanged)"
+    if calibration.get("fitted_on_this_split"):
+        note = f"T was fitted on {split}: 'after' is optimistic here; judge it on test"
+    elif not calibration.get("fit_attempted"):
+        note = "`ctscan calibrate CHECKPOINT` fits T on the validation split"
+    table = Table(
+        title=f"calibration on {split}",
+        caption=f"{escape(str(calibration['text']))}; {note}",
+        title_justify="left",
+    )
+    table.add_column("metric")
+    table.add_column("before (T = 1)", justify="right")
+    table.add_column(f"after (T = {calibration['temperature']:.4g})", justify="right")
+    for key in ("ece", "log_loss"):
+        table.add_row(key, f"{calibration['before'][key]:.4f}", f"{calibration['after'][key]:.4f}")
+    return table
+
+
+def render_calibration(result: dict[str, Any]) -> Any:
+    """A Rich table for `ctscan calibrate`: the temperature and the validation metrics it moved."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    report = result["calibration"]
+    notes = [str(report["note"])] if report.get("note") else []
+    if result["previous_temperature"] != 1.0:
+        notes.append(f"the checkpoint held T = {result['previous_temperature']:.4g} before")
+    table = Table(
+        title=f"{report['split']}: {report['n']} images, {report['status']}",
+        caption=escape("; ".join(notes)) or None,
+        title_justify="left",
+    )
+    table.add_column("")
+    table.add_column("T = 1", justify="right")
+    table.add_column(f"T = {result['temperature']:.4g}", justify="right")
+    for key in ("ece", "log_loss"):  # log_loss is the NLL that T minimises
+        before, after = report.get(f"{key}_before"), report.get(f"{key}_after")
+        if before is None or after is None:
+            continue
+        table.add_row(key, f"{before:.4f}", f"{after:.4f}")
+    return table
 
 
 def render_predictions(predictions: Sequence[Any], predictor: Any) -> Any:
@@ -181,8 +231,9 @@ def render_predictions(predictions: Sequence[Any], predictor: Any) -> Any:
     info = predictor.info
     names = list(predictor.class_names)
     table = Table(
-        title=f"{info.name} ({info.format}, {info.backend}) sha256 {info.sha256[:12]}",
-        caption="probabilities per class; failed files give the reason",
+        title=f"{info.name} ({info.format}, {info.backend}) sha256 {info.sha256[:12]}, "
+        f"{escape(info.calibration)}",
+        caption="probabilities per class (softmax(logits / T)); failed files give the reason",
     )
     table.add_column("file", overflow="fold")
     table.add_column("label")
@@ -256,4 +307,44 @@ def render_profile(summary: dict[str, Any], rows: int = 10) -> Any:
             cells.append(f"{op['self_cuda_ms']:.2f}")
         cells.append(f"{op['cpu_memory_mb']:.1f}")
         table.add_row(*cells)
+    return table
+
+
+def render_sweep(summary: dict[str, Any]) -> Any:
+    """A Rich table of a sweep's trials: state, parameters, metric, epochs, seconds; best marked."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    metric, keys = summary["metric"], summary["param_keys"]
+    best = (summary.get("best") or {}).get("number")
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(summary["counts"].items()))
+    table = Table(
+        title=f"sweep {escape(summary['study'])}: {counts or 'no trials'} "
+        f"(wanted {summary['trials_wanted']} finished; {metric}, {summary['direction']})",
+        caption=escape(f"study {summary['optuna_storage']}; runs {summary['sweep_folder']}"),
+        title_justify="left",
+    )
+    table.add_column("#", justify="right")
+    table.add_column("state")
+    for key in keys:
+        table.add_column(escape(key), justify="right")
+    table.add_column(metric, justify="right")
+    table.add_column("epochs", justify="right")
+    table.add_column("seconds", justify="right")
+    table.add_column("note", overflow="fold")
+    for row in summary["trials"]:
+        params = [row["params"].get(key) for key in keys]
+        cells = [
+            str(row["number"]) + (" *" if row["number"] == best else ""),
+            row["state"].lower(),
+            *("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in params),
+            "" if row["value"] is None else f"{row['value']:.4f}",
+            str(row["epochs"]),
+            "" if row["seconds"] is None else f"{row['seconds']:.1f}",
+            escape(row["note"]),
+        ]
+        style = "bold green" if row["number"] == best else None
+        if row["state"] != "COMPLETE":
+            style = "dim"
+        table.add_row(*cells, style=style)
     return table

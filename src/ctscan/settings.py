@@ -172,6 +172,11 @@ class TrainSettings(Section):
     )
     quiet: bool = Field(False, description="plain log lines instead of the live progress bar")
     evaluate_test: bool = Field(True, description="evaluate the best checkpoint on test at the end")
+    calibrate: bool = Field(
+        True,
+        description="at the end, fit best.pt's temperature T on the validation split (never "
+        "test) so the probabilities shown are softmax(logits / T); false: T = 1, uncalibrated",
+    )
 
 
 class TrackingSettings(Section):

@@ -39,10 +39,12 @@ def test_help_lists_the_commands_that_exist() -> None:
         "audit",
         "train",
         "evaluate",
+        "calibrate",
         "predict",
         "export",
         "profile",
         "serve",
+        "sweep",
         "settings",
     }
 

@@ -213,9 +213,11 @@ def test_a_store_without_reference_says_none(synthetic_store: Path) -> None:
     assert load_store(synthetic_store).reference() is None
 
 
-def test_train_writes_the_best_models_confidence_on_train(
+def test_train_writes_the_best_models_calibrated_confidence_on_train(
     synthetic_store: Path, tmp_path: Path
 ) -> None:
+    # The confidence the server shows is softmax(logits / T) with best.pt's temperature: the
+    # reference is computed the same way (before calibration it was softmax(logits)).
     settings = engine_settings(synthetic_store, tmp_path / "runs", **{"train.epochs": 1})
     result = run_training(settings, out_dir=tmp_path / "run")
     assert result is not None
@@ -232,7 +234,8 @@ def test_train_writes_the_best_models_confidence_on_train(
         channels=best.channels,
         rt=resolve_runtime(settings.train),
     )
-    expected = probabilities(logits).max(axis=1)
+    expected = probabilities(logits / best.temperature).max(axis=1)
+    assert saved["temperature"] == best.temperature
     np.testing.assert_allclose(saved["confidence"], expected, rtol=1e-6)
     assert min(saved["confidence"]) >= 1 / 4 - 1e-9  # max of 4 probabilities
     assert load_confidence_reference(result.run_dir / CONFIDENCE_FILE) == pytest.approx(expected)

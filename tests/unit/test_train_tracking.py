@@ -60,6 +60,13 @@ def test_run_is_tracked_in_mlflow(
         spec["class_names"] == spec["preprocess"]["class_names"] and len(spec["class_names"]) == 4
     )
     assert spec["model_name"] == "cnn_gap" and spec["preprocess"]["image_size"] == 32
+    # best.pt's temperature travels with the registered model, which returns logits / T.
+    from ctscan.engine.checkpoint import read_checkpoint
+
+    best = read_checkpoint(result.best_path)
+    assert best.calibration is not None and best.calibration["split"] == "valid"
+    assert spec["temperature"] == best.temperature
+    assert run.data.metrics["temperature"] == pytest.approx(best.temperature)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{mlflow_runs_dir / 'mlflow.db'}")
     model = mlflow.pytorch.load_model(f"runs:/{result.run_id}/model")
     batch = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8)

@@ -14,8 +14,9 @@ Each image is described by FEATURES, computed on the (S, S) uint8 gray image the
 `preprocess` stores a sample of these values (not only their mean and std: a two-sample test
 needs the samples) as `reference.json` in the processed store (REFERENCE_FILE; read it with
 `Store.reference()` or `load_reference`). `train` writes the best model's confidence on the
-train images as `reference_confidence.json` in the run folder (CONFIDENCE_FILE). The server's
-`DriftMonitor` (serve/monitoring.py) compares recent requests with both.
+train images as `reference_confidence.json` in the run folder (CONFIDENCE_FILE): its calibrated
+max-softmax, softmax(logits / T), with the T it used (`ctscan calibrate` rewrites it for a new
+T). The server's `DriftMonitor` (serve/monitoring.py) compares recent requests with both.
 
 reference.json: {"format": 1, "features": [names], "samples": {name: [float, ...]}, "n": number
 of sampled images, "n_images": images in the split, "split": "train", "image_size": S, "seed",
@@ -203,10 +204,16 @@ def load_reference(path: Path | str) -> dict[str, Any]:
     return check_reference(reference, source=f"the drift reference '{path}'")
 
 
-def confidence_reference(confidence: Sequence[float] | np.ndarray) -> dict[str, Any]:
-    """The content of reference_confidence.json: the model's max-softmax per train image."""
+def confidence_reference(
+    confidence: Sequence[float] | np.ndarray, *, temperature: float = 1.0
+) -> dict[str, Any]:
+    """The content of reference_confidence.json: the model's max-softmax per train image.
+
+    `temperature` is the T the probabilities were computed with (softmax(logits / T)): the
+    server uses the reference only for a model that shows probabilities with the same T.
+    """
     values = [float(v) for v in np.asarray(confidence, dtype=np.float64).reshape(-1)]
-    return {"confidence": values, "n": len(values), "split": "train"}
+    return {"confidence": values, "n": len(values), "split": "train", "temperature": temperature}
 
 
 def load_confidence_reference(path: Path | str) -> list[float]:

@@ -15,11 +15,20 @@ Both files are one dict written by `torch.save` from plain data and tensors (loa
     epoch, history, best_epoch, best_value, select_metric
     settings        the resolved settings the run used (JSON-ready dict)
     data_hash, git_commit, ctscan_version, torch_version, mlflow_run_id
+    temperature     T > 0: the probabilities shown are softmax(logits / T) (engine/calibration.py);
+                    fitted on the validation split at the end of training (best.pt, when
+                    train.calibrate is on) or by `ctscan calibrate`. Absent (files written
+                    before calibration existed) or 1.0: uncalibrated.
+    calibration     the fit's report (split, n, status, NLL / ECE / log-loss before and after),
+                    or None when T was never fitted
     training        last.pt only: {model_state (the raw trained weights), ema_state, optimizer,
                     scheduler, scaler, rng (one per rank)}; None in best.pt, which cannot resume.
 
 Format-1 files (ctscan before this schema: last.pt kept the raw weights in `model_state`) are
-read and upgraded in memory. Everything downstream reads a checkpoint through `read_checkpoint`
+read and upgraded in memory. `temperature` and `calibration` are optional keys of format 2 (a
+file without them reads as T = 1, uncalibrated), so adding them needed no new format: an older
+ctscan reading a calibrated file ignores them and shows uncalibrated probabilities. Everything
+downstream reads a checkpoint through `read_checkpoint`
 and gets a model through `load_model`: one schema, one model-loading path.
 """
 
@@ -37,6 +46,7 @@ from torch import nn
 
 import ctscan
 from ctscan.data.transforms import PreprocessSpec
+from ctscan.engine.calibration import check_temperature, describe
 from ctscan.engine.modelling import (
     Deployable,
     build_model,
@@ -102,6 +112,8 @@ class Checkpoint:
     ctscan_version: str = ctscan.__version__
     torch_version: str = str(torch.__version__)
     mlflow_run_id: str | None = None
+    temperature: float = 1.0  # softmax(logits / temperature); 1.0: uncalibrated
+    calibration: dict[str, Any] | None = None  # the fit's report; None: never fitted
     training: dict[str, Any] | None = None
     source: Path | None = None  # where it was read from (not saved)
 
@@ -114,6 +126,11 @@ class Checkpoint:
     def channels(self) -> int:
         """Input channels of the model (the gray image is repeated when 3)."""
         return model_channels(self.model_name)
+
+    @property
+    def calibration_text(self) -> str:
+        """'T = 1.31 (valid, 72 images)' or 'uncalibrated': where the temperature is shown."""
+        return describe(self.temperature, self.calibration)
 
     @property
     def resumable(self) -> bool:
@@ -140,6 +157,8 @@ class Checkpoint:
             "ctscan_version": self.ctscan_version,
             "torch_version": self.torch_version,
             "mlflow_run_id": self.mlflow_run_id,
+            "temperature": float(self.temperature),
+            "calibration": self.calibration,
             "training": self.training,
         }
 
@@ -195,9 +214,21 @@ class Checkpoint:
             ctscan_version=str(payload.get("ctscan_version") or "unknown"),
             torch_version=str(payload.get("torch_version") or "unknown"),
             mlflow_run_id=payload.get("mlflow_run_id"),
+            temperature=check_temperature(payload.get("temperature", 1.0), source),
+            calibration=_calibration(payload.get("calibration"), source),
             training=training,
             source=source,
         )
+
+
+def _calibration(value: Any, source: Path) -> dict[str, Any] | None:
+    """The calibration report: a dict or None, else a CheckpointError."""
+    if value is None or isinstance(value, dict):
+        return value
+    raise CheckpointError(
+        f"checkpoint '{source}' has a broken calibration entry ({type(value).__name__}).",
+        "calibrate it again with `ctscan calibrate CHECKPOINT`, or retrain.",
+    )
 
 
 def _upgrade_v1(payload: dict[str, Any]) -> dict[str, Any]:
@@ -275,7 +306,7 @@ def build_network(checkpoint: Checkpoint) -> nn.Module:
 class LoadedModel:
     """A model ready for inference, with what it needs to be fed and read."""
 
-    model: nn.Module  # in eval mode, on `device`; takes model_input's float batch
+    model: nn.Module  # eval mode, on `device`: model_input's batch -> raw logits (not / T)
     checkpoint: Checkpoint
 
     @property
@@ -288,9 +319,14 @@ class LoadedModel:
         """Input channels of the model."""
         return self.checkpoint.channels
 
+    @property
+    def temperature(self) -> float:
+        """The checkpoint's temperature: probabilities are softmax(logits / temperature)."""
+        return self.checkpoint.temperature
+
     def deployable(self) -> Deployable:
-        """The same weights behind a uint8-in, logits-out module (MLflow model, exports)."""
-        return Deployable(self.model, self.spec, self.channels).eval()
+        """The same weights behind a uint8-in, calibrated-logits-out module (MLflow, exports)."""
+        return Deployable(self.model, self.spec, self.channels, self.temperature).eval()
 
 
 def load_model(

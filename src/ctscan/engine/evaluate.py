@@ -1,4 +1,9 @@
-"""Evaluate a checkpoint on a split of the processed store: metrics, plots, the leak-free subset."""
+"""Evaluate a checkpoint on a split of the processed store: metrics, plots, the leak-free subset.
+
+The probabilities scored are the ones every consumer shows: softmax(logits / T) with the
+checkpoint's temperature (engine/calibration.py). `calibration` in the result gives the ECE and
+log-loss of the same split before (T = 1) and after; accuracy and F1 do not depend on T.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import torch
 
 from ctscan.data.store import Store, open_store
 from ctscan.data.transforms import model_input
+from ctscan.engine.calibration import FIT_SPLIT, apply_temperature
 from ctscan.engine.checkpoint import Checkpoint, load_model, read_checkpoint
 from ctscan.engine.metrics import classification_report, worst_errors
 from ctscan.engine.runtime import Runtime, resolve_runtime
@@ -63,6 +69,38 @@ def probabilities(logits: torch.Tensor | np.ndarray) -> np.ndarray:
     return torch.softmax(torch.as_tensor(logits), dim=1).cpu().numpy().astype(np.float64)
 
 
+def require_same_spec(checkpoint: Checkpoint, store: Store) -> None:
+    """The store holds images preprocessed as the checkpoint expects, else a CheckpointError."""
+    if checkpoint.spec != store.spec:
+        raise CheckpointError(
+            f"checkpoint '{checkpoint.source}' expects images preprocessed as "
+            f"{checkpoint.spec.to_dict()}, but the store at {store.path} holds "
+            f"{store.spec.to_dict()}.",
+            "run `ctscan preprocess` with the checkpoint's data settings "
+            "(see settings.toml in its run folder) and evaluate again.",
+        )
+
+
+def calibration_summary(
+    checkpoint: Checkpoint, y_true: np.ndarray, logits: torch.Tensor, names: list[str], split: str
+) -> dict[str, Any]:
+    """ECE and log-loss of `split` before (T = 1) and after the checkpoint's temperature."""
+    before = classification_report(y_true, probabilities(logits), names)
+    after = classification_report(
+        y_true, probabilities(apply_temperature(logits, checkpoint.temperature)), names
+    )
+    fitted_on = (checkpoint.calibration or {}).get("split", FIT_SPLIT)
+    return {
+        "temperature": checkpoint.temperature,
+        "text": checkpoint.calibration_text,
+        "calibrated": checkpoint.temperature != 1.0,
+        "fit_attempted": checkpoint.calibration is not None,  # (T may have stayed 1)
+        "fitted_on_this_split": checkpoint.calibration is not None and fitted_on == split,
+        "before": {"ece": before["ece"], "log_loss": before["log_loss"]},
+        "after": {"ece": after["ece"], "log_loss": after["log_loss"]},
+    }
+
+
 def evaluate_checkpoint(
     checkpoint: Checkpoint | Path,
     *,
@@ -78,14 +116,8 @@ def evaluate_checkpoint(
         )
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = read_checkpoint(checkpoint)
+    require_same_spec(checkpoint, store)
     spec = store.spec
-    if checkpoint.spec != spec:
-        raise CheckpointError(
-            f"checkpoint '{checkpoint.source}' expects images preprocessed as "
-            f"{checkpoint.spec.to_dict()}, but the store at {store.path} holds {spec.to_dict()}.",
-            "run `ctscan preprocess` with the checkpoint's data settings "
-            "(see settings.toml in its run folder) and evaluate again.",
-        )
     loaded = load_model(checkpoint, device=rt.device, channels_last=rt.channels_last)
     data = store.split(split)
     logits = predict(
@@ -96,7 +128,7 @@ def evaluate_checkpoint(
         channels=loaded.channels,
         rt=rt,
     )
-    probs = probabilities(logits)
+    probs = probabilities(apply_temperature(logits, checkpoint.temperature))  # what users see
     y_true = data.labels.cpu().numpy()
     names = list(spec.class_names)
     report = classification_report(y_true, probs, names)
@@ -111,6 +143,8 @@ def evaluate_checkpoint(
         "epoch": checkpoint.epoch,
         "data_hash": checkpoint.data_hash,
         "git_commit": checkpoint.git_commit,
+        "temperature": checkpoint.temperature,
+        "calibration": calibration_summary(checkpoint, y_true, logits, names, split),
         "leak_free": leak_free,
         "leak_free_excluded": int((~mask).sum()),
         "predictions": [
@@ -192,8 +226,20 @@ def run_evaluation(
             tracker.log_metrics(
                 {
                     f"{split}_{k}": float(result[k])
-                    for k in ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "ece")
+                    for k in (
+                        "accuracy",
+                        "balanced_accuracy",
+                        "macro_f1",
+                        "weighted_f1",
+                        "ece",
+                        "log_loss",
+                    )
                     if result.get(k) is not None
+                }
+                | {
+                    f"{split}_ece_uncalibrated": result["calibration"]["before"]["ece"],
+                    f"{split}_log_loss_uncalibrated": result["calibration"]["before"]["log_loss"],
+                    "temperature": result["temperature"],
                 },
                 step=0,
             )

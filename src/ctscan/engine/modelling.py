@@ -102,19 +102,29 @@ def freeze_backbone(model: nn.Module, frozen: bool) -> None:
 class Deployable(nn.Module):
     """A classifier that takes what a runtime has after decode + resize: uint8 gray images.
 
-    forward: (B, 1, S, S) uint8 -> (B, C) float32 logits. Normalisation (the spec's mean/std)
-    and the channel repeat run inside, through `model_input`, so the MLflow model and the
-    exported files need nothing from ctscan but the decode and resize.
+    forward: (B, 1, S, S) uint8 -> (B, C) float32 calibrated logits, the network's logits
+    divided by `temperature` (engine/calibration.py; 1.0 leaves them as they are), so softmax of
+    the output gives the calibrated probabilities and the argmax is the network's. Normalisation
+    (the spec's mean/std) and the channel repeat run inside, through `model_input`, so the
+    MLflow model and the exported files need nothing from ctscan but the decode and resize.
     """
 
-    def __init__(self, net: nn.Module, spec: PreprocessSpec, channels: int) -> None:
+    def __init__(
+        self, net: nn.Module, spec: PreprocessSpec, channels: int, temperature: float = 1.0
+    ) -> None:
         super().__init__()
+        if not temperature > 0.0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
         self.net = net
         self.mean, self.std, self.channels = float(spec.mean), float(spec.std), int(channels)
+        self.temperature = float(temperature)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = model_input(images, mean=self.mean, std=self.std, channels=self.channels)
-        return self.net(x).float()
+        logits = self.net(x).float()
+        # getattr: a Deployable pickled by a ctscan from before calibration has no temperature
+        temperature = getattr(self, "temperature", 1.0)
+        return logits if temperature == 1.0 else logits / temperature
 
 
 def check_model_name(name: str, source: Path | str) -> str:

@@ -50,6 +50,7 @@ TAG_SELECT_VALUE = "ctscan.select_value"
 TAG_HIGHER_IS_BETTER = "ctscan.higher_is_better"
 TAG_RUN_ID = "ctscan.run_id"
 TAG_RESUMED_FROM = "ctscan.resumed_from_run_id"
+TAG_PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's own: the UI nests a run under its parent
 TAG_CLASS_NAMES = "ctscan.class_names"
 TAG_MODEL_NAME = "ctscan.model_name"
 TAG_CTSCAN_VERSION = "ctscan.ctscan_version"
@@ -489,6 +490,7 @@ class MlflowTracker(Tracker):
         runs_dir: Path,
         run_name: str | None = None,
         resume_run_id: str | None = None,
+        detached: bool = False,
     ) -> None:
         uri, source = _resolve_uri(tracking, runs_dir)
         _prepare_local_store(uri, source, runs_dir)
@@ -509,7 +511,9 @@ class MlflowTracker(Tracker):
         try:
             with self._errors("open the experiment"), _quiet():
                 self.client = mlflow.MlflowClient(tracking_uri=uri)
-                run = self._start_run(tracking.experiment, runs_dir, run_name, resume_run_id)
+                run = self._start_run(
+                    tracking.experiment, runs_dir, run_name, resume_run_id, detached
+                )
         except BaseException:
             self._restore_uri()
             raise
@@ -517,15 +521,29 @@ class MlflowTracker(Tracker):
         self.run_id = run.info.run_id
 
     def _start_run(
-        self, experiment: str, runs_dir: Path, run_name: str | None, resume_run_id: str | None
+        self,
+        experiment: str,
+        runs_dir: Path,
+        run_name: str | None,
+        resume_run_id: str | None,
+        detached: bool = False,
     ) -> Any:
-        """Reopen the run `resume_run_id` when this store has it, else start a new one."""
+        """Reopen the run `resume_run_id` when this store has it, else start a new one.
+
+        A detached run is written through the client only: it is not MLflow's active run in
+        this process, so other runs (a sweep's trials) can start and end beside it.
+        """
         import mlflow
 
         if resume_run_id and self._resumable(resume_run_id):
+            if detached:
+                self.client.update_run(resume_run_id, status="RUNNING")
+                return self.client.get_run(resume_run_id)
             return mlflow.start_run(run_id=resume_run_id)  # status back to RUNNING
         tags = {TAG_RESUMED_FROM: resume_run_id} if resume_run_id else None
         experiment_id = self._experiment_id(experiment, runs_dir)
+        if detached:
+            return self.client.create_run(experiment_id, run_name=run_name, tags=tags)
         return mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
 
     def _resumable(self, run_id: str) -> bool:
@@ -805,17 +823,24 @@ def open_tracker(
     runs_dir: Path,
     run_name: str | None = None,
     resume_run_id: str | None = None,
+    detached: bool = False,
 ) -> Tracker:
     """A started MLflow run when tracking is enabled, else a no-op Tracker.
 
     With `resume_run_id` naming a run of this store, that run is reopened (same id, status
     RUNNING again) so later metrics continue its history; a run this store does not have gives
-    a new run tagged `ctscan.resumed_from_run_id` and a warning.
+    a new run tagged `ctscan.resumed_from_run_id` and a warning. A `detached` run is not made
+    MLflow's active run in this process: a sweep's parent run stays open while its trials,
+    nested under it by the TAG_PARENT_RUN_ID tag, start and end as active runs.
     """
     if not tracking.enabled:
         return Tracker()
     return MlflowTracker(
-        tracking, runs_dir=Path(runs_dir), run_name=run_name, resume_run_id=resume_run_id
+        tracking,
+        runs_dir=Path(runs_dir),
+        run_name=run_name,
+        resume_run_id=resume_run_id,
+        detached=detached,
     )
 
 

@@ -77,6 +77,7 @@ RESUME_MAY_CHANGE = (
     "train.quiet",
     "train.threads",
     "train.evaluate_test",
+    "train.calibrate",
     "train.checkpoint_every",
     "train.early_stop_patience",
     "train.device",
@@ -102,6 +103,7 @@ class TrainResult:
     run_id: str | None = None
     model_version: dict[str, Any] | None = None
     stopped_early: bool = False
+    calibration: dict[str, Any] | None = None  # the temperature fit on valid (best.pt)
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready digest for the CLI."""
@@ -118,8 +120,16 @@ class TrainResult:
         }
         if self.model_version:
             out["registered_model"] = self.model_version
+        if self.calibration is not None:
+            out["temperature"] = self.calibration["temperature"]
+            out["calibration"] = self.calibration["status"]
         if self.test is not None:
-            out["test"] = {k: self.test[k] for k in ("accuracy", "macro_f1", "n") if k in self.test}
+            keys = ("accuracy", "macro_f1", "ece", "log_loss", "n")
+            out["test"] = {k: self.test[k] for k in keys if k in self.test}
+            if "calibration" in self.test:
+                before = self.test["calibration"]["before"]
+                out["test"]["ece_uncalibrated"] = before["ece"]
+                out["test"]["log_loss_uncalibrated"] = before["log_loss"]
             leak_free = self.test.get("leak_free")
             if leak_free:
                 out["test"]["leak_free"] = {
@@ -607,8 +617,25 @@ def _open_run_dir(plan: RunPlan) -> None:
 # ---- the run ----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class RunHooks:
+    """What a caller (`ctscan sweep`) adds to a run: tags on its MLflow run, a say per epoch.
+
+    `on_epoch(row)` gets each epoch's metrics row (`epoch`, train_*, val_*) on every rank and
+    returns None to go on, or a reason to stop after that epoch (under torchrun every rank must
+    answer alike). A stopped run ends as an early stop does: last.pt, then `_finish`.
+    """
+
+    tags: dict[str, str] = field(default_factory=dict)
+    on_epoch: Callable[[dict[str, Any]], str | None] | None = None
+
+
 def run_training(
-    settings: Settings, *, out_dir: Path | None = None, resume: str | None = None
+    settings: Settings,
+    *,
+    out_dir: Path | None = None,
+    resume: str | None = None,
+    hooks: RunHooks | None = None,
 ) -> TrainResult | None:
     """Train as the settings say; returns the result on rank 0 and None on other ranks.
 
@@ -619,14 +646,14 @@ def run_training(
     init_distributed(rt)
     previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
-        return _train(settings, rt, out_dir, resume)
+        return _train(settings, rt, out_dir, resume, hooks or RunHooks())
     finally:
         signal.signal(signal.SIGTERM, previous)
         shutdown_distributed()
 
 
 def _train(
-    settings: Settings, rt: Runtime, out_dir: Path | None, resume: str | None
+    settings: Settings, rt: Runtime, out_dir: Path | None, resume: str | None, hooks: RunHooks
 ) -> TrainResult | None:
     t_start = time.perf_counter()
     tr = settings.train
@@ -666,7 +693,7 @@ def _train(
                 f"DDP: {rt.world_size} processes x batch {tr.batch_size} = global batch "
                 f"{rt.world_size * tr.batch_size}; train.lr {tr.lr:g} is used as set (not scaled)"
             )
-        return _run_epochs(settings, loop, state, store, plan, tensors, t_start)
+        return _run_epochs(settings, loop, state, store, plan, tensors, t_start, hooks)
 
 
 def _run_epochs(
@@ -677,6 +704,7 @@ def _run_epochs(
     plan: RunPlan,
     tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     t_start: float,
+    hooks: RunHooks,
 ) -> TrainResult | None:
     """The epochs, tracked: train, validate, checkpoint, early stop; then `_finish` on rank 0."""
     from ctscan.engine.tracking import Tracker, open_tracker
@@ -705,6 +733,8 @@ def _run_epochs(
         ):
             if rt.is_main:
                 _log_run_start(settings, loop.rt, plan, store, tracker, meta)
+                if hooks.tags:
+                    tracker.set_tags(hooks.tags)
                 for note in plan.notes:
                     progress.log(note)
             for epoch in range(state.epoch + 1, tr.epochs + 1):
@@ -721,14 +751,19 @@ def _run_epochs(
                 if improved:
                     state.best_value, state.best_epoch = row[tr.select_metric], epoch
                 patience = tr.early_stop_patience
-                stop = bool(patience) and epoch - state.best_epoch >= patience
-                save_last = stop or epoch % tr.checkpoint_every == 0 or epoch == tr.epochs
+                stop = None  # why the run ends after this epoch, if it does
+                if patience and epoch - state.best_epoch >= patience:
+                    stop = f"early stop: no {tr.select_metric} gain for {patience} epochs"
+                if hooks.on_epoch is not None:  # the caller's say: a sweep's pruner
+                    stop = hooks.on_epoch(dict(row)) or stop
+                save_last = bool(stop) or epoch % tr.checkpoint_every == 0 or epoch == tr.epochs
                 save_checkpoints(state, loop, plan.run_dir, meta, best=improved, last=save_last)
                 tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
                 progress.epoch_line(row, improved)
                 if stop:
                     stopped_early = True
-                    progress.log(f"early stop: no {tr.select_metric} gain for {patience} epochs")
+                    progress.log(stop)
+                    tracker.set_tags({"stop_reason": stop})
                     break
             if not rt.is_main:
                 return None
@@ -843,11 +878,20 @@ def _finish(
     tracker: Any,
     progress: Progress,
 ) -> TrainResult:
-    """Curves, test evaluation of the best checkpoint, model logging: rank 0 only."""
+    """Curves, calibration, test evaluation of the best checkpoint, model logging: rank 0 only."""
     from ctscan.engine.plots import plot_curves
 
     best_path, last_path = run_dir / "best.pt", run_dir / "last.pt"
     tracker.log_artifact(plot_curves(state.history, run_dir / "curves.png"))
+    calibration = None
+    if settings.train.calibrate:  # before anything reads best.pt's probabilities
+        calibration = calibrate_best(best_path, store, loop.rt, tracker, progress)
+        moved = ("ece_before", "ece_after", "log_loss_before", "log_loss_after")
+        tracker.log_metrics(
+            {"temperature": calibration["temperature"]}
+            | {f"val_{k}": calibration[k] for k in moved if k in calibration},
+            step=len(state.history),
+        )
     test = None
     if settings.train.evaluate_test:
         test = evaluate_checkpoint(
@@ -867,18 +911,15 @@ def _finish(
         )
         for path in sorted((run_dir / "eval-test").iterdir()):
             tracker.log_artifact(path, artifact_path="eval-test")
-    # The best model's confidence (max softmax) on train: serve's drift reference.
+    # The best model's calibrated confidence (max softmax of logits / T) on train: serve's drift
+    # reference, the same probabilities the server shows.
     import json
 
-    from ctscan.data.reference import CONFIDENCE_FILE, confidence_reference
-    from ctscan.engine.evaluate import probabilities
+    from ctscan.data.reference import CONFIDENCE_FILE
+    from ctscan.engine.calibration import train_confidence
 
-    best = load_model(best_path, device=loop.rt.device, channels_last=loop.rt.channels_last)
-    spec, train_images = best.spec, store.split("train").images
-    logits = predict(
-        best.model, train_images, mean=spec.mean, std=spec.std, channels=best.channels, rt=loop.rt
-    )
-    body = json.dumps(confidence_reference(probabilities(logits).max(axis=1))).encode()
+    reference = train_confidence(read_checkpoint(best_path), store, loop.rt)
+    body = json.dumps(reference).encode()
     tracker.log_artifact(atomic_write(run_dir / CONFIDENCE_FILE, lambda fh: fh.write(body)))
     best_value = float(state.best_value) if state.best_value is not None else float("nan")
     model_version = None
@@ -895,7 +936,31 @@ def _finish(
         test=test,
         run_id=tracker.run_id,
         model_version=model_version,
+        calibration=calibration,
     )
+
+
+def calibrate_best(
+    best_path: Path, store: Store, rt: Runtime, tracker: Any, progress: Progress
+) -> dict[str, Any]:
+    """Fit best.pt's temperature on the validation split and write it into best.pt."""
+    from ctscan.engine.calibration import fit_checkpoint
+
+    best = read_checkpoint(best_path)
+    calibrated, report = fit_checkpoint(best, store, rt)
+    if (calibrated.temperature, calibrated.calibration) != (best.temperature, best.calibration):
+        save_checkpoint(best_path, calibrated)  # a resumed run's unbeaten best.pt stays as it was
+    line = f"calibration: {calibrated.calibration_text}"
+    if "ece_before" in report:
+        line += (
+            f"; valid ECE {report['ece_before']:.4f} -> {report['ece_after']:.4f}, "
+            f"log-loss {report['log_loss_before']:.4f} -> {report['log_loss_after']:.4f}"
+        )
+    progress.log(line)
+    if report.get("note"):
+        progress.log(f"calibration note: {report['note']}")
+    tracker.set_tags({"calibration": calibrated.calibration_text})
+    return report
 
 
 def log_best_model(
@@ -916,6 +981,8 @@ def log_best_model(
         "ctscan_version": ctscan.__version__,
         "checkpoint_sha256": file_sha256(best_path),
         "epoch": loaded.checkpoint.epoch,
+        "temperature": loaded.temperature,  # inside the model: it returns logits / temperature
+        "calibration": loaded.checkpoint.calibration,
         settings.train.select_metric: best_value,
     }
     return tracker.log_model(

@@ -6,10 +6,13 @@
 
 The preprocessing spec and the class names come from the artifact itself (the checkpoint's
 payload, the ONNX file's `ctscan` metadata, the MLflow model's metadata), never from the
-settings. Files are read through `read_image`: DICOM through inference/dicom.py, everything
-else through `data.transforms.prepare` (the decode -> gray -> resize of preprocess). The torch
-backend gets its logits from `engine.evaluate.predict`, the function `ctscan evaluate` uses,
-after `transforms.model_input`; exported and MLflow models do that normalisation inside.
+settings; so does the temperature T (engine/calibration.py): `logits` are the calibrated
+logits, the network's divided by T (a checkpoint's T applied here; exported and MLflow models
+hold it inside), and `probabilities` is their softmax. Files are read through `read_image`:
+DICOM through inference/dicom.py, everything else through `data.transforms.prepare` (the
+decode -> gray -> resize of preprocess). The torch backend gets its logits from
+`engine.evaluate.predict`, the function `ctscan evaluate` uses, after `transforms.model_input`;
+exported and MLflow models do that normalisation inside.
 """
 
 from __future__ import annotations
@@ -47,8 +50,10 @@ class ModelInfo:
     version: str  # the MLflow model version, or the ctscan version that wrote the file
     sha256: str  # of the checkpoint the weights come from (an export names its checkpoint)
     format: str  # checkpoint | onnx | onnx-int8 | mlflow
+    temperature: float = 1.0  # probabilities = softmax(network logits / T); 1.0: uncalibrated
+    calibration: str = "uncalibrated"  # what T is, in words ('T = 1.31 (valid, 72 images)')
 
-    def to_dict(self) -> dict[str, str]:
+    def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
         return asdict(self)
 
@@ -154,7 +159,7 @@ class Predictor:
         return self.spec.class_names
 
     def logits(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (B, 1, S, S) -> float32 logits (B, C)."""
+        """uint8 (B, 1, S, S) -> float32 calibrated logits (B, C): the network's / T."""
         size = self.spec.image_size
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (1, size, size):
             raise DataError(
@@ -168,7 +173,7 @@ class Predictor:
         return np.asarray(out, dtype=np.float32)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (B, 1, S, S) -> class probabilities (B, C), float64."""
+        """uint8 (B, 1, S, S) -> calibrated class probabilities (B, C), float64."""
         from ctscan.engine.evaluate import probabilities
 
         return probabilities(self.logits(images))
@@ -274,20 +279,21 @@ def _open_checkpoint(path: Path, settings: Any, backend: str | None) -> Predicto
         )
     import torch
 
+    from ctscan.engine.calibration import apply_temperature
     from ctscan.engine.checkpoint import file_sha256, load_model
     from ctscan.engine.evaluate import predict
     from ctscan.engine.runtime import resolve_runtime
 
     rt = resolve_runtime(settings.train)  # as `ctscan evaluate` runs: same device and precision
     loaded = load_model(path, device=rt.device, channels_last=rt.channels_last)
-    spec = loaded.spec
+    spec, temperature = loaded.spec, loaded.temperature
 
     def logits_fn(images: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(images)
         out = predict(
             loaded.model, x, mean=spec.mean, std=spec.std, channels=loaded.channels, rt=rt
         )
-        return out.cpu().numpy()
+        return apply_temperature(out, temperature).cpu().numpy()  # as Deployable divides
 
     info = ModelInfo(
         name=loaded.checkpoint.model_name,
@@ -296,6 +302,8 @@ def _open_checkpoint(path: Path, settings: Any, backend: str | None) -> Predicto
         version=loaded.checkpoint.ctscan_version,
         sha256=file_sha256(path),
         format="checkpoint",
+        temperature=temperature,
+        calibration=loaded.checkpoint.calibration_text,
     )
     return Predictor(
         spec=spec, info=info, logits_fn=logits_fn, torch_model=(loaded.model, loaded.channels)
@@ -313,6 +321,7 @@ def _onnx_metadata(session: Any, path: Path) -> dict[str, Any]:
     try:
         meta = json.loads(props[ONNX_METADATA_KEY])
         PreprocessSpec.from_dict(meta["preprocess"])
+        _temperature(meta, path)
     except (ValueError, KeyError, TypeError, DataError) as exc:
         raise CheckpointError(
             f"'{path}' has broken ctscan metadata ({exc}).", "export it again with ctscan export."
@@ -373,8 +382,26 @@ def _open_onnx(path: Path, settings: Any, backend: str | None) -> Predictor:
         version=str(meta.get("ctscan_version", "unknown")),
         sha256=str(meta.get("checkpoint_sha256") or file_sha256(path)),
         format=str(meta.get("format", "onnx")),
+        **_calibration_info(meta, path),
     )
     return Predictor(spec=spec, info=info, logits_fn=logits_fn)
+
+
+def _temperature(meta: dict[str, Any], source: Path | str) -> float:
+    """The temperature an exported or logged model holds (files from before: 1.0)."""
+    from ctscan.engine.calibration import check_temperature
+
+    return check_temperature(meta.get("temperature", 1.0), source)
+
+
+def _calibration_info(meta: dict[str, Any], source: Path | str) -> dict[str, Any]:
+    """ModelInfo's temperature and calibration text from a model file's ctscan metadata."""
+    from ctscan.engine.calibration import describe
+
+    temperature = _temperature(meta, source)
+    calibration = meta.get("calibration")
+    text = describe(temperature, calibration if isinstance(calibration, dict) else None)
+    return {"temperature": temperature, "calibration": text}
 
 
 def _open_mlflow(uri: str, settings: Any, backend: str | None) -> Predictor:
@@ -405,6 +432,7 @@ def _open_mlflow(uri: str, settings: Any, backend: str | None) -> Predictor:
         version=str(version),
         sha256=str(meta.get("checkpoint_sha256", "")),
         format="mlflow",
+        **_calibration_info(meta, uri),
     )
     torch_model = (module.net, module.channels) if hasattr(module, "net") else None
     return Predictor(spec=spec, info=info, logits_fn=logits_fn, torch_model=torch_model)

@@ -2,7 +2,9 @@
 
 Every file holds `LoadedModel.deployable()`: uint8 gray (B, 1, S, S) in, float32 logits (B, C)
 out, the spec's normalisation and the channel repeat inside, so a runtime needs only the decode
-and the resize (`ctscan.inference.read_image`). The batch axis is dynamic.
+and the resize (`ctscan.inference.read_image`). The batch axis is dynamic. The logits are the
+calibrated ones, the network's divided by the checkpoint's temperature T (softmax of them is
+what `ctscan predict` shows); the metadata names T (`temperature`, 1.0: uncalibrated).
 
     best.onnx        torch.onnx.export(dynamo=True), opset OPSET, one file (no external data);
                      `metadata_props["ctscan"]` = JSON (see `export_metadata`); onnx.checker'd
@@ -261,6 +263,8 @@ def export_metadata(
         "torch_version": str(torch.__version__),
         "checkpoint_sha256": checkpoint_sha256,
         "checkpoint_epoch": checkpoint.epoch,
+        "temperature": checkpoint.temperature,
+        "calibration": checkpoint.calibration,
         "format": fmt,
         "opset": OPSET if fmt.startswith("onnx") else None,
         "input": {
@@ -274,7 +278,9 @@ def export_metadata(
             "name": OUTPUT_NAME,
             "dtype": "float32",
             "shape": ["batch", classes],
-            "description": "logits in class_names order (softmax gives probabilities)",
+            "description": "calibrated logits in class_names order: the network's logits "
+            f"divided by temperature {checkpoint.temperature:g} (softmax gives the calibrated "
+            "probabilities; the argmax is unchanged)",
         },
     }
     if quantization is not None:

@@ -71,6 +71,13 @@ class ModelIdentity(BaseModel):
     sha256: str = Field(description="sha256 of the checkpoint the weights come from")
     backend: str = Field(description="torch or onnx")
     format: str = Field(description="checkpoint, onnx, onnx-int8 or mlflow")
+    temperature: float = Field(
+        description="calibration temperature T: probabilities are softmax(logits / T); "
+        "1.0 when uncalibrated"
+    )
+    calibration: str = Field(
+        description="what T is: 'T = 1.31 (valid, 72 images)', or 'uncalibrated'"
+    )
 
 
 class PredictResponse(BaseModel):
@@ -171,6 +178,8 @@ class Service:
             sha256=info.sha256,
             backend=info.backend,
             format=info.format,
+            temperature=info.temperature,
+            calibration=info.calibration,
         )
 
 
@@ -634,7 +643,13 @@ def _add_kserve_routes(app: FastAPI, service: Service, guard: list[Any]) -> None
         """Open Inference Protocol: the model's inputs and outputs."""
         check_name(model_name)
         p = service.predictor
-        return kserve.model_metadata(name, p.info.version, p.spec.image_size, list(p.class_names))
+        return kserve.model_metadata(
+            name,
+            p.info.version,
+            p.spec.image_size,
+            list(p.class_names),
+            temperature=p.info.temperature,
+        )
 
     @app.get(
         "/v2/models/{model_name}/ready",

@@ -5,7 +5,8 @@ Inputs (either one per request):
     image_bytes  BYTES  [-1]           encoded files (PNG, JPEG, DICOM...): raw in the binary
                                        extension, base64 strings in plain JSON
 Output:
-    probabilities FP32  [-1, C]        class probabilities in the order of the model's labels
+    probabilities FP32  [-1, C]        class probabilities in the order of the model's labels,
+                                       calibrated (softmax(logits / T), T in the metadata)
 
 Both the JSON form and the binary data extension (the `Inference-Header-Content-Length` header
 that `tritonclient[http]` sends by default) are read and written. The output is binary when the
@@ -122,8 +123,14 @@ class InferRequest:
     binary_output: bool = False
 
 
-def model_metadata(name: str, version: str, image_size: int, class_names: list[str]) -> dict:
-    """GET /v2/models/{name}: the inputs and outputs the model takes and gives."""
+def model_metadata(
+    name: str, version: str, image_size: int, class_names: list[str], *, temperature: float = 1.0
+) -> dict:
+    """GET /v2/models/{name}: the inputs and outputs the model takes and gives.
+
+    `parameters.temperature`: the calibration T the probabilities are computed with
+    (softmax(logits / T); 1.0: uncalibrated).
+    """
     return {
         "name": name,
         "versions": [version],
@@ -133,7 +140,7 @@ def model_metadata(name: str, version: str, image_size: int, class_names: list[s
             {"name": BYTES_INPUT, "datatype": "BYTES", "shape": [-1]},
         ],
         "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, len(class_names)]}],
-        "parameters": {"class_names": class_names},
+        "parameters": {"class_names": class_names, "temperature": temperature},
     }
 
 

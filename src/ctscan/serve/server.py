@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -113,6 +114,30 @@ def open_models(model: str, settings: Any, backend: str) -> tuple[Predictor, Pre
     return onnx, eager
 
 
+def read_confidence_reference(path: Path, temperature: float) -> list[float] | None:
+    """The train confidences of reference_confidence.json if computed at `temperature`, else None.
+
+    The drift test compares the confidence the server shows (softmax(logits / T)) with the one
+    on the train images: a reference written for another T (or unreadable) is not used.
+    """
+    try:
+        saved = json.loads(path.read_text())
+        confidence = list(saved["confidence"])
+        reference_t = float(saved.get("temperature", 1.0))  # files from before: T = 1
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not math.isclose(reference_t, temperature, rel_tol=1e-6):
+        log.warning(
+            "confidence drift test off: %s holds confidences at temperature %g, the model "
+            "shows them at %g (`ctscan calibrate` on the model rewrites the file)",
+            path,
+            reference_t,
+            temperature,
+        )
+        return None
+    return confidence
+
+
 def _monitor(predictor: Predictor, checkpoint: str, settings: Any) -> Any:
     """A drift monitor fed by the training reference of the processed store, if one fits."""
     try:
@@ -128,10 +153,7 @@ def _monitor(predictor: Predictor, checkpoint: str, settings: Any) -> Any:
     confidence = None
     sibling = Path(checkpoint).parent / "reference_confidence.json"
     if not str(checkpoint).startswith(MLFLOW_SCHEMES) and sibling.is_file():
-        try:
-            confidence = json.loads(sibling.read_text())["confidence"]
-        except (OSError, ValueError, KeyError):
-            confidence = None
+        confidence = read_confidence_reference(sibling, predictor.info.temperature)
     serve = settings.serve
     return DriftMonitor(
         reference,

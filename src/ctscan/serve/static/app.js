@@ -32,6 +32,7 @@
     modelVersion: $("model-version"),
     modelSha: $("model-sha"),
     modelBackend: $("model-backend"),
+    modelCalibration: $("model-calibration"),
     latency: $("latency"),
   };
   let lastFile = null;
@@ -96,6 +97,7 @@
     el.modelSha.title = model.sha256 || "";
     const format = model.format && model.format !== model.backend ? ` (${model.format})` : "";
     el.modelBackend.textContent = `${model.backend}${format}`;
+    el.modelCalibration.textContent = model.calibration || "uncalibrated";
     el.server.textContent = `Serving ${model.name} · ${model.backend}`;
     el.server.classList.add("ok");
   }
