@@ -13,7 +13,8 @@ import pytest
 
 from tests.conftest import FOLDERS, save_gray, smooth_image
 
-N_IMAGES = 320  # well above POOL_MIN_IMAGES: the process pool is used
+N_IMAGES = 800  # well above POOL_MIN_IMAGES, and enough that the pool runs for seconds (CI: 320
+# finished under load before the Ctrl-C arrived)
 SIDE = 640  # big enough that the pool is still busy a moment after it starts
 
 
@@ -80,3 +81,28 @@ def test_ctrl_c_during_the_pool_is_one_line_exit_130_and_leaves_nothing(tmp_path
     assert err.strip() == "ctscan: interrupted: stopped by Ctrl-C.", err  # main() (cli.py)
     assert proc.returncode == 130
     assert list(work.iterdir()) == []  # no store, no `.processed.tmp-*` left behind
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
+def test_a_ctrl_c_while_the_pool_forks_is_raised_not_lost() -> None:
+    """The parent ignored SIGINT while it forked the workers, so a Ctrl-C in that moment was
+    dropped and preprocess ran to the end (CI: 'store written' instead of exit 130)."""
+    import multiprocessing as mp
+
+    from ctscan.data.preprocess import _start_pool
+
+    fork = mp.get_context("fork")
+    made: list = []
+
+    class CtrlCWhileForking:
+        def Pool(self, **kwargs: object) -> object:  # multiprocessing's name
+            pool = fork.Pool(**kwargs)
+            made.append(pool)
+            os.kill(os.getpid(), signal.SIGINT)  # the terminal's Ctrl-C, mid-start
+            return pool
+
+    with pytest.raises(KeyboardInterrupt):
+        _start_pool(CtrlCWhileForking(), 2)
+    (pool,) = made
+    assert not any(worker.is_alive() for worker in pool._pool)  # terminated, not leaked
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, set())  # unblocked

@@ -322,6 +322,42 @@ def test_a_changed_spec_is_refused_with_the_fix(tmp_path: Path) -> None:
 
 
 @needs_optuna
+def test_the_database_is_never_seen_half_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader that opened optuna.db between table creation and the version stamp failed
+    with 'UNIQUE constraint failed: alembic_version' (CI): every open must find it finished."""
+    import sqlite3
+
+    import optuna
+
+    spec = write_spec(tmp_path, write_base(tmp_path, tmp_path / "store", tmp_path / "runs"))
+    sweep = prepare(spec)
+    real = optuna.storages.RDBStorage
+    seen: list[bool] = []
+
+    class Checked(real):  # type: ignore[misc, valid-type]
+        def __init__(self, url: str, *args: object, **kwargs: object) -> None:
+            if url == sweep.storage_url:  # the database readers share: stamped before any open
+                with sqlite3.connect(sweep.db) as db:
+                    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
+                    stamped = "alembic_version" in tables and bool(
+                        db.execute("SELECT * FROM alembic_version").fetchall()
+                    )
+                seen.append(stamped)
+            super().__init__(url, *args, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", Checked)
+    open_study(optuna, sweep, create=True)
+    open_study(optuna, sweep, create=False)
+    assert seen == [True, True]
+    assert sorted(p.name for p in sweep.db.parent.iterdir() if "optuna" in p.name) == [
+        "optuna.db",
+        "optuna.db.lock",
+    ]
+
+
+@needs_optuna
 def test_studies_created_at_the_same_time_share_the_database(tmp_path: Path) -> None:
     import optuna
 

@@ -209,7 +209,9 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path: Path, sig: int) -
         _cli_train(store, runs, cut, epochs), sig, cut / "last.pt"
     )
     stopped_at = read_checkpoint(cut / "last.pt").epoch
-    assert stopped_at < epochs, "the run finished before it could be interrupted"
+    # (once in CI under heavy load a SIGINT run reached the last epoch: the exit code and stderr
+    # say whether the signal came late or was lost, e.g. swallowed inside a finalizer)
+    assert stopped_at < epochs, f"the run finished before it could be interrupted: {code} {err}"
     assert code != 0
     if sig != signal.SIGKILL:  # stopped cleanly: one line that says where to resume from
         assert code == (143 if sig == signal.SIGTERM else 130)

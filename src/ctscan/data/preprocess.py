@@ -112,22 +112,36 @@ def _init_worker() -> None:
     """Pool workers leave Ctrl-C and SIGTERM to the parent, which stops them (no tracebacks)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not ctscan's handler, inherited by fork
+    if hasattr(signal, "pthread_sigmask"):  # blocked by the parent around the fork
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _start_pool(ctx: Any, processes: int) -> Any:
     """A pool whose workers ignore SIGINT from their first instruction on.
 
     A terminal's Ctrl-C reaches every process of the group: the parent raises KeyboardInterrupt
-    and terminates the pool, the workers must not each print a traceback. SIGINT is ignored in
-    the parent while it forks (the initializer alone would leave a window after each fork).
+    and terminates the pool, the workers must not each print a traceback. SIGINT is blocked in
+    the parent while it forks (the initializer alone would leave a window after each fork); a
+    Ctrl-C in that moment waits, not lost (as ignoring it lost it), and is raised as soon as the
+    pool exists, which is then terminated.
     """
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or not hasattr(
+        signal, "pthread_sigmask"
+    ):
         return ctx.Pool(processes=processes, initializer=_init_worker)
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        return ctx.Pool(processes=processes, initializer=_init_worker)
-    finally:
-        signal.signal(signal.SIGINT, previous)
+        pool = ctx.Pool(processes=processes, initializer=_init_worker)
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        raise
+    try:  # a pending Ctrl-C is raised by this call (CPython runs the handlers before it returns)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    except BaseException:
+        pool.terminate()
+        pool.join()
+        raise
+    return pool
 
 
 def _run_jobs(jobs: list[_Job], workers: int | None, progress: Progress | None) -> list[_Done]:

@@ -655,10 +655,12 @@ def open_study(optuna: Any, sweep: Sweep, *, create: bool, worker: int = 0) -> A
     with _locked(sweep.db.with_name(sweep.db.name + ".lock")):
         if not create and not sweep.db.is_file():
             raise SweepError(f"no Optuna database at '{sweep.db}'.", f"run `{sweep.command}`.")
+        if create and not sweep.db.is_file():
+            _create_db(optuna, sweep.db)
         storage = optuna.storages.RDBStorage(
             sweep.storage_url,
             engine_kwargs={"connect_args": {"timeout": 60}},
-            skip_table_creation=not create,
+            skip_table_creation=True,
         )
         study = optuna.create_study(
             study_name=sweep.name,
@@ -690,6 +692,23 @@ def open_study(optuna: Any, sweep: Sweep, *, create: bool, worker: int = 0) -> A
                 f"{sweep.storage_url} --study-name {sweep.name}).",
             )
     return study
+
+
+def _create_db(optuna: Any, db: Path) -> None:
+    """Make a new Optuna database beside `db` and rename it into place.
+
+    Optuna creates its tables and then stamps the schema version in separate steps; a process
+    that opens the file in between (a worker, optuna-dashboard, `optuna.load_study`) would try
+    to stamp it too and fail on the version row. Renamed into place, `db` is never half made.
+    """
+    temp = db.with_name(f".{db.name}.{os.getpid()}.creating")
+    temp.unlink(missing_ok=True)
+    try:
+        storage = optuna.storages.RDBStorage(f"sqlite:///{temp.resolve()}")
+        storage.engine.dispose()
+        os.replace(temp, db)
+    finally:
+        temp.unlink(missing_ok=True)
 
 
 def _refuse_stale_folder(sweep: Sweep) -> None:
