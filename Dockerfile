@@ -30,7 +30,7 @@ COPY src ./src
 # The project (not editable) with what train, evaluate, predict (DICOM too), export and serve use;
 # its dependency ranges live in pyproject.toml, torch above already satisfies them.
 # hadolint ignore=DL3013
-RUN pip install ".[serve,export,dicom]" \
+RUN pip install ".[serve,export,dicom,sweep]" \
     && pip check
 
 # ---- final: the slim base, the installed environment, no compilers
