@@ -241,3 +241,16 @@ def _denormals_back_on() -> object:
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.set_flush_denormal(False)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Let Ctrl-C reach the tests and the processes they start, as in a terminal.
+
+    A shell starts a background job (`cmd &` in a script, `nohup`) with SIGINT ignored, Python
+    then installs no KeyboardInterrupt handler, and the children inherit the ignore: every
+    Ctrl-C test would see its SIGINT vanish (as ctscan rightly does when started that way).
+    """
+    import signal
+
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

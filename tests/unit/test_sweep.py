@@ -675,7 +675,9 @@ def test_sigterm_stops_a_parallel_sweep_cleanly_and_a_rerun_finishes_it(
     study = optuna.load_study(study_name="study", storage=f"sqlite:///{runs}/optuna.db")
     assert not [t for t in study.trials if t.state.name in ("PRUNED", "WAITING")]
     stopped = [t for t in study.trials if t.state.name != "COMPLETE"]
-    assert stopped and all(t.user_attrs.get("interrupted") for t in stopped if t.params)
+    assert stopped and all(t.user_attrs.get("interrupted") for t in stopped if t.params), [
+        (t.number, t.state.name, t.user_attrs) for t in stopped
+    ]
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     recipe = Path(done.stdout.strip().splitlines()[-1])
