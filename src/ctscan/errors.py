@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 
 class CtscanError(Exception):
@@ -55,6 +58,36 @@ class Terminated(KeyboardInterrupt):
 def raise_terminated(signum: int, frame: object) -> None:
     """A SIGTERM handler: unwind like Ctrl-C does."""
     raise Terminated()
+
+
+@contextmanager
+def held_signals(*signums: int) -> Iterator[None]:
+    """Hold these signals while the block runs; deliver them to the usual handlers on the way out.
+
+    For steps that must not be cut in half (record a finished trial, fork a pool): a Ctrl-C or
+    SIGTERM that arrives inside waits for the block to end, then acts as it would have (a
+    KeyboardInterrupt or `Terminated` raised from the `with`; nothing if it was ignored). A
+    Python-level handler, not a blocked mask: the kernel may hand a process signal to any thread,
+    and Python runs the handler in the main thread at its next instruction, wherever that is.
+    Outside the main thread (where handlers cannot be set) the block runs unguarded.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {}
+    for signum in signums:
+        handler = signal.getsignal(signum)
+        if handler is not None:  # None: set outside Python, cannot be put back
+            previous[signum] = signal.signal(signum, lambda s, frame: caught.append(s))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(caught):
+            if previous[signum] is not signal.SIG_IGN:
+                signal.raise_signal(signum)  # the restored handler runs now
 
 
 def debug_enabled() -> bool:

@@ -84,25 +84,73 @@ def test_ctrl_c_during_the_pool_is_one_line_exit_130_and_leaves_nothing(tmp_path
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
-def test_a_ctrl_c_while_the_pool_forks_is_raised_not_lost() -> None:
+@pytest.mark.parametrize("taken_by", ["main thread", "another thread"])
+def test_a_ctrl_c_while_the_pool_forks_is_raised_not_lost(taken_by: str) -> None:
     """The parent ignored SIGINT while it forked the workers, so a Ctrl-C in that moment was
-    dropped and preprocess ran to the end (CI: 'store written' instead of exit 130)."""
+    dropped and preprocess ran to the end (CI: 'store written' instead of exit 130). Then it
+    blocked SIGINT in the main thread only: the kernel gave the signal to another thread, Python
+    raised KeyboardInterrupt inside the pool's start and the workers leaked (CI, twice)."""
     import multiprocessing as mp
+    import threading
 
     from ctscan.data.preprocess import _start_pool
 
     fork = mp.get_context("fork")
     made: list = []
+    idle = threading.Event()
+    other = threading.Thread(target=idle.wait, daemon=True)  # as MLflow's or torch's threads
+    other.start()
 
     class CtrlCWhileForking:
         def Pool(self, **kwargs: object) -> object:  # multiprocessing's name
             pool = fork.Pool(**kwargs)
             made.append(pool)
-            os.kill(os.getpid(), signal.SIGINT)  # the terminal's Ctrl-C, mid-start
+            if taken_by == "main thread":
+                os.kill(os.getpid(), signal.SIGINT)  # the terminal's Ctrl-C, mid-start
+            else:
+                signal.pthread_kill(other.ident, signal.SIGINT)
+            time.sleep(0.2)  # Python code keeps running inside the start
             return pool
 
-    with pytest.raises(KeyboardInterrupt):
-        _start_pool(CtrlCWhileForking(), 2)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _start_pool(CtrlCWhileForking(), 2)
+    finally:
+        idle.set()
     (pool,) = made
     assert not any(worker.is_alive() for worker in pool._pool)  # terminated, not leaked
-    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, set())  # unblocked
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
+@pytest.mark.parametrize("handler", ["default", "ignored", "outside the main thread"])
+def test_held_signals_deliver_after_the_block_as_the_usual_handler_would(handler: str) -> None:
+    import threading
+
+    from ctscan.errors import held_signals
+
+    ran: list[str] = []
+
+    def held_block() -> None:
+        with held_signals(signal.SIGINT):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the holding handler has run by now
+            ran.append("to the end")
+
+    if handler == "outside the main thread":  # cannot hold there: the block runs as it is
+        thread = threading.Thread(target=held_block)
+        with pytest.raises(KeyboardInterrupt):  # the main thread takes the Ctrl-C
+            thread.start()
+            thread.join()
+            time.sleep(0.05)
+        thread.join()
+    elif handler == "ignored":
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            held_block()  # an ignored Ctrl-C stays ignored
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            held_block()
+    assert ran == ["to the end"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

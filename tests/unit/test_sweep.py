@@ -322,6 +322,64 @@ def test_a_changed_spec_is_refused_with_the_fix(tmp_path: Path) -> None:
 
 
 @needs_optuna
+@pytest.mark.parametrize("when", ["before training", "after training"])
+def test_a_sigterm_during_a_trials_bookkeeping_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """CI: a SIGTERM that landed after the training, while the result was being recorded, left
+    the trial RUNNING with half its attributes. A stop in the bookkeeping now waits for it."""
+    import optuna
+
+    from ctscan.engine.train import TrainResult
+    from ctscan.errors import Terminated, raise_terminated
+    from ctscan.ops.sweep import ATTR_EPOCHS, ATTR_INTERRUPTED, ATTR_WORKER, run_trial
+
+    base = write_base(tmp_path, tmp_path / "store", tmp_path / "runs")
+    sweep = prepare(write_spec(tmp_path, base))
+    study = open_study(optuna, sweep, create=True)
+    trained: list[Path] = []
+
+    def fake_training(settings: object, *, out_dir: Path, hooks: object) -> TrainResult:
+        trained.append(out_dir)
+        row = {"epoch": 1, "val_macro_f1": 0.5, "val_loss": 1.0}
+        return TrainResult(
+            run_dir=out_dir,
+            best_path=out_dir / "best.pt",
+            last_path=out_dir / "last.pt",
+            best_epoch=1,
+            best_value=0.5,
+            select_metric="val_macro_f1",
+            history=[row],
+        )
+
+    monkeypatch.setattr("ctscan.engine.train.run_training", fake_training)
+    set_attr = optuna.Trial.set_user_attr
+    sent = {ATTR_WORKER if when == "before training" else ATTR_EPOCHS: False}
+
+    def stopped_midway(trial: Any, key: str, value: Any) -> None:
+        set_attr(trial, key, value)
+        if key in sent and not sent[key]:
+            sent[key] = True
+            os.kill(os.getpid(), signal.SIGTERM)  # the sweep stopping its workers
+            time.sleep(0.05)  # Python code keeps running: the handler would fire here
+
+    monkeypatch.setattr(optuna.Trial, "set_user_attr", stopped_midway)
+    previous = signal.signal(signal.SIGTERM, raise_terminated)  # as a worker has it
+    try:
+        with pytest.raises(Terminated):
+            run_trial(optuna, sweep, study, study.ask(), None, worker=1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    (trial,) = study.get_trials(deepcopy=False)
+    if when == "before training":  # stopped before it trained: runs again on the next sweep
+        assert trained == [] and trial.state.name == "FAIL"
+        assert trial.user_attrs[ATTR_INTERRUPTED] is True and trial.params
+    else:  # trained: its result stands
+        assert trial.state.name == "COMPLETE" and trial.value == 0.5
+        assert ATTR_INTERRUPTED not in trial.user_attrs
+
+
+@needs_optuna
 def test_the_database_is_never_seen_half_made(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -633,6 +691,27 @@ def test_two_jobs_run_trials_in_two_processes(
     assert load_settings([result.recipe]).train.lr == result.best["params"]["train.lr"]
 
 
+def _mid_training(trials: list[Any]) -> bool:
+    """A trial finished and another is in the first half of its training (so a stop now lands
+    mid-training, not in the few milliseconds of a trial's bookkeeping, where it waits)."""
+    from datetime import datetime
+
+    took = [
+        (t.datetime_complete - t.datetime_start).total_seconds()
+        for t in trials
+        if t.state.name == "COMPLETE"
+    ]
+    if not took:
+        return False
+    now = datetime.now()
+    return any(
+        t.state.name == "RUNNING"
+        and t.params
+        and 0.1 * min(took) < (now - t.datetime_start).total_seconds() < 0.5 * min(took)
+        for t in trials
+    )
+
+
 @needs_optuna
 @pytest.mark.slow
 def test_sigterm_stops_a_parallel_sweep_cleanly_and_a_rerun_finishes_it(
@@ -660,7 +739,7 @@ def test_sigterm_stops_a_parallel_sweep_cleanly_and_a_rerun_finishes_it(
                 study = optuna.load_study(study_name="study", storage=f"sqlite:///{runs}/optuna.db")
             except KeyError:
                 continue
-            if any(t.state.name == "COMPLETE" for t in study.trials):
+            if _mid_training(study.trials):
                 break
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
@@ -676,7 +755,7 @@ def test_sigterm_stops_a_parallel_sweep_cleanly_and_a_rerun_finishes_it(
     assert not [t for t in study.trials if t.state.name in ("PRUNED", "WAITING")]
     stopped = [t for t in study.trials if t.state.name != "COMPLETE"]
     assert stopped and all(t.user_attrs.get("interrupted") for t in stopped if t.params), [
-        (t.number, t.state.name, t.user_attrs) for t in stopped
+        (t.number, t.state.name, t.params, t.user_attrs) for t in study.trials
     ]
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr

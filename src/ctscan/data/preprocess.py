@@ -13,7 +13,6 @@ import multiprocessing as mp
 import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ from ctscan.data.transforms import (
     resize_square,
     to_gray,
 )
-from ctscan.errors import DataError
+from ctscan.errors import DataError, held_signals
 
 Progress = Callable[[int, int], None]  # progress(done, total)
 # Below this many images a pool costs more than it saves.
@@ -112,34 +111,26 @@ def _init_worker() -> None:
     """Pool workers leave Ctrl-C and SIGTERM to the parent, which stops them (no tracebacks)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not ctscan's handler, inherited by fork
-    if hasattr(signal, "pthread_sigmask"):  # blocked by the parent around the fork
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _start_pool(ctx: Any, processes: int) -> Any:
-    """A pool whose workers ignore SIGINT from their first instruction on.
+    """A pool whose workers ignore SIGINT; a Ctrl-C while it starts is raised, not lost.
 
     A terminal's Ctrl-C reaches every process of the group: the parent raises KeyboardInterrupt
-    and terminates the pool, the workers must not each print a traceback. SIGINT is blocked in
-    the parent while it forks (the initializer alone would leave a window after each fork); a
-    Ctrl-C in that moment waits, not lost (as ignoring it lost it), and is raised as soon as the
-    pool exists, which is then terminated.
+    and terminates the pool, the workers must not each print a traceback. SIGINT is held while
+    the parent forks (a worker forked then inherits the holding handler, harmless, until its
+    initializer ignores SIGINT); a Ctrl-C in that moment is raised once the pool exists, which
+    is then terminated. (Ignoring SIGINT around the fork lost it; blocking it in the main thread
+    only let another thread take it and raise mid-start, leaking the workers.)
     """
-    if threading.current_thread() is not threading.main_thread() or not hasattr(
-        signal, "pthread_sigmask"
-    ):
-        return ctx.Pool(processes=processes, initializer=_init_worker)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    pool = None
     try:
-        pool = ctx.Pool(processes=processes, initializer=_init_worker)
+        with held_signals(signal.SIGINT):
+            pool = ctx.Pool(processes=processes, initializer=_init_worker)
     except BaseException:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-        raise
-    try:  # a pending Ctrl-C is raised by this call (CPython runs the handlers before it returns)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    except BaseException:
-        pool.terminate()
-        pool.join()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
         raise
     return pool
 

@@ -43,6 +43,7 @@ from ctscan.errors import (
     SettingsError,
     Terminated,
     close_matches,
+    held_signals,
     raise_terminated,
     report,
 )
@@ -797,35 +798,55 @@ def run_trial(
     parent_run_id: str | None,
     worker: int = 0,
 ) -> Any:
-    """Train one trial with the loop and tell Optuna how it went; returns the frozen trial."""
+    """Train one trial with the loop and tell Optuna how it went; returns the frozen trial.
+
+    A Ctrl-C or SIGTERM during training ends the trial as interrupted (it runs again on the
+    next sweep); one during the bookkeeping before or after waits for it, so a trial is never
+    left running with its result half recorded.
+    """
     from ctscan.engine.tracking import TAG_PARENT_RUN_ID
     from ctscan.engine.train import RunHooks, run_training
 
-    values = {param.key: param.suggest(trial) for param in sweep.spec.params}
-    run_dir = sweep.folder / f"trial-{trial.number:04d}"
-    trial.set_user_attr(ATTR_RUN_DIR, str(run_dir))
-    trial.set_user_attr(ATTR_WORKER, worker)
+    stops = (signal.SIGINT, signal.SIGTERM)
+    told = None
     try:
-        settings = sweep.trial_settings(values)
-    except SettingsError as exc:  # e.g. augment.scale_min above the scale_max drawn
-        trial.set_user_attr(ATTR_FAIL_REASON, exc.message)
-        return study.tell(trial, state=_state(optuna, "FAIL"))
-    pruning = _Pruning(trial, sweep.spec.metric, settings.train.epochs)
-    tags = {TAG_SWEEP: sweep.name, TAG_TRIAL: str(trial.number)}
-    if parent_run_id:
-        tags[TAG_PARENT_RUN_ID] = parent_run_id
-    try:
+        with held_signals(*stops):
+            values = {param.key: param.suggest(trial) for param in sweep.spec.params}
+            run_dir = sweep.folder / f"trial-{trial.number:04d}"
+            trial.set_user_attr(ATTR_RUN_DIR, str(run_dir))
+            trial.set_user_attr(ATTR_WORKER, worker)
+            try:
+                settings = sweep.trial_settings(values)
+            except SettingsError as exc:  # e.g. augment.scale_min above the scale_max drawn
+                trial.set_user_attr(ATTR_FAIL_REASON, exc.message)
+                told = study.tell(trial, state=_state(optuna, "FAIL"))
+        if told is not None:
+            return told
+        pruning = _Pruning(trial, sweep.spec.metric, settings.train.epochs)
+        tags = {TAG_SWEEP: sweep.name, TAG_TRIAL: str(trial.number)}
+        if parent_run_id:
+            tags[TAG_PARENT_RUN_ID] = parent_run_id
         result = run_training(settings, out_dir=run_dir, hooks=RunHooks(tags, pruning))
+        with held_signals(*stops):  # trained: the result is recorded before a stop acts
+            told = _tell_result(optuna, sweep, study, trial, result, pruning)
+        return told
     except BaseException as exc:
-        stopped = isinstance(exc, (KeyboardInterrupt, Interrupted))
-        if stopped:
-            trial.set_user_attr(ATTR_INTERRUPTED, True)
-        else:
-            trial.set_user_attr(ATTR_ERROR, str(exc).splitlines()[0][:500] if str(exc) else "")
-        study.tell(trial, state=_state(optuna, "FAIL"))
+        if told is None:
+            with held_signals(*stops):  # a second Ctrl-C waits for the failure to be recorded
+                if isinstance(exc, (KeyboardInterrupt, Interrupted)):
+                    trial.set_user_attr(ATTR_INTERRUPTED, True)
+                else:
+                    error = str(exc).splitlines()[0][:500] if str(exc) else ""
+                    trial.set_user_attr(ATTR_ERROR, error)
+                study.tell(trial, state=_state(optuna, "FAIL"))
         if isinstance(exc, Interrupted):  # the loop's own message names `ctscan train`: ours
             raise (Terminated() if exc.terminated else KeyboardInterrupt()) from None
         raise
+
+
+def _tell_result(
+    optuna: Any, sweep: Sweep, study: Any, trial: Any, result: Any, pruning: _Pruning
+) -> Any:
     assert result is not None  # one process: rank 0
     trial.set_user_attr(ATTR_EPOCHS, len(result.history))
     if result.run_id:
