@@ -5,7 +5,9 @@ Two figures per model file (a checkpoint runs on torch, an .onnx file on ONNX Ru
 - `cli`: the wall time of `ctscan predict DIR --model FILE --json` in a fresh process, start-up,
   model load, decode and JSON output included (what a user waits for);
 - `steady`: `Predictor.predict_files` over the same files in this process, after one warm-up
-  pass (decode, resize, batching and the model; no start-up), images/s.
+  pass (decode, resize, batching and the model; no start-up), images/s; also with decoding in
+  the calling thread (`inference.decode_threads=1`, `steady_serial`), the way it was before
+  files were decoded ahead in threads.
 
 The files are timed in turn, repeat by repeat, so that a change of load on the machine hits them
 alike; medians over `--repeats`. Threads: `train.threads` (ctscan's own default) for both.
@@ -67,16 +69,19 @@ def main() -> None:
 
     cli: dict[Path, list[float]] = {m: [] for m in args.models}
     steady: dict[Path, list[float]] = {m: [] for m in args.models}
+    serial: dict[Path, list[float]] = {m: [] for m in args.models}
     for _ in range(args.repeats):
         for model, predictor in predictors.items():
             seconds, lines = cli_seconds(model, args.images, cli_args)
             if lines != len(paths):
                 raise SystemExit(f"{model}: {lines} JSON lines for {len(paths)} images")
             cli[model].append(len(paths) / seconds)
-            start = time.perf_counter()
-            predictions = predictor.predict_files(paths)
-            steady[model].append(len(paths) / (time.perf_counter() - start))
-            assert not any(p.error for p in predictions), "a test image failed to decode"
+            for threads, figures in ((settings.inference.decode_threads, steady), (1, serial)):
+                predictor.decode_threads = threads
+                start = time.perf_counter()
+                predictions = predictor.predict_files(paths)
+                figures[model].append(len(paths) / (time.perf_counter() - start))
+                assert not any(p.error for p in predictions), "a test image failed to decode"
 
     rows = []
     for model, predictor in predictors.items():
@@ -90,11 +95,15 @@ def main() -> None:
             "cli_runs_images_per_s": cli[model],
             "steady_images_per_s": statistics.median(steady[model]),
             "steady_runs_images_per_s": steady[model],
+            "decode_threads": settings.inference.decode_threads or min(4, os.cpu_count() or 1),
+            "steady_serial_images_per_s": statistics.median(serial[model]),
+            "steady_serial_runs_images_per_s": serial[model],
         }
         rows.append(row)
         print(
             f"{model.name:>20}  {row['backend']:>5}  ctscan predict {row['cli_images_per_s']:7.1f}"
             f" img/s (start-up included)   steady {row['steady_images_per_s']:7.1f} img/s"
+            f" (decoding in the calling thread {row['steady_serial_images_per_s']:7.1f})"
         )
     result = {
         "machine": {

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from ctscan import __version__
-from ctscan.errors import CtscanError, debug_enabled, report
+from ctscan.errors import CtscanError, debug_enabled, report, say_line
 
 app = typer.Typer(
     name="ctscan",
@@ -187,6 +187,14 @@ def train(
     quiet: Annotated[
         bool | None, typer.Option("--quiet/--no-quiet", "-q", help="Plain log lines.")
     ] = None,
+    folds: Annotated[
+        int | None,
+        typer.Option(
+            help="Cross-validate: K models on K folds of train + valid (copies never straddle "
+            "folds), selected and calibrated out of fold, test read once at the end. --out "
+            "names the folder; the same command with it continues an interrupted run.",
+        ),
+    ] = None,
 ) -> None:
     """Train a model on the processed store; evaluate the best checkpoint on test."""
     from ctscan.engine.train import run_training
@@ -202,6 +210,19 @@ def train(
             "train.quiet": quiet,
         },
     )
+    if folds is not None:
+        from ctscan.ops.cv import cv_lines, run_cv
+
+        if resume is not None:
+            raise CtscanError(
+                "--resume does not apply to --folds: a cross-validation continues in its folder.",
+                "rerun the same command with --out CV_FOLDER (its finished folds are kept).",
+            )
+        cv = run_cv(settings, folds, out_dir=out, say=say_line)
+        for line in cv_lines(cv):
+            say_line(line)
+        typer.echo(json.dumps(cv.summary(), indent=2))
+        return
     result = run_training(settings, out_dir=out, resume=resume)
     if result is not None:
         typer.echo(json.dumps(result.summary(), indent=2))

@@ -95,6 +95,12 @@ def debug_enabled() -> bool:
     return os.environ.get("CTSCAN_DEBUG", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+def say_line(line: str) -> None:
+    """A progress line on stderr, in one write: a signal cannot split it or glue onto it."""
+    sys.stderr.write(f"{line}\n")
+    sys.stderr.flush()
+
+
 def report(error: CtscanError) -> int:
     """Print one line for a user error on stderr and return its exit code."""
     kind = "error"

@@ -219,6 +219,13 @@ class ServeSettings(Section):
 
 class InferenceSettings(Section):
     batch_size: int = Field(32, ge=1, description="images per model call in ctscan predict")
+    decode_threads: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="threads decoding files ahead of the model in ctscan predict; "
+        "0 = min(4, cores), 1 = decode in the calling thread",
+    )
     dicom_window_level: float = Field(
         -600.0, description="DICOM: centre of the Hounsfield window (lung window: -600)"
     )

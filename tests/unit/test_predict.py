@@ -71,6 +71,38 @@ def test_predictor_matches_evaluate_on_every_file(
             assert abs(prediction.probabilities[name] - p) <= 1e-5
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_decoding_ahead_in_threads_keeps_order_errors_and_bugs(
+    trained: Path, slice_pngs: Path, synthetic_store: Path, tmp_path: Path, threads: int
+) -> None:
+    """Files decode in threads ahead of the model: the same answers in the same order, a
+    broken file in its own row, and a decoder bug still raised (not turned into a row)."""
+    predictor = open_predictor(trained, settings=_settings(synthetic_store, tmp_path))
+    predictor.decode_threads, predictor.batch_size = threads, 3
+    files = collect_inputs([slice_pngs])
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    mixed = [*files[:7], broken, *files[7:]] * 3  # 51 files: several windows ahead
+    serial = open_predictor(trained, settings=_settings(synthetic_store, tmp_path))
+    serial.decode_threads = 1
+    expected = serial.predict_files(mixed)
+    got = predictor.predict_files(mixed)
+    assert [p.path for p in got] == [str(f) for f in mixed]
+    assert [(p.label, p.error is None) for p in got] == [
+        (p.label, p.error is None) for p in expected
+    ]
+    assert sum(p.error is not None for p in got) == 3 and "broken.png" in got[7].error
+    for a, b in zip(got, expected, strict=True):
+        assert a.probabilities == b.probabilities
+
+    def buggy(path: Path) -> object:
+        raise ZeroDivisionError("a bug in a decoder")
+
+    predictor.read = buggy  # type: ignore[method-assign]
+    with pytest.raises(ZeroDivisionError):
+        predictor.predict_files(mixed)
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CTSCAN_", "MLFLOW_"))}
     return subprocess.run(

@@ -222,8 +222,7 @@ def fit_checkpoint(checkpoint: Any, store: Any, rt: Any) -> tuple[Any, dict[str,
     the fit plus the validation ECE and log-loss before and after). Any T the checkpoint held
     before is ignored: the fit always starts from the raw logits.
     """
-    from ctscan.engine.evaluate import probabilities
-    from ctscan.engine.metrics import classification_report
+    from ctscan.engine.metrics import classification_report, probabilities
 
     logits, labels = validation_logits(checkpoint, store, rt)
     fit = fit_temperature(logits, labels)
@@ -244,7 +243,8 @@ def train_confidence(checkpoint: Any, store: Any, rt: Any) -> dict[str, Any]:
     """reference_confidence.json's content: the calibrated max-softmax on every train image."""
     from ctscan.data.reference import confidence_reference
     from ctscan.engine.checkpoint import load_model
-    from ctscan.engine.evaluate import predict, probabilities
+    from ctscan.engine.evaluate import predict
+    from ctscan.engine.metrics import probabilities
 
     loaded = load_model(checkpoint, device=rt.device, channels_last=rt.channels_last)
     spec = loaded.spec

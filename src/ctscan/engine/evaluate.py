@@ -18,7 +18,7 @@ from ctscan.data.store import Store, open_store
 from ctscan.data.transforms import model_input
 from ctscan.engine.calibration import FIT_SPLIT, apply_temperature
 from ctscan.engine.checkpoint import Checkpoint, load_model, read_checkpoint
-from ctscan.engine.metrics import classification_report, worst_errors
+from ctscan.engine.metrics import classification_report, probabilities, worst_errors
 from ctscan.engine.runtime import Runtime, resolve_runtime
 from ctscan.errors import CheckpointError, CtscanError
 from ctscan.files import atomic_write, ensure_dir
@@ -62,11 +62,6 @@ def predict(
             outs.append(model(x).float())
     model.train(was_training)
     return torch.cat(outs) if outs else torch.empty(0)
-
-
-def probabilities(logits: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Class probabilities (N, C) float64 from logits: softmax in float32, as every path does."""
-    return torch.softmax(torch.as_tensor(logits), dim=1).cpu().numpy().astype(np.float64)
 
 
 def require_same_spec(checkpoint: Checkpoint, store: Store) -> None:

@@ -83,6 +83,21 @@ def _probabilities(probs: Any, n: int, num_classes: int) -> np.ndarray:
     return array
 
 
+def probabilities(logits: Any) -> np.ndarray:
+    """Class probabilities (N, C) float64 from logits (an array or a tensor): softmax in float32.
+
+    Every path (evaluate, calibration, predict, serve) turns logits into probabilities here, in
+    numpy, so that an ONNX-only `ctscan predict` never imports torch.
+    """
+    if hasattr(logits, "detach"):  # a torch tensor, on any device
+        logits = logits.detach().cpu().numpy()
+    z = np.asarray(logits, dtype=np.float32)
+    if z.ndim != 2:
+        raise ValueError(f"logits must be (N, C), got shape {z.shape}.")
+    e = np.exp(z - z.max(axis=1, keepdims=True), dtype=np.float32)
+    return (e / e.sum(axis=1, keepdims=True, dtype=np.float32)).astype(np.float64)
+
+
 def confusion_matrix(y_true: Any, y_pred: Any, num_classes: int) -> np.ndarray:
     """Return the (C, C) int64 confusion matrix: rows are true classes, columns predicted ones."""
     num_classes = _check_num_classes(num_classes)

@@ -27,7 +27,7 @@ from torch.profiler import record_function
 import ctscan
 from ctscan.data.augment import augment
 from ctscan.data.batches import batch_indices, epoch_order, shard, steps_per_epoch
-from ctscan.data.store import Store, open_store
+from ctscan.data.store import Split, Store, open_store
 from ctscan.data.transforms import PreprocessSpec, model_input
 from ctscan.engine.checkpoint import (
     Checkpoint,
@@ -505,6 +505,24 @@ def _changed_settings(before: dict[str, Any], now: Settings) -> list[tuple[str, 
     ]
 
 
+def refused_changes(
+    before: dict[str, Any],
+    now: Settings,
+    may_change: tuple[str, ...] = (),
+    allowed: tuple[str, ...] = RESUME_MAY_CHANGE,
+) -> list[str]:
+    """`key old -> new` for each change that would not continue the same run.
+
+    Changes of the `allowed` key prefixes (where and how it runs) and of the `may_change` keys
+    pass.
+    """
+    return [
+        f"{key} {old!r} -> {new!r}"
+        for key, old, new in _changed_settings(before, now)
+        if key not in may_change and not key.startswith(allowed)
+    ]
+
+
 def check_resume(checkpoint: Checkpoint, settings: Settings, store: Store) -> list[str]:
     """Refuse a resume that would not continue the same run; return what it changes, said."""
     path = checkpoint.source
@@ -528,11 +546,7 @@ def check_resume(checkpoint: Checkpoint, settings: Settings, store: Store) -> li
             "preprocess with the settings of that run, or start a new run.",
         )
     changed = _changed_settings(checkpoint.settings, settings)
-    refused = [
-        f"{key} {old!r} -> {new!r}"
-        for key, old, new in changed
-        if key != "train.epochs" and not key.startswith(RESUME_MAY_CHANGE)
-    ]
+    refused = refused_changes(checkpoint.settings, settings, may_change=("train.epochs",))
     if refused:
         settings_file = Path(path or ".").parent / "settings.toml"
         raise CheckpointError(
@@ -562,8 +576,32 @@ def check_resume(checkpoint: Checkpoint, settings: Settings, store: Store) -> li
     return notes
 
 
+def refuse_reserved_out(out: Path, settings: Settings) -> None:
+    """A run (or cross-validation) folder is never the processed store, inside it, the runs
+    folder itself, or a cross-validation folder (for a plain run): preprocess would delete it,
+    or its files would mix with others'."""
+    target = Path(out).resolve()
+    store = Path(settings.paths.processed_dir).resolve()
+    reserved = {
+        store: "the processed store (ctscan preprocess replaces that folder)",
+        Path(settings.paths.runs_dir).resolve(): "the runs folder itself (paths.runs_dir)",
+    }
+    what = reserved.get(target)
+    if what is None and store in target.parents:
+        what = "inside the processed store (ctscan preprocess replaces that folder)"
+    if what is not None:
+        raise CtscanError(
+            f"--out '{out}' is {what}.", "choose a folder of its own, e.g. under paths.runs_dir."
+        )
+
+
 def _refuse_finished_folder(run_dir: Path) -> None:
-    """A fresh run never overwrites another run's checkpoints."""
+    """A fresh run never overwrites another run's checkpoints or a cross-validation."""
+    if (run_dir / "folds.json").exists():
+        raise CtscanError(
+            f"'{run_dir}' is a cross-validation folder (folds.json).",
+            f"continue it with `ctscan train --folds K --out {run_dir}`, or choose another --out.",
+        )
     if (run_dir / "last.pt").exists():
         raise CtscanError(
             f"run folder '{run_dir}' already holds a checkpoint (last.pt).",
@@ -576,6 +614,7 @@ def plan_run(settings: Settings, out_dir: Path | None, resume: str | None, store
     resume_path = _resume_path(resume, out_dir, settings)
     if resume_path is None:
         run_dir = out_dir or _default_run_dir(settings)
+        refuse_reserved_out(run_dir, settings)
         notes = [f"--resume auto: no last.pt in {run_dir}, starting a new run"] if resume else []
         _refuse_finished_folder(run_dir)
         return RunPlan(run_dir=run_dir, notes=notes)
@@ -636,24 +675,32 @@ def run_training(
     out_dir: Path | None = None,
     resume: str | None = None,
     hooks: RunHooks | None = None,
+    splits: tuple[Split, Split] | None = None,
 ) -> TrainResult | None:
     """Train as the settings say; returns the result on rank 0 and None on other ranks.
 
-    Ctrl-C and SIGTERM end the run with an `Interrupted` error that says where the last
-    checkpoint is and how to resume (exit codes 130 and 143 from the CLI).
+    `splits` (train, validation) replaces the store's train and valid splits: a fold of
+    cross-validation (ops/cv.py). Ctrl-C and SIGTERM end the run with an `Interrupted` error
+    that says where the last checkpoint is and how to resume (exit codes 130 and 143 from the
+    CLI).
     """
     rt = resolve_runtime(settings.train)
     init_distributed(rt)
     previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
-        return _train(settings, rt, out_dir, resume, hooks or RunHooks())
+        return _train(settings, rt, out_dir, resume, hooks or RunHooks(), splits)
     finally:
         signal.signal(signal.SIGTERM, previous)
         shutdown_distributed()
 
 
 def _train(
-    settings: Settings, rt: Runtime, out_dir: Path | None, resume: str | None, hooks: RunHooks
+    settings: Settings,
+    rt: Runtime,
+    out_dir: Path | None,
+    resume: str | None,
+    hooks: RunHooks,
+    splits: tuple[Split, Split] | None,
 ) -> TrainResult | None:
     t_start = time.perf_counter()
     tr = settings.train
@@ -672,7 +719,7 @@ def _train(
     with lock:
         if rt.is_main:
             _open_run_dir(plan)
-        train_split, valid_split = store.split("train"), store.split("valid")
+        train_split, valid_split = splits or (store.split("train"), store.split("valid"))
         # The whole split lives on the training device as uint8: (N, 1, S, S).
         tensors = tuple(
             t.to(rt.device)

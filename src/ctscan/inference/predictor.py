@@ -17,8 +17,12 @@ exported and MLflow models do that normalisation inside.
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Callable, Iterable, Sequence
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -152,6 +156,7 @@ class Predictor:
         self.limits = limits
         self.window = window
         self.batch_size = batch_size
+        self.decode_threads = 0  # 0: min(4, cores)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -174,7 +179,7 @@ class Predictor:
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """uint8 (B, 1, S, S) -> calibrated class probabilities (B, C), float64."""
-        from ctscan.engine.evaluate import probabilities
+        from ctscan.engine.metrics import probabilities
 
         return probabilities(self.logits(images))
 
@@ -198,13 +203,45 @@ class Predictor:
             )
         return out
 
+    def _read_or_error(self, path: Path) -> np.ndarray | str:
+        try:
+            return self.read(path)
+        except DataError as exc:
+            return str(exc)
+
+    def _decoded(self, paths: list[Path]) -> Iterator[tuple[int, np.ndarray | str]]:
+        """(index, image or the reason it could not be read), in order.
+
+        Decoding runs ahead of the model in a few threads (PIL and numpy release the GIL while
+        they decode and resize), at most two batches ahead, so memory stays bounded for any
+        number of files; a bug in a decoder still raises here.
+        """
+        threads = self.decode_threads or min(4, os.cpu_count() or 1)
+        if threads <= 1:
+            yield from ((i, self._read_or_error(p)) for i, p in enumerate(paths))
+            return
+        ahead: deque[tuple[int, Future]] = deque()
+        todo = iter(enumerate(paths))
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="ctscan-decode")
+        try:
+            for i, path in itertools.islice(todo, 2 * self.batch_size):
+                ahead.append((i, pool.submit(self._read_or_error, path)))
+            while ahead:
+                i, future = ahead.popleft()
+                following = next(todo, None)
+                if following is not None:
+                    ahead.append((following[0], pool.submit(self._read_or_error, following[1])))
+                yield i, future.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
     def predict_files(
         self, paths: Iterable[Path], *, progress: Callable[[int], None] | None = None
     ) -> list[Prediction]:
         """Predict every file; a file that cannot be read gets its own `error` row."""
-        results: list[Prediction] = []
-        batch: list[tuple[int, np.ndarray]] = []
         paths = list(paths)
+        results = [Prediction(path=str(path)) for path in paths]
+        batch: list[tuple[int, np.ndarray]] = []
 
         def flush() -> None:
             if not batch:
@@ -219,14 +256,13 @@ class Predictor:
                 progress(len(batch))
             batch.clear()
 
-        for i, path in enumerate(paths):
-            results.append(Prediction(path=str(path)))
-            try:
-                batch.append((i, self.read(path)))
-            except DataError as exc:
-                results[i].error = str(exc)
+        for i, decoded in self._decoded(paths):
+            if isinstance(decoded, str):
+                results[i].error = decoded
                 if progress is not None:
                     progress(1)
+            else:
+                batch.append((i, decoded))
             if len(batch) >= self.batch_size:
                 flush()
         flush()
@@ -267,6 +303,7 @@ def open_predictor(
             opened = _open_checkpoint(path, settings, backend)
     opened.limits, opened.window = limits, window
     opened.batch_size = int(settings.inference.batch_size)
+    opened.decode_threads = int(settings.inference.decode_threads)
     return opened
 
 
@@ -346,7 +383,7 @@ def _open_onnx(path: Path, settings: Any, backend: str | None) -> Predictor:
         raise CtscanError(
             "onnxruntime is not installed.", "pip install 'ctscan[export]' (or [serve])."
         ) from None
-    from ctscan.engine.checkpoint import file_sha256
+    from ctscan.files import file_sha256
 
     options = ort.SessionOptions()
     threads = int(settings.train.threads)

@@ -46,6 +46,7 @@ from ctscan.errors import (
     held_signals,
     raise_terminated,
     report,
+    say_line,
 )
 from ctscan.files import atomic_write, ensure_dir, folder_lock
 from ctscan.settings import (
@@ -1151,11 +1152,6 @@ def _open_parent(sweep: Sweep, study: Any) -> Any:
     return tracker
 
 
-def _say(line: str) -> None:
-    sys.stderr.write(f"{line}\n")  # one write: a signal cannot split it
-    sys.stderr.flush()
-
-
 def run_sweep(
     spec: str | Path,
     *,
@@ -1163,7 +1159,7 @@ def run_sweep(
     jobs: int = 1,
     name: str | None = None,
     recipe: Path | None = None,
-    say: Callable[[str], None] = _say,
+    say: Callable[[str], None] = say_line,
 ) -> SweepResult:
     """Run (or continue) a sweep until its study holds N finished trials; write the recipe.
 

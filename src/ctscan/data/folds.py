@@ -1,0 +1,183 @@
+"""K folds over train + valid, grouped by picture, stratified by class.
+
+Cross-validated selection (`ctscan train --folds K`, ops/cv.py) trains one model per fold on the
+other K-1 folds and reads the held-out fold as its validation split. The valid split of the
+Kaggle set has 72 images, 10 of them copies of train images: its accuracy says little about test.
+K folds give every train + valid image one out-of-fold prediction.
+
+Copies never straddle folds: images with the same pixels (the store's `pixel_hashes`), and near
+copies the audit found (`audit.json`, `same_picture` pairs: re-encoded or resized copies), form
+one group and go to one fold, or the held-out fold would be scored on pictures its model trained
+on. The test split is not part of any fold.
+
+Assignment (deterministic for a seed): groups are shuffled with the seed, then placed largest
+first, each into the fold that keeps the class counts of all folds closest to an even share
+(the sum of squared deviations, as scikit-learn's StratifiedGroupKFold does), ties to the
+fold with fewer images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ctscan.data.store import Split, Store
+from ctscan.errors import CtscanError, SettingsError
+
+POOL_SPLITS = ("train", "valid")  # what the folds divide; test stays out
+
+
+def picture_groups(
+    paths: Sequence[str], hashes: Sequence[str], near_pairs: Iterable[tuple[Sequence[str], ...]]
+) -> np.ndarray:
+    """A group id per image: same pixel hash, or linked by a near-copy pair (paths a, b)."""
+    parent: dict[str, str] = {}
+
+    def root(h: str) -> str:
+        while parent.setdefault(h, h) != h:
+            parent[h] = parent[parent[h]]
+            h = parent[h]
+        return h
+
+    hash_of = dict(zip(paths, hashes, strict=True))
+    for pair in near_pairs:
+        linked = [hash_of[p] for side in pair for p in side if p in hash_of]
+        for h in linked[1:]:
+            ra, rb = root(linked[0]), root(h)
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+    ids: dict[str, int] = {}
+    return np.array([ids.setdefault(root(h), len(ids)) for h in hashes], dtype=np.int64)
+
+
+def grouped_folds(labels: Any, groups: Any, k: int, seed: int) -> np.ndarray:
+    """The fold (0..k-1) of each image: every group in one fold, classes spread evenly."""
+    y = np.asarray(labels, dtype=np.int64)
+    g = np.asarray(groups, dtype=np.int64)
+    if y.shape != g.shape or y.ndim != 1:
+        raise ValueError(f"labels {y.shape} and groups {g.shape} must be two equal 1-D arrays.")
+    n_groups = len(np.unique(g)) if len(g) else 0
+    if k < 2:
+        raise ValueError(f"k must be 2 or more, got {k}.")
+    if n_groups < k:
+        raise ValueError(f"{n_groups} picture groups cannot fill {k} folds.")
+    classes = int(y.max()) + 1
+    unique, inverse = np.unique(g, return_inverse=True)
+    counts = np.zeros((len(unique), classes), dtype=np.int64)
+    np.add.at(counts, (inverse, y), 1)
+    order = np.random.default_rng(seed).permutation(len(unique))
+    order = order[np.argsort(-counts[order].sum(axis=1), kind="stable")]  # largest first
+    target = counts.sum(axis=0) / k
+    fold_counts = np.zeros((k, classes), dtype=np.float64)
+    fold_of_group = np.empty(len(unique), dtype=np.int64)
+    for group in order:
+        trial = fold_counts + counts[group]  # (k, classes): each fold with this group added
+        cost = ((fold_counts - target) ** 2).sum() - ((fold_counts - target) ** 2).sum(axis=1)
+        cost = cost + ((trial - target) ** 2).sum(axis=1)
+        best = np.lexsort((fold_counts.sum(axis=1), cost))[0]  # lowest cost, then fewest images
+        fold_of_group[group] = best
+        fold_counts[best] += counts[group]
+    return fold_of_group[inverse]
+
+
+def _take(split: Split, index: np.ndarray) -> Split:
+    at = torch.as_tensor(index, dtype=torch.long)
+    return Split(
+        images=split.images[at],
+        labels=split.labels[at],
+        paths=[split.paths[i] for i in index],
+        hashes=[split.hashes[i] for i in index],
+    )
+
+
+@dataclass(frozen=True)
+class FoldPlan:
+    """The folds of a store for K and a seed: who is held out where, and a fingerprint."""
+
+    k: int
+    seed: int
+    paths: tuple[str, ...]  # train then valid, as the store lists them
+    fold: np.ndarray  # (N,) fold of each path
+    group: np.ndarray  # (N,) picture group of each path
+    labels: np.ndarray  # (N,)
+
+    @property
+    def identity(self) -> str:
+        """sha256 of the assignment: a rerun must hold out the same images."""
+        rows = sorted(zip(self.paths, self.fold.tolist(), strict=True))
+        return hashlib.sha256(json.dumps([self.k, rows]).encode()).hexdigest()
+
+    def held_out(self, fold: int) -> np.ndarray:
+        return np.flatnonzero(self.fold == fold)
+
+    def counts(self, num_classes: int) -> list[list[int]]:
+        """Images per class in each fold (k rows)."""
+        return [
+            np.bincount(self.labels[self.fold == f], minlength=num_classes).tolist()
+            for f in range(self.k)
+        ]
+
+    def straddling_groups(self) -> int:
+        """Groups found in more than one fold (0 by construction; a check for tests and docs)."""
+        pairs = {(int(g), int(f)) for g, f in zip(self.group, self.fold, strict=True)}
+        return len(pairs) - len({g for g, _ in pairs})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "k": self.k,
+            "seed": self.seed,
+            "identity": self.identity,
+            "groups": len(np.unique(self.group)),
+            "images_in_shared_groups": int(
+                np.isin(self.group, np.flatnonzero(np.bincount(self.group) > 1)).sum()
+            ),
+            "held_out": {
+                str(f + 1): [self.paths[i] for i in self.held_out(f)] for f in range(self.k)
+            },
+        }
+
+
+def _near_pairs(store: Store) -> list[tuple[Sequence[str], Sequence[str]]]:
+    audit = store.audit() or {}
+    return [(n["a"], n["b"]) for n in audit.get("near_duplicates", []) if n.get("same_picture")]
+
+
+def plan_folds(store: Store, k: int, seed: int) -> FoldPlan:
+    """Assign the store's train + valid images to k folds (see the module docstring)."""
+    splits = [store.split(name) for name in POOL_SPLITS]
+    paths = [p for s in splits for p in s.paths]
+    hashes = [h for s in splits for h in s.hashes]
+    labels = torch.cat([s.labels for s in splits]).cpu().numpy()
+    groups = picture_groups(paths, hashes, _near_pairs(store))
+    n_groups = len(np.unique(groups))
+    if k < 2 or k > n_groups:
+        raise SettingsError(
+            f"--folds {k}: cross-validation needs 2 to {n_groups} folds here (train + valid "
+            f"hold {len(paths)} images in {n_groups} picture groups).",
+            f"use --folds {min(5, n_groups)} (or leave --folds out to select on the valid split).",
+        )
+    fold = grouped_folds(labels, groups, k, seed)
+    return FoldPlan(k, seed, tuple(paths), fold, groups, labels)
+
+
+def fold_splits(store: Store, plan: FoldPlan, fold: int) -> tuple[Split, Split]:
+    """(train, held out) for fold `fold` (0-based): the other folds train, this one validates."""
+    splits = [store.split(name) for name in POOL_SPLITS]
+    pool = Split(
+        images=torch.cat([s.images for s in splits]),
+        labels=torch.cat([s.labels for s in splits]),
+        paths=[p for s in splits for p in s.paths],
+        hashes=[h for s in splits for h in s.hashes],
+    )
+    if tuple(pool.paths) != plan.paths:
+        raise CtscanError(
+            "the processed store changed since the folds were planned.",
+            "start a new cross-validation (another --out).",
+        )
+    return _take(pool, np.flatnonzero(plan.fold != fold)), _take(pool, plan.held_out(fold))

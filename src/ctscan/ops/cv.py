@@ -1,0 +1,606 @@
+"""Cross-validated selection: `ctscan train --folds K`.
+
+The 72-image valid split says little about test (best valid accuracy 0.89 for models at 0.65 on
+test). With `--folds K` the train + valid images are cut into K folds grouped by picture (exact
+and near copies never straddle folds, data/folds.py) and stratified by class; one model per fold
+trains with the one training loop on the other K-1 folds and is selected (best epoch) on its
+held-out fold. The selection signal is the held-out metric of the K models (mean +- std) and the
+pooled out-of-fold predictions of all train + valid images.
+
+Then, in this order: the temperature is fitted on the pooled out-of-fold logits (more images than
+valid alone) and written into every fold's best.pt; only then, once, the test split is read: each
+fold model's test metrics (and leak-free ones), their mean +- std, and the accuracy of the K
+models' averaged probabilities.
+
+Layout (`--out`, default paths.runs_dir/cv<K>-<model>-s<seed>-<time>):
+    settings.toml      the settings as run (each fold's own folder has them with test and
+                       calibration off: the cross-validation does both)
+    folds.json         K, seed, the assignment's sha256, the held-out paths of every fold
+    fold-<k>/          a normal run folder (best.pt, last.pt, curves.png, ...) + fold.json
+    oof.json           the out-of-fold predictions (path, fold, label, probabilities)
+    cv.json            the summary (selection signal, calibration, test), also on stdout
+
+MLflow: one parent run (`cv<K>-...`, tag kind=cv) with the summary metrics; each fold is a child
+run under it (MLflow's parentRunId tag) holding its epochs. Interrupted (Ctrl-C, SIGTERM): the
+finished folds are kept; the same command with `--out` continues (a fold cut mid-way resumes
+from its last.pt). The fold models do not enter the model registry: the K models are a
+selection signal and an ensemble, not one deployable checkpoint (yet).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctscan.data.folds import FoldPlan, fold_splits, plan_folds
+from ctscan.errors import (
+    CtscanError,
+    Interrupted,
+    SettingsError,
+    Terminated,
+    held_signals,
+    say_line,
+)
+from ctscan.files import atomic_write, ensure_dir, folder_lock
+from ctscan.settings import Settings, public_dict, to_toml
+
+FOLDS_FILE = "folds.json"
+FOLD_FILE = "fold.json"
+OOF_FILE = "oof.json"
+CV_FILE = "cv.json"
+TAG_CV = "ctscan.cv"
+TAG_FOLD = "ctscan.cv_fold"
+FOLD_FIX = "use --folds 5 (or leave --folds out to select on the valid split)."
+# What a continued cross-validation may change: where and how it runs, never how a fold trains
+# (every fold must follow one recipe).
+CV_MAY_CHANGE = (
+    "paths.",
+    "tracking.",
+    "serve.",
+    "inference.",
+    "data.max_image_pixels",
+    "data.max_file_bytes",
+    "data.on_bad_file",
+    "data.near_duplicate_distance",
+    "model.weights_path",
+    "train.quiet",
+    "train.threads",
+    "train.device",
+    "train.checkpoint_every",
+)
+
+
+def fold_settings(settings: Settings) -> Settings:
+    """What every fold trains with: no test, no registry, no valid-split temperature."""
+    train = settings.train.model_copy(update={"evaluate_test": False, "calibrate": False})
+    tracking = settings.tracking.model_copy(update={"log_model": False})
+    return settings.model_copy(update={"train": train, "tracking": tracking})
+
+
+def _write_json(path: Path, data: Any) -> Path:
+    body = json.dumps(data, indent=1).encode()
+    return atomic_write(path, lambda fh: fh.write(body))
+
+
+def _read_json(path: Path, keys: tuple[str, ...], fix: str) -> dict[str, Any]:
+    """A JSON object with `keys`, or one clear error naming the file and `fix`."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CtscanError(f"'{path}' cannot be read ({exc}).", fix) from None
+    missing = [k for k in keys if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise CtscanError(f"'{path}' is not ctscan's (no {', '.join(missing)}).", fix)
+    return data
+
+
+def _fold_fix(cv_dir: Path, fold: int) -> str:
+    return f"delete '{cv_dir / f'fold-{fold}'}' and rerun: that fold trains again."
+
+
+def _mean_std(values: list[float]) -> dict[str, Any]:
+    values = [float(v) for v in values]
+    if not values:
+        return {"mean": None, "std": None, "values": []}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "values": values,
+    }
+
+
+@dataclass
+class CvResult:
+    """What `ctscan train --folds K` produced."""
+
+    run_dir: Path
+    k: int
+    select_metric: str
+    folds: list[dict[str, Any]]
+    selection: dict[str, Any]
+    oof: dict[str, Any]
+    calibration: dict[str, Any] | None = None
+    test: dict[str, Any] | None = None
+    run_id: str | None = None
+    assignment: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready (cv.json and stdout)."""
+        return {
+            "run_dir": str(self.run_dir),
+            "folds": self.k,
+            "select_metric": self.select_metric,
+            "assignment": self.assignment,
+            "per_fold": self.folds,
+            "selection": self.selection,
+            "out_of_fold": self.oof,
+            "calibration": self.calibration,
+            "test": self.test,
+            "mlflow_run_id": self.run_id,
+        }
+
+
+def _default_dir(settings: Settings, k: int) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = f"cv{k}-{settings.model.name}-s{settings.train.seed}-{stamp}"
+    return settings.paths.runs_dir / name
+
+
+def _check_same_cv(cv_dir: Path, plan: FoldPlan, settings: Settings) -> dict[str, Any]:
+    """folds.json of an earlier (interrupted) run must match: same folds, same settings."""
+    from ctscan.engine.train import refused_changes
+
+    recorded = _read_json(
+        cv_dir / FOLDS_FILE,
+        ("k", "identity", "settings"),
+        "start a new cross-validation (another --out); the fold folders can be kept aside.",
+    )
+    fix = (
+        f"rerun with the settings it used (-s {cv_dir / 'settings.toml'}) and --folds "
+        f"{recorded.get('k')}, or start a new cross-validation (another --out)."
+    )
+    if recorded.get("k") != plan.k or recorded.get("identity") != plan.identity:
+        raise CtscanError(
+            f"'{cv_dir}' holds another cross-validation ({recorded.get('k')} folds, another "
+            "assignment of images to folds).",
+            fix,
+        )
+    refused = refused_changes(recorded.get("settings") or {}, settings, allowed=CV_MAY_CHANGE)
+    if refused:
+        raise CtscanError(f"'{cv_dir}' was trained with other settings: {'; '.join(refused)}.", fix)
+    return recorded
+
+
+def _stopped(cv_dir: Path, k: int, where: str, exc: BaseException) -> Interrupted:
+    terminated = isinstance(exc, Terminated) or getattr(exc, "terminated", False)
+    how = "by SIGTERM" if terminated else "by Ctrl-C"
+    return Interrupted(
+        f"cross-validation stopped {how} {where}; finished folds are kept in '{cv_dir}'.",
+        f"continue with `ctscan train --folds {k} --out {cv_dir} -s {cv_dir / 'settings.toml'}`.",
+        terminated=terminated,
+    )
+
+
+def _train_fold(
+    settings: Settings, store: Any, plan: FoldPlan, cv_dir: Path, fold: int, parent: str | None
+) -> dict[str, Any]:
+    """Train fold `fold` (1-based), or resume it from its last.pt; returns its fold.json."""
+    from ctscan.engine.tracking import TAG_PARENT_RUN_ID
+    from ctscan.engine.train import RunHooks, run_training
+
+    fold_dir = cv_dir / f"fold-{fold}"
+    train_split, held_out = fold_splits(store, plan, fold - 1)
+    tags = {TAG_CV: cv_dir.name, TAG_FOLD: str(fold)}
+    if parent:
+        tags[TAG_PARENT_RUN_ID] = parent
+    resume = "auto" if (fold_dir / "last.pt").is_file() else None
+    result = run_training(
+        settings,
+        out_dir=fold_dir,
+        resume=resume,
+        hooks=RunHooks(tags),
+        splits=(train_split, held_out),
+    )
+    assert result is not None  # one process
+    best_row = next(r for r in result.history if r["epoch"] == result.best_epoch)
+    record = {
+        "fold": fold,
+        "train_images": len(train_split),
+        "held_out_images": len(held_out),
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "best": {k: v for k, v in best_row.items() if k.startswith("val_")},
+        "seconds": round(result.seconds, 2),
+        "mlflow_run_id": result.run_id,
+    }
+    with held_signals(signal.SIGINT, signal.SIGTERM):  # trained: recorded before a stop acts
+        _write_json(fold_dir / FOLD_FILE, record)
+    return record
+
+
+FOLD_KEYS = ("fold", "best", "best_epoch", "epochs_run", "held_out_images")
+
+
+def _fold_checkpoint(cv_dir: Path, fold: int, record: dict[str, Any], metric: str) -> Any:
+    """Fold `fold`'s best.pt, checked to be the model that fold trained (its fold.json)."""
+    from ctscan.engine.checkpoint import read_checkpoint
+
+    path = cv_dir / f"fold-{fold}" / "best.pt"
+    try:
+        checkpoint = read_checkpoint(path)
+    except CtscanError as exc:
+        raise CtscanError(
+            f"fold {fold}'s best.pt cannot be used: {exc.message}", _fold_fix(cv_dir, fold)
+        ) from None
+    value = record["best"].get(metric)
+    if (
+        record.get("fold") != fold
+        or checkpoint.epoch != record["best_epoch"]
+        or value is None
+        or not math.isclose(float(checkpoint.best_value), float(value), rel_tol=1e-9)
+    ):
+        raise CtscanError(
+            f"'{path}' is not the model fold {fold} trained (its fold.json records best epoch "
+            f"{record['best_epoch']}, {metric} {value}; the file holds epoch {checkpoint.epoch}, "
+            f"{checkpoint.best_value}).",
+            _fold_fix(cv_dir, fold),
+        )
+    return checkpoint
+
+
+def _finished_fold(cv_dir: Path, fold: int, metric: str) -> dict[str, Any] | None:
+    """fold.json of a finished fold (its best.pt checked), or None if the fold is not done."""
+    path = cv_dir / f"fold-{fold}" / FOLD_FILE
+    if not path.is_file():
+        return None
+    record = _read_json(path, FOLD_KEYS, _fold_fix(cv_dir, fold))
+    if not isinstance(record["best"], dict):
+        raise CtscanError(
+            f"'{path}' is not ctscan's (best is not a table).", _fold_fix(cv_dir, fold)
+        )
+    _fold_checkpoint(cv_dir, fold, record, metric)
+    return record
+
+
+def _out_of_fold(
+    store: Any, plan: FoldPlan, cv_dir: Path, rt: Any, records: list[dict[str, Any]], metric: str
+) -> tuple[np.ndarray, list[Any]]:
+    """The raw logits of every train + valid image from the model that did not train on it."""
+    from ctscan.engine.checkpoint import load_model
+    from ctscan.engine.evaluate import predict, require_same_spec
+
+    logits = np.zeros((len(plan.paths), len(store.spec.class_names)), dtype=np.float64)
+    checkpoints = []
+    for fold, record in enumerate(records, 1):
+        checkpoint = _fold_checkpoint(cv_dir, fold, record, metric)
+        require_same_spec(checkpoint, store)
+        loaded = load_model(checkpoint, device=rt.device, channels_last=rt.channels_last)
+        _, held_out = fold_splits(store, plan, fold - 1)
+        spec = loaded.spec
+        out = predict(
+            loaded.model,
+            held_out.images,
+            mean=spec.mean,
+            std=spec.std,
+            channels=loaded.channels,
+            rt=rt,
+        )
+        logits[plan.held_out(fold - 1)] = out.cpu().double().numpy()
+        checkpoints.append(checkpoint)
+    return logits, checkpoints
+
+
+def _calibrate(
+    cv_dir: Path,
+    k: int,
+    checkpoints: list[Any],
+    logits: np.ndarray,
+    labels: np.ndarray,
+    store: Any,
+    rt: Any,
+) -> dict[str, Any]:
+    """One temperature, fitted on the pooled out-of-fold logits, into every fold's best.pt."""
+    import dataclasses
+
+    from ctscan.data.reference import CONFIDENCE_FILE
+    from ctscan.engine.calibration import (
+        T_MAX,
+        T_MIN,
+        apply_temperature,
+        fit_temperature,
+        train_confidence,
+    )
+    from ctscan.engine.checkpoint import save_checkpoint
+    from ctscan.engine.metrics import classification_report, probabilities
+
+    fit = fit_temperature(logits, labels)
+    report: dict[str, Any] = {"method": "temperature", "split": f"out-of-fold ({k} folds)"}
+    report |= fit.to_dict()
+    report["bounds"] = [T_MIN, T_MAX]
+    names = list(checkpoints[0].class_names)
+    for key, temperature in (("before", 1.0), ("after", fit.temperature)):
+        metrics = classification_report(
+            labels, probabilities(apply_temperature(logits, temperature)), names
+        )
+        report[f"ece_{key}"], report[f"log_loss_{key}"] = metrics["ece"], metrics["log_loss"]
+    with held_signals(signal.SIGINT, signal.SIGTERM):  # every fold gets the same T, or none
+        for fold, checkpoint in enumerate(checkpoints, 1):
+            calibrated = dataclasses.replace(
+                checkpoint, temperature=fit.temperature, calibration=report
+            )
+            save_checkpoint(cv_dir / f"fold-{fold}" / "best.pt", calibrated)
+    for fold, checkpoint in enumerate(checkpoints, 1):  # serve's drift reference follows T
+        calibrated = dataclasses.replace(checkpoint, temperature=fit.temperature)
+        body = json.dumps(train_confidence(calibrated, store, rt)).encode()
+        atomic_write(cv_dir / f"fold-{fold}" / CONFIDENCE_FILE, lambda fh, b=body: fh.write(b))
+    return report
+
+
+def _test(store: Any, cv_dir: Path, k: int, rt: Any) -> dict[str, Any]:
+    """Read the test split, once, after everything else: each fold model and their average."""
+    from ctscan.engine.evaluate import evaluate_checkpoint, leak_free_mask
+    from ctscan.engine.metrics import classification_report
+
+    names = list(store.spec.class_names)
+    results = [
+        evaluate_checkpoint(
+            cv_dir / f"fold-{fold}" / "best.pt",
+            store=store,
+            split="test",
+            rt=rt,
+            out_dir=cv_dir / f"fold-{fold}" / "eval-test",
+        )
+        for fold in range(1, k + 1)
+    ]
+    probs = np.mean(
+        [[[p["probabilities"][n] for n in names] for p in r["predictions"]] for r in results],
+        axis=0,
+    )
+    y_true = store.split("test").labels.cpu().numpy()
+    mask = leak_free_mask(store, "test")
+    averaged = classification_report(y_true, probs, names)
+    averaged_free = classification_report(y_true[mask], probs[mask], names) if mask.any() else {}
+    keys = ("accuracy", "macro_f1", "ece", "log_loss")
+    return {
+        "n": len(y_true),
+        "leak_free_n": int(mask.sum()),
+        "per_fold": {key: _mean_std([r[key] for r in results]) for key in keys},
+        "per_fold_leak_free": {
+            key: _mean_std([r["leak_free"][key] for r in results if r["leak_free"]])
+            for key in ("accuracy", "macro_f1")
+        },
+        "averaged_probabilities": {key: averaged[key] for key in keys},
+        "averaged_probabilities_leak_free": {
+            key: averaged_free[key] for key in ("accuracy", "macro_f1") if key in averaged_free
+        },
+    }
+
+
+def run_cv(
+    settings: Settings,
+    k: int,
+    *,
+    out_dir: Path | None = None,
+    say: Callable[[str], None] = say_line,
+) -> CvResult:
+    """Train K fold models, pool their out-of-fold predictions, calibrate, then test once."""
+    from ctscan.data.store import open_store
+    from ctscan.engine.tracking import open_tracker
+    from ctscan.engine.train import refuse_reserved_out
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise CtscanError(
+            "--folds runs its folds one after another in one process; it does not run under "
+            "torchrun.",
+            "run `ctscan train --folds K` without torchrun (each fold uses the whole device).",
+        )
+    if k < 2:
+        raise SettingsError(f"--folds {k}: cross-validation needs 2 folds or more.", FOLD_FIX)
+    store = open_store(settings.paths.processed_dir, expect_data=settings.data.model_dump())
+    plan = plan_folds(store, k, settings.train.seed)
+    folds_settings = fold_settings(settings)
+    cv_dir = out_dir or _default_dir(settings, k)
+    refuse_reserved_out(cv_dir, settings)
+    with folder_lock(ensure_dir(cv_dir, what="cross-validation folder"), what="cross-validation"):
+        recorded = None
+        if (cv_dir / CV_FILE).is_file():
+            raise CtscanError(
+                f"'{cv_dir}' holds a finished cross-validation ({CV_FILE}); its test split "
+                "has been read.",
+                "choose another --out for a new one.",
+            )
+        if (cv_dir / FOLDS_FILE).is_file():
+            recorded = _check_same_cv(cv_dir, plan, settings)
+        elif any(cv_dir.glob("fold-*")) or (cv_dir / "last.pt").exists():
+            raise CtscanError(
+                f"'{cv_dir}' holds runs but no {FOLDS_FILE}: it is not a cross-validation "
+                "folder ctscan can continue.",
+                "choose another --out.",
+            )
+        text = to_toml(settings).encode()  # what the user ran: the command to continue uses it
+        atomic_write(cv_dir / "settings.toml", lambda fh: fh.write(text))
+        assignment = {**plan.to_dict(), "settings": public_dict(settings)}
+        parent_id = (recorded or {}).get("parent_run_id")
+        tracker = open_tracker(
+            settings.tracking,
+            runs_dir=settings.paths.runs_dir,
+            run_name=cv_dir.name,
+            resume_run_id=parent_id,
+            detached=True,
+        )
+        with tracker:
+            if tracker.run_id != parent_id or recorded is None:
+                assignment["parent_run_id"] = tracker.run_id
+                _write_json(cv_dir / FOLDS_FILE, assignment)
+                tracker.set_tags({"kind": "cv", TAG_CV: cv_dir.name, "model": settings.model.name})
+                tracker.log_params(
+                    {"cv.folds": k, "cv.seed": plan.seed, "cv.identity": plan.identity}
+                )
+            return _run(settings, folds_settings, store, plan, cv_dir, tracker, say)
+
+
+def _run(
+    settings: Settings,
+    folds_settings: Settings,
+    store: Any,
+    plan: FoldPlan,
+    cv_dir: Path,
+    tracker: Any,
+    say: Callable[[str], None],
+) -> CvResult:
+    from ctscan.engine.metrics import classification_report, probabilities
+    from ctscan.engine.runtime import resolve_runtime
+
+    k, metric = plan.k, settings.train.select_metric
+    done = {fold: _finished_fold(cv_dir, fold, metric) for fold in range(1, k + 1)}  # up front
+    counts = np.array(plan.counts(len(store.spec.class_names)))
+    present = counts.sum(axis=0) > 0
+    lacking = [f + 1 for f in range(k) if (present & (counts[f] == 0)).any()]
+    if lacking:
+        say(
+            f"warning: fold(s) {', '.join(map(str, lacking))} hold no image of some class (too "
+            "few images per class for this K): their held-out figures miss that class."
+        )
+    records = []
+    for fold in range(1, k + 1):
+        record = done[fold]
+        if record is not None:
+            say(f"fold {fold}/{k}: already trained ({metric} {record['best'][metric]:.4f})")
+        else:
+            say(f"fold {fold}/{k}: training on the other folds, selecting on fold {fold}")
+            try:
+                record = _train_fold(folds_settings, store, plan, cv_dir, fold, tracker.run_id)
+            except (KeyboardInterrupt, Interrupted) as exc:
+                raise _stopped(cv_dir, k, f"in fold {fold} of {k}", exc) from None
+            say(
+                f"fold {fold}/{k}: best epoch {record['best_epoch']}, {metric} "
+                f"{record['best'][metric]:.4f}"
+            )
+        records.append(record)
+    rt = resolve_runtime(settings.train)
+    try:
+        logits, checkpoints = _out_of_fold(store, plan, cv_dir, rt, records, metric)
+        labels = plan.labels
+        names = list(store.spec.class_names)
+        raw = classification_report(labels, probabilities(logits), names)
+        selection = {
+            key: _mean_std([r["best"][key] for r in records if key in r["best"]])
+            for key in ("val_accuracy", "val_macro_f1", "val_loss")
+            if all(key in r["best"] for r in records)
+        }
+        calibration = None
+        temperature = 1.0
+        if settings.train.calibrate:
+            calibration = _calibrate(cv_dir, k, checkpoints, logits, labels, store, rt)
+            temperature = calibration["temperature"]
+        from ctscan.engine.calibration import apply_temperature
+
+        probs = probabilities(apply_temperature(logits, temperature))
+        oof_report = classification_report(labels, probs, names)
+        keys = ("accuracy", "macro_f1", "balanced_accuracy", "ece", "log_loss")
+        oof = {key: oof_report[key] for key in keys} | {
+            "n": len(labels),
+            "uncalibrated": {key: raw[key] for key in ("ece", "log_loss")},
+        }
+        _write_json(
+            cv_dir / OOF_FILE,
+            [
+                {
+                    "path": path,
+                    "fold": int(fold) + 1,
+                    "true": names[int(y)],
+                    "probabilities": dict(zip(names, map(float, row), strict=True)),
+                }
+                for path, fold, y, row in zip(plan.paths, plan.fold, labels, probs, strict=True)
+            ],
+        )
+        test = None
+        if settings.train.evaluate_test and store.counts.get("test", 0):
+            test = _test(store, cv_dir, k, rt)
+        elif settings.train.evaluate_test:
+            say("note: the store's test split is empty: no test figures")
+    except KeyboardInterrupt as exc:
+        raise _stopped(cv_dir, k, "after the folds trained", exc) from None
+    if test is not None:
+        test["gap"] = {  # selection signal minus test: what a user choosing by it is off by
+            "oof_accuracy_minus_test": oof["accuracy"] - test["per_fold"]["accuracy"]["mean"],
+        }
+        if "val_accuracy" in selection:
+            test["gap"]["fold_val_accuracy_minus_test"] = (
+                selection["val_accuracy"]["mean"] - test["per_fold"]["accuracy"]["mean"]
+            )
+    assignment = {
+        key: value
+        for key, value in _read_json(cv_dir / FOLDS_FILE, ("k",), "start a new one").items()
+        if key not in ("held_out", "settings")
+    }
+    assignment["counts"] = plan.counts(len(names))
+    result = CvResult(
+        run_dir=cv_dir,
+        k=k,
+        select_metric=metric,
+        folds=records,
+        selection=selection,
+        oof=oof,
+        calibration=calibration,
+        test=test,
+        run_id=tracker.run_id,
+        assignment=assignment,
+    )
+    _write_json(cv_dir / CV_FILE, result.summary())
+    _log(tracker, result, cv_dir)
+    return result
+
+
+def _log(tracker: Any, result: CvResult, cv_dir: Path) -> None:
+    metrics = {f"oof_{key}": float(result.oof[key]) for key in ("accuracy", "macro_f1", "ece")}
+    for key, stats in result.selection.items():
+        metrics[f"cv_{key}_mean"], metrics[f"cv_{key}_std"] = stats["mean"], stats["std"]
+    if result.calibration is not None:
+        metrics["temperature"] = float(result.calibration["temperature"])
+    if result.test is not None:
+        for key, stats in result.test["per_fold"].items():
+            metrics[f"test_{key}_mean"], metrics[f"test_{key}_std"] = stats["mean"], stats["std"]
+        for key, value in result.test["averaged_probabilities"].items():
+            metrics[f"test_averaged_{key}"] = float(value)
+    tracker.log_metrics(metrics, step=result.k)
+    for name in (CV_FILE, FOLDS_FILE, "settings.toml"):
+        tracker.log_artifact(cv_dir / name)
+
+
+def cv_lines(result: CvResult) -> list[str]:
+    """The human summary printed on stderr at the end."""
+    metric = result.select_metric
+    lines = [
+        f"fold {r['fold']}: best epoch {r['best_epoch']}/{r['epochs_run']}, {metric} "
+        f"{r['best'][metric]:.4f} on {r['held_out_images']} held-out images"
+        for r in result.folds
+    ]
+    for key, stats in result.selection.items():
+        lines.append(f"selection {key}: {stats['mean']:.4f} +- {stats['std']:.4f}")
+    oof = result.oof
+    lines.append(
+        f"out-of-fold ({oof['n']} images): accuracy {oof['accuracy']:.4f}, macro-F1 "
+        f"{oof['macro_f1']:.4f}, ECE {oof['ece']:.4f}"
+    )
+    if result.calibration is not None:
+        lines.append(f"temperature {result.calibration['temperature']:.3f} (out-of-fold fit)")
+    if result.test is not None:
+        acc = result.test["per_fold"]["accuracy"]
+        lines.append(
+            f"test ({result.test['n']} images, read once at the end): fold models accuracy "
+            f"{acc['mean']:.4f} +- {acc['std']:.4f}; averaged probabilities "
+            f"{result.test['averaged_probabilities']['accuracy']:.4f}"
+        )
+    lines.append(f"cross-validation: {result.run_dir / CV_FILE}")
+    return lines
