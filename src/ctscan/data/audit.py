@@ -347,10 +347,11 @@ def audit(
     return report
 
 
-def picture_groups(
-    records: Sequence[ImageRecord], near: Sequence[NearDuplicate] = ()
-) -> list[list[int]]:
-    """Record indices grouped by picture: same pixel hash, or linked by a near copy."""
+def picture_group_ids(
+    paths: Sequence[str], hashes: Sequence[str], near_pairs: Iterable[tuple[Sequence[str], ...]]
+) -> list[int]:
+    """A group id per image (0, 1, ... in order of first appearance): same pixel hash, or
+    linked by a near-copy pair (the paths of its two sides)."""
     parent: dict[str, str] = {}
 
     def root(h: str) -> str:
@@ -359,15 +360,29 @@ def picture_groups(
             h = parent[h]
         return h
 
-    hash_of = {r.path: r.pixel_hash for r in records}
-    for n in near:
-        if n.same_picture and n.a[0] in hash_of and n.b[0] in hash_of:
-            ra, rb = root(hash_of[n.a[0]]), root(hash_of[n.b[0]])
+    hash_of = dict(zip(paths, hashes, strict=True))
+    for pair in near_pairs:
+        linked = [hash_of[p] for side in pair for p in side if p in hash_of]
+        for h in linked[1:]:
+            ra, rb = root(linked[0]), root(h)
             if ra != rb:
                 parent[max(ra, rb)] = min(ra, rb)
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, r in enumerate(records):
-        groups[root(r.pixel_hash)].append(i)
+    ids: dict[str, int] = {}
+    return [ids.setdefault(root(h), len(ids)) for h in hashes]
+
+
+def picture_groups(
+    records: Sequence[ImageRecord], near: Sequence[NearDuplicate] = ()
+) -> list[list[int]]:
+    """Record indices grouped by picture: same pixel hash, or linked by a near copy."""
+    ids = picture_group_ids(
+        [r.path for r in records],
+        [r.pixel_hash for r in records],
+        [(n.a, n.b) for n in near if n.same_picture],
+    )
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, group in enumerate(ids):
+        groups[group].append(i)
     return list(groups.values())
 
 

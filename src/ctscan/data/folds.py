@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ctscan.data.audit import picture_group_ids
 from ctscan.data.store import Split, Store
 from ctscan.errors import CtscanError, SettingsError
 
@@ -37,23 +38,7 @@ def picture_groups(
     paths: Sequence[str], hashes: Sequence[str], near_pairs: Iterable[tuple[Sequence[str], ...]]
 ) -> np.ndarray:
     """A group id per image: same pixel hash, or linked by a near-copy pair (paths a, b)."""
-    parent: dict[str, str] = {}
-
-    def root(h: str) -> str:
-        while parent.setdefault(h, h) != h:
-            parent[h] = parent[parent[h]]
-            h = parent[h]
-        return h
-
-    hash_of = dict(zip(paths, hashes, strict=True))
-    for pair in near_pairs:
-        linked = [hash_of[p] for side in pair for p in side if p in hash_of]
-        for h in linked[1:]:
-            ra, rb = root(linked[0]), root(h)
-            if ra != rb:
-                parent[max(ra, rb)] = min(ra, rb)
-    ids: dict[str, int] = {}
-    return np.array([ids.setdefault(root(h), len(ids)) for h in hashes], dtype=np.int64)
+    return np.array(picture_group_ids(paths, hashes, near_pairs), dtype=np.int64)
 
 
 def grouped_folds(labels: Any, groups: Any, k: int, seed: int) -> np.ndarray:

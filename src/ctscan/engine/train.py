@@ -63,12 +63,13 @@ from ctscan.files import atomic_write, ensure_dir, folder_lock, remove_stale_tem
 from ctscan.settings import Settings, flatten, public_dict, to_toml
 
 CHECKPOINT_NAMES = ("best.pt", "last.pt")
-# Settings a resumed run may change: they alter neither the model, the data nor the schedule
-# already followed (train.epochs is handled apart: it may grow).
-RESUME_MAY_CHANGE = (
+# Where and how a run runs, never how it trains: a resumed run and a continued
+# cross-validation may change these (train.epochs is handled apart: a resume may raise it).
+RUN_PLACE_KEYS = (
     "paths.",
     "tracking.",
     "serve.",
+    "inference.",
     "data.max_image_pixels",
     "data.max_file_bytes",
     "data.on_bad_file",
@@ -76,11 +77,15 @@ RESUME_MAY_CHANGE = (
     "model.weights_path",
     "train.quiet",
     "train.threads",
+    "train.device",
+    "train.checkpoint_every",
+)
+# A resumed run (one model) may also change what happens at its end and its stopping rules.
+RESUME_MAY_CHANGE = (
+    *RUN_PLACE_KEYS,
     "train.evaluate_test",
     "train.calibrate",
-    "train.checkpoint_every",
     "train.early_stop_patience",
-    "train.device",
     "train.compile",
     "train.deterministic",
 )

@@ -61,23 +61,6 @@ CV_FILE = "cv.json"
 TAG_CV = "ctscan.cv"
 TAG_FOLD = "ctscan.cv_fold"
 FOLD_FIX = "use --folds 5 (or leave --folds out to select on the valid split)."
-# What a continued cross-validation may change: where and how it runs, never how a fold trains
-# (every fold must follow one recipe).
-CV_MAY_CHANGE = (
-    "paths.",
-    "tracking.",
-    "serve.",
-    "inference.",
-    "data.max_image_pixels",
-    "data.max_file_bytes",
-    "data.on_bad_file",
-    "data.near_duplicate_distance",
-    "model.weights_path",
-    "train.quiet",
-    "train.threads",
-    "train.device",
-    "train.checkpoint_every",
-)
 
 
 def fold_settings(settings: Settings) -> Settings:
@@ -158,7 +141,7 @@ def _default_dir(settings: Settings, k: int) -> Path:
 
 def _check_same_cv(cv_dir: Path, plan: FoldPlan, settings: Settings) -> dict[str, Any]:
     """folds.json of an earlier (interrupted) run must match: same folds, same settings."""
-    from ctscan.engine.train import refused_changes
+    from ctscan.engine.train import RUN_PLACE_KEYS, refused_changes
 
     recorded = _read_json(
         cv_dir / FOLDS_FILE,
@@ -175,7 +158,7 @@ def _check_same_cv(cv_dir: Path, plan: FoldPlan, settings: Settings) -> dict[str
             "assignment of images to folds).",
             fix,
         )
-    refused = refused_changes(recorded.get("settings") or {}, settings, allowed=CV_MAY_CHANGE)
+    refused = refused_changes(recorded.get("settings") or {}, settings, allowed=RUN_PLACE_KEYS)
     if refused:
         raise CtscanError(f"'{cv_dir}' was trained with other settings: {'; '.join(refused)}.", fix)
     return recorded
