@@ -366,6 +366,25 @@ def _onnx_metadata(session: Any, path: Path) -> dict[str, Any]:
     return meta
 
 
+def session_options(settings: Any) -> Any:
+    """ONNX Runtime's options for a ctscan model: its thread count, no spin-waiting by default.
+
+    `train.threads` (> 0) sets the intra-op threads. Spin-waiting is off unless
+    `inference.onnx_spinning`: predict and serve decode images on other threads at the same
+    time, and a spinning pool takes the CPU those threads need.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    threads = int(settings.train.threads)
+    if threads > 0:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    if not settings.inference.onnx_spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 def _open_onnx(path: Path, settings: Any, backend: str | None) -> Predictor:
     if backend == "torch":
         raise CtscanError(
@@ -385,14 +404,9 @@ def _open_onnx(path: Path, settings: Any, backend: str | None) -> Predictor:
         ) from None
     from ctscan.files import file_sha256
 
-    options = ort.SessionOptions()
-    threads = int(settings.train.threads)
-    if threads > 0:
-        options.intra_op_num_threads = threads
-    options.log_severity_level = 3
     try:
         session = ort.InferenceSession(
-            str(path), sess_options=options, providers=["CPUExecutionProvider"]
+            str(path), sess_options=session_options(settings), providers=["CPUExecutionProvider"]
         )
     except Exception as exc:  # onnxruntime raises its own exception types for bad files
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
