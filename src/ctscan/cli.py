@@ -290,6 +290,53 @@ def calibrate(
 
 
 @app.command()
+def ensemble(
+    members: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Checkpoints (.pt), run folders (their best.pt) or a `train --folds K` folder "
+            "(its fold models).",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", help="The ensemble checkpoint to write (.pt, a new file).", show_default=False
+        ),
+    ],
+    tta: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--tta",
+            help="Test-time views averaged with the image itself: hflip, vflip (repeatable).",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The result as JSON on stdout.")] = False,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda.")] = None,
+    settings_files: SettingsFiles = None,
+    overrides: Overrides = None,
+) -> None:
+    """Average several checkpoints (and flipped views) into one checkpoint any command takes."""
+    from ctscan.ops.ensemble import build_ensemble
+
+    settings = _settings(settings_files, overrides, **{"train.device": device})
+    result = build_ensemble(settings, members, out=out, flips=tuple(tta or ()))
+    for warning in result.warnings:
+        _console().print(f"warning: {warning}", markup=False, highlight=False)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    views = " + ".join(("image", *result.flips))
+    members_text = ", ".join(
+        f"{m['model_name']} (T {m['temperature']:.3g})" for m in result.members
+    )
+    typer.echo(f"{len(result.members)} member(s) x {views}: {members_text}", err=True)
+    typer.echo(str(result.checkpoint))
+
+
+@app.command()
 def predict(
     paths: Annotated[
         list[Path],

@@ -30,7 +30,9 @@ def make_split(n_per_class: int, size: int, seed: int, split: str) -> SplitArray
             paths.append(f"{split}/{CLASS_NAMES[label]}/{i}.png")
             hashes.append(f"{split}-{label}-{i}")
     return SplitArrays(
-        images=np.stack(images).astype(np.uint8),
+        images=np.stack(images).astype(np.uint8)
+        if images
+        else np.zeros((0, 1, size, size), np.uint8),
         labels=np.array(labels, dtype=np.int64),
         paths=paths,
         hashes=hashes,
@@ -46,7 +48,8 @@ def write_synthetic_store(
         "valid": make_split(valid, size, 1, "valid"),
         "test": make_split(test, size, 2, "test"),
     }
-    splits["test"].hashes[0] = splits["train"].hashes[0]  # a leaked test image
+    if test:
+        splits["test"].hashes[0] = splits["train"].hashes[0]  # a leaked test image
     data = DataSettings(image_size=size).model_dump()
     spec = PreprocessSpec(
         image_size=size,

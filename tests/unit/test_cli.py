@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from ctscan import __version__
 from ctscan.cli import app
-from tests.unit.conftest_store import engine_overrides
+from tests.unit.conftest_store import engine_overrides, write_synthetic_store
 
 runner = CliRunner()
 
@@ -40,6 +40,7 @@ def test_help_lists_the_commands_that_exist() -> None:
         "train",
         "evaluate",
         "calibrate",
+        "ensemble",
         "predict",
         "export",
         "profile",
@@ -142,6 +143,32 @@ def test_train_then_evaluate_json(synthetic_store: Path, tmp_path: Path) -> None
         assert (tmp_path / "eval" / name).is_file()
     code, _, err = _run(*eval_args[:3], "--split", "nope", *eval_args[5:])
     assert code == 1 and "split 'nope'" in err
+
+
+def test_a_store_without_test_images_trains_and_says_so(tmp_path: Path) -> None:
+    """No test figures and a note, not a traceback after training; evaluate: one line."""
+    store = write_synthetic_store(tmp_path / "processed", test=0)
+    args = ["train", "--out", str(tmp_path / "run"), "--epochs", "1"]
+    for item in engine_overrides(store, tmp_path / "runs", **{"tracking.enabled": "false"}):
+        args += ["--set", item]
+    code, out, err = _run(*args)
+    assert code == 0, err
+    assert "test split is empty: no test figures" in err + out
+    assert (tmp_path / "run" / "best.pt").is_file()
+    assert not (tmp_path / "run" / "eval-test").exists()
+    code, out, err = _run(
+        "evaluate",
+        str(tmp_path / "run" / "best.pt"),
+        "--set",
+        f'paths.processed_dir="{store}"',
+        "--set",
+        "data.image_size=32",
+        "--set",
+        "tracking.enabled=false",
+    )
+    assert code == 3, err
+    assert "Traceback" not in err
+    assert "test split of the store" in err and "holds no images" in err and "--split valid" in err
 
 
 FILE_FAULTS = {

@@ -23,6 +23,13 @@ Both files are one dict written by `torch.save` from plain data and tensors (loa
                     or None when T was never fitted
     training        last.pt only: {model_state (the raw trained weights), ema_state, optimizer,
                     scheduler, scaler, rng (one per rank)}; None in best.pt, which cannot resume.
+    members, flips  an ensemble (`ctscan ensemble`, model_name "ensemble"): members is a list of
+                    {model_name, dropout, temperature, source, sha256, best_value} (how to
+                    rebuild each network; its own T is applied inside the ensemble), flips the
+                    test-time views ("hflip", "vflip"); model_state holds the ensemble module's
+                    weights (`members.<k>.net.*`). Absent for one network (members None, no
+                    flips). models/ensemble.py says what the output is: log of the averaged
+                    calibrated probabilities, so everything downstream treats it as one model.
 
 Format-1 files (ctscan before this schema: last.pt kept the raw weights in `model_state`) are
 read and upgraded in memory. `temperature` and `calibration` are optional keys of format 2 (a
@@ -57,6 +64,7 @@ from ctscan.engine.modelling import (
 from ctscan.errors import CheckpointError, DataError
 from ctscan.files import atomic_write, file_sha256
 from ctscan.models import unwrap
+from ctscan.models.ensemble import Ensemble, Member, check_flips
 
 __all__ = [
     "FORMAT_VERSION",
@@ -75,6 +83,8 @@ READABLE_FORMATS = (1, 2)
 REQUIRED_KEYS = ("format", "model_name", "model_state", "preprocess", "class_names", "settings")
 TRAINING_KEYS = ("model_state", "ema_state", "optimizer", "scheduler", "scaler", "rng")
 RUN_FIX = "pass best.pt or last.pt from a run folder written by `ctscan train`."
+ENSEMBLE = "ensemble"  # model_name of an ensemble checkpoint
+MEMBER_KEYS = ("model_name", "dropout", "temperature", "source", "sha256", "best_value")
 
 
 def git_commit(cwd: Path | None = None) -> str | None:
@@ -115,6 +125,8 @@ class Checkpoint:
     temperature: float = 1.0  # softmax(logits / temperature); 1.0: uncalibrated
     calibration: dict[str, Any] | None = None  # the fit's report; None: never fitted
     training: dict[str, Any] | None = None
+    members: list[dict[str, Any]] | None = None  # an ensemble's networks (see the docstring)
+    flips: tuple[str, ...] = ()  # an ensemble's test-time views besides the identity
     source: Path | None = None  # where it was read from (not saved)
 
     @property
@@ -125,7 +137,14 @@ class Checkpoint:
     @property
     def channels(self) -> int:
         """Input channels of the model (the gray image is repeated when 3)."""
+        if self.members:
+            return model_channels(self.members[0]["model_name"])
         return model_channels(self.model_name)
+
+    @property
+    def is_ensemble(self) -> bool:
+        """Whether this file holds several networks (or test-time views) as one model."""
+        return self.members is not None
 
     @property
     def calibration_text(self) -> str:
@@ -160,6 +179,8 @@ class Checkpoint:
             "temperature": float(self.temperature),
             "calibration": self.calibration,
             "training": self.training,
+            "members": self.members,
+            "flips": list(self.flips),
         }
 
     @classmethod
@@ -198,9 +219,12 @@ class Checkpoint:
             raise CheckpointError(f"checkpoint '{source}' holds no weights.", RUN_FIX)
         training = payload.get("training")
         kind = payload.get("kind") or ("last" if training is not None else "best")
+        members, flips = _ensemble(payload, source)
         return cls(
             kind=kind,
-            model_name=check_model_name(str(payload["model_name"]), source),
+            model_name=ENSEMBLE
+            if members
+            else check_model_name(str(payload["model_name"]), source),
             spec=spec,
             model_state=state,
             settings=dict(payload["settings"]),
@@ -217,8 +241,41 @@ class Checkpoint:
             temperature=check_temperature(payload.get("temperature", 1.0), source),
             calibration=_calibration(payload.get("calibration"), source),
             training=training,
+            members=members,
+            flips=flips,
             source=source,
         )
+
+
+def _ensemble(
+    payload: dict[str, Any], source: Path
+) -> tuple[list[dict[str, Any]] | None, tuple[str, ...]]:
+    """(members, flips) of an ensemble file, (None, ()) for one network; else CheckpointError."""
+    members, flips = payload.get("members"), payload.get("flips") or []
+    if members is None and payload["model_name"] != ENSEMBLE and not flips:
+        return None, ()
+
+    def broken(what: str) -> CheckpointError:
+        return CheckpointError(
+            f"checkpoint '{source}' is a broken ensemble ({what}).",
+            "build it again with `ctscan ensemble MEMBER.pt ... --out FILE`.",
+        )
+
+    if payload["model_name"] != ENSEMBLE or not isinstance(members, list) or not members:
+        raise broken("model_name 'ensemble' and a non-empty members list go together")
+    checked = []
+    for i, member in enumerate(members):
+        if not isinstance(member, dict) or any(k not in member for k in MEMBER_KEYS):
+            raise broken(f"member {i} lacks {', '.join(MEMBER_KEYS)}")
+        check_model_name(str(member["model_name"]), source)
+        check_temperature(member["temperature"], source)
+        checked.append(dict(member))
+    if len({model_channels(m["model_name"]) for m in checked}) != 1:
+        raise broken("members take different input channels")
+    try:
+        return checked, check_flips(list(flips))
+    except (TypeError, ValueError) as exc:
+        raise broken(str(exc)) from None
 
 
 def _calibration(value: Any, source: Path) -> dict[str, Any] | None:
@@ -292,12 +349,30 @@ def read_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
 
 def build_network(checkpoint: Checkpoint) -> nn.Module:
     """The checkpoint's model with its deploy weights, on the CPU, in eval mode."""
-    model = build_model(
-        checkpoint.model_name,
-        num_classes=len(checkpoint.class_names),
-        image_size=checkpoint.spec.image_size,
-        dropout=float(checkpoint.settings.get("model", {}).get("dropout", 0.2)),
-    )
+
+    def network(name: str, dropout: float) -> nn.Module:
+        return build_model(
+            name,
+            num_classes=len(checkpoint.class_names),
+            image_size=checkpoint.spec.image_size,
+            dropout=dropout,
+        )
+
+    if checkpoint.members is not None:
+        model: nn.Module = Ensemble(
+            [
+                Member(
+                    network(m["model_name"], float(m["dropout"])),
+                    m["model_name"],
+                    float(m["temperature"]),
+                )
+                for m in checkpoint.members
+            ],
+            checkpoint.flips,
+        )
+    else:
+        dropout = float(checkpoint.settings.get("model", {}).get("dropout", 0.2))
+        model = network(checkpoint.model_name, dropout)
     load_model_state(model, checkpoint.model_state, source=checkpoint.source or "checkpoint")
     return model.eval()
 

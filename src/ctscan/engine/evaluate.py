@@ -20,7 +20,7 @@ from ctscan.engine.calibration import FIT_SPLIT, apply_temperature
 from ctscan.engine.checkpoint import Checkpoint, load_model, read_checkpoint
 from ctscan.engine.metrics import classification_report, probabilities, worst_errors
 from ctscan.engine.runtime import Runtime, resolve_runtime
-from ctscan.errors import CheckpointError, CtscanError
+from ctscan.errors import CheckpointError, CtscanError, DataError
 from ctscan.files import atomic_write, ensure_dir
 from ctscan.settings import Settings
 
@@ -115,6 +115,12 @@ def evaluate_checkpoint(
     spec = store.spec
     loaded = load_model(checkpoint, device=rt.device, channels_last=rt.channels_last)
     data = store.split(split)
+    if len(data.labels) == 0:
+        raise DataError(
+            f"the {split} split of the store '{store.path}' holds no images.",
+            "evaluate another split (--split valid), or preprocess a raw folder that has "
+            f"images in {split}/.",
+        )
     logits = predict(
         loaded.model,
         data.images,

@@ -945,7 +945,9 @@ def _finish(
             step=len(state.history),
         )
     test = None
-    if settings.train.evaluate_test:
+    if settings.train.evaluate_test and not store.counts.get("test", 0):
+        progress.log("note: the store's test split is empty: no test figures")
+    elif settings.train.evaluate_test:
         test = evaluate_checkpoint(
             best_path, store=store, split="test", rt=loop.rt, out_dir=run_dir / "eval-test"
         )

@@ -85,14 +85,13 @@ def write_overlays(predictor: Predictor, predictions: Sequence[Prediction], out:
 
     from ctscan.data.transforms import model_input
     from ctscan.files import atomic_write, ensure_dir
-    from ctscan.inference.explain import grad_cam, overlay_png
-    from ctscan.models import gradcam_layer
+    from ctscan.inference.explain import cam_function, overlay_png
 
     ensure_dir(out, what="--explain folder")
     model, channels = predictor.torch_model
     device = next(model.parameters()).device
     try:
-        layer = gradcam_layer(model, predictor.info.name)
+        cam = cam_function(model, predictor.info.name)
     except ValueError as exc:
         raise CheckpointError(str(exc), "use a checkpoint written by `ctscan train`.") from None
     spec = predictor.spec
@@ -108,7 +107,7 @@ def write_overlays(predictor: Predictor, predictions: Sequence[Prediction], out:
             std=spec.std,
             channels=channels,
         )
-        heat, _ = grad_cam(model, x, layer, prediction.index)
+        heat, _ = cam(x, prediction.index)
         png = overlay_png(gray, heat, title=f"{prediction.label} {prediction.confidence:.1%}")
         atomic_write(out / name, lambda fh, data=png: fh.write(data))
         prediction.explanation = str(out / name)

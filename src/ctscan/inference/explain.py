@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
-from ctscan.models import unwrap
+from ctscan.models import gradcam_layer, unwrap
+from ctscan.models.ensemble import Ensemble
 
 OVERLAY_MIN_SIDE = 256  # the overlay is upscaled by a whole factor to at least this side
 OVERLAY_ALPHA = 0.4  # weight of the colour map over the slice
@@ -97,6 +99,32 @@ def grad_cam(
         for module, training in modes.items():
             module.training = training
     return heat, class_index
+
+
+def cam_function(
+    model: nn.Module, name: str
+) -> Callable[[torch.Tensor, int | None], tuple[np.ndarray, int]]:
+    """`(x, class_index) -> (heat, class_index)` for a registry model or an ensemble.
+
+    The target layers are found up front (a ValueError when the model lacks one). An ensemble's
+    map is the mean of its members' Grad-CAM maps for the ensemble's class (its predicted one
+    when None), rescaled to a maximum of 1; the flipped test-time views are not included.
+    """
+    plain = unwrap(model)
+    if not isinstance(plain, Ensemble):
+        layer = gradcam_layer(model, name)
+        return lambda x, index: grad_cam(model, x, layer, index)
+    parts = [(member, gradcam_layer(member.net, member.name)) for member in plain.members]
+
+    def ensemble_cam(x: torch.Tensor, index: int | None) -> tuple[np.ndarray, int]:
+        if index is None:
+            with torch.no_grad():
+                index = int(plain(x)[0].argmax())
+        heat = np.mean([grad_cam(member, x, layer, index)[0] for member, layer in parts], axis=0)
+        peak = float(heat.max())
+        return (heat / peak if peak > 0.0 else heat).astype(np.float32), index
+
+    return ensemble_cam
 
 
 def jet(values: np.ndarray) -> np.ndarray:

@@ -495,8 +495,7 @@ def _grad_cam_png(
     import torch
 
     from ctscan.data.transforms import model_input
-    from ctscan.inference.explain import grad_cam, overlay_png
-    from ctscan.models import gradcam_layer
+    from ctscan.inference.explain import cam_function, overlay_png
 
     explainer = service.explainer
     assert explainer is not None and explainer.torch_model is not None
@@ -514,7 +513,7 @@ def _grad_cam_png(
             std=spec.std,
             channels=channels,
         )
-        heat, _ = grad_cam(model, x, gradcam_layer(model, explainer.info.name), index)
+        heat, _ = cam_function(model, explainer.info.name)(x, index)
     label = explainer.class_names[index]
     return overlay_png(image, heat, title=f"{label} {probs[index]:.1%}"), label, float(probs[index])
 

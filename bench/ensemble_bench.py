@@ -1,0 +1,154 @@
+"""Ensembles and test-time flips beside the single model: test accuracy and latency, one run.
+
+For each configuration the bench builds the ensemble checkpoint with `ctscan.ops.ensemble`
+(exactly what `ctscan ensemble` writes), scores it on the store's test split with
+`evaluate_checkpoint` (accuracy, macro-F1, ECE, the leak-free subset), exports it to ONNX and
+times `Predictor.probabilities` on the eager (torch) and ONNX Runtime backends at batch 1 and 32
+(median of `--repeats` calls after 3 warm-up calls, uint8 input, calibrated probabilities out).
+
+Configurations: the single model (`--single`, default the first fold model), the single model
+with hflip, vflip and both; the K fold models of a `ctscan train --folds K` folder (`--cv`),
+and with hflip (without `--cv`, the single-model rows only). Model selection never looked at
+test: the flips to keep are read off the table, and docs/results.md says which help.
+
+    python bench/ensemble_bench.py --cv outputs/cv-gap/cv5-s0-030517 \\
+        --set paths.processed_dir=outputs/processed96 --set data.image_size=96
+    python bench/ensemble_bench.py --single RUN/best.pt --out bench/results/tta_main_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctscan.data.store import open_store
+from ctscan.engine.checkpoint import read_checkpoint
+from ctscan.engine.evaluate import evaluate_checkpoint
+from ctscan.engine.runtime import resolve_runtime
+from ctscan.inference.predictor import open_predictor
+from ctscan.ops.ensemble import build_ensemble, member_paths
+from ctscan.ops.export import export_metadata, write_onnx
+from ctscan.settings import load_settings
+
+
+def latency_ms(predictor: Any, images: np.ndarray, batch: int, repeats: int) -> float:
+    x = images[:batch]
+    for _ in range(3):
+        predictor.probabilities(x)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        predictor.probabilities(x)
+        times.append((time.perf_counter() - start) * 1000)
+    return round(statistics.median(times), 2)
+
+
+def measure(
+    name: str, members: list[Path], flips: tuple[str, ...], settings: Any, folder: Path, args: Any
+) -> dict[str, Any]:
+    from ctscan.engine.checkpoint import load_model
+
+    target = folder / name / "model.pt"
+    start = time.perf_counter()
+    build_ensemble(settings, members, out=target, flips=flips)
+    built_s = time.perf_counter() - start
+    ckpt = read_checkpoint(target)
+    store = open_store(settings.paths.processed_dir, expect_data=None)
+    report = evaluate_checkpoint(
+        ckpt, store=store, split="test", rt=resolve_runtime(settings.train), out_dir=None
+    )
+    onnx = target.with_suffix(".onnx")
+    meta = export_metadata(ckpt, checkpoint_sha256="bench", fmt="onnx")
+    write_onnx(load_model(ckpt).deployable(), onnx, size=ckpt.spec.image_size, meta=meta)
+    images = store.split("test").images[:32].cpu().numpy()  # (32, 1, S, S) uint8
+    row: dict[str, Any] = {
+        "name": name,
+        "members": len(members),
+        "flips": list(flips),
+        "model_calls_per_image": len(members) * (1 + len(flips)),
+        "build_s": round(built_s, 1),
+        "test": {
+            "n": report["n"],
+            "accuracy": report["accuracy"],
+            "macro_f1": report["macro_f1"],
+            "ece": report["ece"],
+            "leak_free_accuracy": report["leak_free"]["accuracy"],
+            "leak_free_macro_f1": report["leak_free"]["macro_f1"],
+        },
+        "latency_ms": {},
+    }
+    for backend, model in (("torch", target), ("onnx", onnx)):
+        predictor = open_predictor(model, settings=settings, backend=backend)
+        for batch in (1, 32):
+            row["latency_ms"][f"{backend}_b{batch}"] = latency_ms(
+                predictor, images, batch, args.repeats
+            )
+    print(
+        f"{name:<22} acc {row['test']['accuracy']:.4f} leak-free "
+        f"{row['test']['leak_free_accuracy']:.4f} ECE {row['test']['ece']:.3f}  "
+        + "  ".join(f"{k} {v} ms" for k, v in row["latency_ms"].items()),
+        flush=True,
+    )
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cv", type=Path, help="a `ctscan train --folds K` folder")
+    ap.add_argument("--single", type=Path, help="the single model (default: the first fold's)")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("-s", "--settings", action="append", default=[], help="settings file")
+    ap.add_argument("--set", action="append", default=[], dest="overrides", help="k=v")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/ensemble_cpu.json"))
+    args = ap.parse_args()
+    settings = load_settings(args.settings, [*args.overrides, "tracking.enabled=false"])
+    if args.cv is None and args.single is None:
+        ap.error("give --cv, --single or both")
+    folds = member_paths([args.cv]) if args.cv is not None else []
+    single = args.single or folds[0]
+    configs = [
+        ("single", [single], ()),
+        ("single+hflip", [single], ("hflip",)),
+        ("single+vflip", [single], ("vflip",)),
+        ("single+hflip+vflip", [single], ("hflip", "vflip")),
+    ]
+    if folds:
+        configs += [
+            (f"{len(folds)}-fold", folds, ()),
+            (f"{len(folds)}-fold+hflip", folds, ("hflip",)),
+        ]
+    with tempfile.TemporaryDirectory(prefix="ctscan-ens-") as tmp:
+        rows = [measure(n, m, f, settings, Path(tmp), args) for n, m, f in configs]
+    report = {
+        "bench": "ensemble",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "loadavg_before_last": list(os.getloadavg()),
+        },
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "single": str(single),
+        "cv": str(args.cv) if args.cv else None,
+        "store": str(settings.paths.processed_dir),
+        "threads": int(settings.train.threads),
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

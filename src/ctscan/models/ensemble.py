@@ -1,0 +1,82 @@
+"""Several trained networks (and flipped views of the input) as one model.
+
+    ensemble = Ensemble([Member(net, "efficientnet_lite0", temperature=0.9), ...], flips=("hflip",))
+    logits = ensemble(x)             # x: model_input(...) (B, C, S, S), as for any member
+
+The output is log of the averaged probabilities, p = mean over members m and views v of
+softmax(net_m(v(x)) / T_m), so that softmax(output) = p exactly and every consumer of logits
+(evaluate, calibration, predict, serve, the ONNX export) handles an ensemble like one network.
+Each member's own temperature is applied before averaging (its probabilities are the calibrated
+ones it would show alone); the views are the identity plus the flips asked for ("hflip": left-right,
+"vflip": up-down). A member runs once per batch on all views together.
+
+Averaging probabilities, not logits: the members' logit scales differ (their temperatures do), and
+the mean of calibrated probabilities is what the literature on deep ensembles evaluates
+(Lakshminarayanan et al., 2017). The log is taken of p clamped at the smallest normal float32, so
+a class every member rules out gets a very negative but finite logit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FLIPS: tuple[str, ...] = ("hflip", "vflip")
+_TINY = float(torch.finfo(torch.float32).tiny)
+
+
+class Member(nn.Module):
+    """One network of an ensemble: its registry name (for Grad-CAM) and its temperature."""
+
+    def __init__(self, net: nn.Module, name: str, temperature: float = 1.0) -> None:
+        super().__init__()
+        if not temperature > 0.0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        self.net = net
+        self.name = str(name)
+        self.temperature = float(temperature)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Calibrated logits of this member: net(x) / T."""
+        logits = self.net(x).float()
+        return logits if self.temperature == 1.0 else logits / self.temperature
+
+
+def check_flips(flips: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The flips, each known and once, in FLIPS order; a ValueError names a wrong one."""
+    unknown = [f for f in flips if f not in FLIPS]
+    if unknown:
+        raise ValueError(f"unknown flip '{unknown[0]}'; expected any of {', '.join(FLIPS)}.")
+    return tuple(f for f in FLIPS if f in flips)
+
+
+def _view(x: torch.Tensor, flip: str) -> torch.Tensor:
+    return x.flip(-1) if flip == "hflip" else x.flip(-2)
+
+
+class Ensemble(nn.Module):
+    """Members averaged over the identity view and the given flips: see the module docstring."""
+
+    def __init__(self, members: list[Member], flips: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+        self.flips = check_flips(flips)
+
+    @property
+    def views(self) -> int:
+        """Inputs each member sees per image: 1 + the number of flips."""
+        return 1 + len(self.flips)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        inputs = torch.cat([x, *(_view(x, f) for f in self.flips)]) if self.flips else x
+        total = None
+        for member in self.members:
+            probs = torch.softmax(member(inputs), dim=1)  # (views * B, C)
+            summed = probs.reshape(self.views, batch, -1).sum(dim=0)
+            total = summed if total is None else total + summed
+        assert total is not None
+        mean = total / float(len(self.members) * self.views)
+        return torch.log(mean.clamp_min(_TINY))

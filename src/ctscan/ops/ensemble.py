@@ -1,0 +1,222 @@
+"""`ctscan ensemble`: several checkpoints (and test-time flips) written as one checkpoint.
+
+    ctscan ensemble outputs/runs/cv-x --out outputs/ensembles/cv-x/ensemble.pt     # the K folds
+    ctscan ensemble a/best.pt b/best.pt c/best.pt --out ens/seeds.pt --tta hflip   # seeds + a flip
+    ctscan ensemble outputs/runs/main/best.pt --out tta/main-hflip.pt --tta hflip  # one model + TTA
+
+The file is an ordinary best.pt of the checkpoint schema (model_name "ensemble", its members and
+flips recorded, engine/checkpoint.py), so `evaluate`, `predict`, `export`, `serve` and `calibrate`
+take it like any checkpoint. Each member keeps its own temperature; the ensemble's is 1 until
+`ctscan calibrate` fits one on top. Members must have been trained on the same preprocessing (the
+same store: image size, resize policy, mean/std, class names) and take the same input channels;
+a folder argument stands for the fold models of a cross-validation folder (fold-*/best.pt) or the
+best.pt of a run folder. The test split is not read here.
+
+Beside the file: reference_confidence.json, the ensemble's calibrated confidence on the train
+images (serve's drift reference), when `paths.processed_dir` holds the members' store. The
+ensemble gets a folder of its own: a run folder (one with best.pt / last.pt) is refused, since
+its reference belongs to the model trained there.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ctscan.errors import CheckpointError, CtscanError
+
+RUN_FILES = ("best.pt", "last.pt")
+
+
+@dataclass
+class EnsembleResult:
+    """What `ctscan ensemble` wrote."""
+
+    checkpoint: Path
+    members: list[dict[str, Any]]
+    flips: tuple[str, ...]
+    reference: Path | None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (`--json`)."""
+        return {
+            "checkpoint": str(self.checkpoint),
+            "members": self.members,
+            "flips": list(self.flips),
+            "reference": str(self.reference) if self.reference else None,
+            "warnings": self.warnings,
+        }
+
+
+def member_paths(sources: list[Path]) -> list[Path]:
+    """The checkpoint files the arguments name (a CV folder -> its fold models, in fold order)."""
+    found: list[Path] = []
+    for source in sources:
+        source = Path(source)
+        if source.is_dir():
+            folds = sorted(
+                source.glob("fold-*/best.pt"), key=lambda p: int(p.parent.name.split("-")[1])
+            )
+            if folds:
+                found += folds
+            elif (source / "best.pt").is_file():
+                found.append(source / "best.pt")
+            else:
+                raise CheckpointError(
+                    f"folder '{source}' holds neither fold-*/best.pt (a cross-validation) nor "
+                    "best.pt (a run).",
+                    "pass checkpoint files, a run folder or a `ctscan train --folds K` folder.",
+                )
+        else:
+            found.append(source)
+    if not found:
+        raise CheckpointError("no members given.", "pass one or more checkpoints or folders.")
+    return found
+
+
+def _same_preprocessing(checkpoints: list[Any]) -> None:
+    first = checkpoints[0]
+    for other in checkpoints[1:]:
+        if other.spec != first.spec:
+            a, b = first.spec.to_dict(), other.spec.to_dict()
+            differs = next(k for k in a if a[k] != b.get(k))
+            raise CheckpointError(
+                f"'{other.source}' was trained on other preprocessing than '{first.source}' "
+                f"({differs}: {b.get(differs)!r} vs {a[differs]!r}).",
+                "ensemble models trained on the same processed store (same data settings).",
+            )
+        if other.channels != first.channels:
+            raise CheckpointError(
+                f"'{other.source}' ({other.model_name}) takes {other.channels} input channels, "
+                f"'{first.source}' ({first.model_name}) {first.channels}.",
+                "ensemble models that take the same input (cnn / cnn_gap: 1; resnet18 / "
+                "efficientnet_lite0: 3).",
+            )
+
+
+def _output_path(out: Path) -> Path:
+    from ctscan.files import ensure_dir
+
+    out = Path(out)
+    if out.is_dir():
+        raise CtscanError(
+            f"--out '{out}' is a folder; it names the ensemble file to write.",
+            f"pass a file such as '{out / 'ensemble.pt'}'.",
+        )
+    if out.suffix != ".pt":
+        raise CtscanError(
+            f"--out '{out}' does not end in .pt.", f"name the file '{out.with_suffix('.pt').name}'."
+        )
+    if out.exists():
+        raise CtscanError(
+            f"--out '{out}' exists; an ensemble file is not overwritten.",
+            "delete it first or choose another --out.",
+        )
+    if any((out.parent / name).is_file() for name in RUN_FILES):
+        raise CtscanError(
+            f"--out '{out}' is in a run folder ('{out.parent}' holds a run's checkpoints and "
+            "their drift reference).",
+            "write the ensemble into a folder of its own, e.g. outputs/ensembles/NAME/ensemble.pt.",
+        )
+    return ensure_dir(out.parent, what="folder of the --out ensemble") / out.name
+
+
+def build_ensemble(
+    settings: Any, sources: list[Path], *, out: Path, flips: tuple[str, ...] = ()
+) -> EnsembleResult:
+    """Read, check and combine the members; write the ensemble checkpoint atomically."""
+    from ctscan.engine.checkpoint import (
+        ENSEMBLE,
+        Checkpoint,
+        build_network,
+        read_checkpoint,
+        save_checkpoint,
+    )
+    from ctscan.files import file_sha256, folder_lock
+    from ctscan.models.ensemble import check_flips
+
+    try:
+        flips = check_flips(list(flips))
+    except ValueError as exc:
+        raise CtscanError(f"--tta: {exc}", "use --tta hflip and/or --tta vflip.") from None
+    paths = member_paths(sources)
+    checkpoints = [read_checkpoint(p) for p in paths]
+    for path, ckpt in zip(paths, checkpoints, strict=True):
+        if ckpt.is_ensemble:
+            raise CheckpointError(
+                f"'{path}' is itself an ensemble.", "pass the checkpoints it was built from."
+            )
+    shas = [file_sha256(p) for p in paths]
+    for i, sha in enumerate(shas):
+        if sha in shas[:i]:
+            raise CheckpointError(
+                f"'{paths[i]}' is the same file as '{paths[shas.index(sha)]}' (same sha256).",
+                "pass each member once.",
+            )
+    _same_preprocessing(checkpoints)
+    target = _output_path(out)
+    first = checkpoints[0]
+    members = [
+        {
+            "model_name": c.model_name,
+            "dropout": float(c.settings.get("model", {}).get("dropout", 0.2)),
+            "temperature": float(c.temperature),
+            "source": str(Path(p).resolve()),
+            "sha256": sha,
+            "best_value": c.best_value,
+        }
+        for p, c, sha in zip(paths, checkpoints, shas, strict=True)
+    ]
+    state = {
+        f"members.{k}.net.{key}": value
+        for k, c in enumerate(checkpoints)
+        for key, value in c.model_state.items()
+    }
+    hashes = {c.data_hash for c in checkpoints}
+    ensemble = Checkpoint(
+        kind="best",
+        model_name=ENSEMBLE,
+        spec=first.spec,
+        model_state=state,
+        settings=first.settings,
+        select_metric=first.select_metric,
+        data_hash=first.data_hash if len(hashes) == 1 else None,
+        members=members,
+        flips=flips,
+        source=target,
+    )
+    build_network(ensemble)  # the weights fit the recorded members (a CheckpointError if not)
+    with folder_lock(target.parent, what="ensemble folder"):
+        save_checkpoint(target, ensemble)
+        reference, warnings = _confidence_reference(settings, ensemble, target)
+    return EnsembleResult(
+        checkpoint=target, members=members, flips=flips, reference=reference, warnings=warnings
+    )
+
+
+def _confidence_reference(
+    settings: Any, ensemble: Any, target: Path
+) -> tuple[Path | None, list[str]]:
+    """Serve's drift reference for the ensemble, from the members' store when it is there."""
+    from ctscan.data.reference import CONFIDENCE_FILE
+    from ctscan.data.store import open_store
+    from ctscan.engine.calibration import train_confidence
+    from ctscan.engine.runtime import resolve_runtime
+    from ctscan.files import atomic_write
+
+    try:
+        expect = dict(ensemble.settings.get("data", {}))
+        store = open_store(settings.paths.processed_dir, expect_data=expect or None)
+    except CtscanError as exc:
+        return None, [f"no {CONFIDENCE_FILE} (serve's drift reference) written: {exc.message}"]
+    if store.spec != ensemble.spec:
+        return None, [
+            f"no {CONFIDENCE_FILE} written: the store at {store.path} is not the members' store."
+        ]
+    reference = train_confidence(ensemble, store, resolve_runtime(settings.train))
+    body = json.dumps(reference).encode()
+    written = atomic_write(target.parent / CONFIDENCE_FILE, lambda fh: fh.write(body))
+    return written, [store.raw_warning] if store.raw_warning else []
