@@ -47,6 +47,8 @@ Overrides = Annotated[
 ]
 RawDir = Annotated[Path | None, typer.Argument(help="Raw Kaggle folder (default: paths.raw_dir).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Plain log lines, no live display.")]
+Device = Annotated[str | None, typer.Option(help="auto | cpu | cuda.")]
+ResultJson = Annotated[bool, typer.Option("--json", help="The result as JSON on stdout.")]
 
 
 def _version(value: bool) -> None:
@@ -79,6 +81,12 @@ def _console(stderr: bool = True) -> Any:
     from rich.console import Console
 
     return Console(stderr=stderr)
+
+
+def _warn(warnings: list[str]) -> None:
+    """Each warning as one plain line on stderr."""
+    for warning in warnings:
+        _console().print(f"warning: {warning}", markup=False, highlight=False)
 
 
 @settings_app.command("show")
@@ -168,7 +176,7 @@ def train(
     model: Annotated[
         str | None, typer.Option(help="cnn | cnn_gap | resnet18 | efficientnet_lite0.")
     ] = None,
-    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda.")] = None,
+    device: Device = None,
     epochs: Annotated[int | None, typer.Option(help="Number of epochs.")] = None,
     out: Annotated[
         Path | None,
@@ -240,7 +248,7 @@ def evaluate(
             help="Folder for the report files (default: eval-<split>/ beside the checkpoint).",
         ),
     ] = None,
-    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda.")] = None,
+    device: Device = None,
     settings_files: SettingsFiles = None,
     overrides: Overrides = None,
 ) -> None:
@@ -250,8 +258,7 @@ def evaluate(
 
     settings = _settings(settings_files, overrides, **{"train.device": device})
     result = run_evaluation(settings, checkpoint, split=split, out_dir=out)
-    for warning in result["warnings"]:
-        _console().print(f"warning: {warning}", markup=False, highlight=False)
+    _warn(result["warnings"])
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     else:
@@ -269,8 +276,8 @@ def calibrate(
             show_default=False,
         ),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="The result as JSON on stdout.")] = False,
-    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda.")] = None,
+    as_json: ResultJson = False,
+    device: Device = None,
     settings_files: SettingsFiles = None,
     overrides: Overrides = None,
 ) -> None:
@@ -280,8 +287,7 @@ def calibrate(
 
     settings = _settings(settings_files, overrides, **{"train.device": device})
     result = run_calibrate(settings, checkpoint, out=out).to_dict()
-    for warning in result["warnings"]:
-        _console().print(f"warning: {warning}", markup=False, highlight=False)
+    _warn(result["warnings"])
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     else:
@@ -313,8 +319,8 @@ def ensemble(
             show_default=False,
         ),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="The result as JSON on stdout.")] = False,
-    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda.")] = None,
+    as_json: ResultJson = False,
+    device: Device = None,
     settings_files: SettingsFiles = None,
     overrides: Overrides = None,
 ) -> None:
@@ -323,8 +329,7 @@ def ensemble(
 
     settings = _settings(settings_files, overrides, **{"train.device": device})
     result = build_ensemble(settings, members, out=out, flips=tuple(tta or ()))
-    for warning in result.warnings:
-        _console().print(f"warning: {warning}", markup=False, highlight=False)
+    _warn(result.warnings)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return
@@ -370,7 +375,7 @@ def predict(
         str | None,
         typer.Option(help="torch | onnx (default: what the model file runs on)."),
     ] = None,
-    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda.")] = None,
+    device: Device = None,
     settings_files: SettingsFiles = None,
     overrides: Overrides = None,
     quiet: Quiet = False,
@@ -458,7 +463,7 @@ def profile(
     model: Annotated[
         str | None, typer.Option(help="cnn | cnn_gap | resnet18 | efficientnet_lite0.")
     ] = None,
-    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda.")] = None,
+    device: Device = None,
     steps: Annotated[
         int,
         typer.Option(
@@ -536,8 +541,7 @@ def export(
 
     settings = _settings(settings_files, overrides)
     result = run_export(settings, checkpoint, fmt=format_, int8=int8, out=out, triton_dir=triton)
-    for warning in result.warnings:
-        _console().print(f"warning: {warning}", markup=False, highlight=False)
+    _warn(result.warnings)
     _console(stderr=False).print(render_parity(result))
     for path in result.paths:
         typer.echo(str(path))
@@ -585,7 +589,7 @@ def sweep(
             "(default: paths.runs_dir/sweeps/NAME/best.toml).",
         ),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="The result as JSON on stdout.")] = False,
+    as_json: ResultJson = False,
 ) -> None:
     """Search settings with Optuna (TPE, median pruning), one training per trial; write the best."""
     from ctscan.ops.sweep import run_sweep

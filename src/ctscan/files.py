@@ -75,6 +75,21 @@ def ensure_dir(
     return Path(path)
 
 
+def checkpoint_file_problem(target: Path, *, example: str) -> CtscanError | None:
+    """Why `--out TARGET` cannot name a checkpoint file to write (a folder, not .pt), or None."""
+    if target.is_dir():
+        return CtscanError(
+            f"--out '{target}' is a folder; it names the checkpoint file to write.",
+            f"pass a file such as '{target / example}'.",
+        )
+    if target.suffix != ".pt":
+        return CtscanError(
+            f"--out '{target}' does not end in .pt.",
+            f"name the file '{target.with_suffix('.pt').name}'.",
+        )
+    return None
+
+
 def file_sha256(path: Path | str) -> str:
     """The sha256 of a file's bytes (a checkpoint's or an exported model's identity)."""
     h = hashlib.sha256()

@@ -293,20 +293,12 @@ class CalibrationResult:
 
 
 def _output_path(source: Path, out: Path | None) -> Path:
-    from ctscan.errors import CtscanError
-    from ctscan.files import ensure_dir
+    from ctscan.files import checkpoint_file_problem, ensure_dir
 
     target = source if out is None else Path(out)
-    if target.is_dir():
-        raise CtscanError(
-            f"--out '{target}' is a folder; it names the checkpoint file to write.",
-            f"pass a file such as '{target / source.name}'.",
-        )
-    if target.suffix != ".pt":
-        raise CtscanError(
-            f"--out '{target}' does not end in .pt.",
-            f"name the file '{target.with_suffix('.pt').name}'.",
-        )
+    problem = checkpoint_file_problem(target, example=source.name)
+    if problem is not None:
+        raise problem
     return ensure_dir(target.parent, what="folder of the --out checkpoint") / target.name
 
 

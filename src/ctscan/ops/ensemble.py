@@ -98,18 +98,12 @@ def _same_preprocessing(checkpoints: list[Any]) -> None:
 
 
 def _output_path(out: Path) -> Path:
-    from ctscan.files import ensure_dir
+    from ctscan.files import checkpoint_file_problem, ensure_dir
 
     out = Path(out)
-    if out.is_dir():
-        raise CtscanError(
-            f"--out '{out}' is a folder; it names the ensemble file to write.",
-            f"pass a file such as '{out / 'ensemble.pt'}'.",
-        )
-    if out.suffix != ".pt":
-        raise CtscanError(
-            f"--out '{out}' does not end in .pt.", f"name the file '{out.with_suffix('.pt').name}'."
-        )
+    problem = checkpoint_file_problem(out, example="ensemble.pt")
+    if problem is not None:
+        raise problem
     if out.exists():
         raise CtscanError(
             f"--out '{out}' exists; an ensemble file is not overwritten.",
@@ -190,6 +184,11 @@ def build_ensemble(
     )
     build_network(ensemble)  # the weights fit the recorded members (a CheckpointError if not)
     with folder_lock(target.parent, what="ensemble folder"):
+        if target.exists():  # written by another `ctscan ensemble` since the check above
+            raise CtscanError(
+                f"--out '{target}' was written meanwhile by another process.",
+                "choose another --out.",
+            )
         save_checkpoint(target, ensemble)
         reference, warnings = _confidence_reference(settings, ensemble, target)
     return EnsembleResult(
