@@ -182,6 +182,8 @@ def render_calibration_effect(calibration: dict[str, Any], split: str) -> Any:
     note = "accuracy and F1 do not depend on T (the argmax is unchanged)"
     if calibration.get("fitted_on_this_split"):
         note = f"T was fitted on {split}: 'after' is optimistic here; judge it on test"
+    elif not calibration.get("fit_attempted") and calibration.get("ensemble"):
+        note = "its members are calibrated one by one (a fold model's T is out of fold)"
     elif not calibration.get("fit_attempted"):
         note = "`ctscan calibrate CHECKPOINT` fits T on the validation split"
     table = Table(

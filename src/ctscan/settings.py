@@ -117,6 +117,19 @@ class AugmentSettings(Section):
     )
     contrast: float = Field(0.1, ge=0.0, le=1.0, description="max contrast change (fraction)")
     erasing: float = Field(0.0, ge=0.0, le=1.0, description="probability of one random erase")
+    mixup_alpha: float = Field(
+        0.0, ge=0.0, le=10.0, description="MixUp: Beta(alpha, alpha) of the mix; 0 = off"
+    )
+    cutmix_alpha: float = Field(
+        0.0, ge=0.0, le=10.0, description="CutMix: Beta(alpha, alpha) of the kept area; 0 = off"
+    )
+    mix_prob: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="share of batches mixed when mixup_alpha or cutmix_alpha > 0 (both: each "
+        "mixed batch picks one)",
+    )
 
     @model_validator(mode="after")
     def _scale_order(self) -> AugmentSettings:

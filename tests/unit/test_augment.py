@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ctscan.data.augment import augment
+from ctscan.data.augment import augment, mix_batch, mixed_loss
 from ctscan.data.batches import batch_indices, epoch_order, shard, steps_per_epoch
 from ctscan.data.transforms import model_input
 from ctscan.settings import AugmentSettings
@@ -132,3 +134,79 @@ def test_epochs_shuffle_differently() -> None:
     b = epoch_order(100, seed=0, epoch=2, shuffle=True)
     assert not torch.equal(a, b)
     assert torch.equal(epoch_order(5, seed=0, epoch=1, shuffle=False), torch.arange(5))
+
+
+# ---- MixUp / CutMix -------------------------------------------------------------------------
+
+
+def _tagged(n: int = 8, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image i is the constant i + 1 (so every pixel names its source); labels 0..n-1."""
+    x = (torch.arange(n, dtype=torch.float32) + 1).view(n, 1, 1, 1).expand(n, 3, size, size)
+    return x.contiguous(), torch.arange(n)
+
+
+def test_mixing_is_off_by_default_and_draws_no_random_numbers() -> None:
+    x, labels = _tagged()
+    before = torch.get_rng_state()
+    out, mixed = mix_batch(x, labels, AugmentSettings())
+    assert out is x and mixed is None
+    assert torch.equal(torch.get_rng_state(), before)  # default training stays bit-identical
+    off = AugmentSettings(enabled=False, mixup_alpha=0.4, cutmix_alpha=1.0)
+    assert mix_batch(x, labels, off)[1] is None
+    never = AugmentSettings(mixup_alpha=0.4, mix_prob=0.0)
+    assert all(mix_batch(x, labels, never)[1] is None for _ in range(20))
+
+
+@given(seed=st.integers(0, 10_000), alpha=st.floats(0.05, 5.0))
+@settings(max_examples=30, deadline=None)
+def test_mixup_is_the_convex_mix_of_an_image_and_its_partner(seed: int, alpha: float) -> None:
+    torch.manual_seed(seed)
+    x, labels = _tagged()
+    out, mixed = mix_batch(x, labels, AugmentSettings(mixup_alpha=alpha))
+    assert mixed is not None and mixed.kind == "mixup" and 0.0 <= mixed.lam <= 1.0
+    partner = mixed.partner_labels  # labels are 0..n-1: the partner's index
+    assert sorted(partner.tolist()) == labels.tolist()  # a permutation
+    torch.testing.assert_close(out, x * mixed.lam + x[partner] * (1.0 - mixed.lam))
+
+
+@given(seed=st.integers(0, 10_000), alpha=st.floats(0.05, 5.0))
+@settings(max_examples=30, deadline=None)
+def test_cutmix_lambda_is_the_share_of_the_image_that_stays_its_own(
+    seed: int, alpha: float
+) -> None:
+    torch.manual_seed(seed)
+    x, labels = _tagged()
+    out, mixed = mix_batch(x, labels, AugmentSettings(cutmix_alpha=alpha))
+    assert mixed is not None and mixed.kind == "cutmix"
+    partner = mixed.partner_labels
+    own = out == x
+    assert torch.all(own | (out == x[partner]))  # every pixel comes from one of the two
+    moved = [i for i in range(len(x)) if partner[i] != i]
+    for i in moved:  # the same box in every image: its own share is lam
+        assert float(own[i].float().mean()) == pytest.approx(mixed.lam)
+
+
+def test_mixed_loss_is_cross_entropy_against_the_mixed_soft_target() -> None:
+    torch.manual_seed(0)
+    x, labels = _tagged()
+    labels = labels % 4
+    _, mixed = mix_batch(x, labels, AugmentSettings(mixup_alpha=0.4))
+    assert mixed is not None
+    logits = torch.randn(len(labels), 4)
+    target = F.one_hot(labels, 4) * mixed.lam + F.one_hot(mixed.partner_labels, 4) * (
+        1.0 - mixed.lam
+    )
+    for smoothing in (0.0, 0.1):
+        torch.testing.assert_close(
+            mixed_loss(logits, labels, mixed, label_smoothing=smoothing),
+            F.cross_entropy(logits, target.float(), label_smoothing=smoothing),
+        )
+    torch.testing.assert_close(mixed_loss(logits, labels, None), F.cross_entropy(logits, labels))
+
+
+def test_both_alphas_use_both_kinds() -> None:
+    torch.manual_seed(0)
+    x, labels = _tagged()
+    both = AugmentSettings(mixup_alpha=0.4, cutmix_alpha=1.0)
+    kinds = {mix_batch(x, labels, both)[1].kind for _ in range(40)}
+    assert kinds == {"mixup", "cutmix"}

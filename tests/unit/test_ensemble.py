@@ -173,7 +173,13 @@ def test_member_paths_expand_cv_and_run_folders(tmp_path: Path) -> None:
     (tmp_path / "run" / "best.pt").write_bytes(b"x")
     got = member_paths([tmp_path / "cv", tmp_path / "run"])
     assert [p.parent.name for p in got] == ["fold-1", "fold-2", "fold-9", "fold-10", "run"]
-    (tmp_path / "empty").mkdir()
+    (tmp_path / "cv" / "fold-x").mkdir()  # not a fold folder: not a member, not a traceback
+    (tmp_path / "cv" / "fold-x" / "best.pt").write_bytes(b"x")
+    (tmp_path / "cv" / "fold-1-old").mkdir()
+    (tmp_path / "cv" / "fold-1-old" / "best.pt").write_bytes(b"x")
+    assert member_paths([tmp_path / "cv"]) == got[:4]
+    (tmp_path / "empty" / "fold-x").mkdir(parents=True)
+    (tmp_path / "empty" / "fold-x" / "best.pt").write_bytes(b"x")
     with pytest.raises(CheckpointError, match="neither fold"):
         member_paths([tmp_path / "empty"])
 
@@ -196,7 +202,40 @@ def test_bad_ensembles_are_refused_with_one_line(trained: dict[str, Path], tmp_p
         build_ensemble(settings, [a, b], out=made)
     with pytest.raises(CheckpointError, match="itself an ensemble"):
         build_ensemble(settings, [made, a], out=tmp_path / "z" / "e.pt")
-    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
+    with pytest.raises(CtscanError, match=r"already holds 'e\.pt'"):  # its reference is e.pt's
+        build_ensemble(settings, [a], out=made.parent / "other.pt")
+    with pytest.raises(CheckpointError, match=r"last\.pt"):
+        build_ensemble(settings, [a, a.parent / "last.pt"], out=tmp_path / "z" / "e.pt")
+    cuda = load_settings(
+        [],
+        [
+            *engine_overrides(trained["store"], trained["root"] / "runs", SIZE),
+            'train.device="cuda"',
+        ],
+    )
+    if not torch.cuda.is_available():
+        with pytest.raises(CtscanError, match="cuda"):
+            build_ensemble(cuda, [a, b], out=tmp_path / "z" / "e.pt")
+    for folder in (tmp_path / "x", tmp_path / "z"):  # nothing written by a refused run
+        assert not folder.exists() or not list(folder.glob("*.pt")), list(folder.iterdir())
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, OSError])
+def test_a_stop_between_the_two_files_leaves_neither(
+    trained: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop: type
+) -> None:
+    import ctscan.files
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise stop("stopped while writing the reference")
+
+    monkeypatch.setattr(ctscan.files, "atomic_write", fail)  # the reference's write only
+    out = tmp_path / "e" / "ens.pt"
+    with pytest.raises(stop):
+        build_ensemble(_settings(trained), [trained["a"], trained["b"]], out=out)
+    assert not out.exists() and not (out.parent / "reference_confidence.json").exists()
+    monkeypatch.undo()
+    assert build_ensemble(_settings(trained), [trained["a"], trained["b"]], out=out).reference
 
 
 def test_a_broken_ensemble_file_is_refused(trained: dict[str, Path], tmp_path: Path) -> None:

@@ -95,6 +95,32 @@ def test_same_seed_cpu_runs_are_bit_identical(synthetic_store: Path, tmp_path: P
     assert not _same_weights(tmp_path / "a" / "last.pt", tmp_path / "c" / "last.pt")
 
 
+def test_mixup_and_cutmix_train_deterministically(synthetic_store: Path, tmp_path: Path) -> None:
+    """Mixing runs inside the loop, on the device RNG the checkpoints save: same seed, same run."""
+    extra = {
+        "train.epochs": 2,
+        "train.deterministic": "true",
+        "train.evaluate_test": "false",
+        "augment.enabled": "true",
+        "augment.hflip": 0.0,
+        "augment.mixup_alpha": 0.4,
+        "augment.cutmix_alpha": 1.0,
+    }
+    results = [
+        run_training(
+            engine_settings(synthetic_store, tmp_path / "runs", **extra), out_dir=tmp_path / name
+        )
+        for name in ("a", "b")
+    ]
+    assert _same_weights(tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt")
+    assert all(math.isfinite(row["train_loss"]) for row in results[0].history)
+    plain = {**extra, "augment.mixup_alpha": 0.0, "augment.cutmix_alpha": 0.0}
+    run_training(
+        engine_settings(synthetic_store, tmp_path / "runs", **plain), out_dir=tmp_path / "c"
+    )
+    assert not _same_weights(tmp_path / "a" / "last.pt", tmp_path / "c" / "last.pt")
+
+
 def test_bf16_autocast_on_cpu(synthetic_store: Path, tmp_path: Path) -> None:
     settings = engine_settings(
         synthetic_store,

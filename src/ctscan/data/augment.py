@@ -2,11 +2,20 @@
 
 One affine grid per batch carries rotation, scale, translation and flips; then brightness,
 contrast and optional random erasing. No per-image Python, no DataLoader workers.
+
+`mix_batch` adds MixUp (Zhang et al., 2018) and CutMix (Yun et al., 2019) on the model's input:
+with probability `mix_prob` a batch is mixed with a shuffled copy of itself, one lambda ~
+Beta(alpha, alpha) per batch (as timm's default "batch" mode); with both alphas > 0 each mixed
+batch is MixUp or CutMix with equal odds. The loss is then lam * CE(labels) + (1 - lam) *
+CE(partner labels), i.e. cross-entropy against the mixed soft target (label smoothing applies
+to both terms). CutMix's lambda is the share of the image that stays its own after the box is
+clipped to the image.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -76,3 +85,54 @@ def augment(x: torch.Tensor, aug: AugmentSettings) -> torch.Tensor:
     if aug.erasing > 0:
         x = _erase(x, aug.erasing)
     return x
+
+
+@dataclass(frozen=True)
+class Mixed:
+    """How a batch was mixed: image i holds `lam` of itself and 1 - lam of image `partner[i]`."""
+
+    partner_labels: torch.Tensor  # (B,) the labels of the images mixed in
+    lam: float
+    kind: str  # "mixup" or "cutmix"
+
+
+def mix_batch(
+    x: torch.Tensor, labels: torch.Tensor, aug: AugmentSettings
+) -> tuple[torch.Tensor, Mixed | None]:
+    """MixUp / CutMix of a (B, C, H, W) batch on its device; (x, None) when not mixed."""
+    n = x.shape[0]
+    kinds = [k for k, alpha in (("mixup", aug.mixup_alpha), ("cutmix", aug.cutmix_alpha)) if alpha]
+    if not aug.enabled or not kinds or n < 2 or float(torch.rand(())) >= aug.mix_prob:
+        return x, None
+    kind = kinds[int(torch.randint(len(kinds), ()))]
+    alpha = aug.mixup_alpha if kind == "mixup" else aug.cutmix_alpha
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    perm = torch.randperm(n, device=x.device)
+    if kind == "mixup":
+        mixed = x * lam + x[perm] * (1.0 - lam)
+    else:
+        h, w = x.shape[-2:]
+        cut = math.sqrt(1.0 - lam)
+        ch, cw = int(h * cut), int(w * cut)
+        cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
+        top, bottom = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+        left, right = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+        mixed = x.clone()
+        mixed[:, :, top:bottom, left:right] = x[perm, :, top:bottom, left:right]
+        lam = 1.0 - (bottom - top) * (right - left) / float(h * w)
+    return mixed, Mixed(partner_labels=labels[perm], lam=lam, kind=kind)
+
+
+def mixed_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    mixed: Mixed | None,
+    *,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Cross-entropy against the labels, or against the mixed soft target of `mix_batch`."""
+    loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    if mixed is None:
+        return loss
+    other = F.cross_entropy(logits, mixed.partner_labels, label_smoothing=label_smoothing)
+    return loss * mixed.lam + other * (1.0 - mixed.lam)

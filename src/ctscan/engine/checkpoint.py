@@ -149,7 +149,10 @@ class Checkpoint:
     @property
     def calibration_text(self) -> str:
         """'T = 1.31 (valid, 72 images)' or 'uncalibrated': where the temperature is shown."""
-        return describe(self.temperature, self.calibration)
+        text = describe(self.temperature, self.calibration)
+        if self.members is not None and self.calibration is None:
+            return f"{text} on top of its members' own temperatures"
+        return text
 
     @property
     def resumable(self) -> bool:

@@ -90,6 +90,7 @@ def calibration_summary(
         "text": checkpoint.calibration_text,
         "calibrated": checkpoint.temperature != 1.0,
         "fit_attempted": checkpoint.calibration is not None,  # (T may have stayed 1)
+        "ensemble": checkpoint.is_ensemble,
         "fitted_on_this_split": checkpoint.calibration is not None and fitted_on == split,
         "before": {"ece": before["ece"], "log_loss": before["log_loss"]},
         "after": {"ece": after["ece"], "log_loss": after["log_loss"]},

@@ -25,7 +25,7 @@ from torch import nn
 from torch.profiler import record_function
 
 import ctscan
-from ctscan.data.augment import augment
+from ctscan.data.augment import augment, mix_batch, mixed_loss
 from ctscan.data.batches import batch_indices, epoch_order, shard, steps_per_epoch
 from ctscan.data.store import Split, Store, open_store
 from ctscan.data.transforms import PreprocessSpec, model_input
@@ -305,13 +305,15 @@ def train_step(
     """One micro-batch: forward and backward; with `update`, the optimizer step too.
 
     `images` (B, 1, S, S) uint8 and `labels` (B,) on the device. Returns the detached loss and
-    logits. Order: augment + normalise -> autocast forward -> scaled backward -> (unscale ->
-    clip -> step -> scaler update -> schedule -> zero_grad -> EMA) on the last micro-batch of
-    an accumulation group. DDP skips the gradient all-reduce on the other micro-batches.
+    logits. Order: augment + normalise (+ MixUp / CutMix) -> autocast forward -> scaled
+    backward -> (unscale -> clip -> step -> scaler update -> schedule -> zero_grad -> EMA) on the
+    last micro-batch of an accumulation group. DDP skips the gradient all-reduce on the other
+    micro-batches.
     """
     tr, rt = loop.settings.train, loop.rt
     with record_function("augment"):
         x = loop.model_input(images, train=True)
+        x, mixed = mix_batch(x, labels, loop.settings.augment)
     no_sync = (
         state.step_model.no_sync()
         if rt.distributed and not update and hasattr(state.step_model, "no_sync")
@@ -320,7 +322,7 @@ def train_step(
     with no_sync:
         with record_function("forward"), rt.autocast():
             logits = state.step_model(x)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=tr.label_smoothing)
+            loss = mixed_loss(logits.float(), labels, mixed, label_smoothing=tr.label_smoothing)
         with record_function("backward"):
             state.scaler.scale(loss / tr.accumulate).backward()
     if update:

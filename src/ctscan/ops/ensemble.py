@@ -21,13 +21,16 @@ its reference belongs to the model trained there.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ctscan.data.reference import CONFIDENCE_FILE
 from ctscan.errors import CheckpointError, CtscanError
 
 RUN_FILES = ("best.pt", "last.pt")
+FOLD = re.compile(r"fold-[0-9]+")  # a cross-validation's fold folders (ops/cv.py)
 
 
 @dataclass
@@ -57,9 +60,8 @@ def member_paths(sources: list[Path]) -> list[Path]:
     for source in sources:
         source = Path(source)
         if source.is_dir():
-            folds = sorted(
-                source.glob("fold-*/best.pt"), key=lambda p: int(p.parent.name.split("-")[1])
-            )
+            numbered = (p for p in source.glob("fold-*/best.pt") if FOLD.fullmatch(p.parent.name))
+            folds = sorted(numbered, key=lambda p: int(p.parent.name.removeprefix("fold-")))
             if folds:
                 found += folds
             elif (source / "best.pt").is_file():
@@ -115,6 +117,14 @@ def _output_path(out: Path) -> Path:
             "their drift reference).",
             "write the ensemble into a folder of its own, e.g. outputs/ensembles/NAME/ensemble.pt.",
         )
+    taken = sorted(p.name for p in out.parent.glob("*.pt")) if out.parent.is_dir() else []
+    if taken or (out.parent / CONFIDENCE_FILE).exists():
+        what = f"'{taken[0]}'" if taken else CONFIDENCE_FILE
+        raise CtscanError(
+            f"--out '{out}': its folder already holds {what}; the drift reference beside an "
+            "ensemble must be its own.",
+            "give each ensemble a folder of its own, e.g. outputs/ensembles/NAME/ensemble.pt.",
+        )
     return ensure_dir(out.parent, what="folder of the --out ensemble") / out.name
 
 
@@ -129,19 +139,27 @@ def build_ensemble(
         read_checkpoint,
         save_checkpoint,
     )
-    from ctscan.files import file_sha256, folder_lock
+    from ctscan.engine.runtime import resolve_runtime
+    from ctscan.files import atomic_write, file_sha256, folder_lock
     from ctscan.models.ensemble import check_flips
 
     try:
         flips = check_flips(list(flips))
     except ValueError as exc:
         raise CtscanError(f"--tta: {exc}", "use --tta hflip and/or --tta vflip.") from None
+    rt = resolve_runtime(settings.train)  # a device that is not there: said before any write
     paths = member_paths(sources)
     checkpoints = [read_checkpoint(p) for p in paths]
     for path, ckpt in zip(paths, checkpoints, strict=True):
         if ckpt.is_ensemble:
             raise CheckpointError(
                 f"'{path}' is itself an ensemble.", "pass the checkpoints it was built from."
+            )
+        if ckpt.kind == "last":
+            raise CheckpointError(
+                f"'{path}' is a run's last.pt (the resume file: the last epoch's weights, not "
+                "the ones selected on validation, and never calibrated).",
+                f"pass '{Path(path).parent / 'best.pt'}' instead.",
             )
     shas = [file_sha256(p) for p in paths]
     for i, sha in enumerate(shas):
@@ -183,28 +201,40 @@ def build_ensemble(
         source=target,
     )
     build_network(ensemble)  # the weights fit the recorded members (a CheckpointError if not)
+    reference, warnings = _confidence_reference(settings, ensemble, rt)  # before any write
+    written: list[Path] = []
     with folder_lock(target.parent, what="ensemble folder"):
         if target.exists():  # written by another `ctscan ensemble` since the check above
             raise CtscanError(
                 f"--out '{target}' was written meanwhile by another process.",
                 "choose another --out.",
             )
-        save_checkpoint(target, ensemble)
-        reference, warnings = _confidence_reference(settings, ensemble, target)
+        try:  # both files or neither: a stop or an error in between removes what was written
+            written.append(save_checkpoint(target, ensemble))
+            if reference is not None:
+                body = json.dumps(reference).encode()
+                written.append(
+                    atomic_write(target.parent / CONFIDENCE_FILE, lambda fh: fh.write(body))
+                )
+        except BaseException:
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
     return EnsembleResult(
-        checkpoint=target, members=members, flips=flips, reference=reference, warnings=warnings
+        checkpoint=target,
+        members=members,
+        flips=flips,
+        reference=written[1] if len(written) > 1 else None,
+        warnings=warnings,
     )
 
 
 def _confidence_reference(
-    settings: Any, ensemble: Any, target: Path
-) -> tuple[Path | None, list[str]]:
-    """Serve's drift reference for the ensemble, from the members' store when it is there."""
-    from ctscan.data.reference import CONFIDENCE_FILE
+    settings: Any, ensemble: Any, rt: Any
+) -> tuple[dict[str, Any] | None, list[str]]:
+    """Serve's drift reference for the ensemble (not written yet), from the members' store."""
     from ctscan.data.store import open_store
     from ctscan.engine.calibration import train_confidence
-    from ctscan.engine.runtime import resolve_runtime
-    from ctscan.files import atomic_write
 
     try:
         expect = dict(ensemble.settings.get("data", {}))
@@ -215,7 +245,5 @@ def _confidence_reference(
         return None, [
             f"no {CONFIDENCE_FILE} written: the store at {store.path} is not the members' store."
         ]
-    reference = train_confidence(ensemble, store, resolve_runtime(settings.train))
-    body = json.dumps(reference).encode()
-    written = atomic_write(target.parent / CONFIDENCE_FILE, lambda fh: fh.write(body))
-    return written, [store.raw_warning] if store.raw_warning else []
+    warnings = [store.raw_warning] if store.raw_warning else []
+    return train_confidence(ensemble, store, rt), warnings
