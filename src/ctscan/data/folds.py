@@ -61,10 +61,13 @@ def grouped_folds(labels: Any, groups: Any, k: int, seed: int) -> np.ndarray:
     target = counts.sum(axis=0) / k
     fold_counts = np.zeros((k, classes), dtype=np.float64)
     fold_of_group = np.empty(len(unique), dtype=np.int64)
-    for group in order:
+    for placed, group in enumerate(order):
         trial = fold_counts + counts[group]  # (k, classes): each fold with this group added
         cost = ((fold_counts - target) ** 2).sum() - ((fold_counts - target) ** 2).sum(axis=1)
         cost = cost + ((trial - target) ** 2).sum(axis=1)
+        empty = fold_counts.sum(axis=1) == 0
+        if len(order) - placed <= empty.sum():  # as many groups left as empty folds: fill them
+            cost = np.where(empty, cost, np.inf)
         best = np.lexsort((fold_counts.sum(axis=1), cost))[0]  # lowest cost, then fewest images
         fold_of_group[group] = best
         fold_counts[best] += counts[group]

@@ -202,17 +202,11 @@ def apply_temperature(logits: Any, temperature: float) -> Any:
 
 def validation_logits(checkpoint: Any, store: Any, rt: Any) -> tuple[Any, np.ndarray]:
     """The checkpoint's raw (uncalibrated) logits on the store's validation split, and labels."""
-    from ctscan.engine.checkpoint import load_model
-    from ctscan.engine.evaluate import predict, require_same_spec
+    from ctscan.engine.evaluate import raw_logits, require_same_spec
 
     require_same_spec(checkpoint, store)
     data = store.split(FIT_SPLIT)  # the one split read: never test
-    loaded = load_model(checkpoint, device=rt.device, channels_last=rt.channels_last)
-    spec = loaded.spec
-    logits = predict(
-        loaded.model, data.images, mean=spec.mean, std=spec.std, channels=loaded.channels, rt=rt
-    )
-    return logits.cpu(), data.labels.cpu().numpy()
+    return raw_logits(checkpoint, data.images, rt).cpu(), data.labels.cpu().numpy()
 
 
 def fit_checkpoint(checkpoint: Any, store: Any, rt: Any) -> tuple[Any, dict[str, Any]]:
@@ -242,20 +236,10 @@ def fit_checkpoint(checkpoint: Any, store: Any, rt: Any) -> tuple[Any, dict[str,
 def train_confidence(checkpoint: Any, store: Any, rt: Any) -> dict[str, Any]:
     """reference_confidence.json's content: the calibrated max-softmax on every train image."""
     from ctscan.data.reference import confidence_reference
-    from ctscan.engine.checkpoint import load_model
-    from ctscan.engine.evaluate import predict
+    from ctscan.engine.evaluate import raw_logits
     from ctscan.engine.metrics import probabilities
 
-    loaded = load_model(checkpoint, device=rt.device, channels_last=rt.channels_last)
-    spec = loaded.spec
-    logits = predict(
-        loaded.model,
-        store.split("train").images,
-        mean=spec.mean,
-        std=spec.std,
-        channels=loaded.channels,
-        rt=rt,
-    )
+    logits = raw_logits(checkpoint, store.split("train").images, rt)
     probs = probabilities(apply_temperature(logits, checkpoint.temperature))
     return confidence_reference(probs.max(axis=1), temperature=checkpoint.temperature)
 

@@ -64,6 +64,15 @@ def predict(
     return torch.cat(outs) if outs else torch.empty(0)
 
 
+def raw_logits(checkpoint: Checkpoint, images: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """The checkpoint's logits before its temperature on uint8 images (N, 1, S, S), on rt."""
+    loaded = load_model(checkpoint, device=rt.device, channels_last=rt.channels_last)
+    spec = loaded.spec
+    return predict(
+        loaded.model, images, mean=spec.mean, std=spec.std, channels=loaded.channels, rt=rt
+    )
+
+
 def require_same_spec(checkpoint: Checkpoint, store: Store) -> None:
     """The store holds images preprocessed as the checkpoint expects, else a CheckpointError."""
     if checkpoint.spec != store.spec:
@@ -114,7 +123,6 @@ def evaluate_checkpoint(
         checkpoint = read_checkpoint(checkpoint)
     require_same_spec(checkpoint, store)
     spec = store.spec
-    loaded = load_model(checkpoint, device=rt.device, channels_last=rt.channels_last)
     data = store.split(split)
     if len(data.labels) == 0:
         raise DataError(
@@ -122,14 +130,7 @@ def evaluate_checkpoint(
             "evaluate another split (--split valid), or preprocess a raw folder that has "
             f"images in {split}/.",
         )
-    logits = predict(
-        loaded.model,
-        data.images,
-        mean=spec.mean,
-        std=spec.std,
-        channels=loaded.channels,
-        rt=rt,
-    )
+    logits = raw_logits(checkpoint, data.images, rt)
     probs = probabilities(apply_temperature(logits, checkpoint.temperature))  # what users see
     y_true = data.labels.cpu().numpy()
     names = list(spec.class_names)

@@ -259,25 +259,15 @@ def _out_of_fold(
     store: Any, plan: FoldPlan, cv_dir: Path, rt: Any, records: list[dict[str, Any]], metric: str
 ) -> tuple[np.ndarray, list[Any]]:
     """The raw logits of every train + valid image from the model that did not train on it."""
-    from ctscan.engine.checkpoint import load_model
-    from ctscan.engine.evaluate import predict, require_same_spec
+    from ctscan.engine.evaluate import raw_logits, require_same_spec
 
     logits = np.zeros((len(plan.paths), len(store.spec.class_names)), dtype=np.float64)
     checkpoints = []
     for fold, record in enumerate(records, 1):
         checkpoint = _fold_checkpoint(cv_dir, fold, record, metric)
         require_same_spec(checkpoint, store)
-        loaded = load_model(checkpoint, device=rt.device, channels_last=rt.channels_last)
         _, held_out = fold_splits(store, plan, fold - 1)
-        spec = loaded.spec
-        out = predict(
-            loaded.model,
-            held_out.images,
-            mean=spec.mean,
-            std=spec.std,
-            channels=loaded.channels,
-            rt=rt,
-        )
+        out = raw_logits(checkpoint, held_out.images, rt)
         logits[plan.held_out(fold - 1)] = out.cpu().double().numpy()
         checkpoints.append(checkpoint)
     return logits, checkpoints
