@@ -96,8 +96,41 @@ class ModelSettings(Section):
         0.2, ge=0.0, lt=1.0, description="dropout before the classification head"
     )
     freeze_epochs: int = Field(1, ge=0, description="epochs with the pretrained backbone frozen")
+    frozen_stages: int = Field(
+        3,
+        ge=0,
+        description="the stem and the first N stages of a pretrained backbone stay frozen for all "
+        "of training, which skips their backward pass (efficientnet_lite0: 7 stages, resnet18: "
+        "4); 0 = none; ignored when training from scratch, like freeze_epochs",
+    )
 
     _no_empty_path = field_validator("weights_path", mode="before")(_not_empty_path)
+
+    @model_validator(mode="after")
+    def _frozen_stages_fit(self) -> ModelSettings:
+        from ctscan.models import backbone_stages
+
+        stages = backbone_stages(self.name)
+        if self.pretrained and stages and self.frozen_stages > stages:
+            raise ValueError(
+                f"frozen_stages {self.frozen_stages} > the {stages} stages of {self.name}"
+            )
+        return self
+        from ctscan.models import backbone_stages
+
+        stages = backbone_stages(self.name)
+        if not stages or not self.pretrained:
+            why = "has no pretrained backbone" if not stages else "trains from scratch"
+            raise ValueError(
+                f"frozen_stages {self.frozen_stages} keeps ImageNet layers as they are, but "
+                f"'{self.name}' {why}: set frozen_stages = 0"
+                + (" or pretrained = true" if stages else "")
+            )
+        if self.frozen_stages > stages:
+            raise ValueError(
+                f"frozen_stages {self.frozen_stages} > the {stages} stages of {self.name}"
+            )
+        return self
 
 
 class AugmentSettings(Section):
@@ -139,7 +172,7 @@ class AugmentSettings(Section):
 
 
 class TrainSettings(Section):
-    epochs: int = Field(28, ge=1, description="epochs to train (a resume may raise it)")
+    epochs: int = Field(20, ge=1, description="epochs to train (a resume may raise it)")
     batch_size: int = Field(
         32, ge=1, description="images per step and process (DDP: global batch = N x this)"
     )

@@ -17,8 +17,10 @@ from ctscan.models import (
     MODEL_NAMES,
     WeightsUnavailable,
     backbone_and_head,
+    backbone_stages,
     build_model,
     count_parameters,
+    early_parameters,
     freeze_backbone,
     has_pretrained,
     head_module,
@@ -316,6 +318,53 @@ def test_frozen_backbone_only_trains_the_head(name: str) -> None:
     train_mode(model)
     assert all(p.requires_grad for p in model.parameters())
     assert all(bn.training for bn in _batch_norms(model))
+
+
+@pytest.mark.parametrize(
+    ("name", "stages", "first_trained"),
+    [("efficientnet_lite0", 3, "blocks.3."), ("resnet18", 2, "layer3.")],
+)
+def test_frozen_stages_stay_frozen_when_the_backbone_thaws(
+    name: str, stages: int, first_trained: str
+) -> None:
+    torch.manual_seed(0)
+    model = build_model(name)
+    assert backbone_stages(name) == {"efficientnet_lite0": 7, "resnet18": 4}[name]
+    assert early_parameters(model, name, 0) == []
+    early = early_parameters(model, name, stages)
+    early_ids = {id(p) for p in early}
+    names = [n for n, p in model.named_parameters() if id(p) in early_ids]
+    # The stem and exactly the first `stages` stages, input side first.
+    assert names[0].startswith(("conv_stem.", "conv1."))
+    assert not any(n.startswith(first_trained) for n in names)
+    assert len(early_parameters(model, name, stages + 1)) > len(early)
+    with pytest.raises(ValueError, match="backbone stages"):
+        early_parameters(model, name, backbone_stages(name) + 1)
+
+    freeze_backbone(model, False, always=early)
+    train_mode(model)
+    frozen_bn = [m for m in _batch_norms(model) if not m.training]
+    assert frozen_bn and all(id(m.weight) in early_ids for m in frozen_bn)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    x = torch.randn(4, input_channels(name), 64, 64)
+    nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 3])).backward()
+    assert all(p.grad is None for p in early)  # no backward pass through them at all
+    optimizer.step()
+    after = model.state_dict()
+    early_prefixes = tuple(n.rsplit(".", 1)[0] + "." for n in names)
+    for key, value in after.items():
+        if key.startswith(early_prefixes):  # weights, BN affine and running stats unchanged
+            assert torch.equal(value, before[key]), key
+    trained = [k for k in after if k.startswith(first_trained) and k.endswith("weight")]
+    assert trained and all(not torch.equal(after[k], before[k]) for k in trained)
+
+
+def test_models_without_an_imagenet_backbone_have_no_stages() -> None:
+    assert backbone_stages("cnn") == backbone_stages("cnn_gap") == 0
+    assert early_parameters(build_model("cnn_gap"), "cnn_gap", 0) == []
+    with pytest.raises(ValueError, match="unknown model"):
+        backbone_stages("vgg")
 
 
 def test_freezing_a_model_in_eval_mode_leaves_it_in_eval() -> None:

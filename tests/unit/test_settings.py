@@ -72,6 +72,16 @@ def test_bad_values_name_the_key() -> None:
         parse_overrides(["train.epochs"])
 
 
+def test_frozen_stages_fit_the_pretrained_backbone() -> None:
+    assert load_settings([], ["model.frozen_stages=7"]).model.frozen_stages == 7
+    assert load_settings([], ["model.name=resnet18", "model.frozen_stages=4"]).model.name
+    with pytest.raises(SettingsError, match=r"frozen_stages 5 > the 4 stages of resnet18"):
+        load_settings([], ["model.name=resnet18", "model.frozen_stages=5"])
+    # Training from scratch ignores it, as it ignores freeze_epochs (the default is 3).
+    assert load_settings([], ["model.name=cnn_gap", "model.frozen_stages=9"]).model.name
+    assert load_settings([], ["model.pretrained=false", "model.frozen_stages=9"]).model.name
+
+
 def test_missing_or_broken_files_are_errors(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="does not exist"):
         load_settings([tmp_path / "nope.toml"])

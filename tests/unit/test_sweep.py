@@ -713,6 +713,50 @@ def _mid_training(trials: list[Any]) -> bool:
 
 
 @needs_optuna
+def test_unfinished_trials_run_again_only_as_far_as_the_study_needs_them() -> None:
+    import optuna
+
+    from ctscan.ops.sweep import requeue_unfinished
+
+    study = optuna.create_study(direction="maximize")
+    dist = optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)
+
+    def trial(lr: float, state: str, **attrs: Any) -> None:
+        frozen = optuna.trial.create_trial(
+            params={"train.lr": lr},
+            distributions={"train.lr": dist},
+            value=0.5 if state == "COMPLETE" else None,
+            state=getattr(optuna.trial.TrialState, state),
+            user_attrs=attrs,
+        )
+        study.add_trial(frozen)
+
+    trial(1e-3, "COMPLETE")
+    trial(2e-3, "FAIL", interrupted=True)  # 1: stopped by a signal
+    trial(3e-3, "FAIL", fail_reason="diverged")  # 2: its own settings: counts as finished
+    trial(4e-3, "FAIL", error="OSError")  # 3: an error: runs again
+    killed = study.ask()  # 4: a process that died mid-trial (SIGKILL) leaves it RUNNING
+    killed.suggest_float("train.lr", 1e-4, 1e-1, log=True)
+
+    assert requeue_unfinished(optuna, study, 0) == ([], [1, 3, 4])  # the target is met
+    states = [t.state.name for t in study.trials]
+    assert states == ["COMPLETE", "FAIL", "FAIL", "FAIL", "FAIL"]  # nothing queued, none running
+    assert requeue_unfinished(optuna, study, 2) == ([1, 3], [4])
+    queued = [t for t in study.trials if t.state.name == "WAITING"]
+    assert [t.user_attrs["retry_of"] for t in queued] == [1, 3]
+    # A rerun before the queued trials ran: they stand for two of its slots; none is queued twice.
+    assert requeue_unfinished(optuna, study, 2) == ([], [4])
+    assert requeue_unfinished(optuna, study, 3) == ([4], [])
+    assert sum(t.state.name == "WAITING" for t in study.trials) == 3
+    retries = [study.ask() for _ in range(3)]  # queued trials come first, with their parameters
+    assert [t.suggest_float("train.lr", 1e-4, 1e-1, log=True) for t in retries] == [
+        2e-3,
+        4e-3,
+        killed.params["train.lr"],
+    ]
+
+
+@needs_optuna
 @pytest.mark.slow
 def test_sigterm_stops_a_parallel_sweep_cleanly_and_a_rerun_finishes_it(
     store: Path, tmp_path: Path
@@ -739,7 +783,10 @@ def test_sigterm_stops_a_parallel_sweep_cleanly_and_a_rerun_finishes_it(
                 study = optuna.load_study(study_name="study", storage=f"sqlite:///{runs}/optuna.db")
             except KeyError:
                 continue
-            if _mid_training(study.trials):
+            # Stop while at most 3 trials are complete, so that the rerun has trials to run (a
+            # trial that ends between this look and the signal makes 4).
+            complete = sum(t.state.name == "COMPLETE" for t in study.trials)
+            if complete < 4 and _mid_training(study.trials):
                 break
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)

@@ -56,6 +56,31 @@ def test_loop_learns_the_synthetic_task(synthetic_store: Path, tmp_path: Path) -
     assert (tmp_path / "run" / "eval-test" / "evaluation.json").is_file()
 
 
+def test_frozen_stages_keep_their_imagenet_weights(synthetic_store: Path, tmp_path: Path) -> None:
+    from ctscan.models import build_model
+
+    settings = engine_settings(
+        synthetic_store,
+        tmp_path / "runs",
+        **{
+            "model.name": '"efficientnet_lite0"',
+            "model.pretrained": "true",
+            "model.freeze_epochs": 1,
+            "model.frozen_stages": 2,
+            "train.epochs": 2,
+            "train.ema": "false",
+            "train.evaluate_test": "false",
+        },
+    )
+    run_training(settings, out_dir=tmp_path / "run")
+    trained = _weights(tmp_path / "run" / "last.pt")
+    start = build_model("efficientnet_lite0", pretrained=True).state_dict()
+    frozen = [k for k in start if k.startswith(("conv_stem.", "bn1.", "blocks.0.", "blocks.1."))]
+    thawed = [k for k in start if k.startswith("blocks.2.") and k.endswith("weight")]
+    assert frozen and all(torch.equal(trained[k], start[k]) for k in frozen)  # BN stats too
+    assert thawed and not any(torch.equal(trained[k], start[k]) for k in thawed)
+
+
 def test_checkpoint_holds_unwrapped_state_and_metadata(
     synthetic_store: Path, tmp_path: Path
 ) -> None:
@@ -303,6 +328,7 @@ def test_ddp_with_a_frozen_then_unfrozen_backbone(synthetic_store: Path, tmp_pat
             "model.name": '"efficientnet_lite0"',
             "model.pretrained": "true",
             "model.freeze_epochs": 1,
+            "model.frozen_stages": 2,  # frozen before DDP is built: not in its buckets
             "train.epochs": 2,
             "train.evaluate_test": "false",
         },
@@ -312,6 +338,11 @@ def test_ddp_with_a_frozen_then_unfrozen_backbone(synthetic_store: Path, tmp_pat
     history = read_checkpoint(tmp_path / "run" / "last.pt").history
     assert [row["epoch"] for row in history] == [1, 2]
     assert all(math.isfinite(row["train_loss"]) for row in history)
+    from ctscan.models import build_model
+
+    start = build_model("efficientnet_lite0", pretrained=True).state_dict()
+    trained = _weights(tmp_path / "run" / "last.pt")
+    assert all(torch.equal(trained[k], v) for k, v in start.items() if k.startswith("blocks.1."))
 
 
 def test_quiet_progress_writes_each_line_in_one_write(monkeypatch: pytest.MonkeyPatch) -> None:

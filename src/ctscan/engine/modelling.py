@@ -94,9 +94,14 @@ def backbone_frozen(settings: Any, epoch: int) -> bool:
     return uses_pretrained(settings) and epoch <= settings.model.freeze_epochs
 
 
-def freeze_backbone(model: nn.Module, frozen: bool) -> None:
-    """Freeze or unfreeze the backbone (BatchNorm of a frozen one stays in eval)."""
-    models.freeze_backbone(model, frozen)
+def freeze_backbone(model: nn.Module, settings: Any, epoch: int) -> None:
+    """Freeze the backbone for epoch `epoch` or unfreeze it, all but its `model.frozen_stages`.
+
+    BatchNorm layers whose parameters are frozen stay in eval.
+    """
+    stages = settings.model.frozen_stages if uses_pretrained(settings) else 0
+    always = models.early_parameters(model, settings.model.name, stages)
+    models.freeze_backbone(model, backbone_frozen(settings, epoch), always)
 
 
 class Deployable(nn.Module):

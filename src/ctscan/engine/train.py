@@ -284,6 +284,9 @@ def new_train_state(
 def wrap_for_steps(state: TrainState, settings: Settings, rt: Runtime) -> None:
     """DDP around the model under torchrun, then torch.compile when on: `state.step_model`."""
     step_model: nn.Module = state.model
+    # The stages frozen for all of training are frozen before DDP is built, so that it leaves
+    # them out of its gradient buckets.
+    freeze_backbone(state.model, settings, epoch=settings.model.freeze_epochs + 1)
     if rt.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -366,7 +369,7 @@ def train_one_epoch(
     tr, rt = loop.settings.train, loop.rt
     batches = list(train_batches(loop, len(labels), images.device, epoch))[:max_steps]
     state.step_model.train()
-    freeze_backbone(state.model, backbone_frozen(loop.settings, epoch))
+    freeze_backbone(state.model, loop.settings, epoch)
     loss_sum = torch.zeros((), device=rt.device)
     correct = torch.zeros((), device=rt.device, dtype=torch.long)
     seen = 0

@@ -42,6 +42,8 @@ from typing import TYPE_CHECKING
 from ctscan.models.weights import WeightsUnavailable
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from torch import nn
 
 MODEL_NAMES: tuple[str, ...] = ("cnn", "cnn_gap", "resnet18", "efficientnet_lite0")
@@ -62,6 +64,13 @@ GRADCAM_LAYERS: dict[str, str] = {
     # global_pool. Not `conv_head` (pre-BN, pre-activation: its negative values are cut by ReLU6
     # before the head sees them) and not `blocks.6` (320 channels the 1x1 conv_head still mixes).
     "efficientnet_lite0": "bn2",
+}
+
+# The stem, then the stages of each pretrained backbone, input side first, as parameter-name
+# prefixes: `model.frozen_stages = N` keeps the stem and the first N stages frozen.
+_STAGE_PREFIXES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "resnet18": (("conv1.", "bn1."), *((f"layer{i}.",) for i in range(1, 5))),
+    "efficientnet_lite0": (("conv_stem.", "bn1."), *((f"blocks.{i}.",) for i in range(7))),
 }
 
 
@@ -164,6 +173,27 @@ def head_module(model: nn.Module) -> nn.Module:
     raise ValueError(f"cannot find the classification head of a {type(model).__name__}.")
 
 
+def backbone_stages(name: str) -> int:
+    """How many stages the pretrained backbone of `name` has (0: no pretrained backbone)."""
+    prefixes = _STAGE_PREFIXES.get(check_name(name))
+    return len(prefixes) - 1 if prefixes else 0
+
+
+def early_parameters(model: nn.Module, name: str, stages: int) -> list[nn.Parameter]:
+    """The parameters of the stem and the first `stages` stages of `name`'s backbone (0: none)."""
+    if not 0 <= stages <= backbone_stages(name):
+        raise ValueError(
+            f"model '{name}' has {backbone_stages(name)} backbone stages, not {stages}."
+        )
+    if not stages:
+        return []
+    prefixes = tuple(p for group in _STAGE_PREFIXES[name][: stages + 1] for p in group)
+    params = [p for n, p in unwrap(model).named_parameters() if n.startswith(prefixes)]
+    if not params:
+        raise ValueError(f"a {type(unwrap(model)).__name__} has no layers {', '.join(prefixes)}.")
+    return params
+
+
 def backbone_and_head(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """Split the model's parameters into (backbone, head) lists, e.g. for two lr groups."""
     head_ids = {id(p) for p in head_module(model).parameters()}
@@ -179,15 +209,17 @@ def _is_batch_norm(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.batchnorm._BatchNorm)
 
 
-def freeze_backbone(model: nn.Module, frozen: bool) -> None:
+def freeze_backbone(model: nn.Module, frozen: bool, always: Iterable[nn.Parameter] = ()) -> None:
     """Freeze (or unfreeze) every backbone parameter; a frozen backbone's BatchNorm stays in eval.
 
-    The head always stays trainable. Use `train_mode(model)` instead of `model.train()` so that
-    frozen BatchNorm layers keep their running statistics.
+    The head always stays trainable; the parameters in `always` (`early_parameters`) stay frozen
+    either way. Use `train_mode(model)` instead of `model.train()` so that frozen BatchNorm
+    layers keep their running statistics.
     """
     backbone, head = backbone_and_head(model)
+    fixed = {id(p) for p in always}
     for p in backbone:
-        p.requires_grad_(not frozen)
+        p.requires_grad_(not frozen and id(p) not in fixed)
     for p in head:
         p.requires_grad_(True)
     plain = unwrap(model)

@@ -740,25 +740,29 @@ def finished(study: Any) -> int:
     return sum(_counts(t) for t in study.get_trials(deepcopy=False))
 
 
-def requeue_unfinished(optuna: Any, study: Any) -> list[int]:
-    """Start again the trials an earlier run left unfinished (same parameters): their numbers.
+def requeue_unfinished(optuna: Any, study: Any, room: int) -> tuple[list[int], list[int]]:
+    """Start again, with the same parameters, up to `room` trials an earlier run left unfinished.
 
-    Only one `ctscan sweep` runs a study at a time (its folder lock), so a trial still marked
-    running belongs to a process that died; it is marked failed first.
+    Returns (the trials queued again, the unfinished ones not queued because `room` trials are
+    already queued or the study needs no more). Only one `ctscan sweep` runs a study at a time (its
+    folder lock), so a trial still marked running belongs to a process that died; it is marked
+    failed first. A trial not queued now is queued by a later run that needs it (a larger --trials).
     """
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get(ATTR_RETRY_OF) for t in trials}
-    again = []
+    unfinished = []
     for trial in trials:
         if trial.state.name == "RUNNING":
             study.tell(trial.number, state=_state(optuna, "FAIL"))
         elif trial.state.name != "FAIL" or ATTR_FAIL_REASON in trial.user_attrs:
             continue
-        if trial.number in retried or not trial.params:
-            continue
+        if trial.number not in retried and trial.params:
+            unfinished.append(trial)
+    waiting = sum(t.state.name == "WAITING" for t in trials)
+    again = unfinished[: max(0, room - waiting)]
+    for trial in again:
         study.enqueue_trial(trial.params, user_attrs={ATTR_RETRY_OF: trial.number})
-        again.append(trial.number)
-    return again
+    return [t.number for t in again], [t.number for t in unfinished[len(again) :]]
 
 
 # ---- one trial ----------------------------------------------------------------------------
@@ -1194,11 +1198,16 @@ def _sweep_lock(sweep: Sweep, folder: Path) -> Iterator[None]:
 
 def _run(optuna: Any, sweep: Sweep, recipe: Path, say: Callable[[str], None]) -> SweepResult:
     study = open_study(optuna, sweep, create=True)
-    again = requeue_unfinished(optuna, study)
     done = finished(study)
     todo = max(0, sweep.n_trials - done)
+    again, left = requeue_unfinished(optuna, study, todo)
     if again:
         say(f"trials {', '.join(map(str, again))} were left unfinished: they run again")
+    if left:
+        say(
+            f"trials {', '.join(map(str, left))} were left unfinished and are not needed for "
+            f"{sweep.n_trials} finished trials: they do not run again (a larger --trials runs them)"
+        )
     say(
         f"sweep '{sweep.name}': {done} of {sweep.n_trials} trials finished, {todo} to run"
         + (f" in {min(sweep.jobs, todo)} processes" if sweep.jobs > 1 and todo else "")
