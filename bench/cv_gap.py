@@ -59,7 +59,12 @@ def main() -> None:
                 "best_epoch": result.best_epoch,
                 "val_accuracy": best["val_accuracy"],
                 "test_accuracy": result.test["accuracy"],
+                "test_macro_f1": result.test["macro_f1"],
+                "test_ece": result.test.get("ece"),
+                "test_ece_uncalibrated": result.test.get("ece_uncalibrated"),
+                "test_log_loss": result.test.get("log_loss"),
                 "leak_free_accuracy": (result.test.get("leak_free") or {}).get("accuracy"),
+                "leak_free_macro_f1": (result.test.get("leak_free") or {}).get("macro_f1"),
                 "gap": best["val_accuracy"] - result.test["accuracy"],
                 "seconds": round(time.perf_counter() - t0, 1),
             }
@@ -85,6 +90,9 @@ def main() -> None:
             "runs": single,
             "val_accuracy": mean_std([r["val_accuracy"] for r in single]),
             "test_accuracy": mean_std([r["test_accuracy"] for r in single]),
+            "test_macro_f1": mean_std([r["test_macro_f1"] for r in single]),
+            "leak_free_accuracy": mean_std([r["leak_free_accuracy"] for r in single]),
+            "test_ece": mean_std([r["test_ece"] for r in single]),
             "abs_gap": mean_std([abs(r["gap"]) for r in single]),
         },
         "cv": {

@@ -56,29 +56,34 @@ def test_loop_learns_the_synthetic_task(synthetic_store: Path, tmp_path: Path) -
     assert (tmp_path / "run" / "eval-test" / "evaluation.json").is_file()
 
 
-def test_frozen_stages_keep_their_imagenet_weights(synthetic_store: Path, tmp_path: Path) -> None:
+# Pretrained EfficientNet-Lite0: the backbone frozen for epoch 1, the stem and stages 0-1 always.
+_FROZEN_TWO = {
+    "model.name": '"efficientnet_lite0"',
+    "model.pretrained": "true",
+    "model.freeze_epochs": 1,
+    "model.frozen_stages": 2,
+    "train.epochs": 2,
+    "train.evaluate_test": "false",
+}
+
+
+def _check_stages_0_1_untrained(last: Path) -> None:
     from ctscan.models import build_model
 
-    settings = engine_settings(
-        synthetic_store,
-        tmp_path / "runs",
-        **{
-            "model.name": '"efficientnet_lite0"',
-            "model.pretrained": "true",
-            "model.freeze_epochs": 1,
-            "model.frozen_stages": 2,
-            "train.epochs": 2,
-            "train.ema": "false",
-            "train.evaluate_test": "false",
-        },
-    )
-    run_training(settings, out_dir=tmp_path / "run")
-    trained = _weights(tmp_path / "run" / "last.pt")
+    trained = _weights(last)
     start = build_model("efficientnet_lite0", pretrained=True).state_dict()
     frozen = [k for k in start if k.startswith(("conv_stem.", "bn1.", "blocks.0.", "blocks.1."))]
     thawed = [k for k in start if k.startswith("blocks.2.") and k.endswith("weight")]
     assert frozen and all(torch.equal(trained[k], start[k]) for k in frozen)  # BN stats too
     assert thawed and not any(torch.equal(trained[k], start[k]) for k in thawed)
+
+
+def test_frozen_stages_keep_their_imagenet_weights(synthetic_store: Path, tmp_path: Path) -> None:
+    extra = {**_FROZEN_TWO, "train.ema": "false"}
+    run_training(
+        engine_settings(synthetic_store, tmp_path / "runs", **extra), out_dir=tmp_path / "run"
+    )
+    _check_stages_0_1_untrained(tmp_path / "run" / "last.pt")
 
 
 def test_checkpoint_holds_unwrapped_state_and_metadata(
@@ -221,6 +226,35 @@ def test_resume_with_another_model_is_refused(synthetic_store: Path, tmp_path: P
         run_training(other, out_dir=tmp_path, resume="auto")
 
 
+def test_a_run_from_before_frozen_stages_resumes_only_as_it_trained() -> None:
+    """A run recorded before model.frozen_stages existed trained every stage (0), not today's 3."""
+    from ctscan.engine.train import predating_sets, refused_changes
+    from ctscan.settings import load_settings, public_dict
+
+    def recorded(*overrides: str) -> dict:
+        run = public_dict(load_settings([], list(overrides)))
+        del run["model"]["frozen_stages"]  # what a run folder from before it holds
+        return run
+
+    now = load_settings([], [])
+    assert now.model.frozen_stages == 3
+    old = recorded("model.frozen_stages=0")
+    assert refused_changes(old, now) == ["model.frozen_stages 0 -> 3"]
+    assert predating_sets(old, now) == " --set model.frozen_stages=0"
+    again = load_settings([], ["model.frozen_stages=0"])
+    assert refused_changes(old, again) == [] and predating_sets(old, again) == ""
+    # A model trained from scratch ignores the frozen-backbone keys: its old runs resume as before.
+    scratch = recorded("model.name=cnn_gap", "model.pretrained=false")
+    assert (
+        refused_changes(
+            scratch, load_settings([], ["model.name=cnn_gap", "model.pretrained=false"])
+        )
+        == []
+    )
+    # A run that recorded the key compares by its own value.
+    assert refused_changes(public_dict(again), now) == ["model.frozen_stages 0 -> 3"]
+
+
 def _cli_train(store: Path, runs: Path, out: Path, epochs: int, *more: str) -> list[str]:
     overrides = engine_overrides(
         store,
@@ -321,28 +355,14 @@ def test_ddp_two_processes_with_gloo(synthetic_store: Path, tmp_path: Path) -> N
 
 @pytest.mark.slow
 def test_ddp_with_a_frozen_then_unfrozen_backbone(synthetic_store: Path, tmp_path: Path) -> None:
-    overrides = engine_overrides(
-        synthetic_store,
-        tmp_path / "runs",
-        **{
-            "model.name": '"efficientnet_lite0"',
-            "model.pretrained": "true",
-            "model.freeze_epochs": 1,
-            "model.frozen_stages": 2,  # frozen before DDP is built: not in its buckets
-            "train.epochs": 2,
-            "train.evaluate_test": "false",
-        },
-    )
+    # The always-frozen stages are set aside before DDP is built: not in its gradient buckets.
+    overrides = engine_overrides(synthetic_store, tmp_path / "runs", **_FROZEN_TWO)
     proc = _torchrun(overrides, tmp_path / "run", 29534)
     assert proc.returncode == 0, proc.stderr[-3000:]
     history = read_checkpoint(tmp_path / "run" / "last.pt").history
     assert [row["epoch"] for row in history] == [1, 2]
     assert all(math.isfinite(row["train_loss"]) for row in history)
-    from ctscan.models import build_model
-
-    start = build_model("efficientnet_lite0", pretrained=True).state_dict()
-    trained = _weights(tmp_path / "run" / "last.pt")
-    assert all(torch.equal(trained[k], v) for k, v in start.items() if k.startswith("blocks.1."))
+    _check_stages_0_1_untrained(tmp_path / "run" / "last.pt")
 
 
 def test_quiet_progress_writes_each_line_in_one_write(monkeypatch: pytest.MonkeyPatch) -> None:

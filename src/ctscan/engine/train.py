@@ -46,6 +46,7 @@ from ctscan.engine.modelling import (
     freeze_backbone,
     load_model_state,
     model_channels,
+    uses_pretrained,
 )
 from ctscan.engine.progress import Progress
 from ctscan.engine.runtime import (
@@ -499,20 +500,44 @@ def _resume_path(resume: str | None, out_dir: Path | None, settings: Settings) -
     return runs[-1] if runs else None
 
 
-def _changed_settings(before: dict[str, Any], now: Settings) -> list[tuple[str, Any, Any]]:
-    """(key, run's value, value now) for each setting that differs, `section.key` names."""
-    flat_before = {
+# Settings added after runs were recorded, with the value that reproduces how a run behaved
+# before the key existed (not always today's default: frozen_stages is 3 now, and a run from
+# before it trained every stage). A recorded run without such a key compares as that value.
+SETTINGS_ADDED: dict[str, Any] = {"model.frozen_stages": 0}
+
+
+def _flat_recorded(before: dict[str, Any]) -> dict[str, Any]:
+    return {
         f"{section}.{key}": value
         for section, values in before.items()
         if isinstance(values, dict)
         for key, value in values.items()
     }
-    flat_now = {k: v for k, v in flatten(now).items()}
+
+
+def _changed_settings(before: dict[str, Any], now: Settings) -> list[tuple[str, Any, Any]]:
+    """(key, run's value, value now) for each setting that differs, `section.key` names."""
+    flat_before = {**SETTINGS_ADDED, **_flat_recorded(before)}
+    # A model trained from scratch has no backbone to freeze: those keys do nothing for it.
+    ignored = () if uses_pretrained(now) else ("model.freeze_epochs", "model.frozen_stages")
     return [
-        (key, flat_before.get(key), value)
-        for key, value in flat_now.items()
-        if key in flat_before and flat_before[key] != value
+        (key, flat_before[key], value)
+        for key, value in flatten(now).items()
+        if key in flat_before and flat_before[key] != value and key not in ignored
     ]
+
+
+def predating_sets(before: dict[str, Any], now: Settings) -> str:
+    """` --set key=value` for each setting the recorded run predates and that now differs.
+
+    Its settings.toml does not name them, so `-s settings.toml` alone would not restore them.
+    """
+    recorded = _flat_recorded(before)
+    return "".join(
+        f" --set {key}={old!r}"
+        for key, old, _ in _changed_settings(before, now)
+        if key in SETTINGS_ADDED and key not in recorded
+    )
 
 
 def refused_changes(
@@ -562,8 +587,9 @@ def check_resume(checkpoint: Checkpoint, settings: Settings, store: Store) -> li
         raise CheckpointError(
             f"resuming '{path}' with other settings than the run used: {'; '.join(refused)}. "
             "A resumed run continues the same schedule, model and data.",
-            f"resume with the run's own settings (-s {settings_file}), or start a new run "
-            "with these settings.",
+            f"resume with the run's own settings (-s {settings_file}"
+            f"{predating_sets(checkpoint.settings, settings)}), or start a new run with these "
+            "settings.",
         )
     notes = []
     epochs_before = checkpoint.settings.get("train", {}).get("epochs")

@@ -141,7 +141,7 @@ def _default_dir(settings: Settings, k: int) -> Path:
 
 def _check_same_cv(cv_dir: Path, plan: FoldPlan, settings: Settings) -> dict[str, Any]:
     """folds.json of an earlier (interrupted) run must match: same folds, same settings."""
-    from ctscan.engine.train import RUN_PLACE_KEYS, refused_changes
+    from ctscan.engine.train import RUN_PLACE_KEYS, predating_sets, refused_changes
 
     recorded = _read_json(
         cv_dir / FOLDS_FILE,
@@ -149,7 +149,8 @@ def _check_same_cv(cv_dir: Path, plan: FoldPlan, settings: Settings) -> dict[str
         "start a new cross-validation (another --out); the fold folders can be kept aside.",
     )
     fix = (
-        f"rerun with the settings it used (-s {cv_dir / 'settings.toml'}) and --folds "
+        f"rerun with the settings it used (-s {cv_dir / 'settings.toml'}"
+        f"{predating_sets(recorded.get('settings') or {}, settings)}) and --folds "
         f"{recorded.get('k')}, or start a new cross-validation (another --out)."
     )
     if recorded.get("k") != plan.k or recorded.get("identity") != plan.identity:
