@@ -209,6 +209,28 @@ def validation_logits(checkpoint: Any, store: Any, rt: Any) -> tuple[Any, np.nda
     return raw_logits(checkpoint, data.images, rt).cpu(), data.labels.cpu().numpy()
 
 
+def calibration_report(
+    logits: np.ndarray, labels: np.ndarray, class_names: list[str], split: str
+) -> dict[str, Any]:
+    """Fit T on held-out `logits` (from `split`): the fit, and ECE / log-loss before and after.
+
+    The report every calibrated checkpoint keeps (`Checkpoint.calibration`); `temperature` is
+    the T to store. With no images the fit is T = 1 and no metrics are added.
+    """
+    from ctscan.engine.metrics import classification_report, probabilities
+
+    fit = fit_temperature(logits, labels)
+    report: dict[str, Any] = {"method": "temperature", "split": split, **fit.to_dict()}
+    report["bounds"] = [T_MIN, T_MAX]
+    if fit.n:
+        for key, temperature in (("before", 1.0), ("after", fit.temperature)):
+            probs = probabilities(apply_temperature(logits, temperature))
+            metrics = classification_report(labels, probs, list(class_names))
+            report[f"ece_{key}"] = metrics["ece"]
+            report[f"log_loss_{key}"] = metrics["log_loss"]
+    return report
+
+
 def fit_checkpoint(checkpoint: Any, store: Any, rt: Any) -> tuple[Any, dict[str, Any]]:
     """Fit T on the validation split for `checkpoint`'s deploy weights.
 
@@ -216,20 +238,11 @@ def fit_checkpoint(checkpoint: Any, store: Any, rt: Any) -> tuple[Any, dict[str,
     the fit plus the validation ECE and log-loss before and after). Any T the checkpoint held
     before is ignored: the fit always starts from the raw logits.
     """
-    from ctscan.engine.metrics import classification_report, probabilities
-
     logits, labels = validation_logits(checkpoint, store, rt)
-    fit = fit_temperature(logits, labels)
-    report: dict[str, Any] = {"method": "temperature", "split": FIT_SPLIT, **fit.to_dict()}
-    report["bounds"] = [T_MIN, T_MAX]
-    if fit.n:
-        names = list(checkpoint.class_names)
-        for key, temperature in (("before", 1.0), ("after", fit.temperature)):
-            probs = probabilities(apply_temperature(logits, temperature))
-            metrics = classification_report(labels, probs, names)
-            report[f"ece_{key}"] = metrics["ece"]
-            report[f"log_loss_{key}"] = metrics["log_loss"]
-    calibrated = dataclasses.replace(checkpoint, temperature=fit.temperature, calibration=report)
+    report = calibration_report(logits, labels, checkpoint.class_names, FIT_SPLIT)
+    calibrated = dataclasses.replace(
+        checkpoint, temperature=report["temperature"], calibration=report
+    )
     return calibrated, report
 
 

@@ -287,34 +287,20 @@ def _calibrate(
     import dataclasses
 
     from ctscan.data.reference import CONFIDENCE_FILE
-    from ctscan.engine.calibration import (
-        T_MAX,
-        T_MIN,
-        apply_temperature,
-        fit_temperature,
-        train_confidence,
-    )
+    from ctscan.engine.calibration import calibration_report, train_confidence
     from ctscan.engine.checkpoint import save_checkpoint
-    from ctscan.engine.metrics import classification_report, probabilities
 
-    fit = fit_temperature(logits, labels)
-    report: dict[str, Any] = {"method": "temperature", "split": f"out-of-fold ({k} folds)"}
-    report |= fit.to_dict()
-    report["bounds"] = [T_MIN, T_MAX]
     names = list(checkpoints[0].class_names)
-    for key, temperature in (("before", 1.0), ("after", fit.temperature)):
-        metrics = classification_report(
-            labels, probabilities(apply_temperature(logits, temperature)), names
-        )
-        report[f"ece_{key}"], report[f"log_loss_{key}"] = metrics["ece"], metrics["log_loss"]
+    report = calibration_report(logits, labels, names, f"out-of-fold ({k} folds)")
+    temperature = report["temperature"]
     with held_signals(signal.SIGINT, signal.SIGTERM):  # every fold gets the same T, or none
         for fold, checkpoint in enumerate(checkpoints, 1):
             calibrated = dataclasses.replace(
-                checkpoint, temperature=fit.temperature, calibration=report
+                checkpoint, temperature=temperature, calibration=report
             )
             save_checkpoint(cv_dir / f"fold-{fold}" / "best.pt", calibrated)
     for fold, checkpoint in enumerate(checkpoints, 1):  # serve's drift reference follows T
-        calibrated = dataclasses.replace(checkpoint, temperature=fit.temperature)
+        calibrated = dataclasses.replace(checkpoint, temperature=temperature)
         body = json.dumps(train_confidence(calibrated, store, rt)).encode()
         atomic_write(cv_dir / f"fold-{fold}" / CONFIDENCE_FILE, lambda fh, b=body: fh.write(b))
     return report
