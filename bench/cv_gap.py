@@ -61,7 +61,9 @@ def main() -> None:
                 "test_accuracy": result.test["accuracy"],
                 "test_macro_f1": result.test["macro_f1"],
                 "test_ece": result.test.get("ece"),
-                "test_ece_uncalibrated": result.test.get("ece_uncalibrated"),
+                "test_ece_uncalibrated": (result.test.get("calibration") or {})
+                .get("before", {})
+                .get("ece"),
                 "test_log_loss": result.test.get("log_loss"),
                 "leak_free_accuracy": (result.test.get("leak_free") or {}).get("accuracy"),
                 "leak_free_macro_f1": (result.test.get("leak_free") or {}).get("macro_f1"),
