@@ -54,6 +54,7 @@ def main() -> None:
                 "best_val_accuracy": result.history[result.best_epoch - 1]["val_accuracy"],
                 "test_accuracy": test.get("accuracy"),
                 "test_macro_f1": test.get("macro_f1"),
+                "test_ece": test.get("ece"),  # after the temperature fitted on valid
                 "test_n": test.get("n"),
                 "leak_free_accuracy": lf.get("accuracy"),
                 "leak_free_macro_f1": lf.get("macro_f1"),

@@ -113,22 +113,8 @@ class ModelSettings(Section):
         stages = backbone_stages(self.name)
         if self.pretrained and stages and self.frozen_stages > stages:
             raise ValueError(
-                f"frozen_stages {self.frozen_stages} > the {stages} stages of {self.name}"
-            )
-        return self
-        from ctscan.models import backbone_stages
-
-        stages = backbone_stages(self.name)
-        if not stages or not self.pretrained:
-            why = "has no pretrained backbone" if not stages else "trains from scratch"
-            raise ValueError(
-                f"frozen_stages {self.frozen_stages} keeps ImageNet layers as they are, but "
-                f"'{self.name}' {why}: set frozen_stages = 0"
-                + (" or pretrained = true" if stages else "")
-            )
-        if self.frozen_stages > stages:
-            raise ValueError(
-                f"frozen_stages {self.frozen_stages} > the {stages} stages of {self.name}"
+                f"frozen_stages {self.frozen_stages} > the {stages} stages of {self.name}: set "
+                f"model.frozen_stages to 0..{stages} (0 trains every stage)"
             )
         return self
 

@@ -746,6 +746,8 @@ def test_unfinished_trials_run_again_only_as_far_as_the_study_needs_them() -> No
     assert [t.user_attrs["retry_of"] for t in queued] == [1, 3]
     # A rerun before the queued trials ran: they stand for two of its slots; none is queued twice.
     assert requeue_unfinished(optuna, study, 2) == ([], [4])
+    # A rerun that needs nothing names the queued retries too (they stay queued for later).
+    assert requeue_unfinished(optuna, study, 0) == ([], [4, 1, 3])
     assert requeue_unfinished(optuna, study, 3) == ([4], [])
     assert sum(t.state.name == "WAITING" for t in study.trials) == 3
     retries = [study.ask() for _ in range(3)]  # queued trials come first, with their parameters

@@ -241,6 +241,10 @@ def test_a_run_from_before_frozen_stages_resumes_only_as_it_trained() -> None:
     old = recorded("model.frozen_stages=0")
     assert refused_changes(old, now) == ["model.frozen_stages 0 -> 3"]
     assert predating_sets(old, now) == " --set model.frozen_stages=0"
+    # Named even when another change is refused too: following the fix must restore the run.
+    other = load_settings([], ["model.pretrained=false"])
+    assert refused_changes(old, other) == ["model.pretrained True -> False"]
+    assert predating_sets(old, other) == " --set model.frozen_stages=0"
     again = load_settings([], ["model.frozen_stages=0"])
     assert refused_changes(old, again) == [] and predating_sets(old, again) == ""
     # A model trained from scratch ignores the frozen-backbone keys: its old runs resume as before.

@@ -528,15 +528,17 @@ def _changed_settings(before: dict[str, Any], now: Settings) -> list[tuple[str, 
 
 
 def predating_sets(before: dict[str, Any], now: Settings) -> str:
-    """` --set key=value` for each setting the recorded run predates and that now differs.
+    """` --set key=value` for each setting the recorded run predates whose value now differs.
 
     Its settings.toml does not name them, so `-s settings.toml` alone would not restore them.
+    Named whatever else differs (a fix that restores the run's settings must include them).
     """
     recorded = _flat_recorded(before)
+    flat_now = flatten(now)
     return "".join(
         f" --set {key}={old!r}"
-        for key, old, _ in _changed_settings(before, now)
-        if key in SETTINGS_ADDED and key not in recorded
+        for key, old in SETTINGS_ADDED.items()
+        if key not in recorded and flat_now.get(key) != old
     )
 
 

@@ -758,11 +758,14 @@ def requeue_unfinished(optuna: Any, study: Any, room: int) -> tuple[list[int], l
             continue
         if trial.number not in retried and trial.params:
             unfinished.append(trial)
-    waiting = sum(t.state.name == "WAITING" for t in trials)
-    again = unfinished[: max(0, room - waiting)]
+    waiting = [t for t in trials if t.state.name == "WAITING"]
+    again = unfinished[: max(0, room - len(waiting))]
     for trial in again:
         study.enqueue_trial(trial.params, user_attrs={ATTR_RETRY_OF: trial.number})
-    return [t.number for t in again], [t.number for t in unfinished[len(again) :]]
+    # Retries an earlier run queued beyond what this one needs stay queued (Optuna cannot take
+    # a trial back) until a run with a larger --trials asks for them: they are left too.
+    surplus = [t.user_attrs.get(ATTR_RETRY_OF, t.number) for t in waiting[room:]]
+    return [t.number for t in again], [t.number for t in unfinished[len(again) :]] + surplus
 
 
 # ---- one trial ----------------------------------------------------------------------------
