@@ -19,13 +19,8 @@ mkdir -p "$OUT"
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*" | tee -a "$OUT/summary.txt"; }
 
-if [ -d .device/wheels ] && [ "$DEVICE" = cuda ]; then
-  python3 -m pip install -q --no-index --no-deps .device/wheels/*.whl \
-    && python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
-fi
-if [ -f .device/store224.txz ] && [ ! -f outputs/processed/meta.json ]; then
-  mkdir -p outputs && tar xJf .device/store224.txz -C outputs
-fi
+# shellcheck source=bench/_device_setup.sh
+source "$(dirname "$0")/_device_setup.sh"
 stamp "setup done"
 
 if [ "$SMOKE" = 1 ]; then
