@@ -42,6 +42,7 @@ and gets a model through `load_model`: one schema, one model-loading path.
 from __future__ import annotations
 
 import pickle
+import signal
 import subprocess
 import zipfile
 from dataclasses import dataclass, field
@@ -61,7 +62,7 @@ from ctscan.engine.modelling import (
     load_model_state,
     model_channels,
 )
-from ctscan.errors import CheckpointError, DataError
+from ctscan.errors import CheckpointError, DataError, held_signals
 from ctscan.files import atomic_write, file_sha256
 from ctscan.models import unwrap
 from ctscan.models.ensemble import Ensemble, Member, check_flips
@@ -307,8 +308,14 @@ def _upgrade_v1(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_checkpoint(path: Path, checkpoint: Checkpoint) -> Path:
-    """Write `checkpoint` to `path` atomically (temp file in the same folder, fsync, rename)."""
-    return atomic_write(Path(path), lambda fh: torch.save(checkpoint.to_payload(), fh))
+    """Write `checkpoint` to `path` atomically (temp file in the same folder, fsync, rename).
+
+    Ctrl-C and SIGTERM wait for the write: torch.save's zip writer turns an exception raised in
+    its write callback (where a signal handler may run) into a RuntimeError, so a stop
+    mid-write looked like a failed write instead of a stop. They act once the file is in place.
+    """
+    with held_signals(signal.SIGINT, signal.SIGTERM):
+        return atomic_write(Path(path), lambda fh: torch.save(checkpoint.to_payload(), fh))
 
 
 def read_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> Checkpoint:
