@@ -121,3 +121,23 @@ def test_failed_write_keeps_the_old_file(tmp_path: Path) -> None:
         save_checkpoint(path, _checkpoint(build_model("cnn_gap"), history=[{"x": Boom()}]))
     assert path.read_bytes() == before
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_ctrl_c_during_a_checkpoint_write_waits_for_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch.save turned an exception raised inside its write into a RuntimeError."""
+    import signal
+
+    real_save = torch.save
+
+    def save_interrupted(obj: object, fh: object) -> None:
+        signal.raise_signal(signal.SIGINT)  # the handler would run inside torch's writer
+        real_save(obj, fh)
+
+    monkeypatch.setattr(torch, "save", save_interrupted)
+    with pytest.raises(KeyboardInterrupt):  # after the write, not a RuntimeError inside it
+        save_checkpoint(tmp_path / "c.pt", _checkpoint(build_model("cnn_gap")))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert read_checkpoint(tmp_path / "c.pt").model_name == "cnn_gap"  # whole, in place
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left
