@@ -55,6 +55,7 @@ def main() -> None:
                 "test_accuracy": test.get("accuracy"),
                 "test_macro_f1": test.get("macro_f1"),
                 "test_ece": test.get("ece"),  # after the temperature fitted on valid
+                "test_ece_floor": test.get("ece_floor"),  # what perfect calibration would read
                 "test_n": test.get("n"),
                 "leak_free_accuracy": lf.get("accuracy"),
                 "leak_free_macro_f1": lf.get("macro_f1"),

@@ -7,13 +7,18 @@ times `Predictor.probabilities` on the eager (torch) and ONNX Runtime backends a
 (median of `--repeats` calls after 3 warm-up calls, uint8 input, calibrated probabilities out).
 
 Configurations: the single model (`--single`, default the first fold model), the single model
-with hflip, vflip and both; the K fold models of a `ctscan train --folds K` folder (`--cv`),
-and with hflip (without `--cv`, the single-model rows only). Model selection never looked at
-test: the flips to keep are read off the table, and docs/results.md says which help.
+with hflip, vflip and both (`--no-tta` leaves these three out); the K fold models of a `ctscan
+train --folds K` folder (`--cv`), and with hflip; the runs of several seeds (`--seeds RUN ...`),
+with their members' own temperatures and again with one temperature fitted on top on the
+validation split (what `ctscan calibrate ENSEMBLE` does; valid is held out for every seed's
+run, unlike for fold models). Model selection never looked at test: the flips to keep are read
+off the table, and docs/results.md says which help.
 
     python bench/ensemble_bench.py --cv outputs/cv-gap/cv5-s0-030517 \\
         --set paths.processed_dir=outputs/processed96 --set data.image_size=96
     python bench/ensemble_bench.py --single RUN/best.pt --out bench/results/tta_main_cpu.json
+    python bench/ensemble_bench.py --single S0 --seeds S0 S1 S2 --no-tta \
+        --out bench/results/seed_ensemble_main_cpu.json
 """
 
 from __future__ import annotations
@@ -54,9 +59,16 @@ def latency_ms(predictor: Any, images: np.ndarray, batch: int, repeats: int) -> 
 
 
 def measure(
-    name: str, members: list[Path], flips: tuple[str, ...], settings: Any, folder: Path, args: Any
+    name: str,
+    members: list[Path],
+    flips: tuple[str, ...],
+    settings: Any,
+    folder: Path,
+    args: Any,
+    calibrate: bool = False,
 ) -> dict[str, Any]:
-    from ctscan.engine.checkpoint import load_model
+    from ctscan.engine.calibration import fit_checkpoint
+    from ctscan.engine.checkpoint import load_model, save_checkpoint
 
     target = folder / name / "model.pt"
     start = time.perf_counter()
@@ -64,6 +76,9 @@ def measure(
     built_s = time.perf_counter() - start
     ckpt = read_checkpoint(target)
     store = open_store(settings.paths.processed_dir, expect_data=None)
+    if calibrate:  # one temperature on top of the members' own, fitted on valid
+        ckpt, _ = fit_checkpoint(ckpt, store, resolve_runtime(settings.train))
+        save_checkpoint(target, ckpt)
     report = evaluate_checkpoint(
         ckpt, store=store, split="test", rt=resolve_runtime(settings.train), out_dir=None
     )
@@ -77,11 +92,13 @@ def measure(
         "flips": list(flips),
         "model_calls_per_image": len(members) * (1 + len(flips)),
         "build_s": round(built_s, 1),
+        "temperature_on_top": ckpt.temperature,
         "test": {
             "n": report["n"],
             "accuracy": report["accuracy"],
             "macro_f1": report["macro_f1"],
             "ece": report["ece"],
+            "ece_floor": report["ece_floor"],
             "leak_free_accuracy": report["leak_free"]["accuracy"],
             "leak_free_macro_f1": report["leak_free"]["macro_f1"],
         },
@@ -106,6 +123,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cv", type=Path, help="a `ctscan train --folds K` folder")
     ap.add_argument("--single", type=Path, help="the single model (default: the first fold's)")
+    ap.add_argument("--seeds", type=Path, nargs="+", default=[], help="runs of several seeds")
+    ap.add_argument(
+        "--tta", action=argparse.BooleanOptionalAction, default=True, help="the flip rows"
+    )
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("-s", "--settings", action="append", default=[], help="settings file")
     ap.add_argument("--set", action="append", default=[], dest="overrides", help="k=v")
@@ -115,20 +136,27 @@ def main() -> None:
     if args.cv is None and args.single is None:
         ap.error("give --cv, --single or both")
     folds = member_paths([args.cv]) if args.cv is not None else []
+    seeds = member_paths(args.seeds) if args.seeds else []
     single = args.single or folds[0]
-    configs = [
-        ("single", [single], ()),
-        ("single+hflip", [single], ("hflip",)),
-        ("single+vflip", [single], ("vflip",)),
-        ("single+hflip+vflip", [single], ("hflip", "vflip")),
-    ]
+    configs: list[tuple[str, list[Path], tuple[str, ...], bool]] = [("single", [single], (), False)]
+    if args.tta:
+        configs += [
+            ("single+hflip", [single], ("hflip",), False),
+            ("single+vflip", [single], ("vflip",), False),
+            ("single+hflip+vflip", [single], ("hflip", "vflip"), False),
+        ]
     if folds:
         configs += [
-            (f"{len(folds)}-fold", folds, ()),
-            (f"{len(folds)}-fold+hflip", folds, ("hflip",)),
+            (f"{len(folds)}-fold", folds, (), False),
+            (f"{len(folds)}-fold+hflip", folds, ("hflip",), False),
+        ]
+    if seeds:
+        configs += [
+            (f"{len(seeds)}-seed", seeds, (), False),
+            (f"{len(seeds)}-seed, T on valid", seeds, (), True),
         ]
     with tempfile.TemporaryDirectory(prefix="ctscan-ens-") as tmp:
-        rows = [measure(n, m, f, settings, Path(tmp), args) for n, m, f in configs]
+        rows = [measure(n, m, f, settings, Path(tmp), args, c) for n, m, f, c in configs]
     report = {
         "bench": "ensemble",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -141,6 +169,7 @@ def main() -> None:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "single": str(single),
         "cv": str(args.cv) if args.cv else None,
+        "seeds": [str(p) for p in seeds],
         "store": str(settings.paths.processed_dir),
         "threads": int(settings.train.threads),
         "rows": rows,

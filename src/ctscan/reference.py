@@ -78,7 +78,8 @@ def settings_reference() -> str:
         HEADER + "# Settings reference\n",
         "Every key, by section. Set one with `--set section.key=value`, the environment "
         f"variable `{ENV_PREFIX}SECTION__KEY`, or a TOML file (`-s FILE`); "
-        "precedence: --set > environment > files > these defaults (settings/default.toml).\n",
+        "precedence: --set > environment > files > these defaults (settings/default.toml). "
+        "Numbers must be numbers: a boolean (`true`) for a numeric key is refused.\n",
     ]
     for section, field in Settings.model_fields.items():
         model = field.annotation

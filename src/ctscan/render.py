@@ -137,6 +137,10 @@ def render_report(result: dict[str, Any]) -> Any:
     def fmt(v: Any) -> str:
         return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
+    def floor(metrics: dict[str, Any]) -> str:
+        value = metrics.get("ece_floor")
+        return "-" if not value else f"{value['median']:.4f}, {value['p95']:.4f}"
+
     summary = Table(title=f"{result['model_name']} on {result['split']} ({result['n']} images)")
     summary.add_column("metric")
     summary.add_column("all", justify="right")
@@ -152,6 +156,8 @@ def render_report(result: dict[str, Any]) -> Any:
         "log_loss",
     ):
         summary.add_row(key, fmt(result.get(key)), fmt(lf.get(key)))
+        if key == "ece":  # what a perfectly calibrated model would read on this many images
+            summary.add_row("  ece if calibrated (median, p95)", floor(result), floor(lf))
     per_class = Table(title="per class")
     for col in ("class", "precision", "recall", "f1", "support"):
         per_class.add_column(col, justify="left" if col == "class" else "right")
@@ -221,6 +227,12 @@ def render_calibration(result: dict[str, Any]) -> Any:
         if before is None or after is None:
             continue
         table.add_row(key, f"{before:.4f}", f"{after:.4f}")
+        floors = report.get("ece_floor_before"), report.get("ece_floor_after")
+        if key == "ece" and all(floors):  # what a perfectly calibrated model would read here
+            table.add_row(
+                "  ece if calibrated (median, p95)",
+                *(f"{f['median']:.4f}, {f['p95']:.4f}" for f in floors if f),
+            )
     return table
 
 

@@ -10,9 +10,18 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from ctscan.errors import SettingsError, close_matches
@@ -24,10 +33,26 @@ SECRET_KEYS = frozenset({"serve.token"})  # never written to settings.toml, MLfl
 REDACTED = "<redacted>"
 
 
+def _numeric(annotation: Any) -> bool:
+    """Whether a field takes a number (int or float, alone or with None), not a bool."""
+    options = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else ()
+    return any(t in (int, float) for t in (options or (annotation,)))
+
+
 class Section(BaseModel):
-    """A settings section: unknown keys are errors."""
+    """A settings section: unknown keys are errors, and numbers are not booleans."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads true as 1 and false as 0: train.epochs=true would train one
+        # epoch and augment.hflip=true flip every image, without a word
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and _numeric(field.annotation):
+            raise ValueError(f"a number is needed here, not the boolean {str(value).lower()}")
+        return value
 
 
 def _not_empty_path(value: Any) -> Any:
@@ -395,7 +420,25 @@ def _section_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return list(current.model_fields)
 
 
-def _explain(exc: ValidationError, sources: str) -> SettingsError:
+def _source_of(loc: tuple[Any, ...], cli: dict[str, Any], files: list[tuple[Path, Any]]) -> str:
+    """Where the value at `loc` (section, key) came from: --set, the environment or a file."""
+    if len(loc) != 2:
+        return ""
+    section, key = str(loc[0]), str(loc[1])
+    if key in (cli.get(section) or {}):
+        return f"--set {section}.{key}"
+    var = f"{ENV_PREFIX}{section.upper()}__{key.upper()}"
+    if var in os.environ:
+        return f"environment variable {var}"
+    for path, data in reversed(files):  # later files win
+        if isinstance(data.get(section), dict) and key in data[section]:
+            return f"{path}"
+    return ""
+
+
+def _explain(
+    exc: ValidationError, sources: str, cli: dict[str, Any], files: list[tuple[Path, Any]]
+) -> SettingsError:
     """One message for a pydantic validation error, with close matches for unknown keys."""
     lines = []
     for err in exc.errors():
@@ -405,9 +448,15 @@ def _explain(exc: ValidationError, sources: str) -> SettingsError:
             hint = close_matches(str(loc[-1]), _section_keys(Settings, loc))
             lines.append(f"unknown settings key '{dotted}'.{hint}")
         else:
-            lines.append(f"'{dotted}' = {err.get('input')!r}: {err['msg']}")
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            source = _source_of(loc, cli, files)
+            lines.append(
+                f"'{dotted}' = {err.get('input')!r}: {msg}"
+                + (f" (from {source})" if source else "")
+            )
     return SettingsError(
-        "; ".join(lines) + f" (from {sources})",
+        "; ".join(lines)
+        + ("" if len(lines) == 1 and "(from " in lines[0] else f" (from {sources})"),
         "see `ctscan settings show` for every key and its current value.",
     )
 
@@ -440,8 +489,9 @@ def load_settings(
     """Resolve settings from files, env and overrides (highest precedence last)."""
     paths = [resolve_settings_file(f) for f in files]
     file_data: dict[str, Any] = {}
-    for path in paths:
-        file_data = deep_merge(file_data, read_settings_file(path))
+    per_file = [(path, read_settings_file(path)) for path in paths]
+    for _, data in per_file:
+        file_data = deep_merge(file_data, data)
     cli_data = parse_overrides(list(overrides))
     _check_env()
 
@@ -461,7 +511,7 @@ def load_settings(
     try:
         resolved = _Resolved(**cli_data)
     except ValidationError as exc:
-        raise _explain(exc, where) from None
+        raise _explain(exc, where, cli_data, per_file) from None
     return Settings.model_validate(resolved.model_dump())
 
 

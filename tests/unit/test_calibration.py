@@ -273,6 +273,7 @@ def test_training_calibrates_best_pt_on_valid(trained, synthetic_store: Path) ->
     assert summary["calibration"] == best.calibration["status"]
     test = summary["test"]
     assert {"ece", "log_loss", "ece_uncalibrated", "log_loss_uncalibrated"} <= set(test)
+    assert 0.0 < test["ece_floor_p95"] < 1.0
     saved = json.loads((trained.run_dir / "eval-test" / "evaluation.json").read_text())
     assert saved["temperature"] == best.temperature
     assert saved["calibration"]["after"]["ece"] == saved["ece"]
@@ -336,6 +337,11 @@ def test_evaluate_reports_ece_and_log_loss_before_and_after(
     assert "calibration on test" in text
     assert "before (T = 1)" in text and "after (T = 2.5)" in text
     assert f"{cal['before']['ece']:.4f}" in text and f"{cal['after']['log_loss']:.4f}" in text
+    # the ECE a perfectly calibrated model would read here, for the calibrated confidences
+    assert result["ece_floor"] == after["ece_floor"]
+    floor = result["ece_floor"]
+    row = next(line for line in text.splitlines() if "ece if calibrated (median, p95)" in line)
+    assert f"{floor['median']:.4f}, {floor['p95']:.4f}" in row
 
 
 def test_the_predictor_shows_softmax_of_logits_over_t(planted: Path, synthetic_store: Path):
@@ -485,5 +491,8 @@ def test_calibrate_cli_prints_the_fit(trained, synthetic_store: Path, tmp_path: 
     table = CliRunner().invoke(app, ["calibrate", str(source), "--out", str(out), *sets])
     assert table.exit_code == 0, table.output
     assert "valid: 16 images" in table.stdout and str(out) in table.stdout
+    floor = data["calibration"]["ece_floor_after"]  # what perfect calibration would read here
+    assert 0.0 <= floor["median"] <= floor["p95"] <= 1.0
+    assert "ece if calibrated (median, p95)" in table.stdout
     missing = CliRunner().invoke(app, ["calibrate", str(tmp_path / "nope.pt"), *sets])
     assert missing.exit_code != 0

@@ -22,7 +22,7 @@ from ctscan.data.folds import grouped_folds, picture_groups, plan_folds
 from ctscan.data.store import load_store, write_store
 from ctscan.data.transforms import PreprocessSpec
 from ctscan.engine.train import run_training
-from ctscan.errors import Interrupted, SettingsError
+from ctscan.errors import CheckpointError, Interrupted, SettingsError
 from ctscan.ops.cv import CV_FILE, FOLD_FILE, FOLDS_FILE, run_cv
 from ctscan.settings import DataSettings, load_settings
 from tests.unit.conftest_store import engine_settings, make_split
@@ -228,12 +228,13 @@ def test_an_interrupted_cv_continues_where_it_stopped(
 
     monkeypatch.setattr(train_module, "validate", validate)
     other = _settings(copies_store, tmp_path / "runs", **{"train.lr": 0.01})
-    with pytest.raises(Exception, match=r"other settings: train\.lr 0\.003 -> 0\.01"):
+    with pytest.raises(CheckpointError, match=r"other settings: train\.lr 0\.003 -> 0\.01") as e:
         run_cv(other, 3, out_dir=out, say=lambda line: None)
+    assert e.value.exit_code == 4  # as a refused `train --resume`
     patience = _settings(copies_store, tmp_path / "runs", **{"train.early_stop_patience": 1})
     with pytest.raises(Exception, match=r"train\.early_stop_patience"):  # one recipe for all folds
         run_cv(patience, 3, out_dir=out, say=lambda line: None)
-    with pytest.raises(Exception, match="another cross-validation"):
+    with pytest.raises(CheckpointError, match="another cross-validation"):
         run_cv(settings_, 4, out_dir=out, say=lambda line: None)
     with pytest.raises(Exception, match="is a cross-validation folder"):  # a plain run into it
         run_training(settings_, out_dir=out)

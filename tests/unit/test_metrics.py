@@ -104,6 +104,52 @@ def test_report_is_json_ready() -> None:
     assert len(report["reliability"]) == 15
 
 
+def _two_class(confidence: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and (N, 2) probabilities: class 0 predicted with `confidence`, right where `right`."""
+    probs = np.stack([confidence, 1.0 - confidence], axis=1)
+    return np.where(right, 0, 1), probs
+
+
+def test_ece_floor_is_the_binomial_scatter_of_one_bin() -> None:
+    # 400 images all at confidence 0.5 share one bin: a calibrated model gets k ~ Binomial(400, .5)
+    # right and reads ECE = |k / 400 - 0.5|, whose median is 0.6745 * sqrt(0.25 / 400) = 0.0169.
+    y, probs = _two_class(np.full(400, 0.5), np.arange(400) % 2 == 0)
+    floor = classification_report(y, probs, ["a", "b"])["ece_floor"]
+    assert floor["median"] == pytest.approx(0.6745 * math.sqrt(0.25 / 400), rel=0.15)
+    assert floor["p95"] == pytest.approx(1.96 * math.sqrt(0.25 / 400), rel=0.15)
+    # certain answers leave nothing to scatter
+    y, probs = _two_class(np.ones(50), np.ones(50, dtype=bool))
+    assert classification_report(y, probs, ["a", "b"])["ece_floor"] == {"median": 0.0, "p95": 0.0}
+
+
+def test_ece_floor_separates_calibrated_from_miscalibrated_models() -> None:
+    # Calibrated models (labels drawn from their own confidences) read an ECE above the floor's
+    # p95 about 5 % of the time; a model 99 % sure and 70 % right reads far above it every time.
+    rng = np.random.default_rng(1)
+    above = 0
+    for _ in range(200):
+        confidence = rng.uniform(0.55, 1.0, size=259)
+        y, probs = _two_class(confidence, rng.random(259) < confidence)
+        report = classification_report(y, probs, ["a", "b"])
+        above += report["ece"] > report["ece_floor"]["p95"]
+        assert report["ece_floor"] == classification_report(y, probs, ["a", "b"])["ece_floor"]
+    assert 2 <= above <= 20  # 5 % of 200 = 10; binomial 99.9 % range
+    y, probs = _two_class(np.full(259, 0.99), rng.random(259) < 0.7)
+    report = classification_report(y, probs, ["a", "b"])
+    assert report["ece"] > 5 * report["ece_floor"]["p95"]
+
+
+def test_ece_floor_shrinks_with_the_number_of_images() -> None:
+    floors = []
+    for n in (100, 400, 1600):
+        confidence = np.linspace(0.6, 0.99, n)
+        y, probs = _two_class(confidence, np.ones(n, dtype=bool))
+        floors.append(classification_report(y, probs, ["a", "b"])["ece_floor"]["median"])
+    # about 1 / sqrt(N): each fourfold increase roughly halves it
+    assert floors[0] / floors[1] == pytest.approx(2.0, rel=0.25)
+    assert floors[1] / floors[2] == pytest.approx(2.0, rel=0.25)
+
+
 def test_quick_metrics_hand_computed() -> None:
     quick = quick_metrics(Y, P.argmax(axis=1), 3)
     assert quick == pytest.approx({"accuracy": 4 / 6, "macro_f1": 59 / 90})

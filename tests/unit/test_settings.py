@@ -72,6 +72,48 @@ def test_bad_values_name_the_key() -> None:
         parse_overrides(["train.epochs"])
 
 
+def _every_numeric_key() -> list[str]:
+    from ctscan.settings import _numeric
+
+    return [
+        f"{section}.{key}"
+        for section, field in Settings.model_fields.items()
+        for key, sub in field.annotation.model_fields.items()
+        if _numeric(sub.annotation)
+    ]
+
+
+def test_a_boolean_is_not_read_as_a_number_from_any_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # pydantic's lax mode would read true as 1: train.epochs=true would train one epoch and
+    # augment.hflip=true flip every image. Every numeric key refuses it, naming where it came from.
+    keys = _every_numeric_key()
+    assert {"train.epochs", "train.lr", "augment.hflip", "model.frozen_stages"} <= set(keys)
+    for key in keys:
+        with pytest.raises(SettingsError, match=rf"'{key}' = True: a number is needed here, not"):
+            load_settings([], [f"{key}=true"])
+    with pytest.raises(SettingsError, match=r"not the boolean false \(from --set train\.epochs\)"):
+        load_settings([], ["train.epochs=false"])
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[augment]\nhflip = true\n")
+    with pytest.raises(SettingsError, match=rf"not the boolean true \(from {recipe}\)"):
+        load_settings([recipe])
+    monkeypatch.setenv("CTSCAN_TRAIN__EPOCHS", "true")
+    with pytest.raises(SettingsError, match=r"from environment variable CTSCAN_TRAIN__EPOCHS"):
+        load_settings()
+    monkeypatch.delenv("CTSCAN_TRAIN__EPOCHS")
+    # numbers still work, 0 and 1 included, and booleans where a boolean is meant
+    loaded = load_settings([], ["augment.hflip=1", "model.dropout=0", "train.ema=true"])
+    assert (loaded.augment.hflip, loaded.model.dropout, loaded.train.ema) == (1.0, 0.0, True)
+
+
+def test_a_validator_message_reads_without_pydantic_s_prefix() -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings([], ["model.name=resnet18", "model.frozen_stages=5"])
+    assert "Value error" not in str(info.value)
+
+
 def test_frozen_stages_fit_the_pretrained_backbone() -> None:
     assert load_settings([], ["model.frozen_stages=7"]).model.frozen_stages == 7
     assert load_settings([], ["model.name=resnet18", "model.frozen_stages=4"]).model.name

@@ -227,6 +227,7 @@ def calibration_report(
             probs = probabilities(apply_temperature(logits, temperature))
             metrics = classification_report(labels, probs, list(class_names))
             report[f"ece_{key}"] = metrics["ece"]
+            report[f"ece_floor_{key}"] = metrics["ece_floor"]  # a calibrated model's ECE here
             report[f"log_loss_{key}"] = metrics["log_loss"]
     return report
 

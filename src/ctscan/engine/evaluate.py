@@ -241,6 +241,7 @@ def run_evaluation(
                 }
                 | {
                     f"{split}_ece_uncalibrated": result["calibration"]["before"]["ece"],
+                    f"{split}_ece_floor_p95": result["ece_floor"]["p95"],
                     f"{split}_log_loss_uncalibrated": result["calibration"]["before"]["log_loss"],
                     "temperature": result["temperature"],
                 },

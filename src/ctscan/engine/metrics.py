@@ -13,6 +13,12 @@ Conventions (the same as scikit-learn with ``zero_division=0``):
   left out of ``macro_roc_auc``;
 - ``ece`` is the top-label expected calibration error over ``n_bins`` equal-width confidence bins
   ``(lower, upper]`` (the first bin also holds 0.0);
+- ``ece_floor`` is what ``ece`` would read for a perfectly calibrated model with the same
+  confidences on the same number of images: each prediction counted right with probability equal
+  to its confidence, ``FLOOR_DRAWS`` draws from a fixed seed, the median and the 95th percentile.
+  ECE is biased upwards on a finite set (every bin's |accuracy - confidence| is positive on
+  average), so an ``ece`` below the floor's 95th percentile cannot be told apart from perfect
+  calibration on this set;
 - ``log_loss`` is the mean negative log of the true class's probability, clipped at 1e-12.
 
 Bad shapes or values raise ``ValueError`` naming what was received: these inputs come from the
@@ -28,6 +34,8 @@ import numpy as np
 
 PROB_CLIP = 1e-12
 ROW_SUM_ATOL = 1e-3
+FLOOR_DRAWS = 1000
+FLOOR_SEED = 0
 
 
 def _labels(values: Any, name: str, num_classes: int) -> np.ndarray:
@@ -219,6 +227,24 @@ def _reliability(
     return float(ece), rows
 
 
+def ece_floor(probs: np.ndarray, n_bins: int) -> dict[str, float]:
+    """ECE of a perfectly calibrated model with these confidences (module docstring)."""
+    confidence = probs.max(axis=1)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    bins = np.searchsorted(edges[1:-1], confidence, side="left")
+    members = np.zeros((confidence.size, n_bins))
+    members[np.arange(confidence.size), bins] = 1.0  # (N, bins) one-hot bin of each image
+    rng = np.random.default_rng(FLOOR_SEED)
+    expected = confidence @ members  # (bins,) sum of confidences per bin
+    ece = np.empty(FLOOR_DRAWS)
+    for start in range(0, FLOOR_DRAWS, 100):  # 100 draws at a time: (100, N) in memory
+        draws = rng.random((min(100, FLOOR_DRAWS - start), confidence.size))
+        right = (draws < confidence).astype(np.float64)  # right with probability = confidence
+        gap = np.abs(right @ members - expected)  # (draws, bins): |sum right - sum confidence|
+        ece[start : start + len(draws)] = gap.sum(axis=1) / confidence.size
+    return {"median": float(np.median(ece)), "p95": float(np.percentile(ece, 95))}
+
+
 def classification_report(
     y_true: Any,
     probs: Any,
@@ -232,8 +258,9 @@ def classification_report(
     `class_names`; predictions are the argmax of `probs`. Keys: n, class_names, accuracy,
     balanced_accuracy, macro_f1, weighted_f1, per_class {name: {precision, recall, f1, support}},
     confusion_matrix (rows true, columns predicted), roc_auc_ovr {name: auc or None},
-    macro_roc_auc, ece, reliability (per bin: lower, upper, count, mean_confidence, accuracy;
-    the last two None for an empty bin) and log_loss. See the module docstring for conventions.
+    macro_roc_auc, ece, ece_floor {median, p95}, reliability (per bin: lower, upper, count,
+    mean_confidence, accuracy; the last two None for an empty bin) and log_loss. See the module
+    docstring for conventions.
     """
     names = [str(name) for name in class_names]
     if not names:
@@ -273,6 +300,7 @@ def classification_report(
         "roc_auc_ovr": aucs,
         "macro_roc_auc": float(np.mean(defined)) if defined else None,
         "ece": ece,
+        "ece_floor": ece_floor(prob, int(n_bins)),
         "reliability": reliability,
         "log_loss": float(-np.log(true_class_prob).mean()),
     }

@@ -132,6 +132,8 @@ class TrainResult:
         if self.test is not None:
             keys = ("accuracy", "macro_f1", "ece", "log_loss", "n")
             out["test"] = {k: self.test[k] for k in keys if k in self.test}
+            if "ece_floor" in self.test:  # the ECE a perfectly calibrated model would read
+                out["test"]["ece_floor_p95"] = self.test["ece_floor"]["p95"]
             if "calibration" in self.test:
                 before = self.test["calibration"]["before"]
                 out["test"]["ece_uncalibrated"] = before["ece"]

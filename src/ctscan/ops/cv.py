@@ -44,6 +44,7 @@ import numpy as np
 
 from ctscan.data.folds import FoldPlan, fold_splits, plan_folds
 from ctscan.errors import (
+    CheckpointError,
     CtscanError,
     Interrupted,
     SettingsError,
@@ -153,15 +154,18 @@ def _check_same_cv(cv_dir: Path, plan: FoldPlan, settings: Settings) -> dict[str
         f"{predating_sets(recorded.get('settings') or {}, settings)}) and --folds "
         f"{recorded.get('k')}, or start a new cross-validation (another --out)."
     )
+    # exit code 4 like a refused `train --resume`: the folder holds a run of other settings
     if recorded.get("k") != plan.k or recorded.get("identity") != plan.identity:
-        raise CtscanError(
+        raise CheckpointError(
             f"'{cv_dir}' holds another cross-validation ({recorded.get('k')} folds, another "
             "assignment of images to folds).",
             fix,
         )
     refused = refused_changes(recorded.get("settings") or {}, settings, allowed=RUN_PLACE_KEYS)
     if refused:
-        raise CtscanError(f"'{cv_dir}' was trained with other settings: {'; '.join(refused)}.", fix)
+        raise CheckpointError(
+            f"'{cv_dir}' was trained with other settings: {'; '.join(refused)}.", fix
+        )
     return recorded
 
 
