@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import urllib.error
@@ -172,6 +173,20 @@ def test_lite0_pretrained_backbone_equals_the_file(package_state, lite0_pretrain
             continue
         assert torch.equal(state[eff.map_lite0_key(package_key)], package_state[package_key])
     assert lite0_pretrained.classifier.weight.shape == (4, 1280)  # fresh head
+
+
+def test_lite0_fresh_head_starts_near_uniform(lite0_pretrained) -> None:
+    """timm's head init (+-1/sqrt(classes) = +-0.5 for 4 classes) gave first logits a spread of
+    about 6 and a cross-entropy near 5; the head is sized by its 1280 inputs instead."""
+    head = lite0_pretrained.classifier
+    assert head.weight.abs().max().item() <= 1 / math.sqrt(1280) + 1e-6
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 3, 160, 160, generator=generator) * 2 - 1  # scaled as the weights expect
+    model = lite0_pretrained.eval()
+    with torch.no_grad():
+        logits = model(x)
+    loss = torch.nn.functional.cross_entropy(logits, torch.arange(16) % 4)
+    assert logits.std().item() < 1.0 and loss.item() < 2.0  # ln 4 = 1.39 at uniform
 
 
 @pytest.mark.skipif(not GRACE_HOPPER.is_file(), reason="matplotlib's sample image is missing")

@@ -141,6 +141,11 @@ def build_efficientnet_lite0(
     model = timm.create_model(
         TIMM_NAME, pretrained=False, num_classes=num_classes, drop_rate=dropout
     )
+    # timm initialises the classifier uniform in +-1/sqrt(num_classes), a range meant for 1000
+    # ImageNet classes: with 4 classes it is +-0.5, and on the 1280 ImageNet features the first
+    # logits have a spread of about 6 (cross-entropy 4.8 instead of ln 4 = 1.39), which the first
+    # epochs spend undoing. PyTorch's Linear default scales by the 1280 inputs instead.
+    model.classifier.reset_parameters()
     if pretrained:
         state = imagenet_state_dict(weights_path)
         source = str(weights_path) if weights_path is not None else WEIGHTS_PACKAGE
