@@ -40,6 +40,7 @@ from ctscan.data.store import open_store
 from ctscan.engine.checkpoint import read_checkpoint
 from ctscan.engine.evaluate import evaluate_checkpoint
 from ctscan.engine.runtime import resolve_runtime
+from ctscan.errors import CtscanError
 from ctscan.inference.predictor import open_predictor
 from ctscan.ops.ensemble import build_ensemble, member_paths
 from ctscan.ops.export import export_metadata, write_onnx
@@ -58,22 +59,29 @@ def latency_ms(predictor: Any, images: np.ndarray, batch: int, repeats: int) -> 
     return round(statistics.median(times), 2)
 
 
+def build(
+    name: str, members: list[Path], flips: tuple[str, ...], settings: Any, folder: Path
+) -> tuple[Path, float]:
+    """The configuration's checkpoint (every member read and checked) and the seconds it took."""
+    target = folder / name / "model.pt"
+    start = time.perf_counter()
+    build_ensemble(settings, members, out=target, flips=flips)
+    return target, time.perf_counter() - start
+
+
 def measure(
     name: str,
     members: list[Path],
     flips: tuple[str, ...],
     settings: Any,
-    folder: Path,
+    built: tuple[Path, float],
     args: Any,
     calibrate: bool = False,
 ) -> dict[str, Any]:
     from ctscan.engine.calibration import fit_checkpoint
     from ctscan.engine.checkpoint import load_model, save_checkpoint
 
-    target = folder / name / "model.pt"
-    start = time.perf_counter()
-    build_ensemble(settings, members, out=target, flips=flips)
-    built_s = time.perf_counter() - start
+    target, built_s = built
     ckpt = read_checkpoint(target)
     store = open_store(settings.paths.processed_dir, expect_data=None)
     if calibrate:  # one temperature on top of the members' own, fitted on valid
@@ -132,31 +140,14 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], dest="overrides", help="k=v")
     ap.add_argument("--out", type=Path, default=Path("bench/results/ensemble_cpu.json"))
     args = ap.parse_args()
-    settings = load_settings(args.settings, [*args.overrides, "tracking.enabled=false"])
     if args.cv is None and args.single is None:
-        ap.error("give --cv, --single or both")
-    folds = member_paths([args.cv]) if args.cv is not None else []
-    seeds = member_paths(args.seeds) if args.seeds else []
-    single = args.single or folds[0]
-    configs: list[tuple[str, list[Path], tuple[str, ...], bool]] = [("single", [single], (), False)]
-    if args.tta:
-        configs += [
-            ("single+hflip", [single], ("hflip",), False),
-            ("single+vflip", [single], ("vflip",), False),
-            ("single+hflip+vflip", [single], ("hflip", "vflip"), False),
-        ]
-    if folds:
-        configs += [
-            (f"{len(folds)}-fold", folds, (), False),
-            (f"{len(folds)}-fold+hflip", folds, ("hflip",), False),
-        ]
-    if seeds:
-        configs += [
-            (f"{len(seeds)}-seed", seeds, (), False),
-            (f"{len(seeds)}-seed, T on valid", seeds, (), True),
-        ]
-    with tempfile.TemporaryDirectory(prefix="ctscan-ens-") as tmp:
-        rows = [measure(n, m, f, settings, Path(tmp), args, c) for n, m, f, c in configs]
+        ap.error("give --cv, --single or both (--seeds compares with --single)")
+    try:
+        settings = load_settings(args.settings, [*args.overrides, "tracking.enabled=false"])
+        rows, single, seeds = run(args, settings)
+    except CtscanError as exc:  # a bad member or folder: one line, nothing measured or written
+        print(f"ensemble_bench: error: {exc.message} Fix: {exc.fix}", file=sys.stderr)
+        raise SystemExit(exc.exit_code) from None
     report = {
         "bench": "ensemble",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -177,6 +168,37 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"written: {args.out}")
+
+
+def run(args: Any, settings: Any) -> tuple[list[dict[str, Any]], Path, list[Path]]:
+    """Build every configuration first (a bad member stops the bench before any timing)."""
+    folds = member_paths([args.cv]) if args.cv is not None else []
+    seeds = member_paths(args.seeds) if args.seeds else []
+    single = member_paths([args.single])[0] if args.single is not None else folds[0]
+    configs: list[tuple[str, list[Path], tuple[str, ...], bool]] = [("single", [single], (), False)]
+    if args.tta:
+        configs += [
+            ("single+hflip", [single], ("hflip",), False),
+            ("single+vflip", [single], ("vflip",), False),
+            ("single+hflip+vflip", [single], ("hflip", "vflip"), False),
+        ]
+    if folds:
+        configs += [
+            (f"{len(folds)}-fold", folds, (), False),
+            (f"{len(folds)}-fold+hflip", folds, ("hflip",), False),
+        ]
+    if seeds:
+        configs += [
+            (f"{len(seeds)}-seed", seeds, (), False),
+            (f"{len(seeds)}-seed, T on valid", seeds, (), True),
+        ]
+    with tempfile.TemporaryDirectory(prefix="ctscan-ens-") as tmp:
+        built = [build(n, m, f, settings, Path(tmp)) for n, m, f, _ in configs]
+        rows = [
+            measure(n, m, f, settings, b, args, c)
+            for (n, m, f, c), b in zip(configs, built, strict=True)
+        ]
+    return rows, single, seeds
 
 
 if __name__ == "__main__":

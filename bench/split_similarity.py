@@ -30,6 +30,7 @@ import json
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,6 +73,22 @@ def read_cv(cv_dir: Path) -> tuple[dict[str, int], dict[str, bool], list[dict[st
         rows = json.loads((cv_dir / f"fold-{k}" / "eval-test" / "evaluation.json").read_text())
         tests.append({r["path"]: r["label"] == r["true"] for r in rows["predictions"]})
     return fold, right, tests
+
+
+def check_same_store(cv: Any, paths: dict[str, list[str]], image_size: int, args: Any) -> None:
+    """The cross-validation must have run on this store: the same pool and the same test."""
+    fold, _, tests = cv
+    pool = set(paths["train"]) | set(paths["valid"])
+    same_test = all(set(t) == set(paths["test"]) for t in tests)
+    recorded = json.loads((args.cv / "folds.json").read_text()).get("settings", {})
+    size = (recorded.get("data") or {}).get("image_size")
+    if set(fold) != pool or not same_test or size != image_size:
+        store = (recorded.get("paths") or {}).get("processed_dir", "another store")
+        raise SystemExit(
+            f"split_similarity: error: '{args.cv}' was trained on {store}, not on "
+            f"{args.processed_dir} (its images or their size differ). Fix: pass --processed-dir "
+            f"{store}."
+        )
 
 
 def nearest(feats_q: torch.Tensor, feats_ref: torch.Tensor) -> np.ndarray:
@@ -137,7 +154,14 @@ def main() -> None:
     store = load_store(args.processed_dir)
     splits = {name: store.split(name) for name in ("train", "valid", "test")}
     paths = {name: s.paths for name, s in splits.items()}
-    cv = read_cv(args.cv)
+    try:
+        cv = read_cv(args.cv)
+    except (OSError, ValueError, KeyError) as exc:
+        raise SystemExit(
+            f"split_similarity: error: '{args.cv}' is not a finished `ctscan train "
+            f"--folds K` folder ({exc})."
+        ) from None
+    check_same_store(cv, paths, store.spec.image_size, args)
     results = []
     for space, embed in (("thumbnail", thumbnails), ("imagenet", imagenet_features)):
         feats = {name: embed(s.images) for name, s in splits.items()}

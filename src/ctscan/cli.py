@@ -67,14 +67,22 @@ def _root(
     """ctscan: chest-CT slice classification, from raw images to evaluated models."""
 
 
+# command flags named otherwise than their settings key (the others are --<key>, _ as -)
+FLAG_NAMES = {"model.name": "--model", "paths.processed_dir": "--out", "paths.raw_dir": "RAW_DIR"}
+
+
 def _settings(
     files: list[str] | None, overrides: list[str] | None, **flags: Any
 ) -> Any:  # -> Settings
     """Resolve settings; explicit command flags (not None) beat --set, env and files."""
     from ctscan.settings import load_settings, toml_value
 
-    extra = [f"{key}={toml_value(value)}" for key, value in flags.items() if value is not None]
-    return load_settings(files or [], [*(overrides or []), *extra])
+    given = {key: value for key, value in flags.items() if value is not None}
+    extra = [f"{key}={toml_value(value)}" for key, value in given.items()]
+    origins = {
+        key: FLAG_NAMES.get(key, "--" + key.rpartition(".")[2].replace("_", "-")) for key in given
+    }
+    return load_settings(files or [], [*(overrides or []), *extra], origins=origins)
 
 
 def _console(stderr: bool = True) -> Any:

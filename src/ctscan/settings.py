@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
@@ -420,15 +421,42 @@ def _section_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return list(current.model_fields)
 
 
-def _source_of(loc: tuple[Any, ...], cli: dict[str, Any], files: list[tuple[Path, Any]]) -> str:
-    """Where the value at `loc` (section, key) came from: --set, the environment or a file."""
+def _env_value(section: str, key: str) -> str | None:
+    """The environment variable that sets section.key, as pydantic-settings reads it.
+
+    Names are case-insensitive, and a whole section may come as JSON (`CTSCAN_TRAIN='{...}'`).
+    """
+    import json
+
+    by_name = {var.upper(): var for var in os.environ}
+    var = by_name.get(f"{ENV_PREFIX}{section.upper()}__{key.upper()}")
+    if var is not None:
+        return var
+    var = by_name.get(f"{ENV_PREFIX}{section.upper()}")
+    if var is not None:
+        try:
+            data = json.loads(os.environ[var])
+        except ValueError:
+            return None
+        if isinstance(data, dict) and key in data:
+            return var
+    return None
+
+
+def _source_of(
+    loc: tuple[Any, ...],
+    cli: dict[str, Any],
+    files: list[tuple[Path, Any]],
+    origins: Mapping[str, str],
+) -> str:
+    """Where the value at `loc` (section, key) came from: --set (or a flag), env, or a file."""
     if len(loc) != 2:
         return ""
     section, key = str(loc[0]), str(loc[1])
     if key in (cli.get(section) or {}):
-        return f"--set {section}.{key}"
-    var = f"{ENV_PREFIX}{section.upper()}__{key.upper()}"
-    if var in os.environ:
+        return origins.get(f"{section}.{key}", f"--set {section}.{key}")
+    var = _env_value(section, key)
+    if var is not None:
         return f"environment variable {var}"
     for path, data in reversed(files):  # later files win
         if isinstance(data.get(section), dict) and key in data[section]:
@@ -437,26 +465,32 @@ def _source_of(loc: tuple[Any, ...], cli: dict[str, Any], files: list[tuple[Path
 
 
 def _explain(
-    exc: ValidationError, sources: str, cli: dict[str, Any], files: list[tuple[Path, Any]]
+    exc: ValidationError,
+    sources: str,
+    cli: dict[str, Any],
+    files: list[tuple[Path, Any]],
+    origins: Mapping[str, str],
 ) -> SettingsError:
     """One message for a pydantic validation error, with close matches for unknown keys."""
     lines = []
+    named = True  # every line names its own source: no list of all sources at the end
     for err in exc.errors():
         loc = tuple(err["loc"])
         dotted = ".".join(str(p) for p in loc)
         if err["type"] == "extra_forbidden":
             hint = close_matches(str(loc[-1]), _section_keys(Settings, loc))
             lines.append(f"unknown settings key '{dotted}'.{hint}")
+            named = False
         else:
             msg = str(err["msg"]).removeprefix("Value error, ")
-            source = _source_of(loc, cli, files)
+            source = _source_of(loc, cli, files, origins)
+            named = named and bool(source)
             lines.append(
                 f"'{dotted}' = {err.get('input')!r}: {msg}"
                 + (f" (from {source})" if source else "")
             )
     return SettingsError(
-        "; ".join(lines)
-        + ("" if len(lines) == 1 and "(from " in lines[0] else f" (from {sources})"),
+        "; ".join(lines) + ("" if named else f" (from {sources})"),
         "see `ctscan settings show` for every key and its current value.",
     )
 
@@ -485,8 +519,14 @@ def _check_env() -> None:
 def load_settings(
     files: list[str | Path] | tuple[str | Path, ...] = (),
     overrides: list[str] | tuple[str, ...] = (),
+    *,
+    origins: Mapping[str, str] | None = None,
 ) -> Settings:
-    """Resolve settings from files, env and overrides (highest precedence last)."""
+    """Resolve settings from files, env and overrides (highest precedence last).
+
+    `origins` names, for an override's dotted key, how the user gave it (a command flag such as
+    "--epochs", a sweep spec's table) for error messages; others read "--set KEY".
+    """
     paths = [resolve_settings_file(f) for f in files]
     file_data: dict[str, Any] = {}
     per_file = [(path, read_settings_file(path)) for path in paths]
@@ -511,7 +551,7 @@ def load_settings(
     try:
         resolved = _Resolved(**cli_data)
     except ValidationError as exc:
-        raise _explain(exc, where, cli_data, per_file) from None
+        raise _explain(exc, where, cli_data, per_file, origins or {}) from None
     return Settings.model_validate(resolved.model_dump())
 
 

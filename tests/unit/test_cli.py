@@ -308,3 +308,14 @@ def test_preprocess_says_how_many_bad_files_it_skipped(make_raw_tree, tmp_path: 
     assert "1 bad file(s) skipped" in err and "meta.json" in err
     meta = json.loads((out / "meta.json").read_text())
     assert [Path(s["path"]).name for s in meta["skipped"]] == ["empty.png"]
+
+
+def test_a_bad_flag_value_is_named_by_its_flag() -> None:
+    # (the console script maps the SettingsError to exit code 2 and one line; CliRunner keeps it)
+    result = runner.invoke(app, ["train", "--epochs", "0", "--set", "tracking.enabled=false"])
+    assert getattr(result.exception, "exit_code", None) == 2
+    assert "'train.epochs' = 0" in str(result.exception) and "(from --epochs)" in str(
+        result.exception
+    )
+    result = runner.invoke(app, ["train", "--model", "vgg"])
+    assert "(from --model)" in str(result.exception)

@@ -256,7 +256,7 @@ def test_an_interrupted_cv_continues_where_it_stopped(
     assert result.test is not None and result.calibration is not None  # as the first run set
     reference = json.loads((out / "fold-2" / "reference_confidence.json").read_text())
     assert reference["temperature"] == result.calibration["temperature"]  # serve's drift check
-    with pytest.raises(Exception, match="holds a finished cross-validation"):
+    with pytest.raises(CheckpointError, match="holds a finished cross-validation"):
         run_cv(settings_, 3, out_dir=out, say=lambda line: None)
 
 

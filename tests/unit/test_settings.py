@@ -108,6 +108,32 @@ def test_a_boolean_is_not_read_as_a_number_from_any_source(
     assert (loaded.augment.hflip, loaded.model.dropout, loaded.train.ema) == (1.0, 0.0, True)
 
 
+def test_the_source_named_is_the_one_that_won(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lost = tmp_path / "lost.toml"
+    lost.write_text("[augment]\nhflip = 0.3\n[train]\nepochs = 3\n")
+    # pydantic-settings reads variable names in any case, and whole sections as JSON
+    monkeypatch.setenv("ctscan_augment__hflip", "yes")
+    with pytest.raises(SettingsError, match=r"from environment variable ctscan_augment__hflip\)"):
+        load_settings([lost])
+    monkeypatch.delenv("ctscan_augment__hflip")
+    monkeypatch.setenv("CTSCAN_TRAIN", '{"epochs": true}')
+    with pytest.raises(SettingsError, match=r"from environment variable CTSCAN_TRAIN\)"):
+        load_settings([lost])
+    monkeypatch.delenv("CTSCAN_TRAIN")
+    # a command flag or a sweep spec is named as the caller says; several errors, one source each
+    with pytest.raises(SettingsError) as info:
+        load_settings(
+            [], ["train.epochs=0", "augment.hflip=true"], origins={"train.epochs": "--epochs"}
+        )
+    message = str(info.value.message)
+    assert "(from --epochs)" in message and "(from --set augment.hflip)" in message
+    assert not message.endswith("--set)")  # no list of every source after lines that name theirs
+    with pytest.raises(SettingsError, match=r"epochs\? \(from environment, --set\) Fix"):
+        load_settings([], ["train.epoch=3"])  # an unknown key has no source of its own
+
+
 def test_a_validator_message_reads_without_pydantic_s_prefix() -> None:
     with pytest.raises(SettingsError) as info:
         load_settings([], ["model.name=resnet18", "model.frozen_stages=5"])

@@ -236,7 +236,14 @@ def test_prepare_checks_files_and_every_bound_against_the_settings(tmp_path: Pat
     ):
         prepare(spec)
     spec = write_spec(tmp_path, base, params={"train.batch_size": {"choices": [16, 0]}})
-    with pytest.raises(SettingsError, match=r"'train\.batch_size' = 0"):
+    with pytest.raises(
+        SettingsError, match=r"'train\.batch_size' = 0.*\[params\.\"train\.batch_size"
+    ):
+        prepare(spec)
+    spec = write_spec(tmp_path, base, fixed={"augment.hflip": True})  # the spec, not a --set
+    with pytest.raises(
+        SettingsError, match=r'not the boolean true \(from \[fixed\] "augment\.hflip" of'
+    ):
         prepare(spec)
     spec = write_spec(tmp_path, base, sweep={"trials": 1, "settings": [str(base)]})
     spec.write_text(spec.read_text().replace("trials = 1\n", ""))

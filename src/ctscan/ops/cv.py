@@ -377,8 +377,8 @@ def run_cv(
     refuse_reserved_out(cv_dir, settings)
     with folder_lock(ensure_dir(cv_dir, what="cross-validation folder"), what="cross-validation"):
         recorded = None
-        if (cv_dir / CV_FILE).is_file():
-            raise CtscanError(
+        if (cv_dir / CV_FILE).is_file():  # exit 4, as the refusals of its settings below
+            raise CheckpointError(
                 f"'{cv_dir}' holds a finished cross-validation ({CV_FILE}); its test split "
                 "has been read.",
                 "choose another --out for a new one.",

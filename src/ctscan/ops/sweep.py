@@ -575,10 +575,17 @@ def prepare(
 
 
 def _spec_settings(spec: SweepSpec, files: tuple[Path, ...], values: dict[str, Any]) -> Settings:
+    params = {param.key for param in spec.params}
+    origins = {
+        key: f'[params."{key}"] of the spec' if key in params else f'[fixed] "{key}" of the spec'
+        for key in values
+    }
     try:
-        return load_settings(list(files), _overrides(values))
+        return load_settings(list(files), _overrides(values), origins=origins)
     except SettingsError as exc:
-        raise _spec_error(spec.path, exc.message, "correct the value in the spec.") from None
+        raise _spec_error(
+            spec.path, exc.message, "correct the value where the message says it was set."
+        ) from None
 
 
 # ---- the study ----------------------------------------------------------------------------
