@@ -498,10 +498,11 @@ def _explain(
 def _check_env() -> None:
     """Reject CTSCAN_ variables that name no setting (they would be ignored otherwise)."""
     sections = {name.upper(): m for name, m in Settings.model_fields.items()}
-    for var in os.environ:
-        if not var.startswith(ENV_PREFIX) or var in ENV_NOT_SETTINGS:
+    for var in os.environ:  # any case: pydantic-settings reads ctscan_train__epochs too
+        upper = var.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in ENV_NOT_SETTINGS:
             continue
-        section, _, key = var[len(ENV_PREFIX) :].partition("__")
+        section, _, key = upper[len(ENV_PREFIX) :].partition("__")
         field = sections.get(section)
         keys = list(field.annotation.model_fields) if field is not None else []
         if field is None or (key and key.lower() not in keys):
@@ -511,7 +512,7 @@ def _check_env() -> None:
                 for k in f.annotation.model_fields
             ]
             raise SettingsError(
-                f"environment variable {var} names no setting.{close_matches(var, known)}",
+                f"environment variable {var} names no setting.{close_matches(upper, known)}",
                 "unset it or use CTSCAN_<SECTION>__<KEY>.",
             )
 

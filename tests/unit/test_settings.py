@@ -61,6 +61,10 @@ def test_unknown_keys_are_rejected_with_close_matches(
     monkeypatch.setenv("CTSCAN_TRAIN__EPOCS", "3")
     with pytest.raises(SettingsError, match=r"CTSCAN_TRAIN__EPOCS names no setting.*EPOCHS"):
         load_settings()
+    monkeypatch.delenv("CTSCAN_TRAIN__EPOCS")
+    monkeypatch.setenv("ctscan_train__epocs", "3")  # read in any case, so checked in any case
+    with pytest.raises(SettingsError, match=r"ctscan_train__epocs names no setting.*EPOCHS"):
+        load_settings()
 
 
 def test_bad_values_name_the_key() -> None:
