@@ -194,15 +194,20 @@ def binary_roc_auc(is_positive: Any, scores: Any) -> float | None:
     return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
 
 
+def _confidence_bins(confidence: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """The bin edges and each confidence's bin: bin i is (edges[i], edges[i + 1]]; 0.0 goes to
+    the first bin and 1.0 to the last."""
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    return edges, np.searchsorted(edges[1:-1], confidence, side="left")
+
+
 def _reliability(
     y_true: np.ndarray, probs: np.ndarray, n_bins: int
 ) -> tuple[float, list[dict[str, Any]]]:
     """Return the top-label ECE and, per equal-width confidence bin, its counts and averages."""
     confidence = probs.max(axis=1)
     correct = (probs.argmax(axis=1) == y_true).astype(np.float64)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    # Bin i is (edges[i], edges[i + 1]]; 0.0 goes to the first bin and 1.0 to the last.
-    bins = np.searchsorted(edges[1:-1], confidence, side="left")
+    edges, bins = _confidence_bins(confidence, n_bins)
     counts = np.bincount(bins, minlength=n_bins)
     confidence_sums = np.bincount(bins, weights=confidence, minlength=n_bins)
     correct_sums = np.bincount(bins, weights=correct, minlength=n_bins)
@@ -230,8 +235,7 @@ def _reliability(
 def ece_floor(probs: np.ndarray, n_bins: int) -> dict[str, float]:
     """ECE of a perfectly calibrated model with these confidences (module docstring)."""
     confidence = probs.max(axis=1)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    bins = np.searchsorted(edges[1:-1], confidence, side="left")
+    _, bins = _confidence_bins(confidence, n_bins)  # the bins of `ece`
     members = np.zeros((confidence.size, n_bins))
     members[np.arange(confidence.size), bins] = 1.0  # (N, bins) one-hot bin of each image
     rng = np.random.default_rng(FLOOR_SEED)
