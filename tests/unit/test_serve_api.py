@@ -169,9 +169,13 @@ def test_predict_413_for_a_file_over_max_upload_bytes(client: httpx.Client) -> N
 
 def test_predict_413_for_a_body_over_the_limit_declared_or_streamed(client: httpx.Client) -> None:
     big = noise_png(BODY_LIMIT + 10_000)
-    _assert_json_error(_predict(client, big), 413, "larger than")  # refused on Content-Length
+    # the byte count matches no setting, so the message says which settings make it
+    reason = f"serve.max_upload_bytes = {MAX_UPLOAD}, plus 64 KiB"
+    declared = _assert_json_error(_predict(client, big), 413, reason)  # refused on Content-Length
+    assert "serve.max_batch_files" in declared["fix"]
     chunks, headers = _chunked_multipart(big)
-    _assert_json_error(client.post("/predict", content=chunks, headers=headers), 413)
+    streamed = client.post("/predict", content=chunks, headers=headers)
+    assert _assert_json_error(streamed, 413, reason)["fix"] == declared["fix"]
 
 
 def test_predict_415_for_text(client: httpx.Client) -> None:
@@ -240,6 +244,13 @@ def test_predict_batch_413_for_too_many_files(client: httpx.Client) -> None:
     files = [("files", (f"{i}.png", png)) for i in range(MAX_FILES + 1)]
     body = _assert_json_error(client.post("/predict/batch", files=files), 413, str(MAX_FILES))
     assert "serve.max_batch_files" in body["fix"]
+
+
+def test_predict_batch_413_names_the_batch_body_limit(client: httpx.Client) -> None:
+    big = noise_png(MAX_UPLOAD * MAX_FILES + 64 * 1024 + 10_000)
+    response = client.post("/predict/batch", files=[("files", ("big.png", big))])
+    reason = f"serve.max_upload_bytes = {MAX_UPLOAD} x serve.max_batch_files = {MAX_FILES}"
+    _assert_json_error(response, 413, reason, str(MAX_UPLOAD * MAX_FILES + 64 * 1024))
 
 
 def test_explain_is_501_on_an_onnx_only_server(client: httpx.Client) -> None:

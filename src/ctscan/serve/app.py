@@ -48,7 +48,7 @@ from starlette.routing import Match
 
 from ctscan.errors import DataError
 from ctscan.inference.predictor import Prediction, Predictor
-from ctscan.serve import kserve
+from ctscan.serve import kserve, limits
 from ctscan.serve.batching import Batcher, QueueFull
 from ctscan.serve.limits import BodyLimit, sniff_format
 
@@ -235,13 +235,16 @@ def create_app(service: Service) -> FastAPI:
         version=service.predictor.info.version,
         lifespan=lifespan,
     )
+    one = f"serve.max_upload_bytes = {serve.max_upload_bytes}, plus 64 KiB for the form"
+    many = (
+        f"serve.max_upload_bytes = {serve.max_upload_bytes} x serve.max_batch_files = "
+        f"{serve.max_batch_files}, plus 64 KiB for the form"
+    )
+    batch_limit = (serve.max_upload_bytes * serve.max_batch_files + 64 * 1024, many)
     app.add_middleware(
         BodyLimit,
-        default=serve.max_upload_bytes + 64 * 1024,
-        larger={
-            "/predict/batch": serve.max_upload_bytes * serve.max_batch_files + 64 * 1024,
-            "/v2/models/": serve.max_upload_bytes * serve.max_batch_files + 64 * 1024,
-        },
+        default=(serve.max_upload_bytes + 64 * 1024, one),
+        larger={"/predict/batch": batch_limit, "/v2/models/": batch_limit},
     )
     _install_error_handlers(app, service)
     app.add_middleware(_Timing, service=service)  # outside BodyLimit: counts its 413s
@@ -628,7 +631,7 @@ def _install_error_handlers(app: FastAPI, service: Service) -> None:
         elif exc.status_code == 405:
             fix = f"this route takes {(exc.headers or {}).get('Allow', 'another method')}."
         elif exc.status_code == 413:
-            fix = "send a smaller file (serve.max_upload_bytes) or fewer files."
+            fix = limits.FIX
         return JSONResponse(
             {"error": error, "fix": fix},
             status_code=exc.status_code,

@@ -30,11 +30,19 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
+FIX = "send a smaller file or fewer files (the server's serve.max_upload_bytes and serve.max_batch_files)."
+
+
+def too_large(limit: int, reason: str) -> str:
+    """The message of a body refused at `limit` bytes; `reason` says which settings make it."""
+    return f"the request body is larger than {limit} bytes ({reason})."
+
+
 class BodyTooLarge(HTTPException):
     """A body that grew past its limit while streaming in (no Content-Length to refuse early)."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(status_code=413, detail=f"the request body is larger than {limit} bytes.")
+    def __init__(self, limit: int, reason: str) -> None:
+        super().__init__(status_code=413, detail=too_large(limit, reason))
 
 
 class BodyLimit:
@@ -42,22 +50,24 @@ class BodyLimit:
 
     A declared Content-Length above the limit is refused at once; a streamed body is counted and
     cut off when it passes the limit. The metrics count the refusal under the route it was
-    meant for (app.py's timing middleware matches the path again).
+    meant for (app.py's timing middleware matches the path again). Every limit comes with the
+    reason the message gives for it (which settings make it), since the byte count alone
+    (serve.max_upload_bytes plus room for the form) matches no setting a user can look up.
     """
 
     def __init__(
         self,
         app: Any,
         *,
-        default: int,
-        larger: dict[str, int] | None = None,
+        default: tuple[int, str],
+        larger: dict[str, tuple[int, str]] | None = None,
     ) -> None:
         self.app = app
         self.default = default
         self.larger = larger or {}
 
-    def limit(self, path: str) -> int:
-        """The body limit for a request path."""
+    def limit(self, path: str) -> tuple[int, str]:
+        """The body limit for a request path, and its reason."""
         for prefix, limit in self.larger.items():
             if path.startswith(prefix):
                 return limit
@@ -67,11 +77,11 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.limit(scope["path"])
+        limit, reason = self.limit(scope["path"])
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await self._reject(scope, send, limit)
+            await self._reject(send, limit, reason)
             return
         received = 0
 
@@ -81,18 +91,13 @@ class BodyLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise BodyTooLarge(limit)
+                    raise BodyTooLarge(limit, reason)
             return message
 
         await self.app(scope, limited_receive, send)
 
-    async def _reject(self, scope: dict, send: Callable, limit: int) -> None:
-        body = json.dumps(
-            {
-                "error": f"the request body is larger than {limit} bytes.",
-                "fix": "send a smaller file (serve.max_upload_bytes) or fewer files.",
-            }
-        ).encode()
+    async def _reject(self, send: Callable, limit: int, reason: str) -> None:
+        body = json.dumps({"error": too_large(limit, reason), "fix": FIX}).encode()
         await send(
             {
                 "type": "http.response.start",
