@@ -157,7 +157,11 @@ def folder_lock(
     """Hold an exclusive lock on `folder` (a `.lock` file inside it) or fail at once.
 
     The lock is an advisory `flock`: it goes away with the process, also after SIGKILL, so a
-    crashed run never leaves the folder locked. Without fcntl (Windows) no lock is taken.
+    crashed run never leaves the folder locked. The `.lock` file is removed on release (a killed
+    process leaves it behind, unlocked and harmless), so a user's folder is not littered with
+    it. Removal is safe against a process that opened the old file just before: whoever takes
+    the lock checks that the path still names the file it locked, and starts again if not.
+    Without fcntl (Windows) no lock is taken.
     """
     try:
         import fcntl
@@ -165,16 +169,22 @@ def folder_lock(
         yield
         return
     lock_path = Path(folder) / ".lock"
-    with lock_path.open("a+") as fh:
+    while True:
+        fh = lock_path.open("a+")
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fh.seek(0)
             holder = fh.read().strip() or "another process"
+            fh.close()
             raise error(
                 f"{what} '{folder}' is in use by another ctscan process ({holder}).",
                 f"wait for it to finish, or choose another {what}.",
             ) from None
+        if _names_open_file(lock_path, fh):
+            break
+        fh.close()  # its holder removed it as we locked it: lock the file the path names now
+    with fh:
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()}")
@@ -182,4 +192,16 @@ def folder_lock(
         try:
             yield
         finally:
+            with contextlib.suppress(OSError):
+                lock_path.unlink()  # still held: a later opener finds no file, or a new one
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _names_open_file(path: Path, fh: IO) -> bool:
+    """Whether `path` still names the file open as `fh` (same device and inode)."""
+    try:
+        named = path.stat()
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fh.fileno())
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
