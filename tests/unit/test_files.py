@@ -13,11 +13,11 @@ from ctscan.files import folder_lock
 
 
 def test_the_lock_refuses_a_second_holder_and_leaves_no_file(tmp_path: Path) -> None:
+    held = f"in use by another ctscan process \\(pid {os.getpid()}\\)"
     with folder_lock(tmp_path, what="run folder"):
         assert (tmp_path / ".lock").read_text() == f"pid {os.getpid()}"
-        with pytest.raises(CtscanError, match=f"in use by another ctscan process \\(pid {os.getpid()}"):
-            with folder_lock(tmp_path, what="run folder"):
-                pass
+        with pytest.raises(CtscanError, match=held), folder_lock(tmp_path, what="run folder"):
+            pass
     assert list(tmp_path.iterdir()) == []
     with folder_lock(tmp_path, what="run folder"):  # free again
         pass

@@ -30,7 +30,10 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-FIX = "send a smaller file or fewer files (the server's serve.max_upload_bytes and serve.max_batch_files)."
+FIX = (
+    "send a smaller file or fewer files (the server's serve.max_upload_bytes and "
+    "serve.max_batch_files)."
+)
 
 
 def too_large(limit: int, reason: str) -> str:
