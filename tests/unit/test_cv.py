@@ -97,6 +97,11 @@ def _store_with_copies(out: Path) -> Path:
         valid.hashes[v] = train.hashes[t]
         valid.images[v] = train.images[t]
     near = {"a": [valid.paths[9]], "b": [train.paths[40]], "same_picture": True}
+    # a train and a valid image that are both near copies of one test image: one picture
+    chain = [
+        {"a": [valid.paths[14]], "b": [splits["test"].paths[13]], "same_picture": True},
+        {"a": [splits["test"].paths[13]], "b": [train.paths[60]], "same_picture": True},
+    ]
     data = DataSettings(image_size=32).model_dump()
     spec = PreprocessSpec(32, "pad", 0.2, 0.3, CLASS_NAMES)
     return write_store(
@@ -107,7 +112,7 @@ def _store_with_copies(out: Path) -> Path:
         raw_dir=None,
         raw_fingerprint="synthetic",
         on_leak="keep",
-        audit={"near_duplicates": [near]},
+        audit={"near_duplicates": [near, *chain]},
     )
 
 
@@ -125,14 +130,17 @@ def test_the_store_folds_keep_copies_together(copies_store: Path) -> None:
         ("valid/adenocarcinoma/0.png", "train/adenocarcinoma/0.png"),
         ("valid/large_cell_carcinoma/1.png", "train/large_cell_carcinoma/4.png"),
         ("valid/squamous_cell_carcinoma/1.png", "train/squamous_cell_carcinoma/8.png"),
+        ("valid/normal/2.png", "train/normal/12.png"),  # linked through test/normal/1.png
     ]
+    group = dict(zip(plan.paths, plan.group.tolist(), strict=True))
     for a, b in pairs:
-        assert where[a] == where[b], (a, b)
-    assert plan.to_dict()["images_in_shared_groups"] == 6
+        assert where[a] == where[b] and group[a] == group[b], (a, b)
+    assert plan.to_dict()["images_in_shared_groups"] == 8
+    assert "test/normal/1.png" not in plan.paths
     assert plan_folds(store, 5, seed=0).identity == plan.identity
     assert plan_folds(store, 5, seed=1).identity != plan.identity
-    with pytest.raises(SettingsError, match="needs 2 to 77 folds here"):
-        plan_folds(store, 78, seed=0)
+    with pytest.raises(SettingsError, match="needs 2 to 76 folds here"):
+        plan_folds(store, 77, seed=0)
 
 
 # ---- the cross-validation ------------------------------------------------------------------

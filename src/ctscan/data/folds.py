@@ -8,7 +8,8 @@ K folds give every train + valid image one out-of-fold prediction.
 Copies never straddle folds: images with the same pixels (the store's `pixel_hashes`), and near
 copies the audit found (`audit.json`, `same_picture` pairs: re-encoded or resized copies), form
 one group and go to one fold, or the held-out fold would be scored on pictures its model trained
-on. The test split is not part of any fold.
+on. The test split is not part of any fold, but its images still link groups: a train image and
+a valid image that are both near copies of one test image are one picture too.
 
 Assignment (deterministic for a seed): groups are shuffled with the seed, then placed largest
 first, each into the fold that keeps the class counts of all folds closest to an even share
@@ -21,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,7 +30,7 @@ import torch
 
 from ctscan.data.audit import picture_group_ids
 from ctscan.data.store import Split, Store
-from ctscan.errors import CtscanError, SettingsError
+from ctscan.errors import SettingsError
 
 POOL_SPLITS = ("train", "valid")  # what the folds divide; test stays out
 
@@ -94,6 +95,7 @@ class FoldPlan:
     fold: np.ndarray  # (N,) fold of each path
     group: np.ndarray  # (N,) picture group of each path
     labels: np.ndarray  # (N,)
+    pool: Split = field(repr=False, compare=False)  # the N images, built once for all folds
 
     @property
     def identity(self) -> str:
@@ -136,36 +138,41 @@ def _near_pairs(store: Store) -> list[tuple[Sequence[str], Sequence[str]]]:
     return [(n["a"], n["b"]) for n in audit.get("near_duplicates", []) if n.get("same_picture")]
 
 
-def plan_folds(store: Store, k: int, seed: int) -> FoldPlan:
-    """Assign the store's train + valid images to k folds (see the module docstring)."""
+def pool_split(store: Store) -> Split:
+    """Train then valid as one split: what the folds divide."""
     splits = [store.split(name) for name in POOL_SPLITS]
-    paths = [p for s in splits for p in s.paths]
-    hashes = [h for s in splits for h in s.hashes]
-    labels = torch.cat([s.labels for s in splits]).cpu().numpy()
-    groups = picture_groups(paths, hashes, _near_pairs(store))
-    n_groups = len(np.unique(groups))
-    if k < 2 or k > n_groups:
-        raise SettingsError(
-            f"--folds {k}: cross-validation needs 2 to {n_groups} folds here (train + valid "
-            f"hold {len(paths)} images in {n_groups} picture groups).",
-            f"use --folds {min(5, n_groups)} (or leave --folds out to select on the valid split).",
-        )
-    fold = grouped_folds(labels, groups, k, seed)
-    return FoldPlan(k, seed, tuple(paths), fold, groups, labels)
-
-
-def fold_splits(store: Store, plan: FoldPlan, fold: int) -> tuple[Split, Split]:
-    """(train, held out) for fold `fold` (0-based): the other folds train, this one validates."""
-    splits = [store.split(name) for name in POOL_SPLITS]
-    pool = Split(
+    return Split(
         images=torch.cat([s.images for s in splits]),
         labels=torch.cat([s.labels for s in splits]),
         paths=[p for s in splits for p in s.paths],
         hashes=[h for s in splits for h in s.hashes],
     )
-    if tuple(pool.paths) != plan.paths:
-        raise CtscanError(
-            "the processed store changed since the folds were planned.",
-            "start a new cross-validation (another --out).",
+
+
+def plan_folds(store: Store, k: int, seed: int) -> FoldPlan:
+    """Assign the store's train + valid images to k folds (see the module docstring)."""
+    pool = pool_split(store)
+    # the other splits join the grouping (copies chained through a test image), then drop out;
+    # only their paths and pixel hashes are read, never their images or labels
+    others = [store.identities(name) for name in store.split_names if name not in POOL_SPLITS]
+    groups = picture_groups(
+        [*pool.paths, *(p for paths, _ in others for p in paths)],
+        [*pool.hashes, *(h for _, hashes in others for h in hashes)],
+        _near_pairs(store),
+    )[: len(pool.paths)]
+    n_groups = len(np.unique(groups))
+    if k < 2 or k > n_groups:
+        raise SettingsError(
+            f"--folds {k}: cross-validation needs 2 to {n_groups} folds here (train + valid "
+            f"hold {len(pool.paths)} images in {n_groups} picture groups).",
+            f"use --folds {min(5, n_groups)} (or leave --folds out to select on the valid split).",
         )
-    return _take(pool, np.flatnonzero(plan.fold != fold)), _take(pool, plan.held_out(fold))
+    labels = pool.labels.cpu().numpy()
+    fold = grouped_folds(labels, groups, k, seed)
+    return FoldPlan(k, seed, tuple(pool.paths), fold, groups, labels, pool)
+
+
+def fold_splits(plan: FoldPlan, fold: int) -> tuple[Split, Split]:
+    """(train, held out) for fold `fold` (0-based): the other folds train, this one validates."""
+    train = np.flatnonzero(plan.fold != fold)
+    return _take(plan.pool, train), _take(plan.pool, plan.held_out(fold))

@@ -355,21 +355,29 @@ class Store:
         path = self.path / REFERENCE_FILE
         return load_reference(path) if path.is_file() else None
 
-    def split(self, name: str) -> Split:
-        """The images, labels, paths and pixel hashes of one split (loaded once, then cached)."""
-        import torch
-
+    def _require_split(self, name: str) -> None:
         if name not in self._index:
             raise DataError(
                 f"split '{name}' is not in the store at '{self.path}' "
                 f"(it has {', '.join(self.split_names)}).",
                 "use one of those splits.",
             )
+
+    def identities(self, name: str) -> tuple[list[str], list[str]]:
+        """The paths and pixel hashes of one split, from the index: no image or label is read
+        (what the fold grouping may see of the test split before the test is read)."""
+        self._require_split(name)
+        return list(self._index[name]["paths"]), list(self._index[name]["pixel_hashes"])
+
+    def split(self, name: str) -> Split:
+        """The images, labels, paths and pixel hashes of one split (loaded once, then cached)."""
+        import torch
+
+        self._require_split(name)
         if name not in self._splits:
             images = self._load_array(f"{name}_images.npy")
             labels = self._load_array(f"{name}_labels.npy")
-            paths = list(self._index[name]["paths"])
-            hashes = list(self._index[name]["pixel_hashes"])
+            paths, hashes = self.identities(name)
             n, s = len(paths), self.spec.image_size
             if (
                 images.dtype != np.uint8

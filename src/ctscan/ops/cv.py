@@ -187,7 +187,7 @@ def _train_fold(
     from ctscan.engine.train import RunHooks, run_training
 
     fold_dir = cv_dir / f"fold-{fold}"
-    train_split, held_out = fold_splits(store, plan, fold - 1)
+    train_split, held_out = fold_splits(plan, fold - 1)
     tags = {TAG_CV: cv_dir.name, TAG_FOLD: str(fold)}
     if parent:
         tags[TAG_PARENT_RUN_ID] = parent
@@ -271,7 +271,7 @@ def _out_of_fold(
     for fold, record in enumerate(records, 1):
         checkpoint = _fold_checkpoint(cv_dir, fold, record, metric)
         require_same_spec(checkpoint, store)
-        _, held_out = fold_splits(store, plan, fold - 1)
+        _, held_out = fold_splits(plan, fold - 1)
         out = raw_logits(checkpoint, held_out.images, rt)
         logits[plan.held_out(fold - 1)] = out.cpu().double().numpy()
         checkpoints.append(checkpoint)
