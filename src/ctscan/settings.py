@@ -40,6 +40,15 @@ def _numeric(annotation: Any) -> bool:
     return any(t in (int, float) for t in (options or (annotation,)))
 
 
+class KeysConflict(ValueError):
+    """A check across keys of one section failed: `values` names those keys and their values,
+    so the message can point at each key and where it was set (not at the whole section)."""
+
+    def __init__(self, message: str, values: Mapping[str, Any]) -> None:
+        super().__init__(message)
+        self.values = dict(values)
+
+
 class Section(BaseModel):
     """A settings section: unknown keys are errors, and numbers are not booleans."""
 
@@ -138,9 +147,10 @@ class ModelSettings(Section):
 
         stages = backbone_stages(self.name)
         if self.pretrained and stages and self.frozen_stages > stages:
-            raise ValueError(
-                f"frozen_stages {self.frozen_stages} > the {stages} stages of {self.name}: set "
-                f"model.frozen_stages to 0..{stages} (0 trains every stage)"
+            raise KeysConflict(
+                f"{self.name} has {stages} stages: set model.frozen_stages to 0..{stages} "
+                "(0 trains every stage)",
+                {"frozen_stages": self.frozen_stages, "name": self.name},
             )
         return self
 
@@ -179,7 +189,10 @@ class AugmentSettings(Section):
     @model_validator(mode="after")
     def _scale_order(self) -> AugmentSettings:
         if self.scale_min > self.scale_max:
-            raise ValueError(f"scale_min {self.scale_min} > scale_max {self.scale_max}")
+            raise KeysConflict(
+                "scale_min must not exceed scale_max",
+                {"scale_min": self.scale_min, "scale_max": self.scale_max},
+            )
         return self
 
 
@@ -481,6 +494,13 @@ def _explain(
             hint = close_matches(str(loc[-1]), _section_keys(Settings, loc))
             lines.append(f"unknown settings key '{dotted}'.{hint}")
             named = False
+        elif isinstance(conflict := (err.get("ctx") or {}).get("error"), KeysConflict):
+            # a check across keys fails at the section: name each key, its value and source
+            parts = []
+            for key, value in conflict.values.items():
+                source = _source_of((*loc, key), cli, files, origins) or "the default"
+                parts.append(f"'{dotted}.{key}' = {value!r} (from {source})")
+            lines.append(f"{', '.join(parts)}: {conflict}")
         else:
             msg = str(err["msg"]).removeprefix("Value error, ")
             source = _source_of(loc, cli, files, origins)

@@ -147,11 +147,34 @@ def test_a_validator_message_reads_without_pydantic_s_prefix() -> None:
 def test_frozen_stages_fit_the_pretrained_backbone() -> None:
     assert load_settings([], ["model.frozen_stages=7"]).model.frozen_stages == 7
     assert load_settings([], ["model.name=resnet18", "model.frozen_stages=4"]).model.name
-    with pytest.raises(SettingsError, match=r"5 > the 4 stages of resnet18: set .* to 0\.\.4"):
+    with pytest.raises(SettingsError, match=r"resnet18 has 4 stages: set .* to 0\.\.4"):
         load_settings([], ["model.name=resnet18", "model.frozen_stages=5"])
     # Training from scratch ignores it, as it ignores freeze_epochs (the default is 3).
     assert load_settings([], ["model.name=cnn_gap", "model.frozen_stages=9"]).model.name
     assert load_settings([], ["model.pretrained=false", "model.frozen_stages=9"]).model.name
+
+
+def test_a_check_across_keys_names_each_key_and_where_it_was_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('[model]\nname = "resnet18"\n')
+    with pytest.raises(SettingsError) as info:
+        load_settings([recipe], ["model.frozen_stages=5"])
+    assert str(info.value).startswith(
+        f"'model.frozen_stages' = 5 (from --set model.frozen_stages), "
+        f"'model.name' = 'resnet18' (from {recipe}): resnet18 has 4 stages"
+    )
+    assert "{" not in str(info.value)  # not the whole section's input
+    monkeypatch.setenv("CTSCAN_AUGMENT__SCALE_MIN", "2")
+    with pytest.raises(SettingsError) as info:
+        load_settings([])
+    message = str(info.value)
+    assert (
+        "'augment.scale_min' = 2.0 (from environment variable CTSCAN_AUGMENT__SCALE_MIN)" in message
+    )
+    assert "'augment.scale_max' = 1.1 (from the default): scale_min must not exceed" in message
+    assert "(from environment, --set)" not in message  # every key has its own source
 
 
 def test_missing_or_broken_files_are_errors(tmp_path: Path) -> None:
