@@ -844,6 +844,32 @@ def open_tracker(
     )
 
 
+def open_parent_run(
+    tracking: TrackingSettings,
+    *,
+    runs_dir: Path,
+    run_name: str,
+    recorded_id: str | None,
+    tags: dict[str, str],
+    params: dict[str, Any],
+) -> tuple[Tracker, bool]:
+    """The parent run of child runs (cross-validation folds, sweep trials), detached.
+
+    `recorded_id` (the parent of an earlier attempt) is reopened; otherwise a new run is started
+    and given `tags` and `params`. Returns the tracker and whether its run is new (so the caller
+    records its id where the next attempt will find it); (no-op tracker, False) when tracking is
+    off. Children nest under it by TAG_PARENT_RUN_ID.
+    """
+    tracker = open_tracker(
+        tracking, runs_dir=runs_dir, run_name=run_name, resume_run_id=recorded_id, detached=True
+    )
+    new = bool(tracker.run_id) and tracker.run_id != recorded_id
+    if new:
+        tracker.set_tags(tags)
+        tracker.log_params(params)
+    return tracker, new
+
+
 def _checked_spec(metadata: dict[str, Any]) -> dict[str, Any]:
     """A JSON round-trip copy of the model metadata, with every key of SPEC_KEYS."""
     missing = [key for key in SPEC_KEYS if key not in metadata]

@@ -359,7 +359,7 @@ def run_cv(
 ) -> CvResult:
     """Train K fold models, pool their out-of-fold predictions, calibrate, then test once."""
     from ctscan.data.store import open_store
-    from ctscan.engine.tracking import open_tracker
+    from ctscan.engine.tracking import open_parent_run
     from ctscan.engine.train import refuse_reserved_out
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -394,22 +394,18 @@ def run_cv(
         text = to_toml(settings).encode()  # what the user ran: the command to continue uses it
         atomic_write(cv_dir / "settings.toml", lambda fh: fh.write(text))
         assignment = {**plan.to_dict(), "settings": public_dict(settings)}
-        parent_id = (recorded or {}).get("parent_run_id")
-        tracker = open_tracker(
+        tracker, new = open_parent_run(
             settings.tracking,
             runs_dir=settings.paths.runs_dir,
             run_name=cv_dir.name,
-            resume_run_id=parent_id,
-            detached=True,
+            recorded_id=(recorded or {}).get("parent_run_id"),
+            tags={"kind": "cv", TAG_CV: cv_dir.name, "model": settings.model.name},
+            params={"cv.folds": k, "cv.seed": plan.seed, "cv.identity": plan.identity},
         )
         with tracker:
-            if tracker.run_id != parent_id or recorded is None:
+            if new or recorded is None:
                 assignment["parent_run_id"] = tracker.run_id
                 _write_json(cv_dir / FOLDS_FILE, assignment)
-                tracker.set_tags({"kind": "cv", TAG_CV: cv_dir.name, "model": settings.model.name})
-                tracker.log_params(
-                    {"cv.folds": k, "cv.seed": plan.seed, "cv.identity": plan.identity}
-                )
             return _run(settings, folds_settings, store, plan, cv_dir, tracker, say)
 
 

@@ -1149,20 +1149,18 @@ def _parent_params(sweep: Sweep) -> dict[str, Any]:
 
 def _open_parent(sweep: Sweep, study: Any) -> Any:
     """The sweep's MLflow run (reopened on a rerun), detached: trials nest under it."""
-    from ctscan.engine.tracking import open_tracker
+    from ctscan.engine.tracking import open_parent_run
 
-    recorded = study.user_attrs.get(ATTR_PARENT_RUN)
-    tracker = open_tracker(
+    tracker, new = open_parent_run(
         sweep.settings.tracking,
         runs_dir=sweep.runs_dir,
         run_name=f"sweep-{sweep.name}",
-        resume_run_id=recorded,
-        detached=True,
+        recorded_id=study.user_attrs.get(ATTR_PARENT_RUN),
+        tags={"kind": "sweep", TAG_SWEEP: sweep.name, "optuna_storage": str(sweep.db)},
+        params=_parent_params(sweep),
     )
-    if tracker.run_id and tracker.run_id != recorded:
+    if new:
         study.set_user_attr(ATTR_PARENT_RUN, tracker.run_id)
-        tracker.log_params(_parent_params(sweep))
-        tracker.set_tags({"kind": "sweep", TAG_SWEEP: sweep.name, "optuna_storage": str(sweep.db)})
     return tracker
 
 
