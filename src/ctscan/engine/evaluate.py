@@ -86,13 +86,16 @@ def require_same_spec(checkpoint: Checkpoint, store: Store) -> None:
 
 
 def calibration_summary(
-    checkpoint: Checkpoint, y_true: np.ndarray, logits: torch.Tensor, names: list[str], split: str
+    checkpoint: Checkpoint,
+    y_true: np.ndarray,
+    logits: torch.Tensor,
+    names: list[str],
+    split: str,
+    after: dict[str, Any],
 ) -> dict[str, Any]:
-    """ECE and log-loss of `split` before (T = 1) and after the checkpoint's temperature."""
+    """ECE and log-loss of `split` before (T = 1) and after the checkpoint's temperature
+    (`after`: the report of the calibrated probabilities, already computed by the caller)."""
     before = classification_report(y_true, probabilities(logits), names)
-    after = classification_report(
-        y_true, probabilities(apply_temperature(logits, checkpoint.temperature)), names
-    )
     fitted_on = (checkpoint.calibration or {}).get("split", FIT_SPLIT)
     return {
         "temperature": checkpoint.temperature,
@@ -147,7 +150,7 @@ def evaluate_checkpoint(
         "data_hash": checkpoint.data_hash,
         "git_commit": checkpoint.git_commit,
         "temperature": checkpoint.temperature,
-        "calibration": calibration_summary(checkpoint, y_true, logits, names, split),
+        "calibration": calibration_summary(checkpoint, y_true, logits, names, split, report),
         "leak_free": leak_free,
         "leak_free_excluded": int((~mask).sum()),
         "predictions": [
