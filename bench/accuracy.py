@@ -5,6 +5,7 @@ checkpoint evaluated on the test split, and on its leak-free part. Writes JSON a
 markdown table of mean +- std.
 
     python bench/accuracy.py --recipes efficientnet_lite0-cuda cnn-cuda resnet18-cuda --seeds 0 1 2
+    python bench/accuracy.py --table bench/results/scratch64/*.json   # one row per JSON file
 """
 
 from __future__ import annotations
@@ -26,14 +27,50 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} +- {sd:.3f}"
 
 
+def markdown_table(by_name: dict[str, list[dict]]) -> list[str]:
+    """One row per recipe: mean +- std over its seeds, and the median wall time of a seed."""
+    table = [
+        "| recipe | test accuracy | test macro-F1 | test ECE | leak-free accuracy "
+        "| leak-free macro-F1 | best val accuracy | seeds | median s/seed |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, rs in by_name.items():
+
+        def col(key: str, rs: list[dict] = rs) -> list[float]:
+            return [r[key] for r in rs if r.get(key) is not None]
+
+        seconds = statistics.median(col("seconds")) if col("seconds") else float("nan")
+        table.append(
+            f"| {name} | {mean_std(col('test_accuracy'))} | {mean_std(col('test_macro_f1'))} "
+            f"| {mean_std(col('test_ece'))} "
+            f"| {mean_std(col('leak_free_accuracy'))} | {mean_std(col('leak_free_macro_f1'))} "
+            f"| {mean_std(col('best_val_accuracy'))} | {len(rs)} | {seconds:.0f} |"
+        )
+    return table
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipes", nargs="+", required=True)
+    ap.add_argument("--recipes", nargs="+")
+    ap.add_argument(
+        "--table", nargs="+", type=Path, help="print the table of earlier JSON files and stop"
+    )
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--runs-dir", default="outputs/accuracy")
     ap.add_argument("--out", default="bench/results/accuracy.json")
     args = ap.parse_args()
+    if args.table:
+        by_name = {}
+        for path in args.table:
+            try:
+                by_name[path.stem] = json.loads(path.read_text())["rows"]
+            except (OSError, ValueError, KeyError) as exc:
+                raise SystemExit(f"accuracy.py: cannot read rows from '{path}': {exc}") from None
+        print("\n".join(markdown_table(by_name)))
+        return
+    if not args.recipes:
+        ap.error("give --recipes to train, or --table to summarise earlier JSON files")
 
     rows = []
     for recipe in args.recipes:
@@ -66,22 +103,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps({"rows": rows}, indent=2))  # partial results
-    table = [
-        "| recipe | test accuracy | test macro-F1 | leak-free accuracy | leak-free macro-F1 "
-        "| best val accuracy | seeds |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for recipe in args.recipes:
-        rs = [r for r in rows if r["recipe"] == recipe]
-
-        def col(key: str, rs: list[dict] = rs) -> list[float]:
-            return [r[key] for r in rs if r[key] is not None]
-
-        table.append(
-            f"| {recipe} | {mean_std(col('test_accuracy'))} | {mean_std(col('test_macro_f1'))} "
-            f"| {mean_std(col('leak_free_accuracy'))} | {mean_std(col('leak_free_macro_f1'))} "
-            f"| {mean_std(col('best_val_accuracy'))} | {len(rs)} |"
-        )
+    table = markdown_table({r: [row for row in rows if row["recipe"] == r] for r in args.recipes})
     print("\n".join(table))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
