@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -170,11 +172,10 @@ def folder_lock(
         return
     lock_path = Path(folder) / ".lock"
     while True:
-        fh = lock_path.open("a+")
+        fh = _open_lock(lock_path, what, error)
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            fh.seek(0)
             holder = fh.read().strip() or "another process"
             fh.close()
             raise error(
@@ -185,6 +186,12 @@ def folder_lock(
             break
         fh.close()  # its holder removed it as we locked it: lock the file the path names now
     with fh:
+        text = fh.read().strip()
+        if text and not _LOCK_TEXT.fullmatch(text):  # not left by a ctscan process: not ours
+            raise error(
+                f"'{lock_path}' is not a ctscan lock file (it holds other text).",
+                f"move it away, or choose another {what}.",
+            )
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()}")
@@ -192,16 +199,36 @@ def folder_lock(
         try:
             yield
         finally:
-            with contextlib.suppress(OSError):
-                lock_path.unlink()  # still held: a later opener finds no file, or a new one
+            if _names_open_file(lock_path, fh):  # not if renamed or replaced meanwhile
+                with contextlib.suppress(OSError):
+                    lock_path.unlink()  # still held: a later opener finds no file, or a new one
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+_LOCK_TEXT = re.compile(r"pid \d+")
+
+
+def _open_lock(lock_path: Path, what: str, error: type[CtscanError]) -> IO:
+    """`lock_path` opened for reading and writing (created if absent): a regular file only,
+    never through a symlink (a link there could make the lock overwrite another file)."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+    fix = f"move '{lock_path}' away if no ctscan process is using it, or choose another {what}."
+    try:
+        fd = os.open(lock_path, flags, 0o644)
+    except OSError as exc:
+        why = "a symlink" if lock_path.is_symlink() else exc.strerror
+        raise error(f"cannot take the lock '{lock_path}': {why}.", fix) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise error(f"cannot take the lock '{lock_path}': it is not a regular file.", fix)
+    return os.fdopen(fd, "r+")
 
 
 def _names_open_file(path: Path, fh: IO) -> bool:
     """Whether `path` still names the file open as `fh` (same device and inode)."""
     try:
-        named = path.stat()
-    except FileNotFoundError:
+        named = path.lstat()
+    except OSError:
         return False
     opened = os.fstat(fh.fileno())
     return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)

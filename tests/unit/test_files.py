@@ -70,3 +70,47 @@ def test_removing_the_file_never_lets_two_processes_hold_the_lock(tmp_path: Path
         assert proc.exitcode == 0
     assert overlaps.value == 0
     assert not (tmp_path / ".lock").exists()
+
+
+def test_release_never_removes_a_lock_file_that_is_not_its_own(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    with folder_lock(run, what="run folder"):
+        run.rename(tmp_path / "run-old")  # a user moves the folder away and starts again
+        run.mkdir()
+        with folder_lock(run, what="run folder"):
+            pass
+        second = run / ".lock"
+        second.write_text("pid 999999")  # as if another process held the new folder now
+    assert second.read_text() == "pid 999999"  # the first holder did not delete it
+    # its own file moved with the folder: left there, unlocked, and no obstacle
+    with folder_lock(tmp_path / "run-old", what="run folder"):
+        pass
+
+
+def test_a_lock_path_that_is_a_symlink_directory_or_foreign_file_is_one_line(
+    tmp_path: Path,
+) -> None:
+    precious = tmp_path / "precious.txt"
+    precious.write_text("DATA")
+    cases = {}
+    for name, make in {
+        "symlink": lambda lock: lock.symlink_to(precious),
+        "dangling": lambda lock: lock.symlink_to(tmp_path / "nothere.txt"),
+        "directory": lambda lock: lock.mkdir(),
+        "fifo": lambda lock: os.mkfifo(lock),
+        "foreign": lambda lock: lock.write_text("their lockfile"),
+    }.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        make(folder / ".lock")
+        with pytest.raises(CtscanError) as err, folder_lock(folder, what="run folder"):
+            pass
+        cases[name] = str(err.value)
+        assert str(folder / ".lock") in str(err.value) and "choose another run folder" in str(
+            err.value
+        )
+    assert precious.read_text() == "DATA" and not (tmp_path / "nothere.txt").exists()
+    assert (tmp_path / "foreign" / ".lock").read_text() == "their lockfile"
+    assert "a symlink" in cases["symlink"] and "not a regular file" in cases["fifo"]
+    assert "not a ctscan lock file" in cases["foreign"]
