@@ -437,7 +437,8 @@ def _section_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 def _env_value(section: str, key: str) -> str | None:
     """The environment variable that sets section.key, as pydantic-settings reads it.
 
-    Names are case-insensitive, and a whole section may come as JSON (`CTSCAN_TRAIN='{...}'`).
+    Names are case-insensitive, and a whole section may come as JSON (`CTSCAN_TRAIN='{...}'`),
+    whose keys are case-insensitive too.
     """
     import json
 
@@ -451,7 +452,7 @@ def _env_value(section: str, key: str) -> str | None:
             data = json.loads(os.environ[var])
         except ValueError:
             return None
-        if isinstance(data, dict) and key in data:
+        if isinstance(data, dict) and key.lower() in {str(k).lower() for k in data}:
             return var
     return None
 

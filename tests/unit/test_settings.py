@@ -125,7 +125,14 @@ def test_the_source_named_is_the_one_that_won(
     monkeypatch.setenv("CTSCAN_TRAIN", '{"epochs": true}')
     with pytest.raises(SettingsError, match=r"from environment variable CTSCAN_TRAIN\)"):
         load_settings([lost])
+    monkeypatch.setenv("CTSCAN_TRAIN", '{"EPOCHS": true}')  # its keys in any case too
+    with pytest.raises(SettingsError, match=r"from environment variable CTSCAN_TRAIN\)"):
+        load_settings([lost])
     monkeypatch.delenv("CTSCAN_TRAIN")
+    monkeypatch.setenv("CTSCAN_MODEL", '{"Frozen_Stages": 9}')  # a check across keys as well
+    with pytest.raises(SettingsError, match=r"= 9 \(from environment variable CTSCAN_MODEL\)"):
+        load_settings([])
+    monkeypatch.delenv("CTSCAN_MODEL")
     # a command flag or a sweep spec is named as the caller says; several errors, one source each
     with pytest.raises(SettingsError) as info:
         load_settings(
@@ -199,6 +206,38 @@ def test_every_recipe_file_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(recipes) >= 5
     for recipe in recipes:
         load_settings([recipe])
+
+
+# The from-scratch recipes are the settings docs/results.md measured ("Training from scratch"):
+# the 224 px recipe with the overrides its command gave (the bench pinned one thread and the CPU).
+MEASURED_SCRATCH = {
+    "cnn-scratch": (
+        "cnn-cuda",
+        [
+            "data.image_size=64",
+            'paths.processed_dir="outputs/processed64"',
+            "train.epochs=40",
+            'model.name="cnn_gap"',
+            "model.dropout=0.2",
+            "augment.mixup_alpha=0.2",
+        ],
+    ),
+    "resnet18-scratch": (
+        "resnet18-cuda",
+        ["data.image_size=64", 'paths.processed_dir="outputs/processed64"', "train.epochs=40"],
+    ),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(MEASURED_SCRATCH))
+def test_scratch_recipes_are_the_measured_settings(
+    recipe: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(ROOT)
+    base, overrides = MEASURED_SCRATCH[recipe]
+    bench = ['train.device="cpu"', "train.threads=1"]
+    measured = load_settings([base], [*overrides, *bench]).model_dump()
+    assert load_settings([recipe], bench).model_dump() == measured
 
 
 def test_default_toml_mirrors_the_defaults() -> None:

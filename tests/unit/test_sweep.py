@@ -258,6 +258,11 @@ def test_prepare_checks_files_and_every_bound_against_the_settings(tmp_path: Pat
     assert forced["train.threads"] >= 1 and forced["train.quiet"] is True
     trial = ready.trial_settings({"train.lr": 0.005})
     assert trial.train.lr == 0.005 and trial.train.evaluate_test is False
+    # a drawn value the settings refuse names the spec, not --set
+    with pytest.raises(SettingsError) as err:
+        ready.trial_settings({"train.lr": -1.0})
+    assert '(from [params."train.lr"] of the spec)' in err.value.message
+    assert "--set" not in err.value.message
     with pytest.raises(SettingsError, match="not a plain name"):
         prepare(spec, trials=1, name="../up")
 

@@ -502,8 +502,11 @@ class Sweep:
 
     def trial_settings(self, values: dict[str, Any]) -> Settings:
         """A trial's settings: base files < env < fixed < the trial's values < forced."""
-        overrides = _overrides({**self.spec.fixed, **values, **self.forced()})
-        return load_settings(list(self.files), overrides)
+        forced = self.forced()
+        origins = _spec_origins(self.spec, {**self.spec.fixed, **values})
+        origins |= {key: "`ctscan sweep` itself (every trial)" for key in forced}
+        overrides = _overrides({**self.spec.fixed, **values, **forced})
+        return load_settings(list(self.files), overrides, origins=origins)
 
 
 def _base_files(spec: SweepSpec) -> tuple[Path, ...]:
@@ -574,14 +577,18 @@ def prepare(
     )
 
 
-def _spec_settings(spec: SweepSpec, files: tuple[Path, ...], values: dict[str, Any]) -> Settings:
+def _spec_origins(spec: SweepSpec, values: dict[str, Any]) -> dict[str, str]:
+    """Where in the spec each dotted key of `values` is set (for settings error messages)."""
     params = {param.key for param in spec.params}
-    origins = {
+    return {
         key: f'[params."{key}"] of the spec' if key in params else f'[fixed] "{key}" of the spec'
         for key in values
     }
+
+
+def _spec_settings(spec: SweepSpec, files: tuple[Path, ...], values: dict[str, Any]) -> Settings:
     try:
-        return load_settings(list(files), _overrides(values), origins=origins)
+        return load_settings(list(files), _overrides(values), origins=_spec_origins(spec, values))
     except SettingsError as exc:
         raise _spec_error(
             spec.path, exc.message, "correct the value where the message says it was set."
