@@ -433,6 +433,34 @@ def test_kserve_infer_matches_predict(
     assert np.abs(result.as_numpy("probabilities") - got).max() <= 1e-6
 
 
+def test_kserve_takes_base64_files_up_to_max_upload_bytes(client: httpx.Client) -> None:
+    # JSON carries files as base64 (4 bytes for 3): the body limit allows for it
+    png = noise_png(17_000)
+    assert len(png) <= MAX_UPLOAD
+    text = base64.b64encode(png).decode()
+    request = {
+        "inputs": [
+            {
+                "name": "image_bytes",
+                "datatype": "BYTES",
+                "shape": [MAX_FILES],
+                "data": [text] * MAX_FILES,
+            }
+        ]
+    }
+    infer = f"/v2/models/{MODEL_NAME}/infer"
+    assert client.post(infer, json=request).status_code == 200
+    request["inputs"][0]["data"] = [
+        base64.b64encode(noise_png(MAX_UPLOAD * 2)).decode()
+    ] * MAX_FILES
+    request["inputs"][0]["shape"] = [MAX_FILES]
+    _assert_json_error(client.post(infer, json=request), 413, "x 4/3 for base64")
+    request["inputs"][0]["data"] = [text] * (MAX_FILES + 1)
+    request["inputs"][0]["shape"] = [MAX_FILES + 1]
+    body = _assert_json_error(client.post(infer, json=request), 413, f"limit is {MAX_FILES}")
+    assert "serve.max_batch_files" in body["fix"]
+
+
 def test_kserve_errors_are_json_with_their_status(client: httpx.Client) -> None:
     infer = f"/v2/models/{MODEL_NAME}/infer"
     _assert_json_error(client.post(infer, content=b"{not json"), 400, "not valid JSON")

@@ -241,10 +241,15 @@ def create_app(service: Service) -> FastAPI:
         f"{serve.max_batch_files}, plus 64 KiB for the form"
     )
     batch_limit = (serve.max_upload_bytes * serve.max_batch_files + 64 * 1024, many)
+    # Open Inference Protocol JSON carries files as base64 text: 4 bytes for every 3
+    base64_limit = (
+        -(-serve.max_upload_bytes * 4 // 3) * serve.max_batch_files + 64 * 1024,
+        many.replace("plus 64 KiB for the form", "x 4/3 for base64 in JSON, plus 64 KiB"),
+    )
     app.add_middleware(
         BodyLimit,
         default=(serve.max_upload_bytes + 64 * 1024, one),
-        larger={"/predict/batch": batch_limit, "/v2/models/": batch_limit},
+        larger={"/predict/batch": batch_limit, "/v2/models/": base64_limit},
     )
     _install_error_handlers(app, service)
     app.add_middleware(_Timing, service=service)  # outside BodyLimit: counts its 413s
@@ -746,7 +751,7 @@ def _add_kserve_routes(app: FastAPI, service: Service, guard: list[Any]) -> None
                 raise ApiError(
                     413,
                     f"{len(parsed.files)} files; the limit is {serve.max_batch_files}.",
-                    "send fewer per request.",
+                    "send fewer per request (serve.max_batch_files).",
                 )
             images = [
                 await _decode(service, _BytesUpload(data, f"input {i}"))
@@ -763,7 +768,7 @@ def _add_kserve_routes(app: FastAPI, service: Service, guard: list[Any]) -> None
             raise ApiError(
                 413,
                 f"{len(batch)} images; the limit is {serve.max_batch_files}.",
-                "send fewer per request.",
+                "send fewer per request (serve.max_batch_files).",
             )
         probs = await _submit(service, batch) if len(batch) else np.zeros((0, len(p.class_names)))
         for image, prediction in zip(batch, p.predictions(probs, [None] * len(batch)), strict=True):
