@@ -99,3 +99,27 @@ def test_a_resumed_run_continues_its_mlflow_run(
     assert client.get_run(first.run_id).info.status == "FINISHED"
     experiment = client.get_experiment(client.get_run(first.run_id).info.experiment_id)
     assert len(client.search_runs([experiment.experiment_id])) == 1
+
+
+def test_a_run_folder_continued_with_tracking_newly_on_logs_its_params(
+    synthetic_store: Path, mlflow_runs_dir: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    off = {"tracking.enabled": "false", "train.epochs": 1}
+    run_training(
+        engine_settings(synthetic_store, mlflow_runs_dir, **off), out_dir=mlflow_runs_dir / "r"
+    )
+    on = {"tracking.enabled": "true", "tracking.log_model": "false", "train.epochs": 2}
+    again = run_training(
+        engine_settings(synthetic_store, mlflow_runs_dir, **on),
+        out_dir=mlflow_runs_dir / "r",
+        resume="auto",
+    )
+    assert again is not None and again.run_id  # a new MLflow run: no earlier one to reopen
+    params = (
+        MlflowClient(tracking_uri=f"sqlite:///{mlflow_runs_dir / 'mlflow.db'}")
+        .get_run(again.run_id)
+        .data.params
+    )
+    assert params["train.epochs"] == "2" and params["model.name"] == "cnn_gap"

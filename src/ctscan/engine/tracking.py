@@ -78,6 +78,7 @@ class Tracker:
     enabled: bool = False
     run_id: str | None = None
     uri: str | None = None
+    reopened: bool = False  # an earlier run continued (it holds its params already)
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Record run parameters (values are stored as strings)."""
@@ -535,7 +536,8 @@ class MlflowTracker(Tracker):
         """
         import mlflow
 
-        if resume_run_id and self._resumable(resume_run_id):
+        self.reopened = bool(resume_run_id) and self._resumable(resume_run_id)
+        if self.reopened:
             if detached:
                 self.client.update_run(resume_run_id, status="RUNNING")
                 return self.client.get_run(resume_run_id)
@@ -863,7 +865,7 @@ def open_parent_run(
     tracker = open_tracker(
         tracking, runs_dir=runs_dir, run_name=run_name, resume_run_id=recorded_id, detached=True
     )
-    new = bool(tracker.run_id) and tracker.run_id != recorded_id
+    new = bool(tracker.run_id) and not tracker.reopened
     if new:
         tracker.set_tags(tags)
         tracker.log_params(params)

@@ -891,8 +891,8 @@ def _log_run_start(
     """settings.toml (what this run uses) in the run folder, params and tags in MLflow."""
     text = to_toml(settings).encode()
     settings_file = atomic_write(plan.run_dir / "settings.toml", lambda fh: fh.write(text))
-    if plan.resume_from is None:  # a resumed MLflow run already holds its params
-        tracker.log_params(flatten(settings))
+    if not tracker.reopened:  # a reopened MLflow run holds its params already; a new one not,
+        tracker.log_params(flatten(settings))  # also when it continues a run folder
     tracker.set_tags(
         {
             "git_commit": meta["git_commit"] or "unknown",
