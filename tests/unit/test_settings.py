@@ -216,10 +216,12 @@ MEASURED_SCRATCH = {
         [
             "data.image_size=64",
             'paths.processed_dir="outputs/processed64"',
-            "train.epochs=40",
             'model.name="cnn_gap"',
             "model.dropout=0.2",
-            "augment.mixup_alpha=0.2",
+            "train.epochs=60",
+            'train.select_metric="val_loss"',
+            "train.early_stop_patience=10",
+            "train.ema=false",
         ],
     ),
     "resnet18-scratch": (
