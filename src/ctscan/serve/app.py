@@ -235,21 +235,19 @@ def create_app(service: Service) -> FastAPI:
         version=service.predictor.info.version,
         lifespan=lifespan,
     )
-    one = f"serve.max_upload_bytes = {serve.max_upload_bytes}, plus 64 KiB for the form"
-    many = (
-        f"serve.max_upload_bytes = {serve.max_upload_bytes} x serve.max_batch_files = "
-        f"{serve.max_batch_files}, plus 64 KiB for the form"
-    )
-    batch_limit = (serve.max_upload_bytes * serve.max_batch_files + 64 * 1024, many)
+    # each body limit with the settings that make it (the message names them)
+    per_file = f"serve.max_upload_bytes = {serve.max_upload_bytes}"
+    per_batch = f"{per_file} x serve.max_batch_files = {serve.max_batch_files}"
+    batch_limit = serve.max_upload_bytes * serve.max_batch_files + 64 * 1024
     # Open Inference Protocol JSON carries files as base64 text: 4 bytes for every 3
-    base64_limit = (
-        -(-serve.max_upload_bytes * 4 // 3) * serve.max_batch_files + 64 * 1024,
-        many.replace("plus 64 KiB for the form", "x 4/3 for base64 in JSON, plus 64 KiB"),
-    )
+    base64_limit = -(-serve.max_upload_bytes * 4 // 3) * serve.max_batch_files + 64 * 1024
     app.add_middleware(
         BodyLimit,
-        default=(serve.max_upload_bytes + 64 * 1024, one),
-        larger={"/predict/batch": batch_limit, "/v2/models/": base64_limit},
+        default=(serve.max_upload_bytes + 64 * 1024, f"{per_file}, plus 64 KiB for the form"),
+        larger={
+            "/predict/batch": (batch_limit, f"{per_batch}, plus 64 KiB for the form"),
+            "/v2/models/": (base64_limit, f"{per_batch} x 4/3 for base64 in JSON, plus 64 KiB"),
+        },
     )
     _install_error_handlers(app, service)
     app.add_middleware(_Timing, service=service)  # outside BodyLimit: counts its 413s
