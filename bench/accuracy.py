@@ -6,6 +6,10 @@ markdown table of mean +- std.
 
     python bench/accuracy.py --recipes efficientnet_lite0-cuda cnn-cuda resnet18-cuda --seeds 0 1 2
     python bench/accuracy.py --table bench/results/scratch64/*.json   # one row per JSON file
+
+Seeds run one after another; to share them over parallel processes, write NAME.PART.json
+files (e.g. `--seeds 0 1 --out x.s01.json` and `--seeds 2 --out x.s2.json`): `--table` makes
+one row NAME of all the files whose name starts with `NAME.`.
 """
 
 from __future__ import annotations
@@ -53,7 +57,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipes", nargs="+")
     ap.add_argument(
-        "--table", nargs="+", type=Path, help="print the table of earlier JSON files and stop"
+        "--table",
+        nargs="+",
+        type=Path,
+        help="print the table of earlier JSON files and stop (NAME.PART.json files: one row)",
     )
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--set", dest="overrides", action="append", default=[])
@@ -61,10 +68,11 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/accuracy.json")
     args = ap.parse_args()
     if args.table:
-        by_name = {}
+        by_name: dict[str, list[dict]] = {}
         for path in args.table:
             try:
-                by_name[path.stem] = json.loads(path.read_text())["rows"]
+                rows = json.loads(path.read_text())["rows"]
+                by_name.setdefault(path.name.split(".")[0], []).extend(rows)
             except (OSError, ValueError, KeyError) as exc:
                 raise SystemExit(f"accuracy.py: cannot read rows from '{path}': {exc}") from None
         print("\n".join(markdown_table(by_name)))

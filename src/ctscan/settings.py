@@ -219,6 +219,11 @@ class TrainSettings(Section):
         True, description="keep an exponential moving average of the weights; checkpoints deploy it"
     )
     ema_decay: float = Field(0.99, gt=0.0, lt=1.0, description="EMA decay per optimizer step")
+    ema_warmup: bool = Field(
+        True,
+        description="ramp the EMA decay as min(ema_decay, (1+n)/(10+n)) over the n updates so far,"
+        " so the average forgets the initial weights (false: ema_decay from the first step)",
+    )
     early_stop_patience: int = Field(0, ge=0, description="epochs without improvement; 0 = off")
     select_metric: Literal["val_macro_f1", "val_accuracy", "val_loss"] = Field(
         "val_macro_f1", description="validation metric that picks best.pt"

@@ -226,7 +226,12 @@ MEASURED_SCRATCH = {
     ),
     "resnet18-scratch": (
         "resnet18-cuda",
-        ["data.image_size=64", 'paths.processed_dir="outputs/processed64"', "train.epochs=40"],
+        [
+            "data.image_size=64",
+            'paths.processed_dir="outputs/processed64"',
+            "train.epochs=40",
+            "train.ema_warmup=false",
+        ],
     ),
 }
 

@@ -267,6 +267,41 @@ def test_prepare_checks_files_and_every_bound_against_the_settings(tmp_path: Pat
         prepare(spec, trials=1, name="../up")
 
 
+def test_prepare_checks_keys_that_depend_on_each_other_together(tmp_path: Path) -> None:
+    """A bound is checked against the values the spec draws for the keys it depends on, not
+    against the base value of those keys (base scale_min 0.9 > 0.85, yet every trial is valid)."""
+    base = write_base(tmp_path, tmp_path / "store", tmp_path / "runs")
+    assert load_settings([base], []).augment.scale_min == 0.9
+    scales = {
+        "augment.scale_min": {"low": 0.7, "high": 0.8},
+        "augment.scale_max": {"low": 0.85, "high": 1.2},
+    }
+    sweep = prepare(write_spec(tmp_path, base, params=scales))
+    assert sweep.trial_settings({"augment.scale_min": 0.8, "augment.scale_max": 0.85})
+    # A value no drawn partner fits is refused, naming the spec's keys, not the base value.
+    scales["augment.scale_min"]["high"] = 1.3
+    with pytest.raises(SettingsError) as err:
+        prepare(write_spec(tmp_path, base, params=scales))
+    message = err.value.message
+    assert "no trial can use augment.scale_min = 1.3" in message
+    assert "augment.scale_max" in message and '[params."augment.scale_max"] of the spec' in message
+    assert "default" not in message and str(base) not in message.split(":", 1)[1]
+    # Some trials may draw a refused pair (min 1.0 > max 0.95): the spec starts, they fail alone.
+    overlap = {
+        "augment.scale_min": {"low": 0.8, "high": 1.0},
+        "augment.scale_max": {"low": 0.95, "high": 1.2},
+    }
+    sweep = prepare(write_spec(tmp_path, base, params=overlap))
+    with pytest.raises(SettingsError, match=r"scale_min"):
+        sweep.trial_settings({"augment.scale_min": 1.0, "augment.scale_max": 0.95})
+    # A value wrong by itself is named alone, whatever its partners.
+    overlap["augment.scale_min"]["low"] = -0.5
+    with pytest.raises(SettingsError) as err:
+        prepare(write_spec(tmp_path, base, params=overlap))
+    assert "'augment.scale_min' = -0.5" in err.value.message
+    assert "no trial can use" not in err.value.message
+
+
 def test_a_spec_is_found_by_name_in_settings_sweeps(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)
     assert find_spec("cpu-smoke") == Path("settings/sweeps/cpu-smoke.toml")

@@ -34,6 +34,7 @@ from ctscan.engine.tracking import (
     TrackingError,
     load_model_spec,
     model_requirements,
+    open_parent_run,
     open_tracker,
     promote_if_better,
     resolve_tracking_uri,
@@ -323,6 +324,46 @@ def test_a_resumed_run_continues_the_interrupted_run(mlflow_runs_dir):
     assert [(m.step, m.value) for m in history] == [(s, 1.0 / s) for s in (1, 2, 3, 4)]
     assert len(client.search_runs([first.experiment_id])) == 1
     assert TAG_RESUMED_FROM not in run.data.tags
+
+
+def test_a_parent_run_in_another_experiment_is_refused_not_reopened(mlflow_runs_dir):
+    """Children start in tracking.experiment: a parent recorded elsewhere would lose them."""
+    first, _ = open_parent_run(
+        TrackingSettings(experiment="a"),
+        runs_dir=mlflow_runs_dir,
+        run_name="cv5-x",
+        recorded_id=None,
+        tags={"kind": "cv"},
+        params={},
+        restart_fix="start a new cross-validation (another --out).",
+    )
+    first.close("KILLED")
+    client = client_for(first)
+    with pytest.raises(TrackingError) as err:
+        open_parent_run(
+            TrackingSettings(experiment="b"),
+            runs_dir=mlflow_runs_dir,
+            run_name="cv5-x",
+            recorded_id=first.run_id,
+            tags={"kind": "cv"},
+            params={},
+            restart_fix="start a new cross-validation (another --out).",
+        )
+    assert "is in experiment 'a', but tracking.experiment is now 'b'" in err.value.message
+    assert 'tracking.experiment="a"' in str(err.value.fix) and "another --out" in str(err.value.fix)
+    assert client.get_run(first.run_id).info.status == "KILLED"  # not reopened
+    assert client.get_experiment_by_name("b") is None  # nothing created
+    again, new = open_parent_run(
+        TrackingSettings(experiment="a"),
+        runs_dir=mlflow_runs_dir,
+        run_name="cv5-x",
+        recorded_id=first.run_id,
+        tags={"kind": "cv"},
+        params={},
+        restart_fix="start a new cross-validation (another --out).",
+    )
+    with again:
+        assert again.run_id == first.run_id and not new
 
 
 @pytest.mark.parametrize("missing", ["0123456789abcdef0123456789abcdef", "not-a-run-id"])

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ctscan.engine.checkpoint import read_checkpoint
-from ctscan.engine.train import lr_factor, run_training
+from ctscan.engine.train import RunHooks, ema_decay_at, ema_update, lr_factor, run_training
 from ctscan.errors import CheckpointError, CtscanError
 from tests.unit.conftest_store import engine_overrides, engine_settings, write_synthetic_store
 
@@ -37,6 +37,55 @@ def test_lr_factor_warmup_then_cosine() -> None:
     assert lr_factor(20, warmup=4, total=20) == pytest.approx(0.0, abs=1e-12)
     values = [lr_factor(s, warmup=0, total=10) for s in range(11)]
     assert all(a >= b for a, b in itertools.pairwise(values))
+
+
+def _ema_of(weights: list[float], *, decay: float, warmup: bool) -> float:
+    """What AveragedModel + `ema_update` hold after seeing `weights` in turn (one scalar)."""
+    from torch.optim.swa_utils import AveragedModel
+
+    net = torch.nn.Linear(1, 1, bias=False)
+    ema = AveragedModel(net, multi_avg_fn=ema_update(decay, warmup=warmup), use_buffers=True)
+    for w in weights:
+        net.weight.data.fill_(w)
+        ema.update_parameters(net)
+    return float(ema.module.weight)
+
+
+def test_ema_warmup_ramps_the_decay_and_forgets_the_start() -> None:
+    assert ema_decay_at(1, 0.99, warmup=True) == pytest.approx(2 / 11)
+    assert ema_decay_at(90, 0.99, warmup=True) == pytest.approx(91 / 100)
+    assert ema_decay_at(5000, 0.99, warmup=True) == 0.99  # capped at train.ema_decay
+    assert ema_decay_at(1, 0.99, warmup=False) == 0.99
+    # By hand: the first update copies, update n (n >= 1 earlier ones) uses ema_decay_at(n).
+    weights = [float(t) for t in range(30)]
+    expected = weights[0]
+    for n, w in enumerate(weights[1:], start=1):
+        d = min(0.99, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * w
+    assert _ema_of(weights, decay=0.99, warmup=True) == pytest.approx(expected, rel=1e-6)
+    # 10 epochs of this data set (190 steps) after a start at 0, the weights then at 1: without
+    # the warm-up the average still holds 0.99^190 = 15 % of the start, with it next to none.
+    steps = [0.0] + [1.0] * 190
+    assert _ema_of(steps, decay=0.99, warmup=False) == pytest.approx(1 - 0.99**190, rel=1e-5)
+    assert _ema_of(steps, decay=0.99, warmup=True) > 0.999
+
+
+def test_ema_without_warmup_is_torchs_ema() -> None:
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ours = AveragedModel(net, multi_avg_fn=ema_update(0.9, warmup=False), use_buffers=True)
+    theirs = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    for _ in range(5):
+        net(torch.randn(8, 3))  # moves the BatchNorm statistics (buffers, averaged too)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        ours.update_parameters(net)
+        theirs.update_parameters(net)
+    a, b = ours.module.state_dict(), theirs.module.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_loop_learns_the_synthetic_task(synthetic_store: Path, tmp_path: Path) -> None:
@@ -193,6 +242,26 @@ def test_ema_accumulation_and_clipping_run(synthetic_store: Path, tmp_path: Path
     assert result.history[-1]["train_accuracy"] > 0.5
 
 
+def test_resume_continues_the_ema_warmup(synthetic_store: Path, tmp_path: Path) -> None:
+    """The warm-up count travels in last.pt: stopped after epoch 1 and resumed == straight."""
+    extra = {
+        "train.ema": "true",
+        "train.ema_warmup": "true",
+        "train.deterministic": "true",
+        "train.evaluate_test": "false",
+        "train.epochs": 3,
+    }
+    settings = engine_settings(synthetic_store, tmp_path / "runs", **extra)
+    run_training(settings, out_dir=tmp_path / "straight")
+    stop_after_one = RunHooks(on_epoch=lambda row: "stop" if row["epoch"] == 1 else None)
+    run_training(settings, out_dir=tmp_path / "cut", hooks=stop_after_one)
+    assert read_checkpoint(tmp_path / "cut" / "last.pt").epoch == 1
+    run_training(settings, out_dir=tmp_path / "cut", resume="auto")
+    assert _same_weights(tmp_path / "straight" / "last.pt", tmp_path / "cut" / "last.pt")
+    training = read_checkpoint(tmp_path / "cut" / "last.pt").training
+    assert training is not None and int(training["ema_state"]["n_averaged"]) > 1
+
+
 def test_early_stopping(synthetic_store: Path, tmp_path: Path) -> None:
     settings = engine_settings(
         synthetic_store,
@@ -257,6 +326,26 @@ def test_a_run_from_before_frozen_stages_resumes_only_as_it_trained() -> None:
     )
     # A run that recorded the key compares by its own value.
     assert refused_changes(public_dict(again), now) == ["model.frozen_stages 0 -> 3"]
+
+
+def test_a_run_from_before_the_ema_warmup_resumes_without_it() -> None:
+    """A run recorded before train.ema_warmup existed averaged at train.ema_decay from step 1."""
+    from ctscan.engine.train import predating_sets, refused_changes
+    from ctscan.settings import load_settings, public_dict
+
+    def recorded(*overrides: str) -> dict:
+        run = public_dict(load_settings([], list(overrides)))
+        del run["train"]["ema_warmup"]  # what a run folder from before it holds
+        return run
+
+    old, now = recorded(), load_settings([], [])
+    assert refused_changes(old, now) == ["train.ema_warmup False -> True"]
+    assert predating_sets(old, now) == " --set train.ema_warmup=false"
+    again = load_settings([], ["train.ema_warmup=false"])
+    assert refused_changes(old, again) == [] and predating_sets(old, again) == ""
+    # Without EMA there is nothing to warm up: such a run resumes as before.
+    no_ema = load_settings([], ["train.ema=false"])
+    assert refused_changes(recorded("train.ema=false"), no_ema) == []
 
 
 def _cli_train(store: Path, runs: Path, out: Path, epochs: int, *more: str) -> list[str]:

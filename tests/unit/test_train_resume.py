@@ -43,6 +43,7 @@ def test_resume_into_a_new_folder_keeps_the_best_epoch(
         "train.lr": 1e-12,
         "train.ema": "true",
         "train.ema_decay": 0.999999,
+        "train.ema_warmup": "false",
         "train.evaluate_test": "true",
     }
     _train(synthetic_store, tmp_path, tmp_path / "a", **extra, **{"train.epochs": 2})

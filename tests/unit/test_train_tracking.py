@@ -123,3 +123,40 @@ def test_a_run_folder_continued_with_tracking_newly_on_logs_its_params(
         .data.params
     )
     assert params["train.epochs"] == "2" and params["model.name"] == "cnn_gap"
+
+
+@pytest.mark.parametrize("where", ["_run_meta", "_log_run_start"])
+def test_a_child_run_stopped_at_its_start_is_still_a_child_and_ended(
+    synthetic_store: Path, mlflow_runs_dir: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A fold or trial interrupted in its first moments: its MLflow run has the parent's tags
+    (set at creation, not after the settings are logged) and ends KILLED, not RUNNING."""
+    from mlflow import MlflowClient
+
+    import ctscan.engine.train as train_module
+    from ctscan.engine.tracking import TAG_PARENT_RUN_ID
+    from ctscan.engine.train import RunHooks
+    from ctscan.errors import Interrupted
+
+    def stopped(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, where, stopped)
+    client = MlflowClient(tracking_uri=f"sqlite:///{mlflow_runs_dir / 'mlflow.db'}")
+    parent = client.create_run(client.create_experiment("cv-parent")).info.run_id
+    tags = {TAG_PARENT_RUN_ID: parent, "ctscan.cv": "cv3-x", "ctscan.fold": "1"}
+    extra = {"tracking.enabled": "true", "tracking.log_model": "false", "train.epochs": 1}
+    with pytest.raises(Interrupted):
+        run_training(
+            engine_settings(synthetic_store, mlflow_runs_dir, **extra),
+            out_dir=mlflow_runs_dir / "fold-1",
+            hooks=RunHooks(tags),
+        )
+    (run,) = [
+        r
+        for e in client.search_experiments()
+        for r in client.search_runs([e.experiment_id])
+        if r.info.run_id != parent
+    ]
+    assert run.info.status == "KILLED"
+    assert {k: run.data.tags.get(k) for k in tags} == tags

@@ -492,6 +492,8 @@ class MlflowTracker(Tracker):
         run_name: str | None = None,
         resume_run_id: str | None = None,
         detached: bool = False,
+        same_experiment: str | None = None,
+        tags: dict[str, str] | None = None,
     ) -> None:
         uri, source = _resolve_uri(tracking, runs_dir)
         _prepare_local_store(uri, source, runs_dir)
@@ -512,8 +514,10 @@ class MlflowTracker(Tracker):
         try:
             with self._errors("open the experiment"), _quiet():
                 self.client = mlflow.MlflowClient(tracking_uri=uri)
+                if same_experiment is not None and resume_run_id:
+                    self._refuse_other_experiment(resume_run_id, tracking, same_experiment)
                 run = self._start_run(
-                    tracking.experiment, runs_dir, run_name, resume_run_id, detached
+                    tracking.experiment, runs_dir, run_name, resume_run_id, detached, tags or {}
                 )
         except BaseException:
             self._restore_uri()
@@ -527,26 +531,56 @@ class MlflowTracker(Tracker):
         runs_dir: Path,
         run_name: str | None,
         resume_run_id: str | None,
-        detached: bool = False,
+        detached: bool,
+        tags: dict[str, str],
     ) -> Any:
         """Reopen the run `resume_run_id` when this store has it, else start a new one.
 
         A detached run is written through the client only: it is not MLflow's active run in
-        this process, so other runs (a sweep's trials) can start and end beside it.
+        this process, so other runs (a sweep's trials) can start and end beside it. A new run
+        is created with `tags` (a child's parent and cv/sweep tags: never a run without them,
+        however early it is stopped); a reopened one gets them again.
         """
         import mlflow
 
         self.reopened = bool(resume_run_id) and self._resumable(resume_run_id)
         if self.reopened:
+            if tags:
+                from mlflow.entities import RunTag
+
+                batch = [RunTag(key, str(value)) for key, value in tags.items()]
+                self.client.log_batch(resume_run_id, tags=batch)
             if detached:
                 self.client.update_run(resume_run_id, status="RUNNING")
                 return self.client.get_run(resume_run_id)
             return mlflow.start_run(run_id=resume_run_id)  # status back to RUNNING
-        tags = {TAG_RESUMED_FROM: resume_run_id} if resume_run_id else None
+        if resume_run_id:
+            tags = {**tags, TAG_RESUMED_FROM: resume_run_id}
         experiment_id = self._experiment_id(experiment, runs_dir)
         if detached:
-            return self.client.create_run(experiment_id, run_name=run_name, tags=tags)
-        return mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+            return self.client.create_run(experiment_id, run_name=run_name, tags=tags or None)
+        return mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags or None)
+
+    def _refuse_other_experiment(
+        self, run_id: str, tracking: TrackingSettings, restart_fix: str
+    ) -> None:
+        """A run reopened in another experiment than tracking.experiment is refused (before it
+        is reopened): runs started beside it (a parent's children) would land apart from it."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return  # not in this store: a new run is started, in tracking.experiment
+        experiment = self.client.get_experiment(run.info.experiment_id).name
+        if run.info.lifecycle_stage == "deleted" or experiment == tracking.experiment:
+            return
+        raise TrackingError(
+            f"MLflow run {run_id} ({run.info.run_name}) is in experiment '{experiment}', but "
+            f"tracking.experiment is now '{tracking.experiment}': the runs started under it "
+            "would land in another experiment than it.",
+            f"continue with --set tracking.experiment={json.dumps(experiment)}, or {restart_fix}",
+        )
 
     def _resumable(self, run_id: str) -> bool:
         """Whether the run exists here (not deleted); a warning line says when it does not."""
@@ -826,6 +860,8 @@ def open_tracker(
     run_name: str | None = None,
     resume_run_id: str | None = None,
     detached: bool = False,
+    same_experiment: str | None = None,
+    tags: dict[str, str] | None = None,
 ) -> Tracker:
     """A started MLflow run when tracking is enabled, else a no-op Tracker.
 
@@ -833,7 +869,9 @@ def open_tracker(
     RUNNING again) so later metrics continue its history; a run this store does not have gives
     a new run tagged `ctscan.resumed_from_run_id` and a warning. A `detached` run is not made
     MLflow's active run in this process: a sweep's parent run stays open while its trials,
-    nested under it by the TAG_PARENT_RUN_ID tag, start and end as active runs.
+    nested under it by the TAG_PARENT_RUN_ID tag, start and end as active runs. With
+    `same_experiment` (the fix that starts afresh), a `resume_run_id` in another experiment
+    than tracking.experiment is refused rather than reopened.
     """
     if not tracking.enabled:
         return Tracker()
@@ -843,6 +881,8 @@ def open_tracker(
         run_name=run_name,
         resume_run_id=resume_run_id,
         detached=detached,
+        same_experiment=same_experiment,
+        tags=tags,
     )
 
 
@@ -854,16 +894,24 @@ def open_parent_run(
     recorded_id: str | None,
     tags: dict[str, str],
     params: dict[str, Any],
+    restart_fix: str,
 ) -> tuple[Tracker, bool]:
     """The parent run of child runs (cross-validation folds, sweep trials), detached.
 
     `recorded_id` (the parent of an earlier attempt) is reopened; otherwise a new run is started
     and given `tags` and `params`. Returns the tracker and whether its run is new (so the caller
     records its id where the next attempt will find it); (no-op tracker, False) when tracking is
-    off. Children nest under it by TAG_PARENT_RUN_ID.
+    off. Children nest under it by TAG_PARENT_RUN_ID, and start in tracking.experiment: a
+    recorded parent in another experiment is refused, the fix naming its experiment or
+    `restart_fix` (how to start the whole thing afresh).
     """
     tracker = open_tracker(
-        tracking, runs_dir=runs_dir, run_name=run_name, resume_run_id=recorded_id, detached=True
+        tracking,
+        runs_dir=runs_dir,
+        run_name=run_name,
+        resume_run_id=recorded_id,
+        detached=True,
+        same_experiment=restart_fix,
     )
     new = bool(tracker.run_id) and not tracker.reopened
     if new:

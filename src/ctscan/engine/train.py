@@ -61,7 +61,7 @@ from ctscan.engine.runtime import (
 )
 from ctscan.errors import CheckpointError, CtscanError, Interrupted, Terminated, raise_terminated
 from ctscan.files import atomic_write, ensure_dir, folder_lock, remove_stale_temps
-from ctscan.settings import Settings, flatten, public_dict, to_toml
+from ctscan.settings import Settings, flatten, public_dict, to_toml, toml_value
 
 CHECKPOINT_NAMES = ("best.pt", "last.pt")
 # Where and how a run runs, never how it trains: a resumed run and a continued
@@ -224,6 +224,39 @@ def lr_factor(step: int, *, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def ema_decay_at(n_averaged: int, decay: float, *, warmup: bool) -> float:
+    """The EMA decay of the update after `n_averaged` earlier ones.
+
+    With `warmup`, min(decay, (1 + n) / (10 + n)) (TensorFlow's ExponentialMovingAverage with
+    num_updates): the average then spans about the last ninth of the steps until that reaches
+    `decay`, so it never carries the initial weights far into training. Without it, `decay`
+    from the first update on: at 0.99 an average still holds 0.99^n of the starting weights.
+    """
+    return min(decay, (1 + n_averaged) / (10 + n_averaged)) if warmup else decay
+
+
+def ema_update(decay: float, *, warmup: bool) -> Callable[..., None]:
+    """AveragedModel's `multi_avg_fn`: ema <- d * ema + (1 - d) * weights, d = `ema_decay_at`.
+
+    AveragedModel copies the weights on its first update and passes the number of updates so
+    far (its `n_averaged` buffer, saved in last.pt, so a resumed run goes on with the same
+    decay) to the later ones.
+    """
+
+    @torch.no_grad()
+    def update(
+        ema_params: list[torch.Tensor], params: list[torch.Tensor], n_averaged: torch.Tensor
+    ) -> None:
+        d = ema_decay_at(int(n_averaged), decay, warmup=warmup)
+        if torch.is_floating_point(ema_params[0]):
+            torch._foreach_lerp_(ema_params, params, 1.0 - d)
+        else:  # integer buffers (BatchNorm's num_batches_tracked), as torch's own EMA does
+            for p_ema, p in zip(ema_params, params, strict=True):
+                p_ema.copy_(p_ema * d + p * (1.0 - d))
+
+    return update
+
+
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """No weight decay on biases and normalisation weights (1-d tensors)."""
     decay, no_decay = [], []
@@ -269,10 +302,10 @@ def new_train_state(
     )
     ema = None
     if tr.ema:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        from torch.optim.swa_utils import AveragedModel
 
         ema = AveragedModel(
-            model, multi_avg_fn=get_ema_multi_avg_fn(tr.ema_decay), use_buffers=True
+            model, multi_avg_fn=ema_update(tr.ema_decay, warmup=tr.ema_warmup), use_buffers=True
         )
     return TrainState(
         model=model,
@@ -505,7 +538,7 @@ def _resume_path(resume: str | None, out_dir: Path | None, settings: Settings) -
 # Settings added after runs were recorded, with the value that reproduces how a run behaved
 # before the key existed (not always today's default: frozen_stages is 3 now, and a run from
 # before it trained every stage). A recorded run without such a key compares as that value.
-SETTINGS_ADDED: dict[str, Any] = {"model.frozen_stages": 0}
+SETTINGS_ADDED: dict[str, Any] = {"model.frozen_stages": 0, "train.ema_warmup": False}
 
 
 def _flat_recorded(before: dict[str, Any]) -> dict[str, Any]:
@@ -517,11 +550,17 @@ def _flat_recorded(before: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _inert_keys(now: Settings) -> tuple[str, ...]:
+    """Keys that do nothing for this run: a model trained from scratch has no backbone to
+    freeze, a run without EMA no decay to warm up."""
+    inert = () if uses_pretrained(now) else ("model.freeze_epochs", "model.frozen_stages")
+    return inert if now.train.ema else (*inert, "train.ema_warmup")
+
+
 def _changed_settings(before: dict[str, Any], now: Settings) -> list[tuple[str, Any, Any]]:
     """(key, run's value, value now) for each setting that differs, `section.key` names."""
     flat_before = {**SETTINGS_ADDED, **_flat_recorded(before)}
-    # A model trained from scratch has no backbone to freeze: those keys do nothing for it.
-    ignored = () if uses_pretrained(now) else ("model.freeze_epochs", "model.frozen_stages")
+    ignored = _inert_keys(now)
     return [
         (key, flat_before[key], value)
         for key, value in flatten(now).items()
@@ -538,7 +577,7 @@ def predating_sets(before: dict[str, Any], now: Settings) -> str:
     recorded = _flat_recorded(before)
     flat_now = flatten(now)
     return "".join(
-        f" --set {key}={old!r}"
+        f" --set {key}={toml_value(old)}"
         for key, old in SETTINGS_ADDED.items()
         if key not in recorded and flat_now.get(key) != old
     )
@@ -799,29 +838,30 @@ def _run_epochs(
     tr, rt = settings.train, loop.rt
     train_x, train_y, valid_x, valid_y = tensors
     resumed = plan.resume_from
-    tracker = (
-        open_tracker(
-            settings.tracking,
-            runs_dir=settings.paths.runs_dir,
-            run_name=plan.run_dir.name,
-            resume_run_id=resumed.mlflow_run_id if resumed is not None else None,
-        )
-        if rt.is_main
-        else Tracker()
-    )
-    meta = _run_meta(settings, store, tracker.run_id)
     stopped_early, train_seconds, train_images = False, 0.0, 0
     try:
+        # The caller's tags (a fold's or trial's parent) are the new MLflow run's from its
+        # creation: a run stopped in its first moments is never a stray top-level run.
+        tracker = (
+            open_tracker(
+                settings.tracking,
+                runs_dir=settings.paths.runs_dir,
+                run_name=plan.run_dir.name,
+                resume_run_id=resumed.mlflow_run_id if resumed is not None else None,
+                tags=hooks.tags,
+            )
+            if rt.is_main
+            else Tracker()
+        )
         with (
             tracker,
             Progress(
                 enabled=rt.is_main, quiet=tr.quiet, epochs=tr.epochs, steps=loop.steps_per_epoch
             ) as progress,
         ):
+            meta = _run_meta(settings, store, tracker.run_id)
             if rt.is_main:
                 _log_run_start(settings, loop.rt, plan, store, tracker, meta)
-                if hooks.tags:
-                    tracker.set_tags(hooks.tags)
                 for note in plan.notes:
                     progress.log(note)
             for epoch in range(state.epoch + 1, tr.epochs + 1):

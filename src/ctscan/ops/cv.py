@@ -391,8 +391,6 @@ def run_cv(
                 "folder ctscan can continue.",
                 "choose another --out.",
             )
-        text = to_toml(settings).encode()  # what the user ran: the command to continue uses it
-        atomic_write(cv_dir / "settings.toml", lambda fh: fh.write(text))
         assignment = {**plan.to_dict(), "settings": public_dict(settings)}
         tracker, new = open_parent_run(
             settings.tracking,
@@ -401,8 +399,11 @@ def run_cv(
             recorded_id=(recorded or {}).get("parent_run_id"),
             tags={"kind": "cv", TAG_CV: cv_dir.name, "model": settings.model.name},
             params={"cv.folds": k, "cv.seed": plan.seed, "cv.identity": plan.identity},
+            restart_fix="start a new cross-validation (another --out).",
         )
         with tracker:
+            text = to_toml(settings).encode()  # what the user ran: the command to continue uses
+            atomic_write(cv_dir / "settings.toml", lambda fh: fh.write(text))
             if new or recorded is None:
                 assignment["parent_run_id"] = tracker.run_id
                 _write_json(cv_dir / FOLDS_FILE, assignment)

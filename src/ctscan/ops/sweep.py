@@ -22,6 +22,7 @@ with the same parameters. `--jobs J` runs J worker processes that share the stud
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -557,10 +558,7 @@ def prepare(
     for path in files:
         base = deep_merge(base, read_settings_file(path))
     settings = _spec_settings(spec, files, spec.fixed)
-    for param in spec.params:  # each bound and choice must be a valid value of its setting
-        values = param.choices if param.choices is not None else (param.low, param.high)
-        for value in values:
-            _spec_settings(spec, files, {**spec.fixed, param.key: value})
+    _check_drawable(spec, files)
     command = ["ctscan", "sweep", str(spec_name), "--trials", str(n_trials)]
     command += ["--jobs", str(jobs)] if jobs > 1 else []
     command += ["--name", study] if name else []
@@ -575,6 +573,47 @@ def prepare(
         settings=settings,
         command=shlex.join(command),
     )
+
+
+# At most this many combinations of a section's other swept values are tried for one value.
+MAX_COMBINATIONS = 4096
+
+
+def _check_drawable(spec: SweepSpec, files: tuple[Path, ...]) -> None:
+    """Refuse a bound or choice that no trial can use.
+
+    A value is tried with the combinations of the extremes (bounds, or every choice) of the
+    other swept keys of its section, since the checks across keys (augment.scale_min <=
+    scale_max, model.frozen_stages vs the model's stages) are within a section and monotone in
+    a bound; it passes if one combination is valid. A spec some of whose trials draw a
+    refused combination still starts: those trials fail with the reason in the study.
+    """
+    extremes = {p.key: p.choices if p.choices is not None else (p.low, p.high) for p in spec.params}
+    for key, values in extremes.items():
+        section = key.split(".")[0]
+        partners = [k for k in extremes if k != key and k.split(".")[0] == section]
+        combos = list(
+            itertools.islice(itertools.product(*(extremes[k] for k in partners)), MAX_COMBINATIONS)
+        )
+        for value in values:
+            errors: list[SettingsError] = []
+            for combo in combos:
+                drawn = {**spec.fixed, **dict(zip(partners, combo, strict=True)), key: value}
+                try:
+                    _spec_settings(spec, files, drawn)
+                    break
+                except SettingsError as exc:
+                    errors.append(exc)
+            else:
+                if len({exc.message for exc in errors}) == 1:  # the value alone is the cause
+                    raise errors[0]
+                raise _spec_error(
+                    spec.path,
+                    f"no trial can use {key} = {value!r}: it fits none of the values the spec "
+                    f"draws for {', '.join(partners)}; e.g. "
+                    + errors[0].message.removeprefix(f"sweep spec '{spec.path}': "),
+                    errors[0].fix,
+                )
 
 
 def _spec_origins(spec: SweepSpec, values: dict[str, Any]) -> dict[str, str]:
@@ -1165,6 +1204,7 @@ def _open_parent(sweep: Sweep, study: Any) -> Any:
         recorded_id=study.user_attrs.get(ATTR_PARENT_RUN),
         tags={"kind": "sweep", TAG_SWEEP: sweep.name, "optuna_storage": str(sweep.db)},
         params=_parent_params(sweep),
+        restart_fix="start a new study (--name).",
     )
     if new:
         study.set_user_attr(ATTR_PARENT_RUN, tracker.run_id)
