@@ -25,9 +25,14 @@ class CtscanError(Exception):
 
 
 class SettingsError(CtscanError):
-    """A settings file, key or value is wrong."""
+    """A settings file, key or value is wrong.
+
+    `conflict_keys`: when every fault is a check across keys (augment.scale_min <= scale_max),
+    the dotted keys it names; empty when a value is wrong by itself.
+    """
 
     exit_code = 2
+    conflict_keys: frozenset[str] = frozenset()
 
 
 class DataError(CtscanError):

@@ -493,21 +493,25 @@ def _explain(
     """One message for a pydantic validation error, with close matches for unknown keys."""
     lines = []
     named = True  # every line names its own source: no list of all sources at the end
+    conflict_keys: set[str] = set()
+    only_conflicts = True
     for err in exc.errors():
         loc = tuple(err["loc"])
         dotted = ".".join(str(p) for p in loc)
         if err["type"] == "extra_forbidden":
             hint = close_matches(str(loc[-1]), _section_keys(Settings, loc))
             lines.append(f"unknown settings key '{dotted}'.{hint}")
-            named = False
+            named = only_conflicts = False
         elif isinstance(conflict := (err.get("ctx") or {}).get("error"), KeysConflict):
             # a check across keys fails at the section: name each key, its value and source
             parts = []
             for key, value in conflict.values.items():
                 source = _source_of((*loc, key), cli, files, origins) or "the default"
                 parts.append(f"'{dotted}.{key}' = {value!r} (from {source})")
+                conflict_keys.add(f"{dotted}.{key}")
             lines.append(f"{', '.join(parts)}: {conflict}")
         else:
+            only_conflicts = False
             msg = str(err["msg"]).removeprefix("Value error, ")
             source = _source_of(loc, cli, files, origins)
             named = named and bool(source)
@@ -515,10 +519,13 @@ def _explain(
                 f"'{dotted}' = {err.get('input')!r}: {msg}"
                 + (f" (from {source})" if source else "")
             )
-    return SettingsError(
+    error = SettingsError(
         "; ".join(lines) + ("" if named else f" (from {sources})"),
         "see `ctscan settings show` for every key and its current value.",
     )
+    if only_conflicts:
+        error.conflict_keys = frozenset(conflict_keys)
+    return error
 
 
 def _check_env() -> None:

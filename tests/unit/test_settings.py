@@ -222,6 +222,7 @@ MEASURED_SCRATCH = {
             'train.select_metric="val_loss"',
             "train.early_stop_patience=10",
             "train.ema=false",
+            "train.ema_warmup=true",  # inert with EMA off; cnn-cuda pins it off
         ],
     ),
     "resnet18-scratch": (

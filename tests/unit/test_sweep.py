@@ -23,6 +23,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import ctscan.ops.sweep as sweep_module
 from ctscan.errors import Interrupted, SettingsError
 from ctscan.ops.sweep import (
     SweepError,
@@ -32,7 +33,7 @@ from ctscan.ops.sweep import (
     prepare,
     run_sweep,
 )
-from ctscan.settings import load_settings, toml_value
+from ctscan.settings import load_settings, to_toml, toml_value
 from tests.unit.conftest_store import engine_overrides, write_synthetic_store
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -267,7 +268,9 @@ def test_prepare_checks_files_and_every_bound_against_the_settings(tmp_path: Pat
         prepare(spec, trials=1, name="../up")
 
 
-def test_prepare_checks_keys_that_depend_on_each_other_together(tmp_path: Path) -> None:
+def test_prepare_checks_keys_that_depend_on_each_other_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A bound is checked against the values the spec draws for the keys it depends on, not
     against the base value of those keys (base scale_min 0.9 > 0.85, yet every trial is valid)."""
     base = write_base(tmp_path, tmp_path / "store", tmp_path / "runs")
@@ -294,12 +297,40 @@ def test_prepare_checks_keys_that_depend_on_each_other_together(tmp_path: Path) 
     sweep = prepare(write_spec(tmp_path, base, params=overlap))
     with pytest.raises(SettingsError, match=r"scale_min"):
         sweep.trial_settings({"augment.scale_min": 1.0, "augment.scale_max": 0.95})
-    # A value wrong by itself is named alone, whatever its partners.
+    # A value wrong by itself is named alone, whatever its partners (even one that is wrong too).
     overlap["augment.scale_min"]["low"] = -0.5
+    overlap["augment.scale_max"]["low"] = -1.0
     with pytest.raises(SettingsError) as err:
         prepare(write_spec(tmp_path, base, params=overlap))
     assert "'augment.scale_min' = -0.5" in err.value.message
     assert "no trial can use" not in err.value.message
+    names = {
+        "model.name": {"choices": ["resnet18", "nope"]},
+        "model.frozen_stages": {"low": 0, "high": 5},
+    }
+    with pytest.raises(SettingsError, match=r"'model\.name' = 'nope'") as err:
+        prepare(write_spec(tmp_path, base, params=names, fixed={"model.pretrained": True}))
+    assert "frozen_stages" not in err.value.message
+    # A stepped range is checked at what Optuna draws: 0, 2, 4 (resnet18 has 4 stages), not 5.
+    stepped = {"model.frozen_stages": {"low": 0, "high": 5, "step": 2}}
+    fixed = {"model.name": "resnet18", "model.pretrained": True}
+    prepare(write_spec(tmp_path, base, params=stepped, fixed=fixed))
+    # Keys the check does not tie together do not multiply the work: 4^6 x 2 x 2 combinations
+    # of augment keys, one pair of which matters, are checked in a few loads.
+    many = {k: {"choices": [0.0, 0.1, 0.2, 0.3]} for k in ("hflip", "vflip", "brightness")}
+    many |= {k: {"choices": [0.0, 0.1, 0.2, 0.3]} for k in ("contrast", "erasing", "translate")}
+    wide = {
+        "augment.scale_max": {"low": 0.5, "high": 1.2},
+        **{f"augment.{k}": v for k, v in many.items()},
+        "augment.scale_min": {"low": 0.4, "high": 1.0},
+    }
+    loads = []
+    real = sweep_module.load_settings
+    monkeypatch.setattr(
+        sweep_module, "load_settings", lambda *a, **k: loads.append(1) or real(*a, **k)
+    )
+    prepare(write_spec(tmp_path, base, params=wide))
+    assert len(loads) < 60
 
 
 def test_a_spec_is_found_by_name_in_settings_sweeps(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -346,6 +377,52 @@ def test_a_missing_optuna_is_one_line_naming_the_extra(
     with pytest.raises(SweepError, match="needs optuna") as err:
         run_sweep(spec)
     assert err.value.fix == "pip install 'ctscan[sweep]'"
+
+
+@needs_optuna
+def test_a_study_refuses_trials_that_would_train_otherwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not in the spec nor the base files, yet deciding a trial: ctscan's defaults (a key added
+    since, train.ema_warmup) and CTSCAN_* variables. A new trial must train as the earlier ones."""
+    import shlex
+
+    import optuna
+
+    from ctscan.ops.sweep import ATTR_RUN_DIR, ATTR_SETTINGS
+
+    for var in [v for v in os.environ if v.upper().startswith("CTSCAN_")]:
+        monkeypatch.delenv(var)
+    base = write_base(tmp_path, tmp_path / "store", tmp_path / "runs", **{"train.ema": "true"})
+    spec = write_spec(tmp_path, base)
+    study = open_study(optuna, prepare(spec), create=True)
+    assert study.user_attrs[ATTR_SETTINGS]["train"]["ema_warmup"] is True
+    monkeypatch.setenv("CTSCAN_TRAIN__WEIGHT_DECAY", "0.05")
+    with pytest.raises(SweepError, match=r"train\.weight_decay 0\.01 -> 0\.05") as err:
+        open_study(optuna, prepare(spec), create=True)
+    assert "CTSCAN_TRAIN__WEIGHT_DECAY=0.01" in str(err.value.fix)
+    monkeypatch.delenv("CTSCAN_TRAIN__WEIGHT_DECAY")
+    monkeypatch.setenv("CTSCAN_TRACKING__EXPERIMENT", "elsewhere")  # where, not how: allowed
+    open_study(optuna, prepare(spec), create=True)
+    # A study made before ctscan recorded its settings: its first trial's settings.toml decides,
+    # and it predates train.ema_warmup (its trials averaged without the warm-up).
+    trial = study.ask()
+    run_dir = tmp_path / "runs" / "sweeps" / "study" / "trial-0000"
+    run_dir.mkdir(parents=True)
+    old = load_settings([base], [])
+    text = "\n".join(
+        line for line in to_toml(old).splitlines() if not line.startswith("ema_warmup")
+    )
+    (run_dir / "settings.toml").write_text(text + "\n")
+    trial.set_user_attr(ATTR_RUN_DIR, str(run_dir))
+    study.tell(trial, 0.5)
+    study.set_user_attr(ATTR_SETTINGS, None)
+    with pytest.raises(SweepError, match=r"train\.ema_warmup False -> True") as err:
+        open_study(optuna, prepare(spec), create=True)
+    (assignment,) = shlex.split(str(err.value.fix).split("(", 1)[1].split(" before")[0])
+    assert assignment == "CTSCAN_TRAIN__EMA_WARMUP=false"
+    monkeypatch.setenv(*assignment.split("="))
+    open_study(optuna, prepare(spec), create=True)
 
 
 @needs_optuna

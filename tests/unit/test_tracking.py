@@ -335,7 +335,7 @@ def test_a_parent_run_in_another_experiment_is_refused_not_reopened(mlflow_runs_
         recorded_id=None,
         tags={"kind": "cv"},
         params={},
-        restart_fix="start a new cross-validation (another --out).",
+        experiment_fix=lambda name: f"set {name} or another --out.",
     )
     first.close("KILLED")
     client = client_for(first)
@@ -347,10 +347,10 @@ def test_a_parent_run_in_another_experiment_is_refused_not_reopened(mlflow_runs_
             recorded_id=first.run_id,
             tags={"kind": "cv"},
             params={},
-            restart_fix="start a new cross-validation (another --out).",
+            experiment_fix=lambda name: f"set {name} or another --out.",
         )
     assert "is in experiment 'a', but tracking.experiment is now 'b'" in err.value.message
-    assert 'tracking.experiment="a"' in str(err.value.fix) and "another --out" in str(err.value.fix)
+    assert err.value.fix == "set a or another --out."
     assert client.get_run(first.run_id).info.status == "KILLED"  # not reopened
     assert client.get_experiment_by_name("b") is None  # nothing created
     again, new = open_parent_run(
@@ -360,10 +360,28 @@ def test_a_parent_run_in_another_experiment_is_refused_not_reopened(mlflow_runs_
         recorded_id=first.run_id,
         tags={"kind": "cv"},
         params={},
-        restart_fix="start a new cross-validation (another --out).",
+        experiment_fix=lambda name: f"set {name} or another --out.",
     )
     with again:
         assert again.run_id == first.run_id and not new
+
+
+@pytest.mark.parametrize("name", ["2024", "true", "it's mine", "ctscan"])
+def test_the_experiment_fixes_can_be_pasted(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """cv's fix is a --set that keeps the name a string in the shell; the sweep's (no --set)
+    an environment variable."""
+    import shlex
+
+    from ctscan.ops import cv, sweep
+    from ctscan.settings import load_settings
+
+    words = shlex.split(cv.experiment_fix(name).split("--set ", 1)[1].split(",")[0])
+    assert load_settings([], words).tracking.experiment == name
+    assignment = shlex.split(sweep.experiment_fix(name).split("(", 1)[1].split(" before")[0])
+    variable, _, value = assignment[0].partition("=")
+    monkeypatch.setenv(variable, value)
+    assert load_settings([], []).tracking.experiment == name
+    assert "--set" not in sweep.experiment_fix(name)
 
 
 @pytest.mark.parametrize("missing", ["0123456789abcdef0123456789abcdef", "not-a-run-id"])

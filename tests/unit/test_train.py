@@ -262,6 +262,33 @@ def test_resume_continues_the_ema_warmup(synthetic_store: Path, tmp_path: Path) 
     assert training is not None and int(training["ema_state"]["n_averaged"]) > 1
 
 
+def test_the_stop_line_says_what_a_checkpoint_interval_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With train.checkpoint_every = 10, a run stopped at epoch 8 has no last.pt: the line must
+    not say it stopped before its first epoch, nor offer a resume that cannot work."""
+    import types
+
+    import ctscan.engine.train as train_module
+
+    run = tmp_path / "run"
+    run.mkdir()
+    first = train_module._interrupted(run, terminated=True).message
+    assert "before the first epoch ended" in first
+    (run / "best.pt").write_bytes(b"x")
+    stopped = train_module._interrupted(run, terminated=True, finished=8, every=10)
+    assert "after 8 epochs, before its first last.pt (written every 10 epochs" in stopped.message
+    assert "best.pt" in stopped.message and "first epoch" not in stopped.message
+    assert "--resume" not in str(stopped.fix) and "checkpoint_every" in str(stopped.fix)
+    (run / "last.pt").write_bytes(b"x")
+    monkeypatch.setattr(
+        train_module, "read_checkpoint", lambda path: types.SimpleNamespace(epoch=10)
+    )
+    later = train_module._interrupted(run, terminated=False, finished=13, every=10)
+    assert "(epoch 10); epochs 11-13 since are lost" in later.message
+    assert "--resume auto" in str(later.fix)
+
+
 def test_early_stopping(synthetic_store: Path, tmp_path: Path) -> None:
     settings = engine_settings(
         synthetic_store,

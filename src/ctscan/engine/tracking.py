@@ -26,7 +26,7 @@ import sqlite3
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -492,7 +492,7 @@ class MlflowTracker(Tracker):
         run_name: str | None = None,
         resume_run_id: str | None = None,
         detached: bool = False,
-        same_experiment: str | None = None,
+        same_experiment: Callable[[str], str] | None = None,
         tags: dict[str, str] | None = None,
     ) -> None:
         uri, source = _resolve_uri(tracking, runs_dir)
@@ -562,10 +562,11 @@ class MlflowTracker(Tracker):
         return mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags or None)
 
     def _refuse_other_experiment(
-        self, run_id: str, tracking: TrackingSettings, restart_fix: str
+        self, run_id: str, tracking: TrackingSettings, fix: Callable[[str], str]
     ) -> None:
         """A run reopened in another experiment than tracking.experiment is refused (before it
-        is reopened): runs started beside it (a parent's children) would land apart from it."""
+        is reopened): runs started beside it (a parent's children) would land apart from it.
+        `fix(its experiment)` says how to continue or start afresh."""
         from mlflow.exceptions import MlflowException
 
         try:
@@ -579,7 +580,7 @@ class MlflowTracker(Tracker):
             f"MLflow run {run_id} ({run.info.run_name}) is in experiment '{experiment}', but "
             f"tracking.experiment is now '{tracking.experiment}': the runs started under it "
             "would land in another experiment than it.",
-            f"continue with --set tracking.experiment={json.dumps(experiment)}, or {restart_fix}",
+            fix(experiment),
         )
 
     def _resumable(self, run_id: str) -> bool:
@@ -860,7 +861,7 @@ def open_tracker(
     run_name: str | None = None,
     resume_run_id: str | None = None,
     detached: bool = False,
-    same_experiment: str | None = None,
+    same_experiment: Callable[[str], str] | None = None,
     tags: dict[str, str] | None = None,
 ) -> Tracker:
     """A started MLflow run when tracking is enabled, else a no-op Tracker.
@@ -894,7 +895,7 @@ def open_parent_run(
     recorded_id: str | None,
     tags: dict[str, str],
     params: dict[str, Any],
-    restart_fix: str,
+    experiment_fix: Callable[[str], str],
 ) -> tuple[Tracker, bool]:
     """The parent run of child runs (cross-validation folds, sweep trials), detached.
 
@@ -902,8 +903,7 @@ def open_parent_run(
     and given `tags` and `params`. Returns the tracker and whether its run is new (so the caller
     records its id where the next attempt will find it); (no-op tracker, False) when tracking is
     off. Children nest under it by TAG_PARENT_RUN_ID, and start in tracking.experiment: a
-    recorded parent in another experiment is refused, the fix naming its experiment or
-    `restart_fix` (how to start the whole thing afresh).
+    recorded parent in another experiment is refused, with `experiment_fix(its experiment)`.
     """
     tracker = open_tracker(
         tracking,
@@ -911,7 +911,7 @@ def open_parent_run(
         run_name=run_name,
         resume_run_id=recorded_id,
         detached=True,
-        same_experiment=restart_fix,
+        same_experiment=experiment_fix,
     )
     new = bool(tracker.run_id) and not tracker.reopened
     if new:

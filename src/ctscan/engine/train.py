@@ -907,7 +907,12 @@ def _run_epochs(
             )
             return result
     except KeyboardInterrupt as exc:
-        raise _interrupted(plan.run_dir, terminated=isinstance(exc, Terminated)) from None
+        raise _interrupted(
+            plan.run_dir,
+            terminated=isinstance(exc, Terminated),
+            finished=state.epoch,
+            every=tr.checkpoint_every,
+        ) from None
 
 
 def _run_meta(settings: Settings, store: Store, run_id: str | None) -> dict[str, Any]:
@@ -973,23 +978,42 @@ def save_checkpoints(
         save_checkpoint(run_dir / "last.pt", Checkpoint(kind="last", training=training, **common))
 
 
-def _interrupted(run_dir: Path, *, terminated: bool) -> Interrupted:
-    """The one line a stopped run ends with: where its last checkpoint is, how to resume."""
+def _interrupted(
+    run_dir: Path, *, terminated: bool, finished: int = 0, every: int = 1
+) -> Interrupted:
+    """The one line a stopped run ends with: where its last checkpoint is, how to resume.
+
+    `finished`: the epochs this run had finished; `every`: train.checkpoint_every (last.pt is
+    written every `every` epochs, so the epochs after it are lost).
+    """
     how = "by SIGTERM" if terminated else "by Ctrl-C"
     last = run_dir / "last.pt"
     try:
         epoch = read_checkpoint(last).epoch if last.is_file() else 0
     except CtscanError:
         epoch = 0
-    if not epoch:
+    if not epoch and not finished:
         return Interrupted(
             f"training stopped {how} before the first epoch ended; nothing was saved in "
             f"'{run_dir}'.",
             "start the run again.",
             terminated=terminated,
         )
+    if not epoch:
+        best = (
+            " (best.pt, the best epoch so far, is kept)" if (run_dir / "best.pt").is_file() else ""
+        )
+        return Interrupted(
+            f"training stopped {how} after {finished} epochs, before its first last.pt "
+            f"(written every {every} epochs, train.checkpoint_every): the run cannot be "
+            f"resumed{best}.",
+            f"start the run again (--out {run_dir}); a smaller train.checkpoint_every lets a "
+            "stopped run resume.",
+            terminated=terminated,
+        )
+    lost = f"; epochs {epoch + 1}-{finished} since are lost" if finished > epoch else ""
     return Interrupted(
-        f"training stopped {how}; the last checkpoint is '{last}' (epoch {epoch}).",
+        f"training stopped {how}; the last checkpoint is '{last}' (epoch {epoch}){lost}.",
         f"continue with `ctscan train --resume auto --out {run_dir}` and the same settings "
         f"(-s {run_dir / 'settings.toml'}).",
         terminated=terminated,

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import signal
 import statistics
 from collections.abc import Callable
@@ -132,6 +133,12 @@ class CvResult:
             "test": self.test,
             "mlflow_run_id": self.run_id,
         }
+
+
+def experiment_fix(experiment: str) -> str:
+    """The fix when the cross-validation's parent run lives in another MLflow experiment."""
+    setting = shlex.quote(f"tracking.experiment={json.dumps(experiment)}")
+    return f"continue with --set {setting}, or start a new cross-validation (another --out)."
 
 
 def _default_dir(settings: Settings, k: int) -> Path:
@@ -399,7 +406,7 @@ def run_cv(
             recorded_id=(recorded or {}).get("parent_run_id"),
             tags={"kind": "cv", TAG_CV: cv_dir.name, "model": settings.model.name},
             params={"cv.folds": k, "cv.seed": plan.seed, "cv.identity": plan.identity},
-            restart_fix="start a new cross-validation (another --out).",
+            experiment_fix=experiment_fix,
         )
         with tracker:
             text = to_toml(settings).encode()  # what the user ran: the command to continue uses

@@ -51,11 +51,13 @@ from ctscan.errors import (
 )
 from ctscan.files import atomic_write, ensure_dir, folder_lock
 from ctscan.settings import (
+    ENV_PREFIX,
     RECIPE_DIR,
     Settings,
     TrainSettings,
     deep_merge,
     load_settings,
+    public_dict,
     read_settings_file,
     resolve_settings_file,
     toml_value,
@@ -92,6 +94,7 @@ POLL_S = 0.5
 
 # Optuna study and trial attributes, MLflow tags.
 ATTR_SPEC = "ctscan.spec"
+ATTR_SETTINGS = "ctscan.settings"  # the base settings every trial started from (public_dict)
 ATTR_PARENT_RUN = "ctscan.parent_run_id"
 ATTR_RUN_DIR = "run_dir"
 ATTR_EPOCHS = "epochs"
@@ -137,6 +140,17 @@ class Param:
         return trial.suggest_float(
             self.key, float(self.low), float(self.high), step=self.step, log=self.log
         )
+
+    def drawn_extremes(self) -> tuple[Any, ...]:
+        """Every choice, or the lowest and highest value a trial can draw (a stepped range's
+        top is the last step at or below `high`, as Optuna draws it)."""
+        if self.choices is not None:
+            return self.choices
+        if self.step is None:
+            return (self.low, self.high)
+        steps = math.floor((self.high - self.low) / self.step + 1e-9)
+        top = self.low + steps * self.step
+        return (self.low, int(top) if self.integer else round(top, 12))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: what the study records of this parameter."""
@@ -575,45 +589,46 @@ def prepare(
     )
 
 
-# At most this many combinations of a section's other swept values are tried for one value.
-MAX_COMBINATIONS = 4096
-
-
 def _check_drawable(spec: SweepSpec, files: tuple[Path, ...]) -> None:
     """Refuse a bound or choice that no trial can use.
 
-    A value is tried with the combinations of the extremes (bounds, or every choice) of the
-    other swept keys of its section, since the checks across keys (augment.scale_min <=
-    scale_max, model.frozen_stages vs the model's stages) are within a section and monotone in
-    a bound; it passes if one combination is valid. A spec some of whose trials draw a
-    refused combination still starts: those trials fail with the reason in the study.
+    First each value alone (the other keys at their base values): a value wrong by itself
+    (`model.dropout` 1.5, `model.name` "nope") is named alone. A value refused only by a check
+    across keys (augment.scale_min <= scale_max, model.frozen_stages vs the model's stages) is
+    then tried with the values the spec draws for the swept keys that check names (their
+    bounds, the checks being monotone, or each choice); it passes if one fits. A spec some of
+    whose trials draw a refused combination still starts: those trials fail, with the reason.
     """
-    extremes = {p.key: p.choices if p.choices is not None else (p.low, p.high) for p in spec.params}
+    extremes = {p.key: p.drawn_extremes() for p in spec.params}
+    across: list[tuple[str, Any, SettingsError]] = []
     for key, values in extremes.items():
-        section = key.split(".")[0]
-        partners = [k for k in extremes if k != key and k.split(".")[0] == section]
-        combos = list(
-            itertools.islice(itertools.product(*(extremes[k] for k in partners)), MAX_COMBINATIONS)
-        )
         for value in values:
-            errors: list[SettingsError] = []
-            for combo in combos:
-                drawn = {**spec.fixed, **dict(zip(partners, combo, strict=True)), key: value}
-                try:
-                    _spec_settings(spec, files, drawn)
-                    break
-                except SettingsError as exc:
-                    errors.append(exc)
-            else:
-                if len({exc.message for exc in errors}) == 1:  # the value alone is the cause
-                    raise errors[0]
-                raise _spec_error(
-                    spec.path,
-                    f"no trial can use {key} = {value!r}: it fits none of the values the spec "
-                    f"draws for {', '.join(partners)}; e.g. "
-                    + errors[0].message.removeprefix(f"sweep spec '{spec.path}': "),
-                    errors[0].fix,
-                )
+            try:
+                _spec_settings(spec, files, {**spec.fixed, key: value})
+            except SettingsError as exc:
+                if not exc.conflict_keys:
+                    raise
+                across.append((key, value, exc))
+    for key, value, exc in across:
+        partners = sorted(k for k in exc.conflict_keys & extremes.keys() if k != key)
+        if not partners:  # it conflicts with values no trial changes
+            raise exc
+        errors: list[SettingsError] = []
+        for combo in itertools.product(*(extremes[k] for k in partners)):
+            drawn = {**spec.fixed, **dict(zip(partners, combo, strict=True)), key: value}
+            try:
+                _spec_settings(spec, files, drawn)
+                break
+            except SettingsError as failed:
+                errors.append(failed)
+        else:
+            raise _spec_error(
+                spec.path,
+                f"no trial can use {key} = {value!r}: it fits none of the values the spec "
+                f"draws for {', '.join(partners)}; e.g. "
+                + errors[0].message.removeprefix(f"sweep spec '{spec.path}': "),
+                errors[0].fix,
+            )
 
 
 def _spec_origins(spec: SweepSpec, values: dict[str, Any]) -> dict[str, str]:
@@ -629,9 +644,11 @@ def _spec_settings(spec: SweepSpec, files: tuple[Path, ...], values: dict[str, A
     try:
         return load_settings(list(files), _overrides(values), origins=_spec_origins(spec, values))
     except SettingsError as exc:
-        raise _spec_error(
+        error = _spec_error(
             spec.path, exc.message, "correct the value where the message says it was set."
-        ) from None
+        )
+        error.conflict_keys = exc.conflict_keys
+        raise error from None
 
 
 # ---- the study ----------------------------------------------------------------------------
@@ -732,6 +749,7 @@ def open_study(optuna: Any, sweep: Sweep, *, create: bool, worker: int = 0) -> A
         if recorded is None and not study.trials and create:
             _refuse_stale_folder(sweep)
             study.set_user_attr(ATTR_SPEC, identity)
+            study.set_user_attr(ATTR_SETTINGS, json.loads(json.dumps(public_dict(sweep.settings))))
         elif recorded is None:
             raise SweepError(
                 f"study '{sweep.name}' in '{sweep.db}' was not made by `ctscan sweep`.",
@@ -746,7 +764,64 @@ def open_study(optuna: Any, sweep: Sweep, *, create: bool, worker: int = 0) -> A
                 f"--name {sweep.name}-2 (or delete this one: optuna delete-study --storage "
                 f"{sweep.storage_url} --study-name {sweep.name}).",
             )
+        else:
+            _refuse_changed_settings(sweep, study)
     return study
+
+
+def _trials_settings(study: Any) -> dict[str, Any] | None:
+    """The settings the study's trials started from: recorded at creation, or (a study made
+    before ctscan recorded them) the settings.toml of its first trial's run folder."""
+    recorded = study.user_attrs.get(ATTR_SETTINGS)
+    if recorded is not None:
+        return recorded
+    for trial in study.trials:
+        path = Path(trial.user_attrs.get(ATTR_RUN_DIR) or "") / "settings.toml"
+        if path.is_file():
+            try:
+                return read_settings_file(path)
+            except SettingsError:
+                return None
+    return None
+
+
+def _refuse_changed_settings(sweep: Sweep, study: Any) -> None:
+    """Refuse to add trials that would train otherwise than the study's earlier ones.
+
+    The spec and base files are the study's identity; what else decides a trial (ctscan's
+    defaults, a setting ctscan added since, CTSCAN_* variables) is compared here, as a resumed
+    run compares its settings: where the run takes place may change, the swept keys and what
+    the sweep sets for every trial are the trial's own.
+    """
+    from ctscan.engine.train import RUN_PLACE_KEYS, SETTINGS_ADDED, refused_changes
+
+    before = _trials_settings(study)
+    if before is None:
+        return
+    own = (*(p.key for p in sweep.spec.params), *sweep.forced())
+    refused = refused_changes(before, sweep.settings, may_change=own, allowed=RUN_PLACE_KEYS)
+    if not refused:
+        return
+    flat = {
+        f"{section}.{key}": value
+        for section, values in before.items()
+        if isinstance(values, dict)
+        for key, value in values.items()
+    }
+    flat = {**SETTINGS_ADDED, **flat}
+    env = " ".join(
+        shlex.quote(
+            f"{ENV_PREFIX}{key.split('.')[0].upper()}__{key.split('.')[1].upper()}="
+            + (flat[key] if isinstance(flat[key], str) else toml_value(flat[key]))
+        )
+        for key in (line.split(" ", 1)[0] for line in refused)
+    )
+    raise SweepError(
+        f"study '{sweep.name}' in '{sweep.db}': its trials ran with other settings than a new "
+        f"trial would get ({'; '.join(refused)}), from ctscan's defaults or CTSCAN_* variables.",
+        f"continue with those values in the environment ({env} before the command), or start "
+        f"a new study: --name {sweep.name}-2.",
+    )
 
 
 def _create_db(optuna: Any, db: Path) -> None:
@@ -1193,6 +1268,16 @@ def _parent_params(sweep: Sweep) -> dict[str, Any]:
     return params
 
 
+def experiment_fix(experiment: str) -> str:
+    """The fix when the sweep's parent run lives in another MLflow experiment (`ctscan sweep`
+    takes no --set, and its base files are part of the study: the environment it is)."""
+    variable = shlex.quote(f"{ENV_PREFIX}TRACKING__EXPERIMENT={experiment}")
+    return (
+        f"continue with tracking.experiment = {json.dumps(experiment)} set through the "
+        f"environment ({variable} before the command), or start a new study (--name)."
+    )
+
+
 def _open_parent(sweep: Sweep, study: Any) -> Any:
     """The sweep's MLflow run (reopened on a rerun), detached: trials nest under it."""
     from ctscan.engine.tracking import open_parent_run
@@ -1204,7 +1289,7 @@ def _open_parent(sweep: Sweep, study: Any) -> Any:
         recorded_id=study.user_attrs.get(ATTR_PARENT_RUN),
         tags={"kind": "sweep", TAG_SWEEP: sweep.name, "optuna_storage": str(sweep.db)},
         params=_parent_params(sweep),
-        restart_fix="start a new study (--name).",
+        experiment_fix=experiment_fix,
     )
     if new:
         study.set_user_attr(ATTR_PARENT_RUN, tracker.run_id)
