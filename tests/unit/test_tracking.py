@@ -328,40 +328,28 @@ def test_a_resumed_run_continues_the_interrupted_run(mlflow_runs_dir):
 
 def test_a_parent_run_in_another_experiment_is_refused_not_reopened(mlflow_runs_dir):
     """Children start in tracking.experiment: a parent recorded elsewhere would lose them."""
-    first, _ = open_parent_run(
-        TrackingSettings(experiment="a"),
-        runs_dir=mlflow_runs_dir,
-        run_name="cv5-x",
-        recorded_id=None,
-        tags={"kind": "cv"},
-        params={},
-        experiment_fix=lambda name: f"set {name} or another --out.",
-    )
-    first.close("KILLED")
-    client = client_for(first)
-    with pytest.raises(TrackingError) as err:
-        open_parent_run(
-            TrackingSettings(experiment="b"),
+
+    def parent(experiment: str, recorded_id: str | None):
+        return open_parent_run(
+            TrackingSettings(experiment=experiment),
             runs_dir=mlflow_runs_dir,
             run_name="cv5-x",
-            recorded_id=first.run_id,
+            recorded_id=recorded_id,
             tags={"kind": "cv"},
             params={},
             experiment_fix=lambda name: f"set {name} or another --out.",
         )
+
+    first, _ = parent("a", None)
+    first.close("KILLED")
+    client = client_for(first)
+    with pytest.raises(TrackingError) as err:
+        parent("b", first.run_id)
     assert "is in experiment 'a', but tracking.experiment is now 'b'" in err.value.message
     assert err.value.fix == "set a or another --out."
     assert client.get_run(first.run_id).info.status == "KILLED"  # not reopened
     assert client.get_experiment_by_name("b") is None  # nothing created
-    again, new = open_parent_run(
-        TrackingSettings(experiment="a"),
-        runs_dir=mlflow_runs_dir,
-        run_name="cv5-x",
-        recorded_id=first.run_id,
-        tags={"kind": "cv"},
-        params={},
-        experiment_fix=lambda name: f"set {name} or another --out.",
-    )
+    again, new = parent("a", first.run_id)
     with again:
         assert again.run_id == first.run_id and not new
 
