@@ -439,6 +439,12 @@ def _section_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return list(current.model_fields)
 
 
+def env_name(dotted: str) -> str:
+    """The environment variable that sets `section.key`: CTSCAN_SECTION__KEY."""
+    section, _, key = dotted.partition(".")
+    return f"{ENV_PREFIX}{section.upper()}__{key.upper()}"
+
+
 def _env_value(section: str, key: str) -> str | None:
     """The environment variable that sets section.key, as pydantic-settings reads it.
 
@@ -448,7 +454,7 @@ def _env_value(section: str, key: str) -> str | None:
     import json
 
     by_name = {var.upper(): var for var in os.environ}
-    var = by_name.get(f"{ENV_PREFIX}{section.upper()}__{key.upper()}")
+    var = by_name.get(env_name(f"{section}.{key}"))
     if var is not None:
         return var
     var = by_name.get(f"{ENV_PREFIX}{section.upper()}")

@@ -583,21 +583,34 @@ def predating_sets(before: dict[str, Any], now: Settings) -> str:
     )
 
 
+def refused_settings(
+    before: dict[str, Any],
+    now: Settings,
+    may_change: tuple[str, ...] = (),
+    allowed: tuple[str, ...] = RESUME_MAY_CHANGE,
+) -> list[tuple[str, Any, Any]]:
+    """(key, recorded value, value now) for each change that would not continue the same run.
+
+    Changes of the `allowed` key prefixes (where and how it runs) and of the `may_change` keys
+    pass.
+    """
+    return [
+        (key, old, new)
+        for key, old, new in _changed_settings(before, now)
+        if key not in may_change and not key.startswith(allowed)
+    ]
+
+
 def refused_changes(
     before: dict[str, Any],
     now: Settings,
     may_change: tuple[str, ...] = (),
     allowed: tuple[str, ...] = RESUME_MAY_CHANGE,
 ) -> list[str]:
-    """`key old -> new` for each change that would not continue the same run.
-
-    Changes of the `allowed` key prefixes (where and how it runs) and of the `may_change` keys
-    pass.
-    """
+    """`key old -> new` for each of `refused_settings`."""
     return [
         f"{key} {old!r} -> {new!r}"
-        for key, old, new in _changed_settings(before, now)
-        if key not in may_change and not key.startswith(allowed)
+        for key, old, new in refused_settings(before, now, may_change, allowed)
     ]
 
 

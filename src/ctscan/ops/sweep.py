@@ -51,11 +51,11 @@ from ctscan.errors import (
 )
 from ctscan.files import atomic_write, ensure_dir, folder_lock
 from ctscan.settings import (
-    ENV_PREFIX,
     RECIPE_DIR,
     Settings,
     TrainSettings,
     deep_merge,
+    env_name,
     load_settings,
     public_dict,
     read_settings_file,
@@ -793,32 +793,23 @@ def _refuse_changed_settings(sweep: Sweep, study: Any) -> None:
     run compares its settings: where the run takes place may change, the swept keys and what
     the sweep sets for every trial are the trial's own.
     """
-    from ctscan.engine.train import RUN_PLACE_KEYS, SETTINGS_ADDED, refused_changes
+    from ctscan.engine.train import RUN_PLACE_KEYS, refused_settings
 
     before = _trials_settings(study)
     if before is None:
         return
     own = (*(p.key for p in sweep.spec.params), *sweep.forced())
-    refused = refused_changes(before, sweep.settings, may_change=own, allowed=RUN_PLACE_KEYS)
+    refused = refused_settings(before, sweep.settings, may_change=own, allowed=RUN_PLACE_KEYS)
     if not refused:
         return
-    flat = {
-        f"{section}.{key}": value
-        for section, values in before.items()
-        if isinstance(values, dict)
-        for key, value in values.items()
-    }
-    flat = {**SETTINGS_ADDED, **flat}
     env = " ".join(
-        shlex.quote(
-            f"{ENV_PREFIX}{key.split('.')[0].upper()}__{key.split('.')[1].upper()}="
-            + (flat[key] if isinstance(flat[key], str) else toml_value(flat[key]))
-        )
-        for key in (line.split(" ", 1)[0] for line in refused)
+        shlex.quote(f"{env_name(key)}={old if isinstance(old, str) else toml_value(old)}")
+        for key, old, _ in refused
     )
+    changes = "; ".join(f"{key} {old!r} -> {new!r}" for key, old, new in refused)
     raise SweepError(
         f"study '{sweep.name}' in '{sweep.db}': its trials ran with other settings than a new "
-        f"trial would get ({'; '.join(refused)}), from ctscan's defaults or CTSCAN_* variables.",
+        f"trial would get ({changes}), from ctscan's defaults or CTSCAN_* variables.",
         f"continue with those values in the environment ({env} before the command), or start "
         f"a new study: --name {sweep.name}-2.",
     )
@@ -1271,7 +1262,7 @@ def _parent_params(sweep: Sweep) -> dict[str, Any]:
 def experiment_fix(experiment: str) -> str:
     """The fix when the sweep's parent run lives in another MLflow experiment (`ctscan sweep`
     takes no --set, and its base files are part of the study: the environment it is)."""
-    variable = shlex.quote(f"{ENV_PREFIX}TRACKING__EXPERIMENT={experiment}")
+    variable = shlex.quote(f"{env_name('tracking.experiment')}={experiment}")
     return (
         f"continue with tracking.experiment = {json.dumps(experiment)} set through the "
         f"environment ({variable} before the command), or start a new study (--name)."
