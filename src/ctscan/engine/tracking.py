@@ -514,10 +514,17 @@ class MlflowTracker(Tracker):
         try:
             with self._errors("open the experiment"), _quiet():
                 self.client = mlflow.MlflowClient(tracking_uri=uri)
-                if same_experiment is not None and resume_run_id:
-                    self._refuse_other_experiment(resume_run_id, tracking, same_experiment)
+                stored = self._stored_run(resume_run_id) if resume_run_id else None
+                if stored is not None and same_experiment is not None:
+                    self._refuse_other_experiment(stored, tracking, same_experiment)
                 run = self._start_run(
-                    tracking.experiment, runs_dir, run_name, resume_run_id, detached, tags or {}
+                    tracking.experiment,
+                    runs_dir,
+                    run_name,
+                    resume_run_id,
+                    stored,
+                    detached,
+                    tags or {},
                 )
         except BaseException:
             self._restore_uri()
@@ -531,10 +538,11 @@ class MlflowTracker(Tracker):
         runs_dir: Path,
         run_name: str | None,
         resume_run_id: str | None,
+        stored: Any | None,
         detached: bool,
         tags: dict[str, str],
     ) -> Any:
-        """Reopen the run `resume_run_id` when this store has it, else start a new one.
+        """Reopen `stored` (the run `resume_run_id` of this store), else start a new run.
 
         A detached run is written through the client only: it is not MLflow's active run in
         this process, so other runs (a sweep's trials) can start and end beside it. A new run
@@ -543,17 +551,15 @@ class MlflowTracker(Tracker):
         """
         import mlflow
 
-        self.reopened = bool(resume_run_id) and self._resumable(resume_run_id)
-        if self.reopened:
+        self.reopened = stored is not None
+        if stored is not None:
+            self.run_id = stored.info.run_id
             if tags:
-                from mlflow.entities import RunTag
-
-                batch = [RunTag(key, str(value)) for key, value in tags.items()]
-                self.client.log_batch(resume_run_id, tags=batch)
+                self.set_tags(tags)
             if detached:
-                self.client.update_run(resume_run_id, status="RUNNING")
-                return self.client.get_run(resume_run_id)
-            return mlflow.start_run(run_id=resume_run_id)  # status back to RUNNING
+                self.client.update_run(self.run_id, status="RUNNING")
+                return self.client.get_run(self.run_id)
+            return mlflow.start_run(run_id=self.run_id)  # status back to RUNNING
         if resume_run_id:
             tags = {**tags, TAG_RESUMED_FROM: resume_run_id}
         experiment_id = self._experiment_id(experiment, runs_dir)
@@ -562,29 +568,24 @@ class MlflowTracker(Tracker):
         return mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags or None)
 
     def _refuse_other_experiment(
-        self, run_id: str, tracking: TrackingSettings, fix: Callable[[str], str]
+        self, run: Any, tracking: TrackingSettings, fix: Callable[[str], str]
     ) -> None:
         """A run reopened in another experiment than tracking.experiment is refused (before it
         is reopened): runs started beside it (a parent's children) would land apart from it.
         `fix(its experiment)` says how to continue or start afresh."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            run = self.client.get_run(run_id)
-        except MlflowException:
-            return  # not in this store: a new run is started, in tracking.experiment
         experiment = self.client.get_experiment(run.info.experiment_id).name
-        if run.info.lifecycle_stage == "deleted" or experiment == tracking.experiment:
+        if experiment == tracking.experiment:
             return
         raise TrackingError(
-            f"MLflow run {run_id} ({run.info.run_name}) is in experiment '{experiment}', but "
-            f"tracking.experiment is now '{tracking.experiment}': the runs started under it "
-            "would land in another experiment than it.",
+            f"MLflow run {run.info.run_id} ({run.info.run_name}) is in experiment "
+            f"'{experiment}', but tracking.experiment is now '{tracking.experiment}': the runs "
+            "started under it would land in another experiment than it.",
             fix(experiment),
         )
 
-    def _resumable(self, run_id: str) -> bool:
-        """Whether the run exists here (not deleted); a warning line says when it does not."""
+    def _stored_run(self, run_id: str) -> Any | None:
+        """The run `run_id` of this store to reopen, or None (a warning line says why: it is
+        not in this store, or deleted; a new run is then started)."""
         from mlflow.exceptions import MlflowException
 
         try:
@@ -595,7 +596,7 @@ class MlflowTracker(Tracker):
             why = "is not in this tracking store"
         else:
             if run.info.lifecycle_stage != "deleted":
-                return True
+                return run
             why = "is deleted"
         log.warning(
             "MLflow run %s %s (%s): starting a new run tagged %s=%s",
@@ -605,7 +606,7 @@ class MlflowTracker(Tracker):
             TAG_RESUMED_FROM,
             run_id,
         )
-        return False
+        return None
 
     @contextlib.contextmanager
     def _errors(self, action: str) -> Iterator[None]:
@@ -871,8 +872,8 @@ def open_tracker(
     a new run tagged `ctscan.resumed_from_run_id` and a warning. A `detached` run is not made
     MLflow's active run in this process: a sweep's parent run stays open while its trials,
     nested under it by the TAG_PARENT_RUN_ID tag, start and end as active runs. With
-    `same_experiment` (the fix that starts afresh), a `resume_run_id` in another experiment
-    than tracking.experiment is refused rather than reopened.
+    `same_experiment`, a `resume_run_id` in another experiment than tracking.experiment is
+    refused rather than reopened; `same_experiment(that experiment)` is the refusal's fix.
     """
     if not tracking.enabled:
         return Tracker()
