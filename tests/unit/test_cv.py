@@ -269,6 +269,55 @@ def test_an_interrupted_cv_continues_where_it_stopped(
 
 
 @pytest.mark.slow
+def test_a_cv_continued_in_another_experiment_after_its_parent_was_deleted_stays_together(
+    copies_store: Path, mlflow_runs_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deleted parent is started afresh in the new tracking.experiment; the stopped fold's
+    run, in the old experiment, is not reopened there (its parent could not nest it): the fold
+    continues in a new run under the new parent, tagged with the old run's id."""
+    from mlflow import MlflowClient
+
+    import ctscan.engine.train as train_module
+    from ctscan.engine.tracking import TAG_PARENT_RUN_ID, TAG_RESUMED_FROM
+
+    validate, calls = train_module.validate, []
+
+    def interrupted_validate(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 4:  # fold 2, epoch 2: after fold 2's first last.pt
+            raise KeyboardInterrupt
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "validate", interrupted_validate)
+    out = mlflow_runs_dir / "cv"
+    tracked = {"tracking.enabled": "true", "tracking.experiment": '"a"'}
+    with pytest.raises(Interrupted):
+        run_cv(_settings(copies_store, mlflow_runs_dir, **tracked), 3, out_dir=out, say=print)
+    monkeypatch.setattr(train_module, "validate", validate)
+    client = MlflowClient(tracking_uri=f"sqlite:///{mlflow_runs_dir / 'mlflow.db'}")
+    old_parent = json.loads((out / FOLDS_FILE).read_text())["parent_run_id"]
+    (stopped,) = client.search_runs(
+        [client.get_experiment_by_name("a").experiment_id],
+        filter_string="attributes.status = 'KILLED'",
+    )
+    client.delete_run(old_parent)
+
+    tracked["tracking.experiment"] = '"b"'
+    result = run_cv(_settings(copies_store, mlflow_runs_dir, **tracked), 3, out_dir=out, say=print)
+    b = client.get_experiment_by_name("b").experiment_id
+    parent = client.get_run(result.run_id)
+    assert parent.info.experiment_id == b and result.run_id != old_parent
+    summary = json.loads((out / CV_FILE).read_text())
+    folds = {r["fold"]: client.get_run(r["mlflow_run_id"]) for r in summary["per_fold"]}
+    assert folds[1].info.experiment_id != b  # finished in the first attempt: not trained again
+    for fold in (2, 3):
+        assert folds[fold].info.experiment_id == b
+        assert folds[fold].data.tags[TAG_PARENT_RUN_ID] == result.run_id
+    assert folds[2].data.tags[TAG_RESUMED_FROM] == stopped.info.run_id
+    assert client.get_run(stopped.info.run_id).info.status == "KILLED"  # left as it was
+
+
+@pytest.mark.slow
 def test_a_fold_model_swapped_for_another_folds_is_refused(
     copies_store: Path, tmp_path: Path
 ) -> None:

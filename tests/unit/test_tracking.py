@@ -354,6 +354,36 @@ def test_a_parent_run_in_another_experiment_is_refused_not_reopened(mlflow_runs_
         assert again.run_id == first.run_id and not new
 
 
+def test_a_child_run_is_reopened_only_in_tracking_experiment(mlflow_runs_dir, caplog):
+    """A fold or trial continues under a parent in tracking.experiment: its run recorded in
+    another experiment is left alone and a new, tagged one is started."""
+    first = open_tracker(TrackingSettings(experiment="a"), runs_dir=mlflow_runs_dir)
+    first.close("KILLED")
+    with (
+        caplog.at_level(logging.WARNING, logger="ctscan.engine.tracking"),
+        open_tracker(
+            TrackingSettings(experiment="b"),
+            runs_dir=mlflow_runs_dir,
+            resume_run_id=first.run_id,
+            reopen_elsewhere=False,
+        ) as second,
+    ):
+        pass
+    client = client_for(first)
+    assert second.run_id != first.run_id
+    assert client.get_experiment(second.experiment_id).name == "b"
+    assert client.get_run(second.run_id).data.tags[TAG_RESUMED_FROM] == first.run_id
+    assert client.get_run(first.run_id).info.status == "KILLED"
+    assert "is in experiment 'a', not tracking.experiment 'b'" in caplog.text
+    with open_tracker(  # in its own experiment it is reopened
+        TrackingSettings(experiment="a"),
+        runs_dir=mlflow_runs_dir,
+        resume_run_id=first.run_id,
+        reopen_elsewhere=False,
+    ) as third:
+        assert third.run_id == first.run_id
+
+
 @pytest.mark.parametrize("name", ["2024", "true", "it's mine", "ctscan"])
 def test_the_experiment_fixes_can_be_pasted(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """cv's fix is a --set that keeps the name a string in the shell; the sweep's (no --set)

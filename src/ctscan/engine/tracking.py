@@ -494,6 +494,7 @@ class MlflowTracker(Tracker):
         detached: bool = False,
         same_experiment: Callable[[str], str] | None = None,
         tags: dict[str, str] | None = None,
+        reopen_elsewhere: bool = True,
     ) -> None:
         uri, source = _resolve_uri(tracking, runs_dir)
         _prepare_local_store(uri, source, runs_dir)
@@ -514,7 +515,13 @@ class MlflowTracker(Tracker):
         try:
             with self._errors("open the experiment"), _quiet():
                 self.client = mlflow.MlflowClient(tracking_uri=uri)
-                stored = self._stored_run(resume_run_id) if resume_run_id else None
+                stored = (
+                    self._stored_run(
+                        resume_run_id, None if reopen_elsewhere else tracking.experiment
+                    )
+                    if resume_run_id
+                    else None
+                )
                 if stored is not None and same_experiment is not None:
                     self._refuse_other_experiment(stored, tracking, same_experiment)
                 run = self._start_run(
@@ -583,9 +590,10 @@ class MlflowTracker(Tracker):
             fix(experiment),
         )
 
-    def _stored_run(self, run_id: str) -> Any | None:
+    def _stored_run(self, run_id: str, only_in: str | None) -> Any | None:
         """The run `run_id` of this store to reopen, or None (a warning line says why: it is
-        not in this store, or deleted; a new run is then started)."""
+        not in this store, deleted, or in another experiment than `only_in` when that is
+        given; a new run is then started)."""
         from mlflow.exceptions import MlflowException
 
         try:
@@ -595,9 +603,16 @@ class MlflowTracker(Tracker):
                 raise
             why = "is not in this tracking store"
         else:
-            if run.info.lifecycle_stage != "deleted":
+            elsewhere = None
+            if only_in is not None:
+                elsewhere = self.client.get_experiment(run.info.experiment_id).name
+                elsewhere = None if elsewhere == only_in else elsewhere
+            if run.info.lifecycle_stage == "deleted":
+                why = "is deleted"
+            elif elsewhere is not None:
+                why = f"is in experiment '{elsewhere}', not tracking.experiment '{only_in}'"
+            else:
                 return run
-            why = "is deleted"
         log.warning(
             "MLflow run %s %s (%s): starting a new run tagged %s=%s",
             run_id,
@@ -864,6 +879,7 @@ def open_tracker(
     detached: bool = False,
     same_experiment: Callable[[str], str] | None = None,
     tags: dict[str, str] | None = None,
+    reopen_elsewhere: bool = True,
 ) -> Tracker:
     """A started MLflow run when tracking is enabled, else a no-op Tracker.
 
@@ -874,6 +890,9 @@ def open_tracker(
     nested under it by the TAG_PARENT_RUN_ID tag, start and end as active runs. With
     `same_experiment`, a `resume_run_id` in another experiment than tracking.experiment is
     refused rather than reopened; `same_experiment(that experiment)` is the refusal's fix.
+    With `reopen_elsewhere=False` (a child run: its parent is in tracking.experiment), a
+    `resume_run_id` in another experiment is not reopened: a new run is started there, tagged
+    and warned about as for a run this store lacks.
     """
     if not tracking.enabled:
         return Tracker()
@@ -885,6 +904,7 @@ def open_tracker(
         detached=detached,
         same_experiment=same_experiment,
         tags=tags,
+        reopen_elsewhere=reopen_elsewhere,
     )
 
 

@@ -846,7 +846,7 @@ def _run_epochs(
     hooks: RunHooks,
 ) -> TrainResult | None:
     """The epochs, tracked: train, validate, checkpoint, early stop; then `_finish` on rank 0."""
-    from ctscan.engine.tracking import Tracker, open_tracker
+    from ctscan.engine.tracking import TAG_PARENT_RUN_ID, Tracker, open_tracker
 
     tr, rt = settings.train, loop.rt
     train_x, train_y, valid_x, valid_y = tensors
@@ -854,7 +854,8 @@ def _run_epochs(
     stopped_early, train_seconds, train_images = False, 0.0, 0
     try:
         # The caller's tags (a fold's or trial's parent) are the new MLflow run's from its
-        # creation: a run stopped in its first moments is never a stray top-level run.
+        # creation: a run stopped in its first moments is never a stray top-level run. A child
+        # is reopened only in its parent's experiment (tracking.experiment).
         tracker = (
             open_tracker(
                 settings.tracking,
@@ -862,6 +863,7 @@ def _run_epochs(
                 run_name=plan.run_dir.name,
                 resume_run_id=resumed.mlflow_run_id if resumed is not None else None,
                 tags=hooks.tags,
+                reopen_elsewhere=TAG_PARENT_RUN_ID not in hooks.tags,
             )
             if rt.is_main
             else Tracker()
