@@ -105,6 +105,7 @@ def test_decoding_ahead_in_threads_keeps_order_errors_and_bugs(
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CTSCAN_", "MLFLOW_"))}
+    env["COLUMNS"] = "400"  # rich's table width: long temporary paths are not folded
     return subprocess.run(
         [sys.executable, "-m", "ctscan", *args], capture_output=True, text=True, env=env
     )
