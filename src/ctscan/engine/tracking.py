@@ -603,16 +603,15 @@ class MlflowTracker(Tracker):
                 raise
             why = "is not in this tracking store"
         else:
-            elsewhere = None
-            if only_in is not None:
-                elsewhere = self.client.get_experiment(run.info.experiment_id).name
-                elsewhere = None if elsewhere == only_in else elsewhere
             if run.info.lifecycle_stage == "deleted":
                 why = "is deleted"
-            elif elsewhere is not None:
-                why = f"is in experiment '{elsewhere}', not tracking.experiment '{only_in}'"
-            else:
+            elif only_in is None:
                 return run
+            else:
+                experiment = self.client.get_experiment(run.info.experiment_id).name
+                if experiment == only_in:
+                    return run
+                why = f"is in experiment '{experiment}', not tracking.experiment '{only_in}'"
         log.warning(
             "MLflow run %s %s (%s): starting a new run tagged %s=%s",
             run_id,
