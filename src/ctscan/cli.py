@@ -630,9 +630,17 @@ def main() -> None:
     Exit codes: 0 ok, 1 other user error, 2 settings, 3 data, 4 checkpoint, 130 Ctrl-C,
     143 SIGTERM; a traceback only for bugs (or with CTSCAN_DEBUG=1).
     """
-    from ctscan.errors import Interrupted, Terminated, raise_terminated
+    from ctscan.errors import (
+        Interrupted,
+        Terminated,
+        raise_interrupt,
+        raise_terminated,
+        stop_received,
+    )
 
     signal.signal(signal.SIGTERM, raise_terminated)  # unwind (and clean up) as Ctrl-C does
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when ignored
+        signal.signal(signal.SIGINT, raise_interrupt)
     try:
         app()
     except CtscanError as error:
@@ -646,3 +654,20 @@ def main() -> None:
         terminated = isinstance(interrupt, Terminated)
         how = "by SIGTERM" if terminated else "by Ctrl-C"
         sys.exit(report(Interrupted(f"stopped {how}.", terminated=terminated)))
+    except Exception:
+        # A stop that landed where it was swallowed (e.g. mid-import: a half-imported module)
+        # surfaces as another error: it is reported as the stop, not as a bug.
+        signum = stop_received()
+        if signum is None or debug_enabled():
+            raise
+        terminated = signum == signal.SIGTERM
+        how = "by SIGTERM" if terminated else "by Ctrl-C"
+        sys.exit(
+            report(
+                Interrupted(
+                    f"stopped {how} (while starting or stopping; CTSCAN_DEBUG=1 shows the "
+                    "error it caused).",
+                    terminated=terminated,
+                )
+            )
+        )

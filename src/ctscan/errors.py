@@ -60,9 +60,28 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised as an interrupt so that `finally` blocks and context managers run."""
 
 
+_STOPS: list[int] = []  # the stop signals this process has received
+
+
 def raise_terminated(signum: int, frame: object) -> None:
     """A SIGTERM handler: unwind like Ctrl-C does."""
+    _STOPS.append(signum)
     raise Terminated()
+
+
+def raise_interrupt(signum: int, frame: object) -> None:
+    """A SIGINT handler: Python's own (KeyboardInterrupt), remembering that it came."""
+    _STOPS.append(signum)
+    signal.default_int_handler(signum, frame)
+
+
+def stop_received() -> int | None:
+    """The first stop signal (SIGINT, SIGTERM) this process received, or None.
+
+    A stop can land inside code that swallows it (an import half done, a library's broad
+    `except`) and surface as an unrelated error later: the CLI reports that as the stop.
+    """
+    return _STOPS[0] if _STOPS else None
 
 
 @contextmanager

@@ -234,6 +234,36 @@ def test_ctrl_c_outside_training_is_one_line_exit_130(tmp_path: Path) -> None:
     assert proc.stderr.strip() == "ctscan: interrupted: stopped by Ctrl-C."
 
 
+@pytest.mark.parametrize(
+    ("stop", "code", "line"),
+    [
+        ("SIGTERM", 143, "ctscan: terminated: stopped by SIGTERM (while starting or stopping"),
+        ("SIGINT", 130, "ctscan: interrupted: stopped by Ctrl-C (while starting or stopping"),
+        ("", 1, "AttributeError: module 'numpy' has no attribute 'matrix'"),  # a bug: traceback
+    ],
+)
+def test_a_stop_swallowed_mid_import_is_reported_as_the_stop(stop: str, code: int, line: str):
+    """A stop that lands where it is swallowed (an import half done) surfaces later as another
+    error: that error is the stop's doing, reported as the stop, not as a traceback."""
+    source = (
+        "import os, signal, sys, ctscan.cli as cli\n"
+        "def half_imported(*a, **k):\n"
+        "    try:\n"
+        f"        if {stop!r}: os.kill(os.getpid(), getattr(signal, {stop!r}))\n"
+        "    except BaseException:\n"
+        "        pass\n"
+        "    raise AttributeError(\"module 'numpy' has no attribute 'matrix'\")\n"
+        "import ctscan.settings\nctscan.settings.load_settings = half_imported\n"
+        "sys.argv = ['ctscan', 'settings', 'show']\ncli.main()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "CTSCAN_DEBUG"}
+    proc = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, env=env)
+    assert proc.returncode == code, proc.stderr
+    assert line in proc.stderr
+    if stop:
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
 def _tree_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 

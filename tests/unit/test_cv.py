@@ -7,6 +7,7 @@ real training loop on a small synthetic store with a real MLflow SQLite store.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from ctscan.data.folds import grouped_folds, picture_groups, plan_folds
 from ctscan.data.store import load_store, write_store
 from ctscan.data.transforms import PreprocessSpec
 from ctscan.engine.train import run_training
-from ctscan.errors import CheckpointError, Interrupted, SettingsError
+from ctscan.errors import CheckpointError, CtscanError, Interrupted, SettingsError
 from ctscan.ops.cv import CV_FILE, FOLD_FILE, FOLDS_FILE, run_cv
 from ctscan.settings import DataSettings, load_settings
 from tests.unit.conftest_store import engine_settings, make_split
@@ -246,6 +247,11 @@ def test_an_interrupted_cv_continues_where_it_stopped(
         run_cv(settings_, 4, out_dir=out, say=lambda line: None)
     with pytest.raises(Exception, match="is a cross-validation folder"):  # a plain run into it
         run_training(settings_, out_dir=out)
+    for fold, resume in (("fold-2", "auto"), ("fold-3", None)):  # nor into one of its folds
+        with pytest.raises(CtscanError, match=f"is {fold} of the cross-validation") as err:
+            run_training(settings_, out_dir=out / fold / ".", resume=resume)
+        assert f"--folds 3 --out {out.resolve()} -s" in err.value.fix
+    assert not (out / "fold-3").exists()
     record = (out / "fold-1" / FOLD_FILE).read_text()
     (out / "fold-1" / FOLD_FILE).write_text("[1, 2]")  # valid JSON, not ctscan's
     with pytest.raises(Exception, match=r"fold-1.+fold\.json' is not ctscan's") as err:
@@ -266,6 +272,42 @@ def test_an_interrupted_cv_continues_where_it_stopped(
     assert reference["temperature"] == result.calibration["temperature"]  # serve's drift check
     with pytest.raises(CheckpointError, match="holds a finished cross-validation"):
         run_cv(settings_, 3, out_dir=out, say=lambda line: None)
+
+
+@pytest.mark.slow
+def test_a_cv_stopped_as_its_parent_run_is_created_continues_under_that_parent(
+    copies_store: Path, mlflow_runs_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C an instant after MLflow created the parent: folds.json records it before the
+    stop acts, the message says how to continue, and the continue reopens that parent."""
+    from mlflow import MlflowClient
+
+    from ctscan.engine.tracking import MlflowTracker
+
+    start = MlflowTracker._start_run
+
+    def start_then_stop(self: Any, *args: Any) -> Any:
+        run = start(self, *args)
+        signal.raise_signal(signal.SIGINT)
+        return run
+
+    monkeypatch.setattr(MlflowTracker, "_start_run", start_then_stop)
+    out = mlflow_runs_dir / "cv"
+    tracked = _settings(copies_store, mlflow_runs_dir, **{"tracking.enabled": "true"})
+    with pytest.raises(Interrupted) as err:
+        run_cv(tracked, 3, out_dir=out, say=print)
+    assert "stopped by Ctrl-C before the first fold" in err.value.message
+    assert f"--folds 3 --out {out} -s {out / 'settings.toml'}" in err.value.fix
+    parent_id = json.loads((out / FOLDS_FILE).read_text())["parent_run_id"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{mlflow_runs_dir / 'mlflow.db'}")
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "KILLED" and parent.data.params["cv.folds"] == "3"
+    monkeypatch.setattr(MlflowTracker, "_start_run", start)
+    result = run_cv(load_settings([out / "settings.toml"], []), 3, out_dir=out, say=print)
+    assert result.run_id == parent_id
+    parents = client.search_runs([parent.info.experiment_id], "tags.kind = 'cv'")
+    assert [run.info.run_id for run in parents] == [parent_id]
+    assert client.get_run(parent_id).info.status == "FINISHED"
 
 
 @pytest.mark.slow
@@ -296,9 +338,11 @@ def test_a_cv_continued_in_another_experiment_after_its_parent_was_deleted_stays
     monkeypatch.setattr(train_module, "validate", validate)
     client = MlflowClient(tracking_uri=f"sqlite:///{mlflow_runs_dir / 'mlflow.db'}")
     old_parent = json.loads((out / FOLDS_FILE).read_text())["parent_run_id"]
+    assert client.get_run(old_parent).info.status == "KILLED"  # stopped, not failed
     (stopped,) = client.search_runs(
         [client.get_experiment_by_name("a").experiment_id],
-        filter_string="attributes.status = 'KILLED'",
+        filter_string=f"attributes.status = 'KILLED' and tags.`{TAG_PARENT_RUN_ID}` = "
+        f"'{old_parent}'",
     )
     client.delete_run(old_parent)
 

@@ -24,7 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import ctscan.ops.sweep as sweep_module
-from ctscan.errors import Interrupted, SettingsError
+from ctscan.errors import CtscanError, Interrupted, SettingsError
 from ctscan.ops.sweep import (
     SweepError,
     find_spec,
@@ -761,6 +761,15 @@ def test_an_interrupted_sweep_resumes_and_counts_finished_trials(
     killed = study.ask()
     killed.suggest_float("train.lr", 1e-3, 1e-2, log=True)
     monkeypatch.setattr(train_module, "validate", validate)
+    # Another experiment is refused before anything is queued or announced.
+    monkeypatch.setenv("CTSCAN_TRACKING__EXPERIMENT", "other")
+    refused: list[str] = []
+    with pytest.raises(CtscanError, match=r"is in experiment 'ctscan', but tracking\.experiment"):
+        run_sweep(spec, trials=4, say=refused.append)
+    assert refused == []
+    states = [t.state.name for t in load_study(mlflow_runs_dir).trials]
+    assert states == ["COMPLETE", "FAIL", "RUNNING"]
+    monkeypatch.delenv("CTSCAN_TRACKING__EXPERIMENT")
     lines: list[str] = []
     result = run_sweep(spec, trials=4, say=lines.append)
     assert lines[0] == "trials 1, 2 were left unfinished: they run again"
@@ -969,3 +978,38 @@ def test_the_cpu_smoke_spec_runs_and_its_recipe_trains(
     assert settings.model.name == "cnn_gap" and settings.data.image_size == 64
     trained = run_training(settings, out_dir=tmp_path / "from-recipe")
     assert trained is not None and trained.test is not None and trained.test["n"] == 16
+
+
+@needs_optuna
+@pytest.mark.slow
+def test_a_sweep_stopped_as_its_parent_run_is_created_keeps_that_parent(
+    store: Path, mlflow_runs_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C an instant after MLflow created the parent run: the study records it before the
+    stop acts, the run ends KILLED, and the rerun reopens it (no second parent)."""
+    from ctscan.engine.tracking import MlflowTracker
+
+    start = MlflowTracker._start_run
+
+    def start_then_stop(self: Any, *args: Any) -> Any:
+        run = start(self, *args)
+        signal.raise_signal(signal.SIGINT)
+        return run
+
+    monkeypatch.setattr(MlflowTracker, "_start_run", start_then_stop)
+    base = write_base(tmp_path, store, mlflow_runs_dir, **{"tracking.enabled": "true"})
+    spec = write_spec(
+        tmp_path, base, sweep={"pruning": False, "trials": 1}, fixed={"train.epochs": 1}
+    )
+    with pytest.raises(Interrupted) as err:
+        run_sweep(spec, say=lambda line: None)
+    assert "sweep 'study' stopped by Ctrl-C with 0 of 1 trials finished" in err.value.message
+    parent_id = load_study(mlflow_runs_dir).user_attrs["ctscan.parent_run_id"]
+    client = mlflow_client(mlflow_runs_dir)
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "KILLED" and parent.data.params["sweep.metric"] == "val_macro_f1"
+    monkeypatch.setattr(MlflowTracker, "_start_run", start)
+    result = run_sweep(spec, say=lambda line: None)
+    assert result.parent_run_id == parent_id
+    parents = client.search_runs([parent.info.experiment_id], "tags.kind = 'sweep'")
+    assert [run.info.run_id for run in parents] == [parent_id]

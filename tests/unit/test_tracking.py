@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -39,7 +40,7 @@ from ctscan.engine.tracking import (
     promote_if_better,
     resolve_tracking_uri,
 )
-from ctscan.errors import CtscanError
+from ctscan.errors import CtscanError, Interrupted, Terminated
 from ctscan.models import unwrap
 from ctscan.settings import TrackingSettings
 
@@ -101,6 +102,13 @@ def client_for(tracker: Tracker):
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=tracker.uri)
+
+
+def store_client(runs_dir: Path):
+    """A client of the default store in `runs_dir`."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{(runs_dir / 'mlflow.db').resolve()}")
 
 
 # --- URI resolution (no mlflow needed) ----------------------------------------------------------
@@ -212,13 +220,64 @@ def test_unwritable_runs_dir_is_a_tracking_error(tmp_path, monkeypatch):
     assert "paths.runs_dir" in info.value.fix
 
 
-def test_deleted_experiment_is_a_tracking_error_saying_how_to_restore(mlflow_runs_dir):
+def test_deleted_experiment_is_a_tracking_error_whose_fix_can_be_pasted(
+    mlflow_runs_dir, tmp_path, caplog
+):
     with open_tracker(TrackingSettings(), runs_dir=mlflow_runs_dir) as tracker:
         client = client_for(tracker)
     client.delete_experiment(tracker.experiment_id)
-    with pytest.raises(TrackingError, match="is deleted") as info:
-        open_tracker(TrackingSettings(), runs_dir=mlflow_runs_dir)
-    assert "mlflow experiments restore" in info.value.fix
+    with (
+        caplog.at_level(logging.WARNING, logger="ctscan.engine.tracking"),
+        pytest.raises(TrackingError, match="is deleted") as info,
+    ):  # resuming its (deleted) run: the refusal only, no "starting a new run" before it
+        open_tracker(TrackingSettings(), runs_dir=mlflow_runs_dir, resume_run_id=tracker.run_id)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    command = info.value.fix.split("restore it (", 1)[1].split(") or set", 1)[0]
+    assert command.startswith("MLFLOW_TRACKING_URI=")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run(  # pasted from another folder, with no store set in the environment
+        ["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+    with open_tracker(TrackingSettings(), runs_dir=mlflow_runs_dir) as again:
+        assert again.experiment_id == tracker.experiment_id
+
+
+@pytest.mark.parametrize("detached", [False, True])
+def test_a_stop_as_a_run_is_created_waits_for_its_record_and_ends_it_killed(
+    mlflow_runs_dir, detached
+):
+    """Ctrl-C right after the run is created: the caller's record is written first, then the
+    stop acts and the run ends KILLED (not left RUNNING, nor active for MLflow's exit hook)."""
+    import mlflow
+
+    recorded: list[str] = []
+
+    def record(tracker: Tracker) -> None:
+        signal.raise_signal(signal.SIGINT)  # held until the record is written
+        recorded.append(str(tracker.run_id))
+
+    with pytest.raises(KeyboardInterrupt):
+        open_tracker(TrackingSettings(), runs_dir=mlflow_runs_dir, detached=detached, on_new=record)
+    assert len(recorded) == 1
+    assert mlflow.active_run() is None and "MLFLOW_TRACKING_URI" not in os.environ
+    client = store_client(mlflow_runs_dir)
+    assert client.get_run(recorded[0]).info.status == "KILLED"
+
+
+def test_a_failure_after_the_run_is_created_ends_it_failed(mlflow_runs_dir):
+    def record(tracker: Tracker) -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        open_tracker(TrackingSettings(), runs_dir=mlflow_runs_dir, on_new=record)
+    client = store_client(mlflow_runs_dir)
+    (run,) = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], run_view_type=3
+    )
+    assert run.info.status == "FAILED"
 
 
 # --- a real store --------------------------------------------------------------------------------
@@ -276,7 +335,14 @@ def test_tracker_restores_the_process_uri_so_a_second_store_is_used(
 
 
 @pytest.mark.parametrize(
-    ("error", "status"), [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")]
+    ("error", "status"),
+    [
+        (RuntimeError("boom"), "FAILED"),
+        (KeyboardInterrupt(), "KILLED"),
+        (Terminated(), "KILLED"),
+        (Interrupted("training stopped by Ctrl-C"), "KILLED"),  # a stopped fold, in its parent
+        (CtscanError("bad input"), "FAILED"),
+    ],
 )
 def test_a_run_ended_by_an_exception_is_failed_or_killed(mlflow_runs_dir, error, status):
     with (
@@ -329,6 +395,8 @@ def test_a_resumed_run_continues_the_interrupted_run(mlflow_runs_dir):
 def test_a_parent_run_in_another_experiment_is_refused_not_reopened(mlflow_runs_dir):
     """Children start in tracking.experiment: a parent recorded elsewhere would lose them."""
 
+    recorded: list[str] = []
+
     def parent(experiment: str, recorded_id: str | None):
         return open_parent_run(
             TrackingSettings(experiment=experiment),
@@ -336,11 +404,13 @@ def test_a_parent_run_in_another_experiment_is_refused_not_reopened(mlflow_runs_
             run_name="cv5-x",
             recorded_id=recorded_id,
             tags={"kind": "cv"},
-            params={},
+            params={"cv.folds": 5},
             experiment_fix=lambda name: f"set {name} or another --out.",
+            record=recorded.append,
         )
 
-    first, _ = parent("a", None)
+    first = parent("a", None)
+    assert recorded == [first.run_id]
     first.close("KILLED")
     client = client_for(first)
     with pytest.raises(TrackingError) as err:
@@ -349,9 +419,12 @@ def test_a_parent_run_in_another_experiment_is_refused_not_reopened(mlflow_runs_
     assert err.value.fix == "set a or another --out."
     assert client.get_run(first.run_id).info.status == "KILLED"  # not reopened
     assert client.get_experiment_by_name("b") is None  # nothing created
-    again, new = parent("a", first.run_id)
+    again = parent("a", first.run_id)
     with again:
-        assert again.run_id == first.run_id and not new
+        assert again.run_id == first.run_id and again.reopened
+    assert recorded == [first.run_id]  # a reopened parent is not recorded again
+    run = client.get_run(first.run_id)
+    assert run.data.params == {"cv.folds": "5"} and run.data.tags["kind"] == "cv"
 
 
 def test_a_child_run_is_reopened_only_in_tracking_experiment(mlflow_runs_dir, caplog):

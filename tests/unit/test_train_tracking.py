@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -160,3 +162,79 @@ def test_a_child_run_stopped_at_its_start_is_still_a_child_and_ended(
     ]
     assert run.info.status == "KILLED"
     assert {k: run.data.tags.get(k) for k in tags} == tags
+
+
+@pytest.mark.slow
+def test_a_stop_as_an_epoch_is_saved_keeps_that_epochs_metrics(
+    synthetic_store: Path, mlflow_runs_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C right after epoch 2's checkpoints are written: its metrics still reach MLflow
+    (the resume starts at epoch 3 and would never log them again)."""
+    from mlflow import MlflowClient
+
+    import ctscan.engine.train as train_module
+    from ctscan.errors import Interrupted
+
+    save = train_module.save_checkpoints
+
+    def save_then_stop(state: Any, *args: Any, **kwargs: Any) -> None:
+        save(state, *args, **kwargs)
+        if state.epoch == 2:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(train_module, "save_checkpoints", save_then_stop)
+    extra = {"tracking.enabled": "true", "tracking.log_model": "false", "train.epochs": 4}
+    settings = engine_settings(synthetic_store, mlflow_runs_dir, **extra)
+    with pytest.raises(Interrupted, match="epoch 2"):
+        run_training(settings, out_dir=mlflow_runs_dir / "run")
+    monkeypatch.setattr(train_module, "save_checkpoints", save)
+    again = run_training(settings, out_dir=mlflow_runs_dir / "run", resume="auto")
+    assert again is not None
+    client = MlflowClient(tracking_uri=f"sqlite:///{mlflow_runs_dir / 'mlflow.db'}")
+    for metric in ("val_loss", "train_loss"):
+        steps = [m.step for m in client.get_metric_history(again.run_id, metric)]
+        assert sorted(steps) == [1, 2, 3, 4], metric
+
+
+@pytest.mark.slow
+def test_a_resume_that_starts_a_new_mlflow_run_records_it_at_once(
+    synthetic_store: Path, mlflow_runs_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run's MLflow run was deleted: the resume starts a new one and last.pt names it
+    before the first epoch, so a stop before the next last.pt does not make a third run."""
+    from mlflow import MlflowClient
+
+    import ctscan.engine.train as train_module
+    from ctscan.engine.checkpoint import read_checkpoint
+    from ctscan.engine.tracking import TAG_RESUMED_FROM
+    from ctscan.errors import Interrupted
+
+    extra = {"tracking.enabled": "true", "tracking.log_model": "false"}
+    run_dir = mlflow_runs_dir / "run"
+    first = run_training(
+        engine_settings(synthetic_store, mlflow_runs_dir, **extra, **{"train.epochs": 2}),
+        out_dir=run_dir,
+    )
+    assert first is not None
+    client = MlflowClient(tracking_uri=f"sqlite:///{mlflow_runs_dir / 'mlflow.db'}")
+    client.delete_run(first.run_id)
+    longer = engine_settings(synthetic_store, mlflow_runs_dir, **extra, **{"train.epochs": 4})
+
+    def stopped(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "validate", stopped)  # epoch 3, before its last.pt
+    with pytest.raises(Interrupted):
+        run_training(longer, out_dir=run_dir, resume="auto")
+    last = read_checkpoint(run_dir / "last.pt")
+    assert last.epoch == 2 and last.mlflow_run_id not in (None, first.run_id)
+    second = client.get_run(str(last.mlflow_run_id))
+    assert second.info.status == "KILLED"
+    assert second.data.tags[TAG_RESUMED_FROM] == first.run_id
+    monkeypatch.undo()
+    again = run_training(longer, out_dir=run_dir, resume="auto")
+    assert again is not None and again.run_id == second.info.run_id  # reopened, not a third
+    experiment = second.info.experiment_id
+    assert [r.info.run_id for r in client.search_runs([experiment])] == [again.run_id]
+    steps = [m.step for m in client.get_metric_history(again.run_id, "val_loss")]
+    assert sorted(steps) == [3, 4]

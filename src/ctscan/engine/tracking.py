@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import shlex
+import signal
 import socket
 import sqlite3
 import sys
@@ -32,7 +33,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from ctscan.errors import CtscanError
+from ctscan.errors import CtscanError, Interrupted, held_signals
 from ctscan.models import unwrap
 from ctscan.settings import TrackingSettings
 
@@ -121,9 +122,7 @@ class Tracker:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        status = "FINISHED"
-        if exc_type is not None:
-            status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
+        status = end_status(exc_type)
         if exc_type is None:
             self.close(status)
             return
@@ -131,6 +130,14 @@ class Tracker:
             self.close(status)
         except TrackingError as close_error:  # do not hide the error that ended the run
             log.warning("could not close the tracking run: %s", close_error)
+
+
+def end_status(exc_type: type[BaseException] | None) -> str:
+    """The status a run ends with: FINISHED, KILLED for a stop (Ctrl-C, SIGTERM, or the
+    `Interrupted` error a stopped training turns them into), FAILED for any other error."""
+    if exc_type is None:
+        return "FINISHED"
+    return "KILLED" if issubclass(exc_type, KeyboardInterrupt | Interrupted) else "FAILED"
 
 
 def _check_status(status: str) -> None:
@@ -495,6 +502,7 @@ class MlflowTracker(Tracker):
         same_experiment: Callable[[str], str] | None = None,
         tags: dict[str, str] | None = None,
         reopen_elsewhere: bool = True,
+        on_new: Callable[[MlflowTracker], None] | None = None,
     ) -> None:
         uri, source = _resolve_uri(tracking, runs_dir)
         _prepare_local_store(uri, source, runs_dir)
@@ -515,29 +523,48 @@ class MlflowTracker(Tracker):
         try:
             with self._errors("open the experiment"), _quiet():
                 self.client = mlflow.MlflowClient(tracking_uri=uri)
-                stored = (
+                stored, why_new = (
                     self._stored_run(
                         resume_run_id, None if reopen_elsewhere else tracking.experiment
                     )
                     if resume_run_id
-                    else None
+                    else (None, "")
                 )
                 if stored is not None and same_experiment is not None:
                     self._refuse_other_experiment(stored, tracking, same_experiment)
-                run = self._start_run(
-                    tracking.experiment,
-                    runs_dir,
-                    run_name,
-                    resume_run_id,
-                    stored,
-                    detached,
-                    tags or {},
-                )
-        except BaseException:
-            self._restore_uri()
+            # A new run and the caller's record of it (`on_new`: where the next attempt finds
+            # it) are one step: a stop between them would leave a run nobody reopens.
+            with held_signals(signal.SIGINT, signal.SIGTERM):
+                with self._errors("start the run"), _quiet():
+                    run = self._start_run(
+                        tracking.experiment,
+                        runs_dir,
+                        run_name,
+                        resume_run_id,
+                        stored,
+                        detached,
+                        tags or {},
+                        why_new,
+                    )
+                    self.experiment_id = run.info.experiment_id
+                    self.run_id = run.info.run_id
+                if on_new is not None and not self.reopened:
+                    on_new(self)
+        except BaseException as exc:
+            self._abandon(exc)
             raise
-        self.experiment_id = run.info.experiment_id
-        self.run_id = run.info.run_id
+
+    def _abandon(self, exc: BaseException) -> None:
+        """The constructor failed or was stopped: a run it started or reopened is ended
+        (KILLED on a stop, FAILED otherwise; never left RUNNING, nor MLflow's active run for
+        its exit hook to end in another store), and the process URI is restored."""
+        if self.run_id is None:
+            self._restore_uri()
+            return
+        try:
+            self.close(end_status(type(exc)))  # restores the URI
+        except TrackingError as close_error:  # do not hide the error that stopped the start
+            log.warning("could not end the tracking run: %s", close_error)
 
     def _start_run(
         self,
@@ -548,13 +575,15 @@ class MlflowTracker(Tracker):
         stored: Any | None,
         detached: bool,
         tags: dict[str, str],
+        why_new: str,
     ) -> Any:
         """Reopen `stored` (the run `resume_run_id` of this store), else start a new run.
 
         A detached run is written through the client only: it is not MLflow's active run in
         this process, so other runs (a sweep's trials) can start and end beside it. A new run
         is created with `tags` (a child's parent and cv/sweep tags: never a run without them,
-        however early it is stopped); a reopened one gets them again.
+        however early it is stopped); a reopened one gets them again. `why_new`: why
+        `resume_run_id` is not reopened, said in a warning once the experiment is usable.
         """
         import mlflow
 
@@ -567,9 +596,17 @@ class MlflowTracker(Tracker):
                 self.client.update_run(self.run_id, status="RUNNING")
                 return self.client.get_run(self.run_id)
             return mlflow.start_run(run_id=self.run_id)  # status back to RUNNING
+        experiment_id = self._experiment_id(experiment, runs_dir)
         if resume_run_id:
             tags = {**tags, TAG_RESUMED_FROM: resume_run_id}
-        experiment_id = self._experiment_id(experiment, runs_dir)
+            log.warning(
+                "MLflow run %s %s (%s): starting a new run tagged %s=%s",
+                resume_run_id,
+                why_new,
+                self.uri,
+                TAG_RESUMED_FROM,
+                resume_run_id,
+            )
         if detached:
             return self.client.create_run(experiment_id, run_name=run_name, tags=tags or None)
         return mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags or None)
@@ -590,10 +627,10 @@ class MlflowTracker(Tracker):
             fix(experiment),
         )
 
-    def _stored_run(self, run_id: str, only_in: str | None) -> Any | None:
-        """The run `run_id` of this store to reopen, or None (a warning line says why: it is
-        not in this store, deleted, or in another experiment than `only_in` when that is
-        given; a new run is then started)."""
+    def _stored_run(self, run_id: str, only_in: str | None) -> tuple[Any | None, str]:
+        """The run `run_id` of this store to reopen and "", or None and why not: it is not in
+        this store, deleted, or in another experiment than `only_in` when that is given (a new
+        run is then started)."""
         from mlflow.exceptions import MlflowException
 
         try:
@@ -606,21 +643,13 @@ class MlflowTracker(Tracker):
             if run.info.lifecycle_stage == "deleted":
                 why = "is deleted"
             elif only_in is None:
-                return run
+                return run, ""
             else:
                 experiment = self.client.get_experiment(run.info.experiment_id).name
                 if experiment == only_in:
-                    return run
+                    return run, ""
                 why = f"is in experiment '{experiment}', not tracking.experiment '{only_in}'"
-        log.warning(
-            "MLflow run %s %s (%s): starting a new run tagged %s=%s",
-            run_id,
-            why,
-            self.uri,
-            TAG_RESUMED_FROM,
-            run_id,
-        )
-        return None
+        return None, why
 
     @contextlib.contextmanager
     def _errors(self, action: str) -> Iterator[None]:
@@ -652,9 +681,10 @@ class MlflowTracker(Tracker):
                 if experiment is None:
                     raise
         if experiment.lifecycle_stage == "deleted":
+            store = shlex.quote(f"MLFLOW_TRACKING_URI={self.uri}")
             raise TrackingError(
                 f"MLflow experiment '{name}' (id {experiment.experiment_id}) is deleted.",
-                f"restore it (mlflow experiments restore --experiment-id "
+                f"restore it ({store} mlflow experiments restore --experiment-id "
                 f"{experiment.experiment_id}) or set tracking.experiment to another name.",
             )
         return experiment.experiment_id
@@ -855,7 +885,8 @@ class MlflowTracker(Tracker):
             return
         self._closed = True
         try:
-            with (
+            with (  # a stop mid-way would leave the run active with the URI already restored
+                held_signals(signal.SIGINT, signal.SIGTERM),
                 self._errors("end the run"),
                 _quiet(),
                 contextlib.redirect_stdout(sys.stderr),  # MLflow prints run links on stdout
@@ -879,6 +910,7 @@ def open_tracker(
     same_experiment: Callable[[str], str] | None = None,
     tags: dict[str, str] | None = None,
     reopen_elsewhere: bool = True,
+    on_new: Callable[[MlflowTracker], None] | None = None,
 ) -> Tracker:
     """A started MLflow run when tracking is enabled, else a no-op Tracker.
 
@@ -891,7 +923,10 @@ def open_tracker(
     refused rather than reopened; `same_experiment(that experiment)` is the refusal's fix.
     With `reopen_elsewhere=False` (a child run: its parent is in tracking.experiment), a
     `resume_run_id` in another experiment is not reopened: a new run is started there, tagged
-    and warned about as for a run this store lacks.
+    and warned about as for a run this store lacks. `on_new(tracker)` runs right after a new
+    run is created (not for a reopened one), with Ctrl-C and SIGTERM held across both: the
+    caller records the run's id there, so a stop never leaves a run the next attempt cannot
+    find. A failure or stop while opening ends the run it created (FAILED, KILLED).
     """
     if not tracking.enabled:
         return Tracker()
@@ -904,6 +939,7 @@ def open_tracker(
         same_experiment=same_experiment,
         tags=tags,
         reopen_elsewhere=reopen_elsewhere,
+        on_new=on_new,
     )
 
 
@@ -916,28 +952,32 @@ def open_parent_run(
     tags: dict[str, str],
     params: dict[str, Any],
     experiment_fix: Callable[[str], str],
-) -> tuple[Tracker, bool]:
+    record: Callable[[str], None],
+) -> Tracker:
     """The parent run of child runs (cross-validation folds, sweep trials), detached.
 
-    `recorded_id` (the parent of an earlier attempt) is reopened; otherwise a new run is started
-    and given `tags` and `params`. Returns the tracker and whether its run is new (so the caller
-    records its id where the next attempt will find it); (no-op tracker, False) when tracking is
-    off. Children nest under it by TAG_PARENT_RUN_ID, and start in tracking.experiment: a
-    recorded parent in another experiment is refused, with `experiment_fix(its experiment)`.
+    `recorded_id` (the parent of an earlier attempt) is reopened; otherwise a new run is
+    started with `tags` and `params`, and `record(its id)` is called (the caller keeps it where
+    the next attempt finds it) before a Ctrl-C or SIGTERM can act. A no-op tracker when
+    tracking is off (`record` is not called). Children nest under it by TAG_PARENT_RUN_ID, and
+    start in tracking.experiment: a recorded parent in another experiment is refused, with
+    `experiment_fix(its experiment)`.
     """
-    tracker = open_tracker(
+
+    def first_moments(tracker: MlflowTracker) -> None:
+        tracker.log_params(params)
+        record(str(tracker.run_id))
+
+    return open_tracker(
         tracking,
         runs_dir=runs_dir,
         run_name=run_name,
         resume_run_id=recorded_id,
         detached=True,
         same_experiment=experiment_fix,
+        tags=tags,
+        on_new=first_moments,
     )
-    new = bool(tracker.run_id) and not tracker.reopened
-    if new:
-        tracker.set_tags(tags)
-        tracker.log_params(params)
-    return tracker, new
 
 
 def _checked_spec(metadata: dict[str, Any]) -> dict[str, Any]:

@@ -9,15 +9,19 @@ optimisation step, shared with `ctscan profile` and the benchmarks.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import math
+import re
 import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -59,9 +63,19 @@ from ctscan.engine.runtime import (
     set_rng_state,
     shutdown_distributed,
 )
-from ctscan.errors import CheckpointError, CtscanError, Interrupted, Terminated, raise_terminated
+from ctscan.errors import (
+    CheckpointError,
+    CtscanError,
+    Interrupted,
+    Terminated,
+    held_signals,
+    raise_terminated,
+)
 from ctscan.files import atomic_write, ensure_dir, folder_lock, remove_stale_temps
 from ctscan.settings import Settings, flatten, public_dict, to_toml, toml_value
+
+if TYPE_CHECKING:
+    from ctscan.engine.tracking import Tracker
 
 CHECKPOINT_NAMES = ("best.pt", "last.pt")
 # Where and how a run runs, never how it trains: a resumed run and a continued
@@ -701,6 +715,25 @@ def _refuse_finished_folder(run_dir: Path) -> None:
         )
 
 
+def refuse_fold_folder(run_dir: Path) -> None:
+    """A plain run never trains in a cross-validation's fold folder: it would train on the
+    store's train and valid splits, not the fold's, and the cross-validation would then take
+    that model as the fold's (its held-out images seen in training)."""
+    fold, cv_dir = Path(run_dir).resolve(), Path(run_dir).resolve().parent
+    if not (re.fullmatch(r"fold-\d+", fold.name) and (cv_dir / "folds.json").is_file()):
+        return
+    try:
+        k = int(json.loads((cv_dir / "folds.json").read_text())["k"])
+    except (OSError, ValueError, KeyError, TypeError):
+        k = "K"
+    raise CtscanError(
+        f"'{run_dir}' is {fold.name} of the cross-validation '{cv_dir}' (folds.json): a plain "
+        "run would train it on the store's train and valid splits, not on its fold's.",
+        f"continue the cross-validation with `ctscan train --folds {k} --out {cv_dir} -s "
+        f"{cv_dir / 'settings.toml'}`, or choose another --out.",
+    )
+
+
 def plan_run(settings: Settings, out_dir: Path | None, resume: str | None, store: Store) -> RunPlan:
     """Decide the run folder and the checkpoint to resume; refuse what would lose work."""
     resume_path = _resume_path(resume, out_dir, settings)
@@ -800,6 +833,8 @@ def _train(
     seed_everything(tr.seed + rt.rank, tr.deterministic)
     store = open_store(settings.paths.processed_dir, expect_data=settings.data.model_dump())
     plan = plan_run(settings, out_dir, resume, store)
+    if splits is None:  # a fold of cross-validation gives its own splits
+        refuse_fold_folder(plan.run_dir)
     if store.raw_warning:
         plan.notes.append(f"warning: {store.raw_warning}")
     # Rank 0 owns the run folder: checked writable and locked before any work is done.
@@ -864,6 +899,7 @@ def _run_epochs(
                 resume_run_id=resumed.mlflow_run_id if resumed is not None else None,
                 tags=hooks.tags,
                 reopen_elsewhere=TAG_PARENT_RUN_ID not in hooks.tags,
+                on_new=partial(_record_new_run, plan) if resumed is not None else None,
             )
             if rt.is_main
             else Tracker()
@@ -899,8 +935,11 @@ def _run_epochs(
                 if hooks.on_epoch is not None:  # the caller's say: a sweep's pruner
                     stop = hooks.on_epoch(dict(row)) or stop
                 save_last = bool(stop) or epoch % tr.checkpoint_every == 0 or epoch == tr.epochs
-                save_checkpoints(state, loop, plan.run_dir, meta, best=improved, last=save_last)
-                tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+                # One step: a stop between them would lose this epoch's metrics from MLflow
+                # (a resume starts after the saved epoch), or log an epoch no checkpoint holds.
+                with held_signals(signal.SIGINT, signal.SIGTERM):
+                    save_checkpoints(state, loop, plan.run_dir, meta, best=improved, last=save_last)
+                    tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
                 progress.epoch_line(row, improved)
                 if stop:
                     stopped_early = True
@@ -928,6 +967,15 @@ def _run_epochs(
             finished=state.epoch,
             every=tr.checkpoint_every,
         ) from None
+
+
+def _record_new_run(plan: RunPlan, tracker: Tracker) -> None:
+    """A resumed run whose MLflow run could not be reopened (not in this store, deleted) got a
+    new one: last.pt names it at once, so a stop before the next last.pt does not start a
+    third run at the next resume."""
+    assert plan.resume_from is not None
+    checkpoint = dataclasses.replace(plan.resume_from, mlflow_run_id=tracker.run_id)
+    save_checkpoint(plan.run_dir / "last.pt", checkpoint)
 
 
 def _run_meta(settings: Settings, store: Store, run_id: str | None) -> dict[str, Any]:
@@ -1081,7 +1129,6 @@ def _finish(
             tracker.log_artifact(path, artifact_path="eval-test")
     # The best model's calibrated confidence (max softmax of logits / T) on train: serve's drift
     # reference, the same probabilities the server shows.
-    import json
 
     from ctscan.data.reference import CONFIDENCE_FILE
     from ctscan.engine.calibration import train_confidence

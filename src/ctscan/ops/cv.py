@@ -398,22 +398,29 @@ def run_cv(
                 "folder ctscan can continue.",
                 "choose another --out.",
             )
+        text = to_toml(settings).encode()  # what the user ran: the command to continue uses
+        atomic_write(cv_dir / "settings.toml", lambda fh: fh.write(text))
         assignment = {**plan.to_dict(), "settings": public_dict(settings)}
-        tracker, new = open_parent_run(
-            settings.tracking,
-            runs_dir=settings.paths.runs_dir,
-            run_name=cv_dir.name,
-            recorded_id=(recorded or {}).get("parent_run_id"),
-            tags={"kind": "cv", TAG_CV: cv_dir.name, "model": settings.model.name},
-            params={"cv.folds": k, "cv.seed": plan.seed, "cv.identity": plan.identity},
-            experiment_fix=experiment_fix,
-        )
+
+        def record(parent_run_id: str | None) -> None:  # where a continue finds the parent
+            _write_json(cv_dir / FOLDS_FILE, {**assignment, "parent_run_id": parent_run_id})
+
+        try:
+            tracker = open_parent_run(
+                settings.tracking,
+                runs_dir=settings.paths.runs_dir,
+                run_name=cv_dir.name,
+                recorded_id=(recorded or {}).get("parent_run_id"),
+                tags={"kind": "cv", TAG_CV: cv_dir.name, "model": settings.model.name},
+                params={"cv.folds": k, "cv.seed": plan.seed, "cv.identity": plan.identity},
+                experiment_fix=experiment_fix,
+                record=record,
+            )
+        except KeyboardInterrupt as exc:  # a parent created before the stop is recorded
+            raise _stopped(cv_dir, k, "before the first fold", exc) from None
         with tracker:
-            text = to_toml(settings).encode()  # what the user ran: the command to continue uses
-            atomic_write(cv_dir / "settings.toml", lambda fh: fh.write(text))
-            if new or recorded is None:
-                assignment["parent_run_id"] = tracker.run_id
-                _write_json(cv_dir / FOLDS_FILE, assignment)
+            if recorded is None and tracker.run_id is None:  # tracking off
+                record(None)
             return _run(settings, folds_settings, store, plan, cv_dir, tracker, say)
 
 

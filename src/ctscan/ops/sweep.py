@@ -1273,7 +1273,7 @@ def _open_parent(sweep: Sweep, study: Any) -> Any:
     """The sweep's MLflow run (reopened on a rerun), detached: trials nest under it."""
     from ctscan.engine.tracking import open_parent_run
 
-    tracker, new = open_parent_run(
+    return open_parent_run(
         sweep.settings.tracking,
         runs_dir=sweep.runs_dir,
         run_name=f"sweep-{sweep.name}",
@@ -1281,10 +1281,8 @@ def _open_parent(sweep: Sweep, study: Any) -> Any:
         tags={"kind": "sweep", TAG_SWEEP: sweep.name, "optuna_storage": str(sweep.db)},
         params=_parent_params(sweep),
         experiment_fix=experiment_fix,
+        record=lambda run_id: study.set_user_attr(ATTR_PARENT_RUN, run_id),
     )
-    if new:
-        study.set_user_attr(ATTR_PARENT_RUN, tracker.run_id)
-    return tracker
 
 
 def run_sweep(
@@ -1329,6 +1327,38 @@ def _sweep_lock(sweep: Sweep, folder: Path) -> Iterator[None]:
 
 def _run(optuna: Any, sweep: Sweep, recipe: Path, say: Callable[[str], None]) -> SweepResult:
     study = open_study(optuna, sweep, create=True)
+    try:  # the parent run first: a refusal (another experiment) comes before any change
+        tracker = _open_parent(sweep, study)
+    except KeyboardInterrupt as exc:  # a parent created before the stop is recorded
+        raise _stopped(sweep, study, exc) from None
+    ran = 0
+
+    def announce(trial: Any) -> None:
+        nonlocal ran
+        row = _trial_row(trial)
+        ran += _counts(trial)
+        say(trial_line(row, sweep.spec.metric))
+        if row["value"] is not None:
+            tracker.log_metrics({sweep.spec.metric: row["value"]}, step=row["number"])
+
+    t0 = time.perf_counter()
+    try:
+        with tracker:
+            todo = _plan_trials(optuna, sweep, study, say)
+            if todo and sweep.jobs > 1:
+                run_workers(sweep, study, announce)
+            elif todo:
+                work(optuna, sweep, study, tracker.run_id, announce)
+            result = _result(sweep, study, recipe, tracker.run_id)
+            result.ran, result.seconds = ran, time.perf_counter() - t0
+            _log_end(tracker, result)
+            return result
+    except KeyboardInterrupt as exc:
+        raise _stopped(sweep, study, exc) from None
+
+
+def _plan_trials(optuna: Any, sweep: Sweep, study: Any, say: Callable[[str], None]) -> int:
+    """Queue again the trials an earlier run left unfinished, say so; the trials to run."""
     done = finished(study)
     todo = max(0, sweep.n_trials - done)
     again, left = requeue_unfinished(optuna, study, todo)
@@ -1344,37 +1374,18 @@ def _run(optuna: Any, sweep: Sweep, recipe: Path, say: Callable[[str], None]) ->
         + (f" in {min(sweep.jobs, todo)} processes" if sweep.jobs > 1 and todo else "")
         + f"; study in {sweep.db}, runs in {sweep.folder}"
     )
-    tracker = _open_parent(sweep, study)
-    ran = 0
+    return todo
 
-    def announce(trial: Any) -> None:
-        nonlocal ran
-        row = _trial_row(trial)
-        ran += _counts(trial)
-        say(trial_line(row, sweep.spec.metric))
-        if row["value"] is not None:
-            tracker.log_metrics({sweep.spec.metric: row["value"]}, step=row["number"])
 
-    t0 = time.perf_counter()
-    try:
-        with tracker:
-            if todo and sweep.jobs > 1:
-                run_workers(sweep, study, announce)
-            elif todo:
-                work(optuna, sweep, study, tracker.run_id, announce)
-            result = _result(sweep, study, recipe, tracker.run_id)
-            result.ran, result.seconds = ran, time.perf_counter() - t0
-            _log_end(tracker, result)
-            return result
-    except KeyboardInterrupt as exc:
-        terminated = isinstance(exc, Terminated)
-        how = "by SIGTERM" if terminated else "by Ctrl-C"
-        raise Interrupted(
-            f"sweep '{sweep.name}' stopped {how} with {finished(study)} of {sweep.n_trials} "
-            f"trials finished, kept in '{sweep.db}'.",
-            f"rerun `{sweep.command}` to continue (an interrupted trial starts again).",
-            terminated=terminated,
-        ) from None
+def _stopped(sweep: Sweep, study: Any, exc: KeyboardInterrupt) -> Interrupted:
+    terminated = isinstance(exc, Terminated)
+    how = "by SIGTERM" if terminated else "by Ctrl-C"
+    return Interrupted(
+        f"sweep '{sweep.name}' stopped {how} with {finished(study)} of {sweep.n_trials} "
+        f"trials finished, kept in '{sweep.db}'.",
+        f"rerun `{sweep.command}` to continue (an interrupted trial starts again).",
+        terminated=terminated,
+    )
 
 
 def _result(sweep: Sweep, study: Any, recipe: Path, parent_run_id: str | None) -> SweepResult:
