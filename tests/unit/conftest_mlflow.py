@@ -6,9 +6,11 @@ every test gets its own copy inside its tmp dir, where `open_tracker` finds it b
 
 from __future__ import annotations
 
+import signal
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -51,3 +53,23 @@ def mlflow_runs_dir(
     while mlflow.active_run() is not None:
         mlflow.end_run()
     mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture
+def stop_as_a_run_is_created(monkeypatch: pytest.MonkeyPatch) -> Callable[[bool], None]:
+    """`stop_as_a_run_is_created(True)`: a Ctrl-C lands an instant after MLflow creates (or
+    reopens) a run, the window where a stop once left runs RUNNING or unrecorded; `(False)`
+    puts things back."""
+    from ctscan.engine.tracking import MlflowTracker
+
+    start = MlflowTracker._start_run
+
+    def start_then_stop(self: Any, *args: Any) -> Any:
+        run = start(self, *args)
+        signal.raise_signal(signal.SIGINT)
+        return run
+
+    def switch(on: bool) -> None:
+        monkeypatch.setattr(MlflowTracker, "_start_run", start_then_stop if on else start)
+
+    return switch

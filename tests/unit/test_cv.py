@@ -7,7 +7,6 @@ real training loop on a small synthetic store with a real MLflow SQLite store.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -276,22 +275,13 @@ def test_an_interrupted_cv_continues_where_it_stopped(
 
 @pytest.mark.slow
 def test_a_cv_stopped_as_its_parent_run_is_created_continues_under_that_parent(
-    copies_store: Path, mlflow_runs_dir: Path, monkeypatch: pytest.MonkeyPatch
+    copies_store: Path, mlflow_runs_dir: Path, stop_as_a_run_is_created: Any
 ) -> None:
     """Ctrl-C an instant after MLflow created the parent: folds.json records it before the
     stop acts, the message says how to continue, and the continue reopens that parent."""
     from mlflow import MlflowClient
 
-    from ctscan.engine.tracking import MlflowTracker
-
-    start = MlflowTracker._start_run
-
-    def start_then_stop(self: Any, *args: Any) -> Any:
-        run = start(self, *args)
-        signal.raise_signal(signal.SIGINT)
-        return run
-
-    monkeypatch.setattr(MlflowTracker, "_start_run", start_then_stop)
+    stop_as_a_run_is_created(True)
     out = mlflow_runs_dir / "cv"
     tracked = _settings(copies_store, mlflow_runs_dir, **{"tracking.enabled": "true"})
     with pytest.raises(Interrupted) as err:
@@ -302,7 +292,7 @@ def test_a_cv_stopped_as_its_parent_run_is_created_continues_under_that_parent(
     client = MlflowClient(tracking_uri=f"sqlite:///{mlflow_runs_dir / 'mlflow.db'}")
     parent = client.get_run(parent_id)
     assert parent.info.status == "KILLED" and parent.data.params["cv.folds"] == "3"
-    monkeypatch.setattr(MlflowTracker, "_start_run", start)
+    stop_as_a_run_is_created(False)
     result = run_cv(load_settings([out / "settings.toml"], []), 3, out_dir=out, say=print)
     assert result.run_id == parent_id
     parents = client.search_runs([parent.info.experiment_id], "tags.kind = 'cv'")

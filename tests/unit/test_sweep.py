@@ -983,20 +983,11 @@ def test_the_cpu_smoke_spec_runs_and_its_recipe_trains(
 @needs_optuna
 @pytest.mark.slow
 def test_a_sweep_stopped_as_its_parent_run_is_created_keeps_that_parent(
-    store: Path, mlflow_runs_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    store: Path, mlflow_runs_dir: Path, tmp_path: Path, stop_as_a_run_is_created: Any
 ) -> None:
     """Ctrl-C an instant after MLflow created the parent run: the study records it before the
     stop acts, the run ends KILLED, and the rerun reopens it (no second parent)."""
-    from ctscan.engine.tracking import MlflowTracker
-
-    start = MlflowTracker._start_run
-
-    def start_then_stop(self: Any, *args: Any) -> Any:
-        run = start(self, *args)
-        signal.raise_signal(signal.SIGINT)
-        return run
-
-    monkeypatch.setattr(MlflowTracker, "_start_run", start_then_stop)
+    stop_as_a_run_is_created(True)
     base = write_base(tmp_path, store, mlflow_runs_dir, **{"tracking.enabled": "true"})
     spec = write_spec(
         tmp_path, base, sweep={"pruning": False, "trials": 1}, fixed={"train.epochs": 1}
@@ -1008,7 +999,7 @@ def test_a_sweep_stopped_as_its_parent_run_is_created_keeps_that_parent(
     client = mlflow_client(mlflow_runs_dir)
     parent = client.get_run(parent_id)
     assert parent.info.status == "KILLED" and parent.data.params["sweep.metric"] == "val_macro_f1"
-    monkeypatch.setattr(MlflowTracker, "_start_run", start)
+    stop_as_a_run_is_created(False)
     result = run_sweep(spec, say=lambda line: None)
     assert result.parent_run_id == parent_id
     parents = client.search_runs([parent.info.experiment_id], "tags.kind = 'sweep'")
