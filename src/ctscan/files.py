@@ -126,19 +126,29 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
     except after SIGKILL, which `remove_stale_temps` cleans on the next start.
     """
     path = Path(path)
+    with built_aside(path) as tmp, open(tmp, "wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return path
+
+
+@contextlib.contextmanager
+def built_aside(path: Path) -> Iterator[Path]:
+    """A temp file beside `path` (empty) for the block to build `path` at, renamed over it when
+    the block ends without an error and removed otherwise: `path` is the old file or the whole
+    new one, never half of it (after SIGKILL `remove_stale_temps` cleans the temp file)."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+        yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
-    return path
 
 
 def remove_stale_temps(folder: Path, names: tuple[str, ...]) -> list[Path]:

@@ -110,6 +110,36 @@ def test_a_new_store_puts_the_default_experiment_beside_the_db(fresh_runs_dir: P
     assert not (Path.cwd() / "mlruns").exists()
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, OSError])
+def test_a_store_creation_stopped_midway_leaves_no_store_behind(
+    fresh_runs_dir: Path, monkeypatch: pytest.MonkeyPatch, stop: type[BaseException]
+):
+    """Ctrl-C (or a failure) while MLflow migrates a new store: no half-migrated mlflow.db is
+    left for every later run to refuse; the next run creates the store afresh. A temp file a
+    SIGKILL left behind is cleaned then too."""
+    import ctscan.engine.tracking as tracking
+
+    db = fresh_runs_dir / "mlflow.db"
+    migrated = tracking._missing_tables
+
+    def stopped(engine: object) -> list[str]:
+        migrated(engine)  # the tables exist, in the file being built
+        raise stop()
+
+    monkeypatch.setattr(tracking, "_missing_tables", stopped)
+    with pytest.raises((stop, TrackingError)) as err:
+        open_tracker(TrackingSettings(), runs_dir=fresh_runs_dir)
+    if err.type is TrackingError:  # not "move it aside": there is nothing to move
+        assert err.value.message.startswith(f"cannot create the MLflow store '{db.resolve()}'")
+    assert not db.exists()
+    assert sorted(p.name for p in fresh_runs_dir.iterdir()) == ["mlflow.db.lock"]
+    (fresh_runs_dir / ".mlflow.db.k1ll3d.tmp").write_bytes(b"half a store")  # a SIGKILL's
+    monkeypatch.setattr(tracking, "_missing_tables", migrated)
+    with open_tracker(TrackingSettings(), runs_dir=fresh_runs_dir) as tracker:
+        tracker.log_metrics({"val_loss": 0.5}, step=1)
+    assert sorted(p.name for p in fresh_runs_dir.iterdir()) == ["mlflow.db", "mlflow.db.lock"]
+
+
 # --- broken stores -------------------------------------------------------------------------------
 
 

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ctscan.errors import CtscanError, Interrupted, held_signals
+from ctscan.files import built_aside, remove_stale_temps
 from ctscan.models import unwrap
 from ctscan.settings import TrackingSettings
 
@@ -333,32 +334,55 @@ def _open_sqlite_store(uri: str, runs_dir: Path) -> None:
     if db is None:
         return  # in-memory: one process only
     db = db.resolve()
+    with _store_lock(db), _quiet():
+        remove_stale_temps(db.parent, (db.name,))  # a store creation killed with SIGKILL
+        _check_sqlite_file(db)
+        if db.is_file() and db.stat().st_size:
+            _migrate_sqlite_store(uri, db, runs_dir)
+            return
+        # A new store is built beside its place and renamed into it: a stop (or a kill) during
+        # MLflow's migrations, which take seconds, leaves no half-made store to refuse later.
+        with built_aside(db) as tmp:
+            query = uri.split("?", 1)[1] if "?" in uri else ""
+            built = f"sqlite:///{tmp}" + (f"?{query}" if query else "")
+            _migrate_sqlite_store(built, db, runs_dir, artifacts_for=uri)
+
+
+def _migrate_sqlite_store(
+    uri: str, db: Path, runs_dir: Path, *, artifacts_for: str | None = None
+) -> None:
+    """Let MLflow create or migrate the store at `uri` (called under the lock); its failures
+    become one TrackingError naming `db`. `artifacts_for`: the URI whose artifact folder the
+    Default experiment gets (the store's final place when it is built aside)."""
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    with _store_lock(db), _quiet():
-        _check_sqlite_file(db)
-        try:
-            store = SqlAlchemyStore(uri, _artifact_location(uri, runs_dir))
-            missing = _missing_tables(store.engine)
-        except Exception as exc:  # migrations fail in many ways (alembic, SQLAlchemy, MLflow)
-            reason = _first_line(exc)
-            if "database is locked" in reason:
-                raise TrackingError(
-                    f"the MLflow store '{db}' is locked by another process: {reason}",
-                    "rerun when that process is done writing, " + _DISABLE_FIX,
-                ) from exc
-            hint = ""
-            if "Can't locate revision" in reason:
-                hint = "if a newer MLflow wrote it: upgrade mlflow (pip install -U 'mlflow<4'); or "
-            if "out-of-date database schema" in reason:
-                hint = (
-                    f"if an older MLflow wrote it: back it up, run `mlflow db upgrade {uri}`; or "
-                )
-            raise _broken_store(db, f"cannot be opened: {reason}", hint) from exc
-        if missing:
-            raise _broken_store(
-                db, f"cannot be opened: its schema version lacks tables ({', '.join(missing)})"
-            )
+    try:
+        store = SqlAlchemyStore(uri, _artifact_location(artifacts_for or uri, runs_dir))
+        missing = _missing_tables(store.engine)
+        store.engine.dispose()  # no connection left on a file about to be renamed
+    except Exception as exc:  # migrations fail in many ways (alembic, SQLAlchemy, MLflow)
+        reason = _first_line(exc)
+        if "database is locked" in reason:
+            raise TrackingError(
+                f"the MLflow store '{db}' is locked by another process: {reason}",
+                "rerun when that process is done writing, " + _DISABLE_FIX,
+            ) from exc
+        if artifacts_for is not None:  # a new store: nothing to move aside
+            raise TrackingError(
+                f"cannot create the MLflow store '{db}': {reason}",
+                f"check that folder (free space, permissions), point tracking.uri at another "
+                f"store, {_DISABLE_FIX}",
+            ) from exc
+        hint = ""
+        if "Can't locate revision" in reason:
+            hint = "if a newer MLflow wrote it: upgrade mlflow (pip install -U 'mlflow<4'); or "
+        if "out-of-date database schema" in reason:
+            hint = f"if an older MLflow wrote it: back it up, run `mlflow db upgrade {uri}`; or "
+        raise _broken_store(db, f"cannot be opened: {reason}", hint) from exc
+    if missing:
+        raise _broken_store(
+            db, f"cannot be opened: its schema version lacks tables ({', '.join(missing)})"
+        )
 
 
 def _missing_tables(engine: Any) -> list[str]:
