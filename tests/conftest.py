@@ -243,6 +243,17 @@ def _denormals_back_on() -> object:
         torch.set_flush_denormal(False)
 
 
+@pytest.fixture(autouse=True)
+def _one_command_per_test() -> object:
+    """A ctscan process runs one command and remembers the stop signals it received (a stop
+    swallowed mid-way acts at the next step): each test starts with none, as a process does."""
+    from ctscan.errors import forget_stops
+
+    forget_stops()
+    yield
+    forget_stops()
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Let Ctrl-C reach the tests and the processes they start, as in a terminal.
 

@@ -10,12 +10,12 @@ import json
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
 from ctscan import __version__
-from ctscan.errors import CtscanError, debug_enabled, report, say_line
+from ctscan.errors import CtscanError, debug_enabled, report, say_line, stop_received
 
 app = typer.Typer(
     name="ctscan",
@@ -624,19 +624,29 @@ def _interrupt_in(exc: BaseException) -> KeyboardInterrupt | None:
     return None
 
 
+def _ignore_stops() -> None:
+    """The stop is being reported: a second Ctrl-C or SIGTERM while the process exits would
+    only print "Exception ignored" noise from the interpreter's shutdown (SIGKILL still works)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def _stopped_exit(signum: int, why: str) -> NoReturn:
+    from ctscan.errors import Interrupted
+
+    terminated = signum == signal.SIGTERM
+    how = "by SIGTERM" if terminated else "by Ctrl-C"
+    _ignore_stops()
+    sys.exit(report(Interrupted(f"stopped {how}{why}.", terminated=terminated)))
+
+
 def main() -> None:
     """Console-script entry point: user errors and interrupts become one line and an exit code.
 
     Exit codes: 0 ok, 1 other user error, 2 settings, 3 data, 4 checkpoint, 130 Ctrl-C,
     143 SIGTERM; a traceback only for bugs (or with CTSCAN_DEBUG=1).
     """
-    from ctscan.errors import (
-        Interrupted,
-        Terminated,
-        raise_interrupt,
-        raise_terminated,
-        stop_received,
-    )
+    from ctscan.errors import Interrupted, Terminated, raise_interrupt, raise_terminated
 
     signal.signal(signal.SIGTERM, raise_terminated)  # unwind (and clean up) as Ctrl-C does
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when ignored
@@ -646,28 +656,30 @@ def main() -> None:
     except CtscanError as error:
         if debug_enabled():
             raise
+        if isinstance(error, Interrupted):
+            _ignore_stops()
         sys.exit(report(error))
     except (KeyboardInterrupt, SystemExit) as exc:
         interrupt = _interrupt_in(exc)
-        if interrupt is None:
-            raise
-        terminated = isinstance(interrupt, Terminated)
-        how = "by SIGTERM" if terminated else "by Ctrl-C"
-        sys.exit(report(Interrupted(f"stopped {how}.", terminated=terminated)))
+        if interrupt is not None:
+            _stopped_exit(
+                signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT, ""
+            )
+        signum = stop_received()
+        if signum is not None and getattr(exc, "code", None) in (
+            0,
+            None,
+        ):  # a stop swallowed, the work done
+            _stopped_exit(
+                signum, " (it landed where it could not act; the command had done its work)"
+            )
+        raise
     except Exception:
         # A stop that landed where it was swallowed (e.g. mid-import: a half-imported module)
         # surfaces as another error: it is reported as the stop, not as a bug.
         signum = stop_received()
         if signum is None or debug_enabled():
             raise
-        terminated = signum == signal.SIGTERM
-        how = "by SIGTERM" if terminated else "by Ctrl-C"
-        sys.exit(
-            report(
-                Interrupted(
-                    f"stopped {how} (while starting or stopping; CTSCAN_DEBUG=1 shows the "
-                    "error it caused).",
-                    terminated=terminated,
-                )
-            )
+        _stopped_exit(
+            signum, " (while starting or stopping; CTSCAN_DEBUG=1 shows the error it caused)"
         )

@@ -75,6 +75,19 @@ def raise_interrupt(signum: int, frame: object) -> None:
     signal.default_int_handler(signum, frame)
 
 
+def forget_stops() -> None:
+    """Start a command's count of stops afresh (a process that runs several, like the tests)."""
+    _STOPS.clear()
+
+
+def raise_if_stopped() -> None:
+    """Act on a stop that was received but swallowed (it landed in a garbage-collector
+    callback, where Python prints "Exception ignored" and goes on): raise it again here, at a
+    point between two steps of the work, so the command stops as it was asked to."""
+    if _STOPS:
+        raise Terminated() if _STOPS[0] == signal.SIGTERM else KeyboardInterrupt()
+
+
 def stop_received() -> int | None:
     """The first stop signal (SIGINT, SIGTERM) this process received, or None.
 

@@ -123,13 +123,21 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
     """Write `path` through `write(fh)` into a temp file beside it, fsync, then rename over it.
 
     A failure (or a signal) mid-write leaves the old file as it was; the temp file is removed,
-    except after SIGKILL, which `remove_stale_temps` cleans on the next start.
+    except after SIGKILL, which `remove_stale_temps` cleans on the next start. A file-system
+    failure (a folder made read-only, a full disk) is one CtscanError line naming the file.
     """
     path = Path(path)
-    with built_aside(path) as tmp, open(tmp, "wb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with built_aside(path) as tmp, open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        raise CtscanError(
+            f"cannot write '{path}': {exc.strerror or exc}.",
+            "check that folder (free space, write permission) and run again, or choose "
+            "another output folder.",
+        ) from exc
     return path
 
 

@@ -264,6 +264,42 @@ def test_a_stop_swallowed_mid_import_is_reported_as_the_stop(stop: str, code: in
         assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 
 
+def test_a_stop_swallowed_by_work_that_then_finishes_still_exits_as_stopped() -> None:
+    """The stop landed where Python prints "Exception ignored" and goes on (a garbage
+    collector callback): the command's work ends, and the exit still says it was stopped."""
+    source = (
+        "import os, signal, sys, ctscan.cli as cli, ctscan.settings as settings\n"
+        "load = settings.load_settings\n"
+        "def swallowed(*a, **k):\n"
+        "    try:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    except BaseException:\n"
+        "        pass\n"
+        "    return load(*a, **k)\n"
+        "settings.load_settings = swallowed\n"
+        "sys.argv = ['ctscan', 'settings', 'show']\ncli.main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True)
+    assert proc.returncode == 143, proc.stderr
+    assert proc.stderr.strip().startswith("ctscan: terminated: stopped by SIGTERM (it landed")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_second_stop_while_exiting_is_ignored() -> None:
+    """After the one line for a stop, another SIGTERM while the interpreter shuts down does
+    not add "Exception ignored" noise or change the exit code."""
+    source = (
+        "import atexit, os, signal, sys, ctscan.cli as cli, ctscan.settings as settings\n"
+        "atexit.register(lambda: os.kill(os.getpid(), signal.SIGTERM))\n"
+        "def stopped(*a, **k):\n    raise KeyboardInterrupt\n"
+        "settings.load_settings = stopped\n"
+        "sys.argv = ['ctscan', 'settings', 'show']\ncli.main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip() == "ctscan: interrupted: stopped by Ctrl-C."
+
+
 def _tree_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 

@@ -246,7 +246,7 @@ def test_an_interrupted_cv_continues_where_it_stopped(
         run_cv(settings_, 4, out_dir=out, say=lambda line: None)
     with pytest.raises(Exception, match="is a cross-validation folder"):  # a plain run into it
         run_training(settings_, out_dir=out)
-    for fold, resume in (("fold-2", "auto"), ("fold-3", None)):  # nor into one of its folds
+    for fold, resume in (("fold-2", "auto"), ("fold-2", None), ("fold-3", None)):  # nor a fold
         with pytest.raises(CtscanError, match=f"is {fold} of the cross-validation") as err:
             run_training(settings_, out_dir=out / fold / ".", resume=resume)
         assert f"--folds 3 --out {out.resolve()} -s" in err.value.fix

@@ -114,3 +114,26 @@ def test_a_lock_path_that_is_a_symlink_directory_or_foreign_file_is_one_line(
     assert (tmp_path / "foreign" / ".lock").read_text() == "their lockfile"
     assert "a symlink" in cases["symlink"] and "not a regular file" in cases["fifo"]
     assert "not a ctscan lock file" in cases["foreign"]
+
+
+def test_a_write_the_file_system_refuses_is_one_line_and_keeps_the_old_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ctscan.errors import CtscanError
+    from ctscan.files import atomic_write
+
+    target = tmp_path / "reference_confidence.json"
+    target.write_bytes(b"old")
+
+    def refused(src: object, dst: object) -> None:  # as a folder made read-only would
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("ctscan.files.os.replace", refused)
+    with pytest.raises(CtscanError) as err:
+        atomic_write(target, lambda fh: fh.write(b"new"))
+    assert err.value.message == f"cannot write '{target}': Permission denied."
+    assert "write permission" in str(err.value.fix)
+    assert target.read_bytes() == b"old" and sorted(tmp_path.iterdir()) == [target]
+    monkeypatch.undo()
+    with pytest.raises(CtscanError, match="No such file or directory"):
+        atomic_write(tmp_path / "gone" / "x.json", lambda fh: fh.write(b"x"))

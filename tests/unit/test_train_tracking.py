@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from pathlib import Path
 from typing import Any
@@ -238,3 +239,27 @@ def test_a_resume_that_starts_a_new_mlflow_run_records_it_at_once(
     assert [r.info.run_id for r in client.search_runs([experiment])] == [again.run_id]
     steps = [m.step for m in client.get_metric_history(again.run_id, "val_loss")]
     assert sorted(steps) == [3, 4]
+
+
+def test_a_stop_swallowed_mid_epoch_stops_the_run_at_that_epochs_end(
+    synthetic_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM raised where Python drops it (a garbage-collector callback prints "Exception
+    ignored" and goes on): the run still stops, after that epoch is saved, exit 143."""
+    import ctscan.engine.train as train_module
+    from ctscan.engine.checkpoint import read_checkpoint
+    from ctscan.errors import Interrupted, raise_terminated
+
+    validate = train_module.validate
+
+    def swallowing_validate(*args: Any, **kwargs: Any) -> Any:
+        with contextlib.suppress(KeyboardInterrupt):  # dropped where it landed
+            raise_terminated(signal.SIGTERM, None)
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "validate", swallowing_validate)
+    settings = engine_settings(synthetic_store, tmp_path / "runs", **{"train.epochs": 3})
+    with pytest.raises(Interrupted) as err:
+        run_training(settings, out_dir=tmp_path / "run")
+    assert err.value.exit_code == 143 and "(epoch 1)" in err.value.message
+    assert read_checkpoint(tmp_path / "run" / "last.pt").epoch == 1

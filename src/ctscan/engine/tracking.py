@@ -407,12 +407,13 @@ def _using_uri(uri: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Hold MLflow's and alembic's INFO chatter (database migrations, registrations)."""
+def _quiet(level: int = logging.WARNING) -> Iterator[None]:
+    """Hold MLflow's and alembic's chatter below `level`: INFO (database migrations,
+    registrations) by default; CRITICAL where a failure becomes ctscan's own one line."""
     loggers = [logging.getLogger(name) for name in NOISY_LOGGERS]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
-        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+        logger.setLevel(max(logger.getEffectiveLevel(), level))
     try:
         yield
     finally:
@@ -742,7 +743,7 @@ class MlflowTracker(Tracker):
         from mlflow.entities import Param
 
         batch = [Param(key, str(value)[:MAX_PARAM_CHARS]) for key, value in params.items()]
-        with self._errors("log parameters"):
+        with self._errors("log parameters"), _quiet(logging.CRITICAL):  # the error: one line
             self.client.log_batch(self.run_id, params=batch)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -751,7 +752,7 @@ class MlflowTracker(Tracker):
 
         now_ms = int(time.time() * 1000)
         batch = [Metric(key, float(value), now_ms, int(step)) for key, value in metrics.items()]
-        with self._errors("log metrics"):
+        with self._errors("log metrics"), _quiet(logging.CRITICAL):  # the error: one line
             self.client.log_batch(self.run_id, metrics=batch)
 
     def set_tags(self, tags: dict[str, str]) -> None:
@@ -759,7 +760,7 @@ class MlflowTracker(Tracker):
         from mlflow.entities import RunTag
 
         batch = [RunTag(key, str(value)) for key, value in tags.items()]
-        with self._errors("set tags"):
+        with self._errors("set tags"), _quiet(logging.CRITICAL):  # the error: one line
             self.client.log_batch(self.run_id, tags=batch)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:

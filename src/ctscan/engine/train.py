@@ -69,6 +69,7 @@ from ctscan.errors import (
     Interrupted,
     Terminated,
     held_signals,
+    raise_if_stopped,
     raise_terminated,
 )
 from ctscan.files import atomic_write, ensure_dir, folder_lock, remove_stale_temps
@@ -734,11 +735,21 @@ def refuse_fold_folder(run_dir: Path) -> None:
     )
 
 
-def plan_run(settings: Settings, out_dir: Path | None, resume: str | None, store: Store) -> RunPlan:
-    """Decide the run folder and the checkpoint to resume; refuse what would lose work."""
+def plan_run(
+    settings: Settings,
+    out_dir: Path | None,
+    resume: str | None,
+    store: Store,
+    *,
+    fold: bool = False,
+) -> RunPlan:
+    """Decide the run folder and the checkpoint to resume; refuse what would lose work.
+    `fold`: the run is a cross-validation's fold (else a fold folder is refused first)."""
     resume_path = _resume_path(resume, out_dir, settings)
+    run_dir = out_dir or (resume_path.parent if resume_path else _default_run_dir(settings))
+    if not fold:
+        refuse_fold_folder(run_dir)
     if resume_path is None:
-        run_dir = out_dir or _default_run_dir(settings)
         refuse_reserved_out(run_dir, settings)
         notes = [f"--resume auto: no last.pt in {run_dir}, starting a new run"] if resume else []
         _refuse_finished_folder(run_dir)
@@ -746,7 +757,6 @@ def plan_run(settings: Settings, out_dir: Path | None, resume: str | None, store
     checkpoint = read_checkpoint(resume_path)
     notes = [f"resumed from {resume_path} at epoch {checkpoint.epoch + 1}"]
     notes += check_resume(checkpoint, settings, store)
-    run_dir = out_dir or resume_path.parent
     if run_dir.resolve() != resume_path.parent.resolve():
         if (run_dir / "last.pt").exists():
             raise CtscanError(
@@ -832,9 +842,7 @@ def _train(
     configure_threads(tr.threads, rt.world_size)
     seed_everything(tr.seed + rt.rank, tr.deterministic)
     store = open_store(settings.paths.processed_dir, expect_data=settings.data.model_dump())
-    plan = plan_run(settings, out_dir, resume, store)
-    if splits is None:  # a fold of cross-validation gives its own splits
-        refuse_fold_folder(plan.run_dir)
+    plan = plan_run(settings, out_dir, resume, store, fold=splits is not None)
     if store.raw_warning:
         plan.notes.append(f"warning: {store.raw_warning}")
     # Rank 0 owns the run folder: checked writable and locked before any work is done.
@@ -940,6 +948,7 @@ def _run_epochs(
                 with held_signals(signal.SIGINT, signal.SIGTERM):
                     save_checkpoints(state, loop, plan.run_dir, meta, best=improved, last=save_last)
                     tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+                raise_if_stopped()  # a stop swallowed during the epoch acts now
                 progress.epoch_line(row, improved)
                 if stop:
                     stopped_early = True
@@ -1106,6 +1115,7 @@ def _finish(
             | {f"val_{k}": calibration[k] for k in moved if k in calibration},
             step=len(state.history),
         )
+    raise_if_stopped()  # between calibration and the test split
     test = None
     if settings.train.evaluate_test and not store.counts.get("test", 0):
         progress.log("note: the store's test split is empty: no test figures")

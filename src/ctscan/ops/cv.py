@@ -51,6 +51,7 @@ from ctscan.errors import (
     SettingsError,
     Terminated,
     held_signals,
+    raise_if_stopped,
     say_line,
 )
 from ctscan.files import atomic_write, ensure_dir, folder_lock
@@ -454,6 +455,7 @@ def _run(
         else:
             say(f"fold {fold}/{k}: training on the other folds, selecting on fold {fold}")
             try:
+                raise_if_stopped()  # one swallowed at the end of the fold before acts now
                 record = _train_fold(folds_settings, store, plan, cv_dir, fold, tracker.run_id)
             except (KeyboardInterrupt, Interrupted) as exc:
                 raise _stopped(cv_dir, k, f"in fold {fold} of {k}", exc) from None
@@ -464,6 +466,7 @@ def _run(
         records.append(record)
     rt = resolve_runtime(settings.train)
     try:
+        raise_if_stopped()
         logits, checkpoints = _out_of_fold(store, plan, cv_dir, rt, records, metric)
         labels = plan.labels
         names = list(store.spec.class_names)

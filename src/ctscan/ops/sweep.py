@@ -1130,7 +1130,9 @@ def _trial_row(trial: Any) -> dict[str, Any]:
     attrs = trial.user_attrs
     note = ""
     if state == "FAIL":
-        if attrs.get(ATTR_INTERRUPTED):
+        if not trial.params and ATTR_FAIL_REASON not in attrs:  # stopped before any was drawn
+            note = "stopped before its parameters were drawn: nothing to run again"
+        elif attrs.get(ATTR_INTERRUPTED):
             note = "interrupted: run again"
         elif ATTR_FAIL_REASON in attrs:
             note = str(attrs[ATTR_FAIL_REASON])
