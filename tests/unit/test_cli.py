@@ -221,17 +221,41 @@ def test_help_shows_the_defaults(command: list[str], shown: str) -> None:
     assert shown in " ".join(result.output.replace("│", " ").split())  # not eaten as markup
 
 
-def test_ctrl_c_outside_training_is_one_line_exit_130(tmp_path: Path) -> None:
-    """A KeyboardInterrupt anywhere in a command: `ctscan: interrupted: ...`, exit 130."""
-    code = (
-        "import sys, ctscan.cli as cli\n"
-        "def boom(*a, **k):\n    raise KeyboardInterrupt\n"
-        "import ctscan.settings\nctscan.settings.load_settings = boom\n"
+def _settings_show_with(patch: str) -> subprocess.CompletedProcess[str]:
+    """`ctscan settings show` through `cli.main()` in a fresh interpreter, after `patch`:
+    Python source that replaces `settings.load_settings` (the original is `load`) to stop,
+    fail or swallow a signal where the command does its work."""
+    source = (
+        "import atexit, os, signal, sys, ctscan.cli as cli, ctscan.settings as settings\n"
+        "load = settings.load_settings\n"
+        f"{patch}"
         "sys.argv = ['ctscan', 'settings', 'show']\ncli.main()\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "CTSCAN_DEBUG"}
+    return subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, env=env)
+
+
+def test_ctrl_c_outside_training_is_one_line_exit_130() -> None:
+    """A KeyboardInterrupt anywhere in a command: `ctscan: interrupted: ...`, exit 130."""
+    proc = _settings_show_with(
+        "def boom(*a, **k):\n    raise KeyboardInterrupt\nsettings.load_settings = boom\n"
+    )
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr.strip() == "ctscan: interrupted: stopped by Ctrl-C."
+
+
+def _swallowing(stop: str, then: str) -> str:
+    """A load_settings that sends itself `stop` (if any), drops it as a half-done import or a
+    garbage-collector callback would, then runs `then`."""
+    return (
+        "def swallowing(*a, **k):\n"
+        "    try:\n"
+        f"        if {stop!r}: os.kill(os.getpid(), getattr(signal, {stop!r}))\n"
+        "    except BaseException:\n"
+        "        pass\n"
+        f"    {then}\n"
+        "settings.load_settings = swallowing\n"
+    )
 
 
 @pytest.mark.parametrize(
@@ -245,19 +269,9 @@ def test_ctrl_c_outside_training_is_one_line_exit_130(tmp_path: Path) -> None:
 def test_a_stop_swallowed_mid_import_is_reported_as_the_stop(stop: str, code: int, line: str):
     """A stop that lands where it is swallowed (an import half done) surfaces later as another
     error: that error is the stop's doing, reported as the stop, not as a traceback."""
-    source = (
-        "import os, signal, sys, ctscan.cli as cli\n"
-        "def half_imported(*a, **k):\n"
-        "    try:\n"
-        f"        if {stop!r}: os.kill(os.getpid(), getattr(signal, {stop!r}))\n"
-        "    except BaseException:\n"
-        "        pass\n"
-        "    raise AttributeError(\"module 'numpy' has no attribute 'matrix'\")\n"
-        "import ctscan.settings\nctscan.settings.load_settings = half_imported\n"
-        "sys.argv = ['ctscan', 'settings', 'show']\ncli.main()\n"
+    proc = _settings_show_with(
+        _swallowing(stop, "raise AttributeError(\"module 'numpy' has no attribute 'matrix'\")")
     )
-    env = {k: v for k, v in os.environ.items() if k != "CTSCAN_DEBUG"}
-    proc = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, env=env)
     assert proc.returncode == code, proc.stderr
     assert line in proc.stderr
     if stop:
@@ -267,19 +281,7 @@ def test_a_stop_swallowed_mid_import_is_reported_as_the_stop(stop: str, code: in
 def test_a_stop_swallowed_by_work_that_then_finishes_still_exits_as_stopped() -> None:
     """The stop landed where Python prints "Exception ignored" and goes on (a garbage
     collector callback): the command's work ends, and the exit still says it was stopped."""
-    source = (
-        "import os, signal, sys, ctscan.cli as cli, ctscan.settings as settings\n"
-        "load = settings.load_settings\n"
-        "def swallowed(*a, **k):\n"
-        "    try:\n"
-        "        os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    except BaseException:\n"
-        "        pass\n"
-        "    return load(*a, **k)\n"
-        "settings.load_settings = swallowed\n"
-        "sys.argv = ['ctscan', 'settings', 'show']\ncli.main()\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True)
+    proc = _settings_show_with(_swallowing("SIGTERM", "return load(*a, **k)"))
     assert proc.returncode == 143, proc.stderr
     assert proc.stderr.strip().startswith("ctscan: terminated: stopped by SIGTERM (it landed")
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -288,14 +290,11 @@ def test_a_stop_swallowed_by_work_that_then_finishes_still_exits_as_stopped() ->
 def test_a_second_stop_while_exiting_is_ignored() -> None:
     """After the one line for a stop, another SIGTERM while the interpreter shuts down does
     not add "Exception ignored" noise or change the exit code."""
-    source = (
-        "import atexit, os, signal, sys, ctscan.cli as cli, ctscan.settings as settings\n"
+    proc = _settings_show_with(
         "atexit.register(lambda: os.kill(os.getpid(), signal.SIGTERM))\n"
         "def stopped(*a, **k):\n    raise KeyboardInterrupt\n"
         "settings.load_settings = stopped\n"
-        "sys.argv = ['ctscan', 'settings', 'show']\ncli.main()\n"
     )
-    proc = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True)
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr.strip() == "ctscan: interrupted: stopped by Ctrl-C."
 
