@@ -247,11 +247,17 @@ def _denormals_back_on() -> object:
 def _one_command_per_test() -> object:
     """A ctscan process runs one command and remembers the stop signals it received (a stop
     swallowed mid-way acts at the next step): each test starts with none, as a process does."""
+    import signal
+
     from ctscan.errors import forget_stops
 
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     forget_stops()
     yield
     forget_stops()
+    for signum, handler in handlers.items():  # `main()` called in-process installs its own
+        if handler is not None:
+            signal.signal(signum, handler)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -47,20 +47,24 @@ class CheckpointError(CtscanError):
     exit_code = 4
 
 
+_STOPS: list[int] = []  # the stop signals this process received and has not acted on yet
+
+
 class Interrupted(CtscanError):
-    """The user stopped the command: Ctrl-C (exit 130) or SIGTERM (exit 143)."""
+    """The user stopped the command: Ctrl-C (exit 130) or SIGTERM (exit 143).
+
+    Making one is acting on the stop: the stops received so far are forgotten (see
+    `raise_if_stopped`)."""
 
     def __init__(self, message: str, fix: str | None = None, *, terminated: bool = False) -> None:
         super().__init__(message, fix)
+        _STOPS.clear()
         self.terminated = terminated
         self.exit_code = 143 if terminated else 130
 
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised as an interrupt so that `finally` blocks and context managers run."""
-
-
-_STOPS: list[int] = []  # the stop signals this process has received
 
 
 def raise_terminated(signum: int, frame: object) -> None:
@@ -76,7 +80,8 @@ def raise_interrupt(signum: int, frame: object) -> None:
 
 
 def forget_stops() -> None:
-    """Start a command's count of stops afresh (a process that runs several, like the tests)."""
+    """The stops received so far have been acted on (a graceful shutdown after SIGTERM), or a
+    new command starts in this process (the tests)."""
     _STOPS.clear()
 
 
@@ -89,7 +94,7 @@ def raise_if_stopped() -> None:
 
 
 def stop_received() -> int | None:
-    """The first stop signal (SIGINT, SIGTERM) this process received, or None.
+    """The first stop signal (SIGINT, SIGTERM) received and not acted on yet, or None.
 
     A stop can land inside code that swallows it (an import half done, a library's broad
     `except`) and surface as an unrelated error later: the CLI reports that as the stop.

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ctscan.errors import CheckpointError, CtscanError
+from ctscan.errors import CheckpointError, CtscanError, forget_stops
 from ctscan.inference.predictor import MLFLOW_SCHEMES, Predictor, open_predictor
 from ctscan.serve.app import Service, create_app
 from ctscan.serve.metrics import Metrics
@@ -202,10 +202,15 @@ def run_server(model: str, settings: Any) -> None:
     }
     if serve.workers == 1:
         uvicorn.run(create_app(service), **common)
-        return
-    # Each worker opens the model itself; a checkpoint's ONNX export is in the cache by now.
-    os.environ[ENV_ARGS] = json.dumps(
-        {"model": model, "settings": settings.model_dump(mode="json")}
-    )
-    del service
-    uvicorn.run("ctscan.serve.server:app_from_env", factory=True, workers=serve.workers, **common)
+    else:
+        # Each worker opens the model itself; a checkpoint's ONNX export is in the cache by now.
+        os.environ[ENV_ARGS] = json.dumps(
+            {"model": model, "settings": settings.model_dump(mode="json")}
+        )
+        del service
+        uvicorn.run(
+            "ctscan.serve.server:app_from_env", factory=True, workers=serve.workers, **common
+        )
+    # uvicorn shut down gracefully on the SIGTERM / Ctrl-C, then re-raised it and caught it
+    # itself: the stop has been acted on, and serving ends with exit 0.
+    forget_stops()
