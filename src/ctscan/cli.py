@@ -666,10 +666,7 @@ def main() -> None:
                 signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT, ""
             )
         signum = stop_received()
-        if signum is not None and getattr(exc, "code", None) in (
-            0,
-            None,
-        ):  # a stop swallowed, the work done
+        if signum is not None and getattr(exc, "code", None) in (0, None):  # swallowed, work done
             _stopped_exit(
                 signum, " (it landed where it could not act; the command had done its work)"
             )

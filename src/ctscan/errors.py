@@ -89,8 +89,9 @@ def raise_if_stopped() -> None:
     """Act on a stop that was received but swallowed (it landed in a garbage-collector
     callback, where Python prints "Exception ignored" and goes on): raise it again here, at a
     point between two steps of the work, so the command stops as it was asked to."""
-    if _STOPS:
-        raise Terminated() if _STOPS[0] == signal.SIGTERM else KeyboardInterrupt()
+    signum = stop_received()
+    if signum is not None:
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def stop_received() -> int | None:

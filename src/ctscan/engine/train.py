@@ -720,7 +720,8 @@ def refuse_fold_folder(run_dir: Path) -> None:
     """A plain run never trains in a cross-validation's fold folder: it would train on the
     store's train and valid splits, not the fold's, and the cross-validation would then take
     that model as the fold's (its held-out images seen in training)."""
-    fold, cv_dir = Path(run_dir).resolve(), Path(run_dir).resolve().parent
+    fold = Path(run_dir).resolve()
+    cv_dir = fold.parent
     if not (re.fullmatch(r"fold-\d+", fold.name) and (cv_dir / "folds.json").is_file()):
         return
     try:
@@ -1139,7 +1140,6 @@ def _finish(
             tracker.log_artifact(path, artifact_path="eval-test")
     # The best model's calibrated confidence (max softmax of logits / T) on train: serve's drift
     # reference, the same probabilities the server shows.
-
     from ctscan.data.reference import CONFIDENCE_FILE
     from ctscan.engine.calibration import train_confidence
 
