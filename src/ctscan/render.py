@@ -129,6 +129,25 @@ def render_summary(report: AuditReport) -> Any:
     return Group(counts, files, findings)
 
 
+def _debiased_rows(values: Sequence[dict[str, Any] | None]) -> list[list[str]]:
+    """Table rows of `ece_debiased` dicts (engine/metrics.py), one column each: the estimate,
+    its 95 % interval and what the interval says of the target ('-' where None)."""
+    from ctscan.engine.metrics import ECE_TARGET
+
+    said = {True: "met", False: "missed", None: "cannot tell"}
+    return [
+        ["  ece debiased", *(f"{v['estimate']:.4f}" if v else "-" for v in values)],
+        [
+            "  its 95% interval",
+            *(f"{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}" if v else "-" for v in values),
+        ],
+        [
+            f"  {ECE_TARGET:g} target by it",
+            *(said[v["meets_target"]] if v else "-" for v in values),
+        ],
+    ]
+
+
 def render_report(result: dict[str, Any]) -> Any:
     """Rich tables: summary, per-class metrics and the confusion matrix."""
     from rich.console import Group
@@ -158,6 +177,8 @@ def render_report(result: dict[str, Any]) -> Any:
         summary.add_row(key, fmt(result.get(key)), fmt(lf.get(key)))
         if key == "ece":  # what a perfectly calibrated model would read on this many images
             summary.add_row("  ece if calibrated (median, p95)", floor(result), floor(lf))
+            for row in _debiased_rows([result.get("ece_debiased"), lf.get("ece_debiased")]):
+                summary.add_row(*row)
     per_class = Table(title="per class")
     for col in ("class", "precision", "recall", "f1", "support"):
         per_class.add_column(col, justify="left" if col == "class" else "right")
@@ -202,6 +223,11 @@ def render_calibration_effect(calibration: dict[str, Any], split: str) -> Any:
     table.add_column(f"after (T = {calibration['temperature']:.4g})", justify="right")
     for key in ("ece", "log_loss"):
         table.add_row(key, f"{calibration['before'][key]:.4f}", f"{calibration['after'][key]:.4f}")
+        if key == "ece":
+            for row in _debiased_rows(
+                [calibration[k]["ece_debiased"] for k in ("before", "after")]
+            ):
+                table.add_row(*row)
     return table
 
 
@@ -233,6 +259,10 @@ def render_calibration(result: dict[str, Any]) -> Any:
                 "  ece if calibrated (median, p95)",
                 *(f"{f['median']:.4f}, {f['p95']:.4f}" for f in floors if f),
             )
+        if key == "ece":
+            debiased = [report.get("ece_debiased_before"), report.get("ece_debiased_after")]
+            for row in _debiased_rows(debiased):
+                table.add_row(*row)
     return table
 
 

@@ -323,8 +323,12 @@ def test_evaluate_reports_ece_and_log_loss_before_and_after(
     after = classification_report(labels, probabilities(raw / PLANTED_T), names)
     cal = result["calibration"]
     assert cal["temperature"] == result["temperature"] == PLANTED_T
-    assert cal["before"] == pytest.approx({"ece": before["ece"], "log_loss": before["log_loss"]})
-    assert cal["after"] == pytest.approx({"ece": after["ece"], "log_loss": after["log_loss"]})
+    for key, report in (("before", before), ("after", after)):
+        assert cal[key]["ece"] == pytest.approx(report["ece"])
+        assert cal[key]["log_loss"] == pytest.approx(report["log_loss"])
+        debiased = cal[key]["ece_debiased"]  # the same figure, with its 95 % interval
+        assert debiased["estimate"] == pytest.approx(report["ece_debiased"]["estimate"], abs=1e-6)
+        assert debiased["ci95"][0] <= debiased["estimate"] <= debiased["ci95"][1]
     assert (result["ece"], result["log_loss"]) == (cal["after"]["ece"], cal["after"]["log_loss"])
     assert result["accuracy"] == before["accuracy"] and result["macro_f1"] == before["macro_f1"]
     row = result["predictions"][0]
@@ -342,6 +346,14 @@ def test_evaluate_reports_ece_and_log_loss_before_and_after(
     floor = result["ece_floor"]
     row = next(line for line in text.splitlines() if "ece if calibrated (median, p95)" in line)
     assert f"{floor['median']:.4f}, {floor['p95']:.4f}" in row
+    debiased = result["ece_debiased"]
+    assert debiased == cal["after"]["ece_debiased"]  # the calibrated probabilities, top-level
+    lines = text.splitlines()
+    row = lines.index(next(line for line in lines if "ece debiased" in line))
+    assert f"{debiased['estimate']:.4f}" in lines[row]
+    assert f"{debiased['ci95'][0]:.4f}, {debiased['ci95'][1]:.4f}" in lines[row + 1]
+    verdict = {True: "met", False: "missed", None: "cannot tell"}[debiased["meets_target"]]
+    assert "0.03 target by it" in lines[row + 2] and verdict in lines[row + 2]
 
 
 def test_the_predictor_shows_softmax_of_logits_over_t(planted: Path, synthetic_store: Path):
@@ -494,5 +506,9 @@ def test_calibrate_cli_prints_the_fit(trained, synthetic_store: Path, tmp_path: 
     floor = data["calibration"]["ece_floor_after"]  # what perfect calibration would read here
     assert 0.0 <= floor["median"] <= floor["p95"] <= 1.0
     assert "ece if calibrated (median, p95)" in table.stdout
+    debiased = data["calibration"]["ece_debiased_after"]
+    assert debiased["ci95"][0] <= debiased["estimate"] <= debiased["ci95"][1]
+    assert debiased["bins"] == 8  # 16 validation images: at most N // 2 bins of 2
+    assert "ece debiased" in table.stdout and "0.03 target by it" in table.stdout
     missing = CliRunner().invoke(app, ["calibrate", str(tmp_path / "nope.pt"), *sets])
     assert missing.exit_code != 0

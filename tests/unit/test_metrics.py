@@ -16,6 +16,8 @@ from ctscan.engine.metrics import (
     binary_roc_auc,
     classification_report,
     confusion_matrix,
+    ece_debiased,
+    equal_mass_counts,
     quick_metrics,
     worst_errors,
 )
@@ -361,3 +363,86 @@ def test_confusion_matrix_counts_pairs(case) -> None:
     for i in range(num_classes):
         for j in range(num_classes):
             assert cm[i, j] == int(np.sum((y == i) & (pred == j)))
+
+
+def _calibrated_sets(profile: str, count: int, n: int = 259, gap: float = 0.0):
+    """`count` synthetic (confidence, correct) sets: each image right with probability
+    confidence - gap (gap 0: a perfectly calibrated model)."""
+    rng = np.random.default_rng(7)
+    for _ in range(count):
+        if profile == "spread":
+            confidence = rng.uniform(0.55, 1.0, n)
+        else:  # "confident": most above 0.9, as the main job's model on the test split
+            confidence = 1.0 - 0.5 * rng.beta(0.3, 5.0, n)
+        yield confidence, rng.random(n) < confidence - gap
+
+
+@pytest.mark.parametrize("profile", ["spread", "confident"])
+def test_ece_debiased_reads_zero_for_a_calibrated_model_where_ece_does_not(profile: str) -> None:
+    covered, estimates, plain = 0, [], []
+    for confidence, correct in _calibrated_sets(profile, 200):
+        debiased = ece_debiased(confidence, correct)
+        low, high = debiased["ci95"]
+        covered += low <= 0.0 <= high
+        estimates.append(np.sign(debiased["estimate"]) * debiased["estimate"] ** 2)
+        y, probs = _two_class(confidence, correct)
+        plain.append(classification_report(y, probs, ["a", "b"])["ece"])
+    # a 95 % interval (a plain percentile bootstrap over images covered 0 only 80-94 % of the time)
+    assert covered >= 0.95 * 200
+    # the squared estimate is unbiased: its mean is 0 within its scatter, while binned ECE
+    # averages well above 0 (0.016 to 0.05 here)
+    assert abs(np.mean(estimates)) < 3 * np.std(estimates) / np.sqrt(200)
+    assert np.mean(plain) > 0.01
+
+
+def test_ece_debiased_finds_a_miscalibrated_model() -> None:
+    # right 10 points less often than the model says: the RMS gap is 0.1 in every bin
+    sets = list(_calibrated_sets("spread", 100, n=1000, gap=0.1))
+    found = [ece_debiased(confidence, correct) for confidence, correct in sets]
+    assert np.mean([d["estimate"] for d in found]) == pytest.approx(0.1, abs=0.01)
+    assert sum(d["ci95"][0] <= 0.1 <= d["ci95"][1] for d in found) >= 90
+    assert sum(d["ci95"][0] > 0.0 for d in found) >= 60  # most sets tell it from calibrated
+
+
+def test_ece_debiased_hand_computed() -> None:
+    # 6 images, 3 equal-mass bins of 2 after sorting by confidence:
+    #   (0.6 right, 0.7 wrong): acc 0.5, conf 0.65, gap^2 0.0225, scatter 0.25 / 1
+    #   (0.8 right, 0.8 right): acc 1.0, conf 0.80, gap^2 0.04,   scatter 0
+    #   (0.9 wrong, 1.0 right): acc 0.5, conf 0.95, gap^2 0.2025, scatter 0.25
+    # squared estimate = (0.0225 - 0.25 + 0.04 + 0.2025 - 0.25) / 3 = -0.235 / 3
+    confidence = np.array([0.9, 0.6, 1.0, 0.8, 0.7, 0.8])
+    correct = np.array([False, True, True, True, False, True])
+    debiased = ece_debiased(confidence, correct, n_bins=3)
+    assert debiased["bins"] == 3
+    assert debiased["estimate"] == pytest.approx(-math.sqrt(0.235 / 3))
+    assert ece_debiased([0.9], [True]) is None  # one image: no bin holds two
+    assert ece_debiased([0.9] * 5, [True] * 5, n_bins=15)["bins"] == 2  # at most N // 2 bins
+
+
+@given(n=st.integers(0, 2000), bins=st.integers(1, 50))
+def test_equal_mass_bins_hold_equal_counts(n: int, bins: int) -> None:
+    counts = equal_mass_counts(n, bins)
+    assert counts.sum() == n
+    assert counts.max() - counts.min() <= 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=st.lists(
+        st.tuples(st.sampled_from([0.5, 0.8, 0.99, 1.0]) | st.floats(0.25, 1.0), st.booleans()),
+        min_size=2,
+        max_size=300,
+    ),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_ece_debiased_invariants(data: list[tuple[float, bool]], seed: int) -> None:
+    confidence = np.array([c for c, _ in data])
+    correct = np.array([r for _, r in data])
+    debiased = ece_debiased(confidence, correct, resamples=200)
+    low, high = debiased["ci95"]
+    assert low <= debiased["estimate"] <= high
+    assert low >= -1.0 and high <= 1.0
+    # the images' order does not matter, ties in confidence included
+    shuffle = np.random.default_rng(seed).permutation(len(data))
+    assert ece_debiased(confidence[shuffle], correct[shuffle], resamples=200) == debiased
+    assert json.loads(json.dumps(debiased)) == debiased

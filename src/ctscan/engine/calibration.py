@@ -228,6 +228,7 @@ def calibration_report(
             metrics = classification_report(labels, probs, list(class_names))
             report[f"ece_{key}"] = metrics["ece"]
             report[f"ece_floor_{key}"] = metrics["ece_floor"]  # a calibrated model's ECE here
+            report[f"ece_debiased_{key}"] = metrics["ece_debiased"]  # with its 95 % interval
             report[f"log_loss_{key}"] = metrics["log_loss"]
     return report
 
