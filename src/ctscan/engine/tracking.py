@@ -1027,13 +1027,6 @@ def load_model_spec(model_uri: str, tracking: TrackingSettings, runs_dir: Path) 
     `model_uri` is resolved in the store that `open_tracker` would use (tracking.uri, else
     MLFLOW_TRACKING_URI, else the SQLite file in `runs_dir`).
     """
-    return _model_info(model_uri, tracking, runs_dir)[0]
-
-
-def _model_info(
-    model_uri: str, tracking: TrackingSettings, runs_dir: Path
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the ctscan metadata, the pytorch flavor's configuration) of a logged model."""
     scheme = urlsplit(model_uri).scheme.lower()
     if scheme not in ("models", "runs"):
         raise TrackingError(
@@ -1075,7 +1068,7 @@ def _model_info(
             "use a model registered by `ctscan train` of this version (retrain, or re-register "
             "from its checkpoint), or use the checkpoint itself.",
         )
-    return metadata, dict((info.flavors or {}).get("pytorch") or {})
+    return metadata
 
 
 def load_logged_model(
@@ -1086,49 +1079,44 @@ def load_logged_model(
     The module takes uint8 gray images (B, 1, S, S) and returns logits. `version` is the
     registry version a `models:/` URI resolves to, or `run <id>` for a `runs:/` URI. Both
     formats `log_model` writes load: `pt2` (a torch.export graph) and the pickled fallback
-    (needs ctscan importable, and MLflow's MLFLOW_ALLOW_PICKLE_DESERIALIZATION, true by default).
+    (needs ctscan importable and MLFLOW_ALLOW_PICKLE_DESERIALIZATION, true by default).
     """
-    metadata, flavor = _model_info(model_uri, tracking, runs_dir)  # checks the URI and the store
+    metadata = load_model_spec(model_uri, tracking, runs_dir)  # checks the URI and the store
     uri, source = _resolve_uri(tracking, runs_dir)
     import mlflow.pytorch
     from mlflow.environment_variables import MLFLOW_ALLOW_PICKLE_DESERIALIZATION
     from mlflow.exceptions import MlflowException
 
-    if "pickle_module_name" in flavor and not MLFLOW_ALLOW_PICKLE_DESERIALIZATION.get():
-        raise TrackingError(
-            f"the MLflow model '{model_uri}' is pickled (torch.export could not trace it when it "
-            "was logged) and MLFLOW_ALLOW_PICKLE_DESERIALIZATION is false here.",
-            "if you trust the store (unpickling runs code), set "
-            "MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true, or use the run's checkpoint (best.pt).",
-        )
     with _using_uri(uri), _quiet():
         try:
             module = mlflow.pytorch.load_model(model_uri, map_location="cpu")
             version = _registry_version(model_uri)
         except (MlflowException, OSError) as exc:
+            fix = "check that its artifacts are reachable from this machine, or use the checkpoint."
+            if not MLFLOW_ALLOW_PICKLE_DESERIALIZATION.get():  # MLflow refuses pickled models
+                fix = (
+                    "a pickled model (logged when torch.export failed) needs "
+                    "MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true: set it if you trust the store; "
+                    + fix
+                )
             raise TrackingError(
                 f"MLflow cannot load the model '{model_uri}' from '{uri}' (from {source}): "
                 f"{_first_line(exc)}",
-                "check that its artifacts are reachable from this machine, or use the checkpoint.",
+                fix,
             ) from None
     return _inference_form(module), metadata, version
 
 
 def _inference_form(module: Any) -> Any:
-    """The module `mlflow.pytorch.load_model` gave, ready for inference (the one place for this).
-
-    A `pt2` model comes back as `torch.export.load(path).module()`: a GraphModule whose graph was
-    traced from the model in eval mode, so its batch-norm calls carry `training=False` and its
-    dropout calls `train=False` as constants in the graph (running statistics are read, never
-    updated); it is in inference form already, and its `.training` flag changes nothing. torch
-    2.14's `ExportedProgram.module()` replaces its `train()`/`eval()` with methods that raise
-    NotImplementedError (torch/export/exported_program.py), and
-    `torch.ao.quantization.move_exported_model_to_eval` (the rewrite for a graph exported in
-    training mode) is not in torch 2.14: nothing to call, so nothing is. A pickled model is a
-    plain nn.Module (ctscan's Deployable): eval() it.
-    """
+    """The module `mlflow.pytorch.load_model` gave, ready for inference (the one place deciding)."""
     import torch
 
+    # pt2: `torch.export.load(path).module()`, a GraphModule traced from the model in eval mode:
+    # its batch norms carry training=False and its dropouts train=False as graph constants, so
+    # it is in inference form already and needs nothing (its `.training` flag changes nothing);
+    # torch 2.14's ExportedProgram.module() makes its train()/eval() raise NotImplementedError,
+    # and move_exported_model_to_eval (for graphs exported in training mode) is gone from
+    # torch.ao. Pickled (log_model's fallback): ctscan's Deployable, a plain nn.Module: eval().
     return module if isinstance(module, torch.fx.GraphModule) else module.eval()
 
 
