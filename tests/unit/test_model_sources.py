@@ -181,6 +181,7 @@ def test_serve_answers_an_mlflow_model_as_its_checkpoint(
     assert explain.status_code == (200 if key == "models-pickled" else 501), explain.text
 
 
+@pytest.mark.slow
 def test_a_pickled_model_mlflow_may_not_unpickle_is_one_line_with_the_fix(
     sources: Sources,
 ) -> None:
