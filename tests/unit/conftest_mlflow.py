@@ -29,6 +29,16 @@ def mlflow_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def copy_mlflow_store(template: Path, runs_dir: Path) -> Path:
+    """`runs_dir` (created) holding a copy of the template store as mlflow.db; `runs_dir`."""
+    runs_dir.mkdir(parents=True)
+    with sqlite3.connect(template) as src, sqlite3.connect(runs_dir / "mlflow.db") as dst:
+        src.backup(dst)
+    src.close()
+    dst.close()
+    return runs_dir
+
+
 @pytest.fixture
 def mlflow_runs_dir(
     mlflow_db_template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -41,12 +51,7 @@ def mlflow_runs_dir(
     for var in MLFLOW_ENV:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(tmp_path)
-    runs_dir = tmp_path / "runs"
-    runs_dir.mkdir()
-    with sqlite3.connect(mlflow_db_template) as src, sqlite3.connect(runs_dir / "mlflow.db") as dst:
-        src.backup(dst)
-    src.close()
-    dst.close()
+    runs_dir = copy_mlflow_store(mlflow_db_template, tmp_path / "runs")
     yield runs_dir
     import mlflow
 

@@ -1074,14 +1074,17 @@ def load_model_spec(model_uri: str, tracking: TrackingSettings, runs_dir: Path) 
 def load_logged_model(
     model_uri: str, tracking: TrackingSettings, runs_dir: Path
 ) -> tuple[Any, dict[str, Any], str]:
-    """A logged ctscan model, ready to call: (module in eval mode on the CPU, metadata, version).
+    """A logged ctscan model, ready to call: (module for inference on the CPU, metadata, version).
 
     The module takes uint8 gray images (B, 1, S, S) and returns logits. `version` is the
-    registry version a `models:/` URI resolves to, or `run <id>` for a `runs:/` URI.
+    registry version a `models:/` URI resolves to, or `run <id>` for a `runs:/` URI. Both
+    formats `log_model` writes load: `pt2` (a torch.export graph) and the pickled fallback
+    (needs ctscan importable and MLFLOW_ALLOW_PICKLE_DESERIALIZATION, true by default).
     """
     metadata = load_model_spec(model_uri, tracking, runs_dir)  # checks the URI and the store
     uri, source = _resolve_uri(tracking, runs_dir)
     import mlflow.pytorch
+    from mlflow.environment_variables import MLFLOW_ALLOW_PICKLE_DESERIALIZATION
     from mlflow.exceptions import MlflowException
 
     with _using_uri(uri), _quiet():
@@ -1089,12 +1092,32 @@ def load_logged_model(
             module = mlflow.pytorch.load_model(model_uri, map_location="cpu")
             version = _registry_version(model_uri)
         except (MlflowException, OSError) as exc:
+            fix = "check that its artifacts are reachable from this machine, or use the checkpoint."
+            if not MLFLOW_ALLOW_PICKLE_DESERIALIZATION.get():  # MLflow refuses pickled models
+                fix = (
+                    "a pickled model (logged when torch.export failed) needs "
+                    "MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true: set it if you trust the store; "
+                    + fix
+                )
             raise TrackingError(
                 f"MLflow cannot load the model '{model_uri}' from '{uri}' (from {source}): "
                 f"{_first_line(exc)}",
-                "check that its artifacts are reachable from this machine, or use the checkpoint.",
+                fix,
             ) from None
-    return module.eval(), metadata, version
+    return _inference_form(module), metadata, version
+
+
+def _inference_form(module: Any) -> Any:
+    """The module `mlflow.pytorch.load_model` gave, ready for inference (the one place deciding)."""
+    import torch
+
+    # pt2: `torch.export.load(path).module()`, a GraphModule traced from the model in eval mode:
+    # its batch norms carry training=False and its dropouts train=False as graph constants, so
+    # it is in inference form already and needs nothing (its `.training` flag changes nothing);
+    # torch 2.14's ExportedProgram.module() makes its train()/eval() raise NotImplementedError,
+    # and move_exported_model_to_eval (for graphs exported in training mode) is gone from
+    # torch.ao. Pickled (log_model's fallback): ctscan's Deployable, a plain nn.Module: eval().
+    return module if isinstance(module, torch.fx.GraphModule) else module.eval()
 
 
 def _registry_version(model_uri: str) -> str:

@@ -60,7 +60,7 @@ def run_predict(
         raise CtscanError(
             f"Grad-CAM needs the PyTorch model and its gradients; '{predictor.info.source}' is "
             f"an {predictor.info.format} model without them.",
-            "pass the checkpoint (.pt) or the MLflow model with --explain, or drop --explain.",
+            "pass the checkpoint (.pt) with --explain, or drop --explain.",
         )
     predictions = predictor.predict_files(paths, progress=progress)
     if explain_dir is not None:

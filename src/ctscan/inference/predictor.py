@@ -463,6 +463,7 @@ def _open_mlflow(uri: str, settings: Any, backend: str | None) -> Predictor:
         )
     import torch
 
+    from ctscan.engine.modelling import Deployable
     from ctscan.engine.tracking import load_logged_model
 
     module, meta, version = load_logged_model(uri, settings.tracking, settings.paths.runs_dir)
@@ -485,5 +486,6 @@ def _open_mlflow(uri: str, settings: Any, backend: str | None) -> Predictor:
         format="mlflow",
         **_calibration_info(meta, uri),
     )
-    torch_model = (module.net, module.channels) if hasattr(module, "net") else None
+    # Grad-CAM hooks a layer of the network: a pickled Deployable has it; a pt2 graph has none
+    torch_model = (module.net, module.channels) if isinstance(module, Deployable) else None
     return Predictor(spec=spec, info=info, logits_fn=logits_fn, torch_model=torch_model)
