@@ -316,10 +316,10 @@ def _open_checkpoint(path: Path, settings: Any, backend: str | None) -> Predicto
         )
     import torch
 
-    from ctscan.engine.temperature import apply_temperature
     from ctscan.engine.checkpoint import file_sha256, load_model
     from ctscan.engine.evaluate import predict
     from ctscan.engine.runtime import resolve_runtime
+    from ctscan.engine.temperature import apply_temperature
 
     rt = resolve_runtime(settings.train)  # as `ctscan evaluate` runs: same device and precision
     loaded = load_model(path, device=rt.device, channels_last=rt.channels_last)
