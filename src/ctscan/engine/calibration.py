@@ -72,10 +72,15 @@ def fit_checkpoint(
 
 
 def train_confidence(checkpoint: Checkpoint, store: Store, rt: Runtime) -> dict[str, Any]:
-    """reference_confidence.json's content: the calibrated max-softmax on every train image."""
+    """reference_confidence.json's content: the drift reference that travels with the model.
+
+    The calibrated max-softmax on every train image, and (`features`) the store's feature
+    sample, so a server finds both beside the model, whatever its working directory.
+    """
     logits = raw_logits(checkpoint, store.split("train").images, rt)
     probs = probabilities(apply_temperature(logits, checkpoint.temperature))
-    return confidence_reference(probs.max(axis=1), temperature=checkpoint.temperature)
+    confidence, temperature = probs.max(axis=1), checkpoint.temperature
+    return confidence_reference(confidence, temperature=temperature, features=store.reference())
 
 
 # ---- `ctscan calibrate` -------------------------------------------------------------------
