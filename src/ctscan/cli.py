@@ -545,7 +545,8 @@ def export(
     overrides: Overrides = None,
 ) -> None:
     """Export a checkpoint to ONNX (fp32, int8) or .pt2, checked against it on the test split."""
-    from ctscan.ops.export import render_parity, run_export
+    from ctscan.ops.export import run_export
+    from ctscan.render import render_parity
 
     settings = _settings(settings_files, overrides)
     result = run_export(settings, checkpoint, fmt=format_, int8=int8, out=out, triton_dir=triton)

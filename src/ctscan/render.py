@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ctscan import CLASS_NAMES
 from ctscan.data.audit import SAME_PICTURE_MAD, AuditReport, DroppedImage
+
+if TYPE_CHECKING:
+    from ctscan.ops.export import ExportResult
 
 
 def _examples(items: Sequence[str], n: int = 3) -> str:
@@ -263,6 +266,36 @@ def render_calibration(result: dict[str, Any]) -> Any:
             debiased = [report.get("ece_debiased_before"), report.get("ece_debiased_after")]
             for row in _debiased_rows(debiased):
                 table.add_row(*row)
+    return table
+
+
+def render_parity(result: ExportResult) -> Any:
+    """A Rich table: each format's max |logit difference| vs eager, agreement and accuracy."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    opset = f", ONNX opset {result.opset}" if result.opset else ""
+    table = Table(
+        title=f"{result.model_name}: parity with the eager checkpoint on {result.n_test} test "
+        f"images{opset}",
+        title_justify="left",
+    )
+    table.add_column("format", no_wrap=True)
+    table.add_column("file", no_wrap=True)
+    table.add_column("max |Δlogit|", justify="right")
+    table.add_column("agreement", justify="right")
+    table.add_column("accuracy", justify="right")
+    table.add_column("status")
+    for row in result.parity:
+        status = "reference" if row.format == "eager" else ("ok" if row.accepted else row.note)
+        table.add_row(
+            row.format,
+            escape(row.path.name),
+            "-" if row.format == "eager" else f"{row.max_abs_diff:.2e}",
+            f"{row.agreement:.2%}",
+            f"{row.accuracy:.2%}",
+            escape(status),
+        )
     return table
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ctscan import CLASS_NAMES
+from ctscan.data.reference import build_reference
 from ctscan.data.store import SplitArrays, write_store
 from ctscan.data.transforms import PreprocessSpec
 from ctscan.settings import DataSettings, Settings, load_settings
@@ -40,9 +41,18 @@ def make_split(n_per_class: int, size: int, seed: int, split: str) -> SplitArray
 
 
 def write_synthetic_store(
-    out_dir: Path, *, size: int = 32, train: int = 16, valid: int = 4, test: int = 4
+    out_dir: Path,
+    *,
+    size: int = 32,
+    train: int = 16,
+    valid: int = 4,
+    test: int = 4,
+    reference: bool = False,
 ) -> Path:
-    """A processed store with separable synthetic classes (and one planted test leak)."""
+    """A processed store with separable synthetic classes (and one planted test leak).
+
+    `reference`: with the drift reference preprocess writes (reference.json).
+    """
     splits = {
         "train": make_split(train, size, 0, "train"),
         "valid": make_split(valid, size, 1, "valid"),
@@ -66,6 +76,7 @@ def write_synthetic_store(
         raw_dir=None,
         raw_fingerprint="synthetic",
         on_leak=data["on_leak"],
+        reference=build_reference(splits["train"].images) if reference else None,
     )
 
 

@@ -26,22 +26,20 @@ from ctscan.cli import app
 from ctscan.data.reference import CONFIDENCE_FILE
 from ctscan.data.store import Store, load_store
 from ctscan.data.transforms import model_input
-from ctscan.engine.calibration import (
-    T_MAX,
-    T_MIN,
-    apply_temperature,
-    describe,
-    fit_checkpoint,
-    fit_temperature,
-    nll,
-    run_calibrate,
-    validation_logits,
-)
+from ctscan.engine.calibration import fit_checkpoint, run_calibrate, validation_logits
 from ctscan.engine.checkpoint import Checkpoint, load_model, read_checkpoint, save_checkpoint
 from ctscan.engine.evaluate import evaluate_checkpoint, predict, probabilities
 from ctscan.engine.metrics import classification_report
 from ctscan.engine.modelling import Deployable
 from ctscan.engine.runtime import resolve_runtime
+from ctscan.engine.temperature import (
+    T_MAX,
+    T_MIN,
+    apply_temperature,
+    describe,
+    fit_temperature,
+    nll,
+)
 from ctscan.engine.train import run_training
 from ctscan.errors import CheckpointError, CtscanError
 from ctscan.inference import open_predictor

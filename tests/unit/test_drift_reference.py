@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +31,8 @@ from ctscan.engine.evaluate import predict, probabilities
 from ctscan.engine.runtime import resolve_runtime
 from ctscan.engine.train import run_training
 from ctscan.errors import DataError
-from ctscan.settings import Settings
-from tests.unit.conftest_store import engine_settings
+from ctscan.settings import Settings, load_settings
+from tests.unit.conftest_store import engine_settings, write_synthetic_store
 
 
 def test_all_black_image() -> None:
@@ -239,3 +240,38 @@ def test_train_writes_the_best_models_calibrated_confidence_on_train(
     np.testing.assert_allclose(saved["confidence"], expected, rtol=1e-6)
     assert min(saved["confidence"]) >= 1 / 4 - 1e-9  # max of 4 probabilities
     assert load_confidence_reference(result.run_dir / CONFIDENCE_FILE) == pytest.approx(expected)
+
+
+def test_the_drift_reference_travels_with_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Served from another working directory (the relative paths.processed_dir finds no
+    store), a checkpoint still has drift monitoring: its reference is beside it."""
+    from fastapi.testclient import TestClient
+
+    from ctscan.serve.app import create_app
+    from ctscan.serve.monitoring import CONFIDENCE
+    from ctscan.serve.server import build_service
+
+    store = write_synthetic_store(tmp_path / "processed", reference=True)
+    settings = engine_settings(store, tmp_path / "runs", **{"train.epochs": 1})
+    result = run_training(settings, out_dir=tmp_path / "run")
+    assert result is not None
+    beside = result.run_dir / CONFIDENCE_FILE
+    assert json.loads(beside.read_text())["features"] == load_store(store).reference()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    serving = load_settings([], ['serve.backend="torch"', 'train.device="cpu"'])
+    assert not Path(serving.paths.processed_dir).exists()
+    service = build_service(str(result.best_path), serving)
+    assert service.monitor is not None and CONFIDENCE in service.monitor.tests
+    with TestClient(create_app(service)) as client:
+        assert client.get("/monitoring/drift").json()["available"] is True
+    beside.unlink()  # no reference beside it, none in a store: off, and said at start-up
+    with caplog.at_level(logging.WARNING, logger="ctscan.serve"):
+        service = build_service(str(result.best_path), serving)
+    said = [r.getMessage() for r in caplog.records if "drift" in r.getMessage()]
+    assert service.monitor is None and len(said) == 1 and CONFIDENCE_FILE in said[0]
+    with TestClient(create_app(service)) as client:
+        body = client.get("/monitoring/drift").json()
+    assert body["available"] is False and body["reason"] == service.drift_off

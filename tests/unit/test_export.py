@@ -196,93 +196,39 @@ def test_int8_rule() -> None:
 # ---- Triton ------------------------------------------------------------------------------
 
 
-def _model_config_class():
-    """The part of Triton's ModelConfig proto (inference/model_config.proto) a config uses."""
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+def _model_config(text: str):
+    """`text` parsed with Triton's own schema: an unknown field or enum value is an error."""
+    from google.protobuf import text_format
 
-    f = descriptor_pb2.FileDescriptorProto(name="triton_subset.proto", package="inference")
-    f.syntax = "proto3"
-    dtype = f.enum_type.add(name="DataType")
-    names = [
-        "INVALID",
-        "BOOL",
-        "UINT8",
-        "UINT16",
-        "UINT32",
-        "UINT64",
-        "INT8",
-        "INT16",
-        "INT32",
-        "INT64",
-        "FP16",
-        "FP32",
-    ]
-    for number, name in enumerate(names):
-        dtype.value.add(name=f"TYPE_{name}", number=number)
-    t = descriptor_pb2.FieldDescriptorProto
-    opt, rep = t.LABEL_OPTIONAL, t.LABEL_REPEATED
-
-    def message(name: str, fields: list[tuple[str, int, int, int, str]]) -> None:
-        m = f.message_type.add(name=name)
-        for field_name, number, kind, label, type_name in fields:
-            added = m.field.add(name=field_name, number=number, type=kind, label=label)
-            if type_name:
-                added.type_name = type_name
-
-    message(
-        "ModelInput",
-        [
-            ("name", 1, t.TYPE_STRING, opt, ""),
-            ("data_type", 2, t.TYPE_ENUM, opt, ".inference.DataType"),
-            ("dims", 4, t.TYPE_INT64, rep, ""),
-        ],
+    model_config_pb2 = pytest.importorskip(
+        "tritonclient.grpc.model_config_pb2", reason="pip install 'tritonclient[grpc]'"
     )
-    message(
-        "ModelOutput",
-        [
-            ("name", 1, t.TYPE_STRING, opt, ""),
-            ("data_type", 2, t.TYPE_ENUM, opt, ".inference.DataType"),
-            ("dims", 3, t.TYPE_INT64, rep, ""),
-            ("label_filename", 4, t.TYPE_STRING, opt, ""),
-        ],
-    )
-    message(
-        "ModelDynamicBatching",
-        [
-            ("preferred_batch_size", 1, t.TYPE_INT32, rep, ""),
-            ("max_queue_delay_microseconds", 2, t.TYPE_UINT64, opt, ""),
-        ],
-    )
-    message(
-        "ModelConfig",
-        [
-            ("name", 1, t.TYPE_STRING, opt, ""),
-            ("platform", 2, t.TYPE_STRING, opt, ""),
-            ("max_batch_size", 4, t.TYPE_INT32, opt, ""),
-            ("input", 5, t.TYPE_MESSAGE, rep, ".inference.ModelInput"),
-            ("output", 6, t.TYPE_MESSAGE, rep, ".inference.ModelOutput"),
-            ("dynamic_batching", 11, t.TYPE_MESSAGE, opt, ".inference.ModelDynamicBatching"),
-        ],
-    )
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(f)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("inference.ModelConfig"))
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
 
 
-def test_triton_config_parses_as_a_model_config() -> None:
+def test_triton_config_parses_as_tritons_model_config() -> None:
     from google.protobuf import text_format
 
     text = triton_config("ctscan-cnn_gap", image_size=64, num_classes=4, max_batch_size=16)
-    config = text_format.Parse(text, _model_config_class()())
+    config = _model_config(text)
+    types = type(config.input[0]).DESCRIPTOR.fields_by_name["data_type"].enum_type.values_by_name
     assert config.name == "ctscan-cnn_gap"
     assert config.platform == "onnxruntime_onnx"
     assert config.max_batch_size == 16
     (inp,) = config.input
-    assert (inp.name, inp.data_type, list(inp.dims)) == ("images", 2, [1, 64, 64])  # UINT8
+    assert (inp.name, inp.data_type, list(inp.dims)) == (
+        "images",
+        types["TYPE_UINT8"].number,
+        [1, 64, 64],
+    )
     (out,) = config.output
-    assert (out.name, out.data_type, list(out.dims)) == ("logits", 11, [4])  # FP32
+    assert (out.name, out.data_type, list(out.dims)) == ("logits", types["TYPE_FP32"].number, [4])
     assert out.label_filename == "labels.txt"
     assert config.dynamic_batching.max_queue_delay_microseconds > 0
+    misspelt = {"label_filename": "labels_filename", "TYPE_UINT8": "UINT8", "dims": "shape"}
+    for right, wrong in misspelt.items():
+        with pytest.raises(text_format.ParseError, match=wrong):
+            _model_config(text.replace(right, wrong))
 
 
 def test_triton_config_refuses_bad_names_and_batch() -> None:
@@ -404,12 +350,32 @@ def test_triton_layout_and_no_temp_files(exported: Exported) -> None:
     assert (model_dir / "labels.txt").read_text().split() == list(
         read_checkpoint(exported.checkpoint).class_names
     )
-    assert "dims: [ 1, 32, 32 ]" in (model_dir / "config.pbtxt").read_text()
+    # What Triton reads: <repository>/<model>/config.pbtxt naming the folder, the model in a
+    # numbered version folder (<model>/<version>/model.onnx for onnxruntime_onnx), the inputs
+    # and outputs of the config those of the ONNX graph.
+    config = _model_config((model_dir / "config.pbtxt").read_text())
+    assert config.name == model_dir.name and config.platform == "onnxruntime_onnx"
+    versions = [p for p in model_dir.iterdir() if p.is_dir()]
+    assert [p.name for p in versions] == ["1"] and (versions[0] / "model.onnx").is_file()
+    graph = onnx.load(str(versions[0] / "model.onnx")).graph
+    elem = onnx.TensorProto.DataType
+    for declared, (tensor,), onnx_type in (
+        (config.input, graph.input, "UINT8"),
+        (config.output, graph.output, "FLOAT"),
+    ):
+        (entry,) = declared
+        shape = [d.dim_value or -1 for d in tensor.type.tensor_type.shape.dim]
+        assert entry.name == tensor.name and tensor.type.tensor_type.elem_type == elem.Value(
+            onnx_type
+        )
+        assert [-1, *entry.dims] == shape  # Triton adds the batch axis (max_batch_size > 0)
+    assert config.output[0].label_filename == "labels.txt"
     assert (model_dir / "config.pbtxt").stat().st_mode & 0o044  # readable by the server's user
     assert sorted(p.name for p in exported.folder.iterdir()) == [
         "best.int8.onnx",
         "best.onnx",
         "best.pt2",
+        "reference_confidence.json",  # the drift reference travels with the exported files
     ]
     assert _no_temp_files(exported.folder) == [] and _no_temp_files(exported.triton) == []
     assert exported.result.paths[:3] == [
@@ -429,7 +395,7 @@ def test_refused_int8_leaves_no_file_and_keeps_fp32(
     assert isinstance(result.error, CtscanError)
     assert "int8 model was refused" in str(result.error)
     assert out.is_file() and not (tmp_path / "deploy" / "model.int8.onnx").exists()
-    assert result.paths == [out]
+    assert result.paths == [out, out.parent / "reference_confidence.json"]  # drift reference
     row = result.parity[-1]
     assert row.format == "onnx-int8" and not row.accepted
     assert _no_temp_files(tmp_path / "deploy") == []
@@ -462,7 +428,8 @@ def test_cli_writes_the_file_and_prints_parity(
     assert proc.returncode == 0, proc.stderr
     assert out.is_file()
     assert "max |Δlogit|" in proc.stdout and "onnx" in proc.stdout
-    assert proc.stdout.strip().splitlines()[-1] == str(out)
+    written = [str(out), str(out.parent / "reference_confidence.json")]  # + the drift reference
+    assert proc.stdout.strip().splitlines()[-2:] == written
     bad = subprocess.run(
         [sys.executable, "-m", "ctscan", "export", str(trained.parent), *sets],
         capture_output=True,

@@ -205,7 +205,9 @@ def test_predict_422(client: httpx.Client, case: str, words: list[str]) -> None:
         response = client.post("/predict", files={"image": ("a.png", good)})
     else:
         response = client.post("/predict")
-    _assert_json_error(response, 422, *words)
+    body = _assert_json_error(response, 422, *words)
+    if case == "corrupt_png":  # a fix an HTTP client can apply, not the CLI's `dvc pull`
+        assert "send the whole file" in body["fix"] and "dvc" not in body["fix"]
 
 
 def test_predict_400_for_a_malformed_multipart_body(client: httpx.Client) -> None:

@@ -159,6 +159,10 @@ def test_explain_target_picks_the_class(torch_server: LiveServer) -> None:
             predicted["probabilities"][other], abs=1e-5
         )
         bad = client.post("/explain", files={"file": ("a.png", png)}, data={"target": "tumour"})
+        described = client.get("/openapi.json").json()["paths"]["/explain"]["post"]["responses"]
+    headers = described["200"]["headers"]  # the docs say the headers are the target's
+    assert "target" in headers["X-Label"]["description"]
+    assert "X-Label" in headers["X-Confidence"]["description"]
     assert bad.status_code == 422
     assert "tumour" in bad.json()["error"] and "normal" in bad.json()["fix"]
 

@@ -105,7 +105,10 @@ def test_decode_refuses_a_truncated_png(tmp_path: Path) -> None:
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match="truncated or corrupt") as err:
         decode_image(tmp_path / "cut.png")
-    assert "cut.png" in str(err.value)
+    assert "cut.png" in str(err.value) and "dvc pull" in err.value.fix  # a file on disk
+    with pytest.raises(DataError, match="truncated or corrupt") as err:
+        decode_image(data[: len(data) // 2])
+    assert "send the whole file" in err.value.fix and "dvc" not in err.value.fix  # an upload
 
 
 def test_decode_checks_pixels_from_the_header_before_decoding() -> None:

@@ -16,7 +16,9 @@ needs the samples) as `reference.json` in the processed store (REFERENCE_FILE; r
 `Store.reference()` or `load_reference`). `train` writes the best model's confidence on the
 train images as `reference_confidence.json` in the run folder (CONFIDENCE_FILE): its calibrated
 max-softmax, softmax(logits / T), with the T it used (`ctscan calibrate` rewrites it for a new
-T). The server's `DriftMonitor` (serve/monitoring.py) compares recent requests with both.
+T), and under `features` a copy of the store's reference.json: the drift reference travels with
+the model (cv folds, ensembles and calibrate write the same file beside theirs). The server's
+`DriftMonitor` (serve/monitoring.py) compares recent requests with both.
 
 reference.json: {"format": 1, "features": [names], "samples": {name: [float, ...]}, "n": number
 of sampled images, "n_images": images in the split, "split": "train", "image_size": S, "seed",
@@ -205,15 +207,20 @@ def load_reference(path: Path | str) -> dict[str, Any]:
 
 
 def confidence_reference(
-    confidence: Sequence[float] | np.ndarray, *, temperature: float = 1.0
+    confidence: Sequence[float] | np.ndarray,
+    *,
+    temperature: float = 1.0,
+    features: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The content of reference_confidence.json: the model's max-softmax per train image.
 
     `temperature` is the T the probabilities were computed with (softmax(logits / T)): the
     server uses the reference only for a model that shows probabilities with the same T.
+    `features`: the store's reference.json, kept beside the model too (see the module doc).
     """
     values = [float(v) for v in np.asarray(confidence, dtype=np.float64).reshape(-1)]
-    return {"confidence": values, "n": len(values), "split": "train", "temperature": temperature}
+    saved = {"confidence": values, "n": len(values), "split": "train", "temperature": temperature}
+    return saved if features is None else {**saved, "features": dict(features)}
 
 
 def load_confidence_reference(path: Path | str) -> list[float]:

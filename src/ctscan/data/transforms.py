@@ -83,10 +83,20 @@ def _read_source(source: Path | bytes, max_bytes: int, name: str) -> bytes:
         if len(data) > max_bytes:  # grew while we read it
             raise DataError(f"{name} is above the limit of {max_bytes} bytes.")
     if not data:
-        raise DataError(
-            f"{name} is empty (0 bytes).", "restore the file (`dvc pull`) or remove it."
+        raise _damaged_file(
+            f"{name} is empty (0 bytes).", upload=isinstance(source, (bytes, bytearray, memoryview))
         )
     return data
+
+
+def _damaged_file(problem: str, *, upload: bool) -> DataError:
+    """An empty or cut-off file, with the fix its holder can apply: the sender of an upload
+    (an HTTP client, a caller passing bytes) sends it again; a file on disk is restored."""
+    if upload:
+        return DataError(
+            problem, "send the whole file again (the upload ended early or was damaged)."
+        )
+    return DataError(problem, "restore the file (`dvc pull`) or remove it.")
 
 
 def _claimed_size(data: bytes) -> tuple[int, int] | None:
@@ -186,9 +196,9 @@ def decode_image(
             raise _too_many_pixels(name, (width, height), max_pixels) from None
         except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
             img.close()
-            raise DataError(
+            raise _damaged_file(
                 f"{name} is truncated or corrupt ({fmt or 'unknown format'}): {exc}.",
-                "restore the file (`dvc pull`) or remove it.",
+                upload=isinstance(source, (bytes, bytearray, memoryview)),
             ) from None
     return img
 

@@ -15,7 +15,7 @@ Both files are one dict written by `torch.save` from plain data and tensors (loa
     epoch, history, best_epoch, best_value, select_metric
     settings        the resolved settings the run used (JSON-ready dict)
     data_hash, git_commit, ctscan_version, torch_version, mlflow_run_id
-    temperature     T > 0: the probabilities shown are softmax(logits / T) (engine/calibration.py);
+    temperature     T > 0: the probabilities shown are softmax(logits / T) (engine/temperature.py);
                     fitted on the validation split at the end of training (best.pt, when
                     train.calibrate is on) or by `ctscan calibrate`. Absent (files written
                     before calibration existed) or 1.0: uncalibrated.
@@ -54,7 +54,6 @@ from torch import nn
 
 import ctscan
 from ctscan.data.transforms import PreprocessSpec
-from ctscan.engine.calibration import check_temperature, describe
 from ctscan.engine.modelling import (
     Deployable,
     build_model,
@@ -62,6 +61,7 @@ from ctscan.engine.modelling import (
     load_model_state,
     model_channels,
 )
+from ctscan.engine.temperature import check_temperature, describe
 from ctscan.errors import CheckpointError, DataError, held_signals
 from ctscan.files import atomic_write, file_sha256
 from ctscan.models import unwrap

@@ -1,7 +1,7 @@
 """Evaluate a checkpoint on a split of the processed store: metrics, plots, the leak-free subset.
 
 The probabilities scored are the ones every consumer shows: softmax(logits / T) with the
-checkpoint's temperature (engine/calibration.py). `calibration` in the result gives the ECE and
+checkpoint's temperature (engine/temperature.py). `calibration` in the result gives the ECE and
 log-loss of the same split before (T = 1) and after; accuracy and F1 do not depend on T.
 """
 
@@ -16,10 +16,10 @@ import torch
 
 from ctscan.data.store import Store, open_store
 from ctscan.data.transforms import model_input
-from ctscan.engine.calibration import FIT_SPLIT, apply_temperature
 from ctscan.engine.checkpoint import Checkpoint, load_model, read_checkpoint
 from ctscan.engine.metrics import classification_report, probabilities, worst_errors
 from ctscan.engine.runtime import Runtime, resolve_runtime
+from ctscan.engine.temperature import FIT_SPLIT, apply_temperature
 from ctscan.errors import CheckpointError, CtscanError, DataError
 from ctscan.files import atomic_write, ensure_dir
 from ctscan.settings import Settings

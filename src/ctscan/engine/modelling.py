@@ -108,7 +108,7 @@ class Deployable(nn.Module):
     """A classifier that takes what a runtime has after decode + resize: uint8 gray images.
 
     forward: (B, 1, S, S) uint8 -> (B, C) float32 calibrated logits, the network's logits
-    divided by `temperature` (engine/calibration.py; 1.0 leaves them as they are), so softmax of
+    divided by `temperature` (engine/temperature.py; 1.0 leaves them as they are), so softmax of
     the output gives the calibrated probabilities and the argmax is the network's. Normalisation
     (the spec's mean/std) and the channel repeat run inside, through `model_input`, so the
     MLflow model and the exported files need nothing from ctscan but the decode and resize.

@@ -316,10 +316,10 @@ def _open_checkpoint(path: Path, settings: Any, backend: str | None) -> Predicto
         )
     import torch
 
-    from ctscan.engine.calibration import apply_temperature
     from ctscan.engine.checkpoint import file_sha256, load_model
     from ctscan.engine.evaluate import predict
     from ctscan.engine.runtime import resolve_runtime
+    from ctscan.engine.temperature import apply_temperature
 
     rt = resolve_runtime(settings.train)  # as `ctscan evaluate` runs: same device and precision
     loaded = load_model(path, device=rt.device, channels_last=rt.channels_last)
@@ -440,14 +440,14 @@ def _open_onnx(path: Path, settings: Any, backend: str | None) -> Predictor:
 
 def _temperature(meta: dict[str, Any], source: Path | str) -> float:
     """The temperature an exported or logged model holds (files from before: 1.0)."""
-    from ctscan.engine.calibration import check_temperature
+    from ctscan.engine.temperature import check_temperature
 
     return check_temperature(meta.get("temperature", 1.0), source)
 
 
 def _calibration_info(meta: dict[str, Any], source: Path | str) -> dict[str, Any]:
     """ModelInfo's temperature and calibration text from a model file's ctscan metadata."""
-    from ctscan.engine.calibration import describe
+    from ctscan.engine.temperature import describe
 
     temperature = _temperature(meta, source)
     calibration = meta.get("calibration")

@@ -481,7 +481,7 @@ def _run(
         if settings.train.calibrate:
             calibration = _calibrate(cv_dir, k, checkpoints, logits, labels, store, rt)
             temperature = calibration["temperature"]
-        from ctscan.engine.calibration import apply_temperature
+        from ctscan.engine.temperature import apply_temperature
 
         probs = probabilities(apply_temperature(logits, temperature))
         oof_report = classification_report(labels, probs, names)

@@ -23,10 +23,13 @@ fewer than INT8_MIN_AGREEMENT of the test images or its accuracy is more than
 INT8_MAX_ACCURACY_DROP below eager's.
 
 Writes: everything is made in a staging folder beside the targets (`.<name>.export-*.tmp`),
-checked there, then renamed into place; the staging folder is removed whatever happens.
+checked there, then renamed into place; the staging folder is removed whatever happens. Into
+another folder than the checkpoint's, its reference_confidence.json (serve's drift reference)
+is copied too.
 `--triton DIR` lays out `DIR/<name>/1/model.onnx`, `config.pbtxt` and `labels.txt` from the
-accepted fp32 file (`triton_config` writes the config; it has not been run on a Triton server
-here).
+accepted fp32 file: the layout Triton documents, the config parsed in the tests with Triton's own
+schema (tritonclient's `model_config_pb2.ModelConfig`) and its inputs and outputs checked against
+the ONNX graph (not run on a Triton server here).
 """
 
 from __future__ import annotations
@@ -45,7 +48,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import ctscan
+from ctscan.data.reference import CONFIDENCE_FILE
 from ctscan.errors import CheckpointError, CtscanError
+from ctscan.files import atomic_write, built_aside, ensure_dir
 from ctscan.inference.predictor import ONNX_METADATA_KEY as METADATA_KEY
 
 if TYPE_CHECKING:
@@ -505,11 +510,9 @@ def write_triton_layout(
 ) -> Path:
     """`repository/<name>/1/model.onnx` + `config.pbtxt` + `labels.txt`; returns the model folder.
 
-    Each file is written atomically, readable as a plain new file is (the server may run as
+    Each file is written atomically, with a new file's usual permissions (the server may run as
     another user); version 1 is replaced if it exists.
     """
-    from ctscan.files import atomic_write, ensure_dir
-
     config = triton_config(name, image_size=image_size, num_classes=len(class_names))
     model_dir = ensure_dir(repository / name, what="Triton model folder")
     version_dir = ensure_dir(model_dir / "1", what="Triton model version folder")
@@ -524,11 +527,8 @@ def write_triton_layout(
         model_dir / "labels.txt": lambda fh: fh.write(labels),
         model_dir / "config.pbtxt": lambda fh: fh.write(config.encode()),
     }
-    umask = os.umask(0)
-    os.umask(umask)
     for path, write in writers.items():
-        atomic_write(path, write)
-        path.chmod(0o666 & ~umask)  # a temp file is 0600: let the server's user read it
+        atomic_write(path, write)  # readable as a plain new file is
     return model_dir
 
 
@@ -579,16 +579,6 @@ def staging(folder: Path, name: str) -> Iterator[Path]:
         yield stage
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-
-
-def _commit(staged: Path, target: Path) -> None:
-    os.replace(staged, target)
-    with contextlib.suppress(OSError):
-        fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def run_export(
@@ -692,8 +682,12 @@ def run_export(
                     f"deploy {plan.onnx.name} (float32), or retrain and export again (a model "
                     "that is further from its decision boundaries quantises better).",
                 )
+        drift = checkpoint.parent / CONFIDENCE_FILE  # serve's drift reference goes along
+        if staged and drift.is_file() and plan.folder.resolve() != checkpoint.parent.resolve():
+            staged[plan.folder / CONFIDENCE_FILE] = Path(shutil.copy(drift, stage))
         for target, path in staged.items():
-            _commit(path, target)
+            with built_aside(target) as aside:  # its permissions, rename and folder fsync
+                os.replace(path, aside)
             written.append(target)
 
     triton_model_dir = None
@@ -721,33 +715,3 @@ def run_export(
         warnings=[store.raw_warning] if store.raw_warning else [],
         error=error,
     )
-
-
-def render_parity(result: ExportResult) -> Any:
-    """A Rich table: each format's max |logit difference| vs eager, agreement and accuracy."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    opset = f", ONNX opset {result.opset}" if result.opset else ""
-    table = Table(
-        title=f"{result.model_name}: parity with the eager checkpoint on {result.n_test} test "
-        f"images{opset}",
-        title_justify="left",
-    )
-    table.add_column("format", no_wrap=True)
-    table.add_column("file", no_wrap=True)
-    table.add_column("max |Δlogit|", justify="right")
-    table.add_column("agreement", justify="right")
-    table.add_column("accuracy", justify="right")
-    table.add_column("status")
-    for row in result.parity:
-        status = "reference" if row.format == "eager" else ("ok" if row.accepted else row.note)
-        table.add_row(
-            row.format,
-            escape(row.path.name),
-            "-" if row.format == "eager" else f"{row.max_abs_diff:.2e}",
-            f"{row.agreement:.2%}",
-            f"{row.accuracy:.2%}",
-            escape(status),
-        )
-    return table

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import Depends, FastAPI, File, Form, Request, Security, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, Security, UploadFile
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -174,6 +174,7 @@ class Service:
     ready: bool = False
     explain_lock: threading.Lock = field(default_factory=threading.Lock)
     decoder: ThreadPoolExecutor | None = None  # set while the app runs (lifespan)
+    drift_off: str = "no training reference was found"  # why `monitor` is None
 
     async def read(self, data: bytes, name: str) -> np.ndarray:
         """Decode an upload on the decode threads: first come, first decoded.
@@ -200,41 +201,324 @@ class Service:
         )
 
 
+async def get_service(request: Request) -> Service:
+    """The one Service of this app (a dependency; async: no thread hop for an attribute)."""
+    return request.app.state.service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+async def served_model(model_name: ModelName, service: ServiceDep) -> str:
+    """The `{model_name}` of an Open Inference Protocol path: 404 unless it is the served one."""
+    name = service.settings.serve.model_name
+    if model_name != name:
+        raise ApiError(404, f"no model '{model_name}' here.", f"this server serves '{name}'.")
+    return name
+
+
+ServedModel = Annotated[str, Depends(served_model)]
+
+# Routes in four routers; create_app adds the token check to `guarded` and `v2_models`.
+health_routes = APIRouter(tags=["health"])
+guarded = APIRouter()
+v2_health = APIRouter(prefix="/v2/health", tags=["kserve-v2"])
+v2_models = APIRouter(prefix="/v2/models/{model_name}", tags=["kserve-v2"])
+ROUTERS = (health_routes, guarded, v2_health, v2_models)
+EMPTY_OK = {200: {"description": "yes (empty body)"}}
+
+
+@health_routes.get("/health")
+async def health() -> dict[str, str]:
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+@health_routes.get("/ready", responses=_errors(503))
+async def ready(service: ServiceDep) -> Any:
+    """The model is loaded and warmed up."""
+    _require_ready(service)
+    return {"status": "ready", "model": service.identity().model_dump()}
+
+
+@guarded.post(
+    "/predict",
+    response_model=PredictResponse,
+    tags=["predict"],
+    responses=_errors(400, 401, 413, 415, 422, 503),
+)
+async def predict(
+    file: Annotated[UploadFile, File(description="PNG/JPEG/DICOM")], service: ServiceDep
+) -> Any:
+    """Predict the class of one CT slice."""
+    start = time.perf_counter()
+    image = await _decode(service, file)
+    probs = await _submit(service, image[None, None])
+    prediction = service.predictor.predictions(probs, [None])[0]
+    _record(service, image, prediction)
+    return PredictResponse(
+        label=str(prediction.label),
+        class_index=int(prediction.index or 0),
+        confidence=float(prediction.confidence or 0.0),
+        probabilities=prediction.probabilities or {},
+        model=service.identity(),
+        latency_ms=(time.perf_counter() - start) * 1000,
+    )
+
+
+@guarded.post(
+    "/predict/batch",
+    response_model=BatchResponse,
+    tags=["predict"],
+    responses=_errors(400, 401, 413, 422, 503),
+)
+async def predict_batch(
+    files: Annotated[list[UploadFile], File(description="several PNG/JPEG/DICOM files")],
+    service: ServiceDep,
+) -> Any:
+    """Predict several files in one request; a file that cannot be read gets its own error."""
+    start = time.perf_counter()
+    _check_count(len(files), "files in one request", service)
+    items: list[BatchItem] = []
+    images, slots = [], []
+    for upload in files:
+        try:
+            images.append(await _decode(service, upload))
+            slots.append(len(items))
+            items.append(BatchItem(filename=upload.filename))
+        except ApiError as exc:
+            items.append(BatchItem(filename=upload.filename, error=exc.error))
+    if images:
+        probs = await _submit(service, np.stack(images)[:, None])
+        predictions = service.predictor.predictions(probs, [None] * len(images))
+        for slot, image, prediction in zip(slots, images, predictions, strict=True):
+            _record(service, image, prediction)
+            items[slot] = BatchItem(
+                filename=items[slot].filename,
+                label=prediction.label,
+                class_index=prediction.index,
+                confidence=prediction.confidence,
+                probabilities=prediction.probabilities,
+            )
+    return BatchResponse(
+        predictions=items,
+        model=service.identity(),
+        latency_ms=(time.perf_counter() - start) * 1000,
+    )
+
+
+@guarded.post(
+    "/explain",
+    tags=["predict"],
+    response_class=Response,
+    responses={
+        200: {
+            "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "Grad-CAM overlay PNG of the class explained: `target` when sent, "
+            "else the predicted class",
+            "headers": {
+                "X-Label": {
+                    "description": "the class explained: `target` when sent (then not "
+                    "necessarily the prediction: POST /predict gives that), else the predicted "
+                    "class",
+                    "schema": {"type": "string"},
+                },
+                "X-Confidence": {
+                    "description": "the probability of the X-Label class",
+                    "schema": {"type": "string"},
+                },
+            },
+        },
+        **_errors(400, 401, 413, 415, 422, 501),
+    },
+)
+async def explain(
+    file: Annotated[UploadFile, File(description="PNG/JPEG/DICOM")],
+    service: ServiceDep,
+    target: Annotated[
+        str | None, Form(description="class to explain (default: the predicted one)")
+    ] = None,
+) -> Response:
+    """The Grad-CAM overlay (PNG) for the predicted class, or for `target`."""
+    explainer = service.explainer
+    if explainer is None or explainer.torch_model is None:
+        raise ApiError(
+            501,
+            "Grad-CAM needs the PyTorch model; this server runs an ONNX-only model.",
+            "start the server with the checkpoint (.pt) to get /explain.",
+        )
+    names = list(explainer.class_names)
+    if target is not None and target not in names:
+        raise ApiError(422, f"target '{target}' is not a class.", f"use one of {names}.")
+    image = await _decode(service, file)
+    index = names.index(target) if target else None
+    if explainer is service.predictor and service.batcher is not None:
+        # One PyTorch model answers both: Grad-CAM's hook must not see a batch's forward.
+        png, label, confidence = await service.batcher.run(_grad_cam_png, service, image, index)
+    else:
+        png, label, confidence = await run_in_threadpool(_grad_cam_png, service, image, index)
+    headers = {"X-Label": label, "X-Confidence": f"{confidence:.6f}"}
+    return Response(png, media_type="image/png", headers=headers)
+
+
+@guarded.get(
+    "/metrics",
+    tags=["monitoring"],
+    response_class=Response,
+    responses={
+        200: {
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+            "description": "Prometheus text exposition format",
+        },
+        **_errors(401),
+    },
+)
+async def metrics(service: ServiceDep) -> Response:
+    """Prometheus metrics: requests, latency, predictions, confidence, batches, drift."""
+    if service.monitor is not None:
+        try:
+            service.monitor.report()  # refreshes the drift gauges
+        except Exception:  # the other metrics stay scrapeable
+            log.exception("the drift report failed")
+    body, content_type = service.metrics.render()
+    return Response(body, media_type=content_type)
+
+
+@guarded.get("/monitoring/drift", tags=["monitoring"], responses=_errors(401))
+async def drift(service: ServiceDep) -> dict[str, Any]:
+    """Two-sample tests of recent requests against the training reference."""
+    if service.monitor is None:
+        return {"available": False, "reason": service.drift_off}
+    return {"available": True, **service.monitor.report()}
+
+
+@v2_health.get("/live", response_class=Response, responses=EMPTY_OK)
+async def live() -> Response:
+    """Open Inference Protocol: the server is alive."""
+    return Response(status_code=200)
+
+
+@v2_health.get("/ready", response_class=Response, responses={**EMPTY_OK, **_errors(503)})
+async def v2_ready(service: ServiceDep) -> Response:
+    """Open Inference Protocol: the server is ready."""
+    _require_ready(service)
+    return Response(status_code=200)
+
+
+@v2_models.get("", responses=_errors(401, 404, 422))
+async def metadata(name: ServedModel, service: ServiceDep) -> dict[str, Any]:
+    """Open Inference Protocol: the model's inputs and outputs."""
+    p = service.predictor
+    return kserve.model_metadata(
+        name, p.info.version, p.spec.image_size, list(p.class_names), temperature=p.info.temperature
+    )
+
+
+@v2_models.get(
+    "/ready", response_class=Response, responses={**EMPTY_OK, **_errors(401, 404, 422, 503)}
+)
+async def model_ready(name: ServedModel, service: ServiceDep) -> Response:
+    """Open Inference Protocol: the model is ready."""
+    _require_ready(service)
+    return Response(status_code=200)
+
+
+@v2_models.post(
+    "/infer",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "probabilities (FP32 [B, C]): JSON, or the binary data extension "
+            "(JSON header of Inference-Header-Content-Length bytes, then the raw floats)",
+            "content": {
+                "application/json": {"schema": kserve.INFER_RESPONSE_SCHEMA},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        },
+        **_errors(400, 401, 404, 413, 415, 422, 503),
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "description": "JSON, or the binary data extension: the JSON header (its length "
+            "in the Inference-Header-Content-Length header), then the raw tensors",
+            "content": {
+                "application/json": {"schema": kserve.INFER_REQUEST_SCHEMA},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        }
+    },
+)
+async def infer(name: ServedModel, request: Request, service: ServiceDep) -> Response:
+    """Open Inference Protocol: UINT8 images or BYTES files in, FP32 probabilities out."""
+    body = await request.body()
+    p = service.predictor
+    size = p.spec.image_size
+    try:
+        parsed = kserve.parse_infer(body, request.headers.get(kserve.HEADER_LENGTH), size)
+    except kserve.ProtocolError as exc:
+        raise ApiError(400, str(exc), f"see GET /v2/models/{name} for the inputs.") from None
+    if parsed.input_name == kserve.BYTES_INPUT:
+        _check_count(len(parsed.files), "files", service)
+        images = [
+            await _decode(service, _BytesUpload(data, f"input {i}"))
+            for i, data in enumerate(parsed.files)
+        ]
+        batch = np.stack(images)[:, None] if images else np.zeros((0, 1, size, size), np.uint8)
+    else:
+        batch = parsed.images
+    _check_count(len(batch), "images", service)
+    probs = await _submit(service, batch) if len(batch) else np.zeros((0, len(p.class_names)))
+    for image, prediction in zip(batch, p.predictions(probs, [None] * len(batch)), strict=True):
+        _record(service, image[0], prediction)
+    content, headers = kserve.encode_infer(name, p.info.version, parsed, probs)
+    return Response(content, headers=headers)
+
+
+async def page() -> FileResponse:
+    """The web page."""
+    return FileResponse(STATIC / "index.html")
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Warm the model up, start the decode threads and the batcher; drain them at the end."""
+    service: Service = app.state.service
+    serve = service.settings.serve
+    batcher = Batcher(
+        service.predictor.probabilities,
+        max_batch=serve.max_batch_size,
+        max_wait_ms=serve.max_wait_ms,
+        queue_size=serve.queue_size,
+        enabled=serve.batching,
+        on_batch=service.metrics.observe_batch,
+    )
+    size = service.predictor.spec.image_size
+    warm_up = np.zeros((1, 1, size, size), dtype=np.uint8)
+    await run_in_threadpool(service.predictor.probabilities, warm_up)  # not in the metrics
+    threads = service.settings.inference.decode_threads or min(4, os.cpu_count() or 1)
+    service.decoder = ThreadPoolExecutor(threads, thread_name_prefix="ctscan-decode")
+    await batcher.start()
+    service.batcher, service.ready = batcher, True
+    log.info("ready: %s", service.predictor.info)
+    try:
+        yield
+    finally:
+        service.ready = False
+        await batcher.stop()  # what is queued still gets its answer
+        service.decoder.shutdown(wait=True)
+
+
 def create_app(service: Service) -> FastAPI:
     """The FastAPI application for one loaded model."""
     serve = service.settings.serve
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        batcher = Batcher(
-            service.predictor.probabilities,
-            max_batch=serve.max_batch_size,
-            max_wait_ms=serve.max_wait_ms,
-            queue_size=serve.queue_size,
-            enabled=serve.batching,
-            on_batch=service.metrics.observe_batch,
-        )
-        size = service.predictor.spec.image_size
-        warm_up = np.zeros((1, 1, size, size), dtype=np.uint8)
-        await run_in_threadpool(service.predictor.probabilities, warm_up)  # not in the metrics
-        threads = service.settings.inference.decode_threads or min(4, os.cpu_count() or 1)
-        service.decoder = ThreadPoolExecutor(threads, thread_name_prefix="ctscan-decode")
-        await batcher.start()
-        service.batcher, service.ready = batcher, True
-        log.info("ready: %s", service.predictor.info)
-        try:
-            yield
-        finally:
-            service.ready = False
-            await batcher.stop()  # what is queued still gets its answer
-            service.decoder.shutdown(wait=True)
-
     app = FastAPI(
         title="ctscan",
         summary="Chest-CT slice classification: adenocarcinoma, large cell, squamous, normal.",
         version=service.predictor.info.version,
         lifespan=lifespan,
     )
+    app.state.service = service
     # each body limit with the settings that make it (the message names them)
     per_file = f"serve.max_upload_bytes = {serve.max_upload_bytes}"
     per_batch = f"{per_file} x serve.max_batch_files = {serve.max_batch_files}"
@@ -249,182 +533,17 @@ def create_app(service: Service) -> FastAPI:
             "/v2/models/": (base64_limit, f"{per_batch} x 4/3 for base64 in JSON, plus 64 KiB"),
         },
     )
-    _install_error_handlers(app, service)
+    _install_error_handlers(app)
     app.add_middleware(_Timing, service=service)  # outside BodyLimit: counts its 413s
-    guard = [Depends(_token_check(serve.token))]
-
-    @app.get("/health", tags=["health"])
-    async def health() -> dict[str, str]:
-        """The process is alive."""
-        return {"status": "ok"}
-
-    @app.get("/ready", tags=["health"], responses=_errors(503))
-    async def ready() -> Any:
-        """The model is loaded and warmed up."""
-        _require_ready(service)
-        return {"status": "ready", "model": service.identity().model_dump()}
-
-    @app.post(
-        "/predict",
-        response_model=PredictResponse,
-        tags=["predict"],
-        dependencies=guard,
-        responses=_errors(400, 401, 413, 415, 422, 503),
-    )
-    async def predict(file: Annotated[UploadFile, File(description="PNG/JPEG/DICOM")]) -> Any:
-        """Predict the class of one CT slice."""
-        start = time.perf_counter()
-        image = await _decode(service, file)
-        probs = await _submit(service, image[None, None])
-        prediction = service.predictor.predictions(probs, [None])[0]
-        _record(service, image, prediction)
-        return PredictResponse(
-            label=str(prediction.label),
-            class_index=int(prediction.index or 0),
-            confidence=float(prediction.confidence or 0.0),
-            probabilities=prediction.probabilities or {},
-            model=service.identity(),
-            latency_ms=(time.perf_counter() - start) * 1000,
-        )
-
-    @app.post(
-        "/predict/batch",
-        response_model=BatchResponse,
-        tags=["predict"],
-        dependencies=guard,
-        responses=_errors(400, 401, 413, 422, 503),
-    )
-    async def predict_batch(
-        files: Annotated[list[UploadFile], File(description="several PNG/JPEG/DICOM files")],
-    ) -> Any:
-        """Predict several files in one request; a file that cannot be read gets its own error."""
-        start = time.perf_counter()
-        if len(files) > serve.max_batch_files:
-            raise ApiError(
-                413,
-                f"{len(files)} files in one request; the limit is {serve.max_batch_files}.",
-                "send fewer files per request (serve.max_batch_files).",
-            )
-        items: list[BatchItem] = []
-        images, slots = [], []
-        for upload in files:
-            try:
-                images.append(await _decode(service, upload))
-                slots.append(len(items))
-                items.append(BatchItem(filename=upload.filename))
-            except ApiError as exc:
-                items.append(BatchItem(filename=upload.filename, error=exc.error))
-        if images:
-            probs = await _submit(service, np.stack(images)[:, None])
-            for slot, image, prediction in zip(
-                slots,
-                images,
-                service.predictor.predictions(probs, [None] * len(images)),
-                strict=True,
-            ):
-                _record(service, image, prediction)
-                items[slot] = BatchItem(
-                    filename=items[slot].filename,
-                    label=prediction.label,
-                    class_index=prediction.index,
-                    confidence=prediction.confidence,
-                    probabilities=prediction.probabilities,
-                )
-        return BatchResponse(
-            predictions=items,
-            model=service.identity(),
-            latency_ms=(time.perf_counter() - start) * 1000,
-        )
-
-    @app.post(
-        "/explain",
-        tags=["predict"],
-        dependencies=guard,
-        response_class=Response,
-        responses={
-            200: {
-                "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
-                "description": "Grad-CAM overlay PNG",
-                "headers": {
-                    "X-Label": {"description": "the class explained", "schema": {"type": "string"}},
-                    "X-Confidence": {
-                        "description": "its probability",
-                        "schema": {"type": "string"},
-                    },
-                },
-            },
-            **_errors(400, 401, 413, 415, 422, 501),
-        },
-    )
-    async def explain(
-        file: Annotated[UploadFile, File(description="PNG/JPEG/DICOM")],
-        target: Annotated[
-            str | None, Form(description="class to explain (default: the predicted one)")
-        ] = None,
-    ) -> Response:
-        """The Grad-CAM overlay (PNG) for the predicted class, or for `target`."""
-        explainer = service.explainer
-        if explainer is None or explainer.torch_model is None:
-            raise ApiError(
-                501,
-                "Grad-CAM needs the PyTorch model; this server runs an ONNX-only model.",
-                "start the server with the checkpoint (.pt) to get /explain.",
-            )
-        names = list(explainer.class_names)
-        if target is not None and target not in names:
-            raise ApiError(422, f"target '{target}' is not a class.", f"use one of {names}.")
-        image = await _decode(service, file)
-        index = names.index(target) if target else None
-        if explainer is service.predictor and service.batcher is not None:
-            # One PyTorch model answers both: Grad-CAM's hook must not see a batch's forward.
-            png, label, confidence = await service.batcher.run(_grad_cam_png, service, image, index)
-        else:
-            png, label, confidence = await run_in_threadpool(_grad_cam_png, service, image, index)
-        return Response(
-            png,
-            media_type="image/png",
-            headers={"X-Label": label, "X-Confidence": f"{confidence:.6f}"},
-        )
-
-    @app.get(
-        "/metrics",
-        tags=["monitoring"],
-        dependencies=guard,
-        response_class=Response,
-        responses={
-            200: {
-                "content": {"text/plain": {"schema": {"type": "string"}}},
-                "description": "Prometheus text exposition format",
-            },
-            **_errors(401),
-        },
-    )
-    async def metrics() -> Response:
-        """Prometheus metrics: requests, latency, predictions, confidence, batches, drift."""
-        if service.monitor is not None:
-            try:
-                service.monitor.report()  # refreshes the drift gauges
-            except Exception:  # the other metrics stay scrapeable
-                log.exception("the drift report failed")
-        body, content_type = service.metrics.render()
-        return Response(body, media_type=content_type)
-
-    @app.get("/monitoring/drift", tags=["monitoring"], dependencies=guard, responses=_errors(401))
-    async def drift() -> dict[str, Any]:
-        """Two-sample tests of recent requests against the training reference."""
-        if service.monitor is None:
-            return {"available": False, "reason": "no training reference was found"}
-        return {"available": True, **service.monitor.report()}
-
-    _add_kserve_routes(app, service, guard)
+    token = [Depends(_token_check(serve.token))]  # no security scheme at all without a token
+    app.include_router(health_routes)
+    app.include_router(guarded, dependencies=token)
+    app.include_router(v2_health)
+    app.include_router(v2_models, dependencies=token)
     _document_model_name(app, serve.model_name)
     if STATIC.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
-
-        @app.get("/", include_in_schema=False)
-        async def page() -> FileResponse:
-            return FileResponse(STATIC / "index.html")
-
+        app.add_api_route("/", page, include_in_schema=False)
     return app
 
 
@@ -461,6 +580,17 @@ async def _decode(service: Service, upload: UploadFile) -> np.ndarray:
             f"{name} cannot be decoded ({type(exc).__name__}).",
             "send the slice as PNG or JPEG.",
         ) from None
+
+
+def _check_count(count: int, what: str, service: Service) -> None:
+    """413 for more images or files in one request than serve.max_batch_files."""
+    limit = service.settings.serve.max_batch_files
+    if count > limit:
+        raise ApiError(
+            413,
+            f"{count} {what}; the limit is {limit}.",
+            "send fewer per request (serve.max_batch_files).",
+        )
 
 
 def _require_ready(service: Service) -> None:
@@ -557,9 +687,11 @@ def _route_label(request: Request) -> str:
     if getattr(route, "path", None):
         return str(route.path)
     # Routes that are not APIRoutes (docs, static files) and requests answered before routing
-    # (413 from the body limit): match them again; a wrong method is a partial match.
+    # (413 from the body limit): match them again; a wrong method is a partial match. The
+    # routers' own routes, not the app's: FastAPI includes a router as one opaque entry.
     partial = None
-    for candidate in request.app.router.routes:
+    routes = [*request.app.router.routes, *(r for router in ROUTERS for r in router.routes)]
+    for candidate in (route for route in routes if getattr(route, "path", None)):
         match, _ = candidate.matches(request.scope)
         if match is Match.FULL:
             return str(candidate.path)
@@ -599,7 +731,7 @@ class _Timing:
             self.service.metrics.count(label, status, time.perf_counter() - start)
 
 
-def _install_error_handlers(app: FastAPI, service: Service) -> None:
+def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         headers = {"Retry-After": RETRY_AFTER_S} if exc.status == 503 else None
@@ -647,132 +779,6 @@ def _install_error_handlers(app: FastAPI, service: Service) -> None:
         return JSONResponse(
             {"error": "internal error (logged on the server).", "fix": None}, status_code=500
         )
-
-
-def _add_kserve_routes(app: FastAPI, service: Service, guard: list[Any]) -> None:
-    serve = service.settings.serve
-    name = serve.model_name
-    empty_ok = {200: {"description": "yes (empty body)"}}
-
-    def check_name(model_name: str) -> None:
-        if model_name != name:
-            raise ApiError(404, f"no model '{model_name}' here.", f"this server serves '{name}'.")
-
-    @app.get("/v2/health/live", tags=["kserve-v2"], response_class=Response, responses=empty_ok)
-    async def live() -> Response:
-        """Open Inference Protocol: the server is alive."""
-        return Response(status_code=200)
-
-    @app.get(
-        "/v2/health/ready",
-        tags=["kserve-v2"],
-        response_class=Response,
-        responses={**empty_ok, **_errors(503)},
-    )
-    async def v2_ready() -> Response:
-        """Open Inference Protocol: the server is ready."""
-        _require_ready(service)
-        return Response(status_code=200)
-
-    @app.get(
-        "/v2/models/{model_name}",
-        tags=["kserve-v2"],
-        dependencies=guard,
-        responses=_errors(401, 404, 422),
-    )
-    async def metadata(model_name: ModelName) -> dict[str, Any]:
-        """Open Inference Protocol: the model's inputs and outputs."""
-        check_name(model_name)
-        p = service.predictor
-        return kserve.model_metadata(
-            name,
-            p.info.version,
-            p.spec.image_size,
-            list(p.class_names),
-            temperature=p.info.temperature,
-        )
-
-    @app.get(
-        "/v2/models/{model_name}/ready",
-        tags=["kserve-v2"],
-        dependencies=guard,
-        response_class=Response,
-        responses={**empty_ok, **_errors(401, 404, 422, 503)},
-    )
-    async def model_ready(model_name: ModelName) -> Response:
-        """Open Inference Protocol: the model is ready."""
-        check_name(model_name)
-        _require_ready(service)
-        return Response(status_code=200)
-
-    @app.post(
-        "/v2/models/{model_name}/infer",
-        tags=["kserve-v2"],
-        dependencies=guard,
-        response_class=Response,
-        responses={
-            200: {
-                "description": "probabilities (FP32 [B, C]): JSON, or the binary data extension "
-                "(JSON header of Inference-Header-Content-Length bytes, then the raw floats)",
-                "content": {
-                    "application/json": {"schema": kserve.INFER_RESPONSE_SCHEMA},
-                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-                },
-            },
-            **_errors(400, 401, 404, 413, 415, 422, 503),
-        },
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "description": "JSON, or the binary data extension: the JSON header (its length "
-                "in the Inference-Header-Content-Length header), then the raw tensors",
-                "content": {
-                    "application/json": {"schema": kserve.INFER_REQUEST_SCHEMA},
-                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-                },
-            }
-        },
-    )
-    async def infer(model_name: ModelName, request: Request) -> Response:
-        """Open Inference Protocol: UINT8 images or BYTES files in, FP32 probabilities out."""
-        check_name(model_name)
-        body = await request.body()
-        p = service.predictor
-        try:
-            parsed = kserve.parse_infer(
-                body, request.headers.get(kserve.HEADER_LENGTH), p.spec.image_size
-            )
-        except kserve.ProtocolError as exc:
-            raise ApiError(400, str(exc), f"see GET /v2/models/{name} for the inputs.") from None
-        if parsed.input_name == kserve.BYTES_INPUT:
-            if len(parsed.files) > serve.max_batch_files:
-                raise ApiError(
-                    413,
-                    f"{len(parsed.files)} files; the limit is {serve.max_batch_files}.",
-                    "send fewer per request (serve.max_batch_files).",
-                )
-            images = [
-                await _decode(service, _BytesUpload(data, f"input {i}"))
-                for i, data in enumerate(parsed.files)
-            ]
-            batch = (
-                np.stack(images)[:, None]
-                if images
-                else np.zeros((0, 1, p.spec.image_size, p.spec.image_size), np.uint8)
-            )
-        else:
-            batch = parsed.images
-        if len(batch) > serve.max_batch_files:
-            raise ApiError(
-                413,
-                f"{len(batch)} images; the limit is {serve.max_batch_files}.",
-                "send fewer per request (serve.max_batch_files).",
-            )
-        probs = await _submit(service, batch) if len(batch) else np.zeros((0, len(p.class_names)))
-        for image, prediction in zip(batch, p.predictions(probs, [None] * len(batch)), strict=True):
-            _record(service, image[0], prediction)
-        content, headers = kserve.encode_infer(name, p.info.version, parsed, probs)
-        return Response(content, headers=headers)
 
 
 def _document_model_name(app: FastAPI, name: str) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ctscan.data.reference import CONFIDENCE_FILE
 from ctscan.errors import CheckpointError, CtscanError, forget_stops
 from ctscan.inference.predictor import MLFLOW_SCHEMES, Predictor, open_predictor
 from ctscan.serve.app import Service, create_app
@@ -138,44 +139,76 @@ def read_confidence_reference(path: Path, temperature: float) -> list[float] | N
     return confidence
 
 
-def _monitor(predictor: Predictor, checkpoint: str, settings: Any) -> Any:
-    """A drift monitor fed by the training reference of the processed store, if one fits."""
-    try:
-        from ctscan.data.store import load_store
-        from ctscan.serve.monitoring import DriftMonitor
+def _drift_features(model: str, settings: Any, spec: Any) -> tuple[dict | None, str]:
+    """The feature reference of the model's training data, or None and where none was found.
 
-        store = load_store(settings.paths.processed_dir, verify=False)
-        reference = store.reference()
-    except (CtscanError, ImportError, OSError):
-        return None
-    if reference is None or store.spec != predictor.spec:
-        return None
+    First beside the model (reference_confidence.json's `features`: it travels with the run
+    folder, a fold, an ensemble), then the processed store at paths.processed_dir when its
+    preprocessing equals the model's (how ONNX files and MLflow models find one).
+    """
+    from ctscan.data.reference import check_reference
+    from ctscan.data.store import load_store
+
+    beside = None if model.startswith(MLFLOW_SCHEMES) else Path(model).parent / CONFIDENCE_FILE
+    try:
+        features = json.loads(beside.read_text())["features"] if beside else None
+        if features is not None and check_reference(features)["image_size"] == spec.image_size:
+            return features, ""
+    except (OSError, ValueError, KeyError, TypeError, CtscanError):
+        pass
+    store_dir = settings.paths.processed_dir
+    try:
+        store = load_store(store_dir, verify=False)
+        if store.spec == spec and (features := store.reference()) is not None:
+            return features, ""
+    except (CtscanError, OSError):
+        pass
+    where = f"in '{beside}' (`features`) nor " if beside else ""
+    return None, (
+        f"no training reference {where}in a processed store at '{store_dir}' built with the "
+        "model's preprocessing; retrain or `ctscan calibrate` the model to write one beside it"
+    )
+
+
+def _monitor(predictor: Predictor, model: str, settings: Any) -> tuple[Any, str]:
+    """A drift monitor fed by the model's training reference, or None and why not."""
+    try:
+        from ctscan.serve.monitoring import DriftMonitor
+    except ImportError as exc:  # scipy
+        return None, f"the drift monitor cannot run: {exc}"
+    features, why_not = _drift_features(model, settings, predictor.spec)
+    if features is None:
+        return None, why_not
     confidence = None
-    sibling = Path(checkpoint).parent / "reference_confidence.json"
-    if not str(checkpoint).startswith(MLFLOW_SCHEMES) and sibling.is_file():
-        confidence = read_confidence_reference(sibling, predictor.info.temperature)
+    beside = Path(model).parent / CONFIDENCE_FILE
+    if not model.startswith(MLFLOW_SCHEMES) and beside.is_file():
+        confidence = read_confidence_reference(beside, predictor.info.temperature)
     serve = settings.serve
-    return DriftMonitor(
-        reference,
+    monitor = DriftMonitor(
+        features,
         window=serve.drift_window,
         min_samples=serve.drift_min_samples,
         confidence_reference=confidence,
     )
+    return monitor, ""
 
 
 def build_service(model: str, settings: Any) -> Service:
     """Everything a server process needs, opened once: a clear CtscanError if MODEL is bad."""
     predictor, explainer = open_models(model, settings, settings.serve.backend)
     metrics = Metrics({k: str(v) for k, v in predictor.info.to_dict().items()})
-    monitor = _monitor(predictor, model, settings)
+    monitor, drift_off = _monitor(predictor, str(model), settings)
     if monitor is not None:
         monitor.register_metrics(metrics.registry)
+    else:
+        log.warning("drift monitoring is off: %s", drift_off)
     return Service(
         predictor=predictor,
         settings=settings,
         explainer=explainer,
         metrics=metrics,
         monitor=monitor,
+        drift_off=drift_off,
     )
 
 
