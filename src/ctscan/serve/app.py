@@ -344,7 +344,8 @@ async def explain(
     if explainer is None or explainer.torch_model is None:
         raise ApiError(
             501,
-            "Grad-CAM needs the PyTorch model; this server runs an ONNX-only model.",
+            "Grad-CAM needs the layers of the PyTorch model; this server runs an ONNX file or a "
+            "traced (pt2) MLflow model, which has none to hook.",
             "start the server with the checkpoint (.pt) to get /explain.",
         )
     names = list(explainer.class_names)
