@@ -39,6 +39,11 @@ def _kinds(dropped: Sequence[DroppedImage]) -> str:
 def render_summary(report: AuditReport) -> Any:
     """Rich tables for the CLI: counts per split and class, file properties, findings."""
     from rich.console import Group
+
+    return Group(_counts_table(report), _files_table(report), _findings_table(report))
+
+
+def _counts_table(report: AuditReport) -> Any:
     from rich.table import Table
 
     counts = Table(title="Images per split and class")
@@ -60,6 +65,11 @@ def render_summary(report: AuditReport) -> Any:
             else:
                 cells.append(str(n))
         counts.add_row(split, *cells)
+    return counts
+
+
+def _files_table(report: AuditReport) -> Any:
+    from rich.table import Table
 
     files = Table(title="Files")
     files.add_column("property")
@@ -79,6 +89,11 @@ def render_summary(report: AuditReport) -> Any:
             "format != suffix",
             _examples([f"{m['path']} is {m['format']}" for m in report.suffix_mismatches]),
         )
+    return files
+
+
+def _findings_table(report: AuditReport) -> Any:
+    from rich.table import Table
 
     findings = Table(
         title="Findings",
@@ -129,7 +144,7 @@ def render_summary(report: AuditReport) -> Any:
             str(len(report.drop_preview)),
             _kinds(report.drop_preview),
         )
-    return Group(counts, files, findings)
+    return findings
 
 
 def _debiased_rows(values: Sequence[dict[str, Any] | None]) -> list[list[str]]:
