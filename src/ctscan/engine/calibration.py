@@ -309,7 +309,7 @@ def run_calibrate(settings: Any, checkpoint: Path | str, *, out: Path | None = N
     in the source's own folder: the reference there belongs to the source.
     """
     from ctscan.data.reference import CONFIDENCE_FILE
-    from ctscan.data.store import open_store
+    from ctscan.data.store import open_model_store
     from ctscan.engine.checkpoint import read_checkpoint, save_checkpoint
     from ctscan.engine.runtime import resolve_runtime
     from ctscan.errors import CtscanError
@@ -321,8 +321,7 @@ def run_calibrate(settings: Any, checkpoint: Path | str, *, out: Path | None = N
     source = Path(checkpoint)
     ckpt = read_checkpoint(source)
     target = _output_path(source, out)
-    expect = dict(ckpt.settings.get("data", {}))
-    store = open_store(settings.paths.processed_dir, expect_data=expect or None)
+    store = open_model_store(settings, ckpt)
     with folder_lock(target.parent, what="checkpoint folder"):
         calibrated, report = fit_checkpoint(ckpt, store, rt)
         save_checkpoint(target, calibrated)
