@@ -759,8 +759,8 @@ def _model_store_fix(model: Any, own: Path | None, chosen: Path, own_ok: bool) -
     files = [Path(s).parent / "settings.toml" for s in sources if s]
     run = next((f for f in files if f.is_file()), None)  # RUN/settings.toml
     if own_ok:
-        use = f"-s {run}" if run else f"--set paths.processed_dir={own}"
-        return f"use the store it was trained on: pass `{use}`."
+        use = f"`-s {run}` (its run's settings), or " if run else ""
+        return f"use the store it was trained on: pass {use}`--set paths.processed_dir={own}`."
     spec, data = model.spec, (model.settings or {}).get("data") or {}
     build = (
         f"{PREPROCESS} -s {run}"
