@@ -120,7 +120,8 @@ def test_a_checkpoint_whose_store_is_gone_gets_a_fix_that_works(
         settings = f"{RUN}/settings.toml"
         for command in ("evaluate", "export"):  # one condition, one exit code
             line = refused(ctscan(project, command, str(RUN / "best.pt")))
-            assert "'outputs/processed-tiny' (the store it was trained on) does not exist" in line
+            assert "no processed store is at 'outputs/processed-tiny' (the store it was" in line
+            assert "the store at 'outputs/processed' holds 160 px" in line
             assert line.endswith(
                 f"`ctscan preprocess -s {settings}`, then run this again with `-s {settings}`."
             )

@@ -39,6 +39,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from shlex import quote
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -164,10 +165,9 @@ def _looks_like_store(path: Path) -> bool:
     try:
         if path.is_dir() and not any(path.iterdir()):
             return True
-        meta = json.loads((path / META_FILE).read_text())
-    except (OSError, ValueError):
+    except OSError:
         return False
-    return isinstance(meta, dict) and "store_format" in meta
+    return "store_format" in (_read_meta(path) or {})
 
 
 def check_store_target(
@@ -705,12 +705,12 @@ def open_model_store(settings: Any, model: Any) -> Store:
     named = is_given(settings, "paths.processed_dir")
     found: dict[Path, str] = {}
     for path in [chosen] if named or own is None else [own, chosen]:
-        problem = _store_mismatch(path, model.spec, trained.get("data") or {})
+        what = f"'{path}'" + (" (the store it was trained on)" if path == own else "")
+        problem = _store_mismatch(path, model.spec, trained.get("data") or {}, what)
         if problem is None:
             return open_store(path, expect_data=None)
-        mark = " (the store it was trained on)" if path == own else ""
-        found.setdefault(path.resolve(), f"'{path}'{mark} {problem}")
-    own_ok = own is not None and _store_mismatch(own, model.spec, {}) is None
+        found.setdefault(path.resolve(), problem)
+    own_ok = own is not None and _store_mismatch(own, model.spec, trained.get("data") or {}) is None
     raise DataError(
         f"checkpoint '{model.source}' takes images preprocessed as {_describe(model.spec)}, "
         f"but {'; '.join(found.values())}.",
@@ -731,11 +731,13 @@ def _own_store(recorded: str | None, source: Path | str | None) -> Path | None:
     return path
 
 
-def _store_mismatch(path: Path, spec: PreprocessSpec, data: Mapping[str, Any]) -> str | None:
-    """Why the store at `path` does not hold images as `spec` + `data`; None when it does (or
-    cannot be read: opening it then says what is wrong)."""
+def _store_mismatch(
+    path: Path, spec: PreprocessSpec, data: Mapping[str, Any], what: str = ""
+) -> str | None:
+    """Why the store at `path` (`what`) does not hold images as `spec` + `data`; None when it
+    does (or cannot be read: opening it then says what is wrong)."""
     if not path.is_dir():
-        return "does not exist"
+        return f"no processed store is at {what}"
     meta = _read_meta(path)
     try:
         held = PreprocessSpec.from_dict(meta["spec"]) if meta else None
@@ -744,9 +746,9 @@ def _store_mismatch(path: Path, spec: PreprocessSpec, data: Mapping[str, Any]) -
     if held is None:
         return None
     if held != spec:
-        return f"holds {_describe(held)}"
+        return f"the store at {what} holds {_describe(held)}"
     stale = stale_keys(meta or {}, data)
-    return f"was built with other data settings ({'; '.join(stale)})" if stale else None
+    return f"the store at {what} was built with {'; '.join(stale)}" if stale else None
 
 
 def _describe(spec: PreprocessSpec) -> str:
@@ -757,7 +759,7 @@ def _model_store_fix(model: Any, own: Path | None, chosen: Path, own_ok: bool) -
     """Use the model's own store, or build one where no store is, with the model's settings."""
     sources = [model.source, *[m.get("source") for m in model.members or []]]
     files = [Path(s).parent / "settings.toml" for s in sources if s]
-    run = next((f for f in files if f.is_file()), None)  # RUN/settings.toml
+    run = next((quote(str(f)) for f in files if f.is_file()), None)  # RUN/settings.toml
     if own_ok:
         use = f"`-s {run}` (its run's settings), or " if run else ""
         return f"use the store it was trained on: pass {use}`--set paths.processed_dir={own}`."
@@ -774,6 +776,6 @@ def _model_store_fix(model: Any, own: Path | None, chosen: Path, own_ok: bool) -
     if target is None:
         target = _free_folder(own or chosen, f"{spec.image_size}")
     if run is None or target != own:
-        build += f" --out {target}"
+        build += f" --out {quote(str(target))}"
     then = f"-s {run}" if run and target == own else f"--set paths.processed_dir={target}"
     return f"build its store where no other store is: `{build}`, then run this again with `{then}`."
