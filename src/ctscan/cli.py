@@ -128,6 +128,14 @@ def preprocess(
             " train and evaluate need no matching setting)."
         ),
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace a store built with other data settings at --out (the runs trained on "
+            "it lose their data); a store of the same settings is rebuilt without it.",
+        ),
+    ] = False,
     settings_files: SettingsFiles = None,
     overrides: Overrides = None,
     quiet: Quiet = False,
@@ -141,7 +149,7 @@ def preprocess(
         overrides,
         **{"paths.raw_dir": raw_dir, "paths.processed_dir": out, "data.on_bad_file": on_bad_file},
     )
-    result = run_preprocess(settings)
+    result = run_preprocess(settings, force=force)
     console = _console()
     if not quiet:
         console.print(render_summary(result.report))

@@ -18,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -334,6 +335,10 @@ class Settings(BaseSettings):
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    # what the user gave (load_settings): the files as named, the overrides, the dotted keys set
+    _files: tuple[str, ...] = PrivateAttr(default=())
+    _overrides: tuple[str, ...] = PrivateAttr(default=())
+    _given: frozenset[str] = PrivateAttr(default=frozenset())
 
 
 class _FileSource(PydanticBaseSettingsSource):
@@ -592,7 +597,33 @@ def load_settings(
         resolved = _Resolved(**cli_data)
     except ValidationError as exc:
         raise _explain(exc, where, cli_data, per_file, origins or {}) from None
-    return Settings.model_validate(resolved.model_dump())
+    settings = Settings.model_validate(resolved.model_dump())
+    settings._files = tuple(str(f) for f in files)
+    settings._overrides = tuple(overrides)
+    settings._given = frozenset(_dotted(file_data) + _dotted(cli_data))
+    return settings
+
+
+def _dotted(tree: Mapping[str, Any]) -> list[str]:
+    return [f"{s}.{k}" for s, keys in tree.items() if isinstance(keys, dict) for k in keys]
+
+
+def is_given(settings: Settings, dotted: str) -> bool:
+    """Whether a settings file, the environment or the command line set `section.key`."""
+    section, _, key = dotted.partition(".")
+    return dotted in settings._given or _env_value(section, key) is not None
+
+
+def given_args(settings: Settings, sections: tuple[str, ...] = ("paths", "data")) -> str:
+    """The `-s FILE` and `--set` arguments that set `sections` in `settings`, as a user would
+    type them again (a message's fix repeats them; the environment stays set by itself)."""
+    import shlex
+
+    sets = [o for o in settings._overrides if o.partition(".")[0].strip() in sections]
+    return " ".join(
+        [f"-s {shlex.quote(f)}" for f in settings._files]
+        + [f"--set {shlex.quote(o)}" for o in sets]
+    )
 
 
 def public_dict(settings: Settings) -> dict[str, dict[str, Any]]:

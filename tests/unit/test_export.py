@@ -17,7 +17,7 @@ from PIL import Image
 from ctscan.data.store import load_store
 from ctscan.engine.checkpoint import file_sha256, load_model, read_checkpoint
 from ctscan.engine.train import run_training
-from ctscan.errors import CheckpointError, CtscanError
+from ctscan.errors import CheckpointError, CtscanError, DataError
 from ctscan.inference import open_predictor
 from ctscan.ops import export
 from ctscan.ops.export import (
@@ -162,9 +162,10 @@ def test_checkpoint_missing_or_a_folder(
 def test_store_with_another_spec_is_refused(trained: Path, tmp_path: Path) -> None:
     other = write_synthetic_store(tmp_path / "other", size=48)
     settings = _settings(other, tmp_path)
-    with pytest.raises(CheckpointError, match="expects images preprocessed as") as info:
+    with pytest.raises(DataError, match="takes images preprocessed as 32 px") as info:
         run_export(settings, trained, out=tmp_path / "m.onnx")
-    assert "ctscan preprocess --set data.image_size=32" in str(info.value.fix)
+    assert "holds 48 px" in info.value.message  # the store it was trained on is still there:
+    assert f"pass `-s {trained.parent / 'settings.toml'}`" in str(info.value.fix)
     assert not (tmp_path / "m.onnx").exists()
     assert _no_temp_files(tmp_path) == []
 

@@ -283,13 +283,15 @@ def run_preprocess(
     on_bad_file: str | None = None,
     progress: Progress | None = None,
     workers: int | None = None,
+    force: bool = False,
 ) -> PreprocessResult:
     """Build the processed store from the raw images (see the module docstring).
 
     `settings`: a `Settings` (its `data` and `paths` sections are used). `raw_dir` / `out_dir`
     default to paths.raw_dir / paths.processed_dir; `on_bad_file` overrides data.on_bad_file.
     `progress(done, total)` is called after each image. `workers`: processes (default: all
-    cores; 0 or 1 = in this process).
+    cores; 0 or 1 = in this process). A store at `out_dir` built with other data settings is
+    replaced only with `force`; one built with the same settings is rebuilt.
     """
     start = time.perf_counter()
     data = settings.data
@@ -297,7 +299,7 @@ def run_preprocess(
     out_dir = Path(out_dir if out_dir is not None else settings.paths.processed_dir)
     on_bad = _check_choice("on_bad_file", on_bad_file or data.on_bad_file, ("error", "skip"))
     on_leak = _check_choice("on_leak", data.on_leak, ("keep", "drop"))
-    check_store_target(out_dir)  # a bad --out fails now, not after the scan
+    check_store_target(out_dir, data=data, force=force)  # fails now, not after the scan
     scan = _scan(raw_dir, data, resize=True, workers=workers, progress=progress)
     if scan.bad and on_bad == "error":
         _raise_bad_files(scan.bad)

@@ -39,6 +39,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from shlex import quote
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -57,7 +58,15 @@ STORE_FORMAT = 1
 META_FILE = "meta.json"
 INDEX_FILE = "index.json"
 AUDIT_FILE = "audit.json"
-PREPROCESS_FIX = "run `ctscan preprocess` to rebuild the processed store."
+PREPROCESS = "ctscan preprocess"
+
+
+def rebuild_fix(command: str = PREPROCESS) -> str:
+    """The fix of a missing, broken or outdated store: `command` builds it where it belongs."""
+    return f"run `{command}` to rebuild the processed store."
+
+
+PREPROCESS_FIX = rebuild_fix()
 STORE_FIX = (
     "choose another --out folder (paths.processed_dir): a new folder or an existing store, "
     "in a place you can write to."
@@ -156,18 +165,21 @@ def _looks_like_store(path: Path) -> bool:
     try:
         if path.is_dir() and not any(path.iterdir()):
             return True
-        meta = json.loads((path / META_FILE).read_text())
-    except (OSError, ValueError):
+    except OSError:
         return False
-    return isinstance(meta, dict) and "store_format" in meta
+    return "store_format" in (_read_meta(path) or {})
 
 
-def check_store_target(out_dir: Path | str) -> Path:
+def check_store_target(
+    out_dir: Path | str, *, data: Mapping[str, Any] | Any | None = None, force: bool = False
+) -> Path:
     """Make sure a store can be written at `out_dir` (creating its parent folder), or raise.
 
     One DataError names the path when it is a file, a folder that is not a store, lies under a
     file, or cannot be written; nothing is written then. Called before preprocessing starts, so a
-    bad `--out` fails at once, and again by `write_store`.
+    bad `--out` fails at once, and again by `write_store`. With `data` (the `data` settings of
+    the new store), a store there built with other TENSOR_KEYS is replaced only with `force`:
+    the runs trained on it would lose their data.
     """
     out_dir = Path(out_dir)
     what = f"processed store folder '{out_dir}'"
@@ -179,10 +191,46 @@ def check_store_target(out_dir: Path | str) -> Path:
             f"'{out_dir}' exists and is not a ctscan processed store; refusing to replace it.",
             "set paths.processed_dir (or --out) to a new folder or remove that one.",
         )
+    meta = _read_meta(out_dir) if data is not None and not force else None
+    stale = stale_keys(meta, data) if meta is not None else []
+    if stale:
+        raise DataError(
+            f"the processed store at '{out_dir}' was built with other settings ("
+            + "; ".join(stale)
+            + "); refusing to replace it (the checkpoints trained on it read it).",
+            f"write the new store elsewhere (--out {_free_folder(out_dir, _tag(stale, data))}), or "
+            "pass --force to replace this one.",
+        )
     problem = folder_problem(out_dir.parent)  # the store itself appears by a rename
     if problem is not None:
         raise DataError(f"{what} {problem}.", STORE_FIX)
     return out_dir
+
+
+def _read_meta(store_dir: Path) -> dict[str, Any] | None:
+    """A store's meta.json, or None when it is absent or unreadable."""
+    try:
+        meta = json.loads((store_dir / META_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _tag(stale: Sequence[str], data: Any) -> str:
+    """The new values of the settings that differ (`64` for data.image_size=64)."""
+    wanted = _as_dict(data)
+    keys = [k for k in TENSOR_KEYS if any(line.startswith(f"data.{k}:") for line in stale)]
+    return "-".join(str(wanted[k]) for k in keys if k in wanted) or "new"
+
+
+def _free_folder(base: Path | str, tag: str) -> Path:
+    """A folder beside `base` that does not exist yet: `outputs/processed-64` for tag 64."""
+    base = Path(base)
+    found = base.with_name(f"{base.name}-{tag}")
+    n = 2
+    while found.exists():
+        found, n = base.with_name(f"{base.name}-{tag}-{n}"), n + 1
+    return found
 
 
 def _replace_dir(new: Path, target: Path) -> None:
@@ -309,6 +357,7 @@ class Store:
         self._splits: dict[str, Split] = {}
         self.raw_check: str = "not checked: opened without the raw-image check"
         self.raw_dir: Path | None = None
+        self.rebuild_fix = PREPROCESS_FIX  # what a broken split says to run
 
     @property
     def raw_warning(self) -> str | None:
@@ -390,10 +439,10 @@ class Store:
                     f"the store at '{self.path}' is inconsistent: split '{name}' has images "
                     f"{images.dtype}{list(images.shape)}, labels {labels.dtype}"
                     f"{list(labels.shape)} for {n} paths.",
-                    PREPROCESS_FIX,
+                    self.rebuild_fix,
                 )
             if n and (labels.min() < 0 or labels.max() >= len(self.spec.class_names)):
-                raise DataError(f"split '{name}' has labels out of range.", PREPROCESS_FIX)
+                raise DataError(f"split '{name}' has labels out of range.", self.rebuild_fix)
             self._splits[name] = Split(
                 images=torch.from_numpy(images),
                 labels=torch.from_numpy(labels),
@@ -408,14 +457,12 @@ class Store:
         except (OSError, ValueError, EOFError) as exc:
             raise DataError(
                 f"cannot read '{self.path / fname}' of the processed store: {exc}.",
-                PREPROCESS_FIX,
+                self.rebuild_fix,
             ) from None
 
 
-def _corrupt(store_dir: Path, what: str) -> DataError:
-    return DataError(
-        f"the processed store at '{store_dir}' is corrupt or partial: {what}.", PREPROCESS_FIX
-    )
+def _corrupt(store_dir: Path, what: str, fix: str = PREPROCESS_FIX) -> DataError:
+    return DataError(f"the processed store at '{store_dir}' is corrupt or partial: {what}.", fix)
 
 
 def _as_dict(data: Any) -> dict[str, Any]:
@@ -439,7 +486,11 @@ def stale_keys(meta: Mapping[str, Any], expect_data: Mapping[str, Any] | Any) ->
 
 
 def _check_raw_fingerprint(
-    store_dir: Path, meta: Mapping[str, Any], fingerprint: str, raw_dir: Path | None = None
+    store_dir: Path,
+    meta: Mapping[str, Any],
+    fingerprint: str,
+    raw_dir: Path | None = None,
+    fix: str = PREPROCESS_FIX,
 ) -> None:
     """Refuse a store built from other raw images than those with `fingerprint`."""
     if meta["raw_fingerprint"] != fingerprint:
@@ -447,7 +498,7 @@ def _check_raw_fingerprint(
         raise DataError(
             f"the raw images changed since the processed store at '{store_dir}' was built "
             f"({where}raw fingerprint {meta['raw_fingerprint'][:12]} != {fingerprint[:12]}).",
-            PREPROCESS_FIX,
+            fix,
         )
 
 
@@ -472,7 +523,9 @@ def raw_dir_candidates(store_dir: Path | str, meta: Mapping[str, Any]) -> list[P
     return list(dict.fromkeys(found))
 
 
-def check_raw(store_dir: Path | str, meta: Mapping[str, Any]) -> tuple[str, Path | None]:
+def check_raw(
+    store_dir: Path | str, meta: Mapping[str, Any], command: str = PREPROCESS
+) -> tuple[str, Path | None]:
     """Check a store against its raw folder: ("verified", folder) or (why not checked, None).
 
     Raises a DataError when the raw folder is found and its images changed (or cannot be
@@ -491,10 +544,9 @@ def check_raw(store_dir: Path | str, meta: Mapping[str, Any]) -> tuple[str, Path
                 raise DataError(
                     f"the raw folder '{folder}' the processed store at '{store_dir}' was built "
                     f"from cannot be checked: {exc.message}",
-                    "restore the raw images (`dvc pull`) or run `ctscan preprocess` to rebuild "
-                    "the store.",
+                    f"restore the raw images (`dvc pull`) or run `{command}` to rebuild the store.",
                 ) from None
-            _check_raw_fingerprint(store_dir, meta, fingerprint, folder)
+            _check_raw_fingerprint(store_dir, meta, fingerprint, folder, rebuild_fix(command))
             return RAW_VERIFIED, folder
     if Path(meta["raw_dir"]).is_absolute():
         note = f"raw folder not found: '{candidates[0]}'"
@@ -528,59 +580,67 @@ def load_store(
     expect_data: Mapping[str, Any] | Any | None = None,
     raw_fingerprint: str | None = None,
     verify: bool = True,
+    command: str = PREPROCESS,
 ) -> Store:
     """Open a processed store, refusing a missing, corrupt, partial or stale one.
 
     `expect_data`: the `data` settings (dict or DataSettings) the caller runs with; keys in
     TENSOR_KEYS must match. `raw_fingerprint`: if given, must equal the one the store was built
-    from. `verify`: check every file's sha256.
+    from. `verify`: check every file's sha256. `command`: the preprocess command (with the
+    caller's -s / --set) that builds this store, named in every fix.
     """
     store_dir = Path(store_dir)
+    fix = rebuild_fix(command)
     if not store_dir.is_dir():
         leftovers = sorted(store_dir.parent.glob(f".{store_dir.name}.old-*"))
         hint = f" (an interrupted write left '{leftovers[0]}')" if leftovers else ""
-        raise DataError(f"no processed store at '{store_dir}'{hint}.", PREPROCESS_FIX)
+        raise DataError(f"no processed store at '{store_dir}'{hint}.", f"run `{command}`.")
     try:
         meta = json.loads((store_dir / META_FILE).read_text())
         index = json.loads((store_dir / INDEX_FILE).read_text())
     except FileNotFoundError as exc:
-        raise _corrupt(store_dir, f"'{Path(exc.filename).name}' is missing") from None
+        raise _corrupt(store_dir, f"'{Path(exc.filename).name}' is missing", fix) from None
     except (OSError, ValueError) as exc:
-        raise _corrupt(store_dir, f"its JSON cannot be read ({exc})") from None
+        raise _corrupt(store_dir, f"its JSON cannot be read ({exc})", fix) from None
     if not isinstance(meta, dict) or meta.get("store_format") != STORE_FORMAT:
         found = meta.get("store_format") if isinstance(meta, dict) else None
         raise DataError(
             f"the processed store at '{store_dir}' has format {found!r}, this ctscan reads "
             f"format {STORE_FORMAT}.",
-            PREPROCESS_FIX,
+            fix,
         )
     for key in ("spec", "data", "counts", "files", "raw_fingerprint"):
         if key not in meta:
-            raise _corrupt(store_dir, f"meta.json lacks '{key}'")
+            raise _corrupt(store_dir, f"meta.json lacks '{key}'", fix)
     for fname, info in meta["files"].items():
         path = store_dir / fname
         if not path.is_file():
-            raise _corrupt(store_dir, f"'{fname}' is missing")
+            raise _corrupt(store_dir, f"'{fname}' is missing", fix)
         if path.stat().st_size != info["bytes"]:
             raise _corrupt(
-                store_dir, f"'{fname}' has {path.stat().st_size} bytes, expected {info['bytes']}"
+                store_dir,
+                f"'{fname}' has {path.stat().st_size} bytes, expected {info['bytes']}",
+                fix,
             )
         if verify and file_sha256(path) != info["sha256"]:
-            raise _corrupt(store_dir, f"'{fname}' does not match its sha256")
+            raise _corrupt(store_dir, f"'{fname}' does not match its sha256", fix)
     if expect_data is not None:
         stale = stale_keys(meta, expect_data)
-        if stale:
+        if stale:  # never "rebuild it": that would take the store from the runs trained on it
+            new = _free_folder(store_dir, _tag(stale, expect_data))
             raise DataError(
                 f"the processed store at '{store_dir}' was built with other settings: "
                 + "; ".join(stale)
                 + ".",
-                "run `ctscan preprocess` with these settings to rebuild it, or change the "
-                "settings back.",
+                f"change the settings back, or give these settings a store of their own: "
+                f"`{command} --out {new}`, then add `--set paths.processed_dir={new}` here.",
             )
     if raw_fingerprint is not None:
-        _check_raw_fingerprint(store_dir, meta, raw_fingerprint)
+        _check_raw_fingerprint(store_dir, meta, raw_fingerprint, fix=fix)
     PreprocessSpec.from_dict(meta["spec"])  # refuse a bad spec now, not at first use
-    return Store(store_dir, meta, index)
+    store = Store(store_dir, meta, index)
+    store.rebuild_fix = fix
+    return store
 
 
 @dataclass
@@ -603,6 +663,7 @@ def open_store(
     processed_dir: Path | str,
     *,
     expect_data: Mapping[str, Any] | Any | None,
+    command: str = PREPROCESS,
 ) -> Store:
     """Open the store for training or evaluation, refusing it if it is stale.
 
@@ -611,6 +672,110 @@ def open_store(
     `raw_dir_candidates`); when it is not on disk (a store copied without its raw images) the
     store is still returned, and `store.raw_warning` is the line the caller should print.
     """
-    store = load_store(processed_dir, expect_data=expect_data)
-    store.raw_check, store.raw_dir = check_raw(store.path, store.meta)
+    store = load_store(processed_dir, expect_data=expect_data, command=command)
+    store.raw_check, store.raw_dir = check_raw(store.path, store.meta, command)
     return store
+
+
+def open_settings_store(settings: Any) -> Store:
+    """The store `settings` name, checked against their `data` (train, cross-validation,
+    profile): every fix names the preprocess command with the user's own -s / --set."""
+    from ctscan.settings import given_args
+
+    command = f"{PREPROCESS} {given_args(settings)}".strip()
+    return open_store(settings.paths.processed_dir, expect_data=settings.data, command=command)
+
+
+def open_model_store(settings: Any, model: Any) -> Store:
+    """The store holding images as `model` (a Checkpoint) takes them: the one store every
+    command given a checkpoint reads (evaluate, calibrate, export, ensemble).
+
+    `paths.processed_dir` when a settings file, the environment or --set names it; else the
+    store the model was trained on (its own `paths.processed_dir`, looked up from here, then
+    from each folder above the checkpoint), then the default store. A store matches when it
+    holds the model's preprocessing spec, built with its `data` settings (TENSOR_KEYS). When
+    none does: one DataError (exit 3, as for any missing store: the checkpoint is fine, its
+    data is not here) whose fix builds a matching store without replacing any other.
+    """
+    from ctscan.settings import is_given
+
+    trained = model.settings or {}
+    own = _own_store((trained.get("paths") or {}).get("processed_dir"), model.source)
+    chosen = Path(settings.paths.processed_dir)
+    named = is_given(settings, "paths.processed_dir")
+    found: dict[Path, str] = {}
+    for path in [chosen] if named or own is None else [own, chosen]:
+        what = f"'{path}'" + (" (the store it was trained on)" if path == own else "")
+        problem = _store_mismatch(path, model.spec, trained.get("data") or {}, what)
+        if problem is None:
+            return open_store(path, expect_data=None)
+        found.setdefault(path.resolve(), problem)
+    own_ok = own is not None and _store_mismatch(own, model.spec, trained.get("data") or {}) is None
+    raise DataError(
+        f"checkpoint '{model.source}' takes images preprocessed as {_describe(model.spec)}, "
+        f"but {'; '.join(found.values())}.",
+        _model_store_fix(model, own, chosen, own_ok),
+    )
+
+
+def _own_store(recorded: str | None, source: Path | str | None) -> Path | None:
+    """The store a checkpoint's settings name, found from here or a folder above the file."""
+    if not recorded:
+        return None
+    path = Path(recorded)
+    if path.is_absolute() or path.is_dir() or source is None:
+        return path
+    for folder in Path(source).resolve().parents:
+        if (folder / path).is_dir():
+            return folder / path
+    return path
+
+
+def _store_mismatch(
+    path: Path, spec: PreprocessSpec, data: Mapping[str, Any], what: str = ""
+) -> str | None:
+    """Why the store at `path` (`what`) does not hold images as `spec` + `data`; None when it
+    does (or cannot be read: opening it then says what is wrong)."""
+    if not path.is_dir():
+        return f"no processed store is at {what}"
+    meta = _read_meta(path)
+    try:
+        held = PreprocessSpec.from_dict(meta["spec"]) if meta else None
+    except (DataError, KeyError, TypeError):
+        return None
+    if held is None:
+        return None
+    if held != spec:
+        return f"the store at {what} holds {_describe(held)}"
+    stale = stale_keys(meta or {}, data)
+    return f"the store at {what} was built with {'; '.join(stale)}" if stale else None
+
+
+def _describe(spec: PreprocessSpec) -> str:
+    return f"{spec.image_size} px, resize {spec.resize}, mean {spec.mean:.6g}, std {spec.std:.6g}"
+
+
+def _model_store_fix(model: Any, own: Path | None, chosen: Path, own_ok: bool) -> str:
+    """Use the model's own store, or build one where no store is, with the model's settings."""
+    sources = [model.source, *[m.get("source") for m in model.members or []]]
+    files = [Path(s).parent / "settings.toml" for s in sources if s]
+    run = next((quote(str(f)) for f in files if f.is_file()), None)  # RUN/settings.toml
+    if own_ok:
+        use = f"`-s {run}` (its run's settings), or " if run else ""
+        return f"use the store it was trained on: pass {use}`--set paths.processed_dir={own}`."
+    spec, data = model.spec, (model.settings or {}).get("data") or {}
+    build = (
+        f"{PREPROCESS} -s {run}"
+        if run
+        else (
+            f"{PREPROCESS} --set data.image_size={spec.image_size} --set data.resize={spec.resize}"
+            + (f" --set data.on_leak={data['on_leak']}" if "on_leak" in data else "")
+        )
+    )
+    target = own if own is not None and not own.exists() else None
+    if target is None:
+        target = _free_folder(own or chosen, f"{spec.image_size}")
+    if run is None or target != own:
+        build += f" --out {quote(str(target))}"
+    then = f"-s {run}" if run and target == own else f"--set paths.processed_dir={target}"
+    return f"build its store where no other store is: `{build}`, then run this again with `{then}`."

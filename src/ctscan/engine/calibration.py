@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ctscan.data.reference import CONFIDENCE_FILE, confidence_reference
-from ctscan.data.store import Store, open_store
+from ctscan.data.store import Store, open_model_store
 from ctscan.engine.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
 from ctscan.engine.evaluate import raw_logits, require_same_spec
 from ctscan.engine.metrics import classification_report, probabilities
@@ -141,8 +141,7 @@ def run_calibrate(
     source = Path(checkpoint)
     ckpt = read_checkpoint(source)
     target = _output_path(source, out)
-    expect = dict(ckpt.settings.get("data", {}))
-    store = open_store(settings.paths.processed_dir, expect_data=expect or None)
+    store = open_model_store(settings, ckpt)
     with folder_lock(target.parent, what="checkpoint folder"):
         calibrated, report = fit_checkpoint(ckpt, store, rt)
         save_checkpoint(target, calibrated)

@@ -14,13 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctscan.data.store import Store, open_store
+from ctscan.data.store import Store, open_model_store
 from ctscan.data.transforms import model_input
 from ctscan.engine.checkpoint import Checkpoint, load_model, read_checkpoint
 from ctscan.engine.metrics import classification_report, probabilities, worst_errors
 from ctscan.engine.runtime import Runtime, resolve_runtime
 from ctscan.engine.temperature import FIT_SPLIT, apply_temperature
-from ctscan.errors import CheckpointError, CtscanError, DataError
+from ctscan.errors import CtscanError, DataError
 from ctscan.files import atomic_write, ensure_dir
 from ctscan.settings import Settings
 
@@ -74,9 +74,10 @@ def raw_logits(checkpoint: Checkpoint, images: torch.Tensor, rt: Runtime) -> tor
 
 
 def require_same_spec(checkpoint: Checkpoint, store: Store) -> None:
-    """The store holds images preprocessed as the checkpoint expects, else a CheckpointError."""
+    """The store holds images preprocessed as the checkpoint expects, else a DataError (exit 3,
+    as `open_model_store` says it)."""
     if checkpoint.spec != store.spec:
-        raise CheckpointError(
+        raise DataError(
             f"checkpoint '{checkpoint.source}' expects images preprocessed as "
             f"{checkpoint.spec.to_dict()}, but the store at {store.path} holds "
             f"{store.spec.to_dict()}.",
@@ -215,8 +216,7 @@ def run_evaluation(
     if rt.distributed:
         raise CtscanError("evaluate runs in one process.", "run it without torchrun.")
     ckpt = read_checkpoint(checkpoint)
-    expect = dict(ckpt.settings.get("data", {}))
-    store = open_store(settings.paths.processed_dir, expect_data=expect or None)
+    store = open_model_store(settings, ckpt)
     out = ensure_dir(out_dir or Path(checkpoint).parent / f"eval-{split}", what="report folder")
     result = evaluate_checkpoint(ckpt, store=store, split=split, rt=rt, out_dir=out)
     result["warnings"] = [store.raw_warning] if store.raw_warning else []

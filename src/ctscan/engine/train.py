@@ -31,7 +31,7 @@ from torch.profiler import record_function
 import ctscan
 from ctscan.data.augment import augment, mix_batch, mixed_loss
 from ctscan.data.batches import batch_indices, epoch_order, shard, steps_per_epoch
-from ctscan.data.store import Split, Store, open_store
+from ctscan.data.store import Split, Store, open_settings_store
 from ctscan.data.transforms import PreprocessSpec, model_input
 from ctscan.engine.checkpoint import (
     Checkpoint,
@@ -842,7 +842,7 @@ def _train(
     tr = settings.train
     configure_threads(tr.threads, rt.world_size)
     seed_everything(tr.seed + rt.rank, tr.deterministic)
-    store = open_store(settings.paths.processed_dir, expect_data=settings.data.model_dump())
+    store = open_settings_store(settings)
     plan = plan_run(settings, out_dir, resume, store, fold=splits is not None)
     if store.raw_warning:
         plan.notes.append(f"warning: {store.raw_warning}")

@@ -366,7 +366,7 @@ def run_cv(
     say: Callable[[str], None] = say_line,
 ) -> CvResult:
     """Train K fold models, pool their out-of-fold predictions, calibrate, then test once."""
-    from ctscan.data.store import open_store
+    from ctscan.data.store import open_settings_store
     from ctscan.engine.tracking import open_parent_run
     from ctscan.engine.train import refuse_reserved_out
 
@@ -378,7 +378,7 @@ def run_cv(
         )
     if k < 2:
         raise SettingsError(f"--folds {k}: cross-validation needs 2 folds or more.", FOLD_FIX)
-    store = open_store(settings.paths.processed_dir, expect_data=settings.data.model_dump())
+    store = open_settings_store(settings)
     plan = plan_folds(store, k, settings.train.seed)
     folds_settings = fold_settings(settings)
     cv_dir = out_dir or _default_dir(settings, k)

@@ -233,17 +233,12 @@ def _confidence_reference(
     settings: Any, ensemble: Any, rt: Any
 ) -> tuple[dict[str, Any] | None, list[str]]:
     """Serve's drift reference for the ensemble (not written yet), from the members' store."""
-    from ctscan.data.store import open_store
+    from ctscan.data.store import open_model_store
     from ctscan.engine.calibration import train_confidence
 
     try:
-        expect = dict(ensemble.settings.get("data", {}))
-        store = open_store(settings.paths.processed_dir, expect_data=expect or None)
+        store = open_model_store(settings, ensemble)
     except CtscanError as exc:
-        return None, [f"no {CONFIDENCE_FILE} (serve's drift reference) written: {exc.message}"]
-    if store.spec != ensemble.spec:
-        return None, [
-            f"no {CONFIDENCE_FILE} written: the store at {store.path} is not the members' store."
-        ]
+        return None, [f"no {CONFIDENCE_FILE} (serve's drift reference) written: {exc}"]
     warnings = [store.raw_warning] if store.raw_warning else []
     return train_confidence(ensemble, store, rt), warnings

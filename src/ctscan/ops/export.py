@@ -49,7 +49,7 @@ import numpy as np
 
 import ctscan
 from ctscan.data.reference import CONFIDENCE_FILE
-from ctscan.errors import CheckpointError, CtscanError
+from ctscan.errors import CtscanError
 from ctscan.files import atomic_write, built_aside, ensure_dir
 from ctscan.inference.predictor import ONNX_METADATA_KEY as METADATA_KEY
 
@@ -227,22 +227,6 @@ def require_onnx_tools() -> None:
             "not installed.",
             EXPORT_EXTRA + ".",
         )
-
-
-def check_store_spec(checkpoint: Checkpoint, store: Store) -> None:
-    """The store's test images are what the checkpoint takes, else a CheckpointError."""
-    if checkpoint.spec == store.spec:
-        return
-    spec = checkpoint.spec
-    run_settings = Path(checkpoint.source or ".").parent / "settings.toml"
-    also = f" (or -s {run_settings})" if run_settings.is_file() else ""
-    raise CheckpointError(
-        f"checkpoint '{checkpoint.source}' expects images preprocessed as {spec.to_dict()}, "
-        f"but the processed store at '{store.path}' holds {store.spec.to_dict()}.",
-        f"rebuild the store as the checkpoint was trained: `ctscan preprocess --set "
-        f"data.image_size={spec.image_size} --set data.resize={spec.resize}`{also}, or set "
-        "paths.processed_dir to the store it was trained on.",
-    )
 
 
 # ---- the files -----------------------------------------------------------------------------
@@ -597,7 +581,7 @@ def run_export(
     FP32_TOLERANCE (then nothing is written). An int8 file refused by the rule is not written
     and comes back as `result.error`, with the parity table still in the result.
     """
-    from ctscan.data.store import open_store
+    from ctscan.data.store import open_model_store
     from ctscan.engine.checkpoint import file_sha256, load_model, read_checkpoint
     from ctscan.engine.runtime import configure_threads
     from ctscan.inference import open_predictor
@@ -610,8 +594,7 @@ def run_export(
         triton_config(name, image_size=ckpt.spec.image_size, num_classes=len(ckpt.class_names))
     if plan.onnx is not None:
         require_onnx_tools()
-    store = open_store(settings.paths.processed_dir, expect_data=None)
-    check_store_spec(ckpt, store)
+    store = open_model_store(settings, ckpt)
     settings = _cpu_fp32(settings)
     configure_threads(settings.train.threads, 1)
 

@@ -1,6 +1,6 @@
 """`ctscan profile`: torch.profiler around the real training loop; trace, top operators, summary.
 
-The run is built as `ctscan train` builds it (settings, `open_store`, `new_train_state`,
+The run is built as `ctscan train` builds it (settings, `open_settings_store`, `new_train_state`,
 `wrap_for_steps`, a `Loop`) and `train_one_epoch` runs it, cut to `wait + warmup + active` steps
 with `after_step` driving the profiler schedule (epochs repeat when the split is shorter). Only
 the `active` steps are recorded. Files written into the profile folder:
@@ -129,7 +129,7 @@ def run_profile(
 
 def runtime_and_store(settings: Settings) -> tuple[Runtime, Store]:
     """Runtime (one process), threads, seed and the checked store, set as `ctscan train` does."""
-    from ctscan.data.store import open_store
+    from ctscan.data.store import open_settings_store
     from ctscan.engine.runtime import configure_threads, resolve_runtime, seed_everything
 
     tr = settings.train
@@ -143,7 +143,7 @@ def runtime_and_store(settings: Settings) -> tuple[Runtime, Store]:
         os.environ.setdefault("KINETO_LOG_LEVEL", "5")
     configure_threads(tr.threads, rt.world_size)
     seed_everything(tr.seed, tr.deterministic)
-    store = open_store(settings.paths.processed_dir, expect_data=settings.data.model_dump())
+    store = open_settings_store(settings)
     return rt, store
 
 
