@@ -132,15 +132,8 @@ def build_ensemble(
     settings: Any, sources: list[Path], *, out: Path, flips: tuple[str, ...] = ()
 ) -> EnsembleResult:
     """Read, check and combine the members; write the ensemble checkpoint atomically."""
-    from ctscan.engine.checkpoint import (
-        ENSEMBLE,
-        Checkpoint,
-        build_network,
-        read_checkpoint,
-        save_checkpoint,
-    )
+    from ctscan.engine.checkpoint import ENSEMBLE, Checkpoint, build_network
     from ctscan.engine.runtime import resolve_runtime
-    from ctscan.files import atomic_write, file_sha256, folder_lock
     from ctscan.models.ensemble import check_flips
 
     try:
@@ -149,25 +142,7 @@ def build_ensemble(
         raise CtscanError(f"--tta: {exc}", "use --tta hflip and/or --tta vflip.") from None
     rt = resolve_runtime(settings.train)  # a device that is not there: said before any write
     paths = member_paths(sources)
-    checkpoints = [read_checkpoint(p) for p in paths]
-    for path, ckpt in zip(paths, checkpoints, strict=True):
-        if ckpt.is_ensemble:
-            raise CheckpointError(
-                f"'{path}' is itself an ensemble.", "pass the checkpoints it was built from."
-            )
-        if ckpt.kind == "last":
-            raise CheckpointError(
-                f"'{path}' is a run's last.pt (the resume file: the last epoch's weights, not "
-                "the ones selected on validation, and never calibrated).",
-                f"pass '{Path(path).parent / 'best.pt'}' instead.",
-            )
-    shas = [file_sha256(p) for p in paths]
-    for i, sha in enumerate(shas):
-        if sha in shas[:i]:
-            raise CheckpointError(
-                f"'{paths[i]}' is the same file as '{paths[shas.index(sha)]}' (same sha256).",
-                "pass each member once.",
-            )
+    checkpoints, shas = _read_members(paths)
     _same_preprocessing(checkpoints)
     target = _output_path(out)
     first = checkpoints[0]
@@ -202,6 +177,48 @@ def build_ensemble(
     )
     build_network(ensemble)  # the weights fit the recorded members (a CheckpointError if not)
     reference, warnings = _confidence_reference(settings, ensemble, rt)  # before any write
+    written = _write(target, ensemble, reference)
+    return EnsembleResult(
+        checkpoint=target,
+        members=members,
+        flips=flips,
+        reference=written[1] if len(written) > 1 else None,
+        warnings=warnings,
+    )
+
+
+def _read_members(paths: list[Path]) -> tuple[list[Any], list[str]]:
+    """The members' checkpoints and sha256s; an ensemble, a last.pt or a repeat is refused."""
+    from ctscan.engine.checkpoint import read_checkpoint
+    from ctscan.files import file_sha256
+
+    checkpoints = [read_checkpoint(p) for p in paths]
+    for path, ckpt in zip(paths, checkpoints, strict=True):
+        if ckpt.is_ensemble:
+            raise CheckpointError(
+                f"'{path}' is itself an ensemble.", "pass the checkpoints it was built from."
+            )
+        if ckpt.kind == "last":
+            raise CheckpointError(
+                f"'{path}' is a run's last.pt (the resume file: the last epoch's weights, not "
+                "the ones selected on validation, and never calibrated).",
+                f"pass '{Path(path).parent / 'best.pt'}' instead.",
+            )
+    shas = [file_sha256(p) for p in paths]
+    for i, sha in enumerate(shas):
+        if sha in shas[:i]:
+            raise CheckpointError(
+                f"'{paths[i]}' is the same file as '{paths[shas.index(sha)]}' (same sha256).",
+                "pass each member once.",
+            )
+    return checkpoints, shas
+
+
+def _write(target: Path, ensemble: Any, reference: dict[str, Any] | None) -> list[Path]:
+    """Write the ensemble and its drift reference under the folder lock: both or neither."""
+    from ctscan.engine.checkpoint import save_checkpoint
+    from ctscan.files import atomic_write, folder_lock
+
     written: list[Path] = []
     with folder_lock(target.parent, what="ensemble folder"):
         if target.exists():  # written by another `ctscan ensemble` since the check above
@@ -220,13 +237,7 @@ def build_ensemble(
             for path in written:
                 path.unlink(missing_ok=True)
             raise
-    return EnsembleResult(
-        checkpoint=target,
-        members=members,
-        flips=flips,
-        reference=written[1] if len(written) > 1 else None,
-        warnings=warnings,
-    )
+    return written
 
 
 def _confidence_reference(
