@@ -63,7 +63,7 @@ ctscan() {
     kill -0 "$_server" 2>/dev/null || break
     sleep 0.2
   done
-  echo "ctscan serve $* did not get ready:" >&2; tail -20 outputs/docs-serve.log >&2; return 1
+  echo "ctscan $* did not get ready:" >&2; tail -20 outputs/docs-serve.log >&2; return 1
 }
 curl() { command curl --fail-with-body --max-time 120 "${@//127.0.0.1:8000/127.0.0.1:$DOCS_PORT}"; }
 mkdir -p outputs
