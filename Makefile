@@ -109,6 +109,7 @@ evaluate: $(INSTALLED) ## Evaluate a checkpoint: make evaluate CKPT=outputs/runs
 main: install data ## The main job: data -> preprocess -> train -> evaluate, default settings
 	$(CTSCAN) preprocess $(SETTINGS_ARGS) --quiet
 	$(CTSCAN) train $(SETTINGS_ARGS) --out $(RUN_DIR) --quiet
+	ln -sfn $(notdir $(RUN_DIR)) $(dir $(RUN_DIR))main-latest  # the docs' examples use this name
 	$(CTSCAN) evaluate $(SETTINGS_ARGS) $(RUN_DIR)/best.pt
 
 test: lint $(INSTALLED) browser ## Lint, Chromium (make browser), then the unit and real-data integration tests

@@ -480,6 +480,12 @@ def _source_of(
     origins: Mapping[str, str],
 ) -> str:
     """Where the value at `loc` (section, key) came from: --set (or a flag), env, or a file."""
+    if len(loc) == 1:  # an unknown section: the --set or the file that names it
+        section = str(loc[0])
+        if isinstance(cli.get(section), dict) and cli[section]:
+            dotted = f"{section}.{next(iter(cli[section]))}"
+            return origins.get(dotted, f"--set {dotted}")
+        return next((f"{path}" for path, data in reversed(files) if section in data), "")
     if len(loc) != 2:
         return ""
     section, key = str(loc[0]), str(loc[1])
@@ -510,9 +516,14 @@ def _explain(
         loc = tuple(err["loc"])
         dotted = ".".join(str(p) for p in loc)
         if err["type"] == "extra_forbidden":
-            hint = close_matches(str(loc[-1]), _section_keys(Settings, loc))
-            lines.append(f"unknown settings key '{dotted}'.{hint}")
-            named = only_conflicts = False
+            # full dotted names (train.lr, not lr), and the one source that holds the key
+            prefix = "".join(f"{p}." for p in loc[:-1])
+            hint = close_matches(dotted, [prefix + k for k in _section_keys(Settings, loc)])
+            source = _source_of(loc, cli, files, origins)
+            lines.append(
+                f"unknown settings key '{dotted}'.{hint}" + (f" (from {source})" if source else "")
+            )
+            named, only_conflicts = named and bool(source), False
         elif isinstance(conflict := (err.get("ctx") or {}).get("error"), KeysConflict):
             # a check across keys fails at the section: name each key, its value and source
             parts = []

@@ -141,8 +141,16 @@ def test_the_source_named_is_the_one_that_won(
     message = str(info.value.message)
     assert "(from --epochs)" in message and "(from --set augment.hflip)" in message
     assert not message.endswith("--set)")  # no list of every source after lines that name theirs
-    with pytest.raises(SettingsError, match=r"epochs\? \(from environment, --set\) Fix"):
-        load_settings([], ["train.epoch=3"])  # an unknown key has no source of its own
+    # an unknown key: full dotted suggestions and the one source that holds it, never a list
+    with pytest.raises(SettingsError) as info:
+        load_settings([], ["train.epoch=3"])
+    message = str(info.value.message)
+    assert "Did you mean: train.epochs" in message and message.endswith("(from --set train.epoch)")
+    with pytest.raises(SettingsError, match=r"'trian'\. Did you mean: train.* \(from --set trian"):
+        load_settings([], ["trian.lr=3"])
+    lost.write_text("[train]\nlrr = 0.1\n")
+    with pytest.raises(SettingsError, match=rf"Did you mean: train\.lr.* \(from {lost}\) Fix"):
+        load_settings([lost])
 
 
 def test_a_validator_message_reads_without_pydantic_s_prefix() -> None:
