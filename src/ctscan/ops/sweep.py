@@ -9,14 +9,17 @@ and never touch the model registry (`tracking.log_model` is forced off).
 
 Where things live (`runs_dir` is `paths.runs_dir` of the base settings):
 
-    <runs_dir>/optuna.db                 the Optuna studies (SQLite), one per study name
-    <runs_dir>/sweeps/<name>/            trial-0000/ ... (run folders), best.toml, worker-<i>.log
-    MLflow                               a parent run `sweep-<name>`, one nested run per trial
+    --storage URL, default <runs_dir>/optuna.db   the Optuna study (SQLite, or a PostgreSQL URL
+                                                  that processes on many machines share)
+    <runs_dir>/sweeps/<name>/                     trial-NNNN/ (run folders), best.toml
+    MLflow                                        a parent run `sweep-<name>`, one nested run
+                                                  per trial (whichever process ran it)
 
-An interrupted sweep resumes when rerun: `--trials N` counts the finished trials of the study
-(complete, pruned, or failed because of their own settings); an interrupted trial starts again
-with the same parameters. `--jobs J` runs J worker processes that share the study; one
-`ctscan sweep` at a time per study (its folder is locked). optuna is imported only here.
+The study's trials are run by `study.optimize` in every `ctscan sweep` process that joins it,
+until `MaxTrialsCallback` counts N finished (complete or pruned) trials. A trial whose process
+was stopped (Ctrl-C, SIGTERM) is queued again at once; one whose process died (SIGKILL, a lost
+machine) is queued again by Optuna's heartbeat (`RetryHeartbeatStaleTrialCallback`) once its
+grace period has passed. optuna is imported only here.
 """
 
 from __future__ import annotations
@@ -28,11 +31,10 @@ import math
 import os
 import re
 import shlex
-import signal
-import subprocess
-import sys
+import socket
 import time
 import tomllib
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,19 +46,16 @@ from ctscan.errors import (
     SettingsError,
     Terminated,
     close_matches,
-    held_signals,
-    raise_terminated,
-    report,
     say_line,
 )
-from ctscan.files import atomic_write, ensure_dir, folder_lock
+from ctscan.files import atomic_write, ensure_dir
 from ctscan.settings import (
     RECIPE_DIR,
     Settings,
     TrainSettings,
     deep_merge,
-    env_name,
     load_settings,
+    parse_overrides,
     public_dict,
     read_settings_file,
     resolve_settings_file,
@@ -81,16 +80,17 @@ SWEEP_KEYS = {
     "pruning_startup_trials": int,
     "pruning_warmup_epochs": int,
     "tpe_startup_trials": int,
+    "heartbeat_interval": int,
+    "grace_period": int,
 }
+POSITIVE_KEYS = ("trials", "heartbeat_interval", "grace_period")
 TABLES = ("sweep", "fixed", "params")
 RANGE_KEYS = ("low", "high", "log", "step")
 PARAM_KEYS = (*RANGE_KEYS, "choices")
 SPEC_DIR = RECIPE_DIR / "sweeps"  # sweep specs (not settings files: `-s` cannot load them)
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 SPEC_FIX = "see docs/sweep.md for the spec format."
-INTERRUPT_CODES = (130, 143)
-WORKER_STOP_GRACE_S = 60.0
-POLL_S = 0.5
+STORAGE_FORMS = "sqlite:///PATH or postgresql+psycopg://USER@HOST:PORT/DATABASE"
 
 # Optuna study and trial attributes, MLflow tags.
 ATTR_SPEC = "ctscan.spec"
@@ -99,18 +99,16 @@ ATTR_PARENT_RUN = "ctscan.parent_run_id"
 ATTR_RUN_DIR = "run_dir"
 ATTR_EPOCHS = "epochs"
 ATTR_RUN_ID = "mlflow_run_id"
-ATTR_FAIL_REASON = "fail_reason"  # failed because of its own settings: counts as finished
-ATTR_ERROR = "error"  # failed on an error: started again on the next run
-ATTR_INTERRUPTED = "interrupted"  # stopped by Ctrl-C or SIGTERM: started again on the next run
-ATTR_RETRY_OF = "retry_of"
-ATTR_WORKER = "worker"  # 0: the sweep's own process; 1..J: its worker processes
-ATTR_STOP = "stop_reason"
+ATTR_PROCESS = "process"  # host:pid of the `ctscan sweep` that ran it
+ATTR_ERROR = "error"  # why it failed (a stop, an error): it is queued again
+ATTR_STOP = "stop_reason"  # why it was pruned
 TAG_SWEEP = "ctscan.sweep"
 TAG_TRIAL = "ctscan.trial"
+COUNTED = ("COMPLETE", "PRUNED")  # the states `--trials N` counts
 
 
 class SweepError(CtscanError):
-    """A sweep cannot start or go on (the study, its folder, its workers)."""
+    """A sweep cannot start or go on (the study, its storage, its folder)."""
 
 
 # ---- the spec ---------------------------------------------------------------------------
@@ -185,6 +183,8 @@ class SweepSpec:
     pruning_startup_trials: int = 5
     pruning_warmup_epochs: int = 0
     tpe_startup_trials: int = 10
+    heartbeat_interval: int = 60  # seconds between a running trial's heartbeats
+    grace_period: int = 120  # seconds without one before another process retries the trial
 
     def search_identity(self) -> dict[str, Any]:
         """What decides the trials (not where the spec lies nor how many trials): JSON-ready."""
@@ -354,7 +354,7 @@ def _sweep_value(path: Path, table: dict[str, Any], key: str, default: Any) -> A
         ok = ok and all(isinstance(v, str) for v in value)
     if not ok:
         raise _spec_error(path, f"[sweep] {key} = {value!r} is not a {kind.__name__}.")
-    if kind is int and key != "seed" and value < (1 if key == "trials" else 0):
+    if kind is int and key != "seed" and value < (1 if key in POSITIVE_KEYS else 0):
         raise _spec_error(path, f"[sweep] {key} = {value} is too small.")
     return value
 
@@ -419,6 +419,8 @@ def parse_spec(data: dict[str, Any], path: Path) -> SweepSpec:
         pruning_startup_trials=_sweep_value(path, sweep, "pruning_startup_trials", 5),
         pruning_warmup_epochs=_sweep_value(path, sweep, "pruning_warmup_epochs", 0),
         tpe_startup_trials=_sweep_value(path, sweep, "tpe_startup_trials", 10),
+        heartbeat_interval=_sweep_value(path, sweep, "heartbeat_interval", 60),
+        grace_period=_sweep_value(path, sweep, "grace_period", 120),
     )
 
 
@@ -467,6 +469,26 @@ def _nest(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _hide_password(text: str) -> str:
+    """`postgresql://user:secret@host` -> `postgresql://user:***@host` (messages, the command)."""
+    return re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
+
+
+def _storage(storage: str | None, runs_dir: Path) -> tuple[str, Path | None]:
+    """The Optuna storage URL and, for SQLite, its file; anything else is refused."""
+    url = storage or f"sqlite:///{(runs_dir / 'optuna.db').resolve()}"
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme == "sqlite" and len(rest) > 1 and rest.startswith("/"):
+        return url, Path(rest[1:].split("?", 1)[0])
+    if sep and scheme.split("+", 1)[0] == "postgresql" and rest:
+        driver = "postgresql+psycopg" if scheme == "postgresql" else scheme  # not psycopg2
+        return f"{driver}://{rest}", None
+    raise SettingsError(
+        f"--storage '{_hide_password(url)}' is neither a SQLite file nor a PostgreSQL database.",
+        f"pass {STORAGE_FORMS} (several `ctscan sweep` processes, on many machines, share one).",
+    )
+
+
 @dataclass(frozen=True)
 class Sweep:
     """A spec ready to run: base settings resolved, the study's name, size and places."""
@@ -474,29 +496,27 @@ class Sweep:
     spec: SweepSpec
     name: str
     n_trials: int
-    jobs: int
     files: tuple[Path, ...]  # the base settings files, resolved
     base: dict[str, Any]  # their merged content
-    settings: Settings  # base + fixed: what every trial starts from
-    command: str  # the command that continues this sweep
+    given: dict[str, Any]  # --set: dotted key -> value, above the base files and [fixed]
+    settings: Settings  # base + --set + fixed: what every trial starts from
+    storage_url: str  # the Optuna storage
+    db: Path | None  # its file when it is SQLite
+    command: str  # the command that continues this sweep (a password hidden)
 
     @property
     def runs_dir(self) -> Path:
         return self.settings.paths.runs_dir
 
     @property
-    def db(self) -> Path:
-        """The Optuna SQLite database, beside the default MLflow store."""
-        return self.runs_dir / "optuna.db"
-
-    @property
     def folder(self) -> Path:
-        """The sweep folder: trial run folders, the recipe, worker logs."""
+        """The sweep folder: trial run folders, the recipe."""
         return self.runs_dir / "sweeps" / self.name
 
     @property
-    def storage_url(self) -> str:
-        return f"sqlite:///{self.db.resolve()}"
+    def where(self) -> str:
+        """The storage as messages show it: a SQLite file's path, a URL without its password."""
+        return str(self.db) if self.db else _hide_password(self.storage_url)
 
     def identity(self) -> dict[str, Any]:
         """What the study records of its spec: a rerun must match it."""
@@ -504,24 +524,15 @@ class Sweep:
 
     def forced(self) -> dict[str, Any]:
         """What the sweep sets for every trial, above everything else."""
-        out: dict[str, Any] = {
+        return {
             "train.evaluate_test": False,  # the test split is never read during a sweep
             "tracking.log_model": False,  # trials do not enter the model registry
             "train.select_metric": self.spec.metric,
         }
-        if self.jobs > 1:  # the cores shared by the workers; their logs in plain lines
-            cores = self.settings.train.threads or os.cpu_count() or 1
-            out["train.threads"] = max(1, cores // self.jobs)
-            out["train.quiet"] = True
-        return out
 
     def trial_settings(self, values: dict[str, Any]) -> Settings:
-        """A trial's settings: base files < env < fixed < the trial's values < forced."""
-        forced = self.forced()
-        origins = _spec_origins(self.spec, {**self.spec.fixed, **values})
-        origins |= {key: "`ctscan sweep` itself (every trial)" for key in forced}
-        overrides = _overrides({**self.spec.fixed, **values, **forced})
-        return load_settings(list(self.files), overrides, origins=origins)
+        """A trial's settings: base files < env < --set < fixed < the trial's values < forced."""
+        return _spec_settings(self.spec, self.files, self.given, values, self.forced())
 
 
 def _base_files(spec: SweepSpec) -> tuple[Path, ...]:
@@ -543,13 +554,29 @@ def _base_files(spec: SweepSpec) -> tuple[Path, ...]:
     return tuple(found)
 
 
+def _check_overrides(spec: SweepSpec, files: tuple[Path, ...], overrides: list[str]) -> dict:
+    """--set checked as `ctscan train` checks it; a key the sweep draws or sets is refused."""
+    load_settings(list(files), overrides)
+    given = _flatten(parse_overrides(overrides))
+    for key in given:
+        searched = key in {p.key for p in spec.params}
+        if searched or key in FORCED_KEYS:
+            raise SettingsError(
+                f"--set {key}: the sweep {'searches' if searched else 'sets'} it for every "
+                "trial, so the value would reach none.",
+                f"drop --set {key} (docs/sweep.md says what a sweep sets).",
+            )
+    return given
+
+
 def prepare(
     spec_name: str | Path,
     *,
     trials: int | None = None,
-    jobs: int = 1,
     name: str | None = None,
     recipe: Path | None = None,
+    storage: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
 ) -> Sweep:
     """Read the spec, resolve and check the base settings and every value it may give a trial."""
     spec = load_spec(spec_name)
@@ -565,31 +592,24 @@ def prepare(
             f"sweep spec '{spec.path}' sets no number of trials.",
             "pass --trials N, or set trials = N in [sweep].",
         )
-    if jobs < 1:
-        raise SettingsError(f"--jobs {jobs}: at least 1 process runs the trials.", "--jobs 1")
     files = _base_files(spec)
+    given = _check_overrides(spec, files, list(overrides))
     base: dict[str, Any] = {}
     for path in files:
         base = deep_merge(base, read_settings_file(path))
-    settings = _spec_settings(spec, files, spec.fixed)
-    _check_drawable(spec, files)
+    settings = _spec_settings(spec, files, given, {})
+    _check_drawable(spec, files, given)
+    url, db = _storage(storage, settings.paths.runs_dir)
     command = ["ctscan", "sweep", str(spec_name), "--trials", str(n_trials)]
-    command += ["--jobs", str(jobs)] if jobs > 1 else []
     command += ["--name", study] if name else []
     command += ["--recipe", str(recipe)] if recipe is not None else []
-    return Sweep(
-        spec=spec,
-        name=study,
-        n_trials=n_trials,
-        jobs=jobs,
-        files=files,
-        base=base,
-        settings=settings,
-        command=shlex.join(command),
-    )
+    command += ["--storage", storage] if storage else []
+    command += [arg for item in overrides for arg in ("--set", item)]
+    command_text = _hide_password(shlex.join(command))
+    return Sweep(spec, study, n_trials, files, base, given, settings, url, db, command_text)
 
 
-def _check_drawable(spec: SweepSpec, files: tuple[Path, ...]) -> None:
+def _check_drawable(spec: SweepSpec, files: tuple[Path, ...], given: dict[str, Any]) -> None:
     """Refuse a bound or choice that no trial can use.
 
     First each value alone (the other keys at their base values): a value wrong by itself
@@ -597,14 +617,15 @@ def _check_drawable(spec: SweepSpec, files: tuple[Path, ...]) -> None:
     across keys (augment.scale_min <= scale_max, model.frozen_stages vs the model's stages) is
     then tried with the values the spec draws for the swept keys that check names (their
     bounds, the checks being monotone, or each choice); it passes if one fits. A spec some of
-    whose trials draw a refused combination still starts: those trials fail, with the reason.
+    whose trials draw a refused combination still starts: those trials are pruned, with the
+    reason.
     """
     extremes = {p.key: p.drawn_extremes() for p in spec.params}
     across: list[tuple[str, Any, SettingsError]] = []
     for key, values in extremes.items():
         for value in values:
             try:
-                _spec_settings(spec, files, {**spec.fixed, key: value})
+                _spec_settings(spec, files, given, {key: value})
             except SettingsError as exc:
                 if not exc.conflict_keys:
                     raise
@@ -615,9 +636,9 @@ def _check_drawable(spec: SweepSpec, files: tuple[Path, ...]) -> None:
             raise exc
         errors: list[SettingsError] = []
         for combo in itertools.product(*(extremes[k] for k in partners)):
-            drawn = {**spec.fixed, **dict(zip(partners, combo, strict=True)), key: value}
+            drawn = {**dict(zip(partners, combo, strict=True)), key: value}
             try:
-                _spec_settings(spec, files, drawn)
+                _spec_settings(spec, files, given, drawn)
                 break
             except SettingsError as failed:
                 errors.append(failed)
@@ -631,18 +652,23 @@ def _check_drawable(spec: SweepSpec, files: tuple[Path, ...]) -> None:
             )
 
 
-def _spec_origins(spec: SweepSpec, values: dict[str, Any]) -> dict[str, str]:
-    """Where in the spec each dotted key of `values` is set (for settings error messages)."""
+def _spec_settings(
+    spec: SweepSpec,
+    files: tuple[Path, ...],
+    given: dict[str, Any],
+    values: dict[str, Any],
+    forced: dict[str, Any] | None = None,
+) -> Settings:
+    """Base files < env < --set < [fixed] < `values` < `forced`; a refusal names the spec."""
     params = {param.key for param in spec.params}
-    return {
+    values = {**{k: v for k, v in spec.fixed.items() if k not in given}, **values}
+    origins = {
         key: f'[params."{key}"] of the spec' if key in params else f'[fixed] "{key}" of the spec'
         for key in values
-    }
-
-
-def _spec_settings(spec: SweepSpec, files: tuple[Path, ...], values: dict[str, Any]) -> Settings:
+    } | {key: "`ctscan sweep` itself (every trial)" for key in forced or {}}
+    overrides = _overrides({**given, **values, **(forced or {})})
     try:
-        return load_settings(list(files), _overrides(values), origins=_spec_origins(spec, values))
+        return load_settings(list(files), overrides, origins=origins)
     except SettingsError as exc:
         error = _spec_error(
             spec.path, exc.message, "correct the value where the message says it was set."
@@ -664,34 +690,66 @@ def _import_optuna() -> Any:
         ) from None
     import warnings
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # not a failed trial's traceback
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
     return optuna
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive flock on `path`, waiting for it (no lock where fcntl is missing)."""
+def storage_errors(sweep: Sweep) -> Iterator[None]:
+    """A storage that cannot be reached or used (or a missing driver) is one SweepError line."""
+    import sqlalchemy.exc
+
     try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
         yield
-        return
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
+    except ImportError as exc:
+        raise SweepError(
+            f"the Optuna storage '{sweep.where}' needs a driver that cannot be imported ({exc}).",
+            f"{EXTRA_FIX} (psycopg for PostgreSQL).",
+        ) from None
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        reason = " ".join(str(exc.orig if hasattr(exc, "orig") else exc).split())[:300]
+        raise SweepError(
+            f"cannot use the Optuna storage '{sweep.where}': {reason}",
+            f"check that the database is up and the URL is right ({STORAGE_FORMS}); finished "
+            f"trials are kept: rerun `{sweep.command}` once it answers.",
+        ) from None
+
+
+@contextlib.contextmanager
+def study_lock(sweep: Sweep) -> Iterator[None]:
+    """Make, load and check the study and its parent run one process at a time.
+
+    A `flock` beside a SQLite file; a PostgreSQL advisory lock (per study name) on a connection
+    of its own. Both end with the process, also after SIGKILL.
+    """
+    if sweep.db is not None:
+        import fcntl
+
+        ensure_dir(sweep.db.parent, what="Optuna storage folder", error=SweepError)
+        with open(sweep.db.with_name(sweep.db.name + ".lock"), "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
             yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        return
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(sweep.storage_url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            key = zlib.crc32(f"ctscan.sweep {sweep.name}".encode())
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            yield  # released when the connection closes
+    finally:
+        engine.dispose()
 
 
-def _sampler(optuna: Any, sweep: Sweep, salt: int) -> Any:
-    """TPE (constant liar when trials run side by side) or random, seeded per process."""
-    seed = sweep.spec.seed + salt
-    if sweep.spec.sampler == "random":
+def _sampler(optuna: Any, spec: SweepSpec, seed: int | None) -> Any:
+    """TPE (with the constant liar: other processes' running trials count) or random."""
+    if spec.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(
-        seed=seed, n_startup_trials=sweep.spec.tpe_startup_trials, constant_liar=sweep.jobs > 1
+        seed=seed, n_startup_trials=spec.tpe_startup_trials, constant_liar=True
     )
 
 
@@ -717,119 +775,80 @@ def _changes(before: Any, now: Any, prefix: str = "") -> list[str]:
     return []
 
 
-def open_study(optuna: Any, sweep: Sweep, *, create: bool, worker: int = 0) -> Any:
-    """Create or load the study (under a lock on the database), refusing a changed spec.
+def open_study(optuna: Any, sweep: Sweep) -> Any:
+    """Create or load the study (under `study_lock`), refusing a changed spec or settings.
 
-    The sampler's seed is the spec's for a new study in one process; each worker, and each
-    rerun of a study that has trials already, gets its own, so none replays another's draws.
+    Its storage beats for each running trial and queues a trial whose beats stopped again.
+    The process that makes the study samples with the spec's seed; any other draws its own.
     """
-    ensure_dir(sweep.runs_dir, what="runs folder", error=SweepError)
-    with _locked(sweep.db.with_name(sweep.db.name + ".lock")):
-        if not create and not sweep.db.is_file():
-            raise SweepError(f"no Optuna database at '{sweep.db}'.", f"run `{sweep.command}`.")
-        if create and not sweep.db.is_file():
-            _create_db(optuna, sweep.db)
-        storage = optuna.storages.RDBStorage(
-            sweep.storage_url,
-            engine_kwargs={"connect_args": {"timeout": 60}},
-            skip_table_creation=True,
+    sqlite = {"connect_args": {"timeout": 60}} if sweep.db else {"pool_pre_ping": True}
+    storage = optuna.storages.RDBStorage(
+        sweep.storage_url,
+        engine_kwargs=sqlite,
+        heartbeat_interval=sweep.spec.heartbeat_interval,
+        grace_period=sweep.spec.grace_period,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
+    )
+    study = optuna.create_study(
+        study_name=sweep.name,
+        storage=storage,
+        direction=sweep.spec.direction,
+        pruner=_pruner(optuna, sweep.spec),
+        load_if_exists=True,
+    )
+    identity = json.loads(json.dumps(sweep.identity()))
+    recorded = study.user_attrs.get(ATTR_SPEC)
+    new = recorded is None and not study.trials
+    study.sampler = _sampler(optuna, sweep.spec, sweep.spec.seed if new else None)
+    if new:
+        _refuse_stale_folder(sweep)
+        study.set_user_attr(ATTR_SPEC, identity)
+        study.set_user_attr(ATTR_SETTINGS, json.loads(json.dumps(public_dict(sweep.settings))))
+    elif recorded is None:
+        raise SweepError(
+            f"study '{sweep.name}' in '{sweep.where}' was not made by `ctscan sweep`.",
+            "pass another --name.",
         )
-        study = optuna.create_study(
-            study_name=sweep.name,
-            storage=storage,
-            direction=sweep.spec.direction,
-            sampler=_sampler(optuna, sweep, 0),
-            pruner=_pruner(optuna, sweep.spec),
-            load_if_exists=True,
+    elif recorded != identity:
+        changed = _changes(recorded, identity)
+        raise SweepError(
+            f"study '{sweep.name}' in '{sweep.where}' was made from another spec "
+            f"({'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''}).",
+            f"rerun with the spec (and base settings) it was made from, or start a new study: "
+            f"--name {sweep.name}-2 (or delete this one: optuna delete-study --storage "
+            f"{shlex.quote(sweep.where if sweep.db is None else sweep.storage_url)} "
+            f"--study-name {sweep.name}).",
         )
-        if worker or study.trials:
-            study.sampler = _sampler(optuna, sweep, 1000 * worker + len(study.trials))
-        identity = json.loads(json.dumps(sweep.identity()))
-        recorded = study.user_attrs.get(ATTR_SPEC)
-        if recorded is None and not study.trials and create:
-            _refuse_stale_folder(sweep)
-            study.set_user_attr(ATTR_SPEC, identity)
-            study.set_user_attr(ATTR_SETTINGS, json.loads(json.dumps(public_dict(sweep.settings))))
-        elif recorded is None:
-            raise SweepError(
-                f"study '{sweep.name}' in '{sweep.db}' was not made by `ctscan sweep`.",
-                "pass another --name.",
-            )
-        elif recorded != identity:
-            changed = _changes(recorded, identity)
-            raise SweepError(
-                f"study '{sweep.name}' in '{sweep.db}' was made from another spec "
-                f"({'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''}).",
-                f"rerun with the spec (and base settings) it was made from, or start a new study: "
-                f"--name {sweep.name}-2 (or delete this one: optuna delete-study --storage "
-                f"{sweep.storage_url} --study-name {sweep.name}).",
-            )
-        else:
-            _refuse_changed_settings(sweep, study)
+    else:
+        _refuse_changed_settings(sweep, study)
     return study
-
-
-def _trials_settings(study: Any) -> dict[str, Any] | None:
-    """The settings the study's trials started from: recorded at creation, or (a study made
-    before ctscan recorded them) the settings.toml of its first trial's run folder."""
-    recorded = study.user_attrs.get(ATTR_SETTINGS)
-    if recorded is not None:
-        return recorded
-    for trial in study.trials:
-        path = Path(trial.user_attrs.get(ATTR_RUN_DIR) or "") / "settings.toml"
-        if path.is_file():
-            try:
-                return read_settings_file(path)
-            except SettingsError:
-                return None
-    return None
 
 
 def _refuse_changed_settings(sweep: Sweep, study: Any) -> None:
     """Refuse to add trials that would train otherwise than the study's earlier ones.
 
     The spec and base files are the study's identity; what else decides a trial (ctscan's
-    defaults, a setting ctscan added since, CTSCAN_* variables) is compared here, as a resumed
-    run compares its settings: where the run takes place may change, the swept keys and what
-    the sweep sets for every trial are the trial's own.
+    defaults, CTSCAN_* variables, --set) is compared here, as a resumed run compares its
+    settings: where the run takes place may change, the swept keys and what the sweep sets for
+    every trial are the trial's own.
     """
     from ctscan.engine.train import RUN_PLACE_KEYS, refused_settings
 
-    before = _trials_settings(study)
-    if before is None:
-        return
+    before = study.user_attrs[ATTR_SETTINGS]
     own = (*(p.key for p in sweep.spec.params), *sweep.forced())
     refused = refused_settings(before, sweep.settings, may_change=own, allowed=RUN_PLACE_KEYS)
     if not refused:
         return
-    env = " ".join(
-        shlex.quote(f"{env_name(key)}={old if isinstance(old, str) else toml_value(old)}")
+    sets = " ".join(
+        "--set " + shlex.quote(f"{key}={old if isinstance(old, str) else toml_value(old)}")
         for key, old, _ in refused
     )
     changes = "; ".join(f"{key} {old!r} -> {new!r}" for key, old, new in refused)
     raise SweepError(
-        f"study '{sweep.name}' in '{sweep.db}': its trials ran with other settings than a new "
-        f"trial would get ({changes}), from ctscan's defaults or CTSCAN_* variables.",
-        f"continue with those values in the environment ({env} before the command), or start "
-        f"a new study: --name {sweep.name}-2.",
+        f"study '{sweep.name}' in '{sweep.where}': its trials ran with other settings than a "
+        f"new trial would get ({changes}), from ctscan's defaults, CTSCAN_* variables or --set.",
+        f"continue with those values ({sets}), or start a new study: --name {sweep.name}-2.",
     )
-
-
-def _create_db(optuna: Any, db: Path) -> None:
-    """Make a new Optuna database beside `db` and rename it into place.
-
-    Optuna creates its tables and then stamps the schema version in separate steps; a process
-    that opens the file in between (a worker, optuna-dashboard, `optuna.load_study`) would try
-    to stamp it too and fail on the version row. Renamed into place, `db` is never half made.
-    """
-    temp = db.with_name(f".{db.name}.{os.getpid()}.creating")
-    temp.unlink(missing_ok=True)
-    try:
-        storage = optuna.storages.RDBStorage(f"sqlite:///{temp.resolve()}")
-        storage.engine.dispose()
-        os.replace(temp, db)
-    finally:
-        temp.unlink(missing_ok=True)
 
 
 def _refuse_stale_folder(sweep: Sweep) -> None:
@@ -837,54 +856,16 @@ def _refuse_stale_folder(sweep: Sweep) -> None:
     if sweep.folder.is_dir() and any(sweep.folder.glob("trial-*")):
         raise SweepError(
             f"the sweep folder '{sweep.folder}' holds trials of an earlier study named "
-            f"'{sweep.name}' that '{sweep.db}' no longer has.",
+            f"'{sweep.name}' that '{sweep.where}' does not have.",
             "move that folder aside, or pass another --name.",
         )
 
 
-def _state(optuna: Any, name: str) -> Any:
-    return getattr(optuna.trial.TrialState, name)
-
-
-def _counts(trial: Any) -> bool:
-    """Whether a trial is finished for `--trials N`: its result stands."""
-    state = trial.state.name
-    return state in ("COMPLETE", "PRUNED") or (
-        state == "FAIL" and ATTR_FAIL_REASON in trial.user_attrs
-    )
-
-
 def finished(study: Any) -> int:
-    """How many trials of the study count toward `--trials N`."""
-    return sum(_counts(t) for t in study.get_trials(deepcopy=False))
+    """How many trials of the study count toward `--trials N`: complete and pruned ones."""
+    from optuna.trial import TrialState
 
-
-def requeue_unfinished(optuna: Any, study: Any, room: int) -> tuple[list[int], list[int]]:
-    """Start again, with the same parameters, up to `room` trials an earlier run left unfinished.
-
-    Returns (the trials queued again, the unfinished ones not queued because `room` trials are
-    already queued or the study needs no more). Only one `ctscan sweep` runs a study at a time (its
-    folder lock), so a trial still marked running belongs to a process that died; it is marked
-    failed first. A trial not queued now is queued by a later run that needs it (a larger --trials).
-    """
-    trials = study.get_trials(deepcopy=False)
-    retried = {t.user_attrs.get(ATTR_RETRY_OF) for t in trials}
-    unfinished = []
-    for trial in trials:
-        if trial.state.name == "RUNNING":
-            study.tell(trial.number, state=_state(optuna, "FAIL"))
-        elif trial.state.name != "FAIL" or ATTR_FAIL_REASON in trial.user_attrs:
-            continue
-        if trial.number not in retried and trial.params:
-            unfinished.append(trial)
-    waiting = [t for t in trials if t.state.name == "WAITING"]
-    again = unfinished[: max(0, room - len(waiting))]
-    for trial in again:
-        study.enqueue_trial(trial.params, user_attrs={ATTR_RETRY_OF: trial.number})
-    # Retries an earlier run queued beyond what this one needs stay queued (Optuna cannot take
-    # a trial back) until a run with a larger --trials asks for them: they are left too.
-    surplus = [t.user_attrs.get(ATTR_RETRY_OF, t.number) for t in waiting[room:]]
-    return [t.number for t in again], [t.number for t in unfinished[len(again) :]] + surplus
+    return len(study.get_trials(deepcopy=False, states=[TrialState[s] for s in COUNTED]))
 
 
 # ---- one trial ----------------------------------------------------------------------------
@@ -917,243 +898,110 @@ def _best_value(history: list[dict[str, Any]], metric: str, direction: str) -> f
     return max(values) if direction == "maximize" else min(values)
 
 
-def run_trial(
-    optuna: Any,
-    sweep: Sweep,
-    study: Any,
-    trial: Any,
-    parent_run_id: str | None,
-    worker: int = 0,
-) -> Any:
-    """Train one trial with the loop and tell Optuna how it went; returns the frozen trial.
+def _pruned(trial: Any, reason: str) -> None:
+    import optuna
 
-    A Ctrl-C or SIGTERM during training ends the trial as interrupted (it runs again on the
-    next sweep); one during the bookkeeping before or after waits for it, so a trial is never
-    left running with its result half recorded.
-    """
+    trial.set_user_attr(ATTR_STOP, reason)
+    raise optuna.TrialPruned(reason)
+
+
+def run_trial(sweep: Sweep, trial: Any, parent_run_id: str | None) -> float:
+    """Train one trial: its value, or `TrialPruned` (by the median rule, or its own settings
+    refused or diverged: those count as finished, as pruned trials, with the reason)."""
     from ctscan.engine.tracking import TAG_PARENT_RUN_ID
     from ctscan.engine.train import RunHooks, run_training
 
-    stops = (signal.SIGINT, signal.SIGTERM)
-    told = None
+    values = {param.key: param.suggest(trial) for param in sweep.spec.params}
+    if "failed_trial" in trial.system_attrs:  # a retry: the failed trial's reason is not its own
+        trial.set_user_attr(ATTR_ERROR, None)
+    run_dir = sweep.folder / f"trial-{trial.number:04d}"
+    trial.set_user_attr(ATTR_RUN_DIR, str(run_dir))
+    trial.set_user_attr(ATTR_PROCESS, f"{socket.gethostname()}:{os.getpid()}")
     try:
-        with held_signals(*stops):
-            values = {param.key: param.suggest(trial) for param in sweep.spec.params}
-            run_dir = sweep.folder / f"trial-{trial.number:04d}"
-            trial.set_user_attr(ATTR_RUN_DIR, str(run_dir))
-            trial.set_user_attr(ATTR_WORKER, worker)
-            try:
-                settings = sweep.trial_settings(values)
-            except SettingsError as exc:  # e.g. augment.scale_min above the scale_max drawn
-                trial.set_user_attr(ATTR_FAIL_REASON, exc.message)
-                told = study.tell(trial, state=_state(optuna, "FAIL"))
-        if told is not None:
-            return told
-        pruning = _Pruning(trial, sweep.spec.metric, settings.train.epochs)
-        tags = {TAG_SWEEP: sweep.name, TAG_TRIAL: str(trial.number)}
-        if parent_run_id:
-            tags[TAG_PARENT_RUN_ID] = parent_run_id
-        result = run_training(settings, out_dir=run_dir, hooks=RunHooks(tags, pruning))
-        with held_signals(*stops):  # trained: the result is recorded before a stop acts
-            told = _tell_result(optuna, sweep, study, trial, result, pruning)
-        return told
-    except BaseException as exc:
-        if told is None:
-            with held_signals(*stops):  # a second Ctrl-C waits for the failure to be recorded
-                if isinstance(exc, (KeyboardInterrupt, Interrupted)):
-                    trial.set_user_attr(ATTR_INTERRUPTED, True)
-                else:
-                    error = str(exc).splitlines()[0][:500] if str(exc) else ""
-                    trial.set_user_attr(ATTR_ERROR, error)
-                study.tell(trial, state=_state(optuna, "FAIL"))
-        if isinstance(exc, Interrupted):  # the loop's own message names `ctscan train`: ours
-            raise (Terminated() if exc.terminated else KeyboardInterrupt()) from None
-        raise
-
-
-def _tell_result(
-    optuna: Any, sweep: Sweep, study: Any, trial: Any, result: Any, pruning: _Pruning
-) -> Any:
+        settings = sweep.trial_settings(values)
+    except SettingsError as exc:  # e.g. augment.scale_min above the scale_max drawn
+        _pruned(trial, "settings refused: " + exc.message.split(": ", 1)[-1])
+    pruning = _Pruning(trial, sweep.spec.metric, settings.train.epochs)
+    tags = {TAG_SWEEP: sweep.name, TAG_TRIAL: str(trial.number)}
+    if parent_run_id:
+        tags[TAG_PARENT_RUN_ID] = parent_run_id
+    result = run_training(settings, out_dir=run_dir, hooks=RunHooks(tags, pruning))
     assert result is not None  # one process: rank 0
     trial.set_user_attr(ATTR_EPOCHS, len(result.history))
     if result.run_id:
         trial.set_user_attr(ATTR_RUN_ID, result.run_id)
     if pruning.pruned:
-        trial.set_user_attr(ATTR_STOP, f"pruned at epoch {len(result.history)}")
-        return study.tell(trial, state=_state(optuna, "PRUNED"))
+        _pruned(trial, f"pruned at epoch {len(result.history)}")
     value = _best_value(result.history, sweep.spec.metric, sweep.spec.direction)
     if math.isnan(value):
-        trial.set_user_attr(ATTR_FAIL_REASON, f"{sweep.spec.metric} was NaN at every epoch")
-        return study.tell(trial, state=_state(optuna, "FAIL"))
-    return study.tell(trial, value)
+        _pruned(trial, f"{sweep.spec.metric} was NaN at every epoch")
+    return value
 
 
-def _next_trial(sweep: Sweep, study: Any) -> Any:
-    """A new trial, or None once finished + running trials reach N (atomic across workers)."""
-    with _locked(sweep.folder / ".ask.lock"):
-        trials = study.get_trials(deepcopy=False)
-        taken = sum(_counts(t) or t.state.name == "RUNNING" for t in trials)
-        return study.ask() if taken < sweep.n_trials else None
+class _Trials:
+    """`study.optimize`'s objective and callback in this process: run, count and say trials."""
 
+    def __init__(self, sweep: Sweep, tracker: Any, say: Callable[[str], None]) -> None:
+        self.sweep, self.tracker, self.say = sweep, tracker, say
+        self.ran, self.current = 0, None
 
-def work(
-    optuna: Any,
-    sweep: Sweep,
-    study: Any,
-    parent_run_id: str | None,
-    announce: Callable[[Any], None],
-    *,
-    worker: int = 0,
-    parent_pid: int | None = None,
-) -> None:
-    """Run trials until the study holds N finished ones (or the process that started us died)."""
-    while (trial := _next_trial(sweep, study)) is not None:
-        announce(run_trial(optuna, sweep, study, trial, parent_run_id, worker))
-        if parent_pid is not None and os.getppid() != parent_pid:
-            return
-
-
-# ---- workers: one process per job ----------------------------------------------------------
-
-
-def _worker_command(sweep: Sweep, index: int) -> list[str]:
-    config = {
-        "spec": str(sweep.spec.path),
-        "name": sweep.name,
-        "trials": sweep.n_trials,
-        "jobs": sweep.jobs,
-        "worker": index + 1,
-        "ppid": os.getpid(),
-    }
-    return [sys.executable, "-m", "ctscan.ops.sweep", json.dumps(config)]
-
-
-def worker_main(argv: list[str]) -> int:
-    """A worker process (`python -m ctscan.ops.sweep CONFIG`): trials until N, then exit."""
-    signal.signal(signal.SIGTERM, raise_terminated)
-    config = json.loads(argv[0])
-    try:
-        optuna = _import_optuna()
-        sweep = prepare(
-            config["spec"], trials=config["trials"], jobs=config["jobs"], name=config["name"]
-        )
-        worker = config["worker"]
-        study = open_study(optuna, sweep, create=False, worker=worker)
-        parent = study.user_attrs.get(ATTR_PARENT_RUN)
-        work(optuna, sweep, study, parent, lambda t: None, worker=worker, parent_pid=config["ppid"])
-    except CtscanError as error:
-        return report(error)
-    except KeyboardInterrupt as exc:
-        return 143 if isinstance(exc, Terminated) else 130
-    return 0
-
-
-def _last_line(path: Path) -> str:
-    try:
-        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return ""
-    marked = [line for line in lines if line.startswith("ctscan: ")]
-    return (marked or lines or [""])[-1].strip()
-
-
-def _stop_workers(procs: list[subprocess.Popen]) -> None:
-    """SIGTERM each worker (it ends its trial as interrupted), then wait; kill the late ones."""
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + WORKER_STOP_GRACE_S
-    for proc in procs:
+    def objective(self, trial: Any) -> float:
+        self.current = trial.number
         try:
-            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except (subprocess.TimeoutExpired, KeyboardInterrupt):
-            proc.kill()
-            proc.wait()
+            return run_trial(self.sweep, trial, self.tracker.run_id)
+        except (Exception, KeyboardInterrupt) as exc:
+            import optuna
 
+            if not isinstance(exc, optuna.TrialPruned):  # why it failed, for the table
+                stop = isinstance(exc, KeyboardInterrupt | Interrupted)
+                error = "stopped" if stop else str(exc).split("\n")[0][:300]
+                trial.set_user_attr(ATTR_ERROR, error)
+            raise
 
-def run_workers(sweep: Sweep, study: Any, announce: Callable[[Any], None]) -> None:
-    """J worker processes share the study; this one says what each finished trial did."""
-    seen = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
-    logs = [sweep.folder / f"worker-{i + 1}.log" for i in range(sweep.jobs)]
-    procs: list[subprocess.Popen] = []
+    def announce(self, study: Any, trial: Any) -> None:
+        row = _trial_row(trial)
+        self.ran += trial.state.name in COUNTED
+        self.say(trial_line(row, self.sweep.spec.metric))
+        if row["value"] is not None:
+            self.tracker.log_metrics({self.sweep.spec.metric: row["value"]}, step=row["number"])
 
-    def tell_new() -> None:
-        for trial in study.get_trials(deepcopy=False):
-            if trial.state.is_finished() and trial.number not in seen:
-                seen.add(trial.number)
-                announce(trial)
-
-    try:
-        for index, log in enumerate(logs):
-            with log.open("ab") as out:  # own session: Ctrl-C reaches this process only
-                procs.append(
-                    subprocess.Popen(
-                        _worker_command(sweep, index),
-                        stdin=subprocess.DEVNULL,
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                    )
-                )
-        while any(proc.poll() is None for proc in procs):
-            tell_new()
-            if any(proc.poll() not in (None, 0, *INTERRUPT_CODES) for proc in procs):
-                _stop_workers(procs)  # one failed: the others stop too (their trials rerun)
-                break
-            time.sleep(POLL_S)
-        tell_new()
-    except KeyboardInterrupt:
-        _stop_workers(procs)
-        raise
-    codes = [proc.returncode for proc in procs]
-    for index, code in enumerate(codes):
-        if code not in (0, *INTERRUPT_CODES):
-            raise SweepError(
-                f"sweep worker {index + 1} failed (exit {code}): "
-                f"{_last_line(logs[index]) or 'no message'}",
-                f"see {logs[index]}; finished trials are kept: fix the cause and rerun "
-                f"`{sweep.command}`.",
-            )
-    if any(code in INTERRUPT_CODES for code in codes):  # a worker was stopped by a signal
-        raise Terminated() if 143 in codes else KeyboardInterrupt()
+    def retry_failed(self, optuna: Any, study: Any) -> None:
+        """The trial this process ran when it was stopped (or failed) runs again, as Optuna
+        runs again a trial whose process died: the same callback, a queued copy."""
+        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
+            if trial.number == self.current:
+                optuna.storages.RetryHeartbeatStaleTrialCallback()(study, trial)
 
 
 # ---- the whole sweep ----------------------------------------------------------------------
 
 
-def _trial_row(trial: Any) -> dict[str, Any]:
+def _trial_row(trial: Any, retried_as: int | None = None) -> dict[str, Any]:
     """One trial for the table and the JSON: number, state, params, value, epochs, seconds."""
     state = trial.state.name
     seconds = None
     if trial.datetime_start is not None and trial.datetime_complete is not None:
         seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
     attrs = trial.user_attrs
-    note = ""
+    notes = []
+    if "failed_trial" in trial.system_attrs:
+        notes.append(f"retry of {trial.system_attrs['retry_history'][-1]}")
     if state == "FAIL":
-        if not trial.params and ATTR_FAIL_REASON not in attrs:  # stopped before any was drawn
-            note = "stopped before its parameters were drawn: nothing to run again"
-        elif attrs.get(ATTR_INTERRUPTED):
-            note = "interrupted: run again"
-        elif ATTR_FAIL_REASON in attrs:
-            note = str(attrs[ATTR_FAIL_REASON])
-        else:
-            note = f"error: {attrs.get(ATTR_ERROR, 'its process ended')}: run again"
-    elif ATTR_STOP in attrs:
-        note = str(attrs[ATTR_STOP])
-    if ATTR_RETRY_OF in attrs:
-        note = f"retry of {attrs[ATTR_RETRY_OF]}" + (f"; {note}" if note else "")
-    value = trial.value if state in ("COMPLETE", "PRUNED") else None
+        notes.append(attrs.get(ATTR_ERROR) or "its process stopped beating (heartbeat)")
+        notes.append(f"runs again as {retried_as}" if retried_as is not None else "runs again")
+    elif state == "PRUNED" and ATTR_STOP in attrs:
+        notes.append(str(attrs[ATTR_STOP]))
     return {
         "number": trial.number,
         "state": state,
         "params": dict(trial.params),
-        "value": value,
+        "value": trial.value if state in COUNTED else None,
         "epochs": attrs.get(ATTR_EPOCHS, len(trial.intermediate_values)),
         "seconds": round(seconds, 2) if seconds is not None else None,
         "run_dir": attrs.get(ATTR_RUN_DIR),
         "mlflow_run_id": attrs.get(ATTR_RUN_ID),
-        "worker": attrs.get(ATTR_WORKER),
-        "note": note,
+        "process": attrs.get(ATTR_PROCESS),
+        "note": "; ".join(notes),
     }
 
 
@@ -1175,7 +1023,7 @@ class SweepResult:
 
     name: str
     spec: Path
-    db: Path
+    storage: str
     folder: Path
     metric: str
     direction: str
@@ -1197,7 +1045,7 @@ class SweepResult:
         return {
             "study": self.name,
             "spec": str(self.spec),
-            "optuna_storage": str(self.db),
+            "optuna_storage": self.storage,
             "sweep_folder": str(self.folder),
             "metric": self.metric,
             "direction": self.direction,
@@ -1215,8 +1063,8 @@ class SweepResult:
 
 
 def recipe_text(sweep: Sweep, best: dict[str, Any]) -> str:
-    """The best trial as a settings file: base files + [fixed] + its parameters, as TOML."""
-    data = deep_merge(sweep.base, _nest(sweep.spec.fixed))
+    """The best trial as a settings file: base files + --set + [fixed] + its parameters."""
+    data = deep_merge(sweep.base, _nest({**sweep.spec.fixed, **sweep.given}))
     data = deep_merge(data, _nest(best["params"]))
     data = deep_merge(data, {"train": {"select_metric": sweep.spec.metric}})
     bases = ", ".join(str(p) for p in sweep.files) or "the defaults"
@@ -1225,7 +1073,7 @@ def recipe_text(sweep: Sweep, best: dict[str, Any]) -> str:
         f"{best['number']},",
         f"# {sweep.spec.metric} {best['value']:.6g} ({sweep.spec.direction}) after "
         f"{best['epochs']} epochs on the validation split.",
-        f"# Base settings ({bases}), the spec's [fixed] and the trial's parameters, merged.",
+        f"# Base settings ({bases}), --set, the spec's [fixed] and the trial's parameters.",
         "# Train with: ctscan train -s THIS_FILE",
         "",
     ]
@@ -1262,17 +1110,14 @@ def _parent_params(sweep: Sweep) -> dict[str, Any]:
 
 
 def experiment_fix(experiment: str) -> str:
-    """The fix when the sweep's parent run lives in another MLflow experiment (`ctscan sweep`
-    takes no --set, and its base files are part of the study: the environment it is)."""
-    variable = shlex.quote(f"{env_name('tracking.experiment')}={experiment}")
-    return (
-        f"continue with tracking.experiment = {json.dumps(experiment)} set through the "
-        f"environment ({variable} before the command), or start a new study (--name)."
-    )
+    """The fix when the sweep's parent run lives in another MLflow experiment."""
+    option = shlex.quote(f"tracking.experiment={experiment}")
+    return f"continue with --set {option}, or start a new study (--name)."
 
 
 def _open_parent(sweep: Sweep, study: Any) -> Any:
-    """The sweep's MLflow run (reopened on a rerun), detached: trials nest under it."""
+    """The sweep's MLflow run (reopened by a rerun or a joining process), detached: trials
+    nest under it. Called under `study_lock`: the first process makes it, the rest reopen it."""
     from ctscan.engine.tracking import open_parent_run
 
     return open_parent_run(
@@ -1280,7 +1125,7 @@ def _open_parent(sweep: Sweep, study: Any) -> Any:
         runs_dir=sweep.runs_dir,
         run_name=f"sweep-{sweep.name}",
         recorded_id=study.user_attrs.get(ATTR_PARENT_RUN),
-        tags={"kind": "sweep", TAG_SWEEP: sweep.name, "optuna_storage": str(sweep.db)},
+        tags={"kind": "sweep", TAG_SWEEP: sweep.name, "optuna_storage": sweep.where},
         params=_parent_params(sweep),
         experiment_fix=experiment_fix,
         record=lambda run_id: study.set_user_attr(ATTR_PARENT_RUN, run_id),
@@ -1291,111 +1136,85 @@ def run_sweep(
     spec: str | Path,
     *,
     trials: int | None = None,
-    jobs: int = 1,
     name: str | None = None,
     recipe: Path | None = None,
+    storage: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
     say: Callable[[str], None] = say_line,
 ) -> SweepResult:
-    """Run (or continue) a sweep until its study holds N finished trials; write the recipe.
+    """Run (or join, or continue) a sweep until its study holds N finished trials; write the
+    recipe.
 
     Ctrl-C and SIGTERM stop it with an `Interrupted` error that says how to continue (exit
-    130 / 143 from the CLI); the finished trials stay in the study.
+    130 / 143 from the CLI); the finished trials stay in the study, the trial under way is
+    queued again.
     """
-    sweep = prepare(spec, trials=trials, jobs=jobs, name=name, recipe=recipe)
+    sweep = prepare(
+        spec, trials=trials, name=name, recipe=recipe, storage=storage, overrides=overrides
+    )
     optuna = _import_optuna()
-    folder = ensure_dir(sweep.folder, what="sweep folder", error=SweepError)
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    ensure_dir(sweep.folder, what="sweep folder", error=SweepError)
+    study = None
     try:
-        with _sweep_lock(sweep, folder):
-            return _run(optuna, sweep, recipe or folder / "best.toml", say)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def _sweep_lock(sweep: Sweep, folder: Path) -> Iterator[None]:
-    """One `ctscan sweep` per study at a time."""
-    try:
-        with folder_lock(folder, what="sweep folder", error=SweepError):
-            yield
-    except SweepError as exc:
-        if "in use by another ctscan process" not in exc.message:
-            raise
-        raise SweepError(
-            f"study '{sweep.name}' is being run by another `ctscan sweep` ({exc.message})",
-            "wait for it to finish (--jobs J runs trials side by side), or pass another --name.",
-        ) from None
-
-
-def _run(optuna: Any, sweep: Sweep, recipe: Path, say: Callable[[str], None]) -> SweepResult:
-    study = open_study(optuna, sweep, create=True)
-    try:  # the parent run first: a refusal (another experiment) comes before any change
-        tracker = _open_parent(sweep, study)
-    except KeyboardInterrupt as exc:  # a parent created before the stop is recorded
-        raise _stopped(sweep, study, exc) from None
-    ran = 0
-
-    def announce(trial: Any) -> None:
-        nonlocal ran
-        row = _trial_row(trial)
-        ran += _counts(trial)
-        say(trial_line(row, sweep.spec.metric))
-        if row["value"] is not None:
-            tracker.log_metrics({sweep.spec.metric: row["value"]}, step=row["number"])
-
-    t0 = time.perf_counter()
-    try:
-        with tracker:
-            todo = _plan_trials(optuna, sweep, study, say)
-            if todo and sweep.jobs > 1:
-                run_workers(sweep, study, announce)
-            elif todo:
-                work(optuna, sweep, study, tracker.run_id, announce)
-            result = _result(sweep, study, recipe, tracker.run_id)
-            result.ran, result.seconds = ran, time.perf_counter() - t0
-            _log_end(tracker, result)
-            return result
+        with storage_errors(sweep), study_lock(sweep):
+            study = open_study(optuna, sweep)
+            tracker = _open_parent(sweep, study)  # a refusal comes before any trial runs
     except KeyboardInterrupt as exc:
         raise _stopped(sweep, study, exc) from None
-
-
-def _plan_trials(optuna: Any, sweep: Sweep, study: Any, say: Callable[[str], None]) -> int:
-    """Queue again the trials an earlier run left unfinished, say so; the trials to run."""
     done = finished(study)
-    todo = max(0, sweep.n_trials - done)
-    again, left = requeue_unfinished(optuna, study, todo)
-    if again:
-        say(f"trials {', '.join(map(str, again))} were left unfinished: they run again")
-    if left:
-        say(
-            f"trials {', '.join(map(str, left))} were left unfinished and are not needed for "
-            f"{sweep.n_trials} finished trials: they do not run again (a larger --trials runs them)"
-        )
     say(
-        f"sweep '{sweep.name}': {done} of {sweep.n_trials} trials finished, {todo} to run"
-        + (f" in {min(sweep.jobs, todo)} processes" if sweep.jobs > 1 and todo else "")
-        + f"; study in {sweep.db}, runs in {sweep.folder}"
+        f"sweep '{sweep.name}': {done} of {sweep.n_trials} trials finished, "
+        f"{max(0, sweep.n_trials - done)} to run; study in {sweep.where}, runs in {sweep.folder}"
     )
-    return todo
+    runner = _Trials(sweep, tracker, say)
+    t0 = time.perf_counter()
+    try:
+        with tracker, storage_errors(sweep):
+            if done < sweep.n_trials:
+                counted = [optuna.trial.TrialState[state] for state in COUNTED]
+                study.optimize(
+                    runner.objective,
+                    callbacks=[
+                        optuna.study.MaxTrialsCallback(sweep.n_trials, states=counted),
+                        runner.announce,
+                    ],
+                )
+            result = _result(sweep, study, recipe or sweep.folder / "best.toml", tracker.run_id)
+            result.ran, result.seconds = runner.ran, time.perf_counter() - t0
+            _log_end(tracker, result)
+            return result
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            runner.retry_failed(optuna, study)
+        if isinstance(exc, KeyboardInterrupt | Interrupted):
+            raise _stopped(sweep, study, exc) from None
+        raise
 
 
-def _stopped(sweep: Sweep, study: Any, exc: KeyboardInterrupt) -> Interrupted:
-    terminated = isinstance(exc, Terminated)
+def _stopped(sweep: Sweep, study: Any, exc: BaseException) -> Interrupted:
+    terminated = isinstance(exc, Terminated) or getattr(exc, "terminated", False)
     how = "by SIGTERM" if terminated else "by Ctrl-C"
+    done = f"{finished(study)} of " if study is not None else "none of "
     return Interrupted(
-        f"sweep '{sweep.name}' stopped {how} with {finished(study)} of {sweep.n_trials} "
-        f"trials finished, kept in '{sweep.db}'.",
+        f"sweep '{sweep.name}' stopped {how} with {done}{sweep.n_trials} trials finished, "
+        f"kept in '{sweep.where}'.",
         f"rerun `{sweep.command}` to continue (an interrupted trial starts again).",
         terminated=terminated,
     )
 
 
 def _result(sweep: Sweep, study: Any, recipe: Path, parent_run_id: str | None) -> SweepResult:
-    rows = [_trial_row(t) for t in study.get_trials(deepcopy=False)]
+    trials = study.get_trials(deepcopy=False)
+    retries = {
+        t.system_attrs["retry_history"][-1]: t.number
+        for t in trials
+        if "failed_trial" in t.system_attrs
+    }
+    rows = [_trial_row(t, retries.get(t.number)) for t in trials]
     result = SweepResult(
         name=sweep.name,
         spec=sweep.spec.path,
-        db=sweep.db,
+        storage=sweep.where,
         folder=sweep.folder,
         metric=sweep.spec.metric,
         direction=sweep.spec.direction,
@@ -1410,7 +1229,7 @@ def _result(sweep: Sweep, study: Any, recipe: Path, parent_run_id: str | None) -
         result.error = SweepError(
             f"no trial of study '{sweep.name}' completed ({counts}): no recipe was written.",
             "run more trials (a larger --trials), or turn pruning off (pruning = false in "
-            "[sweep]); the table and the worker logs say why trials failed.",
+            "[sweep]); the table says why trials were pruned or failed.",
         )
         return result
     pick = max if sweep.spec.direction == "maximize" else min
@@ -1433,9 +1252,3 @@ def _log_end(tracker: Any, result: SweepResult) -> None:
     if result.recipe is not None:
         tracker.log_artifact(result.recipe)
     tracker.log_dict(result.summary(), "sweep.json")
-
-
-if __name__ == "__main__":
-    from ctscan.ops.sweep import worker_main as _worker_main  # the module, not a __main__ copy
-
-    sys.exit(_worker_main(sys.argv[1:]))
