@@ -25,17 +25,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import ctscan.ops.sweep as sweep_module
+import ctscan.ops.sweep_spec as spec_module
 from ctscan.errors import CtscanError, Interrupted, SettingsError
-from ctscan.ops.sweep import (
-    SweepError,
-    find_spec,
-    open_study,
-    parse_spec,
-    prepare,
-    run_sweep,
-    storage_errors,
-    study_lock,
-)
+from ctscan.ops.sweep import SweepError, open_study, run_sweep, storage_errors, study_lock
+from ctscan.ops.sweep_spec import find_spec, parse_spec, prepare
 from ctscan.settings import load_settings, toml_value
 from tests.unit.conftest_store import engine_overrides, write_synthetic_store
 
@@ -337,9 +330,9 @@ def test_prepare_checks_keys_that_depend_on_each_other_together(
         "augment.scale_min": {"low": 0.4, "high": 1.0},
     }
     loads = []
-    real = sweep_module.load_settings
+    real = spec_module.load_settings
     monkeypatch.setattr(
-        sweep_module, "load_settings", lambda *a, **k: loads.append(1) or real(*a, **k)
+        spec_module, "load_settings", lambda *a, **k: loads.append(1) or real(*a, **k)
     )
     prepare(write_spec(tmp_path, base, params=wide))
     assert len(loads) < 60
