@@ -1,13 +1,15 @@
 """A throwaway PostgreSQL 15 server for the tests that share one study between processes.
 
-`postgres_url(name)` creates a database on a session-wide cluster (initdb in a temp folder, a
-free port on 127.0.0.1, trust auth, fsync off) and returns its SQLAlchemy URL. PostgreSQL
+`throwaway_postgres()` (also used by bench/sweep_scaling.py) starts a cluster (initdb in a temp
+folder, a free port on 127.0.0.1, trust auth, fsync off); the session fixture `postgres_url(name)`
+creates a database on it and returns its SQLAlchemy URL. PostgreSQL
 refuses to run as root: as root (CI, containers) the cluster belongs to the `postgres` user, or
 `nobody`, and its processes drop to that user. Skips where the binaries or psycopg are missing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -35,15 +37,22 @@ def _unprivileged() -> dict[str, Any]:
         except KeyError:
             continue
         return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
-    pytest.skip("running as root with no 'postgres' or 'nobody' user to run PostgreSQL as")
+    raise PostgresMissing("running as root with no 'postgres' or 'nobody' user to run it as")
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[Callable[[str], str]]:
-    """`postgres_url(name)`: a new, empty database `name` on a throwaway server; its URL."""
+class PostgresMissing(Exception):
+    """No PostgreSQL server can be started here (the reason says why)."""
+
+
+@contextlib.contextmanager
+def throwaway_postgres() -> Iterator[Callable[[str], str]]:
+    """A PostgreSQL server for the block; yields `create(name)`: a new database's URL."""
     if not (PG_BIN / "initdb").is_file() or not (PG_BIN / "postgres").is_file():
-        pytest.skip(f"no PostgreSQL binaries in {PG_BIN} (set CTSCAN_TEST_PG_BIN)")
-    psycopg = pytest.importorskip("psycopg", reason="psycopg (the sweep extra) is not installed")
+        raise PostgresMissing(f"no PostgreSQL binaries in {PG_BIN} (set CTSCAN_TEST_PG_BIN)")
+    try:
+        import psycopg
+    except ImportError:
+        raise PostgresMissing("psycopg (the sweep extra) is not installed") from None
     as_user = _unprivileged()
     root = Path(tempfile.mkdtemp(prefix="ctscan-pg-"))  # not under pytest's 0700 root-only tree
     if as_user:
@@ -72,10 +81,11 @@ def postgres_url() -> Iterator[Callable[[str], str]]:
                 break
             except psycopg.OperationalError:
                 if server.poll() is not None:
-                    pytest.fail(f"PostgreSQL exited at start with code {server.returncode}")
+                    code = server.returncode
+                    raise RuntimeError(f"PostgreSQL exited at start (code {code})") from None
                 time.sleep(0.1)
         else:
-            pytest.fail("PostgreSQL did not answer within 30 s")
+            raise RuntimeError("PostgreSQL did not answer within 30 s")
 
         def create(name: str) -> str:
             admin.execute(f'CREATE DATABASE "{name}"')
@@ -91,3 +101,13 @@ def postgres_url() -> Iterator[Callable[[str], str]]:
             server.kill()
             server.wait()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[Callable[[str], str]]:
+    """`postgres_url(name)`: a new, empty database `name` on a throwaway server; its URL."""
+    try:
+        with throwaway_postgres() as create:
+            yield create
+    except PostgresMissing as missing:
+        pytest.skip(str(missing))
