@@ -75,7 +75,6 @@ def _import_optuna() -> Any:
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # not a failed trial's traceback
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
     return optuna
 
 
@@ -185,8 +184,8 @@ def open_study(optuna: Any, sweep: Sweep) -> Any:
     study.sampler = _sampler(optuna, sweep.spec, sweep.spec.seed if new else None)
     if new:
         _refuse_stale_folder(sweep)
-        study.set_user_attr(ATTR_SPEC, identity)
         study.set_user_attr(ATTR_SETTINGS, json.loads(json.dumps(public_dict(sweep.settings))))
+        study.set_user_attr(ATTR_SPEC, identity)  # last: a study with it is whole
     elif recorded is None:
         raise SweepError(
             f"study '{sweep.name}' in '{sweep.where}' was not made by `ctscan sweep`.",
@@ -222,10 +221,7 @@ def _refuse_changed_settings(sweep: Sweep, study: Any) -> None:
     refused = refused_settings(before, sweep.settings, may_change=own, allowed=RUN_PLACE_KEYS)
     if not refused:
         return
-    sets = " ".join(
-        "--set " + shlex.quote(f"{key}={old if isinstance(old, str) else toml_value(old)}")
-        for key, old, _ in refused
-    )
+    sets = " ".join("--set " + shlex.quote(f"{key}={toml_value(old)}") for key, old, _ in refused)
     changes = "; ".join(f"{key} {old!r} -> {new!r}" for key, old, new in refused)
     raise SweepError(
         f"study '{sweep.name}' in '{sweep.where}': its trials ran with other settings than a "
@@ -295,8 +291,7 @@ def run_trial(sweep: Sweep, trial: Any, parent_run_id: str | None) -> float:
     from ctscan.engine.train import RunHooks, run_training
 
     values = {param.key: param.suggest(trial) for param in sweep.spec.params}
-    if "failed_trial" in trial.system_attrs:  # a retry: the failed trial's reason is not its own
-        trial.set_user_attr(ATTR_ERROR, None)
+    trial.set_user_attr(ATTR_ERROR, None)  # a retry's copy of the failed trial's reason
     run_dir = sweep.folder / f"trial-{trial.number:04d}"
     trial.set_user_attr(ATTR_RUN_DIR, str(run_dir))
     trial.set_user_attr(ATTR_PROCESS, f"{socket.gethostname()}:{os.getpid()}")
@@ -494,7 +489,7 @@ def _parent_params(sweep: Sweep) -> dict[str, Any]:
 
 def experiment_fix(experiment: str) -> str:
     """The fix when the sweep's parent run lives in another MLflow experiment."""
-    option = shlex.quote(f"tracking.experiment={experiment}")
+    option = shlex.quote(f"tracking.experiment={toml_value(experiment)}")
     return f"continue with --set {option}, or start a new study (--name)."
 
 

@@ -18,10 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args
 
-from ctscan.errors import (
-    SettingsError,
-    close_matches,
-)
+from ctscan.errors import SettingsError, close_matches
 from ctscan.settings import (
     RECIPE_DIR,
     Settings,
