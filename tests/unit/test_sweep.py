@@ -24,7 +24,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import ctscan.ops.sweep as sweep_module
 import ctscan.ops.sweep_spec as spec_module
 from ctscan.errors import CtscanError, Interrupted, SettingsError
 from ctscan.ops.sweep import SweepError, open_study, run_sweep, storage_errors, study_lock
@@ -441,7 +440,7 @@ def test_set_reaches_every_trial_and_the_recipe(tmp_path: Path) -> None:
     assert (trial.train.epochs, trial.train.weight_decay, trial.model.dropout) == (3, 0.02, 0.1)
     assert sweep.command.endswith("--set train.epochs=3 --set train.weight_decay=0.02")
     best = {"number": 0, "value": 0.5, "epochs": 3, "params": {"train.lr": 0.004}}
-    recipe = load_settings([sweep_module.write_recipe(sweep, best, tmp_path / "r.toml")])
+    recipe = load_settings([spec_module.write_recipe(sweep, best, tmp_path / "r.toml")])
     assert (recipe.train.epochs, recipe.train.weight_decay, recipe.train.lr) == (3, 0.02, 0.004)
     for key in ("train.lr=0.1", "train.evaluate_test=true"):
         with pytest.raises(SettingsError, match=f"--set {key.split('=')[0]}: the sweep"):

@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from ctscan.errors import CtscanError, Interrupted, SettingsError, Terminated, say_line
-from ctscan.files import atomic_write, ensure_dir
-from ctscan.ops.sweep_spec import STORAGE_FORMS, Sweep, SweepSpec, nested, prepare
-from ctscan.settings import Settings, deep_merge, load_settings, public_dict, toml_value
+from ctscan.files import ensure_dir
+from ctscan.ops.sweep_spec import STORAGE_FORMS, Sweep, SweepSpec, prepare, write_recipe
+from ctscan.settings import public_dict, toml_value
 
 EXTRA_FIX = "pip install 'ctscan[sweep]'"
 
@@ -440,38 +440,6 @@ class SweepResult:
         }
 
 
-def recipe_text(sweep: Sweep, best: dict[str, Any]) -> str:
-    """The best trial as a settings file: base files + --set + [fixed] + its parameters."""
-    data = deep_merge(sweep.base, nested({**sweep.spec.fixed, **sweep.given}))
-    data = deep_merge(data, nested(best["params"]))
-    data = deep_merge(data, {"train": {"select_metric": sweep.spec.metric}})
-    bases = ", ".join(str(p) for p in sweep.files) or "the defaults"
-    lines = [
-        f"# The best trial of the ctscan sweep '{sweep.name}' (spec {sweep.spec.path}): trial "
-        f"{best['number']},",
-        f"# {sweep.spec.metric} {best['value']:.6g} ({sweep.spec.direction}) after "
-        f"{best['epochs']} epochs on the validation split.",
-        f"# Base settings ({bases}), --set, the spec's [fixed] and the trial's parameters.",
-        "# Train with: ctscan train -s THIS_FILE",
-        "",
-    ]
-    order = list(Settings.model_fields)
-    for section in sorted(data, key=lambda s: order.index(s) if s in order else len(order)):
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {toml_value(value)}" for key, value in data[section].items()]
-        lines.append("")
-    return "\n".join(lines)
-
-
-def write_recipe(sweep: Sweep, best: dict[str, Any], path: Path) -> Path:
-    """Write the recipe atomically and check that it loads as `ctscan train -s` loads it."""
-    ensure_dir(path.parent, what="recipe folder", error=SweepError)
-    text = recipe_text(sweep, best).encode()
-    atomic_write(path, lambda fh: fh.write(text))
-    load_settings([path])
-    return path
-
-
 def _parent_params(sweep: Sweep) -> dict[str, Any]:
     spec = sweep.spec
     params: dict[str, Any] = {
@@ -603,7 +571,9 @@ def _result(sweep: Sweep, study: Any, recipe: Path, parent_run_id: str | None) -
     )
     complete = [row for row in rows if row["state"] == "COMPLETE"]
     if not complete:
-        counts = ", ".join(f"{s.lower()} {sum(r['state'] == s for r in rows)}" for s in _STATES)
+        counts = ", ".join(
+            f"{s.lower()} {sum(r['state'] == s for r in rows)}" for s in ("PRUNED", "FAIL")
+        )
         result.error = SweepError(
             f"no trial of study '{sweep.name}' completed ({counts}): no recipe was written.",
             "run more trials (a larger --trials), or turn pruning off (pruning = false in "
@@ -614,9 +584,6 @@ def _result(sweep: Sweep, study: Any, recipe: Path, parent_run_id: str | None) -
     result.best = pick(complete, key=lambda row: row["value"])
     result.recipe = write_recipe(sweep, result.best, recipe)
     return result
-
-
-_STATES = ("PRUNED", "FAIL")
 
 
 def _log_end(tracker: Any, result: SweepResult) -> None:

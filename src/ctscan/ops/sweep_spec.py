@@ -3,8 +3,8 @@
 A spec names the settings to search (`[params]`), the validation metric and its direction,
 base settings files and fixed values (docs/sweep.md shows one). `prepare` reads it, resolves
 the base settings and checks every value a trial may draw; `Sweep.trial_settings` gives a
-trial's settings as `ctscan train -s BASE --set FIXED --set PARAMS` would. Running the study:
-ops/sweep.py.
+trial's settings as `ctscan train -s BASE --set FIXED --set PARAMS` would, and `write_recipe`
+the best trial's as a settings file. Running the study: ops/sweep.py.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args
 
-from ctscan.errors import SettingsError, close_matches
+from ctscan.errors import CtscanError, SettingsError, close_matches
+from ctscan.files import atomic_write, ensure_dir
 from ctscan.settings import (
     RECIPE_DIR,
     Settings,
@@ -623,3 +624,35 @@ def _spec_settings(
         )
         error.conflict_keys = exc.conflict_keys
         raise error from None
+
+
+def recipe_text(sweep: Sweep, best: dict[str, Any]) -> str:
+    """The best trial as a settings file: base files + --set + [fixed] + its parameters."""
+    data = deep_merge(sweep.base, nested({**sweep.spec.fixed, **sweep.given}))
+    data = deep_merge(data, nested(best["params"]))
+    data = deep_merge(data, {"train": {"select_metric": sweep.spec.metric}})
+    bases = ", ".join(str(p) for p in sweep.files) or "the defaults"
+    lines = [
+        f"# The best trial of the ctscan sweep '{sweep.name}' (spec {sweep.spec.path}): trial "
+        f"{best['number']},",
+        f"# {sweep.spec.metric} {best['value']:.6g} ({sweep.spec.direction}) after "
+        f"{best['epochs']} epochs on the validation split.",
+        f"# Base settings ({bases}), --set, the spec's [fixed] and the trial's parameters.",
+        "# Train with: ctscan train -s THIS_FILE",
+        "",
+    ]
+    order = list(Settings.model_fields)
+    for section in sorted(data, key=lambda s: order.index(s) if s in order else len(order)):
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {toml_value(value)}" for key, value in data[section].items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_recipe(sweep: Sweep, best: dict[str, Any], path: Path) -> Path:
+    """Write the recipe atomically and check that it loads as `ctscan train -s` loads it."""
+    ensure_dir(path.parent, what="recipe folder", error=CtscanError)
+    text = recipe_text(sweep, best).encode()
+    atomic_write(path, lambda fh: fh.write(text))
+    load_settings([path])
+    return path
