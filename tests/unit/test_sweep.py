@@ -462,7 +462,9 @@ def test_a_storage_url_is_checked_and_its_password_never_shown(tmp_path: Path) -
 
 
 @needs_optuna
-def test_an_unreachable_storage_is_one_line(tmp_path: Path) -> None:
+def test_an_unreachable_storage_or_a_missing_driver_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import socket
 
     with socket.socket() as sock:  # a port nobody listens on
@@ -474,6 +476,10 @@ def test_an_unreachable_storage_is_one_line(tmp_path: Path) -> None:
         run_sweep(spec, storage=url, say=lambda line: None)
     assert "s3cret" not in str(err.value) and "\n" not in str(err.value)
     assert "--storage postgresql+psycopg://me:***@" in err.value.fix
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # the sweep extra without psycopg
+    with pytest.raises(SweepError, match="needs a driver that cannot be imported") as err:
+        run_sweep(spec, storage=url, say=lambda line: None)
+    assert "pip install 'ctscan[sweep]'" in err.value.fix and "s3cret" not in str(err.value)
 
 
 @needs_optuna

@@ -1,9 +1,7 @@
 """`ctscan sweep`: an Optuna search over settings; each trial is one run of the training loop.
 
-The spec and its checks: ops/sweep_spec.py. Each trial runs `run_training` with its settings and
-a `RunHooks.on_epoch` that reports the metric to Optuna each epoch and stops the run when the
-median pruner says so.
-
+The spec and its checks: ops/sweep_spec.py. Each trial runs `run_training` with a
+`RunHooks.on_epoch` that reports the metric to Optuna and stops when the median pruner says so.
 Where things live (`runs_dir` is `paths.runs_dir` of the base settings):
 
     --storage URL, default <runs_dir>/optuna.db   the Optuna study (SQLite, or a PostgreSQL URL
@@ -80,18 +78,15 @@ def _import_optuna() -> Any:
 
 @contextlib.contextmanager
 def storage_errors(sweep: Sweep) -> Iterator[None]:
-    """A storage that cannot be reached or used (or a missing driver) is one SweepError line."""
+    """A storage that cannot be reached or used is one SweepError line."""
     import sqlalchemy.exc
+    from optuna.exceptions import StorageInternalError
 
     try:
         yield
-    except ImportError as exc:
-        raise SweepError(
-            f"the Optuna storage '{sweep.where}' needs a driver that cannot be imported ({exc}).",
-            f"{EXTRA_FIX} (psycopg for PostgreSQL).",
-        ) from None
-    except sqlalchemy.exc.SQLAlchemyError as exc:
-        reason = " ".join(str(exc.orig if hasattr(exc, "orig") else exc).split())[:300]
+    except (sqlalchemy.exc.SQLAlchemyError, StorageInternalError) as exc:
+        cause = exc.__cause__ if isinstance(exc, StorageInternalError) else exc
+        reason = " ".join(str(getattr(cause, "orig", None) or cause).split())[:300]
         raise SweepError(
             f"cannot use the Optuna storage '{sweep.where}': {reason}",
             f"check that the database is up and the URL is right ({STORAGE_FORMS}); finished "
@@ -116,7 +111,13 @@ def study_lock(sweep: Sweep) -> Iterator[None]:
         return
     import sqlalchemy
 
-    engine = sqlalchemy.create_engine(sweep.storage_url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        engine = sqlalchemy.create_engine(sweep.storage_url, poolclass=sqlalchemy.pool.NullPool)
+    except ImportError as exc:
+        raise SweepError(
+            f"the Optuna storage '{sweep.where}' needs a driver that cannot be imported ({exc}).",
+            f"{EXTRA_FIX} (psycopg 3), and write the URL as postgresql+psycopg://...",
+        ) from None
     try:
         with engine.connect() as connection:
             key = zlib.crc32(f"ctscan.sweep {sweep.name}".encode())
