@@ -45,7 +45,9 @@ def run_row(processes: int, create: object, store: Path, trials: int, work: Path
     procs = []
     for index in range(processes):
         log = (work / f"{name}-{index}.log").open("w")
-        procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env))
+        procs.append(  # cwd: MLflow's default artifact root ./mlruns lands in `work`
+            subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work)
+        )
     codes = [proc.wait() for proc in procs]
     wall = time.perf_counter() - t0
     if any(codes):

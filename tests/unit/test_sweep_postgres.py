@@ -60,7 +60,9 @@ def test_two_processes_share_one_postgres_study_and_retry_a_killed_trial(
     command += ["--set", f"tracking.uri={mlflow_url}"]
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
     procs = [
-        subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+        subprocess.Popen(  # cwd: MLflow's default artifact root ./mlruns lands in tmp_path
+            command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=tmp_path
+        )
         for log in logs
     ]
     killed, victim = None, procs[0]
