@@ -585,15 +585,6 @@ def sweep(
             show_default=False,
         ),
     ] = None,
-    jobs: Annotated[
-        int,
-        typer.Option(
-            min=1,
-            help="Trials at once, each in its own worker process sharing the study "
-            "(default: 1, in this process).",
-            show_default=False,
-        ),
-    ] = 1,
     name: Annotated[
         str | None,
         typer.Option(help="Study name (default: the spec file's name)."),
@@ -606,13 +597,25 @@ def sweep(
             "(default: paths.runs_dir/sweeps/NAME/best.toml).",
         ),
     ] = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            help="The Optuna study's database: sqlite:///PATH, or a PostgreSQL URL "
+            "(postgresql+psycopg://USER@HOST/DB) that sweeps on many machines join "
+            "(default: paths.runs_dir/optuna.db).",
+            show_default=False,
+        ),
+    ] = None,
+    overrides: Overrides = None,
     as_json: ResultJson = False,
 ) -> None:
     """Search settings with Optuna (TPE, median pruning), one training per trial; write the best."""
     from ctscan.ops.sweep import run_sweep
     from ctscan.render import render_sweep
 
-    result = run_sweep(spec, trials=trials, jobs=jobs, name=name, recipe=recipe)
+    result = run_sweep(
+        spec, trials=trials, name=name, recipe=recipe, storage=storage, overrides=overrides or []
+    )
     if as_json:
         typer.echo(json.dumps(result.summary(), indent=2))
     else:
