@@ -65,8 +65,9 @@ MAX_BATCH = 4096  # upper bound of the dynamic batch axis
 FP32_TOLERANCE = 1e-4  # max |logit difference| vs eager for a float32 export
 INT8_MIN_AGREEMENT = 0.98  # argmax agreement with eager on the test split
 INT8_MAX_ACCURACY_DROP = 0.01  # 1 point of test accuracy
-CALIBRATION_IMAGES = 256  # train images for the int8 calibration (evenly spread over the split)
-CALIBRATION_BATCH = 16
+CALIBRATION_BATCH = 16  # int8 calibration: every train image of the store, 16 at a time
+INT8_KEEP_FP32: tuple[str, ...] = ()  # parts left in float32 (see fp32_node_names)
+INT8_CALIBRATION = "minmax"  # ONNX Runtime's calibration method
 TRITON_MAX_BATCH = 32
 TRITON_QUEUE_DELAY_US = 2000
 EXPORT_EXTRA = "pip install 'ctscan[export]'"
@@ -377,19 +378,39 @@ def pt2_logits(path: Path, images: np.ndarray, batch: int = 64) -> np.ndarray:
     return torch.cat(chunks).numpy()
 
 
-def calibration_images(store: Store, limit: int = CALIBRATION_IMAGES) -> np.ndarray:
-    """Up to `limit` train images, evenly spread over the split (all classes): (N, 1, S, S)."""
+def calibration_images(store: Store, limit: int | None = None) -> np.ndarray:
+    """The train images for the int8 calibration (all, or `limit` evenly spread): (N, 1, S, S)."""
     images = store.split("train").images.numpy()
-    if len(images) <= limit:
+    if limit is None or len(images) <= limit:
         return images
     picks = np.linspace(0, len(images) - 1, limit).round().astype(int)
     return images[picks]
 
 
+def fp32_node_names(model: Any, keep: tuple[str, ...]) -> list[str]:
+    """Names of the nodes `keep` picks: 'stem' the first Conv, 'head' the last weighted node."""
+    weighted = [n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    parts = {"stem": weighted[:1], "head": weighted[-1:]}
+    unknown = set(keep) - set(parts)
+    if unknown:
+        raise ValueError(f"unknown parts {sorted(unknown)}: use {sorted(parts)}")
+    return [name for part in keep for name in parts[part]]
+
+
 def quantize_onnx(
-    fp32_path: Path, path: Path, images: np.ndarray, *, meta: dict[str, Any]
+    fp32_path: Path,
+    path: Path,
+    images: np.ndarray,
+    *,
+    meta: dict[str, Any],
+    keep_fp32: tuple[str, ...] = INT8_KEEP_FP32,
+    method: str = INT8_CALIBRATION,
 ) -> dict[str, Any]:
-    """Static QDQ int8 of an fp32 ONNX file, calibrated on `images`; returns the settings used."""
+    """Static QDQ int8 of an fp32 ONNX file, calibrated on `images`; returns the settings used.
+
+    `keep_fp32`: parts left in float32 ('stem', 'head': see `fp32_node_names`); `method`:
+    ONNX Runtime's calibration, minmax | percentile | entropy.
+    """
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -399,6 +420,12 @@ def quantize_onnx(
         quant_pre_process,
         quantize_static,
     )
+
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }
 
     class Reader(CalibrationDataReader):
         """uint8 batches of calibration images, as the graph input takes them."""
@@ -419,10 +446,11 @@ def quantize_onnx(
         "weight_type": "int8",
         "activation_type": "uint8",
         "reduce_range": False,
-        "calibration": "minmax",
+        "calibration": method,
         "calibration_images": len(images),
         "calibration_split": "train",
         "pre_process": True,
+        "fp32_parts": list(keep_fp32),
     }
     prepared = path.with_name(f".{path.stem}.prep.onnx")
     try:
@@ -436,7 +464,8 @@ def quantize_onnx(
             reduce_range=False,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
+            calibrate_method=methods[method],
+            nodes_to_exclude=fp32_node_names(onnx.load(str(prepared)), keep_fp32),
         )
     finally:
         prepared.unlink(missing_ok=True)
