@@ -9,8 +9,8 @@ what `ctscan predict` shows); the metadata names T (`temperature`, 1.0: uncalibr
     best.onnx        torch.onnx.export(dynamo=True), opset OPSET, one file (no external data);
                      `metadata_props["ctscan"]` = JSON (see `export_metadata`); onnx.checker'd
     best.int8.onnx   onnxruntime.quantization: quant_pre_process, then static QDQ, per-channel
-                     int8 weights, uint8 activations, MinMax calibration on up to
-                     CALIBRATION_IMAGES train images of the processed store
+                     int8 weights, uint8 activations, MinMax calibration on every train
+                     image of the processed store, averaged per batch; the stem conv stays fp32
     best.pt2         torch.export.export + torch.export.save (the same JSON as extra file
                      `ctscan.json`), read back with torch.export.load before it is kept
 
@@ -66,8 +66,8 @@ FP32_TOLERANCE = 1e-4  # max |logit difference| vs eager for a float32 export
 INT8_MIN_AGREEMENT = 0.98  # argmax agreement with eager on the test split
 INT8_MAX_ACCURACY_DROP = 0.01  # 1 point of test accuracy
 CALIBRATION_BATCH = 16  # int8 calibration: every train image of the store, 16 at a time
-INT8_KEEP_FP32: tuple[str, ...] = ()  # parts left in float32 (see fp32_node_names)
-INT8_CALIBRATION = "minmax"  # ONNX Runtime's calibration method
+INT8_KEEP_FP32: tuple[str, ...] = ("stem",)  # parts left in float32 (see fp32_node_names)
+INT8_CALIBRATION = "minmax-avg"  # min/max averaged over the batches (see quantize_onnx)
 TRITON_MAX_BATCH = 32
 TRITON_QUEUE_DELAY_US = 2000
 EXPORT_EXTRA = "pip install 'ctscan[export]'"
@@ -409,7 +409,9 @@ def quantize_onnx(
     """Static QDQ int8 of an fp32 ONNX file, calibrated on `images`; returns the settings used.
 
     `keep_fp32`: parts left in float32 ('stem', 'head': see `fp32_node_names`); `method`:
-    ONNX Runtime's calibration, minmax | percentile | entropy.
+    ONNX Runtime's calibration, minmax | minmax-avg (each tensor's min and max averaged over
+    the calibration batches, not the extremes of all: fewer outliers widen the int8 steps) |
+    percentile | entropy. What each choice gave: docs/export.md, bench/model_step.py.
     """
     import onnx
     from onnxruntime.quantization import (
@@ -422,18 +424,22 @@ def quantize_onnx(
     )
 
     methods = {
-        "minmax": CalibrationMethod.MinMax,
-        "percentile": CalibrationMethod.Percentile,
-        "entropy": CalibrationMethod.Entropy,
+        "minmax": (CalibrationMethod.MinMax, {}),
+        "minmax-avg": (CalibrationMethod.MinMax, {"CalibMovingAverage": True}),
+        "percentile": (CalibrationMethod.Percentile, {}),
+        "entropy": (CalibrationMethod.Entropy, {}),
     }
+    calibrate_method, extra_options = methods[method]
 
     class Reader(CalibrationDataReader):
         """uint8 batches of calibration images, as the graph input takes them."""
 
         def __init__(self) -> None:
+            # the histogram calibrators stack every batch's outputs: one image at a time keeps
+            # the shapes equal (ONNX Runtime 1.32 fails on a shorter last batch)
+            step = CALIBRATION_BATCH if calibrate_method == CalibrationMethod.MinMax else 1
             self.batches = iter(
-                {INPUT_NAME: images[i : i + CALIBRATION_BATCH]}
-                for i in range(0, len(images), CALIBRATION_BATCH)
+                {INPUT_NAME: images[i : i + step]} for i in range(0, len(images), step)
             )
 
         def get_next(self) -> dict[str, np.ndarray] | None:
@@ -464,8 +470,9 @@ def quantize_onnx(
             reduce_range=False,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
-            calibrate_method=methods[method],
+            calibrate_method=calibrate_method,
             nodes_to_exclude=fp32_node_names(onnx.load(str(prepared)), keep_fp32),
+            extra_options=extra_options,
         )
     finally:
         prepared.unlink(missing_ok=True)
