@@ -439,3 +439,21 @@ def test_cli_writes_the_file_and_prints_parity(
     )
     assert bad.returncode == 4
     assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_int8_keeps_the_named_parts_in_fp32(exported: Exported, tmp_path: Path) -> None:
+    fp32 = exported.folder / "best.onnx"
+    images = load_store(exported.store).split("train").images.numpy()
+    path = tmp_path / "kept.int8.onnx"
+    settings = export.quantize_onnx(fp32, path, images, meta={}, keep_fp32=("stem", "head"))
+    assert settings["fp32_parts"] == ["stem", "head"]
+    graph = onnx.load(str(path)).graph
+    made_by = {out: node.op_type for node in graph.node for out in node.output}
+    weighted = [n for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    # a quantised node reads its weight through DequantizeLinear, a float32 one reads it plainly
+    weight_from = [made_by.get(node.input[1], "initializer") for node in weighted]
+    assert weight_from[0] != "DequantizeLinear" and weight_from[-1] != "DequantizeLinear"
+    assert set(weight_from[1:-1]) == {"DequantizeLinear"}
+    with pytest.raises(ValueError, match="unknown parts"):
+        export.fp32_node_names(onnx.load(str(fp32)), ("neck",))

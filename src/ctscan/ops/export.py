@@ -9,8 +9,8 @@ what `ctscan predict` shows); the metadata names T (`temperature`, 1.0: uncalibr
     best.onnx        torch.onnx.export(dynamo=True), opset OPSET, one file (no external data);
                      `metadata_props["ctscan"]` = JSON (see `export_metadata`); onnx.checker'd
     best.int8.onnx   onnxruntime.quantization: quant_pre_process, then static QDQ, per-channel
-                     int8 weights, uint8 activations, MinMax calibration on up to
-                     CALIBRATION_IMAGES train images of the processed store
+                     int8 weights, uint8 activations, MinMax calibration on every train
+                     image of the processed store, averaged per batch; the stem conv stays fp32
     best.pt2         torch.export.export + torch.export.save (the same JSON as extra file
                      `ctscan.json`), read back with torch.export.load before it is kept
 
@@ -70,8 +70,9 @@ MAX_BATCH = 4096  # upper bound of the dynamic batch axis
 FP32_TOLERANCE = 1e-4  # max |logit difference| vs eager for a float32 export
 INT8_MIN_AGREEMENT = 0.98  # argmax agreement with eager on the test split
 INT8_MAX_ACCURACY_DROP = 0.01  # 1 point of test accuracy
-CALIBRATION_IMAGES = 256  # train images for the int8 calibration (evenly spread over the split)
-CALIBRATION_BATCH = 16
+CALIBRATION_BATCH = 16  # int8 calibration: every train image of the store, 16 at a time
+INT8_KEEP_FP32: tuple[str, ...] = ("stem",)  # parts left in float32 (see fp32_node_names)
+INT8_CALIBRATION = "minmax-avg"  # min/max averaged over the batches (see quantize_onnx)
 TRITON_MAX_BATCH = 32
 TRITON_QUEUE_DELAY_US = 2000
 EXPORT_EXTRA = "pip install 'ctscan[export]'"
@@ -366,19 +367,41 @@ def pt2_logits(path: Path, images: np.ndarray, batch: int = 64) -> np.ndarray:
     return torch.cat(chunks).numpy()
 
 
-def calibration_images(store: Store, limit: int = CALIBRATION_IMAGES) -> np.ndarray:
-    """Up to `limit` train images, evenly spread over the split (all classes): (N, 1, S, S)."""
+def calibration_images(store: Store, limit: int | None = None) -> np.ndarray:
+    """The train images for the int8 calibration (all, or `limit` evenly spread): (N, 1, S, S)."""
     images = store.split("train").images.numpy()
-    if len(images) <= limit:
+    if limit is None or len(images) <= limit:
         return images
     picks = np.linspace(0, len(images) - 1, limit).round().astype(int)
     return images[picks]
 
 
+def fp32_node_names(model: Any, keep: tuple[str, ...]) -> list[str]:
+    """Names of the nodes `keep` picks: 'stem' the first Conv, 'head' the last weighted node."""
+    weighted = [n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    parts = {"stem": weighted[:1], "head": weighted[-1:]}
+    unknown = set(keep) - set(parts)
+    if unknown:
+        raise ValueError(f"unknown parts {sorted(unknown)}: use {sorted(parts)}")
+    return [name for part in keep for name in parts[part]]
+
+
 def quantize_onnx(
-    fp32_path: Path, path: Path, images: np.ndarray, *, meta: dict[str, Any]
+    fp32_path: Path,
+    path: Path,
+    images: np.ndarray,
+    *,
+    meta: dict[str, Any],
+    keep_fp32: tuple[str, ...] = INT8_KEEP_FP32,
+    method: str = INT8_CALIBRATION,
 ) -> dict[str, Any]:
-    """Static QDQ int8 of an fp32 ONNX file, calibrated on `images`; returns the settings used."""
+    """Static QDQ int8 of an fp32 ONNX file, calibrated on `images`; returns the settings used.
+
+    `keep_fp32`: parts left in float32 ('stem', 'head': see `fp32_node_names`); `method`:
+    ONNX Runtime's calibration, minmax | minmax-avg (each tensor's min and max averaged over
+    the calibration batches, not the extremes of all: fewer outliers widen the int8 steps) |
+    percentile | entropy. What each choice gave: docs/export.md, bench/model_step.py.
+    """
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -389,13 +412,23 @@ def quantize_onnx(
         quantize_static,
     )
 
+    methods = {
+        "minmax": (CalibrationMethod.MinMax, {}),
+        "minmax-avg": (CalibrationMethod.MinMax, {"CalibMovingAverage": True}),
+        "percentile": (CalibrationMethod.Percentile, {}),
+        "entropy": (CalibrationMethod.Entropy, {}),
+    }
+    calibrate_method, extra_options = methods[method]
+
     class Reader(CalibrationDataReader):
         """uint8 batches of calibration images, as the graph input takes them."""
 
         def __init__(self) -> None:
+            # the histogram calibrators stack every batch's outputs: one image at a time keeps
+            # the shapes equal (ONNX Runtime 1.32 fails on a shorter last batch)
+            step = CALIBRATION_BATCH if calibrate_method == CalibrationMethod.MinMax else 1
             self.batches = iter(
-                {INPUT_NAME: images[i : i + CALIBRATION_BATCH]}
-                for i in range(0, len(images), CALIBRATION_BATCH)
+                {INPUT_NAME: images[i : i + step]} for i in range(0, len(images), step)
             )
 
         def get_next(self) -> dict[str, np.ndarray] | None:
@@ -408,10 +441,11 @@ def quantize_onnx(
         "weight_type": "int8",
         "activation_type": "uint8",
         "reduce_range": False,
-        "calibration": "minmax",
+        "calibration": method,
         "calibration_images": len(images),
         "calibration_split": "train",
         "pre_process": True,
+        "fp32_parts": list(keep_fp32),
     }
     prepared = path.with_name(f".{path.stem}.prep.onnx")
     try:
@@ -425,7 +459,9 @@ def quantize_onnx(
             reduce_range=False,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
+            calibrate_method=calibrate_method,
+            nodes_to_exclude=fp32_node_names(onnx.load(str(prepared)), keep_fp32),
+            extra_options=extra_options,
         )
     finally:
         prepared.unlink(missing_ok=True)
