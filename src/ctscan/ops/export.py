@@ -404,7 +404,6 @@ def quantize_onnx(
     """
     import onnx
     from onnxruntime.quantization import (
-        CalibrationDataReader,
         CalibrationMethod,
         QuantFormat,
         QuantType,
@@ -419,20 +418,6 @@ def quantize_onnx(
         "entropy": (CalibrationMethod.Entropy, {}),
     }
     calibrate_method, extra_options = methods[method]
-
-    class Reader(CalibrationDataReader):
-        """uint8 batches of calibration images, as the graph input takes them."""
-
-        def __init__(self) -> None:
-            # the histogram calibrators stack every batch's outputs: one image at a time keeps
-            # the shapes equal (ONNX Runtime 1.32 fails on a shorter last batch)
-            step = CALIBRATION_BATCH if calibrate_method == CalibrationMethod.MinMax else 1
-            self.batches = iter(
-                {INPUT_NAME: images[i : i + step]} for i in range(0, len(images), step)
-            )
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self.batches, None)
 
     settings = {
         "method": "static",
@@ -453,7 +438,11 @@ def quantize_onnx(
         quantize_static(
             str(prepared),
             str(path),
-            Reader(),
+            # the histogram calibrators stack every batch's outputs: one image at a time keeps
+            # the shapes equal (ONNX Runtime 1.32 fails on a shorter last batch)
+            _calibration_reader(
+                images, CALIBRATION_BATCH if calibrate_method == CalibrationMethod.MinMax else 1
+            ),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             reduce_range=False,
@@ -470,6 +459,22 @@ def quantize_onnx(
     onnx.save_model(model, str(path))
     onnx.checker.check_model(str(path), full_check=True)
     return settings
+
+
+def _calibration_reader(images: np.ndarray, step: int) -> Any:
+    """ONNX Runtime's calibration input: uint8 batches of `step` images, as the graph takes them."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(
+                {INPUT_NAME: images[i : i + step]} for i in range(0, len(images), step)
+            )
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    return Reader()
 
 
 # ---- Triton ------------------------------------------------------------------------------
@@ -640,43 +645,14 @@ def run_export(
     reference = open_predictor(checkpoint, settings=settings, backend="torch").logits(images)
     eager = compare("eager", checkpoint, reference, reference, labels)
     rows = [eager]
-    sha = file_sha256(checkpoint)
-    size = ckpt.spec.image_size
+    sha, size = file_sha256(checkpoint), ckpt.spec.image_size
     deployable = load_model(ckpt).deployable()
-    opset, error = None, None
-    written: list[Path] = []
-
+    error = None
     with staging(plan.folder, checkpoint.stem) as stage:
-        staged: dict[Path, Path] = {}  # target -> staged file
-
-        def check_fp32(row: Parity) -> None:
-            rows.append(row)
-            if row.max_abs_diff > FP32_TOLERANCE:
-                raise CtscanError(
-                    f"the {row.format} export differs from the eager model by "
-                    f"{row.max_abs_diff:.2e} in the logits on the {len(labels)} test images "
-                    f"(the limit is {FP32_TOLERANCE:g}): nothing was written.",
-                    "this is an exporter problem: retry with CTSCAN_DEBUG=1 and report it, or "
-                    "export the other format.",
-                )
-
-        if plan.onnx is not None:
-            path = stage / plan.onnx.name
-            meta = export_metadata(ckpt, checkpoint_sha256=sha, fmt="onnx")
-            opset = write_onnx(deployable, path, size=size, meta=meta)
-            logits = open_predictor(path, settings=settings).logits(images)
-            check_fp32(compare("onnx", plan.onnx, logits, reference, labels))
-            staged[plan.onnx] = path
-        if plan.pt2 is not None:
-            path = stage / plan.pt2.name
-            write_pt2(
-                deployable,
-                path,
-                size=size,
-                meta=export_metadata(ckpt, checkpoint_sha256=sha, fmt="pt2"),
-            )
-            check_fp32(compare("pt2", plan.pt2, pt2_logits(path, images), reference, labels))
-            staged[plan.pt2] = path
+        staged, fp32_rows, opset = _stage_float32(
+            plan, stage, ckpt, sha, deployable, settings, images, reference, labels
+        )
+        rows += fp32_rows
         if plan.int8 is not None and plan.onnx is not None:
             path = stage / plan.int8.name
             meta = export_metadata(ckpt, checkpoint_sha256=sha, fmt="onnx-int8")
@@ -684,30 +660,10 @@ def run_export(
             logits = open_predictor(path, settings=settings).logits(images)
             row = compare("onnx-int8", plan.int8, logits, reference, labels)
             rows.append(row)
-            refusal = int8_refusal(row, eager)
-            if refusal is None:
+            error = _int8_refusal(row, eager, plan, n_float=len(staged))
+            if error is None:
                 staged[plan.int8] = path
-            else:
-                row.accepted, row.note = False, "refused: not written"
-                older = (
-                    f" The {plan.int8.name} already there is from an earlier export and was left "
-                    "as it was."
-                    if plan.int8.exists()
-                    else ""
-                )
-                error = CtscanError(
-                    f"the int8 model was refused: {refusal}. {plan.int8} was not written; the "
-                    f"float32 file{'s were' if len(staged) > 1 else ' was'}.{older}",
-                    f"deploy {plan.onnx.name} (float32), or retrain and export again (a model "
-                    "that is further from its decision boundaries quantises better).",
-                )
-        drift = checkpoint.parent / CONFIDENCE_FILE  # serve's drift reference goes along
-        if staged and drift.is_file() and plan.folder.resolve() != checkpoint.parent.resolve():
-            staged[plan.folder / CONFIDENCE_FILE] = Path(shutil.copy(drift, stage))
-        for target, path in staged.items():
-            with built_aside(target) as aside:  # its permissions, rename and folder fsync
-                os.replace(path, aside)
-            written.append(target)
+        written = _commit(staged, stage, plan.folder, checkpoint)
 
     triton_model_dir = None
     if plan.triton_dir is not None and plan.onnx is not None:
@@ -718,11 +674,7 @@ def run_export(
             image_size=size,
             class_names=list(ckpt.class_names),
         )
-        written += [
-            triton_model_dir / "1" / "model.onnx",
-            triton_model_dir / "config.pbtxt",
-            triton_model_dir / "labels.txt",
-        ]
+        written += [triton_model_dir / f for f in ("1/model.onnx", "config.pbtxt", "labels.txt")]
     return ExportResult(
         checkpoint=checkpoint,
         model_name=ckpt.model_name,
@@ -733,4 +685,90 @@ def run_export(
         triton_model_dir=triton_model_dir,
         warnings=[store.raw_warning] if store.raw_warning else [],
         error=error,
+    )
+
+
+def _stage_float32(
+    plan: Any,
+    stage: Path,
+    ckpt: Any,
+    sha: str,
+    deployable: Any,
+    settings: Settings,
+    images: np.ndarray,
+    reference: np.ndarray,
+    labels: np.ndarray,
+) -> tuple[dict[Path, Path], list[Parity], int | None]:
+    """Write the float32 files into `stage` and check each against the eager logits.
+
+    Returns target -> staged file, their parity rows and the ONNX opset (None without ONNX).
+    """
+    from ctscan.inference import open_predictor
+
+    size = ckpt.spec.image_size
+    staged: dict[Path, Path] = {}
+    rows: list[Parity] = []
+    opset = None
+    if plan.onnx is not None:
+        path = stage / plan.onnx.name
+        meta = export_metadata(ckpt, checkpoint_sha256=sha, fmt="onnx")
+        opset = write_onnx(deployable, path, size=size, meta=meta)
+        logits = open_predictor(path, settings=settings).logits(images)
+        row = compare("onnx", plan.onnx, logits, reference, labels)
+        rows.append(_checked_fp32(row, len(labels)))
+        staged[plan.onnx] = path
+    if plan.pt2 is not None:
+        path = stage / plan.pt2.name
+        write_pt2(
+            deployable,
+            path,
+            size=size,
+            meta=export_metadata(ckpt, checkpoint_sha256=sha, fmt="pt2"),
+        )
+        row = compare("pt2", plan.pt2, pt2_logits(path, images), reference, labels)
+        rows.append(_checked_fp32(row, len(labels)))
+        staged[plan.pt2] = path
+    return staged, rows, opset
+
+
+def _commit(staged: dict[Path, Path], stage: Path, folder: Path, checkpoint: Path) -> list[Path]:
+    """Move the staged files into place, each atomically; serve's drift reference goes along."""
+    drift = checkpoint.parent / CONFIDENCE_FILE
+    if staged and drift.is_file() and folder.resolve() != checkpoint.parent.resolve():
+        staged[folder / CONFIDENCE_FILE] = Path(shutil.copy(drift, stage))
+    for target, path in staged.items():
+        with built_aside(target) as aside:  # its permissions, rename and folder fsync
+            os.replace(path, aside)
+    return list(staged)
+
+
+def _checked_fp32(row: Parity, n_images: int) -> Parity:
+    """The row of a float32 file, or the error that stops the export (nothing written)."""
+    if row.max_abs_diff > FP32_TOLERANCE:
+        raise CtscanError(
+            f"the {row.format} export differs from the eager model by "
+            f"{row.max_abs_diff:.2e} in the logits on the {n_images} test images "
+            f"(the limit is {FP32_TOLERANCE:g}): nothing was written.",
+            "this is an exporter problem: retry with CTSCAN_DEBUG=1 and report it, or "
+            "export the other format.",
+        )
+    return row
+
+
+def _int8_refusal(row: Parity, eager: Parity, plan: Any, *, n_float: int) -> CtscanError | None:
+    """None if the int8 row passes the rule; else the row is marked and the error says why."""
+    refusal = int8_refusal(row, eager)
+    if refusal is None:
+        return None
+    row.accepted, row.note = False, "refused: not written"
+    older = (
+        f" The {plan.int8.name} already there is from an earlier export and was left as it was."
+        if plan.int8.exists()
+        else ""
+    )
+    return CtscanError(
+        f"the int8 model was refused: {refusal}. {plan.int8} was not written; the "
+        f"float32 file{'s were' if n_float > 1 else ' was'}.{older}",
+        f"deploy {plan.onnx.name} (float32), or retrain and export again (a model "
+        "that is further from its decision boundaries quantises better).",
     )
