@@ -44,13 +44,13 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
 from ctscan.errors import DataError
 from ctscan.inference.predictor import Prediction, Predictor
 from ctscan.serve import kserve, limits
 from ctscan.serve.batching import Batcher, QueueFull
 from ctscan.serve.limits import BodyLimit, sniff_format
+from ctscan.serve.metrics import RequestTiming
 
 log = logging.getLogger("ctscan.serve")
 STATIC = Path(__file__).parent / "static"
@@ -535,7 +535,8 @@ def create_app(service: Service) -> FastAPI:
         },
     )
     _install_error_handlers(app)
-    app.add_middleware(_Timing, service=service)  # outside BodyLimit: counts its 413s
+    # outside BodyLimit: counts its 413s
+    app.add_middleware(RequestTiming, metrics=service.metrics, routers=ROUTERS)
     token = [Depends(_token_check(serve.token))]  # no security scheme at all without a token
     app.include_router(health_routes)
     app.include_router(guarded, dependencies=token)
@@ -680,56 +681,6 @@ def _token_check(token: str | None) -> Callable[..., Any]:
             )
 
     return check
-
-
-def _route_label(request: Request) -> str:
-    """The route template a request went to (bounded label values for the metrics)."""
-    route = request.scope.get("route")
-    if getattr(route, "path", None):
-        return str(route.path)
-    # Routes that are not APIRoutes (docs, static files) and requests answered before routing
-    # (413 from the body limit): match them again; a wrong method is a partial match. The
-    # routers' own routes, not the app's: FastAPI includes a router as one opaque entry.
-    partial = None
-    routes = [*request.app.router.routes, *(r for router in ROUTERS for r in router.routes)]
-    for candidate in (route for route in routes if getattr(route, "path", None)):
-        match, _ = candidate.matches(request.scope)
-        if match is Match.FULL:
-            return str(candidate.path)
-        if match is Match.PARTIAL and partial is None:
-            partial = str(candidate.path)
-    return partial or "unmatched"
-
-
-class _Timing:
-    """ASGI middleware: every HTTP request counted by route and status, with its latency.
-
-    Plain ASGI rather than `@app.middleware("http")`: Starlette's BaseHTTPMiddleware runs each
-    request through an extra task group and memory streams, which cost about a millisecond of
-    CPU per request on a small machine (a tenth of a request's share at full load).
-    """
-
-    def __init__(self, app: Any, service: Service) -> None:
-        self.app, self.service = app, service
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = 500  # a bug that raises before answering: answered 500 by the handler outside
-
-        async def send_status(message: dict) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            label = _route_label(Request(scope))
-            self.service.metrics.count(label, status, time.perf_counter() - start)
 
 
 def _install_error_handlers(app: FastAPI) -> None:

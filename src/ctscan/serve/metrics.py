@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from starlette.requests import Request
+from starlette.routing import Match
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 CONFIDENCE_BUCKETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -66,3 +73,53 @@ class Metrics:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def route_label(request: Any, routers: Sequence[Any]) -> str:
+    """The route template a request went to (bounded label values for the metrics)."""
+    route = request.scope.get("route")
+    if getattr(route, "path", None):
+        return str(route.path)
+    # Routes that are not APIRoutes (docs, static files) and requests answered before routing
+    # (413 from the body limit): match them again; a wrong method is a partial match. The
+    # routers' own routes, not the app's: FastAPI includes a router as one opaque entry.
+    partial = None
+    routes = [*request.app.router.routes, *(r for router in routers for r in router.routes)]
+    for candidate in (route for route in routes if getattr(route, "path", None)):
+        match, _ = candidate.matches(request.scope)
+        if match is Match.FULL:
+            return str(candidate.path)
+        if match is Match.PARTIAL and partial is None:
+            partial = str(candidate.path)
+    return partial or "unmatched"
+
+
+class RequestTiming:
+    """ASGI middleware: every HTTP request counted by route and status, with its latency.
+
+    Plain ASGI rather than `@app.middleware("http")`: Starlette's BaseHTTPMiddleware runs each
+    request through an extra task group and memory streams, which cost about a millisecond of
+    CPU per request on a small machine (a tenth of a request's share at full load).
+    """
+
+    def __init__(self, app: Any, metrics: Metrics, routers: Sequence[Any]) -> None:
+        self.app, self.metrics, self.routers = app, metrics, routers
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500  # a bug that raises before answering: answered 500 by the handler outside
+
+        async def send_status(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            label = route_label(Request(scope), self.routers)
+            self.metrics.count(label, status, time.perf_counter() - start)
