@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ctscan.errors import CtscanError, Interrupted, held_signals
-from ctscan.files import built_aside, remove_stale_temps
+from ctscan.files import built_aside, folder_lock, remove_stale_temps
 from ctscan.models import unwrap
 from ctscan.settings import TrackingSettings
 
@@ -245,52 +245,6 @@ def _probe_server(uri: str, source: str) -> None:
         ) from None
 
 
-@contextlib.contextmanager
-def _store_lock(db: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `<db>.lock` (no lock where fcntl or flock is unavailable)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: stores created by runs that start together are not protected
-        log.debug("no fcntl: opening %s without a lock", db)
-        yield
-        return
-    lock_path = db.with_name(db.name + ".lock")
-    try:
-        handle = open(lock_path, "a")  # noqa: SIM115  (closed below, after the unlock)
-    except OSError as exc:
-        log.warning("cannot open the lock file %s (%s): no lock", lock_path, exc.strerror or exc)
-        yield
-        return
-    with handle:
-        locked = _acquire(fcntl, handle, lock_path)
-        try:
-            yield
-        finally:
-            if locked:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _acquire(fcntl: Any, handle: io.TextIOBase, lock_path: Path) -> bool:
-    """Take the exclusive lock, waiting up to STORE_LOCK_TIMEOUT_S; False where flock fails."""
-    deadline = time.monotonic() + STORE_LOCK_TIMEOUT_S
-    while True:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                raise TrackingError(
-                    f"another process has held the lock '{lock_path}' on the MLflow store for "
-                    f"over {STORE_LOCK_TIMEOUT_S:.0f} s.",
-                    "wait for it or stop it (`fuser` or `lsof` on the lock file names it), "
-                    + _DISABLE_FIX,
-                ) from None
-            time.sleep(0.05)
-        except OSError as exc:  # e.g. ENOLCK on a network file system
-            log.warning("cannot lock %s (%s): no lock", lock_path, exc.strerror or exc)
-            return False
-
-
 def _broken_store(db: Path, why: str, hint: str = "") -> TrackingError:
     """The error for a SQLite store file MLflow cannot use, with the way out."""
     path = shlex.quote(str(db))
@@ -334,7 +288,14 @@ def _open_sqlite_store(uri: str, runs_dir: Path) -> None:
     if db is None:
         return  # in-memory: one process only
     db = db.resolve()
-    with _store_lock(db), _quiet():
+    lock = folder_lock(
+        db.parent,
+        what="MLflow store",
+        error=TrackingError,
+        wait=STORE_LOCK_TIMEOUT_S,
+        name=f"{db.name}.lock",
+    )
+    with lock, _quiet():
         remove_stale_temps(db.parent, (db.name,))  # a store creation killed with SIGKILL
         _check_sqlite_file(db)
         if db.is_file() and db.stat().st_size:
