@@ -49,7 +49,8 @@ from ctscan.data.transforms import (
     resize_square,
     to_gray,
 )
-from ctscan.errors import DataError, held_signals
+from ctscan.errors import DataError
+from ctscan.jobs import critical
 
 Progress = Callable[[int, int], None]  # progress(done, total)
 # Below this many images a pool costs more than it saves.
@@ -125,7 +126,7 @@ def _start_pool(ctx: Any, processes: int) -> Any:
     """
     pool = None
     try:
-        with held_signals(signal.SIGINT):
+        with critical(signal.SIGINT):
             pool = ctx.Pool(processes=processes, initializer=_init_worker)
     except BaseException:
         if pool is not None:

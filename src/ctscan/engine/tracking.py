@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import shlex
-import signal
 import socket
 import sqlite3
 import sys
@@ -33,8 +32,9 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from ctscan.errors import CtscanError, Interrupted, held_signals
+from ctscan.errors import CtscanError, Interrupted
 from ctscan.files import built_aside, folder_lock, remove_stale_temps
+from ctscan.jobs import critical
 from ctscan.models import unwrap
 from ctscan.settings import TrackingSettings
 
@@ -520,7 +520,7 @@ class MlflowTracker(Tracker):
                     self._refuse_other_experiment(stored, tracking, same_experiment)
             # A new run and the caller's record of it (`on_new`: where the next attempt finds
             # it) are one step: a stop between them would leave a run nobody reopens.
-            with held_signals(signal.SIGINT, signal.SIGTERM):
+            with critical():
                 with self._errors("start the run"), _quiet():
                     run = self._start_run(
                         tracking.experiment,
@@ -872,7 +872,7 @@ class MlflowTracker(Tracker):
         self._closed = True
         try:
             with (  # a stop mid-way would leave the run active with the URI already restored
-                held_signals(signal.SIGINT, signal.SIGTERM),
+                critical(),
                 self._errors("end the run"),
                 _quiet(),
                 contextlib.redirect_stdout(sys.stderr),  # MLflow prints run links on stdout

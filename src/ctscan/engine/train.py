@@ -14,7 +14,6 @@ import json
 import math
 import re
 import shutil
-import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -50,7 +49,6 @@ from ctscan.engine.modelling import (
     freeze_backbone,
     load_model_state,
     model_channels,
-    uses_pretrained,
 )
 from ctscan.engine.progress import Progress
 from ctscan.engine.runtime import (
@@ -63,48 +61,16 @@ from ctscan.engine.runtime import (
     set_rng_state,
     shutdown_distributed,
 )
-from ctscan.errors import (
-    CheckpointError,
-    CtscanError,
-    Interrupted,
-    Terminated,
-    held_signals,
-    raise_if_stopped,
-    raise_terminated,
-)
+from ctscan.errors import CheckpointError, CtscanError, Interrupted
 from ctscan.files import atomic_write, ensure_dir, folder_lock, remove_stale_temps
-from ctscan.settings import Settings, flatten, public_dict, to_toml, toml_value
+from ctscan.jobs import MAY_CHANGE, changed_settings, check_stop, critical, refused_changes, stopped
+from ctscan.settings import Settings, flatten, public_dict, to_toml
 
 if TYPE_CHECKING:
     from ctscan.engine.tracking import Tracker
 
 CHECKPOINT_NAMES = ("best.pt", "last.pt")
-# Where and how a run runs, never how it trains: a resumed run and a continued
-# cross-validation may change these (train.epochs is handled apart: a resume may raise it).
-RUN_PLACE_KEYS = (
-    "paths.",
-    "tracking.",
-    "serve.",
-    "inference.",
-    "data.max_image_pixels",
-    "data.max_file_bytes",
-    "data.on_bad_file",
-    "data.near_duplicate_distance",
-    "model.weights_path",
-    "train.quiet",
-    "train.threads",
-    "train.device",
-    "train.checkpoint_every",
-)
-# A resumed run (one model) may also change what happens at its end and its stopping rules.
-RESUME_MAY_CHANGE = (
-    *RUN_PLACE_KEYS,
-    "train.evaluate_test",
-    "train.calibrate",
-    "train.early_stop_patience",
-    "train.compile",
-    "train.deterministic",
-)
+RUN_PLACE_KEYS = MAY_CHANGE  # TEMPORARY: ops/sweep.py's name for jobs.MAY_CHANGE
 
 
 @dataclass
@@ -550,83 +516,11 @@ def _resume_path(resume: str | None, out_dir: Path | None, settings: Settings) -
     return runs[-1] if runs else None
 
 
-# Settings added after runs were recorded, with the value that reproduces how a run behaved
-# before the key existed (not always today's default: frozen_stages is 3 now, and a run from
-# before it trained every stage). A recorded run without such a key compares as that value.
-SETTINGS_ADDED: dict[str, Any] = {"model.frozen_stages": 0, "train.ema_warmup": False}
+def refused_settings(*args: Any, **kwargs: Any) -> list[tuple[str, Any, Any]]:
+    """TEMPORARY: ops/sweep.py's import of `jobs.refused_settings`."""
+    from ctscan.jobs import refused_settings as refused
 
-
-def _flat_recorded(before: dict[str, Any]) -> dict[str, Any]:
-    return {
-        f"{section}.{key}": value
-        for section, values in before.items()
-        if isinstance(values, dict)
-        for key, value in values.items()
-    }
-
-
-def _inert_keys(now: Settings) -> tuple[str, ...]:
-    """Keys that do nothing for this run: a model trained from scratch has no backbone to
-    freeze, a run without EMA no decay to warm up."""
-    inert = () if uses_pretrained(now) else ("model.freeze_epochs", "model.frozen_stages")
-    return inert if now.train.ema else (*inert, "train.ema_warmup")
-
-
-def _changed_settings(before: dict[str, Any], now: Settings) -> list[tuple[str, Any, Any]]:
-    """(key, run's value, value now) for each setting that differs, `section.key` names."""
-    flat_before = {**SETTINGS_ADDED, **_flat_recorded(before)}
-    ignored = _inert_keys(now)
-    return [
-        (key, flat_before[key], value)
-        for key, value in flatten(now).items()
-        if key in flat_before and flat_before[key] != value and key not in ignored
-    ]
-
-
-def predating_sets(before: dict[str, Any], now: Settings) -> str:
-    """` --set key=value` for each setting the recorded run predates whose value now differs.
-
-    Its settings.toml does not name them, so `-s settings.toml` alone would not restore them.
-    Named whatever else differs (a fix that restores the run's settings must include them).
-    """
-    recorded = _flat_recorded(before)
-    flat_now = flatten(now)
-    return "".join(
-        f" --set {key}={toml_value(old)}"
-        for key, old in SETTINGS_ADDED.items()
-        if key not in recorded and flat_now.get(key) != old
-    )
-
-
-def refused_settings(
-    before: dict[str, Any],
-    now: Settings,
-    may_change: tuple[str, ...] = (),
-    allowed: tuple[str, ...] = RESUME_MAY_CHANGE,
-) -> list[tuple[str, Any, Any]]:
-    """(key, recorded value, value now) for each change that would not continue the same run.
-
-    Changes of the `allowed` key prefixes (where and how it runs) and of the `may_change` keys
-    pass.
-    """
-    return [
-        (key, old, new)
-        for key, old, new in _changed_settings(before, now)
-        if key not in may_change and not key.startswith(allowed)
-    ]
-
-
-def refused_changes(
-    before: dict[str, Any],
-    now: Settings,
-    may_change: tuple[str, ...] = (),
-    allowed: tuple[str, ...] = RESUME_MAY_CHANGE,
-) -> list[str]:
-    """`key old -> new` for each of `refused_settings`."""
-    return [
-        f"{key} {old!r} -> {new!r}"
-        for key, old, new in refused_settings(before, now, may_change, allowed)
-    ]
+    return refused(*args, **kwargs)
 
 
 def check_resume(checkpoint: Checkpoint, settings: Settings, store: Store) -> list[str]:
@@ -651,16 +545,17 @@ def check_resume(checkpoint: Checkpoint, settings: Settings, store: Store) -> li
             f"({checkpoint.spec.to_dict()} vs {store.spec.to_dict()}).",
             "preprocess with the settings of that run, or start a new run.",
         )
-    changed = _changed_settings(checkpoint.settings, settings)
-    refused = refused_changes(checkpoint.settings, settings, may_change=("train.epochs",))
+    changed = changed_settings(checkpoint.settings, settings)
+    # A resumed run (one model) may also extend its schedule.
+    schedule = ("train.epochs", "train.early_stop_patience")
+    refused = refused_changes(checkpoint.settings, settings, may_change=schedule)
     if refused:
         settings_file = Path(path or ".").parent / "settings.toml"
         raise CheckpointError(
             f"resuming '{path}' with other settings than the run used: {'; '.join(refused)}. "
             "A resumed run continues the same schedule, model and data.",
-            f"resume with the run's own settings (-s {settings_file}"
-            f"{predating_sets(checkpoint.settings, settings)}), or start a new run with these "
-            "settings.",
+            f"resume with the run's own settings (-s {settings_file}), or start a new run with "
+            "these settings.",
         )
     notes = []
     epochs_before = checkpoint.settings.get("train", {}).get("epochs")
@@ -822,11 +717,9 @@ def run_training(
     """
     rt = resolve_runtime(settings.train)
     init_distributed(rt)
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         return _train(settings, rt, out_dir, resume, hooks or RunHooks(), splits)
     finally:
-        signal.signal(signal.SIGTERM, previous)
         shutdown_distributed()
 
 
@@ -890,29 +783,10 @@ def _run_epochs(
     hooks: RunHooks,
 ) -> TrainResult | None:
     """The epochs, tracked: train, validate, checkpoint, early stop; then `_finish` on rank 0."""
-    from ctscan.engine.tracking import TAG_PARENT_RUN_ID, Tracker, open_tracker
-
     tr, rt = settings.train, loop.rt
-    train_x, train_y, valid_x, valid_y = tensors
-    resumed = plan.resume_from
     stopped_early, train_seconds, train_images = False, 0.0, 0
     try:
-        # The caller's tags (a fold's or trial's parent) are the new MLflow run's from its
-        # creation: a run stopped in its first moments is never a stray top-level run. A child
-        # is reopened only in its parent's experiment (tracking.experiment).
-        tracker = (
-            open_tracker(
-                settings.tracking,
-                runs_dir=settings.paths.runs_dir,
-                run_name=plan.run_dir.name,
-                resume_run_id=resumed.mlflow_run_id if resumed is not None else None,
-                tags=hooks.tags,
-                reopen_elsewhere=TAG_PARENT_RUN_ID not in hooks.tags,
-                on_new=partial(_record_new_run, plan) if resumed is not None else None,
-            )
-            if rt.is_main
-            else Tracker()
-        )
+        tracker = _open_run_record(settings, plan, hooks, rt.is_main)
         with (
             tracker,
             Progress(
@@ -925,31 +799,17 @@ def _run_epochs(
                 for note in plan.notes:
                     progress.log(note)
             for epoch in range(state.epoch + 1, tr.epochs + 1):
-                progress.start_epoch(epoch)
-                t_epoch = time.perf_counter()
-                row = train_one_epoch(state, loop, train_x, train_y, epoch=epoch, progress=progress)
+                row, improved = _one_epoch(state, loop, tensors, epoch, progress)
                 train_seconds += row["train_seconds"]
                 train_images += row["train_images"]
-                row.update(validate(state.deploy_model, loop, valid_x, valid_y))
-                row["epoch"], row["epoch_seconds"] = epoch, time.perf_counter() - t_epoch
-                state.epoch = epoch
-                state.history.append(row)
-                improved = _better(row[tr.select_metric], state.best_value, tr.select_metric)
-                if improved:
-                    state.best_value, state.best_epoch = row[tr.select_metric], epoch
-                patience = tr.early_stop_patience
-                stop = None  # why the run ends after this epoch, if it does
-                if patience and epoch - state.best_epoch >= patience:
-                    stop = f"early stop: no {tr.select_metric} gain for {patience} epochs"
-                if hooks.on_epoch is not None:  # the caller's say: a sweep's pruner
-                    stop = hooks.on_epoch(dict(row)) or stop
+                stop = _why_stop(settings, state, epoch, row, hooks)
                 save_last = bool(stop) or epoch % tr.checkpoint_every == 0 or epoch == tr.epochs
                 # One step: a stop between them would lose this epoch's metrics from MLflow
                 # (a resume starts after the saved epoch), or log an epoch no checkpoint holds.
-                with held_signals(signal.SIGINT, signal.SIGTERM):
+                with critical():
                     save_checkpoints(state, loop, plan.run_dir, meta, best=improved, last=save_last)
                     tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
-                raise_if_stopped()  # a stop swallowed during the epoch acts now
+                check_stop()  # a stop swallowed during the epoch acts now
                 progress.epoch_line(row, improved)
                 if stop:
                     stopped_early = True
@@ -962,21 +822,69 @@ def _run_epochs(
             result.seconds = time.perf_counter() - t_start
             result.train_images_per_s = train_images / train_seconds if train_seconds else 0.0
             result.stopped_early = stopped_early
-            tracker.log_metrics(
-                {
-                    "run_seconds": result.seconds,
-                    "run_train_images_per_s": result.train_images_per_s,
-                },
-                step=len(state.history),
-            )
+            speed = {
+                "run_seconds": result.seconds,
+                "run_train_images_per_s": result.train_images_per_s,
+            }
+            tracker.log_metrics(speed, step=len(state.history))
             return result
     except KeyboardInterrupt as exc:
-        raise _interrupted(
-            plan.run_dir,
-            terminated=isinstance(exc, Terminated),
-            finished=state.epoch,
-            every=tr.checkpoint_every,
-        ) from None
+        raise _interrupted(plan.run_dir, exc, state.epoch, tr.checkpoint_every) from None
+
+
+def _open_run_record(settings: Settings, plan: RunPlan, hooks: RunHooks, is_main: bool) -> Tracker:
+    """The run's MLflow run on rank 0: a resumed run's own reopened, else a new one.
+
+    The caller's tags (a fold's or trial's parent) are the new MLflow run's from its creation: a
+    run stopped in its first moments is never a stray top-level run. A child is reopened only in
+    its parent's experiment (tracking.experiment).
+    """
+    from ctscan.engine.tracking import TAG_PARENT_RUN_ID, Tracker, open_tracker
+
+    if not is_main:
+        return Tracker()
+    resumed = plan.resume_from
+    return open_tracker(
+        settings.tracking,
+        runs_dir=settings.paths.runs_dir,
+        run_name=plan.run_dir.name,
+        resume_run_id=resumed.mlflow_run_id if resumed is not None else None,
+        tags=hooks.tags,
+        reopen_elsewhere=TAG_PARENT_RUN_ID not in hooks.tags,
+        on_new=partial(_record_new_run, plan) if resumed is not None else None,
+    )
+
+
+def _one_epoch(
+    state: TrainState, loop: Loop, tensors: tuple[torch.Tensor, ...], epoch: int, progress: Progress
+) -> tuple[dict[str, Any], bool]:
+    """Train and validate epoch `epoch`: its metrics row, and whether it is the best so far."""
+    train_x, train_y, valid_x, valid_y = tensors
+    progress.start_epoch(epoch)
+    t_epoch = time.perf_counter()
+    row = train_one_epoch(state, loop, train_x, train_y, epoch=epoch, progress=progress)
+    row.update(validate(state.deploy_model, loop, valid_x, valid_y))
+    row["epoch"], row["epoch_seconds"] = epoch, time.perf_counter() - t_epoch
+    state.epoch = epoch
+    state.history.append(row)
+    metric = loop.settings.train.select_metric
+    improved = _better(row[metric], state.best_value, metric)
+    if improved:
+        state.best_value, state.best_epoch = row[metric], epoch
+    return row, improved
+
+
+def _why_stop(
+    settings: Settings, state: TrainState, epoch: int, row: dict[str, Any], hooks: RunHooks
+) -> str | None:
+    """Why the run ends after this epoch (early stop, the caller's pruner), or None."""
+    tr = settings.train
+    stop = None
+    if tr.early_stop_patience and epoch - state.best_epoch >= tr.early_stop_patience:
+        stop = f"early stop: no {tr.select_metric} gain for {tr.early_stop_patience} epochs"
+    if hooks.on_epoch is not None:  # the caller's say: a sweep's pruner
+        stop = hooks.on_epoch(dict(row)) or stop
+    return stop
 
 
 def _record_new_run(plan: RunPlan, tracker: Tracker) -> None:
@@ -1052,44 +960,40 @@ def save_checkpoints(
 
 
 def _interrupted(
-    run_dir: Path, *, terminated: bool, finished: int = 0, every: int = 1
+    run_dir: Path, exc: BaseException, finished: int = 0, every: int = 1
 ) -> Interrupted:
     """The one line a stopped run ends with: where its last checkpoint is, how to resume.
 
     `finished`: the epochs this run had finished; `every`: train.checkpoint_every (last.pt is
     written every `every` epochs, so the epochs after it are lost).
     """
-    how = "by SIGTERM" if terminated else "by Ctrl-C"
     last = run_dir / "last.pt"
     try:
         epoch = read_checkpoint(last).epoch if last.is_file() else 0
     except CtscanError:
         epoch = 0
     if not epoch and not finished:
-        return Interrupted(
-            f"training stopped {how} before the first epoch ended; nothing was saved in "
-            f"'{run_dir}'.",
-            "start the run again.",
-            terminated=terminated,
-        )
+        where = f" before the first epoch ended; nothing was saved in '{run_dir}'"
+        return stopped("training", exc, where, "start the run again.")
     if not epoch:
         best = (
             " (best.pt, the best epoch so far, is kept)" if (run_dir / "best.pt").is_file() else ""
         )
-        return Interrupted(
-            f"training stopped {how} after {finished} epochs, before its first last.pt "
-            f"(written every {every} epochs, train.checkpoint_every): the run cannot be "
-            f"resumed{best}.",
+        return stopped(
+            "training",
+            exc,
+            f" after {finished} epochs, before its first last.pt (written every {every} epochs, "
+            f"train.checkpoint_every): the run cannot be resumed{best}",
             f"start the run again (--out {run_dir}); a smaller train.checkpoint_every lets a "
             "stopped run resume.",
-            terminated=terminated,
         )
     lost = f"; epochs {epoch + 1}-{finished} since are lost" if finished > epoch else ""
-    return Interrupted(
-        f"training stopped {how}; the last checkpoint is '{last}' (epoch {epoch}){lost}.",
+    return stopped(
+        "training",
+        exc,
+        f"; the last checkpoint is '{last}' (epoch {epoch}){lost}",
         f"continue with `ctscan train --resume auto --out {run_dir}` and the same settings "
         f"(-s {run_dir / 'settings.toml'}).",
-        terminated=terminated,
     )
 
 
@@ -1116,7 +1020,7 @@ def _finish(
             | {f"val_{k}": calibration[k] for k in moved if k in calibration},
             step=len(state.history),
         )
-    raise_if_stopped()  # between calibration and the test split
+    check_stop()  # between calibration and the test split
     test = None
     if settings.train.evaluate_test and not store.counts.get("test", 0):
         progress.log("note: the store's test split is empty: no test figures")
