@@ -269,22 +269,20 @@ def test_the_stop_line_says_what_a_checkpoint_interval_lost(
     not say it stopped before its first epoch, nor offer a resume that cannot work."""
     import types
 
-    import ctscan.engine.train as train_module
+    import ctscan.engine.run_folder as run_folder
 
     run = tmp_path / "run"
     run.mkdir()
-    first = train_module._interrupted(run, Terminated()).message
+    first = run_folder.run_stopped(run, Terminated()).message
     assert "before the first epoch ended" in first
     (run / "best.pt").write_bytes(b"x")
-    stopped = train_module._interrupted(run, Terminated(), finished=8, every=10)
+    stopped = run_folder.run_stopped(run, Terminated(), finished=8, every=10)
     assert "after 8 epochs, before its first last.pt (written every 10 epochs" in stopped.message
     assert "best.pt" in stopped.message and "first epoch" not in stopped.message
     assert "--resume" not in str(stopped.fix) and "checkpoint_every" in str(stopped.fix)
     (run / "last.pt").write_bytes(b"x")
-    monkeypatch.setattr(
-        train_module, "read_checkpoint", lambda path: types.SimpleNamespace(epoch=10)
-    )
-    later = train_module._interrupted(run, KeyboardInterrupt(), finished=13, every=10)
+    monkeypatch.setattr(run_folder, "read_checkpoint", lambda path: types.SimpleNamespace(epoch=10))
+    later = run_folder.run_stopped(run, KeyboardInterrupt(), finished=13, every=10)
     assert "(epoch 10); epochs 11-13 since are lost" in later.message
     assert "--resume auto" in str(later.fix)
 

@@ -354,8 +354,8 @@ def run_cv(
 ) -> CvResult:
     """Train K fold models, pool their out-of-fold predictions, calibrate, then test once."""
     from ctscan.data.store import open_store
+    from ctscan.engine.run_folder import refuse_reserved_out
     from ctscan.engine.tracking import open_parent_run
-    from ctscan.engine.train import refuse_reserved_out
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise CtscanError(
