@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from ctscan.engine.checkpoint import read_checkpoint
-from ctscan.engine.train import RunHooks, ema_decay_at, ema_update, lr_factor, run_training
+from ctscan.engine.state import ema_decay_at, ema_update, lr_factor
+from ctscan.engine.train import RunHooks, run_training
 from ctscan.errors import CheckpointError, CtscanError, Terminated
 from tests.unit.conftest_store import engine_overrides, engine_settings, write_synthetic_store
 
