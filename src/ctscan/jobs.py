@@ -109,25 +109,18 @@ def critical(*signums: int) -> Iterator[None]:
 held_signals = critical  # TEMPORARY: ops/sweep.py's name, until it moves to Optuna's machinery
 
 
-def stop_signal(exc: BaseException | None) -> int:
-    """SIGTERM or SIGINT: the stop behind `exc` (a `Terminated`, a terminated `Interrupted`),
-    else the first stop received."""
-    if isinstance(exc, Terminated) or getattr(exc, "terminated", False):
-        return signal.SIGTERM
-    if isinstance(exc, KeyboardInterrupt | Interrupted):
-        return signal.SIGINT
-    return stop_received() or signal.SIGINT
-
-
 def stopped(
     job: str, exc: BaseException | None, detail: str, fix: str | None = None
 ) -> Interrupted:
     """The one line a stopped job ends with: "<job> stopped by Ctrl-C|SIGTERM<detail>.", and the
-    fix (the command that continues it). Acts on the stop: the stops received are forgotten."""
-    signum = stop_signal(exc)
+    fix (the command that continues it). The signal: the one behind `exc` (a `Terminated`, a
+    terminated `Interrupted`), else the first received. Acts on the stop: the stops received
+    are forgotten."""
+    terminated = isinstance(exc, Terminated) or getattr(exc, "terminated", False)
+    if exc is None:
+        terminated = stop_received() == signal.SIGTERM
     forget_stops()
-    how = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
-    terminated = signum == signal.SIGTERM
+    how = "SIGTERM" if terminated else "Ctrl-C"
     job = f"{job} " if job else ""
     return Interrupted(f"{job}stopped by {how}{detail}.", fix, terminated=terminated)
 
