@@ -393,6 +393,7 @@ def run_cv(
         def record(parent_run_id: str | None) -> None:  # where a continue finds the parent
             _write_json(cv_dir / FOLDS_FILE, {**assignment, "parent_run_id": parent_run_id})
 
+        stage = ["before the first fold"]  # where a stop lands, said in its line
         try:
             tracker = open_parent_run(
                 settings.tracking,
@@ -404,12 +405,14 @@ def run_cv(
                 experiment_fix=experiment_fix,
                 record=record,
             )
-        except KeyboardInterrupt as exc:  # a parent created before the stop is recorded
-            raise _stopped(cv_dir, k, "before the first fold", exc) from None
-        with tracker:
-            if recorded is None and tracker.run_id is None:  # tracking off
-                record(None)
-            return _run(settings, folds_settings, store, plan, cv_dir, tracker, say)
+            with tracker:
+                if recorded is None and tracker.run_id is None:  # tracking off
+                    record(None)
+                return _run(settings, folds_settings, store, plan, cv_dir, tracker, say, stage)
+        except (KeyboardInterrupt, Interrupted) as exc:  # a fold's stop, or one between steps
+            if not stage[0]:  # cv.json is written: nothing is left to continue
+                raise
+            raise _stopped(cv_dir, k, stage[0], exc) from None
 
 
 def _run(
@@ -420,18 +423,14 @@ def _run(
     cv_dir: Path,
     tracker: Any,
     say: Callable[[str], None],
+    stage: list[str],
 ) -> CvResult:
     from ctscan.engine.runtime import resolve_runtime
 
-    k = plan.k
-    records = _train_folds(folds_settings, store, plan, cv_dir, tracker.run_id, say)
-    try:
-        check_stop()
-        result = _pooled(
-            settings, store, plan, cv_dir, records, resolve_runtime(settings.train), say
-        )
-    except KeyboardInterrupt as exc:
-        raise _stopped(cv_dir, k, "after the folds trained", exc) from None
+    records = _train_folds(folds_settings, store, plan, cv_dir, tracker.run_id, say, stage)
+    stage[0] = "after the folds trained"
+    check_stop()
+    result = _pooled(settings, store, plan, cv_dir, records, resolve_runtime(settings.train), say)
     result.run_id = tracker.run_id
     test, oof, selection = result.test, result.oof, result.selection
     if test is not None:
@@ -449,6 +448,7 @@ def _run(
     }
     result.assignment["counts"] = plan.counts(len(store.spec.class_names))
     _write_json(cv_dir / CV_FILE, result.summary())
+    stage[0] = ""
     _log(tracker, result, cv_dir)
     return result
 
@@ -460,6 +460,7 @@ def _train_folds(
     cv_dir: Path,
     parent: str | None,
     say: Callable[[str], None],
+    stage: list[str],
 ) -> list[dict[str, Any]]:
     """Every fold's record: a finished fold's as it is (all checked up front), the others
     trained (or resumed from their last.pt) in order."""
@@ -480,11 +481,9 @@ def _train_folds(
             say(f"fold {fold}/{k}: already trained ({metric} {record['best'][metric]:.4f})")
         else:
             say(f"fold {fold}/{k}: training on the other folds, selecting on fold {fold}")
-            try:
-                check_stop()  # one swallowed at the end of the fold before acts now
-                record = _train_fold(settings, store, plan, cv_dir, fold, parent)
-            except (KeyboardInterrupt, Interrupted) as exc:
-                raise _stopped(cv_dir, k, f"in fold {fold} of {k}", exc) from None
+            stage[0] = f"in fold {fold} of {k}"
+            check_stop()  # one swallowed at the end of the fold before acts now
+            record = _train_fold(settings, store, plan, cv_dir, fold, parent)
             say(
                 f"fold {fold}/{k}: best epoch {record['best_epoch']}, {metric} "
                 f"{record['best'][metric]:.4f}"
