@@ -2,7 +2,7 @@
 
 The training loop updates the weight average after every optimizer step (`train.ema`). This
 times `AveragedModel.update_parameters` on EfficientNet-Lite0 (160 px head, buffers included)
-with torch's `get_ema_multi_avg_fn` and with `ctscan.engine.train.ema_update` (warm-up on and
+with torch's `get_ema_multi_avg_fn` and with `ctscan.engine.state.ema_update` (warm-up on and
 off), the variants alternating over `--rounds`, one thread. Median milliseconds per update.
 
     python bench/ema_update.py --rounds 7 --updates 50
@@ -23,7 +23,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ctscan.engine.modelling import build
-from ctscan.engine.train import ema_update
+from ctscan.engine.state import ema_update
 from ctscan.settings import load_settings
 
 

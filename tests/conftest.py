@@ -249,7 +249,7 @@ def _one_command_per_test() -> object:
     swallowed mid-way acts at the next step): each test starts with none, as a process does."""
     import signal
 
-    from ctscan.errors import forget_stops
+    from ctscan.jobs import forget_stops
 
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     forget_stops()

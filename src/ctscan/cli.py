@@ -7,7 +7,6 @@ each command imports what it needs.
 from __future__ import annotations
 
 import json
-import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -15,7 +14,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from ctscan import __version__
-from ctscan.errors import CtscanError, debug_enabled, report, say_line, stop_received
+from ctscan.errors import CtscanError, debug_enabled, report, say_line
 
 app = typer.Typer(
     name="ctscan",
@@ -636,20 +635,11 @@ def _interrupt_in(exc: BaseException) -> KeyboardInterrupt | None:
     return None
 
 
-def _ignore_stops() -> None:
-    """The stop is being reported: a second Ctrl-C or SIGTERM while the process exits would
-    only print "Exception ignored" noise from the interpreter's shutdown (SIGKILL still works)."""
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_IGN)
+def _stopped_exit(exc: BaseException | None, why: str) -> NoReturn:
+    from ctscan.jobs import ignore_stops, stopped
 
-
-def _stopped_exit(signum: int, why: str) -> NoReturn:
-    from ctscan.errors import Interrupted
-
-    terminated = signum == signal.SIGTERM
-    how = "by SIGTERM" if terminated else "by Ctrl-C"
-    _ignore_stops()
-    sys.exit(report(Interrupted(f"stopped {how}{why}.", terminated=terminated)))
+    ignore_stops()
+    sys.exit(report(stopped("", exc, why)))
 
 
 def main() -> None:
@@ -658,37 +648,32 @@ def main() -> None:
     Exit codes: 0 ok, 1 other user error, 2 settings, 3 data, 4 checkpoint, 130 Ctrl-C,
     143 SIGTERM; a traceback only for bugs (or with CTSCAN_DEBUG=1).
     """
-    from ctscan.errors import Interrupted, Terminated, raise_interrupt, raise_terminated
+    from ctscan.errors import Interrupted
+    from ctscan.jobs import ignore_stops, install_stop_handlers, stop_received
 
-    signal.signal(signal.SIGTERM, raise_terminated)  # unwind (and clean up) as Ctrl-C does
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when ignored
-        signal.signal(signal.SIGINT, raise_interrupt)
+    install_stop_handlers()  # the only place: every command unwinds (and cleans up) on a stop
     try:
         app()
     except CtscanError as error:
         if debug_enabled():
             raise
         if isinstance(error, Interrupted):
-            _ignore_stops()
+            ignore_stops()
         sys.exit(report(error))
     except (KeyboardInterrupt, SystemExit) as exc:
         interrupt = _interrupt_in(exc)
         if interrupt is not None:
+            _stopped_exit(interrupt, "")
+        if stop_received() is not None and getattr(exc, "code", None) in (0, None):
             _stopped_exit(
-                signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT, ""
-            )
-        signum = stop_received()
-        if signum is not None and getattr(exc, "code", None) in (0, None):  # swallowed, work done
-            _stopped_exit(
-                signum, " (it landed where it could not act; the command had done its work)"
+                None, " (it landed where it could not act; the command had done its work)"
             )
         raise
     except Exception:
         # A stop that landed where it was swallowed (e.g. mid-import: a half-imported module)
         # surfaces as another error: it is reported as the stop, not as a bug.
-        signum = stop_received()
-        if signum is None or debug_enabled():
+        if stop_received() is None or debug_enabled():
             raise
         _stopped_exit(
-            signum, " (while starting or stopping; CTSCAN_DEBUG=1 shows the error it caused)"
+            None, " (while starting or stopping; CTSCAN_DEBUG=1 shows the error it caused)"
         )

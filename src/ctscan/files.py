@@ -4,17 +4,19 @@ Every command that writes into a folder the user chose (`--out`, `paths.*`) goes
 `ensure_dir` first, so a path that names a file, lies under a file or cannot be written ends in
 one `CtscanError` line instead of an OSError traceback. `atomic_write` is the one temp file +
 fsync + rename writer; `remove_stale_temps` cleans what a killed writer left; `folder_lock`
-keeps two processes from writing the same run folder at once.
+is the one lock (a run folder, a cross-validation, the MLflow SQLite store).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import stat
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -22,6 +24,8 @@ from typing import IO, Any
 from ctscan.errors import CtscanError
 
 TEMP_SUFFIX = ".tmp"
+
+log = logging.getLogger(__name__)
 
 
 def file_above(path: Path) -> Path | None:
@@ -172,23 +176,32 @@ def remove_stale_temps(folder: Path, names: tuple[str, ...]) -> list[Path]:
 
 @contextlib.contextmanager
 def folder_lock(
-    folder: Path, *, what: str, error: type[CtscanError] = CtscanError
+    folder: Path,
+    *,
+    what: str,
+    error: type[CtscanError] = CtscanError,
+    wait: float = 0.0,
+    name: str = ".lock",
 ) -> Iterator[None]:
-    """Hold an exclusive lock on `folder` (a `.lock` file inside it) or fail at once.
+    """Hold an exclusive lock on `folder` (the file `name` inside it): at once, or within
+    `wait` seconds, or fail with one line.
 
-    The lock is an advisory `flock`: it goes away with the process, also after SIGKILL, so a
-    crashed run never leaves the folder locked. The `.lock` file is removed on release (a killed
-    process leaves it behind, unlocked and harmless), so a user's folder is not littered with
-    it. Removal is safe against a process that opened the old file just before: whoever takes
-    the lock checks that the path still names the file it locked, and starts again if not.
-    Without fcntl (Windows) no lock is taken.
+    The one lock of ctscan: run, cross-validation and sweep folders (no wait: a second process
+    is refused), the MLflow SQLite store (`<db>.lock`, waited for: processes that start together
+    take turns at its migrations). An advisory `flock`: it goes away with the process, also
+    after SIGKILL, so a crashed run never leaves the folder locked. The lock file is removed on
+    release (a killed process leaves it behind, unlocked and harmless). Removal is safe against
+    a process that opened the old file just before: whoever takes the lock checks that the path
+    still names the file it locked, and starts again if not. Without fcntl (Windows), or where
+    the file system cannot lock (ENOLCK on some network mounts), no lock is taken.
     """
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not on Linux/macOS
         yield
         return
-    lock_path = Path(folder) / ".lock"
+    lock_path = Path(folder) / name
+    deadline = time.monotonic() + wait
     while True:
         fh = _open_lock(lock_path, what, error)
         try:
@@ -196,10 +209,24 @@ def folder_lock(
         except BlockingIOError:
             holder = fh.read().strip() or "another process"
             fh.close()
+            if time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            if wait:
+                raise error(
+                    f"another ctscan process ({holder}) has held the lock '{lock_path}' for "
+                    f"over {wait:.0f} s.",
+                    "wait for it or stop it (`fuser` or `lsof` on the lock file names it).",
+                ) from None
             raise error(
                 f"{what} '{folder}' is in use by another ctscan process ({holder}).",
                 f"wait for it to finish, or choose another {what}.",
             ) from None
+        except OSError as exc:  # ENOLCK: this file system cannot lock
+            fh.close()
+            log.warning("cannot lock %s (%s): no lock", lock_path, exc.strerror or exc)
+            yield
+            return
         if _names_open_file(lock_path, fh):
             break
         fh.close()  # its holder removed it as we locked it: lock the file the path names now

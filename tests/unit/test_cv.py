@@ -393,3 +393,64 @@ def test_cli_mistakes_are_one_line(synthetic_store: Path, tmp_path: Path) -> Non
         assert done.returncode in (1, 2), done.stderr
         assert message in done.stderr and "Traceback" not in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+@pytest.mark.slow
+def test_a_cv_stopped_by_sigterm_continues_with_the_command_it_printed(
+    copies_store: Path, tmp_path: Path
+) -> None:
+    """End to end: `ctscan train --folds 2` as a process, a real SIGTERM once fold 1 has saved
+    an epoch; the one line's continue command, run as printed, finishes the cross-validation
+    under the same MLflow parent, with no run left RUNNING and the stopped fold's epochs logged
+    once each."""
+    import os
+    import shlex
+    import signal
+    import time
+
+    from mlflow import MlflowClient
+
+    from tests.unit.conftest_store import engine_overrides
+
+    runs, out = tmp_path / "runs", tmp_path / "cv"
+    extra = {"train.epochs": 4, "tracking.enabled": "true", "train.evaluate_test": "false"}
+    cmd = [sys.executable, "-m", "ctscan", "train", "--folds", "2", "--out", str(out)]
+    for item in engine_overrides(copies_store, runs, **extra):
+        cmd += ["--set", item]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CTSCAN_", "MLFLOW_"))}
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "fold-1" / "last.pt").exists() and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()[1]
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("ctscan: terminated: cross-validation stopped by SIGTERM in fold "), err
+    continue_with = shlex.split(line.split("`")[1])
+    assert continue_with[:2] == ["ctscan", "train"] and "Traceback" not in err
+    done = subprocess.run(
+        [sys.executable, "-m", *continue_with],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (out / CV_FILE).is_file()
+    client = MlflowClient(tracking_uri=f"sqlite:///{runs / 'mlflow.db'}")
+    every = client.search_runs([client.get_experiment_by_name("ctscan").experiment_id])
+    assert {r.info.status for r in every} == {"FINISHED"}  # none RUNNING, none KILLED left over
+    (parent,) = [r for r in every if r.data.tags.get("kind") == "cv"]
+    folds = [json.loads((out / f"fold-{f}" / FOLD_FILE).read_text()) for f in (1, 2)]
+    children = {r.info.run_id: r for r in every if r is not parent}
+    assert set(children) == {f["mlflow_run_id"] for f in folds}  # the stopped fold reopened
+    assert {r.data.tags["mlflow.parentRunId"] for r in children.values()} == {parent.info.run_id}
+    for fold in folds:
+        steps = [m.step for m in client.get_metric_history(fold["mlflow_run_id"], "val_loss")]
+        assert sorted(steps) == list(range(1, fold["epochs_run"] + 1))

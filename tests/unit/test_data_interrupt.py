@@ -1,4 +1,5 @@
-"""Ctrl-C during `ctscan preprocess`: one line, exit 130, no worker tracebacks, no temp folder."""
+"""Ctrl-C during `ctscan preprocess`: one line, exit 130, no worker tracebacks, no temp folder;
+the same command then writes the whole store."""
 
 from __future__ import annotations
 
@@ -81,6 +82,17 @@ def test_ctrl_c_during_the_pool_is_one_line_exit_130_and_leaves_nothing(tmp_path
     assert err.strip() == "ctscan: interrupted: stopped by Ctrl-C.", err  # main() (cli.py)
     assert proc.returncode == 130
     assert list(work.iterdir()) == []  # no store, no `.processed.tmp-*` left behind
+    again = subprocess.run(  # the continue of a preprocess: the same command, from the start
+        [sys.executable, "-m", "ctscan", "preprocess", str(raw), "--out", str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert again.returncode == 0, again.stderr
+    from ctscan.data.store import load_store
+
+    store = load_store(out)
+    assert sum(store.counts.values()) + len(store.dropped) == len(list(raw.rglob("*.png")))
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
@@ -120,37 +132,3 @@ def test_a_ctrl_c_while_the_pool_forks_is_raised_not_lost(taken_by: str) -> None
     (pool,) = made
     assert not any(worker.is_alive() for worker in pool._pool)  # terminated, not leaked
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
-
-
-@pytest.mark.parametrize("handler", ["default", "ignored", "outside the main thread"])
-def test_held_signals_deliver_after_the_block_as_the_usual_handler_would(handler: str) -> None:
-    import threading
-
-    from ctscan.errors import held_signals
-
-    ran: list[str] = []
-
-    def held_block() -> None:
-        with held_signals(signal.SIGINT):
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)  # the holding handler has run by now
-            ran.append("to the end")
-
-    if handler == "outside the main thread":  # cannot hold there: the block runs as it is
-        thread = threading.Thread(target=held_block)
-        with pytest.raises(KeyboardInterrupt):  # the main thread takes the Ctrl-C
-            thread.start()
-            thread.join()
-            time.sleep(0.05)
-        thread.join()
-    elif handler == "ignored":
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            held_block()  # an ignored Ctrl-C stays ignored
-        finally:
-            signal.signal(signal.SIGINT, previous)
-    else:
-        with pytest.raises(KeyboardInterrupt):
-            held_block()
-    assert ran == ["to the end"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

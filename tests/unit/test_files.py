@@ -137,3 +137,34 @@ def test_a_write_the_file_system_refuses_is_one_line_and_keeps_the_old_file(
     monkeypatch.undo()
     with pytest.raises(CtscanError, match="No such file or directory"):
         atomic_write(tmp_path / "gone" / "x.json", lambda fh: fh.write(b"x"))
+
+
+def test_a_lock_with_wait_takes_turns_and_says_who_held_it_too_long(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    released = threading.Event()
+
+    def hold(seconds: float) -> None:
+        with folder_lock(tmp_path, what="store"):
+            released.wait(seconds)
+
+    holder = threading.Thread(target=hold, args=(0.4,))
+    holder.start()
+    time.sleep(0.1)  # the thread holds it now
+    with folder_lock(tmp_path, what="store", wait=30):  # waits for the holder to finish
+        assert not holder.is_alive()
+    holder.join()
+    held = threading.Thread(target=hold, args=(30,))
+    held.start()
+    time.sleep(0.1)
+    try:
+        too_long = r"has held the lock '.*\.lock' for over 0 s"
+        with (
+            pytest.raises(CtscanError, match=too_long),
+            folder_lock(tmp_path, what="store", wait=0.2),
+        ):
+            pass
+    finally:
+        released.set()
+        held.join()

@@ -438,7 +438,7 @@ def test_a_child_run_is_reopened_only_in_tracking_experiment(mlflow_runs_dir, ca
             TrackingSettings(experiment="b"),
             runs_dir=mlflow_runs_dir,
             resume_run_id=first.run_id,
-            reopen_elsewhere=False,
+            elsewhere="new",
         ) as second,
     ):
         pass
@@ -452,7 +452,7 @@ def test_a_child_run_is_reopened_only_in_tracking_experiment(mlflow_runs_dir, ca
         TrackingSettings(experiment="a"),
         runs_dir=mlflow_runs_dir,
         resume_run_id=first.run_id,
-        reopen_elsewhere=False,
+        elsewhere="new",
     ) as third:
         assert third.run_id == first.run_id
 

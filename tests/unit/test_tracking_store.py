@@ -94,7 +94,7 @@ def test_processes_creating_a_new_store_at_once_all_succeed(tmp_path: Path):
     assert {r.info.run_id for r in runs} == run_ids
     assert {r.data.metrics["worker"] for r in runs} == {float(i) for i in range(WORKERS)}
     assert all(r.info.status == "FINISHED" for r in runs)
-    assert (runs_dir / "mlflow.db.lock").is_file()
+    assert not (runs_dir / "mlflow.db.lock").exists()  # the lock file goes with the lock
 
 
 def test_a_new_store_puts_the_default_experiment_beside_the_db(fresh_runs_dir: Path):
@@ -132,12 +132,12 @@ def test_a_store_creation_stopped_midway_leaves_no_store_behind(
     if err.type is TrackingError:  # not "move it aside": there is nothing to move
         assert err.value.message.startswith(f"cannot create the MLflow store '{db.resolve()}'")
     assert not db.exists()
-    assert sorted(p.name for p in fresh_runs_dir.iterdir()) == ["mlflow.db.lock"]
+    assert list(fresh_runs_dir.iterdir()) == []
     (fresh_runs_dir / ".mlflow.db.k1ll3d.tmp").write_bytes(b"half a store")  # a SIGKILL's
     monkeypatch.setattr(tracking, "_missing_tables", migrated)
     with open_tracker(TrackingSettings(), runs_dir=fresh_runs_dir) as tracker:
         tracker.log_metrics({"val_loss": 0.5}, step=1)
-    assert sorted(p.name for p in fresh_runs_dir.iterdir()) == ["mlflow.db", "mlflow.db.lock"]
+    assert sorted(p.name for p in fresh_runs_dir.iterdir()) == ["mlflow.db"]
 
 
 # --- broken stores -------------------------------------------------------------------------------

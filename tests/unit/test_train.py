@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from ctscan.engine.checkpoint import read_checkpoint
-from ctscan.engine.train import RunHooks, ema_decay_at, ema_update, lr_factor, run_training
-from ctscan.errors import CheckpointError, CtscanError
+from ctscan.engine.state import ema_decay_at, ema_update, lr_factor
+from ctscan.engine.train import RunHooks, run_training
+from ctscan.errors import CheckpointError, CtscanError, Terminated
 from tests.unit.conftest_store import engine_overrides, engine_settings, write_synthetic_store
 
 
@@ -269,22 +270,20 @@ def test_the_stop_line_says_what_a_checkpoint_interval_lost(
     not say it stopped before its first epoch, nor offer a resume that cannot work."""
     import types
 
-    import ctscan.engine.train as train_module
+    import ctscan.engine.run_folder as run_folder
 
     run = tmp_path / "run"
     run.mkdir()
-    first = train_module._interrupted(run, terminated=True).message
+    first = run_folder.run_stopped(run, Terminated()).message
     assert "before the first epoch ended" in first
     (run / "best.pt").write_bytes(b"x")
-    stopped = train_module._interrupted(run, terminated=True, finished=8, every=10)
+    stopped = run_folder.run_stopped(run, Terminated(), finished=8, every=10)
     assert "after 8 epochs, before its first last.pt (written every 10 epochs" in stopped.message
     assert "best.pt" in stopped.message and "first epoch" not in stopped.message
     assert "--resume" not in str(stopped.fix) and "checkpoint_every" in str(stopped.fix)
     (run / "last.pt").write_bytes(b"x")
-    monkeypatch.setattr(
-        train_module, "read_checkpoint", lambda path: types.SimpleNamespace(epoch=10)
-    )
-    later = train_module._interrupted(run, terminated=False, finished=13, every=10)
+    monkeypatch.setattr(run_folder, "read_checkpoint", lambda path: types.SimpleNamespace(epoch=10))
+    later = run_folder.run_stopped(run, KeyboardInterrupt(), finished=13, every=10)
     assert "(epoch 10); epochs 11-13 since are lost" in later.message
     assert "--resume auto" in str(later.fix)
 
@@ -320,59 +319,6 @@ def test_resume_with_another_model_is_refused(synthetic_store: Path, tmp_path: P
     other = engine_settings(synthetic_store, tmp_path / "runs", **extra, **{"model.name": '"cnn"'})
     with pytest.raises(CheckpointError, match="holds a cnn_gap model"):
         run_training(other, out_dir=tmp_path, resume="auto")
-
-
-def test_a_run_from_before_frozen_stages_resumes_only_as_it_trained() -> None:
-    """A run recorded before model.frozen_stages existed trained every stage (0), not today's 3."""
-    from ctscan.engine.train import predating_sets, refused_changes
-    from ctscan.settings import load_settings, public_dict
-
-    def recorded(*overrides: str) -> dict:
-        run = public_dict(load_settings([], list(overrides)))
-        del run["model"]["frozen_stages"]  # what a run folder from before it holds
-        return run
-
-    now = load_settings([], [])
-    assert now.model.frozen_stages == 3
-    old = recorded("model.frozen_stages=0")
-    assert refused_changes(old, now) == ["model.frozen_stages 0 -> 3"]
-    assert predating_sets(old, now) == " --set model.frozen_stages=0"
-    # Named even when another change is refused too: following the fix must restore the run.
-    other = load_settings([], ["model.pretrained=false"])
-    assert refused_changes(old, other) == ["model.pretrained True -> False"]
-    assert predating_sets(old, other) == " --set model.frozen_stages=0"
-    again = load_settings([], ["model.frozen_stages=0"])
-    assert refused_changes(old, again) == [] and predating_sets(old, again) == ""
-    # A model trained from scratch ignores the frozen-backbone keys: its old runs resume as before.
-    scratch = recorded("model.name=cnn_gap", "model.pretrained=false")
-    assert (
-        refused_changes(
-            scratch, load_settings([], ["model.name=cnn_gap", "model.pretrained=false"])
-        )
-        == []
-    )
-    # A run that recorded the key compares by its own value.
-    assert refused_changes(public_dict(again), now) == ["model.frozen_stages 0 -> 3"]
-
-
-def test_a_run_from_before_the_ema_warmup_resumes_without_it() -> None:
-    """A run recorded before train.ema_warmup existed averaged at train.ema_decay from step 1."""
-    from ctscan.engine.train import predating_sets, refused_changes
-    from ctscan.settings import load_settings, public_dict
-
-    def recorded(*overrides: str) -> dict:
-        run = public_dict(load_settings([], list(overrides)))
-        del run["train"]["ema_warmup"]  # what a run folder from before it holds
-        return run
-
-    old, now = recorded(), load_settings([], [])
-    assert refused_changes(old, now) == ["train.ema_warmup False -> True"]
-    assert predating_sets(old, now) == " --set train.ema_warmup=false"
-    again = load_settings([], ["train.ema_warmup=false"])
-    assert refused_changes(old, again) == [] and predating_sets(old, again) == ""
-    # Without EMA there is nothing to warm up: such a run resumes as before.
-    no_ema = load_settings([], ["train.ema=false"])
-    assert refused_changes(recorded("train.ema=false"), no_ema) == []
 
 
 def _cli_train(store: Path, runs: Path, out: Path, epochs: int, *more: str) -> list[str]:

@@ -248,13 +248,14 @@ def test_a_stop_swallowed_mid_epoch_stops_the_run_at_that_epochs_end(
     ignored" and goes on): the run still stops, after that epoch is saved, exit 143."""
     import ctscan.engine.train as train_module
     from ctscan.engine.checkpoint import read_checkpoint
-    from ctscan.errors import Interrupted, raise_terminated
+    from ctscan.errors import Interrupted
+    from ctscan.jobs import on_stop
 
     validate = train_module.validate
 
     def swallowing_validate(*args: Any, **kwargs: Any) -> Any:
         with contextlib.suppress(KeyboardInterrupt):  # dropped where it landed
-            raise_terminated(signal.SIGTERM, None)
+            on_stop(signal.SIGTERM, None)
         return validate(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "validate", swallowing_validate)

@@ -49,7 +49,8 @@ from ctscan.data.transforms import (
     resize_square,
     to_gray,
 )
-from ctscan.errors import DataError, held_signals
+from ctscan.errors import DataError
+from ctscan.jobs import critical
 
 Progress = Callable[[int, int], None]  # progress(done, total)
 # Below this many images a pool costs more than it saves.
@@ -125,7 +126,7 @@ def _start_pool(ctx: Any, processes: int) -> Any:
     """
     pool = None
     try:
-        with held_signals(signal.SIGINT):
+        with critical(signal.SIGINT):
             pool = ctx.Pool(processes=processes, initializer=_init_worker)
     except BaseException:
         if pool is not None:
@@ -275,6 +276,30 @@ class PreprocessResult:
     spec: PreprocessSpec | None = None
 
 
+def _split_arrays(
+    scan: _Scan, kept: Sequence[ImageRecord], why: str, raw_dir: Path
+) -> dict[str, SplitArrays]:
+    """The kept images of each split as arrays; a split left empty is a DataError (`why`)."""
+    kept_ids = {id(r) for r in kept}
+    image_of = {id(r): img for r, img in zip(scan.records, scan.images, strict=True)}
+    arrays: dict[str, SplitArrays] = {}
+    for split in SPLITS:
+        rows = [r for r in scan.records if r.split == split and id(r) in kept_ids]
+        if not rows:
+            raise DataError(
+                f"split '{split}' has no usable images left {why}.",
+                f"check the raw folder '{raw_dir / split}' (`ctscan audit` lists the problems).",
+            )
+        images = np.stack([image_of[id(r)] for r in rows])[:, None]  # (N, 1, S, S) uint8
+        arrays[split] = SplitArrays(
+            images=np.ascontiguousarray(images, dtype=np.uint8),
+            labels=np.array([CLASS_NAMES.index(r.label) for r in rows], dtype=np.int64),
+            paths=[r.path for r in rows],
+            hashes=[r.pixel_hash for r in rows],
+        )
+    return arrays
+
+
 def run_preprocess(
     settings: Any,
     raw_dir: Path | str | None = None,
@@ -312,32 +337,24 @@ def run_preprocess(
     )
     kept, dropped = leak_policy(scan.records, on_leak, report.near_duplicates)
     report.on_leak, report.dropped = on_leak, dropped
-    kept_ids = {id(r) for r in kept}
-    image_of = {id(r): img for r, img in zip(scan.records, scan.images, strict=True)}
-    size = int(data.image_size)
-    arrays: dict[str, SplitArrays] = {}
-    for split in SPLITS:
-        rows = [r for r in scan.records if r.split == split and id(r) in kept_ids]
-        if not rows:
-            raise DataError(
-                f"split '{split}' has no usable images left ({len(scan.bad)} bad file(s) "
-                f"skipped, {len(dropped)} image(s) dropped by on_leak={on_leak}).",
-                f"check the raw folder '{raw_dir / split}' (`ctscan audit` lists the problems).",
-            )
-        images = np.stack([image_of[id(r)] for r in rows])[:, None]  # (N, 1, S, S) uint8
-        arrays[split] = SplitArrays(
-            images=np.ascontiguousarray(images, dtype=np.uint8),
-            labels=np.array([CLASS_NAMES.index(r.label) for r in rows], dtype=np.int64),
-            paths=[r.path for r in rows],
-            hashes=[r.pixel_hash for r in rows],
-        )
+    arrays = _split_arrays(
+        scan,
+        kept,
+        f"({len(scan.bad)} bad file(s) skipped, {len(dropped)} "
+        f"image(s) dropped by on_leak={on_leak})",
+        raw_dir,
+    )
     report.kept_counts = {
         s: {c: int((a.labels == i).sum()) for i, c in enumerate(CLASS_NAMES)}
         for s, a in arrays.items()
     }
     mean, std = mean_std(arrays["train"].images)
     spec = PreprocessSpec(
-        image_size=size, resize=data.resize, mean=mean, std=std, class_names=CLASS_NAMES
+        image_size=int(data.image_size),
+        resize=data.resize,
+        mean=mean,
+        std=std,
+        class_names=CLASS_NAMES,
     )
     data_dict = data.model_dump(mode="json") if hasattr(data, "model_dump") else dict(vars(data))
     data_dict["on_bad_file"] = on_bad

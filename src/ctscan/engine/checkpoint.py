@@ -42,7 +42,6 @@ and gets a model through `load_model`: one schema, one model-loading path.
 from __future__ import annotations
 
 import pickle
-import signal
 import subprocess
 import zipfile
 from dataclasses import dataclass, field
@@ -62,8 +61,9 @@ from ctscan.engine.modelling import (
     model_channels,
 )
 from ctscan.engine.temperature import check_temperature, describe
-from ctscan.errors import CheckpointError, DataError, held_signals
+from ctscan.errors import CheckpointError, DataError
 from ctscan.files import atomic_write, file_sha256
+from ctscan.jobs import critical
 from ctscan.models import unwrap
 from ctscan.models.ensemble import Ensemble, Member, check_flips
 
@@ -314,7 +314,7 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint) -> Path:
     its write callback (where a signal handler may run) into a RuntimeError, so a stop
     mid-write looked like a failed write instead of a stop. They act once the file is in place.
     """
-    with held_signals(signal.SIGINT, signal.SIGTERM):
+    with critical():
         return atomic_write(Path(path), lambda fh: torch.save(checkpoint.to_payload(), fh))
 
 

@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import shlex
-import signal
 import socket
 import sqlite3
 import sys
@@ -33,8 +32,9 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from ctscan.errors import CtscanError, Interrupted, held_signals
-from ctscan.files import built_aside, remove_stale_temps
+from ctscan.errors import CtscanError, Interrupted
+from ctscan.files import built_aside, folder_lock, remove_stale_temps
+from ctscan.jobs import critical
 from ctscan.models import unwrap
 from ctscan.settings import TrackingSettings
 
@@ -245,52 +245,6 @@ def _probe_server(uri: str, source: str) -> None:
         ) from None
 
 
-@contextlib.contextmanager
-def _store_lock(db: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `<db>.lock` (no lock where fcntl or flock is unavailable)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: stores created by runs that start together are not protected
-        log.debug("no fcntl: opening %s without a lock", db)
-        yield
-        return
-    lock_path = db.with_name(db.name + ".lock")
-    try:
-        handle = open(lock_path, "a")  # noqa: SIM115  (closed below, after the unlock)
-    except OSError as exc:
-        log.warning("cannot open the lock file %s (%s): no lock", lock_path, exc.strerror or exc)
-        yield
-        return
-    with handle:
-        locked = _acquire(fcntl, handle, lock_path)
-        try:
-            yield
-        finally:
-            if locked:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _acquire(fcntl: Any, handle: io.TextIOBase, lock_path: Path) -> bool:
-    """Take the exclusive lock, waiting up to STORE_LOCK_TIMEOUT_S; False where flock fails."""
-    deadline = time.monotonic() + STORE_LOCK_TIMEOUT_S
-    while True:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                raise TrackingError(
-                    f"another process has held the lock '{lock_path}' on the MLflow store for "
-                    f"over {STORE_LOCK_TIMEOUT_S:.0f} s.",
-                    "wait for it or stop it (`fuser` or `lsof` on the lock file names it), "
-                    + _DISABLE_FIX,
-                ) from None
-            time.sleep(0.05)
-        except OSError as exc:  # e.g. ENOLCK on a network file system
-            log.warning("cannot lock %s (%s): no lock", lock_path, exc.strerror or exc)
-            return False
-
-
 def _broken_store(db: Path, why: str, hint: str = "") -> TrackingError:
     """The error for a SQLite store file MLflow cannot use, with the way out."""
     path = shlex.quote(str(db))
@@ -334,7 +288,14 @@ def _open_sqlite_store(uri: str, runs_dir: Path) -> None:
     if db is None:
         return  # in-memory: one process only
     db = db.resolve()
-    with _store_lock(db), _quiet():
+    lock = folder_lock(
+        db.parent,
+        what="MLflow store",
+        error=TrackingError,
+        wait=STORE_LOCK_TIMEOUT_S,
+        name=f"{db.name}.lock",
+    )
+    with lock, _quiet():
         remove_stale_temps(db.parent, (db.name,))  # a store creation killed with SIGKILL
         _check_sqlite_file(db)
         if db.is_file() and db.stat().st_size:
@@ -512,7 +473,22 @@ def _import_mlflow() -> None:
 
 
 class MlflowTracker(Tracker):
-    """One MLflow run in one experiment; the registered model gets the logged models."""
+    """One MLflow run in one experiment; the registered model gets the logged models.
+
+    With `resume_run_id` naming a run of this store, that run is reopened (same id, status
+    RUNNING again) so later metrics continue its history; a run this store does not have gives
+    a new run tagged `ctscan.resumed_from_run_id` and a warning. A `detached` run is not made
+    MLflow's active run in this process: a sweep's parent run stays open while its trials,
+    nested under it by the TAG_PARENT_RUN_ID tag, start and end as active runs. A
+    `resume_run_id` in another experiment than tracking.experiment is reopened there
+    (`elsewhere="reopen"`: a plain resume), or not (`"new"`: a child, whose parent is in
+    tracking.experiment: a new run starts, tagged and warned about as for a run this store
+    lacks), or refused (a callable: a parent; `elsewhere(its experiment)` is the fix).
+    `on_new(tracker)` runs right after a new run is created (not for a reopened one), with
+    Ctrl-C and SIGTERM held across both (`jobs.critical`): the caller records the run's id
+    there, so a stop never leaves a run the next attempt cannot find. A failure or stop while
+    opening ends the run it created (FAILED, KILLED).
+    """
 
     enabled = True
 
@@ -524,9 +500,8 @@ class MlflowTracker(Tracker):
         run_name: str | None = None,
         resume_run_id: str | None = None,
         detached: bool = False,
-        same_experiment: Callable[[str], str] | None = None,
         tags: dict[str, str] | None = None,
-        reopen_elsewhere: bool = True,
+        elsewhere: str | Callable[[str], str] = "reopen",
         on_new: Callable[[MlflowTracker], None] | None = None,
     ) -> None:
         uri, source = _resolve_uri(tracking, runs_dir)
@@ -549,17 +524,13 @@ class MlflowTracker(Tracker):
             with self._errors("open the experiment"), _quiet():
                 self.client = mlflow.MlflowClient(tracking_uri=uri)
                 stored, why_new = (
-                    self._stored_run(
-                        resume_run_id, None if reopen_elsewhere else tracking.experiment
-                    )
+                    self._stored_run(resume_run_id, tracking.experiment, elsewhere)
                     if resume_run_id
                     else (None, "")
                 )
-                if stored is not None and same_experiment is not None:
-                    self._refuse_other_experiment(stored, tracking, same_experiment)
             # A new run and the caller's record of it (`on_new`: where the next attempt finds
             # it) are one step: a stop between them would leave a run nobody reopens.
-            with held_signals(signal.SIGINT, signal.SIGTERM):
+            with critical():
                 with self._errors("start the run"), _quiet():
                     run = self._start_run(
                         tracking.experiment,
@@ -636,26 +607,14 @@ class MlflowTracker(Tracker):
             return self.client.create_run(experiment_id, run_name=run_name, tags=tags or None)
         return mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags or None)
 
-    def _refuse_other_experiment(
-        self, run: Any, tracking: TrackingSettings, fix: Callable[[str], str]
-    ) -> None:
-        """A run reopened in another experiment than tracking.experiment is refused (before it
-        is reopened): runs started beside it (a parent's children) would land apart from it.
-        `fix(its experiment)` says how to continue or start afresh."""
-        experiment = self.client.get_experiment(run.info.experiment_id).name
-        if experiment == tracking.experiment:
-            return
-        raise TrackingError(
-            f"MLflow run {run.info.run_id} ({run.info.run_name}) is in experiment "
-            f"'{experiment}', but tracking.experiment is now '{tracking.experiment}': the runs "
-            "started under it would land in another experiment than it.",
-            fix(experiment),
-        )
-
-    def _stored_run(self, run_id: str, only_in: str | None) -> tuple[Any | None, str]:
-        """The run `run_id` of this store to reopen and "", or None and why not: it is not in
-        this store, deleted, or in another experiment than `only_in` when that is given (a new
-        run is then started)."""
+    def _stored_run(
+        self, run_id: str, experiment: str, elsewhere: str | Callable[[str], str]
+    ) -> tuple[Any | None, str]:
+        """The run `run_id` of this store to reopen and "", or None and why a new run starts
+        instead: it is not in this store, deleted, or (`elsewhere="new"`) in another experiment
+        than `experiment`. In another experiment with a callable `elsewhere` (a parent: the runs
+        started under it would land apart from it) it is refused, `elsewhere(its experiment)`
+        the fix."""
         from mlflow.exceptions import MlflowException
 
         try:
@@ -663,18 +622,22 @@ class MlflowTracker(Tracker):
         except MlflowException as exc:
             if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                 raise
-            why = "is not in this tracking store"
-        else:
-            if run.info.lifecycle_stage == "deleted":
-                why = "is deleted"
-            elif only_in is None:
-                return run, ""
-            else:
-                experiment = self.client.get_experiment(run.info.experiment_id).name
-                if experiment == only_in:
-                    return run, ""
-                why = f"is in experiment '{experiment}', not tracking.experiment '{only_in}'"
-        return None, why
+            return None, "is not in this tracking store"
+        if run.info.lifecycle_stage == "deleted":
+            return None, "is deleted"
+        name = (
+            "" if elsewhere == "reopen" else self.client.get_experiment(run.info.experiment_id).name
+        )
+        if elsewhere == "reopen" or name == experiment:
+            return run, ""
+        if elsewhere == "new":
+            return None, f"is in experiment '{name}', not tracking.experiment '{experiment}'"
+        raise TrackingError(
+            f"MLflow run {run.info.run_id} ({run.info.run_name}) is in experiment '{name}', but "
+            f"tracking.experiment is now '{experiment}': the runs started under it would land "
+            "in another experiment than it.",
+            elsewhere(name),
+        )
 
     @contextlib.contextmanager
     def _errors(self, action: str) -> Iterator[None]:
@@ -911,7 +874,7 @@ class MlflowTracker(Tracker):
         self._closed = True
         try:
             with (  # a stop mid-way would leave the run active with the URI already restored
-                held_signals(signal.SIGINT, signal.SIGTERM),
+                critical(),
                 self._errors("end the run"),
                 _quiet(),
                 contextlib.redirect_stdout(sys.stderr),  # MLflow prints run links on stdout
@@ -925,47 +888,12 @@ class MlflowTracker(Tracker):
             self._restore_uri()
 
 
-def open_tracker(
-    tracking: TrackingSettings,
-    *,
-    runs_dir: Path,
-    run_name: str | None = None,
-    resume_run_id: str | None = None,
-    detached: bool = False,
-    same_experiment: Callable[[str], str] | None = None,
-    tags: dict[str, str] | None = None,
-    reopen_elsewhere: bool = True,
-    on_new: Callable[[MlflowTracker], None] | None = None,
-) -> Tracker:
-    """A started MLflow run when tracking is enabled, else a no-op Tracker.
-
-    With `resume_run_id` naming a run of this store, that run is reopened (same id, status
-    RUNNING again) so later metrics continue its history; a run this store does not have gives
-    a new run tagged `ctscan.resumed_from_run_id` and a warning. A `detached` run is not made
-    MLflow's active run in this process: a sweep's parent run stays open while its trials,
-    nested under it by the TAG_PARENT_RUN_ID tag, start and end as active runs. With
-    `same_experiment`, a `resume_run_id` in another experiment than tracking.experiment is
-    refused rather than reopened; `same_experiment(that experiment)` is the refusal's fix.
-    With `reopen_elsewhere=False` (a child run: its parent is in tracking.experiment), a
-    `resume_run_id` in another experiment is not reopened: a new run is started there, tagged
-    and warned about as for a run this store lacks. `on_new(tracker)` runs right after a new
-    run is created (not for a reopened one), with Ctrl-C and SIGTERM held across both: the
-    caller records the run's id there, so a stop never leaves a run the next attempt cannot
-    find. A failure or stop while opening ends the run it created (FAILED, KILLED).
-    """
+def open_tracker(tracking: TrackingSettings, *, runs_dir: Path, **options: Any) -> Tracker:
+    """A started MLflow run (`MlflowTracker`, with these `options`) when tracking is enabled,
+    else a no-op Tracker."""
     if not tracking.enabled:
         return Tracker()
-    return MlflowTracker(
-        tracking,
-        runs_dir=Path(runs_dir),
-        run_name=run_name,
-        resume_run_id=resume_run_id,
-        detached=detached,
-        same_experiment=same_experiment,
-        tags=tags,
-        reopen_elsewhere=reopen_elsewhere,
-        on_new=on_new,
-    )
+    return MlflowTracker(tracking, runs_dir=Path(runs_dir), **options)
 
 
 def open_parent_run(
@@ -999,7 +927,7 @@ def open_parent_run(
         run_name=run_name,
         resume_run_id=recorded_id,
         detached=True,
-        same_experiment=experiment_fix,
+        elsewhere=experiment_fix,
         tags=tags,
         on_new=first_moments,
     )

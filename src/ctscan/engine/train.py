@@ -1,24 +1,19 @@
 """The one training loop: CPU or CUDA, one process or N under torchrun, AMP, compile, EMA.
 
-Read it top to bottom: `run_training` -> `_train` (open the store, plan the run folder, build the
-`TrainState`, maybe resume it, then one `train_one_epoch` + `validate` + `save_checkpoints` per
-epoch) -> `_finish` (curves, test evaluation of best.pt, the MLflow model). `train_step` is one
-optimisation step, shared with `ctscan profile` and the benchmarks.
+Read it top to bottom: `run_training` -> `_train` (open the store, plan the run folder with
+run_folder.py, build the `TrainState`, maybe resume it, then one `train_one_epoch` + `validate`
++ `save_checkpoints` per epoch) -> `_finish` (curves, test evaluation of best.pt, the MLflow
+model). `train_step` is one optimisation step, shared with `ctscan profile` and the benchmarks.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
-import re
-import shutil
-import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,10 +24,9 @@ from torch import nn
 from torch.profiler import record_function
 
 import ctscan
-from ctscan.data.augment import augment, mix_batch, mixed_loss
-from ctscan.data.batches import batch_indices, epoch_order, shard, steps_per_epoch
+from ctscan.data.augment import mix_batch, mixed_loss
+from ctscan.data.batches import batch_indices, epoch_order, shard
 from ctscan.data.store import Split, Store, open_settings_store
-from ctscan.data.transforms import PreprocessSpec, model_input
 from ctscan.engine.checkpoint import (
     Checkpoint,
     file_sha256,
@@ -44,15 +38,9 @@ from ctscan.engine.checkpoint import (
 )
 from ctscan.engine.evaluate import evaluate_checkpoint, predict
 from ctscan.engine.metrics import quick_metrics
-from ctscan.engine.modelling import (
-    backbone_frozen,
-    build,
-    freeze_backbone,
-    load_model_state,
-    model_channels,
-    uses_pretrained,
-)
+from ctscan.engine.modelling import freeze_backbone
 from ctscan.engine.progress import Progress
+from ctscan.engine.run_folder import RunPlan, open_run_dir, plan_run, record_new_run, run_stopped
 from ctscan.engine.runtime import (
     Runtime,
     configure_threads,
@@ -60,51 +48,19 @@ from ctscan.engine.runtime import (
     resolve_runtime,
     rng_state,
     seed_everything,
-    set_rng_state,
     shutdown_distributed,
 )
-from ctscan.errors import (
-    CheckpointError,
-    CtscanError,
-    Interrupted,
-    Terminated,
-    held_signals,
-    raise_if_stopped,
-    raise_terminated,
-)
-from ctscan.files import atomic_write, ensure_dir, folder_lock, remove_stale_temps
-from ctscan.settings import Settings, flatten, public_dict, to_toml, toml_value
+from ctscan.engine.state import Loop, TrainState, new_loop, new_train_state, wrap_for_steps
+from ctscan.files import atomic_write, ensure_dir, folder_lock
+from ctscan.jobs import check_stop, critical
+from ctscan.settings import Settings, flatten, public_dict, to_toml
 
 if TYPE_CHECKING:
     from ctscan.engine.tracking import Tracker
 
-CHECKPOINT_NAMES = ("best.pt", "last.pt")
-# Where and how a run runs, never how it trains: a resumed run and a continued
-# cross-validation may change these (train.epochs is handled apart: a resume may raise it).
-RUN_PLACE_KEYS = (
-    "paths.",
-    "tracking.",
-    "serve.",
-    "inference.",
-    "data.max_image_pixels",
-    "data.max_file_bytes",
-    "data.on_bad_file",
-    "data.near_duplicate_distance",
-    "model.weights_path",
-    "train.quiet",
-    "train.threads",
-    "train.device",
-    "train.checkpoint_every",
-)
-# A resumed run (one model) may also change what happens at its end and its stopping rules.
-RESUME_MAY_CHANGE = (
-    *RUN_PLACE_KEYS,
-    "train.evaluate_test",
-    "train.calibrate",
-    "train.early_stop_patience",
-    "train.compile",
-    "train.deterministic",
-)
+# TEMPORARY: the names ops/sweep.py imports from here, until the sweep is switched to jobs.py.
+from ctscan.jobs import MAY_CHANGE as RUN_PLACE_KEYS  # noqa: F401
+from ctscan.jobs import refused_settings  # noqa: F401
 
 
 @dataclass
@@ -159,198 +115,6 @@ class TrainResult:
                     k: leak_free[k] for k in ("accuracy", "macro_f1", "n") if k in leak_free
                 }
         return out
-
-
-@dataclass(frozen=True)
-class Loop:
-    """What stays fixed during a run: settings, runtime, input spec, and the step schedule."""
-
-    settings: Settings
-    rt: Runtime
-    spec: PreprocessSpec
-    channels: int
-    steps_per_epoch: int
-    augment: Callable[[torch.Tensor], torch.Tensor] | None
-
-    def model_input(self, images: torch.Tensor, *, train: bool) -> torch.Tensor:
-        """uint8 (B, 1, S, S) on the device -> the model's (B, C, S, S) float input."""
-        return model_input(
-            images,
-            mean=self.spec.mean,
-            std=self.spec.std,
-            channels=self.channels,
-            augment=self.augment if train else None,
-            channels_last=self.rt.channels_last,
-        )
-
-
-@dataclass
-class TrainState:
-    """Everything that changes while training: what last.pt saves and a resume restores."""
-
-    model: nn.Module  # the plain model whose weights are trained
-    step_model: nn.Module  # the same model behind DDP / torch.compile: forward + backward
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    ema: torch.optim.swa_utils.AveragedModel | None
-    epoch: int = 0  # epochs finished
-    history: list[dict[str, Any]] = field(default_factory=list)
-    best_value: float | None = None
-    best_epoch: int = 0
-
-    @property
-    def deploy_model(self) -> nn.Module:
-        """The weights a checkpoint deploys: the EMA when on, else the trained weights."""
-        return self.ema.module if self.ema is not None else self.model
-
-    def training_payload(self, rng: list[dict[str, Any]]) -> dict[str, Any]:
-        """last.pt's `training` entry."""
-        return {
-            "model_state": self.model.state_dict(),
-            "ema_state": self.ema.state_dict() if self.ema is not None else None,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": rng,
-        }
-
-    def restore(self, checkpoint: Checkpoint, rank: int) -> None:
-        """Continue from last.pt: weights, optimizer, schedule, scaler, EMA, RNG, history."""
-        training = checkpoint.training or {}
-        load_model_state(self.model, training["model_state"], source=checkpoint.source or "")
-        self.optimizer.load_state_dict(training["optimizer"])
-        self.scheduler.load_state_dict(training["scheduler"])
-        self.scaler.load_state_dict(training["scaler"])
-        if self.ema is not None and training.get("ema_state") is not None:
-            self.ema.load_state_dict(training["ema_state"])
-        rngs = training["rng"]
-        set_rng_state(rngs[min(rank, len(rngs) - 1)])
-        self.epoch = checkpoint.epoch
-        self.history = list(checkpoint.history)
-        self.best_value, self.best_epoch = checkpoint.best_value, checkpoint.best_epoch
-
-
-def lr_factor(step: int, *, warmup: int, total: int) -> float:
-    """Linear warmup to 1, then cosine decay to 0 over the remaining steps."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def ema_decay_at(n_averaged: int, decay: float, *, warmup: bool) -> float:
-    """The EMA decay of the update after `n_averaged` earlier ones.
-
-    With `warmup`, min(decay, (1 + n) / (10 + n)) (TensorFlow's ExponentialMovingAverage with
-    num_updates): the average then spans about the last ninth of the steps until that reaches
-    `decay`, so it never carries the initial weights far into training. Without it, `decay`
-    from the first update on: at 0.99 an average still holds 0.99^n of the starting weights.
-    """
-    return min(decay, (1 + n_averaged) / (10 + n_averaged)) if warmup else decay
-
-
-def ema_update(decay: float, *, warmup: bool) -> Callable[..., None]:
-    """AveragedModel's `multi_avg_fn`: ema <- d * ema + (1 - d) * weights, d = `ema_decay_at`.
-
-    AveragedModel copies the weights on its first update and passes the number of updates so
-    far (its `n_averaged` buffer, saved in last.pt, so a resumed run goes on with the same
-    decay) to the later ones.
-    """
-
-    @torch.no_grad()
-    def update(
-        ema_params: list[torch.Tensor], params: list[torch.Tensor], n_averaged: torch.Tensor
-    ) -> None:
-        d = ema_decay_at(int(n_averaged), decay, warmup=warmup)
-        if torch.is_floating_point(ema_params[0]):
-            torch._foreach_lerp_(ema_params, params, 1.0 - d)
-        else:  # integer buffers (BatchNorm's num_batches_tracked), as torch's own EMA does
-            for p_ema, p in zip(ema_params, params, strict=True):
-                p_ema.copy_(p_ema * d + p * (1.0 - d))
-
-    return update
-
-
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases and normalisation weights (1-d tensors)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
-def new_loop(settings: Settings, rt: Runtime, spec: PreprocessSpec, n_train: int) -> Loop:
-    """The Loop of a run: settings, runtime, input spec, steps per epoch, augmentation."""
-    return Loop(
-        settings=settings,
-        rt=rt,
-        spec=spec,
-        channels=model_channels(settings.model.name),
-        steps_per_epoch=steps_per_epoch(n_train, settings.train.batch_size, rt.world_size),
-        augment=(lambda x: augment(x, settings.augment)) if settings.augment.enabled else None,
-    )
-
-
-def new_train_state(
-    settings: Settings, rt: Runtime, spec: PreprocessSpec, steps: int
-) -> TrainState:
-    """A fresh model, AdamW, warmup + cosine schedule, grad scaler and EMA, on the device."""
-    tr = settings.train
-    model = build(settings, image_size=spec.image_size, num_classes=len(spec.class_names))
-    model.to(rt.device)
-    if rt.channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(
-        _param_groups(model, tr.weight_decay),
-        lr=tr.lr,
-        betas=(0.9, 0.999),
-        **({"fused": True} if rt.device.type == "cuda" else {}),
-    )
-    updates_per_epoch = max(1, steps // tr.accumulate)
-    total, warmup = updates_per_epoch * tr.epochs, round(tr.warmup_epochs * updates_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, warmup=warmup, total=total)
-    )
-    ema = None
-    if tr.ema:
-        from torch.optim.swa_utils import AveragedModel
-
-        ema = AveragedModel(
-            model, multi_avg_fn=ema_update(tr.ema_decay, warmup=tr.ema_warmup), use_buffers=True
-        )
-    return TrainState(
-        model=model,
-        step_model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        scaler=torch.amp.GradScaler(rt.device.type, enabled=rt.use_scaler),
-        ema=ema,
-    )
-
-
-def wrap_for_steps(state: TrainState, settings: Settings, rt: Runtime) -> None:
-    """DDP around the model under torchrun, then torch.compile when on: `state.step_model`."""
-    step_model: nn.Module = state.model
-    # The stages frozen for all of training are frozen before DDP is built, so that it leaves
-    # them out of its gradient buckets.
-    freeze_backbone(state.model, settings, epoch=settings.model.freeze_epochs + 1)
-    if rt.distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # A backbone frozen for the first epochs gets no gradients then: DDP must look for
-        # parameters that took no part in the step instead of waiting for their gradients.
-        step_model = DistributedDataParallel(
-            step_model,
-            device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
-            find_unused_parameters=backbone_frozen(settings, 1),
-        )
-    if rt.compile:
-        step_model = torch.compile(step_model)
-    state.step_model = step_model
 
 
 def train_step(
@@ -517,278 +281,6 @@ def _gather_rng(rt: Runtime) -> list[dict[str, Any]]:
     return gathered
 
 
-# ---- the run folder, resume -------------------------------------------------------------
-
-
-@dataclass
-class RunPlan:
-    """Where a run writes, and the last.pt it continues (None for a fresh run)."""
-
-    run_dir: Path
-    resume_from: Checkpoint | None = None
-    notes: list[str] = field(default_factory=list)  # said once the run starts
-
-
-def _default_run_dir(settings: Settings) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return settings.paths.runs_dir / f"{settings.model.name}-s{settings.train.seed}-{stamp}"
-
-
-def _resume_path(resume: str | None, out_dir: Path | None, settings: Settings) -> Path | None:
-    """The checkpoint `--resume` names, or None for a fresh run."""
-    if resume is None:
-        return None
-    if resume != "auto":
-        return Path(resume)
-    if out_dir is not None:
-        last = out_dir / "last.pt"
-        return last if last.is_file() else None
-    runs = sorted(
-        settings.paths.runs_dir.glob(f"{settings.model.name}-s{settings.train.seed}-*/last.pt"),
-        key=lambda p: p.stat().st_mtime,
-    )
-    return runs[-1] if runs else None
-
-
-# Settings added after runs were recorded, with the value that reproduces how a run behaved
-# before the key existed (not always today's default: frozen_stages is 3 now, and a run from
-# before it trained every stage). A recorded run without such a key compares as that value.
-SETTINGS_ADDED: dict[str, Any] = {"model.frozen_stages": 0, "train.ema_warmup": False}
-
-
-def _flat_recorded(before: dict[str, Any]) -> dict[str, Any]:
-    return {
-        f"{section}.{key}": value
-        for section, values in before.items()
-        if isinstance(values, dict)
-        for key, value in values.items()
-    }
-
-
-def _inert_keys(now: Settings) -> tuple[str, ...]:
-    """Keys that do nothing for this run: a model trained from scratch has no backbone to
-    freeze, a run without EMA no decay to warm up."""
-    inert = () if uses_pretrained(now) else ("model.freeze_epochs", "model.frozen_stages")
-    return inert if now.train.ema else (*inert, "train.ema_warmup")
-
-
-def _changed_settings(before: dict[str, Any], now: Settings) -> list[tuple[str, Any, Any]]:
-    """(key, run's value, value now) for each setting that differs, `section.key` names."""
-    flat_before = {**SETTINGS_ADDED, **_flat_recorded(before)}
-    ignored = _inert_keys(now)
-    return [
-        (key, flat_before[key], value)
-        for key, value in flatten(now).items()
-        if key in flat_before and flat_before[key] != value and key not in ignored
-    ]
-
-
-def predating_sets(before: dict[str, Any], now: Settings) -> str:
-    """` --set key=value` for each setting the recorded run predates whose value now differs.
-
-    Its settings.toml does not name them, so `-s settings.toml` alone would not restore them.
-    Named whatever else differs (a fix that restores the run's settings must include them).
-    """
-    recorded = _flat_recorded(before)
-    flat_now = flatten(now)
-    return "".join(
-        f" --set {key}={toml_value(old)}"
-        for key, old in SETTINGS_ADDED.items()
-        if key not in recorded and flat_now.get(key) != old
-    )
-
-
-def refused_settings(
-    before: dict[str, Any],
-    now: Settings,
-    may_change: tuple[str, ...] = (),
-    allowed: tuple[str, ...] = RESUME_MAY_CHANGE,
-) -> list[tuple[str, Any, Any]]:
-    """(key, recorded value, value now) for each change that would not continue the same run.
-
-    Changes of the `allowed` key prefixes (where and how it runs) and of the `may_change` keys
-    pass.
-    """
-    return [
-        (key, old, new)
-        for key, old, new in _changed_settings(before, now)
-        if key not in may_change and not key.startswith(allowed)
-    ]
-
-
-def refused_changes(
-    before: dict[str, Any],
-    now: Settings,
-    may_change: tuple[str, ...] = (),
-    allowed: tuple[str, ...] = RESUME_MAY_CHANGE,
-) -> list[str]:
-    """`key old -> new` for each of `refused_settings`."""
-    return [
-        f"{key} {old!r} -> {new!r}"
-        for key, old, new in refused_settings(before, now, may_change, allowed)
-    ]
-
-
-def check_resume(checkpoint: Checkpoint, settings: Settings, store: Store) -> list[str]:
-    """Refuse a resume that would not continue the same run; return what it changes, said."""
-    path = checkpoint.source
-    if not checkpoint.resumable:
-        raise CheckpointError(
-            f"'{path}' is a {checkpoint.kind} checkpoint: it holds the weights to deploy, not the "
-            "training state a run continues from.",
-            f"resume from last.pt (e.g. --resume {Path(path or '.').parent / 'last.pt'}) or "
-            "--resume auto --out RUN_FOLDER.",
-        )
-    if checkpoint.model_name != settings.model.name:
-        raise CheckpointError(
-            f"checkpoint '{path}' holds a {checkpoint.model_name} model, "
-            f"but model.name is {settings.model.name}.",
-            f"resume with --model {checkpoint.model_name} or start a new run.",
-        )
-    if checkpoint.spec != store.spec:
-        raise CheckpointError(
-            f"checkpoint '{path}' was trained on another processed store "
-            f"({checkpoint.spec.to_dict()} vs {store.spec.to_dict()}).",
-            "preprocess with the settings of that run, or start a new run.",
-        )
-    changed = _changed_settings(checkpoint.settings, settings)
-    refused = refused_changes(checkpoint.settings, settings, may_change=("train.epochs",))
-    if refused:
-        settings_file = Path(path or ".").parent / "settings.toml"
-        raise CheckpointError(
-            f"resuming '{path}' with other settings than the run used: {'; '.join(refused)}. "
-            "A resumed run continues the same schedule, model and data.",
-            f"resume with the run's own settings (-s {settings_file}"
-            f"{predating_sets(checkpoint.settings, settings)}), or start a new run with these "
-            "settings.",
-        )
-    notes = []
-    epochs_before = checkpoint.settings.get("train", {}).get("epochs")
-    if settings.train.epochs < checkpoint.epoch:
-        raise CheckpointError(
-            f"train.epochs is {settings.train.epochs}, but '{path}' has already finished "
-            f"{checkpoint.epoch} epochs.",
-            f"pass --epochs {checkpoint.epoch} or more.",
-        )
-    if epochs_before is not None and settings.train.epochs != epochs_before:
-        notes.append(
-            f"train.epochs changed from {epochs_before} to {settings.train.epochs}: the "
-            f"learning-rate schedule now ends at epoch {settings.train.epochs}"
-        )
-    notes += [
-        f"{key} changed from {old!r} to {new!r}"
-        for key, old, new in changed
-        if key != "train.epochs" and not key.startswith(("paths.", "tracking."))
-    ]
-    return notes
-
-
-def refuse_reserved_out(out: Path, settings: Settings) -> None:
-    """A run (or cross-validation) folder is never the processed store, inside it, the runs
-    folder itself, or a cross-validation folder (for a plain run): preprocess would delete it,
-    or its files would mix with others'."""
-    target = Path(out).resolve()
-    store = Path(settings.paths.processed_dir).resolve()
-    reserved = {
-        store: "the processed store (ctscan preprocess replaces that folder)",
-        Path(settings.paths.runs_dir).resolve(): "the runs folder itself (paths.runs_dir)",
-    }
-    what = reserved.get(target)
-    if what is None and store in target.parents:
-        what = "inside the processed store (ctscan preprocess replaces that folder)"
-    if what is not None:
-        raise CtscanError(
-            f"--out '{out}' is {what}.", "choose a folder of its own, e.g. under paths.runs_dir."
-        )
-
-
-def _refuse_finished_folder(run_dir: Path) -> None:
-    """A fresh run never overwrites another run's checkpoints or a cross-validation."""
-    if (run_dir / "folds.json").exists():
-        raise CtscanError(
-            f"'{run_dir}' is a cross-validation folder (folds.json).",
-            f"continue it with `ctscan train --folds K --out {run_dir}`, or choose another --out.",
-        )
-    if (run_dir / "last.pt").exists():
-        raise CtscanError(
-            f"run folder '{run_dir}' already holds a checkpoint (last.pt).",
-            "pass --resume auto to continue that run, or choose another --out.",
-        )
-
-
-def refuse_fold_folder(run_dir: Path) -> None:
-    """A plain run never trains in a cross-validation's fold folder: it would train on the
-    store's train and valid splits, not the fold's, and the cross-validation would then take
-    that model as the fold's (its held-out images seen in training)."""
-    fold = Path(run_dir).resolve()
-    cv_dir = fold.parent
-    if not (re.fullmatch(r"fold-\d+", fold.name) and (cv_dir / "folds.json").is_file()):
-        return
-    try:
-        k = int(json.loads((cv_dir / "folds.json").read_text())["k"])
-    except (OSError, ValueError, KeyError, TypeError):
-        k = "K"
-    raise CtscanError(
-        f"'{run_dir}' is {fold.name} of the cross-validation '{cv_dir}' (folds.json): a plain "
-        "run would train it on the store's train and valid splits, not on its fold's.",
-        f"continue the cross-validation with `ctscan train --folds {k} --out {cv_dir} -s "
-        f"{cv_dir / 'settings.toml'}`, or choose another --out.",
-    )
-
-
-def plan_run(
-    settings: Settings,
-    out_dir: Path | None,
-    resume: str | None,
-    store: Store,
-    *,
-    fold: bool = False,
-) -> RunPlan:
-    """Decide the run folder and the checkpoint to resume; refuse what would lose work.
-    `fold`: the run is a cross-validation's fold (else a fold folder is refused first)."""
-    resume_path = _resume_path(resume, out_dir, settings)
-    run_dir = out_dir or (resume_path.parent if resume_path else _default_run_dir(settings))
-    if not fold:
-        refuse_fold_folder(run_dir)
-    if resume_path is None:
-        refuse_reserved_out(run_dir, settings)
-        notes = [f"--resume auto: no last.pt in {run_dir}, starting a new run"] if resume else []
-        _refuse_finished_folder(run_dir)
-        return RunPlan(run_dir=run_dir, notes=notes)
-    checkpoint = read_checkpoint(resume_path)
-    notes = [f"resumed from {resume_path} at epoch {checkpoint.epoch + 1}"]
-    notes += check_resume(checkpoint, settings, store)
-    if run_dir.resolve() != resume_path.parent.resolve():
-        if (run_dir / "last.pt").exists():
-            raise CtscanError(
-                f"run folder '{run_dir}' already holds a checkpoint (last.pt); resuming "
-                f"'{resume_path}' into it would overwrite it.",
-                "choose another --out, or resume that folder's own last.pt.",
-            )
-        notes.append(f"continuing '{resume_path}' in the new run folder '{run_dir}'")
-    return RunPlan(run_dir=run_dir, resume_from=checkpoint, notes=notes)
-
-
-def _open_run_dir(plan: RunPlan) -> None:
-    """Under the folder's lock: clean temp files a killed writer left, bring the run's best.pt."""
-    if plan.resume_from is None:  # another run may have written it since `plan_run`
-        _refuse_finished_folder(plan.run_dir)
-    remove_stale_temps(plan.run_dir, CHECKPOINT_NAMES)
-    source = plan.resume_from.source if plan.resume_from is not None else None
-    if source is None or source.parent.resolve() == plan.run_dir.resolve():
-        return
-    best = source.parent / "best.pt"
-    if best.is_file():  # the best epoch so far may never be beaten after the resume
-        with best.open("rb") as src:
-            atomic_write(plan.run_dir / "best.pt", lambda fh: shutil.copyfileobj(src, fh))
-    elif plan.resume_from is not None and plan.resume_from.best_epoch:
-        raise CheckpointError(
-            f"'{best}' is missing: the run's best epoch ({plan.resume_from.best_epoch}) would "
-            "be lost by resuming into another folder.",
-            f"restore it, or resume in the run's own folder (--out {source.parent}).",
-        )
-
-
 # ---- the run ----------------------------------------------------------------------------
 
 
@@ -822,11 +314,9 @@ def run_training(
     """
     rt = resolve_runtime(settings.train)
     init_distributed(rt)
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         return _train(settings, rt, out_dir, resume, hooks or RunHooks(), splits)
     finally:
-        signal.signal(signal.SIGTERM, previous)
         shutdown_distributed()
 
 
@@ -854,7 +344,7 @@ def _train(
     )
     with lock:
         if rt.is_main:
-            _open_run_dir(plan)
+            open_run_dir(plan)
         train_split, valid_split = splits or (store.split("train"), store.split("valid"))
         # The whole split lives on the training device as uint8: (N, 1, S, S).
         tensors = tuple(
@@ -890,29 +380,10 @@ def _run_epochs(
     hooks: RunHooks,
 ) -> TrainResult | None:
     """The epochs, tracked: train, validate, checkpoint, early stop; then `_finish` on rank 0."""
-    from ctscan.engine.tracking import TAG_PARENT_RUN_ID, Tracker, open_tracker
-
     tr, rt = settings.train, loop.rt
-    train_x, train_y, valid_x, valid_y = tensors
-    resumed = plan.resume_from
     stopped_early, train_seconds, train_images = False, 0.0, 0
     try:
-        # The caller's tags (a fold's or trial's parent) are the new MLflow run's from its
-        # creation: a run stopped in its first moments is never a stray top-level run. A child
-        # is reopened only in its parent's experiment (tracking.experiment).
-        tracker = (
-            open_tracker(
-                settings.tracking,
-                runs_dir=settings.paths.runs_dir,
-                run_name=plan.run_dir.name,
-                resume_run_id=resumed.mlflow_run_id if resumed is not None else None,
-                tags=hooks.tags,
-                reopen_elsewhere=TAG_PARENT_RUN_ID not in hooks.tags,
-                on_new=partial(_record_new_run, plan) if resumed is not None else None,
-            )
-            if rt.is_main
-            else Tracker()
-        )
+        tracker = _open_run_record(settings, plan, hooks, rt.is_main)
         with (
             tracker,
             Progress(
@@ -925,31 +396,17 @@ def _run_epochs(
                 for note in plan.notes:
                     progress.log(note)
             for epoch in range(state.epoch + 1, tr.epochs + 1):
-                progress.start_epoch(epoch)
-                t_epoch = time.perf_counter()
-                row = train_one_epoch(state, loop, train_x, train_y, epoch=epoch, progress=progress)
+                row, improved = _one_epoch(state, loop, tensors, epoch, progress)
                 train_seconds += row["train_seconds"]
                 train_images += row["train_images"]
-                row.update(validate(state.deploy_model, loop, valid_x, valid_y))
-                row["epoch"], row["epoch_seconds"] = epoch, time.perf_counter() - t_epoch
-                state.epoch = epoch
-                state.history.append(row)
-                improved = _better(row[tr.select_metric], state.best_value, tr.select_metric)
-                if improved:
-                    state.best_value, state.best_epoch = row[tr.select_metric], epoch
-                patience = tr.early_stop_patience
-                stop = None  # why the run ends after this epoch, if it does
-                if patience and epoch - state.best_epoch >= patience:
-                    stop = f"early stop: no {tr.select_metric} gain for {patience} epochs"
-                if hooks.on_epoch is not None:  # the caller's say: a sweep's pruner
-                    stop = hooks.on_epoch(dict(row)) or stop
+                stop = _why_stop(settings, state, epoch, row, hooks)
                 save_last = bool(stop) or epoch % tr.checkpoint_every == 0 or epoch == tr.epochs
                 # One step: a stop between them would lose this epoch's metrics from MLflow
                 # (a resume starts after the saved epoch), or log an epoch no checkpoint holds.
-                with held_signals(signal.SIGINT, signal.SIGTERM):
+                with critical():
                     save_checkpoints(state, loop, plan.run_dir, meta, best=improved, last=save_last)
                     tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
-                raise_if_stopped()  # a stop swallowed during the epoch acts now
+                check_stop()  # a stop swallowed during the epoch acts now
                 progress.epoch_line(row, improved)
                 if stop:
                     stopped_early = True
@@ -962,30 +419,69 @@ def _run_epochs(
             result.seconds = time.perf_counter() - t_start
             result.train_images_per_s = train_images / train_seconds if train_seconds else 0.0
             result.stopped_early = stopped_early
-            tracker.log_metrics(
-                {
-                    "run_seconds": result.seconds,
-                    "run_train_images_per_s": result.train_images_per_s,
-                },
-                step=len(state.history),
-            )
+            speed = {
+                "run_seconds": result.seconds,
+                "run_train_images_per_s": result.train_images_per_s,
+            }
+            tracker.log_metrics(speed, step=len(state.history))
             return result
     except KeyboardInterrupt as exc:
-        raise _interrupted(
-            plan.run_dir,
-            terminated=isinstance(exc, Terminated),
-            finished=state.epoch,
-            every=tr.checkpoint_every,
-        ) from None
+        raise run_stopped(plan.run_dir, exc, state.epoch, tr.checkpoint_every) from None
 
 
-def _record_new_run(plan: RunPlan, tracker: Tracker) -> None:
-    """A resumed run whose MLflow run could not be reopened (not in this store, deleted) got a
-    new one: last.pt names it at once, so a stop before the next last.pt does not start a
-    third run at the next resume."""
-    assert plan.resume_from is not None
-    checkpoint = dataclasses.replace(plan.resume_from, mlflow_run_id=tracker.run_id)
-    save_checkpoint(plan.run_dir / "last.pt", checkpoint)
+def _open_run_record(settings: Settings, plan: RunPlan, hooks: RunHooks, is_main: bool) -> Tracker:
+    """The run's MLflow run on rank 0: a resumed run's own reopened, else a new one.
+
+    The caller's tags (a fold's or trial's parent) are the new MLflow run's from its creation: a
+    run stopped in its first moments is never a stray top-level run. A child is reopened only in
+    its parent's experiment (tracking.experiment).
+    """
+    from ctscan.engine.tracking import TAG_PARENT_RUN_ID, Tracker, open_tracker
+
+    if not is_main:
+        return Tracker()
+    resumed = plan.resume_from
+    return open_tracker(
+        settings.tracking,
+        runs_dir=settings.paths.runs_dir,
+        run_name=plan.run_dir.name,
+        resume_run_id=resumed.mlflow_run_id if resumed is not None else None,
+        tags=hooks.tags,
+        elsewhere="new" if TAG_PARENT_RUN_ID in hooks.tags else "reopen",
+        on_new=partial(record_new_run, plan) if resumed is not None else None,
+    )
+
+
+def _one_epoch(
+    state: TrainState, loop: Loop, tensors: tuple[torch.Tensor, ...], epoch: int, progress: Progress
+) -> tuple[dict[str, Any], bool]:
+    """Train and validate epoch `epoch`: its metrics row, and whether it is the best so far."""
+    train_x, train_y, valid_x, valid_y = tensors
+    progress.start_epoch(epoch)
+    t_epoch = time.perf_counter()
+    row = train_one_epoch(state, loop, train_x, train_y, epoch=epoch, progress=progress)
+    row.update(validate(state.deploy_model, loop, valid_x, valid_y))
+    row["epoch"], row["epoch_seconds"] = epoch, time.perf_counter() - t_epoch
+    state.epoch = epoch
+    state.history.append(row)
+    metric = loop.settings.train.select_metric
+    improved = _better(row[metric], state.best_value, metric)
+    if improved:
+        state.best_value, state.best_epoch = row[metric], epoch
+    return row, improved
+
+
+def _why_stop(
+    settings: Settings, state: TrainState, epoch: int, row: dict[str, Any], hooks: RunHooks
+) -> str | None:
+    """Why the run ends after this epoch (early stop, the caller's pruner), or None."""
+    tr = settings.train
+    stop = None
+    if tr.early_stop_patience and epoch - state.best_epoch >= tr.early_stop_patience:
+        stop = f"early stop: no {tr.select_metric} gain for {tr.early_stop_patience} epochs"
+    if hooks.on_epoch is not None:  # the caller's say: a sweep's pruner
+        stop = hooks.on_epoch(dict(row)) or stop
+    return stop
 
 
 def _run_meta(settings: Settings, store: Store, run_id: str | None) -> dict[str, Any]:
@@ -1051,48 +547,6 @@ def save_checkpoints(
         save_checkpoint(run_dir / "last.pt", Checkpoint(kind="last", training=training, **common))
 
 
-def _interrupted(
-    run_dir: Path, *, terminated: bool, finished: int = 0, every: int = 1
-) -> Interrupted:
-    """The one line a stopped run ends with: where its last checkpoint is, how to resume.
-
-    `finished`: the epochs this run had finished; `every`: train.checkpoint_every (last.pt is
-    written every `every` epochs, so the epochs after it are lost).
-    """
-    how = "by SIGTERM" if terminated else "by Ctrl-C"
-    last = run_dir / "last.pt"
-    try:
-        epoch = read_checkpoint(last).epoch if last.is_file() else 0
-    except CtscanError:
-        epoch = 0
-    if not epoch and not finished:
-        return Interrupted(
-            f"training stopped {how} before the first epoch ended; nothing was saved in "
-            f"'{run_dir}'.",
-            "start the run again.",
-            terminated=terminated,
-        )
-    if not epoch:
-        best = (
-            " (best.pt, the best epoch so far, is kept)" if (run_dir / "best.pt").is_file() else ""
-        )
-        return Interrupted(
-            f"training stopped {how} after {finished} epochs, before its first last.pt "
-            f"(written every {every} epochs, train.checkpoint_every): the run cannot be "
-            f"resumed{best}.",
-            f"start the run again (--out {run_dir}); a smaller train.checkpoint_every lets a "
-            "stopped run resume.",
-            terminated=terminated,
-        )
-    lost = f"; epochs {epoch + 1}-{finished} since are lost" if finished > epoch else ""
-    return Interrupted(
-        f"training stopped {how}; the last checkpoint is '{last}' (epoch {epoch}){lost}.",
-        f"continue with `ctscan train --resume auto --out {run_dir}` and the same settings "
-        f"(-s {run_dir / 'settings.toml'}).",
-        terminated=terminated,
-    )
-
-
 def _finish(
     settings: Settings,
     loop: Loop,
@@ -1116,7 +570,7 @@ def _finish(
             | {f"val_{k}": calibration[k] for k in moved if k in calibration},
             step=len(state.history),
         )
-    raise_if_stopped()  # between calibration and the test split
+    check_stop()  # between calibration and the test split
     test = None
     if settings.train.evaluate_test and not store.counts.get("test", 0):
         progress.log("note: the store's test split is empty: no test figures")

@@ -33,7 +33,6 @@ import json
 import math
 import os
 import shlex
-import signal
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,17 +43,9 @@ from typing import Any
 import numpy as np
 
 from ctscan.data.folds import FoldPlan, fold_splits, plan_folds
-from ctscan.errors import (
-    CheckpointError,
-    CtscanError,
-    Interrupted,
-    SettingsError,
-    Terminated,
-    held_signals,
-    raise_if_stopped,
-    say_line,
-)
+from ctscan.errors import CheckpointError, CtscanError, Interrupted, SettingsError, say_line
 from ctscan.files import atomic_write, ensure_dir, folder_lock
+from ctscan.jobs import check_stop, critical, refused_changes, stopped
 from ctscan.settings import Settings, public_dict, to_toml
 
 FOLDS_FILE = "folds.json"
@@ -150,16 +141,13 @@ def _default_dir(settings: Settings, k: int) -> Path:
 
 def _check_same_cv(cv_dir: Path, plan: FoldPlan, settings: Settings) -> dict[str, Any]:
     """folds.json of an earlier (interrupted) run must match: same folds, same settings."""
-    from ctscan.engine.train import RUN_PLACE_KEYS, predating_sets, refused_changes
-
     recorded = _read_json(
         cv_dir / FOLDS_FILE,
         ("k", "identity", "settings"),
         "start a new cross-validation (another --out); the fold folders can be kept aside.",
     )
     fix = (
-        f"rerun with the settings it used (-s {cv_dir / 'settings.toml'}"
-        f"{predating_sets(recorded.get('settings') or {}, settings)}) and --folds "
+        f"rerun with the settings it used (-s {cv_dir / 'settings.toml'}) and --folds "
         f"{recorded.get('k')}, or start a new cross-validation (another --out)."
     )
     # exit code 4 like a refused `train --resume`: the folder holds a run of other settings
@@ -169,7 +157,7 @@ def _check_same_cv(cv_dir: Path, plan: FoldPlan, settings: Settings) -> dict[str
             "assignment of images to folds).",
             fix,
         )
-    refused = refused_changes(recorded.get("settings") or {}, settings, allowed=RUN_PLACE_KEYS)
+    refused = refused_changes(recorded.get("settings") or {}, settings)
     if refused:
         raise CheckpointError(
             f"'{cv_dir}' was trained with other settings: {'; '.join(refused)}.", fix
@@ -178,12 +166,11 @@ def _check_same_cv(cv_dir: Path, plan: FoldPlan, settings: Settings) -> dict[str
 
 
 def _stopped(cv_dir: Path, k: int, where: str, exc: BaseException) -> Interrupted:
-    terminated = isinstance(exc, Terminated) or getattr(exc, "terminated", False)
-    how = "by SIGTERM" if terminated else "by Ctrl-C"
-    return Interrupted(
-        f"cross-validation stopped {how} {where}; finished folds are kept in '{cv_dir}'.",
+    return stopped(
+        "cross-validation",
+        exc,
+        f" {where}; finished folds are kept in '{cv_dir}'",
         f"continue with `ctscan train --folds {k} --out {cv_dir} -s {cv_dir / 'settings.toml'}`.",
-        terminated=terminated,
     )
 
 
@@ -219,7 +206,7 @@ def _train_fold(
         "seconds": round(result.seconds, 2),
         "mlflow_run_id": result.run_id,
     }
-    with held_signals(signal.SIGINT, signal.SIGTERM):  # trained: recorded before a stop acts
+    with critical():  # trained: recorded before a stop acts
         _write_json(fold_dir / FOLD_FILE, record)
     return record
 
@@ -305,7 +292,7 @@ def _calibrate(
     names = list(checkpoints[0].class_names)
     report = calibration_report(logits, labels, names, f"out-of-fold ({k} folds)")
     temperature = report["temperature"]
-    with held_signals(signal.SIGINT, signal.SIGTERM):  # every fold gets the same T, or none
+    with critical():  # every fold gets the same T, or none
         for fold, checkpoint in enumerate(checkpoints, 1):
             calibrated = dataclasses.replace(
                 checkpoint, temperature=temperature, calibration=report
@@ -367,8 +354,8 @@ def run_cv(
 ) -> CvResult:
     """Train K fold models, pool their out-of-fold predictions, calibrate, then test once."""
     from ctscan.data.store import open_settings_store
+    from ctscan.engine.run_folder import refuse_reserved_out
     from ctscan.engine.tracking import open_parent_run
-    from ctscan.engine.train import refuse_reserved_out
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise CtscanError(
@@ -406,6 +393,7 @@ def run_cv(
         def record(parent_run_id: str | None) -> None:  # where a continue finds the parent
             _write_json(cv_dir / FOLDS_FILE, {**assignment, "parent_run_id": parent_run_id})
 
+        stage = ["before the first fold"]  # where a stop lands, said in its line
         try:
             tracker = open_parent_run(
                 settings.tracking,
@@ -417,12 +405,14 @@ def run_cv(
                 experiment_fix=experiment_fix,
                 record=record,
             )
-        except KeyboardInterrupt as exc:  # a parent created before the stop is recorded
-            raise _stopped(cv_dir, k, "before the first fold", exc) from None
-        with tracker:
-            if recorded is None and tracker.run_id is None:  # tracking off
-                record(None)
-            return _run(settings, folds_settings, store, plan, cv_dir, tracker, say)
+            with tracker:
+                if recorded is None and tracker.run_id is None:  # tracking off
+                    record(None)
+                return _run(settings, folds_settings, store, plan, cv_dir, tracker, say, stage)
+        except (KeyboardInterrupt, Interrupted) as exc:  # a fold's stop, or one between steps
+            if not stage[0]:  # cv.json is written: nothing is left to continue
+                raise
+            raise _stopped(cv_dir, k, stage[0], exc) from None
 
 
 def _run(
@@ -433,10 +423,47 @@ def _run(
     cv_dir: Path,
     tracker: Any,
     say: Callable[[str], None],
+    stage: list[str],
 ) -> CvResult:
-    from ctscan.engine.metrics import classification_report, probabilities
     from ctscan.engine.runtime import resolve_runtime
 
+    records = _train_folds(folds_settings, store, plan, cv_dir, tracker.run_id, say, stage)
+    stage[0] = "after the folds trained"
+    check_stop()
+    result = _pooled(settings, store, plan, cv_dir, records, resolve_runtime(settings.train), say)
+    result.run_id = tracker.run_id
+    test, oof, selection = result.test, result.oof, result.selection
+    if test is not None:
+        test["gap"] = {  # selection signal minus test: what a user choosing by it is off by
+            "oof_accuracy_minus_test": oof["accuracy"] - test["per_fold"]["accuracy"]["mean"],
+        }
+        if "val_accuracy" in selection:
+            test["gap"]["fold_val_accuracy_minus_test"] = (
+                selection["val_accuracy"]["mean"] - test["per_fold"]["accuracy"]["mean"]
+            )
+    result.assignment = {
+        key: value
+        for key, value in _read_json(cv_dir / FOLDS_FILE, ("k",), "start a new one").items()
+        if key not in ("held_out", "settings")
+    }
+    result.assignment["counts"] = plan.counts(len(store.spec.class_names))
+    _write_json(cv_dir / CV_FILE, result.summary())
+    stage[0] = ""
+    _log(tracker, result, cv_dir)
+    return result
+
+
+def _train_folds(
+    settings: Settings,
+    store: Any,
+    plan: FoldPlan,
+    cv_dir: Path,
+    parent: str | None,
+    say: Callable[[str], None],
+    stage: list[str],
+) -> list[dict[str, Any]]:
+    """Every fold's record: a finished fold's as it is (all checked up front), the others
+    trained (or resumed from their last.pt) in order."""
     k, metric = plan.k, settings.train.select_metric
     done = {fold: _finished_fold(cv_dir, fold, metric) for fold in range(1, k + 1)}  # up front
     counts = np.array(plan.counts(len(store.spec.class_names)))
@@ -454,76 +481,70 @@ def _run(
             say(f"fold {fold}/{k}: already trained ({metric} {record['best'][metric]:.4f})")
         else:
             say(f"fold {fold}/{k}: training on the other folds, selecting on fold {fold}")
-            try:
-                raise_if_stopped()  # one swallowed at the end of the fold before acts now
-                record = _train_fold(folds_settings, store, plan, cv_dir, fold, tracker.run_id)
-            except (KeyboardInterrupt, Interrupted) as exc:
-                raise _stopped(cv_dir, k, f"in fold {fold} of {k}", exc) from None
+            stage[0] = f"in fold {fold} of {k}"
+            check_stop()  # one swallowed at the end of the fold before acts now
+            record = _train_fold(settings, store, plan, cv_dir, fold, parent)
             say(
                 f"fold {fold}/{k}: best epoch {record['best_epoch']}, {metric} "
                 f"{record['best'][metric]:.4f}"
             )
         records.append(record)
-    rt = resolve_runtime(settings.train)
-    try:
-        raise_if_stopped()
-        logits, checkpoints = _out_of_fold(store, plan, cv_dir, rt, records, metric)
-        labels = plan.labels
-        names = list(store.spec.class_names)
-        raw = classification_report(labels, probabilities(logits), names)
-        selection = {
-            key: _mean_std([r["best"][key] for r in records if key in r["best"]])
-            for key in ("val_accuracy", "val_macro_f1", "val_loss")
-            if all(key in r["best"] for r in records)
-        }
-        calibration = None
-        temperature = 1.0
-        if settings.train.calibrate:
-            calibration = _calibrate(cv_dir, k, checkpoints, logits, labels, store, rt)
-            temperature = calibration["temperature"]
-        from ctscan.engine.temperature import apply_temperature
+    return records
 
-        probs = probabilities(apply_temperature(logits, temperature))
-        oof_report = classification_report(labels, probs, names)
-        keys = ("accuracy", "macro_f1", "balanced_accuracy", "ece", "log_loss")
-        oof = {key: oof_report[key] for key in keys} | {
-            "n": len(labels),
-            "uncalibrated": {key: raw[key] for key in ("ece", "log_loss")},
-        }
-        _write_json(
-            cv_dir / OOF_FILE,
-            [
-                {
-                    "path": path,
-                    "fold": int(fold) + 1,
-                    "true": names[int(y)],
-                    "probabilities": dict(zip(names, map(float, row), strict=True)),
-                }
-                for path, fold, y, row in zip(plan.paths, plan.fold, labels, probs, strict=True)
-            ],
-        )
-        test = None
-        if settings.train.evaluate_test and store.counts.get("test", 0):
-            test = _test(store, cv_dir, k, rt)
-        elif settings.train.evaluate_test:
-            say("note: the store's test split is empty: no test figures")
-    except KeyboardInterrupt as exc:
-        raise _stopped(cv_dir, k, "after the folds trained", exc) from None
-    if test is not None:
-        test["gap"] = {  # selection signal minus test: what a user choosing by it is off by
-            "oof_accuracy_minus_test": oof["accuracy"] - test["per_fold"]["accuracy"]["mean"],
-        }
-        if "val_accuracy" in selection:
-            test["gap"]["fold_val_accuracy_minus_test"] = (
-                selection["val_accuracy"]["mean"] - test["per_fold"]["accuracy"]["mean"]
-            )
-    assignment = {
-        key: value
-        for key, value in _read_json(cv_dir / FOLDS_FILE, ("k",), "start a new one").items()
-        if key not in ("held_out", "settings")
+
+def _pooled(
+    settings: Settings,
+    store: Any,
+    plan: FoldPlan,
+    cv_dir: Path,
+    records: list[dict[str, Any]],
+    rt: Any,
+    say: Callable[[str], None],
+) -> CvResult:
+    """After the folds: the out-of-fold predictions, the temperature, then the test split."""
+    from ctscan.engine.metrics import classification_report, probabilities
+    from ctscan.engine.temperature import apply_temperature
+
+    k, metric = plan.k, settings.train.select_metric
+    logits, checkpoints = _out_of_fold(store, plan, cv_dir, rt, records, metric)
+    labels = plan.labels
+    names = list(store.spec.class_names)
+    raw = classification_report(labels, probabilities(logits), names)
+    selection = {
+        key: _mean_std([r["best"][key] for r in records if key in r["best"]])
+        for key in ("val_accuracy", "val_macro_f1", "val_loss")
+        if all(key in r["best"] for r in records)
     }
-    assignment["counts"] = plan.counts(len(names))
-    result = CvResult(
+    calibration = None
+    temperature = 1.0
+    if settings.train.calibrate:
+        calibration = _calibrate(cv_dir, k, checkpoints, logits, labels, store, rt)
+        temperature = calibration["temperature"]
+    probs = probabilities(apply_temperature(logits, temperature))
+    oof_report = classification_report(labels, probs, names)
+    keys = ("accuracy", "macro_f1", "balanced_accuracy", "ece", "log_loss")
+    oof = {key: oof_report[key] for key in keys} | {
+        "n": len(labels),
+        "uncalibrated": {key: raw[key] for key in ("ece", "log_loss")},
+    }
+    _write_json(
+        cv_dir / OOF_FILE,
+        [
+            {
+                "path": path,
+                "fold": int(fold) + 1,
+                "true": names[int(y)],
+                "probabilities": dict(zip(names, map(float, row), strict=True)),
+            }
+            for path, fold, y, row in zip(plan.paths, plan.fold, labels, probs, strict=True)
+        ],
+    )
+    test = None
+    if settings.train.evaluate_test and store.counts.get("test", 0):
+        test = _test(store, cv_dir, k, rt)
+    elif settings.train.evaluate_test:
+        say("note: the store's test split is empty: no test figures")
+    return CvResult(
         run_dir=cv_dir,
         k=k,
         select_metric=metric,
@@ -532,12 +553,7 @@ def _run(
         oof=oof,
         calibration=calibration,
         test=test,
-        run_id=tracker.run_id,
-        assignment=assignment,
     )
-    _write_json(cv_dir / CV_FILE, result.summary())
-    _log(tracker, result, cv_dir)
-    return result
 
 
 def _log(tracker: Any, result: CvResult, cv_dir: Path) -> None:

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
     from ctscan.data.store import Store
     from ctscan.engine.runtime import Runtime
-    from ctscan.engine.train import Loop, TrainState
+    from ctscan.engine.state import Loop, TrainState
     from ctscan.settings import Settings
 
 DEFAULT_STEPS = 5
@@ -159,7 +159,7 @@ class PreparedRun:
 
 def prepare_run(settings: Settings, rt: Runtime, store: Store) -> PreparedRun:
     """The `Loop`, a fresh `TrainState` (wrapped for steps) and the train split on the device."""
-    from ctscan.engine.train import new_loop, new_train_state, wrap_for_steps
+    from ctscan.engine.state import new_loop, new_train_state, wrap_for_steps
 
     train_split = store.split("train")
     images, labels = train_split.images.to(rt.device), train_split.labels.to(rt.device)

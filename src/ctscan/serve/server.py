@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from ctscan.data.reference import CONFIDENCE_FILE
-from ctscan.errors import CheckpointError, CtscanError, forget_stops
+from ctscan.errors import CheckpointError, CtscanError
 from ctscan.inference.predictor import MLFLOW_SCHEMES, Predictor, open_predictor
+from ctscan.jobs import forget_stops
 from ctscan.serve.app import Service, create_app
 from ctscan.serve.metrics import Metrics
 

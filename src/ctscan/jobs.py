@@ -1,0 +1,190 @@
+"""Durable jobs: how train, train --folds and preprocess stop, continue and keep their record.
+
+Written once, here:
+- stops: `cli.main` installs the one handler (`install_stop_handlers`) for Ctrl-C and SIGTERM;
+  both unwind as KeyboardInterrupt (SIGTERM as its subclass `Terminated`) so that `finally`
+  blocks and context managers run, and each stop is remembered until it is acted on. A stop
+  that landed where it was swallowed (a garbage-collector callback, a half-done import) acts
+  at the next `check_stop()` between two steps of the work.
+- `critical()`: a step a stop must not split (a checkpoint and its metrics, a run and its
+  record); a stop inside waits for the step to end.
+- `stopped(...)`: the one line a stopped job ends with, and the command that continues it.
+- `MAY_CHANGE` / `refused_changes`: what a continued job (a resumed run, a continued
+  cross-validation or sweep) may change from the settings it recorded; anything else is
+  refused before any write.
+The folder lock is `files.folder_lock` (with `wait=` for the MLflow store); the run record (the
+MLflow run opened, or reopened by its recorded id) is `engine.tracking.open_tracker`.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from ctscan.errors import Interrupted, Terminated
+from ctscan.settings import Settings, flatten
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_STOPS: list[int] = []  # the stop signals this process received and has not acted on yet
+
+
+def on_stop(signum: int, frame: object) -> None:
+    """The handler of Ctrl-C and SIGTERM: remember the stop, unwind as Ctrl-C does."""
+    _STOPS.append(signum)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+raise_terminated = on_stop  # TEMPORARY: ops/sweep.py's name, until it moves to Optuna's machinery
+
+
+def install_stop_handlers() -> None:
+    """`on_stop` for SIGTERM, and for SIGINT unless it is ignored (a background job's)."""
+    signal.signal(signal.SIGTERM, on_stop)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, on_stop)
+
+
+def ignore_stops() -> None:
+    """The stop is being reported: a second Ctrl-C or SIGTERM while the process exits would
+    only print "Exception ignored" noise from the interpreter's shutdown (SIGKILL still works)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def stop_received() -> int | None:
+    """The first stop signal received and not acted on yet, or None.
+
+    A stop can land inside code that swallows it (an import half done, a library's broad
+    `except`) and surface as an unrelated error later: the CLI reports that as the stop.
+    """
+    return _STOPS[0] if _STOPS else None
+
+
+def forget_stops() -> None:
+    """The stops received so far have been acted on (a graceful shutdown after SIGTERM), or a
+    new command starts in this process (the tests)."""
+    _STOPS.clear()
+
+
+def check_stop() -> None:
+    """Act on a stop that was received but swallowed: raise it again here, between two steps
+    of the work, so the job stops as it was asked to."""
+    signum = stop_received()
+    if signum is not None:
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+@contextmanager
+def critical(*signums: int) -> Iterator[None]:
+    """A step a stop must not split: Ctrl-C and SIGTERM (or `signums`) wait for the block, then
+    act as they would have (a KeyboardInterrupt or `Terminated` raised from the `with`; nothing
+    if the signal is ignored).
+
+    A Python-level handler, not a blocked mask: the kernel may hand a process signal to any
+    thread, and Python runs the handler in the main thread at its next instruction, wherever
+    that is. Outside the main thread (where handlers cannot be set) the block runs unguarded.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {}
+    for signum in signums or STOP_SIGNALS:
+        handler = signal.getsignal(signum)
+        if handler is not None:  # None: set outside Python, cannot be put back
+            previous[signum] = signal.signal(signum, lambda s, frame: caught.append(s))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(caught):
+            if previous[signum] is not signal.SIG_IGN:
+                signal.raise_signal(signum)  # the restored handler runs now
+
+
+held_signals = critical  # TEMPORARY: ops/sweep.py's name, until it moves to Optuna's machinery
+
+
+def stopped(
+    job: str, exc: BaseException | None, detail: str, fix: str | None = None
+) -> Interrupted:
+    """The one line a stopped job ends with: "<job> stopped by Ctrl-C|SIGTERM<detail>.", and the
+    fix (the command that continues it). The signal: the one behind `exc` (a `Terminated`, a
+    terminated `Interrupted`), else the first received. Acts on the stop: the stops received
+    are forgotten."""
+    terminated = isinstance(exc, Terminated) or getattr(exc, "terminated", False)
+    if exc is None:
+        terminated = stop_received() == signal.SIGTERM
+    forget_stops()
+    how = "SIGTERM" if terminated else "Ctrl-C"
+    job = f"{job} " if job else ""
+    return Interrupted(f"{job}stopped by {how}{detail}.", fix, terminated=terminated)
+
+
+# ---- what a continued job may change ------------------------------------------------------
+
+# Where and how a job runs (threads, device, compile, determinism: the arithmetic's last bits,
+# never the recipe) and what it does at its end: a resumed run, a continued cross-validation or
+# sweep may change these, never what or how it trains. A job adds its own keys at the call (a
+# resumed run's schedule: train.epochs, train.early_stop_patience; a sweep's searched keys).
+MAY_CHANGE = (
+    "paths.",
+    "tracking.",
+    "serve.",
+    "inference.",
+    "data.max_image_pixels",
+    "data.max_file_bytes",
+    "data.on_bad_file",
+    "data.near_duplicate_distance",
+    "model.weights_path",
+    "train.quiet",
+    "train.threads",
+    "train.device",
+    "train.compile",
+    "train.deterministic",
+    "train.checkpoint_every",
+    "train.evaluate_test",
+    "train.calibrate",
+)
+
+
+def changed_settings(before: dict[str, Any], now: Settings) -> list[tuple[str, Any, Any]]:
+    """(key, recorded value, value now) for each setting that differs, `section.key` names.
+    `before`: the recorded settings (sections of keys); `now`: the settings of this attempt."""
+    recorded = {
+        f"{section}.{key}": value
+        for section, values in before.items()
+        if isinstance(values, dict)
+        for key, value in values.items()
+    }
+    return [
+        (key, recorded[key], value)
+        for key, value in flatten(now).items()
+        if key in recorded and recorded[key] != value
+    ]
+
+
+def refused_settings(
+    before: dict[str, Any], now: Settings, may_change: tuple[str, ...] = (), **_: Any
+) -> list[tuple[str, Any, Any]]:
+    """(key, recorded value, value now) for each change a continue may not make: not in
+    MAY_CHANGE, nor one of the job's own `may_change` keys (a resume's train.epochs, a sweep's
+    searched keys). (`**_`: ops/sweep.py still passes `allowed=`; TEMPORARY.)"""
+    return [
+        (key, old, new)
+        for key, old, new in changed_settings(before, now)
+        if key not in may_change and not key.startswith(MAY_CHANGE)
+    ]
+
+
+def refused_changes(
+    before: dict[str, Any], now: Settings, may_change: tuple[str, ...] = ()
+) -> list[str]:
+    """`key old -> new` for each of `refused_settings`."""
+    return [
+        f"{key} {old!r} -> {new!r}" for key, old, new in refused_settings(before, now, may_change)
+    ]

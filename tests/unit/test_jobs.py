@@ -1,0 +1,206 @@
+"""The durable-job core (jobs.py): stops, critical steps, the stopped line, what a continue
+may change. Real signals, once here; each command's stop-and-continue runs end to end in its
+own test file (test_train, test_cv, test_data_interrupt)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ctscan.errors import Interrupted, Terminated
+from ctscan.jobs import (
+    check_stop,
+    critical,
+    on_stop,
+    refused_changes,
+    stop_received,
+    stopped,
+)
+from ctscan.settings import load_settings, public_dict
+
+
+@pytest.fixture
+def ctscan_handlers() -> None:
+    """ctscan's own handlers, as `cli.main` installs them (the autouse fixture puts back)."""
+    from ctscan.jobs import install_stop_handlers
+
+    install_stop_handlers()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_unwinds_is_remembered_and_a_swallowed_one_acts_at_the_next_step(
+    ctscan_handlers: None, sig: int
+) -> None:
+    raised = Terminated if sig == signal.SIGTERM else KeyboardInterrupt
+    with pytest.raises(raised):
+        os.kill(os.getpid(), sig)
+        time.sleep(1)  # the handler raises at the next instruction
+    assert stop_received() == sig
+    try:  # swallowed where it landed (a garbage-collector callback, a half-done import)
+        os.kill(os.getpid(), sig)
+        time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    Interrupted("made elsewhere")  # constructing an exception changes no state
+    assert stop_received() == sig
+    with pytest.raises(raised):
+        check_stop()  # between two steps of the work
+    line = stopped("training", None, " after epoch 2", "continue with `ctscan train ...`.")
+    assert stop_received() is None  # acted on: the next check passes
+    check_stop()
+    how, code = ("SIGTERM", 143) if sig == signal.SIGTERM else ("Ctrl-C", 130)
+    assert line.message == f"training stopped by {how} after epoch 2."
+    assert line.exit_code == code and line.terminated == (sig == signal.SIGTERM)
+    assert str(line).endswith("Fix: continue with `ctscan train ...`.")
+
+
+def test_a_stop_inside_a_critical_step_acts_after_it(ctscan_handlers: None) -> None:
+    done = []
+    with pytest.raises(Terminated), critical():
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        done.append("the whole step")
+    assert done == ["the whole step"]
+    assert signal.getsignal(signal.SIGTERM) is on_stop  # put back
+
+
+def test_a_stop_names_the_signal_of_what_it_is_given() -> None:
+    assert stopped("x", Terminated(), "").terminated
+    assert not stopped("x", KeyboardInterrupt(), "").terminated
+    assert stopped("x", Interrupted("fold", terminated=True), "").exit_code == 143
+    assert stopped("", KeyboardInterrupt(), "").message == "stopped by Ctrl-C."
+
+
+def test_a_continue_may_change_where_and_how_it_runs_never_what_it_trains() -> None:
+    recorded = public_dict(load_settings([], []))
+    where = load_settings(
+        [], ["train.quiet=true", "train.calibrate=false", "tracking.experiment='other'"]
+    )
+    assert refused_changes(recorded, where) == []
+    what = load_settings([], ["train.lr=0.5", "train.epochs=99"])
+    assert sorted(refused_changes(recorded, what)) == [
+        f"train.epochs {recorded['train']['epochs']!r} -> 99",
+        f"train.lr {recorded['train']['lr']!r} -> 0.5",
+    ]
+    assert refused_changes(recorded, what, may_change=("train.epochs",)) == [
+        f"train.lr {recorded['train']['lr']!r} -> 0.5"
+    ]
+
+
+# ---- cli.main: the one line and the exit code ------------------------------------------------
+
+
+def _settings_show_with(patch: str) -> subprocess.CompletedProcess[str]:
+    """`ctscan settings show` through `cli.main()` in a fresh interpreter, after `patch`:
+    Python source that replaces `settings.load_settings` (the original is `load`) to stop,
+    fail or swallow a signal where the command does its work."""
+    source = (
+        "import atexit, os, signal, sys, ctscan.cli as cli, ctscan.settings as settings\n"
+        "load = settings.load_settings\n"
+        f"{patch}"
+        "sys.argv = ['ctscan', 'settings', 'show']\ncli.main()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "CTSCAN_DEBUG"}
+    return subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, env=env)
+
+
+def test_ctrl_c_outside_training_is_one_line_exit_130() -> None:
+    """A KeyboardInterrupt anywhere in a command: `ctscan: interrupted: ...`, exit 130."""
+    proc = _settings_show_with(
+        "def boom(*a, **k):\n    raise KeyboardInterrupt\nsettings.load_settings = boom\n"
+    )
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip() == "ctscan: interrupted: stopped by Ctrl-C."
+
+
+def _swallowing(stop: str, then: str) -> str:
+    """A load_settings that sends itself `stop` (if any), drops it as a half-done import or a
+    garbage-collector callback would, then runs `then`."""
+    return (
+        "def swallowing(*a, **k):\n"
+        "    try:\n"
+        f"        if {stop!r}: os.kill(os.getpid(), getattr(signal, {stop!r}))\n"
+        "    except BaseException:\n"
+        "        pass\n"
+        f"    {then}\n"
+        "settings.load_settings = swallowing\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("stop", "code", "line"),
+    [
+        ("SIGTERM", 143, "ctscan: terminated: stopped by SIGTERM (while starting or stopping"),
+        ("SIGINT", 130, "ctscan: interrupted: stopped by Ctrl-C (while starting or stopping"),
+        ("", 1, "AttributeError: module 'numpy' has no attribute 'matrix'"),  # a bug: traceback
+    ],
+)
+def test_a_stop_swallowed_mid_import_is_reported_as_the_stop(stop: str, code: int, line: str):
+    """A stop that lands where it is swallowed (an import half done) surfaces later as another
+    error: that error is the stop's doing, reported as the stop, not as a traceback."""
+    proc = _settings_show_with(
+        _swallowing(stop, "raise AttributeError(\"module 'numpy' has no attribute 'matrix'\")")
+    )
+    assert proc.returncode == code, proc.stderr
+    assert line in proc.stderr
+    if stop:
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_a_stop_swallowed_by_work_that_then_finishes_still_exits_as_stopped() -> None:
+    """The stop landed where Python prints "Exception ignored" and goes on (a garbage
+    collector callback): the command's work ends, and the exit still says it was stopped."""
+    proc = _settings_show_with(_swallowing("SIGTERM", "return load(*a, **k)"))
+    assert proc.returncode == 143, proc.stderr
+    assert proc.stderr.strip().startswith("ctscan: terminated: stopped by SIGTERM (it landed")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_second_stop_while_exiting_is_ignored() -> None:
+    """After the one line for a stop, another SIGTERM while the interpreter shuts down does
+    not add "Exception ignored" noise or change the exit code."""
+    proc = _settings_show_with(
+        "atexit.register(lambda: os.kill(os.getpid(), signal.SIGTERM))\n"
+        "def stopped(*a, **k):\n    raise KeyboardInterrupt\n"
+        "settings.load_settings = stopped\n"
+    )
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip() == "ctscan: interrupted: stopped by Ctrl-C."
+
+
+@pytest.mark.parametrize("handler", ["default", "ignored", "outside the main thread"])
+def test_a_critical_step_delivers_a_stop_after_it_as_the_usual_handler_would(handler: str) -> None:
+    import threading
+
+    ran: list[str] = []
+
+    def held_block() -> None:
+        with critical(signal.SIGINT):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the holding handler has run by now
+            ran.append("to the end")
+
+    if handler == "outside the main thread":  # cannot hold there: the block runs as it is
+        thread = threading.Thread(target=held_block)
+        with pytest.raises(KeyboardInterrupt):  # the main thread takes the Ctrl-C
+            thread.start()
+            thread.join()
+            time.sleep(0.05)
+        thread.join()
+    elif handler == "ignored":
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            held_block()  # an ignored Ctrl-C stays ignored
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            held_block()
+    assert ran == ["to the end"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
