@@ -58,15 +58,6 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised as an interrupt so that `finally` blocks and context managers run."""
 
 
-def __getattr__(name: str) -> object:
-    """TEMPORARY: ops/sweep.py still imports the stop machinery from here (now in jobs.py)."""
-    if name in ("held_signals", "raise_terminated"):
-        from ctscan import jobs
-
-        return getattr(jobs, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def debug_enabled() -> bool:
     """CTSCAN_DEBUG=1 shows tracebacks instead of one-line messages."""
     return os.environ.get("CTSCAN_DEBUG", "").strip().lower() in {"1", "true", "yes", "on"}

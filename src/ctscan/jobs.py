@@ -37,9 +37,6 @@ def on_stop(signum: int, frame: object) -> None:
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
-raise_terminated = on_stop  # TEMPORARY: ops/sweep.py's name, until it moves to Optuna's machinery
-
-
 def install_stop_handlers() -> None:
     """`on_stop` for SIGTERM, and for SIGINT unless it is ignored (a background job's)."""
     signal.signal(signal.SIGTERM, on_stop)
@@ -106,9 +103,6 @@ def critical(*signums: int) -> Iterator[None]:
                 signal.raise_signal(signum)  # the restored handler runs now
 
 
-held_signals = critical  # TEMPORARY: ops/sweep.py's name, until it moves to Optuna's machinery
-
-
 def stopped(
     job: str, exc: BaseException | None, detail: str, fix: str | None = None
 ) -> Interrupted:
@@ -169,11 +163,11 @@ def changed_settings(before: dict[str, Any], now: Settings) -> list[tuple[str, A
 
 
 def refused_settings(
-    before: dict[str, Any], now: Settings, may_change: tuple[str, ...] = (), **_: Any
+    before: dict[str, Any], now: Settings, may_change: tuple[str, ...] = ()
 ) -> list[tuple[str, Any, Any]]:
     """(key, recorded value, value now) for each change a continue may not make: not in
     MAY_CHANGE, nor one of the job's own `may_change` keys (a resume's train.epochs, a sweep's
-    searched keys). (`**_`: ops/sweep.py still passes `allowed=`; TEMPORARY.)"""
+    searched keys)."""
     return [
         (key, old, new)
         for key, old, new in changed_settings(before, now)

@@ -519,7 +519,7 @@ def test_a_stop_anywhere_in_a_trial_queues_it_again(
     import optuna
 
     from ctscan.engine.train import TrainResult
-    from ctscan.errors import raise_terminated
+    from ctscan.jobs import on_stop
     from ctscan.ops.sweep import ATTR_EPOCHS, ATTR_PROCESS
 
     base = write_base(tmp_path, tmp_path / "store", tmp_path / "runs")
@@ -550,7 +550,7 @@ def test_a_stop_anywhere_in_a_trial_queues_it_again(
             time.sleep(0.05)  # Python code keeps running: the handler fires here
 
     monkeypatch.setattr(optuna.Trial, "set_user_attr", stopped_midway)
-    previous = signal.signal(signal.SIGTERM, raise_terminated)  # as cli.main has it
+    previous = signal.signal(signal.SIGTERM, on_stop)  # as cli.main has it
     try:
         with pytest.raises(Interrupted) as err:
             run_sweep(spec, say=lambda line: None)

@@ -58,10 +58,6 @@ from ctscan.settings import Settings, flatten, public_dict, to_toml
 if TYPE_CHECKING:
     from ctscan.engine.tracking import Tracker
 
-# TEMPORARY: the names ops/sweep.py imports from here, until the sweep is switched to jobs.py.
-from ctscan.jobs import MAY_CHANGE as RUN_PLACE_KEYS  # noqa: F401
-from ctscan.jobs import refused_settings  # noqa: F401
-
 
 @dataclass
 class TrainResult:

@@ -32,8 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ctscan.errors import CtscanError, Interrupted, SettingsError, Terminated, say_line
-from ctscan.files import ensure_dir
+from ctscan.errors import CtscanError, Interrupted, SettingsError, say_line
+from ctscan.files import ensure_dir, folder_lock
+from ctscan.jobs import stopped
 from ctscan.ops.sweep_spec import STORAGE_FORMS, Sweep, SweepSpec, prepare, write_recipe
 from ctscan.settings import public_dict, toml_value
 
@@ -98,15 +99,15 @@ def storage_errors(sweep: Sweep) -> Iterator[None]:
 def study_lock(sweep: Sweep) -> Iterator[None]:
     """Make, load and check the study and its parent run one process at a time.
 
-    A `flock` beside a SQLite file; a PostgreSQL advisory lock (per study name) on a connection
-    of its own. Both end with the process, also after SIGKILL.
+    ctscan's folder lock (`<db>.lock`, waited for) beside a SQLite file; a PostgreSQL advisory
+    lock (per study name) on a connection of its own. Both end with the process, also after
+    SIGKILL.
     """
     if sweep.db is not None:
-        import fcntl
-
-        ensure_dir(sweep.db.parent, what="Optuna storage folder", error=SweepError)
-        with open(sweep.db.with_name(sweep.db.name + ".lock"), "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
+        folder = ensure_dir(sweep.db.parent, what="Optuna storage folder", error=SweepError)
+        with folder_lock(
+            folder, what="Optuna storage", error=SweepError, wait=600, name=sweep.db.name + ".lock"
+        ):
             yield
         return
     import sqlalchemy
@@ -215,11 +216,11 @@ def _refuse_changed_settings(sweep: Sweep, study: Any) -> None:
     settings: where the run takes place may change, the swept keys and what the sweep sets for
     every trial are the trial's own.
     """
-    from ctscan.engine.train import RUN_PLACE_KEYS, refused_settings
+    from ctscan.jobs import refused_settings
 
     before = study.user_attrs[ATTR_SETTINGS]
     own = (*(p.key for p in sweep.spec.params), *sweep.forced())
-    refused = refused_settings(before, sweep.settings, may_change=own, allowed=RUN_PLACE_KEYS)
+    refused = refused_settings(before, sweep.settings, may_change=own)
     if not refused:
         return
     sets = " ".join("--set " + shlex.quote(f"{key}={toml_value(old)}") for key, old, _ in refused)
@@ -539,14 +540,12 @@ def run_sweep(
 
 
 def _stopped(sweep: Sweep, study: Any, exc: BaseException) -> Interrupted:
-    terminated = isinstance(exc, Terminated) or getattr(exc, "terminated", False)
-    how = "by SIGTERM" if terminated else "by Ctrl-C"
     done = f"{finished(study)} of " if study is not None else "none of "
-    return Interrupted(
-        f"sweep '{sweep.name}' stopped {how} with {done}{sweep.n_trials} trials finished, "
-        f"kept in '{sweep.where}'.",
+    return stopped(
+        f"sweep '{sweep.name}'",
+        exc,
+        f" with {done}{sweep.n_trials} trials finished, kept in '{sweep.where}'",
         f"rerun `{sweep.command}` to continue (an interrupted trial starts again).",
-        terminated=terminated,
     )
 
 
