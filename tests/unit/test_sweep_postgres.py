@@ -59,6 +59,10 @@ def test_two_processes_share_one_postgres_study_and_retry_a_killed_trial(
     command = [sys.executable, "-m", "ctscan", "sweep", str(spec), "--storage", study_url]
     command += ["--set", f"tracking.uri={mlflow_url}"]
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    # The test's own client makes MLflow's tables now, before the sweeps start: made while they
+    # start, outside the lock under which the sweeps make them, two makers collide in Alembic.
+    client = MlflowClient(tracking_uri=mlflow_url)
+    client.search_experiments()
     procs = [
         subprocess.Popen(  # cwd: MLflow's default artifact root ./mlruns lands in tmp_path
             command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=tmp_path
@@ -66,7 +70,6 @@ def test_two_processes_share_one_postgres_study_and_retry_a_killed_trial(
         for log in logs
     ]
     killed, victim = None, procs[0]
-    client = MlflowClient(tracking_uri=mlflow_url)
     try:
         deadline = time.monotonic() + 120
         while killed is None and time.monotonic() < deadline and victim.poll() is None:
