@@ -443,6 +443,23 @@ def test_the_drift_reference_is_used_only_at_the_served_temperature(tmp_path: Pa
     assert read_confidence_reference(path, 2.0) is None
 
 
+@pytest.mark.parametrize(
+    "body", ['{"confidence": []}', '{"confidence": ["x", null]}', '{"confidence": [NaN]}', "{"]
+)
+def test_a_broken_confidence_reference_turns_the_test_off_with_a_warning(
+    tmp_path: Path, body: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hand-edited or broken reference_confidence.json is not used (the server still starts:
+    it crashed on these before), and the log says why."""
+    from ctscan.serve.server import read_confidence_reference
+
+    path = tmp_path / CONFIDENCE_FILE
+    path.write_text(body)
+    with caplog.at_level("WARNING", logger="ctscan.serve"):
+        assert read_confidence_reference(path, 1.0) is None
+    assert "confidence drift test off" in caplog.text and str(path) in caplog.text
+
+
 # ---- `ctscan calibrate` ----------------------------------------------------------------------
 
 

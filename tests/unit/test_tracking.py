@@ -769,3 +769,42 @@ def test_an_incomparable_champion_keeps_the_alias_with_a_warning(registry, caplo
         assert not promote_if_better(client, "m", v2, 0.9, metric="val_loss")
     assert champion_of(client) == v1
     assert "not comparable" in caplog.text and "set_registered_model_alias" in caplog.text
+
+
+def test_loading_a_logged_model_leaves_the_process_logging_as_it_was() -> None:
+    """`import mlflow.pytorch` calls logging.basicConfig(level=ERROR): done plainly, it
+    silenced every later warning of a server that loads a models:/ URI. Each in a fresh
+    process: the first shows the side effect is real, the second that ctscan undoes it."""
+    check = "import logging; {imp}; r = logging.getLogger(); print(r.level, len(r.handlers))"
+    plain = check.format(imp="import mlflow.pytorch")
+    ours = check.format(
+        imp="from ctscan.engine.tracking import _import_mlflow_pytorch; _import_mlflow_pytorch()"
+    )
+    out = [
+        subprocess.run([sys.executable, "-c", c], capture_output=True, text=True, check=True)
+        for c in (plain, ours)
+    ]
+    assert out[0].stdout.split() == [str(logging.ERROR), "1"]
+    assert out[1].stdout.split() == [str(logging.WARNING), "0"]
+
+
+def test_a_broken_logged_model_file_is_one_tracking_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A truncated model.pt2 in the artifact store (torch.export.load: BadZipFile) is one line
+    naming the URI, not a traceback."""
+    import zipfile
+
+    import mlflow.pytorch
+
+    from ctscan.engine import tracking
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise zipfile.BadZipFile("File is not a zip file")
+
+    monkeypatch.setattr(tracking, "load_model_spec", lambda *a: {})
+    monkeypatch.setattr(mlflow.pytorch, "load_model", broken)
+    settings = TrackingSettings(uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(TrackingError) as err:
+        tracking.load_logged_model("models:/ctscan-classifier/1", settings, tmp_path)
+    assert "models:/ctscan-classifier/1" in str(err.value) and "not a zip file" in str(err.value)

@@ -770,6 +770,7 @@ class MlflowTracker(Tracker):
         """
         if not self.settings.log_model:
             return None
+        _import_mlflow_pytorch()
         import mlflow.pytorch
         import numpy as np
         import torch
@@ -1011,6 +1012,9 @@ def load_logged_model(
     """
     metadata = load_model_spec(model_uri, tracking, runs_dir)  # checks the URI and the store
     uri, source = _resolve_uri(tracking, runs_dir)
+    import zipfile
+
+    _import_mlflow_pytorch()
     import mlflow.pytorch
     from mlflow.environment_variables import MLFLOW_ALLOW_PICKLE_DESERIALIZATION
     from mlflow.exceptions import MlflowException
@@ -1019,7 +1023,7 @@ def load_logged_model(
         try:
             module = mlflow.pytorch.load_model(model_uri, map_location="cpu")
             version = _registry_version(model_uri)
-        except (MlflowException, OSError) as exc:
+        except (MlflowException, OSError, zipfile.BadZipFile) as exc:  # a truncated model.pt2 too
             fix = "check that its artifacts are reachable from this machine, or use the checkpoint."
             if not MLFLOW_ALLOW_PICKLE_DESERIALIZATION.get():  # MLflow refuses pickled models
                 fix = (
@@ -1033,6 +1037,19 @@ def load_logged_model(
                 fix,
             ) from None
     return _inference_form(module), metadata, version
+
+
+def _import_mlflow_pytorch() -> None:
+    """Import mlflow.pytorch without its side effect on logging: the import runs
+    `logging.basicConfig(level=logging.ERROR)` (mlflow/pytorch/_lightning_autolog.py), which
+    silenced every later warning of the process (the server's "drift monitoring is off")."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    import mlflow.pytorch  # noqa: F401
+
+    root.setLevel(level)
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
 
 
 def _inference_form(module: Any) -> Any:

@@ -124,9 +124,12 @@ def read_confidence_reference(path: Path, temperature: float) -> list[float] | N
     """
     try:
         saved = json.loads(path.read_text())
-        confidence = list(saved["confidence"])
+        confidence = [float(value) for value in saved["confidence"]]
         reference_t = float(saved.get("temperature", 1.0))  # files from before: T = 1
-    except (OSError, ValueError, KeyError, TypeError):
+        if not confidence or not all(map(math.isfinite, confidence)):
+            raise ValueError("no confidences, or one that is not a finite number")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("confidence drift test off: %s cannot be used (%s)", path, exc)
         return None
     if not math.isclose(reference_t, temperature, rel_tol=1e-6):
         log.warning(
