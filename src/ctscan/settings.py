@@ -543,7 +543,8 @@ def explain(
             msg = str(err["msg"]).removeprefix("Value error, ")
             if err["type"] == "literal_error":
                 expected = re.findall(r"'([^']*)'", err["ctx"]["expected"])
-                msg += "." + close_matches(str(err.get("input")), expected)
+                if hint := close_matches(str(err.get("input")), expected):
+                    msg += "." + hint
             source = _source_of(loc, cli, files, origins)
             named = named and bool(source)
             value = err.get("input")
