@@ -433,7 +433,8 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
 
 
 def _section_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """The valid keys at a location of a tree of models (a dict of models takes any key)."""
+    """The keys a user may give at a location of a tree of models (a dict of models takes any
+    key; an excluded field is set by the program)."""
     current: Any = model
     for part in loc[:-1]:
         if get_origin(current) is dict:
@@ -441,7 +442,7 @@ def _section_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
         elif isinstance(current, type) and issubclass(current, BaseModel):
             current = getattr(current.model_fields.get(str(part)), "annotation", None)
     is_model = isinstance(current, type) and issubclass(current, BaseModel)
-    return list(current.model_fields) if is_model else []
+    return [k for k, f in current.model_fields.items() if not f.exclude] if is_model else []
 
 
 def env_name(dotted: str) -> str:
@@ -507,7 +508,7 @@ def explain(
     files: list[tuple[Path, Any]],
     origins: Mapping[str, str],
     *,
-    model: type[BaseModel] | None = None,
+    model: type[BaseModel] = Settings,
     what: str = "settings key",
 ) -> SettingsError:
     """One message for a pydantic validation error of `model` (the settings tree, a sweep
@@ -523,8 +524,7 @@ def explain(
         if err["type"] == "extra_forbidden":
             # full dotted names (train.lr, not lr), and the one source that holds the key
             prefix = "".join(f"{p}." for p in loc[:-1])
-            keys = _section_keys(model or Settings, loc)
-            hint = close_matches(dotted, [prefix + k for k in keys])
+            hint = close_matches(dotted, [prefix + k for k in _section_keys(model, loc)])
             source = _source_of(loc, cli, files, origins)
             lines.append(
                 f"unknown {what} '{dotted}'.{hint}" + (f" (from {source})" if source else "")

@@ -95,7 +95,7 @@ class Param(BaseModel):
     """One searched setting: a float or int range (optionally log or stepped) or choices."""
 
     model_config = ConfigDict(extra="forbid")
-    key: str  # the dotted settings key: the [params] table's name
+    key: str = Field(exclude=True)  # the dotted settings key: the [params] table's name
     low: StrictFloat | None = None
     high: StrictFloat | None = None
     log: StrictBool = False
