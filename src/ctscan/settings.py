@@ -8,6 +8,7 @@ variables (`CTSCAN_SECTION__KEY=value`), settings files (later files win), the d
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -432,16 +433,16 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
 
 
 def _section_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """The valid keys at a location of the settings tree."""
-    current: type[BaseModel] = model
+    """The keys a user may give at a location of a tree of models (a dict of models takes any
+    key; an excluded field is set by the program)."""
+    current: Any = model
     for part in loc[:-1]:
-        field = current.model_fields.get(str(part))
-        if field is None or not (isinstance(field.annotation, type)):
-            return []
-        if not issubclass(field.annotation, BaseModel):
-            return []
-        current = field.annotation
-    return list(current.model_fields)
+        if get_origin(current) is dict:
+            current = get_args(current)[1]
+        elif isinstance(current, type) and issubclass(current, BaseModel):
+            current = getattr(current.model_fields.get(str(part)), "annotation", None)
+    is_model = isinstance(current, type) and issubclass(current, BaseModel)
+    return [k for k, f in current.model_fields.items() if not f.exclude] if is_model else []
 
 
 def env_name(dotted: str) -> str:
@@ -500,14 +501,19 @@ def _source_of(
     return ""
 
 
-def _explain(
+def explain(
     exc: ValidationError,
     sources: str,
     cli: dict[str, Any],
     files: list[tuple[Path, Any]],
     origins: Mapping[str, str],
+    *,
+    model: type[BaseModel] = Settings,
+    what: str = "settings key",
 ) -> SettingsError:
-    """One message for a pydantic validation error, with close matches for unknown keys."""
+    """One message for a pydantic validation error of `model` (the settings tree, a sweep
+    spec): each key, its value (not a whole table) and where it was set; close matches for
+    unknown keys and values."""
     lines = []
     named = True  # every line names its own source: no list of all sources at the end
     conflict_keys: set[str] = set()
@@ -518,10 +524,10 @@ def _explain(
         if err["type"] == "extra_forbidden":
             # full dotted names (train.lr, not lr), and the one source that holds the key
             prefix = "".join(f"{p}." for p in loc[:-1])
-            hint = close_matches(dotted, [prefix + k for k in _section_keys(Settings, loc)])
+            hint = close_matches(dotted, [prefix + k for k in _section_keys(model, loc)])
             source = _source_of(loc, cli, files, origins)
             lines.append(
-                f"unknown settings key '{dotted}'.{hint}" + (f" (from {source})" if source else "")
+                f"unknown {what} '{dotted}'.{hint}" + (f" (from {source})" if source else "")
             )
             named, only_conflicts = named and bool(source), False
         elif isinstance(conflict := (err.get("ctx") or {}).get("error"), KeysConflict):
@@ -535,14 +541,17 @@ def _explain(
         else:
             only_conflicts = False
             msg = str(err["msg"]).removeprefix("Value error, ")
+            if err["type"] == "literal_error":
+                expected = re.findall(r"'([^']*)'", err["ctx"]["expected"])
+                if hint := close_matches(str(err.get("input")), expected):
+                    msg += "." + hint
             source = _source_of(loc, cli, files, origins)
             named = named and bool(source)
-            lines.append(
-                f"'{dotted}' = {err.get('input')!r}: {msg}"
-                + (f" (from {source})" if source else "")
-            )
+            value = err.get("input")
+            shown = f"'{dotted}'" + ("" if isinstance(value, dict) else f" = {value!r}")
+            lines.append(f"{shown}: {msg}" + (f" (from {source})" if source else ""))
     error = SettingsError(
-        "; ".join(lines) + ("" if named else f" (from {sources})"),
+        "; ".join(lines) + ("" if named or not sources else f" (from {sources})"),
         "see `ctscan settings show` for every key and its current value.",
     )
     if only_conflicts:
@@ -607,7 +616,7 @@ def load_settings(
     try:
         resolved = _Resolved(**cli_data)
     except ValidationError as exc:
-        raise _explain(exc, where, cli_data, per_file, origins or {}) from None
+        raise explain(exc, where, cli_data, per_file, origins or {}) from None
     settings = Settings.model_validate(resolved.model_dump())
     settings._files = tuple(str(f) for f in files)
     settings._overrides = tuple(overrides)

@@ -14,9 +14,20 @@ import math
 import re
 import shlex
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ctscan.errors import CtscanError, SettingsError, close_matches
 from ctscan.files import atomic_write, ensure_dir
@@ -25,6 +36,7 @@ from ctscan.settings import (
     Settings,
     TrainSettings,
     deep_merge,
+    explain,
     load_settings,
     parse_overrides,
     read_settings_file,
@@ -32,61 +44,111 @@ from ctscan.settings import (
     toml_value,
 )
 
-METRICS: tuple[str, ...] = get_args(TrainSettings.model_fields["select_metric"].annotation)
-SAMPLERS = ("tpe", "random")
-DIRECTIONS = ("maximize", "minimize")
+Metric = TrainSettings.model_fields["select_metric"].annotation
 SEARCHABLE_SECTIONS = ("model", "augment", "train")
 # Set by the sweep for every trial: the spec may not set them (the recipe gets select_metric).
 FORCED_KEYS = ("train.evaluate_test", "train.select_metric", "tracking.log_model")
-SWEEP_KEYS = {
-    "metric": str,
-    "direction": str,
-    "sampler": str,
-    "seed": int,
-    "trials": int,
-    "settings": list,
-    "pruning": bool,
-    "pruning_startup_trials": int,
-    "pruning_warmup_epochs": int,
-    "tpe_startup_trials": int,
-    "heartbeat_interval": int,
-    "grace_period": int,
-}
-POSITIVE_KEYS = ("trials", "heartbeat_interval", "grace_period")
-TABLES = ("sweep", "fixed", "params")
-RANGE_KEYS = ("low", "high", "log", "step")
-PARAM_KEYS = (*RANGE_KEYS, "choices")
 SPEC_DIR = RECIPE_DIR / "sweeps"  # sweep specs (not settings files: `-s` cannot load them)
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 SPEC_FIX = "see docs/sweep.md for the spec format."
 STORAGE_FORMS = "sqlite:///PATH or postgresql+psycopg://USER@HOST:PORT/DATABASE"
+ALL_KEYS = [
+    f"{name}.{key}"
+    for name, f in Settings.model_fields.items()
+    for key in f.annotation.model_fields
+]
 # ---- the spec ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Param:
+def _setting(key: str) -> Any:
+    """The settings field a dotted key names, if the spec may set it."""
+    section, _, name = key.partition(".")
+    if key not in ALL_KEYS:
+        raise ValueError(
+            f"unknown settings key '{key}'.{close_matches(key, ALL_KEYS)} Name "
+            "keys as `ctscan settings show` lists them: section.key (e.g. train.lr)"
+        )
+    if key in FORCED_KEYS:
+        raise ValueError(
+            f"'{key}' is one of the keys the sweep sets for every trial (train.evaluate_test and "
+            "tracking.log_model off, train.select_metric = the metric): remove it"
+        )
+    return Settings.model_fields[section].annotation.model_fields[name]
+
+
+def _flatten(table: dict[str, Any], prefix: str = "", params: bool = False) -> dict[str, Any]:
+    """`{"train": {"lr": 1}}` and `{"train.lr": 1}` -> `{"train.lr": 1}`; with `params`, a
+    table holding a non-table is a leaf (a parameter's low, high, ...)."""
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        leaf = not isinstance(value, dict) or (
+            params and (not value or any(not isinstance(v, dict) for v in value.values()))
+        )
+        if not leaf:
+            out.update(_flatten(value, f"{prefix}{key}.", params))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+class Param(BaseModel):
     """One searched setting: a float or int range (optionally log or stepped) or choices."""
 
-    key: str
-    low: float | int | None = None
-    high: float | int | None = None
-    log: bool = False
-    step: float | int | None = None
-    integer: bool = False
-    choices: tuple[Any, ...] | None = None
+    model_config = ConfigDict(extra="forbid")
+    key: str = Field(exclude=True)  # the dotted settings key: the [params] table's name
+    low: StrictFloat | None = None
+    high: StrictFloat | None = None
+    log: StrictBool = False
+    step: StrictFloat | None = Field(None, gt=0)
+    choices: tuple[Any, ...] | None = Field(None, min_length=1)
+
+    @property
+    def integer(self) -> bool:
+        return _setting(self.key).annotation is int
+
+    @model_validator(mode="after")
+    def _fits_its_setting(self) -> Param:
+        info, given = _setting(self.key), self.model_fields_set - {"key"}
+        if self.key.partition(".")[0] not in SEARCHABLE_SECTIONS:
+            raise ValueError(
+                f"a sweep searches the {', '.join(SEARCHABLE_SECTIONS)} sections: move "
+                f"'{self.key}' to [fixed] or a base file (it is the same for the whole sweep)"
+            )
+        if self.choices is not None:
+            if extra := [k for k in ("low", "high", "log", "step") if k in given]:
+                raise ValueError(f"has both choices and {', '.join(extra)}: keep one")
+            if any(isinstance(c, (dict, list)) for c in self.choices) or len(
+                set(map(repr, self.choices))
+            ) < len(self.choices):
+                raise ValueError("choices must be distinct numbers, strings or booleans")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("a parameter needs low and high (a range) or choices = [...]")
+        if info.annotation not in (int, float):
+            raise ValueError(f"'{self.key}' is not a number setting: give choices = [...]")
+        bounds = [v for v in (self.low, self.high, self.step) if v is not None]
+        if self.integer and not all(float(v).is_integer() for v in bounds):
+            raise ValueError(f"low, high and step must be integers for '{self.key}', not {bounds}")
+        if not (math.isfinite(self.low) and math.isfinite(self.high) and self.low < self.high):
+            raise ValueError(f"low {self.low} must be below high {self.high}: swap or correct them")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, not {self.low}: fix low or drop log")
+        if self.log and self.step is not None:
+            raise ValueError("step cannot go with log = true: drop one")
+        kind = int if self.integer else float
+        self.low, self.high = kind(self.low), kind(self.high)
+        self.step = None if self.step is None else kind(self.step)
+        return self
 
     def suggest(self, trial: Any) -> Any:
         """This parameter's value for an Optuna trial."""
         if self.choices is not None:
             return trial.suggest_categorical(self.key, list(self.choices))
         if self.integer:
-            step = int(self.step or 1)
             return trial.suggest_int(
-                self.key, int(self.low), int(self.high), step=step, log=self.log
+                self.key, self.low, self.high, step=self.step or 1, log=self.log
             )
-        return trial.suggest_float(
-            self.key, float(self.low), float(self.high), step=self.step, log=self.log
-        )
+        return trial.suggest_float(self.key, self.low, self.high, step=self.step, log=self.log)
 
     def drawn_extremes(self) -> tuple[Any, ...]:
         """Every choice, or the lowest and highest value a trial can draw (a stepped range's
@@ -110,267 +172,106 @@ class Param:
         """`float [0.0001, 0.01] log`, `int [16, 64] step 16`, `one of 16, 32`."""
         if self.choices is not None:
             return "one of " + ", ".join(str(c) for c in self.choices)
-        kind = "int" if self.integer else "float"
-        text = f"{kind} [{self.low}, {self.high}]"
+        text = f"{'int' if self.integer else 'float'} [{self.low}, {self.high}]"
         return text + (" log" if self.log else "") + (f" step {self.step}" if self.step else "")
 
 
-@dataclass(frozen=True)
-class SweepSpec:
-    """A parsed sweep spec (see the module docstring and docs/sweep.md)."""
+class SweepOptions(BaseModel):
+    """[sweep]: the metric, how trials are drawn and pruned, base settings files."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    metric: Metric
+    direction: Literal["maximize", "minimize"] | None = None  # follows the metric
+    sampler: Literal["tpe", "random"] = "tpe"
+    seed: int = 0
+    trials: int | None = Field(None, ge=1)
+    settings: list[str] = []
+    pruning: bool = True
+    pruning_startup_trials: int = Field(5, ge=0)
+    pruning_warmup_epochs: int = Field(0, ge=0)
+    tpe_startup_trials: int = Field(10, ge=0)
+    heartbeat_interval: int = Field(60, ge=1)  # seconds between a running trial's heartbeats
+    grace_period: int = Field(120, ge=1)  # seconds without one before another process retries
+
+    @field_validator("settings", mode="before")
+    @classmethod
+    def _one_file(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _natural_direction(self) -> SweepOptions:
+        natural = "minimize" if self.metric == "val_loss" else "maximize"
+        if self.direction not in (None, natural):
+            raise ValueError(
+                f"direction '{self.direction}' for {self.metric} would search for the worst "
+                f"models: write direction = '{natural}' (or leave it out)"
+            )
+        self.direction = natural
+        return self
+
+
+class SpecFile(BaseModel):
+    """A spec's TOML as written: [sweep], [fixed] and [params] (docs/sweep.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+    sweep: SweepOptions
+    fixed: dict[str, Any] = {}  # dotted key -> value
+    params: dict[str, Param] = Field({}, validate_default=True)
+
+    @field_validator("fixed", "params", mode="before")
+    @classmethod
+    def _dotted(cls, value: Any, info: Any) -> Any:
+        if not isinstance(value, dict) or info.field_name == "fixed":
+            return _flatten(value) if isinstance(value, dict) else value
+        tables = _flatten(value, params=True)
+        return {k: {**v, "key": k} if isinstance(v, dict) else v for k, v in tables.items()}
+
+    @field_validator("fixed")
+    @classmethod
+    def _fixed_keys(cls, fixed: dict[str, Any]) -> dict[str, Any]:
+        for key in fixed:
+            _setting(key)
+        return fixed
+
+    @field_validator("params")
+    @classmethod
+    def _some_params(cls, params: dict[str, Param], info: Any) -> dict[str, Param]:
+        if not params:
+            raise ValueError("the spec has no [params]: there is nothing to search")
+        for key in params.keys() & info.data.get("fixed", {}).keys():
+            raise ValueError(f"'{key}' is both in [fixed] and in [params]: keep one")
+        return params
+
+
+class SweepSpec(SweepOptions):
+    """A parsed sweep spec: its [sweep] values, file, parameters and fixed values."""
 
     path: Path
-    metric: str
-    direction: str
     params: tuple[Param, ...]
-    fixed: dict[str, Any] = field(default_factory=dict)  # dotted key -> value
-    settings_files: tuple[str, ...] = ()
-    sampler: str = "tpe"
-    seed: int = 0
-    trials: int | None = None
-    pruning: bool = True
-    pruning_startup_trials: int = 5
-    pruning_warmup_epochs: int = 0
-    tpe_startup_trials: int = 10
-    heartbeat_interval: int = 60  # seconds between a running trial's heartbeats
-    grace_period: int = 120  # seconds without one before another process retries the trial
+    fixed: dict[str, Any] = {}
 
     def search_identity(self) -> dict[str, Any]:
         """What decides the trials (not where the spec lies nor how many trials): JSON-ready."""
-        return {
-            "metric": self.metric,
-            "direction": self.direction,
-            "sampler": self.sampler,
-            "seed": self.seed,
-            "pruning": self.pruning,
-            "pruning_startup_trials": self.pruning_startup_trials,
-            "pruning_warmup_epochs": self.pruning_warmup_epochs,
-            "tpe_startup_trials": self.tpe_startup_trials,
-            "fixed": dict(self.fixed),
-            "params": {p.key: p.to_dict() for p in self.params},
+        where = {"path", "trials", "settings", "heartbeat_interval", "grace_period", "params"}
+        return self.model_dump(exclude=where) | {
+            "params": {p.key: p.to_dict() for p in self.params}
         }
-
-
-ALL_KEYS = [
-    f"{section}.{key}"
-    for section, info in Settings.model_fields.items()
-    for key in info.annotation.model_fields
-]
 
 
 def _spec_error(path: Path, message: str, fix: str = SPEC_FIX) -> SettingsError:
     return SettingsError(f"sweep spec '{path}': {message}", fix)
 
 
-def _check_keys(path: Path, table: str, found: dict[str, Any], allowed: Any) -> None:
-    for key in found:
-        if key not in allowed:
-            hint = close_matches(key, list(allowed))
-            raise _spec_error(
-                path,
-                f"unknown key '{key}' in [{table}].{hint}",
-                f"the keys of [{table}] are: {', '.join(allowed)}.",
-            )
-
-
-def _settings_field(path: Path, table: str, key: str) -> Any:
-    """The pydantic field a dotted settings key names; one clear error if there is none."""
-    section, _, name = key.partition(".")
-    info = Settings.model_fields.get(section)
-    fields = info.annotation.model_fields if info is not None else {}
-    if name not in fields or "." in name:
-        raise _spec_error(
-            path,
-            f"unknown settings key '{key}' in [{table}].{close_matches(key, ALL_KEYS)}",
-            "name a key as `ctscan settings show` lists it: section.key (e.g. train.lr).",
-        )
-    if key in FORCED_KEYS:
-        raise _spec_error(
-            path,
-            f"[{table}] sets '{key}', which the sweep sets for every trial "
-            "(train.evaluate_test and tracking.log_model off, train.select_metric = the metric).",
-            f"remove '{key}' from [{table}].",
-        )
-    return fields[name]
-
-
-def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """`{"train": {"lr": 1}}` and `{"train.lr": 1}` -> `{"train.lr": 1}`."""
-    out: dict[str, Any] = {}
-    for key, value in table.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, dotted + "."))
-        else:
-            out[dotted] = value
-    return out
-
-
-def _param_tables(path: Path, table: dict[str, Any], prefix: str = "") -> dict[str, dict]:
-    """[params] as `dotted key -> {low, high, ...}`: a table holding a non-table is a parameter."""
-    out: dict[str, dict] = {}
-    for key, value in table.items():
-        dotted = f"{prefix}{key}"
-        if not isinstance(value, dict):
-            raise _spec_error(
-                path,
-                f"[params] {dotted} = {value!r} is not a table.",
-                f'write [params."{dotted}"] with low = ..., high = ... (and log = true) or '
-                "choices = [...].",
-            )
-        if not value or any(not isinstance(v, dict) for v in value.values()):
-            out[dotted] = value
-        else:
-            out.update(_param_tables(path, value, dotted + "."))
-    return out
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _parse_param(path: Path, key: str, table: dict[str, Any]) -> Param:
-    """One [params] entry, checked against the type of the setting it names."""
-    where = f"[params] {key}"
-    _check_keys(path, f"params.{key}", table, PARAM_KEYS)
-    info = _settings_field(path, "params", key)
-    if key.partition(".")[0] not in SEARCHABLE_SECTIONS:
-        raise _spec_error(
-            path,
-            f"{where}: a sweep searches training settings ({', '.join(SEARCHABLE_SECTIONS)} "
-            f"sections); '{key}' is fixed for a whole sweep.",
-            f"move '{key}' to [fixed] or to a base settings file.",
-        )
-    if "choices" in table:
-        extra = [k for k in RANGE_KEYS if k in table]
-        choices = table["choices"]
-        if extra:
-            raise _spec_error(path, f"{where} has both choices and {', '.join(extra)}.")
-        if not isinstance(choices, list) or not choices:
-            raise _spec_error(path, f"{where}: choices must be a non-empty list, not {choices!r}.")
-        if any(isinstance(c, (dict, list)) for c in choices) or len(set(map(repr, choices))) < len(
-            choices
-        ):
-            raise _spec_error(
-                path, f"{where}: choices must be distinct numbers, strings or booleans."
-            )
-        return Param(key=key, choices=tuple(choices))
-    if "low" not in table or "high" not in table:
-        raise _spec_error(path, f"{where} needs low and high (a range) or choices.")
-    low, high, log, step = table["low"], table["high"], table.get("log", False), table.get("step")
-    integer = info.annotation is int
-    if info.annotation not in (int, float):
-        raise _spec_error(
-            path,
-            f"{where}: '{key}' is not a number setting, so it has no range.",
-            f"give choices = [...] for {key}.",
-        )
-    bounds = (low, high) + ((step,) if step is not None else ())
-    if not all(_number(v) and (isinstance(v, int) or not integer) for v in bounds):
-        kind = "integers" if integer else "numbers"
-        raise _spec_error(path, f"{where}: low, high and step must be {kind}, not {bounds}.")
-    if not isinstance(log, bool):
-        raise _spec_error(path, f"{where}: log must be true or false, not {log!r}.")
-    if not math.isfinite(low) or not math.isfinite(high) or low >= high:
-        raise _spec_error(
-            path, f"{where}: low {low} must be below high {high}.", "swap or correct them."
-        )
-    if log and low <= 0:
-        raise _spec_error(
-            path,
-            f"{where}: a log range needs low > 0, not {low}.",
-            "give a positive low, or drop log = true.",
-        )
-    if step is not None and (step <= 0 or log):
-        raise _spec_error(path, f"{where}: step must be > 0 and cannot go with log = true.")
-    return Param(
-        key=key,
-        low=int(low) if integer else float(low),
-        high=int(high) if integer else float(high),
-        log=log,
-        step=step,
-        integer=integer,
-    )
-
-
-def _sweep_value(path: Path, table: dict[str, Any], key: str, default: Any) -> Any:
-    value = table.get(key, default)
-    kind = SWEEP_KEYS[key]
-    if key == "settings" and isinstance(value, str):
-        value = [value]
-    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-    if key == "settings":
-        ok = ok and all(isinstance(v, str) for v in value)
-    if not ok:
-        raise _spec_error(path, f"[sweep] {key} = {value!r} is not a {kind.__name__}.")
-    if kind is int and key != "seed" and value < (1 if key in POSITIVE_KEYS else 0):
-        raise _spec_error(path, f"[sweep] {key} = {value} is too small.")
-    return value
-
-
 def parse_spec(data: dict[str, Any], path: Path) -> SweepSpec:
     """Check a spec's TOML data and return it parsed: every mistake is one SettingsError."""
-    _check_keys(path, "top level", data, TABLES)
-    for table in TABLES:
-        if not isinstance(data.get(table, {}), dict):
-            raise _spec_error(path, f"'{table}' must be a table ([{table}]).")
-    sweep = data.get("sweep", {})
-    _check_keys(path, "sweep", sweep, SWEEP_KEYS)
-    metric = sweep.get("metric")
-    if metric not in METRICS:
-        got = "no metric" if metric is None else f"metric {metric!r}"
-        hint = close_matches(str(metric), METRICS) if metric is not None else ""
-        raise _spec_error(
-            path,
-            f"[sweep] has {got}.{hint}",
-            f"set metric to a validation metric the loop records: {', '.join(METRICS)}.",
-        )
-    natural = "minimize" if metric == "val_loss" else "maximize"
-    direction = _sweep_value(path, sweep, "direction", natural)
-    if direction not in DIRECTIONS:
-        raise _spec_error(
-            path,
-            f"[sweep] direction {direction!r} is not one of {', '.join(DIRECTIONS)}.",
-        )
-    if direction != natural:
-        raise _spec_error(
-            path,
-            f"[sweep] direction '{direction}' for {metric} would search for the worst models.",
-            f"write direction = '{natural}' (or leave it out).",
-        )
-    sampler = _sweep_value(path, sweep, "sampler", "tpe")
-    if sampler not in SAMPLERS:
-        raise _spec_error(
-            path,
-            f"[sweep] sampler {sampler!r} is not one of {', '.join(SAMPLERS)}."
-            + close_matches(str(sampler), SAMPLERS),
-        )
-    raw_params = _param_tables(path, data.get("params", {}))
-    if not raw_params:
-        raise _spec_error(path, "it has no [params]: there is nothing to search.")
-    params = tuple(_parse_param(path, key, table) for key, table in raw_params.items())
-    fixed = _flatten(data.get("fixed", {}))
-    for key in fixed:
-        _settings_field(path, "fixed", key)
-        if key in raw_params:
-            raise _spec_error(path, f"'{key}' is both in [fixed] and in [params].")
-    return SweepSpec(
-        path=path,
-        metric=metric,
-        direction=direction,
-        params=params,
-        fixed=fixed,
-        settings_files=tuple(_sweep_value(path, sweep, "settings", [])),
-        sampler=sampler,
-        seed=_sweep_value(path, sweep, "seed", 0),
-        trials=_sweep_value(path, sweep, "trials", None) if "trials" in sweep else None,
-        pruning=_sweep_value(path, sweep, "pruning", True),
-        pruning_startup_trials=_sweep_value(path, sweep, "pruning_startup_trials", 5),
-        pruning_warmup_epochs=_sweep_value(path, sweep, "pruning_warmup_epochs", 0),
-        tpe_startup_trials=_sweep_value(path, sweep, "tpe_startup_trials", 10),
-        heartbeat_interval=_sweep_value(path, sweep, "heartbeat_interval", 60),
-        grace_period=_sweep_value(path, sweep, "grace_period", 120),
-    )
+    try:
+        spec = SpecFile.model_validate(data)
+    except ValidationError as exc:
+        error = explain(exc, "", {}, [], {}, model=SpecFile, what="spec key")
+        message = error.message.rstrip(".")
+        raise _spec_error(path, message + ("" if message.endswith("?") else ".")) from None
+    options = spec.sweep.model_dump()
+    return SweepSpec(**options, path=path, params=tuple(spec.params.values()), fixed=spec.fixed)
 
 
 def find_spec(name: str | Path) -> Path:
@@ -407,15 +308,6 @@ def load_spec(name: str | Path) -> SweepSpec:
 
 def _overrides(values: dict[str, Any]) -> list[str]:
     return [f"{key}={toml_value(value)}" for key, value in values.items()]
-
-
-def nested(values: dict[str, Any]) -> dict[str, Any]:
-    """`{"train.lr": 1}` -> `{"train": {"lr": 1}}`."""
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        section, _, name = key.partition(".")
-        out.setdefault(section, {})[name] = value
-    return out
 
 
 def _hide_password(text: str) -> str:
@@ -487,7 +379,7 @@ class Sweep:
 def _base_files(spec: SweepSpec) -> tuple[Path, ...]:
     """[sweep] settings: paths next to the spec first, else as `-s` finds them."""
     found = []
-    for name in spec.settings_files:
+    for name in spec.settings:
         beside = spec.path.parent / name
         try:
             path = beside if beside.is_file() else resolve_settings_file(name)
@@ -628,9 +520,9 @@ def _spec_settings(
 
 def recipe_text(sweep: Sweep, best: dict[str, Any]) -> str:
     """The best trial as a settings file: base files + --set + [fixed] + its parameters."""
-    data = deep_merge(sweep.base, nested({**sweep.spec.fixed, **sweep.given}))
-    data = deep_merge(data, nested(best["params"]))
-    data = deep_merge(data, {"train": {"select_metric": sweep.spec.metric}})
+    values = {**sweep.spec.fixed, **sweep.given, **best["params"]}
+    values["train.select_metric"] = sweep.spec.metric
+    data = deep_merge(sweep.base, parse_overrides(_overrides(values)))
     bases = ", ".join(str(p) for p in sweep.files) or "the defaults"
     lines = [
         f"# The best trial of the ctscan sweep '{sweep.name}' (spec {sweep.spec.path}): trial "
