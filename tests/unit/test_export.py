@@ -159,13 +159,15 @@ def test_checkpoint_missing_or_a_folder(
     assert not list(tmp_path.glob("*.onnx"))
 
 
-def test_store_with_another_spec_is_refused(trained: Path, tmp_path: Path) -> None:
+def test_store_with_another_spec_is_refused(
+    trained: Path, synthetic_store: Path, tmp_path: Path
+) -> None:
     other = write_synthetic_store(tmp_path / "other", size=48)
     settings = _settings(other, tmp_path)
     with pytest.raises(DataError, match="takes images preprocessed as 32 px") as info:
         run_export(settings, trained, out=tmp_path / "m.onnx")
     assert "holds 48 px" in info.value.message  # the store it was trained on is still there:
-    assert f"pass `-s {trained.parent / 'settings.toml'}`" in str(info.value.fix)
+    assert f"pass `--set paths.processed_dir={synthetic_store}`." in str(info.value.fix)
     assert not (tmp_path / "m.onnx").exists()
     assert _no_temp_files(tmp_path) == []
 

@@ -9,8 +9,10 @@ built with other settings without `--force`; the "no store" fix names the recipe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -18,6 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from ctscan.data.preprocess import run_preprocess
+from ctscan.data.store import _replace_dir, open_model_store
+from ctscan.engine.checkpoint import read_checkpoint
+from ctscan.errors import DataError
+from ctscan.files import folder_lock
 from ctscan.settings import given_args, is_given, load_settings
 from tests.conftest import build_raw_tree
 
@@ -101,13 +108,13 @@ def test_a_recipe_checkpoint_works_with_the_default_settings(project: Path) -> N
     assert (project / DEFAULT_META).read_bytes() == default_meta  # nothing rebuilt it
 
 
-def test_a_named_store_that_does_not_fit_says_pass_the_run_settings(project: Path) -> None:
+def test_a_named_store_that_does_not_fit_says_which_store_does(project: Path) -> None:
     line = refused(ctscan(project, "evaluate", str(RUN / "best.pt"), "-s", "tiny", "--set",
                           "paths.processed_dir=outputs/processed"))  # fmt: skip
     assert "takes images preprocessed as 32 px" in line and "holds 160 px" in line
-    assert line.endswith(
-        f"Fix: use the store it was trained on: pass `-s {RUN}/settings.toml` (its run's "
-        "settings), or `--set paths.processed_dir=outputs/processed-tiny`."
+    assert line.endswith(  # absolute: RUN/settings.toml names it relative to the project root
+        "Fix: use a store that holds its images: pass "
+        f"`--set paths.processed_dir={project / 'outputs' / 'processed-tiny'}`."
     )
 
 
@@ -117,16 +124,20 @@ def test_a_checkpoint_whose_store_is_gone_gets_a_fix_that_works(
     store = project / "outputs" / "processed-tiny"
     shutil.move(store, tmp_path / "kept")
     try:
-        settings = f"{RUN}/settings.toml"
+        settings, raw = project / RUN / "settings.toml", project / "data" / "chest-ctscan-images"
         for command in ("evaluate", "export"):  # one condition, one exit code
             line = refused(ctscan(project, command, str(RUN / "best.pt")))
-            assert "no processed store is at 'outputs/processed-tiny' (the store it was" in line
+            assert "no processed store is at 'outputs/processed-tiny' (its run's" in line
             assert "the store at 'outputs/processed' holds 160 px" in line
             assert line.endswith(
-                f"`ctscan preprocess -s {settings}`, then run this again with `-s {settings}`."
+                f"`ctscan preprocess -s {settings} --set paths.raw_dir={raw} --out {store}`, "
+                "then run this again with "
+                f"`--set paths.processed_dir={store}`."
             )
-        ok(ctscan(project, "preprocess", "-s", settings, "-q"))
-        ok(ctscan(project, "evaluate", str(RUN / "best.pt"), "-s", settings, "--json"))
+        elsewhere = tmp_path / "elsewhere"  # absolute paths: the fix works from any folder
+        elsewhere.mkdir()
+        ok(ctscan(elsewhere, *shlex.split(line.split("`")[1])[1:], "-q"))
+        ok(ctscan(project, "evaluate", str(RUN / "best.pt"), "--json"))
     finally:
         shutil.rmtree(store, ignore_errors=True)
         shutil.move(tmp_path / "kept", store)
@@ -179,3 +190,124 @@ def test_settings_know_what_named_them(monkeypatch: pytest.MonkeyPatch) -> None:
     assert is_given(given, "paths.processed_dir") and not is_given(given, "paths.raw_dir")
     monkeypatch.setenv("CTSCAN_PATHS__RAW_DIR", "elsewhere")
     assert is_given(plain, "paths.raw_dir")
+
+
+@pytest.fixture
+def here(project: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The project folder as the working folder, no CTSCAN_ variables."""
+    for key in [k for k in os.environ if k.startswith("CTSCAN_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.chdir(project)
+    return project
+
+
+@pytest.fixture
+def away(project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty working folder outside the project, no CTSCAN_ variables."""
+    for key in [k for k in os.environ if k.startswith("CTSCAN_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_a_store_of_the_same_name_here_does_not_hide_the_matching_one(
+    project: Path, away: Path
+) -> None:
+    model, own = read_checkpoint(project / RUN / "best.pt"), project / "outputs" / "processed-tiny"
+    (away / "outputs" / "processed-tiny").mkdir(parents=True)  # empty: partial, not its store
+    assert open_model_store(load_settings(), model).path.resolve() == own
+    shutil.rmtree(away / "outputs" / "processed-tiny")
+    shutil.copytree(project / "outputs" / "processed", away / "outputs" / "processed-tiny")
+    assert open_model_store(load_settings(), model).path.resolve() == own  # 160 px: skipped
+
+
+def test_given_the_run_settings_elsewhere_the_fix_is_one_absolute_path(
+    project: Path, away: Path
+) -> None:
+    model, run = read_checkpoint(project / RUN / "best.pt"), project / RUN / "settings.toml"
+    with pytest.raises(DataError) as err:  # its relative processed_dir is not here
+        open_model_store(load_settings([run]), model)
+    own = project / "outputs" / "processed-tiny"
+    assert "trained on" not in err.value.message, err.value.message
+    assert " -s " not in err.value.fix
+    assert (
+        err.value.fix
+        == f"use a store that holds its images: pass `--set paths.processed_dir={own}`."
+    )
+    settings = load_settings([run], [f"paths.processed_dir={own}"])
+    assert open_model_store(settings, model).path == own
+
+
+def test_a_store_built_where_the_fix_said_is_found(
+    project: Path, here: Path, tmp_path: Path
+) -> None:
+    model, store = (
+        read_checkpoint(project / RUN / "best.pt"),
+        project / "outputs" / "processed-tiny",
+    )
+    shutil.move(store, tmp_path / "kept")
+    try:
+        shutil.copytree(project / "outputs" / "processed", store)  # 160 px under its name
+        with pytest.raises(DataError) as err:
+            open_model_store(load_settings(), model)
+        free = project / "outputs" / "processed-tiny-32"
+        assert f"--out {free}`" in err.value.fix and "the store it was trained on" not in str(err)
+        shutil.copytree(tmp_path / "kept", free)  # as `ctscan preprocess ... --out FREE` does
+        assert open_model_store(load_settings(), model).path.resolve() == free
+    finally:
+        shutil.rmtree(store)
+        shutil.rmtree(project / "outputs" / "processed-tiny-32", ignore_errors=True)
+        shutil.move(tmp_path / "kept", store)
+
+
+def test_a_partial_store_gets_a_fix_that_names_its_settings(
+    project: Path, here: Path, tmp_path: Path
+) -> None:
+    model, store = (
+        read_checkpoint(project / RUN / "best.pt"),
+        project / "outputs" / "processed-tiny",
+    )
+    shutil.move(store, tmp_path / "kept")
+    try:
+        shutil.copytree(tmp_path / "kept", store)
+        (store / "index.json").unlink()
+        with pytest.raises(DataError, match="corrupt or partial") as err:
+            open_model_store(load_settings(), model)
+        run, raw = project / RUN / "settings.toml", project / "data" / "chest-ctscan-images"
+        assert (
+            err.value.fix
+            == f"run `ctscan preprocess -s {run} --set paths.raw_dir={raw} --out {store}` to "
+            "rebuild the processed store."
+        )
+    finally:
+        shutil.rmtree(store)
+        shutil.move(tmp_path / "kept", store)
+
+
+def test_an_ensemble_outside_the_project_finds_its_members_store(project: Path, away: Path) -> None:
+    best = project / RUN / "best.pt"
+    model = dataclasses.replace(
+        read_checkpoint(best), source=away / "e.pt", members=[{"source": str(best)}]
+    )
+    store = open_model_store(load_settings(), model)
+    assert store.path.resolve() == project / "outputs" / "processed-tiny"
+
+
+def test_a_second_preprocess_into_the_same_store_is_refused(project: Path, tmp_path: Path) -> None:
+    out = tmp_path / "p"
+    held = folder_lock(tmp_path, what="x", name=".p.lock")  # as a running preprocess holds it
+    with held, pytest.raises(DataError, match="in use by another ctscan process"):
+        run_preprocess(load_settings(), project / "data" / "chest-ctscan-images", out, workers=0)
+    assert not out.exists()
+
+
+def test_force_on_a_linked_store_leaves_no_stray_link(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "meta.json").write_text("old")
+    (tmp_path / "store").symlink_to(tmp_path / "real")
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "meta.json").write_text("new")
+    _replace_dir(tmp_path / "new", tmp_path / "store")
+    assert (tmp_path / "store" / "meta.json").read_text() == "new"
+    assert not (tmp_path / "store").is_symlink() and (tmp_path / "real" / "meta.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["real", "store"]

@@ -50,6 +50,7 @@ from ctscan.data.transforms import (
     to_gray,
 )
 from ctscan.errors import DataError
+from ctscan.files import folder_lock
 from ctscan.jobs import critical
 
 Progress = Callable[[int, int], None]  # progress(done, total)
@@ -325,60 +326,65 @@ def run_preprocess(
     on_bad = _check_choice("on_bad_file", on_bad_file or data.on_bad_file, ("error", "skip"))
     on_leak = _check_choice("on_leak", data.on_leak, ("keep", "drop"))
     check_store_target(out_dir, data=data, force=force)  # fails now, not after the scan
-    scan = _scan(raw_dir, data, resize=True, workers=workers, progress=progress)
-    if scan.bad and on_bad == "error":
-        _raise_bad_files(scan.bad)
-    report = audit(
-        scan.records,
-        bad_files=scan.bad,
-        ignored=_ignored(scan.tree),
-        near_duplicate_distance=int(data.near_duplicate_distance),
-        raw_dir=str(raw_dir),
-    )
-    kept, dropped = leak_policy(scan.records, on_leak, report.near_duplicates)
-    report.on_leak, report.dropped = on_leak, dropped
-    arrays = _split_arrays(
-        scan,
-        kept,
-        f"({len(scan.bad)} bad file(s) skipped, {len(dropped)} "
-        f"image(s) dropped by on_leak={on_leak})",
-        raw_dir,
-    )
-    report.kept_counts = {
-        s: {c: int((a.labels == i).sum()) for i, c in enumerate(CLASS_NAMES)}
-        for s, a in arrays.items()
-    }
-    mean, std = mean_std(arrays["train"].images)
-    spec = PreprocessSpec(
-        image_size=int(data.image_size),
-        resize=data.resize,
-        mean=mean,
-        std=std,
-        class_names=CLASS_NAMES,
-    )
-    data_dict = data.model_dump(mode="json") if hasattr(data, "model_dump") else dict(vars(data))
-    data_dict["on_bad_file"] = on_bad
-    store_dir = write_store(
-        out_dir,
-        arrays,
-        spec=spec,
-        data_settings=data_dict,
-        raw_dir=raw_dir,
-        raw_fingerprint=raw_fingerprint(scan.tree.images),
-        dvc_md5=find_dvc_hash(raw_dir),
-        on_leak=on_leak,
-        dropped=[d.to_dict() for d in dropped],
-        skipped=[b.to_dict() for b in scan.bad],
-        audit=report.to_dict(),
-        reference=build_reference(arrays["train"].images),  # drift monitoring (serve)
-    )
-    return PreprocessResult(
-        store_dir=store_dir,
-        report=report,
-        counts={s: len(a.paths) for s, a in arrays.items()},
-        seconds=time.perf_counter() - start,
-        spec=spec,
-    )
+    # One preprocess per store at a time: the settings check and the swap under one lock.
+    lock = {"what": "folder of the processed store", "name": f".{out_dir.name}.lock"}
+    with folder_lock(out_dir.parent, error=DataError, **lock):
+        check_store_target(out_dir, data=data, force=force)  # again: another may have written it
+        scan = _scan(raw_dir, data, resize=True, workers=workers, progress=progress)
+        if scan.bad and on_bad == "error":
+            _raise_bad_files(scan.bad)
+        report = audit(
+            scan.records,
+            bad_files=scan.bad,
+            ignored=_ignored(scan.tree),
+            near_duplicate_distance=int(data.near_duplicate_distance),
+            raw_dir=str(raw_dir),
+        )
+        kept, dropped = leak_policy(scan.records, on_leak, report.near_duplicates)
+        report.on_leak, report.dropped = on_leak, dropped
+        arrays = _split_arrays(
+            scan,
+            kept,
+            f"({len(scan.bad)} bad file(s) skipped, {len(dropped)} "
+            f"image(s) dropped by on_leak={on_leak})",
+            raw_dir,
+        )
+        report.kept_counts = {
+            s: {c: int((a.labels == i).sum()) for i, c in enumerate(CLASS_NAMES)}
+            for s, a in arrays.items()
+        }
+        mean, std = mean_std(arrays["train"].images)
+        spec = PreprocessSpec(
+            image_size=int(data.image_size),
+            resize=data.resize,
+            mean=mean,
+            std=std,
+            class_names=CLASS_NAMES,
+        )
+        data_dict = data.model_dump(mode="json") if hasattr(data, "model_dump") else vars(data)
+        data_dict = dict(data_dict)
+        data_dict["on_bad_file"] = on_bad
+        store_dir = write_store(
+            out_dir,
+            arrays,
+            spec=spec,
+            data_settings=data_dict,
+            raw_dir=raw_dir,
+            raw_fingerprint=raw_fingerprint(scan.tree.images),
+            dvc_md5=find_dvc_hash(raw_dir),
+            on_leak=on_leak,
+            dropped=[d.to_dict() for d in dropped],
+            skipped=[b.to_dict() for b in scan.bad],
+            audit=report.to_dict(),
+            reference=build_reference(arrays["train"].images),  # drift monitoring (serve)
+        )
+        return PreprocessResult(
+            store_dir=store_dir,
+            report=report,
+            counts={s: len(a.paths) for s, a in arrays.items()},
+            seconds=time.perf_counter() - start,
+            spec=spec,
+        )
 
 
 def run_audit(

@@ -246,7 +246,10 @@ def _replace_dir(new: Path, target: Path) -> None:
         except OSError:
             os.rename(backup, target)
             raise
-        shutil.rmtree(backup, ignore_errors=True)
+        if backup.is_symlink():  # --force on a linked store: the link goes, its folder stays
+            backup.unlink()
+        else:
+            shutil.rmtree(backup, ignore_errors=True)
     fsync_dir(target.parent)
 
 
@@ -691,44 +694,69 @@ def open_model_store(settings: Any, model: Any) -> Store:
     command given a checkpoint reads (evaluate, calibrate, export, ensemble).
 
     `paths.processed_dir` when a settings file, the environment or --set names it; else the
-    store the model was trained on (its own `paths.processed_dir`, looked up from here, then
-    from each folder above the checkpoint), then the default store. A store matches when it
-    holds the model's preprocessing spec, built with its `data` settings (TENSOR_KEYS). When
-    none does: one DataError (exit 3, as for any missing store: the checkpoint is fine, its
-    data is not here) whose fix builds a matching store without replacing any other.
+    first store that matches among: the model's own `paths.processed_dir` looked up from here,
+    then from each folder above the checkpoint (and above each ensemble member's source), the
+    default store, and their `NAME-*` siblings (where a fix said to build one). A store matches
+    when it holds the model's preprocessing spec, built with its `data` settings (TENSOR_KEYS),
+    and opens. When none does: one DataError (exit 3, as for any missing store: the checkpoint
+    is fine, its data is not here) whose fix builds a matching store without replacing any other.
     """
     from ctscan.settings import is_given
 
     trained = model.settings or {}
-    own = _own_store((trained.get("paths") or {}).get("processed_dir"), model.source)
+    data = trained.get("data") or {}
+    own = _found_above((trained.get("paths") or {}).get("processed_dir"), model)
     chosen = Path(settings.paths.processed_dir)
     named = is_given(settings, "paths.processed_dir")
-    found: dict[Path, str] = {}
-    for path in [chosen] if named or own is None else [own, chosen]:
-        what = f"'{path}'" + (" (the store it was trained on)" if path == own else "")
-        problem = _store_mismatch(path, model.spec, trained.get("data") or {}, what)
+    bases = [*own, chosen]
+    siblings = [s for b in bases for s in sorted(b.parent.glob(f"{b.name}-*")) if s.is_dir()]
+    pool = _unique([*bases, *siblings])
+    candidates, firsts = [chosen] if named else pool, [*own[:1], chosen]
+    problems: dict[Path, str] = {}
+    broken: DataError | None = None
+    for path in candidates:
+        named_by = " (its run's paths.processed_dir)" if path in own[:1] else ""
+        problem = _store_mismatch(path, model.spec, data, f"'{path}'{named_by}")
         if problem is None:
-            return open_store(path, expect_data=None)
-        found.setdefault(path.resolve(), problem)
-    own_ok = own is not None and _store_mismatch(own, model.spec, trained.get("data") or {}) is None
+            try:
+                return open_store(path, expect_data=None, command=_build(model, path))
+            except DataError as exc:  # corrupt, partial, raw images changed: try the next one
+                broken = broken or exc
+        elif path.is_dir() or path in firsts:
+            problems.setdefault(path.resolve(), problem)
+    if broken is not None:
+        raise broken
+    match = next((p for p in pool if p.is_dir() and _matches(p, model.spec, data)), None)
     raise DataError(
         f"checkpoint '{model.source}' takes images preprocessed as {_describe(model.spec)}, "
-        f"but {'; '.join(found.values())}.",
-        _model_store_fix(model, own, chosen, own_ok),
+        f"but {'; '.join(problems.values())}.",
+        _model_store_fix(model, own, chosen, match),
     )
 
 
-def _own_store(recorded: str | None, source: Path | str | None) -> Path | None:
-    """The store a checkpoint's settings name, found from here or a folder above the file."""
+def _found_above(recorded: str | None, model: Any) -> list[Path]:
+    """Where a path a checkpoint's settings record may be: as given (from here), then from each
+    folder above the checkpoint and above each ensemble member's source, nearest first."""
     if not recorded:
-        return None
+        return []
     path = Path(recorded)
-    if path.is_absolute() or path.is_dir() or source is None:
-        return path
-    for folder in Path(source).resolve().parents:
-        if (folder / path).is_dir():
-            return folder / path
-    return path
+    if path.is_absolute():
+        return [path]
+    sources = [model.source, *[m.get("source") for m in model.members or []]]
+    found = [path, *[f / path for s in sources if s for f in Path(s).resolve().parents]]
+    return _unique(found)
+
+
+def _unique(paths: Sequence[Path]) -> list[Path]:
+    """`paths` without those naming a folder named before (the first spelling is kept)."""
+    seen: dict[Path, Path] = {}
+    for path in paths:
+        seen.setdefault(path.resolve(), path)
+    return list(seen.values())
+
+
+def _matches(path: Path, spec: PreprocessSpec, data: Mapping[str, Any]) -> bool:
+    return _read_meta(path) is not None and _store_mismatch(path, spec, data) is None
 
 
 def _store_mismatch(
@@ -755,27 +783,42 @@ def _describe(spec: PreprocessSpec) -> str:
     return f"{spec.image_size} px, resize {spec.resize}, mean {spec.mean:.6g}, std {spec.std:.6g}"
 
 
-def _model_store_fix(model: Any, own: Path | None, chosen: Path, own_ok: bool) -> str:
-    """Use the model's own store, or build one where no store is, with the model's settings."""
+def _run_file(model: Any) -> Path | None:
+    """The `settings.toml` beside the checkpoint (or an ensemble member): its run's settings."""
     sources = [model.source, *[m.get("source") for m in model.members or []]]
     files = [Path(s).parent / "settings.toml" for s in sources if s]
-    run = next((quote(str(f)) for f in files if f.is_file()), None)  # RUN/settings.toml
-    if own_ok:
-        use = f"`-s {run}` (its run's settings), or " if run else ""
-        return f"use the store it was trained on: pass {use}`--set paths.processed_dir={own}`."
-    spec, data = model.spec, (model.settings or {}).get("data") or {}
-    build = (
-        f"{PREPROCESS} -s {run}"
-        if run
-        else (
+    return next((f.resolve() for f in files if f.is_file()), None)
+
+
+def _build(model: Any, out: Path) -> str:
+    """The preprocess command that builds the model's store at `out`: its run's settings (or
+    its `data` settings), with absolute paths, so it works from any folder."""
+    spec, trained = model.spec, model.settings or {}
+    data, run = trained.get("data") or {}, _run_file(model)
+    if run is not None:
+        command = f"{PREPROCESS} -s {quote(str(run))}"
+        raws = _found_above((trained.get("paths") or {}).get("raw_dir"), model)
+        raw = next((p for p in raws if p.is_dir()), None)
+        if raw is not None and not raws[0].is_absolute():  # recorded relative to its project
+            command += f" --set paths.raw_dir={quote(str(raw.resolve()))}"
+    else:
+        command = (
             f"{PREPROCESS} --set data.image_size={spec.image_size} --set data.resize={spec.resize}"
             + (f" --set data.on_leak={data['on_leak']}" if "on_leak" in data else "")
         )
+    return f"{command} --out {quote(str(out.resolve()))}"
+
+
+def _model_store_fix(model: Any, own: list[Path], chosen: Path, match: Path | None) -> str:
+    """Use a store that matches the model, or build one where no store is (absolute paths:
+    a run's settings.toml records paths relative to the folder it was trained in)."""
+    if match is not None:
+        where = quote(str(match.resolve()))
+        return f"use a store that holds its images: pass `--set paths.processed_dir={where}`."
+    taken = next((p for p in own if p.exists()), None if own else chosen)
+    target = _free_folder(taken, f"{model.spec.image_size}") if taken else own[0]
+    then = f"--set paths.processed_dir={quote(str(target.resolve()))}"
+    return (
+        f"build its store where no other store is: `{_build(model, target)}`, then run this "
+        f"again with `{then}`."
     )
-    target = own if own is not None and not own.exists() else None
-    if target is None:
-        target = _free_folder(own or chosen, f"{spec.image_size}")
-    if run is None or target != own:
-        build += f" --out {quote(str(target))}"
-    then = f"-s {run}" if run and target == own else f"--set paths.processed_dir={target}"
-    return f"build its store where no other store is: `{build}`, then run this again with `{then}`."
