@@ -301,6 +301,18 @@ def _split_arrays(
     return arrays
 
 
+def _spec(data: Any, train_images: np.ndarray) -> PreprocessSpec:
+    """The preprocessing spec of a new store: the data settings and the train split's mean/std."""
+    mean, std = mean_std(train_images)
+    return PreprocessSpec(
+        image_size=int(data.image_size),
+        resize=data.resize,
+        mean=mean,
+        std=std,
+        class_names=CLASS_NAMES,
+    )
+
+
 def run_preprocess(
     settings: Any,
     raw_dir: Path | str | None = None,
@@ -353,17 +365,8 @@ def run_preprocess(
             s: {c: int((a.labels == i).sum()) for i, c in enumerate(CLASS_NAMES)}
             for s, a in arrays.items()
         }
-        mean, std = mean_std(arrays["train"].images)
-        spec = PreprocessSpec(
-            image_size=int(data.image_size),
-            resize=data.resize,
-            mean=mean,
-            std=std,
-            class_names=CLASS_NAMES,
-        )
-        data_dict = data.model_dump(mode="json") if hasattr(data, "model_dump") else vars(data)
-        data_dict = dict(data_dict)
-        data_dict["on_bad_file"] = on_bad
+        spec = _spec(data, arrays["train"].images)
+        data_dict = {**data.model_dump(mode="json"), "on_bad_file": on_bad}
         store_dir = write_store(
             out_dir,
             arrays,
