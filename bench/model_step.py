@@ -34,13 +34,12 @@ from typing import Any
 
 import numpy as np
 
-from ctscan.data.store import open_store
+from ctscan.data.store import open_model_store
 from ctscan.engine.checkpoint import file_sha256, load_model, read_checkpoint
 from ctscan.inference import open_predictor
 from ctscan.inference.predictor import session_options
 from ctscan.ops.export import (
     calibration_images,
-    check_store_spec,
     compare,
     export_metadata,
     int8_refusal,
@@ -192,8 +191,7 @@ def main() -> None:
     base = [*args.overrides, "train.device=cpu", "train.precision=fp32"]
     settings = load_settings(args.settings, [*base, f"train.threads={max(args.threads)}"])
     ckpt = read_checkpoint(args.checkpoint)
-    store = open_store(settings.paths.processed_dir, expect_data=None)
-    check_store_spec(ckpt, store)
+    store = open_model_store(settings, ckpt)  # the store the checkpoint was trained on
     test = store.split("test")
     images, labels = np.ascontiguousarray(test.images.numpy()), test.labels.numpy()
     reference = open_predictor(args.checkpoint, settings=settings, backend="torch").logits(images)
