@@ -16,6 +16,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,19 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture
+def kept(project: Path, tmp_path: Path) -> Iterator[Path]:
+    """The run's own store moved aside for the test (and put back after it, whatever the test
+    left at its place): where the test may build, break or leave out a store of that name."""
+    store, aside = project / "outputs" / "processed-tiny", tmp_path / "kept"
+    shutil.move(store, aside)
+    try:
+        yield aside
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
+        shutil.move(aside, store)
+
+
 def test_a_recipe_checkpoint_works_with_the_default_settings(project: Path) -> None:
     default_meta = (project / DEFAULT_META).read_bytes()
     best = str(RUN / "best.pt")
@@ -119,28 +133,23 @@ def test_a_named_store_that_does_not_fit_says_which_store_does(project: Path) ->
 
 
 def test_a_checkpoint_whose_store_is_gone_gets_a_fix_that_works(
-    project: Path, tmp_path: Path
+    project: Path, kept: Path, tmp_path: Path
 ) -> None:
     store = project / "outputs" / "processed-tiny"
-    shutil.move(store, tmp_path / "kept")
-    try:
-        settings, raw = project / RUN / "settings.toml", project / "data" / "chest-ctscan-images"
-        for command in ("evaluate", "export"):  # one condition, one exit code
-            line = refused(ctscan(project, command, str(RUN / "best.pt")))
-            assert "no processed store is at 'outputs/processed-tiny' (its run's" in line
-            assert "the store at 'outputs/processed' holds 160 px" in line
-            assert line.endswith(
-                f"`ctscan preprocess -s {settings} --set paths.raw_dir={raw} --out {store}`, "
-                "then run this again with "
-                f"`--set paths.processed_dir={store}`."
-            )
-        elsewhere = tmp_path / "elsewhere"  # absolute paths: the fix works from any folder
-        elsewhere.mkdir()
-        ok(ctscan(elsewhere, *shlex.split(line.split("`")[1])[1:], "-q"))
-        ok(ctscan(project, "evaluate", str(RUN / "best.pt"), "--json"))
-    finally:
-        shutil.rmtree(store, ignore_errors=True)
-        shutil.move(tmp_path / "kept", store)
+    settings, raw = project / RUN / "settings.toml", project / "data" / "chest-ctscan-images"
+    for command in ("evaluate", "export"):  # one condition, one exit code
+        line = refused(ctscan(project, command, str(RUN / "best.pt")))
+        assert "no processed store is at 'outputs/processed-tiny' (its run's" in line
+        assert "the store at 'outputs/processed' holds 160 px" in line
+        assert line.endswith(
+            f"`ctscan preprocess -s {settings} --set paths.raw_dir={raw} --out {store}`, "
+            "then run this again with "
+            f"`--set paths.processed_dir={store}`."
+        )
+    elsewhere = tmp_path / "elsewhere"  # absolute paths: the fix works from any folder
+    elsewhere.mkdir()
+    ok(ctscan(elsewhere, *shlex.split(line.split("`")[1])[1:], "-q"))
+    ok(ctscan(project, "evaluate", str(RUN / "best.pt"), "--json"))
 
 
 def test_preprocess_replaces_a_store_of_other_settings_only_with_force(project: Path) -> None:
@@ -239,49 +248,41 @@ def test_given_the_run_settings_elsewhere_the_fix_is_one_absolute_path(
 
 
 def test_a_store_built_where_the_fix_said_is_found(
-    project: Path, here: Path, tmp_path: Path
+    project: Path, kept: Path, here: Path, tmp_path: Path
 ) -> None:
     model, store = (
         read_checkpoint(project / RUN / "best.pt"),
         project / "outputs" / "processed-tiny",
     )
-    shutil.move(store, tmp_path / "kept")
+    shutil.copytree(project / "outputs" / "processed", store)  # 160 px under its name
+    with pytest.raises(DataError) as err:
+        open_model_store(load_settings(), model)
+    free = project / "outputs" / "processed-tiny-32"
+    assert f"--out {free}`" in err.value.fix and "the store it was trained on" not in str(err)
+    shutil.copytree(kept, free)  # as `ctscan preprocess ... --out FREE` does
     try:
-        shutil.copytree(project / "outputs" / "processed", store)  # 160 px under its name
-        with pytest.raises(DataError) as err:
-            open_model_store(load_settings(), model)
-        free = project / "outputs" / "processed-tiny-32"
-        assert f"--out {free}`" in err.value.fix and "the store it was trained on" not in str(err)
-        shutil.copytree(tmp_path / "kept", free)  # as `ctscan preprocess ... --out FREE` does
         assert open_model_store(load_settings(), model).path.resolve() == free
     finally:
-        shutil.rmtree(store)
-        shutil.rmtree(project / "outputs" / "processed-tiny-32", ignore_errors=True)
-        shutil.move(tmp_path / "kept", store)
+        shutil.rmtree(free)
 
 
 def test_a_partial_store_gets_a_fix_that_names_its_settings(
-    project: Path, here: Path, tmp_path: Path
+    project: Path, kept: Path, here: Path, tmp_path: Path
 ) -> None:
     model, store = (
         read_checkpoint(project / RUN / "best.pt"),
         project / "outputs" / "processed-tiny",
     )
-    shutil.move(store, tmp_path / "kept")
-    try:
-        shutil.copytree(tmp_path / "kept", store)
-        (store / "index.json").unlink()
-        with pytest.raises(DataError, match="corrupt or partial") as err:
-            open_model_store(load_settings(), model)
-        run, raw = project / RUN / "settings.toml", project / "data" / "chest-ctscan-images"
-        assert (
-            err.value.fix
-            == f"run `ctscan preprocess -s {run} --set paths.raw_dir={raw} --out {store}` to "
-            "rebuild the processed store."
-        )
-    finally:
-        shutil.rmtree(store)
-        shutil.move(tmp_path / "kept", store)
+    shutil.copytree(kept, store)
+    (store / "index.json").unlink()
+    with pytest.raises(DataError, match="corrupt or partial") as err:
+        open_model_store(load_settings(), model)
+    run, raw = project / RUN / "settings.toml", project / "data" / "chest-ctscan-images"
+    assert (
+        err.value.fix
+        == f"run `ctscan preprocess -s {run} --set paths.raw_dir={raw} --out {store}` to "
+        "rebuild the processed store."
+    )
 
 
 def test_an_ensemble_outside_the_project_finds_its_members_store(project: Path, away: Path) -> None:
