@@ -18,8 +18,10 @@ MLflow run opened, or reopened by its recorded id) is `engine.tracking.open_trac
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -31,9 +33,21 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _STOPS: list[int] = []  # the stop signals this process received and has not acted on yet
 
 
+SAME_STOP_S = 1.0  # a stop this soon after the last is the same stop (a double Ctrl-C)
+_LAST_STOP = [-math.inf]  # when the last stop was received (time.monotonic)
+
+
 def on_stop(signum: int, frame: object) -> None:
-    """The handler of Ctrl-C and SIGTERM: remember the stop, unwind as Ctrl-C does."""
+    """The handler of Ctrl-C and SIGTERM: remember the stop, unwind as Ctrl-C does.
+
+    A second stop within SAME_STOP_S of one not acted on yet is remembered but raises nothing:
+    raised, it would cut the first one's unwinding (its cleanup, its stopped line and the
+    continue command in it) in half."""
+    now, pending = time.monotonic(), bool(_STOPS)
     _STOPS.append(signum)
+    if pending and now - _LAST_STOP[0] < SAME_STOP_S:
+        return
+    _LAST_STOP[0] = now
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 

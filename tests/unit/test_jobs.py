@@ -59,6 +59,24 @@ def test_a_stop_unwinds_is_remembered_and_a_swallowed_one_acts_at_the_next_step(
     assert str(line).endswith("Fix: continue with `ctscan train ...`.")
 
 
+def test_a_second_stop_right_after_the_first_does_not_cut_its_unwinding(
+    ctscan_handlers: None,
+) -> None:
+    """SIGTERM, then Ctrl-C 20 ms later while the first still unwinds (a double stop, a
+    supervisor's two signals): the first stop's unwinding goes on (exit 143 and its continue
+    line, not the bare Ctrl-C line); the second is remembered."""
+    with pytest.raises(KeyboardInterrupt) as err:  # Terminated is one: caught either way
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        finally:  # the job's cleanup and stopped line run here
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    assert type(err.value) is Terminated  # not the second stop's KeyboardInterrupt
+    assert stop_received() == signal.SIGTERM
+    assert stopped("train", Terminated(), "").exit_code == 143
+
+
 def test_a_stop_inside_a_critical_step_acts_after_it(ctscan_handlers: None) -> None:
     done = []
     with pytest.raises(Terminated), critical():
