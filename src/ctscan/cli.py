@@ -635,11 +635,16 @@ def _interrupt_in(exc: BaseException) -> KeyboardInterrupt | None:
     return None
 
 
-def _stopped_exit(exc: BaseException | None, why: str) -> NoReturn:
+def _stopped_exit(exc: BaseException | None, why: str, *, again: bool = True) -> NoReturn:
+    """The stop's line for a command that stopped without a line of its own (a job prints its
+    own continue command); `again`: the command did not finish, so its continue is itself."""
+    import shlex
+
     from ctscan.jobs import ignore_stops, stopped
 
     ignore_stops()
-    sys.exit(report(stopped("", exc, why)))
+    fix = f"run it again: `{shlex.join(['ctscan', *sys.argv[1:]])}`." if again else None
+    sys.exit(report(stopped("", exc, why, fix)))
 
 
 def main() -> None:
@@ -666,7 +671,9 @@ def main() -> None:
             _stopped_exit(interrupt, "")
         if stop_received() is not None and getattr(exc, "code", None) in (0, None):
             _stopped_exit(
-                None, " (it landed where it could not act; the command had done its work)"
+                None,
+                " (it landed where it could not act; the command had done its work)",
+                again=False,
             )
         raise
     except Exception:

@@ -4,6 +4,7 @@ the same command then writes the whole store."""
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -79,7 +80,10 @@ def test_ctrl_c_during_the_pool_is_one_line_exit_130_and_leaves_nothing(tmp_path
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert "Traceback" not in err and "ForkPoolWorker" not in err, err
-    assert err.strip() == "ctscan: interrupted: stopped by Ctrl-C.", err  # main() (cli.py)
+    command = shlex.join(["ctscan", "preprocess", str(raw), "--out", str(out), "--quiet"])
+    assert err.strip() == (  # main() (cli.py): the continue of a preprocess is itself
+        f"ctscan: interrupted: stopped by Ctrl-C. Fix: run it again: `{command}`."
+    ), err
     assert proc.returncode == 130
     assert list(work.iterdir()) == []  # no store, no `.processed.tmp-*` left behind
     again = subprocess.run(  # the continue of a preprocess: the same command, from the start

@@ -134,7 +134,9 @@ def test_ctrl_c_outside_training_is_one_line_exit_130() -> None:
         "def boom(*a, **k):\n    raise KeyboardInterrupt\nsettings.load_settings = boom\n"
     )
     assert proc.returncode == 130, proc.stderr
-    assert proc.stderr.strip() == "ctscan: interrupted: stopped by Ctrl-C."
+    assert proc.stderr.strip() == (
+        "ctscan: interrupted: stopped by Ctrl-C. Fix: run it again: `ctscan settings show`."
+    )
 
 
 def _swallowing(stop: str, then: str) -> str:
@@ -189,7 +191,9 @@ def test_a_second_stop_while_exiting_is_ignored() -> None:
         "settings.load_settings = stopped\n"
     )
     assert proc.returncode == 130, proc.stderr
-    assert proc.stderr.strip() == "ctscan: interrupted: stopped by Ctrl-C."
+    assert proc.stderr.strip() == (
+        "ctscan: interrupted: stopped by Ctrl-C. Fix: run it again: `ctscan settings show`."
+    )
 
 
 @pytest.mark.parametrize("handler", ["default", "ignored", "outside the main thread"])
