@@ -115,10 +115,7 @@ def settings_show(
     from ctscan.settings import public_dict, to_toml
 
     settings = _settings(settings_files, overrides)
-    if as_json:
-        typer.echo(json.dumps(public_dict(settings), indent=2))
-    else:
-        typer.echo(to_toml(settings), nl=False)
+    _emit(public_dict(settings), as_json, to_toml(settings).removesuffix("\n"))
 
 
 @app.command()
