@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -33,7 +34,6 @@ SettingsFiles = Annotated[
         "--settings",
         "-s",
         help="TOML settings file or recipe name in settings/ (repeatable; later files win).",
-        show_default=False,
     ),
 ]
 Overrides = Annotated[
@@ -41,13 +41,16 @@ Overrides = Annotated[
     typer.Option(
         "--set",
         help="Override one setting, e.g. --set train.lr=3e-4 (repeatable; beats env and files).",
-        show_default=False,
     ),
 ]
 RawDir = Annotated[Path | None, typer.Argument(help="Raw Kaggle folder (default: paths.raw_dir).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Plain log lines, no live display.")]
 Device = Annotated[str | None, typer.Option(help="auto | cpu | cuda.")]
 ResultJson = Annotated[bool, typer.Option("--json", help="The result as JSON on stdout.")]
+Checkpoint = Annotated[Path, typer.Argument(help="Checkpoint file (.pt) written by train.")]
+ModelName = Annotated[
+    str | None, typer.Option(help="cnn | cnn_gap | resnet18 | efficientnet_lite0.")
+]
 
 
 def _version(value: bool) -> None:
@@ -90,10 +93,16 @@ def _console(stderr: bool = True) -> Any:
     return Console(stderr=stderr)
 
 
-def _warn(warnings: list[str]) -> None:
-    """Each warning as one plain line on stderr."""
+def _emit(data: Any, as_json: bool, *shown: Any, warnings: Sequence[str] = ()) -> None:
+    """Warnings on stderr as plain lines, then on stdout `data` as JSON, or else each of
+    `shown` (a Rich renderable, or a string echoed as is: paths must not be wrapped)."""
     for warning in warnings:
         _console().print(f"warning: {warning}", markup=False, highlight=False)
+    for item in [json.dumps(data, indent=2)] if as_json else shown:
+        if isinstance(item, str):
+            typer.echo(item)
+        else:
+            _console(stderr=False).print(item)
 
 
 @settings_app.command("show")
@@ -103,15 +112,10 @@ def settings_show(
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of TOML.")] = False,
 ) -> None:
     """Print the fully resolved settings (defaults < files < env < --set)."""
-    from ctscan.settings import to_toml
+    from ctscan.settings import public_dict, to_toml
 
     settings = _settings(settings_files, overrides)
-    if as_json:
-        from ctscan.settings import public_dict
-
-        typer.echo(json.dumps(public_dict(settings), indent=2))
-    else:
-        typer.echo(to_toml(settings), nl=False)
+    _emit(public_dict(settings), as_json, to_toml(settings).removesuffix("\n"))
 
 
 @app.command()
@@ -166,7 +170,7 @@ def preprocess(
 @app.command()
 def audit(
     raw_dir: RawDir = None,
-    as_json: Annotated[bool, typer.Option("--json", help="The audit as JSON on stdout.")] = False,
+    as_json: ResultJson = False,
     settings_files: SettingsFiles = None,
     overrides: Overrides = None,
 ) -> None:
@@ -174,23 +178,13 @@ def audit(
     from ctscan.data.preprocess import run_audit
     from ctscan.render import render_summary
 
-    settings = _settings(
-        settings_files,
-        overrides,
-        **{"paths.raw_dir": raw_dir},
-    )
-    report_ = run_audit(settings)
-    if as_json:
-        typer.echo(json.dumps(report_.to_dict(), indent=2))
-    else:
-        _console(stderr=False).print(render_summary(report_))
+    audit_report = run_audit(_settings(settings_files, overrides, **{"paths.raw_dir": raw_dir}))
+    _emit(audit_report.to_dict(), as_json, render_summary(audit_report))
 
 
 @app.command()
 def train(
-    model: Annotated[
-        str | None, typer.Option(help="cnn | cnn_gap | resnet18 | efficientnet_lite0.")
-    ] = None,
+    model: ModelName = None,
     device: Device = None,
     epochs: Annotated[int | None, typer.Option(help="Number of epochs.")] = None,
     out: Annotated[
@@ -253,9 +247,9 @@ def train(
 
 @app.command()
 def evaluate(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file (.pt) written by train.")],
+    checkpoint: Checkpoint,
     split: Annotated[str, typer.Option(help="test | valid | train.")] = "test",
-    as_json: Annotated[bool, typer.Option("--json", help="Metrics as JSON on stdout.")] = False,
+    as_json: ResultJson = False,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -273,22 +267,17 @@ def evaluate(
 
     settings = _settings(settings_files, overrides, **{"train.device": device})
     result = run_evaluation(settings, checkpoint, split=split, out_dir=out)
-    _warn(result["warnings"])
-    if as_json:
-        typer.echo(json.dumps(result, indent=2))
-    else:
-        _console(stderr=False).print(render_report(result))
+    _emit(result, as_json, render_report(result), warnings=result["warnings"])
 
 
 @app.command()
 def calibrate(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file (.pt) written by train.")],
+    checkpoint: Checkpoint,
     out: Annotated[
         Path | None,
         typer.Option(
             "--out",
             help="Write the calibrated checkpoint here (default: rewrite CHECKPOINT in place).",
-            show_default=False,
         ),
     ] = None,
     as_json: ResultJson = False,
@@ -302,12 +291,8 @@ def calibrate(
 
     settings = _settings(settings_files, overrides, **{"train.device": device})
     result = run_calibrate(settings, checkpoint, out=out).to_dict()
-    _warn(result["warnings"])
-    if as_json:
-        typer.echo(json.dumps(result, indent=2))
-    else:
-        _console(stderr=False).print(render_calibration(result))
-        typer.echo(result["checkpoint"])
+    shown = (render_calibration(result), result["checkpoint"])
+    _emit(result, as_json, *shown, warnings=result["warnings"])
 
 
 @app.command()
@@ -317,21 +302,17 @@ def ensemble(
         typer.Argument(
             help="Checkpoints (.pt), run folders (their best.pt) or a `train --folds K` folder "
             "(its fold models).",
-            show_default=False,
         ),
     ],
     out: Annotated[
         Path,
-        typer.Option(
-            "--out", help="The ensemble checkpoint to write (.pt, a new file).", show_default=False
-        ),
+        typer.Option("--out", help="The ensemble checkpoint to write (.pt, a new file)."),
     ],
     tta: Annotated[
         list[str] | None,
         typer.Option(
             "--tta",
             help="Test-time views averaged with the image itself: hflip, vflip (repeatable).",
-            show_default=False,
         ),
     ] = None,
     as_json: ResultJson = False,
@@ -344,16 +325,11 @@ def ensemble(
 
     settings = _settings(settings_files, overrides, **{"train.device": device})
     result = build_ensemble(settings, members, out=out, flips=tuple(tta or ()))
-    _warn(result.warnings)
-    if as_json:
-        typer.echo(json.dumps(result.to_dict(), indent=2))
-        return
-    views = " + ".join(("image", *result.flips))
-    members_text = ", ".join(
-        f"{m['model_name']} (T {m['temperature']:.3g})" for m in result.members
-    )
-    typer.echo(f"{len(result.members)} member(s) x {views}: {members_text}", err=True)
-    typer.echo(str(result.checkpoint))
+    _emit(result.to_dict(), as_json, str(result.checkpoint), warnings=result.warnings)
+    if not as_json:
+        views = " + ".join(("image", *result.flips))
+        each = ", ".join(f"{m['model_name']} (T {m['temperature']:.3g})" for m in result.members)
+        typer.echo(f"{len(result.members)} member(s) x {views}: {each}", err=True)
 
 
 @app.command()
@@ -363,7 +339,6 @@ def predict(
         typer.Argument(
             help="Image files or folders (searched recursively): PNG, JPEG, BMP, TIFF, WebP, "
             "DICOM.",
-            show_default=False,
         ),
     ],
     model: Annotated[
@@ -373,7 +348,6 @@ def predict(
             "-m",
             help="A checkpoint (.pt), an ONNX file from `ctscan export` (.onnx) or an MLflow "
             "model URI (models:/ctscan-classifier@champion, runs:/<id>/model).",
-            show_default=False,
         ),
     ],
     as_json: Annotated[
@@ -404,13 +378,13 @@ def predict(
         predictions_csv,
         run_predict,
     )
-    from ctscan.render import ProgressBar, render_predictions
+    from ctscan.render import progress_bar, render_predictions
 
     settings = _settings(settings_files, overrides, **{"train.device": device})
     predictor = open_predictor(model, settings=settings, backend=backend)
     files = collect_inputs(paths)
-    with ProgressBar(len(files), enabled=not quiet and not as_json and len(files) > 1) as bar:
-        predictions = run_predict(predictor, files, explain_dir=explain, progress=bar.advance)
+    with progress_bar(len(files), enabled=not quiet and not as_json and len(files) > 1) as advance:
+        predictions = run_predict(predictor, files, explain_dir=explain, progress=advance)
     if csv_file is not None:
         data = predictions_csv(predictions, predictor.class_names)
         atomic_write(_writable_file(csv_file, "--csv file"), lambda fh: fh.write(data))
@@ -432,7 +406,6 @@ def serve(
         typer.Argument(
             help="A checkpoint (.pt), an ONNX file (.onnx) or an MLflow model URI "
             "(models:/ctscan-classifier@champion).",
-            show_default=False,
         ),
     ],
     host: Annotated[str | None, typer.Option(help="Address to bind (default: serve.host).")] = None,
@@ -475,17 +448,13 @@ def _writable_file(path: Path, what: str) -> Path:
 
 @app.command()
 def profile(
-    model: Annotated[
-        str | None, typer.Option(help="cnn | cnn_gap | resnet18 | efficientnet_lite0.")
-    ] = None,
+    model: ModelName = None,
     device: Device = None,
     steps: Annotated[
         int,
         typer.Option(
             min=1,
-            help="Training steps to record, after 1 wait and 1 warmup step (2 on CUDA) "
-            "(default: 5).",
-            show_default=False,
+            help="Training steps to record, after 1 wait and 1 warmup step (2 on CUDA).",
         ),
     ] = 5,
     out: Annotated[
@@ -513,13 +482,12 @@ def profile(
 
 @app.command()
 def export(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file (.pt) written by train.")],
+    checkpoint: Checkpoint,
     format_: Annotated[
         str,
         typer.Option(
             "--format",
-            help="onnx | pt2 | all (all: onnx and pt2) (default: onnx).",
-            show_default=False,
+            help="onnx | pt2 | all (all: onnx and pt2).",
         ),
     ] = "onnx",
     int8: Annotated[
@@ -536,7 +504,6 @@ def export(
             "--out",
             help="The file for one format, a folder for all (default: beside the checkpoint: "
             "best.onnx, best.int8.onnx, best.pt2).",
-            show_default=False,
         ),
     ] = None,
     triton: Annotated[
@@ -545,7 +512,6 @@ def export(
             "--triton",
             help="Also lay out a Triton model repository here: <name>/1/model.onnx, "
             "config.pbtxt, labels.txt.",
-            show_default=False,
         ),
     ] = None,
     settings_files: SettingsFiles = None,
@@ -557,10 +523,8 @@ def export(
 
     settings = _settings(settings_files, overrides)
     result = run_export(settings, checkpoint, fmt=format_, int8=int8, out=out, triton_dir=triton)
-    _warn(result.warnings)
-    _console(stderr=False).print(render_parity(result))
-    for path in result.paths:
-        typer.echo(str(path))
+    shown = (render_parity(result), *(str(path) for path in result.paths))
+    _emit(None, False, *shown, warnings=result.warnings)
     if result.error is not None:
         raise result.error
 
@@ -572,7 +536,6 @@ def sweep(
         typer.Argument(
             help="Sweep spec (TOML): the settings to search, the metric, base settings "
             "(docs/sweep.md); or its name in settings/sweeps/.",
-            show_default=False,
         ),
     ],
     trials: Annotated[
@@ -581,7 +544,6 @@ def sweep(
             min=1,
             help="Finished trials the study should hold; a rerun continues up to it "
             "(default: the spec's trials).",
-            show_default=False,
         ),
     ] = None,
     name: Annotated[
@@ -602,7 +564,6 @@ def sweep(
             help="The Optuna study's database: sqlite:///PATH, or a PostgreSQL URL "
             "(postgresql+psycopg://USER@HOST/DB) that sweeps on many machines join "
             "(default: paths.runs_dir/optuna.db).",
-            show_default=False,
         ),
     ] = None,
     overrides: Overrides = None,

@@ -1,10 +1,7 @@
 """Files and folders the user names: checked with one clear error, written atomically, locked.
 
-Every command that writes into a folder the user chose (`--out`, `paths.*`) goes through
-`ensure_dir` first, so a path that names a file, lies under a file or cannot be written ends in
-one `CtscanError` line instead of an OSError traceback. `atomic_write` is the one temp file +
-fsync + rename writer; `remove_stale_temps` cleans what a killed writer left; `folder_lock`
-is the one lock (a run folder, a cross-validation, the MLflow SQLite store).
+`ensure_dir` (every folder a command writes into), `atomic_write` (the one temp file + fsync +
+rename writer) and `folder_lock` (the one lock) turn OS errors into one `CtscanError` line.
 """
 
 from __future__ import annotations
@@ -28,14 +25,6 @@ TEMP_SUFFIX = ".tmp"
 log = logging.getLogger(__name__)
 
 
-def file_above(path: Path) -> Path | None:
-    """The nearest existing thing above `path` if it is a file (not a folder), else None."""
-    for above in Path(path).parents:
-        if above.exists() or above.is_symlink():
-            return None if above.is_dir() else above
-    return None
-
-
 def folder_problem(path: Path | str, *, create: bool = True) -> str | None:
     """Why `path` cannot be a folder to write in ("is a file, ...", "lies under ..."), or None.
 
@@ -44,8 +33,8 @@ def folder_problem(path: Path | str, *, create: bool = True) -> str | None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         return "is a file, not a folder"
-    blocker = file_above(path)
-    if blocker is not None:
+    blocker = next((p for p in path.parents if p.exists() or p.is_symlink()), None)
+    if blocker is not None and not blocker.is_dir():
         return f"lies under '{blocker}', which is a file, not a folder"
     if not create:
         return None
@@ -187,20 +176,46 @@ def folder_lock(
     `wait` seconds, or fail with one line.
 
     The one lock of ctscan: run, cross-validation and sweep folders (no wait: a second process
-    is refused), the MLflow SQLite store (`<db>.lock`, waited for: processes that start together
-    take turns at its migrations). An advisory `flock`: it goes away with the process, also
-    after SIGKILL, so a crashed run never leaves the folder locked. The lock file is removed on
-    release (a killed process leaves it behind, unlocked and harmless). Removal is safe against
-    a process that opened the old file just before: whoever takes the lock checks that the path
-    still names the file it locked, and starts again if not. Without fcntl (Windows), or where
-    the file system cannot lock (ENOLCK on some network mounts), no lock is taken.
+    is refused), the MLflow SQLite store (waited for: processes that start together take turns
+    at its migrations). An advisory `flock` goes away with its process, even after SIGKILL. The
+    lock file is removed on release; whoever takes the lock checks that the path still names
+    the file it locked. No lock without fcntl (Windows) or where the file system cannot lock.
     """
+    lock_path = Path(folder) / name
+    fh = _take_lock(lock_path, folder, what, error, wait)
+    if fh is None:
+        yield
+        return
+    import fcntl
+
+    with fh:
+        text = fh.read().strip()
+        if text and not _LOCK_TEXT.fullmatch(text):  # not left by a ctscan process: not ours
+            raise error(
+                f"'{lock_path}' is not a ctscan lock file (it holds other text).",
+                f"move it away, or choose another {what}.",
+            )
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            if _names_open_file(lock_path, fh):  # not if renamed or replaced meanwhile
+                with contextlib.suppress(OSError):
+                    lock_path.unlink()  # still held: a later opener finds no file, or a new one
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _take_lock(
+    lock_path: Path, folder: Path, what: str, error: type[CtscanError], wait: float
+) -> IO | None:
+    """`lock_path` opened and flock-ed (None where no lock can be taken), or one error line."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not on Linux/macOS
-        yield
-        return
-    lock_path = Path(folder) / name
+        return None
     deadline = time.monotonic() + wait
     while True:
         fh = _open_lock(lock_path, what, error)
@@ -225,29 +240,10 @@ def folder_lock(
         except OSError as exc:  # ENOLCK: this file system cannot lock
             fh.close()
             log.warning("cannot lock %s (%s): no lock", lock_path, exc.strerror or exc)
-            yield
-            return
+            return None
         if _names_open_file(lock_path, fh):
-            break
+            return fh
         fh.close()  # its holder removed it as we locked it: lock the file the path names now
-    with fh:
-        text = fh.read().strip()
-        if text and not _LOCK_TEXT.fullmatch(text):  # not left by a ctscan process: not ours
-            raise error(
-                f"'{lock_path}' is not a ctscan lock file (it holds other text).",
-                f"move it away, or choose another {what}.",
-            )
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()}")
-        fh.flush()
-        try:
-            yield
-        finally:
-            if _names_open_file(lock_path, fh):  # not if renamed or replaced meanwhile
-                with contextlib.suppress(OSError):
-                    lock_path.unlink()  # still held: a later opener finds no file, or a new one
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 _LOCK_TEXT = re.compile(r"pid \d+")

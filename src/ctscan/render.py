@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ctscan import CLASS_NAMES
@@ -11,6 +13,16 @@ from ctscan.data.audit import SAME_PICTURE_MAD, AuditReport, DroppedImage
 
 if TYPE_CHECKING:
     from ctscan.ops.export import ExportResult
+
+
+def _table(title: str, columns: Sequence[str], *, left: int = 1, **options: Any) -> Any:
+    """A Rich table: the first `left` columns aligned left, the others (numbers) right."""
+    from rich.table import Table
+
+    table = Table(title=title, **options)
+    for i, name in enumerate(columns):
+        table.add_column(name, justify="left" if i < left else "right")
+    return table
 
 
 def _examples(items: Sequence[str], n: int = 3) -> str:
@@ -44,36 +56,18 @@ def render_summary(report: AuditReport) -> Any:
 
 
 def _counts_table(report: AuditReport) -> Any:
-    from rich.table import Table
-
-    counts = Table(title="Images per split and class")
-    counts.add_column("split")
-    classes = list(CLASS_NAMES) + [
-        c for s in report.counts.values() for c in s if c not in CLASS_NAMES
-    ]
-    for name in classes:
-        counts.add_column(name, justify="right")
-    counts.add_column("total", justify="right")
-    for split, per_class in report.counts.items():
-        kept = (report.kept_counts or {}).get(split, {})
-        cells = []
-        for name in [*classes, "total"]:
-            n = sum(per_class.values()) if name == "total" else per_class.get(name, 0)
-            if report.kept_counts is not None:
-                k = sum(kept.values()) if name == "total" else kept.get(name, 0)
-                cells.append(f"{k} (-{n - k})" if k != n else str(n))
-            else:
-                cells.append(str(n))
-        counts.add_row(split, *cells)
+    classes = list(dict.fromkeys([*CLASS_NAMES, *(c for s in report.counts.values() for c in s)]))
+    counts = _table("Images per split and class", ["split", *classes, "total"])
+    for split, per_class in report.counts.items():  # "kept (-dropped)" where on_leak dropped
+        kept = per_class if report.kept_counts is None else report.kept_counts.get(split, {})
+        pairs = [(per_class.get(name, 0), kept.get(name, 0)) for name in classes]
+        pairs.append((sum(per_class.values()), sum(kept.values())))
+        counts.add_row(split, *(f"{k} (-{n - k})" if k != n else str(n) for n, k in pairs))
     return counts
 
 
 def _files_table(report: AuditReport) -> Any:
-    from rich.table import Table
-
-    files = Table(title="Files")
-    files.add_column("property")
-    files.add_column("values")
+    files = _table("Files", ["property", "values"], left=2)
     files.add_row("modes", ", ".join(f"{k}: {v}" for k, v in report.modes.items()))
     files.add_row("formats", ", ".join(f"{k}: {v}" for k, v in report.formats.items()))
     if report.size_range:
@@ -93,14 +87,11 @@ def _files_table(report: AuditReport) -> Any:
 
 
 def _findings_table(report: AuditReport) -> Any:
-    from rich.table import Table
-
-    findings = Table(
-        title="Findings",
+    findings = _table(
+        "Findings",
+        ["finding", "count"],
         caption="every list in full: `ctscan audit --json`, or audit.json in the store",
     )
-    findings.add_column("finding")
-    findings.add_column("count", justify="right")
     findings.add_column("example")
     findings.add_row(
         "bad files",
@@ -147,82 +138,72 @@ def _findings_table(report: AuditReport) -> Any:
     return findings
 
 
-def _debiased_rows(values: Sequence[dict[str, Any] | None]) -> list[list[str]]:
-    """Table rows of `ece_debiased` dicts (engine/metrics.py), one column each: the estimate,
-    its 95 % interval and what the interval says of the target ('-' where None)."""
+def _ece_rows(
+    debiased: Sequence[dict[str, Any] | None], floors: Sequence[dict[str, Any] | None] = ()
+) -> list[list[str]]:
+    """Table rows under the ECE, one column per value ('-' where None): what a perfectly
+    calibrated model would read here (`ece_floor` dicts; no row without them), then the
+    debiased estimate (`ece_debiased`, engine/metrics.py), its 95 % interval and its verdict."""
     from ctscan.engine.metrics import ECE_TARGET
 
     said = {True: "met", False: "missed", None: "cannot tell"}
-    return [
-        ["  ece debiased", *(f"{v['estimate']:.4f}" if v else "-" for v in values)],
+    rows = [
+        ["  ece debiased", *(f"{v['estimate']:.4f}" if v else "-" for v in debiased)],
         [
             "  its 95% interval",
-            *(f"{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}" if v else "-" for v in values),
+            *(f"{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}" if v else "-" for v in debiased),
         ],
         [
             f"  {ECE_TARGET:g} target by it",
-            *(said[v["meets_target"]] if v else "-" for v in values),
+            *(said[v["meets_target"]] if v else "-" for v in debiased),
         ],
     ]
+    if floors:
+        floor = (f"{f['median']:.4f}, {f['p95']:.4f}" if f else "-" for f in floors)
+        rows.insert(0, ["  ece if calibrated (median, p95)", *floor])
+    return rows
+
+
+def _number(value: Any) -> str:
+    return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def render_report(result: dict[str, Any]) -> Any:
     """Rich tables: summary, per-class metrics and the confusion matrix."""
     from rich.console import Group
-    from rich.table import Table
 
-    def fmt(v: Any) -> str:
-        return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
-
-    def floor(metrics: dict[str, Any]) -> str:
-        value = metrics.get("ece_floor")
-        return "-" if not value else f"{value['median']:.4f}, {value['p95']:.4f}"
-
-    summary = Table(title=f"{result['model_name']} on {result['split']} ({result['n']} images)")
-    summary.add_column("metric")
-    summary.add_column("all", justify="right")
-    summary.add_column(f"leak-free (-{result['leak_free_excluded']})", justify="right")
+    title = f"{result['model_name']} on {result['split']} ({result['n']} images)"
     lf = result.get("leak_free") or {}
-    for key in (
-        "accuracy",
-        "balanced_accuracy",
-        "macro_f1",
-        "weighted_f1",
-        "macro_roc_auc",
-        "ece",
-        "log_loss",
+    summary = _table(title, ["metric", "all", f"leak-free (-{result['leak_free_excluded']})"])
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "macro_roc_auc"):
+        summary.add_row(key, _number(result.get(key)), _number(lf.get(key)))
+    summary.add_row("ece", _number(result.get("ece")), _number(lf.get("ece")))
+    for row in _ece_rows(
+        [result.get("ece_debiased"), lf.get("ece_debiased")],
+        [result.get("ece_floor"), lf.get("ece_floor")],
     ):
-        summary.add_row(key, fmt(result.get(key)), fmt(lf.get(key)))
-        if key == "ece":  # what a perfectly calibrated model would read on this many images
-            summary.add_row("  ece if calibrated (median, p95)", floor(result), floor(lf))
-            for row in _debiased_rows([result.get("ece_debiased"), lf.get("ece_debiased")]):
-                summary.add_row(*row)
-    per_class = Table(title="per class")
-    for col in ("class", "precision", "recall", "f1", "support"):
-        per_class.add_column(col, justify="left" if col == "class" else "right")
+        summary.add_row(*row)
+    summary.add_row("log_loss", _number(result.get("log_loss")), _number(lf.get("log_loss")))
+    per_class = _table("per class", ["class", "precision", "recall", "f1", "support"])
     for name, row in result["per_class"].items():
         per_class.add_row(
-            name, fmt(row["precision"]), fmt(row["recall"]), fmt(row["f1"]), str(row["support"])
+            name, *(_number(row[k]) for k in ("precision", "recall", "f1", "support"))
         )
     names = result["class_names"]
-    cm = Table(title="confusion matrix (rows: true, columns: predicted)")
-    cm.add_column("")
-    for name in names:
-        cm.add_column(name[:12], justify="right")
+    cm = _table("confusion matrix (rows: true, columns: predicted)", ["", *(n[:12] for n in names)])
     for name, row in zip(names, result["confusion_matrix"], strict=True):
         cm.add_row(name, *(str(v) for v in row))
     parts: list[Any] = [summary, per_class, cm]
     if result.get("calibration"):
-        parts.append(render_calibration_effect(result["calibration"], result["split"]))
+        parts.append(_calibration_effect(result["calibration"], result["split"]))
     if result.get("outputs"):
         parts.append(f"report files: {result['outputs']}")
     return Group(*parts)
 
 
-def render_calibration_effect(calibration: dict[str, Any], split: str) -> Any:
+def _calibration_effect(calibration: dict[str, Any], split: str) -> Any:
     """A Rich table: ECE and log-loss of the split before (T = 1) and after the temperature."""
     from rich.markup import escape
-    from rich.table import Table
 
     note = "accuracy and F1 do not depend on T (the argmax is unchanged)"
     if calibration.get("fitted_on_this_split"):
@@ -231,55 +212,44 @@ def render_calibration_effect(calibration: dict[str, Any], split: str) -> Any:
         note = "its members are calibrated one by one (a fold model's T is out of fold)"
     elif not calibration.get("fit_attempted"):
         note = "`ctscan calibrate CHECKPOINT` fits T on the validation split"
-    table = Table(
-        title=f"calibration on {split}",
+    after = f"after (T = {calibration['temperature']:.4g})"
+    table = _table(
+        f"calibration on {split}",
+        ["metric", "before (T = 1)", after],
         caption=f"{escape(str(calibration['text']))}; {note}",
         title_justify="left",
     )
-    table.add_column("metric")
-    table.add_column("before (T = 1)", justify="right")
-    table.add_column(f"after (T = {calibration['temperature']:.4g})", justify="right")
-    for key in ("ece", "log_loss"):
-        table.add_row(key, f"{calibration['before'][key]:.4f}", f"{calibration['after'][key]:.4f}")
-        if key == "ece":
-            for row in _debiased_rows(
-                [calibration[k]["ece_debiased"] for k in ("before", "after")]
-            ):
-                table.add_row(*row)
+    before_after = [calibration[k] for k in ("before", "after")]
+    table.add_row("ece", *(f"{m['ece']:.4f}" for m in before_after))
+    for row in _ece_rows([m["ece_debiased"] for m in before_after]):
+        table.add_row(*row)
+    table.add_row("log_loss", *(f"{m['log_loss']:.4f}" for m in before_after))
     return table
 
 
 def render_calibration(result: dict[str, Any]) -> Any:
     """A Rich table for `ctscan calibrate`: the temperature and the validation metrics it moved."""
     from rich.markup import escape
-    from rich.table import Table
 
     report = result["calibration"]
     notes = [str(report["note"])] if report.get("note") else []
     if result["previous_temperature"] != 1.0:
         notes.append(f"the checkpoint held T = {result['previous_temperature']:.4g} before")
-    table = Table(
-        title=f"{report['split']}: {report['n']} images, {report['status']}",
+    table = _table(
+        f"{report['split']}: {report['n']} images, {report['status']}",
+        ["", "T = 1", f"T = {result['temperature']:.4g}"],
         caption=escape("; ".join(notes)) or None,
         title_justify="left",
     )
-    table.add_column("")
-    table.add_column("T = 1", justify="right")
-    table.add_column(f"T = {result['temperature']:.4g}", justify="right")
     for key in ("ece", "log_loss"):  # log_loss is the NLL that T minimises
         before, after = report.get(f"{key}_before"), report.get(f"{key}_after")
         if before is None or after is None:
             continue
         table.add_row(key, f"{before:.4f}", f"{after:.4f}")
-        floors = report.get("ece_floor_before"), report.get("ece_floor_after")
-        if key == "ece" and all(floors):  # what a perfectly calibrated model would read here
-            table.add_row(
-                "  ece if calibrated (median, p95)",
-                *(f"{f['median']:.4f}, {f['p95']:.4f}" for f in floors if f),
-            )
         if key == "ece":
+            floors = [report.get("ece_floor_before"), report.get("ece_floor_after")]
             debiased = [report.get("ece_debiased_before"), report.get("ece_debiased_after")]
-            for row in _debiased_rows(debiased):
+            for row in _ece_rows(debiased, floors if all(floors) else ()):
                 table.add_row(*row)
     return table
 
@@ -287,19 +257,17 @@ def render_calibration(result: dict[str, Any]) -> Any:
 def render_parity(result: ExportResult) -> Any:
     """A Rich table: each format's max |logit difference| vs eager, agreement and accuracy."""
     from rich.markup import escape
-    from rich.table import Table
 
     opset = f", ONNX opset {result.opset}" if result.opset else ""
-    table = Table(
-        title=f"{result.model_name}: parity with the eager checkpoint on {result.n_test} test "
+    table = _table(
+        f"{result.model_name}: parity with the eager checkpoint on {result.n_test} test "
         f"images{opset}",
+        ["format", "file", "max |Δlogit|", "agreement", "accuracy"],
+        left=2,
         title_justify="left",
     )
-    table.add_column("format", no_wrap=True)
-    table.add_column("file", no_wrap=True)
-    table.add_column("max |Δlogit|", justify="right")
-    table.add_column("agreement", justify="right")
-    table.add_column("accuracy", justify="right")
+    for column in table.columns[:2]:
+        column.no_wrap = True
     table.add_column("status")
     for row in result.parity:
         status = "reference" if row.format == "eager" else ("ok" if row.accepted else row.note)
@@ -316,22 +284,18 @@ def render_parity(result: ExportResult) -> Any:
 
 def render_predictions(predictions: Sequence[Any], predictor: Any) -> Any:
     """A Rich table: one row per input with its label, confidence and class probabilities."""
-    from rich.console import Group
     from rich.markup import escape
-    from rich.table import Table
 
     info = predictor.info
     names = list(predictor.class_names)
-    table = Table(
-        title=f"{info.name} ({info.format}, {info.backend}) sha256 {info.sha256[:12]}, "
+    table = _table(
+        f"{info.name} ({info.format}, {info.backend}) sha256 {info.sha256[:12]}, "
         f"{escape(info.calibration)}",
+        ["file", "label", "confidence", *(name[:12] for name in names)],
+        left=2,
         caption="probabilities per class (softmax(logits / T)); failed files give the reason",
     )
-    table.add_column("file", overflow="fold")
-    table.add_column("label")
-    table.add_column("confidence", justify="right")
-    for name in names:
-        table.add_column(name[:12], justify="right")
+    table.columns[0].overflow = "fold"
     for p in predictions:
         if p.error is not None:
             table.add_row(escape(str(p.path)), "[red]error[/red]", "", escape(p.error))
@@ -343,56 +307,32 @@ def render_predictions(predictions: Sequence[Any], predictor: Any) -> Any:
             f"{p.confidence:.3f}",
             *(f"{probs[n]:.3f}" for n in names),
         )
-    return Group(table)
+    return table
 
 
-class ProgressBar:
-    """A Rich progress bar on stderr for many files (nothing when disabled or not a terminal)."""
+@contextlib.contextmanager
+def progress_bar(total: int, *, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """A Rich progress bar on stderr (none when disabled or not a terminal); yields `advance(n)`."""
+    from rich.console import Console
+    from rich.progress import Progress
 
-    def __init__(self, total: int, *, enabled: bool) -> None:
-        import sys
-
-        self.total = total
-        self.enabled = enabled and sys.stderr.isatty()
-        self._bar: Any = None
-        self._task: Any = None
-
-    def __enter__(self) -> ProgressBar:
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import Progress
-
-            self._bar = Progress(console=Console(stderr=True), transient=True)
-            self._bar.start()
-            self._task = self._bar.add_task("predict", total=self.total)
-        return self
-
-    def advance(self, n: int) -> None:
-        """`n` more files done."""
-        if self._bar is not None:
-            self._bar.update(self._task, advance=n)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.stop()
+    shown = enabled and sys.stderr.isatty()
+    with Progress(console=Console(stderr=True), transient=True, disable=not shown) as bar:
+        task = bar.add_task("predict", total=total)
+        yield lambda n: bar.update(task, advance=n)
 
 
 def render_profile(summary: dict[str, Any], rows: int = 10) -> Any:
     """A Rich table of the top operators by self CPU time (and self CUDA time on CUDA)."""
     from rich.markup import escape
-    from rich.table import Table
 
     cuda = summary["device"].startswith("cuda")
-    table = Table(
-        title=f"{summary['model']} on {summary['device']}: top operators by self CPU time",
+    table = _table(
+        f"{summary['model']} on {summary['device']}: top operators by self CPU time",
+        ["operator", "calls", "self CPU ms", *(["self CUDA ms"] if cuda else []), "CPU MiB"],
         title_justify="left",
     )
-    table.add_column("operator", overflow="fold")
-    table.add_column("calls", justify="right")
-    table.add_column("self CPU ms", justify="right")
-    if cuda:
-        table.add_column("self CUDA ms", justify="right")
-    table.add_column("CPU MiB", justify="right")
+    table.columns[0].overflow = "fold"
     for op in summary["top_ops"][:rows]:
         cells = [escape(op["name"]), str(op["calls"]), f"{op['self_cpu_ms']:.2f}"]
         if cuda:
@@ -405,24 +345,19 @@ def render_profile(summary: dict[str, Any], rows: int = 10) -> Any:
 def render_sweep(summary: dict[str, Any]) -> Any:
     """A Rich table of a sweep's trials: state, parameters, metric, epochs, seconds; best marked."""
     from rich.markup import escape
-    from rich.table import Table
 
     metric, keys = summary["metric"], summary["param_keys"]
     best = (summary.get("best") or {}).get("number")
     counts = ", ".join(f"{n} {state}" for state, n in sorted(summary["counts"].items()))
-    table = Table(
-        title=f"sweep {escape(summary['study'])}: {counts or 'no trials'} "
+    table = _table(
+        f"sweep {escape(summary['study'])}: {counts or 'no trials'} "
         f"(wanted {summary['trials_wanted']} finished; {metric}, {summary['direction']})",
+        ["#", "state", *(escape(key) for key in keys), metric, "epochs", "seconds"],
+        left=0,
         caption=escape(f"study {summary['optuna_storage']}; runs {summary['sweep_folder']}"),
         title_justify="left",
     )
-    table.add_column("#", justify="right")
-    table.add_column("state")
-    for key in keys:
-        table.add_column(escape(key), justify="right")
-    table.add_column(metric, justify="right")
-    table.add_column("epochs", justify="right")
-    table.add_column("seconds", justify="right")
+    table.columns[1].justify = "left"
     table.add_column("note", overflow="fold")
     for row in summary["trials"]:
         params = [row["params"].get(key) for key in keys]

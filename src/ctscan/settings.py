@@ -25,7 +25,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from ctscan.errors import SettingsError, close_matches
 
@@ -342,20 +347,6 @@ class Settings(BaseSettings):
     _given: frozenset[str] = PrivateAttr(default=frozenset())
 
 
-class _FileSource(PydanticBaseSettingsSource):
-    """Values merged from the TOML settings files."""
-
-    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]) -> None:
-        super().__init__(settings_cls)
-        self._data = data
-
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        return self._data.get(field_name), field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        return self._data
-
-
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     """Return `base` updated by `update`, merging nested dicts key by key."""
     merged = dict(base)
@@ -367,27 +358,28 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def resolve_settings_file(name: str | Path) -> Path:
-    """A path to a TOML file, or a recipe name looked up as settings/<name>.toml."""
+def find_toml(
+    name: str | Path,
+    folder: Path = RECIPE_DIR,
+    *,
+    what: str = "settings file",
+    listed: str = "Recipes",
+    fix: str = "pass an existing TOML file or a recipe name to --settings.",
+) -> Path:
+    """A TOML file named by its path, or by NAME as FOLDER/NAME.toml (a recipe, a sweep spec)."""
     path = Path(name)
     if path.is_file():
         return path
-    recipe = RECIPE_DIR / f"{name}.toml"
-    if path.suffix == "" and recipe.is_file():
-        return recipe
+    named = folder / f"{name}.toml"
+    if path.suffix == "" and named.is_file():
+        return named
     if path.is_dir():
         inside = sorted(str(p) for p in path.glob("*.toml"))[:5]
         hint = f" TOML files in it: {', '.join(inside)}." if inside else ""
-        raise SettingsError(
-            f"settings file '{name}' is a directory; a TOML file is expected.{hint}",
-            "pass a TOML file (or a recipe name) to --settings, not a folder.",
-        )
-    recipes = sorted(p.stem for p in RECIPE_DIR.glob("*.toml")) if RECIPE_DIR.is_dir() else []
-    hint = f" Recipes in {RECIPE_DIR}/: {', '.join(recipes)}." if recipes else ""
-    raise SettingsError(
-        f"settings file '{name}' does not exist.{hint}",
-        "pass an existing TOML file or a recipe name to --settings.",
-    )
+        raise SettingsError(f"{what} '{name}' is a directory; a TOML file is expected.{hint}", fix)
+    names = sorted(p.stem for p in folder.glob("*.toml")) if folder.is_dir() else []
+    hint = f" {listed} in {folder}/: {', '.join(names)}." if names else ""
+    raise SettingsError(f"{what} '{name}' does not exist.{hint}", fix)
 
 
 def read_settings_file(path: Path) -> dict[str, Any]:
@@ -445,12 +437,6 @@ def _section_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return [k for k, f in current.model_fields.items() if not f.exclude] if is_model else []
 
 
-def env_name(dotted: str) -> str:
-    """The environment variable that sets `section.key`: CTSCAN_SECTION__KEY."""
-    section, _, key = dotted.partition(".")
-    return f"{ENV_PREFIX}{section.upper()}__{key.upper()}"
-
-
 def _env_value(section: str, key: str) -> str | None:
     """The environment variable that sets section.key, as pydantic-settings reads it.
 
@@ -460,7 +446,7 @@ def _env_value(section: str, key: str) -> str | None:
     import json
 
     by_name = {var.upper(): var for var in os.environ}
-    var = by_name.get(env_name(f"{section}.{key}"))
+    var = by_name.get(f"{ENV_PREFIX}{section.upper()}__{key.upper()}")
     if var is not None:
         return var
     var = by_name.get(f"{ENV_PREFIX}{section.upper()}")
@@ -514,23 +500,14 @@ def explain(
     """One message for a pydantic validation error of `model` (the settings tree, a sweep
     spec): each key, its value (not a whole table) and where it was set; close matches for
     unknown keys and values."""
-    lines = []
-    named = True  # every line names its own source: no list of all sources at the end
+    lines: list[str] = []
     conflict_keys: set[str] = set()
+    named = True  # every line names its own source: no list of all sources at the end
     only_conflicts = True
     for err in exc.errors():
         loc = tuple(err["loc"])
         dotted = ".".join(str(p) for p in loc)
-        if err["type"] == "extra_forbidden":
-            # full dotted names (train.lr, not lr), and the one source that holds the key
-            prefix = "".join(f"{p}." for p in loc[:-1])
-            hint = close_matches(dotted, [prefix + k for k in _section_keys(model, loc)])
-            source = _source_of(loc, cli, files, origins)
-            lines.append(
-                f"unknown {what} '{dotted}'.{hint}" + (f" (from {source})" if source else "")
-            )
-            named, only_conflicts = named and bool(source), False
-        elif isinstance(conflict := (err.get("ctx") or {}).get("error"), KeysConflict):
+        if isinstance(conflict := (err.get("ctx") or {}).get("error"), KeysConflict):
             # a check across keys fails at the section: name each key, its value and source
             parts = []
             for key, value in conflict.values.items():
@@ -538,18 +515,24 @@ def explain(
                 parts.append(f"'{dotted}.{key}' = {value!r} (from {source})")
                 conflict_keys.add(f"{dotted}.{key}")
             lines.append(f"{', '.join(parts)}: {conflict}")
+            continue
+        only_conflicts = False
+        source = _source_of(loc, cli, files, origins)
+        named = named and bool(source)
+        if err["type"] == "extra_forbidden":  # full dotted names (train.lr, not lr)
+            prefix = "".join(f"{p}." for p in loc[:-1])
+            hint = close_matches(dotted, [prefix + k for k in _section_keys(model, loc)])
+            line = f"unknown {what} '{dotted}'.{hint}"
         else:
-            only_conflicts = False
             msg = str(err["msg"]).removeprefix("Value error, ")
             if err["type"] == "literal_error":
                 expected = re.findall(r"'([^']*)'", err["ctx"]["expected"])
                 if hint := close_matches(str(err.get("input")), expected):
                     msg += "." + hint
-            source = _source_of(loc, cli, files, origins)
-            named = named and bool(source)
             value = err.get("input")
-            shown = f"'{dotted}'" + ("" if isinstance(value, dict) else f" = {value!r}")
-            lines.append(f"{shown}: {msg}" + (f" (from {source})" if source else ""))
+            shown = "" if isinstance(value, dict) else f" = {value!r}"  # a value, not a table
+            line = f"'{dotted}'{shown}: {msg}"
+        lines.append(line + (f" (from {source})" if source else ""))
     error = SettingsError(
         "; ".join(lines) + ("" if named or not sources else f" (from {sources})"),
         "see `ctscan settings show` for every key and its current value.",
@@ -592,7 +575,7 @@ def load_settings(
     `origins` names, for an override's dotted key, how the user gave it (a command flag such as
     "--epochs", a sweep spec's table) for error messages; others read "--set KEY".
     """
-    paths = [resolve_settings_file(f) for f in files]
+    paths = [find_toml(f) for f in files]
     file_data: dict[str, Any] = {}
     per_file = [(path, read_settings_file(path)) for path in paths]
     for _, data in per_file:
@@ -610,7 +593,7 @@ def load_settings(
             dotenv_settings: PydanticBaseSettingsSource,
             file_secret_settings: PydanticBaseSettingsSource,
         ) -> tuple[PydanticBaseSettingsSource, ...]:
-            return (init_settings, env_settings, _FileSource(settings_cls, file_data))
+            return (init_settings, env_settings, InitSettingsSource(settings_cls, file_data))
 
     where = ", ".join([str(p) for p in paths] + ["environment", "--set"])
     try:

@@ -13,9 +13,9 @@ from ctscan.errors import SettingsError
 from ctscan.settings import (
     Settings,
     deep_merge,
+    find_toml,
     load_settings,
     parse_overrides,
-    resolve_settings_file,
     to_toml,
 )
 
@@ -203,9 +203,9 @@ def test_missing_or_broken_files_are_errors(tmp_path: Path) -> None:
 
 def test_recipe_names_resolve_in_settings_dir(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)
-    assert resolve_settings_file("cnn-cuda") == Path("settings/cnn-cuda.toml")
+    assert find_toml("cnn-cuda") == Path("settings/cnn-cuda.toml")
     with pytest.raises(SettingsError, match=r"Recipes in settings/: .*cnn-cuda"):
-        resolve_settings_file("cnn-cudaa")
+        find_toml("cnn-cudaa")
 
 
 def test_every_recipe_file_loads(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -335,7 +335,7 @@ def test_a_directory_given_as_settings_file_says_so(tmp_path: Path) -> None:
     (folder / "mine.toml").write_text("[train]\nepochs = 2\n")
     for name in (folder, f"{folder}/"):
         with pytest.raises(SettingsError, match="is a directory; a TOML file is expected") as err:
-            resolve_settings_file(name)
+            find_toml(name)
         assert "does not exist" not in str(err.value)
         assert str(folder / "mine.toml") in str(err.value)  # what it could have meant
 

@@ -37,10 +37,10 @@ from ctscan.settings import (
     TrainSettings,
     deep_merge,
     explain,
+    find_toml,
     load_settings,
     parse_overrides,
     read_settings_file,
-    resolve_settings_file,
     toml_value,
 )
 
@@ -276,19 +276,8 @@ def parse_spec(data: dict[str, Any], path: Path) -> SweepSpec:
 
 def find_spec(name: str | Path) -> Path:
     """A spec file path, or a name looked up as settings/sweeps/<name>.toml."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    named = SPEC_DIR / f"{name}.toml"
-    if path.suffix == "" and named.is_file():
-        return named
-    what = "is a folder" if path.is_dir() else "does not exist"
-    specs = sorted(p.stem for p in SPEC_DIR.glob("*.toml")) if SPEC_DIR.is_dir() else []
-    hint = f" Specs in {SPEC_DIR}/: {', '.join(specs)}." if specs else ""
-    raise SettingsError(
-        f"sweep spec '{name}' {what}.{hint}",
-        f"pass a sweep spec TOML file or its name in {SPEC_DIR}/ (e.g. cpu-smoke).",
-    )
+    fix = f"pass a sweep spec TOML file or its name in {SPEC_DIR}/ (e.g. cpu-smoke)."
+    return find_toml(name, SPEC_DIR, what="sweep spec", listed="Specs", fix=fix)
 
 
 def load_spec(name: str | Path) -> SweepSpec:
@@ -382,7 +371,7 @@ def _base_files(spec: SweepSpec) -> tuple[Path, ...]:
     for name in spec.settings:
         beside = spec.path.parent / name
         try:
-            path = beside if beside.is_file() else resolve_settings_file(name)
+            path = beside if beside.is_file() else find_toml(name)
         except SettingsError as exc:
             raise _spec_error(spec.path, f"[sweep] settings: {exc.message}", exc.fix) from None
         if path.resolve() == spec.path.resolve():
