@@ -127,10 +127,10 @@ class CvResult:
         }
 
 
-def experiment_fix(experiment: str) -> str:
-    """The fix when the cross-validation's parent run lives in another MLflow experiment."""
+def experiment_fix(experiment: str, new: str = "a new cross-validation (another --out)") -> str:
+    """The fix when a parent run (a cross-validation's, a sweep's) is in another experiment."""
     setting = shlex.quote(f"tracking.experiment={json.dumps(experiment)}")
-    return f"continue with --set {setting}, or start a new cross-validation (another --out)."
+    return f"continue with --set {setting}, or start {new}."
 
 
 def _default_dir(settings: Settings, k: int) -> Path:
