@@ -19,7 +19,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -113,18 +113,10 @@ class ExportResult:
     error: CtscanError | None = None  # an int8 refusal: raised by the CLI after the table
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready."""
-        return {
-            "checkpoint": str(self.checkpoint),
-            "model_name": self.model_name,
-            "n_test": self.n_test,
-            "opset": self.opset,
-            "parity": [row.to_dict() for row in self.parity],
-            "paths": [str(p) for p in self.paths],
-            "triton_model_dir": str(self.triton_model_dir) if self.triton_model_dir else None,
-            "warnings": self.warnings,
-            "error": str(self.error) if self.error else None,
-        }
+        """JSON-ready: the fields by name, paths and the error as text."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["parity"] = [row.to_dict() for row in self.parity]
+        return json.loads(json.dumps(data, default=str))
 
 
 # ---- planning and checks (before any work) -----------------------------------------------
@@ -383,14 +375,8 @@ def quantize_onnx(
         quantize_static,
     )
 
-    methods = {
-        "minmax": (CalibrationMethod.MinMax, {}),
-        "minmax-avg": (CalibrationMethod.MinMax, {"CalibMovingAverage": True}),
-        "percentile": (CalibrationMethod.Percentile, {}),
-        "entropy": (CalibrationMethod.Entropy, {}),
-    }
-    calibrate_method, extra_options = methods[method]
-
+    minmax = method.startswith("minmax")
+    calibrate_method = CalibrationMethod.MinMax if minmax else CalibrationMethod[method.title()]
     settings = {
         "method": "static",
         "format": "QDQ",
@@ -412,9 +398,7 @@ def quantize_onnx(
             str(path),
             # the histogram calibrators stack every batch's outputs: one image at a time keeps
             # the shapes equal (ONNX Runtime 1.32 fails on a shorter last batch)
-            _calibration_reader(
-                images, CALIBRATION_BATCH if calibrate_method == CalibrationMethod.MinMax else 1
-            ),
+            _calibration_reader(images, CALIBRATION_BATCH if minmax else 1),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             reduce_range=False,
@@ -422,7 +406,7 @@ def quantize_onnx(
             weight_type=QuantType.QInt8,
             calibrate_method=calibrate_method,
             nodes_to_exclude=fp32_node_names(onnx.load(str(prepared)), keep_fp32),
-            extra_options=extra_options,
+            extra_options={"CalibMovingAverage": method == "minmax-avg"},
         )
     finally:
         prepared.unlink(missing_ok=True)
