@@ -1,30 +1,13 @@
-"""Cross-validated selection: `ctscan train --folds K`.
+"""Cross-validated selection: `ctscan train --folds K` (docs/cv.md).
 
-The 72-image valid split says little about test (best valid accuracy 0.89 for models at 0.65 on
-test). With `--folds K` the train + valid images are cut into K folds grouped by picture (exact
-and near copies never straddle folds, data/folds.py) and stratified by class; one model per fold
-trains with the one training loop on the other K-1 folds and is selected (best epoch) on its
-held-out fold. The selection signal is the held-out metric of the K models (mean +- std) and the
-pooled out-of-fold predictions of all train + valid images.
-
-Then, in this order: the temperature is fitted on the pooled out-of-fold logits (more images than
-valid alone) and written into every fold's best.pt; only then, once, the test split is read: each
-fold model's test metrics (and leak-free ones), their mean +- std, and the accuracy of the K
-models' averaged probabilities.
-
-Layout (`--out`, default paths.runs_dir/cv<K>-<model>-s<seed>-<time>):
-    settings.toml      the settings as run (each fold's own folder has them with test and
-                       calibration off: the cross-validation does both)
-    folds.json         K, seed, the assignment's sha256, the held-out paths of every fold
-    fold-<k>/          a normal run folder (best.pt, last.pt, curves.png, ...) + fold.json
-    oof.json           the out-of-fold predictions (path, fold, label, probabilities)
-    cv.json            the summary (selection signal, calibration, test), also on stdout
-
-MLflow: one parent run (`cv<K>-...`, tag kind=cv) with the summary metrics; each fold is a child
-run under it (MLflow's parentRunId tag) holding its epochs. Interrupted (Ctrl-C, SIGTERM): the
-finished folds are kept; the same command with `--out` continues (a fold cut mid-way resumes
-from its last.pt). The fold models do not enter the model registry: the K models are a
-selection signal and an ensemble, not one deployable checkpoint (yet).
+The train + valid images are cut into K folds grouped by picture (data/folds.py) and stratified
+by class; one model per fold trains with the one training loop on the other K-1 folds and is
+selected on its held-out fold. Then, in this order: the out-of-fold predictions of all K models
+are pooled, the temperature is fitted on them and written into every fold's best.pt, and only
+then, once, the test split is read. The cross-validation folder holds settings.toml, folds.json
+(the assignment), fold-<k>/ (run folders + fold.json), oof.json and cv.json (the summary);
+MLflow one parent run with a child run per fold. A stop keeps the finished folds: the same
+command with `--out` continues.
 """
 
 from __future__ import annotations
@@ -127,10 +110,10 @@ class CvResult:
         }
 
 
-def experiment_fix(experiment: str) -> str:
-    """The fix when the cross-validation's parent run lives in another MLflow experiment."""
+def experiment_fix(experiment: str, new: str = "a new cross-validation (another --out)") -> str:
+    """The fix when a parent run (a cross-validation's, a sweep's) is in another experiment."""
     setting = shlex.quote(f"tracking.experiment={json.dumps(experiment)}")
-    return f"continue with --set {setting}, or start a new cross-validation (another --out)."
+    return f"continue with --set {setting}, or start {new}."
 
 
 def _default_dir(settings: Settings, k: int) -> Path:
@@ -139,8 +122,23 @@ def _default_dir(settings: Settings, k: int) -> Path:
     return settings.paths.runs_dir / name
 
 
-def _check_same_cv(cv_dir: Path, plan: FoldPlan, settings: Settings) -> dict[str, Any]:
-    """folds.json of an earlier (interrupted) run must match: same folds, same settings."""
+def _check_same_cv(cv_dir: Path, plan: FoldPlan, settings: Settings) -> dict[str, Any] | None:
+    """folds.json of an earlier (interrupted) run, which must match: same folds, same settings;
+    None for a new folder. A finished one or another's runs are refused."""
+    if (cv_dir / CV_FILE).is_file():  # exit 4, as the refusals of its settings below
+        raise CheckpointError(
+            f"'{cv_dir}' holds a finished cross-validation ({CV_FILE}); its test split "
+            "has been read.",
+            "choose another --out for a new one.",
+        )
+    if not (cv_dir / FOLDS_FILE).is_file():
+        if any(cv_dir.glob("fold-*")) or (cv_dir / "last.pt").exists():
+            raise CtscanError(
+                f"'{cv_dir}' holds runs but no {FOLDS_FILE}: it is not a cross-validation "
+                "folder ctscan can continue.",
+                "choose another --out.",
+            )
+        return None
     recorded = _read_json(
         cv_dir / FOLDS_FILE,
         ("k", "identity", "settings"),
@@ -371,21 +369,7 @@ def run_cv(
     cv_dir = out_dir or _default_dir(settings, k)
     refuse_reserved_out(cv_dir, settings)
     with folder_lock(ensure_dir(cv_dir, what="cross-validation folder"), what="cross-validation"):
-        recorded = None
-        if (cv_dir / CV_FILE).is_file():  # exit 4, as the refusals of its settings below
-            raise CheckpointError(
-                f"'{cv_dir}' holds a finished cross-validation ({CV_FILE}); its test split "
-                "has been read.",
-                "choose another --out for a new one.",
-            )
-        if (cv_dir / FOLDS_FILE).is_file():
-            recorded = _check_same_cv(cv_dir, plan, settings)
-        elif any(cv_dir.glob("fold-*")) or (cv_dir / "last.pt").exists():
-            raise CtscanError(
-                f"'{cv_dir}' holds runs but no {FOLDS_FILE}: it is not a cross-validation "
-                "folder ctscan can continue.",
-                "choose another --out.",
-            )
+        recorded = _check_same_cv(cv_dir, plan, settings)
         text = to_toml(settings).encode()  # what the user ran: the command to continue uses
         atomic_write(cv_dir / "settings.toml", lambda fh: fh.write(text))
         assignment = {**plan.to_dict(), "settings": public_dict(settings)}
@@ -544,16 +528,7 @@ def _pooled(
         test = _test(store, cv_dir, k, rt)
     elif settings.train.evaluate_test:
         say("note: the store's test split is empty: no test figures")
-    return CvResult(
-        run_dir=cv_dir,
-        k=k,
-        select_metric=metric,
-        folds=records,
-        selection=selection,
-        oof=oof,
-        calibration=calibration,
-        test=test,
-    )
+    return CvResult(cv_dir, k, metric, records, selection, oof, calibration, test)
 
 
 def _log(tracker: Any, result: CvResult, cv_dir: Path) -> None:

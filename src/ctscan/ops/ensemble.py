@@ -1,21 +1,11 @@
 """`ctscan ensemble`: several checkpoints (and test-time flips) written as one checkpoint.
 
-    ctscan ensemble outputs/runs/cv-x --out outputs/ensembles/cv-x/ensemble.pt     # the K folds
-    ctscan ensemble a/best.pt b/best.pt c/best.pt --out ens/seeds.pt --tta hflip   # seeds + a flip
-    ctscan ensemble outputs/runs/main/best.pt --out tta/main-hflip.pt --tta hflip  # one model + TTA
-
 The file is an ordinary best.pt of the checkpoint schema (model_name "ensemble", its members and
-flips recorded, engine/checkpoint.py), so `evaluate`, `predict`, `export`, `serve` and `calibrate`
-take it like any checkpoint. Each member keeps its own temperature; the ensemble's is 1 until
-`ctscan calibrate` fits one on top. Members must have been trained on the same preprocessing (the
-same store: image size, resize policy, mean/std, class names) and take the same input channels;
-a folder argument stands for the fold models of a cross-validation folder (fold-*/best.pt) or the
-best.pt of a run folder. The test split is not read here.
-
-Beside the file: reference_confidence.json, the ensemble's calibrated confidence on the train
-images (serve's drift reference), when `paths.processed_dir` holds the members' store. The
-ensemble gets a folder of its own: a run folder (one with best.pt / last.pt) is refused, since
-its reference belongs to the model trained there.
+flips recorded: engine/checkpoint.py), so every command that takes a checkpoint takes it; each
+member keeps its temperature, the ensemble's is 1 until `ctscan calibrate`. Members share the
+preprocessing and input channels; a folder stands for a cross-validation's fold-*/best.pt or a
+run's best.pt. Beside it, in a folder of its own: serve's drift reference, when the members'
+store is there. Examples and rules: docs/ensemble.md.
 """
 
 from __future__ import annotations

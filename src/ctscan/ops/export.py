@@ -1,35 +1,13 @@
 """`ctscan export`: a checkpoint as ONNX (fp32, static int8) and `.pt2`, checked against eager.
 
-Every file holds `LoadedModel.deployable()`: uint8 gray (B, 1, S, S) in, float32 logits (B, C)
-out, the spec's normalisation and the channel repeat inside, so a runtime needs only the decode
-and the resize (`ctscan.inference.read_image`). The batch axis is dynamic. The logits are the
-calibrated ones, the network's divided by the checkpoint's temperature T (softmax of them is
-what `ctscan predict` shows); the metadata names T (`temperature`, 1.0: uncalibrated).
-
-    best.onnx        torch.onnx.export(dynamo=True), opset OPSET, one file (no external data);
-                     `metadata_props["ctscan"]` = JSON (see `export_metadata`); onnx.checker'd
-    best.int8.onnx   onnxruntime.quantization: quant_pre_process, then static QDQ, per-channel
-                     int8 weights, uint8 activations, MinMax calibration on every train
-                     image of the processed store, averaged per batch; the stem conv stays fp32
-    best.pt2         torch.export.export + torch.export.save (the same JSON as extra file
-                     `ctscan.json`), read back with torch.export.load before it is kept
-
-Parity, on the test split of the processed store (whose spec must equal the checkpoint's):
-answers come from `open_predictor` (the checkpoint on torch, CPU fp32, as the reference; each
-ONNX file on ONNX Runtime), the .pt2 file from its `torch.export.load` module. A float32 file
-whose logits differ from eager by more than FP32_TOLERANCE is refused and nothing is written.
-The int8 file is refused (not written; the fp32 files are) when its argmax agrees with eager on
-fewer than INT8_MIN_AGREEMENT of the test images or its accuracy is more than
-INT8_MAX_ACCURACY_DROP below eager's.
-
-Writes: everything is made in a staging folder beside the targets (`.<name>.export-*.tmp`),
-checked there, then renamed into place; the staging folder is removed whatever happens. Into
-another folder than the checkpoint's, its reference_confidence.json (serve's drift reference)
-is copied too.
-`--triton DIR` lays out `DIR/<name>/1/model.onnx`, `config.pbtxt` and `labels.txt` from the
-accepted fp32 file: the layout Triton documents, the config parsed in the tests with Triton's own
-schema (tritonclient's `model_config_pb2.ModelConfig`) and its inputs and outputs checked against
-the ONNX graph (not run on a Triton server here).
+Every file holds `LoadedModel.deployable()`: uint8 gray (B, 1, S, S) in (dynamic batch), the
+calibrated float32 logits (B, C) out, normalisation and channel repeat inside; each carries
+`export_metadata` (ONNX: metadata_props["ctscan"], .pt2: the extra file `ctscan.json`). Each
+file is made in a staging folder beside its target, checked on the store's test split against
+the checkpoint on torch (CPU fp32), then renamed into place: a float32 file off by more than
+FP32_TOLERANCE stops the export (nothing written), an int8 one that fails the rule
+(`int8_refusal`) is left out. `--triton DIR` adds Triton's model repository layout. Formats,
+the parity rule and the int8 choices: docs/export.md.
 """
 
 from __future__ import annotations
@@ -41,7 +19,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,7 +43,7 @@ OPSET = 20  # ai.onnx opset: ONNX Runtime >= 1.17 (the floor of the [export] ext
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 PT2_EXTRA_FILE = f"{METADATA_KEY}.json"  # the same JSON in a .pt2 file's extra files
-EXAMPLE_BATCH = 2  # a batch of 1 would specialise the batch axis to 1
+EXAMPLE_BATCH = 2
 MAX_BATCH = 4096  # upper bound of the dynamic batch axis
 FP32_TOLERANCE = 1e-4  # max |logit difference| vs eager for a float32 export
 INT8_MIN_AGREEMENT = 0.98  # argmax agreement with eager on the test split
@@ -135,18 +113,10 @@ class ExportResult:
     error: CtscanError | None = None  # an int8 refusal: raised by the CLI after the table
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready."""
-        return {
-            "checkpoint": str(self.checkpoint),
-            "model_name": self.model_name,
-            "n_test": self.n_test,
-            "opset": self.opset,
-            "parity": [row.to_dict() for row in self.parity],
-            "paths": [str(p) for p in self.paths],
-            "triton_model_dir": str(self.triton_model_dir) if self.triton_model_dir else None,
-            "warnings": self.warnings,
-            "error": str(self.error) if self.error else None,
-        }
+        """JSON-ready: the fields by name, paths and the error as text."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["parity"] = [row.to_dict() for row in self.parity]
+        return json.loads(json.dumps(data, default=str))
 
 
 # ---- planning and checks (before any work) -----------------------------------------------
@@ -166,8 +136,6 @@ def plan_outputs(
     `all`: `out` is a folder (default: the checkpoint's). int8 goes beside the ONNX file as
     `<stem>.int8.onnx`.
     """
-    from ctscan.files import ensure_dir
-
     if fmt not in FORMATS:
         raise CtscanError(
             f"--format '{fmt}' is not one of {', '.join(FORMATS)}.", "use --format onnx."
@@ -278,16 +246,12 @@ def export_metadata(
     return meta
 
 
-def _example(size: int, batch: int = EXAMPLE_BATCH) -> torch.Tensor:
+def _example_and_dims(size: int) -> tuple[tuple[torch.Tensor], tuple[dict[int, Any]]]:
+    """An example batch (of 2: 1 would specialise the batch axis) and its dynamic batch axis."""
     import torch
 
-    return torch.zeros((batch, 1, size, size), dtype=torch.uint8)  # (B, 1, S, S) uint8
-
-
-def _batch_dim() -> Any:
-    import torch
-
-    return torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    example = torch.zeros((EXAMPLE_BATCH, 1, size, size), dtype=torch.uint8)  # (B, 1, S, S) uint8
+    return (example,), ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},)
 
 
 def write_onnx(deployable: torch.nn.Module, path: Path, *, size: int, meta: dict[str, Any]) -> int:
@@ -297,13 +261,14 @@ def write_onnx(deployable: torch.nn.Module, path: Path, *, size: int, meta: dict
     import onnx
     import torch
 
+    example, dims = _example_and_dims(size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             deployable,
-            (_example(size),),
+            example,
             dynamo=True,
-            dynamic_shapes=({0: _batch_dim()},),
+            dynamic_shapes=dims,
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
             opset_version=OPSET,
@@ -350,9 +315,8 @@ def write_pt2(deployable: torch.nn.Module, path: Path, *, size: int, meta: dict[
     """torch.export the deployable with a dynamic batch axis and save it (metadata as extra)."""
     import torch
 
-    program = torch.export.export(
-        deployable, (_example(size),), dynamic_shapes=({0: _batch_dim()},)
-    )
+    example, dims = _example_and_dims(size)
+    program = torch.export.export(deployable, example, dynamic_shapes=dims)
     torch.export.save(program, str(path), extra_files={PT2_EXTRA_FILE: json.dumps(meta)})
 
 
@@ -411,14 +375,8 @@ def quantize_onnx(
         quantize_static,
     )
 
-    methods = {
-        "minmax": (CalibrationMethod.MinMax, {}),
-        "minmax-avg": (CalibrationMethod.MinMax, {"CalibMovingAverage": True}),
-        "percentile": (CalibrationMethod.Percentile, {}),
-        "entropy": (CalibrationMethod.Entropy, {}),
-    }
-    calibrate_method, extra_options = methods[method]
-
+    minmax = method.startswith("minmax")
+    calibrate_method = CalibrationMethod.MinMax if minmax else CalibrationMethod[method.title()]
     settings = {
         "method": "static",
         "format": "QDQ",
@@ -440,9 +398,7 @@ def quantize_onnx(
             str(path),
             # the histogram calibrators stack every batch's outputs: one image at a time keeps
             # the shapes equal (ONNX Runtime 1.32 fails on a shorter last batch)
-            _calibration_reader(
-                images, CALIBRATION_BATCH if calibrate_method == CalibrationMethod.MinMax else 1
-            ),
+            _calibration_reader(images, CALIBRATION_BATCH if minmax else 1),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             reduce_range=False,
@@ -450,7 +406,7 @@ def quantize_onnx(
             weight_type=QuantType.QInt8,
             calibrate_method=calibrate_method,
             nodes_to_exclude=fp32_node_names(onnx.load(str(prepared)), keep_fp32),
-            extra_options=extra_options,
+            extra_options={"CalibMovingAverage": method == "minmax-avg"},
         )
     finally:
         prepared.unlink(missing_ok=True)
@@ -481,19 +437,12 @@ def _calibration_reader(images: np.ndarray, step: int) -> Any:
 
 
 def triton_config(
-    name: str,
-    *,
-    image_size: int,
-    num_classes: int,
-    max_batch_size: int = TRITON_MAX_BATCH,
-    queue_delay_us: int = TRITON_QUEUE_DELAY_US,
-    input_name: str = INPUT_NAME,
-    output_name: str = OUTPUT_NAME,
+    name: str, *, image_size: int, num_classes: int, max_batch_size: int = TRITON_MAX_BATCH
 ) -> str:
     """A Triton `config.pbtxt` for an exported ONNX file: uint8 (1, S, S) in, fp32 (C) out.
 
     Dims leave out the batch axis (max_batch_size > 0: Triton adds it); dynamic batching groups
-    requests up to `max_batch_size`, waiting at most `queue_delay_us` microseconds.
+    requests up to `max_batch_size`, waiting at most TRITON_QUEUE_DELAY_US microseconds.
     """
     if not _TRITON_NAME.match(name):
         raise CtscanError(
@@ -505,40 +454,24 @@ def triton_config(
             f"Triton max_batch_size {max_batch_size} is outside 1..{MAX_BATCH}.",
             f"use a value from 1 to {MAX_BATCH} (the exported batch axis allows up to that).",
         )
-    return (
-        f'name: "{name}"\n'
-        'platform: "onnxruntime_onnx"\n'
-        f"max_batch_size: {max_batch_size}\n"
-        "input [\n"
-        "  {\n"
-        f'    name: "{input_name}"\n'
-        "    data_type: TYPE_UINT8\n"
-        f"    dims: [ 1, {image_size}, {image_size} ]\n"
-        "  }\n"
-        "]\n"
-        "output [\n"
-        "  {\n"
-        f'    name: "{output_name}"\n'
-        "    data_type: TYPE_FP32\n"
-        f"    dims: [ {num_classes} ]\n"
-        '    label_filename: "labels.txt"\n'
-        "  }\n"
-        "]\n"
-        "dynamic_batching {\n"
-        f"  max_queue_delay_microseconds: {queue_delay_us}\n"
-        "}\n"
-    )
+    size, labels = f"{image_size}, {image_size}", 'label_filename: "labels.txt"'
+    return f"""name: "{name}"
+platform: "onnxruntime_onnx"
+max_batch_size: {max_batch_size}
+input [ {{ name: "{INPUT_NAME}" data_type: TYPE_UINT8 dims: [ 1, {size} ] }} ]
+output [ {{ name: "{OUTPUT_NAME}" data_type: TYPE_FP32 dims: [ {num_classes} ] {labels} }} ]
+dynamic_batching {{ max_queue_delay_microseconds: {TRITON_QUEUE_DELAY_US} }}
+"""
 
 
-def write_triton_layout(
-    repository: Path, onnx_path: Path, *, name: str, image_size: int, class_names: list[str]
-) -> Path:
+def write_triton_layout(repository: Path, onnx_path: Path, name: str, spec: Any) -> Path:
     """`repository/<name>/1/model.onnx` + `config.pbtxt` + `labels.txt`; returns the model folder.
 
     Each file is written atomically, with a new file's usual permissions (the server may run as
     another user); version 1 is replaced if it exists.
     """
-    config = triton_config(name, image_size=image_size, num_classes=len(class_names))
+    class_names = list(spec.class_names)
+    config = triton_config(name, image_size=spec.image_size, num_classes=len(class_names))
     model_dir = ensure_dir(repository / name, what="Triton model folder")
     version_dir = ensure_dir(model_dir / "1", what="Triton model version folder")
 
@@ -590,12 +523,6 @@ def int8_refusal(row: Parity, eager: Parity) -> str | None:
     return "; ".join(reasons) or None
 
 
-def _cpu_fp32(settings: Settings) -> Settings:
-    """The settings with the torch reference on the CPU in float32 (what exported files match)."""
-    train = settings.train.model_copy(update={"device": "cpu", "precision": "fp32"})
-    return settings.model_copy(update={"train": train})
-
-
 @contextlib.contextmanager
 def staging(folder: Path, name: str) -> Iterator[Path]:
     """A temporary folder inside `folder` (same file system: renames are atomic), removed after."""
@@ -604,6 +531,34 @@ def staging(folder: Path, name: str) -> Iterator[Path]:
         yield stage
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+@dataclass
+class _Reference:
+    """What each staged file is checked against: eager's logits on the test split."""
+
+    checkpoint: Path
+    ckpt: Checkpoint
+    sha256: str
+    settings: Settings  # the torch reference on the CPU in float32 (what exported files match)
+    images: np.ndarray  # (N, 1, S, S) uint8 test split
+    labels: np.ndarray
+    logits: np.ndarray  # eager's
+
+    def meta(self, fmt: str) -> dict[str, Any]:
+        return export_metadata(self.ckpt, checkpoint_sha256=self.sha256, fmt=fmt)
+
+    def compare(self, fmt: str, target: Path, path: Path | None = None) -> Parity:
+        """The parity row of the file at `path` (ONNX or .pt2; None: eager itself)."""
+        from ctscan.inference import open_predictor
+
+        if path is None:
+            logits = self.logits
+        elif path.suffix == ".pt2":
+            logits = pt2_logits(path, self.images)
+        else:
+            logits = open_predictor(path, settings=self.settings).logits(self.images)
+        return compare(fmt, target, logits, self.logits, self.labels)
 
 
 def run_export(
@@ -623,9 +578,7 @@ def run_export(
     and comes back as `result.error`, with the parity table still in the result.
     """
     from ctscan.data.store import open_model_store
-    from ctscan.engine.checkpoint import file_sha256, load_model, read_checkpoint
-    from ctscan.engine.runtime import configure_threads
-    from ctscan.inference import open_predictor
+    from ctscan.engine.checkpoint import load_model, read_checkpoint
 
     checkpoint = Path(checkpoint)
     ckpt = read_checkpoint(checkpoint)  # missing, a folder, broken: one CheckpointError
@@ -636,49 +589,29 @@ def run_export(
     if plan.onnx is not None:
         require_onnx_tools()
     store = open_model_store(settings, ckpt)
-    settings = _cpu_fp32(settings)
-    configure_threads(settings.train.threads, 1)
-
-    test = store.split("test")
-    images = np.ascontiguousarray(test.images.numpy())  # (N, 1, S, S) uint8
-    labels = test.labels.numpy()
-    reference = open_predictor(checkpoint, settings=settings, backend="torch").logits(images)
-    eager = compare("eager", checkpoint, reference, reference, labels)
-    rows = [eager]
-    sha, size = file_sha256(checkpoint), ckpt.spec.image_size
+    ref = _reference(settings, checkpoint, ckpt, store)
+    rows = [ref.compare("eager", checkpoint)]
     deployable = load_model(ckpt).deployable()
     error = None
     with staging(plan.folder, checkpoint.stem) as stage:
-        staged, fp32_rows, opset = _stage_float32(
-            plan, stage, ckpt, sha, deployable, settings, images, reference, labels
-        )
-        rows += fp32_rows
+        staged, opset = _stage_float32(plan, stage, ref, deployable, rows)
         if plan.int8 is not None and plan.onnx is not None:
             path = stage / plan.int8.name
-            meta = export_metadata(ckpt, checkpoint_sha256=sha, fmt="onnx-int8")
-            quantize_onnx(staged[plan.onnx], path, calibration_images(store), meta=meta)
-            logits = open_predictor(path, settings=settings).logits(images)
-            row = compare("onnx-int8", plan.int8, logits, reference, labels)
-            rows.append(row)
-            error = _int8_refusal(row, eager, plan, n_float=len(staged))
+            images = calibration_images(store)
+            quantize_onnx(staged[plan.onnx], path, images, meta=ref.meta("onnx-int8"))
+            rows.append(ref.compare("onnx-int8", plan.int8, path))
+            error = _int8_refusal(rows[-1], rows[0], plan, n_float=len(staged))
             if error is None:
                 staged[plan.int8] = path
         written = _commit(staged, stage, plan.folder, checkpoint)
-
     triton_model_dir = None
     if plan.triton_dir is not None and plan.onnx is not None:
-        triton_model_dir = write_triton_layout(
-            plan.triton_dir,
-            plan.onnx,
-            name=name,
-            image_size=size,
-            class_names=list(ckpt.class_names),
-        )
+        triton_model_dir = write_triton_layout(plan.triton_dir, plan.onnx, name, ckpt.spec)
         written += [triton_model_dir / f for f in ("1/model.onnx", "config.pbtxt", "labels.txt")]
     return ExportResult(
         checkpoint=checkpoint,
         model_name=ckpt.model_name,
-        n_test=len(labels),
+        n_test=len(ref.labels),
         opset=opset,
         parity=rows,
         paths=written,
@@ -688,47 +621,41 @@ def run_export(
     )
 
 
-def _stage_float32(
-    plan: Any,
-    stage: Path,
-    ckpt: Any,
-    sha: str,
-    deployable: Any,
-    settings: Settings,
-    images: np.ndarray,
-    reference: np.ndarray,
-    labels: np.ndarray,
-) -> tuple[dict[Path, Path], list[Parity], int | None]:
-    """Write the float32 files into `stage` and check each against the eager logits.
-
-    Returns target -> staged file, their parity rows and the ONNX opset (None without ONNX).
-    """
+def _reference(settings: Settings, checkpoint: Path, ckpt: Checkpoint, store: Store) -> _Reference:
+    """The test split and eager's logits on it, from the checkpoint on the CPU in float32."""
+    from ctscan.engine.checkpoint import file_sha256
+    from ctscan.engine.runtime import configure_threads
     from ctscan.inference import open_predictor
 
-    size = ckpt.spec.image_size
-    staged: dict[Path, Path] = {}
-    rows: list[Parity] = []
-    opset = None
-    if plan.onnx is not None:
-        path = stage / plan.onnx.name
-        meta = export_metadata(ckpt, checkpoint_sha256=sha, fmt="onnx")
-        opset = write_onnx(deployable, path, size=size, meta=meta)
-        logits = open_predictor(path, settings=settings).logits(images)
-        row = compare("onnx", plan.onnx, logits, reference, labels)
-        rows.append(_checked_fp32(row, len(labels)))
-        staged[plan.onnx] = path
-    if plan.pt2 is not None:
-        path = stage / plan.pt2.name
-        write_pt2(
-            deployable,
-            path,
-            size=size,
-            meta=export_metadata(ckpt, checkpoint_sha256=sha, fmt="pt2"),
-        )
-        row = compare("pt2", plan.pt2, pt2_logits(path, images), reference, labels)
-        rows.append(_checked_fp32(row, len(labels)))
-        staged[plan.pt2] = path
-    return staged, rows, opset
+    train = settings.train.model_copy(update={"device": "cpu", "precision": "fp32"})
+    settings = settings.model_copy(update={"train": train})
+    configure_threads(settings.train.threads, 1)
+    test = store.split("test")
+    images = np.ascontiguousarray(test.images.numpy())  # (N, 1, S, S) uint8
+    logits = open_predictor(checkpoint, settings=settings, backend="torch").logits(images)
+    sha = file_sha256(checkpoint)
+    return _Reference(checkpoint, ckpt, sha, settings, images, test.labels.numpy(), logits)
+
+
+def _stage_float32(
+    plan: ExportPlan, stage: Path, ref: _Reference, deployable: Any, rows: list[Parity]
+) -> tuple[dict[Path, Path], int | None]:
+    """Write the float32 files into `stage`, each checked against eager (its row into `rows`).
+
+    Returns target -> staged file and the ONNX opset (None without ONNX).
+    """
+    size, staged, opset = ref.ckpt.spec.image_size, {}, None
+    for target, fmt in ((plan.onnx, "onnx"), (plan.pt2, "pt2")):
+        if target is None:
+            continue
+        path = stage / target.name
+        if fmt == "onnx":
+            opset = write_onnx(deployable, path, size=size, meta=ref.meta(fmt))
+        else:
+            write_pt2(deployable, path, size=size, meta=ref.meta(fmt))
+        rows.append(_checked_fp32(ref.compare(fmt, target, path), len(ref.labels)))
+        staged[target] = path
+    return staged, opset
 
 
 def _commit(staged: dict[Path, Path], stage: Path, folder: Path, checkpoint: Path) -> list[Path]:
@@ -755,7 +682,9 @@ def _checked_fp32(row: Parity, n_images: int) -> Parity:
     return row
 
 
-def _int8_refusal(row: Parity, eager: Parity, plan: Any, *, n_float: int) -> CtscanError | None:
+def _int8_refusal(
+    row: Parity, eager: Parity, plan: ExportPlan, *, n_float: int
+) -> CtscanError | None:
     """None if the int8 row passes the rule; else the row is marked and the error says why."""
     refusal = int8_refusal(row, eager)
     if refusal is None:

@@ -1,22 +1,11 @@
 """`ctscan profile`: torch.profiler around the real training loop; trace, top operators, summary.
 
-The run is built as `ctscan train` builds it (settings, `open_settings_store`, `new_train_state`,
-`wrap_for_steps`, a `Loop`) and `train_one_epoch` runs it, cut to `wait + warmup + active` steps
-with `after_step` driving the profiler schedule (epochs repeat when the split is shorter). Only
-the `active` steps are recorded. Files written into the profile folder:
-
-    trace.json.gz      Chrome / Perfetto trace of the active steps (https://ui.perfetto.dev)
-    tensorboard/       the same trace for TensorBoard's profile plugin (torch-tb-profiler)
-    top_ops.txt        key_averages tables: top operators by self CPU time (and self CUDA time)
-    summary.json       top operators, peak memory, step time, the data + augment vs model split
-    settings.toml      the resolved settings of the profiled run
-
-The split comes from the loop's `record_function` ranges: ("data", "augment") are the input
-path, ("forward", "backward", "optimizer_step") the model, each as a fraction of the summed
-"ProfilerStep#" durations; the rest ("other": loss bookkeeping, Python, the profiler) is
-1 - both. Times are host (CPU) wall times. On CUDA each step ends with a synchronize, so a
-step's time is the GPU's, and the host ranges measure kernel launches: the time the host waits
-for the GPU falls in "other" (the trace's GPU rows show the kernels).
+The run is built as `ctscan train` builds it and `train_one_epoch` runs it, cut to `wait +
+warmup + active` steps, `after_step` driving the profiler schedule; only the active steps are
+recorded. The profile folder holds trace.json.gz (Perfetto), tensorboard/, top_ops.txt,
+summary.json and settings.toml (docs/profile.md). The summary's split: the loop's
+`record_function` ranges INPUT_RANGES and MODEL_RANGES as fractions of the summed
+"ProfilerStep#" host wall times, "other" the rest (on CUDA each step ends with a synchronize).
 """
 
 from __future__ import annotations
@@ -238,11 +227,7 @@ def _profile_run(
             "torch_version": str(torch.__version__),
             "ctscan_version": ctscan.__version__,
             "created": datetime.now().astimezone().isoformat(timespec="seconds"),
-            "files": {
-                "trace": TRACE_FILE,
-                "tensorboard": TENSORBOARD_DIR,
-                "top_ops": TOP_OPS_FILE,
-            },
+            "files": {"trace": TRACE_FILE, "tensorboard": TENSORBOARD_DIR, "top_ops": TOP_OPS_FILE},
         }
     )
     summary["memory"].update(profiled_peak_allocated(rec.prof))

@@ -27,14 +27,17 @@ import shlex
 import socket
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from ctscan.errors import CtscanError, Interrupted, SettingsError, say_line
 from ctscan.files import ensure_dir, folder_lock
 from ctscan.jobs import stopped
+from ctscan.ops import cv
 from ctscan.ops.sweep_spec import STORAGE_FORMS, Sweep, SweepSpec, prepare, write_recipe
 from ctscan.settings import public_dict, toml_value
 
@@ -53,6 +56,7 @@ ATTR_STOP = "stop_reason"  # why it was pruned
 TAG_SWEEP = "ctscan.sweep"
 TAG_TRIAL = "ctscan.trial"
 COUNTED = ("COMPLETE", "PRUNED")  # the states `--trials N` counts
+experiment_fix = partial(cv.experiment_fix, new="a new study (--name)")
 
 
 class SweepError(CtscanError):
@@ -419,9 +423,7 @@ class SweepResult:
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready, for `--json` and the table."""
-        counts: dict[str, int] = {}
-        for row in self.trials:
-            counts[row["state"].lower()] = counts.get(row["state"].lower(), 0) + 1
+        counts = dict(Counter(row["state"].lower() for row in self.trials))
         return {
             "study": self.name,
             "spec": str(self.spec),
@@ -457,12 +459,6 @@ def _parent_params(sweep: Sweep) -> dict[str, Any]:
     return params
 
 
-def experiment_fix(experiment: str) -> str:
-    """The fix when the sweep's parent run lives in another MLflow experiment."""
-    option = shlex.quote(f"tracking.experiment={toml_value(experiment)}")
-    return f"continue with --set {option}, or start a new study (--name)."
-
-
 def _open_parent(sweep: Sweep, study: Any) -> Any:
     """The sweep's MLflow run (reopened by a rerun or a joining process), detached: trials
     nest under it. Called under `study_lock`: the first process makes it, the rest reopen it."""
@@ -481,25 +477,16 @@ def _open_parent(sweep: Sweep, study: Any) -> Any:
 
 
 def run_sweep(
-    spec: str | Path,
-    *,
-    trials: int | None = None,
-    name: str | None = None,
-    recipe: Path | None = None,
-    storage: str | None = None,
-    overrides: list[str] | tuple[str, ...] = (),
-    say: Callable[[str], None] = say_line,
+    spec: str | Path, *, say: Callable[[str], None] = say_line, **options: Any
 ) -> SweepResult:
     """Run (or join, or continue) a sweep until its study holds N finished trials; write the
-    recipe.
+    recipe. `options`: `prepare`'s (trials, name, recipe, storage, overrides).
 
     Ctrl-C and SIGTERM stop it with an `Interrupted` error that says how to continue (exit
     130 / 143 from the CLI); the finished trials stay in the study, the trial under way is
     queued again.
     """
-    sweep = prepare(
-        spec, trials=trials, name=name, recipe=recipe, storage=storage, overrides=overrides
-    )
+    sweep = prepare(spec, **options)
     optuna = _import_optuna()
     ensure_dir(sweep.folder, what="sweep folder", error=SweepError)
     study = None
@@ -527,7 +514,7 @@ def run_sweep(
                         runner.announce,
                     ],
                 )
-            result = _result(sweep, study, recipe or sweep.folder / "best.toml", tracker.run_id)
+            result = _result(sweep, study, tracker.run_id)
             result.ran, result.seconds = runner.ran, time.perf_counter() - t0
             _log_end(tracker, result)
             return result
@@ -549,7 +536,7 @@ def _stopped(sweep: Sweep, study: Any, exc: BaseException) -> Interrupted:
     )
 
 
-def _result(sweep: Sweep, study: Any, recipe: Path, parent_run_id: str | None) -> SweepResult:
+def _result(sweep: Sweep, study: Any, parent_run_id: str | None) -> SweepResult:
     trials = study.get_trials(deepcopy=False)
     retries = {
         t.system_attrs["retry_history"][-1]: t.number
@@ -582,7 +569,7 @@ def _result(sweep: Sweep, study: Any, recipe: Path, parent_run_id: str | None) -
         return result
     pick = max if sweep.spec.direction == "maximize" else min
     result.best = pick(complete, key=lambda row: row["value"])
-    result.recipe = write_recipe(sweep, result.best, recipe)
+    result.recipe = write_recipe(sweep, result.best, sweep.recipe)
     return result
 
 

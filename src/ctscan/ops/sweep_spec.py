@@ -333,6 +333,7 @@ class Sweep:
     storage_url: str  # the Optuna storage
     db: Path | None  # its file when it is SQLite
     command: str  # the command that continues this sweep (a password hidden)
+    recipe_path: Path | None = None  # --recipe (default: best.toml in the sweep folder)
 
     @property
     def runs_dir(self) -> Path:
@@ -342,6 +343,11 @@ class Sweep:
     def folder(self) -> Path:
         """The sweep folder: trial run folders, the recipe."""
         return self.runs_dir / "sweeps" / self.name
+
+    @property
+    def recipe(self) -> Path:
+        """Where the best trial's settings file goes."""
+        return self.recipe_path or self.folder / "best.toml"
 
     @property
     def where(self) -> str:
@@ -436,7 +442,7 @@ def prepare(
     command += ["--storage", storage] if storage else []
     command += [arg for item in overrides for arg in ("--set", item)]
     command_text = _hide_password(shlex.join(command))
-    return Sweep(spec, study, n_trials, files, base, given, settings, url, db, command_text)
+    return Sweep(spec, study, n_trials, files, base, given, settings, url, db, command_text, recipe)
 
 
 def _check_drawable(spec: SweepSpec, files: tuple[Path, ...], given: dict[str, Any]) -> None:
