@@ -92,6 +92,16 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_flags() -> list[str]:
+    """The SIMD flags of /proc/cpuinfo that decide the model's speed (AVX2, AVX-512, VNNI, AMX)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = set(re.search(r"^flags\s*:(.*)$", text, re.MULTILINE).group(1).split())
+    return sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "sse4")) or "vnni" in f)
+
+
 def process_cpu_s(pid: int) -> float | None:
     """User + system CPU seconds of a process and its reaped children (Linux /proc), or None."""
     try:

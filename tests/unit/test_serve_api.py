@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import subprocess
 import sys
 import uuid
@@ -32,6 +33,7 @@ from ctscan import CLASS_NAMES
 from ctscan.files import file_sha256
 from ctscan.inference import open_predictor
 from ctscan.serve.app import STATIC
+from ctscan.serve.metrics import STAGES, WALL_ONLY
 from ctscan.settings import load_settings
 from tests.conftest import png_header_only
 from tests.serve_helpers import (
@@ -288,6 +290,14 @@ def test_metrics_count_requests_latency_predictions_batches_and_the_model(
     assert sum(delta("ctscan_predictions_total", label=name) for name in CLASS_NAMES) == 3
     assert delta("ctscan_prediction_confidence_count") == 3
     assert delta("ctscan_batch_size_count") >= 1 and delta("ctscan_batch_size_sum") == 3
+    for stage in STAGES:  # the time budget: each stage of the 3 answers (the 415 stops early)
+        for clock in ("wall",) if stage in WALL_ONLY else ("wall", "cpu"):
+            seen = 4 if stage in ("bytes_in", "multipart") else 3
+            assert delta("ctscan_stage_seconds_count", stage=stage, clock=clock) == seen, stage
+            assert delta("ctscan_stage_seconds_sum", stage=stage, clock=clock) >= 0, stage
+    model_cpu = delta("ctscan_stage_seconds_sum", stage="model", clock="cpu")
+    model_wall = delta("ctscan_stage_seconds_sum", stage="model", clock="wall")
+    assert 0 < model_cpu <= (os.cpu_count() or 1) * model_wall + 0.01
     info = {
         dict(lab)["backend"]: value
         for (name, lab), value in after.items()

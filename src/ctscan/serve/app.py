@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hmac
+import json
 import logging
 import os
 import threading
@@ -43,14 +44,16 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile as StarletteUpload
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ctscan.data.transforms import decode_image, resize_square, to_gray
 from ctscan.errors import DataError
 from ctscan.inference.predictor import Prediction, Predictor
 from ctscan.serve import kserve, limits
 from ctscan.serve.batching import Batcher, QueueFull
 from ctscan.serve.limits import BodyLimit, sniff_format
-from ctscan.serve.metrics import RequestTiming
+from ctscan.serve.metrics import RequestTiming, model_cpu_clock
 
 log = logging.getLogger("ctscan.serve")
 STATIC = Path(__file__).parent / "static"
@@ -185,8 +188,44 @@ class Service:
         """
         if self.decoder is None:
             raise RuntimeError("the decode pool runs only while the app does (lifespan)")
-        call = functools.partial(self.predictor.read, data, name=name)
-        return await asyncio.get_running_loop().run_in_executor(self.decoder, call)
+        return await asyncio.get_running_loop().run_in_executor(
+            self.decoder, self._read, data, name
+        )
+
+    def _read(self, data: bytes, name: str) -> np.ndarray:
+        """`predictor.read` in two timed stages: decode (to gray), resize; DICOM in one."""
+        p, stage = self.predictor, self.metrics.stage
+        if sniff_format(data) == "DICOM":
+            with stage("decode"):
+                return p.read(data, name=name)
+        limits = p.limits
+        with (
+            stage("decode"),
+            decode_image(
+                data, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes, name=name
+            ) as img,
+        ):
+            gray = to_gray(img)
+        with stage("resize"):
+            return resize_square(gray, p.spec.image_size, p.spec.resize)
+
+    @functools.cached_property
+    def identity_json(self) -> str:
+        return self.identity().model_dump_json()
+
+    def answer(self, prediction: Prediction, start: float) -> bytes:
+        """The /predict JSON, built once here (the model's part once per server)."""
+        head = json.dumps(
+            {
+                "label": prediction.label,
+                "class_index": prediction.index,
+                "confidence": prediction.confidence,
+                "probabilities": prediction.probabilities,
+            },
+            separators=(",", ":"),
+        )
+        latency_ms = (time.perf_counter() - start) * 1000
+        return f'{head[:-1]},"model":{self.identity_json},"latency_ms":{latency_ms:.3f}}}'.encode()
 
     def identity(self) -> ModelIdentity:
         info = self.predictor.info
@@ -241,29 +280,40 @@ async def ready(service: ServiceDep) -> Any:
     return {"status": "ready", "model": service.identity().model_dump()}
 
 
+PREDICT_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file"],
+                "properties": {
+                    "file": {"type": "string", "format": "binary", "description": "PNG/JPEG/DICOM"}
+                },
+            }
+        },
+    },
+}
+
+
 @guarded.post(
     "/predict",
     response_model=PredictResponse,
     tags=["predict"],
     responses=_errors(400, 401, 413, 415, 422, 503),
+    openapi_extra={"requestBody": PREDICT_BODY},
 )
-async def predict(
-    file: Annotated[UploadFile, File(description="PNG/JPEG/DICOM")], service: ServiceDep
-) -> Any:
+async def predict(request: Request, service: ServiceDep) -> Response:
     """Predict the class of one CT slice."""
     start = time.perf_counter()
-    image = await _decode(service, file)
+    image = await _decode(service, *await _upload(request, service))
     probs = await _submit(service, image[None, None])
     prediction = service.predictor.predictions(probs, [None])[0]
-    _record(service, image, prediction)
-    return PredictResponse(
-        label=str(prediction.label),
-        class_index=int(prediction.index or 0),
-        confidence=float(prediction.confidence or 0.0),
-        probabilities=prediction.probabilities or {},
-        model=service.identity(),
-        latency_ms=(time.perf_counter() - start) * 1000,
-    )
+    with service.metrics.stage("monitor"):
+        _record(service, image, prediction)
+    with service.metrics.stage("json_out"):
+        body = service.answer(prediction, start)
+    return Response(body, media_type="application/json")
 
 
 @guarded.post(
@@ -283,7 +333,7 @@ async def predict_batch(
     images, slots = [], []
     for upload in files:
         try:
-            images.append(await _decode(service, upload))
+            images.append(await _decode(service, *await _file(upload)))
             slots.append(len(items))
             items.append(BatchItem(filename=upload.filename))
         except ApiError as exc:
@@ -351,7 +401,7 @@ async def explain(
     names = list(explainer.class_names)
     if target is not None and target not in names:
         raise ApiError(422, f"target '{target}' is not a class.", f"use one of {names}.")
-    image = await _decode(service, file)
+    image = await _decode(service, *await _file(file))
     index = names.index(target) if target else None
     if explainer is service.predictor and service.batcher is not None:
         # One PyTorch model answers both: Grad-CAM's hook must not see a batch's forward.
@@ -461,10 +511,7 @@ async def infer(name: ServedModel, request: Request, service: ServiceDep) -> Res
         raise ApiError(400, str(exc), f"see GET /v2/models/{name} for the inputs.") from None
     if parsed.input_name == kserve.BYTES_INPUT:
         _check_count(len(parsed.files), "files", service)
-        images = [
-            await _decode(service, _BytesUpload(data, f"input {i}"))
-            for i, data in enumerate(parsed.files)
-        ]
+        images = [await _decode(service, data, f"input {i}") for i, data in enumerate(parsed.files)]
         batch = np.stack(images)[:, None] if images else np.zeros((0, 1, size, size), np.uint8)
     else:
         batch = parsed.images
@@ -497,6 +544,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     size = service.predictor.spec.image_size
     warm_up = np.zeros((1, 1, size, size), dtype=np.uint8)
     await run_in_threadpool(service.predictor.probabilities, warm_up)  # not in the metrics
+    batcher.cpu_clock = model_cpu_clock()  # the model's thread pools exist now
     threads = service.settings.inference.decode_threads or min(4, os.cpu_count() or 1)
     service.decoder = ThreadPoolExecutor(threads, thread_name_prefix="ctscan-decode")
     await batcher.start()
@@ -552,11 +600,35 @@ def create_app(service: Service) -> FastAPI:
 # ---- helpers of the routes ---------------------------------------------------------------
 
 
-async def _decode(service: Service, upload: UploadFile) -> np.ndarray:
+async def _upload(request: Request, service: Service) -> tuple[bytes, str]:
+    """The image of a /predict request, from the multipart field `file` (timed)."""
+    wall = time.perf_counter()
+    body = await request.body()
+    service.metrics.observe_stage("bytes_in", time.perf_counter() - wall)
+    if not body:
+        raise ApiError(
+            422, "the request has no body: no image file.", "send the image (field 'file')."
+        )
+    with service.metrics.stage("multipart"):  # the body is in memory: no await suspends here
+        async with request.form() as form:
+            file = form.get("file")
+            if not isinstance(file, StarletteUpload):
+                raise ApiError(
+                    422,
+                    "the request does not fit this route: body.file: Field required.",
+                    "send the image in the multipart field 'file' (curl -F file=@a.png).",
+                )
+            return await _file(file)
+
+
+async def _file(upload: StarletteUpload) -> tuple[bytes, str]:
+    """An uploaded file's bytes and its name for messages."""
+    return await upload.read(), (f"'{upload.filename}'" if upload.filename else "the upload")
+
+
+async def _decode(service: Service, data: bytes, name: str) -> np.ndarray:
     """An upload -> (S, S) uint8, or an ApiError (413 / 415 / 422) that says why not."""
     limit = service.settings.serve.max_upload_bytes
-    data = await upload.read(limit + 1)
-    name = f"'{upload.filename}'" if upload.filename else "the upload"
     if len(data) > limit:
         raise ApiError(
             413,
@@ -748,13 +820,3 @@ def _document_model_name(app: FastAPI, name: str) -> None:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-
-
-class _BytesUpload:
-    """The part of UploadFile `_decode` uses, over bytes already in memory."""
-
-    def __init__(self, data: bytes, filename: str) -> None:
-        self._data, self.filename = data, filename
-
-    async def read(self, size: int = -1) -> bytes:
-        return self._data if size < 0 else self._data[:size]
