@@ -55,6 +55,7 @@ MAX_UPLOAD = 20_000  # serve.max_upload_bytes
 MAX_FILES = 4  # serve.max_batch_files
 BODY_LIMIT = MAX_UPLOAD + 64 * 1024  # what the body-size middleware lets through on /predict
 MODEL_NAME = "ctscan"
+RAW = {"content-type": "application/octet-stream"}
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +148,28 @@ def test_predict_reads_every_format(client: httpx.Client, fmt: str, mode: str) -
     response = _predict(client, buf.getvalue(), f"a.{fmt.lower()}")
     assert response.status_code == 200, response.text
     assert response.json()["label"] in CLASS_NAMES
+
+
+@pytest.mark.parametrize("kind", ["image/png", "image/jpeg", "application/octet-stream"])
+def test_predict_takes_the_image_as_the_body(client: httpx.Client, kind: str) -> None:
+    png = png_bytes(sample_images(1, seed=5)[0])
+    multipart = _predict(client, png).json()
+    raw = client.post("/predict", content=png, headers={"content-type": kind})
+    assert raw.status_code == 200, raw.text  # the format is read from the bytes, not the type
+    assert raw.json()["probabilities"] == multipart["probabilities"]
+    assert raw.json()["model"] == multipart["model"]
+
+
+def test_predict_raw_body_errors(client: httpx.Client) -> None:
+    png = png_bytes(sample_images(1)[0])
+    text = client.post("/predict", content=png, headers={"content-type": "text/plain"})
+    fix = _assert_json_error(text, 415, "text/plain")["fix"]
+    assert all(kind in fix for kind in ("multipart/form-data", "image/png", "application/dicom"))
+    half = png[: len(png) // 2]
+    broken = client.post("/predict", content=half, headers={"content-type": "image/png"})
+    _assert_json_error(broken, 422, "the upload", "truncated or corrupt")
+    big = client.post("/predict", content=noise_png(MAX_UPLOAD + 500), headers=RAW)
+    _assert_json_error(big, 413, str(MAX_UPLOAD))
 
 
 def _chunked_multipart(data: bytes) -> tuple[Iterator[bytes], dict[str, str]]:

@@ -1,7 +1,8 @@
 """The HTTP service: FastAPI routes over the one Predictor, dynamic batching, metrics, a web page.
 
 Routes (OpenAPI at /docs):
-    POST /predict, /predict/batch, /explain            multipart uploads (field `file` / `files`)
+    POST /predict, /predict/batch, /explain            multipart uploads (field `file` / `files`);
+                                                       /predict also takes the image as the body
     GET  /health, /ready                               liveness, readiness (model warmed up)
     GET  /metrics                                      Prometheus text
     GET  /monitoring/drift                             two-sample tests against the training data
@@ -130,7 +131,8 @@ _ERROR_TEXT = {
     401: "missing or wrong bearer token (serve.token)",
     404: "no such model",
     413: "upload larger than serve.max_upload_bytes, or too many files",
-    415: "not a PNG, JPEG, BMP, TIFF, WebP or DICOM file",
+    415: "not a PNG, JPEG, BMP, TIFF, WebP or DICOM file, or a Content-Type the route does not "
+    "take",
     422: "the request does not fit the route: unreadable image, too many pixels, or a missing "
     "or wrong field",
     501: "this model cannot do that (Grad-CAM needs the PyTorch model)",
@@ -280,18 +282,22 @@ async def ready(service: ServiceDep) -> Any:
     return {"status": "ready", "model": service.identity().model_dump()}
 
 
+# /predict takes the image as a multipart form (field `file`) or as the body itself
+RAW_TYPES = ("image/png", "image/jpeg", "application/dicom", "application/octet-stream")
+_BINARY = {"type": "string", "format": "binary"}
 PREDICT_BODY = {
     "required": True,
+    "description": "the image in the multipart field `file`, or the image itself as the body "
+    "(its format is read from its bytes)",
     "content": {
         "multipart/form-data": {
             "schema": {
                 "type": "object",
                 "required": ["file"],
-                "properties": {
-                    "file": {"type": "string", "format": "binary", "description": "PNG/JPEG/DICOM"}
-                },
+                "properties": {"file": {**_BINARY, "description": "PNG/JPEG/DICOM"}},
             }
         },
+        **{kind: {"schema": _BINARY} for kind in RAW_TYPES},
     },
 }
 
@@ -601,13 +607,23 @@ def create_app(service: Service) -> FastAPI:
 
 
 async def _upload(request: Request, service: Service) -> tuple[bytes, str]:
-    """The image of a /predict request, from the multipart field `file` (timed)."""
+    """The image of a /predict request: the raw body, or the multipart field `file` (timed)."""
     wall = time.perf_counter()
     body = await request.body()
     service.metrics.observe_stage("bytes_in", time.perf_counter() - wall)
     if not body:
         raise ApiError(
             422, "the request has no body: no image file.", "send the image (field 'file')."
+        )
+    kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if kind in RAW_TYPES:
+        return body, "the upload"
+    if kind != "multipart/form-data":
+        raise ApiError(
+            415,
+            f"Content-Type '{kind}' is not taken by /predict.",
+            "send multipart/form-data (the image in the field 'file') or the image itself as "
+            f"the body with Content-Type {', '.join(RAW_TYPES)}.",
         )
     with service.metrics.stage("multipart"):  # the body is in memory: no await suspends here
         async with request.form() as form:
