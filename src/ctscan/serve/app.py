@@ -277,9 +277,14 @@ async def health() -> dict[str, str]:
 
 @health_routes.get("/ready", responses=_errors(503))
 async def ready(service: ServiceDep) -> Any:
-    """The model is loaded and warmed up."""
+    """The model is loaded and warmed up; `input`: the size and resize policy it takes."""
     _require_ready(service)
-    return {"status": "ready", "model": service.identity().model_dump()}
+    spec = service.predictor.spec
+    return {
+        "status": "ready",
+        "model": service.identity().model_dump(),
+        "input": {"image_size": spec.image_size, "resize": spec.resize},
+    }
 
 
 # /predict takes the image as a multipart form (field `file`) or as the body itself
