@@ -10,7 +10,7 @@ client's CPU, req/s and client-side latency. The model stage's CPU is the model 
 ONNX Runtime's pool threads', shared among the images of each call; its wall is the call's.
 
     python bench/serve_budget.py --model outputs/runs/main-latest/best.pt
-    python bench/serve_budget.py --model best.int8.onnx --clients 1,16 --seconds 20
+    python bench/serve_budget.py --model best.int8.onnx --clients 1,16 --seconds 20 --raw
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from serve_load import (
     cpu_name,
     free_port,
     multipart_bodies,
+    raw_bodies,
     start_server,
     stop_server,
     tree_cpu_s,
@@ -74,16 +75,16 @@ def budget(before: dict, after: dict) -> dict[str, dict[str, float | None]]:
     return out
 
 
-def run_load(base: str, pid: int, bodies: list[bytes], content_type: str, **load: Any) -> dict:
+def run_load(base: str, pid: int, bodies: list[bytes], types: list[str], **load: Any) -> dict:
     """One closed-loop run: the budget per request, CPU per request, throughput, latency."""
     url = f"{base}/predict"
     if load["warmup"] > 0:
         asyncio.run(
-            closed_loop(url, bodies, content_type, clients=load["clients"], seconds=load["warmup"])
+            closed_loop(url, bodies, types, clients=load["clients"], seconds=load["warmup"])
         )
     before, server0, client0 = scrape(base), tree_cpu_s(pid), time.process_time()
     latencies, errors, elapsed = asyncio.run(
-        closed_loop(url, bodies, content_type, clients=load["clients"], seconds=load["seconds"])
+        closed_loop(url, bodies, types, clients=load["clients"], seconds=load["seconds"])
     )
     after, server1, client1 = scrape(base), tree_cpu_s(pid), time.process_time()
     n = max(1, len(latencies))
@@ -150,6 +151,7 @@ def main() -> None:
     ap.add_argument("--clients", default="1,16", help="comma-separated client counts")
     ap.add_argument("--seconds", type=float, default=20.0, help="measured seconds per run")
     ap.add_argument("--warmup", type=float, default=3.0, help="uncounted seconds first")
+    ap.add_argument("--raw", action="store_true", help="the image as the body, not multipart")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="server --set")
     ap.add_argument("--out", type=Path, default=Path("bench/results/serve_budget.json"))
     args = ap.parse_args()
@@ -157,7 +159,7 @@ def main() -> None:
     images = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         ap.error(f"no PNG/JPEG under {args.images}: run `make data`, or pass --images")
-    bodies, content_type = multipart_bodies(images)
+    bodies, types = raw_bodies(images) if args.raw else multipart_bodies(images)
     runs = []
     with tempfile.TemporaryDirectory(prefix="ctscan-serve-budget-") as tmp:
         port = free_port()
@@ -178,7 +180,7 @@ def main() -> None:
                         f"http://127.0.0.1:{port}",
                         proc.pid,
                         bodies,
-                        content_type,
+                        types,
                         clients=clients,
                         seconds=args.seconds,
                         warmup=args.warmup,
@@ -197,6 +199,7 @@ def main() -> None:
             "loadavg": [round(x, 2) for x in os.getloadavg()],
         },
         "model": str(args.model),
+        "body": "raw" if args.raw else "multipart",
         "server_sets": args.sets,
         "startup_s": round(startup, 2),
         "images": len(images),
