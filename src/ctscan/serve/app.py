@@ -10,13 +10,10 @@ Routes (OpenAPI at /docs):
                                                        the Open Inference Protocol (KServe v2)
     GET  /                                             the web page (static/, no build, no CDN)
 
-Every error is JSON `{"error": ..., "fix": ...}` with a 4xx for bad input (400 unreadable body
-or protocol, 401 token, 404 no such route or model, 405 wrong method, 413 too large, 415 not an
-image, 422 unreadable image or wrong field, 501 no Grad-CAM, 503 queue full with Retry-After); a
-500 only for a bug, without a stack trace (that goes to the log). The OpenAPI schema documents
-every status and media type a route answers with. With `serve.token` set every route but the
-health ones, the web page and the API docs needs `Authorization: Bearer <token>`. No filesystem
-path comes from a request: uploads are bytes, the model is fixed at start-up.
+Every error is JSON `{"error": ..., "fix": ...}` with a 4xx for bad input (`_ERROR_TEXT`), a 500
+only for a bug (the trace goes to the log); OpenAPI documents every status and media type. With
+`serve.token` every route but health, the page and the docs needs `Authorization: Bearer`. No
+filesystem path comes from a request: uploads are bytes, the model is fixed at start-up.
 """
 
 from __future__ import annotations
@@ -59,8 +56,7 @@ from ctscan.serve.metrics import RequestTiming, model_cpu_clock
 log = logging.getLogger("ctscan.serve")
 STATIC = Path(__file__).parent / "static"
 RETRY_AFTER_S = "1"
-# Parameter types at module level: FastAPI resolves the (string) annotations of the route
-# functions in this module's globals, not in the closures that define them.
+# At module level: FastAPI resolves the routes' string annotations in this module's globals.
 BearerCredentials = Annotated[
     HTTPAuthorizationCredentials | None,
     Security(HTTPBearer(auto_error=False, description="serve.token")),
@@ -139,9 +135,15 @@ _ERROR_TEXT = {
     503: "the request queue is full, the model is loading or the server is stopping: retry "
     "after the Retry-After seconds",
 }
+
+
+def _header(text: str) -> dict[str, Any]:
+    return {"description": text, "schema": {"type": "string"}}
+
+
 _ERROR_HEADERS = {
-    401: {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
-    503: {"Retry-After": {"description": "seconds to wait", "schema": {"type": "string"}}},
+    401: {"WWW-Authenticate": _header("Bearer")},
+    503: {"Retry-After": _header("seconds to wait")},
 }
 
 
@@ -182,12 +184,8 @@ class Service:
     drift_off: str = "no training reference was found"  # why `monitor` is None
 
     async def read(self, data: bytes, name: str) -> np.ndarray:
-        """Decode an upload on the decode threads: first come, first decoded.
-
-        A pool as large as the cores (`inference.decode_threads`), not the event loop's shared
-        pool of 40: under load 16 concurrent decodes on 2 cores would each take 16 times as long
-        and the latency tail would grow (p99 650 -> 370 ms at 16 clients on this machine).
-        """
+        """Decode an upload on the decode threads (as many as the cores: 16 decodes at once on
+        the loop's pool of 40 made each 16 times as long, and the p99 650 ms instead of 370)."""
         if self.decoder is None:
             raise RuntimeError("the decode pool runs only while the app does (lifespan)")
         return await asyncio.get_running_loop().run_in_executor(
@@ -230,16 +228,7 @@ class Service:
         return f'{head[:-1]},"model":{self.identity_json},"latency_ms":{latency_ms:.3f}}}'.encode()
 
     def identity(self) -> ModelIdentity:
-        info = self.predictor.info
-        return ModelIdentity(
-            name=info.name,
-            version=info.version,
-            sha256=info.sha256,
-            backend=info.backend,
-            format=info.format,
-            temperature=info.temperature,
-            calibration=info.calibration,
-        )
+        return ModelIdentity.model_validate(self.predictor.info.to_dict())  # less its source
 
 
 async def get_service(request: Request) -> Service:
@@ -279,31 +268,20 @@ async def health() -> dict[str, str]:
 async def ready(service: ServiceDep) -> Any:
     """The model is loaded and warmed up; `input`: the size and resize policy it takes."""
     _require_ready(service)
-    spec = service.predictor.spec
-    return {
-        "status": "ready",
-        "model": service.identity().model_dump(),
-        "input": {"image_size": spec.image_size, "resize": spec.resize},
-    }
+    size, policy = service.predictor.spec.image_size, service.predictor.spec.resize
+    model = service.identity().model_dump()
+    return {"status": "ready", "model": model, "input": {"image_size": size, "resize": policy}}
 
 
-# /predict takes the image as a multipart form (field `file`) or as the body itself
-RAW_TYPES = ("image/png", "image/jpeg", "application/dicom", "application/octet-stream")
-_BINARY = {"type": "string", "format": "binary"}
+RAW_TYPES = ("image/png", "image/jpeg", "application/dicom", "application/octet-stream")  # bodies
+_BINARY = {"type": "string", "format": "binary", "description": "PNG/JPEG/DICOM"}
+_FORM = {"type": "object", "required": ["file"], "properties": {"file": _BINARY}}
 PREDICT_BODY = {
     "required": True,
     "description": "the image in the multipart field `file`, or the image itself as the body "
     "(its format is read from its bytes)",
-    "content": {
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "required": ["file"],
-                "properties": {"file": {**_BINARY, "description": "PNG/JPEG/DICOM"}},
-            }
-        },
-        **{kind: {"schema": _BINARY} for kind in RAW_TYPES},
-    },
+    "content": {"multipart/form-data": {"schema": _FORM}}
+    | {k: {"schema": _BINARY} for k in RAW_TYPES},
 }
 
 
@@ -378,16 +356,11 @@ async def predict_batch(
             "description": "Grad-CAM overlay PNG of the class explained: `target` when sent, "
             "else the predicted class",
             "headers": {
-                "X-Label": {
-                    "description": "the class explained: `target` when sent (then not "
-                    "necessarily the prediction: POST /predict gives that), else the predicted "
-                    "class",
-                    "schema": {"type": "string"},
-                },
-                "X-Confidence": {
-                    "description": "the probability of the X-Label class",
-                    "schema": {"type": "string"},
-                },
+                "X-Label": _header(
+                    "the class explained: `target` when sent (then not necessarily the "
+                    "prediction: POST /predict gives that), else the predicted class"
+                ),
+                "X-Confidence": _header("the probability of the X-Label class"),
             },
         },
         **_errors(400, 401, 413, 415, 422, 501),
@@ -617,9 +590,7 @@ async def _upload(request: Request, service: Service) -> tuple[bytes, str]:
     body = await request.body()
     service.metrics.observe_stage("bytes_in", time.perf_counter() - wall)
     if not body:
-        raise ApiError(
-            422, "the request has no body: no image file.", "send the image (field 'file')."
-        )
+        raise ApiError(422, "the request has no body: no image file.", "send it (field 'file').")
     kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if kind in RAW_TYPES:
         return body, "the upload"
@@ -732,8 +703,7 @@ def _grad_cam_png(
     assert explainer is not None and explainer.torch_model is not None
     model, channels = explainer.torch_model
     spec = explainer.spec
-    # One Grad-CAM at a time, its forward passes included: the hook lives on the shared model
-    # and keeps the output of any forward that runs while it is there.
+    # One Grad-CAM at a time, forwards included: the hook on the shared model keeps any output
     with service.explain_lock:
         probs = explainer.probabilities(image[None, None])[0]
         index = int(probs.argmax()) if target is None else target
@@ -750,12 +720,8 @@ def _grad_cam_png(
 
 
 def _token_check(token: str | None) -> Callable[..., Any]:
-    """A dependency: without a configured token nothing is checked; else Bearer must match.
-
-    With a token the OpenAPI schema declares the HTTP bearer scheme (the /docs "Authorize"
-    button); the comparison is constant-time. Async on purpose: FastAPI runs a plain `def`
-    dependency on a worker thread, a thread hop per request for a check of microseconds.
-    """
+    """A dependency: no check without a token; else Bearer must match (constant time, and the
+    OpenAPI bearer scheme). Async: a plain `def` dependency costs a thread hop per request."""
     if not token:
 
         async def open_route() -> None:
@@ -782,23 +748,15 @@ def _install_error_handlers(app: FastAPI) -> None:
         headers = {"Retry-After": RETRY_AFTER_S} if exc.status == 503 else None
         if exc.status == 401:
             headers = {"WWW-Authenticate": "Bearer"}
-        return JSONResponse(
-            {"error": exc.error, "fix": exc.fix}, status_code=exc.status, headers=headers
-        )
+        return _json_error(exc.status, exc.error, exc.fix, headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err.get("loc", ()))
-            problems.append(f"{where}: {err.get('msg')}")
-        return JSONResponse(
-            {
-                "error": "the request does not fit this route: " + "; ".join(problems),
-                "fix": "see /docs for the fields each route takes (uploads: field 'file').",
-            },
-            status_code=422,
+        problems = "; ".join(
+            f"{'.'.join(map(str, err.get('loc', ())))}: {err.get('msg')}" for err in exc.errors()
         )
+        fix = "see /docs for the fields each route takes (uploads: field 'file')."
+        return _json_error(422, f"the request does not fit this route: {problems}", fix)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -812,18 +770,16 @@ def _install_error_handlers(app: FastAPI) -> None:
             fix = f"this route takes {(exc.headers or {}).get('Allow', 'another method')}."
         elif exc.status_code == 413:
             fix = limits.FIX
-        return JSONResponse(
-            {"error": error, "fix": fix},
-            status_code=exc.status_code,
-            headers=getattr(exc, "headers", None),
-        )
+        return _json_error(exc.status_code, error, fix, getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def bug(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s", request.url.path)  # the trace stays in the log
-        return JSONResponse(
-            {"error": "internal error (logged on the server).", "fix": None}, status_code=500
-        )
+        return _json_error(500, "internal error (logged on the server).", None)
+
+
+def _json_error(status: int, error: str, fix: str | None, headers: Any = None) -> JSONResponse:
+    return JSONResponse({"error": error, "fix": fix}, status_code=status, headers=headers)
 
 
 def _document_model_name(app: FastAPI, name: str) -> None:
