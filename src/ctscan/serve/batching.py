@@ -1,15 +1,9 @@
 """Dynamic batching: concurrent requests gathered into one model call, a bounded queue.
 
-Each request puts its images (k, 1, S, S) on an asyncio queue and awaits a future. One task
-takes the first waiting request, then keeps taking requests while they fit in `max_batch` images
-and `max_wait_ms` has not passed since the first (a request that does not fit opens the next
-call; one request is never split), runs the model once on the one model thread (the event loop
-stays free) and hands each request its rows. With batching off the task runs each request
-alone, still on the model thread. A full queue is refused at once (`QueueFull` -> 503 with
-Retry-After) instead of growing without bound. A failed model call fails every request of that
-call with the model's exception; the task itself keeps running. `run` puts other work that
-needs the model (Grad-CAM on a shared PyTorch model) on the same thread, between calls.
-`on_batch` hears of each call: its requests' queue waits and sizes, its wall and CPU seconds.
+One task takes the first waiting request, then more while they fit in `max_batch` images and
+`max_wait_ms` has not passed (a request is never split), runs the model on the one model thread
+and hands each request its rows. A full queue is refused at once (`QueueFull` -> 503); a failed
+call fails its requests, not the task. `run` puts other model work (Grad-CAM) on that thread.
 """
 
 from __future__ import annotations

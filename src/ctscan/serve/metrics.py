@@ -117,12 +117,8 @@ class Metrics:
 
 
 def model_cpu_clock() -> Callable[[], float]:
-    """A clock of the CPU seconds of the calling thread and of the threads Python did not start.
-
-    Those are ONNX Runtime's (and torch's) pools, which share a model call with the thread that
-    makes it: call this after the model's first run, when they exist. Linux reads another
-    thread's CPU clock by its id (`(~tid << 3) | 6`); elsewhere this is the thread's CPU only.
-    """
+    """CPU seconds of the calling thread plus the threads Python did not start (ONNX Runtime's
+    and torch's pools: call after the model's first run). Linux: clock id `(~tid << 3) | 6`."""
     python = {t.native_id for t in threading.enumerate()}
     try:
         tids = [int(tid) for tid in os.listdir("/proc/self/task")]
@@ -162,10 +158,7 @@ def route_label(request: Any, routers: Sequence[Any]) -> str:
 class RequestTiming:
     """ASGI middleware: every HTTP request counted by route and status, with its latency.
 
-    Plain ASGI rather than `@app.middleware("http")`: Starlette's BaseHTTPMiddleware runs each
-    request through an extra task group and memory streams, which cost about a millisecond of
-    CPU per request on a small machine (a tenth of a request's share at full load).
-    """
+    Plain ASGI: Starlette's BaseHTTPMiddleware costs a task group and streams per request."""
 
     def __init__(self, app: Any, metrics: Metrics, routers: Sequence[Any]) -> None:
         self.app, self.metrics, self.routers = app, metrics, routers
