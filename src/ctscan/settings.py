@@ -292,8 +292,8 @@ class ServeSettings(Section):
         None, description="bearer token required on every route but the health ones (401)"
     )
     batching: bool = Field(True, description="gather concurrent requests into one model call")
-    max_batch_size: int = Field(32, ge=1, description="most images in one model call")
-    max_wait_ms: float = Field(5.0, ge=0.0, description="longest wait to fill a batch")
+    max_batch_size: int = Field(8, ge=1, description="most images in one model call")
+    max_wait_ms: float = Field(0.0, ge=0.0, description="longest wait to fill a batch")
     queue_size: int = Field(256, ge=1, description="requests waiting at most; then 503")
     drift_window: int = Field(500, ge=10, description="recent requests kept for drift tests")
     drift_min_samples: int = Field(50, ge=10, description="requests before drift is judged")

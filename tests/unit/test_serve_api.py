@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import subprocess
 import sys
 import uuid
@@ -32,6 +33,7 @@ from ctscan import CLASS_NAMES
 from ctscan.files import file_sha256
 from ctscan.inference import open_predictor
 from ctscan.serve.app import STATIC
+from ctscan.serve.metrics import STAGES, WALL_ONLY
 from ctscan.settings import load_settings
 from tests.conftest import png_header_only
 from tests.serve_helpers import (
@@ -53,6 +55,7 @@ MAX_UPLOAD = 20_000  # serve.max_upload_bytes
 MAX_FILES = 4  # serve.max_batch_files
 BODY_LIMIT = MAX_UPLOAD + 64 * 1024  # what the body-size middleware lets through on /predict
 MODEL_NAME = "ctscan"
+RAW = {"content-type": "application/octet-stream"}
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +148,28 @@ def test_predict_reads_every_format(client: httpx.Client, fmt: str, mode: str) -
     response = _predict(client, buf.getvalue(), f"a.{fmt.lower()}")
     assert response.status_code == 200, response.text
     assert response.json()["label"] in CLASS_NAMES
+
+
+@pytest.mark.parametrize("kind", ["image/png", "image/jpeg", "application/octet-stream"])
+def test_predict_takes_the_image_as_the_body(client: httpx.Client, kind: str) -> None:
+    png = png_bytes(sample_images(1, seed=5)[0])
+    multipart = _predict(client, png).json()
+    raw = client.post("/predict", content=png, headers={"content-type": kind})
+    assert raw.status_code == 200, raw.text  # the format is read from the bytes, not the type
+    assert raw.json()["probabilities"] == multipart["probabilities"]
+    assert raw.json()["model"] == multipart["model"]
+
+
+def test_predict_raw_body_errors(client: httpx.Client) -> None:
+    png = png_bytes(sample_images(1)[0])
+    text = client.post("/predict", content=png, headers={"content-type": "text/plain"})
+    fix = _assert_json_error(text, 415, "text/plain")["fix"]
+    assert all(kind in fix for kind in ("multipart/form-data", "image/png", "application/dicom"))
+    half = png[: len(png) // 2]
+    broken = client.post("/predict", content=half, headers={"content-type": "image/png"})
+    _assert_json_error(broken, 422, "the upload", "truncated or corrupt")
+    big = client.post("/predict", content=noise_png(MAX_UPLOAD + 500), headers=RAW)
+    _assert_json_error(big, 413, str(MAX_UPLOAD))
 
 
 def _chunked_multipart(data: bytes) -> tuple[Iterator[bytes], dict[str, str]]:
@@ -288,6 +313,14 @@ def test_metrics_count_requests_latency_predictions_batches_and_the_model(
     assert sum(delta("ctscan_predictions_total", label=name) for name in CLASS_NAMES) == 3
     assert delta("ctscan_prediction_confidence_count") == 3
     assert delta("ctscan_batch_size_count") >= 1 and delta("ctscan_batch_size_sum") == 3
+    for stage in STAGES:  # the time budget: each stage of the 3 answers (the 415 stops early)
+        for clock in ("wall",) if stage in WALL_ONLY else ("wall", "cpu"):
+            seen = 4 if stage in ("bytes_in", "multipart") else 3
+            assert delta("ctscan_stage_seconds_count", stage=stage, clock=clock) == seen, stage
+            assert delta("ctscan_stage_seconds_sum", stage=stage, clock=clock) >= 0, stage
+    model_cpu = delta("ctscan_stage_seconds_sum", stage="model", clock="cpu")
+    model_wall = delta("ctscan_stage_seconds_sum", stage="model", clock="wall")
+    assert 0 < model_cpu <= (os.cpu_count() or 1) * model_wall + 0.01
     info = {
         dict(lab)["backend"]: value
         for (name, lab), value in after.items()

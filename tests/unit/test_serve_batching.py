@@ -181,7 +181,7 @@ def test_stop_answers_what_is_queued_then_refuses() -> None:
 def test_a_failing_metrics_callback_does_not_stop_the_batcher() -> None:
     model = RecordingModel()
 
-    def broken(images: int, seconds: float) -> None:
+    def broken(waits: list[float], sizes: list[int], wall: float, cpu: float) -> None:
         raise RuntimeError("metrics are down")
 
     async def main() -> list[np.ndarray]:

@@ -1,7 +1,8 @@
 """The HTTP service: FastAPI routes over the one Predictor, dynamic batching, metrics, a web page.
 
 Routes (OpenAPI at /docs):
-    POST /predict, /predict/batch, /explain            multipart uploads (field `file` / `files`)
+    POST /predict, /predict/batch, /explain            multipart uploads (field `file` / `files`);
+                                                       /predict also takes the image as the body
     GET  /health, /ready                               liveness, readiness (model warmed up)
     GET  /metrics                                      Prometheus text
     GET  /monitoring/drift                             two-sample tests against the training data
@@ -9,13 +10,10 @@ Routes (OpenAPI at /docs):
                                                        the Open Inference Protocol (KServe v2)
     GET  /                                             the web page (static/, no build, no CDN)
 
-Every error is JSON `{"error": ..., "fix": ...}` with a 4xx for bad input (400 unreadable body
-or protocol, 401 token, 404 no such route or model, 405 wrong method, 413 too large, 415 not an
-image, 422 unreadable image or wrong field, 501 no Grad-CAM, 503 queue full with Retry-After); a
-500 only for a bug, without a stack trace (that goes to the log). The OpenAPI schema documents
-every status and media type a route answers with. With `serve.token` set every route but the
-health ones, the web page and the API docs needs `Authorization: Bearer <token>`. No filesystem
-path comes from a request: uploads are bytes, the model is fixed at start-up.
+Every error is JSON `{"error": ..., "fix": ...}` with a 4xx for bad input (`_ERROR_TEXT`), a 500
+only for a bug (the trace goes to the log); OpenAPI documents every status and media type. With
+`serve.token` every route but health, the page and the docs needs `Authorization: Bearer`. No
+filesystem path comes from a request: uploads are bytes, the model is fixed at start-up.
 """
 
 from __future__ import annotations
@@ -23,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hmac
+import json
 import logging
 import os
 import threading
@@ -43,20 +42,21 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile as StarletteUpload
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ctscan.data.transforms import decode_image, resize_square, to_gray
 from ctscan.errors import DataError
 from ctscan.inference.predictor import Prediction, Predictor
 from ctscan.serve import kserve, limits
 from ctscan.serve.batching import Batcher, QueueFull
 from ctscan.serve.limits import BodyLimit, sniff_format
-from ctscan.serve.metrics import RequestTiming
+from ctscan.serve.metrics import RequestTiming, model_cpu_clock
 
 log = logging.getLogger("ctscan.serve")
 STATIC = Path(__file__).parent / "static"
 RETRY_AFTER_S = "1"
-# Parameter types at module level: FastAPI resolves the (string) annotations of the route
-# functions in this module's globals, not in the closures that define them.
+# At module level: FastAPI resolves the routes' string annotations in this module's globals.
 BearerCredentials = Annotated[
     HTTPAuthorizationCredentials | None,
     Security(HTTPBearer(auto_error=False, description="serve.token")),
@@ -127,16 +127,23 @@ _ERROR_TEXT = {
     401: "missing or wrong bearer token (serve.token)",
     404: "no such model",
     413: "upload larger than serve.max_upload_bytes, or too many files",
-    415: "not a PNG, JPEG, BMP, TIFF, WebP or DICOM file",
+    415: "not a PNG, JPEG, BMP, TIFF, WebP or DICOM file, or a Content-Type the route does not "
+    "take",
     422: "the request does not fit the route: unreadable image, too many pixels, or a missing "
     "or wrong field",
     501: "this model cannot do that (Grad-CAM needs the PyTorch model)",
     503: "the request queue is full, the model is loading or the server is stopping: retry "
     "after the Retry-After seconds",
 }
+
+
+def _header(text: str) -> dict[str, Any]:
+    return {"description": text, "schema": {"type": "string"}}
+
+
 _ERROR_HEADERS = {
-    401: {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
-    503: {"Retry-After": {"description": "seconds to wait", "schema": {"type": "string"}}},
+    401: {"WWW-Authenticate": _header("Bearer")},
+    503: {"Retry-After": _header("seconds to wait")},
 }
 
 
@@ -177,28 +184,51 @@ class Service:
     drift_off: str = "no training reference was found"  # why `monitor` is None
 
     async def read(self, data: bytes, name: str) -> np.ndarray:
-        """Decode an upload on the decode threads: first come, first decoded.
-
-        A pool as large as the cores (`inference.decode_threads`), not the event loop's shared
-        pool of 40: under load 16 concurrent decodes on 2 cores would each take 16 times as long
-        and the latency tail would grow (p99 650 -> 370 ms at 16 clients on this machine).
-        """
+        """Decode an upload on the decode threads (as many as the cores: 16 decodes at once on
+        the loop's pool of 40 made each 16 times as long, and the p99 650 ms instead of 370)."""
         if self.decoder is None:
             raise RuntimeError("the decode pool runs only while the app does (lifespan)")
-        call = functools.partial(self.predictor.read, data, name=name)
-        return await asyncio.get_running_loop().run_in_executor(self.decoder, call)
+        return await asyncio.get_running_loop().run_in_executor(
+            self.decoder, self._read, data, name
+        )
+
+    def _read(self, data: bytes, name: str) -> np.ndarray:
+        """`predictor.read` in two timed stages: decode (to gray), resize; DICOM in one."""
+        p, stage = self.predictor, self.metrics.stage
+        if sniff_format(data) == "DICOM":
+            with stage("decode"):
+                return p.read(data, name=name)
+        limits = p.limits
+        with (
+            stage("decode"),
+            decode_image(
+                data, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes, name=name
+            ) as img,
+        ):
+            gray = to_gray(img)
+        with stage("resize"):
+            return resize_square(gray, p.spec.image_size, p.spec.resize)
+
+    @functools.cached_property
+    def identity_json(self) -> str:
+        return self.identity().model_dump_json()
+
+    def answer(self, prediction: Prediction, start: float) -> bytes:
+        """The /predict JSON, built once here (the model's part once per server)."""
+        head = json.dumps(
+            {
+                "label": prediction.label,
+                "class_index": prediction.index,
+                "confidence": prediction.confidence,
+                "probabilities": prediction.probabilities,
+            },
+            separators=(",", ":"),
+        )
+        latency_ms = (time.perf_counter() - start) * 1000
+        return f'{head[:-1]},"model":{self.identity_json},"latency_ms":{latency_ms:.3f}}}'.encode()
 
     def identity(self) -> ModelIdentity:
-        info = self.predictor.info
-        return ModelIdentity(
-            name=info.name,
-            version=info.version,
-            sha256=info.sha256,
-            backend=info.backend,
-            format=info.format,
-            temperature=info.temperature,
-            calibration=info.calibration,
-        )
+        return ModelIdentity.model_validate(self.predictor.info.to_dict())  # less its source
 
 
 async def get_service(request: Request) -> Service:
@@ -236,9 +266,23 @@ async def health() -> dict[str, str]:
 
 @health_routes.get("/ready", responses=_errors(503))
 async def ready(service: ServiceDep) -> Any:
-    """The model is loaded and warmed up."""
+    """The model is loaded and warmed up; `input`: the size and resize policy it takes."""
     _require_ready(service)
-    return {"status": "ready", "model": service.identity().model_dump()}
+    size, policy = service.predictor.spec.image_size, service.predictor.spec.resize
+    model = service.identity().model_dump()
+    return {"status": "ready", "model": model, "input": {"image_size": size, "resize": policy}}
+
+
+RAW_TYPES = ("image/png", "image/jpeg", "application/dicom", "application/octet-stream")  # bodies
+_BINARY = {"type": "string", "format": "binary", "description": "PNG/JPEG/DICOM"}
+_FORM = {"type": "object", "required": ["file"], "properties": {"file": _BINARY}}
+PREDICT_BODY = {
+    "required": True,
+    "description": "the image in the multipart field `file`, or the image itself as the body "
+    "(its format is read from its bytes)",
+    "content": {"multipart/form-data": {"schema": _FORM}}
+    | {k: {"schema": _BINARY} for k in RAW_TYPES},
+}
 
 
 @guarded.post(
@@ -246,24 +290,19 @@ async def ready(service: ServiceDep) -> Any:
     response_model=PredictResponse,
     tags=["predict"],
     responses=_errors(400, 401, 413, 415, 422, 503),
+    openapi_extra={"requestBody": PREDICT_BODY},
 )
-async def predict(
-    file: Annotated[UploadFile, File(description="PNG/JPEG/DICOM")], service: ServiceDep
-) -> Any:
+async def predict(request: Request, service: ServiceDep) -> Response:
     """Predict the class of one CT slice."""
     start = time.perf_counter()
-    image = await _decode(service, file)
+    image = await _decode(service, *await _upload(request, service))
     probs = await _submit(service, image[None, None])
     prediction = service.predictor.predictions(probs, [None])[0]
-    _record(service, image, prediction)
-    return PredictResponse(
-        label=str(prediction.label),
-        class_index=int(prediction.index or 0),
-        confidence=float(prediction.confidence or 0.0),
-        probabilities=prediction.probabilities or {},
-        model=service.identity(),
-        latency_ms=(time.perf_counter() - start) * 1000,
-    )
+    with service.metrics.stage("monitor"):
+        _record(service, image, prediction)
+    with service.metrics.stage("json_out"):
+        body = service.answer(prediction, start)
+    return Response(body, media_type="application/json")
 
 
 @guarded.post(
@@ -283,7 +322,7 @@ async def predict_batch(
     images, slots = [], []
     for upload in files:
         try:
-            images.append(await _decode(service, upload))
+            images.append(await _decode(service, *await _file(upload)))
             slots.append(len(items))
             items.append(BatchItem(filename=upload.filename))
         except ApiError as exc:
@@ -317,16 +356,11 @@ async def predict_batch(
             "description": "Grad-CAM overlay PNG of the class explained: `target` when sent, "
             "else the predicted class",
             "headers": {
-                "X-Label": {
-                    "description": "the class explained: `target` when sent (then not "
-                    "necessarily the prediction: POST /predict gives that), else the predicted "
-                    "class",
-                    "schema": {"type": "string"},
-                },
-                "X-Confidence": {
-                    "description": "the probability of the X-Label class",
-                    "schema": {"type": "string"},
-                },
+                "X-Label": _header(
+                    "the class explained: `target` when sent (then not necessarily the "
+                    "prediction: POST /predict gives that), else the predicted class"
+                ),
+                "X-Confidence": _header("the probability of the X-Label class"),
             },
         },
         **_errors(400, 401, 413, 415, 422, 501),
@@ -351,7 +385,7 @@ async def explain(
     names = list(explainer.class_names)
     if target is not None and target not in names:
         raise ApiError(422, f"target '{target}' is not a class.", f"use one of {names}.")
-    image = await _decode(service, file)
+    image = await _decode(service, *await _file(file))
     index = names.index(target) if target else None
     if explainer is service.predictor and service.batcher is not None:
         # One PyTorch model answers both: Grad-CAM's hook must not see a batch's forward.
@@ -461,10 +495,7 @@ async def infer(name: ServedModel, request: Request, service: ServiceDep) -> Res
         raise ApiError(400, str(exc), f"see GET /v2/models/{name} for the inputs.") from None
     if parsed.input_name == kserve.BYTES_INPUT:
         _check_count(len(parsed.files), "files", service)
-        images = [
-            await _decode(service, _BytesUpload(data, f"input {i}"))
-            for i, data in enumerate(parsed.files)
-        ]
+        images = [await _decode(service, data, f"input {i}") for i, data in enumerate(parsed.files)]
         batch = np.stack(images)[:, None] if images else np.zeros((0, 1, size, size), np.uint8)
     else:
         batch = parsed.images
@@ -497,6 +528,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     size = service.predictor.spec.image_size
     warm_up = np.zeros((1, 1, size, size), dtype=np.uint8)
     await run_in_threadpool(service.predictor.probabilities, warm_up)  # not in the metrics
+    batcher.cpu_clock = model_cpu_clock()  # the model's thread pools exist now
     threads = service.settings.inference.decode_threads or min(4, os.cpu_count() or 1)
     service.decoder = ThreadPoolExecutor(threads, thread_name_prefix="ctscan-decode")
     await batcher.start()
@@ -552,11 +584,43 @@ def create_app(service: Service) -> FastAPI:
 # ---- helpers of the routes ---------------------------------------------------------------
 
 
-async def _decode(service: Service, upload: UploadFile) -> np.ndarray:
+async def _upload(request: Request, service: Service) -> tuple[bytes, str]:
+    """The image of a /predict request: the raw body, or the multipart field `file` (timed)."""
+    wall = time.perf_counter()
+    body = await request.body()
+    service.metrics.observe_stage("bytes_in", time.perf_counter() - wall)
+    if not body:
+        raise ApiError(422, "the request has no body: no image file.", "send it (field 'file').")
+    kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if kind in RAW_TYPES:
+        return body, "the upload"
+    if kind != "multipart/form-data":
+        raise ApiError(
+            415,
+            f"Content-Type '{kind}' is not taken by /predict.",
+            "send multipart/form-data (the image in the field 'file') or the image itself as "
+            f"the body with Content-Type {', '.join(RAW_TYPES)}.",
+        )
+    with service.metrics.stage("multipart"):  # the body is in memory: no await suspends here
+        async with request.form() as form:
+            file = form.get("file")
+            if not isinstance(file, StarletteUpload):
+                raise ApiError(
+                    422,
+                    "the request does not fit this route: body.file: Field required.",
+                    "send the image in the multipart field 'file' (curl -F file=@a.png).",
+                )
+            return await _file(file)
+
+
+async def _file(upload: StarletteUpload) -> tuple[bytes, str]:
+    """An uploaded file's bytes and its name for messages."""
+    return await upload.read(), (f"'{upload.filename}'" if upload.filename else "the upload")
+
+
+async def _decode(service: Service, data: bytes, name: str) -> np.ndarray:
     """An upload -> (S, S) uint8, or an ApiError (413 / 415 / 422) that says why not."""
     limit = service.settings.serve.max_upload_bytes
-    data = await upload.read(limit + 1)
-    name = f"'{upload.filename}'" if upload.filename else "the upload"
     if len(data) > limit:
         raise ApiError(
             413,
@@ -639,8 +703,7 @@ def _grad_cam_png(
     assert explainer is not None and explainer.torch_model is not None
     model, channels = explainer.torch_model
     spec = explainer.spec
-    # One Grad-CAM at a time, its forward passes included: the hook lives on the shared model
-    # and keeps the output of any forward that runs while it is there.
+    # One Grad-CAM at a time, forwards included: the hook on the shared model keeps any output
     with service.explain_lock:
         probs = explainer.probabilities(image[None, None])[0]
         index = int(probs.argmax()) if target is None else target
@@ -657,12 +720,8 @@ def _grad_cam_png(
 
 
 def _token_check(token: str | None) -> Callable[..., Any]:
-    """A dependency: without a configured token nothing is checked; else Bearer must match.
-
-    With a token the OpenAPI schema declares the HTTP bearer scheme (the /docs "Authorize"
-    button); the comparison is constant-time. Async on purpose: FastAPI runs a plain `def`
-    dependency on a worker thread, a thread hop per request for a check of microseconds.
-    """
+    """A dependency: no check without a token; else Bearer must match (constant time, and the
+    OpenAPI bearer scheme). Async: a plain `def` dependency costs a thread hop per request."""
     if not token:
 
         async def open_route() -> None:
@@ -689,23 +748,15 @@ def _install_error_handlers(app: FastAPI) -> None:
         headers = {"Retry-After": RETRY_AFTER_S} if exc.status == 503 else None
         if exc.status == 401:
             headers = {"WWW-Authenticate": "Bearer"}
-        return JSONResponse(
-            {"error": exc.error, "fix": exc.fix}, status_code=exc.status, headers=headers
-        )
+        return _json_error(exc.status, exc.error, exc.fix, headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err.get("loc", ()))
-            problems.append(f"{where}: {err.get('msg')}")
-        return JSONResponse(
-            {
-                "error": "the request does not fit this route: " + "; ".join(problems),
-                "fix": "see /docs for the fields each route takes (uploads: field 'file').",
-            },
-            status_code=422,
+        problems = "; ".join(
+            f"{'.'.join(map(str, err.get('loc', ())))}: {err.get('msg')}" for err in exc.errors()
         )
+        fix = "see /docs for the fields each route takes (uploads: field 'file')."
+        return _json_error(422, f"the request does not fit this route: {problems}", fix)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -719,18 +770,16 @@ def _install_error_handlers(app: FastAPI) -> None:
             fix = f"this route takes {(exc.headers or {}).get('Allow', 'another method')}."
         elif exc.status_code == 413:
             fix = limits.FIX
-        return JSONResponse(
-            {"error": error, "fix": fix},
-            status_code=exc.status_code,
-            headers=getattr(exc, "headers", None),
-        )
+        return _json_error(exc.status_code, error, fix, getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def bug(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s", request.url.path)  # the trace stays in the log
-        return JSONResponse(
-            {"error": "internal error (logged on the server).", "fix": None}, status_code=500
-        )
+        return _json_error(500, "internal error (logged on the server).", None)
+
+
+def _json_error(status: int, error: str, fix: str | None, headers: Any = None) -> JSONResponse:
+    return JSONResponse({"error": error, "fix": fix}, status_code=status, headers=headers)
 
 
 def _document_model_name(app: FastAPI, name: str) -> None:
@@ -748,13 +797,3 @@ def _document_model_name(app: FastAPI, name: str) -> None:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-
-
-class _BytesUpload:
-    """The part of UploadFile `_decode` uses, over bytes already in memory."""
-
-    def __init__(self, data: bytes, filename: str) -> None:
-        self._data, self.filename = data, filename
-
-    async def read(self, size: int = -1) -> bytes:
-        return self._data if size < 0 else self._data[:size]

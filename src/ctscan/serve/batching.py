@@ -1,14 +1,9 @@
 """Dynamic batching: concurrent requests gathered into one model call, a bounded queue.
 
-Each request puts its images (k, 1, S, S) on an asyncio queue and awaits a future. One task
-takes the first waiting request, then keeps taking requests while they fit in `max_batch` images
-and `max_wait_ms` has not passed since the first (a request that does not fit opens the next
-call; one request is never split), runs the model once on the one model thread (the event loop
-stays free) and hands each request its rows. With batching off the task runs each request
-alone, still on the model thread. A full queue is refused at once (`QueueFull` -> 503 with
-Retry-After) instead of growing without bound. A failed model call fails every request of that
-call with the model's exception; the task itself keeps running. `run` puts other work that
-needs the model (Grad-CAM on a shared PyTorch model) on the same thread, between calls.
+One task takes the first waiting request, then more while they fit in `max_batch` images and
+`max_wait_ms` has not passed (a request is never split), runs the model on the one model thread
+and hands each request its rows. A full queue is refused at once (`QueueFull` -> 503); a failed
+call fails its requests, not the task. `run` puts other model work (Grad-CAM) on that thread.
 """
 
 from __future__ import annotations
@@ -36,6 +31,7 @@ class QueueFull(Exception):
 class _Item:
     images: np.ndarray  # (k, 1, S, S) uint8
     future: asyncio.Future[np.ndarray]
+    queued: float  # time.perf_counter() when submitted
 
 
 class Batcher:
@@ -45,17 +41,19 @@ class Batcher:
         self,
         model: Callable[[np.ndarray], np.ndarray],
         *,
-        max_batch: int = 32,
-        max_wait_ms: float = 5.0,
+        max_batch: int = 8,
+        max_wait_ms: float = 0.0,
         queue_size: int = 256,
         enabled: bool = True,
-        on_batch: Callable[[int, float], None] | None = None,
+        on_batch: Callable[[list[float], list[int], float, float], None] | None = None,
+        cpu_clock: Callable[[], float] = time.thread_time,
     ) -> None:
         self.model = model
         self.max_batch = max(1, max_batch) if enabled else 1
         self.max_wait = max_wait_ms / 1000.0 if enabled else 0.0
         self.queue_size = queue_size
-        self.on_batch = on_batch  # (images in the call, seconds) for the metrics
+        self.on_batch = on_batch  # (queue waits, sizes, wall s, cpu s) for the metrics
+        self.cpu_clock = cpu_clock  # read on the model thread around each call
         self._queue: asyncio.Queue[_Item] | None = None
         self._task: asyncio.Task[None] | None = None
         self._carry: _Item | None = None  # taken from the queue, did not fit the last call
@@ -90,7 +88,7 @@ class Batcher:
             raise QueueFull()
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         try:
-            self._queue.put_nowait(_Item(images, future))
+            self._queue.put_nowait(_Item(images, future, time.perf_counter()))
         except asyncio.QueueFull:
             raise QueueFull() from None
         return await future
@@ -132,11 +130,15 @@ class Batcher:
             for _ in items:
                 self._queue.task_done()
 
+    def _timed(self, images: np.ndarray) -> tuple[np.ndarray, float]:
+        cpu = self.cpu_clock()
+        return self.model(images), self.cpu_clock() - cpu
+
     async def _call(self, loop: asyncio.AbstractEventLoop, items: list[_Item]) -> None:
         start = time.perf_counter()
         try:
             images = np.concatenate([item.images for item in items])
-            scores = await loop.run_in_executor(self._executor, self.model, images)
+            scores, cpu = await loop.run_in_executor(self._executor, self._timed, images)
             if len(scores) != len(images):
                 raise RuntimeError(f"the model gave {len(scores)} rows for {len(images)} images")
         except Exception as exc:  # the model failed: every waiting request hears why
@@ -153,6 +155,7 @@ class Batcher:
             row += k
         if self.on_batch is not None:
             try:
-                self.on_batch(len(images), seconds)
+                waits = [start - item.queued for item in items]
+                self.on_batch(waits, [len(item.images) for item in items], seconds, cpu)
             except Exception:  # metrics must never stop the batching task
                 log.exception("the on_batch callback failed")

@@ -51,12 +51,8 @@ class BodyTooLarge(HTTPException):
 class BodyLimit:
     """ASGI middleware: refuse bodies above a limit per path prefix with 413, before reading them.
 
-    A declared Content-Length above the limit is refused at once; a streamed body is counted and
-    cut off when it passes the limit. The metrics count the refusal under the route it was
-    meant for (app.py's timing middleware matches the path again). Every limit comes with the
-    reason the message gives for it (which settings make it), since the byte count alone
-    (serve.max_upload_bytes plus room for the form) matches no setting a user can look up.
-    """
+    A declared Content-Length above the limit is refused at once, a streamed body cut off when it
+    passes it; each limit carries the settings that make it, for the message."""
 
     def __init__(
         self,
