@@ -78,7 +78,7 @@ def sources(tmp_path_factory: pytest.TempPathFactory, mlflow_db_template: Path) 
     from ctscan.engine.tracking import open_tracker
     from ctscan.engine.train import log_best_model, run_training
     from ctscan.ops.ensemble import build_ensemble
-    from ctscan.serve.server import _cached_onnx
+    from ctscan.ops.export import cached_onnx
 
     root = tmp_path_factory.mktemp("sources")
     runs_dir = copy_mlflow_store(mlflow_db_template, root / "runs")
@@ -109,7 +109,7 @@ def sources(tmp_path_factory: pytest.TempPathFactory, mlflow_db_template: Path) 
     ensemble = build_ensemble(
         settings, [result.best_path], out=root / "ens" / "ensemble.pt", flips=("hflip",)
     )
-    onnx = _cached_onnx(result.best_path, settings)  # what `ctscan export` writes, unchecked
+    onnx = cached_onnx(result.best_path, settings)  # the export predict and serve run on
     images = []
     for i, image in enumerate(sample_images(4, size=SIZE, seed=7)):
         images.append(root / "slices" / f"slice{i}.png")

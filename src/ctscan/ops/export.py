@@ -1,35 +1,22 @@
 """`ctscan export`: a checkpoint as ONNX (fp32, static int8) and `.pt2`, checked against eager.
 
-Every file holds `LoadedModel.deployable()`: uint8 gray (B, 1, S, S) in, float32 logits (B, C)
-out, the spec's normalisation and the channel repeat inside, so a runtime needs only the decode
-and the resize (`ctscan.inference.read_image`). The batch axis is dynamic. The logits are the
-calibrated ones, the network's divided by the checkpoint's temperature T (softmax of them is
-what `ctscan predict` shows); the metadata names T (`temperature`, 1.0: uncalibrated).
+Every file holds `LoadedModel.deployable()`: uint8 gray (B, 1, S, S) in (dynamic batch), float32
+calibrated logits (B, C) out (the network's / the checkpoint's temperature T, named in the
+metadata), normalisation and channel repeat inside: a runtime needs only `read_image`.
 
-    best.onnx        torch.onnx.export(dynamo=True), opset OPSET, one file (no external data);
-                     `metadata_props["ctscan"]` = JSON (see `export_metadata`); onnx.checker'd
-    best.int8.onnx   onnxruntime.quantization: quant_pre_process, then static QDQ, per-channel
-                     int8 weights, uint8 activations, MinMax calibration on every train
-                     image of the processed store, averaged per batch; the stem conv stays fp32
-    best.pt2         torch.export.export + torch.export.save (the same JSON as extra file
-                     `ctscan.json`), read back with torch.export.load before it is kept
+    best.onnx        torch.onnx.export(dynamo=True), opset OPSET, one file; the JSON of
+                     `export_metadata` in `metadata_props["ctscan"]`; onnx.checker'd
+    best.int8.onnx   static QDQ (see `quantize_onnx`), calibrated on the train split
+    best.pt2         torch.export.save (the same JSON as extra file `ctscan.json`)
 
-Parity, on the test split of the processed store (whose spec must equal the checkpoint's):
-answers come from `open_predictor` (the checkpoint on torch, CPU fp32, as the reference; each
-ONNX file on ONNX Runtime), the .pt2 file from its `torch.export.load` module. A float32 file
-whose logits differ from eager by more than FP32_TOLERANCE is refused and nothing is written.
-The int8 file is refused (not written; the fp32 files are) when its argmax agrees with eager on
-fewer than INT8_MIN_AGREEMENT of the test images or its accuracy is more than
-INT8_MAX_ACCURACY_DROP below eager's.
-
-Writes: everything is made in a staging folder beside the targets (`.<name>.export-*.tmp`),
-checked there, then renamed into place; the staging folder is removed whatever happens. Into
-another folder than the checkpoint's, its reference_confidence.json (serve's drift reference)
-is copied too.
-`--triton DIR` lays out `DIR/<name>/1/model.onnx`, `config.pbtxt` and `labels.txt` from the
-accepted fp32 file: the layout Triton documents, the config parsed in the tests with Triton's own
-schema (tritonclient's `model_config_pb2.ModelConfig`) and its inputs and outputs checked against
-the ONNX graph (not run on a Triton server here).
+Parity on the store's test split against the checkpoint on torch (CPU fp32): a float32 file off
+by more than FP32_TOLERANCE stops the export (nothing written); the int8 file is not written
+below INT8_MIN_AGREEMENT argmax agreement or more than INT8_MAX_ACCURACY_DROP below eager's
+accuracy. Files are made and checked in a staging folder beside the targets, then renamed into
+place (with the drift reference, reference_confidence.json, into another folder).
+`--triton DIR` lays out `DIR/<name>/1/model.onnx`, `config.pbtxt` and `labels.txt` as Triton
+documents (the config checked with Triton's own schema in the tests).
+`cached_onnx` is the export `ctscan predict` and `ctscan serve` run a checkpoint on.
 """
 
 from __future__ import annotations
@@ -77,6 +64,7 @@ TRITON_MAX_BATCH = 32
 TRITON_QUEUE_DELAY_US = 2000
 EXPORT_EXTRA = "pip install 'ctscan[export]'"
 _TRITON_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+CACHE_FOLDER = "serve-cache"  # under paths.runs_dir: checkpoints exported for predict and serve
 
 
 @dataclass(frozen=True)
@@ -88,11 +76,6 @@ class ExportPlan:
     int8: Path | None = None
     pt2: Path | None = None
     triton_dir: Path | None = None
-
-    @property
-    def files(self) -> list[Path]:
-        """The model files in the order they are made."""
-        return [p for p in (self.onnx, self.pt2, self.int8) if p is not None]
 
 
 @dataclass
@@ -166,8 +149,6 @@ def plan_outputs(
     `all`: `out` is a folder (default: the checkpoint's). int8 goes beside the ONNX file as
     `<stem>.int8.onnx`.
     """
-    from ctscan.files import ensure_dir
-
     if fmt not in FORMATS:
         raise CtscanError(
             f"--format '{fmt}' is not one of {', '.join(FORMATS)}.", "use --format onnx."
@@ -542,13 +523,9 @@ def write_triton_layout(
     model_dir = ensure_dir(repository / name, what="Triton model folder")
     version_dir = ensure_dir(model_dir / "1", what="Triton model version folder")
 
-    def copy(fh: Any) -> None:
-        with onnx_path.open("rb") as src:
-            shutil.copyfileobj(src, fh, 1 << 20)
-
     labels = ("\n".join(class_names) + "\n").encode()
     writers = {
-        version_dir / "model.onnx": copy,
+        version_dir / "model.onnx": lambda fh: fh.write(onnx_path.read_bytes()),
         model_dir / "labels.txt": lambda fh: fh.write(labels),
         model_dir / "config.pbtxt": lambda fh: fh.write(config.encode()),
     }
@@ -747,10 +724,10 @@ def _checked_fp32(row: Parity, n_images: int) -> Parity:
     if row.max_abs_diff > FP32_TOLERANCE:
         raise CtscanError(
             f"the {row.format} export differs from the eager model by "
-            f"{row.max_abs_diff:.2e} in the logits on the {n_images} test images "
+            f"{row.max_abs_diff:.2e} in the logits on {n_images} images "
             f"(the limit is {FP32_TOLERANCE:g}): nothing was written.",
-            "this is an exporter problem: retry with CTSCAN_DEBUG=1 and report it, or "
-            "export the other format.",
+            "this is an exporter problem: retry with CTSCAN_DEBUG=1 and report it; meanwhile "
+            "use the other format (or --backend torch).",
         )
     return row
 
@@ -772,3 +749,41 @@ def _int8_refusal(row: Parity, eager: Parity, plan: Any, *, n_float: int) -> Cts
         f"deploy {plan.onnx.name} (float32), or retrain and export again (a model "
         "that is further from its decision boundaries quantises better).",
     )
+
+
+# ---- the export predict and serve run a checkpoint on ----------------------------------
+
+
+def cached_onnx(checkpoint: Path, settings: Settings) -> Path:
+    """The checkpoint's ONNX export: from the cache, else exported, checked and cached now.
+
+    Keyed by the checkpoint's sha256 under `paths.runs_dir/serve-cache/` (a temporary folder,
+    for this process only, if runs_dir cannot be written). A file is renamed into the cache only
+    once its logits match the eager model's within FP32_TOLERANCE on random images, so a file
+    found there is used as it is.
+    """
+    from ctscan.files import file_sha256, folder_problem
+
+    sha = file_sha256(checkpoint)
+    target = Path(settings.paths.runs_dir) / CACHE_FOLDER / f"{sha[:24]}.onnx"
+    if target.is_file():
+        return target
+    if folder_problem(target.parent) is not None:
+        target = Path(tempfile.mkdtemp(prefix="ctscan-onnx-")) / target.name
+    require_onnx_tools()
+    from ctscan.engine.checkpoint import load_model, read_checkpoint  # torch: only on a miss
+    from ctscan.inference import open_predictor
+
+    ckpt, settings = read_checkpoint(checkpoint), _cpu_fp32(settings)
+    size = ckpt.spec.image_size
+    images = np.random.default_rng(0).integers(0, 256, (8, 1, size, size), dtype=np.uint8)
+    reference = open_predictor(checkpoint, settings=settings, backend="torch").logits(images)
+    deployable = load_model(ckpt).deployable()
+    with staging(target.parent, target.stem) as stage:
+        plan = ExportPlan(target.parent, onnx=target)
+        staged, _, _ = _stage_float32(
+            plan, stage, ckpt, sha, deployable, settings, images, reference, reference.argmax(1)
+        )
+        with built_aside(target) as aside:  # its permissions, rename and folder fsync
+            os.replace(staged[target], aside)
+    return target
