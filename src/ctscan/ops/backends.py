@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,9 @@ def open_model(model: str | Path, settings: Any, backend: str = "auto") -> Predi
             text, settings=settings, backend=None if backend == "auto" else backend
         )
     try:
-        return open_predictor(cached_onnx(Path(text), settings), settings=settings)
+        predictor = open_predictor(cached_onnx(Path(text), settings), settings=settings)
+        predictor.info = dataclasses.replace(predictor.info, source=text)  # not the cache file
+        return predictor
     except CtscanError as exc:
         if backend == "onnx":
             raise
