@@ -1,13 +1,15 @@
-"""The CPU a figure comes from: its model name and the flags that set its column.
+"""The CPU a figure comes from (its model name and the flags that set its column), and the JSON.
 
 Importable from other bench scripts (bench/ is not a package):
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _machine import cpu_facts
+    from _machine import cpu_facts, write_result
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
 from pathlib import Path
@@ -41,3 +43,12 @@ def cpu_facts() -> dict[str, Any]:
         "platform": platform.platform(),
         "load_avg_1m": os.getloadavg()[0],
     }
+
+
+def write_result(args: argparse.Namespace, rows: list[dict[str, Any]], **facts: Any) -> None:
+    """`{machine, settings, facts..., rows}` as JSON to `args.out`."""
+    settings = {k: str(v) for k, v in vars(args).items()}
+    result = {"machine": cpu_facts(), "settings": settings, **facts, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ from PIL import Image
 from ctscan.data import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import cpu_facts
+from _machine import write_result
 
 
 def pillow_decode(data: bytes) -> None:
@@ -102,16 +101,8 @@ def main() -> None:
             f"{what:>18}  {decoder:>8}  {row['images_per_s']:8.1f} img/s  "
             f"{row['cpu_ms_per_image']:6.2f} CPU ms/image"
         )
-    result = {
-        "machine": cpu_facts(),
-        "images": len(files),
-        "mean_file_bytes": sum(map(len, files)) / max(1, len(files)),
-        "settings": {k: str(v) for k, v in vars(args).items()},
-        "rows": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    mean_bytes = sum(map(len, files)) / max(1, len(files))
+    write_result(args, rows, images=len(files), mean_file_bytes=mean_bytes)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import cpu_facts
+from _machine import write_result
 
 
 def run_predict(model: Path, backend: str, images: Path, extra: list[str]) -> dict[str, float]:
@@ -87,14 +87,7 @@ def main() -> None:
             f"{model.name:>24}  --backend {backend:<5} ({row['ran_on']:>5})  "
             f"{row['images_per_s']:7.1f} img/s  {wall:6.2f} s wall  {row['cpu_s']:6.2f} CPU s"
         )
-    result = {
-        "machine": cpu_facts(),
-        "settings": {k: str(v) for k, v in vars(args).items()},
-        "rows": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args, rows)
 
 
 if __name__ == "__main__":
