@@ -264,7 +264,7 @@ class ServeModel:
 def build_serve_model(root: Path) -> ServeModel:
     """cnn_gap trained 1 epoch at 32 px on the synthetic store, exported to ONNX (cached)."""
     from ctscan.engine.train import run_training
-    from ctscan.serve.server import _cached_onnx
+    from ctscan.ops.export import cached_onnx
     from tests.unit.conftest_store import engine_settings, write_synthetic_store
 
     runs = root / "runs"
@@ -276,7 +276,7 @@ def build_serve_model(root: Path) -> ServeModel:
     if not checkpoint.is_file():
         write_synthetic_store(store, size=IMAGE_SIZE)
         run_training(settings, out_dir=checkpoint.parent)
-    onnx = _cached_onnx(checkpoint, settings)  # the file `ctscan serve` finds in its cache
+    onnx = cached_onnx(checkpoint, settings)  # the file `ctscan serve` finds in its cache
     return ServeModel(checkpoint=checkpoint, onnx=onnx, runs_dir=runs, store=store)
 
 

@@ -361,9 +361,12 @@ def predict(
         typer.Option("--explain", help="Write a Grad-CAM overlay PNG per image into this folder."),
     ] = None,
     backend: Annotated[
-        str | None,
-        typer.Option(help="torch | onnx (default: what the model file runs on)."),
-    ] = None,
+        str,
+        typer.Option(
+            help="auto | onnx | torch. auto: a checkpoint runs on its ONNX export (made once, "
+            "checked against it and cached in paths.runs_dir/serve-cache), torch with --explain."
+        ),
+    ] = "auto",
     device: Device = None,
     settings_files: SettingsFiles = None,
     overrides: Overrides = None,
@@ -371,17 +374,19 @@ def predict(
 ) -> None:
     """Predict the class of CT slices with a trained model; exit 3 if any file failed."""
     from ctscan.files import atomic_write
-    from ctscan.inference import open_predictor
     from ctscan.inference.batch import (
         as_json_rows,
         collect_inputs,
         predictions_csv,
         run_predict,
     )
+    from ctscan.ops.backends import open_model
     from ctscan.render import progress_bar, render_predictions
 
     settings = _settings(settings_files, overrides, **{"train.device": device})
-    predictor = open_predictor(model, settings=settings, backend=backend)
+    if explain is not None and backend == "auto":
+        backend = "torch"  # Grad-CAM needs the PyTorch model's gradients
+    predictor = open_model(model, settings, backend)
     files = collect_inputs(paths)
     with progress_bar(len(files), enabled=not quiet and not as_json and len(files) > 1) as advance:
         predictions = run_predict(predictor, files, explain_dir=explain, progress=advance)

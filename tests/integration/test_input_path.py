@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ctscan.data.preprocess import run_preprocess
 from ctscan.data.store import load_store
-from ctscan.data.transforms import model_input, prepare
+from ctscan.data.transforms import decode_image, model_input, prepare
 from ctscan.engine.evaluate import predict
 from ctscan.engine.modelling import Deployable, build_model
 from ctscan.engine.runtime import resolve_runtime
@@ -50,6 +51,22 @@ def test_every_raw_file_through_prepare_equals_its_store_row(
             b = model_input(data.images[:16], mean=spec.mean, std=spec.std, channels=channels)
             assert torch.equal(a, b)
     assert checked == 944
+
+
+def test_every_real_test_png_decodes_through_libspng_to_pillows_pixels(
+    real_raw_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pyspng
+
+    load, decoded = pyspng.load, []
+    monkeypatch.setattr(pyspng, "load", lambda data: decoded.append(1) or load(data))
+    files = sorted((real_raw_dir / "test").rglob("*.png"))
+    for path in files:
+        got = decode_image(path)
+        with Image.open(path) as expected:
+            expected.load()
+            assert got.mode == expected.mode and np.array_equal(got, expected), path
+    assert len(files) == len(decoded) == 259  # every one through libspng, none left to Pillow
 
 
 @pytest.mark.parametrize("name", ["cnn_gap", "efficientnet_lite0"])

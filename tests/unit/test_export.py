@@ -20,6 +20,7 @@ from ctscan.engine.train import run_training
 from ctscan.errors import CheckpointError, CtscanError, DataError
 from ctscan.inference import open_predictor
 from ctscan.ops import export
+from ctscan.ops.backends import open_model
 from ctscan.ops.export import (
     ExportResult,
     int8_refusal,
@@ -258,24 +259,75 @@ def test_onnx_matches_eager_on_the_test_images(exported: Exported, tmp_path: Pat
     assert exported.result.opset == export.OPSET
 
 
+def _predict_in_a_process(*args: str) -> tuple[list[dict], bool]:
+    """`ctscan predict ARGS --json` in a new interpreter: (its rows, whether it imported torch)."""
+    code = (
+        "import sys\n"
+        "from ctscan.cli import main\n"
+        "sys.argv = ['ctscan', 'predict', *sys.argv[1:], '--json']\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
+        "print('torch' in sys.modules, file=sys.stderr)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    return rows, done.stderr.splitlines()[-1] == "True"
+
+
 def test_an_onnx_prediction_does_not_import_torch(exported: Exported, tmp_path: Path) -> None:
     """torch's import was 3 of the 5.4 s an ONNX `ctscan predict` of one image took."""
     image = tmp_path / "slice.png"
     Image.fromarray(load_store(exported.store).split("test").images[0, 0].numpy()).save(image)
-    code = (
-        "import sys\n"
-        "from ctscan.cli import main\n"
-        "sys.argv = ['ctscan', 'predict', sys.argv[1], '--model', sys.argv[2], '--json']\n"
-        "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
-        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    rows, torch_imported = _predict_in_a_process(
+        str(image), "--model", str(exported.folder / "best.onnx")
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code, str(image), str(exported.folder / "best.onnx")],
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stderr
-    assert '"label"' in done.stdout
+    assert not torch_imported and rows[0]["label"] in rows[0]["probabilities"]
+
+
+def test_predict_runs_a_checkpoint_on_its_cached_export_without_torch_the_second_time(
+    trained: Path, synthetic_store: Path, tmp_path: Path
+) -> None:
+    """The first `ctscan predict --model best.pt` exports it into the cache; the next answers
+    from the cached file without importing torch; both agree with --backend torch to 1e-4."""
+    images = load_store(synthetic_store).split("test").images[:4, 0].numpy()
+    files = []
+    for i, image in enumerate(images):
+        files.append(str(tmp_path / f"slice{i}.png"))
+        Image.fromarray(image).save(files[-1])
+    args = [*files, "--model", str(trained)]
+    args += [
+        a for item in engine_overrides(synthetic_store, tmp_path / "runs") for a in ("--set", item)
+    ]
+    first, first_torch = _predict_in_a_process(*args)
+    cached = list((tmp_path / "runs" / export.CACHE_FOLDER).iterdir())
+    assert first_torch and [p.name for p in cached] == [f"{file_sha256(trained)[:24]}.onnx"]
+    second, second_torch = _predict_in_a_process(*args)
+    eager, _ = _predict_in_a_process(*args, "--backend", "torch")
+    assert not second_torch and second == first
+    assert {r["model"]["backend"] for r in first} == {"onnx"}
+    assert {r["model"]["backend"] for r in eager} == {"torch"}
+    for onnx_row, eager_row in zip(second, eager, strict=True):
+        assert onnx_row["label"] == eager_row["label"]
+        for name, p in eager_row["probabilities"].items():
+            assert abs(onnx_row["probabilities"][name] - p) <= 1e-4
+
+
+@pytest.mark.slow
+def test_an_export_that_differs_is_not_cached_and_auto_falls_back_to_torch(
+    trained: Path,
+    synthetic_store: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(export, "FP32_TOLERANCE", -1.0)  # every difference is too large
+    settings = _settings(synthetic_store, tmp_path)
+    with pytest.raises(CtscanError, match="nothing was written"):
+        open_model(trained, settings, "onnx")
+    assert list((tmp_path / "runs" / export.CACHE_FOLDER).iterdir()) == []  # no temp file either
+    with caplog.at_level("WARNING"):
+        predictor = open_model(trained, settings, "auto")
+    assert predictor.info.backend == "torch" and "running on torch" in caplog.text
 
 
 @pytest.mark.slow

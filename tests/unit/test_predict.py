@@ -138,6 +138,8 @@ def test_cli_json_csv_and_a_broken_file(
         "--json",
         "--csv",
         str(csv_path),
+        "--backend",
+        "torch",  # the cached ONNX export (the default) is tested in test_export.py
         *_sets(synthetic_store, tmp_path),
     )
     assert proc.returncode == 3, proc.stderr  # some files failed: non-zero, the rest answered
@@ -164,7 +166,13 @@ def test_cli_table_for_a_folder(
     trained: Path, slice_pngs: Path, synthetic_store: Path, tmp_path
 ) -> None:
     proc = _cli(
-        "predict", str(slice_pngs), "--model", str(trained), *_sets(synthetic_store, tmp_path)
+        "predict",
+        str(slice_pngs),
+        "--model",
+        str(trained),
+        "--backend",
+        "torch",
+        *_sets(synthetic_store, tmp_path),
     )
     assert proc.returncode == 0, proc.stderr
     assert "cnn_gap" in proc.stdout and proc.stdout.count(".png") == 16
@@ -176,7 +184,7 @@ def test_bad_models_and_inputs_are_one_line_errors(
     settings = _settings(synthetic_store, tmp_path)
     with pytest.raises(CheckpointError, match="does not exist"):
         open_predictor(tmp_path / "none.pt", settings=settings)
-    with pytest.raises(CtscanError, match="export it first"):
+    with pytest.raises(CtscanError, match="runs on torch, not onnx"):
         open_predictor(trained, settings=settings, backend="onnx")
     with pytest.raises(CheckpointError, match="does not exist"):
         open_predictor(tmp_path / "none.onnx", settings=settings)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +139,100 @@ def test_decode_leaves_pil_global_limit_alone() -> None:
 def test_decode_missing_file_is_a_data_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="cannot read"):
         decode_image(tmp_path / "nope.png")
+
+
+# ---- PNG through libspng ------------------------------------------------------------------
+
+
+def _png(pixels: np.ndarray, colour: int, depth: int, extra: tuple[bytes, ...] = ()) -> bytes:
+    """A PNG written by hand: any colour type and depth, extra chunks before IDAT."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    h, w = pixels.shape[:2]
+    if depth < 8:  # pack the samples of a row, high bits first
+        per_byte = 8 // depth
+        padded = np.zeros((h, -(-w // per_byte) * per_byte), np.uint8)
+        padded[:, :w] = pixels
+        groups = padded.reshape(h, -1, per_byte).astype(np.uint16)
+        rows = sum(groups[..., i] << (8 - depth * (i + 1)) for i in range(per_byte))
+        raw = rows.astype(np.uint8)
+    else:
+        raw = pixels.astype(">u2" if depth == 16 else np.uint8).reshape(h, -1).view(np.uint8)
+    body = b"".join(b"\0" + row.tobytes() for row in raw)
+    ihdr = struct.pack(">IIBBBBB", w, h, depth, colour, 0, 0, 0)
+    chunks = [chunk(b"IHDR", ihdr), *(chunk(k, d) for k, d in extra)]
+    chunks += [chunk(b"IDAT", zlib.compress(body)), chunk(b"IEND", b"")]
+    return b"\x89PNG\r\n\x1a\n" + b"".join(chunks)
+
+
+_PALETTE = (b"PLTE", bytes(range(48)))  # 16 colours
+_LAYOUTS = {  # name: (colour type, bit depth, channels, sample maximum, extra chunks, libspng?)
+    "gray8": (0, 8, 1, 255, (), True),
+    "gray16": (0, 16, 1, 65535, (), True),
+    "gray-alpha8": (4, 8, 2, 255, (), True),
+    "rgb8": (2, 8, 3, 255, (), True),
+    "rgba8": (6, 8, 4, 255, (), True),
+    "gray8-trns": (0, 8, 1, 255, ((b"tRNS", b"\0\7"),), True),
+    "gray1": (0, 1, 1, 1, (), False),
+    "gray4": (0, 4, 1, 15, (), False),
+    "gray-alpha16": (4, 16, 2, 65535, (), False),
+    "rgb16": (2, 16, 3, 65535, (), False),
+    "palette8": (3, 8, 1, 15, (_PALETTE,), False),
+    "palette4": (3, 4, 1, 15, (_PALETTE,), False),
+    "palette8-trns": (3, 8, 1, 15, (_PALETTE, (b"tRNS", bytes(range(0, 255, 16)))), False),
+}
+
+
+@pytest.fixture
+def spng_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the images libspng decodes."""
+    import pyspng
+
+    calls: list[int] = []
+    load = pyspng.load
+
+    def counted(data: bytes) -> np.ndarray:
+        calls.append(1)
+        return load(data)
+
+    monkeypatch.setattr(pyspng, "load", counted)
+    return calls
+
+
+@pytest.mark.parametrize("layout", sorted(_LAYOUTS))
+@pytest.mark.parametrize("shape", [(1, 1), (7, 13), (64, 33)])
+def test_png_pixels_are_pillows_whichever_decoder_reads_them(
+    layout: str, shape: tuple[int, int], spng_calls: list[int]
+) -> None:
+    """libspng takes 8-bit L/LA/RGB/RGBA and 16-bit gray; Pillow the rest: the same pixels."""
+    colour, depth, channels, top, extra, fast = _LAYOUTS[layout]
+    rng = np.random.default_rng(sum(shape) + colour + depth)
+    pixels = rng.integers(0, top + 1, (*shape, channels)).squeeze(-1 if channels == 1 else ())
+    data = _png(pixels, colour, depth, extra)
+    with Image.open(io.BytesIO(data)) as expected:
+        expected.load()
+        got = decode_image(data)
+        assert (got.mode, got.size, got.format) == (expected.mode, expected.size, "PNG")
+        assert np.array_equal(np.asarray(got), np.asarray(expected))
+        assert np.array_equal(to_gray(got), to_gray(expected))
+    assert len(spng_calls) == int(fast)
+
+
+def test_a_png_with_a_bad_crc_is_left_to_pillow(spng_calls: list[int]) -> None:
+    """A chunk whose CRC fails (here after the pixels) is not decoded by libspng."""
+    data = _png(np.arange(64, dtype=np.uint8).reshape(8, 8), 0, 8, ())
+    broken = data[:-4] + bytes(b ^ 0xFF for b in data[-4:])  # IEND's CRC
+    with Image.open(io.BytesIO(broken)) as expected:
+        expected.load()
+        assert np.array_equal(np.asarray(decode_image(broken)), np.asarray(expected))
+    assert spng_calls == []
+    cut = data[: len(data) // 2]
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        decode_image(cut)
+    assert spng_calls == []
 
 
 # ---- to_gray ------------------------------------------------------------------------------

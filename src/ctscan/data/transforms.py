@@ -13,6 +13,9 @@ Choices, fixed here so that training and serving see identical pixels:
   is silenced locally and its hard limit (2 x `Image.MAX_IMAGE_PIXELS`) ends in a ctscan
   `DataError` too. `Image.MAX_IMAGE_PIXELS` is left alone (it is process-global). Only PNG,
   JPEG, BMP, TIFF and WebP are opened; EXIF orientation is ignored (pixels are used as stored).
+- PNG pixels: libspng (pyspng) once Pillow has read the header and every chunk passed its CRC,
+  for 8-bit L / LA / RGB / RGBA and 16-bit gray (the same pixels as Pillow's, faster); Pillow
+  decodes the rest (palette, < 8 bits, 16-bit colour, APNG) and names any defect.
 
 This module imports torch only inside `model_input`, so preprocessing workers stay light.
 """
@@ -41,6 +44,8 @@ RESAMPLE = Image.Resampling.BILINEAR
 DECODE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")  # JPEG covers MPO
 _HIGH_DEPTH_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 _ALPHA_MODES = frozenset({"LA", "RGBA"})
+# PNG (colour type, bit depth) -> the mode Pillow gives it, for the layouts libspng decodes
+_SPNG_MODES = {(0, 8): "L", (0, 16): "I;16", (2, 8): "RGB", (4, 8): "LA", (6, 8): "RGBA"}
 
 
 @dataclass(frozen=True)
@@ -189,6 +194,10 @@ def decode_image(
             img.close()
             raise _too_many_pixels(name, (width, height), max_pixels)
         fmt = img.format
+        fast = _decode_png(data, img) if fmt == "PNG" else None
+        if fast is not None:
+            img.close()
+            return fast
         try:
             img.load()
         except Image.DecompressionBombError:  # a plugin that checks again while loading
@@ -201,6 +210,47 @@ def decode_image(
                 upload=isinstance(source, (bytes, bytearray, memoryview)),
             ) from None
     return img
+
+
+def _png_layout(data: bytes) -> tuple[int, int] | None:
+    """(colour type, bit depth) of a still PNG whose every chunk is whole and passes its CRC."""
+    view, pos, layout = memoryview(data), 8, None
+    while pos + 12 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        end = pos + 12 + length
+        if end > len(data) or zlib.crc32(view[pos + 4 : end - 4]) != int.from_bytes(
+            view[end - 4 : end]
+        ):
+            return None
+        if kind == b"IHDR" and length == 13:
+            layout = (data[pos + 17], data[pos + 16])
+        elif kind == b"acTL":  # animated: Pillow decodes the first frame
+            return None
+        elif kind == b"IEND":
+            return layout
+        pos = end
+    return None
+
+
+def _decode_png(data: bytes, img: Image.Image) -> Image.Image | None:
+    """The pixels of a PNG Pillow has opened, decoded by libspng in the same mode; None for a
+    layout it does not take or a file it cannot read (Pillow then decodes it or says why)."""
+    layout = _png_layout(data)
+    if layout is None or _SPNG_MODES.get(layout) != img.mode:
+        return None
+    try:
+        import pyspng
+
+        pixels = pyspng.load(data)  # (H, W) or (H, W, channels); 16-bit gray as (H, W, 2)
+    except Exception:  # ImportError, or a defect libspng finds: Pillow's message names it
+        return None
+    if img.mode == "I;16":
+        pixels = pixels[..., 0]  # gray, alpha
+    out = Image.fromarray(np.ascontiguousarray(pixels))
+    if out.mode != img.mode or out.size != img.size:
+        return None
+    out.format, out.info = img.format, dict(img.info)
+    return out
 
 
 def _stretch(values: np.ndarray) -> np.ndarray:

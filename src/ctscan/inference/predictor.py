@@ -38,7 +38,6 @@ from ctscan.data.transforms import (
 )
 from ctscan.errors import CheckpointError, CtscanError, DataError
 
-BACKENDS = ("torch", "onnx")
 MLFLOW_SCHEMES = ("models:/", "runs:/")
 ONNX_METADATA_KEY = "ctscan"  # metadata_props key of an exported ONNX file: JSON, see ops/export
 BATCH = 32
@@ -280,40 +279,35 @@ def open_predictor(
 ) -> Predictor:
     """A Predictor for a checkpoint (.pt), an ONNX file (.onnx) or an MLflow URI.
 
-    `backend`: torch for checkpoints and MLflow models, onnx for ONNX files (the default is the
-    one the artifact runs on; a checkpoint runs on ONNX Runtime once exported with
-    `ctscan export`). `settings` gives the device, the decode limits, the DICOM window and the
+    Each runs on its own runtime: checkpoints and MLflow models on torch, ONNX files on ONNX
+    Runtime (`backend`, if given, must name it; `ops.backends.open_model` runs a checkpoint on
+    its ONNX export). `settings` gives the device, the decode limits, the DICOM window and the
     tracking store that resolves MLflow URIs.
     """
-    if backend is not None and backend not in BACKENDS:
-        raise CtscanError(f"backend '{backend}' is not one of {', '.join(BACKENDS)}.")
-    limits = DecodeLimits.from_settings(settings.data)
-    window = DicomWindow(
+    text = str(model)
+    is_onnx = not text.startswith(MLFLOW_SCHEMES) and Path(text).suffix.lower() == ".onnx"
+    runs_on = "onnx" if is_onnx else "torch"
+    if backend is not None and backend != runs_on:
+        raise CtscanError(
+            f"'{text}' runs on {runs_on}, not {backend}.",
+            "use --backend auto (a checkpoint runs on its ONNX export), or pass a model file "
+            f"that runs on {backend}.",
+        )
+    if text.startswith(MLFLOW_SCHEMES):
+        opened = _open_mlflow(text, settings)
+    else:
+        opened = (_open_onnx if is_onnx else _open_checkpoint)(Path(text), settings)
+    opened.limits = DecodeLimits.from_settings(settings.data)
+    opened.window = DicomWindow(
         level=float(settings.inference.dicom_window_level),
         width=float(settings.inference.dicom_window_width),
     )
-    text = str(model)
-    if text.startswith(MLFLOW_SCHEMES):
-        opened = _open_mlflow(text, settings, backend)
-    else:
-        path = Path(text)
-        if path.suffix.lower() == ".onnx":
-            opened = _open_onnx(path, settings, backend)
-        else:
-            opened = _open_checkpoint(path, settings, backend)
-    opened.limits, opened.window = limits, window
     opened.batch_size = int(settings.inference.batch_size)
     opened.decode_threads = int(settings.inference.decode_threads)
     return opened
 
 
-def _open_checkpoint(path: Path, settings: Any, backend: str | None) -> Predictor:
-    if backend == "onnx":
-        raise CtscanError(
-            f"'{path}' is a checkpoint: it runs on torch.",
-            f"export it first (`ctscan export {path} --format onnx --out model.onnx`) and pass "
-            "the .onnx file, or use --backend torch.",
-        )
+def _open_checkpoint(path: Path, settings: Any) -> Predictor:
     import torch
 
     from ctscan.engine.checkpoint import file_sha256, load_model
@@ -385,12 +379,7 @@ def session_options(settings: Any) -> Any:
     return options
 
 
-def _open_onnx(path: Path, settings: Any, backend: str | None) -> Predictor:
-    if backend == "torch":
-        raise CtscanError(
-            f"'{path}' is an ONNX file: it runs on ONNX Runtime, not torch.",
-            "pass its checkpoint for --backend torch, or use --backend onnx.",
-        )
+def _open_onnx(path: Path, settings: Any) -> Predictor:
     if path.is_dir() or not path.is_file():
         raise CheckpointError(
             f"ONNX file '{path}' {'is a folder' if path.is_dir() else 'does not exist'}.",
@@ -455,12 +444,7 @@ def _calibration_info(meta: dict[str, Any], source: Path | str) -> dict[str, Any
     return {"temperature": temperature, "calibration": text}
 
 
-def _open_mlflow(uri: str, settings: Any, backend: str | None) -> Predictor:
-    if backend == "onnx":
-        raise CtscanError(
-            f"'{uri}' is an MLflow PyTorch model: it runs on torch.",
-            "export its checkpoint with `ctscan export` for ONNX Runtime, or use --backend torch.",
-        )
+def _open_mlflow(uri: str, settings: Any) -> Predictor:
     import torch
 
     from ctscan.engine.modelling import Deployable

@@ -8,6 +8,7 @@ the checkpoint on torch (CPU fp32), then renamed into place: a float32 file off 
 FP32_TOLERANCE stops the export (nothing written), an int8 one that fails the rule
 (`int8_refusal`) is left out. `--triton DIR` adds Triton's model repository layout. Formats,
 the parity rule and the int8 choices: docs/export.md.
+`cached_onnx` is the export `ctscan predict` and `ctscan serve` run a checkpoint on.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ TRITON_MAX_BATCH = 32
 TRITON_QUEUE_DELAY_US = 2000
 EXPORT_EXTRA = "pip install 'ctscan[export]'"
 _TRITON_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+CACHE_FOLDER = "serve-cache"  # under paths.runs_dir: checkpoints exported for predict and serve
 
 
 @dataclass(frozen=True)
@@ -66,11 +68,6 @@ class ExportPlan:
     int8: Path | None = None
     pt2: Path | None = None
     triton_dir: Path | None = None
-
-    @property
-    def files(self) -> list[Path]:
-        """The model files in the order they are made."""
-        return [p for p in (self.onnx, self.pt2, self.int8) if p is not None]
 
 
 @dataclass
@@ -475,13 +472,9 @@ def write_triton_layout(repository: Path, onnx_path: Path, name: str, spec: Any)
     model_dir = ensure_dir(repository / name, what="Triton model folder")
     version_dir = ensure_dir(model_dir / "1", what="Triton model version folder")
 
-    def copy(fh: Any) -> None:
-        with onnx_path.open("rb") as src:
-            shutil.copyfileobj(src, fh, 1 << 20)
-
     labels = ("\n".join(class_names) + "\n").encode()
     writers = {
-        version_dir / "model.onnx": copy,
+        version_dir / "model.onnx": lambda fh: fh.write(onnx_path.read_bytes()),
         model_dir / "labels.txt": lambda fh: fh.write(labels),
         model_dir / "config.pbtxt": lambda fh: fh.write(config.encode()),
     }
@@ -674,10 +667,10 @@ def _checked_fp32(row: Parity, n_images: int) -> Parity:
     if row.max_abs_diff > FP32_TOLERANCE:
         raise CtscanError(
             f"the {row.format} export differs from the eager model by "
-            f"{row.max_abs_diff:.2e} in the logits on the {n_images} test images "
+            f"{row.max_abs_diff:.2e} in the logits on {n_images} images "
             f"(the limit is {FP32_TOLERANCE:g}): nothing was written.",
-            "this is an exporter problem: retry with CTSCAN_DEBUG=1 and report it, or "
-            "export the other format.",
+            "this is an exporter problem: retry with CTSCAN_DEBUG=1 and report it; meanwhile "
+            "use the other format (or --backend torch).",
         )
     return row
 
@@ -701,3 +694,41 @@ def _int8_refusal(
         f"deploy {plan.onnx.name} (float32), or retrain and export again (a model "
         "that is further from its decision boundaries quantises better).",
     )
+
+
+# ---- the export predict and serve run a checkpoint on ----------------------------------
+
+
+def cached_onnx(checkpoint: Path, settings: Settings) -> Path:
+    """The checkpoint's ONNX export: from the cache, else exported, checked and cached now.
+
+    Keyed by the checkpoint's sha256 under `paths.runs_dir/serve-cache/` (a temporary folder,
+    for this process only, if runs_dir cannot be written). A file is renamed into the cache only
+    once its logits match the eager model's within FP32_TOLERANCE on random images, so a file
+    found there is used as it is.
+    """
+    from ctscan.files import file_sha256, folder_problem
+
+    sha = file_sha256(checkpoint)
+    target = Path(settings.paths.runs_dir) / CACHE_FOLDER / f"{sha[:24]}.onnx"
+    if target.is_file():
+        return target
+    if folder_problem(target.parent) is not None:
+        target = Path(tempfile.mkdtemp(prefix="ctscan-onnx-")) / target.name
+    require_onnx_tools()
+    from ctscan.engine.checkpoint import load_model, read_checkpoint  # torch: only on a miss
+    from ctscan.inference import open_predictor
+
+    ckpt, settings = read_checkpoint(checkpoint), _cpu_fp32(settings)
+    size = ckpt.spec.image_size
+    images = np.random.default_rng(0).integers(0, 256, (8, 1, size, size), dtype=np.uint8)
+    reference = open_predictor(checkpoint, settings=settings, backend="torch").logits(images)
+    deployable = load_model(ckpt).deployable()
+    with staging(target.parent, target.stem) as stage:
+        plan = ExportPlan(target.parent, onnx=target)
+        staged, _, _ = _stage_float32(
+            plan, stage, ckpt, sha, deployable, settings, images, reference, reference.argmax(1)
+        )
+        with built_aside(target) as aside:  # its permissions, rename and folder fsync
+            os.replace(staged[target], aside)
+    return target

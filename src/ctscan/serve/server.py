@@ -1,9 +1,8 @@
 """`ctscan serve`: open the model once, pick the backend, start uvicorn (1 or N workers).
 
-Backend `auto`: an ONNX file runs on ONNX Runtime; a checkpoint is exported to ONNX once (cached
-by the checkpoint's sha256 under `paths.runs_dir/serve-cache/`, checked against the eager model
-on start-up) and served by ONNX Runtime, keeping the PyTorch model for /explain; an MLflow URI
-runs on torch. With N workers every worker process loads the model itself (uvicorn's
+Backend `auto` (`ops.backends.open_model`): a checkpoint is served by ONNX Runtime from its
+cached ONNX export, keeping the PyTorch model for /explain; an ONNX file runs on ONNX Runtime,
+an MLflow URI on torch. With N workers every worker process loads the model itself (uvicorn's
 multiprocess mode); the parent exports first, so the workers find the cache.
 """
 
@@ -13,107 +12,29 @@ import json
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ctscan.data.reference import CONFIDENCE_FILE
-from ctscan.errors import CheckpointError, CtscanError
+from ctscan.errors import CtscanError
 from ctscan.inference.predictor import MLFLOW_SCHEMES, Predictor, open_predictor
 from ctscan.jobs import forget_stops
+from ctscan.ops.backends import open_model
 from ctscan.serve.app import Service, create_app
 from ctscan.serve.metrics import Metrics
 
 log = logging.getLogger("ctscan.serve")
 ENV_ARGS = "_CTSCAN_SERVE_ARGS"  # how the parent hands the model and settings to its workers
-PARITY_ATOL = 1e-4
-
-
-def _cached_onnx(checkpoint: Path, settings: Any) -> Path:
-    """The checkpoint exported to ONNX, from the cache or written to it now."""
-    from ctscan.engine.checkpoint import load_model, read_checkpoint
-    from ctscan.files import file_sha256, folder_problem
-    from ctscan.ops.export import export_metadata, require_onnx_tools, write_onnx
-
-    sha = file_sha256(checkpoint)
-    cache_dir = Path(settings.paths.runs_dir) / "serve-cache"
-    if folder_problem(cache_dir) is not None:  # a read-only runs_dir: export for this run only
-        cache_dir = Path(tempfile.mkdtemp(prefix="ctscan-serve-"))
-    target = cache_dir / f"{sha[:24]}.onnx"
-    if target.is_file():
-        return target
-    require_onnx_tools()
-    ckpt = read_checkpoint(checkpoint)
-    meta = export_metadata(ckpt, checkpoint_sha256=sha, fmt="onnx")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=cache_dir)
-    os.close(fd)
-    try:
-        write_onnx(load_model(ckpt).deployable(), Path(tmp), size=ckpt.spec.image_size, meta=meta)
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return target
-
-
-def _agree(onnx: Predictor, torch_: Predictor) -> bool:
-    """The exported model answers as the eager one on random images (start-up check)."""
-    size = onnx.spec.image_size
-    images = np.random.default_rng(0).integers(0, 256, (4, 1, size, size), dtype=np.uint8)
-    return bool(np.abs(onnx.logits(images) - torch_.logits(images)).max() <= PARITY_ATOL)
-
-
-def _check_model_path(text: str) -> None:
-    """A MODEL path that is missing or a folder fails at once, before the heavy imports."""
-    if text.startswith(MLFLOW_SCHEMES):
-        return
-    path = Path(text)
-    if path.is_dir():
-        raise CheckpointError(
-            f"MODEL '{path}' is a folder, not a model file.",
-            "pass a checkpoint (best.pt), an ONNX file (.onnx) or an MLflow model URI.",
-        )
-    if not path.is_file():
-        raise CheckpointError(
-            f"MODEL '{path}' does not exist.",
-            "pass best.pt from a run folder (ctscan train), an ONNX file (ctscan export) or an "
-            "MLflow model URI (models:/ctscan-classifier@champion).",
-        )
 
 
 def open_models(model: str, settings: Any, backend: str) -> tuple[Predictor, Predictor | None]:
     """(the predictor that answers, a torch predictor for Grad-CAM or None)."""
-    text = str(model)
-    _check_model_path(text)
-    if text.startswith(MLFLOW_SCHEMES) or Path(text).suffix.lower() == ".onnx":
-        predictor = open_predictor(text, settings=settings, backend=None)
-        if backend != "auto" and backend != predictor.info.backend:
-            raise CtscanError(
-                f"'{text}' runs on {predictor.info.backend}, not {backend}.",
-                f"use --backend {predictor.info.backend} or auto.",
-            )
-        return predictor, (predictor if predictor.torch_model is not None else None)
-    path = Path(text)
-    eager = open_predictor(path, settings=settings, backend="torch")
-    if backend == "torch":
-        return eager, eager
-    try:
-        onnx = open_predictor(_cached_onnx(path, settings), settings=settings, backend="onnx")
-    except CtscanError as exc:
-        if backend == "onnx":
-            raise
-        log.warning("serving with torch: ONNX export is not available (%s)", exc.message)
-        return eager, eager
-    if not _agree(onnx, eager):
-        if backend == "onnx":
-            raise CtscanError(
-                f"the ONNX export of '{path}' does not match the PyTorch model.",
-                "serve with --backend torch, and report this.",
-            )
-        log.warning("serving with torch: the ONNX export differs from the eager model")
-        return eager, eager
-    return onnx, eager
+    predictor = open_model(model, settings, backend)
+    if predictor.torch_model is not None:
+        return predictor, predictor
+    if model.startswith(MLFLOW_SCHEMES) or model.lower().endswith(".onnx"):
+        return predictor, None
+    return predictor, open_predictor(model, settings=settings, backend="torch")
 
 
 def read_confidence_reference(path: Path, temperature: float) -> list[float] | None:

@@ -1,0 +1,58 @@
+"""Which runtime answers `ctscan predict` and `ctscan serve`: a checkpoint's cached ONNX export
+(`export.cached_onnx`) unless torch is asked for or that export cannot be made."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+from ctscan.errors import CheckpointError, CtscanError
+from ctscan.inference.predictor import MLFLOW_SCHEMES, Predictor, open_predictor
+
+BACKENDS = ("auto", "onnx", "torch")
+log = logging.getLogger(__name__)
+
+
+def check_model_path(model: str) -> None:
+    """A model path that is missing or a folder fails at once, before the heavy imports."""
+    if model.startswith(MLFLOW_SCHEMES):
+        return
+    path = Path(model)
+    if path.is_dir() or not path.is_file():
+        problem = "is a folder, not a model file" if path.is_dir() else "does not exist"
+        raise CheckpointError(
+            f"model '{path}' {problem}.",
+            "pass best.pt from a run folder (ctscan train), an ONNX file (ctscan export) or an "
+            "MLflow model URI (models:/ctscan-classifier@champion).",
+        )
+
+
+def open_model(model: str | Path, settings: Any, backend: str = "auto") -> Predictor:
+    """The Predictor for `model` on `backend` (auto | onnx | torch).
+
+    auto: a checkpoint runs on its cached ONNX export, on torch when that cannot be made (a
+    warning says why); an ONNX file runs on ONNX Runtime, an MLflow model on torch.
+    """
+    from ctscan.ops.export import cached_onnx
+
+    if backend not in BACKENDS:
+        raise CtscanError(
+            f"backend '{backend}' is not one of {', '.join(BACKENDS)}.", "use --backend auto."
+        )
+    text = str(model)
+    check_model_path(text)
+    if text.startswith(MLFLOW_SCHEMES) or text.lower().endswith(".onnx") or backend == "torch":
+        return open_predictor(
+            text, settings=settings, backend=None if backend == "auto" else backend
+        )
+    try:
+        predictor = open_predictor(cached_onnx(Path(text), settings), settings=settings)
+        predictor.info = dataclasses.replace(predictor.info, source=text)  # not the cache file
+        return predictor
+    except CtscanError as exc:
+        if backend == "onnx":
+            raise
+        log.warning("running on torch: the ONNX export cannot be used (%s)", exc.message)
+    return open_predictor(text, settings=settings, backend="torch")
