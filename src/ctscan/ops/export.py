@@ -572,6 +572,7 @@ def run_export(
     """
     from ctscan.data.store import open_model_store
     from ctscan.engine.checkpoint import load_model, read_checkpoint
+    from ctscan.engine.runtime import configure_threads
 
     checkpoint = Path(checkpoint)
     ckpt = read_checkpoint(checkpoint)  # missing, a folder, broken: one CheckpointError
@@ -582,7 +583,10 @@ def run_export(
     if plan.onnx is not None:
         require_onnx_tools()
     store = open_model_store(settings, ckpt)
-    ref = _reference(settings, checkpoint, ckpt, store)
+    configure_threads(settings.train.threads, 1)
+    test = store.split("test")
+    images = np.ascontiguousarray(test.images.numpy())  # (N, 1, S, S) uint8
+    ref = _reference(settings, checkpoint, ckpt, images, test.labels.numpy())
     rows = [ref.compare("eager", checkpoint)]
     deployable = load_model(ckpt).deployable()
     error = None
@@ -614,20 +618,25 @@ def run_export(
     )
 
 
-def _reference(settings: Settings, checkpoint: Path, ckpt: Checkpoint, store: Store) -> _Reference:
-    """The test split and eager's logits on it, from the checkpoint on the CPU in float32."""
-    from ctscan.engine.checkpoint import file_sha256
-    from ctscan.engine.runtime import configure_threads
+def _reference(
+    settings: Settings,
+    checkpoint: Path,
+    ckpt: Checkpoint,
+    images: np.ndarray,
+    labels: np.ndarray | None,
+) -> _Reference:
+    """Eager's logits on `images` (N, 1, S, S) uint8, from the checkpoint on the CPU in float32.
+
+    `labels` None: eager's own answers stand in for them (random images have none).
+    """
+    from ctscan.files import file_sha256
     from ctscan.inference import open_predictor
 
     train = settings.train.model_copy(update={"device": "cpu", "precision": "fp32"})
     settings = settings.model_copy(update={"train": train})
-    configure_threads(settings.train.threads, 1)
-    test = store.split("test")
-    images = np.ascontiguousarray(test.images.numpy())  # (N, 1, S, S) uint8
     logits = open_predictor(checkpoint, settings=settings, backend="torch").logits(images)
-    sha = file_sha256(checkpoint)
-    return _Reference(checkpoint, ckpt, sha, settings, images, test.labels.numpy(), logits)
+    labels = logits.argmax(1) if labels is None else labels
+    return _Reference(checkpoint, ckpt, file_sha256(checkpoint), settings, images, labels, logits)
 
 
 def _stage_float32(
@@ -717,18 +726,14 @@ def cached_onnx(checkpoint: Path, settings: Settings) -> Path:
         target = Path(tempfile.mkdtemp(prefix="ctscan-onnx-")) / target.name
     require_onnx_tools()
     from ctscan.engine.checkpoint import load_model, read_checkpoint  # torch: only on a miss
-    from ctscan.inference import open_predictor
 
-    ckpt, settings = read_checkpoint(checkpoint), _cpu_fp32(settings)
+    ckpt = read_checkpoint(checkpoint)
     size = ckpt.spec.image_size
     images = np.random.default_rng(0).integers(0, 256, (8, 1, size, size), dtype=np.uint8)
-    reference = open_predictor(checkpoint, settings=settings, backend="torch").logits(images)
-    deployable = load_model(ckpt).deployable()
+    ref = _reference(settings, checkpoint, ckpt, images, None)
     with staging(target.parent, target.stem) as stage:
         plan = ExportPlan(target.parent, onnx=target)
-        staged, _, _ = _stage_float32(
-            plan, stage, ckpt, sha, deployable, settings, images, reference, reference.argmax(1)
-        )
+        staged, _ = _stage_float32(plan, stage, ref, load_model(ckpt).deployable(), [])
         with built_aside(target) as aside:  # its permissions, rename and folder fsync
             os.replace(staged[target], aside)
     return target
