@@ -4,7 +4,8 @@ Every command that writes into a folder the user chose (`--out`, `paths.*`) goes
 `ensure_dir` first, so a path that names a file, lies under a file or cannot be written ends in
 one `CtscanError` line instead of an OSError traceback. `atomic_write` is the one temp file +
 fsync + rename writer; `remove_stale_temps` cleans what a killed writer left; `folder_lock`
-is the one lock (a run folder, a cross-validation, the MLflow SQLite store).
+is the one lock (a run folder, a cross-validation, a SQLite store), `database_lock` its twin for a
+PostgreSQL database (a shared Optuna study, a PostgreSQL MLflow store).
 """
 
 from __future__ import annotations
@@ -251,6 +252,35 @@ def folder_lock(
 
 
 _LOCK_TEXT = re.compile(r"pid \d+")
+
+
+def hide_password(text: str) -> str:
+    """`postgresql://user:secret@host` -> `postgresql://user:***@host` (messages, commands)."""
+    return re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
+
+
+@contextlib.contextmanager
+def database_lock(
+    url: str, name: str, *, what: str, error: type[CtscanError], fix: str
+) -> Iterator[None]:
+    """`folder_lock` for a PostgreSQL database: an advisory lock keyed by `name`, waited for, on
+    a connection of its own; it ends with that connection, also after SIGKILL. A driver that
+    cannot be imported is one `error` line naming `what`, with `fix`."""
+    import zlib
+
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    except ImportError as exc:
+        raise error(f"{what} needs a driver that cannot be imported ({exc}).", fix) from None
+    try:
+        with engine.connect() as connection:
+            key = zlib.crc32(name.encode())
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            yield  # released when the connection closes
+    finally:
+        engine.dispose()
 
 
 def _open_lock(lock_path: Path, what: str, error: type[CtscanError]) -> IO:

@@ -67,7 +67,7 @@ def stop_as_a_run_is_created(monkeypatch: pytest.MonkeyPatch) -> Callable[[bool]
     puts things back."""
     from ctscan.engine.tracking import MlflowTracker
 
-    start = MlflowTracker._start_run
+    start = MlflowTracker.start_run
 
     def start_then_stop(self: Any, *args: Any) -> Any:
         run = start(self, *args)
@@ -75,6 +75,6 @@ def stop_as_a_run_is_created(monkeypatch: pytest.MonkeyPatch) -> Callable[[bool]
         return run
 
     def switch(on: bool) -> None:
-        monkeypatch.setattr(MlflowTracker, "_start_run", start_then_stop if on else start)
+        monkeypatch.setattr(MlflowTracker, "start_run", start_then_stop if on else start)
 
     return switch

@@ -1,21 +1,17 @@
 """Experiment tracking with MLflow: runs, params, metrics, artifacts and the model registry.
 
-This is the only module of ctscan that imports mlflow, and it does so only inside the code that
-runs when tracking is enabled: with `tracking.enabled = false` mlflow is never imported.
-
-Tracking URI precedence (highest first): `tracking.uri` (settings file, `--set tracking.uri=...`
-or `CTSCAN_TRACKING__URI`), the `MLFLOW_TRACKING_URI` environment variable, the default
-`sqlite:///<runs_dir>/mlflow.db` with artifacts in `<runs_dir>/mlartifacts`.
-
-A SQLite store is created and migrated under an exclusive lock on `<db>.lock`, so processes that
-start together (trainings, evaluations, sweep workers) do not run MLflow's migrations at once.
+The only module of ctscan that imports mlflow, and only when tracking is enabled. The tracking
+URI: `tracking.uri`, else `MLFLOW_TRACKING_URI`, else `sqlite:///<runs_dir>/mlflow.db` with
+artifacts in `<runs_dir>/mlartifacts`. A SQLite or PostgreSQL store is created and migrated under
+a lock, so processes that start together never run MLflow's migrations at once. Runs are written
+through `MlflowClient`, never made MLflow's process-wide active run; how a job opens its run once
+and records it: `jobs.open_run_record`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import json
 import logging
 import math
@@ -32,9 +28,16 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from ctscan.errors import CtscanError, Interrupted
-from ctscan.files import built_aside, folder_lock, remove_stale_temps
-from ctscan.jobs import critical
+from ctscan.errors import CtscanError
+from ctscan.files import (
+    built_aside,
+    database_lock,
+    ensure_dir,
+    folder_lock,
+    hide_password,
+    remove_stale_temps,
+)
+from ctscan.jobs import critical, end_status, open_run_record
 from ctscan.models import unwrap
 from ctscan.settings import TrackingSettings
 
@@ -97,22 +100,24 @@ class Tracker:
     def log_dict(self, data: dict, artifact_file: str) -> None:
         """Store a dict as a JSON or YAML artifact (by the file's suffix)."""
 
-    def log_model(
-        self,
-        model: torch.nn.Module,
-        *,
-        input_example: np.ndarray,
-        metadata: dict[str, Any],
-        select_metric: str,
-        select_value: float,
-        higher_is_better: bool = True,
-    ) -> dict | None:
+    def log_model(self, model: torch.nn.Module, **options: Any) -> dict | None:
         """Log and register the model; returns None when tracking or model logging is off."""
         return None
 
     def close(self, status: str = "FINISHED") -> None:
         """End the run with FINISHED, FAILED or KILLED."""
         _check_status(status)
+
+    def end(self, exc_type: type[BaseException] | None = None) -> None:
+        """Close with the status `exc_type` means; a failure to close is a warning when an
+        error already ends the run (it is not hidden)."""
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close(end_status(exc_type))
+        except TrackingError as close_error:
+            log.warning("could not close the tracking run: %s", close_error)
 
     def __enter__(self) -> Tracker:
         return self
@@ -123,22 +128,7 @@ class Tracker:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        status = end_status(exc_type)
-        if exc_type is None:
-            self.close(status)
-            return
-        try:
-            self.close(status)
-        except TrackingError as close_error:  # do not hide the error that ended the run
-            log.warning("could not close the tracking run: %s", close_error)
-
-
-def end_status(exc_type: type[BaseException] | None) -> str:
-    """The status a run ends with: FINISHED, KILLED for a stop (Ctrl-C, SIGTERM, or the
-    `Interrupted` error a stopped training turns them into), FAILED for any other error."""
-    if exc_type is None:
-        return "FINISHED"
-    return "KILLED" if issubclass(exc_type, KeyboardInterrupt | Interrupted) else "FAILED"
+        self.end(exc_type)
 
 
 def _check_status(status: str) -> None:
@@ -194,30 +184,18 @@ def _artifact_location(uri: str, runs_dir: Path) -> str | None:
     return (root / "mlartifacts").resolve().as_uri()
 
 
-def _prepare_local_store(uri: str, source: str, runs_dir: Path) -> None:
-    """Create the folders of a local store; a clear error if they cannot be written."""
+def _prepare_local_store(uri: str, runs_dir: Path) -> None:
+    """The folder of a local store, made and checked writable (one clear error if not)."""
     scheme = _scheme(uri)
-    folders: list[Path] = []
     if scheme == "sqlite":
         db = _sqlite_path(uri)
-        folders.append(db.parent if db is not None else Path(runs_dir))
+        folder = db.parent if db is not None else Path(runs_dir)
     elif scheme in ("", "file"):
-        folders.append(Path(urlsplit(uri).path) if scheme == "file" else Path(uri))
-    for folder in folders:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
-            raise TrackingError(
-                f"cannot create the tracking store folder '{folder}' for '{uri}' (from {source}): "
-                f"{reason}.",
-                f"choose a writable paths.runs_dir or tracking.uri, {_DISABLE_FIX}",
-            ) from None
-        if not os.access(folder, os.W_OK):
-            raise TrackingError(
-                f"the tracking store folder '{folder}' is not writable.",
-                f"choose a writable paths.runs_dir or tracking.uri, {_DISABLE_FIX}",
-            )
+        folder = Path(urlsplit(uri).path) if scheme == "file" else Path(uri)
+    else:
+        return
+    fix = f"choose a writable paths.runs_dir or tracking.uri, {_DISABLE_FIX}"
+    ensure_dir(folder, what="tracking store folder", error=TrackingError, fix=fix)
 
 
 def _probe_server(uri: str, source: str) -> None:
@@ -354,6 +332,46 @@ def _missing_tables(engine: Any) -> list[str]:
     return sorted(set(Base.metadata.tables) - set(sqlalchemy.inspect(engine).get_table_names()))
 
 
+def _open_postgres_store(uri: str, source: str) -> None:
+    """Create or migrate a PostgreSQL store one process at a time: MLflow's Alembic migrations
+    collide when two processes start on a fresh database together (the sweep's lock, reused)."""
+    import mlflow
+    import sqlalchemy.exc
+
+    where = f"'{hide_password(uri)}' (from {source})"
+    try:
+        with (
+            database_lock(
+                uri,
+                "ctscan.mlflow-store",
+                what=f"the MLflow store {where}",
+                error=TrackingError,
+                fix=f"pip install psycopg, write postgresql+psycopg://..., {_DISABLE_FIX}",
+            ),
+            _quiet(),
+        ):
+            mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except (sqlalchemy.exc.SQLAlchemyError, mlflow.exceptions.MlflowException) as exc:
+        raise TrackingError(
+            f"cannot open the MLflow store {where}: {_first_line(exc)}",
+            f"check that the database is up and tracking.uri is right, {_DISABLE_FIX}",
+        ) from None
+
+
+def _open_store(tracking: TrackingSettings, runs_dir: Path) -> tuple[str, str]:
+    """The tracking URI and its source, its store ready: local folders made, a server that
+    answers, a SQLite or PostgreSQL store created or migrated under ctscan's lock."""
+    uri, source = _resolve_uri(tracking, runs_dir)
+    _prepare_local_store(uri, runs_dir)
+    _probe_server(uri, source)
+    _import_mlflow()
+    if _scheme(uri) == "sqlite":
+        _open_sqlite_store(uri, runs_dir)
+    elif _scheme(uri) == "postgresql":
+        _open_postgres_store(uri, source)
+    return uri, source
+
+
 @contextlib.contextmanager
 def _using_uri(uri: str) -> Iterator[None]:
     """Point MLflow's process-wide tracking URI at `uri`, then back (env variable included)."""
@@ -441,20 +459,12 @@ def promote_if_better(
     champion_value = _float_or_none(champion.tags.get(TAG_SELECT_VALUE))
     champion_metric = champion.tags.get(TAG_SELECT_METRIC)
     if champion_value is None or (metric and champion_metric and champion_metric != metric):
-        why = (
-            f"has no {TAG_SELECT_VALUE} tag"
-            if champion_value is None
-            else f"was selected by {champion_metric}, not {metric}"
-        )
+        why = f"was selected by {champion_metric}, not {metric}"
+        why = f"has no {TAG_SELECT_VALUE} tag" if champion_value is None else why
         log.warning(
             "model %s version %s is the champion but %s: not comparable, the alias stays. "
             "Move it by hand: MlflowClient().set_registered_model_alias(%r, %r, '%s').",
-            name,
-            champion.version,
-            why,
-            name,
-            CHAMPION_ALIAS,
-            version,
+            *(name, champion.version, why, name, CHAMPION_ALIAS, version),
         )
         return False
     better = value > champion_value if higher_is_better else value < champion_value
@@ -473,171 +483,91 @@ def _import_mlflow() -> None:
 
 
 class MlflowTracker(Tracker):
-    """One MLflow run in one experiment; the registered model gets the logged models.
-
-    With `resume_run_id` naming a run of this store, that run is reopened (same id, status
-    RUNNING again) so later metrics continue its history; a run this store does not have gives
-    a new run tagged `ctscan.resumed_from_run_id` and a warning. A `detached` run is not made
-    MLflow's active run in this process: a sweep's parent run stays open while its trials,
-    nested under it by the TAG_PARENT_RUN_ID tag, start and end as active runs. A
-    `resume_run_id` in another experiment than tracking.experiment is reopened there
-    (`elsewhere="reopen"`: a plain resume), or not (`"new"`: a child, whose parent is in
-    tracking.experiment: a new run starts, tagged and warned about as for a run this store
-    lacks), or refused (a callable: a parent; `elsewhere(its experiment)` is the fix).
-    `on_new(tracker)` runs right after a new run is created (not for a reopened one), with
-    Ctrl-C and SIGTERM held across both (`jobs.critical`): the caller records the run's id
-    there, so a stop never leaves a run the next attempt cannot find. A failure or stop while
-    opening ends the run it created (FAILED, KILLED).
-    """
+    """One MLflow run of a store, written through `MlflowClient`; the registered model gets the
+    logged models. Made with the store open and no run: `jobs.open_run_record` starts one."""
 
     enabled = True
 
-    def __init__(
-        self,
-        tracking: TrackingSettings,
-        *,
-        runs_dir: Path,
-        run_name: str | None = None,
-        resume_run_id: str | None = None,
-        detached: bool = False,
-        tags: dict[str, str] | None = None,
-        elsewhere: str | Callable[[str], str] = "reopen",
-        on_new: Callable[[MlflowTracker], None] | None = None,
-    ) -> None:
-        uri, source = _resolve_uri(tracking, runs_dir)
-        _prepare_local_store(uri, source, runs_dir)
-        _probe_server(uri, source)
-        _import_mlflow()
-        if _scheme(uri) == "sqlite":
-            _open_sqlite_store(uri, runs_dir)
-        import mlflow
-
-        self.settings = tracking
-        self.uri = uri
-        self._source = source
+    def __init__(self, tracking: TrackingSettings, *, runs_dir: Path) -> None:
+        self.settings, self.runs_dir = tracking, Path(runs_dir)
+        self.uri, self._source = _open_store(tracking, self.runs_dir)
         self._closed = False
-        # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI: restored on close so a later
-        # tracker in this process resolves its URI afresh.
-        self._previous_env_uri = os.environ.get("MLFLOW_TRACKING_URI")
-        mlflow.set_tracking_uri(uri)
-        try:
-            with self._errors("open the experiment"), _quiet():
-                self.client = mlflow.MlflowClient(tracking_uri=uri)
-                stored, why_new = (
-                    self._stored_run(resume_run_id, tracking.experiment, elsewhere)
-                    if resume_run_id
-                    else (None, "")
-                )
-            # A new run and the caller's record of it (`on_new`: where the next attempt finds
-            # it) are one step: a stop between them would leave a run nobody reopens.
-            with critical():
-                with self._errors("start the run"), _quiet():
-                    run = self._start_run(
-                        tracking.experiment,
-                        runs_dir,
-                        run_name,
-                        resume_run_id,
-                        stored,
-                        detached,
-                        tags or {},
-                        why_new,
-                    )
-                    self.experiment_id = run.info.experiment_id
-                    self.run_id = run.info.run_id
-                if on_new is not None and not self.reopened:
-                    on_new(self)
-        except BaseException as exc:
-            self._abandon(exc)
-            raise
-
-    def _abandon(self, exc: BaseException) -> None:
-        """The constructor failed or was stopped: a run it started or reopened is ended
-        (KILLED on a stop, FAILED otherwise; never left RUNNING, nor MLflow's active run for
-        its exit hook to end in another store), and the process URI is restored."""
-        if self.run_id is None:
-            self._restore_uri()
-            return
-        try:
-            self.close(end_status(type(exc)))  # restores the URI
-        except TrackingError as close_error:  # do not hide the error that stopped the start
-            log.warning("could not end the tracking run: %s", close_error)
-
-    def _start_run(
-        self,
-        experiment: str,
-        runs_dir: Path,
-        run_name: str | None,
-        resume_run_id: str | None,
-        stored: Any | None,
-        detached: bool,
-        tags: dict[str, str],
-        why_new: str,
-    ) -> Any:
-        """Reopen `stored` (the run `resume_run_id` of this store), else start a new run.
-
-        A detached run is written through the client only: it is not MLflow's active run in
-        this process, so other runs (a sweep's trials) can start and end beside it. A new run
-        is created with `tags` (a child's parent and cv/sweep tags: never a run without them,
-        however early it is stopped); a reopened one gets them again. `why_new`: why
-        `resume_run_id` is not reopened, said in a warning once the experiment is usable.
-        """
         import mlflow
 
-        self.reopened = stored is not None
-        if stored is not None:
-            self.run_id = stored.info.run_id
-            if tags:
-                self.set_tags(tags)
-            if detached:
-                self.client.update_run(self.run_id, status="RUNNING")
-                return self.client.get_run(self.run_id)
-            return mlflow.start_run(run_id=self.run_id)  # status back to RUNNING
-        experiment_id = self._experiment_id(experiment, runs_dir)
-        if resume_run_id:
-            tags = {**tags, TAG_RESUMED_FROM: resume_run_id}
-            log.warning(
-                "MLflow run %s %s (%s): starting a new run tagged %s=%s",
-                resume_run_id,
-                why_new,
-                self.uri,
-                TAG_RESUMED_FROM,
-                resume_run_id,
-            )
-        if detached:
-            return self.client.create_run(experiment_id, run_name=run_name, tags=tags or None)
-        return mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags or None)
+        with self._errors("open the store"), _quiet():
+            self.client = mlflow.MlflowClient(tracking_uri=self.uri)
 
-    def _stored_run(
-        self, run_id: str, experiment: str, elsewhere: str | Callable[[str], str]
-    ) -> tuple[Any | None, str]:
-        """The run `run_id` of this store to reopen and "", or None and why a new run starts
-        instead: it is not in this store, deleted, or (`elsewhere="new"`) in another experiment
-        than `experiment`. In another experiment with a callable `elsewhere` (a parent: the runs
-        started under it would land apart from it) it is refused, `elsewhere(its experiment)`
-        the fix."""
+    def find_run(
+        self, run_id: str | None, *, child: bool, fix: Callable[[str], str] | None
+    ) -> Any | None:
+        """The run `run_id` of this store to reopen, or None (a new run starts: a warning says
+        why, and the new run is tagged TAG_RESUMED_FROM). Not reopened: a run this store lacks
+        or has deleted, a `child`'s run in another experiment than tracking.experiment. A
+        parent's run there (`fix` given) is refused, `fix(its experiment)` the fix."""
+        if not run_id:
+            return None
         from mlflow.exceptions import MlflowException
 
-        try:
-            run = self.client.get_run(run_id)
-        except MlflowException as exc:
-            if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-                raise
-            return None, "is not in this tracking store"
-        if run.info.lifecycle_stage == "deleted":
-            return None, "is deleted"
-        name = (
-            "" if elsewhere == "reopen" else self.client.get_experiment(run.info.experiment_id).name
+        experiment = self.settings.experiment
+        with self._errors("open the experiment"), _quiet():
+            try:
+                run = self.client.get_run(run_id)
+            except MlflowException as exc:
+                if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                    raise
+                run = None
+            why = "is not in this tracking store" if run is None else ""
+            if run is not None and run.info.lifecycle_stage == "deleted":
+                why = "is deleted"
+            elif run is not None and (child or fix is not None):
+                name = self.client.get_experiment(run.info.experiment_id).name
+                if name != experiment and fix is not None:
+                    raise TrackingError(
+                        f"MLflow run {run_id} ({run.info.run_name}) is in experiment '{name}', "
+                        f"but tracking.experiment is now '{experiment}': the runs started under "
+                        "it would land in another experiment than it.",
+                        fix(name),
+                    )
+                if name != experiment:
+                    why = f"is in experiment '{name}', not tracking.experiment '{experiment}'"
+            if not why:
+                return run
+            self._experiment_id(experiment)  # a deleted experiment: refused before the warning
+        log.warning(
+            "MLflow run %s %s (%s): starting a new run tagged %s=%s",
+            *(run_id, why, self.uri, TAG_RESUMED_FROM, run_id),
         )
-        if elsewhere == "reopen" or name == experiment:
-            return run, ""
-        if elsewhere == "new":
-            return None, f"is in experiment '{name}', not tracking.experiment '{experiment}'"
-        raise TrackingError(
-            f"MLflow run {run.info.run_id} ({run.info.run_name}) is in experiment '{name}', but "
-            f"tracking.experiment is now '{experiment}': the runs started under it would land "
-            "in another experiment than it.",
-            elsewhere(name),
-        )
+        return None
+
+    def start_run(
+        self,
+        run_name: str | None,
+        stored: Any | None,
+        resumed_from: str | None,
+        tags: dict[str, str],
+        parent_run_id: str | None,
+    ) -> None:
+        """Reopen `stored` (status RUNNING again), else create a run in tracking.experiment with
+        `tags` from its creation (a child nested under `parent_run_id`, however early it stops)."""
+        from mlflow.tracking.context.registry import resolve_tags
+
+        if parent_run_id:
+            tags = {**tags, TAG_PARENT_RUN_ID: parent_run_id}
+        with self._errors("start the run"), _quiet():
+            self.reopened = stored is not None
+            if stored is not None:
+                self.run_id, self.experiment_id = stored.info.run_id, stored.info.experiment_id
+                self.client.update_run(self.run_id, status="RUNNING")
+                if tags:
+                    self.set_tags(tags)
+                return
+            if resumed_from:
+                tags = {**tags, TAG_RESUMED_FROM: resumed_from}
+            self.experiment_id = self._experiment_id(self.settings.experiment)
+            run = self.client.create_run(
+                self.experiment_id, run_name=run_name, tags=resolve_tags(tags)
+            )
+            self.run_id = run.info.run_id
 
     @contextlib.contextmanager
     def _errors(self, action: str) -> Iterator[None]:
@@ -654,20 +584,19 @@ class MlflowTracker(Tracker):
                 + _DISABLE_FIX,
             ) from exc
 
-    def _experiment_id(self, name: str, runs_dir: Path) -> str:
+    def _experiment_id(self, name: str) -> str:
+        """The experiment `name` (created if missing; refused if deleted)."""
         from mlflow.exceptions import MlflowException
 
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
-            location = _artifact_location(self.uri, runs_dir)
+            location = _artifact_location(self.uri, self.runs_dir)
             try:
                 return self.client.create_experiment(name, artifact_location=location)
             except MlflowException as exc:  # another process created it an instant ago
                 if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
                 experiment = self.client.get_experiment_by_name(name)
-                if experiment is None:
-                    raise
         if experiment.lifecycle_stage == "deleted":
             store = shlex.quote(f"MLFLOW_TRACKING_URI={self.uri}")
             raise TrackingError(
@@ -676,30 +605,6 @@ class MlflowTracker(Tracker):
                 f"{experiment.experiment_id}) or set tracking.experiment to another name.",
             )
         return experiment.experiment_id
-
-    def _restore_uri(self) -> None:
-        import mlflow
-
-        mlflow.set_tracking_uri(self._previous_env_uri)  # None also clears the env variable
-
-    @contextlib.contextmanager
-    def _active_run(self) -> Iterator[None]:
-        """Make this run the active MLflow run (resumed, then ended again, after close)."""
-        import mlflow
-
-        active = mlflow.active_run()
-        if active is not None and active.info.run_id == self.run_id:
-            yield
-            return
-        with _using_uri(self.uri):
-            status = self.client.get_run(self.run_id).info.status
-            with _quiet():
-                mlflow.start_run(run_id=self.run_id)
-            try:
-                yield
-            finally:
-                with _quiet(), contextlib.redirect_stdout(io.StringIO()):  # links: shown once
-                    mlflow.end_run(status=status)
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Record run parameters (values are stored as strings)."""
@@ -715,7 +620,7 @@ class MlflowTracker(Tracker):
 
         now_ms = int(time.time() * 1000)
         batch = [Metric(key, float(value), now_ms, int(step)) for key, value in metrics.items()]
-        with self._errors("log metrics"), _quiet(logging.CRITICAL):  # the error: one line
+        with self._errors("log metrics"), _quiet(logging.CRITICAL):
             self.client.log_batch(self.run_id, metrics=batch)
 
     def set_tags(self, tags: dict[str, str]) -> None:
@@ -723,7 +628,7 @@ class MlflowTracker(Tracker):
         from mlflow.entities import RunTag
 
         batch = [RunTag(key, str(value)) for key, value in tags.items()]
-        with self._errors("set tags"), _quiet(logging.CRITICAL):  # the error: one line
+        with self._errors("set tags"), _quiet(logging.CRITICAL):
             self.client.log_batch(self.run_id, tags=batch)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
@@ -760,13 +665,11 @@ class MlflowTracker(Tracker):
         ctscan spec: SPEC_KEYS at least, JSON-ready) goes into the MLmodel file's `metadata`,
         into `ctscan_spec.json` beside the MLmodel file, and, in part, into the version's tags.
 
-        May be called after close: the ended run is resumed for the model and ended again with
-        its status. The model is copied to the CPU in eval mode; compile/DDP wrappers are
-        removed. An `input_example` with a batch of 1 is repeated to 2 rows so the exported
-        graph keeps a dynamic batch dimension. A model that torch.export cannot trace is pickled
-        instead (loading it then needs ctscan installed). Returns the registered name and
-        version, whether it was promoted, and the champion's version and value after the
-        decision; None when `tracking.log_model` is false.
+        May be called after close. The model is copied to the CPU in eval mode, unwrapped; an
+        example batch of 1 is repeated to 2 rows so the exported graph keeps a dynamic batch
+        dimension. A model torch.export cannot trace is pickled instead (loading it needs
+        ctscan). Returns the registered name and version, whether it was promoted, and the
+        champion's version and value after the decision; None when tracking.log_model is false.
         """
         if not self.settings.log_model:
             return None
@@ -789,7 +692,7 @@ class MlflowTracker(Tracker):
         with torch.no_grad():
             logits = net(torch.from_numpy(example))  # (B, C) float
         signature = infer_signature(example, logits.numpy())
-        with self._errors("log the model"), self._active_run(), _quiet():
+        with self._errors("log the model"), self._as_active_run():
             info = self._log_pytorch(mlflow.pytorch, net, example, signature, spec)
             self._log_spec_file(info.model_id, spec)
             return self._register(info, spec, select_metric, float(select_value), higher_is_better)
@@ -865,73 +768,38 @@ class MlflowTracker(Tracker):
             "model_uri": f"models:/{name}/{version.version}",
         }
 
-    def close(self, status: str = "FINISHED") -> None:
-        """End the run with FINISHED, FAILED or KILLED (a second call does nothing)."""
+    @contextlib.contextmanager
+    def _as_active_run(self) -> Iterator[None]:
+        """This run as MLflow's active run for the block (a logged model belongs to the active
+        run), then ended with the status it had."""
         import mlflow
 
+        status = self.client.get_run(self.run_id).info.status
+        with _using_uri(self.uri), _quiet():
+            mlflow.start_run(run_id=self.run_id)
+            try:
+                yield
+            finally:
+                with contextlib.redirect_stdout(sys.stderr):  # MLflow prints run links on stdout
+                    mlflow.end_run(status=status)
+
+    def close(self, status: str = "FINISHED") -> None:
+        """End the run with FINISHED, FAILED or KILLED (a second call does nothing)."""
         _check_status(status)
-        if self._closed:
+        if self._closed or self.run_id is None:
             return
         self._closed = True
-        try:
-            with (  # a stop mid-way would leave the run active with the URI already restored
-                critical(),
-                self._errors("end the run"),
-                _quiet(),
-                contextlib.redirect_stdout(sys.stderr),  # MLflow prints run links on stdout
-            ):
-                active = mlflow.active_run()
-                if active is not None and active.info.run_id == self.run_id:
-                    mlflow.end_run(status=status)
-                else:
-                    self.client.set_terminated(self.run_id, status=status)
-        finally:
-            self._restore_uri()
+        with critical(), self._errors("end the run"), _quiet():  # a stop never leaves it RUNNING
+            self.client.set_terminated(self.run_id, status=status)
 
 
-def open_tracker(tracking: TrackingSettings, *, runs_dir: Path, **options: Any) -> Tracker:
-    """A started MLflow run (`MlflowTracker`, with these `options`) when tracking is enabled,
-    else a no-op Tracker."""
-    if not tracking.enabled:
-        return Tracker()
-    return MlflowTracker(tracking, runs_dir=Path(runs_dir), **options)
-
-
-def open_parent_run(
-    tracking: TrackingSettings,
-    *,
-    runs_dir: Path,
-    run_name: str,
-    recorded_id: str | None,
-    tags: dict[str, str],
-    params: dict[str, Any],
-    experiment_fix: Callable[[str], str],
-    record: Callable[[str], None],
+def open_tracker(
+    tracking: TrackingSettings, *, runs_dir: Path, run_name: str | None = None, **record: Any
 ) -> Tracker:
-    """The parent run of child runs (cross-validation folds, sweep trials), detached.
-
-    `recorded_id` (the parent of an earlier attempt) is reopened; otherwise a new run is
-    started with `tags` and `params`, and `record(its id)` is called (the caller keeps it where
-    the next attempt finds it) before a Ctrl-C or SIGTERM can act. A no-op tracker when
-    tracking is off (`record` is not called). Children nest under it by TAG_PARENT_RUN_ID, and
-    start in tracking.experiment: a recorded parent in another experiment is refused, with
-    `experiment_fix(its experiment)`.
-    """
-
-    def first_moments(tracker: MlflowTracker) -> None:
-        tracker.log_params(params)
-        record(str(tracker.run_id))
-
-    return open_tracker(
-        tracking,
-        runs_dir=runs_dir,
-        run_name=run_name,
-        resume_run_id=recorded_id,
-        detached=True,
-        elsewhere=experiment_fix,
-        tags=tags,
-        on_new=first_moments,
-    )
+    """A started run (`jobs.open_run_record` with the `record` options) when tracking is
+    enabled, else a no-op Tracker."""
+    tracker = MlflowTracker(tracking, runs_dir=runs_dir) if tracking.enabled else Tracker()
+    return open_run_record(tracker, run_name=run_name, **record)
 
 
 def _checked_spec(metadata: dict[str, Any]) -> dict[str, Any]:
@@ -951,11 +819,8 @@ MODEL_URI_FORMS = "models:/<name>@<alias>, models:/<name>/<version> or runs:/<ru
 
 
 def load_model_spec(model_uri: str, tracking: TrackingSettings, runs_dir: Path) -> dict[str, Any]:
-    """The ctscan metadata (class names, preprocessing spec, versions) of a logged MLflow model.
-
-    `model_uri` is resolved in the store that `open_tracker` would use (tracking.uri, else
-    MLFLOW_TRACKING_URI, else the SQLite file in `runs_dir`).
-    """
+    """The ctscan metadata (class names, preprocessing spec, versions) of a logged MLflow model,
+    looked up in the store `open_tracker` would use."""
     scheme = urlsplit(model_uri).scheme.lower()
     if scheme not in ("models", "runs"):
         raise TrackingError(
@@ -971,10 +836,7 @@ def load_model_spec(model_uri: str, tracking: TrackingSettings, runs_dir: Path) 
                 "train and register a model first (ctscan train), or point tracking.uri / "
                 "MLFLOW_TRACKING_URI at the store that holds it.",
             )
-    _probe_server(uri, source)
-    _import_mlflow()
-    if _scheme(uri) == "sqlite":
-        _open_sqlite_store(uri, runs_dir)
+    _open_store(tracking, runs_dir)
     import mlflow.models
     from mlflow.exceptions import MlflowException
 
@@ -1056,12 +918,8 @@ def _inference_form(module: Any) -> Any:
     """The module `mlflow.pytorch.load_model` gave, ready for inference (the one place deciding)."""
     import torch
 
-    # pt2: `torch.export.load(path).module()`, a GraphModule traced from the model in eval mode:
-    # its batch norms carry training=False and its dropouts train=False as graph constants, so
-    # it is in inference form already and needs nothing (its `.training` flag changes nothing);
-    # torch 2.14's ExportedProgram.module() makes its train()/eval() raise NotImplementedError,
-    # and move_exported_model_to_eval (for graphs exported in training mode) is gone from
-    # torch.ao. Pickled (log_model's fallback): ctscan's Deployable, a plain nn.Module: eval().
+    # pt2: a GraphModule traced in eval mode (its eval() raises in torch 2.14): as it is.
+    # Pickled (log_model's fallback): ctscan's Deployable, a plain nn.Module: eval().
     return module if isinstance(module, torch.fx.GraphModule) else module.eval()
 
 
