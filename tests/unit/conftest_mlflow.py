@@ -21,7 +21,7 @@ MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "CTSCAN_TRACKING__UR
 def mlflow_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A migrated, empty MLflow SQLite database file (created once per session)."""
     pytest.importorskip("mlflow")
-    from ctscan.engine.tracking import _open_sqlite_store
+    from ctscan.engine.tracking_store import _open_sqlite_store
 
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
     # as open_tracker creates a store: under the lock, the Default experiment beside the file

@@ -135,7 +135,7 @@ def test_a_store_creation_stopped_midway_leaves_no_store_behind(
     """Ctrl-C (or a failure) while MLflow migrates a new store: no half-migrated mlflow.db is
     left for every later run to refuse; the next run creates the store afresh. A temp file a
     SIGKILL left behind is cleaned then too."""
-    import ctscan.engine.tracking as tracking
+    import ctscan.engine.tracking_store as tracking
 
     db = fresh_runs_dir / "mlflow.db"
     migrated = tracking._missing_tables
@@ -244,9 +244,9 @@ def test_without_fcntl_the_store_opens_without_a_lock(mlflow_runs_dir: Path, mon
 def test_a_lock_held_too_long_is_a_tracking_error(mlflow_runs_dir: Path, monkeypatch):
     import fcntl
 
-    from ctscan.engine import tracking
+    from ctscan.engine import tracking_store
 
-    monkeypatch.setattr(tracking, "STORE_LOCK_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(tracking_store, "STORE_LOCK_TIMEOUT_S", 0.3)
     lock = mlflow_runs_dir / "mlflow.db.lock"
     with open(lock, "w") as held:  # another open file description: flock conflicts with it
         fcntl.flock(held, fcntl.LOCK_EX)

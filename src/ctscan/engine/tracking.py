@@ -15,10 +15,7 @@ import copy
 import json
 import logging
 import math
-import os
 import shlex
-import socket
-import sqlite3
 import sys
 import tempfile
 import time
@@ -28,14 +25,18 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from ctscan.errors import CtscanError
-from ctscan.files import (
-    built_aside,
-    database_lock,
-    ensure_dir,
-    folder_lock,
-    hide_password,
-    remove_stale_temps,
+from ctscan.engine.tracking_store import (
+    DISABLE_FIX,
+    TrackingError,
+    artifact_location,
+    first_line,
+    open_store,
+    quiet,
+    resolve_tracking_uri,
+    resolve_uri,
+    scheme_of,
+    sqlite_path,
+    using_uri,
 )
 from ctscan.jobs import critical, end_status, open_run_record
 from ctscan.models import unwrap
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
+
+__all__ = ["TrackingError", "resolve_tracking_uri"]  # re-exported: where runs go
 
 CHAMPION_ALIAS = "champion"
 MODEL_ARTIFACT_NAME = "model"
@@ -62,19 +65,7 @@ TAG_CTSCAN_VERSION = "ctscan.ctscan_version"
 SPEC_ARTIFACT = "ctscan_spec.json"
 SPEC_KEYS = ("class_names", "preprocess", "model_name", "ctscan_version", "checkpoint_sha256")
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
-TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
-SERVER_PROBE_TIMEOUT_S = 5.0
 MAX_PARAM_CHARS = 6000
-NOISY_LOGGERS = ("mlflow", "mlflow.pytorch", "alembic")
-STORE_LOCK_TIMEOUT_S = 600.0
-SQLITE_MAGIC = b"SQLite format 3\x00"
-
-
-class TrackingError(CtscanError):
-    """The tracking store or server cannot be used."""
-
-
-_DISABLE_FIX = "or set tracking.enabled=false to train without tracking."
 
 
 class Tracker:
@@ -134,275 +125,6 @@ class Tracker:
 def _check_status(status: str) -> None:
     if status not in RUN_STATUSES:
         raise ValueError(f"run status {status!r} is not one of {', '.join(RUN_STATUSES)}")
-
-
-def resolve_tracking_uri(tracking: TrackingSettings, runs_dir: Path) -> str:
-    """The tracking URI: tracking.uri, else MLFLOW_TRACKING_URI, else a SQLite file in runs_dir."""
-    return _resolve_uri(tracking, runs_dir)[0]
-
-
-def _resolve_uri(tracking: TrackingSettings, runs_dir: Path) -> tuple[str, str]:
-    """The tracking URI and where it came from, checked for a known scheme."""
-    if tracking.uri and tracking.uri.strip():
-        uri, source = tracking.uri.strip(), "tracking.uri"
-    elif os.environ.get("MLFLOW_TRACKING_URI", "").strip():
-        uri, source = os.environ["MLFLOW_TRACKING_URI"].strip(), "MLFLOW_TRACKING_URI"
-    else:
-        uri, source = f"sqlite:///{(Path(runs_dir) / 'mlflow.db').resolve()}", "default"
-    scheme = _scheme(uri)
-    if scheme and scheme not in TRACKING_SCHEMES:
-        raise TrackingError(
-            f"tracking URI '{uri}' (from {source}) has the unknown scheme '{scheme}:'; "
-            f"known schemes: {', '.join(TRACKING_SCHEMES)}.",
-            "correct the URI (e.g. http://host:5000 or sqlite:///path/mlflow.db), unset it to use "
-            f"the default SQLite store in paths.runs_dir, {_DISABLE_FIX}",
-        )
-    return uri, source
-
-
-def _scheme(uri: str) -> str:
-    """The URI scheme without a driver suffix ('postgresql+psycopg2' -> 'postgresql')."""
-    if "://" not in uri and not uri.startswith(("file:", "databricks")):
-        return ""  # a plain path: MLflow's file store
-    return urlsplit(uri).scheme.lower().split("+", 1)[0]
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    """The database file of a sqlite:/// URI (None for an in-memory database)."""
-    rest = uri.split("://", 1)[1] if "://" in uri else ""
-    path = rest[1:] if rest.startswith("/") else rest  # sqlite:///rel.db or sqlite:////abs.db
-    path = path.split("?", 1)[0]
-    return Path(path) if path and path != ":memory:" else None
-
-
-def _artifact_location(uri: str, runs_dir: Path) -> str | None:
-    """Where a new experiment keeps artifacts: next to a SQLite store, else the server decides."""
-    if _scheme(uri) != "sqlite":
-        return None
-    db = _sqlite_path(uri)
-    root = db.parent if db is not None else Path(runs_dir)
-    return (root / "mlartifacts").resolve().as_uri()
-
-
-def _prepare_local_store(uri: str, runs_dir: Path) -> None:
-    """The folder of a local store, made and checked writable (one clear error if not)."""
-    scheme = _scheme(uri)
-    if scheme == "sqlite":
-        db = _sqlite_path(uri)
-        folder = db.parent if db is not None else Path(runs_dir)
-    elif scheme in ("", "file"):
-        folder = Path(urlsplit(uri).path) if scheme == "file" else Path(uri)
-    else:
-        return
-    fix = f"choose a writable paths.runs_dir or tracking.uri, {_DISABLE_FIX}"
-    ensure_dir(folder, what="tracking store folder", error=TrackingError, fix=fix)
-
-
-def _probe_server(uri: str, source: str) -> None:
-    """Fail fast, with a clear message, when an http(s) tracking server does not answer."""
-    parts = urlsplit(uri)
-    if parts.scheme not in ("http", "https"):
-        return
-    host = parts.hostname or "localhost"
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        raise TrackingError(
-            f"tracking URI '{uri}' (from {source}) has an invalid port.",
-            "write it as http://host:5000.",
-        ) from None
-    try:
-        with socket.create_connection((host, port), timeout=SERVER_PROBE_TIMEOUT_S):
-            pass
-    except OSError as exc:
-        reason = exc.strerror or str(exc) or type(exc).__name__
-        raise TrackingError(
-            f"cannot reach the MLflow tracking server at '{uri}' (from {source}): {reason}.",
-            "start it (mlflow server --host 0.0.0.0 --port 5000 ...), correct tracking.uri / "
-            f"MLFLOW_TRACKING_URI, unset them to use the local SQLite store, {_DISABLE_FIX}",
-        ) from None
-
-
-def _broken_store(db: Path, why: str, hint: str = "") -> TrackingError:
-    """The error for a SQLite store file MLflow cannot use, with the way out."""
-    path = shlex.quote(str(db))
-    return TrackingError(
-        f"the MLflow store '{db}' {why}.",
-        f"{hint}move it aside (mv {path} {shlex.quote(str(db) + '.broken')}) and rerun to start a "
-        f"new store, point tracking.uri at another store, {_DISABLE_FIX}",
-    )
-
-
-def _check_sqlite_file(db: Path) -> None:
-    """Refuse a file that is not SQLite, or that an interrupted migration left half done."""
-    if not db.is_file() or db.stat().st_size == 0:
-        return  # a new store
-    with open(db, "rb") as fh:
-        if fh.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
-            raise _broken_store(db, "is not an SQLite database")
-    try:
-        with contextlib.closing(sqlite3.connect(db)) as conn:
-            rows = conn.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table' "
-                "AND name LIKE '\\_alembic\\_tmp\\_%' ESCAPE '\\' ORDER BY name"
-            ).fetchall()
-    except sqlite3.DatabaseError as exc:
-        raise _broken_store(db, f"cannot be read ({exc})") from None
-    if rows:
-        tables = ", ".join(name for (name,) in rows)
-        raise _broken_store(
-            db, f"was left half-migrated by an interrupted MLflow migration (table {tables})"
-        )
-
-
-def _open_sqlite_store(uri: str, runs_dir: Path) -> None:
-    """Create or migrate a SQLite store under the lock; a broken store is a TrackingError.
-
-    Creating MLflow's store object runs the migrations, and on a new database it creates the
-    Default experiment: here with its artifacts in `mlartifacts/` next to the database file,
-    not in `./mlruns` of the current folder.
-    """
-    db = _sqlite_path(uri)
-    if db is None:
-        return  # in-memory: one process only
-    db = db.resolve()
-    lock = folder_lock(
-        db.parent,
-        what="MLflow store",
-        error=TrackingError,
-        wait=STORE_LOCK_TIMEOUT_S,
-        name=f"{db.name}.lock",
-    )
-    with lock, _quiet():
-        remove_stale_temps(db.parent, (db.name,))  # a store creation killed with SIGKILL
-        _check_sqlite_file(db)
-        if db.is_file() and db.stat().st_size:
-            _migrate_sqlite_store(uri, db, runs_dir)
-            return
-        # A new store is built beside its place and renamed into it: a stop (or a kill) during
-        # MLflow's migrations, which take seconds, leaves no half-made store to refuse later.
-        with built_aside(db) as tmp:
-            query = uri.split("?", 1)[1] if "?" in uri else ""
-            built = f"sqlite:///{tmp}" + (f"?{query}" if query else "")
-            _migrate_sqlite_store(built, db, runs_dir, artifacts_for=uri)
-
-
-def _migrate_sqlite_store(
-    uri: str, db: Path, runs_dir: Path, *, artifacts_for: str | None = None
-) -> None:
-    """Let MLflow create or migrate the store at `uri` (called under the lock); its failures
-    become one TrackingError naming `db`. `artifacts_for`: the URI whose artifact folder the
-    Default experiment gets (the store's final place when it is built aside)."""
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-    try:
-        store = SqlAlchemyStore(uri, _artifact_location(artifacts_for or uri, runs_dir))
-        missing = _missing_tables(store.engine)
-        store.engine.dispose()  # no connection left on a file about to be renamed
-    except Exception as exc:  # migrations fail in many ways (alembic, SQLAlchemy, MLflow)
-        reason = _first_line(exc)
-        if "database is locked" in reason:
-            raise TrackingError(
-                f"the MLflow store '{db}' is locked by another process: {reason}",
-                "rerun when that process is done writing, " + _DISABLE_FIX,
-            ) from exc
-        if artifacts_for is not None:  # a new store: nothing to move aside
-            raise TrackingError(
-                f"cannot create the MLflow store '{db}': {reason}",
-                f"check that folder (free space, permissions), point tracking.uri at another "
-                f"store, {_DISABLE_FIX}",
-            ) from exc
-        hint = ""
-        if "Can't locate revision" in reason:
-            hint = "if a newer MLflow wrote it: upgrade mlflow (pip install -U 'mlflow<4'); or "
-        if "out-of-date database schema" in reason:
-            hint = f"if an older MLflow wrote it: back it up, run `mlflow db upgrade {uri}`; or "
-        raise _broken_store(db, f"cannot be opened: {reason}", hint) from exc
-    if missing:
-        raise _broken_store(
-            db, f"cannot be opened: its schema version lacks tables ({', '.join(missing)})"
-        )
-
-
-def _missing_tables(engine: Any) -> list[str]:
-    """MLflow's tables that the database lacks (its alembic version can claim otherwise)."""
-    import sqlalchemy
-    from mlflow.store.db.base_sql_model import Base
-
-    return sorted(set(Base.metadata.tables) - set(sqlalchemy.inspect(engine).get_table_names()))
-
-
-def _open_postgres_store(uri: str, source: str) -> None:
-    """Create or migrate a PostgreSQL store one process at a time: MLflow's Alembic migrations
-    collide when two processes start on a fresh database together (the sweep's lock, reused)."""
-    import mlflow
-    import sqlalchemy.exc
-
-    where = f"'{hide_password(uri)}' (from {source})"
-    try:
-        with (
-            database_lock(
-                uri,
-                "ctscan.mlflow-store",
-                what=f"the MLflow store {where}",
-                error=TrackingError,
-                fix=f"pip install psycopg, write postgresql+psycopg://..., {_DISABLE_FIX}",
-            ),
-            _quiet(),
-        ):
-            mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-    except (sqlalchemy.exc.SQLAlchemyError, mlflow.exceptions.MlflowException) as exc:
-        raise TrackingError(
-            f"cannot open the MLflow store {where}: {_first_line(exc)}",
-            f"check that the database is up and tracking.uri is right, {_DISABLE_FIX}",
-        ) from None
-
-
-def _open_store(tracking: TrackingSettings, runs_dir: Path) -> tuple[str, str]:
-    """The tracking URI and its source, its store ready: local folders made, a server that
-    answers, a SQLite or PostgreSQL store created or migrated under ctscan's lock."""
-    uri, source = _resolve_uri(tracking, runs_dir)
-    _prepare_local_store(uri, runs_dir)
-    _probe_server(uri, source)
-    _import_mlflow()
-    if _scheme(uri) == "sqlite":
-        _open_sqlite_store(uri, runs_dir)
-    elif _scheme(uri) == "postgresql":
-        _open_postgres_store(uri, source)
-    return uri, source
-
-
-@contextlib.contextmanager
-def _using_uri(uri: str) -> Iterator[None]:
-    """Point MLflow's process-wide tracking URI at `uri`, then back (env variable included)."""
-    import mlflow
-
-    previous_env_uri = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous_env_uri)  # None also clears the env variable
-
-
-@contextlib.contextmanager
-def _quiet(level: int = logging.WARNING) -> Iterator[None]:
-    """Hold MLflow's and alembic's chatter below `level`: INFO (database migrations,
-    registrations) by default; CRITICAL where a failure becomes ctscan's own one line."""
-    loggers = [logging.getLogger(name) for name in NOISY_LOGGERS]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(max(logger.getEffectiveLevel(), level))
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
-
-
-def _first_line(exc: BaseException, limit: int = 300) -> str:
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def model_requirements() -> list[str]:
@@ -473,15 +195,6 @@ def promote_if_better(
     return better
 
 
-def _import_mlflow() -> None:
-    try:
-        import mlflow  # noqa: F401
-    except ImportError as exc:
-        raise TrackingError(
-            f"mlflow cannot be imported ({exc}).", f"pip install 'mlflow>=3,<4', {_DISABLE_FIX}"
-        ) from None
-
-
 class MlflowTracker(Tracker):
     """One MLflow run of a store, written through `MlflowClient`; the registered model gets the
     logged models. Made with the store open and no run: `jobs.open_run_record` starts one."""
@@ -490,11 +203,11 @@ class MlflowTracker(Tracker):
 
     def __init__(self, tracking: TrackingSettings, *, runs_dir: Path) -> None:
         self.settings, self.runs_dir = tracking, Path(runs_dir)
-        self.uri, self._source = _open_store(tracking, self.runs_dir)
+        self.uri, self._source = open_store(tracking, self.runs_dir)
         self._closed = False
         import mlflow
 
-        with self._errors("open the store"), _quiet():
+        with self._errors("open the store"), quiet():
             self.client = mlflow.MlflowClient(tracking_uri=self.uri)
 
     def find_run(
@@ -509,7 +222,7 @@ class MlflowTracker(Tracker):
         from mlflow.exceptions import MlflowException
 
         experiment = self.settings.experiment
-        with self._errors("open the experiment"), _quiet():
+        with self._errors("open the experiment"), quiet():
             try:
                 run = self.client.get_run(run_id)
             except MlflowException as exc:
@@ -553,7 +266,7 @@ class MlflowTracker(Tracker):
 
         if parent_run_id:
             tags = {**tags, TAG_PARENT_RUN_ID: parent_run_id}
-        with self._errors("start the run"), _quiet():
+        with self._errors("start the run"), quiet():
             self.reopened = stored is not None
             if stored is not None:
                 self.run_id, self.experiment_id = stored.info.run_id, stored.info.experiment_id
@@ -579,9 +292,9 @@ class MlflowTracker(Tracker):
         except (MlflowException, OSError) as exc:
             raise TrackingError(
                 f"MLflow could not {action} at '{self.uri}' (from {self._source}): "
-                f"{_first_line(exc)}",
+                f"{first_line(exc)}",
                 "check the tracking store/server (`ctscan settings show` shows tracking.*), "
-                + _DISABLE_FIX,
+                + DISABLE_FIX,
             ) from exc
 
     def _experiment_id(self, name: str) -> str:
@@ -590,7 +303,7 @@ class MlflowTracker(Tracker):
 
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
-            location = _artifact_location(self.uri, self.runs_dir)
+            location = artifact_location(self.uri, self.runs_dir)
             try:
                 return self.client.create_experiment(name, artifact_location=location)
             except MlflowException as exc:  # another process created it an instant ago
@@ -611,7 +324,7 @@ class MlflowTracker(Tracker):
         from mlflow.entities import Param
 
         batch = [Param(key, str(value)[:MAX_PARAM_CHARS]) for key, value in params.items()]
-        with self._errors("log parameters"), _quiet(logging.CRITICAL):  # the error: one line
+        with self._errors("log parameters"), quiet(logging.CRITICAL):  # the error: one line
             self.client.log_batch(self.run_id, params=batch)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -620,7 +333,7 @@ class MlflowTracker(Tracker):
 
         now_ms = int(time.time() * 1000)
         batch = [Metric(key, float(value), now_ms, int(step)) for key, value in metrics.items()]
-        with self._errors("log metrics"), _quiet(logging.CRITICAL):
+        with self._errors("log metrics"), quiet(logging.CRITICAL):
             self.client.log_batch(self.run_id, metrics=batch)
 
     def set_tags(self, tags: dict[str, str]) -> None:
@@ -628,7 +341,7 @@ class MlflowTracker(Tracker):
         from mlflow.entities import RunTag
 
         batch = [RunTag(key, str(value)) for key, value in tags.items()]
-        with self._errors("set tags"), _quiet(logging.CRITICAL):
+        with self._errors("set tags"), quiet(logging.CRITICAL):
             self.client.log_batch(self.run_id, tags=batch)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
@@ -715,7 +428,7 @@ class MlflowTracker(Tracker):
         except (MlflowException, OSError):
             raise
         except Exception as exc:  # torch.export could not trace the model
-            log.warning("torch.export failed (%s); logging a pickled model", _first_line(exc))
+            log.warning("torch.export failed (%s); logging a pickled model", first_line(exc))
             logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # same warning again
             return flavor.log_model(net, serialization_format="pickle", **kwargs)
 
@@ -775,7 +488,7 @@ class MlflowTracker(Tracker):
         import mlflow
 
         status = self.client.get_run(self.run_id).info.status
-        with _using_uri(self.uri), _quiet():
+        with using_uri(self.uri), quiet():
             mlflow.start_run(run_id=self.run_id)
             try:
                 yield
@@ -789,7 +502,7 @@ class MlflowTracker(Tracker):
         if self._closed or self.run_id is None:
             return
         self._closed = True
-        with critical(), self._errors("end the run"), _quiet():  # a stop never leaves it RUNNING
+        with critical(), self._errors("end the run"), quiet():  # a stop never leaves it RUNNING
             self.client.set_terminated(self.run_id, status=status)
 
 
@@ -826,26 +539,26 @@ def load_model_spec(model_uri: str, tracking: TrackingSettings, runs_dir: Path) 
         raise TrackingError(
             f"'{model_uri}' is not an MLflow model URI.", f"write it as {MODEL_URI_FORMS}."
         )
-    uri, source = _resolve_uri(tracking, runs_dir)
+    uri, source = resolve_uri(tracking, runs_dir)
     where = f"'{uri}' (from {source})"
-    if _scheme(uri) == "sqlite":
-        db = _sqlite_path(uri)
+    if scheme_of(uri) == "sqlite":
+        db = sqlite_path(uri)
         if db is not None and not db.is_file():
             raise TrackingError(
                 f"there is no MLflow store at {where} to look up '{model_uri}'.",
                 "train and register a model first (ctscan train), or point tracking.uri / "
                 "MLFLOW_TRACKING_URI at the store that holds it.",
             )
-    _open_store(tracking, runs_dir)
+    open_store(tracking, runs_dir)
     import mlflow.models
     from mlflow.exceptions import MlflowException
 
-    with _using_uri(uri), _quiet():
+    with using_uri(uri), quiet():
         try:
             info = mlflow.models.get_model_info(model_uri)
         except (MlflowException, OSError) as exc:
             raise TrackingError(
-                f"MLflow cannot find the model '{model_uri}' in {where}: {_first_line(exc)}",
+                f"MLflow cannot find the model '{model_uri}' in {where}: {first_line(exc)}",
                 "check the name, alias or version (MlflowClient().search_model_versions() lists "
                 "them; the alias set by training is 'champion'), or point tracking.uri at the "
                 "store that holds the model.",
@@ -873,7 +586,7 @@ def load_logged_model(
     (needs ctscan importable and MLFLOW_ALLOW_PICKLE_DESERIALIZATION, true by default).
     """
     metadata = load_model_spec(model_uri, tracking, runs_dir)  # checks the URI and the store
-    uri, source = _resolve_uri(tracking, runs_dir)
+    uri, source = resolve_uri(tracking, runs_dir)
     import zipfile
 
     _import_mlflow_pytorch()
@@ -881,7 +594,7 @@ def load_logged_model(
     from mlflow.environment_variables import MLFLOW_ALLOW_PICKLE_DESERIALIZATION
     from mlflow.exceptions import MlflowException
 
-    with _using_uri(uri), _quiet():
+    with using_uri(uri), quiet():
         try:
             module = mlflow.pytorch.load_model(model_uri, map_location="cpu")
             version = _registry_version(model_uri)
@@ -895,7 +608,7 @@ def load_logged_model(
                 )
             raise TrackingError(
                 f"MLflow cannot load the model '{model_uri}' from '{uri}' (from {source}): "
-                f"{_first_line(exc)}",
+                f"{first_line(exc)}",
                 fix,
             ) from None
     return _inference_form(module), metadata, version
