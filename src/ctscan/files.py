@@ -1,7 +1,9 @@
 """Files and folders the user names: checked with one clear error, written atomically, locked.
 
 `ensure_dir` (every folder a command writes into), `atomic_write` (the one temp file + fsync +
-rename writer) and `folder_lock` (the one lock) turn OS errors into one `CtscanError` line.
+rename writer), `folder_lock` (the one lock) and `database_lock` (its twin for a PostgreSQL
+database: a shared Optuna study, a PostgreSQL MLflow store) turn OS errors into one
+`CtscanError` line.
 """
 
 from __future__ import annotations
@@ -247,6 +249,35 @@ def _take_lock(
 
 
 _LOCK_TEXT = re.compile(r"pid \d+")
+
+
+def hide_password(text: str) -> str:
+    """`postgresql://user:secret@host` -> `postgresql://user:***@host` (messages, commands)."""
+    return re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
+
+
+@contextlib.contextmanager
+def database_lock(
+    url: str, name: str, *, what: str, error: type[CtscanError], fix: str
+) -> Iterator[None]:
+    """`folder_lock` for a PostgreSQL database: an advisory lock keyed by `name`, waited for, on
+    a connection of its own; it ends with that connection, also after SIGKILL. A driver that
+    cannot be imported is one `error` line naming `what`, with `fix`."""
+    import zlib
+
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    except ImportError as exc:
+        raise error(f"{what} needs a driver that cannot be imported ({exc}).", fix) from None
+    try:
+        with engine.connect() as connection:
+            key = zlib.crc32(name.encode())
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            yield  # released when the connection closes
+    finally:
+        engine.dispose()
 
 
 def _open_lock(lock_path: Path, what: str, error: type[CtscanError]) -> IO:

@@ -12,8 +12,9 @@ Written once, here:
 - `MAY_CHANGE` / `refused_changes`: what a continued job (a resumed run, a continued
   cross-validation or sweep) may change from the settings it recorded; anything else is
   refused before any write.
-The folder lock is `files.folder_lock` (with `wait=` for the MLflow store); the run record (the
-MLflow run opened, or reopened by its recorded id) is `engine.tracking.open_tracker`.
+- `open_run_record`: the job's MLflow run, opened or reopened once by the id the job recorded,
+  and that record written with the run's creation (the MLflow calls: engine/tracking.py).
+The locks are `files.folder_lock` (with `wait=` for a SQLite store) and `files.database_lock`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -196,3 +197,53 @@ def refused_changes(
     return [
         f"{key} {old!r} -> {new!r}" for key, old, new in refused_settings(before, now, may_change)
     ]
+
+
+# ---- the run record -----------------------------------------------------------------------
+
+
+def end_status(exc_type: type[BaseException] | None) -> str:
+    """The status a run ends with: FINISHED, KILLED for a stop (Ctrl-C, SIGTERM, or the
+    `Interrupted` a stopped job turns them into), FAILED for any other error."""
+    if exc_type is None:
+        return "FINISHED"
+    return "KILLED" if issubclass(exc_type, KeyboardInterrupt | Interrupted) else "FAILED"
+
+
+def open_run_record(
+    tracker: Any,
+    *,
+    run_name: str | None = None,
+    recorded_id: str | None = None,
+    record: Callable[[str], None] | None = None,
+    tags: dict[str, str] | None = None,
+    params: dict[str, Any] | None = None,
+    parent_run_id: str | None = None,
+    experiment_fix: Callable[[str], str] | None = None,
+) -> Any:
+    """A job's MLflow run, opened once through `tracker` (engine/tracking.py's, store open).
+
+    The run `recorded_id` names (kept by the job: last.pt, folds.json, the study) is reopened;
+    else a new run starts with `tags`, nested under `parent_run_id`, gets `params`, and
+    `record(its id)` keeps it, in one critical step with its creation: a stop never leaves a
+    run the next attempt cannot find. A stop or failure while opening ends the run (KILLED,
+    FAILED). A recorded run in another experiment than tracking.experiment: a parent
+    (`experiment_fix` given) is refused with `experiment_fix(its experiment)`, a child
+    (`parent_run_id`) gets a new run, any other run is reopened there. Tracking off: `tracker`
+    is a no-op and `record` is not called.
+    """
+    if not tracker.enabled:
+        return tracker
+    stored = tracker.find_run(recorded_id, child=parent_run_id is not None, fix=experiment_fix)
+    try:
+        with critical():
+            tracker.start_run(run_name, stored, recorded_id, tags or {}, parent_run_id)
+            if not tracker.reopened:
+                if params:
+                    tracker.log_params(params)
+                if record is not None:
+                    record(str(tracker.run_id))
+    except BaseException as exc:
+        tracker.end(type(exc))
+        raise
+    return tracker

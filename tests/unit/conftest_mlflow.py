@@ -21,7 +21,7 @@ MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "CTSCAN_TRACKING__UR
 def mlflow_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A migrated, empty MLflow SQLite database file (created once per session)."""
     pytest.importorskip("mlflow")
-    from ctscan.engine.tracking import _open_sqlite_store
+    from ctscan.engine.tracking_store import _open_sqlite_store
 
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
     # as open_tracker creates a store: under the lock, the Default experiment beside the file
@@ -67,7 +67,7 @@ def stop_as_a_run_is_created(monkeypatch: pytest.MonkeyPatch) -> Callable[[bool]
     puts things back."""
     from ctscan.engine.tracking import MlflowTracker
 
-    start = MlflowTracker._start_run
+    start = MlflowTracker.start_run
 
     def start_then_stop(self: Any, *args: Any) -> Any:
         run = start(self, *args)
@@ -75,6 +75,6 @@ def stop_as_a_run_is_created(monkeypatch: pytest.MonkeyPatch) -> Callable[[bool]
         return run
 
     def switch(on: bool) -> None:
-        monkeypatch.setattr(MlflowTracker, "_start_run", start_then_stop if on else start)
+        monkeypatch.setattr(MlflowTracker, "start_run", start_then_stop if on else start)
 
     return switch

@@ -35,7 +35,6 @@ from ctscan.engine.tracking import (
     TrackingError,
     load_model_spec,
     model_requirements,
-    open_parent_run,
     open_tracker,
     promote_if_better,
     resolve_tracking_uri,
@@ -230,7 +229,7 @@ def test_deleted_experiment_is_a_tracking_error_whose_fix_can_be_pasted(
         caplog.at_level(logging.WARNING, logger="ctscan.engine.tracking"),
         pytest.raises(TrackingError, match="is deleted") as info,
     ):  # resuming its (deleted) run: the refusal only, no "starting a new run" before it
-        open_tracker(TrackingSettings(), runs_dir=mlflow_runs_dir, resume_run_id=tracker.run_id)
+        open_tracker(TrackingSettings(), runs_dir=mlflow_runs_dir, recorded_id=tracker.run_id)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     command = info.value.fix.split("restore it (", 1)[1].split(") or set", 1)[0]
     assert command.startswith("MLFLOW_TRACKING_URI=")
@@ -245,22 +244,19 @@ def test_deleted_experiment_is_a_tracking_error_whose_fix_can_be_pasted(
         assert again.experiment_id == tracker.experiment_id
 
 
-@pytest.mark.parametrize("detached", [False, True])
-def test_a_stop_as_a_run_is_created_waits_for_its_record_and_ends_it_killed(
-    mlflow_runs_dir, detached
-):
+def test_a_stop_as_a_run_is_created_waits_for_its_record_and_ends_it_killed(mlflow_runs_dir):
     """Ctrl-C right after the run is created: the caller's record is written first, then the
     stop acts and the run ends KILLED (not left RUNNING, nor active for MLflow's exit hook)."""
     import mlflow
 
     recorded: list[str] = []
 
-    def record(tracker: Tracker) -> None:
+    def record(run_id: str) -> None:
         signal.raise_signal(signal.SIGINT)  # held until the record is written
-        recorded.append(str(tracker.run_id))
+        recorded.append(run_id)
 
     with pytest.raises(KeyboardInterrupt):
-        open_tracker(TrackingSettings(), runs_dir=mlflow_runs_dir, detached=detached, on_new=record)
+        open_tracker(TrackingSettings(), runs_dir=mlflow_runs_dir, record=record)
     assert len(recorded) == 1
     assert mlflow.active_run() is None and "MLFLOW_TRACKING_URI" not in os.environ
     client = store_client(mlflow_runs_dir)
@@ -268,11 +264,11 @@ def test_a_stop_as_a_run_is_created_waits_for_its_record_and_ends_it_killed(
 
 
 def test_a_failure_after_the_run_is_created_ends_it_failed(mlflow_runs_dir):
-    def record(tracker: Tracker) -> None:
+    def record(run_id: str) -> None:
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError, match="No space"):
-        open_tracker(TrackingSettings(), runs_dir=mlflow_runs_dir, on_new=record)
+        open_tracker(TrackingSettings(), runs_dir=mlflow_runs_dir, record=record)
     client = store_client(mlflow_runs_dir)
     (run,) = client.search_runs(
         [e.experiment_id for e in client.search_experiments()], run_view_type=3
@@ -326,8 +322,8 @@ def test_tracker_restores_the_process_uri_so_a_second_store_is_used(
     other.mkdir()
     shutil.copyfile(mlflow_db_template, other / "mlflow.db")  # a migrated store: faster
     with open_tracker(TrackingSettings(), runs_dir=mlflow_runs_dir) as first:
-        assert os.environ["MLFLOW_TRACKING_URI"] == first.uri  # mlflow exports it while open
-    assert "MLFLOW_TRACKING_URI" not in os.environ
+        assert "MLFLOW_TRACKING_URI" not in os.environ  # runs go through the client
+    assert first.uri != f"sqlite:///{(other / 'mlflow.db').resolve()}"
     second = open_tracker(TrackingSettings(experiment="second"), runs_dir=other)
     second.close()
     assert second.uri == f"sqlite:///{(other / 'mlflow.db').resolve()}"
@@ -376,7 +372,7 @@ def test_a_resumed_run_continues_the_interrupted_run(mlflow_runs_dir):
     assert client.get_run(first.run_id).info.status == "KILLED"
 
     with open_tracker(
-        TrackingSettings(), runs_dir=mlflow_runs_dir, run_name="ignored", resume_run_id=first.run_id
+        TrackingSettings(), runs_dir=mlflow_runs_dir, run_name="ignored", recorded_id=first.run_id
     ) as second:
         assert second.run_id == first.run_id
         assert second.experiment_id == first.experiment_id
@@ -398,7 +394,7 @@ def test_a_parent_run_in_another_experiment_is_refused_not_reopened(mlflow_runs_
     recorded: list[str] = []
 
     def parent(experiment: str, recorded_id: str | None):
-        return open_parent_run(
+        return open_tracker(
             TrackingSettings(experiment=experiment),
             runs_dir=mlflow_runs_dir,
             run_name="cv5-x",
@@ -430,6 +426,8 @@ def test_a_parent_run_in_another_experiment_is_refused_not_reopened(mlflow_runs_
 def test_a_child_run_is_reopened_only_in_tracking_experiment(mlflow_runs_dir, caplog):
     """A fold or trial continues under a parent in tracking.experiment: its run recorded in
     another experiment is left alone and a new, tagged one is started."""
+    parent = open_tracker(TrackingSettings(experiment="b"), runs_dir=mlflow_runs_dir)
+    parent.close()
     first = open_tracker(TrackingSettings(experiment="a"), runs_dir=mlflow_runs_dir)
     first.close("KILLED")
     with (
@@ -437,8 +435,8 @@ def test_a_child_run_is_reopened_only_in_tracking_experiment(mlflow_runs_dir, ca
         open_tracker(
             TrackingSettings(experiment="b"),
             runs_dir=mlflow_runs_dir,
-            resume_run_id=first.run_id,
-            elsewhere="new",
+            recorded_id=first.run_id,
+            parent_run_id=parent.run_id,
         ) as second,
     ):
         pass
@@ -451,8 +449,8 @@ def test_a_child_run_is_reopened_only_in_tracking_experiment(mlflow_runs_dir, ca
     with open_tracker(  # in its own experiment it is reopened
         TrackingSettings(experiment="a"),
         runs_dir=mlflow_runs_dir,
-        resume_run_id=first.run_id,
-        elsewhere="new",
+        recorded_id=first.run_id,
+        parent_run_id=parent.run_id,
     ) as third:
         assert third.run_id == first.run_id
 
@@ -475,9 +473,7 @@ def test_the_experiment_fixes_can_be_pasted(name: str) -> None:
 def test_resuming_a_run_this_store_lacks_starts_a_tagged_new_run(mlflow_runs_dir, caplog, missing):
     with (
         caplog.at_level(logging.WARNING, logger="ctscan.engine.tracking"),
-        open_tracker(
-            TrackingSettings(), runs_dir=mlflow_runs_dir, resume_run_id=missing
-        ) as tracker,
+        open_tracker(TrackingSettings(), runs_dir=mlflow_runs_dir, recorded_id=missing) as tracker,
     ):
         tracker.log_metrics({"val_loss": 0.5}, 3)
     assert tracker.run_id != missing
@@ -496,7 +492,7 @@ def test_resuming_a_deleted_run_starts_a_new_run(mlflow_runs_dir, caplog):
     with (
         caplog.at_level(logging.WARNING, logger="ctscan.engine.tracking"),
         open_tracker(
-            TrackingSettings(), runs_dir=mlflow_runs_dir, resume_run_id=first.run_id
+            TrackingSettings(), runs_dir=mlflow_runs_dir, recorded_id=first.run_id
         ) as second,
     ):
         pass

@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,10 +29,11 @@ from ctscan.engine.tracking import open_tracker
 from ctscan.settings import TrackingSettings
 
 index, runs_dir, sync = int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+settings = TrackingSettings(uri=sys.argv[4] or None)
 (sync / f"ready-{index}").touch()
 while not (sync / "go").exists():
     time.sleep(0.005)
-with open_tracker(TrackingSettings(), runs_dir=runs_dir, run_name=f"worker-{index}") as tracker:
+with open_tracker(settings, runs_dir=runs_dir, run_name=f"worker-{index}") as tracker:
     tracker.log_metrics({"worker": float(index)}, step=1)
 print(json.dumps({"index": index, "run_id": tracker.run_id}))
 """
@@ -59,13 +61,14 @@ def fresh_runs_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     mlflow.set_tracking_uri(None)
 
 
-@pytest.mark.slow  # four processes each import mlflow: 10-30 s on 2 busy cores
-def test_processes_creating_a_new_store_at_once_all_succeed(tmp_path: Path):
+def _open_at_once(tmp_path: Path, uri: str = "") -> set[str]:
+    """WORKERS processes open the store `uri` (default: the SQLite file in runs/) in the same
+    instant, each logging one run; the run ids, all of them checked FINISHED in the store."""
     runs_dir, sync = tmp_path / "runs", tmp_path / "sync"
     sync.mkdir()
     workers = [
         subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(i), str(runs_dir), str(sync)],
+            [sys.executable, "-c", WORKER, str(i), str(runs_dir), str(sync), uri],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -88,13 +91,28 @@ def test_processes_creating_a_new_store_at_once_all_succeed(tmp_path: Path):
     assert len(run_ids) == WORKERS
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{runs_dir / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=uri or f"sqlite:///{runs_dir / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("ctscan")
     runs = client.search_runs([experiment.experiment_id])
     assert {r.info.run_id for r in runs} == run_ids
     assert {r.data.metrics["worker"] for r in runs} == {float(i) for i in range(WORKERS)}
     assert all(r.info.status == "FINISHED" for r in runs)
-    assert not (runs_dir / "mlflow.db.lock").exists()  # the lock file goes with the lock
+    return run_ids
+
+
+@pytest.mark.slow  # four processes each import mlflow: 10-30 s on 2 busy cores
+def test_processes_creating_a_new_store_at_once_all_succeed(tmp_path: Path):
+    _open_at_once(tmp_path)
+    assert not (tmp_path / "runs" / "mlflow.db.lock").exists()  # the lock file goes with it
+
+
+@pytest.mark.slow
+def test_processes_creating_a_new_postgres_store_at_once_all_succeed(
+    tmp_path: Path, postgres_url: Callable[[str], str]
+):
+    """A fresh PostgreSQL database: MLflow's migrations run once, under ctscan's advisory lock
+    (without it, two processes' Alembic migrations collide)."""
+    _open_at_once(tmp_path, postgres_url("mlflow_at_once"))
 
 
 def test_a_new_store_puts_the_default_experiment_beside_the_db(fresh_runs_dir: Path):
@@ -117,7 +135,7 @@ def test_a_store_creation_stopped_midway_leaves_no_store_behind(
     """Ctrl-C (or a failure) while MLflow migrates a new store: no half-migrated mlflow.db is
     left for every later run to refuse; the next run creates the store afresh. A temp file a
     SIGKILL left behind is cleaned then too."""
-    import ctscan.engine.tracking as tracking
+    import ctscan.engine.tracking_store as tracking
 
     db = fresh_runs_dir / "mlflow.db"
     migrated = tracking._missing_tables
@@ -226,9 +244,9 @@ def test_without_fcntl_the_store_opens_without_a_lock(mlflow_runs_dir: Path, mon
 def test_a_lock_held_too_long_is_a_tracking_error(mlflow_runs_dir: Path, monkeypatch):
     import fcntl
 
-    from ctscan.engine import tracking
+    from ctscan.engine import tracking_store
 
-    monkeypatch.setattr(tracking, "STORE_LOCK_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(tracking_store, "STORE_LOCK_TIMEOUT_S", 0.3)
     lock = mlflow_runs_dir / "mlflow.db.lock"
     with open(lock, "w") as held:  # another open file description: flock conflicts with it
         fcntl.flock(held, fcntl.LOCK_EX)

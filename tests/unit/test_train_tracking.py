@@ -264,3 +264,32 @@ def test_a_stop_swallowed_mid_epoch_stops_the_run_at_that_epochs_end(
         run_training(settings, out_dir=tmp_path / "run")
     assert err.value.exit_code == 143 and "(epoch 1)" in err.value.message
     assert read_checkpoint(tmp_path / "run" / "last.pt").epoch == 1
+
+
+def test_resuming_a_finished_run_is_refused_before_any_write(
+    synthetic_store: Path, mlflow_runs_dir: Path
+) -> None:
+    """`--resume auto` of a run that finished with no epoch left to train: one line naming its
+    results (exit 4), and nothing written: no second calibration, test or end metrics."""
+    from mlflow import MlflowClient
+
+    from ctscan.errors import CheckpointError
+
+    extra = {"tracking.enabled": "true", "tracking.log_model": "false", "train.epochs": 1}
+    settings = engine_settings(synthetic_store, mlflow_runs_dir, **extra)
+    run_dir = mlflow_runs_dir / "run"
+    first = run_training(settings, out_dir=run_dir)
+    assert first is not None
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    with pytest.raises(CheckpointError) as err:
+        run_training(settings, out_dir=run_dir, resume="auto")
+    result = run_dir / "result.json"
+    assert err.value.message == f"run '{run_dir}' already finished; its results are in '{result}'."
+    assert "--epochs" in str(err.value.fix) and err.value.exit_code == 4
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
+    client = MlflowClient(tracking_uri=f"sqlite:///{mlflow_runs_dir / 'mlflow.db'}")
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+    assert len(client.get_metric_history(first.run_id, "run_seconds")) == 1
+    longer = engine_settings(synthetic_store, mlflow_runs_dir, **{**extra, "train.epochs": 2})
+    again = run_training(longer, out_dir=run_dir, resume="auto")  # more epochs: trains on
+    assert again is not None and again.run_id == first.run_id and len(again.history) == 2

@@ -16,7 +16,6 @@ import shutil
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ctscan.data.store import Store
 from ctscan.engine.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
@@ -25,10 +24,8 @@ from ctscan.files import atomic_write, remove_stale_temps
 from ctscan.jobs import changed_settings, refused_changes, stopped
 from ctscan.settings import Settings
 
-if TYPE_CHECKING:
-    from ctscan.engine.tracking import Tracker
-
 CHECKPOINT_NAMES = ("best.pt", "last.pt")
+RESULT_FILE = "result.json"  # a finished run's summary: written last, once its end is logged
 
 
 @dataclass
@@ -116,6 +113,28 @@ def check_resume(checkpoint: Checkpoint, settings: Settings, store: Store) -> li
     return notes
 
 
+def _refuse_finished_run(run_dir: Path, checkpoint: Checkpoint, settings: Settings) -> None:
+    """A run that finished (its RESULT_FILE written) with no epoch left to train: resuming it
+    would only calibrate, test and log its end again."""
+    tr, result = settings.train, run_dir / RESULT_FILE
+    patience = tr.early_stop_patience
+    stopped_early = patience and checkpoint.epoch - checkpoint.best_epoch >= patience
+    if result.is_file() and (tr.epochs <= checkpoint.epoch or stopped_early):
+        raise CheckpointError(
+            f"run '{run_dir}' already finished; its results are in '{result}'.",
+            f"start a new run (another --out), or train it on with more epochs than "
+            f"{checkpoint.epoch} (--epochs; a larger train.early_stop_patience if it stopped "
+            "early).",
+        )
+
+
+def write_result(run_dir: Path, summary: dict) -> None:
+    """The run finished: its summary in RESULT_FILE (a later --resume with nothing left to
+    train is refused)."""
+    text = (json.dumps(summary, indent=2) + "\n").encode()
+    atomic_write(run_dir / RESULT_FILE, lambda fh: fh.write(text))
+
+
 def refuse_reserved_out(out: Path, settings: Settings) -> None:
     """A run (or cross-validation) folder is never the processed store, inside it, the runs
     folder itself, or a cross-validation folder (for a plain run): preprocess would delete it,
@@ -191,6 +210,8 @@ def plan_run(
     checkpoint = read_checkpoint(resume_path)
     notes = [f"resumed from {resume_path} at epoch {checkpoint.epoch + 1}"]
     notes += check_resume(checkpoint, settings, store)
+    if not fold:  # a fold's cross-validation knows its finished folds (fold.json)
+        _refuse_finished_run(resume_path.parent, checkpoint, settings)
     if run_dir.resolve() != resume_path.parent.resolve():
         if (run_dir / "last.pt").exists():
             raise CtscanError(
@@ -222,12 +243,12 @@ def open_run_dir(plan: RunPlan) -> None:
         )
 
 
-def record_new_run(plan: RunPlan, tracker: Tracker) -> None:
+def record_new_run(plan: RunPlan, run_id: str) -> None:
     """A resumed run whose MLflow run could not be reopened (not in this store, deleted) got a
     new one: last.pt names it at once, so a stop before the next last.pt does not start a
     third run at the next resume."""
     assert plan.resume_from is not None
-    checkpoint = dataclasses.replace(plan.resume_from, mlflow_run_id=tracker.run_id)
+    checkpoint = dataclasses.replace(plan.resume_from, mlflow_run_id=run_id)
     save_checkpoint(plan.run_dir / "last.pt", checkpoint)
 
 

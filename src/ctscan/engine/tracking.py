@@ -1,28 +1,21 @@
 """Experiment tracking with MLflow: runs, params, metrics, artifacts and the model registry.
 
-This is the only module of ctscan that imports mlflow, and it does so only inside the code that
-runs when tracking is enabled: with `tracking.enabled = false` mlflow is never imported.
-
-Tracking URI precedence (highest first): `tracking.uri` (settings file, `--set tracking.uri=...`
-or `CTSCAN_TRACKING__URI`), the `MLFLOW_TRACKING_URI` environment variable, the default
-`sqlite:///<runs_dir>/mlflow.db` with artifacts in `<runs_dir>/mlartifacts`.
-
-A SQLite store is created and migrated under an exclusive lock on `<db>.lock`, so processes that
-start together (trainings, evaluations, sweep workers) do not run MLflow's migrations at once.
+The only module of ctscan that imports mlflow, and only when tracking is enabled. The tracking
+URI: `tracking.uri`, else `MLFLOW_TRACKING_URI`, else `sqlite:///<runs_dir>/mlflow.db` with
+artifacts in `<runs_dir>/mlartifacts`. A SQLite or PostgreSQL store is created and migrated under
+a lock, so processes that start together never run MLflow's migrations at once. Runs are written
+through `MlflowClient`, never made MLflow's process-wide active run; how a job opens its run once
+and records it: `jobs.open_run_record`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import json
 import logging
 import math
-import os
 import shlex
-import socket
-import sqlite3
 import sys
 import tempfile
 import time
@@ -32,9 +25,20 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from ctscan.errors import CtscanError, Interrupted
-from ctscan.files import built_aside, folder_lock, remove_stale_temps
-from ctscan.jobs import critical
+from ctscan.engine.tracking_store import (
+    DISABLE_FIX,
+    TrackingError,
+    artifact_location,
+    first_line,
+    open_store,
+    quiet,
+    resolve_tracking_uri,
+    resolve_uri,
+    scheme_of,
+    sqlite_path,
+    using_uri,
+)
+from ctscan.jobs import critical, end_status, open_run_record
 from ctscan.models import unwrap
 from ctscan.settings import TrackingSettings
 
@@ -44,6 +48,8 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
+
+__all__ = ["TrackingError", "resolve_tracking_uri"]  # re-exported: where runs go
 
 CHAMPION_ALIAS = "champion"
 MODEL_ARTIFACT_NAME = "model"
@@ -59,19 +65,7 @@ TAG_CTSCAN_VERSION = "ctscan.ctscan_version"
 SPEC_ARTIFACT = "ctscan_spec.json"
 SPEC_KEYS = ("class_names", "preprocess", "model_name", "ctscan_version", "checkpoint_sha256")
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
-TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
-SERVER_PROBE_TIMEOUT_S = 5.0
 MAX_PARAM_CHARS = 6000
-NOISY_LOGGERS = ("mlflow", "mlflow.pytorch", "alembic")
-STORE_LOCK_TIMEOUT_S = 600.0
-SQLITE_MAGIC = b"SQLite format 3\x00"
-
-
-class TrackingError(CtscanError):
-    """The tracking store or server cannot be used."""
-
-
-_DISABLE_FIX = "or set tracking.enabled=false to train without tracking."
 
 
 class Tracker:
@@ -97,22 +91,24 @@ class Tracker:
     def log_dict(self, data: dict, artifact_file: str) -> None:
         """Store a dict as a JSON or YAML artifact (by the file's suffix)."""
 
-    def log_model(
-        self,
-        model: torch.nn.Module,
-        *,
-        input_example: np.ndarray,
-        metadata: dict[str, Any],
-        select_metric: str,
-        select_value: float,
-        higher_is_better: bool = True,
-    ) -> dict | None:
+    def log_model(self, model: torch.nn.Module, **options: Any) -> dict | None:
         """Log and register the model; returns None when tracking or model logging is off."""
         return None
 
     def close(self, status: str = "FINISHED") -> None:
         """End the run with FINISHED, FAILED or KILLED."""
         _check_status(status)
+
+    def end(self, exc_type: type[BaseException] | None = None) -> None:
+        """Close with the status `exc_type` means; a failure to close is a warning when an
+        error already ends the run (it is not hidden)."""
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close(end_status(exc_type))
+        except TrackingError as close_error:
+            log.warning("could not close the tracking run: %s", close_error)
 
     def __enter__(self) -> Tracker:
         return self
@@ -123,268 +119,12 @@ class Tracker:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        status = end_status(exc_type)
-        if exc_type is None:
-            self.close(status)
-            return
-        try:
-            self.close(status)
-        except TrackingError as close_error:  # do not hide the error that ended the run
-            log.warning("could not close the tracking run: %s", close_error)
-
-
-def end_status(exc_type: type[BaseException] | None) -> str:
-    """The status a run ends with: FINISHED, KILLED for a stop (Ctrl-C, SIGTERM, or the
-    `Interrupted` error a stopped training turns them into), FAILED for any other error."""
-    if exc_type is None:
-        return "FINISHED"
-    return "KILLED" if issubclass(exc_type, KeyboardInterrupt | Interrupted) else "FAILED"
+        self.end(exc_type)
 
 
 def _check_status(status: str) -> None:
     if status not in RUN_STATUSES:
         raise ValueError(f"run status {status!r} is not one of {', '.join(RUN_STATUSES)}")
-
-
-def resolve_tracking_uri(tracking: TrackingSettings, runs_dir: Path) -> str:
-    """The tracking URI: tracking.uri, else MLFLOW_TRACKING_URI, else a SQLite file in runs_dir."""
-    return _resolve_uri(tracking, runs_dir)[0]
-
-
-def _resolve_uri(tracking: TrackingSettings, runs_dir: Path) -> tuple[str, str]:
-    """The tracking URI and where it came from, checked for a known scheme."""
-    if tracking.uri and tracking.uri.strip():
-        uri, source = tracking.uri.strip(), "tracking.uri"
-    elif os.environ.get("MLFLOW_TRACKING_URI", "").strip():
-        uri, source = os.environ["MLFLOW_TRACKING_URI"].strip(), "MLFLOW_TRACKING_URI"
-    else:
-        uri, source = f"sqlite:///{(Path(runs_dir) / 'mlflow.db').resolve()}", "default"
-    scheme = _scheme(uri)
-    if scheme and scheme not in TRACKING_SCHEMES:
-        raise TrackingError(
-            f"tracking URI '{uri}' (from {source}) has the unknown scheme '{scheme}:'; "
-            f"known schemes: {', '.join(TRACKING_SCHEMES)}.",
-            "correct the URI (e.g. http://host:5000 or sqlite:///path/mlflow.db), unset it to use "
-            f"the default SQLite store in paths.runs_dir, {_DISABLE_FIX}",
-        )
-    return uri, source
-
-
-def _scheme(uri: str) -> str:
-    """The URI scheme without a driver suffix ('postgresql+psycopg2' -> 'postgresql')."""
-    if "://" not in uri and not uri.startswith(("file:", "databricks")):
-        return ""  # a plain path: MLflow's file store
-    return urlsplit(uri).scheme.lower().split("+", 1)[0]
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    """The database file of a sqlite:/// URI (None for an in-memory database)."""
-    rest = uri.split("://", 1)[1] if "://" in uri else ""
-    path = rest[1:] if rest.startswith("/") else rest  # sqlite:///rel.db or sqlite:////abs.db
-    path = path.split("?", 1)[0]
-    return Path(path) if path and path != ":memory:" else None
-
-
-def _artifact_location(uri: str, runs_dir: Path) -> str | None:
-    """Where a new experiment keeps artifacts: next to a SQLite store, else the server decides."""
-    if _scheme(uri) != "sqlite":
-        return None
-    db = _sqlite_path(uri)
-    root = db.parent if db is not None else Path(runs_dir)
-    return (root / "mlartifacts").resolve().as_uri()
-
-
-def _prepare_local_store(uri: str, source: str, runs_dir: Path) -> None:
-    """Create the folders of a local store; a clear error if they cannot be written."""
-    scheme = _scheme(uri)
-    folders: list[Path] = []
-    if scheme == "sqlite":
-        db = _sqlite_path(uri)
-        folders.append(db.parent if db is not None else Path(runs_dir))
-    elif scheme in ("", "file"):
-        folders.append(Path(urlsplit(uri).path) if scheme == "file" else Path(uri))
-    for folder in folders:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
-            raise TrackingError(
-                f"cannot create the tracking store folder '{folder}' for '{uri}' (from {source}): "
-                f"{reason}.",
-                f"choose a writable paths.runs_dir or tracking.uri, {_DISABLE_FIX}",
-            ) from None
-        if not os.access(folder, os.W_OK):
-            raise TrackingError(
-                f"the tracking store folder '{folder}' is not writable.",
-                f"choose a writable paths.runs_dir or tracking.uri, {_DISABLE_FIX}",
-            )
-
-
-def _probe_server(uri: str, source: str) -> None:
-    """Fail fast, with a clear message, when an http(s) tracking server does not answer."""
-    parts = urlsplit(uri)
-    if parts.scheme not in ("http", "https"):
-        return
-    host = parts.hostname or "localhost"
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        raise TrackingError(
-            f"tracking URI '{uri}' (from {source}) has an invalid port.",
-            "write it as http://host:5000.",
-        ) from None
-    try:
-        with socket.create_connection((host, port), timeout=SERVER_PROBE_TIMEOUT_S):
-            pass
-    except OSError as exc:
-        reason = exc.strerror or str(exc) or type(exc).__name__
-        raise TrackingError(
-            f"cannot reach the MLflow tracking server at '{uri}' (from {source}): {reason}.",
-            "start it (mlflow server --host 0.0.0.0 --port 5000 ...), correct tracking.uri / "
-            f"MLFLOW_TRACKING_URI, unset them to use the local SQLite store, {_DISABLE_FIX}",
-        ) from None
-
-
-def _broken_store(db: Path, why: str, hint: str = "") -> TrackingError:
-    """The error for a SQLite store file MLflow cannot use, with the way out."""
-    path = shlex.quote(str(db))
-    return TrackingError(
-        f"the MLflow store '{db}' {why}.",
-        f"{hint}move it aside (mv {path} {shlex.quote(str(db) + '.broken')}) and rerun to start a "
-        f"new store, point tracking.uri at another store, {_DISABLE_FIX}",
-    )
-
-
-def _check_sqlite_file(db: Path) -> None:
-    """Refuse a file that is not SQLite, or that an interrupted migration left half done."""
-    if not db.is_file() or db.stat().st_size == 0:
-        return  # a new store
-    with open(db, "rb") as fh:
-        if fh.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
-            raise _broken_store(db, "is not an SQLite database")
-    try:
-        with contextlib.closing(sqlite3.connect(db)) as conn:
-            rows = conn.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table' "
-                "AND name LIKE '\\_alembic\\_tmp\\_%' ESCAPE '\\' ORDER BY name"
-            ).fetchall()
-    except sqlite3.DatabaseError as exc:
-        raise _broken_store(db, f"cannot be read ({exc})") from None
-    if rows:
-        tables = ", ".join(name for (name,) in rows)
-        raise _broken_store(
-            db, f"was left half-migrated by an interrupted MLflow migration (table {tables})"
-        )
-
-
-def _open_sqlite_store(uri: str, runs_dir: Path) -> None:
-    """Create or migrate a SQLite store under the lock; a broken store is a TrackingError.
-
-    Creating MLflow's store object runs the migrations, and on a new database it creates the
-    Default experiment: here with its artifacts in `mlartifacts/` next to the database file,
-    not in `./mlruns` of the current folder.
-    """
-    db = _sqlite_path(uri)
-    if db is None:
-        return  # in-memory: one process only
-    db = db.resolve()
-    lock = folder_lock(
-        db.parent,
-        what="MLflow store",
-        error=TrackingError,
-        wait=STORE_LOCK_TIMEOUT_S,
-        name=f"{db.name}.lock",
-    )
-    with lock, _quiet():
-        remove_stale_temps(db.parent, (db.name,))  # a store creation killed with SIGKILL
-        _check_sqlite_file(db)
-        if db.is_file() and db.stat().st_size:
-            _migrate_sqlite_store(uri, db, runs_dir)
-            return
-        # A new store is built beside its place and renamed into it: a stop (or a kill) during
-        # MLflow's migrations, which take seconds, leaves no half-made store to refuse later.
-        with built_aside(db) as tmp:
-            query = uri.split("?", 1)[1] if "?" in uri else ""
-            built = f"sqlite:///{tmp}" + (f"?{query}" if query else "")
-            _migrate_sqlite_store(built, db, runs_dir, artifacts_for=uri)
-
-
-def _migrate_sqlite_store(
-    uri: str, db: Path, runs_dir: Path, *, artifacts_for: str | None = None
-) -> None:
-    """Let MLflow create or migrate the store at `uri` (called under the lock); its failures
-    become one TrackingError naming `db`. `artifacts_for`: the URI whose artifact folder the
-    Default experiment gets (the store's final place when it is built aside)."""
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-    try:
-        store = SqlAlchemyStore(uri, _artifact_location(artifacts_for or uri, runs_dir))
-        missing = _missing_tables(store.engine)
-        store.engine.dispose()  # no connection left on a file about to be renamed
-    except Exception as exc:  # migrations fail in many ways (alembic, SQLAlchemy, MLflow)
-        reason = _first_line(exc)
-        if "database is locked" in reason:
-            raise TrackingError(
-                f"the MLflow store '{db}' is locked by another process: {reason}",
-                "rerun when that process is done writing, " + _DISABLE_FIX,
-            ) from exc
-        if artifacts_for is not None:  # a new store: nothing to move aside
-            raise TrackingError(
-                f"cannot create the MLflow store '{db}': {reason}",
-                f"check that folder (free space, permissions), point tracking.uri at another "
-                f"store, {_DISABLE_FIX}",
-            ) from exc
-        hint = ""
-        if "Can't locate revision" in reason:
-            hint = "if a newer MLflow wrote it: upgrade mlflow (pip install -U 'mlflow<4'); or "
-        if "out-of-date database schema" in reason:
-            hint = f"if an older MLflow wrote it: back it up, run `mlflow db upgrade {uri}`; or "
-        raise _broken_store(db, f"cannot be opened: {reason}", hint) from exc
-    if missing:
-        raise _broken_store(
-            db, f"cannot be opened: its schema version lacks tables ({', '.join(missing)})"
-        )
-
-
-def _missing_tables(engine: Any) -> list[str]:
-    """MLflow's tables that the database lacks (its alembic version can claim otherwise)."""
-    import sqlalchemy
-    from mlflow.store.db.base_sql_model import Base
-
-    return sorted(set(Base.metadata.tables) - set(sqlalchemy.inspect(engine).get_table_names()))
-
-
-@contextlib.contextmanager
-def _using_uri(uri: str) -> Iterator[None]:
-    """Point MLflow's process-wide tracking URI at `uri`, then back (env variable included)."""
-    import mlflow
-
-    previous_env_uri = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous_env_uri)  # None also clears the env variable
-
-
-@contextlib.contextmanager
-def _quiet(level: int = logging.WARNING) -> Iterator[None]:
-    """Hold MLflow's and alembic's chatter below `level`: INFO (database migrations,
-    registrations) by default; CRITICAL where a failure becomes ctscan's own one line."""
-    loggers = [logging.getLogger(name) for name in NOISY_LOGGERS]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(max(logger.getEffectiveLevel(), level))
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
-
-
-def _first_line(exc: BaseException, limit: int = 300) -> str:
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def model_requirements() -> list[str]:
@@ -441,20 +181,12 @@ def promote_if_better(
     champion_value = _float_or_none(champion.tags.get(TAG_SELECT_VALUE))
     champion_metric = champion.tags.get(TAG_SELECT_METRIC)
     if champion_value is None or (metric and champion_metric and champion_metric != metric):
-        why = (
-            f"has no {TAG_SELECT_VALUE} tag"
-            if champion_value is None
-            else f"was selected by {champion_metric}, not {metric}"
-        )
+        why = f"was selected by {champion_metric}, not {metric}"
+        why = f"has no {TAG_SELECT_VALUE} tag" if champion_value is None else why
         log.warning(
             "model %s version %s is the champion but %s: not comparable, the alias stays. "
             "Move it by hand: MlflowClient().set_registered_model_alias(%r, %r, '%s').",
-            name,
-            champion.version,
-            why,
-            name,
-            CHAMPION_ALIAS,
-            version,
+            *(name, champion.version, why, name, CHAMPION_ALIAS, version),
         )
         return False
     better = value > champion_value if higher_is_better else value < champion_value
@@ -463,181 +195,92 @@ def promote_if_better(
     return better
 
 
-def _import_mlflow() -> None:
-    try:
-        import mlflow  # noqa: F401
-    except ImportError as exc:
-        raise TrackingError(
-            f"mlflow cannot be imported ({exc}).", f"pip install 'mlflow>=3,<4', {_DISABLE_FIX}"
-        ) from None
-
-
 class MlflowTracker(Tracker):
-    """One MLflow run in one experiment; the registered model gets the logged models.
-
-    With `resume_run_id` naming a run of this store, that run is reopened (same id, status
-    RUNNING again) so later metrics continue its history; a run this store does not have gives
-    a new run tagged `ctscan.resumed_from_run_id` and a warning. A `detached` run is not made
-    MLflow's active run in this process: a sweep's parent run stays open while its trials,
-    nested under it by the TAG_PARENT_RUN_ID tag, start and end as active runs. A
-    `resume_run_id` in another experiment than tracking.experiment is reopened there
-    (`elsewhere="reopen"`: a plain resume), or not (`"new"`: a child, whose parent is in
-    tracking.experiment: a new run starts, tagged and warned about as for a run this store
-    lacks), or refused (a callable: a parent; `elsewhere(its experiment)` is the fix).
-    `on_new(tracker)` runs right after a new run is created (not for a reopened one), with
-    Ctrl-C and SIGTERM held across both (`jobs.critical`): the caller records the run's id
-    there, so a stop never leaves a run the next attempt cannot find. A failure or stop while
-    opening ends the run it created (FAILED, KILLED).
-    """
+    """One MLflow run of a store, written through `MlflowClient`; the registered model gets the
+    logged models. Made with the store open and no run: `jobs.open_run_record` starts one."""
 
     enabled = True
 
-    def __init__(
-        self,
-        tracking: TrackingSettings,
-        *,
-        runs_dir: Path,
-        run_name: str | None = None,
-        resume_run_id: str | None = None,
-        detached: bool = False,
-        tags: dict[str, str] | None = None,
-        elsewhere: str | Callable[[str], str] = "reopen",
-        on_new: Callable[[MlflowTracker], None] | None = None,
-    ) -> None:
-        uri, source = _resolve_uri(tracking, runs_dir)
-        _prepare_local_store(uri, source, runs_dir)
-        _probe_server(uri, source)
-        _import_mlflow()
-        if _scheme(uri) == "sqlite":
-            _open_sqlite_store(uri, runs_dir)
-        import mlflow
-
-        self.settings = tracking
-        self.uri = uri
-        self._source = source
+    def __init__(self, tracking: TrackingSettings, *, runs_dir: Path) -> None:
+        self.settings, self.runs_dir = tracking, Path(runs_dir)
+        self.uri, self._source = open_store(tracking, self.runs_dir)
         self._closed = False
-        # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI: restored on close so a later
-        # tracker in this process resolves its URI afresh.
-        self._previous_env_uri = os.environ.get("MLFLOW_TRACKING_URI")
-        mlflow.set_tracking_uri(uri)
-        try:
-            with self._errors("open the experiment"), _quiet():
-                self.client = mlflow.MlflowClient(tracking_uri=uri)
-                stored, why_new = (
-                    self._stored_run(resume_run_id, tracking.experiment, elsewhere)
-                    if resume_run_id
-                    else (None, "")
-                )
-            # A new run and the caller's record of it (`on_new`: where the next attempt finds
-            # it) are one step: a stop between them would leave a run nobody reopens.
-            with critical():
-                with self._errors("start the run"), _quiet():
-                    run = self._start_run(
-                        tracking.experiment,
-                        runs_dir,
-                        run_name,
-                        resume_run_id,
-                        stored,
-                        detached,
-                        tags or {},
-                        why_new,
-                    )
-                    self.experiment_id = run.info.experiment_id
-                    self.run_id = run.info.run_id
-                if on_new is not None and not self.reopened:
-                    on_new(self)
-        except BaseException as exc:
-            self._abandon(exc)
-            raise
-
-    def _abandon(self, exc: BaseException) -> None:
-        """The constructor failed or was stopped: a run it started or reopened is ended
-        (KILLED on a stop, FAILED otherwise; never left RUNNING, nor MLflow's active run for
-        its exit hook to end in another store), and the process URI is restored."""
-        if self.run_id is None:
-            self._restore_uri()
-            return
-        try:
-            self.close(end_status(type(exc)))  # restores the URI
-        except TrackingError as close_error:  # do not hide the error that stopped the start
-            log.warning("could not end the tracking run: %s", close_error)
-
-    def _start_run(
-        self,
-        experiment: str,
-        runs_dir: Path,
-        run_name: str | None,
-        resume_run_id: str | None,
-        stored: Any | None,
-        detached: bool,
-        tags: dict[str, str],
-        why_new: str,
-    ) -> Any:
-        """Reopen `stored` (the run `resume_run_id` of this store), else start a new run.
-
-        A detached run is written through the client only: it is not MLflow's active run in
-        this process, so other runs (a sweep's trials) can start and end beside it. A new run
-        is created with `tags` (a child's parent and cv/sweep tags: never a run without them,
-        however early it is stopped); a reopened one gets them again. `why_new`: why
-        `resume_run_id` is not reopened, said in a warning once the experiment is usable.
-        """
         import mlflow
 
-        self.reopened = stored is not None
-        if stored is not None:
-            self.run_id = stored.info.run_id
-            if tags:
-                self.set_tags(tags)
-            if detached:
-                self.client.update_run(self.run_id, status="RUNNING")
-                return self.client.get_run(self.run_id)
-            return mlflow.start_run(run_id=self.run_id)  # status back to RUNNING
-        experiment_id = self._experiment_id(experiment, runs_dir)
-        if resume_run_id:
-            tags = {**tags, TAG_RESUMED_FROM: resume_run_id}
-            log.warning(
-                "MLflow run %s %s (%s): starting a new run tagged %s=%s",
-                resume_run_id,
-                why_new,
-                self.uri,
-                TAG_RESUMED_FROM,
-                resume_run_id,
-            )
-        if detached:
-            return self.client.create_run(experiment_id, run_name=run_name, tags=tags or None)
-        return mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags or None)
+        with self._errors("open the store"), quiet():
+            self.client = mlflow.MlflowClient(tracking_uri=self.uri)
 
-    def _stored_run(
-        self, run_id: str, experiment: str, elsewhere: str | Callable[[str], str]
-    ) -> tuple[Any | None, str]:
-        """The run `run_id` of this store to reopen and "", or None and why a new run starts
-        instead: it is not in this store, deleted, or (`elsewhere="new"`) in another experiment
-        than `experiment`. In another experiment with a callable `elsewhere` (a parent: the runs
-        started under it would land apart from it) it is refused, `elsewhere(its experiment)`
-        the fix."""
+    def find_run(
+        self, run_id: str | None, *, child: bool, fix: Callable[[str], str] | None
+    ) -> Any | None:
+        """The run `run_id` of this store to reopen, or None (a new run starts: a warning says
+        why, and the new run is tagged TAG_RESUMED_FROM). Not reopened: a run this store lacks
+        or has deleted, a `child`'s run in another experiment than tracking.experiment. A
+        parent's run there (`fix` given) is refused, `fix(its experiment)` the fix."""
+        if not run_id:
+            return None
         from mlflow.exceptions import MlflowException
 
-        try:
-            run = self.client.get_run(run_id)
-        except MlflowException as exc:
-            if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-                raise
-            return None, "is not in this tracking store"
-        if run.info.lifecycle_stage == "deleted":
-            return None, "is deleted"
-        name = (
-            "" if elsewhere == "reopen" else self.client.get_experiment(run.info.experiment_id).name
+        experiment = self.settings.experiment
+        with self._errors("open the experiment"), quiet():
+            try:
+                run = self.client.get_run(run_id)
+            except MlflowException as exc:
+                if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                    raise
+                run = None
+            why = "is not in this tracking store" if run is None else ""
+            if run is not None and run.info.lifecycle_stage == "deleted":
+                why = "is deleted"
+            elif run is not None and (child or fix is not None):
+                name = self.client.get_experiment(run.info.experiment_id).name
+                if name != experiment and fix is not None:
+                    raise TrackingError(
+                        f"MLflow run {run_id} ({run.info.run_name}) is in experiment '{name}', "
+                        f"but tracking.experiment is now '{experiment}': the runs started under "
+                        "it would land in another experiment than it.",
+                        fix(name),
+                    )
+                if name != experiment:
+                    why = f"is in experiment '{name}', not tracking.experiment '{experiment}'"
+            if not why:
+                return run
+            self._experiment_id(experiment)  # a deleted experiment: refused before the warning
+        log.warning(
+            "MLflow run %s %s (%s): starting a new run tagged %s=%s",
+            *(run_id, why, self.uri, TAG_RESUMED_FROM, run_id),
         )
-        if elsewhere == "reopen" or name == experiment:
-            return run, ""
-        if elsewhere == "new":
-            return None, f"is in experiment '{name}', not tracking.experiment '{experiment}'"
-        raise TrackingError(
-            f"MLflow run {run.info.run_id} ({run.info.run_name}) is in experiment '{name}', but "
-            f"tracking.experiment is now '{experiment}': the runs started under it would land "
-            "in another experiment than it.",
-            elsewhere(name),
-        )
+        return None
+
+    def start_run(
+        self,
+        run_name: str | None,
+        stored: Any | None,
+        resumed_from: str | None,
+        tags: dict[str, str],
+        parent_run_id: str | None,
+    ) -> None:
+        """Reopen `stored` (status RUNNING again), else create a run in tracking.experiment with
+        `tags` from its creation (a child nested under `parent_run_id`, however early it stops)."""
+        from mlflow.tracking.context.registry import resolve_tags
+
+        if parent_run_id:
+            tags = {**tags, TAG_PARENT_RUN_ID: parent_run_id}
+        with self._errors("start the run"), quiet():
+            self.reopened = stored is not None
+            if stored is not None:
+                self.run_id, self.experiment_id = stored.info.run_id, stored.info.experiment_id
+                self.client.update_run(self.run_id, status="RUNNING")
+                if tags:
+                    self.set_tags(tags)
+                return
+            if resumed_from:
+                tags = {**tags, TAG_RESUMED_FROM: resumed_from}
+            self.experiment_id = self._experiment_id(self.settings.experiment)
+            run = self.client.create_run(
+                self.experiment_id, run_name=run_name, tags=resolve_tags(tags)
+            )
+            self.run_id = run.info.run_id
 
     @contextlib.contextmanager
     def _errors(self, action: str) -> Iterator[None]:
@@ -649,25 +292,24 @@ class MlflowTracker(Tracker):
         except (MlflowException, OSError) as exc:
             raise TrackingError(
                 f"MLflow could not {action} at '{self.uri}' (from {self._source}): "
-                f"{_first_line(exc)}",
+                f"{first_line(exc)}",
                 "check the tracking store/server (`ctscan settings show` shows tracking.*), "
-                + _DISABLE_FIX,
+                + DISABLE_FIX,
             ) from exc
 
-    def _experiment_id(self, name: str, runs_dir: Path) -> str:
+    def _experiment_id(self, name: str) -> str:
+        """The experiment `name` (created if missing; refused if deleted)."""
         from mlflow.exceptions import MlflowException
 
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
-            location = _artifact_location(self.uri, runs_dir)
+            location = artifact_location(self.uri, self.runs_dir)
             try:
                 return self.client.create_experiment(name, artifact_location=location)
             except MlflowException as exc:  # another process created it an instant ago
                 if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
                 experiment = self.client.get_experiment_by_name(name)
-                if experiment is None:
-                    raise
         if experiment.lifecycle_stage == "deleted":
             store = shlex.quote(f"MLFLOW_TRACKING_URI={self.uri}")
             raise TrackingError(
@@ -677,36 +319,12 @@ class MlflowTracker(Tracker):
             )
         return experiment.experiment_id
 
-    def _restore_uri(self) -> None:
-        import mlflow
-
-        mlflow.set_tracking_uri(self._previous_env_uri)  # None also clears the env variable
-
-    @contextlib.contextmanager
-    def _active_run(self) -> Iterator[None]:
-        """Make this run the active MLflow run (resumed, then ended again, after close)."""
-        import mlflow
-
-        active = mlflow.active_run()
-        if active is not None and active.info.run_id == self.run_id:
-            yield
-            return
-        with _using_uri(self.uri):
-            status = self.client.get_run(self.run_id).info.status
-            with _quiet():
-                mlflow.start_run(run_id=self.run_id)
-            try:
-                yield
-            finally:
-                with _quiet(), contextlib.redirect_stdout(io.StringIO()):  # links: shown once
-                    mlflow.end_run(status=status)
-
     def log_params(self, params: dict[str, Any]) -> None:
         """Record run parameters (values are stored as strings)."""
         from mlflow.entities import Param
 
         batch = [Param(key, str(value)[:MAX_PARAM_CHARS]) for key, value in params.items()]
-        with self._errors("log parameters"), _quiet(logging.CRITICAL):  # the error: one line
+        with self._errors("log parameters"), quiet(logging.CRITICAL):  # the error: one line
             self.client.log_batch(self.run_id, params=batch)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -715,7 +333,7 @@ class MlflowTracker(Tracker):
 
         now_ms = int(time.time() * 1000)
         batch = [Metric(key, float(value), now_ms, int(step)) for key, value in metrics.items()]
-        with self._errors("log metrics"), _quiet(logging.CRITICAL):  # the error: one line
+        with self._errors("log metrics"), quiet(logging.CRITICAL):
             self.client.log_batch(self.run_id, metrics=batch)
 
     def set_tags(self, tags: dict[str, str]) -> None:
@@ -723,7 +341,7 @@ class MlflowTracker(Tracker):
         from mlflow.entities import RunTag
 
         batch = [RunTag(key, str(value)) for key, value in tags.items()]
-        with self._errors("set tags"), _quiet(logging.CRITICAL):  # the error: one line
+        with self._errors("set tags"), quiet(logging.CRITICAL):
             self.client.log_batch(self.run_id, tags=batch)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
@@ -760,13 +378,11 @@ class MlflowTracker(Tracker):
         ctscan spec: SPEC_KEYS at least, JSON-ready) goes into the MLmodel file's `metadata`,
         into `ctscan_spec.json` beside the MLmodel file, and, in part, into the version's tags.
 
-        May be called after close: the ended run is resumed for the model and ended again with
-        its status. The model is copied to the CPU in eval mode; compile/DDP wrappers are
-        removed. An `input_example` with a batch of 1 is repeated to 2 rows so the exported
-        graph keeps a dynamic batch dimension. A model that torch.export cannot trace is pickled
-        instead (loading it then needs ctscan installed). Returns the registered name and
-        version, whether it was promoted, and the champion's version and value after the
-        decision; None when `tracking.log_model` is false.
+        May be called after close. The model is copied to the CPU in eval mode, unwrapped; an
+        example batch of 1 is repeated to 2 rows so the exported graph keeps a dynamic batch
+        dimension. A model torch.export cannot trace is pickled instead (loading it needs
+        ctscan). Returns the registered name and version, whether it was promoted, and the
+        champion's version and value after the decision; None when tracking.log_model is false.
         """
         if not self.settings.log_model:
             return None
@@ -789,7 +405,7 @@ class MlflowTracker(Tracker):
         with torch.no_grad():
             logits = net(torch.from_numpy(example))  # (B, C) float
         signature = infer_signature(example, logits.numpy())
-        with self._errors("log the model"), self._active_run(), _quiet():
+        with self._errors("log the model"), self._as_active_run():
             info = self._log_pytorch(mlflow.pytorch, net, example, signature, spec)
             self._log_spec_file(info.model_id, spec)
             return self._register(info, spec, select_metric, float(select_value), higher_is_better)
@@ -812,7 +428,7 @@ class MlflowTracker(Tracker):
         except (MlflowException, OSError):
             raise
         except Exception as exc:  # torch.export could not trace the model
-            log.warning("torch.export failed (%s); logging a pickled model", _first_line(exc))
+            log.warning("torch.export failed (%s); logging a pickled model", first_line(exc))
             logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # same warning again
             return flavor.log_model(net, serialization_format="pickle", **kwargs)
 
@@ -865,73 +481,38 @@ class MlflowTracker(Tracker):
             "model_uri": f"models:/{name}/{version.version}",
         }
 
-    def close(self, status: str = "FINISHED") -> None:
-        """End the run with FINISHED, FAILED or KILLED (a second call does nothing)."""
+    @contextlib.contextmanager
+    def _as_active_run(self) -> Iterator[None]:
+        """This run as MLflow's active run for the block (a logged model belongs to the active
+        run), then ended with the status it had."""
         import mlflow
 
+        status = self.client.get_run(self.run_id).info.status
+        with using_uri(self.uri), quiet():
+            mlflow.start_run(run_id=self.run_id)
+            try:
+                yield
+            finally:
+                with contextlib.redirect_stdout(sys.stderr):  # MLflow prints run links on stdout
+                    mlflow.end_run(status=status)
+
+    def close(self, status: str = "FINISHED") -> None:
+        """End the run with FINISHED, FAILED or KILLED (a second call does nothing)."""
         _check_status(status)
-        if self._closed:
+        if self._closed or self.run_id is None:
             return
         self._closed = True
-        try:
-            with (  # a stop mid-way would leave the run active with the URI already restored
-                critical(),
-                self._errors("end the run"),
-                _quiet(),
-                contextlib.redirect_stdout(sys.stderr),  # MLflow prints run links on stdout
-            ):
-                active = mlflow.active_run()
-                if active is not None and active.info.run_id == self.run_id:
-                    mlflow.end_run(status=status)
-                else:
-                    self.client.set_terminated(self.run_id, status=status)
-        finally:
-            self._restore_uri()
+        with critical(), self._errors("end the run"), quiet():  # a stop never leaves it RUNNING
+            self.client.set_terminated(self.run_id, status=status)
 
 
-def open_tracker(tracking: TrackingSettings, *, runs_dir: Path, **options: Any) -> Tracker:
-    """A started MLflow run (`MlflowTracker`, with these `options`) when tracking is enabled,
-    else a no-op Tracker."""
-    if not tracking.enabled:
-        return Tracker()
-    return MlflowTracker(tracking, runs_dir=Path(runs_dir), **options)
-
-
-def open_parent_run(
-    tracking: TrackingSettings,
-    *,
-    runs_dir: Path,
-    run_name: str,
-    recorded_id: str | None,
-    tags: dict[str, str],
-    params: dict[str, Any],
-    experiment_fix: Callable[[str], str],
-    record: Callable[[str], None],
+def open_tracker(
+    tracking: TrackingSettings, *, runs_dir: Path, run_name: str | None = None, **record: Any
 ) -> Tracker:
-    """The parent run of child runs (cross-validation folds, sweep trials), detached.
-
-    `recorded_id` (the parent of an earlier attempt) is reopened; otherwise a new run is
-    started with `tags` and `params`, and `record(its id)` is called (the caller keeps it where
-    the next attempt finds it) before a Ctrl-C or SIGTERM can act. A no-op tracker when
-    tracking is off (`record` is not called). Children nest under it by TAG_PARENT_RUN_ID, and
-    start in tracking.experiment: a recorded parent in another experiment is refused, with
-    `experiment_fix(its experiment)`.
-    """
-
-    def first_moments(tracker: MlflowTracker) -> None:
-        tracker.log_params(params)
-        record(str(tracker.run_id))
-
-    return open_tracker(
-        tracking,
-        runs_dir=runs_dir,
-        run_name=run_name,
-        resume_run_id=recorded_id,
-        detached=True,
-        elsewhere=experiment_fix,
-        tags=tags,
-        on_new=first_moments,
-    )
+    """A started run (`jobs.open_run_record` with the `record` options) when tracking is
+    enabled, else a no-op Tracker."""
+    tracker = MlflowTracker(tracking, runs_dir=runs_dir) if tracking.enabled else Tracker()
+    return open_run_record(tracker, run_name=run_name, **record)
 
 
 def _checked_spec(metadata: dict[str, Any]) -> dict[str, Any]:
@@ -951,39 +532,33 @@ MODEL_URI_FORMS = "models:/<name>@<alias>, models:/<name>/<version> or runs:/<ru
 
 
 def load_model_spec(model_uri: str, tracking: TrackingSettings, runs_dir: Path) -> dict[str, Any]:
-    """The ctscan metadata (class names, preprocessing spec, versions) of a logged MLflow model.
-
-    `model_uri` is resolved in the store that `open_tracker` would use (tracking.uri, else
-    MLFLOW_TRACKING_URI, else the SQLite file in `runs_dir`).
-    """
+    """The ctscan metadata (class names, preprocessing spec, versions) of a logged MLflow model,
+    looked up in the store `open_tracker` would use."""
     scheme = urlsplit(model_uri).scheme.lower()
     if scheme not in ("models", "runs"):
         raise TrackingError(
             f"'{model_uri}' is not an MLflow model URI.", f"write it as {MODEL_URI_FORMS}."
         )
-    uri, source = _resolve_uri(tracking, runs_dir)
+    uri, source = resolve_uri(tracking, runs_dir)
     where = f"'{uri}' (from {source})"
-    if _scheme(uri) == "sqlite":
-        db = _sqlite_path(uri)
+    if scheme_of(uri) == "sqlite":
+        db = sqlite_path(uri)
         if db is not None and not db.is_file():
             raise TrackingError(
                 f"there is no MLflow store at {where} to look up '{model_uri}'.",
                 "train and register a model first (ctscan train), or point tracking.uri / "
                 "MLFLOW_TRACKING_URI at the store that holds it.",
             )
-    _probe_server(uri, source)
-    _import_mlflow()
-    if _scheme(uri) == "sqlite":
-        _open_sqlite_store(uri, runs_dir)
+    open_store(tracking, runs_dir)
     import mlflow.models
     from mlflow.exceptions import MlflowException
 
-    with _using_uri(uri), _quiet():
+    with using_uri(uri), quiet():
         try:
             info = mlflow.models.get_model_info(model_uri)
         except (MlflowException, OSError) as exc:
             raise TrackingError(
-                f"MLflow cannot find the model '{model_uri}' in {where}: {_first_line(exc)}",
+                f"MLflow cannot find the model '{model_uri}' in {where}: {first_line(exc)}",
                 "check the name, alias or version (MlflowClient().search_model_versions() lists "
                 "them; the alias set by training is 'champion'), or point tracking.uri at the "
                 "store that holds the model.",
@@ -1011,7 +586,7 @@ def load_logged_model(
     (needs ctscan importable and MLFLOW_ALLOW_PICKLE_DESERIALIZATION, true by default).
     """
     metadata = load_model_spec(model_uri, tracking, runs_dir)  # checks the URI and the store
-    uri, source = _resolve_uri(tracking, runs_dir)
+    uri, source = resolve_uri(tracking, runs_dir)
     import zipfile
 
     _import_mlflow_pytorch()
@@ -1019,7 +594,7 @@ def load_logged_model(
     from mlflow.environment_variables import MLFLOW_ALLOW_PICKLE_DESERIALIZATION
     from mlflow.exceptions import MlflowException
 
-    with _using_uri(uri), _quiet():
+    with using_uri(uri), quiet():
         try:
             module = mlflow.pytorch.load_model(model_uri, map_location="cpu")
             version = _registry_version(model_uri)
@@ -1033,7 +608,7 @@ def load_logged_model(
                 )
             raise TrackingError(
                 f"MLflow cannot load the model '{model_uri}' from '{uri}' (from {source}): "
-                f"{_first_line(exc)}",
+                f"{first_line(exc)}",
                 fix,
             ) from None
     return _inference_form(module), metadata, version
@@ -1056,12 +631,8 @@ def _inference_form(module: Any) -> Any:
     """The module `mlflow.pytorch.load_model` gave, ready for inference (the one place deciding)."""
     import torch
 
-    # pt2: `torch.export.load(path).module()`, a GraphModule traced from the model in eval mode:
-    # its batch norms carry training=False and its dropouts train=False as graph constants, so
-    # it is in inference form already and needs nothing (its `.training` flag changes nothing);
-    # torch 2.14's ExportedProgram.module() makes its train()/eval() raise NotImplementedError,
-    # and move_exported_model_to_eval (for graphs exported in training mode) is gone from
-    # torch.ao. Pickled (log_model's fallback): ctscan's Deployable, a plain nn.Module: eval().
+    # pt2: a GraphModule traced in eval mode (its eval() raises in torch 2.14): as it is.
+    # Pickled (log_model's fallback): ctscan's Deployable, a plain nn.Module: eval().
     return module if isinstance(module, torch.fx.GraphModule) else module.eval()
 
 

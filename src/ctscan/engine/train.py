@@ -40,7 +40,14 @@ from ctscan.engine.evaluate import evaluate_checkpoint, predict
 from ctscan.engine.metrics import quick_metrics
 from ctscan.engine.modelling import freeze_backbone
 from ctscan.engine.progress import Progress
-from ctscan.engine.run_folder import RunPlan, open_run_dir, plan_run, record_new_run, run_stopped
+from ctscan.engine.run_folder import (
+    RunPlan,
+    open_run_dir,
+    plan_run,
+    record_new_run,
+    run_stopped,
+    write_result,
+)
 from ctscan.engine.runtime import (
     Runtime,
     configure_threads,
@@ -282,7 +289,8 @@ def _gather_rng(rt: Runtime) -> list[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class RunHooks:
-    """What a caller (`ctscan sweep`) adds to a run: tags on its MLflow run, a say per epoch.
+    """What a caller (cv, sweep) adds to a run: tags and a parent of its MLflow run, a say per
+    epoch.
 
     `on_epoch(row)` gets each epoch's metrics row (`epoch`, train_*, val_*) on every rank and
     returns None to go on, or a reason to stop after that epoch (under torchrun every rank must
@@ -290,6 +298,7 @@ class RunHooks:
     """
 
     tags: dict[str, str] = field(default_factory=dict)
+    parent_run_id: str | None = None
     on_epoch: Callable[[dict[str, Any]], str | None] | None = None
 
 
@@ -362,7 +371,10 @@ def _train(
                 f"DDP: {rt.world_size} processes x batch {tr.batch_size} = global batch "
                 f"{rt.world_size * tr.batch_size}; train.lr {tr.lr:g} is used as set (not scaled)"
             )
-        return _run_epochs(settings, loop, state, store, plan, tensors, t_start, hooks)
+        result = _run_epochs(settings, loop, state, store, plan, tensors, t_start, hooks)
+        if result is not None:  # rank 0, the run's end logged and its MLflow run closed
+            write_result(plan.run_dir, result.summary())
+        return result
 
 
 def _run_epochs(
@@ -426,13 +438,10 @@ def _run_epochs(
 
 
 def _open_run_record(settings: Settings, plan: RunPlan, hooks: RunHooks, is_main: bool) -> Tracker:
-    """The run's MLflow run on rank 0: a resumed run's own reopened, else a new one.
-
-    The caller's tags (a fold's or trial's parent) are the new MLflow run's from its creation: a
-    run stopped in its first moments is never a stray top-level run. A child is reopened only in
-    its parent's experiment (tracking.experiment).
-    """
-    from ctscan.engine.tracking import TAG_PARENT_RUN_ID, Tracker, open_tracker
+    """The run's MLflow run on rank 0: a resumed run's own reopened, else a new one (with the
+    caller's tags and parent from its creation); a resume that gets a new run records it in
+    last.pt at once."""
+    from ctscan.engine.tracking import Tracker, open_tracker
 
     if not is_main:
         return Tracker()
@@ -441,10 +450,10 @@ def _open_run_record(settings: Settings, plan: RunPlan, hooks: RunHooks, is_main
         settings.tracking,
         runs_dir=settings.paths.runs_dir,
         run_name=plan.run_dir.name,
-        resume_run_id=resumed.mlflow_run_id if resumed is not None else None,
+        recorded_id=resumed.mlflow_run_id if resumed is not None else None,
+        record=partial(record_new_run, plan) if resumed is not None else None,
         tags=hooks.tags,
-        elsewhere="new" if TAG_PARENT_RUN_ID in hooks.tags else "reopen",
-        on_new=partial(record_new_run, plan) if resumed is not None else None,
+        parent_run_id=hooks.parent_run_id,
     )
 
 

@@ -176,20 +176,17 @@ def _train_fold(
     settings: Settings, store: Any, plan: FoldPlan, cv_dir: Path, fold: int, parent: str | None
 ) -> dict[str, Any]:
     """Train fold `fold` (1-based), or resume it from its last.pt; returns its fold.json."""
-    from ctscan.engine.tracking import TAG_PARENT_RUN_ID
     from ctscan.engine.train import RunHooks, run_training
 
     fold_dir = cv_dir / f"fold-{fold}"
     train_split, held_out = fold_splits(plan, fold - 1)
     tags = {TAG_CV: cv_dir.name, TAG_FOLD: str(fold)}
-    if parent:
-        tags[TAG_PARENT_RUN_ID] = parent
     resume = "auto" if (fold_dir / "last.pt").is_file() else None
     result = run_training(
         settings,
         out_dir=fold_dir,
         resume=resume,
-        hooks=RunHooks(tags),
+        hooks=RunHooks(tags, parent_run_id=parent),
         splits=(train_split, held_out),
     )
     assert result is not None  # one process
@@ -353,7 +350,7 @@ def run_cv(
     """Train K fold models, pool their out-of-fold predictions, calibrate, then test once."""
     from ctscan.data.store import open_settings_store
     from ctscan.engine.run_folder import refuse_reserved_out
-    from ctscan.engine.tracking import open_parent_run
+    from ctscan.engine.tracking import open_tracker
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise CtscanError(
@@ -379,7 +376,7 @@ def run_cv(
 
         stage = ["before the first fold"]  # where a stop lands, said in its line
         try:
-            tracker = open_parent_run(
+            tracker = open_tracker(
                 settings.tracking,
                 runs_dir=settings.paths.runs_dir,
                 run_name=cv_dir.name,

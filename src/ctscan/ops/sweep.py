@@ -26,7 +26,6 @@ import os
 import shlex
 import socket
 import time
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ctscan.errors import CtscanError, Interrupted, SettingsError, say_line
-from ctscan.files import ensure_dir, folder_lock
+from ctscan.files import database_lock, ensure_dir, folder_lock
 from ctscan.jobs import stopped
 from ctscan.ops import cv
 from ctscan.ops.sweep_spec import STORAGE_FORMS, Sweep, SweepSpec, prepare, write_recipe
@@ -114,22 +113,14 @@ def study_lock(sweep: Sweep) -> Iterator[None]:
         ):
             yield
         return
-    import sqlalchemy
-
-    try:
-        engine = sqlalchemy.create_engine(sweep.storage_url, poolclass=sqlalchemy.pool.NullPool)
-    except ImportError as exc:
-        raise SweepError(
-            f"the Optuna storage '{sweep.where}' needs a driver that cannot be imported ({exc}).",
-            f"{EXTRA_FIX} (psycopg 3), and write the URL as postgresql+psycopg://...",
-        ) from None
-    try:
-        with engine.connect() as connection:
-            key = zlib.crc32(f"ctscan.sweep {sweep.name}".encode())
-            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
-            yield  # released when the connection closes
-    finally:
-        engine.dispose()
+    with database_lock(
+        sweep.storage_url,
+        f"ctscan.sweep {sweep.name}",
+        what=f"the Optuna storage '{sweep.where}'",
+        error=SweepError,
+        fix=f"{EXTRA_FIX} (psycopg 3), and write the URL as postgresql+psycopg://...",
+    ):
+        yield
 
 
 def _sampler(optuna: Any, spec: SweepSpec, seed: int | None) -> Any:
@@ -293,7 +284,6 @@ def _pruned(trial: Any, reason: str) -> None:
 def run_trial(sweep: Sweep, trial: Any, parent_run_id: str | None) -> float:
     """Train one trial: its value, or `TrialPruned` (by the median rule, or its own settings
     refused or diverged: those count as finished, as pruned trials, with the reason)."""
-    from ctscan.engine.tracking import TAG_PARENT_RUN_ID
     from ctscan.engine.train import RunHooks, run_training
 
     values = {param.key: param.suggest(trial) for param in sweep.spec.params}
@@ -307,9 +297,8 @@ def run_trial(sweep: Sweep, trial: Any, parent_run_id: str | None) -> float:
         _pruned(trial, "settings refused: " + exc.message.split(": ", 1)[-1])
     pruning = _Pruning(trial, sweep.spec.metric, settings.train.epochs)
     tags = {TAG_SWEEP: sweep.name, TAG_TRIAL: str(trial.number)}
-    if parent_run_id:
-        tags[TAG_PARENT_RUN_ID] = parent_run_id
-    result = run_training(settings, out_dir=run_dir, hooks=RunHooks(tags, pruning))
+    hooks = RunHooks(tags, parent_run_id=parent_run_id, on_epoch=pruning)
+    result = run_training(settings, out_dir=run_dir, hooks=hooks)
     assert result is not None  # one process: rank 0
     trial.set_user_attr(ATTR_EPOCHS, len(result.history))
     if result.run_id:
@@ -460,11 +449,11 @@ def _parent_params(sweep: Sweep) -> dict[str, Any]:
 
 
 def _open_parent(sweep: Sweep, study: Any) -> Any:
-    """The sweep's MLflow run (reopened by a rerun or a joining process), detached: trials
-    nest under it. Called under `study_lock`: the first process makes it, the rest reopen it."""
-    from ctscan.engine.tracking import open_parent_run
+    """The sweep's MLflow run, the trials' parent, recorded in the study. Called under
+    `study_lock`: the first process makes it, the rest (a rerun, a joining process) reopen it."""
+    from ctscan.engine.tracking import open_tracker
 
-    return open_parent_run(
+    return open_tracker(
         sweep.settings.tracking,
         runs_dir=sweep.runs_dir,
         run_name=f"sweep-{sweep.name}",

@@ -30,7 +30,7 @@ from pydantic import (
 )
 
 from ctscan.errors import CtscanError, SettingsError, close_matches
-from ctscan.files import atomic_write, ensure_dir
+from ctscan.files import atomic_write, ensure_dir, hide_password
 from ctscan.settings import (
     RECIPE_DIR,
     Settings,
@@ -299,11 +299,6 @@ def _overrides(values: dict[str, Any]) -> list[str]:
     return [f"{key}={toml_value(value)}" for key, value in values.items()]
 
 
-def _hide_password(text: str) -> str:
-    """`postgresql://user:secret@host` -> `postgresql://user:***@host` (messages, the command)."""
-    return re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
-
-
 def _storage(storage: str | None, runs_dir: Path) -> tuple[str, Path | None]:
     """The Optuna storage URL and, for SQLite, its file; anything else is refused."""
     url = storage or f"sqlite:///{(runs_dir / 'optuna.db').resolve()}"
@@ -314,7 +309,7 @@ def _storage(storage: str | None, runs_dir: Path) -> tuple[str, Path | None]:
         driver = "postgresql+psycopg" if scheme == "postgresql" else scheme  # not psycopg2
         return f"{driver}://{rest}", None
     raise SettingsError(
-        f"--storage '{_hide_password(url)}' is neither a SQLite file nor a PostgreSQL database.",
+        f"--storage '{hide_password(url)}' is neither a SQLite file nor a PostgreSQL database.",
         f"pass {STORAGE_FORMS} (several `ctscan sweep` processes, on many machines, share one).",
     )
 
@@ -352,7 +347,7 @@ class Sweep:
     @property
     def where(self) -> str:
         """The storage as messages show it: a SQLite file's path, a URL without its password."""
-        return str(self.db) if self.db else _hide_password(self.storage_url)
+        return str(self.db) if self.db else hide_password(self.storage_url)
 
     def identity(self) -> dict[str, Any]:
         """What the study records of its spec: a rerun must match it."""
@@ -441,7 +436,7 @@ def prepare(
     command += ["--recipe", str(recipe)] if recipe is not None else []
     command += ["--storage", storage] if storage else []
     command += [arg for item in overrides for arg in ("--set", item)]
-    command_text = _hide_password(shlex.join(command))
+    command_text = hide_password(shlex.join(command))
     return Sweep(spec, study, n_trials, files, base, given, settings, url, db, command_text, recipe)
 
 
