@@ -100,6 +100,21 @@ def test_the_temperature_never_moves_the_argmax(temperature: float, seed: int, s
     np.testing.assert_allclose(calibrated.sum(axis=1), 1.0, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("seed", "planted", "expected"),
+    [(0, 2.0, 1.8792222303783026), (1, 0.5, 0.5140052377833185)],
+)
+def test_the_fit_matches_the_former_golden_section_search(
+    seed: int, planted: float, expected: float
+) -> None:
+    # `expected`: what the hand-written golden-section search (80 steps over log T) fitted on
+    # these logits before scipy's bounded Brent search replaced it.
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(500, 4)) * 3.0
+    labels = _sample_labels(logits, planted, rng)
+    assert abs(fit_temperature(logits, labels).temperature - expected) < 1e-6
+
+
 def test_degenerate_validation_sets_keep_or_clamp_the_temperature() -> None:
     empty = fit_temperature(np.zeros((0, 4)), np.zeros(0, dtype=np.int64))
     assert (empty.temperature, empty.status, empty.n) == (1.0, "empty", 0)
