@@ -187,19 +187,19 @@ def test_the_temperature_is_stored_and_read_back(synthetic_store: Path, tmp_path
     assert load_model(path).deployable().temperature == 1.7
 
 
-@pytest.mark.parametrize("fmt", [1, 2])
 def test_a_checkpoint_without_a_temperature_reads_as_uncalibrated(
-    synthetic_store: Path, tmp_path: Path, fmt: int
+    synthetic_store: Path, tmp_path: Path
 ) -> None:
     payload = _random_checkpoint(load_store(synthetic_store)).to_payload()
     del payload["temperature"], payload["calibration"]
-    if fmt == 1:  # a best.pt of the first format: no kind, no training entry
-        del payload["kind"], payload["training"]
-    payload["format"] = fmt
     torch.save(payload, tmp_path / "old.pt")
     old = read_checkpoint(tmp_path / "old.pt")
     assert old.temperature == 1.0 and old.calibration is None
     assert old.calibration_text == "uncalibrated"
+    payload["format"] = 1  # the first format (raw weights in last.pt): refused in one line
+    torch.save(payload, tmp_path / "v1.pt")
+    with pytest.raises(CheckpointError, match=r"has format 1; this ctscan .* reads format 2"):
+        read_checkpoint(tmp_path / "v1.pt")
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), "hot", True])
