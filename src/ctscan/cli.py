@@ -301,7 +301,7 @@ def calibrate(
     from ctscan.render import render_calibration
 
     settings = _settings(settings_files, overrides, **{"train.device": device})
-    result = run_calibrate(settings, checkpoint, out=out).to_dict()
+    result = run_calibrate(settings, checkpoint, out=out)
     _warn(result["warnings"])
     if as_json:
         typer.echo(json.dumps(result, indent=2))

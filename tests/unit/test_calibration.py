@@ -494,9 +494,9 @@ def test_calibrate_rewrites_in_place_and_keeps_the_training_state(
     store = load_store(synthetic_store)
     rt = resolve_runtime(settings.train)
     logits, labels = validation_logits(back, store, rt)
-    assert back.temperature == result.temperature
+    assert back.temperature == result["temperature"]
     assert back.temperature == pytest.approx(fit_temperature(logits, labels).temperature, rel=1e-6)
-    assert result.previous_temperature == 1.0 and back.resumable  # training state kept
+    assert result["previous_temperature"] == 1.0 and back.resumable  # training state kept
     reference = json.loads((tmp_path / "run" / CONFIDENCE_FILE).read_text())
     train_logits = _raw_logits(last, store.split("train").images)
     expected = probabilities(apply_temperature(train_logits, back.temperature)).max(axis=1)
@@ -511,10 +511,10 @@ def test_calibrate_out_leaves_the_source_alone(trained, synthetic_store: Path, t
     settings = engine_settings(synthetic_store, tmp_path / "runs")
     elsewhere = run_calibrate(settings, source, out=tmp_path / "deploy" / "model.pt")
     assert source.read_bytes() == before
-    assert read_checkpoint(tmp_path / "deploy" / "model.pt").temperature == elsewhere.temperature
-    assert elsewhere.reference == tmp_path / "deploy" / CONFIDENCE_FILE
+    assert read_checkpoint(tmp_path / "deploy" / "model.pt").temperature == elsewhere["temperature"]
+    assert elsewhere["reference_confidence"] == str(tmp_path / "deploy" / CONFIDENCE_FILE)
     beside = run_calibrate(settings, source, out=tmp_path / "run" / "calibrated.pt")
-    assert beside.reference is None  # the folder's reference belongs to best.pt
+    assert beside["reference_confidence"] is None  # the folder's reference belongs to best.pt
     assert not (tmp_path / "run" / CONFIDENCE_FILE).exists()
     for bad, words in ((tmp_path / "deploy", "is a folder"), (tmp_path / "x.onnx", "end in .pt")):
         with pytest.raises(CtscanError, match=words):
