@@ -301,16 +301,11 @@ def classification_report(
     *,
     n_bins: int = 15,
 ) -> dict[str, Any]:
-    """Return every evaluation metric of predicted probabilities as a JSON-ready dict.
+    """Every evaluation metric of predicted probabilities, JSON-ready (module docstring).
 
-    `y_true` is (N,) class indices and `probs` (N, C) probabilities in the order of
-    `class_names`; predictions are the argmax of `probs`. Keys: n, class_names, accuracy,
-    balanced_accuracy, macro_f1, weighted_f1, per_class {name: {precision, recall, f1, support}},
-    confusion_matrix (rows true, columns predicted), roc_auc_ovr {name: auc or None},
-    macro_roc_auc, ece, ece_floor {median, p95}, ece_debiased {estimate, ci95, bins, resamples,
-    target, meets_target} (None below 2 images), reliability (per bin: lower, upper, count,
-    mean_confidence, accuracy; the last two None for an empty bin) and log_loss. See the module
-    docstring for conventions.
+    `y_true` (N,) class indices, `probs` (N, C) in the order of `class_names`, predictions their
+    argmax. `reliability` has one row per bin (lower, upper, count, mean_confidence, accuracy;
+    the last two None when empty); `ece_debiased` is None below 2 images.
     """
     names = [str(name) for name in class_names]
     if not names:
