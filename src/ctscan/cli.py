@@ -290,7 +290,7 @@ def calibrate(
     from ctscan.render import render_calibration
 
     settings = _settings(settings_files, overrides, **{"train.device": device})
-    result = run_calibrate(settings, checkpoint, out=out).to_dict()
+    result = run_calibrate(settings, checkpoint, out=out)
     shown = (render_calibration(result), result["checkpoint"])
     _emit(result, as_json, *shown, warnings=result["warnings"])
 

@@ -100,6 +100,21 @@ def test_the_temperature_never_moves_the_argmax(temperature: float, seed: int, s
     np.testing.assert_allclose(calibrated.sum(axis=1), 1.0, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("seed", "planted", "expected"),
+    [(0, 2.0, 1.8792222303783026), (1, 0.5, 0.5140052377833185)],
+)
+def test_the_fit_matches_the_former_golden_section_search(
+    seed: int, planted: float, expected: float
+) -> None:
+    # `expected`: what the hand-written golden-section search (80 steps over log T) fitted on
+    # these logits before scipy's bounded Brent search replaced it.
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(500, 4)) * 3.0
+    labels = _sample_labels(logits, planted, rng)
+    assert abs(fit_temperature(logits, labels).temperature - expected) < 1e-6
+
+
 def test_degenerate_validation_sets_keep_or_clamp_the_temperature() -> None:
     empty = fit_temperature(np.zeros((0, 4)), np.zeros(0, dtype=np.int64))
     assert (empty.temperature, empty.status, empty.n) == (1.0, "empty", 0)
@@ -172,19 +187,19 @@ def test_the_temperature_is_stored_and_read_back(synthetic_store: Path, tmp_path
     assert load_model(path).deployable().temperature == 1.7
 
 
-@pytest.mark.parametrize("fmt", [1, 2])
 def test_a_checkpoint_without_a_temperature_reads_as_uncalibrated(
-    synthetic_store: Path, tmp_path: Path, fmt: int
+    synthetic_store: Path, tmp_path: Path
 ) -> None:
     payload = _random_checkpoint(load_store(synthetic_store)).to_payload()
     del payload["temperature"], payload["calibration"]
-    if fmt == 1:  # a best.pt of the first format: no kind, no training entry
-        del payload["kind"], payload["training"]
-    payload["format"] = fmt
     torch.save(payload, tmp_path / "old.pt")
     old = read_checkpoint(tmp_path / "old.pt")
     assert old.temperature == 1.0 and old.calibration is None
     assert old.calibration_text == "uncalibrated"
+    payload["format"] = 1  # the first format (raw weights in last.pt): refused in one line
+    torch.save(payload, tmp_path / "v1.pt")
+    with pytest.raises(CheckpointError, match=r"has format 1; this ctscan .* reads format 2"):
+        read_checkpoint(tmp_path / "v1.pt")
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), "hot", True])
@@ -479,9 +494,9 @@ def test_calibrate_rewrites_in_place_and_keeps_the_training_state(
     store = load_store(synthetic_store)
     rt = resolve_runtime(settings.train)
     logits, labels = validation_logits(back, store, rt)
-    assert back.temperature == result.temperature
+    assert back.temperature == result["temperature"]
     assert back.temperature == pytest.approx(fit_temperature(logits, labels).temperature, rel=1e-6)
-    assert result.previous_temperature == 1.0 and back.resumable  # training state kept
+    assert result["previous_temperature"] == 1.0 and back.resumable  # training state kept
     reference = json.loads((tmp_path / "run" / CONFIDENCE_FILE).read_text())
     train_logits = _raw_logits(last, store.split("train").images)
     expected = probabilities(apply_temperature(train_logits, back.temperature)).max(axis=1)
@@ -496,10 +511,10 @@ def test_calibrate_out_leaves_the_source_alone(trained, synthetic_store: Path, t
     settings = engine_settings(synthetic_store, tmp_path / "runs")
     elsewhere = run_calibrate(settings, source, out=tmp_path / "deploy" / "model.pt")
     assert source.read_bytes() == before
-    assert read_checkpoint(tmp_path / "deploy" / "model.pt").temperature == elsewhere.temperature
-    assert elsewhere.reference == tmp_path / "deploy" / CONFIDENCE_FILE
+    assert read_checkpoint(tmp_path / "deploy" / "model.pt").temperature == elsewhere["temperature"]
+    assert elsewhere["reference_confidence"] == str(tmp_path / "deploy" / CONFIDENCE_FILE)
     beside = run_calibrate(settings, source, out=tmp_path / "run" / "calibrated.pt")
-    assert beside.reference is None  # the folder's reference belongs to best.pt
+    assert beside["reference_confidence"] is None  # the folder's reference belongs to best.pt
     assert not (tmp_path / "run" / CONFIDENCE_FILE).exists()
     for bad, words in ((tmp_path / "deploy", "is a folder"), (tmp_path / "x.onnx", "end in .pt")):
         with pytest.raises(CtscanError, match=words):

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 
+from ctscan.engine.evaluate import run_evaluation
 from ctscan.engine.train import run_training
 from tests.unit.conftest_store import engine_settings
 
@@ -48,6 +49,16 @@ def test_run_is_tracked_in_mlflow(
         "eval-test/confusion_matrix.png",
         "eval-test/reliability.png",
     } <= evaluation
+    # `ctscan evaluate` records the same figures and files through the same function.
+    evaluated = run_evaluation(settings, result.best_path, split="valid")
+    (record,) = client.search_runs([run.info.experiment_id], filter_string="tags.kind = 'evaluate'")
+    assert record.data.metrics["valid_macro_f1"] == pytest.approx(evaluated["macro_f1"])
+    assert {"valid_ece_uncalibrated", "valid_ece_floor_p95", "temperature"} <= set(
+        record.data.metrics
+    )
+    assert {a.path for a in client.list_artifacts(record.info.run_id, "eval-valid")} >= {
+        "eval-valid/evaluation.json"
+    }
     version = client.get_model_version_by_alias("ctscan-classifier", "champion")
     assert version.run_id == result.run_id
     assert result.model_version["promoted"] is True

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -87,35 +86,6 @@ def train_confidence(checkpoint: Checkpoint, store: Store, rt: Runtime) -> dict[
 # ---- `ctscan calibrate` -------------------------------------------------------------------
 
 
-@dataclass
-class CalibrationResult:
-    """What `run_calibrate` did: the checkpoint written, its old and new T, the report."""
-
-    source: Path
-    checkpoint: Path
-    previous_temperature: float
-    report: dict[str, Any]
-    reference: Path | None = None  # reference_confidence.json rewritten for the new T
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def temperature(self) -> float:
-        """The temperature written."""
-        return float(self.report["temperature"])
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready."""
-        return {
-            "source": str(self.source),
-            "checkpoint": str(self.checkpoint),
-            "previous_temperature": self.previous_temperature,
-            "temperature": self.temperature,
-            "calibration": self.report,
-            "reference_confidence": str(self.reference) if self.reference else None,
-            "warnings": self.warnings,
-        }
-
-
 def _output_path(source: Path, out: Path | None) -> Path:
 
     target = source if out is None else Path(out)
@@ -127,13 +97,15 @@ def _output_path(source: Path, out: Path | None) -> Path:
 
 def run_calibrate(
     settings: Settings, checkpoint: Path | str, *, out: Path | None = None
-) -> CalibrationResult:
+) -> dict[str, Any]:
     """The `ctscan calibrate` command: fit T on the store's validation split, write the file.
 
     The checkpoint is rewritten in place (atomically) unless `out` names another .pt file; its
     training state, if any, is kept. reference_confidence.json beside the written file is
     rewritten for the new T (the server's drift reference), except when `out` is another file
-    in the source's own folder: the reference there belongs to the source.
+    in the source's own folder: the reference there belongs to the source. Returns what it did,
+    JSON-ready: source, checkpoint, previous_temperature, temperature, calibration (the report),
+    reference_confidence (the reference rewritten, or None), warnings.
     """
     rt = resolve_runtime(settings.train)
     if rt.distributed:
@@ -153,11 +125,12 @@ def run_calibrate(
     warnings = [store.raw_warning] if store.raw_warning else []
     if report.get("note"):
         warnings.append(str(report["note"]))
-    return CalibrationResult(
-        source=source,
-        checkpoint=target,
-        previous_temperature=ckpt.temperature,
-        report=report,
-        reference=reference,
-        warnings=warnings,
-    )
+    return {
+        "source": str(source),
+        "checkpoint": str(target),
+        "previous_temperature": ckpt.temperature,
+        "temperature": float(report["temperature"]),
+        "calibration": report,
+        "reference_confidence": str(reference) if reference else None,
+        "warnings": warnings,
+    }

@@ -15,28 +15,21 @@ Both files are one dict written by `torch.save` from plain data and tensors (loa
     epoch, history, best_epoch, best_value, select_metric
     settings        the resolved settings the run used (JSON-ready dict)
     data_hash, git_commit, ctscan_version, torch_version, mlflow_run_id
-    temperature     T > 0: the probabilities shown are softmax(logits / T) (engine/temperature.py);
-                    fitted on the validation split at the end of training (best.pt, when
-                    train.calibrate is on) or by `ctscan calibrate`. Absent (files written
-                    before calibration existed) or 1.0: uncalibrated.
+    temperature     T > 0: the probabilities shown are softmax(logits / T) (engine/temperature.py),
+                    fitted on valid at the end of training or by `ctscan calibrate`; 1.0 (or
+                    absent): uncalibrated
     calibration     the fit's report (split, n, status, NLL / ECE / log-loss before and after),
                     or None when T was never fitted
     training        last.pt only: {model_state (the raw trained weights), ema_state, optimizer,
                     scheduler, scaler, rng (one per rank)}; None in best.pt, which cannot resume.
     members, flips  an ensemble (`ctscan ensemble`, model_name "ensemble"): members is a list of
-                    {model_name, dropout, temperature, source, sha256, best_value} (how to
-                    rebuild each network; its own T is applied inside the ensemble), flips the
+                    {model_name, dropout, temperature, source, sha256, best_value}, flips the
                     test-time views ("hflip", "vflip"); model_state holds the ensemble module's
-                    weights (`members.<k>.net.*`). Absent for one network (members None, no
-                    flips). models/ensemble.py says what the output is: log of the averaged
-                    calibrated probabilities, so everything downstream treats it as one model.
+                    weights (`members.<k>.net.*`). None and () for one network; what the output
+                    is: models/ensemble.py.
 
-Format-1 files (ctscan before this schema: last.pt kept the raw weights in `model_state`) are
-read and upgraded in memory. `temperature` and `calibration` are optional keys of format 2 (a
-file without them reads as T = 1, uncalibrated), so adding them needed no new format: an older
-ctscan reading a calibrated file ignores them and shows uncalibrated probabilities. Everything
-downstream reads a checkpoint through `read_checkpoint`
-and gets a model through `load_model`: one schema, one model-loading path.
+Other formats (format 1 kept the raw weights in last.pt's `model_state`) are refused. Everything
+downstream reads a checkpoint through `read_checkpoint` and gets a model through `load_model`.
 """
 
 from __future__ import annotations
@@ -44,7 +37,7 @@ from __future__ import annotations
 import pickle
 import subprocess
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -80,12 +73,14 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)
 REQUIRED_KEYS = ("format", "model_name", "model_state", "preprocess", "class_names", "settings")
-TRAINING_KEYS = ("model_state", "ema_state", "optimizer", "scheduler", "scaler", "rng")
 RUN_FIX = "pass best.pt or last.pt from a run folder written by `ctscan train`."
 ENSEMBLE = "ensemble"  # model_name of an ensemble checkpoint
 MEMBER_KEYS = ("model_name", "dropout", "temperature", "source", "sha256", "best_value")
+_NOT_SAVED = ("spec", "source")  # saved as preprocess + class_names; where it was read from
+# The fields `from_payload` takes as saved (the others it checks one by one).
+_AS_SAVED = ("epoch", "history", "best_epoch", "best_value", "select_metric", "data_hash")
+_AS_SAVED += ("git_commit", "ctscan_version", "torch_version", "mlflow_run_id", "training")
 
 
 def git_commit(cwd: Path | None = None) -> str | None:
@@ -162,48 +157,29 @@ class Checkpoint:
 
     def to_payload(self) -> dict[str, Any]:
         """The dict `torch.save` writes (plain data and tensors only)."""
-        return {
+        plain = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NOT_SAVED}
+        return plain | {
             "format": FORMAT_VERSION,
-            "kind": self.kind,
-            "model_name": self.model_name,
             "preprocess": self.spec.to_dict(),
             "class_names": list(self.spec.class_names),
-            "model_state": self.model_state,
-            "settings": self.settings,
-            "epoch": self.epoch,
-            "history": self.history,
-            "best_epoch": self.best_epoch,
-            "best_value": self.best_value,
-            "select_metric": self.select_metric,
-            "data_hash": self.data_hash,
-            "git_commit": self.git_commit,
-            "ctscan_version": self.ctscan_version,
-            "torch_version": self.torch_version,
-            "mlflow_run_id": self.mlflow_run_id,
             "temperature": float(self.temperature),
-            "calibration": self.calibration,
-            "training": self.training,
-            "members": self.members,
             "flips": list(self.flips),
         }
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any], *, source: Path) -> Checkpoint:
-        """Check and type a loaded dict (format 1 is upgraded); CheckpointError if it is off."""
+        """Check and type a loaded dict; CheckpointError if it is off."""
         missing = [k for k in REQUIRED_KEYS if k not in payload]
         if missing:
             raise CheckpointError(
                 f"'{source}' is not a ctscan checkpoint (missing {', '.join(missing)}).", RUN_FIX
             )
-        version = payload["format"]
-        if version not in READABLE_FORMATS:
+        if payload["format"] != FORMAT_VERSION:
             raise CheckpointError(
-                f"checkpoint '{source}' has format {version}, this ctscan "
-                f"{ctscan.__version__} reads formats {', '.join(map(str, READABLE_FORMATS))}.",
-                "use the ctscan version that wrote it (its ctscan_version key says which).",
+                f"checkpoint '{source}' has format {payload['format']}; this ctscan "
+                f"{ctscan.__version__} reads format {FORMAT_VERSION} only.",
+                "retrain with this ctscan, or use the version that wrote it (its ctscan_version).",
             )
-        if version == 1:
-            payload = _upgrade_v1(payload)
         try:
             spec = PreprocessSpec.from_dict(payload["preprocess"])
         except DataError as exc:
@@ -221,30 +197,16 @@ class Checkpoint:
             isinstance(v, torch.Tensor) for v in state.values()
         ):
             raise CheckpointError(f"checkpoint '{source}' holds no weights.", RUN_FIX)
-        training = payload.get("training")
-        kind = payload.get("kind") or ("last" if training is not None else "best")
         members, flips = _ensemble(payload, source)
         return cls(
-            kind=kind,
-            model_name=ENSEMBLE
-            if members
-            else check_model_name(str(payload["model_name"]), source),
+            **{key: payload[key] for key in _AS_SAVED if key in payload},
+            kind=payload.get("kind") or ("last" if payload.get("training") else "best"),
+            model_name=ENSEMBLE if members else check_model_name(payload["model_name"], source),
             spec=spec,
             model_state=state,
             settings=dict(payload["settings"]),
-            epoch=int(payload.get("epoch") or 0),
-            history=list(payload.get("history") or []),
-            best_epoch=int(payload.get("best_epoch") or 0),
-            best_value=payload.get("best_value"),
-            select_metric=str(payload.get("select_metric") or "val_macro_f1"),
-            data_hash=payload.get("data_hash"),
-            git_commit=payload.get("git_commit"),
-            ctscan_version=str(payload.get("ctscan_version") or "unknown"),
-            torch_version=str(payload.get("torch_version") or "unknown"),
-            mlflow_run_id=payload.get("mlflow_run_id"),
             temperature=check_temperature(payload.get("temperature", 1.0), source),
             calibration=_calibration(payload.get("calibration"), source),
-            training=training,
             members=members,
             flips=flips,
             source=source,
@@ -290,21 +252,6 @@ def _calibration(value: Any, source: Path) -> dict[str, Any] | None:
         f"checkpoint '{source}' has a broken calibration entry ({type(value).__name__}).",
         "calibrate it again with `ctscan calibrate CHECKPOINT`, or retrain.",
     )
-
-
-def _upgrade_v1(payload: dict[str, Any]) -> dict[str, Any]:
-    """Format 1 -> 2: last.pt kept the raw weights in model_state and the EMA beside them."""
-    if "optimizer" not in payload:  # best.pt: model_state already held the weights to deploy
-        return {**payload, "kind": "best", "training": None}
-    training = {key: payload.get(key) for key in TRAINING_KEYS}
-    deploy = payload["model_state"]
-    if payload.get("ema_state") is not None:  # AveragedModel: `module.` keys + n_averaged
-        deploy = {
-            k.removeprefix("module."): v
-            for k, v in payload["ema_state"].items()
-            if k.startswith("module.")
-        }
-    return {**payload, "kind": "last", "model_state": deploy, "training": training}
 
 
 def save_checkpoint(path: Path, checkpoint: Checkpoint) -> Path:

@@ -17,7 +17,7 @@ import torch
 from ctscan.data.store import Store, open_model_store
 from ctscan.data.transforms import model_input
 from ctscan.engine.checkpoint import Checkpoint, load_model, read_checkpoint
-from ctscan.engine.metrics import classification_report, probabilities, worst_errors
+from ctscan.engine.metrics import SUMMARY, classification_report, probabilities, worst_errors
 from ctscan.engine.runtime import Runtime, resolve_runtime
 from ctscan.engine.temperature import FIT_SPLIT, apply_temperature
 from ctscan.errors import CtscanError, DataError
@@ -208,6 +208,24 @@ def _write_outputs(
     atomic_write(out_dir / "evaluation.json", lambda fh: fh.write(text))
 
 
+def log_evaluation(tracker: Any, result: dict[str, Any], *, step: int) -> None:
+    """An evaluation's figures (`<split>_accuracy`, ...) and report files (eval-<split>/) in the
+    run record: the same for `ctscan evaluate` and the test split at the end of training."""
+    split = result["split"]
+    figures = (*SUMMARY, "ece", "log_loss")
+    metrics = {f"{split}_{k}": float(result[k]) for k in figures if result.get(k) is not None}
+    if result["ece_debiased"]:  # with the 95 % interval's upper end: what the target judges
+        metrics[f"{split}_ece_debiased"] = result["ece_debiased"]["estimate"]
+        metrics[f"{split}_ece_debiased_ci95_high"] = result["ece_debiased"]["ci95"][1]
+    before = result["calibration"]["before"]
+    metrics[f"{split}_ece_uncalibrated"] = before["ece"]
+    metrics[f"{split}_ece_floor_p95"] = result["ece_floor"]["p95"]
+    metrics[f"{split}_log_loss_uncalibrated"] = before["log_loss"]
+    tracker.log_metrics(metrics, step=step)
+    for path in sorted(Path(result["outputs"]).iterdir()):
+        tracker.log_artifact(path, artifact_path=f"eval-{split}")
+
+
 def run_evaluation(
     settings: Settings, checkpoint: Path, *, split: str = "test", out_dir: Path | None = None
 ) -> dict[str, Any]:
@@ -229,35 +247,6 @@ def run_evaluation(
             run_name=f"evaluate-{Path(checkpoint).parent.name}-{split}",
         ) as tracker:
             tracker.set_tags({"kind": "evaluate", "checkpoint": str(checkpoint), "split": split})
-            tracker.log_metrics(
-                {
-                    f"{split}_{k}": float(result[k])
-                    for k in (
-                        "accuracy",
-                        "balanced_accuracy",
-                        "macro_f1",
-                        "weighted_f1",
-                        "ece",
-                        "log_loss",
-                    )
-                    if result.get(k) is not None
-                }
-                | (
-                    {  # with the 95 % interval's upper end: what the 0.03 target is judged by
-                        f"{split}_ece_debiased": result["ece_debiased"]["estimate"],
-                        f"{split}_ece_debiased_ci95_high": result["ece_debiased"]["ci95"][1],
-                    }
-                    if result["ece_debiased"]
-                    else {}
-                )
-                | {
-                    f"{split}_ece_uncalibrated": result["calibration"]["before"]["ece"],
-                    f"{split}_ece_floor_p95": result["ece_floor"]["p95"],
-                    f"{split}_log_loss_uncalibrated": result["calibration"]["before"]["log_loss"],
-                    "temperature": result["temperature"],
-                },
-                step=0,
-            )
-            for path in sorted(out.iterdir()):
-                tracker.log_artifact(path, artifact_path=f"eval-{split}")
+            log_evaluation(tracker, result, step=0)
+            tracker.log_metrics({"temperature": result["temperature"]}, step=0)
     return result

@@ -1,40 +1,26 @@
-"""Classification metrics in plain numpy: confusion matrix, F1, ROC AUC, calibration, log loss.
+"""Classification metrics: confusion matrix, F1, ROC AUC, calibration, log loss.
 
-Conventions (the same as scikit-learn with ``zero_division=0``):
-
-- precision of a class that is never predicted, recall of a class with no true samples and F1 of
-  a class with neither true positives nor errors are 0.0;
-- ``macro_f1`` averages F1 over the classes that occur in ``y_true`` or ``y_pred`` (scikit-learn's
-  ``labels=None``), so a class absent from both does not drag the mean down; ``weighted_f1``
-  weights each class by its support;
-- ``balanced_accuracy`` is the mean recall over the classes that occur in ``y_true``;
-- ROC AUC is one-vs-rest on each class's probability column, computed from ranks (Mann-Whitney U)
-  with ties counted as half; a class without positives or without negatives gets ``None`` and is
-  left out of ``macro_roc_auc``;
+- precision, recall and F1 are scikit-learn's with ``zero_division=0``; ``macro_f1`` averages F1
+  over the classes that occur in ``y_true`` or ``y_pred``, ``weighted_f1`` weights by support,
+  ``balanced_accuracy`` is the mean recall over the classes in ``y_true``;
+- ROC AUC is one-vs-rest per class (Mann-Whitney U from average ranks, ties count half); a class
+  without positives or negatives gets ``None`` and is left out of ``macro_roc_auc``;
 - ``ece`` is the top-label expected calibration error over ``n_bins`` equal-width confidence bins
   ``(lower, upper]`` (the first bin also holds 0.0);
-- ``ece_floor`` is what ``ece`` would read for a perfectly calibrated model with the same
-  confidences on the same number of images: each prediction counted right with probability equal
-  to its confidence, ``FLOOR_DRAWS`` draws from a fixed seed, the median and the 95th percentile.
-  ECE is biased upwards on a finite set (every bin's |accuracy - confidence| is positive on
-  average), so an ``ece`` below the floor's 95th percentile cannot be told apart from perfect
-  calibration on this set;
-- ``ece_debiased`` is Kumar et al.'s (2019, "Verified Uncertainty Calibration") debiased estimate
-  of the squared top-label calibration error over ``n_bins`` equal-mass bins (sorted by
-  confidence, counts differing by at most one; at most N // 2 bins so that each holds two):
-  ``sum_b n_b / N * ((acc_b - conf_b) ** 2 - acc_b * (1 - acc_b) / (n_b - 1))``, which subtracts
-  each bin's binomial scatter and so averages 0 for a calibrated model, reported as its signed
-  square root (an RMS calibration error in probability units; negative when the scatter
-  outweighs the gap). ``ci95`` is a parametric bootstrap that keeps the images and their bins and
-  redraws which are right (``BOOTSTRAP_RESAMPLES`` resamples from a fixed seed), each with
-  probability its confidence plus its bin's observed gap: the interval is the estimate minus the
-  97.5 and 2.5 percentiles of the resamples' error about that world's true value (widened to
-  hold the estimate where it would not). On synthetic sets it holds the true value 94-100 % of
-  the time, calibrated or not; a bootstrap over images was twice as wide (each resampled image
-  is all right or all wrong, a world noisier than the model's). Ties in confidence are split
-  between bins in a fixed random order, so permuting the images changes nothing. Judge
-  calibration against a target (``ECE_TARGET``) by this interval: wholly below it, met;
-  containing it, this set cannot tell; wholly above, missed;
+- ``ece_floor`` is what ``ece`` reads for a perfectly calibrated model with the same confidences
+  on as many images (each prediction right with probability its confidence, ``FLOOR_DRAWS`` draws,
+  fixed seed): its median and 95th percentile. ECE is biased upwards on a finite set, so an
+  ``ece`` below the floor's p95 cannot be told apart from perfect calibration here;
+- ``ece_debiased`` is Kumar et al.'s (2019) debiased squared top-label calibration error over
+  ``n_bins`` equal-mass bins (at most N // 2, so each holds two):
+  ``sum_b n_b / N * ((acc_b - conf_b) ** 2 - acc_b * (1 - acc_b) / (n_b - 1))``, which averages 0
+  for a calibrated model, reported as its signed square root. ``ci95`` is a parametric bootstrap
+  (``BOOTSTRAP_RESAMPLES``, fixed seed) that keeps the images and their bins and redraws which are
+  right, each with probability its confidence plus its bin's observed gap: the estimate minus the
+  97.5 and 2.5 percentiles of the resamples' error about that world's true value (widened to hold
+  the estimate). On synthetic sets it holds the true value 94-100 % of the time. Ties in
+  confidence are split between bins in a fixed random order, so the images' order changes
+  nothing. Judged against ``ECE_TARGET``: interval below it, met; above it, missed; else unknown;
 - ``log_loss`` is the mean negative log of the true class's probability, clipped at 1e-12.
 
 Bad shapes or values raise ``ValueError`` naming what was received: these inputs come from the
@@ -138,66 +124,42 @@ def confusion_matrix(y_true: Any, y_pred: Any, num_classes: int) -> np.ndarray:
     return flat.reshape(num_classes, num_classes).astype(np.int64)
 
 
-def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
-    """Return numerator / denominator elementwise, with 0.0 where the denominator is 0."""
-    numerator = numerator.astype(np.float64)
-    denominator = denominator.astype(np.float64)
-    out = np.zeros_like(numerator)
-    np.divide(numerator, denominator, out=out, where=denominator > 0)
-    return out
+def _scores(true: np.ndarray, pred: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """Per-class precision, recall, F1, support (arrays) and the summary figures; scikit-learn is
+    imported here, as `ctscan predict` imports this module and never needs it."""
+    from sklearn.metrics import precision_recall_fscore_support
 
-
-def _per_class(cm: np.ndarray) -> dict[str, np.ndarray]:
-    """Return per-class precision, recall, f1, support, predicted counts from a confusion matrix."""
-    true_positives = np.diag(cm)
-    predicted = cm.sum(axis=0)
-    support = cm.sum(axis=1)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        true, pred, labels=range(num_classes), zero_division=0
+    )
+    occurring = (support > 0) | (np.bincount(pred, minlength=num_classes) > 0)
     return {
-        "precision": _safe_divide(true_positives, predicted),
-        "recall": _safe_divide(true_positives, support),
-        # 2TP / (2TP + FP + FN) == 2PR / (P + R) whenever TP > 0, and 0.0 otherwise.
-        "f1": _safe_divide(2 * true_positives, predicted + support),
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
         "support": support,
-        "predicted": predicted,
+        "accuracy": float(np.mean(true == pred)),
+        "balanced_accuracy": float(recall[support > 0].mean()),
+        "macro_f1": float(f1[occurring].mean()),
+        "weighted_f1": float(f1 @ support / support.sum()),
     }
 
 
-def _summary(cm: np.ndarray) -> dict[str, float]:
-    """Return accuracy, balanced accuracy, macro and weighted F1 of a non-empty confusion matrix."""
-    n = int(cm.sum())
-    stats = _per_class(cm)
-    occurring = (stats["support"] > 0) | (stats["predicted"] > 0)
-    in_truth = stats["support"] > 0
-    return {
-        "accuracy": float(np.trace(cm) / n),
-        "balanced_accuracy": float(stats["recall"][in_truth].mean()),
-        "macro_f1": float(stats["f1"][occurring].mean()),
-        "weighted_f1": float((stats["f1"] * stats["support"]).sum() / n),
-    }
+SUMMARY = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1")
 
 
 def quick_metrics(y_true: Any, y_pred: Any, num_classes: int) -> dict[str, float]:
-    """Return accuracy and macro F1 of hard predictions (cheap; the same numbers as the report)."""
-    cm = confusion_matrix(y_true, y_pred, num_classes)
+    """Return accuracy and macro F1 of hard predictions (the same numbers as the report)."""
+    cm = confusion_matrix(y_true, y_pred, num_classes)  # checks the labels
     if cm.sum() == 0:
         raise ValueError("cannot compute metrics of an empty set (y_true has no samples).")
-    summary = _summary(cm)
-    return {"accuracy": summary["accuracy"], "macro_f1": summary["macro_f1"]}
-
-
-def _average_ranks(scores: np.ndarray) -> np.ndarray:
-    """Return 1-based ranks of `scores`, tied values sharing the mean of their ranks."""
-    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    first = np.cumsum(counts) - counts  # 0-based position of each distinct value's first copy
-    return (first + (counts + 1) / 2.0)[inverse.reshape(-1)]
+    scores = _scores(_labels(y_true, "y_true", num_classes), np.asarray(y_pred), num_classes)
+    return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
 
 
 def binary_roc_auc(is_positive: Any, scores: Any) -> float | None:
-    """Return the ROC AUC of `scores` for the boolean labels, or None without both label kinds.
-
-    It is the probability that a random positive scores above a random negative, ties counting
-    half (Mann-Whitney U / (n_pos * n_neg)), computed from average ranks in O(N log N).
-    """
+    """Return the ROC AUC of `scores` for the boolean labels (ties count half), or None without
+    both label kinds."""
     positive = np.asarray(is_positive, dtype=bool)
     values = np.asarray(scores, dtype=np.float64)
     if positive.ndim != 1 or positive.shape != values.shape:
@@ -209,8 +171,9 @@ def binary_roc_auc(is_positive: Any, scores: Any) -> float | None:
     n_neg = positive.size - n_pos
     if n_pos == 0 or n_neg == 0:
         return None
-    rank_sum = float(_average_ranks(values)[positive].sum())
-    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+    from scipy.stats import rankdata  # Mann-Whitney U from average ranks
+
+    return (float(rankdata(values)[positive].sum()) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
 def _confidence_bins(confidence: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
@@ -338,16 +301,11 @@ def classification_report(
     *,
     n_bins: int = 15,
 ) -> dict[str, Any]:
-    """Return every evaluation metric of predicted probabilities as a JSON-ready dict.
+    """Every evaluation metric of predicted probabilities, JSON-ready (module docstring).
 
-    `y_true` is (N,) class indices and `probs` (N, C) probabilities in the order of
-    `class_names`; predictions are the argmax of `probs`. Keys: n, class_names, accuracy,
-    balanced_accuracy, macro_f1, weighted_f1, per_class {name: {precision, recall, f1, support}},
-    confusion_matrix (rows true, columns predicted), roc_auc_ovr {name: auc or None},
-    macro_roc_auc, ece, ece_floor {median, p95}, ece_debiased {estimate, ci95, bins, resamples,
-    target, meets_target} (None below 2 images), reliability (per bin: lower, upper, count,
-    mean_confidence, accuracy; the last two None for an empty bin) and log_loss. See the module
-    docstring for conventions.
+    `y_true` (N,) class indices, `probs` (N, C) in the order of `class_names`, predictions their
+    argmax. `reliability` has one row per bin (lower, upper, count, mean_confidence, accuracy;
+    the last two None when empty); `ece_debiased` is None below 2 images.
     """
     names = [str(name) for name in class_names]
     if not names:
@@ -364,7 +322,7 @@ def classification_report(
 
     pred = prob.argmax(axis=1)
     cm = confusion_matrix(true, pred, num_classes)
-    stats = _per_class(cm)
+    stats = _scores(true, pred, num_classes)
     aucs = {name: binary_roc_auc(true == c, prob[:, c]) for c, name in enumerate(names)}
     defined = [auc for auc in aucs.values() if auc is not None]
     ece, reliability = _reliability(true, prob, int(n_bins))
@@ -373,7 +331,7 @@ def classification_report(
     return {
         "n": int(true.size),
         "class_names": names,
-        **_summary(cm),
+        **{key: stats[key] for key in SUMMARY},
         "per_class": {
             name: {
                 "precision": float(stats["precision"][c]),

@@ -127,9 +127,7 @@ class Deployable(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = model_input(images, mean=self.mean, std=self.std, channels=self.channels)
         logits = self.net(x).float()
-        # getattr: a Deployable pickled by a ctscan from before calibration has no temperature
-        temperature = getattr(self, "temperature", 1.0)
-        return logits if temperature == 1.0 else logits / temperature
+        return logits if self.temperature == 1.0 else logits / self.temperature
 
 
 def check_model_name(name: str, source: Path | str) -> str:

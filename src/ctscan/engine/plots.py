@@ -34,58 +34,30 @@ def _save(figure: Any, path: str | Path) -> Path:
     return out
 
 
-def plot_confusion_matrix(
-    cm: Any,
-    class_names: Sequence[str],
-    path: str | Path,
-    *,
-    normalize: bool = False,
-    title: str = "Confusion matrix",
-) -> Path:
-    """Draw a confusion matrix (rows true, columns predicted) with the count in every cell.
-
-    With `normalize`, colours and the first number in each cell are row fractions (recall per
-    true class) and the count follows in brackets; a row without samples stays 0.
-    """
-    counts = np.asarray(cm)
+def plot_confusion_matrix(cm: Any, class_names: Sequence[str], path: str | Path) -> Path:
+    """Draw a confusion matrix (rows true, columns predicted) with the count in every cell."""
+    counts = np.asarray(cm).astype(np.int64)
     names = [str(name) for name in class_names]
     if counts.ndim != 2 or counts.shape[0] != counts.shape[1] or counts.shape[0] != len(names):
         raise ValueError(
             f"cm must be square (C, C) with C = len(class_names) = {len(names)}, "
             f"got shape {counts.shape}."
         )
-    counts = counts.astype(np.int64)
-    size = len(names)
-    rows = counts.sum(axis=1, keepdims=True)
-    fractions = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)
-    shown = fractions if normalize else counts
-    top = 1.0 if normalize else max(int(counts.max(initial=0)), 1)
-
+    size, top = len(names), max(int(counts.max(initial=0)), 1)
     side = 2.2 + 1.1 * size
     figure = _figure(side + 1.2, side)
     axes = figure.add_subplot()
-    image = axes.imshow(shown, cmap="Blues", vmin=0, vmax=top)
-    figure.colorbar(
-        image, ax=axes, shrink=0.8, label="fraction of true class" if normalize else "count"
-    )
+    image = axes.imshow(counts, cmap="Blues", vmin=0, vmax=top)
+    figure.colorbar(image, ax=axes, shrink=0.8, label="count")
     for i in range(size):
         for j in range(size):
-            text = f"{fractions[i, j]:.2f}\n({counts[i, j]})" if normalize else f"{counts[i, j]}"
-            dark = shown[i, j] > 0.5 * top
-            axes.text(
-                j,
-                i,
-                text,
-                ha="center",
-                va="center",
-                fontsize=9,
-                color="white" if dark else "black",
-            )
+            color = "white" if counts[i, j] > 0.5 * top else "black"
+            axes.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=9, color=color)
     axes.set_xticks(range(size), labels=names, rotation=35, ha="right", fontsize=8)
     axes.set_yticks(range(size), labels=names, fontsize=8)
     axes.set_xlabel("predicted")
     axes.set_ylabel("true")
-    axes.set_title(title)
+    axes.set_title("Confusion matrix")
     return _save(figure, path)
 
 
@@ -93,8 +65,6 @@ def plot_reliability(
     reliability_bins: Sequence[Mapping[str, Any]],
     ece: float,
     path: str | Path,
-    *,
-    title: str = "Reliability diagram",
 ) -> Path:
     """Draw accuracy against confidence per bin, the perfect-calibration diagonal and bin counts.
 
@@ -128,7 +98,7 @@ def plot_reliability(
     axes.set_yticks(np.linspace(0, 1, 6))
     axes.set_xlabel("confidence (top-label probability)")
     axes.set_ylabel("accuracy")
-    axes.set_title(f"{title} (ECE = {float(ece):.3f})")
+    axes.set_title(f"Reliability diagram (ECE = {float(ece):.3f})")
     axes.legend(loc="upper left", fontsize=8, title="bar label: samples in bin", title_fontsize=7)
     return _save(figure, path)
 
@@ -190,26 +160,19 @@ def plot_error_grid(
     pred_names: Sequence[str],
     confidences: Sequence[float],
     path: str | Path,
-    *,
-    cols: int = 4,
-    title: str = "Most confident errors",
 ) -> Path:
-    """Draw misclassified images in a grid captioned "true -> pred (p=0.93)"; none says so.
-
-    `images` is (K, H, W) uint8 grayscale (or (K, H, W, 3) RGB), one caption per image.
-    """
+    """Draw misclassified images (K, H, W) uint8 gray, 4 a row, captioned "true -> pred
+    (p=0.93)"; none says so."""
     pictures = np.asarray(images)
-    count = len(pictures) if pictures.ndim >= 1 else 0
-    if count and not (pictures.ndim == 3 or (pictures.ndim == 4 and pictures.shape[-1] in (1, 3))):
-        raise ValueError(f"images must be (K, H, W) or (K, H, W, 3), got shape {pictures.shape}.")
+    count = len(pictures)
+    if count and pictures.ndim != 3:
+        raise ValueError(f"images must be (K, H, W), got shape {pictures.shape}.")
     if not len(true_names) == len(pred_names) == len(confidences) == count:
         raise ValueError(
             f"need one caption per image: {count} images, {len(true_names)} true names, "
             f"{len(pred_names)} predicted names, {len(confidences)} confidences."
         )
-    if cols < 1:
-        raise ValueError(f"cols must be >= 1, got {cols}.")
-
+    title = "Most confident errors"
     if count == 0:
         figure = _figure(4.0, 2.0)
         axes = figure.add_subplot()
@@ -217,22 +180,14 @@ def plot_error_grid(
         axes.set_axis_off()
         figure.suptitle(title)
         return _save(figure, path)
-
-    if pictures.ndim == 4 and pictures.shape[-1] == 1:
-        pictures = pictures[..., 0]
-    ncols = min(cols, count)
+    ncols = min(4, count)
     nrows = math.ceil(count / ncols)
     figure = _figure(2.6 * ncols, 2.9 * nrows + 0.4)
-    grid = np.atleast_1d(figure.subplots(nrows, ncols, squeeze=False)).reshape(-1)
-    for index, axes in enumerate(grid):
+    for index, axes in enumerate(figure.subplots(nrows, ncols, squeeze=False).reshape(-1)):
         axes.set_axis_off()
-        if index >= count:
-            continue
-        if pictures.ndim == 3:
+        if index < count:
             axes.imshow(pictures[index], cmap="gray", vmin=0, vmax=255)
-        else:
-            axes.imshow(pictures[index])
-        caption = f"{true_names[index]} -> {pred_names[index]} (p={float(confidences[index]):.2f})"
-        axes.set_title(textwrap.fill(caption, width=30), fontsize=7)
+            caption = f"{true_names[index]} -> {pred_names[index]} (p={confidences[index]:.2f})"
+            axes.set_title(textwrap.fill(caption, width=30), fontsize=7)
     figure.suptitle(title)
     return _save(figure, path)

@@ -3,10 +3,9 @@
     fit = fit_temperature(val_logits, val_labels)      # pure: numpy float64, deterministic
     fit.temperature                                     # 1.0 when nothing could be fitted
 
-T minimises the mean negative log-likelihood of the validation labels under softmax(logits / T).
-That NLL is convex in 1/T, so a golden-section search over log T in [T_MIN, T_MAX] finds the
-minimum without a learning rate or a random start. Dividing by T > 0 never changes the argmax:
-accuracy and macro-F1 are the same before and after.
+T minimises the mean negative log-likelihood of the validation labels under softmax(logits / T),
+found by scipy's bounded Brent search over log T in [T_MIN, T_MAX] (the NLL is convex in 1/T).
+Dividing by T > 0 never changes the argmax: accuracy and macro-F1 are the same before and after.
 
 When the fit cannot say anything, T stays 1.0 (uncalibrated) and `status` says why:
   empty        the validation split holds no images;
@@ -37,7 +36,6 @@ from ctscan.errors import CheckpointError
 T_MIN, T_MAX = 0.05, 20.0
 FEW_IMAGES = 30  # below this many validation images the note says T is uncertain
 FIT_SPLIT = "valid"
-_GOLDEN_STEPS = 80  # shrinks the log T interval by 0.618**80 ~ 2e-17: far below any use
 
 Status = Literal["fitted", "at_bound", "separated", "empty"]
 
@@ -83,27 +81,19 @@ class TemperatureFit:
     nll_after: float | None = None  # at the returned T
     note: str = ""
 
-    @property
-    def fitted(self) -> bool:
-        """Whether T came from the data (possibly clamped), not a fallback to 1."""
-        return self.status in ("fitted", "at_bound")
-
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
         return dataclasses.asdict(self)
 
 
-def fit_temperature(
-    logits: Any, labels: Any, *, bounds: tuple[float, float] = (T_MIN, T_MAX)
-) -> TemperatureFit:
-    """The T in `bounds` that minimises the NLL of `labels` under softmax(logits / T).
+def fit_temperature(logits: Any, labels: Any) -> TemperatureFit:
+    """The T in [T_MIN, T_MAX] that minimises the NLL of `labels` under softmax(logits / T).
 
-    `logits` (N, C) and `labels` (N,) as numpy arrays or tensors; everything runs in float64
-    and the search is deterministic. See the module docstring for the degenerate cases.
+    `logits` (N, C) and `labels` (N,) as arrays or tensors, in float64, deterministic; the
+    degenerate cases are in the module docstring.
     """
-    low, high = float(bounds[0]), float(bounds[1])
-    if not 0.0 < low < 1.0 < high:
-        raise ValueError(f"bounds must satisfy 0 < low < 1 < high, got {bounds}.")
+    from scipy.optimize import minimize_scalar
+
     z = _as_logits(logits)
     y = _as_labels(labels, len(z), z.shape[1])
     n = len(y)
@@ -113,40 +103,24 @@ def fit_temperature(
         )
     before = nll(z, y)
     if bool((z.argmax(axis=1) == y).all()):
-        return TemperatureFit(
-            1.0,
-            "separated",
-            n,
-            before,
-            before,
-            note=f"all {n} validation images are already right, so the likelihood has no "
-            "optimum (it keeps rising as T -> 0): T kept at 1 (uncalibrated)",
+        note = (
+            f"all {n} validation images are already right, so the likelihood has no optimum "
+            "(it keeps rising as T -> 0): T kept at 1 (uncalibrated)"
         )
-    # Golden-section search over u = log T (NLL is convex in 1/T, so unimodal in u).
-    a, b = math.log(low), math.log(high)
-    ratio = (math.sqrt(5.0) - 1.0) / 2.0
-    c, d = b - ratio * (b - a), a + ratio * (b - a)
-    fc, fd = nll(z, y, math.exp(c)), nll(z, y, math.exp(d))
-    for _ in range(_GOLDEN_STEPS):
-        if fc <= fd:
-            b, d, fd = d, c, fc
-            c = b - ratio * (b - a)
-            fc = nll(z, y, math.exp(c))
-        else:
-            a, c, fc = c, d, fd
-            d = a + ratio * (b - a)
-            fd = nll(z, y, math.exp(d))
-    u = (a + b) / 2.0
-    temperature = min(max(math.exp(u), low), high)
-    notes = []
-    status: Status = "fitted"
-    edge = 1e-6
-    if u <= math.log(low) + edge or u >= math.log(high) - edge:
-        status = "at_bound"
-        temperature = low if u <= math.log(low) + edge else high
+        return TemperatureFit(1.0, "separated", n, before, before, note=note)
+    edges = (math.log(T_MIN), math.log(T_MAX))  # searched over log T
+    fit = minimize_scalar(
+        lambda log_t: nll(z, y, math.exp(log_t)),
+        bounds=edges,
+        method="bounded",
+        options={"xatol": 1e-10},
+    )
+    temperature, notes, status = math.exp(fit.x), [], "fitted"
+    if min(abs(fit.x - edge) for edge in edges) <= 1e-6:
+        status, temperature = "at_bound", T_MIN if fit.x - edges[0] <= 1e-6 else T_MAX
         notes.append(
             f"the NLL minimum lies at or beyond the bound, T clamped to {temperature:g} "
-            f"(allowed {low:g}..{high:g})"
+            f"(allowed {T_MIN:g}..{T_MAX:g})"
         )
     after = nll(z, y, temperature)
     if not after < before:  # flat (e.g. constant logits): T changes nothing, keep 1

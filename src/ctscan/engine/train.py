@@ -36,7 +36,7 @@ from ctscan.engine.checkpoint import (
     save_checkpoint,
     unwrap,
 )
-from ctscan.engine.evaluate import evaluate_checkpoint, predict
+from ctscan.engine.evaluate import evaluate_checkpoint, log_evaluation, predict
 from ctscan.engine.metrics import quick_metrics
 from ctscan.engine.modelling import freeze_backbone
 from ctscan.engine.progress import Progress
@@ -587,16 +587,7 @@ def _finish(
             f"test (best epoch {state.best_epoch}): accuracy {test['accuracy']:.4f} "
             f"macro-F1 {test['macro_f1']:.4f} on {test['n']} images"
         )
-        tracker.log_metrics(
-            {
-                "test_accuracy": test["accuracy"],
-                "test_macro_f1": test["macro_f1"],
-                "test_balanced_accuracy": test["balanced_accuracy"],
-            },
-            step=len(state.history),
-        )
-        for path in sorted((run_dir / "eval-test").iterdir()):
-            tracker.log_artifact(path, artifact_path="eval-test")
+        log_evaluation(tracker, test, step=len(state.history))
     # The best model's calibrated confidence (max softmax of logits / T) on train: serve's drift
     # reference, the same probabilities the server shows.
     from ctscan.data.reference import CONFIDENCE_FILE

@@ -14,20 +14,10 @@ Names (see `MODEL_NAMES`):
 Models with 3 input channels get the 1-channel gray batch repeated to 3 channels by the caller
 (`x.expand(-1, 3, -1, -1)` on the device at batch time); the processed store stays 1-channel.
 
-Freezing a pretrained backbone for the first epochs (the loop's side):
-
-    freeze_backbone(model, True)      # backbone: requires_grad False, its BatchNorm in eval mode
-    for epoch in range(epochs):
-        if epoch == freeze_epochs:
-            freeze_backbone(model, False)
-        train_mode(model)             # instead of model.train(): keeps frozen BatchNorm in eval
-        ...
-        model.eval()                  # evaluation as usual
-
-The optimizer can hold every parameter from the start: AdamW skips parameters whose grad is None,
-so frozen ones are neither stepped nor decayed. Under DDP, wrap the model after the last
-requires_grad change (DDP only reduces parameters that required grad when it was built), or
-re-wrap it when the backbone is unfrozen.
+Freezing a pretrained backbone (`freeze_backbone`) keeps its BatchNorm in eval; `train_mode`
+replaces `model.train()` so it stays so. AdamW skips parameters whose grad is None, so the
+optimizer can hold every parameter from the start; under DDP, wrap after the last
+requires_grad change.
 
 This package imports nothing else of ctscan: it raises `ValueError` for bad arguments and
 `WeightsUnavailable` for weights it cannot find or load; the engine turns them into CtscanErrors.

@@ -77,22 +77,16 @@ def map_lite0_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     """The package's state dict with timm key names; a timm-layout dict is returned unchanged."""
     if not any(key.startswith("_") for key in state):
         return dict(state)
-    try:
-        return {map_lite0_key(key): value for key, value in state.items()}
-    except (KeyError, IndexError):
-        bad = [k for k in state if not _maps(k)]
-        raise WeightsUnavailable(
-            f"weights do not have the EfficientNet-Lite0 layout (unknown keys: {bad[:5]}).",
-            _fix(),
-        ) from None
-
-
-def _maps(key: str) -> bool:
-    try:
-        map_lite0_key(key)
-    except (KeyError, IndexError):
-        return False
-    return True
+    mapped = {}
+    for key, value in state.items():
+        try:
+            mapped[map_lite0_key(key)] = value
+        except (KeyError, IndexError):
+            raise WeightsUnavailable(
+                f"weights do not have the EfficientNet-Lite0 layout (unknown key '{key}').",
+                _fix(),
+            ) from None
+    return mapped
 
 
 def _fix() -> str:
