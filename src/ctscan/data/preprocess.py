@@ -35,7 +35,7 @@ from ctscan.data.audit import (
 from ctscan.data.raw import SPLITS, RawImage, RawTree, scan_raw
 from ctscan.data.reference import build_reference
 from ctscan.data.store import (
-    SplitArrays,
+    Split,
     check_store_target,
     find_dvc_hash,
     raw_fingerprint,
@@ -279,11 +279,11 @@ class PreprocessResult:
 
 def _split_arrays(
     scan: _Scan, kept: Sequence[ImageRecord], why: str, raw_dir: Path
-) -> dict[str, SplitArrays]:
+) -> dict[str, Split]:
     """The kept images of each split as arrays; a split left empty is a DataError (`why`)."""
     kept_ids = {id(r) for r in kept}
     image_of = {id(r): img for r, img in zip(scan.records, scan.images, strict=True)}
-    arrays: dict[str, SplitArrays] = {}
+    arrays: dict[str, Split] = {}
     for split in SPLITS:
         rows = [r for r in scan.records if r.split == split and id(r) in kept_ids]
         if not rows:
@@ -292,7 +292,7 @@ def _split_arrays(
                 f"check the raw folder '{raw_dir / split}' (`ctscan audit` lists the problems).",
             )
         images = np.stack([image_of[id(r)] for r in rows])[:, None]  # (N, 1, S, S) uint8
-        arrays[split] = SplitArrays(
+        arrays[split] = Split(
             images=np.ascontiguousarray(images, dtype=np.uint8),
             labels=np.array([CLASS_NAMES.index(r.label) for r in rows], dtype=np.int64),
             paths=[r.path for r in rows],
