@@ -136,3 +136,48 @@ def test_a_ctrl_c_while_the_pool_forks_is_raised_not_lost(taken_by: str) -> None
     (pool,) = made
     assert not any(worker.is_alive() for worker in pool._pool)  # terminated, not leaked
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    sys.platform != "linux" or not _PROC_CHILDREN.exists(),
+    reason="needs Linux /proc to see the pool workers start",
+)
+def test_the_pool_workers_end_quietly_when_preprocess_is_killed(tmp_path: Path) -> None:
+    """SIGKILL of preprocess alone: its workers end with it, without BrokenPipeError tracebacks
+    (they inherit its stderr: the pipe reaches EOF only once every worker has exited)."""
+    raw = _big_raw_tree(tmp_path / "raw" / "chest-ctscan-images")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CTSCAN_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ctscan", "preprocess", str(raw), "--out", str(tmp_path / "p")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _children(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        workers = _children(proc.pid)
+        assert workers, "the pool never started: " + proc.communicate()[1]
+        time.sleep(0.3)  # the workers are busy decoding
+        assert proc.poll() is None, "preprocess finished before the kill: make the tree bigger"
+        os.kill(proc.pid, signal.SIGKILL)  # the parent only, not its process group
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert not [pid for pid in workers if _alive(pid)]
+
+
+def _alive(pid: int) -> bool:
+    """Running, not ended (a zombie waits for the process that adopted it to reap it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")

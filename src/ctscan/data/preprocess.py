@@ -9,6 +9,7 @@ in meta.json; leak-policy drops are listed too.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import os
 import signal
@@ -56,6 +57,7 @@ from ctscan.jobs import critical
 Progress = Callable[[int, int], None]  # progress(done, total)
 # Below this many images a pool costs more than it saves.
 POOL_MIN_IMAGES = 64
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass(frozen=True)
@@ -109,10 +111,15 @@ def _process(job: _Job) -> _Done:
     )
 
 
-def _init_worker() -> None:
-    """Pool workers leave Ctrl-C and SIGTERM to the parent, which stops them (no tracebacks)."""
+def _init_worker(parent: int) -> None:
+    """Pool workers leave Ctrl-C and SIGTERM to the parent and die with it: killed, it leaves
+    none of them writing to its closed pipe (each a BrokenPipeError traceback)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not ctscan's handler, inherited by fork
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+        if os.getppid() != parent:  # it died before prctl
+            os._exit(0)
 
 
 def _start_pool(ctx: Any, processes: int) -> Any:
@@ -128,7 +135,7 @@ def _start_pool(ctx: Any, processes: int) -> Any:
     pool = None
     try:
         with critical(signal.SIGINT):
-            pool = ctx.Pool(processes=processes, initializer=_init_worker)
+            pool = ctx.Pool(processes=processes, initializer=_init_worker, initargs=(os.getpid(),))
     except BaseException:
         if pool is not None:
             pool.terminate()
