@@ -171,6 +171,9 @@ def test_the_pool_workers_end_quietly_when_preprocess_is_killed(tmp_path: Path) 
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    deadline = time.monotonic() + 10  # a killed worker closes its files a moment before it ends
+    while [pid for pid in workers if _alive(pid)] and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert not [pid for pid in workers if _alive(pid)]
 
 
