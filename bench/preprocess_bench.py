@@ -28,7 +28,7 @@ from PIL import Image
 
 from ctscan.data.preprocess import run_preprocess
 from ctscan.data.raw import discover
-from ctscan.data.store import store_size
+from ctscan.data.store import store_files
 from ctscan.settings import Settings
 
 PREDECESSOR_SIDE = 224  # float32 RGB 224x224 per image
@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                 lambda: bare_baseline(paths, args.image_size), args.repeat
             ),
         }
-        sizes = store_size(store)
+        files = store_files(store)
+        store_bytes = sum(files.values())
     predecessor = len(paths) * 3 * PREDECESSOR_SIDE * PREDECESSOR_SIDE * 4
     result = {
         "raw_dir": str(args.raw_dir),
@@ -106,10 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         "min_seconds": {name: min(wall) for name, (wall, _) in rows.items()},
         "cpu_seconds": {name: cpu for name, (_, cpu) in rows.items()},
         "median_cpu_seconds": {name: statistics.median(cpu) for name, (_, cpu) in rows.items()},
-        "store_bytes": sizes.total_bytes,
-        "store_files": sizes.files,
+        "store_bytes": store_bytes,
+        "store_files": files,
         "predecessor_bytes": predecessor,
-        "predecessor_over_store": predecessor / sizes.total_bytes,
+        "predecessor_over_store": predecessor / store_bytes,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{statistics.median(cpu):.2f}",
             ", ".join(f"{t:.2f}" for t in wall),
         )
-    table.add_row("store on disk", f"{sizes.total_bytes / 1e6:.1f} MB", "", "", "")
+    table.add_row("store on disk", f"{store_bytes / 1e6:.1f} MB", "", "", "")
     table.add_row(
         "predecessor float32 RGB 224",
         f"{predecessor / 1e6:.1f} MB",

@@ -9,12 +9,12 @@ import pytest
 
 from ctscan import CLASS_NAMES
 from ctscan.data.reference import build_reference
-from ctscan.data.store import SplitArrays, write_store
+from ctscan.data.store import Split, write_store
 from ctscan.data.transforms import PreprocessSpec
 from ctscan.settings import DataSettings, Settings, load_settings
 
 
-def make_split(n_per_class: int, size: int, seed: int, split: str) -> SplitArrays:
+def make_split(n_per_class: int, size: int, seed: int, split: str) -> Split:
     """Class k: a bright square in quadrant k over noise; learnable in a few steps."""
     rng = np.random.default_rng(seed)
     images, labels, paths, hashes = [], [], [], []
@@ -30,7 +30,7 @@ def make_split(n_per_class: int, size: int, seed: int, split: str) -> SplitArray
             labels.append(label)
             paths.append(f"{split}/{CLASS_NAMES[label]}/{i}.png")
             hashes.append(f"{split}-{label}-{i}")
-    return SplitArrays(
+    return Split(
         images=np.stack(images).astype(np.uint8)
         if images
         else np.zeros((0, 1, size, size), np.uint8),

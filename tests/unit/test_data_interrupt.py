@@ -3,13 +3,16 @@ the same command then writes the whole store."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,7 +23,11 @@ N_IMAGES = 800  # well above POOL_MIN_IMAGES, and enough that the pool runs for 
 SIDE = 640  # big enough that the pool is still busy a moment after it starts
 
 
-_PROC_CHILDREN = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
+needs_proc_children = pytest.mark.skipif(
+    sys.platform != "linux"
+    or not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists(),
+    reason="needs Linux /proc to see the pool workers start",
+)
 
 
 def _children(pid: int) -> list[int]:
@@ -46,39 +53,44 @@ def _big_raw_tree(root: Path) -> Path:
     return root
 
 
+@contextlib.contextmanager
+def _busy_preprocess(args: list[str]) -> Iterator[tuple[Any, list[int]]]:
+    """`ctscan preprocess ARGS` in its own process group (as a terminal's foreground job), and
+    its pool workers, once they are busy decoding; the group is killed if left running."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ctscan", "preprocess", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("CTSCAN_")},
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _children(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        workers = _children(proc.pid)
+        assert workers, "the pool never started: " + proc.communicate()[1]
+        time.sleep(0.3)  # the workers are busy decoding
+        assert proc.poll() is None, "preprocess finished before the stop: make the tree bigger"
+        yield proc, workers
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(
-    sys.platform != "linux"
-    or not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists(),
-    reason="needs Linux /proc to see the pool workers start",
-)
+@needs_proc_children
 def test_ctrl_c_during_the_pool_is_one_line_exit_130_and_leaves_nothing(tmp_path: Path) -> None:
     raw = _big_raw_tree(tmp_path / "raw" / "chest-ctscan-images")
     work = tmp_path / "work"
     work.mkdir()
     out = work / "processed"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CTSCAN_")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ctscan", "preprocess", str(raw), "--out", str(out), "--quiet"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,  # its own process group, as a terminal's foreground job
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not _children(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert _children(proc.pid), "the pool never started: " + proc.communicate()[1]
-        time.sleep(0.3)  # the workers are busy decoding
-        assert proc.poll() is None, "preprocess finished before Ctrl-C: make the tree bigger"
+    with _busy_preprocess([str(raw), "--out", str(out), "--quiet"]) as (proc, _):
         os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole group
         _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     assert "Traceback" not in err and "ForkPoolWorker" not in err, err
     command = shlex.join(["ctscan", "preprocess", str(raw), "--out", str(out), "--quiet"])
     assert err.strip() == (  # main() (cli.py): the continue of a preprocess is itself
@@ -136,3 +148,28 @@ def test_a_ctrl_c_while_the_pool_forks_is_raised_not_lost(taken_by: str) -> None
     (pool,) = made
     assert not any(worker.is_alive() for worker in pool._pool)  # terminated, not leaked
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
+@pytest.mark.slow
+@needs_proc_children
+def test_the_pool_workers_end_quietly_when_preprocess_is_killed(tmp_path: Path) -> None:
+    """SIGKILL of preprocess alone: its workers end with it, without BrokenPipeError tracebacks
+    (they inherit its stderr: the pipe reaches EOF only once every worker has exited)."""
+    raw = _big_raw_tree(tmp_path / "raw" / "chest-ctscan-images")
+    with _busy_preprocess([str(raw), "--out", str(tmp_path / "p")]) as (proc, workers):
+        os.kill(proc.pid, signal.SIGKILL)  # the parent only, not its process group
+        _, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    deadline = time.monotonic() + 10  # a killed worker closes its files a moment before it ends
+    while [pid for pid in workers if _alive(pid)] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [pid for pid in workers if _alive(pid)]
+
+
+def _alive(pid: int) -> bool:
+    """Running, not ended (a zombie waits for the process that adopted it to reap it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -113,7 +114,7 @@ def test_error_mode_names_every_bad_file(make_raw_tree, tmp_path: Path) -> None:
 @pytest.mark.parametrize("variant", ["zero_byte", "truncated", "text_as_png", "bomb"])
 def test_skip_mode_lists_every_skipped_file(make_raw_tree, tmp_path: Path, variant: str) -> None:
     root = make_raw_tree(variant)
-    result = run_preprocess(_settings(), root, tmp_path / "p", on_bad_file="skip", workers=0)
+    result = run_preprocess(_settings(on_bad_file="skip"), root, tmp_path / "p", workers=0)
     assert len(result.report.bad_files) == 1
     bad = result.report.bad_files[0]
     assert bad.split == "train" and bad.label == "normal" and bad.reason
@@ -184,14 +185,13 @@ def test_a_bad_out_path_fails_before_any_image_is_read(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "minimal"]
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_pool_workers_ignore_ctrl_c_and_leave_sigterm_to_the_default() -> None:
     import signal
 
-    previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    try:
-        pp._init_worker()
-        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    finally:
-        signal.signal(signal.SIGINT, previous[0])
-        signal.signal(signal.SIGTERM, previous[1])
+    pid = os.fork()  # a worker of its own: the initializer also ties it to its parent's life
+    if pid == 0:
+        pp._init_worker(os.getppid())
+        ignores = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        os._exit(0 if ignores and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL else 1)
+    assert os.waitpid(pid, 0)[1] == 0

@@ -14,9 +14,8 @@ from ctscan import CLASS_NAMES
 from ctscan.data import store as store_mod
 from ctscan.data.raw import discover
 from ctscan.data.store import (
-    SplitArrays,
+    Split,
     check_store_target,
-    dvc_data_hash,
     find_dvc_file,
     find_dvc_hash,
     load_store,
@@ -31,11 +30,11 @@ from ctscan.settings import DataSettings
 SIZE = 16
 
 
-def _arrays(seed: int, n: int = 5) -> dict[str, SplitArrays]:
+def _arrays(seed: int, n: int = 5) -> dict[str, Split]:
     rng = np.random.default_rng(seed)
     out = {}
     for split in ("train", "valid", "test"):
-        out[split] = SplitArrays(
+        out[split] = Split(
             images=rng.integers(0, 256, (n, 1, SIZE, SIZE), dtype=np.uint8),
             labels=rng.integers(0, 4, n).astype(np.int64),
             paths=[f"{split}/normal/{i}.png" for i in range(n)],
@@ -243,14 +242,13 @@ def test_raw_fingerprint_tracks_paths_and_sizes_not_mtimes(make_raw_tree) -> Non
 
 
 def test_dvc_hash_is_read_from_data_dvc(tmp_path: Path) -> None:
-    assert dvc_data_hash(tmp_path) is None
+    raw = tmp_path / "data" / "chest-ctscan-images"
+    raw.mkdir(parents=True)
+    assert find_dvc_hash(raw) is None
     (tmp_path / "data.dvc").write_text(
         "outs:\n- md5: 5a37ee9bddad98aa04154962c0bea4b2.dir\n  size: 118962916\n"
         "  nfiles: 944\n  hash: md5\n  path: data\n"
     )
-    assert dvc_data_hash(tmp_path) == "5a37ee9bddad98aa04154962c0bea4b2.dir"
-    raw = tmp_path / "data" / "chest-ctscan-images"
-    raw.mkdir(parents=True)
     assert find_dvc_hash(raw) == "5a37ee9bddad98aa04154962c0bea4b2.dir"
 
 

@@ -82,18 +82,6 @@ def thumb_mad(a: bytes, b: bytes) -> float | None:
     return float(np.abs(x - y).mean())
 
 
-def hamming(a: int, b: int) -> int:
-    """Number of differing bits between two hashes."""
-    return (a ^ b).bit_count()
-
-
-def _popcount64(x: np.ndarray) -> np.ndarray:
-    if hasattr(np, "bitwise_count"):  # numpy >= 2.0
-        return np.bitwise_count(x).astype(np.int64)
-    table = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
-    return table[x.view(np.uint8).reshape(*x.shape, 8)].sum(axis=-1)
-
-
 def near_pairs(hashes: Sequence[int], max_distance: int) -> list[tuple[int, int, int]]:
     """All (i, j, distance) with i < j and Hamming distance <= max_distance, vectorised."""
     h = np.asarray([int(x) for x in hashes], dtype=np.uint64)
@@ -101,13 +89,19 @@ def near_pairs(hashes: Sequence[int], max_distance: int) -> list[tuple[int, int,
     block = 1024  # rows at a time: memory stays at block * n * 8 bytes
     for start in range(0, len(h), block):
         rows = h[start : start + block]
-        dist = _popcount64(rows[:, None] ^ h[None, :])  # (b, n)
+        dist = np.bitwise_count(rows[:, None] ^ h[None, :]).astype(np.int64)  # (b, n)
         i, j = np.nonzero(dist <= max_distance)
         i = i + start
         keep = j > i
         ii, jj = i[keep], j[keep]
         out.extend(zip(ii.tolist(), jj.tolist(), dist[ii - start, jj].tolist(), strict=True))
     return out
+
+
+class _Row:
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: tuples as lists."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 @dataclass(frozen=True)
@@ -134,7 +128,7 @@ class ImageRecord:
 
 
 @dataclass(frozen=True)
-class BadFile:
+class BadFile(_Row):
     """A raw file that could not be used, and why."""
 
     path: str
@@ -142,12 +136,9 @@ class BadFile:
     label: str
     reason: str
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
-class DuplicateGroup:
+class DuplicateGroup(_Row):
     """Files whose decoded pixels are identical."""
 
     pixel_hash: str
@@ -155,12 +146,9 @@ class DuplicateGroup:
     splits: tuple[str, ...]
     labels: tuple[str, ...]
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
 
 @dataclass(frozen=True)
-class NearDuplicate:
+class NearDuplicate(_Row):
     """Two different pixel hashes (each possibly with exact copies) with close dHashes.
 
     `mad`: mean absolute difference of their thumbnails (None if unknown); `same_picture`:
@@ -175,12 +163,9 @@ class NearDuplicate:
     mad: float | None = None
     same_picture: bool = False
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
 
 @dataclass(frozen=True)
-class DroppedImage:
+class DroppedImage(_Row):
     """An image left out of the store by the leak policy, and why."""
 
     path: str
@@ -188,9 +173,6 @@ class DroppedImage:
     label: str
     kind: Literal["label_conflict", "leak", "duplicate"]
     reason: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -244,11 +226,16 @@ def _ordered(values: Iterable[str], order: Sequence[str]) -> tuple[str, ...]:
     return tuple(sorted(unique, key=lambda v: (order.index(v) if v in order else len(order), v)))
 
 
-def duplicate_groups(records: Sequence[ImageRecord]) -> list[DuplicateGroup]:
-    """Groups of more than one record with the same pixel hash, in first-seen order."""
+def _by_hash(records: Sequence[ImageRecord]) -> dict[str, list[ImageRecord]]:
+    """The records of each pixel hash, in first-seen order."""
     by_hash: dict[str, list[ImageRecord]] = defaultdict(list)
     for r in records:
         by_hash[r.pixel_hash].append(r)
+    return by_hash
+
+
+def duplicate_groups(records: Sequence[ImageRecord]) -> list[DuplicateGroup]:
+    """Groups of more than one record with the same pixel hash, in first-seen order."""
     return [
         DuplicateGroup(
             pixel_hash=h,
@@ -256,17 +243,14 @@ def duplicate_groups(records: Sequence[ImageRecord]) -> list[DuplicateGroup]:
             splits=_ordered((r.split for r in group), SPLITS),
             labels=_ordered((r.label for r in group), CLASS_NAMES),
         )
-        for h, group in by_hash.items()
+        for h, group in _by_hash(records).items()
         if len(group) > 1
     ]
 
 
 def near_duplicates(records: Sequence[ImageRecord], max_distance: int) -> list[NearDuplicate]:
     """Pairs of distinct pixel hashes whose dHashes differ in at most `max_distance` bits."""
-    by_hash: dict[str, list[ImageRecord]] = defaultdict(list)
-    for r in records:
-        by_hash[r.pixel_hash].append(r)
-    groups = list(by_hash.values())
+    groups = list(_by_hash(records).values())
     found = []
     for i, j, dist in near_pairs([g[0].dhash for g in groups], max_distance):
         both = groups[i] + groups[j]

@@ -1,14 +1,14 @@
 """Raw images -> audited, leak-checked, resized uint8 tensors in the processed store.
 
-`run_preprocess` does: discover -> decode + gray + hashes + resize (a process pool) -> audit ->
-leak policy -> mean/std and the drift reference of the train split -> write the store,
-audit.json and reference.json. `run_audit` does the same without resizing or writing. Nothing
-is dropped silently: bad files are an error or, with on_bad_file="skip", listed in the audit and
-in meta.json; leak-policy drops are listed too.
+`run_preprocess`: discover -> decode + gray + hashes + resize (a process pool) -> audit -> leak
+policy -> mean/std and the drift reference of the train split -> write the store. `run_audit`
+does the same without resizing or writing. Nothing is dropped silently: bad files are an error
+or (on_bad_file="skip") listed in audit.json and meta.json, as are leak-policy drops.
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import os
 import signal
@@ -34,13 +34,7 @@ from ctscan.data.audit import (
 )
 from ctscan.data.raw import SPLITS, RawImage, RawTree, scan_raw
 from ctscan.data.reference import build_reference
-from ctscan.data.store import (
-    SplitArrays,
-    check_store_target,
-    find_dvc_hash,
-    raw_fingerprint,
-    write_store,
-)
+from ctscan.data.store import Split, check_store_target, find_dvc_hash, raw_fingerprint, write_store
 from ctscan.data.transforms import (
     DecodeLimits,
     PreprocessSpec,
@@ -54,65 +48,67 @@ from ctscan.files import folder_lock
 from ctscan.jobs import critical
 
 Progress = Callable[[int, int], None]  # progress(done, total)
-# Below this many images a pool costs more than it saves.
-POOL_MIN_IMAGES = 64
+POOL_MIN_IMAGES = 64  # below this a pool costs more than it saves
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass(frozen=True)
 class _Job:
     index: int
-    path: str
-    name: str
+    raw: RawImage
     size: int | None  # None: audit only, no resize
     resize: str
-    max_pixels: int
-    max_bytes: int
+    limits: DecodeLimits
 
 
 @dataclass(frozen=True)
 class _Done:
     index: int
-    error: str | None = None
-    pixel_hash: str = ""
-    dhash: int = 0
-    width: int = 0
-    height: int = 0
-    mode: str = ""
-    format: str | None = None
-    file_bytes: int = 0
-    thumb: bytes = b""
+    found: ImageRecord | BadFile
     image: np.ndarray | None = None  # (S, S) uint8
 
 
 def _process(job: _Job) -> _Done:
     """Decode one file and compute everything preprocessing needs from it (runs in a worker)."""
+    raw, limits = job.raw, job.limits
     try:
         img = decode_image(
-            Path(job.path), max_pixels=job.max_pixels, max_bytes=job.max_bytes, name=job.name
+            raw.path,
+            max_pixels=limits.max_pixels,
+            max_bytes=limits.max_bytes,
+            name=f"'{raw.relpath}'",
         )
         with img:
             fmt, mode, (width, height) = img.format, img.mode, img.size
             gray = to_gray(img)
     except DataError as exc:
-        return _Done(index=job.index, error=exc.message)
-    return _Done(
-        index=job.index,
+        return _Done(job.index, BadFile(raw.relpath, raw.split, raw.label, exc.message))
+    record = ImageRecord(
+        path=raw.relpath,
+        split=raw.split,
+        label=raw.label,
         pixel_hash=pixel_hash(gray),
         dhash=dhash64(gray),
-        thumb=thumbnail(gray),
         width=width,
         height=height,
         mode=mode,
         format=fmt,
-        file_bytes=os.path.getsize(job.path),
-        image=None if job.size is None else resize_square(gray, job.size, job.resize),
+        file_bytes=os.path.getsize(raw.path),
+        thumb=thumbnail(gray),
     )
+    image = None if job.size is None else resize_square(gray, job.size, job.resize)
+    return _Done(job.index, record, image)
 
 
-def _init_worker() -> None:
-    """Pool workers leave Ctrl-C and SIGTERM to the parent, which stops them (no tracebacks)."""
+def _init_worker(parent: int) -> None:
+    """Pool workers leave Ctrl-C and SIGTERM to the parent and die with it: killed, it leaves
+    none of them writing to its closed pipe (each a BrokenPipeError traceback)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not ctscan's handler, inherited by fork
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+        if os.getppid() != parent:  # it died before prctl
+            os._exit(0)
 
 
 def _start_pool(ctx: Any, processes: int) -> Any:
@@ -128,7 +124,7 @@ def _start_pool(ctx: Any, processes: int) -> Any:
     pool = None
     try:
         with critical(signal.SIGINT):
-            pool = ctx.Pool(processes=processes, initializer=_init_worker)
+            pool = ctx.Pool(processes=processes, initializer=_init_worker, initargs=(os.getpid(),))
     except BaseException:
         if pool is not None:
             pool.terminate()
@@ -138,28 +134,24 @@ def _start_pool(ctx: Any, processes: int) -> Any:
 
 
 def _run_jobs(jobs: list[_Job], workers: int | None, progress: Progress | None) -> list[_Done]:
-    total = len(jobs)
-    if workers is None:
-        workers = os.cpu_count() or 1
-    done: list[_Done | None] = [None] * total
+    total, workers = len(jobs), (os.cpu_count() or 1) if workers is None else workers
+    done: list[_Done] = []
     if workers <= 1 or total < POOL_MIN_IMAGES:
-        for n, job in enumerate(jobs, 1):
-            done[job.index] = _process(job)
+        for job in jobs:
+            done.append(_process(job))
             if progress:
-                progress(n, total)
-    else:
-        # fork on Linux: workers start at once and need no `if __name__ == "__main__"` guard in
-        # the caller; they run only PIL/numpy code, never torch. Elsewhere fork is unsafe.
-        methods = mp.get_all_start_methods()
-        method = "fork" if sys.platform == "linux" and "fork" in methods else "spawn"
-        ctx = mp.get_context(method)
-        chunk = max(1, total // (workers * 8))
-        with _start_pool(ctx, min(workers, total)) as pool:  # on Ctrl-C: terminated
-            for n, result in enumerate(pool.imap_unordered(_process, jobs, chunksize=chunk), 1):
-                done[result.index] = result
-                if progress:
-                    progress(n, total)
-    return [d for d in done if d is not None]
+                progress(len(done), total)
+        return done
+    # fork on Linux: workers start at once and need no `if __name__ == "__main__"` guard in the
+    # caller; they run only PIL/numpy code, never torch. Elsewhere fork is unsafe.
+    ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+    chunk = max(1, total // (workers * 8))
+    with _start_pool(ctx, min(workers, total)) as pool:  # on Ctrl-C: terminated
+        for result in pool.imap_unordered(_process, jobs, chunksize=chunk):
+            done.append(result)
+            if progress:
+                progress(len(done), total)
+    return sorted(done, key=lambda d: d.index)
 
 
 @dataclass
@@ -171,73 +163,32 @@ class _Scan:
 
 
 def _scan(
-    raw_dir: Path,
-    data: Any,
-    *,
-    resize: bool,
-    workers: int | None,
-    progress: Progress | None,
+    raw_dir: Path, data: Any, *, resize: bool, workers: int | None, progress: Progress | None
 ) -> _Scan:
     tree = scan_raw(raw_dir)
-    limits = DecodeLimits.from_settings(data)
-    raws: list[RawImage] = tree.images
-    jobs = [
-        _Job(
-            index=i,
-            path=str(r.path),
-            name=f"'{r.relpath}'",
-            size=int(data.image_size) if resize else None,
-            resize=check_resize(data.resize),
-            max_pixels=limits.max_pixels,
-            max_bytes=limits.max_bytes,
-        )
-        for i, r in enumerate(raws)
-    ]
-    results = _run_jobs(jobs, workers, progress)
-    records, images, bad = [], [], []
-    for raw, res in zip(raws, results, strict=True):
-        if res.error is not None:
-            bad.append(
-                BadFile(path=raw.relpath, split=raw.split, label=raw.label, reason=res.error)
-            )
-            continue
-        records.append(
-            ImageRecord(
-                path=raw.relpath,
-                split=raw.split,
-                label=raw.label,
-                pixel_hash=res.pixel_hash,
-                dhash=res.dhash,
-                width=res.width,
-                height=res.height,
-                mode=res.mode,
-                format=res.format,
-                file_bytes=res.file_bytes,
-                thumb=res.thumb,
-            )
-        )
-        images.append(res.image)
-    return _Scan(tree=tree, records=records, images=images, bad=bad)
+    limits, policy = DecodeLimits.from_settings(data), check_resize(data.resize)
+    size = int(data.image_size) if resize else None
+    jobs = [_Job(i, raw, size, policy, limits) for i, raw in enumerate(tree.images)]
+    scan = _Scan(tree, [], [], [])
+    for done in _run_jobs(jobs, workers, progress):
+        if isinstance(done.found, BadFile):
+            scan.bad.append(done.found)
+        else:
+            scan.records.append(done.found)
+            scan.images.append(done.image)
+    return scan
 
 
-def _ignored(tree: RawTree) -> list[tuple[str, str]]:
-    out = []
-    for path, why in tree.ignored:
-        try:
-            rel = path.relative_to(tree.raw_dir).as_posix()
-        except ValueError:
-            rel = str(path)
-        out.append((rel, why))
-    return out
-
-
-def _check_choice(name: str, value: str, allowed: Sequence[str]) -> str:
-    if value not in allowed:
-        raise DataError(
-            f"data.{name} '{value}' is not one of {', '.join(allowed)}.",
-            f"set data.{name} to one of {', '.join(allowed)}.",
-        )
-    return value
+def _audit(scan: _Scan, data: Any, raw_dir: Path, on_leak: str | None = None) -> AuditReport:
+    tree = scan.tree
+    return audit(
+        scan.records,
+        bad_files=scan.bad,
+        ignored=[(p.relative_to(tree.raw_dir).as_posix(), why) for p, why in tree.ignored],
+        near_duplicate_distance=int(data.near_duplicate_distance),
+        raw_dir=str(raw_dir),
+        on_leak=on_leak,
+    )
 
 
 def _raise_bad_files(bad: Sequence[BadFile]) -> None:
@@ -277,40 +228,46 @@ class PreprocessResult:
     spec: PreprocessSpec | None = None
 
 
-def _split_arrays(
+def _kept_splits(
     scan: _Scan, kept: Sequence[ImageRecord], why: str, raw_dir: Path
-) -> dict[str, SplitArrays]:
+) -> dict[str, Split]:
     """The kept images of each split as arrays; a split left empty is a DataError (`why`)."""
     kept_ids = {id(r) for r in kept}
     image_of = {id(r): img for r, img in zip(scan.records, scan.images, strict=True)}
-    arrays: dict[str, SplitArrays] = {}
-    for split in SPLITS:
-        rows = [r for r in scan.records if r.split == split and id(r) in kept_ids]
+    splits: dict[str, Split] = {}
+    for name in SPLITS:
+        rows = [r for r in scan.records if r.split == name and id(r) in kept_ids]
         if not rows:
             raise DataError(
-                f"split '{split}' has no usable images left {why}.",
-                f"check the raw folder '{raw_dir / split}' (`ctscan audit` lists the problems).",
+                f"split '{name}' has no usable images left {why}.",
+                f"check the raw folder '{raw_dir / name}' (`ctscan audit` lists the problems).",
             )
-        images = np.stack([image_of[id(r)] for r in rows])[:, None]  # (N, 1, S, S) uint8
-        arrays[split] = SplitArrays(
-            images=np.ascontiguousarray(images, dtype=np.uint8),
+        splits[name] = Split(
+            images=np.stack([image_of[id(r)] for r in rows])[:, None],  # (N, 1, S, S) uint8
             labels=np.array([CLASS_NAMES.index(r.label) for r in rows], dtype=np.int64),
             paths=[r.path for r in rows],
             hashes=[r.pixel_hash for r in rows],
         )
-    return arrays
+    return splits
 
 
-def _spec(data: Any, train_images: np.ndarray) -> PreprocessSpec:
-    """The preprocessing spec of a new store: the data settings and the train split's mean/std."""
-    mean, std = mean_std(train_images)
-    return PreprocessSpec(
-        image_size=int(data.image_size),
-        resize=data.resize,
-        mean=mean,
-        std=std,
-        class_names=CLASS_NAMES,
+def _apply_leak_policy(
+    scan: _Scan, data: Any, raw_dir: Path
+) -> tuple[AuditReport, dict[str, Split]]:
+    """The audit report and the images data.on_leak keeps, per split."""
+    report = _audit(scan, data, raw_dir)
+    kept, dropped = leak_policy(scan.records, data.on_leak, report.near_duplicates)
+    report.on_leak, report.dropped = data.on_leak, dropped
+    why = (
+        f"({len(scan.bad)} bad file(s) skipped, {len(dropped)} image(s) dropped by "
+        f"on_leak={data.on_leak})"
     )
+    splits = _kept_splits(scan, kept, why, raw_dir)
+    report.kept_counts = {
+        s: {c: int((a.labels == i).sum()) for i, c in enumerate(CLASS_NAMES)}
+        for s, a in splits.items()
+    }
+    return report, splits
 
 
 def run_preprocess(
@@ -318,76 +275,53 @@ def run_preprocess(
     raw_dir: Path | str | None = None,
     out_dir: Path | str | None = None,
     *,
-    on_bad_file: str | None = None,
     progress: Progress | None = None,
     workers: int | None = None,
     force: bool = False,
 ) -> PreprocessResult:
     """Build the processed store from the raw images (see the module docstring).
 
-    `settings`: a `Settings` (its `data` and `paths` sections are used). `raw_dir` / `out_dir`
-    default to paths.raw_dir / paths.processed_dir; `on_bad_file` overrides data.on_bad_file.
-    `progress(done, total)` is called after each image. `workers`: processes (default: all
-    cores; 0 or 1 = in this process). A store at `out_dir` built with other data settings is
-    replaced only with `force`; one built with the same settings is rebuilt.
+    `settings`: a `Settings` (its `data` and `paths` are used); `raw_dir` / `out_dir` default to
+    paths.raw_dir / paths.processed_dir. `progress(done, total)` is called after each image.
+    `workers`: processes (default: all cores; 0 or 1: this one). A store at `out_dir` built with
+    other data settings is replaced only with `force`; one with the same settings is rebuilt.
     """
     start = time.perf_counter()
     data = settings.data
     raw_dir = Path(raw_dir if raw_dir is not None else settings.paths.raw_dir)
     out_dir = Path(out_dir if out_dir is not None else settings.paths.processed_dir)
-    on_bad = _check_choice("on_bad_file", on_bad_file or data.on_bad_file, ("error", "skip"))
-    on_leak = _check_choice("on_leak", data.on_leak, ("keep", "drop"))
     check_store_target(out_dir, data=data, force=force)  # fails now, not after the scan
     # One preprocess per store at a time: the settings check and the swap under one lock.
     lock = {"what": "folder of the processed store", "name": f".{out_dir.name}.lock"}
     with folder_lock(out_dir.parent, error=DataError, **lock):
         check_store_target(out_dir, data=data, force=force)  # again: another may have written it
         scan = _scan(raw_dir, data, resize=True, workers=workers, progress=progress)
-        if scan.bad and on_bad == "error":
+        if scan.bad and data.on_bad_file == "error":
             _raise_bad_files(scan.bad)
-        report = audit(
-            scan.records,
-            bad_files=scan.bad,
-            ignored=_ignored(scan.tree),
-            near_duplicate_distance=int(data.near_duplicate_distance),
-            raw_dir=str(raw_dir),
-        )
-        kept, dropped = leak_policy(scan.records, on_leak, report.near_duplicates)
-        report.on_leak, report.dropped = on_leak, dropped
-        arrays = _split_arrays(
-            scan,
-            kept,
-            f"({len(scan.bad)} bad file(s) skipped, {len(dropped)} "
-            f"image(s) dropped by on_leak={on_leak})",
-            raw_dir,
-        )
-        report.kept_counts = {
-            s: {c: int((a.labels == i).sum()) for i, c in enumerate(CLASS_NAMES)}
-            for s, a in arrays.items()
-        }
-        spec = _spec(data, arrays["train"].images)
-        data_dict = {**data.model_dump(mode="json"), "on_bad_file": on_bad}
+        report, splits = _apply_leak_policy(scan, data, raw_dir)
+        spec = _spec(data, splits["train"].images)
         store_dir = write_store(
             out_dir,
-            arrays,
+            splits,
             spec=spec,
-            data_settings=data_dict,
+            data_settings=data.model_dump(mode="json"),
             raw_dir=raw_dir,
             raw_fingerprint=raw_fingerprint(scan.tree.images),
             dvc_md5=find_dvc_hash(raw_dir),
-            on_leak=on_leak,
-            dropped=[d.to_dict() for d in dropped],
+            on_leak=data.on_leak,
+            dropped=[d.to_dict() for d in report.dropped],
             skipped=[b.to_dict() for b in scan.bad],
             audit=report.to_dict(),
-            reference=build_reference(arrays["train"].images),  # drift monitoring (serve)
+            reference=build_reference(splits["train"].images),  # drift monitoring (serve)
         )
-        return PreprocessResult(
-            store_dir=store_dir,
-            report=report,
-            counts={s: len(a.paths) for s, a in arrays.items()},
-            seconds=time.perf_counter() - start,
-            spec=spec,
-        )
+    counts = {s: len(a) for s, a in splits.items()}
+    return PreprocessResult(store_dir, report, counts, time.perf_counter() - start, spec)
+
+
+def _spec(data: Any, train_images: np.ndarray) -> PreprocessSpec:
+    """The preprocessing spec of a new store: the data settings and the train split's mean/std."""
+    mean, std = mean_std(train_images)
+    return PreprocessSpec(int(data.image_size), data.resize, mean, std, CLASS_NAMES)
 
 
 def run_audit(
@@ -397,18 +331,9 @@ def run_audit(
     progress: Progress | None = None,
     workers: int | None = None,
 ) -> AuditReport:
-    """Audit the raw images without writing anything; bad files are listed, not raised.
-
-    The report also shows what data.on_leak would drop.
-    """
+    """Audit the raw images without writing anything; bad files are listed, not raised. The
+    report also shows what data.on_leak would drop."""
     data = settings.data
     raw_dir = Path(raw_dir if raw_dir is not None else settings.paths.raw_dir)
     scan = _scan(raw_dir, data, resize=False, workers=workers, progress=progress)
-    return audit(
-        scan.records,
-        bad_files=scan.bad,
-        ignored=_ignored(scan.tree),
-        near_duplicate_distance=int(data.near_duplicate_distance),
-        raw_dir=str(raw_dir),
-        on_leak=_check_choice("on_leak", data.on_leak, ("keep", "drop")),
-    )
+    return _audit(scan, data, raw_dir, on_leak=data.on_leak)

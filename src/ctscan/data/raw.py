@@ -60,10 +60,6 @@ def _tokens(folder: str) -> list[str]:
     return [t for t in _SEPARATORS.split(folder.strip().lower()) if t]
 
 
-def _accepted_names() -> str:
-    return ", ".join(CLASS_NAMES)
-
-
 def canonical_label(folder: str) -> str:
     """Map a class-folder name (long or short Kaggle name, any case or separator) to its label."""
     tokens = _tokens(folder)
@@ -79,16 +75,11 @@ def canonical_label(folder: str) -> str:
             return name
     compact = "_".join(tokens)
     raise DataError(
-        f"class folder '{folder}' is not one of the known classes ({_accepted_names()}; "
+        f"class folder '{folder}' is not one of the known classes ({', '.join(CLASS_NAMES)}; "
         "dots, dashes, spaces and any case are fine, optionally followed by a location/stage "
         f"suffix such as '_left.hilum_T2_N2_M0_IIIa').{close_matches(compact, CLASS_NAMES)}",
         "rename the folder to one of the accepted names or remove it.",
     )
-
-
-def is_image_file(path: Path) -> bool:
-    """True for a file whose suffix is one of the image suffixes (any case)."""
-    return path.suffix.lower() in IMAGE_SUFFIXES
 
 
 def _is_hidden(path: Path) -> bool:
@@ -154,7 +145,7 @@ def _scan_split(split_dir: Path, split: str, ignored: list[tuple[Path, str]]) ->
                 ignored.append((item, "hidden file"))
             elif item.is_dir():
                 ignored.append((item, "folder inside a class folder (not searched)"))
-            elif not is_image_file(item):
+            elif item.suffix.lower() not in IMAGE_SUFFIXES:
                 ignored.append((item, f"suffix '{item.suffix}' is not an image suffix"))
             else:
                 found.append(RawImage(path=item, split=split, label=label, label_index=index))

@@ -11,13 +11,10 @@ Each image is described by FEATURES, computed on the (S, S) uint8 gray image the
     entropy             Shannon entropy of the 256-bin histogram, in bits (0..8)
     edge_energy         mean absolute difference between neighbouring pixels (sharpness/noise)
 
-`preprocess` stores a sample of these values (not only their mean and std: a two-sample test
-needs the samples) as `reference.json` in the processed store (REFERENCE_FILE; read it with
-`Store.reference()` or `load_reference`). `train` writes the best model's confidence on the
-train images as `reference_confidence.json` in the run folder (CONFIDENCE_FILE): its calibrated
-max-softmax, softmax(logits / T), with the T it used (`ctscan calibrate` rewrites it for a new
-T), and under `features` a copy of the store's reference.json: the drift reference travels with
-the model (cv folds, ensembles and calibrate write the same file beside theirs). The server's
+`preprocess` stores a sample of these values (a two-sample test needs samples) as
+`reference.json` in the store (`Store.reference()`, `load_reference`). `train` writes the best
+model's calibrated max-softmax on the train images, with its T and a copy of reference.json
+under `features`, as `reference_confidence.json` beside the checkpoint; the server's
 `DriftMonitor` (serve/monitoring.py) compares recent requests with both.
 
 reference.json: {"format": 1, "features": [names], "samples": {name: [float, ...]}, "n": number

@@ -1,30 +1,21 @@
-"""The processed store: one directory of `.npy` arrays plus JSON, written atomically.
+"""The processed store: one folder of `.npy` arrays plus JSON, written atomically.
 
 Layout of `<processed_dir>/`:
-    meta.json              spec (size, resize, mean/std, class names), the `data` settings, the
-                           raw folder (absolute, and relative to the store), raw fingerprint, DVC
-                           md5, on_leak and what was dropped/skipped, counts, version, creation
-                           time, size and sha256 of every other file
+    meta.json              spec, `data` settings, raw folder (absolute and relative to the
+                           store), raw fingerprint, DVC md5, what was dropped/skipped, counts,
+                           and the size + sha256 of every other file
     index.json             per split: `paths` (relative to the raw dir) and `pixel_hashes`
-    audit.json             the full audit report
-    reference.json         per-image statistics of a train sample, the drift reference
-                           (data/reference.py)
+    audit.json             the audit report
+    reference.json         the drift reference (data/reference.py)
     <split>_images.npy     (N, 1, S, S) uint8
     <split>_labels.npy     (N,) int64
 
-The store is built in a temporary directory beside the target, every file is fsynced, and then
-it replaces the target by two renames (old -> backup, new -> target; the backup is deleted).
-A failure while building leaves the old store untouched.
-
-Raw fingerprint: SHA-256 over the sorted `split/class folder/file` paths and file sizes of every
-raw image. It needs one `stat` per file (milliseconds), survives `dvc checkout` (which resets
-mtimes), and catches added, removed, renamed and resized files; an edit that keeps the byte size
-is missed, which the stored pixel hashes and the DVC md5 in meta.json make auditable.
-
-`open_store` checks the fingerprint wherever it runs from: it looks for the raw folder at the
-absolute path recorded, then at the recorded path relative to the store (a project tree moved or
-copied whole). A store copied without its raw images stays usable; `Store.raw_check` then says
-that the raw folder was not found (and what `data.dvc` says), for the caller to print.
+It is built in a temp folder beside the target, fsynced, then renamed in (old store -> backup,
+new -> target): a failure leaves the old store whole. The raw fingerprint (SHA-256 of every raw
+image's `split/class/file` path and byte size) needs one `stat` per file and survives `dvc
+checkout`; an edit that keeps the size is left to the pixel hashes and the DVC md5.
+`open_store` finds the raw folder by its absolute path, then relative to the store; a store
+copied without its raw images stays usable, and `Store.raw_warning` says so.
 """
 
 from __future__ import annotations
@@ -36,7 +27,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from shlex import quote
@@ -71,31 +62,19 @@ STORE_FIX = (
     "choose another --out folder (paths.processed_dir): a new folder or an existing store, "
     "in a place you can write to."
 )
-# `data` settings that change the stored tensors; they must match what the caller expects.
+# The `data` settings that change the stored tensors. The bad-file settings and
+# near_duplicate_distance do not: what a store left out is listed in its meta.json.
 TENSOR_KEYS: tuple[str, ...] = ("image_size", "resize", "on_leak")
-# Not compared: near_duplicate_distance (the audit report only) and the bad-file settings
-# (on_bad_file, max_image_pixels, max_file_bytes). Which files a store left out is a property of
-# the store, listed in meta.json `skipped` (`Store.skipped`), not a setting train must repeat.
 RAW_VERIFIED = "verified"
 RAW_NOT_RECORDED = "not checked: the store records no raw folder"
 
 
 @dataclass
-class SplitArrays:
-    """One split as numpy arrays, ready to write."""
-
-    images: np.ndarray  # (N, 1, S, S) uint8
-    labels: np.ndarray  # (N,) int64
-    paths: list[str]
-    hashes: list[str]
-
-
-@dataclass
 class Split:
-    """One split as torch tensors, read from the store."""
+    """One split: numpy arrays on their way into the store, torch tensors read from it."""
 
-    images: torch.Tensor  # (N, 1, S, S) uint8
-    labels: torch.Tensor  # (N,) int64
+    images: np.ndarray | torch.Tensor  # (N, 1, S, S) uint8
+    labels: np.ndarray | torch.Tensor  # (N,) int64
     paths: list[str]
     hashes: list[str]
 
@@ -118,23 +97,15 @@ _DVC_MD5 = re.compile(r"^\s*-?\s*md5:\s*([0-9a-f]{32}(?:\.dir)?)\s*$", re.MULTIL
 def read_dvc_md5(dvc_file: Path | str) -> str | None:
     """The md5 a `.dvc` pointer file records for what it tracks, or None."""
     try:
-        text = Path(dvc_file).read_text(encoding="utf-8")
+        match = _DVC_MD5.search(Path(dvc_file).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError):
         return None
-    match = _DVC_MD5.search(text)
     return match.group(1) if match else None
 
 
-def dvc_data_hash(project_root: Path | str) -> str | None:
-    """The md5 that `<project_root>/data.dvc` records for the data directory, or None."""
-    return read_dvc_md5(Path(project_root) / "data.dvc")
-
-
 def find_dvc_file(path: Path | str) -> Path | None:
-    """The `.dvc` file tracking `path` or a folder above it (`data.dvc` for `data/...`), or None.
-
-    `path` need not exist: a project checked out without `dvc pull` still has its `data.dvc`.
-    """
+    """The `.dvc` file tracking `path` or a folder above it (`data.dvc` for `data/...`), or None;
+    `path` need not exist (a checkout without `dvc pull`)."""
     here = Path(os.path.abspath(path))
     for folder in [here, *here.parents]:
         if folder.name and (folder.parent / f"{folder.name}.dvc").is_file():
@@ -156,14 +127,21 @@ def _write_file(path: Path, write: Any) -> None:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    _write_file(path, lambda fh: fh.write(json.dumps(obj, indent=1, sort_keys=False).encode()))
+    _write_file(path, lambda fh: fh.write(json.dumps(obj, indent=1).encode()))
+
+
+def _read_meta(store_dir: Path) -> dict[str, Any] | None:
+    """A store's meta.json, or None when it is absent or unreadable."""
+    try:
+        meta = json.loads((store_dir / META_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
 
 
 def _looks_like_store(path: Path) -> bool:
-    if not path.exists():
-        return True
     try:
-        if path.is_dir() and not any(path.iterdir()):
+        if not path.exists() or (path.is_dir() and not any(path.iterdir())):
             return True
     except OSError:
         return False
@@ -173,13 +151,11 @@ def _looks_like_store(path: Path) -> bool:
 def check_store_target(
     out_dir: Path | str, *, data: Mapping[str, Any] | Any | None = None, force: bool = False
 ) -> Path:
-    """Make sure a store can be written at `out_dir` (creating its parent folder), or raise.
+    """Make sure a store can be written at `out_dir`, or raise one DataError naming the path.
 
-    One DataError names the path when it is a file, a folder that is not a store, lies under a
-    file, or cannot be written; nothing is written then. Called before preprocessing starts, so a
-    bad `--out` fails at once, and again by `write_store`. With `data` (the `data` settings of
-    the new store), a store there built with other TENSOR_KEYS is replaced only with `force`:
-    the runs trained on it would lose their data.
+    Called before preprocessing starts (a bad `--out` fails at once) and by `write_store`. With
+    `data` (the new store's `data` settings), a store there built with other TENSOR_KEYS is
+    replaced only with `force`: the runs trained on it would lose their data.
     """
     out_dir = Path(out_dir)
     what = f"processed store folder '{out_dir}'"
@@ -207,15 +183,6 @@ def check_store_target(
     return out_dir
 
 
-def _read_meta(store_dir: Path) -> dict[str, Any] | None:
-    """A store's meta.json, or None when it is absent or unreadable."""
-    try:
-        meta = json.loads((store_dir / META_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return meta if isinstance(meta, dict) else None
-
-
 def _tag(stale: Sequence[str], data: Any) -> str:
     """The new values of the settings that differ (`64` for data.image_size=64)."""
     wanted = _as_dict(data)
@@ -226,8 +193,7 @@ def _tag(stale: Sequence[str], data: Any) -> str:
 def _free_folder(base: Path | str, tag: str) -> Path:
     """A folder beside `base` that does not exist yet: `outputs/processed-64` for tag 64."""
     base = Path(base)
-    found = base.with_name(f"{base.name}-{tag}")
-    n = 2
+    found, n = base.with_name(f"{base.name}-{tag}"), 2
     while found.exists():
         found, n = base.with_name(f"{base.name}-{tag}-{n}"), n + 1
     return found
@@ -235,9 +201,7 @@ def _free_folder(base: Path | str, tag: str) -> Path:
 
 def _replace_dir(new: Path, target: Path) -> None:
     """Put `new` where `target` is, replacing an existing store."""
-    if not target.exists():
-        os.rename(new, target)
-    else:
+    if target.exists():
         backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
         backup.rmdir()
         os.rename(target, backup)
@@ -250,12 +214,48 @@ def _replace_dir(new: Path, target: Path) -> None:
             backup.unlink()
         else:
             shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.rename(new, target)
     fsync_dir(target.parent)
+
+
+def _shape_problem(split: Split, size: int, channels: int = 1) -> str | None:
+    """What is wrong with the shapes and dtypes of a split's arrays, or None."""
+    images, labels, n = split.images, split.labels, len(split)
+    if (
+        str(images.dtype).removeprefix("torch.") != "uint8"
+        or tuple(images.shape) != (n, channels, size, size)
+        or str(labels.dtype).removeprefix("torch.") != "int64"
+        or tuple(labels.shape) != (n,)
+        or len(split.hashes) != n
+    ):
+        return (
+            f"images {images.dtype}{list(images.shape)}, labels {labels.dtype}"
+            f"{list(labels.shape)} for {n} paths"
+        )
+    return None
+
+
+def _write_payload(
+    folder: Path, splits: Mapping[str, Split], json_files: Mapping[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Write the arrays, index.json and the other JSON files; their sizes and sha256 by name."""
+    for name, arr in splits.items():
+        for kind, value in (("images", arr.images), ("labels", arr.labels)):
+            _write_file(folder / f"{name}_{kind}.npy", lambda fh, v=value: np.save(fh, v))
+    index = {n: {"paths": list(a.paths), "pixel_hashes": list(a.hashes)} for n, a in splits.items()}
+    for fname, obj in {INDEX_FILE: index, **json_files}.items():
+        if obj is not None:
+            _write_json(folder / fname, obj)
+    return {
+        p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+        for p in sorted(folder.iterdir())
+    }
 
 
 def write_store(
     out_dir: Path | str,
-    splits: Mapping[str, SplitArrays],
+    splits: Mapping[str, Split],
     *,
     spec: PreprocessSpec,
     data_settings: Mapping[str, Any],
@@ -270,33 +270,17 @@ def write_store(
 ) -> Path:
     """Write the store atomically to `out_dir` (replacing an older store there) and return it."""
     out_dir = check_store_target(out_dir)
-    for name, arr in splits.items():
-        n = len(arr.paths)
-        size = spec.image_size
-        if arr.images.shape != (n, 1, size, size) or arr.images.dtype != np.uint8:
-            raise ValueError(f"{name}: images {arr.images.dtype} {arr.images.shape}, N={n}")
-        if arr.labels.shape != (n,) or arr.labels.dtype != np.int64 or len(arr.hashes) != n:
-            raise ValueError(f"{name}: labels {arr.labels.dtype} {arr.labels.shape}, N={n}")
+    for name, split in splits.items():
+        problem = _shape_problem(split, spec.image_size)
+        if problem is not None:
+            raise ValueError(f"split '{name}' has {problem}")
     raw_abs = Path(raw_dir).resolve() if raw_dir is not None else None
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     except OSError as exc:
         raise _write_failed(out_dir, exc) from None
     try:
-        files: dict[str, dict[str, Any]] = {}
-        index: dict[str, dict[str, list[str]]] = {}
-        for name, arr in splits.items():
-            for kind, value in (("images", arr.images), ("labels", arr.labels)):
-                fname = f"{name}_{kind}.npy"
-                _write_file(tmp / fname, lambda fh, v=value: np.save(fh, v, allow_pickle=False))
-            index[name] = {"paths": list(arr.paths), "pixel_hashes": list(arr.hashes)}
-        _write_json(tmp / INDEX_FILE, index)
-        if audit is not None:
-            _write_json(tmp / AUDIT_FILE, audit)
-        if reference is not None:
-            _write_json(tmp / REFERENCE_FILE, reference)
-        for path in sorted(tmp.iterdir()):
-            files[path.name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+        files = _write_payload(tmp, splits, {AUDIT_FILE: audit, REFERENCE_FILE: reference})
         meta = {
             "store_format": STORE_FORMAT,
             "ctscan_version": ctscan.__version__,
@@ -308,7 +292,7 @@ def write_store(
             "raw_fingerprint": raw_fingerprint,
             "dvc_md5": dvc_md5,
             "on_leak": on_leak,
-            "counts": {name: len(arr.paths) for name, arr in splits.items()},
+            "counts": {name: len(arr) for name, arr in splits.items()},
             "class_counts": {
                 name: {c: int((arr.labels == i).sum()) for i, c in enumerate(spec.class_names)}
                 for name, arr in splits.items()
@@ -329,9 +313,10 @@ def write_store(
 
 
 def _write_failed(out_dir: Path, exc: OSError) -> DataError:
+    at = f" (at {exc.filename!r})" if exc.filename else ""
     return DataError(
-        f"cannot write the processed store '{out_dir}': {exc.strerror or exc}"
-        f"{f' (at {exc.filename!r})' if exc.filename else ''}; the old store, if any, is kept.",
+        f"cannot write the processed store '{out_dir}': {exc.strerror or exc}{at}; the old "
+        "store, if any, is kept.",
         "free disk space or " + STORE_FIX,
     )
 
@@ -347,10 +332,9 @@ def _relative(target: Path, store_dir: Path) -> str | None:
 class Store:
     """A processed store opened by `load_store`: `.meta`, `.spec`, `.split(name)`.
 
-    `raw_check` says how `open_store` checked it against the raw images: "verified",
-    "raw folder not found: <path>..." (a copied store: usable, `raw_warning` is the line to print)
-    or "not checked: ..." (opened by `load_store`, or a store that records no raw folder).
-    `raw_dir` is the raw folder it was verified against.
+    `raw_check`: how `open_store` checked it against its raw folder (`raw_dir`): "verified",
+    "raw folder not found: ..." (a copied store: `raw_warning` is the line to print) or
+    "not checked: ...".
     """
 
     def __init__(self, path: Path, meta: dict[str, Any], index: dict[str, Any]) -> None:
@@ -367,8 +351,7 @@ class Store:
         """One line for stderr when the raw folder could not be checked, else None."""
         if not self.raw_check.startswith("raw folder not found"):
             return None
-        what = f"processed store '{self.path}'"
-        return f"{what} not checked against its raw images: {self.raw_check}"
+        return f"processed store '{self.path}' not checked against its raw images: {self.raw_check}"
 
     @property
     def skipped(self) -> list[dict[str, Any]]:
@@ -388,9 +371,7 @@ class Store:
     @property
     def split_names(self) -> tuple[str, ...]:
         """The splits held, in the canonical order."""
-        return tuple(s for s in SPLITS if s in self._index) + tuple(
-            s for s in self._index if s not in SPLITS
-        )
+        return tuple(sorted(self._index, key=lambda s: SPLITS.index(s) if s in SPLITS else 3))
 
     @property
     def counts(self) -> dict[str, int]:
@@ -427,31 +408,22 @@ class Store:
 
         self._require_split(name)
         if name not in self._splits:
-            images = self._load_array(f"{name}_images.npy")
-            labels = self._load_array(f"{name}_labels.npy")
-            paths, hashes = self.identities(name)
-            n, s = len(paths), self.spec.image_size
-            if (
-                images.dtype != np.uint8
-                or images.shape != (n, self.spec.channels, s, s)
-                or labels.dtype != np.int64
-                or labels.shape != (n,)
-                or len(hashes) != n
-            ):
+            split = Split(
+                self._load_array(f"{name}_images.npy"),
+                self._load_array(f"{name}_labels.npy"),
+                *self.identities(name),
+            )
+            problem = _shape_problem(split, self.spec.image_size, self.spec.channels)
+            if problem is not None:
                 raise DataError(
-                    f"the store at '{self.path}' is inconsistent: split '{name}' has images "
-                    f"{images.dtype}{list(images.shape)}, labels {labels.dtype}"
-                    f"{list(labels.shape)} for {n} paths.",
+                    f"the store at '{self.path}' is inconsistent: split '{name}' has {problem}.",
                     self.rebuild_fix,
                 )
-            if n and (labels.min() < 0 or labels.max() >= len(self.spec.class_names)):
+            labels = split.labels
+            if len(split) and (labels.min() < 0 or labels.max() >= len(self.spec.class_names)):
                 raise DataError(f"split '{name}' has labels out of range.", self.rebuild_fix)
-            self._splits[name] = Split(
-                images=torch.from_numpy(images),
-                labels=torch.from_numpy(labels),
-                paths=paths,
-                hashes=hashes,
-            )
+            split.images, split.labels = torch.from_numpy(split.images), torch.from_numpy(labels)
+            self._splits[name] = split
         return self._splits[name]
 
     def _load_array(self, fname: str) -> np.ndarray:
@@ -469,16 +441,11 @@ def _corrupt(store_dir: Path, what: str, fix: str = PREPROCESS_FIX) -> DataError
 
 
 def _as_dict(data: Any) -> dict[str, Any]:
-    if hasattr(data, "model_dump"):
-        return data.model_dump(mode="json")
-    return dict(data)
+    return data.model_dump(mode="json") if hasattr(data, "model_dump") else dict(data)
 
 
 def stale_keys(meta: Mapping[str, Any], expect_data: Mapping[str, Any] | Any) -> list[str]:
-    """`data.<key>: store=<v> settings=<w>` for every setting that makes the store stale.
-
-    Only TENSOR_KEYS count: how the store handled bad files is the store's own (see TENSOR_KEYS).
-    """
+    """`data.<key>: store=<v> settings=<w>` for every TENSOR_KEYS setting that differs."""
     stored = meta.get("data", {})
     expected = _as_dict(expect_data)
     return [
@@ -506,12 +473,9 @@ def _check_raw_fingerprint(
 
 
 def raw_dir_candidates(store_dir: Path | str, meta: Mapping[str, Any]) -> list[Path]:
-    """Where the raw folder a store was built from may be, best first (they need not exist).
-
-    The absolute path recorded, then the recorded path relative to the store. Stores written
-    before ctscan recorded absolute paths kept the path as given, relative to the folder
-    preprocess ran in: it is looked up from each folder above the store, nearest first.
-    """
+    """Where the raw folder a store was built from may be, best first (they need not exist):
+    the absolute path recorded, then the path relative to the store. Older stores recorded a
+    path relative to where preprocess ran: it is looked up from each folder above the store."""
     recorded = meta.get("raw_dir")
     if not recorded or str(recorded) == ".":
         return []
@@ -531,9 +495,9 @@ def check_raw(
 ) -> tuple[str, Path | None]:
     """Check a store against its raw folder: ("verified", folder) or (why not checked, None).
 
-    Raises a DataError when the raw folder is found and its images changed (or cannot be
-    read). A raw folder that is not on disk (a copied store) is not an error: the result says
-    so, with the data version the nearest `.dvc` file records when one is found.
+    A DataError when the raw folder is found and its images changed (or cannot be read). A raw
+    folder not on disk (a copied store) is no error: the note says so, with the data version
+    the nearest `.dvc` file records.
     """
     store_dir = Path(store_dir)
     candidates = raw_dir_candidates(store_dir, meta)
@@ -559,12 +523,10 @@ def check_raw(
             "versions recorded it) is in no folder above the store; `ctscan preprocess` records "
             "it in full"
         )
-    stored_md5 = meta.get("dvc_md5")
-    for folder in candidates:
-        dvc_file = find_dvc_file(folder)
-        md5 = read_dvc_md5(dvc_file) if dvc_file is not None else None
-        if md5 is None:
-            continue
+    dvc_files = [f for f in map(find_dvc_file, candidates) if f and read_dvc_md5(f)]
+    if dvc_files:
+        dvc_file, stored_md5 = dvc_files[0], meta.get("dvc_md5")
+        md5 = read_dvc_md5(dvc_file)
         if stored_md5 == md5:
             note += f"; '{dvc_file}' records the data version the store was built from ({md5})"
         else:
@@ -573,8 +535,42 @@ def check_raw(
                 f"from {stored_md5 or 'an unrecorded version'}): `dvc pull`, then "
                 "`ctscan preprocess`"
             )
-        break
     return note, None
+
+
+def _read_store_json(store_dir: Path, fix: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """meta.json and index.json of a store, refusing a missing, unreadable or foreign one."""
+    try:
+        meta = json.loads((store_dir / META_FILE).read_text())
+        index = json.loads((store_dir / INDEX_FILE).read_text())
+    except FileNotFoundError as exc:
+        raise _corrupt(store_dir, f"'{Path(exc.filename).name}' is missing", fix) from None
+    except (OSError, ValueError) as exc:
+        raise _corrupt(store_dir, f"its JSON cannot be read ({exc})", fix) from None
+    if not isinstance(meta, dict) or meta.get("store_format") != STORE_FORMAT:
+        found = meta.get("store_format") if isinstance(meta, dict) else None
+        raise DataError(
+            f"the processed store at '{store_dir}' has format {found!r}, this ctscan reads "
+            f"format {STORE_FORMAT}.",
+            fix,
+        )
+    for key in ("spec", "data", "counts", "files", "raw_fingerprint"):
+        if key not in meta:
+            raise _corrupt(store_dir, f"meta.json lacks '{key}'", fix)
+    return meta, index
+
+
+def _check_files(store_dir: Path, files: Mapping[str, Any], verify: bool, fix: str) -> None:
+    """Every file meta.json lists is there, with its size (and with `verify`, its sha256)."""
+    for fname, info in files.items():
+        path = store_dir / fname
+        if not path.is_file():
+            raise _corrupt(store_dir, f"'{fname}' is missing", fix)
+        size = path.stat().st_size
+        if size != info["bytes"]:
+            raise _corrupt(store_dir, f"'{fname}' has {size} bytes, expected {info['bytes']}", fix)
+        if verify and file_sha256(path) != info["sha256"]:
+            raise _corrupt(store_dir, f"'{fname}' does not match its sha256", fix)
 
 
 def load_store(
@@ -598,46 +594,18 @@ def load_store(
         leftovers = sorted(store_dir.parent.glob(f".{store_dir.name}.old-*"))
         hint = f" (an interrupted write left '{leftovers[0]}')" if leftovers else ""
         raise DataError(f"no processed store at '{store_dir}'{hint}.", f"run `{command}`.")
-    try:
-        meta = json.loads((store_dir / META_FILE).read_text())
-        index = json.loads((store_dir / INDEX_FILE).read_text())
-    except FileNotFoundError as exc:
-        raise _corrupt(store_dir, f"'{Path(exc.filename).name}' is missing", fix) from None
-    except (OSError, ValueError) as exc:
-        raise _corrupt(store_dir, f"its JSON cannot be read ({exc})", fix) from None
-    if not isinstance(meta, dict) or meta.get("store_format") != STORE_FORMAT:
-        found = meta.get("store_format") if isinstance(meta, dict) else None
+    meta, index = _read_store_json(store_dir, fix)
+    _check_files(store_dir, meta["files"], verify, fix)
+    stale = stale_keys(meta, expect_data) if expect_data is not None else []
+    if stale:  # never "rebuild it": that would take the store from the runs trained on it
+        new = _free_folder(store_dir, _tag(stale, expect_data))
         raise DataError(
-            f"the processed store at '{store_dir}' has format {found!r}, this ctscan reads "
-            f"format {STORE_FORMAT}.",
-            fix,
+            f"the processed store at '{store_dir}' was built with other settings: "
+            + "; ".join(stale)
+            + ".",
+            f"change the settings back, or give these settings a store of their own: "
+            f"`{command} --out {new}`, then add `--set paths.processed_dir={new}` here.",
         )
-    for key in ("spec", "data", "counts", "files", "raw_fingerprint"):
-        if key not in meta:
-            raise _corrupt(store_dir, f"meta.json lacks '{key}'", fix)
-    for fname, info in meta["files"].items():
-        path = store_dir / fname
-        if not path.is_file():
-            raise _corrupt(store_dir, f"'{fname}' is missing", fix)
-        if path.stat().st_size != info["bytes"]:
-            raise _corrupt(
-                store_dir,
-                f"'{fname}' has {path.stat().st_size} bytes, expected {info['bytes']}",
-                fix,
-            )
-        if verify and file_sha256(path) != info["sha256"]:
-            raise _corrupt(store_dir, f"'{fname}' does not match its sha256", fix)
-    if expect_data is not None:
-        stale = stale_keys(meta, expect_data)
-        if stale:  # never "rebuild it": that would take the store from the runs trained on it
-            new = _free_folder(store_dir, _tag(stale, expect_data))
-            raise DataError(
-                f"the processed store at '{store_dir}' was built with other settings: "
-                + "; ".join(stale)
-                + ".",
-                f"change the settings back, or give these settings a store of their own: "
-                f"`{command} --out {new}`, then add `--set paths.processed_dir={new}` here.",
-            )
     if raw_fingerprint is not None:
         _check_raw_fingerprint(store_dir, meta, raw_fingerprint, fix=fix)
     PreprocessSpec.from_dict(meta["spec"])  # refuse a bad spec now, not at first use
@@ -646,20 +614,9 @@ def load_store(
     return store
 
 
-@dataclass
-class StoreSummary:
-    """Sizes of a written store, for benchmarks and the CLI."""
-
-    path: Path
-    total_bytes: int
-    files: dict[str, int] = field(default_factory=dict)
-
-
-def store_size(store_dir: Path | str) -> StoreSummary:
-    """Bytes on disk of every file in the store."""
-    store_dir = Path(store_dir)
-    files = {p.name: p.stat().st_size for p in sorted(store_dir.iterdir()) if p.is_file()}
-    return StoreSummary(path=store_dir, total_bytes=sum(files.values()), files=files)
+def store_files(store_dir: Path | str) -> dict[str, int]:
+    """Bytes on disk of every file in the store, by name."""
+    return {p.name: p.stat().st_size for p in sorted(Path(store_dir).iterdir()) if p.is_file()}
 
 
 def open_store(
@@ -668,13 +625,8 @@ def open_store(
     expect_data: Mapping[str, Any] | Any | None,
     command: str = PREPROCESS,
 ) -> Store:
-    """Open the store for training or evaluation, refusing it if it is stale.
-
-    Stale means: made with other `data` settings (TENSOR_KEYS) than `expect_data`, or made from
-    raw images that have changed since. The raw folder is found from any working directory (see
-    `raw_dir_candidates`); when it is not on disk (a store copied without its raw images) the
-    store is still returned, and `store.raw_warning` is the line the caller should print.
-    """
+    """`load_store`, then checked against its raw images (`check_raw`): refused when they
+    changed; a store copied without them opens, and `store.raw_warning` says so."""
     store = load_store(processed_dir, expect_data=expect_data, command=command)
     store.raw_check, store.raw_dir = check_raw(store.path, store.meta, command)
     return store
@@ -690,16 +642,14 @@ def open_settings_store(settings: Any) -> Store:
 
 
 def open_model_store(settings: Any, model: Any) -> Store:
-    """The store holding images as `model` (a Checkpoint) takes them: the one store every
-    command given a checkpoint reads (evaluate, calibrate, export, ensemble).
+    """The store holding images as `model` (a Checkpoint) takes them (evaluate, calibrate,
+    export, ensemble).
 
-    `paths.processed_dir` when a settings file, the environment or --set names it; else the
-    first store that matches among: the model's own `paths.processed_dir` looked up from here,
-    then from each folder above the checkpoint (and above each ensemble member's source), the
-    default store, and their `NAME-*` siblings (where a fix said to build one). A store matches
-    when it holds the model's preprocessing spec, built with its `data` settings (TENSOR_KEYS),
-    and opens. When none does: one DataError (exit 3, as for any missing store: the checkpoint
-    is fine, its data is not here) whose fix builds a matching store without replacing any other.
+    `paths.processed_dir` when the user names it; else the first store that holds the model's
+    spec, built with its `data` settings (TENSOR_KEYS), and opens, among: the model's own
+    `paths.processed_dir` (from here, then above the checkpoint and each ensemble member), the
+    default store, and their `NAME-*` siblings. When none does: one DataError whose fix builds
+    a matching store without replacing any other.
     """
     from ctscan.settings import is_given
 
@@ -726,7 +676,8 @@ def open_model_store(settings: Any, model: Any) -> Store:
             problems.setdefault(path.resolve(), problem)
     if broken is not None:
         raise broken
-    match = next((p for p in pool if p.is_dir() and _matches(p, model.spec, data)), None)
+    readable = [p for p in pool if _read_meta(p) is not None]
+    match = next((p for p in readable if _store_mismatch(p, model.spec, data) is None), None)
     raise DataError(
         f"checkpoint '{model.source}' takes images preprocessed as {_describe(model.spec)}, "
         f"but {'; '.join(problems.values())}.",
@@ -742,9 +693,13 @@ def _found_above(recorded: str | None, model: Any) -> list[Path]:
     path = Path(recorded)
     if path.is_absolute():
         return [path]
-    sources = [model.source, *[m.get("source") for m in model.members or []]]
-    found = [path, *[f / path for s in sources if s for f in Path(s).resolve().parents]]
+    found = [path, *[f / path for s in _sources(model) for f in Path(s).resolve().parents]]
     return _unique(found)
+
+
+def _sources(model: Any) -> list[str]:
+    """The checkpoint's file, then each ensemble member's."""
+    return [s for s in [model.source, *[m.get("source") for m in model.members or []]] if s]
 
 
 def _unique(paths: Sequence[Path]) -> list[Path]:
@@ -753,10 +708,6 @@ def _unique(paths: Sequence[Path]) -> list[Path]:
     for path in paths:
         seen.setdefault(path.resolve(), path)
     return list(seen.values())
-
-
-def _matches(path: Path, spec: PreprocessSpec, data: Mapping[str, Any]) -> bool:
-    return _read_meta(path) is not None and _store_mismatch(path, spec, data) is None
 
 
 def _store_mismatch(
@@ -785,8 +736,7 @@ def _describe(spec: PreprocessSpec) -> str:
 
 def _run_file(model: Any) -> Path | None:
     """The `settings.toml` beside the checkpoint (or an ensemble member): its run's settings."""
-    sources = [model.source, *[m.get("source") for m in model.members or []]]
-    files = [Path(s).parent / "settings.toml" for s in sources if s]
+    files = [Path(s).parent / "settings.toml" for s in _sources(model)]
     return next((f.resolve() for f in files if f.is_file()), None)
 
 

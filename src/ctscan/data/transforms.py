@@ -27,7 +27,7 @@ import struct
 import warnings
 import zlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,32 +65,29 @@ DEFAULT_LIMITS = DecodeLimits()
 
 
 def _read_source(source: Path | bytes, max_bytes: int, name: str) -> bytes:
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        data = bytes(source)
-        if len(data) > max_bytes:
-            raise DataError(
-                f"{name} is {len(data)} bytes, above the limit of {max_bytes} bytes.",
-                "send a smaller image or raise data.max_file_bytes.",
-            )
+    upload = isinstance(source, (bytes, bytearray, memoryview))
+
+    def too_big(size: int) -> DataError:
+        remedy = "send a smaller image" if upload else "remove the file"
+        return DataError(
+            f"{name} is {size} bytes, above the limit of {max_bytes} bytes.",
+            f"{remedy} or raise data.max_file_bytes.",
+        )
+
+    if upload:
+        data = bytes(source)  # type: ignore[arg-type]
     else:
-        path = Path(source)
         try:
-            size = path.stat().st_size
-            if size > max_bytes:
-                raise DataError(
-                    f"{name} is {size} bytes, above the limit of {max_bytes} bytes.",
-                    "remove the file or raise data.max_file_bytes.",
-                )
-            with path.open("rb") as fh:
+            if (size := Path(source).stat().st_size) > max_bytes:
+                raise too_big(size)
+            with Path(source).open("rb") as fh:
                 data = fh.read(max_bytes + 1)
         except OSError as exc:
             raise DataError(f"cannot read {name}: {exc.strerror or exc}.") from None
-        if len(data) > max_bytes:  # grew while we read it
-            raise DataError(f"{name} is above the limit of {max_bytes} bytes.")
+    if len(data) > max_bytes:  # an upload, or a file that grew while we read it
+        raise too_big(len(data))
     if not data:
-        raise _damaged_file(
-            f"{name} is empty (0 bytes).", upload=isinstance(source, (bytes, bytearray, memoryview))
-        )
+        raise _damaged_file(f"{name} is empty (0 bytes).", upload=upload)
     return data
 
 
@@ -278,13 +275,9 @@ def to_gray(img: Image.Image) -> np.ndarray:
         alpha = np.asarray(img.getchannel("A"))
         if alpha.min() < 255:  # composite over black
             gray = ((gray.astype(np.uint16) * alpha + 127) // 255).astype(np.uint8)
-    elif (
-        mode == "La" or mode == "LAB"
-    ):  # premultiplied: the L band is already composited over black
+    elif mode in ("La", "LAB"):  # La is premultiplied: L is already composited over black
         gray = np.asarray(img.getchannel("L"))
-    elif mode == "1":
-        gray = np.asarray(img.convert("L"))
-    else:  # RGB, RGBX, RGBa, CMYK, YCbCr, HSV, ...
+    else:  # 1, RGB, RGBX, RGBa, CMYK, YCbCr, HSV, ...
         try:
             gray = np.asarray(img.convert("RGB").convert("L"))
         except (ValueError, OSError) as exc:
@@ -363,9 +356,9 @@ class PreprocessSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessSpec:
         """Rebuild a spec from `to_dict()` output; missing or unknown keys are a DataError."""
-        fields = {"image_size", "resize", "mean", "std", "class_names", "channels"}
-        missing = fields - {"channels"} - set(d)
-        unknown = set(d) - fields
+        names = {f.name for f in fields(cls)}
+        missing = names - {"channels"} - set(d)
+        unknown = set(d) - names
         if missing or unknown:
             raise DataError(
                 f"preprocess spec has missing keys {sorted(missing)} / unknown keys "
@@ -385,33 +378,21 @@ class PreprocessSpec:
             raise DataError(f"preprocess spec {d!r} has a bad value: {exc}.") from None
 
 
-def prepare_image(img: Image.Image, size: int, resize: str = "pad") -> np.ndarray:
-    """A decoded PIL image -> (size, size) uint8 gray, the model's input before normalize."""
-    return resize_square(to_gray(img), size, resize)
-
-
 def prepare(
     source: Path | bytes,
     spec: PreprocessSpec | int,
     *,
-    resize: str | None = None,
+    resize: str = "pad",
     limits: DecodeLimits = DEFAULT_LIMITS,
     name: str | None = None,
 ) -> np.ndarray:
-    """Decode, gray and resize one image file or upload: (S, S) uint8.
-
-    `spec` is a PreprocessSpec (its image_size and resize are used) or a side length, with
-    `resize` (default "pad").
-    """
+    """Decode, gray and resize one image file or upload: (S, S) uint8, as `spec` says (or a
+    side length `spec` with `resize`)."""
     if isinstance(spec, PreprocessSpec):
-        if resize is not None and resize != spec.resize:
-            raise DataError(f"resize '{resize}' contradicts the spec's '{spec.resize}'.")
-        size, policy = spec.image_size, spec.resize
-    else:
-        size, policy = int(spec), resize or "pad"
+        spec, resize = spec.image_size, spec.resize
     img = decode_image(source, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes, name=name)
     with img:
-        return prepare_image(img, size, policy)
+        return resize_square(to_gray(img), int(spec), resize)
 
 
 def model_input(
