@@ -172,7 +172,7 @@ def test_help_shows_the_defaults() -> None:
     result = CliRunner().invoke(app, ["profile", "--help"], env={"COLUMNS": "250"})
     assert result.exit_code == 0
     text = " ".join(result.output.replace("│", " ").split())
-    assert "(default: 5)" in text
+    assert "[default: 5]" in text
     assert "(default: paths.runs_dir/profile-<model>-<time>)" in text
 
 

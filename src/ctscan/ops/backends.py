@@ -51,6 +51,8 @@ def open_model(model: str | Path, settings: Any, backend: str = "auto") -> Predi
         predictor = open_predictor(cached_onnx(Path(text), settings), settings=settings)
         predictor.info = dataclasses.replace(predictor.info, source=text)  # not the cache file
         return predictor
+    except CheckpointError:
+        raise  # a file torch cannot read either: its own line, no fallback warning before it
     except CtscanError as exc:
         if backend == "onnx":
             raise
