@@ -116,6 +116,19 @@ def synthetic_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_synthetic_store(tmp_path_factory.mktemp("store") / "processed")
 
 
+@pytest.fixture(scope="session")
+def trained(synthetic_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """best.pt of a 3-epoch cnn_gap run on the synthetic store (shared: read-only)."""
+    from ctscan.engine.train import run_training
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    settings = engine_settings(
+        synthetic_store, out.parent / "runs", **{"train.epochs": 3, "train.evaluate_test": "false"}
+    )
+    run_training(settings, out_dir=out)
+    return out / "best.pt"
+
+
 @pytest.fixture
 def ctrl_c_in_validation(monkeypatch: pytest.MonkeyPatch) -> Callable[[int | None], None]:
     """`ctrl_c_in_validation(n)`: the n-th validation from now on (an epoch's end, counted across
