@@ -39,6 +39,10 @@ SETTINGS ?=
 SETTINGS_ARGS := $(foreach s,$(SETTINGS),--settings $(s))
 RUN_DIR ?= outputs/runs/main-$(shell date +%Y%m%d-%H%M%S)
 PYTEST_ARGS ?=
+# Two pytest workers (pytest-xdist); a test file runs whole on one worker, so its module fixtures
+# are built once. PYTEST_WORKERS=0 runs in one process.
+PYTEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadfile)
 
 .PHONY: help install data preprocess audit audit-summary train evaluate main test test-unit \
         test-integration lint format docker-lint docker docker-cpu docker-cuda bench clean browser \
@@ -113,13 +117,13 @@ main: install data ## The main job: data -> preprocess -> train -> evaluate, def
 	$(CTSCAN) evaluate $(SETTINGS_ARGS) $(RUN_DIR)/best.pt
 
 test: lint $(INSTALLED) browser ## Lint, Chromium (make browser), then the unit and real-data integration tests
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 test-unit: $(INSTALLED) ## Unit tests only (fast, synthetic)
-	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+	$(PYTEST) tests/unit $(PYTEST_ARGS)
 
 test-integration: $(INSTALLED) ## Integration tests only (real data; run `make data` first)
-	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+	$(PYTEST) tests/integration $(PYTEST_ARGS)
 
 # lint and format need pre-commit only (it installs the pinned hook tools itself), not the project.
 pre-commit-tool: $(VENV_CFG)

@@ -15,7 +15,6 @@ server's output goes to a log file that failures quote.
 from __future__ import annotations
 
 import io
-import os
 import signal
 import socket
 import subprocess
@@ -31,6 +30,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.processes import clean_env
+
 START_TIMEOUT_S = 120.0  # two shared cores: the first start exports to ONNX
 STOP_TIMEOUT_S = 40.0
 IMAGE_SIZE = 32
@@ -42,14 +43,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """This process's environment without CTSCAN_ / MLFLOW_ variables, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CTSCAN_", "MLFLOW_"))}
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra or {})
-    return env
 
 
 def serve_command(

@@ -16,10 +16,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +29,14 @@ from ctscan import CLASS_NAMES
 from ctscan.data.transforms import PreprocessSpec
 from ctscan.engine.checkpoint import Checkpoint, save_checkpoint
 from ctscan.models import build_model
+from tests.serve_helpers import (
+    LiveServer,
+    clean_env,
+    free_port,
+    serve_command,
+    toml_str,
+    wait_ready,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -39,7 +44,6 @@ REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
 TOKEN = "web-page-test-token"
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-START_TIMEOUT_S = 90.0
 STATE_TIMEOUT_MS = 30_000
 
 
@@ -55,26 +59,6 @@ def _chromium() -> str:
         if found:
             return found
     pytest.skip(f"no Chromium on PATH (looked for {', '.join(BROWSERS)}): run `make browser`")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"ctscan serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"ctscan serve not ready after {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
 
 
 def _untrained_checkpoint(path: Path) -> Path:
@@ -112,38 +96,19 @@ def server_process(
     """`ctscan serve` starting on a free local port with a bearer token (not waited for)."""
     root = tmp_path_factory.mktemp("web-page")
     checkpoint = _untrained_checkpoint(root / "best.pt")
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CTSCAN_", "MLFLOW_"))}
-    env["CTSCAN_SERVE__TOKEN"] = TOKEN  # by env: a secret stays off the command line
-    log = root / "serve.log"
-    command = [
-        sys.executable,
-        "-m",
-        "ctscan",
-        "serve",
-        str(checkpoint),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--backend",
-        "torch",
-        "--set",
-        f'paths.runs_dir="{root / "runs"}"',
-        "--set",
-        f'paths.processed_dir="{root / "no-store"}"',  # no drift reference: not needed here
-    ]
+    port, log = free_port(), root / "serve.log"
+    overrides = {
+        "paths.runs_dir": toml_str(root / "runs"),
+        "paths.processed_dir": toml_str(root / "no-store"),  # no drift reference: not needed
+    }
+    command = serve_command(checkpoint, port, overrides=overrides, args=("--backend", "torch"))
+    env = clean_env({"CTSCAN_SERVE__TOKEN": TOKEN})  # by env: a secret stays off the command line
     with log.open("wb") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         yield f"http://127.0.0.1:{port}", proc, log
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        LiveServer(proc, f"http://127.0.0.1:{port}", log).terminate()
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +130,7 @@ def browser(chromium_path: str, server_process: Any) -> Iterator[Any]:
 def server(server_process: tuple[str, subprocess.Popen[bytes], Path], browser: Any) -> str:
     """The base URL of the server, once /ready answers 200."""
     url, proc, log = server_process
-    _wait_ready(url, proc, log)
+    wait_ready(proc, url, log)
     return url
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from ctscan.data.reference import build_reference
 from ctscan.data.store import Split, write_store
 from ctscan.data.transforms import PreprocessSpec
 from ctscan.settings import DataSettings, Settings, load_settings
+from tests.processes import stopping_at
 
 
 def make_split(n_per_class: int, size: int, seed: int, split: str) -> Split:
@@ -112,3 +114,36 @@ def engine_settings(store: Path, runs: Path, size: int = 32, **extra: object) ->
 def synthetic_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic store shared by the session (read-only for tests)."""
     return write_synthetic_store(tmp_path_factory.mktemp("store") / "processed")
+
+
+@pytest.fixture(scope="session")
+def trained(synthetic_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """best.pt of a 3-epoch cnn_gap run on the synthetic store (shared: read-only)."""
+    from ctscan.engine.train import run_training
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    settings = engine_settings(
+        synthetic_store, out.parent / "runs", **{"train.epochs": 3, "train.evaluate_test": "false"}
+    )
+    run_training(settings, out_dir=out)
+    return out / "best.pt"
+
+
+@pytest.fixture
+def ctrl_c_in_validation(monkeypatch: pytest.MonkeyPatch) -> Callable[[int | None], None]:
+    """`ctrl_c_in_validation(n)`: the n-th validation from now on (an epoch's end, counted across
+    folds and trials) raises KeyboardInterrupt, as a Ctrl-C landing there does; `(None)`:
+    validation as it was."""
+    import ctscan.engine.train as train
+
+    validate = train.validate
+
+    def ctrl_c() -> None:
+        raise KeyboardInterrupt
+
+    def arm(n: int | None) -> None:
+        monkeypatch.setattr(
+            train, "validate", validate if n is None else stopping_at(validate, n, ctrl_c)
+        )
+
+    return arm

@@ -23,6 +23,7 @@ runner = CliRunner()
 def _run(*args: str) -> tuple[int, str, str]:
     """Run `python -m ctscan` (the real entry point with its error handling)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CTSCAN_")}
+    env["COLUMNS"] = "200"  # Rich wraps at 80 columns: a long tmp path (xdist's) split a word
     proc = subprocess.run(
         [sys.executable, "-m", "ctscan", *args], capture_output=True, text=True, env=env
     )

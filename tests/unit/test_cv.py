@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from ctscan.engine.train import run_training
 from ctscan.errors import CheckpointError, CtscanError, Interrupted, SettingsError
 from ctscan.ops.cv import CV_FILE, FOLD_FILE, FOLDS_FILE, run_cv
 from ctscan.settings import DataSettings, load_settings
+from tests.processes import ctscan, ctscan_stopped
 from tests.unit.conftest_store import engine_settings, make_split
 
 # ---- the assignment -------------------------------------------------------------------------
@@ -210,19 +212,9 @@ def test_cv_trains_k_child_runs_selects_out_of_fold_and_reads_test_last(
 
 @pytest.mark.slow
 def test_an_interrupted_cv_continues_where_it_stopped(
-    copies_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    copies_store: Path, tmp_path: Path, ctrl_c_in_validation: Callable[[int | None], None]
 ) -> None:
-    import ctscan.engine.train as train_module
-
-    validate, calls = train_module.validate, []
-
-    def interrupted_validate(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        if len(calls) == 3:  # fold 2, epoch 1: Ctrl-C
-            raise KeyboardInterrupt
-        return validate(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "validate", interrupted_validate)
+    ctrl_c_in_validation(3)  # fold 2, epoch 1: Ctrl-C
     settings_ = _settings(copies_store, tmp_path / "runs")
     out = tmp_path / "cv"
     with pytest.raises(Interrupted) as err:
@@ -234,7 +226,7 @@ def test_an_interrupted_cv_continues_where_it_stopped(
     assert not (out / CV_FILE).exists()
     fold_1 = (out / "fold-1" / FOLD_FILE).stat().st_mtime_ns
 
-    monkeypatch.setattr(train_module, "validate", validate)
+    ctrl_c_in_validation(None)
     other = _settings(copies_store, tmp_path / "runs", **{"train.lr": 0.01})
     with pytest.raises(CheckpointError, match=r"other settings: train\.lr 0\.003 -> 0\.01") as e:
         run_cv(other, 3, out_dir=out, say=lambda line: None)
@@ -302,30 +294,24 @@ def test_a_cv_stopped_as_its_parent_run_is_created_continues_under_that_parent(
 
 @pytest.mark.slow
 def test_a_cv_continued_in_another_experiment_after_its_parent_was_deleted_stays_together(
-    copies_store: Path, mlflow_runs_dir: Path, monkeypatch: pytest.MonkeyPatch
+    copies_store: Path,
+    mlflow_runs_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    ctrl_c_in_validation: Callable[[int | None], None],
 ) -> None:
     """A deleted parent is started afresh in the new tracking.experiment; the stopped fold's
     run, in the old experiment, is not reopened there (its parent could not nest it): the fold
     continues in a new run under the new parent, tagged with the old run's id."""
     from mlflow import MlflowClient
 
-    import ctscan.engine.train as train_module
     from ctscan.engine.tracking import TAG_PARENT_RUN_ID, TAG_RESUMED_FROM
 
-    validate, calls = train_module.validate, []
-
-    def interrupted_validate(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        if len(calls) == 4:  # fold 2, epoch 2: after fold 2's first last.pt
-            raise KeyboardInterrupt
-        return validate(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "validate", interrupted_validate)
+    ctrl_c_in_validation(4)  # fold 2, epoch 2: after fold 2's first last.pt
     out = mlflow_runs_dir / "cv"
     tracked = {"tracking.enabled": "true", "tracking.experiment": '"a"'}
     with pytest.raises(Interrupted):
         run_cv(_settings(copies_store, mlflow_runs_dir, **tracked), 3, out_dir=out, say=print)
-    monkeypatch.setattr(train_module, "validate", validate)
+    ctrl_c_in_validation(None)
     client = MlflowClient(tracking_uri=f"sqlite:///{mlflow_runs_dir / 'mlflow.db'}")
     old_parent = json.loads((out / FOLDS_FILE).read_text())["parent_run_id"]
     assert client.get_run(old_parent).info.status == "KILLED"  # stopped, not failed
@@ -403,10 +389,8 @@ def test_a_cv_stopped_by_sigterm_continues_with_the_command_it_printed(
     an epoch; the one line's continue command, run as printed, finishes the cross-validation
     under the same MLflow parent, with no run left RUNNING and the stopped fold's epochs logged
     once each."""
-    import os
     import shlex
     import signal
-    import time
 
     from mlflow import MlflowClient
 
@@ -414,33 +398,18 @@ def test_a_cv_stopped_by_sigterm_continues_with_the_command_it_printed(
 
     runs, out = tmp_path / "runs", tmp_path / "cv"
     extra = {"train.epochs": 4, "tracking.enabled": "true", "train.evaluate_test": "false"}
-    cmd = [sys.executable, "-m", "ctscan", "train", "--folds", "2", "--out", str(out)]
-    for item in engine_overrides(copies_store, runs, **extra):
-        cmd += ["--set", item]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CTSCAN_", "MLFLOW_"))}
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-    try:
-        deadline = time.monotonic() + 180
-        while not (out / "fold-1" / "last.pt").exists() and time.monotonic() < deadline:
-            assert proc.poll() is None, proc.communicate()[1]
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 143, err
+    args = ["train", "--folds", "2", "--out", str(out)]
+    args += [a for item in engine_overrides(copies_store, runs, **extra) for a in ("--set", item)]
+    stopped = ctscan_stopped(args, signal.SIGTERM, at=2, cwd=tmp_path)  # fold 1, epoch 2
+    err = stopped.stderr
+    assert stopped.returncode == 143, err
     line = err.strip().splitlines()[-1]
-    assert line.startswith("ctscan: terminated: cross-validation stopped by SIGTERM in fold "), err
+    assert line.startswith("ctscan: terminated: cross-validation stopped by SIGTERM in fold 1 "), (
+        err
+    )
     continue_with = shlex.split(line.split("`")[1])
     assert continue_with[:2] == ["ctscan", "train"] and "Traceback" not in err
-    done = subprocess.run(
-        [sys.executable, "-m", *continue_with],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
+    done = ctscan(*continue_with[1:], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert (out / CV_FILE).is_file()
     client = MlflowClient(tracking_uri=f"sqlite:///{runs / 'mlflow.db'}")

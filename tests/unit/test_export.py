@@ -16,7 +16,6 @@ from PIL import Image
 
 from ctscan.data.store import load_store
 from ctscan.engine.checkpoint import file_sha256, load_model, read_checkpoint
-from ctscan.engine.train import run_training
 from ctscan.errors import CheckpointError, CtscanError, DataError
 from ctscan.inference import open_predictor
 from ctscan.ops import export
@@ -46,17 +45,6 @@ META_KEYS = {
     "input",
     "output",
 }
-
-
-@pytest.fixture(scope="module")
-def trained(synthetic_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """best.pt of a 2-epoch cnn_gap run on the synthetic 32 px store."""
-    out = tmp_path_factory.mktemp("export") / "run"
-    settings = engine_settings(
-        synthetic_store, out.parent / "runs", **{"train.epochs": 2, "train.evaluate_test": "false"}
-    )
-    run_training(settings, out_dir=out)
-    return out / "best.pt"
 
 
 @dataclass

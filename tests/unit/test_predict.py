@@ -16,22 +16,10 @@ from PIL import Image
 from ctscan.data.store import load_store
 from ctscan.engine.evaluate import evaluate_checkpoint
 from ctscan.engine.runtime import resolve_runtime
-from ctscan.engine.train import run_training
 from ctscan.errors import CheckpointError, CtscanError, DataError
 from ctscan.inference import open_predictor
 from ctscan.inference.batch import collect_inputs
 from tests.unit.conftest_store import engine_overrides, engine_settings
-
-
-@pytest.fixture(scope="module")
-def trained(synthetic_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """best.pt of a 3-epoch cnn_gap run on the synthetic store."""
-    out = tmp_path_factory.mktemp("predict") / "run"
-    settings = engine_settings(
-        synthetic_store, out.parent / "runs", **{"train.epochs": 3, "train.evaluate_test": "false"}
-    )
-    run_training(settings, out_dir=out)
-    return out / "best.pt"
 
 
 @pytest.fixture(scope="module")

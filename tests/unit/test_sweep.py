@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from ctscan.errors import CtscanError, Interrupted, SettingsError
 from ctscan.ops.sweep import SweepError, open_study, run_sweep, storage_errors, study_lock
 from ctscan.ops.sweep_spec import find_spec, parse_spec, prepare
 from ctscan.settings import load_settings, toml_value
+from tests.processes import ctscan, ctscan_stopped
 from tests.unit.conftest_store import engine_overrides, write_synthetic_store
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -744,21 +746,15 @@ def test_trials_worse_than_the_median_are_pruned_and_recorded(
 @needs_optuna
 @pytest.mark.slow
 def test_an_interrupted_sweep_resumes_and_counts_finished_trials(
-    store: Path, mlflow_runs_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    store: Path,
+    mlflow_runs_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    ctrl_c_in_validation: Callable[[int | None], None],
 ) -> None:
     import optuna
 
-    import ctscan.engine.train as train_module
-
-    validate, calls = train_module.validate, []
-
-    def interrupted_validate(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        if len(calls) == 3:  # trial 1, epoch 1: Ctrl-C
-            raise KeyboardInterrupt
-        return validate(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "validate", interrupted_validate)
+    ctrl_c_in_validation(3)  # trial 1, epoch 1: Ctrl-C
     base = write_base(tmp_path, store, mlflow_runs_dir, **{"tracking.enabled": "true"})
     spec = write_spec(
         tmp_path,
@@ -787,7 +783,7 @@ def test_an_interrupted_sweep_resumes_and_counts_finished_trials(
     killed = optuna.Trial(loaded, storage.create_new_trial(loaded._study_id))  # not the queued
     killed.suggest_float("train.lr", 1e-3, 1e-2, log=True)
     storage.record_heartbeat(killed._trial_id)
-    monkeypatch.setattr(train_module, "validate", validate)
+    ctrl_c_in_validation(None)
     # Another experiment is refused before anything runs or is announced.
     monkeypatch.setenv("CTSCAN_TRACKING__EXPERIMENT", "other")
     refused: list[str] = []
@@ -815,27 +811,6 @@ def test_an_interrupted_sweep_resumes_and_counts_finished_trials(
     assert len(load_study(mlflow_runs_dir).trials) == 6 and again.recipe == result.recipe
 
 
-def _mid_training(trials: list[Any]) -> bool:
-    """A trial finished and another is in the first half of its training (so a stop now lands
-    mid-training, not in the few milliseconds of a trial's bookkeeping)."""
-    from datetime import datetime
-
-    took = [
-        (t.datetime_complete - t.datetime_start).total_seconds()
-        for t in trials
-        if t.state.name == "COMPLETE"
-    ]
-    if not took:
-        return False
-    now = datetime.now()
-    return any(
-        t.state.name == "RUNNING"
-        and t.params
-        and 0.1 * min(took) < (now - t.datetime_start).total_seconds() < 0.5 * min(took)
-        for t in trials
-    )
-
-
 @needs_optuna
 @pytest.mark.slow
 def test_ctrl_c_stops_a_sweep_cleanly_and_a_rerun_finishes_it(
@@ -850,30 +825,15 @@ def test_ctrl_c_stops_a_sweep_cleanly_and_a_rerun_finishes_it(
     spec = write_spec(
         tmp_path, base, sweep={"trials": 3, "pruning": False}, fixed={"train.epochs": 3}
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CTSCAN_", "MLFLOW_"))}
-    command = [sys.executable, "-m", "ctscan", "sweep", str(spec)]
     storage = f"sqlite:///{runs}/optuna.db"
-    proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path
-    )
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.3)
-            try:
-                study = optuna.load_study(study_name="study", storage=storage)
-            except (KeyError, ValueError, RuntimeError):  # not made yet
-                continue
-            if _mid_training(study.trials):
-                break
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    # the Ctrl-C lands in trial 2's first validation (trial 1 validated its 3 epochs)
+    proc = ctscan_stopped(["sweep", str(spec)], signal.SIGINT, at=4, cwd=tmp_path)
+    out, err = proc.stdout, proc.stderr
     assert proc.returncode == 130, err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("ctscan: interrupted: sweep 'study' stopped by Ctrl-C with ")
+    assert last.startswith(
+        "ctscan: interrupted: sweep 'study' stopped by Ctrl-C with 1 of 3 trials finished"
+    ), err
     assert f"Fix: rerun `ctscan sweep {spec} --trials 3` to continue" in last
     assert "Traceback" not in err and out == ""
     client = mlflow_client(runs)
@@ -883,7 +843,7 @@ def test_ctrl_c_stops_a_sweep_cleanly_and_a_rerun_finishes_it(
     study = optuna.load_study(study_name="study", storage=storage)
     stopped = [t for t in study.trials if t.state.name == "FAIL"]
     assert len(stopped) == 1 and stopped[0].user_attrs["error"] == "stopped"
-    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
+    done = ctscan("sweep", str(spec), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     recipe = Path(done.stdout.strip().splitlines()[-1])
     assert recipe == runs / "sweeps" / "study" / "best.toml"

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,8 @@ from ctscan.engine.checkpoint import read_checkpoint
 from ctscan.engine.state import ema_decay_at, ema_update, lr_factor
 from ctscan.engine.train import RunHooks, run_training
 from ctscan.errors import CheckpointError, CtscanError, Terminated
-from tests.unit.conftest_store import engine_overrides, engine_settings, write_synthetic_store
+from tests.processes import ctscan, ctscan_stopped
+from tests.unit.conftest_store import engine_overrides, engine_settings
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -321,48 +320,35 @@ def test_resume_with_another_model_is_refused(synthetic_store: Path, tmp_path: P
         run_training(other, out_dir=tmp_path, resume="auto")
 
 
-def _cli_train(store: Path, runs: Path, out: Path, epochs: int, *more: str) -> list[str]:
+def _train_args(store: Path, runs: Path, out: Path, *more: str) -> list[str]:
     overrides = engine_overrides(
         store,
         runs,
-        size=64,
-        **{"train.epochs": epochs, "train.deterministic": "true", "train.evaluate_test": "false"},
+        **{"train.epochs": 4, "train.deterministic": "true", "train.evaluate_test": "false"},
     )
-    args = [sys.executable, "-m", "ctscan", "train", "--out", str(out)]
-    for item in overrides:
-        args += ["--set", item]
-    return [*args, *more]
+    return ["train", "--out", str(out), *(a for item in overrides for a in ("--set", item)), *more]
 
 
-def _interrupt_after_first_epoch(cmd: list[str], sig: int, last: Path) -> tuple[int, str]:
-    """Start `cmd`, send `sig` once last.pt exists (epoch 1 done); exit code and stderr."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
-    return proc.returncode, err.decode()
+@pytest.fixture(scope="module")
+def uninterrupted_run(synthetic_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The last.pt of `ctscan train` run to its end (4 epochs) in a process of its own."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    done = ctscan(*_train_args(synthetic_store, root / "runs", root / "run"))
+    assert done.returncode == 0, done.stderr
+    return root / "run" / "last.pt"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
-def test_interrupted_run_resumes_to_the_same_weights(tmp_path: Path, sig: int) -> None:
-    store = write_synthetic_store(tmp_path / "store", size=64, train=48)
-    runs = tmp_path / "runs"
-    epochs = 4
-    full = tmp_path / "full"
-    subprocess.run(_cli_train(store, runs, full, epochs), check=True, capture_output=True)
-
-    cut = tmp_path / "cut"
-    code, err = _interrupt_after_first_epoch(
-        _cli_train(store, runs, cut, epochs), sig, cut / "last.pt"
-    )
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=str)
+def test_interrupted_run_resumes_to_the_same_weights(
+    synthetic_store: Path, uninterrupted_run: Path, tmp_path: Path, sig: signal.Signals
+) -> None:
+    runs, cut = tmp_path / "runs", tmp_path / "cut"
+    # the signal lands in epoch 2's validation: epoch 1's last.pt is written, epoch 2 is lost
+    stopped = ctscan_stopped(_train_args(synthetic_store, runs, cut), sig, at=2)
+    code, err = stopped.returncode, stopped.stderr
     stopped_at = read_checkpoint(cut / "last.pt").epoch
-    # (once in CI under heavy load a SIGINT run reached the last epoch: the exit code and stderr
-    # say whether the signal came late or was lost, e.g. swallowed inside a finalizer)
-    assert stopped_at < epochs, f"the run finished before it could be interrupted: {code} {err}"
+    assert stopped_at == 1, f"the run did not stop in epoch 2: {code} {err}"
     assert code != 0
     if sig != signal.SIGKILL:  # stopped cleanly: one line that says where to resume from
         assert code == (143 if sig == signal.SIGTERM else 130)
@@ -371,15 +357,11 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path: Path, sig: int) -
         line = err.strip().splitlines()[-1]
         assert line.startswith(f"ctscan: {kind}: training stopped by"), err
         assert str(cut / "last.pt") in line and f"--resume auto --out {cut}" in line
-    resumed = subprocess.run(
-        _cli_train(store, runs, cut, epochs, "--resume", "auto"),
-        capture_output=True,
-        text=True,
-    )
+    resumed = ctscan(*_train_args(synthetic_store, runs, cut, "--resume", "auto"))
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {cut / 'last.pt'} at epoch {stopped_at + 1}" in resumed.stderr
-    assert read_checkpoint(cut / "last.pt").epoch == epochs
-    assert _same_weights(full / "last.pt", cut / "last.pt")
+    assert read_checkpoint(cut / "last.pt").epoch == 4
+    assert _same_weights(uninterrupted_run, cut / "last.pt")
 
 
 def _torchrun(overrides: list[str], out: Path, port: int) -> subprocess.CompletedProcess[str]:

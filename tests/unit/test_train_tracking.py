@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -210,13 +211,14 @@ def test_a_stop_as_an_epoch_is_saved_keeps_that_epochs_metrics(
 
 @pytest.mark.slow
 def test_a_resume_that_starts_a_new_mlflow_run_records_it_at_once(
-    synthetic_store: Path, mlflow_runs_dir: Path, monkeypatch: pytest.MonkeyPatch
+    synthetic_store: Path,
+    mlflow_runs_dir: Path,
+    ctrl_c_in_validation: Callable[[int | None], None],
 ) -> None:
     """The run's MLflow run was deleted: the resume starts a new one and last.pt names it
     before the first epoch, so a stop before the next last.pt does not make a third run."""
     from mlflow import MlflowClient
 
-    import ctscan.engine.train as train_module
     from ctscan.engine.checkpoint import read_checkpoint
     from ctscan.engine.tracking import TAG_RESUMED_FROM
     from ctscan.errors import Interrupted
@@ -232,10 +234,7 @@ def test_a_resume_that_starts_a_new_mlflow_run_records_it_at_once(
     client.delete_run(first.run_id)
     longer = engine_settings(synthetic_store, mlflow_runs_dir, **extra, **{"train.epochs": 4})
 
-    def stopped(*args: Any, **kwargs: Any) -> None:
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "validate", stopped)  # epoch 3, before its last.pt
+    ctrl_c_in_validation(1)  # epoch 3, before its last.pt
     with pytest.raises(Interrupted):
         run_training(longer, out_dir=run_dir, resume="auto")
     last = read_checkpoint(run_dir / "last.pt")
@@ -243,7 +242,7 @@ def test_a_resume_that_starts_a_new_mlflow_run_records_it_at_once(
     second = client.get_run(str(last.mlflow_run_id))
     assert second.info.status == "KILLED"
     assert second.data.tags[TAG_RESUMED_FROM] == first.run_id
-    monkeypatch.undo()
+    ctrl_c_in_validation(None)
     again = run_training(longer, out_dir=run_dir, resume="auto")
     assert again is not None and again.run_id == second.info.run_id  # reopened, not a third
     experiment = second.info.experiment_id
