@@ -8,13 +8,8 @@ Grad-CAM (Selvaraju et al., 2017): with A the target layer's activations (K, h, 
 class logit, w_k = mean over (h, w) of dy/dA_k, cam = relu(sum_k w_k A_k), upsampled bilinearly
 to the input size and divided by its maximum (a map with no positive evidence stays all zero).
 
-A forward hook and `torch.autograd.grad` instead of the `grad-cam` package: the package pulls
-opencv-python-headless (a large binary the project has no other use for) for its resize and
-colour map, while the method is ~20 lines here. On the four registry models (64 and 160 px)
-grad-cam 1.5.7's `GradCAM` gave the same maps, to 2e-6, once its min-max rescale was applied to
-ours; ours divides by the maximum only, so a map that is positive everywhere keeps its floor.
-`autograd.grad` returns the gradient of the activations alone: no parameter's `.grad` is
-touched and no backward hook is needed.
+A forward hook and `torch.autograd.grad`, not the `grad-cam` package (it pulls opencv for a
+resize and a colour map; its GradCAM gives the same maps to 2e-6 after its min-max rescale).
 """
 
 from __future__ import annotations
@@ -22,12 +17,14 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
+from ctscan.data.transforms import model_input
 from ctscan.models import gradcam_layer, unwrap
 from ctscan.models.ensemble import Ensemble
 
@@ -125,6 +122,16 @@ def cam_function(
         return (heat / peak if peak > 0.0 else heat).astype(np.float32), index
 
     return ensemble_cam
+
+
+def cam_heat(predictor: Any, cam: Callable, gray: np.ndarray, index: int | None) -> np.ndarray:
+    """The (S, S) heat map of `cam` (from `cam_function`) on one slice of `predictor`'s model."""
+    model, channels = predictor.torch_model
+    spec = predictor.spec
+    device = next(model.parameters()).device
+    x = torch.from_numpy(gray[None, None]).to(device)  # (1, 1, S, S) uint8
+    heat, _ = cam(model_input(x, mean=spec.mean, std=spec.std, channels=channels), index)
+    return heat
 
 
 def jet(values: np.ndarray) -> np.ndarray:

@@ -694,27 +694,16 @@ def _record(service: Service, image: np.ndarray, prediction: Prediction) -> None
 def _grad_cam_png(
     service: Service, image: np.ndarray, target: int | None
 ) -> tuple[bytes, str, float]:
-    import torch
-
-    from ctscan.data.transforms import model_input
-    from ctscan.inference.explain import cam_function, overlay_png
+    from ctscan.inference.explain import cam_function, cam_heat, overlay_png
 
     explainer = service.explainer
     assert explainer is not None and explainer.torch_model is not None
-    model, channels = explainer.torch_model
-    spec = explainer.spec
     # One Grad-CAM at a time, forwards included: the hook on the shared model keeps any output
     with service.explain_lock:
         probs = explainer.probabilities(image[None, None])[0]
         index = int(probs.argmax()) if target is None else target
-        device = next(model.parameters()).device
-        x = model_input(
-            torch.from_numpy(image[None, None]).to(device),
-            mean=spec.mean,
-            std=spec.std,
-            channels=channels,
-        )
-        heat, _ = cam_function(model, explainer.info.name)(x, index)
+        cam = cam_function(explainer.torch_model[0], explainer.info.name)
+        heat = cam_heat(explainer, cam, image, index)
     label = explainer.class_names[index]
     return overlay_png(image, heat, title=f"{label} {probs[index]:.1%}"), label, float(probs[index])
 
