@@ -4,15 +4,10 @@
     predictor.predict_files([Path("scan.png")])          # -> [Prediction(label=..., ...)]
     predictor.probabilities(images)                      # uint8 (B, 1, S, S) -> (B, C)
 
-The preprocessing spec and the class names come from the artifact itself (the checkpoint's
-payload, the ONNX file's `ctscan` metadata, the MLflow model's metadata), never from the
-settings; so does the temperature T (engine/calibration.py): `logits` are the calibrated
-logits, the network's divided by T (a checkpoint's T applied here; exported and MLflow models
-hold it inside), and `probabilities` is their softmax. Files are read through `read_image`:
-DICOM through inference/dicom.py, everything else through `data.transforms.prepare` (the
-decode -> gray -> resize of preprocess). The torch backend gets its logits from
-`engine.evaluate.predict`, the function `ctscan evaluate` uses, after `transforms.model_input`;
-exported and MLflow models do that normalisation inside.
+The preprocessing spec, the class names and the temperature T come from the artifact itself
+(checkpoint payload, ONNX `ctscan` metadata, MLflow model metadata), never from the settings.
+`logits` are the network's divided by T; `probabilities` their softmax. Files are read through
+`read_image` (DICOM via inference/dicom.py, the rest via `transforms.prepare`, as preprocess).
 """
 
 from __future__ import annotations
@@ -189,18 +184,15 @@ class Predictor:
     def predictions(self, probs: np.ndarray, paths: Sequence[str | None]) -> list[Prediction]:
         """Turn probabilities into labelled `Prediction`s."""
         names = self.class_names
-        out = []
-        for row, path in zip(probs, paths, strict=True):
-            index = int(row.argmax())
-            out.append(
-                Prediction(
-                    path=path,
-                    label=names[index],
-                    index=index,
-                    probabilities={n: float(p) for n, p in zip(names, row, strict=True)},
-                )
+        return [
+            Prediction(
+                path=path,
+                label=names[int(row.argmax())],
+                index=int(row.argmax()),
+                probabilities={n: float(p) for n, p in zip(names, row, strict=True)},
             )
-        return out
+            for row, path in zip(probs, paths, strict=True)
+        ]
 
     def _read_or_error(self, path: Path) -> np.ndarray | str:
         try:
@@ -408,12 +400,7 @@ def _open_onnx(path: Path, settings: Any) -> Predictor:
     input_name = session.get_inputs()[0].name
 
     def logits_fn(images: np.ndarray) -> np.ndarray:
-        return np.concatenate(
-            [
-                session.run(None, {input_name: images[i : i + 64]})[0]
-                for i in range(0, len(images), 64)
-            ]
-        )
+        return _in_chunks(lambda chunk: session.run(None, {input_name: chunk})[0], images)
 
     info = ModelInfo(
         name=str(meta.get("model_name", "unknown")),
@@ -425,6 +412,11 @@ def _open_onnx(path: Path, settings: Any) -> Predictor:
         **_calibration_info(meta, path),
     )
     return Predictor(spec=spec, info=info, logits_fn=logits_fn)
+
+
+def _in_chunks(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> np.ndarray:
+    """`run` on at most 64 images at a time, the rows concatenated."""
+    return np.concatenate([run(images[i : i + 64]) for i in range(0, len(images), 64)])
 
 
 def _temperature(meta: dict[str, Any], source: Path | str) -> float:
@@ -453,13 +445,9 @@ def _open_mlflow(uri: str, settings: Any) -> Predictor:
     module, meta, version = load_logged_model(uri, settings.tracking, settings.paths.runs_dir)
     spec = PreprocessSpec.from_dict(meta["preprocess"])
 
+    @torch.no_grad()
     def logits_fn(images: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            chunks = [
-                module(torch.from_numpy(images[i : i + 64])).float()
-                for i in range(0, len(images), 64)
-            ]
-        return torch.cat(chunks).numpy()
+        return _in_chunks(lambda chunk: module(torch.from_numpy(chunk)).float().numpy(), images)
 
     info = ModelInfo(
         name=str(meta.get("model_name", "unknown")),
