@@ -1,19 +1,10 @@
 """The HTTP service: FastAPI routes over the one Predictor, dynamic batching, metrics, a web page.
 
-Routes (OpenAPI at /docs):
-    POST /predict, /predict/batch, /explain            multipart uploads (field `file` / `files`);
-                                                       /predict also takes the image as the body
-    GET  /health, /ready                               liveness, readiness (model warmed up)
-    GET  /metrics                                      Prometheus text
-    GET  /monitoring/drift                             two-sample tests against the training data
-    /v2/health/live, /v2/health/ready, /v2/models/{name}[/ready], POST /v2/models/{name}/infer
-                                                       the Open Inference Protocol (KServe v2)
-    GET  /                                             the web page (static/, no build, no CDN)
-
-Every error is JSON `{"error": ..., "fix": ...}` with a 4xx for bad input (`_ERROR_TEXT`), a 500
-only for a bug (the trace goes to the log); OpenAPI documents every status and media type. With
-`serve.token` every route but health, the page and the docs needs `Authorization: Bearer`. No
-filesystem path comes from a request: uploads are bytes, the model is fixed at start-up.
+Routes (OpenAPI at /docs): /predict, /predict/batch, /explain (uploads); /health, /ready;
+/metrics, /monitoring/drift; /v2/... (Open Inference Protocol, KServe v2); / (the web page).
+Every error is JSON `{"error": ..., "fix": ...}`, a 4xx for bad input (`_ERROR_TEXT`), 500 only
+for a bug (trace in the log). With `serve.token` every route but health, the page and the docs
+needs `Authorization: Bearer`. No filesystem path comes from a request.
 """
 
 from __future__ import annotations
@@ -215,15 +206,7 @@ class Service:
 
     def answer(self, prediction: Prediction, start: float) -> bytes:
         """The /predict JSON, built once here (the model's part once per server)."""
-        head = json.dumps(
-            {
-                "label": prediction.label,
-                "class_index": prediction.index,
-                "confidence": prediction.confidence,
-                "probabilities": prediction.probabilities,
-            },
-            separators=(",", ":"),
-        )
+        head = json.dumps(_answer_fields(prediction), separators=(",", ":"))
         latency_ms = (time.perf_counter() - start) * 1000
         return f'{head[:-1]},"model":{self.identity_json},"latency_ms":{latency_ms:.3f}}}'.encode()
 
@@ -332,13 +315,7 @@ async def predict_batch(
         predictions = service.predictor.predictions(probs, [None] * len(images))
         for slot, image, prediction in zip(slots, images, predictions, strict=True):
             _record(service, image, prediction)
-            items[slot] = BatchItem(
-                filename=items[slot].filename,
-                label=prediction.label,
-                class_index=prediction.index,
-                confidence=prediction.confidence,
-                probabilities=prediction.probabilities,
-            )
+            items[slot] = BatchItem(filename=items[slot].filename, **_answer_fields(prediction))
     return BatchResponse(
         predictions=items,
         model=service.identity(),
@@ -646,6 +623,16 @@ async def _decode(service: Service, data: bytes, name: str) -> np.ndarray:
             f"{name} cannot be decoded ({type(exc).__name__}).",
             "send the slice as PNG or JPEG.",
         ) from None
+
+
+def _answer_fields(prediction: Prediction) -> dict[str, Any]:
+    """What /predict and each /predict/batch item say about one prediction."""
+    return {
+        "label": prediction.label,
+        "class_index": prediction.index,
+        "confidence": prediction.confidence,
+        "probabilities": prediction.probabilities,
+    }
 
 
 def _check_count(count: int, what: str, service: Service) -> None:
