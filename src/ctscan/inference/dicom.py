@@ -3,26 +3,12 @@
     if is_dicom(data):
         gray = dicom_to_gray(data, level=-600.0, width=1500.0, name="'scan.dcm'")
 
-The steps, for a grayscale slice (MONOCHROME1 / MONOCHROME2):
-
-1. pydicom decodes the pixel data (uncompressed, deflated, big endian and RLE by itself; JPEG
-   Lossless, JPEG-LS, JPEG and JPEG 2000 through the pylibjpeg plugins of `ctscan[dicom]`).
-2. Hounsfield units: stored value * RescaleSlope + RescaleIntercept (1 and 0 when absent). An
-   enhanced multi-frame file carries them in its per-frame or shared functional groups.
-3. The window [level - width / 2, level + width / 2] is mapped linearly to 0..255:
-   `floor((hu - (level - width / 2)) * 255 / width + 0.5)` clipped to 0..255, i.e. rounded half
-   up: with the lung window (-600 / 1500) HU -1350 -> 0, -600 -> 128 (127.5), 150 -> 255. It is
-   the plain linear window, not the DICOM VOI LUT formula (which differs by under 0.2 of a level).
-4. MONOCHROME1 (minimum = white) is inverted after the window, so that air is dark as in
-   MONOCHROME2: the result is what a DICOM viewer shows.
-
-Colour files (SamplesPerPixel 3: RGB, or YBR which pydicom converts to RGB) are renderings, not
-Hounsfield units: they become ITU-R BT.601 luma (0.299 R + 0.587 G + 0.114 B, rescaled from
-BitsStored to 8 bits) and the window is not applied. PALETTE COLOR and other photometric
-interpretations are refused. A multi-frame file (NumberOfFrames > 1) needs `frame` (0-based).
-
-Every problem with the file is a `DataError` that names it; pydicom itself missing is a
-`CtscanError` naming the extra to install. pydicom is imported inside the functions that need it.
+Steps (docs/inference.md, "DICOM input"): decode the pixels; HU = stored x RescaleSlope +
+RescaleIntercept (top level or the functional groups); the window [level - width/2, level +
+width/2] mapped linearly to 0..255, rounded half up (the plain linear window, not the DICOM VOI
+LUT formula); MONOCHROME1 inverted. Colour (RGB / YBR) becomes BT.601 luma, unwindowed. Every
+problem with the file is a `DataError` naming it; pydicom missing, a `CtscanError` naming the
+extra. pydicom is imported inside the functions that need it.
 """
 
 from __future__ import annotations

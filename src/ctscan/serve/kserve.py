@@ -1,19 +1,11 @@
 """The Open Inference Protocol (KServe v2) REST encoding: requests in, responses out.
 
-Inputs (either one per request):
-    image        UINT8  [-1, 1, S, S]  gray images already decoded and resized
-    image_bytes  BYTES  [-1]           encoded files (PNG, JPEG, DICOM...): raw in the binary
-                                       extension, base64 strings in plain JSON
-Output:
-    probabilities FP32  [-1, C]        class probabilities in the order of the model's labels,
-                                       calibrated (softmax(logits / T), T in the metadata)
-
-Both the JSON form and the binary data extension (the `Inference-Header-Content-Length` header
-that `tritonclient[http]` sends by default) are read and written. The output is binary when the
-request asks for it, per output (`"parameters": {"binary_data": true}`) or for all
-(`"parameters": {"binary_data_output": true}` at the top, what tritonclient sends when it names
-no outputs). Any request body, however malformed, ends in an `InferRequest` or a
-`ProtocolError` (answered 400), never in another exception.
+Inputs (one per request): `image` UINT8 [-1, 1, S, S] (decoded and resized gray) or
+`image_bytes` BYTES [-1] (encoded files: raw in the binary extension, base64 in JSON).
+Output: `probabilities` FP32 [-1, C], calibrated, in the order of the model's labels.
+JSON and the binary data extension (`Inference-Header-Content-Length`, tritonclient's default)
+are both read and written: the output is binary when asked per output (`binary_data`) or for
+all (`binary_data_output`). Any malformed body ends in a `ProtocolError` (400), nothing else.
 """
 
 from __future__ import annotations
