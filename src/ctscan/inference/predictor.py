@@ -201,12 +201,8 @@ class Predictor:
             return str(exc)
 
     def _decoded(self, paths: list[Path]) -> Iterator[tuple[int, np.ndarray | str]]:
-        """(index, image or the reason it could not be read), in order.
-
-        Decoding runs ahead of the model in a few threads (PIL and numpy release the GIL while
-        they decode and resize), at most two batches ahead, so memory stays bounded for any
-        number of files; a bug in a decoder still raises here.
-        """
+        """(index, image or why it cannot be read), in order: decoded ahead on a few threads, at
+        most two batches ahead (bounded memory); a bug in a decoder still raises here."""
         threads = self.decode_threads or min(4, os.cpu_count() or 1)
         if threads <= 1:
             yield from ((i, self._read_or_error(p)) for i, p in enumerate(paths))
@@ -269,12 +265,10 @@ def open_predictor(
     settings: Any,
     backend: str | None = None,
 ) -> Predictor:
-    """A Predictor for a checkpoint (.pt), an ONNX file (.onnx) or an MLflow URI.
+    """A Predictor for a checkpoint (.pt) or MLflow URI (torch), or an ONNX file (ONNX Runtime).
 
-    Each runs on its own runtime: checkpoints and MLflow models on torch, ONNX files on ONNX
-    Runtime (`backend`, if given, must name it; `ops.backends.open_model` runs a checkpoint on
-    its ONNX export). `settings` gives the device, the decode limits, the DICOM window and the
-    tracking store that resolves MLflow URIs.
+    `backend`, if given, must name that runtime (`ops.backends.open_model` runs a checkpoint on
+    its ONNX export); `settings` gives the device, decode limits, DICOM window, tracking store.
     """
     text = str(model)
     is_onnx = not text.startswith(MLFLOW_SCHEMES) and Path(text).suffix.lower() == ".onnx"
@@ -353,12 +347,8 @@ def _onnx_metadata(session: Any, path: Path) -> dict[str, Any]:
 
 
 def session_options(settings: Any) -> Any:
-    """ONNX Runtime's options for a ctscan model: its thread count, no spin-waiting by default.
-
-    `train.threads` (> 0) sets the intra-op threads. Spin-waiting is off unless
-    `inference.onnx_spinning`: predict and serve decode images on other threads at the same
-    time, and a spinning pool takes the CPU those threads need.
-    """
+    """ONNX Runtime's options: `train.threads` intra-op threads (> 0), no spin-waiting unless
+    `inference.onnx_spinning` (a spinning pool takes the CPU the decode threads need)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()

@@ -175,8 +175,7 @@ class Service:
     drift_off: str = "no training reference was found"  # why `monitor` is None
 
     async def read(self, data: bytes, name: str) -> np.ndarray:
-        """Decode an upload on the decode threads (as many as the cores: 16 decodes at once on
-        the loop's pool of 40 made each 16 times as long, and the p99 650 ms instead of 370)."""
+        """Decode an upload on the decode threads (as many as the cores, not the loop's 40)."""
         if self.decoder is None:
             raise RuntimeError("the decode pool runs only while the app does (lifespan)")
         return await asyncio.get_running_loop().run_in_executor(
@@ -696,8 +695,7 @@ def _grad_cam_png(
 
 
 def _token_check(token: str | None) -> Callable[..., Any]:
-    """A dependency: no check without a token; else Bearer must match (constant time, and the
-    OpenAPI bearer scheme). Async: a plain `def` dependency costs a thread hop per request."""
+    """A dependency (async: no thread hop): without a token none, else Bearer must match."""
     if not token:
 
         async def open_route() -> None:
