@@ -115,16 +115,9 @@ def read_image(
     from ctscan.inference import dicom
 
     if dicom.is_dicom(data):
-        gray = dicom.dicom_to_gray(
+        gray = dicom.dicom_to_gray(  # refuses Rows x Columns > max_pixels before decoding
             data, level=window.level, width=window.width, name=name, max_pixels=limits.max_pixels
         )
-        height, width = gray.shape
-        if height * width > limits.max_pixels:
-            raise DataError(
-                f"{name} has {width}x{height} = {width * height} pixels, above the limit of "
-                f"{limits.max_pixels} (data.max_image_pixels).",
-                "send a smaller image or raise data.max_image_pixels.",
-            )
         return resize_square(gray, spec.image_size, spec.resize)
     return prepare(data, spec, limits=limits, name=name)
 
