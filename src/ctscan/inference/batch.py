@@ -21,11 +21,8 @@ INPUT_SUFFIXES = IMAGE_SUFFIXES | DICOM_SUFFIXES
 
 
 def collect_inputs(sources: Sequence[Path]) -> list[Path]:
-    """The files to predict: named files as they are, folders searched recursively.
-
-    In folders, only files with an image or DICOM suffix are taken (hidden files skipped), in
-    sorted order. A path that does not exist is kept, so that its row says so.
-    """
+    """Named files as they are (a missing one kept: its row says so); folders searched
+    recursively for image or DICOM suffixes, hidden files skipped, sorted."""
     found: list[Path] = []
     for source in sources:
         if source.is_dir():

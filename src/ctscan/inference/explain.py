@@ -101,12 +101,8 @@ def grad_cam(
 def cam_function(
     model: nn.Module, name: str
 ) -> Callable[[torch.Tensor, int | None], tuple[np.ndarray, int]]:
-    """`(x, class_index) -> (heat, class_index)` for a registry model or an ensemble.
-
-    The target layers are found up front (a ValueError when the model lacks one). An ensemble's
-    map is the mean of its members' Grad-CAM maps for the ensemble's class (its predicted one
-    when None), rescaled to a maximum of 1; the flipped test-time views are not included.
-    """
+    """`(x, class_index) -> (heat, class_index)` for a registry model or an ensemble (the mean
+    of its members' maps for its class, max 1; no flipped views). Layers found up front."""
     plain = unwrap(model)
     if not isinstance(plain, Ensemble):
         layer = gradcam_layer(model, name)
@@ -150,13 +146,8 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 def overlay_png(gray: np.ndarray, heat: np.ndarray, *, title: str) -> bytes:
-    """PNG bytes of the gray slice under the heat map in colour, with a title line above it.
-
-    `gray` is the (S, S) uint8 slice the model saw, `heat` the (S, S) map in [0, 1] from
-    `grad_cam`. The picture is upscaled by the whole factor ceil(256 / S) (bilinear), so it is
-    S * factor wide and S * factor + TITLE_HEIGHT high; the title (e.g. label and confidence)
-    is written in white on a black band.
-    """
+    """PNG of the (S, S) uint8 slice under the (S, S) heat map in colour, upscaled (bilinear) by
+    ceil(256 / S), below a black band of TITLE_HEIGHT with `title` in white."""
     if gray.ndim != 2 or gray.dtype != np.uint8:
         raise ValueError(f"gray must be a (S, S) uint8 array, got {gray.dtype} {gray.shape}.")
     if heat.shape != gray.shape:
