@@ -21,11 +21,8 @@ INPUT_SUFFIXES = IMAGE_SUFFIXES | DICOM_SUFFIXES
 
 
 def collect_inputs(sources: Sequence[Path]) -> list[Path]:
-    """The files to predict: named files as they are, folders searched recursively.
-
-    In folders, only files with an image or DICOM suffix are taken (hidden files skipped), in
-    sorted order. A path that does not exist is kept, so that its row says so.
-    """
+    """Named files as they are (a missing one kept: its row says so); folders searched
+    recursively for image or DICOM suffixes, hidden files skipped, sorted."""
     found: list[Path] = []
     for source in sources:
         if source.is_dir():
@@ -81,33 +78,21 @@ def _overlay_names(paths: Iterable[str]) -> list[str]:
 
 def write_overlays(predictor: Predictor, predictions: Sequence[Prediction], out: Path) -> None:
     """A Grad-CAM overlay (heat map on the slice, label and confidence) per successful row."""
-    import torch
-
-    from ctscan.data.transforms import model_input
     from ctscan.files import atomic_write, ensure_dir
-    from ctscan.inference.explain import cam_function, overlay_png
+    from ctscan.inference.explain import cam_function, cam_heat, overlay_png
 
     ensure_dir(out, what="--explain folder")
-    model, channels = predictor.torch_model
-    device = next(model.parameters()).device
     try:
-        cam = cam_function(model, predictor.info.name)
+        cam = cam_function(predictor.torch_model[0], predictor.info.name)
     except ValueError as exc:
         raise CheckpointError(str(exc), "use a checkpoint written by `ctscan train`.") from None
-    spec = predictor.spec
     for prediction, name in zip(
         predictions, _overlay_names(p.path or "" for p in predictions), strict=True
     ):
         if prediction.error is not None or prediction.path is None:
             continue
         gray = predictor.read(Path(prediction.path))
-        x = model_input(
-            torch.from_numpy(gray[None, None]).to(device),
-            mean=spec.mean,
-            std=spec.std,
-            channels=channels,
-        )
-        heat, _ = cam(x, prediction.index)
+        heat = cam_heat(predictor, cam, gray, prediction.index)
         png = overlay_png(gray, heat, title=f"{prediction.label} {prediction.confidence:.1%}")
         atomic_write(out / name, lambda fh, data=png: fh.write(data))
         prediction.explanation = str(out / name)

@@ -3,26 +3,12 @@
     if is_dicom(data):
         gray = dicom_to_gray(data, level=-600.0, width=1500.0, name="'scan.dcm'")
 
-The steps, for a grayscale slice (MONOCHROME1 / MONOCHROME2):
-
-1. pydicom decodes the pixel data (uncompressed, deflated, big endian and RLE by itself; JPEG
-   Lossless, JPEG-LS, JPEG and JPEG 2000 through the pylibjpeg plugins of `ctscan[dicom]`).
-2. Hounsfield units: stored value * RescaleSlope + RescaleIntercept (1 and 0 when absent). An
-   enhanced multi-frame file carries them in its per-frame or shared functional groups.
-3. The window [level - width / 2, level + width / 2] is mapped linearly to 0..255:
-   `floor((hu - (level - width / 2)) * 255 / width + 0.5)` clipped to 0..255, i.e. rounded half
-   up: with the lung window (-600 / 1500) HU -1350 -> 0, -600 -> 128 (127.5), 150 -> 255. It is
-   the plain linear window, not the DICOM VOI LUT formula (which differs by under 0.2 of a level).
-4. MONOCHROME1 (minimum = white) is inverted after the window, so that air is dark as in
-   MONOCHROME2: the result is what a DICOM viewer shows.
-
-Colour files (SamplesPerPixel 3: RGB, or YBR which pydicom converts to RGB) are renderings, not
-Hounsfield units: they become ITU-R BT.601 luma (0.299 R + 0.587 G + 0.114 B, rescaled from
-BitsStored to 8 bits) and the window is not applied. PALETTE COLOR and other photometric
-interpretations are refused. A multi-frame file (NumberOfFrames > 1) needs `frame` (0-based).
-
-Every problem with the file is a `DataError` that names it; pydicom itself missing is a
-`CtscanError` naming the extra to install. pydicom is imported inside the functions that need it.
+Steps (docs/inference.md, "DICOM input"): decode the pixels; HU = stored x RescaleSlope +
+RescaleIntercept (top level or the functional groups); the window [level - width/2, level +
+width/2] mapped linearly to 0..255, rounded half up (the plain linear window, not the DICOM VOI
+LUT formula); MONOCHROME1 inverted. Colour (RGB / YBR) becomes BT.601 luma, unwindowed. Every
+problem with the file is a `DataError` naming it; pydicom missing, a `CtscanError` naming the
+extra. pydicom is imported inside the functions that need it.
 """
 
 from __future__ import annotations
@@ -77,33 +63,29 @@ def _number(ds: Any, keyword: str, default: float, name: str) -> float:
 
 def _rescale(ds: Any, frame: int, name: str) -> tuple[float, float]:
     """(slope, intercept): top level, else the frame's or the shared functional groups."""
-    if "RescaleSlope" in ds or "RescaleIntercept" in ds:
-        return _number(ds, "RescaleSlope", 1.0, name), _number(ds, "RescaleIntercept", 0.0, name)
+    source = ds if "RescaleSlope" in ds or "RescaleIntercept" in ds else None
     for groups, index in (
         ("PerFrameFunctionalGroupsSequence", frame),
         ("SharedFunctionalGroupsSequence", 0),
     ):
         items = ds.get(groups) or []
-        if index < len(items):
-            transforms = items[index].get("PixelValueTransformationSequence") or []
-            if transforms:
-                t = transforms[0]
-                return _number(t, "RescaleSlope", 1.0, name), _number(
-                    t, "RescaleIntercept", 0.0, name
-                )
-    return 1.0, 0.0
+        if source is None and index < len(items):
+            source = (items[index].get("PixelValueTransformationSequence") or [None])[0]
+    if source is None:
+        return 1.0, 0.0
+    return _number(source, "RescaleSlope", 1.0, name), _number(
+        source, "RescaleIntercept", 0.0, name
+    )
 
 
 def _header_int(ds: Any, keyword: str, default: int | None, name: str) -> int:
     try:
-        value = ds.get(keyword, default)
-        number = int(value)
+        return int(ds.get(keyword, default))
     except (TypeError, ValueError) as exc:
         raise DataError(
             f"{name} has a missing or bad {keyword} ({exc}).",
             "the file is not a usable image; export the slice again.",
         ) from None
-    return number
 
 
 def _check_decoder(pydicom: Any, ds: Any, name: str) -> None:
@@ -184,6 +166,32 @@ def _slice(
     max_pixels: int | None,
 ) -> np.ndarray:
     """The steps of `dicom_to_gray` after reading: check the header, decode, rescale, window."""
+    rows, columns, frames, index, samples, photometric = _checked_header(
+        ds, frame, name, max_pixels
+    )
+    _check_decoder(pydicom, ds, name)
+    try:
+        pixels = pydicom.pixels.pixel_array(ds, index=index if frames > 1 else None)
+    except Exception as exc:  # a corrupt or truncated codestream, a header that lies, ...
+        syntax = ds.file_meta.TransferSyntaxUID
+        raise DataError(
+            f"cannot decode the pixels of {name} ({syntax.name}): {type(exc).__name__}: {exc}",
+            "the file is truncated or corrupt; export it again.",
+        ) from None
+    if pixels.shape[:2] != (rows, columns) or pixels.ndim != (3 if samples == 3 else 2):
+        raise DataError(f"{name} decoded to shape {pixels.shape}, not ({rows}, {columns}).")
+    if samples == 3:
+        return _luma(pixels, _header_int(ds, "BitsStored", 8, name))
+    slope, intercept = _rescale(ds, index, name)
+    hu = pixels.astype(np.float64) * slope + intercept  # (H, W) Hounsfield units
+    gray = window(hu, level=level, width=width)
+    return 255 - gray if photometric == "MONOCHROME1" else gray
+
+
+def _checked_header(
+    ds: Any, frame: int | None, name: str, max_pixels: int | None
+) -> tuple[int, int, int, int, int, str]:
+    """(rows, columns, frames, frame index, samples per pixel, photometric) of a readable slice."""
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise DataError(
             f"{name} holds no pixel data (SOP class {ds.get('SOPClassUID', 'unknown')}): it is "
@@ -222,25 +230,7 @@ def _slice(
         )
     if samples not in (1, 3):
         raise DataError(f"{name} has {samples} samples per pixel; expected 1 (gray) or 3 (colour).")
-
-    _check_decoder(pydicom, ds, name)
-    try:
-        pixels = pydicom.pixels.pixel_array(ds, index=index if frames > 1 else None)
-    except Exception as exc:  # a corrupt or truncated codestream, a header that lies, ...
-        syntax = ds.file_meta.TransferSyntaxUID
-        raise DataError(
-            f"cannot decode the pixels of {name} ({syntax.name}): {type(exc).__name__}: {exc}",
-            "the file is truncated or corrupt; export it again.",
-        ) from None
-    if pixels.shape[:2] != (rows, columns) or pixels.ndim != (3 if samples == 3 else 2):
-        raise DataError(f"{name} decoded to shape {pixels.shape}, not ({rows}, {columns}).")
-
-    if samples == 3:
-        return _luma(pixels, _header_int(ds, "BitsStored", 8, name))
-    slope, intercept = _rescale(ds, index, name)
-    hu = pixels.astype(np.float64) * slope + intercept  # (H, W) Hounsfield units
-    gray = window(hu, level=level, width=width)
-    return 255 - gray if photometric == "MONOCHROME1" else gray
+    return rows, columns, frames, index, samples, photometric
 
 
 def window(hu: np.ndarray, *, level: float, width: float) -> np.ndarray:

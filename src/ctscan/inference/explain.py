@@ -8,13 +8,8 @@ Grad-CAM (Selvaraju et al., 2017): with A the target layer's activations (K, h, 
 class logit, w_k = mean over (h, w) of dy/dA_k, cam = relu(sum_k w_k A_k), upsampled bilinearly
 to the input size and divided by its maximum (a map with no positive evidence stays all zero).
 
-A forward hook and `torch.autograd.grad` instead of the `grad-cam` package: the package pulls
-opencv-python-headless (a large binary the project has no other use for) for its resize and
-colour map, while the method is ~20 lines here. On the four registry models (64 and 160 px)
-grad-cam 1.5.7's `GradCAM` gave the same maps, to 2e-6, once its min-max rescale was applied to
-ours; ours divides by the maximum only, so a map that is positive everywhere keeps its floor.
-`autograd.grad` returns the gradient of the activations alone: no parameter's `.grad` is
-touched and no backward hook is needed.
+A forward hook and `torch.autograd.grad`, not the `grad-cam` package (it pulls opencv for a
+resize and a colour map; its GradCAM gives the same maps to 2e-6 after its min-max rescale).
 """
 
 from __future__ import annotations
@@ -22,12 +17,14 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
+from ctscan.data.transforms import model_input
 from ctscan.models import gradcam_layer, unwrap
 from ctscan.models.ensemble import Ensemble
 
@@ -104,12 +101,8 @@ def grad_cam(
 def cam_function(
     model: nn.Module, name: str
 ) -> Callable[[torch.Tensor, int | None], tuple[np.ndarray, int]]:
-    """`(x, class_index) -> (heat, class_index)` for a registry model or an ensemble.
-
-    The target layers are found up front (a ValueError when the model lacks one). An ensemble's
-    map is the mean of its members' Grad-CAM maps for the ensemble's class (its predicted one
-    when None), rescaled to a maximum of 1; the flipped test-time views are not included.
-    """
+    """`(x, class_index) -> (heat, class_index)` for a registry model or an ensemble (the mean
+    of its members' maps for its class, max 1; no flipped views). Layers found up front."""
     plain = unwrap(model)
     if not isinstance(plain, Ensemble):
         layer = gradcam_layer(model, name)
@@ -125,6 +118,16 @@ def cam_function(
         return (heat / peak if peak > 0.0 else heat).astype(np.float32), index
 
     return ensemble_cam
+
+
+def cam_heat(predictor: Any, cam: Callable, gray: np.ndarray, index: int | None) -> np.ndarray:
+    """The (S, S) heat map of `cam` (from `cam_function`) on one slice of `predictor`'s model."""
+    model, channels = predictor.torch_model
+    spec = predictor.spec
+    device = next(model.parameters()).device
+    x = torch.from_numpy(gray[None, None]).to(device)  # (1, 1, S, S) uint8
+    heat, _ = cam(model_input(x, mean=spec.mean, std=spec.std, channels=channels), index)
+    return heat
 
 
 def jet(values: np.ndarray) -> np.ndarray:
@@ -143,13 +146,8 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 def overlay_png(gray: np.ndarray, heat: np.ndarray, *, title: str) -> bytes:
-    """PNG bytes of the gray slice under the heat map in colour, with a title line above it.
-
-    `gray` is the (S, S) uint8 slice the model saw, `heat` the (S, S) map in [0, 1] from
-    `grad_cam`. The picture is upscaled by the whole factor ceil(256 / S) (bilinear), so it is
-    S * factor wide and S * factor + TITLE_HEIGHT high; the title (e.g. label and confidence)
-    is written in white on a black band.
-    """
+    """PNG of the (S, S) uint8 slice under the (S, S) heat map in colour, upscaled (bilinear) by
+    ceil(256 / S), below a black band of TITLE_HEIGHT with `title` in white."""
     if gray.ndim != 2 or gray.dtype != np.uint8:
         raise ValueError(f"gray must be a (S, S) uint8 array, got {gray.dtype} {gray.shape}.")
     if heat.shape != gray.shape:

@@ -4,15 +4,10 @@
     predictor.predict_files([Path("scan.png")])          # -> [Prediction(label=..., ...)]
     predictor.probabilities(images)                      # uint8 (B, 1, S, S) -> (B, C)
 
-The preprocessing spec and the class names come from the artifact itself (the checkpoint's
-payload, the ONNX file's `ctscan` metadata, the MLflow model's metadata), never from the
-settings; so does the temperature T (engine/calibration.py): `logits` are the calibrated
-logits, the network's divided by T (a checkpoint's T applied here; exported and MLflow models
-hold it inside), and `probabilities` is their softmax. Files are read through `read_image`:
-DICOM through inference/dicom.py, everything else through `data.transforms.prepare` (the
-decode -> gray -> resize of preprocess). The torch backend gets its logits from
-`engine.evaluate.predict`, the function `ctscan evaluate` uses, after `transforms.model_input`;
-exported and MLflow models do that normalisation inside.
+The preprocessing spec, the class names and the temperature T come from the artifact itself
+(checkpoint payload, ONNX `ctscan` metadata, MLflow model metadata), never from the settings.
+`logits` are the network's divided by T; `probabilities` their softmax. Files are read through
+`read_image` (DICOM via inference/dicom.py, the rest via `transforms.prepare`, as preprocess).
 """
 
 from __future__ import annotations
@@ -120,16 +115,9 @@ def read_image(
     from ctscan.inference import dicom
 
     if dicom.is_dicom(data):
-        gray = dicom.dicom_to_gray(
+        gray = dicom.dicom_to_gray(  # refuses Rows x Columns > max_pixels before decoding
             data, level=window.level, width=window.width, name=name, max_pixels=limits.max_pixels
         )
-        height, width = gray.shape
-        if height * width > limits.max_pixels:
-            raise DataError(
-                f"{name} has {width}x{height} = {width * height} pixels, above the limit of "
-                f"{limits.max_pixels} (data.max_image_pixels).",
-                "send a smaller image or raise data.max_image_pixels.",
-            )
         return resize_square(gray, spec.image_size, spec.resize)
     return prepare(data, spec, limits=limits, name=name)
 
@@ -189,18 +177,15 @@ class Predictor:
     def predictions(self, probs: np.ndarray, paths: Sequence[str | None]) -> list[Prediction]:
         """Turn probabilities into labelled `Prediction`s."""
         names = self.class_names
-        out = []
-        for row, path in zip(probs, paths, strict=True):
-            index = int(row.argmax())
-            out.append(
-                Prediction(
-                    path=path,
-                    label=names[index],
-                    index=index,
-                    probabilities={n: float(p) for n, p in zip(names, row, strict=True)},
-                )
+        return [
+            Prediction(
+                path=path,
+                label=names[int(row.argmax())],
+                index=int(row.argmax()),
+                probabilities={n: float(p) for n, p in zip(names, row, strict=True)},
             )
-        return out
+            for row, path in zip(probs, paths, strict=True)
+        ]
 
     def _read_or_error(self, path: Path) -> np.ndarray | str:
         try:
@@ -209,12 +194,8 @@ class Predictor:
             return str(exc)
 
     def _decoded(self, paths: list[Path]) -> Iterator[tuple[int, np.ndarray | str]]:
-        """(index, image or the reason it could not be read), in order.
-
-        Decoding runs ahead of the model in a few threads (PIL and numpy release the GIL while
-        they decode and resize), at most two batches ahead, so memory stays bounded for any
-        number of files; a bug in a decoder still raises here.
-        """
+        """(index, image or why it cannot be read), in order: decoded ahead on a few threads, at
+        most two batches ahead (bounded memory); a bug in a decoder still raises here."""
         threads = self.decode_threads or min(4, os.cpu_count() or 1)
         if threads <= 1:
             yield from ((i, self._read_or_error(p)) for i, p in enumerate(paths))
@@ -277,12 +258,10 @@ def open_predictor(
     settings: Any,
     backend: str | None = None,
 ) -> Predictor:
-    """A Predictor for a checkpoint (.pt), an ONNX file (.onnx) or an MLflow URI.
+    """A Predictor for a checkpoint (.pt) or MLflow URI (torch), or an ONNX file (ONNX Runtime).
 
-    Each runs on its own runtime: checkpoints and MLflow models on torch, ONNX files on ONNX
-    Runtime (`backend`, if given, must name it; `ops.backends.open_model` runs a checkpoint on
-    its ONNX export). `settings` gives the device, the decode limits, the DICOM window and the
-    tracking store that resolves MLflow URIs.
+    `backend`, if given, must name that runtime (`ops.backends.open_model` runs a checkpoint on
+    its ONNX export); `settings` gives the device, decode limits, DICOM window, tracking store.
     """
     text = str(model)
     is_onnx = not text.startswith(MLFLOW_SCHEMES) and Path(text).suffix.lower() == ".onnx"
@@ -361,12 +340,8 @@ def _onnx_metadata(session: Any, path: Path) -> dict[str, Any]:
 
 
 def session_options(settings: Any) -> Any:
-    """ONNX Runtime's options for a ctscan model: its thread count, no spin-waiting by default.
-
-    `train.threads` (> 0) sets the intra-op threads. Spin-waiting is off unless
-    `inference.onnx_spinning`: predict and serve decode images on other threads at the same
-    time, and a spinning pool takes the CPU those threads need.
-    """
+    """ONNX Runtime's options: `train.threads` intra-op threads (> 0), no spin-waiting unless
+    `inference.onnx_spinning` (a spinning pool takes the CPU the decode threads need)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -408,12 +383,7 @@ def _open_onnx(path: Path, settings: Any) -> Predictor:
     input_name = session.get_inputs()[0].name
 
     def logits_fn(images: np.ndarray) -> np.ndarray:
-        return np.concatenate(
-            [
-                session.run(None, {input_name: images[i : i + 64]})[0]
-                for i in range(0, len(images), 64)
-            ]
-        )
+        return _in_chunks(lambda chunk: session.run(None, {input_name: chunk})[0], images)
 
     info = ModelInfo(
         name=str(meta.get("model_name", "unknown")),
@@ -425,6 +395,11 @@ def _open_onnx(path: Path, settings: Any) -> Predictor:
         **_calibration_info(meta, path),
     )
     return Predictor(spec=spec, info=info, logits_fn=logits_fn)
+
+
+def _in_chunks(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> np.ndarray:
+    """`run` on at most 64 images at a time, the rows concatenated."""
+    return np.concatenate([run(images[i : i + 64]) for i in range(0, len(images), 64)])
 
 
 def _temperature(meta: dict[str, Any], source: Path | str) -> float:
@@ -453,13 +428,9 @@ def _open_mlflow(uri: str, settings: Any) -> Predictor:
     module, meta, version = load_logged_model(uri, settings.tracking, settings.paths.runs_dir)
     spec = PreprocessSpec.from_dict(meta["preprocess"])
 
+    @torch.no_grad()
     def logits_fn(images: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            chunks = [
-                module(torch.from_numpy(images[i : i + 64])).float()
-                for i in range(0, len(images), 64)
-            ]
-        return torch.cat(chunks).numpy()
+        return _in_chunks(lambda chunk: module(torch.from_numpy(chunk)).float().numpy(), images)
 
     info = ModelInfo(
         name=str(meta.get("model_name", "unknown")),

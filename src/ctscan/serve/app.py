@@ -1,19 +1,10 @@
 """The HTTP service: FastAPI routes over the one Predictor, dynamic batching, metrics, a web page.
 
-Routes (OpenAPI at /docs):
-    POST /predict, /predict/batch, /explain            multipart uploads (field `file` / `files`);
-                                                       /predict also takes the image as the body
-    GET  /health, /ready                               liveness, readiness (model warmed up)
-    GET  /metrics                                      Prometheus text
-    GET  /monitoring/drift                             two-sample tests against the training data
-    /v2/health/live, /v2/health/ready, /v2/models/{name}[/ready], POST /v2/models/{name}/infer
-                                                       the Open Inference Protocol (KServe v2)
-    GET  /                                             the web page (static/, no build, no CDN)
-
-Every error is JSON `{"error": ..., "fix": ...}` with a 4xx for bad input (`_ERROR_TEXT`), a 500
-only for a bug (the trace goes to the log); OpenAPI documents every status and media type. With
-`serve.token` every route but health, the page and the docs needs `Authorization: Bearer`. No
-filesystem path comes from a request: uploads are bytes, the model is fixed at start-up.
+Routes (OpenAPI at /docs): /predict, /predict/batch, /explain (uploads); /health, /ready;
+/metrics, /monitoring/drift; /v2/... (Open Inference Protocol, KServe v2); / (the web page).
+Every error is JSON `{"error": ..., "fix": ...}`, a 4xx for bad input (`_ERROR_TEXT`), 500 only
+for a bug (trace in the log). With `serve.token` every route but health, the page and the docs
+needs `Authorization: Bearer`. No filesystem path comes from a request.
 """
 
 from __future__ import annotations
@@ -184,8 +175,7 @@ class Service:
     drift_off: str = "no training reference was found"  # why `monitor` is None
 
     async def read(self, data: bytes, name: str) -> np.ndarray:
-        """Decode an upload on the decode threads (as many as the cores: 16 decodes at once on
-        the loop's pool of 40 made each 16 times as long, and the p99 650 ms instead of 370)."""
+        """Decode an upload on the decode threads (as many as the cores, not the loop's 40)."""
         if self.decoder is None:
             raise RuntimeError("the decode pool runs only while the app does (lifespan)")
         return await asyncio.get_running_loop().run_in_executor(
@@ -215,15 +205,7 @@ class Service:
 
     def answer(self, prediction: Prediction, start: float) -> bytes:
         """The /predict JSON, built once here (the model's part once per server)."""
-        head = json.dumps(
-            {
-                "label": prediction.label,
-                "class_index": prediction.index,
-                "confidence": prediction.confidence,
-                "probabilities": prediction.probabilities,
-            },
-            separators=(",", ":"),
-        )
+        head = json.dumps(_answer_fields(prediction), separators=(",", ":"))
         latency_ms = (time.perf_counter() - start) * 1000
         return f'{head[:-1]},"model":{self.identity_json},"latency_ms":{latency_ms:.3f}}}'.encode()
 
@@ -332,13 +314,7 @@ async def predict_batch(
         predictions = service.predictor.predictions(probs, [None] * len(images))
         for slot, image, prediction in zip(slots, images, predictions, strict=True):
             _record(service, image, prediction)
-            items[slot] = BatchItem(
-                filename=items[slot].filename,
-                label=prediction.label,
-                class_index=prediction.index,
-                confidence=prediction.confidence,
-                probabilities=prediction.probabilities,
-            )
+            items[slot] = BatchItem(filename=items[slot].filename, **_answer_fields(prediction))
     return BatchResponse(
         predictions=items,
         model=service.identity(),
@@ -648,6 +624,16 @@ async def _decode(service: Service, data: bytes, name: str) -> np.ndarray:
         ) from None
 
 
+def _answer_fields(prediction: Prediction) -> dict[str, Any]:
+    """What /predict and each /predict/batch item say about one prediction."""
+    return {
+        "label": prediction.label,
+        "class_index": prediction.index,
+        "confidence": prediction.confidence,
+        "probabilities": prediction.probabilities,
+    }
+
+
 def _check_count(count: int, what: str, service: Service) -> None:
     """413 for more images or files in one request than serve.max_batch_files."""
     limit = service.settings.serve.max_batch_files
@@ -694,34 +680,22 @@ def _record(service: Service, image: np.ndarray, prediction: Prediction) -> None
 def _grad_cam_png(
     service: Service, image: np.ndarray, target: int | None
 ) -> tuple[bytes, str, float]:
-    import torch
-
-    from ctscan.data.transforms import model_input
-    from ctscan.inference.explain import cam_function, overlay_png
+    from ctscan.inference.explain import cam_function, cam_heat, overlay_png
 
     explainer = service.explainer
     assert explainer is not None and explainer.torch_model is not None
-    model, channels = explainer.torch_model
-    spec = explainer.spec
     # One Grad-CAM at a time, forwards included: the hook on the shared model keeps any output
     with service.explain_lock:
         probs = explainer.probabilities(image[None, None])[0]
         index = int(probs.argmax()) if target is None else target
-        device = next(model.parameters()).device
-        x = model_input(
-            torch.from_numpy(image[None, None]).to(device),
-            mean=spec.mean,
-            std=spec.std,
-            channels=channels,
-        )
-        heat, _ = cam_function(model, explainer.info.name)(x, index)
+        cam = cam_function(explainer.torch_model[0], explainer.info.name)
+        heat = cam_heat(explainer, cam, image, index)
     label = explainer.class_names[index]
     return overlay_png(image, heat, title=f"{label} {probs[index]:.1%}"), label, float(probs[index])
 
 
 def _token_check(token: str | None) -> Callable[..., Any]:
-    """A dependency: no check without a token; else Bearer must match (constant time, and the
-    OpenAPI bearer scheme). Async: a plain `def` dependency costs a thread hop per request."""
+    """A dependency (async: no thread hop): without a token none, else Bearer must match."""
     if not token:
 
         async def open_route() -> None:

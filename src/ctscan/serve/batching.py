@@ -75,11 +75,6 @@ class Batcher:
                 await self._task
         self._executor.shutdown(wait=True)
 
-    @property
-    def pending(self) -> int:
-        """Requests waiting in the queue."""
-        return self._queue.qsize() if self._queue is not None else 0
-
     async def submit(self, images: np.ndarray) -> np.ndarray:
         """The model's rows for `images` (k, 1, S, S); QueueFull when the queue is at its limit."""
         if self._queue is None:

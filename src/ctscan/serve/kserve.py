@@ -1,19 +1,11 @@
 """The Open Inference Protocol (KServe v2) REST encoding: requests in, responses out.
 
-Inputs (either one per request):
-    image        UINT8  [-1, 1, S, S]  gray images already decoded and resized
-    image_bytes  BYTES  [-1]           encoded files (PNG, JPEG, DICOM...): raw in the binary
-                                       extension, base64 strings in plain JSON
-Output:
-    probabilities FP32  [-1, C]        class probabilities in the order of the model's labels,
-                                       calibrated (softmax(logits / T), T in the metadata)
-
-Both the JSON form and the binary data extension (the `Inference-Header-Content-Length` header
-that `tritonclient[http]` sends by default) are read and written. The output is binary when the
-request asks for it, per output (`"parameters": {"binary_data": true}`) or for all
-(`"parameters": {"binary_data_output": true}` at the top, what tritonclient sends when it names
-no outputs). Any request body, however malformed, ends in an `InferRequest` or a
-`ProtocolError` (answered 400), never in another exception.
+Inputs (one per request): `image` UINT8 [-1, 1, S, S] (decoded and resized gray) or
+`image_bytes` BYTES [-1] (encoded files: raw in the binary extension, base64 in JSON).
+Output: `probabilities` FP32 [-1, C], calibrated, in the order of the model's labels.
+JSON and the binary data extension (`Inference-Header-Content-Length`, tritonclient's default)
+are both read and written: the output is binary when asked per output (`binary_data`) or for
+all (`binary_data_output`). Any malformed body ends in a `ProtocolError` (400), nothing else.
 """
 
 from __future__ import annotations
@@ -32,16 +24,6 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 IMAGE_INPUT = "image"
 BYTES_INPUT = "image_bytes"
 OUTPUT = "probabilities"
-_DTYPES = {
-    "UINT8": np.uint8,
-    "INT8": np.int8,
-    "UINT16": np.uint16,
-    "INT16": np.int16,
-    "INT32": np.int32,
-    "INT64": np.int64,
-    "FP32": np.float32,
-    "FP64": np.float64,
-}
 
 
 _OBJECT = {"type": "object"}
@@ -194,62 +176,68 @@ def parse_infer(body: bytes, header_length: str | None, image_size: int) -> Infe
             f"{image_size}]) or '{BYTES_INPUT}' (BYTES [B])."
         )
     spec = inputs[0]
-    name, datatype, shape = spec.get("name"), spec.get("datatype"), spec.get("shape")
+    name, shape = spec.get("name"), spec.get("shape")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise ProtocolError(f"input '{name}' needs a shape of non-negative integers.")
-    count = math.prod(shape)
     params = spec.get("parameters") or {}
     binary_size = params.get("binary_data_size") if isinstance(params, dict) else None
-    binary_output = _binary_output(header)
-    request_id = header.get("id") if isinstance(header.get("id"), str) else None
+    request = InferRequest(
+        id=header.get("id") if isinstance(header.get("id"), str) else None,
+        input_name=name,
+        binary_output=_binary_output(header),
+    )
     raw = None
     if binary_size is not None:
         if not _is_int(binary_size) or binary_size < 0 or binary_size > len(tail):
             raise ProtocolError(f"input '{name}' binary_data_size does not fit the data sent.")
         raw = tail[:binary_size]
     if name == IMAGE_INPUT:
-        if datatype != "UINT8":
-            raise ProtocolError(f"input '{IMAGE_INPUT}' must be UINT8, not {datatype}.")
-        if len(shape) != 4 or shape[1:] != [1, image_size, image_size]:
-            raise ProtocolError(
-                f"input '{IMAGE_INPUT}' must have shape [B, 1, {image_size}, {image_size}], "
-                f"not {shape}."
-            )
-        if raw is not None:
-            if len(raw) != count:
-                raise ProtocolError(f"input '{name}' has {len(raw)} bytes for {count} values.")
-            array = np.frombuffer(raw, dtype=np.uint8)
-        else:
-            array = _json_values(spec.get("data"), count, name)
-        return InferRequest(
-            id=request_id,
-            input_name=name,
-            images=array.reshape(shape).copy(),
-            binary_output=binary_output,
+        request.images = _image_input(spec, shape, raw, image_size)
+    elif name == BYTES_INPUT:
+        request.files = _bytes_input(spec, math.prod(shape), raw)
+    else:
+        raise ProtocolError(f"unknown input '{name}'; use '{IMAGE_INPUT}' or '{BYTES_INPUT}'.")
+    return request
+
+
+def _image_input(spec: dict, shape: list[int], raw: bytes | None, image_size: int) -> np.ndarray:
+    """The `image` input: UINT8 (B, 1, S, S) from the binary tail or the JSON `data`."""
+    if spec.get("datatype") != "UINT8":
+        raise ProtocolError(f"input '{IMAGE_INPUT}' must be UINT8, not {spec.get('datatype')}.")
+    if len(shape) != 4 or shape[1:] != [1, image_size, image_size]:
+        raise ProtocolError(
+            f"input '{IMAGE_INPUT}' must have shape [B, 1, {image_size}, {image_size}], "
+            f"not {shape}."
         )
-    if name == BYTES_INPUT:
-        if datatype != "BYTES":
-            raise ProtocolError(f"input '{BYTES_INPUT}' must be BYTES, not {datatype}.")
-        if raw is not None:
-            files = _unpack_bytes(raw, count)
-        else:
-            data = spec.get("data")
-            if (
-                not isinstance(data, list)
-                or len(data) != count
-                or not all(isinstance(d, str) for d in data)
-            ):
-                raise ProtocolError(f"input '{name}' needs {count} base64 strings in 'data'.")
-            try:
-                files = [base64.b64decode(d, validate=True) for d in data]
-            except (binascii.Error, ValueError):
-                raise ProtocolError(
-                    f"input '{name}': in JSON, BYTES elements are base64 strings."
-                ) from None
-        return InferRequest(
-            id=request_id, input_name=name, files=files, binary_output=binary_output
-        )
-    raise ProtocolError(f"unknown input '{name}'; use '{IMAGE_INPUT}' or '{BYTES_INPUT}'.")
+    count = math.prod(shape)
+    if raw is None:
+        array = _json_values(spec.get("data"), count, IMAGE_INPUT)
+    elif len(raw) != count:
+        raise ProtocolError(f"input '{IMAGE_INPUT}' has {len(raw)} bytes for {count} values.")
+    else:
+        array = np.frombuffer(raw, dtype=np.uint8)
+    return array.reshape(shape).copy()
+
+
+def _bytes_input(spec: dict, count: int, raw: bytes | None) -> list[bytes]:
+    """The `image_bytes` input: files from the binary tail, or base64 strings in JSON `data`."""
+    if spec.get("datatype") != "BYTES":
+        raise ProtocolError(f"input '{BYTES_INPUT}' must be BYTES, not {spec.get('datatype')}.")
+    if raw is not None:
+        return _unpack_bytes(raw, count)
+    data = spec.get("data")
+    if (
+        not isinstance(data, list)
+        or len(data) != count
+        or not all(isinstance(d, str) for d in data)
+    ):
+        raise ProtocolError(f"input '{BYTES_INPUT}' needs {count} base64 strings in 'data'.")
+    try:
+        return [base64.b64decode(d, validate=True) for d in data]
+    except (binascii.Error, ValueError):
+        raise ProtocolError(
+            f"input '{BYTES_INPUT}': in JSON, BYTES elements are base64 strings."
+        ) from None
 
 
 def _is_int(value: Any) -> bool:

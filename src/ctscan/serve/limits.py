@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
 from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
 
 # Magic numbers of the formats ctscan decodes (transforms.DECODE_FORMATS, and DICOM).
 _MAGIC = (
@@ -80,7 +80,7 @@ class BodyLimit:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await self._reject(send, limit, reason)
+            await self._reject(scope, receive, send, limit, reason)
             return
         received = 0
 
@@ -95,17 +95,10 @@ class BodyLimit:
 
         await self.app(scope, limited_receive, send)
 
-    async def _reject(self, send: Callable, limit: int, reason: str) -> None:
-        body = json.dumps({"error": too_large(limit, reason), "fix": FIX}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
+    async def _reject(
+        self, scope: dict, receive: Callable, send: Callable, limit: int, reason: str
+    ):
+        error = {"error": too_large(limit, reason), "fix": FIX}
+        await JSONResponse(error, status_code=413, headers={"connection": "close"})(
+            scope, receive, send
         )
-        await send({"type": "http.response.body", "body": body})

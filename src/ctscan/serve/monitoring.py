@@ -33,17 +33,12 @@ _INDEX = {name: i for i, name in enumerate(FEATURES)}
 class DriftMonitor:
     """A bounded window of request statistics, tested against the training reference.
 
-    `reference`: a reference dict (`build_reference`, `load_reference`, `Store.reference()`).
-    `window`: requests kept (the oldest leave first). `min_samples`: requests needed before
-    drift is claimed (below it `enough_data` and `drift` are False; statistics are still shown).
-    `alpha`: family-wise significance level. `confidence_reference`: the model's max-softmax
-    on the train images (reference_confidence.json); when given, confidence is one more test.
-
-    Correction: with k tests (the reference's features, plus confidence when given) a feature
-    drifts when its p-value < alpha / k (Bonferroni), so the chance of a false alarm on any
-    feature of one report stays <= alpha when nothing changed. Each report tests the window
-    afresh: repeated reports over time are not corrected for (see docs/monitoring.md).
-    Thread-safe: `observe` may be called from many threads while `report` runs.
+    `reference`: a reference dict (`build_reference`, `load_reference`, `Store.reference()`);
+    `window`: requests kept; `min_samples`: requests needed before drift is claimed;
+    `alpha`: family-wise level; `confidence_reference`: the model's max-softmax on the train
+    images (reference_confidence.json), one more test when given. With k tests a feature drifts
+    when its p-value < alpha / k (Bonferroni; repeated reports are not corrected for, see
+    docs/monitoring.md). Thread-safe: `observe` may run on many threads while `report` runs.
     """
 
     def __init__(
@@ -165,34 +160,28 @@ class DriftMonitor:
         return result_report
 
     def register_metrics(self, registry: Any) -> None:
-        """Create the drift gauges in a prometheus_client `CollectorRegistry` (once per registry).
-
-        A second call on the same registry raises prometheus_client's ValueError (duplicate).
-        """
+        """Create the drift gauges in a prometheus_client registry (a second call: ValueError)."""
         from prometheus_client import Gauge
 
-        labels = ["feature"]
+        def gauge(name: str, text: str, *labels: str) -> Any:
+            return Gauge(f"ctscan_drift_{name}", text, labels, registry=registry)
+
         self._gauges = {
-            "statistic": Gauge(
-                "ctscan_drift_statistic",
+            "statistic": gauge(
+                "statistic",
                 "two-sample KS statistic of recent requests vs the training reference",
-                labels,
-                registry=registry,
+                "feature",
             ),
-            "p_value": Gauge(
-                "ctscan_drift_p_value",
+            "p_value": gauge(
+                "p_value",
                 "KS p-value per feature (drift when below alpha / number of tests)",
-                labels,
-                registry=registry,
+                "feature",
             ),
-            "detected": Gauge(
-                "ctscan_drift_detected",
+            "detected": gauge(
+                "detected",
                 "1 when drift is detected on any feature (Bonferroni-corrected KS tests)",
-                registry=registry,
             ),
-            "window": Gauge(
-                "ctscan_drift_window_size", "requests in the drift window", registry=registry
-            ),
+            "window": gauge("window_size", "requests in the drift window"),
         }
         self.update_metrics()
 

@@ -38,11 +38,8 @@ def open_models(model: str, settings: Any, backend: str) -> tuple[Predictor, Pre
 
 
 def read_confidence_reference(path: Path, temperature: float) -> list[float] | None:
-    """The train confidences of reference_confidence.json if computed at `temperature`, else None.
-
-    The drift test compares the confidence the server shows (softmax(logits / T)) with the one
-    on the train images: a reference written for another T (or unreadable) is not used.
-    """
+    """The train confidences of reference_confidence.json if computed at `temperature` (the T
+    the server shows them at), else None: one for another T, or unreadable, is not used."""
     try:
         saved = json.loads(path.read_text())
         confidence = [float(value) for value in saved["confidence"]]
@@ -65,12 +62,9 @@ def read_confidence_reference(path: Path, temperature: float) -> list[float] | N
 
 
 def _drift_features(model: str, settings: Any, spec: Any) -> tuple[dict | None, str]:
-    """The feature reference of the model's training data, or None and where none was found.
-
-    First beside the model (reference_confidence.json's `features`: it travels with the run
-    folder, a fold, an ensemble), then the processed store at paths.processed_dir when its
-    preprocessing equals the model's (how ONNX files and MLflow models find one).
-    """
+    """The feature reference of the model's training data, or None and where none was found:
+    beside the model (reference_confidence.json's `features`), else the processed store when
+    its preprocessing equals the model's (how ONNX files and MLflow models find one)."""
     from ctscan.data.reference import check_reference
     from ctscan.data.store import load_store
 
