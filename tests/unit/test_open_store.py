@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -113,26 +112,6 @@ def test_a_project_moved_whole_is_still_checked(
     _grow_a_raw_file(moved / RAW)
     with pytest.raises(DataError, match="changed"):
         open_store(moved / STORE, expect_data=data)
-
-
-def test_old_stores_with_a_relative_raw_path_are_resolved_from_the_store(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    project = tmp_path / "project"
-    data = _project(project, monkeypatch).data
-    meta_path = project / STORE / "meta.json"
-    meta = json.loads(meta_path.read_text())
-    meta["raw_dir"] = str(RAW)  # as ctscan wrote it before: relative to the cwd of preprocess
-    del meta["raw_dir_from_store"]
-    meta_path.write_text(json.dumps(meta))
-    monkeypatch.chdir(tmp_path)
-    assert open_store(project / STORE, expect_data=data).raw_check == "verified"
-    _grow_a_raw_file(project / RAW)
-    with pytest.raises(DataError, match="changed"):
-        open_store(project / STORE, expect_data=data)
-    shutil.rmtree(project / RAW)
-    note = open_store(project / STORE, expect_data=data).raw_check
-    assert note.startswith(f"raw folder not found: '{RAW}'")
 
 
 def test_a_store_that_skipped_bad_files_opens_with_the_default_settings(

@@ -220,29 +220,5 @@ def confidence_reference(
     return saved if features is None else {**saved, "features": dict(features)}
 
 
-def load_confidence_reference(path: Path | str) -> list[float]:
-    """The confidences of a reference_confidence.json; a DataError if it is broken."""
-    path = Path(path)
-    fix = "retrain (`ctscan train` writes it next to best.pt), or delete the file."
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        values = data["confidence"]
-    except FileNotFoundError:
-        raise DataError(f"no confidence reference at '{path}'.", fix) from None
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"cannot read the confidence reference '{path}': {exc!r}.", fix) from None
-    if (
-        not isinstance(values, list)
-        or not values
-        or not all(_finite_number(v) and 0.0 <= v <= 1.0 for v in values)
-    ):
-        raise DataError(
-            f"the confidence reference '{path}' is broken: 'confidence' must be a non-empty "
-            "list of probabilities (0..1).",
-            fix,
-        )
-    return [float(v) for v in values]
-
-
 def _finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -474,19 +474,12 @@ def _check_raw_fingerprint(
 
 def raw_dir_candidates(store_dir: Path | str, meta: Mapping[str, Any]) -> list[Path]:
     """Where the raw folder a store was built from may be, best first (they need not exist):
-    the absolute path recorded, then the path relative to the store. Older stores recorded a
-    path relative to where preprocess ran: it is looked up from each folder above the store."""
-    recorded = meta.get("raw_dir")
-    if not recorded or str(recorded) == ".":
+    the absolute path recorded, then the path relative to the store."""
+    if not meta.get("raw_dir"):
         return []
-    here = Path(store_dir).resolve()
-    recorded_path = Path(recorded)
-    if recorded_path.is_absolute():
-        found = [recorded_path]
-        if meta.get("raw_dir_from_store"):
-            found.append(Path(os.path.normpath(here / meta["raw_dir_from_store"])))
-    else:
-        found = [folder / recorded_path for folder in here.parents]
+    found = [Path(meta["raw_dir"])]
+    if meta.get("raw_dir_from_store"):
+        found.append(Path(os.path.normpath(Path(store_dir).resolve() / meta["raw_dir_from_store"])))
     return list(dict.fromkeys(found))
 
 
@@ -515,14 +508,7 @@ def check_raw(
                 ) from None
             _check_raw_fingerprint(store_dir, meta, fingerprint, folder, rebuild_fix(command))
             return RAW_VERIFIED, folder
-    if Path(meta["raw_dir"]).is_absolute():
-        note = f"raw folder not found: '{candidates[0]}'"
-    else:
-        note = (
-            f"raw folder not found: '{meta['raw_dir']}' (a relative path, as older ctscan "
-            "versions recorded it) is in no folder above the store; `ctscan preprocess` records "
-            "it in full"
-        )
+    note = f"raw folder not found: '{candidates[0]}'"
     dvc_files = [f for f in map(find_dvc_file, candidates) if f and read_dvc_md5(f)]
     if dvc_files:
         dvc_file, stored_md5 = dvc_files[0], meta.get("dvc_md5")
