@@ -1,20 +1,9 @@
 """`ctscan sweep`: an Optuna search over settings; each trial is one run of the training loop.
 
-The spec and its checks: ops/sweep_spec.py. Each trial runs `run_training` with a
-`RunHooks.on_epoch` that reports the metric to Optuna and stops when the median pruner says so.
-Where things live (`runs_dir` is `paths.runs_dir` of the base settings):
-
-    --storage URL, default <runs_dir>/optuna.db   the Optuna study (SQLite, or a PostgreSQL URL
-                                                  that processes on many machines share)
-    <runs_dir>/sweeps/<name>/                     trial-NNNN/ (run folders), best.toml
-    MLflow                                        a parent run `sweep-<name>`, one nested run
-                                                  per trial (whichever process ran it)
-
-The study's trials are run by `study.optimize` in every `ctscan sweep` process that joins it,
-until `MaxTrialsCallback` counts N finished (complete or pruned) trials. A trial whose process
-was stopped (Ctrl-C, SIGTERM) is queued again at once; one whose process died (SIGKILL, a lost
-machine) is queued again by Optuna's heartbeat (`RetryHeartbeatStaleTrialCallback`) once its
-grace period has passed. optuna is imported only here.
+The spec: ops/sweep_spec.py. Every `ctscan sweep` joining the study (SQLite in runs_dir, or a
+shared PostgreSQL URL) runs `study.optimize` until `MaxTrialsCallback` counts N finished trials;
+a stopped trial is queued again at once, a dead process's by Optuna's heartbeat. Trial folders
+and best.toml: <runs_dir>/sweeps/<name>/; MLflow: a parent run with one nested run per trial.
 """
 
 from __future__ import annotations
@@ -100,12 +89,8 @@ def storage_errors(sweep: Sweep) -> Iterator[None]:
 
 @contextlib.contextmanager
 def study_lock(sweep: Sweep) -> Iterator[None]:
-    """Make, load and check the study and its parent run one process at a time.
-
-    ctscan's folder lock (`<db>.lock`, waited for) beside a SQLite file; a PostgreSQL advisory
-    lock (per study name) on a connection of its own. Both end with the process, also after
-    SIGKILL.
-    """
+    """Make, load and check the study and its parent run one process at a time: a folder lock
+    beside a SQLite file, a PostgreSQL advisory lock per study (both die with the process)."""
     if sweep.db is not None:
         folder = ensure_dir(sweep.db.parent, what="Optuna storage folder", error=SweepError)
         with folder_lock(
@@ -155,11 +140,8 @@ def _changes(before: Any, now: Any, prefix: str = "") -> list[str]:
 
 
 def open_study(optuna: Any, sweep: Sweep) -> Any:
-    """Create or load the study (under `study_lock`), refusing a changed spec or settings.
-
-    Its storage beats for each running trial and queues a trial whose beats stopped again.
-    The process that makes the study samples with the spec's seed; any other draws its own.
-    """
+    """Create or load the study (under `study_lock`), refusing a changed spec or settings; the
+    process that makes it samples with the spec's seed, any other with its own."""
     sqlite = {"connect_args": {"timeout": 60}} if sweep.db else {"pool_pre_ping": True}
     storage = optuna.storages.RDBStorage(
         sweep.storage_url,
@@ -204,13 +186,8 @@ def open_study(optuna: Any, sweep: Sweep) -> Any:
 
 
 def _refuse_changed_settings(sweep: Sweep, study: Any) -> None:
-    """Refuse to add trials that would train otherwise than the study's earlier ones.
-
-    The spec and base files are the study's identity; what else decides a trial (ctscan's
-    defaults, CTSCAN_* variables, --set) is compared here, as a resumed run compares its
-    settings: where the run takes place may change, the swept keys and what the sweep sets for
-    every trial are the trial's own.
-    """
+    """Refuse new trials that would train otherwise (defaults, CTSCAN_*, --set) than the
+    study's earlier ones, as a resumed run compares its settings."""
     from ctscan.jobs import refused_settings
 
     before = study.user_attrs[ATTR_SETTINGS]
@@ -339,8 +316,7 @@ class _Trials:
             self.tracker.log_metrics({self.sweep.spec.metric: row["value"]}, step=row["number"])
 
     def retry_failed(self, optuna: Any, study: Any) -> None:
-        """The trial this process ran when it was stopped (or failed) runs again, as Optuna
-        runs again a trial whose process died: the same callback, a queued copy."""
+        """Queue again the trial this process ran when it stopped, as the heartbeat would."""
         for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
             if trial.number == self.current:
                 optuna.storages.RetryHeartbeatStaleTrialCallback()(study, trial)
@@ -394,14 +370,7 @@ def trial_line(row: dict[str, Any], metric: str) -> str:
 class SweepResult:
     """What a sweep left: its trials, the best one, the recipe written from it."""
 
-    name: str
-    spec: Path
-    storage: str
-    folder: Path
-    metric: str
-    direction: str
-    n_trials: int
-    param_keys: list[str]
+    sweep: Sweep
     trials: list[dict[str, Any]]
     best: dict[str, Any] | None = None
     recipe: Path | None = None
@@ -412,17 +381,17 @@ class SweepResult:
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready, for `--json` and the table."""
-        counts = dict(Counter(row["state"].lower() for row in self.trials))
+        sweep, counts = self.sweep, dict(Counter(row["state"].lower() for row in self.trials))
         return {
-            "study": self.name,
-            "spec": str(self.spec),
-            "optuna_storage": self.storage,
-            "sweep_folder": str(self.folder),
-            "metric": self.metric,
-            "direction": self.direction,
-            "trials_wanted": self.n_trials,
+            "study": sweep.name,
+            "spec": str(sweep.spec.path),
+            "optuna_storage": sweep.where,
+            "sweep_folder": str(sweep.folder),
+            "metric": sweep.spec.metric,
+            "direction": sweep.spec.direction,
+            "trials_wanted": sweep.n_trials,
             "counts": counts,
-            "param_keys": self.param_keys,
+            "param_keys": [p.key for p in sweep.spec.params],
             "best": self.best,
             "recipe": str(self.recipe) if self.recipe is not None else None,
             "mlflow_parent_run_id": self.parent_run_id,
@@ -449,13 +418,12 @@ def _parent_params(sweep: Sweep) -> dict[str, Any]:
 
 
 def _open_parent(sweep: Sweep, study: Any) -> Any:
-    """The sweep's MLflow run, the trials' parent, recorded in the study. Called under
-    `study_lock`: the first process makes it, the rest (a rerun, a joining process) reopen it."""
+    """The trials' parent MLflow run, recorded in the study (under `study_lock`)."""
     from ctscan.engine.tracking import open_tracker
 
     return open_tracker(
         sweep.settings.tracking,
-        runs_dir=sweep.runs_dir,
+        runs_dir=sweep.settings.paths.runs_dir,
         run_name=f"sweep-{sweep.name}",
         recorded_id=study.user_attrs.get(ATTR_PARENT_RUN),
         tags={"kind": "sweep", TAG_SWEEP: sweep.name, "optuna_storage": sweep.where},
@@ -469,12 +437,7 @@ def run_sweep(
     spec: str | Path, *, say: Callable[[str], None] = say_line, **options: Any
 ) -> SweepResult:
     """Run (or join, or continue) a sweep until its study holds N finished trials; write the
-    recipe. `options`: `prepare`'s (trials, name, recipe, storage, overrides).
-
-    Ctrl-C and SIGTERM stop it with an `Interrupted` error that says how to continue (exit
-    130 / 143 from the CLI); the finished trials stay in the study, the trial under way is
-    queued again.
-    """
+    recipe. `options`: `prepare`'s. A stop raises `Interrupted` saying how to continue."""
     sweep = prepare(spec, **options)
     optuna = _import_optuna()
     ensure_dir(sweep.folder, what="sweep folder", error=SweepError)
@@ -533,18 +496,7 @@ def _result(sweep: Sweep, study: Any, parent_run_id: str | None) -> SweepResult:
         if "failed_trial" in t.system_attrs
     }
     rows = [_trial_row(t, retries.get(t.number)) for t in trials]
-    result = SweepResult(
-        name=sweep.name,
-        spec=sweep.spec.path,
-        storage=sweep.where,
-        folder=sweep.folder,
-        metric=sweep.spec.metric,
-        direction=sweep.spec.direction,
-        n_trials=sweep.n_trials,
-        param_keys=[p.key for p in sweep.spec.params],
-        trials=rows,
-        parent_run_id=parent_run_id,
-    )
+    result = SweepResult(sweep, rows, parent_run_id=parent_run_id)
     complete = [row for row in rows if row["state"] == "COMPLETE"]
     if not complete:
         counts = ", ".join(
@@ -567,7 +519,7 @@ def _log_end(tracker: Any, result: SweepResult) -> None:
     counts = result.summary()["counts"]
     metrics = {f"trials_{state}": float(n) for state, n in counts.items()}
     if result.best is not None:
-        metrics[f"best_{result.metric}"] = result.best["value"]
+        metrics[f"best_{result.sweep.spec.metric}"] = result.best["value"]
         tracker.set_tags({"best_trial": str(result.best["number"])})
     tracker.log_metrics(metrics, step=len(result.trials))
     if result.recipe is not None:
