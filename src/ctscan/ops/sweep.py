@@ -25,7 +25,7 @@ from typing import Any
 from ctscan.errors import CtscanError, Interrupted, SettingsError, say_line
 from ctscan.files import database_lock, ensure_dir, folder_lock
 from ctscan.jobs import stopped
-from ctscan.ops import cv
+from ctscan.ops import cv, sweep_spec
 from ctscan.ops.sweep_spec import STORAGE_FORMS, Sweep, SweepSpec, prepare, write_recipe
 from ctscan.settings import public_dict, toml_value
 
@@ -44,6 +44,7 @@ ATTR_STOP = "stop_reason"  # why it was pruned
 TAG_SWEEP = "ctscan.sweep"
 TAG_TRIAL = "ctscan.trial"
 COUNTED = ("COMPLETE", "PRUNED")  # the states `--trials N` counts
+SWEPT_PARAMS = ("metric", "direction", "sampler", "seed", "pruning")  # the parent run's sweep.*
 experiment_fix = partial(cv.experiment_fix, new="a new study (--name)")
 
 
@@ -127,16 +128,11 @@ def _pruner(optuna: Any, spec: SweepSpec) -> Any:
     )
 
 
-def _changes(before: Any, now: Any, prefix: str = "") -> list[str]:
+def _changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """`key: old -> new` for what differs between two JSON-ready trees."""
-    if isinstance(before, dict) and isinstance(now, dict):
-        out = []
-        for key in sorted(set(before) | set(now), key=str):
-            out += _changes(before.get(key), now.get(key), f"{prefix}{key}.")
-        return out
-    if before != now:
-        return [f"{prefix.rstrip('.')}: {before!r} -> {now!r}"]
-    return []
+    old, new = sweep_spec.dotted_keys(before), sweep_spec.dotted_keys(now)
+    keys = sorted(old.keys() | new.keys())
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
 def open_study(optuna: Any, sweep: Sweep) -> Any:
@@ -224,33 +220,6 @@ def finished(study: Any) -> int:
 # ---- one trial ----------------------------------------------------------------------------
 
 
-class _Pruning:
-    """`RunHooks.on_epoch` of a trial: report the metric to Optuna, stop when it says prune."""
-
-    def __init__(self, trial: Any, metric: str, epochs: int) -> None:
-        self.trial, self.metric, self.epochs = trial, metric, epochs
-        self.pruned = False
-
-    def __call__(self, row: dict[str, Any]) -> str | None:
-        epoch, value = int(row["epoch"]), float(row[self.metric])
-        self.trial.report(value, step=epoch)
-        # Pruning after the last epoch would save nothing: a finished trial tells TPE more.
-        if epoch < self.epochs and self.trial.should_prune():
-            self.pruned = True
-            return (
-                f"pruned: {self.metric} {value:.4f} at epoch {epoch} is worse than the median "
-                "of the earlier trials at that epoch"
-            )
-        return None
-
-
-def _best_value(history: list[dict[str, Any]], metric: str, direction: str) -> float:
-    values = [float(row[metric]) for row in history if not math.isnan(float(row[metric]))]
-    if not values:
-        return math.nan
-    return max(values) if direction == "maximize" else min(values)
-
-
 def _pruned(trial: Any, reason: str) -> None:
     import optuna
 
@@ -272,20 +241,33 @@ def run_trial(sweep: Sweep, trial: Any, parent_run_id: str | None) -> float:
         settings = sweep.trial_settings(values)
     except SettingsError as exc:  # e.g. augment.scale_min above the scale_max drawn
         _pruned(trial, "settings refused: " + exc.message.split(": ", 1)[-1])
-    pruning = _Pruning(trial, sweep.spec.metric, settings.train.epochs)
+    metric, pruned = sweep.spec.metric, []
+
+    def on_epoch(row: dict[str, Any]) -> str | None:  # report; stop when the median rule says
+        epoch, value = int(row["epoch"]), float(row[metric])
+        trial.report(value, step=epoch)
+        # Pruning after the last epoch would save nothing: a finished trial tells TPE more.
+        if epoch < settings.train.epochs and trial.should_prune():
+            pruned.append(epoch)
+            return (
+                f"pruned: {metric} {value:.4f} at epoch {epoch} is worse than the median "
+                "of the earlier trials at that epoch"
+            )
+        return None
+
     tags = {TAG_SWEEP: sweep.name, TAG_TRIAL: str(trial.number)}
-    hooks = RunHooks(tags, parent_run_id=parent_run_id, on_epoch=pruning)
+    hooks = RunHooks(tags, parent_run_id=parent_run_id, on_epoch=on_epoch)
     result = run_training(settings, out_dir=run_dir, hooks=hooks)
     assert result is not None  # one process: rank 0
     trial.set_user_attr(ATTR_EPOCHS, len(result.history))
     if result.run_id:
         trial.set_user_attr(ATTR_RUN_ID, result.run_id)
-    if pruning.pruned:
+    if pruned:
         _pruned(trial, f"pruned at epoch {len(result.history)}")
-    value = _best_value(result.history, sweep.spec.metric, sweep.spec.direction)
-    if math.isnan(value):
-        _pruned(trial, f"{sweep.spec.metric} was NaN at every epoch")
-    return value
+    values = [float(row[metric]) for row in result.history if not math.isnan(float(row[metric]))]
+    if not values:
+        _pruned(trial, f"{metric} was NaN at every epoch")
+    return max(values) if sweep.spec.direction == "maximize" else min(values)
 
 
 class _Trials:
@@ -327,11 +309,7 @@ class _Trials:
 
 def _trial_row(trial: Any, retried_as: int | None = None) -> dict[str, Any]:
     """One trial for the table and the JSON: number, state, params, value, epochs, seconds."""
-    state = trial.state.name
-    seconds = None
-    if trial.datetime_start is not None and trial.datetime_complete is not None:
-        seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
-    attrs = trial.user_attrs
+    state, attrs, duration = trial.state.name, trial.user_attrs, trial.duration
     notes = []
     if "failed_trial" in trial.system_attrs:
         notes.append(f"retry of {trial.system_attrs['retry_history'][-1]}")
@@ -346,7 +324,7 @@ def _trial_row(trial: Any, retried_as: int | None = None) -> dict[str, Any]:
         "params": dict(trial.params),
         "value": trial.value if state in COUNTED else None,
         "epochs": attrs.get(ATTR_EPOCHS, len(trial.intermediate_values)),
-        "seconds": round(seconds, 2) if seconds is not None else None,
+        "seconds": round(duration.total_seconds(), 2) if duration is not None else None,
         "run_dir": attrs.get(ATTR_RUN_DIR),
         "mlflow_run_id": attrs.get(ATTR_RUN_ID),
         "process": attrs.get(ATTR_PROCESS),
@@ -404,14 +382,8 @@ class SweepResult:
 
 def _parent_params(sweep: Sweep) -> dict[str, Any]:
     spec = sweep.spec
-    params: dict[str, Any] = {
-        "sweep.metric": spec.metric,
-        "sweep.direction": spec.direction,
-        "sweep.sampler": spec.sampler,
-        "sweep.seed": spec.seed,
-        "sweep.pruning": spec.pruning,
-        "sweep.settings": ", ".join(str(p) for p in sweep.files),
-    }
+    params = {f"sweep.{key}": getattr(spec, key) for key in SWEPT_PARAMS}
+    params["sweep.settings"] = ", ".join(str(p) for p in sweep.files)
     params |= {f"space.{p.key}": p.describe() for p in spec.params}
     params |= {f"fixed.{key}": value for key, value in spec.fixed.items()}
     return params
