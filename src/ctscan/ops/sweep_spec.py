@@ -70,7 +70,7 @@ def _setting(key: str) -> Any:
     return Settings.model_fields[section].annotation.model_fields[name]
 
 
-def _flatten(table: dict[str, Any], prefix: str = "", params: bool = False) -> dict[str, Any]:
+def dotted_keys(table: dict[str, Any], prefix: str = "", params: bool = False) -> dict[str, Any]:
     """Nested tables to dotted keys; with `params`, a table holding a non-table is a leaf."""
     out: dict[str, Any] = {}
     for key, value in table.items():
@@ -78,7 +78,7 @@ def _flatten(table: dict[str, Any], prefix: str = "", params: bool = False) -> d
             params and (not value or any(not isinstance(v, dict) for v in value.values()))
         )
         if not leaf:
-            out.update(_flatten(value, f"{prefix}{key}.", params))
+            out.update(dotted_keys(value, f"{prefix}{key}.", params))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -213,17 +213,15 @@ class SpecFile(BaseModel):
     @field_validator("fixed", "params", mode="before")
     @classmethod
     def _dotted(cls, value: Any, info: Any) -> Any:
-        if not isinstance(value, dict) or info.field_name == "fixed":
-            return _flatten(value) if isinstance(value, dict) else value
-        tables = _flatten(value, params=True)
+        if not isinstance(value, dict):
+            return value
+        if info.field_name == "fixed":
+            fixed = dotted_keys(value)
+            for key in fixed:
+                _setting(key)  # a key the spec may not set raises
+            return fixed
+        tables = dotted_keys(value, params=True)
         return {k: {**v, "key": k} if isinstance(v, dict) else v for k, v in tables.items()}
-
-    @field_validator("fixed")
-    @classmethod
-    def _fixed_keys(cls, fixed: dict[str, Any]) -> dict[str, Any]:
-        for key in fixed:
-            _setting(key)
-        return fixed
 
     @field_validator("params")
     @classmethod
@@ -376,7 +374,7 @@ def _base_files(spec: SweepSpec) -> tuple[Path, ...]:
 def _check_overrides(spec: SweepSpec, files: tuple[Path, ...], overrides: list[str]) -> dict:
     """--set checked as `ctscan train` checks it; a key the sweep draws or sets is refused."""
     load_settings(list(files), overrides)
-    given = _flatten(parse_overrides(overrides))
+    given = dotted_keys(parse_overrides(overrides))
     for key in given:
         searched = key in {p.key for p in spec.params}
         if searched or key in FORCED_KEYS:
