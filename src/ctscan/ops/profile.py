@@ -226,7 +226,6 @@ class Recording:
 
     prof: Any
     passes: int  # train_one_epoch calls it took (more than 1 when the split is short)
-    trace: Path  # trace.json.gz
     first_step_rss_growth_mb: float  # peak RSS growth over the first (unrecorded) step
 
 
@@ -270,9 +269,8 @@ def record_steps(
     written = sorted(tb_dir.glob(TB_TRACE_GLOB))
     if len(written) != 1:
         raise RuntimeError(f"the profiler wrote {len(written)} traces into {tb_dir}, not 1")
-    trace = out_dir / TRACE_FILE
-    shutil.copyfile(written[0], trace)
-    return Recording(prof, passes, trace, max(0.0, rss[1] - rss[0]))
+    shutil.copyfile(written[0], out_dir / TRACE_FILE)
+    return Recording(prof, passes, max(0.0, rss[1] - rss[0]))
 
 
 def max_rss_mb() -> float:
