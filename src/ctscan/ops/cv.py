@@ -65,13 +65,9 @@ def _fold_fix(cv_dir: Path, fold: int) -> str:
 
 def _mean_std(values: list[float]) -> dict[str, Any]:
     values = [float(v) for v in values]
-    if not values:
-        return {"mean": None, "std": None, "values": []}
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "values": values,
-    }
+    mean = statistics.fmean(values) if values else None
+    std = (statistics.stdev(values) if len(values) > 1 else 0.0) if values else None
+    return {"mean": mean, "std": std, "values": values}
 
 
 @dataclass

@@ -380,26 +380,22 @@ class SweepResult:
         }
 
 
-def _parent_params(sweep: Sweep) -> dict[str, Any]:
+def _open_parent(sweep: Sweep, study: Any) -> Any:
+    """The trials' parent MLflow run, recorded in the study (under `study_lock`)."""
+    from ctscan.engine.tracking import open_tracker
+
     spec = sweep.spec
     params = {f"sweep.{key}": getattr(spec, key) for key in SWEPT_PARAMS}
     params["sweep.settings"] = ", ".join(str(p) for p in sweep.files)
     params |= {f"space.{p.key}": p.describe() for p in spec.params}
     params |= {f"fixed.{key}": value for key, value in spec.fixed.items()}
-    return params
-
-
-def _open_parent(sweep: Sweep, study: Any) -> Any:
-    """The trials' parent MLflow run, recorded in the study (under `study_lock`)."""
-    from ctscan.engine.tracking import open_tracker
-
     return open_tracker(
         sweep.settings.tracking,
         runs_dir=sweep.settings.paths.runs_dir,
         run_name=f"sweep-{sweep.name}",
         recorded_id=study.user_attrs.get(ATTR_PARENT_RUN),
         tags={"kind": "sweep", TAG_SWEEP: sweep.name, "optuna_storage": sweep.where},
-        params=_parent_params(sweep),
+        params=params,
         experiment_fix=experiment_fix,
         record=lambda run_id: study.set_user_attr(ATTR_PARENT_RUN, run_id),
     )
