@@ -30,11 +30,8 @@ def check_model_path(model: str) -> None:
 
 
 def open_model(model: str | Path, settings: Any, backend: str = "auto") -> Predictor:
-    """The Predictor for `model` on `backend` (auto | onnx | torch).
-
-    auto: a checkpoint runs on its cached ONNX export, on torch when that cannot be made (a
-    warning says why); an ONNX file runs on ONNX Runtime, an MLflow model on torch.
-    """
+    """The Predictor for `model` on `backend`; auto runs a checkpoint on its cached ONNX export,
+    on torch (with a warning) when that cannot be made."""
     from ctscan.ops.export import cached_onnx
 
     if backend not in BACKENDS:

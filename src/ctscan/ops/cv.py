@@ -1,13 +1,8 @@
 """Cross-validated selection: `ctscan train --folds K` (docs/cv.md).
 
-The train + valid images are cut into K folds grouped by picture (data/folds.py) and stratified
-by class; one model per fold trains with the one training loop on the other K-1 folds and is
-selected on its held-out fold. Then, in this order: the out-of-fold predictions of all K models
-are pooled, the temperature is fitted on them and written into every fold's best.pt, and only
-then, once, the test split is read. The cross-validation folder holds settings.toml, folds.json
-(the assignment), fold-<k>/ (run folders + fold.json), oof.json and cv.json (the summary);
-MLflow one parent run with a child run per fold. A stop keeps the finished folds: the same
-command with `--out` continues.
+One model per fold (data/folds.py) trains on the other K-1 folds; then the pooled out-of-fold
+predictions fit the temperature written into every fold's best.pt, and only then is the test
+split read, once. A stop keeps the finished folds: the same command with `--out` continues.
 """
 
 from __future__ import annotations
@@ -70,13 +65,9 @@ def _fold_fix(cv_dir: Path, fold: int) -> str:
 
 def _mean_std(values: list[float]) -> dict[str, Any]:
     values = [float(v) for v in values]
-    if not values:
-        return {"mean": None, "std": None, "values": []}
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "values": values,
-    }
+    mean = statistics.fmean(values) if values else None
+    std = (statistics.stdev(values) if len(values) > 1 else 0.0) if values else None
+    return {"mean": mean, "std": std, "values": values}
 
 
 @dataclass
@@ -123,9 +114,9 @@ def _default_dir(settings: Settings, k: int) -> Path:
 
 
 def _check_same_cv(cv_dir: Path, plan: FoldPlan, settings: Settings) -> dict[str, Any] | None:
-    """folds.json of an earlier (interrupted) run, which must match: same folds, same settings;
-    None for a new folder. A finished one or another's runs are refused."""
-    if (cv_dir / CV_FILE).is_file():  # exit 4, as the refusals of its settings below
+    """folds.json of an earlier (interrupted) run, which must match (None for a new folder);
+    a finished one or another's runs are refused (exit 4, as a refused resume)."""
+    if (cv_dir / CV_FILE).is_file():
         raise CheckpointError(
             f"'{cv_dir}' holds a finished cross-validation ({CV_FILE}); its test split "
             "has been read.",
@@ -148,7 +139,6 @@ def _check_same_cv(cv_dir: Path, plan: FoldPlan, settings: Settings) -> dict[str
         f"rerun with the settings it used (-s {cv_dir / 'settings.toml'}) and --folds "
         f"{recorded.get('k')}, or start a new cross-validation (another --out)."
     )
-    # exit code 4 like a refused `train --resume`: the folder holds a run of other settings
     if recorded.get("k") != plan.k or recorded.get("identity") != plan.identity:
         raise CheckpointError(
             f"'{cv_dir}' holds another cross-validation ({recorded.get('k')} folds, another "
@@ -306,15 +296,12 @@ def _test(store: Any, cv_dir: Path, k: int, rt: Any) -> dict[str, Any]:
     from ctscan.engine.metrics import classification_report
 
     names = list(store.spec.class_names)
+    folds = [cv_dir / f"fold-{fold}" for fold in range(1, k + 1)]
     results = [
         evaluate_checkpoint(
-            cv_dir / f"fold-{fold}" / "best.pt",
-            store=store,
-            split="test",
-            rt=rt,
-            out_dir=cv_dir / f"fold-{fold}" / "eval-test",
+            f / "best.pt", store=store, split="test", rt=rt, out_dir=f / "eval-test"
         )
-        for fold in range(1, k + 1)
+        for f in folds
     ]
     probs = np.mean(
         [[[p["probabilities"][n] for n in names] for p in r["predictions"]] for r in results],
@@ -443,8 +430,7 @@ def _train_folds(
     say: Callable[[str], None],
     stage: list[str],
 ) -> list[dict[str, Any]]:
-    """Every fold's record: a finished fold's as it is (all checked up front), the others
-    trained (or resumed from their last.pt) in order."""
+    """Every fold's record: a finished fold's (all checked up front), the others trained."""
     k, metric = plan.k, settings.train.select_metric
     done = {fold: _finished_fold(cv_dir, fold, metric) for fold in range(1, k + 1)}  # up front
     counts = np.array(plan.counts(len(store.spec.class_names)))

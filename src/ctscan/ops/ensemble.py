@@ -1,18 +1,14 @@
 """`ctscan ensemble`: several checkpoints (and test-time flips) written as one checkpoint.
 
-The file is an ordinary best.pt of the checkpoint schema (model_name "ensemble", its members and
-flips recorded: engine/checkpoint.py), so every command that takes a checkpoint takes it; each
-member keeps its temperature, the ensemble's is 1 until `ctscan calibrate`. Members share the
-preprocessing and input channels; a folder stands for a cross-validation's fold-*/best.pt or a
-run's best.pt. Beside it, in a folder of its own: serve's drift reference, when the members'
-store is there. Examples and rules: docs/ensemble.md.
+An ordinary best.pt (model_name "ensemble", its members and flips recorded), so every command
+that takes a checkpoint takes it; serve's drift reference goes beside it (docs/ensemble.md).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +31,7 @@ class EnsembleResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (`--json`)."""
-        return {
-            "checkpoint": str(self.checkpoint),
-            "members": self.members,
-            "flips": list(self.flips),
-            "reference": str(self.reference) if self.reference else None,
-            "warnings": self.warnings,
-        }
+        return json.loads(json.dumps(asdict(self), default=str))
 
 
 def member_paths(sources: list[Path]) -> list[Path]:

@@ -1,14 +1,9 @@
 """`ctscan export`: a checkpoint as ONNX (fp32, static int8) and `.pt2`, checked against eager.
 
-Every file holds `LoadedModel.deployable()`: uint8 gray (B, 1, S, S) in (dynamic batch), the
-calibrated float32 logits (B, C) out, normalisation and channel repeat inside; each carries
-`export_metadata` (ONNX: metadata_props["ctscan"], .pt2: the extra file `ctscan.json`). Each
-file is made in a staging folder beside its target, checked on the store's test split against
-the checkpoint on torch (CPU fp32), then renamed into place: a float32 file off by more than
-FP32_TOLERANCE stops the export (nothing written), an int8 one that fails the rule
-(`int8_refusal`) is left out. `--triton DIR` adds Triton's model repository layout. Formats,
-the parity rule and the int8 choices: docs/export.md.
-`cached_onnx` is the export `ctscan predict` and `ctscan serve` run a checkpoint on.
+Every file holds `LoadedModel.deployable()` (uint8 (B, 1, S, S) in, calibrated float32 logits
+out) and `export_metadata`; each is staged beside its target, checked on the test split against
+the checkpoint on torch, then renamed into place (docs/export.md). `cached_onnx` is the export
+`ctscan predict` and `ctscan serve` run a checkpoint on.
 """
 
 from __future__ import annotations
@@ -20,7 +15,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -83,16 +78,9 @@ class Parity:
     note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready."""
-        return {
-            "format": self.format,
-            "path": str(self.path),
-            "max_abs_logit_diff": self.max_abs_diff,
-            "argmax_agreement": self.agreement,
-            "accuracy": self.accuracy,
-            "accepted": self.accepted,
-            "note": self.note,
-        }
+        """JSON-ready, with the names the JSON has always used."""
+        names = {"max_abs_diff": "max_abs_logit_diff", "agreement": "argmax_agreement"}
+        return {names.get(k, k): str(v) if k == "path" else v for k, v in asdict(self).items()}
 
 
 @dataclass
@@ -127,19 +115,14 @@ def plan_outputs(
     out: Path | None = None,
     triton_dir: Path | None = None,
 ) -> ExportPlan:
-    """Resolve the output paths of an export and make their folders; one clear error if off.
-
-    One format: `out` is the file (default: beside the checkpoint, `<stem>.onnx` / `.pt2`).
-    `all`: `out` is a folder (default: the checkpoint's). int8 goes beside the ONNX file as
-    `<stem>.int8.onnx`.
-    """
+    """Resolve the output paths and make their folders: `out` is the file for one format, the
+    folder for `all` (default: beside the checkpoint); int8 goes beside the ONNX file."""
     if fmt not in FORMATS:
         raise CtscanError(
             f"--format '{fmt}' is not one of {', '.join(FORMATS)}.", "use --format onnx."
         )
-    want_onnx, want_pt2 = fmt in ("onnx", "all"), fmt in ("pt2", "all")
     for flag, asked in (("--int8", int8), ("--triton", triton_dir is not None)):
-        if asked and not want_onnx:
+        if asked and fmt == "pt2":
             raise CtscanError(
                 f"{flag} works on the ONNX model, but --format is '{fmt}'.",
                 f"use --format onnx or --format all with {flag}.",
@@ -174,8 +157,6 @@ def plan_outputs(
         int8_path = onnx_path.with_name(f"{onnx_path.stem}.int8.onnx")
     if triton_dir is not None:
         triton_dir = ensure_dir(triton_dir, what="Triton model repository")
-    if not want_pt2:
-        pt2_path = None
     return ExportPlan(
         folder=folder, onnx=onnx_path, int8=int8_path, pt2=pt2_path, triton_dir=triton_dir
     )
@@ -203,14 +184,13 @@ def export_metadata(
     *,
     checkpoint_sha256: str,
     fmt: str,
-    quantization: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The JSON an exported file carries: what the model is, what it takes and gives back."""
     import torch
 
     spec = checkpoint.spec
     size, classes = spec.image_size, len(spec.class_names)
-    meta: dict[str, Any] = {
+    return {
         "model_name": checkpoint.model_name,
         "class_names": list(spec.class_names),
         "preprocess": spec.to_dict(),
@@ -238,9 +218,6 @@ def export_metadata(
             "probabilities; the argmax is unchanged)",
         },
     }
-    if quantization is not None:
-        meta["quantization"] = quantization
-    return meta
 
 
 def _example_and_dims(size: int) -> tuple[tuple[torch.Tensor], tuple[dict[int, Any]]]:
@@ -358,10 +335,8 @@ def quantize_onnx(
 ) -> dict[str, Any]:
     """Static QDQ int8 of an fp32 ONNX file, calibrated on `images`; returns the settings used.
 
-    `keep_fp32`: parts left in float32 ('stem', 'head': see `fp32_node_names`); `method`:
-    ONNX Runtime's calibration, minmax | minmax-avg (each tensor's min and max averaged over
-    the calibration batches, not the extremes of all: fewer outliers widen the int8 steps) |
-    percentile | entropy. What each choice gave: docs/export.md, bench/model_step.py.
+    `keep_fp32`: parts left in float32 (`fp32_node_names`); `method`: minmax | minmax-avg (min
+    and max averaged over batches) | percentile | entropy (docs/export.md says what each gave).
     """
     import onnx
     from onnxruntime.quantization import (
@@ -436,11 +411,8 @@ def _calibration_reader(images: np.ndarray, step: int) -> Any:
 def triton_config(
     name: str, *, image_size: int, num_classes: int, max_batch_size: int = TRITON_MAX_BATCH
 ) -> str:
-    """A Triton `config.pbtxt` for an exported ONNX file: uint8 (1, S, S) in, fp32 (C) out.
-
-    Dims leave out the batch axis (max_batch_size > 0: Triton adds it); dynamic batching groups
-    requests up to `max_batch_size`, waiting at most TRITON_QUEUE_DELAY_US microseconds.
-    """
+    """A Triton `config.pbtxt` for an exported ONNX file: uint8 (1, S, S) in, fp32 (C) out
+    (Triton adds the batch axis), with dynamic batching."""
     if not _TRITON_NAME.match(name):
         raise CtscanError(
             f"Triton model name '{name}' is not a plain folder name.",
@@ -462,11 +434,8 @@ dynamic_batching {{ max_queue_delay_microseconds: {TRITON_QUEUE_DELAY_US} }}
 
 
 def write_triton_layout(repository: Path, onnx_path: Path, name: str, spec: Any) -> Path:
-    """`repository/<name>/1/model.onnx` + `config.pbtxt` + `labels.txt`; returns the model folder.
-
-    Each file is written atomically, with a new file's usual permissions (the server may run as
-    another user); version 1 is replaced if it exists.
-    """
+    """`repository/<name>/1/model.onnx` + `config.pbtxt` + `labels.txt`, each written
+    atomically (version 1 replaced); returns the model folder."""
     class_names = list(spec.class_names)
     config = triton_config(name, image_size=spec.image_size, num_classes=len(class_names))
     model_dir = ensure_dir(repository / name, what="Triton model folder")
@@ -479,7 +448,7 @@ def write_triton_layout(repository: Path, onnx_path: Path, name: str, spec: Any)
         model_dir / "config.pbtxt": lambda fh: fh.write(config.encode()),
     }
     for path, write in writers.items():
-        atomic_write(path, write)  # readable as a plain new file is
+        atomic_write(path, write)
     return model_dir
 
 
@@ -566,9 +535,8 @@ def run_export(
 ) -> ExportResult:
     """The `ctscan export` command: export, check each file on the test split, keep the good.
 
-    Raises for a bad checkpoint, output path, store or a float32 file off by more than
-    FP32_TOLERANCE (then nothing is written). An int8 file refused by the rule is not written
-    and comes back as `result.error`, with the parity table still in the result.
+    A float32 file off by more than FP32_TOLERANCE raises (nothing written); a refused int8
+    file is not written and comes back as `result.error`, beside the parity table.
     """
     from ctscan.data.store import open_model_store
     from ctscan.engine.checkpoint import load_model, read_checkpoint
@@ -625,10 +593,8 @@ def _reference(
     images: np.ndarray,
     labels: np.ndarray | None,
 ) -> _Reference:
-    """Eager's logits on `images` (N, 1, S, S) uint8, from the checkpoint on the CPU in float32.
-
-    `labels` None: eager's own answers stand in for them (random images have none).
-    """
+    """Eager's logits on `images` (N, 1, S, S) uint8, on the CPU in float32 (`labels` None:
+    eager's own answers stand in)."""
     from ctscan.files import file_sha256
     from ctscan.inference import open_predictor
 
@@ -642,10 +608,8 @@ def _reference(
 def _stage_float32(
     plan: ExportPlan, stage: Path, ref: _Reference, deployable: Any, rows: list[Parity]
 ) -> tuple[dict[Path, Path], int | None]:
-    """Write the float32 files into `stage`, each checked against eager (its row into `rows`).
-
-    Returns target -> staged file and the ONNX opset (None without ONNX).
-    """
+    """Write the float32 files into `stage`, each checked against eager (its row into `rows`);
+    target -> staged file, and the ONNX opset (None without ONNX)."""
     size, staged, opset = ref.ckpt.spec.image_size, {}, None
     for target, fmt in ((plan.onnx, "onnx"), (plan.pt2, "pt2")):
         if target is None:
@@ -709,13 +673,8 @@ def _int8_refusal(
 
 
 def cached_onnx(checkpoint: Path, settings: Settings) -> Path:
-    """The checkpoint's ONNX export: from the cache, else exported, checked and cached now.
-
-    Keyed by the checkpoint's sha256 under `paths.runs_dir/serve-cache/` (a temporary folder,
-    for this process only, if runs_dir cannot be written). A file is renamed into the cache only
-    once its logits match the eager model's within FP32_TOLERANCE on random images, so a file
-    found there is used as it is.
-    """
+    """The checkpoint's ONNX export, keyed by its sha256 in `paths.runs_dir/serve-cache/` (else
+    a temporary folder): a file enters the cache only once it matches eager on random images."""
     from ctscan.files import file_sha256, folder_problem
 
     sha = file_sha256(checkpoint)

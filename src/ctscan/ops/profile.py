@@ -1,11 +1,8 @@
 """`ctscan profile`: torch.profiler around the real training loop; trace, top operators, summary.
 
-The run is built as `ctscan train` builds it and `train_one_epoch` runs it, cut to `wait +
-warmup + active` steps, `after_step` driving the profiler schedule; only the active steps are
-recorded. The profile folder holds trace.json.gz (Perfetto), tensorboard/, top_ops.txt,
-summary.json and settings.toml (docs/profile.md). The summary's split: the loop's
-`record_function` ranges INPUT_RANGES and MODEL_RANGES as fractions of the summed
-"ProfilerStep#" host wall times, "other" the rest (on CUDA each step ends with a synchronize).
+`train_one_epoch` runs `wait + warmup + active` steps of the run `ctscan train` would build; the
+active ones are recorded. The summary's split: the loop's `record_function` ranges as fractions
+of the summed "ProfilerStep#" host wall times (docs/profile.md).
 """
 
 from __future__ import annotations
@@ -75,11 +72,8 @@ def default_out_dir(settings: Settings) -> Path:
 def run_profile(
     settings: Settings, *, steps: int = DEFAULT_STEPS, out_dir: Path | None = None
 ) -> ProfileResult:
-    """Profile `steps` training steps of the run the settings describe; write the files.
-
-    Logged to MLflow (tag kind=profile: the summary's metrics, the files as artifacts) when
-    tracking is on.
-    """
+    """Profile `steps` training steps of the run the settings describe; write the files (and
+    log them to MLflow, tag kind=profile, when tracking is on)."""
     from ctscan.engine.tracking import open_tracker
     from ctscan.files import atomic_write, ensure_dir, folder_lock
     from ctscan.settings import flatten, to_toml
@@ -96,19 +90,12 @@ def run_profile(
         )
         with tracker:
             summary = _profile_run(settings, rt, store, steps, out_dir)
-            summary["mlflow_run_id"] = tracker.run_id
+            summary["mlflow_run_id"], torch_version = tracker.run_id, summary["torch_version"]
             payload = (json.dumps(summary, indent=2) + "\n").encode()
             atomic_write(out_dir / SUMMARY_FILE, lambda fh: fh.write(payload))
             tracker.log_params(flatten(settings))
-            tracker.set_tags(
-                {
-                    "kind": "profile",
-                    "model": settings.model.name,
-                    "device": str(rt.device),
-                    "precision": rt.precision,
-                    "torch_version": summary["torch_version"],
-                }
-            )
+            tags = {"kind": "profile", "model": settings.model.name, "device": str(rt.device)}
+            tracker.set_tags(tags | {"precision": rt.precision, "torch_version": torch_version})
             tracker.log_metrics(summary_metrics(summary), step=0)
             for name in (SUMMARY_FILE, TOP_OPS_FILE, TRACE_FILE, SETTINGS_FILE):
                 tracker.log_artifact(out_dir / name)
@@ -159,10 +146,8 @@ def prepare_run(settings: Settings, rt: Runtime, store: Store) -> PreparedRun:
 
 
 def run_steps(run: PreparedRun, total: int, *, epoch: int, after_step: Callable[[], None]) -> int:
-    """`total` steps through `train_one_epoch` (the same epoch again while the split is shorter).
-
-    `after_step` runs after every step. Returns the number of `train_one_epoch` passes.
-    """
+    """`total` steps through `train_one_epoch` (the same epoch again while the split is shorter),
+    `after_step` after each; returns the number of `train_one_epoch` passes."""
     from ctscan.engine.progress import Progress
     from ctscan.engine.train import train_one_epoch
 
@@ -241,18 +226,14 @@ class Recording:
 
     prof: Any
     passes: int  # train_one_epoch calls it took (more than 1 when the split is short)
-    trace: Path  # trace.json.gz
     first_step_rss_growth_mb: float  # peak RSS growth over the first (unrecorded) step
 
 
 def record_steps(
     run: PreparedRun, *, epoch: int, warmup: int, active: int, out_dir: Path
 ) -> Recording:
-    """Run wait + warmup + active steps under the profiler, recording the active ones; traces.
-
-    The tensorboard handler writes `out_dir/tensorboard/<worker>.<time>.pt.trace.json.gz` (a
-    trace can be saved once) and that file is copied to `out_dir/trace.json.gz`.
-    """
+    """Run wait + warmup + active steps under the profiler, recording the active ones; the
+    tensorboard handler's trace (it can be saved once) is copied to `out_dir/trace.json.gz`."""
     import torch
     from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
@@ -288,9 +269,8 @@ def record_steps(
     written = sorted(tb_dir.glob(TB_TRACE_GLOB))
     if len(written) != 1:
         raise RuntimeError(f"the profiler wrote {len(written)} traces into {tb_dir}, not 1")
-    trace = out_dir / TRACE_FILE
-    shutil.copyfile(written[0], trace)
-    return Recording(prof, passes, trace, max(0.0, rss[1] - rss[0]))
+    shutil.copyfile(written[0], out_dir / TRACE_FILE)
+    return Recording(prof, passes, max(0.0, rss[1] - rss[0]))
 
 
 def max_rss_mb() -> float:
@@ -313,14 +293,13 @@ def summarize(rec: Recording, device: torch.device, *, batch_size: int) -> dict[
     averages = prof.key_averages()
     by_name = {e.key: e for e in averages if e.device_type == torch.autograd.DeviceType.CPU}
     range_us = {
-        name: float(by_name[name].cpu_time_total) if name in by_name else 0.0
-        for name in LOOP_RANGES
+        name: float(getattr(by_name.get(name), "cpu_time_total", 0)) for name in LOOP_RANGES
     }
     step_total = float(sum(step_us))
-    input_us = sum(range_us[n] for n in INPUT_RANGES)
-    model_us = sum(range_us[n] for n in MODEL_RANGES)
-    input_fraction = input_us / step_total if step_total else 0.0
-    model_fraction = model_us / step_total if step_total else 0.0
+    input_fraction, model_fraction = (
+        sum(range_us[n] for n in names) / step_total if step_total else 0.0
+        for names in (INPUT_RANGES, MODEL_RANGES)
+    )
     median_ms = statistics.median(step_us) / 1000.0 if step_us else 0.0
     cuda = device.type == "cuda"
     ops = sorted(
@@ -328,13 +307,7 @@ def summarize(rec: Recording, device: torch.device, *, batch_size: int) -> dict[
         key=lambda e: e.self_cpu_time_total,
         reverse=True,
     )[:TOP_N]
-    memory: dict[str, Any] = {
-        "cpu_max_rss_mb": round(max_rss_mb(), 1),
-        "cpu_first_step_rss_growth_mb": round(rec.first_step_rss_growth_mb, 1),
-        "cuda_max_allocated_mb": (
-            round(torch.cuda.max_memory_allocated(device) / MB, 1) if cuda else None
-        ),
-    }
+    cuda_mb = round(torch.cuda.max_memory_allocated(device) / MB, 1) if cuda else None
     return {
         "steps_profiled": len(step_us),
         "step_ms": {
@@ -352,7 +325,11 @@ def summarize(rec: Recording, device: torch.device, *, batch_size: int) -> dict[
             "other": round(max(0.0, 1.0 - input_fraction - model_fraction), 4),
             "basis": "host wall time of the loop's record_function ranges / step time",
         },
-        "memory": memory,
+        "memory": {
+            "cpu_max_rss_mb": round(max_rss_mb(), 1),
+            "cpu_first_step_rss_growth_mb": round(rec.first_step_rss_growth_mb, 1),
+            "cuda_max_allocated_mb": cuda_mb,
+        },
         "top_ops": [
             {
                 "name": e.key,
@@ -369,11 +346,8 @@ def summarize(rec: Recording, device: torch.device, *, batch_size: int) -> dict[
 
 
 def profiled_peak_allocated(prof: Any) -> dict[str, float | None]:
-    """Peak tensor memory allocated during the recorded steps, per device (MiB).
-
-    The running sum of the profiler's memory events (allocations +, frees -), counted from the
-    start of recording: what the trace's `[memory]` events call "Total Allocated".
-    """
+    """Peak tensor memory allocated during the recorded steps, per device (MiB): the running sum
+    of the profiler's `[memory]` events (the trace's "Total Allocated")."""
     from torch.autograd import DeviceType
 
     records = sorted(
@@ -388,12 +362,8 @@ def profiled_peak_allocated(prof: Any) -> dict[str, float | None]:
             total[device] += nbytes
             peak[device] = max(peak.get(device, 0), total[device])
     return {
-        "cpu_profiled_peak_allocated_mb": (
-            round(peak[DeviceType.CPU] / MB, 3) if DeviceType.CPU in peak else None
-        ),
-        "cuda_profiled_peak_allocated_mb": (
-            round(peak[DeviceType.CUDA] / MB, 3) if DeviceType.CUDA in peak else None
-        ),
+        f"{name}_profiled_peak_allocated_mb": round(peak[d] / MB, 3) if d in peak else None
+        for name, d in (("cpu", DeviceType.CPU), ("cuda", DeviceType.CUDA))
     }
 
 
@@ -406,37 +376,25 @@ def _write_top_ops(prof: Any, path: Path, summary: dict[str, Any]) -> None:
         f"ctscan profile: {summary['model']} on {summary['device']} ({summary['precision']}), "
         f"batch {summary['batch_size']}, {summary['steps_profiled']} steps profiled"
     )
-    parts = [
-        head,
-        "",
-        f"Top {TOP_N} by self CPU time",
-        averages.table(sort_by="self_cpu_time_total", row_limit=TOP_N),
-    ]
-    if summary["device"].startswith("cuda"):
-        parts += [
-            "",
-            f"Top {TOP_N} by self CUDA time",
-            averages.table(sort_by="self_cuda_time_total", row_limit=TOP_N),
-        ]
+    parts = [head]
+    for unit in ("CPU", "CUDA") if summary["device"].startswith("cuda") else ("CPU",):
+        table = averages.table(sort_by=f"self_{unit.lower()}_time_total", row_limit=TOP_N)
+        parts += ["", f"Top {TOP_N} by self {unit} time", table]
     text = "\n".join(parts) + "\n"
     atomic_write(path, lambda fh: fh.write(text.encode()))
 
 
 def summary_metrics(summary: dict[str, Any]) -> dict[str, float]:
     """The summary's numbers as flat MLflow metrics."""
-    metrics = {
+    split, memory = summary["split"], summary["memory"]
+    metrics = {f"{part}_fraction": split[part] for part in ("data_augment", "model", "other")}
+    metrics |= {f"{name}_ms": ms for name, ms in summary["ranges_ms"].items()}
+    metrics |= {key: float(value) for key, value in memory.items() if value is not None}
+    return metrics | {
         "step_ms_median": summary["step_ms"]["median"],
         "images_per_s": summary["images_per_s"],
         "steps_profiled": float(summary["steps_profiled"]),
-        "data_augment_fraction": summary["split"]["data_augment"],
-        "model_fraction": summary["split"]["model"],
-        "other_fraction": summary["split"]["other"],
     }
-    metrics.update({f"{name}_ms": ms for name, ms in summary["ranges_ms"].items()})
-    metrics.update(
-        {key: float(value) for key, value in summary["memory"].items() if value is not None}
-    )
-    return metrics
 
 
 def split_line(summary: dict[str, Any]) -> str:

@@ -1,20 +1,9 @@
 """`ctscan sweep`: an Optuna search over settings; each trial is one run of the training loop.
 
-The spec and its checks: ops/sweep_spec.py. Each trial runs `run_training` with a
-`RunHooks.on_epoch` that reports the metric to Optuna and stops when the median pruner says so.
-Where things live (`runs_dir` is `paths.runs_dir` of the base settings):
-
-    --storage URL, default <runs_dir>/optuna.db   the Optuna study (SQLite, or a PostgreSQL URL
-                                                  that processes on many machines share)
-    <runs_dir>/sweeps/<name>/                     trial-NNNN/ (run folders), best.toml
-    MLflow                                        a parent run `sweep-<name>`, one nested run
-                                                  per trial (whichever process ran it)
-
-The study's trials are run by `study.optimize` in every `ctscan sweep` process that joins it,
-until `MaxTrialsCallback` counts N finished (complete or pruned) trials. A trial whose process
-was stopped (Ctrl-C, SIGTERM) is queued again at once; one whose process died (SIGKILL, a lost
-machine) is queued again by Optuna's heartbeat (`RetryHeartbeatStaleTrialCallback`) once its
-grace period has passed. optuna is imported only here.
+The spec: ops/sweep_spec.py. Every `ctscan sweep` joining the study (SQLite in runs_dir, or a
+shared PostgreSQL URL) runs `study.optimize` until `MaxTrialsCallback` counts N finished trials;
+a stopped trial is queued again at once, a dead process's by Optuna's heartbeat. Trial folders
+and best.toml: <runs_dir>/sweeps/<name>/; MLflow: a parent run with one nested run per trial.
 """
 
 from __future__ import annotations
@@ -36,7 +25,7 @@ from typing import Any
 from ctscan.errors import CtscanError, Interrupted, SettingsError, say_line
 from ctscan.files import database_lock, ensure_dir, folder_lock
 from ctscan.jobs import stopped
-from ctscan.ops import cv
+from ctscan.ops import cv, sweep_spec
 from ctscan.ops.sweep_spec import STORAGE_FORMS, Sweep, SweepSpec, prepare, write_recipe
 from ctscan.settings import public_dict, toml_value
 
@@ -55,6 +44,7 @@ ATTR_STOP = "stop_reason"  # why it was pruned
 TAG_SWEEP = "ctscan.sweep"
 TAG_TRIAL = "ctscan.trial"
 COUNTED = ("COMPLETE", "PRUNED")  # the states `--trials N` counts
+SWEPT_PARAMS = ("metric", "direction", "sampler", "seed", "pruning")  # the parent run's sweep.*
 experiment_fix = partial(cv.experiment_fix, new="a new study (--name)")
 
 
@@ -100,12 +90,8 @@ def storage_errors(sweep: Sweep) -> Iterator[None]:
 
 @contextlib.contextmanager
 def study_lock(sweep: Sweep) -> Iterator[None]:
-    """Make, load and check the study and its parent run one process at a time.
-
-    ctscan's folder lock (`<db>.lock`, waited for) beside a SQLite file; a PostgreSQL advisory
-    lock (per study name) on a connection of its own. Both end with the process, also after
-    SIGKILL.
-    """
+    """Make, load and check the study and its parent run one process at a time: a folder lock
+    beside a SQLite file, a PostgreSQL advisory lock per study (both die with the process)."""
     if sweep.db is not None:
         folder = ensure_dir(sweep.db.parent, what="Optuna storage folder", error=SweepError)
         with folder_lock(
@@ -142,24 +128,16 @@ def _pruner(optuna: Any, spec: SweepSpec) -> Any:
     )
 
 
-def _changes(before: Any, now: Any, prefix: str = "") -> list[str]:
+def _changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """`key: old -> new` for what differs between two JSON-ready trees."""
-    if isinstance(before, dict) and isinstance(now, dict):
-        out = []
-        for key in sorted(set(before) | set(now), key=str):
-            out += _changes(before.get(key), now.get(key), f"{prefix}{key}.")
-        return out
-    if before != now:
-        return [f"{prefix.rstrip('.')}: {before!r} -> {now!r}"]
-    return []
+    old, new = sweep_spec.dotted_keys(before), sweep_spec.dotted_keys(now)
+    keys = sorted(old.keys() | new.keys())
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
 def open_study(optuna: Any, sweep: Sweep) -> Any:
-    """Create or load the study (under `study_lock`), refusing a changed spec or settings.
-
-    Its storage beats for each running trial and queues a trial whose beats stopped again.
-    The process that makes the study samples with the spec's seed; any other draws its own.
-    """
+    """Create or load the study (under `study_lock`), refusing a changed spec or settings; the
+    process that makes it samples with the spec's seed, any other with its own."""
     sqlite = {"connect_args": {"timeout": 60}} if sweep.db else {"pool_pre_ping": True}
     storage = optuna.storages.RDBStorage(
         sweep.storage_url,
@@ -204,13 +182,8 @@ def open_study(optuna: Any, sweep: Sweep) -> Any:
 
 
 def _refuse_changed_settings(sweep: Sweep, study: Any) -> None:
-    """Refuse to add trials that would train otherwise than the study's earlier ones.
-
-    The spec and base files are the study's identity; what else decides a trial (ctscan's
-    defaults, CTSCAN_* variables, --set) is compared here, as a resumed run compares its
-    settings: where the run takes place may change, the swept keys and what the sweep sets for
-    every trial are the trial's own.
-    """
+    """Refuse new trials that would train otherwise (defaults, CTSCAN_*, --set) than the
+    study's earlier ones, as a resumed run compares its settings."""
     from ctscan.jobs import refused_settings
 
     before = study.user_attrs[ATTR_SETTINGS]
@@ -247,33 +220,6 @@ def finished(study: Any) -> int:
 # ---- one trial ----------------------------------------------------------------------------
 
 
-class _Pruning:
-    """`RunHooks.on_epoch` of a trial: report the metric to Optuna, stop when it says prune."""
-
-    def __init__(self, trial: Any, metric: str, epochs: int) -> None:
-        self.trial, self.metric, self.epochs = trial, metric, epochs
-        self.pruned = False
-
-    def __call__(self, row: dict[str, Any]) -> str | None:
-        epoch, value = int(row["epoch"]), float(row[self.metric])
-        self.trial.report(value, step=epoch)
-        # Pruning after the last epoch would save nothing: a finished trial tells TPE more.
-        if epoch < self.epochs and self.trial.should_prune():
-            self.pruned = True
-            return (
-                f"pruned: {self.metric} {value:.4f} at epoch {epoch} is worse than the median "
-                "of the earlier trials at that epoch"
-            )
-        return None
-
-
-def _best_value(history: list[dict[str, Any]], metric: str, direction: str) -> float:
-    values = [float(row[metric]) for row in history if not math.isnan(float(row[metric]))]
-    if not values:
-        return math.nan
-    return max(values) if direction == "maximize" else min(values)
-
-
 def _pruned(trial: Any, reason: str) -> None:
     import optuna
 
@@ -295,20 +241,33 @@ def run_trial(sweep: Sweep, trial: Any, parent_run_id: str | None) -> float:
         settings = sweep.trial_settings(values)
     except SettingsError as exc:  # e.g. augment.scale_min above the scale_max drawn
         _pruned(trial, "settings refused: " + exc.message.split(": ", 1)[-1])
-    pruning = _Pruning(trial, sweep.spec.metric, settings.train.epochs)
+    metric, pruned = sweep.spec.metric, []
+
+    def on_epoch(row: dict[str, Any]) -> str | None:  # report; stop when the median rule says
+        epoch, value = int(row["epoch"]), float(row[metric])
+        trial.report(value, step=epoch)
+        # Pruning after the last epoch would save nothing: a finished trial tells TPE more.
+        if epoch < settings.train.epochs and trial.should_prune():
+            pruned.append(epoch)
+            return (
+                f"pruned: {metric} {value:.4f} at epoch {epoch} is worse than the median "
+                "of the earlier trials at that epoch"
+            )
+        return None
+
     tags = {TAG_SWEEP: sweep.name, TAG_TRIAL: str(trial.number)}
-    hooks = RunHooks(tags, parent_run_id=parent_run_id, on_epoch=pruning)
+    hooks = RunHooks(tags, parent_run_id=parent_run_id, on_epoch=on_epoch)
     result = run_training(settings, out_dir=run_dir, hooks=hooks)
     assert result is not None  # one process: rank 0
     trial.set_user_attr(ATTR_EPOCHS, len(result.history))
     if result.run_id:
         trial.set_user_attr(ATTR_RUN_ID, result.run_id)
-    if pruning.pruned:
+    if pruned:
         _pruned(trial, f"pruned at epoch {len(result.history)}")
-    value = _best_value(result.history, sweep.spec.metric, sweep.spec.direction)
-    if math.isnan(value):
-        _pruned(trial, f"{sweep.spec.metric} was NaN at every epoch")
-    return value
+    values = [float(row[metric]) for row in result.history if not math.isnan(float(row[metric]))]
+    if not values:
+        _pruned(trial, f"{metric} was NaN at every epoch")
+    return max(values) if sweep.spec.direction == "maximize" else min(values)
 
 
 class _Trials:
@@ -339,8 +298,7 @@ class _Trials:
             self.tracker.log_metrics({self.sweep.spec.metric: row["value"]}, step=row["number"])
 
     def retry_failed(self, optuna: Any, study: Any) -> None:
-        """The trial this process ran when it was stopped (or failed) runs again, as Optuna
-        runs again a trial whose process died: the same callback, a queued copy."""
+        """Queue again the trial this process ran when it stopped, as the heartbeat would."""
         for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
             if trial.number == self.current:
                 optuna.storages.RetryHeartbeatStaleTrialCallback()(study, trial)
@@ -351,11 +309,7 @@ class _Trials:
 
 def _trial_row(trial: Any, retried_as: int | None = None) -> dict[str, Any]:
     """One trial for the table and the JSON: number, state, params, value, epochs, seconds."""
-    state = trial.state.name
-    seconds = None
-    if trial.datetime_start is not None and trial.datetime_complete is not None:
-        seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
-    attrs = trial.user_attrs
+    state, attrs, duration = trial.state.name, trial.user_attrs, trial.duration
     notes = []
     if "failed_trial" in trial.system_attrs:
         notes.append(f"retry of {trial.system_attrs['retry_history'][-1]}")
@@ -370,7 +324,7 @@ def _trial_row(trial: Any, retried_as: int | None = None) -> dict[str, Any]:
         "params": dict(trial.params),
         "value": trial.value if state in COUNTED else None,
         "epochs": attrs.get(ATTR_EPOCHS, len(trial.intermediate_values)),
-        "seconds": round(seconds, 2) if seconds is not None else None,
+        "seconds": round(duration.total_seconds(), 2) if duration is not None else None,
         "run_dir": attrs.get(ATTR_RUN_DIR),
         "mlflow_run_id": attrs.get(ATTR_RUN_ID),
         "process": attrs.get(ATTR_PROCESS),
@@ -394,14 +348,7 @@ def trial_line(row: dict[str, Any], metric: str) -> str:
 class SweepResult:
     """What a sweep left: its trials, the best one, the recipe written from it."""
 
-    name: str
-    spec: Path
-    storage: str
-    folder: Path
-    metric: str
-    direction: str
-    n_trials: int
-    param_keys: list[str]
+    sweep: Sweep
     trials: list[dict[str, Any]]
     best: dict[str, Any] | None = None
     recipe: Path | None = None
@@ -412,17 +359,17 @@ class SweepResult:
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready, for `--json` and the table."""
-        counts = dict(Counter(row["state"].lower() for row in self.trials))
+        sweep, counts = self.sweep, dict(Counter(row["state"].lower() for row in self.trials))
         return {
-            "study": self.name,
-            "spec": str(self.spec),
-            "optuna_storage": self.storage,
-            "sweep_folder": str(self.folder),
-            "metric": self.metric,
-            "direction": self.direction,
-            "trials_wanted": self.n_trials,
+            "study": sweep.name,
+            "spec": str(sweep.spec.path),
+            "optuna_storage": sweep.where,
+            "sweep_folder": str(sweep.folder),
+            "metric": sweep.spec.metric,
+            "direction": sweep.spec.direction,
+            "trials_wanted": sweep.n_trials,
             "counts": counts,
-            "param_keys": self.param_keys,
+            "param_keys": [p.key for p in sweep.spec.params],
             "best": self.best,
             "recipe": str(self.recipe) if self.recipe is not None else None,
             "mlflow_parent_run_id": self.parent_run_id,
@@ -433,33 +380,22 @@ class SweepResult:
         }
 
 
-def _parent_params(sweep: Sweep) -> dict[str, Any]:
-    spec = sweep.spec
-    params: dict[str, Any] = {
-        "sweep.metric": spec.metric,
-        "sweep.direction": spec.direction,
-        "sweep.sampler": spec.sampler,
-        "sweep.seed": spec.seed,
-        "sweep.pruning": spec.pruning,
-        "sweep.settings": ", ".join(str(p) for p in sweep.files),
-    }
-    params |= {f"space.{p.key}": p.describe() for p in spec.params}
-    params |= {f"fixed.{key}": value for key, value in spec.fixed.items()}
-    return params
-
-
 def _open_parent(sweep: Sweep, study: Any) -> Any:
-    """The sweep's MLflow run, the trials' parent, recorded in the study. Called under
-    `study_lock`: the first process makes it, the rest (a rerun, a joining process) reopen it."""
+    """The trials' parent MLflow run, recorded in the study (under `study_lock`)."""
     from ctscan.engine.tracking import open_tracker
 
+    spec = sweep.spec
+    params = {f"sweep.{key}": getattr(spec, key) for key in SWEPT_PARAMS}
+    params["sweep.settings"] = ", ".join(str(p) for p in sweep.files)
+    params |= {f"space.{p.key}": p.describe() for p in spec.params}
+    params |= {f"fixed.{key}": value for key, value in spec.fixed.items()}
     return open_tracker(
         sweep.settings.tracking,
-        runs_dir=sweep.runs_dir,
+        runs_dir=sweep.settings.paths.runs_dir,
         run_name=f"sweep-{sweep.name}",
         recorded_id=study.user_attrs.get(ATTR_PARENT_RUN),
         tags={"kind": "sweep", TAG_SWEEP: sweep.name, "optuna_storage": sweep.where},
-        params=_parent_params(sweep),
+        params=params,
         experiment_fix=experiment_fix,
         record=lambda run_id: study.set_user_attr(ATTR_PARENT_RUN, run_id),
     )
@@ -469,12 +405,7 @@ def run_sweep(
     spec: str | Path, *, say: Callable[[str], None] = say_line, **options: Any
 ) -> SweepResult:
     """Run (or join, or continue) a sweep until its study holds N finished trials; write the
-    recipe. `options`: `prepare`'s (trials, name, recipe, storage, overrides).
-
-    Ctrl-C and SIGTERM stop it with an `Interrupted` error that says how to continue (exit
-    130 / 143 from the CLI); the finished trials stay in the study, the trial under way is
-    queued again.
-    """
+    recipe. `options`: `prepare`'s. A stop raises `Interrupted` saying how to continue."""
     sweep = prepare(spec, **options)
     optuna = _import_optuna()
     ensure_dir(sweep.folder, what="sweep folder", error=SweepError)
@@ -533,18 +464,7 @@ def _result(sweep: Sweep, study: Any, parent_run_id: str | None) -> SweepResult:
         if "failed_trial" in t.system_attrs
     }
     rows = [_trial_row(t, retries.get(t.number)) for t in trials]
-    result = SweepResult(
-        name=sweep.name,
-        spec=sweep.spec.path,
-        storage=sweep.where,
-        folder=sweep.folder,
-        metric=sweep.spec.metric,
-        direction=sweep.spec.direction,
-        n_trials=sweep.n_trials,
-        param_keys=[p.key for p in sweep.spec.params],
-        trials=rows,
-        parent_run_id=parent_run_id,
-    )
+    result = SweepResult(sweep, rows, parent_run_id=parent_run_id)
     complete = [row for row in rows if row["state"] == "COMPLETE"]
     if not complete:
         counts = ", ".join(
@@ -567,7 +487,7 @@ def _log_end(tracker: Any, result: SweepResult) -> None:
     counts = result.summary()["counts"]
     metrics = {f"trials_{state}": float(n) for state, n in counts.items()}
     if result.best is not None:
-        metrics[f"best_{result.metric}"] = result.best["value"]
+        metrics[f"best_{result.sweep.spec.metric}"] = result.best["value"]
         tracker.set_tags({"best_trial": str(result.best["number"])})
     tracker.log_metrics(metrics, step=len(result.trials))
     if result.recipe is not None:

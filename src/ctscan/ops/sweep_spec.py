@@ -1,11 +1,5 @@
-"""What a sweep is, checked before anything runs: its spec (TOML) and base settings, --set.
-
-A spec names the settings to search (`[params]`), the validation metric and its direction,
-base settings files and fixed values (docs/sweep.md shows one). `prepare` reads it, resolves
-the base settings and checks every value a trial may draw; `Sweep.trial_settings` gives a
-trial's settings as `ctscan train -s BASE --set FIXED --set PARAMS` would, and `write_recipe`
-the best trial's as a settings file. Running the study: ops/sweep.py.
-"""
+"""What a sweep is, checked before anything runs: its spec (TOML, docs/sweep.md), base settings
+and --set; each trial's settings and the best one's recipe. Running the study: ops/sweep.py."""
 
 from __future__ import annotations
 
@@ -76,16 +70,15 @@ def _setting(key: str) -> Any:
     return Settings.model_fields[section].annotation.model_fields[name]
 
 
-def _flatten(table: dict[str, Any], prefix: str = "", params: bool = False) -> dict[str, Any]:
-    """`{"train": {"lr": 1}}` and `{"train.lr": 1}` -> `{"train.lr": 1}`; with `params`, a
-    table holding a non-table is a leaf (a parameter's low, high, ...)."""
+def dotted_keys(table: dict[str, Any], prefix: str = "", params: bool = False) -> dict[str, Any]:
+    """Nested tables to dotted keys; with `params`, a table holding a non-table is a leaf."""
     out: dict[str, Any] = {}
     for key, value in table.items():
         leaf = not isinstance(value, dict) or (
             params and (not value or any(not isinstance(v, dict) for v in value.values()))
         )
         if not leaf:
-            out.update(_flatten(value, f"{prefix}{key}.", params))
+            out.update(dotted_keys(value, f"{prefix}{key}.", params))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -151,8 +144,7 @@ class Param(BaseModel):
         return trial.suggest_float(self.key, self.low, self.high, step=self.step, log=self.log)
 
     def drawn_extremes(self) -> tuple[Any, ...]:
-        """Every choice, or the lowest and highest value a trial can draw (a stepped range's
-        top is the last step at or below `high`, as Optuna draws it)."""
+        """Every choice, or the lowest and highest value a trial can draw (as Optuna steps)."""
         if self.choices is not None:
             return self.choices
         if self.step is None:
@@ -221,17 +213,15 @@ class SpecFile(BaseModel):
     @field_validator("fixed", "params", mode="before")
     @classmethod
     def _dotted(cls, value: Any, info: Any) -> Any:
-        if not isinstance(value, dict) or info.field_name == "fixed":
-            return _flatten(value) if isinstance(value, dict) else value
-        tables = _flatten(value, params=True)
+        if not isinstance(value, dict):
+            return value
+        if info.field_name == "fixed":
+            fixed = dotted_keys(value)
+            for key in fixed:
+                _setting(key)  # a key the spec may not set raises
+            return fixed
+        tables = dotted_keys(value, params=True)
         return {k: {**v, "key": k} if isinstance(v, dict) else v for k, v in tables.items()}
-
-    @field_validator("fixed")
-    @classmethod
-    def _fixed_keys(cls, fixed: dict[str, Any]) -> dict[str, Any]:
-        for key in fixed:
-            _setting(key)
-        return fixed
 
     @field_validator("params")
     @classmethod
@@ -331,13 +321,9 @@ class Sweep:
     recipe_path: Path | None = None  # --recipe (default: best.toml in the sweep folder)
 
     @property
-    def runs_dir(self) -> Path:
-        return self.settings.paths.runs_dir
-
-    @property
     def folder(self) -> Path:
         """The sweep folder: trial run folders, the recipe."""
-        return self.runs_dir / "sweeps" / self.name
+        return self.settings.paths.runs_dir / "sweeps" / self.name
 
     @property
     def recipe(self) -> Path:
@@ -388,7 +374,7 @@ def _base_files(spec: SweepSpec) -> tuple[Path, ...]:
 def _check_overrides(spec: SweepSpec, files: tuple[Path, ...], overrides: list[str]) -> dict:
     """--set checked as `ctscan train` checks it; a key the sweep draws or sets is refused."""
     load_settings(list(files), overrides)
-    given = _flatten(parse_overrides(overrides))
+    given = dotted_keys(parse_overrides(overrides))
     for key in given:
         searched = key in {p.key for p in spec.params}
         if searched or key in FORCED_KEYS:
@@ -441,16 +427,9 @@ def prepare(
 
 
 def _check_drawable(spec: SweepSpec, files: tuple[Path, ...], given: dict[str, Any]) -> None:
-    """Refuse a bound or choice that no trial can use.
-
-    First each value alone (the other keys at their base values): a value wrong by itself
-    (`model.dropout` 1.5, `model.name` "nope") is named alone. A value refused only by a check
-    across keys (augment.scale_min <= scale_max, model.frozen_stages vs the model's stages) is
-    then tried with the values the spec draws for the swept keys that check names (their
-    bounds, the checks being monotone, or each choice); it passes if one fits. A spec some of
-    whose trials draw a refused combination still starts: those trials are pruned, with the
-    reason.
-    """
+    """Refuse a bound or choice that no trial can use: each alone, then one refused only by a
+    check across keys with the extremes the spec draws for its partners (one fit is enough;
+    trials that draw a refused combination are pruned)."""
     extremes = {p.key: p.drawn_extremes() for p in spec.params}
     across: list[tuple[str, Any, SettingsError]] = []
     for key, values in extremes.items():
