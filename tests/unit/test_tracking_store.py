@@ -112,7 +112,8 @@ def test_processes_creating_a_new_postgres_store_at_once_all_succeed(
 ):
     """A fresh PostgreSQL database: MLflow's migrations run once, under ctscan's advisory lock
     (without it, two processes' Alembic migrations collide)."""
-    _open_at_once(tmp_path, postgres_url("mlflow_at_once"))
+    run_ids = _open_at_once(tmp_path, postgres_url("mlflow_at_once"))
+    assert len(run_ids) == WORKERS  # every process logged its own run into the one store
 
 
 def test_a_new_store_puts_the_default_experiment_beside_the_db(fresh_runs_dir: Path):
