@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ctscan.data.folds import FoldPlan, fold_splits, plan_folds
+from ctscan.data.reference import CONFIDENCE_FILE
 from ctscan.errors import CheckpointError, CtscanError, Interrupted, SettingsError, say_line
 from ctscan.files import atomic_write, ensure_dir, folder_lock
 from ctscan.jobs import check_stop, critical, refused_changes, stopped
@@ -105,12 +106,6 @@ def experiment_fix(experiment: str, new: str = "a new cross-validation (another 
     """The fix when a parent run (a cross-validation's, a sweep's) is in another experiment."""
     setting = shlex.quote(f"tracking.experiment={json.dumps(experiment)}")
     return f"continue with --set {setting}, or start {new}."
-
-
-def _default_dir(settings: Settings, k: int) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    name = f"cv{k}-{settings.model.name}-s{settings.train.seed}-{stamp}"
-    return settings.paths.runs_dir / name
 
 
 def _check_same_cv(cv_dir: Path, plan: FoldPlan, settings: Settings) -> dict[str, Any] | None:
@@ -270,7 +265,6 @@ def _calibrate(
     """One temperature, fitted on the pooled out-of-fold logits, into every fold's best.pt."""
     import dataclasses
 
-    from ctscan.data.reference import CONFIDENCE_FILE
     from ctscan.engine.calibration import calibration_report, train_confidence
     from ctscan.engine.checkpoint import save_checkpoint
 
@@ -350,7 +344,9 @@ def run_cv(
     store = open_settings_store(settings)
     plan = plan_folds(store, k, settings.train.seed)
     folds_settings = fold_settings(settings)
-    cv_dir = out_dir or _default_dir(settings, k)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = f"cv{k}-{settings.model.name}-s{settings.train.seed}-{stamp}"
+    cv_dir = out_dir or settings.paths.runs_dir / name
     refuse_reserved_out(cv_dir, settings)
     with folder_lock(ensure_dir(cv_dir, what="cross-validation folder"), what="cross-validation"):
         recorded = _check_same_cv(cv_dir, plan, settings)

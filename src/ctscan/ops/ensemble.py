@@ -14,6 +14,7 @@ from typing import Any
 
 from ctscan.data.reference import CONFIDENCE_FILE
 from ctscan.errors import CheckpointError, CtscanError
+from ctscan.files import checkpoint_file_problem, ensure_dir, file_sha256, folder_lock
 
 RUN_FILES = ("best.pt", "last.pt")
 FOLD = re.compile(r"fold-[0-9]+")  # a cross-validation's fold folders (ops/cv.py)
@@ -80,8 +81,6 @@ def _same_preprocessing(checkpoints: list[Any]) -> None:
 
 
 def _output_path(out: Path) -> Path:
-    from ctscan.files import checkpoint_file_problem, ensure_dir
-
     out = Path(out)
     problem = checkpoint_file_problem(out, example="ensemble.pt")
     if problem is not None:
@@ -158,19 +157,13 @@ def build_ensemble(
     build_network(ensemble)  # the weights fit the recorded members (a CheckpointError if not)
     reference, warnings = _confidence_reference(settings, ensemble, rt)  # before any write
     written = _write(target, ensemble, reference)
-    return EnsembleResult(
-        checkpoint=target,
-        members=members,
-        flips=flips,
-        reference=written[1] if len(written) > 1 else None,
-        warnings=warnings,
-    )
+    reference_path = written[1] if len(written) > 1 else None
+    return EnsembleResult(target, members, flips, reference_path, warnings)
 
 
 def _read_members(paths: list[Path]) -> tuple[list[Any], list[str]]:
     """The members' checkpoints and sha256s; an ensemble, a last.pt or a repeat is refused."""
     from ctscan.engine.checkpoint import read_checkpoint
-    from ctscan.files import file_sha256
 
     checkpoints = [read_checkpoint(p) for p in paths]
     for path, ckpt in zip(paths, checkpoints, strict=True):
@@ -197,7 +190,7 @@ def _read_members(paths: list[Path]) -> tuple[list[Any], list[str]]:
 def _write(target: Path, ensemble: Any, reference: dict[str, Any] | None) -> list[Path]:
     """Write the ensemble and its drift reference under the folder lock: both or neither."""
     from ctscan.engine.checkpoint import save_checkpoint
-    from ctscan.files import atomic_write, folder_lock
+    from ctscan.files import atomic_write  # looked up at the call: a test stops it midway
 
     written: list[Path] = []
     with folder_lock(target.parent, what="ensemble folder"):

@@ -152,9 +152,7 @@ def plan_outputs(
         folder = ensure_dir(target.parent, what="export folder")
         target = folder / target.name
         onnx_path, pt2_path = (target, None) if fmt == "onnx" else (None, target)
-    int8_path = None
-    if int8 and onnx_path is not None:
-        int8_path = onnx_path.with_name(f"{onnx_path.stem}.int8.onnx")
+    int8_path = onnx_path.with_name(f"{onnx_path.stem}.int8.onnx") if int8 and onnx_path else None
     if triton_dir is not None:
         triton_dir = ensure_dir(triton_dir, what="Triton model repository")
     return ExportPlan(
@@ -333,11 +331,8 @@ def quantize_onnx(
     keep_fp32: tuple[str, ...] = INT8_KEEP_FP32,
     method: str = INT8_CALIBRATION,
 ) -> dict[str, Any]:
-    """Static QDQ int8 of an fp32 ONNX file, calibrated on `images`; returns the settings used.
-
-    `keep_fp32`: parts left in float32 (`fp32_node_names`); `method`: minmax | minmax-avg (min
-    and max averaged over batches) | percentile | entropy (docs/export.md says what each gave).
-    """
+    """Static QDQ int8 of an fp32 ONNX file calibrated on `images`, `keep_fp32` parts left in
+    float32; `method`: minmax | minmax-avg | percentile | entropy (docs/export.md); its settings."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationMethod,
@@ -393,14 +388,11 @@ def _calibration_reader(images: np.ndarray, step: int) -> Any:
     """ONNX Runtime's calibration input: uint8 batches of `step` images, as the graph takes them."""
     from onnxruntime.quantization import CalibrationDataReader
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter(
-                {INPUT_NAME: images[i : i + step]} for i in range(0, len(images), step)
-            )
+    batches = ({INPUT_NAME: images[i : i + step]} for i in range(0, len(images), step))
 
+    class Reader(CalibrationDataReader):
         def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self.batches, None)
+            return next(batches, None)
 
     return Reader()
 
@@ -440,7 +432,6 @@ def write_triton_layout(repository: Path, onnx_path: Path, name: str, spec: Any)
     config = triton_config(name, image_size=spec.image_size, num_classes=len(class_names))
     model_dir = ensure_dir(repository / name, what="Triton model folder")
     version_dir = ensure_dir(model_dir / "1", what="Triton model version folder")
-
     labels = ("\n".join(class_names) + "\n").encode()
     writers = {
         version_dir / "model.onnx": lambda fh: fh.write(onnx_path.read_bytes()),
@@ -459,13 +450,11 @@ def compare(
     fmt: str, path: Path, logits: np.ndarray, reference: np.ndarray, labels: np.ndarray
 ) -> Parity:
     """One format's logits against the eager reference on the same images."""
-    return Parity(
-        format=fmt,
-        path=path,
-        max_abs_diff=float(np.abs(logits - reference).max()) if len(labels) else 0.0,
-        agreement=float((logits.argmax(1) == reference.argmax(1)).mean()) if len(labels) else 1.0,
-        accuracy=float((logits.argmax(1) == labels).mean()) if len(labels) else 0.0,
-    )
+    if not len(labels):
+        return Parity(fmt, path, max_abs_diff=0.0, agreement=1.0, accuracy=0.0)
+    diff = float(np.abs(logits - reference).max())
+    agreement = float((logits.argmax(1) == reference.argmax(1)).mean())
+    return Parity(fmt, path, diff, agreement, accuracy=float((logits.argmax(1) == labels).mean()))
 
 
 def int8_refusal(row: Parity, eager: Parity) -> str | None:
@@ -488,11 +477,10 @@ def int8_refusal(row: Parity, eager: Parity) -> str | None:
 @contextlib.contextmanager
 def staging(folder: Path, name: str) -> Iterator[Path]:
     """A temporary folder inside `folder` (same file system: renames are atomic), removed after."""
-    stage = Path(tempfile.mkdtemp(prefix=f".{name}.export-", suffix=".tmp", dir=folder))
-    try:
-        yield stage
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    with tempfile.TemporaryDirectory(
+        prefix=f".{name}.export-", suffix=".tmp", dir=folder, ignore_cleanup_errors=True
+    ) as stage:
+        yield Path(stage)
 
 
 @dataclass
@@ -533,11 +521,8 @@ def run_export(
     triton_dir: Path | None = None,
     triton_name: str | None = None,
 ) -> ExportResult:
-    """The `ctscan export` command: export, check each file on the test split, keep the good.
-
-    A float32 file off by more than FP32_TOLERANCE raises (nothing written); a refused int8
-    file is not written and comes back as `result.error`, beside the parity table.
-    """
+    """The `ctscan export` command: export and check each file on the test split; a float32 file
+    off by over FP32_TOLERANCE raises (nothing written), a refused int8 one is `result.error`."""
     from ctscan.data.store import open_model_store
     from ctscan.engine.checkpoint import load_model, read_checkpoint
     from ctscan.engine.runtime import configure_threads

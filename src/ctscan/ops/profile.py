@@ -63,12 +63,6 @@ def profiled_epoch(settings: Settings) -> int:
     return max(1, min(settings.model.freeze_epochs + 1, settings.train.epochs))
 
 
-def default_out_dir(settings: Settings) -> Path:
-    """`paths.runs_dir/profile-<model>-<time>`."""
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return settings.paths.runs_dir / f"profile-{settings.model.name}-{stamp}"
-
-
 def run_profile(
     settings: Settings, *, steps: int = DEFAULT_STEPS, out_dir: Path | None = None
 ) -> ProfileResult:
@@ -81,7 +75,9 @@ def run_profile(
     if steps < 1:
         raise CtscanError(f"--steps is {steps}; it must be 1 or more.", "pass --steps 5, say.")
     rt, store = runtime_and_store(settings)
-    out_dir = ensure_dir(out_dir or default_out_dir(settings), what="profile folder")
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    default = settings.paths.runs_dir / f"profile-{settings.model.name}-{stamp}"
+    out_dir = ensure_dir(out_dir or default, what="profile folder")
     with folder_lock(out_dir, what="profile folder"):
         text = to_toml(settings).encode()
         atomic_write(out_dir / SETTINGS_FILE, lambda fh: fh.write(text))
@@ -288,7 +284,6 @@ def summarize(rec: Recording, device: torch.device, *, batch_size: int) -> dict[
     import torch
 
     prof = rec.prof
-
     step_us = [e.time_range.elapsed_us() for e in prof.events() if e.name.startswith(STEP_EVENT)]
     averages = prof.key_averages()
     by_name = {e.key: e for e in averages if e.device_type == torch.autograd.DeviceType.CPU}

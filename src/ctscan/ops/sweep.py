@@ -15,6 +15,7 @@ import os
 import shlex
 import socket
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from typing import Any
 
 from ctscan.errors import CtscanError, Interrupted, SettingsError, say_line
 from ctscan.files import database_lock, ensure_dir, folder_lock
-from ctscan.jobs import stopped
+from ctscan.jobs import refused_settings, stopped
 from ctscan.ops import cv, sweep_spec
 from ctscan.ops.sweep_spec import STORAGE_FORMS, Sweep, SweepSpec, prepare, write_recipe
 from ctscan.settings import public_dict, toml_value
@@ -63,8 +64,6 @@ def _import_optuna() -> Any:
         raise SweepError(
             f"`ctscan sweep` needs optuna, which cannot be imported ({exc}).", EXTRA_FIX
         ) from None
-    import warnings
-
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # not a failed trial's traceback
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     return optuna
@@ -157,8 +156,13 @@ def open_study(optuna: Any, sweep: Sweep) -> Any:
     recorded = study.user_attrs.get(ATTR_SPEC)
     new = recorded is None and not study.trials
     study.sampler = _sampler(optuna, sweep.spec, sweep.spec.seed if new else None)
+    if new and sweep.folder.is_dir() and any(sweep.folder.glob("trial-*")):
+        raise SweepError(  # a new study never writes into an older one's trial folders
+            f"the sweep folder '{sweep.folder}' holds trials of an earlier study named "
+            f"'{sweep.name}' that '{sweep.where}' does not have.",
+            "move that folder aside, or pass another --name.",
+        )
     if new:
-        _refuse_stale_folder(sweep)
         study.set_user_attr(ATTR_SETTINGS, json.loads(json.dumps(public_dict(sweep.settings))))
         study.set_user_attr(ATTR_SPEC, identity)  # last: a study with it is whole
     elif recorded is None:
@@ -184,8 +188,6 @@ def open_study(optuna: Any, sweep: Sweep) -> Any:
 def _refuse_changed_settings(sweep: Sweep, study: Any) -> None:
     """Refuse new trials that would train otherwise (defaults, CTSCAN_*, --set) than the
     study's earlier ones, as a resumed run compares its settings."""
-    from ctscan.jobs import refused_settings
-
     before = study.user_attrs[ATTR_SETTINGS]
     own = (*(p.key for p in sweep.spec.params), *sweep.forced())
     refused = refused_settings(before, sweep.settings, may_change=own)
@@ -198,16 +200,6 @@ def _refuse_changed_settings(sweep: Sweep, study: Any) -> None:
         f"new trial would get ({changes}), from ctscan's defaults, CTSCAN_* variables or --set.",
         f"continue with those values ({sets}), or start a new study: --name {sweep.name}-2.",
     )
-
-
-def _refuse_stale_folder(sweep: Sweep) -> None:
-    """A new study never writes into trial folders an older study of that name left."""
-    if sweep.folder.is_dir() and any(sweep.folder.glob("trial-*")):
-        raise SweepError(
-            f"the sweep folder '{sweep.folder}' holds trials of an earlier study named "
-            f"'{sweep.name}' that '{sweep.where}' does not have.",
-            "move that folder aside, or pass another --name.",
-        )
 
 
 def finished(study: Any) -> int:
