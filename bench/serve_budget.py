@@ -11,6 +11,7 @@ ONNX Runtime's pool threads', shared among the images of each call; its wall is 
 
     python bench/serve_budget.py --model outputs/runs/main-latest/best.pt
     python bench/serve_budget.py --model best.int8.onnx --clients 1,16 --seconds 20 --raw
+    python bench/serve_budget.py --model best.int8.onnx --small 160   # bodies shrunk by the client
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from serve_load import (
     free_port,
     multipart_bodies,
     raw_bodies,
+    small_bodies,
     start_server,
     stop_server,
     tree_cpu_s,
@@ -152,6 +154,13 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0, help="measured seconds per run")
     ap.add_argument("--warmup", type=float, default=3.0, help="uncounted seconds first")
     ap.add_argument("--raw", action="store_true", help="the image as the body, not multipart")
+    ap.add_argument(
+        "--small",
+        type=int,
+        default=None,
+        metavar="SIZE",
+        help="raw bodies shrunk by the client to SIZE px on the long side (the model's input)",
+    )
     ap.add_argument("--set", dest="sets", action="append", default=[], help="server --set")
     ap.add_argument("--out", type=Path, default=Path("bench/results/serve_budget.json"))
     args = ap.parse_args()
@@ -159,7 +168,10 @@ def main() -> None:
     images = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         ap.error(f"no PNG/JPEG under {args.images}: run `make data`, or pass --images")
-    bodies, types = raw_bodies(images) if args.raw else multipart_bodies(images)
+    if args.small:
+        bodies, types, _ = small_bodies(images, args.small)
+    else:
+        bodies, types = raw_bodies(images) if args.raw else multipart_bodies(images)
     runs = []
     with tempfile.TemporaryDirectory(prefix="ctscan-serve-budget-") as tmp:
         port = free_port()
@@ -199,7 +211,11 @@ def main() -> None:
             "loadavg": [round(x, 2) for x in os.getloadavg()],
         },
         "model": str(args.model),
-        "body": "raw" if args.raw else "multipart",
+        "body": f"raw, shrunk to {args.small} px"
+        if args.small
+        else "raw"
+        if args.raw
+        else "multipart",
         "server_sets": args.sets,
         "startup_s": round(startup, 2),
         "images": len(images),

@@ -4,7 +4,10 @@ Each configuration gets its own server process (`python -m ctscan serve CKPT` on
 one after the other: ONNX Runtime with dynamic batching (the default), ONNX with batching off,
 PyTorch with batching, ONNX with the image as the raw request body (no multipart), and the int8
 ONNX file (`--int8`, default best.int8.onnx beside the checkpoint; skipped when it is missing)
-with raw bodies; `onnx-batch4` and `onnx-batch4-2w` (2 workers of 1 thread each) on request.
+with raw bodies; both again with `-small` bodies: the slice shrunk by the client to the model's
+input side, as the web page and docs/serving.md do (the script checks that the server gives the
+model the same pixels for the small and the full file, and records how many did);
+`onnx-batch4` and `onnx-batch4-2w` (2 workers of 1 thread each) on request.
 Against each, `--clients` closed-loop clients (each sends its next request when the last one is
 answered) post real test PNGs for `--seconds` after
 `--warmup` seconds that are not counted. Reported per configuration: requests/s (answered 200),
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
 import platform
@@ -65,6 +69,7 @@ class Config:
     sets: tuple[str, ...] = ()  # more `--set` overrides of the server
     raw: bool = False  # the image as the body, not a multipart form
     int8: bool = False  # serve the --int8 file instead of the checkpoint
+    small: bool = False  # raw bodies shrunk by the client to the model's input side first
 
 
 CONFIGS = (
@@ -73,6 +78,8 @@ CONFIGS = (
     Config("torch-batching", "torch", True),
     Config("onnx-raw", "onnx", True, raw=True),
     Config("int8-raw", "onnx", True, raw=True, int8=True),
+    Config("onnx-raw-small", "onnx", True, raw=True, small=True),
+    Config("int8-raw-small", "onnx", True, raw=True, int8=True, small=True),
     Config("onnx-batch4", "onnx", True, ("serve.max_batch_size=4",)),
     Config(
         "onnx-batch4-2w",
@@ -81,7 +88,15 @@ CONFIGS = (
         ("serve.max_batch_size=4", "serve.workers=2", "train.threads=1"),
     ),
 )
-DEFAULT_CONFIGS = ("onnx-batching", "onnx-no-batching", "torch-batching", "onnx-raw", "int8-raw")
+DEFAULT_CONFIGS = (
+    "onnx-batching",
+    "onnx-no-batching",
+    "torch-batching",
+    "onnx-raw",
+    "int8-raw",
+    "onnx-raw-small",
+    "int8-raw-small",
+)
 
 
 # ---- machine and process facts -----------------------------------------------------------
@@ -254,6 +269,35 @@ def raw_bodies(images: list[Path]) -> tuple[list[bytes], list[str]]:
     return [p.read_bytes() for p in images], types
 
 
+def small_png(path: Path, size: int) -> bytes:
+    """What a client (docs/serving.md, the web page) may send: the slice in gray with its long
+    side shrunk to the model's input side `size`, as a PNG (resize policy "pad")."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        gray = img.convert("L")
+    scale = size / max(gray.size)
+    if scale < 1:
+        shape = (round(gray.width * scale), round(gray.height * scale))
+        gray = gray.resize(shape, Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    gray.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def small_bodies(images: list[Path], size: int) -> tuple[list[bytes], list[str], int]:
+    """The shrunk PNG bodies, their content types, and how many give the model exactly the
+    pixels the full file gives it (the server's own decode + resize on both)."""
+    from ctscan.data.transforms import prepare
+
+    bodies = [small_png(path, size) for path in images]
+    same = sum(
+        np.array_equal(prepare(path.read_bytes(), size), prepare(body, size))
+        for path, body in zip(images, bodies, strict=True)
+    )
+    return bodies, ["image/png"] * len(bodies), same
+
+
 async def closed_loop(
     url: str, bodies: list[bytes], types: list[str], *, clients: int, seconds: float
 ) -> tuple[list[float], dict[str, int], float]:
@@ -356,6 +400,7 @@ def describe_checkpoint(path: Path) -> dict[str, Any]:
         "sha256": file_sha256(path),
         "model": ckpt.model_name,
         "image_size": ckpt.spec.image_size,
+        "resize": ckpt.spec.resize,
         "epochs_trained": ckpt.epoch,
         ckpt.select_metric: ckpt.best_value,
     }
@@ -444,8 +489,14 @@ def main() -> None:
             ap.error(f"--int8 {int8} does not exist: run `ctscan export --int8` first")
         print(f"skipping the int8 configurations: no {int8}", file=sys.stderr)
         configs = [c for c in configs if not c.int8]
-    bodies = {False: multipart_bodies(images), True: raw_bodies(images)}
     checkpoint = describe_checkpoint(args.checkpoint)
+    bodies = {False: multipart_bodies(images), True: raw_bodies(images)}
+    small_same = None
+    if any(c.small for c in configs):
+        if checkpoint["resize"] != "pad":
+            ap.error(f"-small configurations shrink for resize 'pad', not {checkpoint['resize']}")
+        small, small_types, small_same = small_bodies(images, checkpoint["image_size"])
+        bodies["small"] = (small, small_types)
 
     rows: list[dict[str, Any]] = []
     cold: list[dict[str, Any]] = []
@@ -470,7 +521,7 @@ def main() -> None:
                 row = measure(
                     f"http://127.0.0.1:{port}",
                     proc.pid,
-                    *bodies[config.raw],
+                    *bodies["small" if config.small else config.raw],
                     clients=args.clients,
                     seconds=args.seconds,
                     warmup=args.warmup,
@@ -534,6 +585,10 @@ def main() -> None:
             "images": len(images),
             "images_from": str(args.images),
             "route": "POST /predict (field file, or the raw body where raw is true)",
+            "small": "where small is true, each body is the slice in gray with its long side "
+            "shrunk to the model's input (small_png, done once before the load, as the web "
+            "page does in the browser)",
+            "small_pixels_identical": small_same,
         },
         "server": "python -m ctscan serve CKPT --backend B --set serve.batching=X [--set what "
         "`sets` lists], 1 worker, default serve settings otherwise (max_batch_size 8, "
