@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shlex
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from ctscan.data.folds import FoldPlan, fold_splits, plan_folds
 from ctscan.data.reference import CONFIDENCE_FILE
 from ctscan.errors import CheckpointError, CtscanError, Interrupted, SettingsError, say_line
 from ctscan.files import atomic_write, ensure_dir, folder_lock
-from ctscan.jobs import check_stop, critical, refused_changes, stopped
+from ctscan.jobs import check_stop, critical, experiment_fix, refused_changes, stopped
 from ctscan.settings import Settings, public_dict, to_toml
 
 FOLDS_FILE = "folds.json"
@@ -100,12 +99,6 @@ class CvResult:
             "test": self.test,
             "mlflow_run_id": self.run_id,
         }
-
-
-def experiment_fix(experiment: str, new: str = "a new cross-validation (another --out)") -> str:
-    """The fix when a parent run (a cross-validation's, a sweep's) is in another experiment."""
-    setting = shlex.quote(f"tracking.experiment={json.dumps(experiment)}")
-    return f"continue with --set {setting}, or start {new}."
 
 
 def _check_same_cv(cv_dir: Path, plan: FoldPlan, settings: Settings) -> dict[str, Any] | None:

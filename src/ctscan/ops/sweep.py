@@ -25,8 +25,8 @@ from typing import Any
 
 from ctscan.errors import CtscanError, Interrupted, SettingsError, say_line
 from ctscan.files import database_lock, ensure_dir, folder_lock
-from ctscan.jobs import refused_settings, stopped
-from ctscan.ops import cv, sweep_spec
+from ctscan.jobs import experiment_fix, refused_settings, stopped
+from ctscan.ops import sweep_spec
 from ctscan.ops.sweep_spec import STORAGE_FORMS, Sweep, SweepSpec, prepare, write_recipe
 from ctscan.settings import public_dict, toml_value
 
@@ -46,7 +46,7 @@ TAG_SWEEP = "ctscan.sweep"
 TAG_TRIAL = "ctscan.trial"
 COUNTED = ("COMPLETE", "PRUNED")  # the states `--trials N` counts
 SWEPT_PARAMS = ("metric", "direction", "sampler", "seed", "pruning")  # the parent run's sweep.*
-experiment_fix = partial(cv.experiment_fix, new="a new study (--name)")
+experiment_fix = partial(experiment_fix, new="a new study (--name)")
 
 
 class SweepError(CtscanError):
@@ -394,11 +394,20 @@ def _open_parent(sweep: Sweep, study: Any) -> Any:
 
 
 def run_sweep(
-    spec: str | Path, *, say: Callable[[str], None] = say_line, **options: Any
+    spec: str | Path,
+    *,
+    trials: int | None = None,
+    name: str | None = None,
+    recipe: Path | None = None,
+    storage: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    say: Callable[[str], None] = say_line,
 ) -> SweepResult:
     """Run (or join, or continue) a sweep until its study holds N finished trials; write the
-    recipe. `options`: `prepare`'s. A stop raises `Interrupted` saying how to continue."""
-    sweep = prepare(spec, **options)
+    recipe. The options: `prepare`'s. A stop raises `Interrupted` saying how to continue."""
+    sweep = prepare(
+        spec, trials=trials, name=name, recipe=recipe, storage=storage, overrides=overrides
+    )
     optuna = _import_optuna()
     ensure_dir(sweep.folder, what="sweep folder", error=SweepError)
     study = None
