@@ -15,8 +15,7 @@ import tomllib
 from collections.abc import Mapping
 from functools import reduce
 from pathlib import Path
-from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -45,12 +44,6 @@ SECRET_KEYS = frozenset({"serve.token"})  # never written to settings.toml, MLfl
 REDACTED = "<redacted>"
 
 
-def _numeric(annotation: Any) -> bool:
-    """Whether a field takes a number (int or float, alone or with None), not a bool."""
-    options = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else ()
-    return any(t in (int, float) for t in (options or (annotation,)))
-
-
 class KeysConflict(ValueError):
     """A check across keys of one section failed: `values` names those keys and their values,
     so the message can point at each key and where it was set (not at the whole section)."""
@@ -58,6 +51,11 @@ class KeysConflict(ValueError):
     def __init__(self, message: str, values: Mapping[str, Any]) -> None:
         super().__init__(message)
         self.values = dict(values)
+
+
+def _numeric(annotation: Any) -> bool:
+    """Whether a field takes a number (int or float, alone or with None)."""
+    return bool({int, float} & {annotation, *get_args(annotation)})
 
 
 class Section(BaseModel):
@@ -70,8 +68,7 @@ class Section(BaseModel):
     def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         # pydantic's lax mode reads true as 1 and false as 0: train.epochs=true would train one
         # epoch and augment.hflip=true flip every image, without a word
-        field = cls.model_fields.get(info.field_name or "")
-        if isinstance(value, bool) and field is not None and _numeric(field.annotation):
+        if isinstance(value, bool) and _numeric(cls.model_fields[str(info.field_name)].annotation):
             raise ValueError(f"a number is needed here, not the boolean {str(value).lower()}")
         return value
 
