@@ -406,18 +406,14 @@ def _env_value(section: str, key: str) -> str | None:
     whose keys are case-insensitive too.
     """
     by_name = {var.upper(): var for var in os.environ}
-    var = by_name.get(f"{ENV_PREFIX}{section.upper()}__{key.upper()}")
-    if var is not None:
+    if var := by_name.get(f"{ENV_PREFIX}{section.upper()}__{key.upper()}"):
         return var
     var = by_name.get(f"{ENV_PREFIX}{section.upper()}")
-    if var is not None:
-        try:
-            data = json.loads(os.environ[var])
-        except ValueError:
-            return None
-        if isinstance(data, dict) and key.lower() in {str(k).lower() for k in data}:
-            return var
-    return None
+    try:
+        data = json.loads(os.environ[var]) if var else None
+    except ValueError:
+        return None
+    return var if isinstance(data, dict) and key.lower() in {str(k).lower() for k in data} else None
 
 
 def _source_of(
