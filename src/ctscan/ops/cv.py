@@ -192,9 +192,6 @@ def _train_fold(cv: _Cv, fold: int, parent: str | None) -> dict[str, Any]:
     return record
 
 
-FOLD_KEYS = ("fold", "best", "best_epoch", "epochs_run", "held_out_images")
-
-
 def _fold_checkpoint(cv_dir: Path, fold: int, record: dict[str, Any], metric: str) -> Any:
     """Fold `fold`'s best.pt, checked to be the model that fold trained (its fold.json)."""
     from ctscan.engine.checkpoint import read_checkpoint
@@ -227,7 +224,8 @@ def _finished_fold(cv_dir: Path, fold: int, metric: str) -> dict[str, Any] | Non
     path = cv_dir / f"fold-{fold}" / FOLD_FILE
     if not path.is_file():
         return None
-    record = _read_json(path, FOLD_KEYS, _fold_fix(cv_dir, fold))
+    keys = ("fold", "best", "best_epoch", "epochs_run", "held_out_images")
+    record = _read_json(path, keys, _fold_fix(cv_dir, fold))
     if not isinstance(record["best"], dict):
         raise CtscanError(
             f"'{path}' is not ctscan's (best is not a table).", _fold_fix(cv_dir, fold)
