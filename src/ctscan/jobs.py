@@ -247,3 +247,12 @@ def open_run_record(
         tracker.end(type(exc))
         raise
     return tracker
+
+
+def experiment_fix(experiment: str, new: str = "a new cross-validation (another --out)") -> str:
+    """The fix when a parent run (a cross-validation's, a sweep's) is in another experiment."""
+    import json
+    import shlex
+
+    setting = shlex.quote(f"tracking.experiment={json.dumps(experiment)}")
+    return f"continue with --set {setting}, or start {new}."

@@ -7,16 +7,19 @@ variables (`CTSCAN_SECTION__KEY=value`), settings files (later files win), the d
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shlex
 import tomllib
 from collections.abc import Mapping
+from functools import reduce
 from pathlib import Path
-from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -41,12 +44,6 @@ SECRET_KEYS = frozenset({"serve.token"})  # never written to settings.toml, MLfl
 REDACTED = "<redacted>"
 
 
-def _numeric(annotation: Any) -> bool:
-    """Whether a field takes a number (int or float, alone or with None), not a bool."""
-    options = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else ()
-    return any(t in (int, float) for t in (options or (annotation,)))
-
-
 class KeysConflict(ValueError):
     """A check across keys of one section failed: `values` names those keys and their values,
     so the message can point at each key and where it was set (not at the whole section)."""
@@ -54,6 +51,11 @@ class KeysConflict(ValueError):
     def __init__(self, message: str, values: Mapping[str, Any]) -> None:
         super().__init__(message)
         self.values = dict(values)
+
+
+def _numeric(annotation: Any) -> bool:
+    """Whether a field takes a number (int or float, alone or with None)."""
+    return bool({int, float} & {annotation, *get_args(annotation)})
 
 
 class Section(BaseModel):
@@ -66,8 +68,7 @@ class Section(BaseModel):
     def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         # pydantic's lax mode reads true as 1 and false as 0: train.epochs=true would train one
         # epoch and augment.hflip=true flip every image, without a word
-        field = cls.model_fields.get(info.field_name or "")
-        if isinstance(value, bool) and field is not None and _numeric(field.annotation):
+        if isinstance(value, bool) and _numeric(cls.model_fields[str(info.field_name)].annotation):
             raise ValueError(f"a number is needed here, not the boolean {str(value).lower()}")
         return value
 
@@ -82,21 +83,20 @@ def _not_empty_path(value: Any) -> Any:
     return value
 
 
+NonEmptyPath = Annotated[Path, BeforeValidator(_not_empty_path)]
+
+
 class PathsSettings(Section):
-    raw_dir: Path = Field(
+    raw_dir: NonEmptyPath = Field(
         Path("data/chest-ctscan-images"),
         description="the Kaggle folders (train/valid/test/<class>/), pulled by `dvc pull`",
     )
-    processed_dir: Path = Field(
+    processed_dir: NonEmptyPath = Field(
         Path("outputs/processed"),
         description="the processed store preprocess writes and train/evaluate read",
     )
-    runs_dir: Path = Field(
+    runs_dir: NonEmptyPath = Field(
         Path("outputs/runs"), description="run folders, the MLflow SQLite store and its artifacts"
-    )
-
-    _no_empty_paths = field_validator("raw_dir", "processed_dir", "runs_dir", mode="before")(
-        _not_empty_path
     )
 
 
@@ -107,9 +107,7 @@ class DataSettings(Section):
         description="pad: keep aspect, fit the long side, pad with black; stretch: ignore aspect; "
         "crop: fit the short side, centre-crop",
     )
-    max_image_pixels: int = Field(
-        40_000_000, ge=1, description="decoded pixels above this: refused"
-    )
+    max_image_pixels: int = Field(40_000_000, ge=1, description="images above this: refused")
     max_file_bytes: int = Field(50_000_000, ge=1, description="files above this size: refused")
     on_bad_file: Literal["error", "skip"] = Field(
         "error",
@@ -131,12 +129,12 @@ class ModelSettings(Section):
         description="registry model: cnn, cnn_gap, resnet18 or efficientnet_lite0",
     )
     pretrained: bool = Field(
-        True, description="start from ImageNet weights (resnet18, efficientnet_lite0 only)"
+        True, description="from ImageNet weights (resnet18, efficientnet_lite0)"
     )
-    weights_path: Path | None = Field(None, description="local ImageNet weights file (optional)")
-    dropout: float = Field(
-        0.2, ge=0.0, lt=1.0, description="dropout before the classification head"
+    weights_path: Annotated[Path | None, BeforeValidator(_not_empty_path)] = Field(
+        None, description="local ImageNet weights file (optional)"
     )
+    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="before the classification head")
     freeze_epochs: int = Field(1, ge=0, description="epochs with the pretrained backbone frozen")
     frozen_stages: int = Field(
         3,
@@ -145,8 +143,6 @@ class ModelSettings(Section):
         "of training, which skips their backward pass (efficientnet_lite0: 7 stages, resnet18: "
         "4); 0 = none; ignored when training from scratch, like freeze_epochs",
     )
-
-    _no_empty_path = field_validator("weights_path", mode="before")(_not_empty_path)
 
     @model_validator(mode="after")
     def _frozen_stages_fit(self) -> ModelSettings:
@@ -163,20 +159,14 @@ class ModelSettings(Section):
 
 
 class AugmentSettings(Section):
-    enabled: bool = Field(
-        True, description="batched augmentation of the train split on the training device"
-    )
-    rotation_deg: float = Field(
-        15.0, ge=0.0, le=180.0, description="max rotation, degrees either way"
-    )
+    enabled: bool = Field(True, description="batched, of the train split, on the training device")
+    rotation_deg: float = Field(15.0, ge=0.0, le=180.0, description="largest angle, either way")
     scale_min: float = Field(0.9, gt=0.0, description="smallest zoom factor")
     scale_max: float = Field(1.1, gt=0.0, description="largest zoom factor")
     translate: float = Field(0.05, ge=0.0, le=0.5, description="max shift, fraction of the side")
     hflip: float = Field(0.5, ge=0.0, le=1.0, description="probability of a horizontal flip")
     vflip: float = Field(0.0, ge=0.0, le=1.0, description="probability of a vertical flip")
-    brightness: float = Field(
-        0.1, ge=0.0, le=1.0, description="max brightness offset (fraction of full scale)"
-    )
+    brightness: float = Field(0.1, ge=0.0, le=1.0, description="max offset (of full scale)")
     contrast: float = Field(0.1, ge=0.0, le=1.0, description="max contrast change (fraction)")
     erasing: float = Field(0.0, ge=0.0, le=1.0, description="probability of one random erase")
     mixup_alpha: float = Field(
@@ -205,26 +195,14 @@ class AugmentSettings(Section):
 
 class TrainSettings(Section):
     epochs: int = Field(20, ge=1, description="epochs to train (a resume may raise it)")
-    batch_size: int = Field(
-        32, ge=1, description="images per step and process (DDP: global batch = N x this)"
-    )
-    lr: float = Field(
-        2e-3, gt=0.0, description="peak learning rate of AdamW (not scaled under DDP)"
-    )
-    weight_decay: float = Field(
-        0.01, ge=0.0, description="AdamW weight decay (not on biases and norm weights)"
-    )
-    warmup_epochs: float = Field(
-        1.0, ge=0.0, description="linear warmup before the cosine decay, in epochs"
-    )
-    label_smoothing: float = Field(
-        0.1, ge=0.0, lt=1.0, description="label smoothing of the cross-entropy loss"
-    )
+    batch_size: int = Field(32, ge=1, description="per step and process (DDP: global = N x this)")
+    lr: float = Field(2e-3, gt=0.0, description="AdamW's peak (not scaled under DDP)")
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW's, not on biases or norm weights")
+    warmup_epochs: float = Field(1.0, ge=0.0, description="linear, before the cosine decay")
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0, description="of the cross-entropy loss")
     grad_clip: float = Field(1.0, ge=0.0, description="max grad norm; 0 disables")
     accumulate: int = Field(1, ge=1, description="gradient accumulation steps")
-    ema: bool = Field(
-        True, description="keep an exponential moving average of the weights; checkpoints deploy it"
-    )
+    ema: bool = Field(True, description="a moving average of the weights, which checkpoints deploy")
     ema_decay: float = Field(0.99, gt=0.0, lt=1.0, description="EMA decay per optimizer step")
     ema_warmup: bool = Field(
         True,
@@ -236,9 +214,7 @@ class TrainSettings(Section):
         "val_macro_f1", description="validation metric that picks best.pt"
     )
     seed: int = Field(0, description="random seed (data order, augmentation, initialisation)")
-    deterministic: bool = Field(
-        False, description="deterministic kernels (bit-identical CPU runs; slower on GPU)"
-    )
+    deterministic: bool = Field(False, description="kernels (bit-identical CPU runs, slower GPU)")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto (CUDA if available), cpu or cuda"
     )
@@ -263,19 +239,11 @@ class TrainSettings(Section):
 
 
 class TrackingSettings(Section):
-    enabled: bool = Field(
-        True, description="record runs in MLflow (false: mlflow is not even imported)"
-    )
-    uri: str | None = Field(
-        None, description="MLflow tracking URI; default sqlite:///<runs_dir>/mlflow.db"
-    )
+    enabled: bool = Field(True, description="MLflow runs (false: mlflow is not even imported)")
+    uri: str | None = Field(None, description="default: sqlite:///<runs_dir>/mlflow.db")
     experiment: str = Field("ctscan", description="MLflow experiment name")
-    registered_model: str = Field(
-        "ctscan-classifier", description="registry name the best models are versioned under"
-    )
-    log_model: bool = Field(
-        True, description="log and register the best model at the end of training"
-    )
+    registered_model: str = Field("ctscan-classifier", description="the best models' registry name")
+    log_model: bool = Field(True, description="register the best model at the end of training")
 
 
 class ServeSettings(Section):
@@ -288,9 +256,7 @@ class ServeSettings(Section):
     model_name: str = Field("ctscan", min_length=1, description="the name in /v2/models/{name}")
     max_upload_bytes: int = Field(20_000_000, ge=1, description="largest file accepted (413)")
     max_batch_files: int = Field(32, ge=1, description="most files in one /predict/batch")
-    token: str | None = Field(
-        None, description="bearer token required on every route but the health ones (401)"
-    )
+    token: str | None = Field(None, description="bearer token for every route but health (401)")
     batching: bool = Field(True, description="gather concurrent requests into one model call")
     max_batch_size: int = Field(8, ge=1, description="most images in one model call")
     max_wait_ms: float = Field(0.0, ge=0.0, description="longest wait to fill a batch")
@@ -315,12 +281,8 @@ class InferenceSettings(Section):
         "latency for one request on an idle machine, but CPU taken from the decoding and HTTP "
         "threads under load (ctscan serve: 57 -> 73 requests/s at 16 clients on 2 cores)",
     )
-    dicom_window_level: float = Field(
-        -600.0, description="DICOM: centre of the Hounsfield window (lung window: -600)"
-    )
-    dicom_window_width: float = Field(
-        1500.0, gt=0.0, description="DICOM: width of the Hounsfield window (lung window: 1500)"
-    )
+    dicom_window_level: float = Field(-600.0, description="Hounsfield window centre (lung: -600)")
+    dicom_window_width: float = Field(1500.0, gt=0.0, description="window width, HU (lung: 1500)")
 
 
 class Settings(BaseSettings):
@@ -443,21 +405,15 @@ def _env_value(section: str, key: str) -> str | None:
     Names are case-insensitive, and a whole section may come as JSON (`CTSCAN_TRAIN='{...}'`),
     whose keys are case-insensitive too.
     """
-    import json
-
     by_name = {var.upper(): var for var in os.environ}
-    var = by_name.get(f"{ENV_PREFIX}{section.upper()}__{key.upper()}")
-    if var is not None:
+    if var := by_name.get(f"{ENV_PREFIX}{section.upper()}__{key.upper()}"):
         return var
     var = by_name.get(f"{ENV_PREFIX}{section.upper()}")
-    if var is not None:
-        try:
-            data = json.loads(os.environ[var])
-        except ValueError:
-            return None
-        if isinstance(data, dict) and key.lower() in {str(k).lower() for k in data}:
-            return var
-    return None
+    try:
+        data = json.loads(os.environ[var]) if var else None
+    except ValueError:
+        return None
+    return var if isinstance(data, dict) and key.lower() in {str(k).lower() for k in data} else None
 
 
 def _source_of(
@@ -575,11 +531,8 @@ def load_settings(
     `origins` names, for an override's dotted key, how the user gave it (a command flag such as
     "--epochs", a sweep spec's table) for error messages; others read "--set KEY".
     """
-    paths = [find_toml(f) for f in files]
-    file_data: dict[str, Any] = {}
-    per_file = [(path, read_settings_file(path)) for path in paths]
-    for _, data in per_file:
-        file_data = deep_merge(file_data, data)
+    per_file = [(path, read_settings_file(path)) for path in map(find_toml, files)]
+    file_data = reduce(deep_merge, (data for _, data in per_file), {})
     cli_data = parse_overrides(list(overrides))
     _check_env()
 
@@ -590,12 +543,11 @@ def load_settings(
             settings_cls: type[BaseSettings],
             init_settings: PydanticBaseSettingsSource,
             env_settings: PydanticBaseSettingsSource,
-            dotenv_settings: PydanticBaseSettingsSource,
-            file_secret_settings: PydanticBaseSettingsSource,
+            **_: PydanticBaseSettingsSource,  # no .env file, no secrets folder
         ) -> tuple[PydanticBaseSettingsSource, ...]:
             return (init_settings, env_settings, InitSettingsSource(settings_cls, file_data))
 
-    where = ", ".join([str(p) for p in paths] + ["environment", "--set"])
+    where = ", ".join([str(p) for p, _ in per_file] + ["environment", "--set"])
     try:
         resolved = _Resolved(**cli_data)
     except ValidationError as exc:
@@ -603,12 +555,15 @@ def load_settings(
     settings = Settings.model_validate(resolved.model_dump())
     settings._files = tuple(str(f) for f in files)
     settings._overrides = tuple(overrides)
-    settings._given = frozenset(_dotted(file_data) + _dotted(cli_data))
+    settings._given = frozenset(dotted(file_data) | dotted(cli_data))
     return settings
 
 
-def _dotted(tree: Mapping[str, Any]) -> list[str]:
-    return [f"{s}.{k}" for s, keys in tree.items() if isinstance(keys, dict) for k in keys]
+def dotted(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """`section.key -> value` for the keys of a tree of sections."""
+    return {
+        f"{s}.{k}": v for s, keys in tree.items() if isinstance(keys, dict) for k, v in keys.items()
+    }
 
 
 def is_given(settings: Settings, dotted: str) -> bool:
@@ -620,8 +575,6 @@ def is_given(settings: Settings, dotted: str) -> bool:
 def given_args(settings: Settings, sections: tuple[str, ...] = ("paths", "data")) -> str:
     """The `-s FILE` and `--set` arguments that set `sections` in `settings`, as a user would
     type them again (a message's fix repeats them; the environment stays set by itself)."""
-    import shlex
-
     sets = [o for o in settings._overrides if o.partition(".")[0].strip() in sections]
     return " ".join(
         [f"-s {shlex.quote(f)}" for f in settings._files]
@@ -657,8 +610,6 @@ def to_toml(settings: Settings) -> str:
 
 def toml_value(value: Any) -> str:
     """A Python scalar or list as a TOML value."""
-    import json
-
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -670,8 +621,4 @@ def toml_value(value: Any) -> str:
 
 def flatten(settings: Settings) -> dict[str, Any]:
     """`section.key -> value` for every setting (for tracking params; secrets hidden)."""
-    return {
-        f"{section}.{key}": value
-        for section, values in public_dict(settings).items()
-        for key, value in values.items()
-    }
+    return dotted(public_dict(settings))

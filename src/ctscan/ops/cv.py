@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import shlex
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from ctscan.data.folds import FoldPlan, fold_splits, plan_folds
 from ctscan.data.reference import CONFIDENCE_FILE
 from ctscan.errors import CheckpointError, CtscanError, Interrupted, SettingsError, say_line
 from ctscan.files import atomic_write, ensure_dir, folder_lock
-from ctscan.jobs import check_stop, critical, refused_changes, stopped
+from ctscan.jobs import check_stop, critical, experiment_fix, refused_changes, stopped
 from ctscan.settings import Settings, public_dict, to_toml
 
 FOLDS_FILE = "folds.json"
@@ -34,13 +34,6 @@ CV_FILE = "cv.json"
 TAG_CV = "ctscan.cv"
 TAG_FOLD = "ctscan.cv_fold"
 FOLD_FIX = "use --folds 5 (or leave --folds out to select on the valid split)."
-
-
-def fold_settings(settings: Settings) -> Settings:
-    """What every fold trains with: no test, no registry, no valid-split temperature."""
-    train = settings.train.model_copy(update={"evaluate_test": False, "calibrate": False})
-    tracking = settings.tracking.model_copy(update={"log_model": False})
-    return settings.model_copy(update={"train": train, "tracking": tracking})
 
 
 def _write_json(path: Path, data: Any) -> Path:
@@ -72,6 +65,31 @@ def _mean_std(values: list[float]) -> dict[str, Any]:
 
 
 @dataclass
+class _Cv:
+    """One cross-validation as it runs: what its steps read."""
+
+    settings: Settings  # as the user gave them (the test, the temperature, the metric)
+    store: Any
+    plan: FoldPlan
+    cv_dir: Path
+    say: Callable[[str], None]
+    stage: str = "before the first fold"  # where a stop lands, said in its line
+
+    @property
+    def fold_settings(self) -> Settings:
+        """What every fold trains with: no test, no registry, no valid-split temperature."""
+        train = self.settings.train.model_copy(update={"evaluate_test": False, "calibrate": False})
+        tracking = self.settings.tracking.model_copy(update={"log_model": False})
+        return self.settings.model_copy(update={"train": train, "tracking": tracking})
+
+    @cached_property
+    def rt(self) -> Any:
+        from ctscan.engine.runtime import resolve_runtime
+
+        return resolve_runtime(self.settings.train)
+
+
+@dataclass
 class CvResult:
     """What `ctscan train --folds K` produced."""
 
@@ -100,12 +118,6 @@ class CvResult:
             "test": self.test,
             "mlflow_run_id": self.run_id,
         }
-
-
-def experiment_fix(experiment: str, new: str = "a new cross-validation (another --out)") -> str:
-    """The fix when a parent run (a cross-validation's, a sweep's) is in another experiment."""
-    setting = shlex.quote(f"tracking.experiment={json.dumps(experiment)}")
-    return f"continue with --set {setting}, or start {new}."
 
 
 def _check_same_cv(cv_dir: Path, plan: FoldPlan, settings: Settings) -> dict[str, Any] | None:
@@ -148,27 +160,16 @@ def _check_same_cv(cv_dir: Path, plan: FoldPlan, settings: Settings) -> dict[str
     return recorded
 
 
-def _stopped(cv_dir: Path, k: int, where: str, exc: BaseException) -> Interrupted:
-    return stopped(
-        "cross-validation",
-        exc,
-        f" {where}; finished folds are kept in '{cv_dir}'",
-        f"continue with `ctscan train --folds {k} --out {cv_dir} -s {cv_dir / 'settings.toml'}`.",
-    )
-
-
-def _train_fold(
-    settings: Settings, store: Any, plan: FoldPlan, cv_dir: Path, fold: int, parent: str | None
-) -> dict[str, Any]:
+def _train_fold(cv: _Cv, fold: int, parent: str | None) -> dict[str, Any]:
     """Train fold `fold` (1-based), or resume it from its last.pt; returns its fold.json."""
     from ctscan.engine.train import RunHooks, run_training
 
-    fold_dir = cv_dir / f"fold-{fold}"
-    train_split, held_out = fold_splits(plan, fold - 1)
-    tags = {TAG_CV: cv_dir.name, TAG_FOLD: str(fold)}
+    fold_dir = cv.cv_dir / f"fold-{fold}"
+    train_split, held_out = fold_splits(cv.plan, fold - 1)
+    tags = {TAG_CV: cv.cv_dir.name, TAG_FOLD: str(fold)}
     resume = "auto" if (fold_dir / "last.pt").is_file() else None
     result = run_training(
-        settings,
+        cv.fold_settings,
         out_dir=fold_dir,
         resume=resume,
         hooks=RunHooks(tags, parent_run_id=parent),
@@ -189,9 +190,6 @@ def _train_fold(
     with critical():  # trained: recorded before a stop acts
         _write_json(fold_dir / FOLD_FILE, record)
     return record
-
-
-FOLD_KEYS = ("fold", "best", "best_epoch", "epochs_run", "held_out_images")
 
 
 def _fold_checkpoint(cv_dir: Path, fold: int, record: dict[str, Any], metric: str) -> Any:
@@ -226,7 +224,8 @@ def _finished_fold(cv_dir: Path, fold: int, metric: str) -> dict[str, Any] | Non
     path = cv_dir / f"fold-{fold}" / FOLD_FILE
     if not path.is_file():
         return None
-    record = _read_json(path, FOLD_KEYS, _fold_fix(cv_dir, fold))
+    keys = ("fold", "best", "best_epoch", "epochs_run", "held_out_images")
+    record = _read_json(path, keys, _fold_fix(cv_dir, fold))
     if not isinstance(record["best"], dict):
         raise CtscanError(
             f"'{path}' is not ctscan's (best is not a table).", _fold_fix(cv_dir, fold)
@@ -235,33 +234,24 @@ def _finished_fold(cv_dir: Path, fold: int, metric: str) -> dict[str, Any] | Non
     return record
 
 
-def _out_of_fold(
-    store: Any, plan: FoldPlan, cv_dir: Path, rt: Any, records: list[dict[str, Any]], metric: str
-) -> tuple[np.ndarray, list[Any]]:
+def _out_of_fold(cv: _Cv, records: list[dict[str, Any]]) -> tuple[np.ndarray, list[Any]]:
     """The raw logits of every train + valid image from the model that did not train on it."""
     from ctscan.engine.evaluate import raw_logits, require_same_spec
 
-    logits = np.zeros((len(plan.paths), len(store.spec.class_names)), dtype=np.float64)
+    plan, metric = cv.plan, cv.settings.train.select_metric
+    logits = np.zeros((len(plan.paths), len(cv.store.spec.class_names)), dtype=np.float64)
     checkpoints = []
     for fold, record in enumerate(records, 1):
-        checkpoint = _fold_checkpoint(cv_dir, fold, record, metric)
-        require_same_spec(checkpoint, store)
+        checkpoint = _fold_checkpoint(cv.cv_dir, fold, record, metric)
+        require_same_spec(checkpoint, cv.store)
         _, held_out = fold_splits(plan, fold - 1)
-        out = raw_logits(checkpoint, held_out.images, rt)
+        out = raw_logits(checkpoint, held_out.images, cv.rt)
         logits[plan.held_out(fold - 1)] = out.cpu().double().numpy()
         checkpoints.append(checkpoint)
     return logits, checkpoints
 
 
-def _calibrate(
-    cv_dir: Path,
-    k: int,
-    checkpoints: list[Any],
-    logits: np.ndarray,
-    labels: np.ndarray,
-    store: Any,
-    rt: Any,
-) -> dict[str, Any]:
+def _calibrate(cv: _Cv, checkpoints: list[Any], logits: np.ndarray) -> dict[str, Any]:
     """One temperature, fitted on the pooled out-of-fold logits, into every fold's best.pt."""
     import dataclasses
 
@@ -269,31 +259,32 @@ def _calibrate(
     from ctscan.engine.checkpoint import save_checkpoint
 
     names = list(checkpoints[0].class_names)
-    report = calibration_report(logits, labels, names, f"out-of-fold ({k} folds)")
+    report = calibration_report(logits, cv.plan.labels, names, f"out-of-fold ({cv.plan.k} folds)")
     temperature = report["temperature"]
     with critical():  # every fold gets the same T, or none
         for fold, checkpoint in enumerate(checkpoints, 1):
             calibrated = dataclasses.replace(
                 checkpoint, temperature=temperature, calibration=report
             )
-            save_checkpoint(cv_dir / f"fold-{fold}" / "best.pt", calibrated)
+            save_checkpoint(cv.cv_dir / f"fold-{fold}" / "best.pt", calibrated)
     for fold, checkpoint in enumerate(checkpoints, 1):  # serve's drift reference follows T
         calibrated = dataclasses.replace(checkpoint, temperature=temperature)
-        body = json.dumps(train_confidence(calibrated, store, rt)).encode()
-        atomic_write(cv_dir / f"fold-{fold}" / CONFIDENCE_FILE, lambda fh, b=body: fh.write(b))
+        body = json.dumps(train_confidence(calibrated, cv.store, cv.rt)).encode()
+        path = cv.cv_dir / f"fold-{fold}" / CONFIDENCE_FILE
+        atomic_write(path, lambda fh, b=body: fh.write(b))
     return report
 
 
-def _test(store: Any, cv_dir: Path, k: int, rt: Any) -> dict[str, Any]:
+def _test(cv: _Cv) -> dict[str, Any]:
     """Read the test split, once, after everything else: each fold model and their average."""
     from ctscan.engine.evaluate import evaluate_checkpoint, leak_free_mask
     from ctscan.engine.metrics import classification_report
 
-    names = list(store.spec.class_names)
-    folds = [cv_dir / f"fold-{fold}" for fold in range(1, k + 1)]
+    store, names = cv.store, list(cv.store.spec.class_names)
+    folds = [cv.cv_dir / f"fold-{fold}" for fold in range(1, cv.plan.k + 1)]
     results = [
         evaluate_checkpoint(
-            f / "best.pt", store=store, split="test", rt=rt, out_dir=f / "eval-test"
+            f / "best.pt", store=store, split="test", rt=cv.rt, out_dir=f / "eval-test"
         )
         for f in folds
     ]
@@ -343,7 +334,6 @@ def run_cv(
         raise SettingsError(f"--folds {k}: cross-validation needs 2 folds or more.", FOLD_FIX)
     store = open_settings_store(settings)
     plan = plan_folds(store, k, settings.train.seed)
-    folds_settings = fold_settings(settings)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     name = f"cv{k}-{settings.model.name}-s{settings.train.seed}-{stamp}"
     cv_dir = out_dir or settings.paths.runs_dir / name
@@ -357,7 +347,7 @@ def run_cv(
         def record(parent_run_id: str | None) -> None:  # where a continue finds the parent
             _write_json(cv_dir / FOLDS_FILE, {**assignment, "parent_run_id": parent_run_id})
 
-        stage = ["before the first fold"]  # where a stop lands, said in its line
+        cv = _Cv(settings, store, plan, cv_dir, say)
         try:
             tracker = open_tracker(
                 settings.tracking,
@@ -372,29 +362,24 @@ def run_cv(
             with tracker:
                 if recorded is None and tracker.run_id is None:  # tracking off
                     record(None)
-                return _run(settings, folds_settings, store, plan, cv_dir, tracker, say, stage)
+                return _run(cv, tracker)
         except (KeyboardInterrupt, Interrupted) as exc:  # a fold's stop, or one between steps
-            if not stage[0]:  # cv.json is written: nothing is left to continue
+            if not cv.stage:  # cv.json is written: nothing is left to continue
                 raise
-            raise _stopped(cv_dir, k, stage[0], exc) from None
+            raise stopped(
+                "cross-validation",
+                exc,
+                f" {cv.stage}; finished folds are kept in '{cv_dir}'",
+                f"continue with `ctscan train --folds {k} --out {cv_dir} -s "
+                f"{cv_dir / 'settings.toml'}`.",
+            ) from None
 
 
-def _run(
-    settings: Settings,
-    folds_settings: Settings,
-    store: Any,
-    plan: FoldPlan,
-    cv_dir: Path,
-    tracker: Any,
-    say: Callable[[str], None],
-    stage: list[str],
-) -> CvResult:
-    from ctscan.engine.runtime import resolve_runtime
-
-    records = _train_folds(folds_settings, store, plan, cv_dir, tracker.run_id, say, stage)
-    stage[0] = "after the folds trained"
+def _run(cv: _Cv, tracker: Any) -> CvResult:
+    records = _train_folds(cv, tracker.run_id)
+    cv.stage = "after the folds trained"
     check_stop()
-    result = _pooled(settings, store, plan, cv_dir, records, resolve_runtime(settings.train), say)
+    result = _pooled(cv, records)
     result.run_id = tracker.run_id
     test, oof, selection = result.test, result.oof, result.selection
     if test is not None:
@@ -407,29 +392,21 @@ def _run(
             )
     result.assignment = {
         key: value
-        for key, value in _read_json(cv_dir / FOLDS_FILE, ("k",), "start a new one").items()
+        for key, value in _read_json(cv.cv_dir / FOLDS_FILE, ("k",), "start a new one").items()
         if key not in ("held_out", "settings")
     }
-    result.assignment["counts"] = plan.counts(len(store.spec.class_names))
-    _write_json(cv_dir / CV_FILE, result.summary())
-    stage[0] = ""
-    _log(tracker, result, cv_dir)
+    result.assignment["counts"] = cv.plan.counts(len(cv.store.spec.class_names))
+    _write_json(cv.cv_dir / CV_FILE, result.summary())
+    cv.stage = ""
+    _log(tracker, result, cv.cv_dir)
     return result
 
 
-def _train_folds(
-    settings: Settings,
-    store: Any,
-    plan: FoldPlan,
-    cv_dir: Path,
-    parent: str | None,
-    say: Callable[[str], None],
-    stage: list[str],
-) -> list[dict[str, Any]]:
+def _train_folds(cv: _Cv, parent: str | None) -> list[dict[str, Any]]:
     """Every fold's record: a finished fold's (all checked up front), the others trained."""
-    k, metric = plan.k, settings.train.select_metric
-    done = {fold: _finished_fold(cv_dir, fold, metric) for fold in range(1, k + 1)}  # up front
-    counts = np.array(plan.counts(len(store.spec.class_names)))
+    k, metric, say = cv.plan.k, cv.settings.train.select_metric, cv.say
+    done = {fold: _finished_fold(cv.cv_dir, fold, metric) for fold in range(1, k + 1)}
+    counts = np.array(cv.plan.counts(len(cv.store.spec.class_names)))
     present = counts.sum(axis=0) > 0
     lacking = [f + 1 for f in range(k) if (present & (counts[f] == 0)).any()]
     if lacking:
@@ -444,9 +421,9 @@ def _train_folds(
             say(f"fold {fold}/{k}: already trained ({metric} {record['best'][metric]:.4f})")
         else:
             say(f"fold {fold}/{k}: training on the other folds, selecting on fold {fold}")
-            stage[0] = f"in fold {fold} of {k}"
+            cv.stage = f"in fold {fold} of {k}"
             check_stop()  # one swallowed at the end of the fold before acts now
-            record = _train_fold(settings, store, plan, cv_dir, fold, parent)
+            record = _train_fold(cv, fold, parent)
             say(
                 f"fold {fold}/{k}: best epoch {record['best_epoch']}, {metric} "
                 f"{record['best'][metric]:.4f}"
@@ -455,34 +432,22 @@ def _train_folds(
     return records
 
 
-def _pooled(
-    settings: Settings,
-    store: Any,
-    plan: FoldPlan,
-    cv_dir: Path,
-    records: list[dict[str, Any]],
-    rt: Any,
-    say: Callable[[str], None],
-) -> CvResult:
+def _pooled(cv: _Cv, records: list[dict[str, Any]]) -> CvResult:
     """After the folds: the out-of-fold predictions, the temperature, then the test split."""
     from ctscan.engine.metrics import classification_report, probabilities
     from ctscan.engine.temperature import apply_temperature
 
-    k, metric = plan.k, settings.train.select_metric
-    logits, checkpoints = _out_of_fold(store, plan, cv_dir, rt, records, metric)
-    labels = plan.labels
-    names = list(store.spec.class_names)
+    settings, plan, labels = cv.settings, cv.plan, cv.plan.labels
+    logits, checkpoints = _out_of_fold(cv, records)
+    names = list(cv.store.spec.class_names)
     raw = classification_report(labels, probabilities(logits), names)
     selection = {
         key: _mean_std([r["best"][key] for r in records if key in r["best"]])
         for key in ("val_accuracy", "val_macro_f1", "val_loss")
         if all(key in r["best"] for r in records)
     }
-    calibration = None
-    temperature = 1.0
-    if settings.train.calibrate:
-        calibration = _calibrate(cv_dir, k, checkpoints, logits, labels, store, rt)
-        temperature = calibration["temperature"]
+    calibration = _calibrate(cv, checkpoints, logits) if settings.train.calibrate else None
+    temperature = calibration["temperature"] if calibration else 1.0
     probs = probabilities(apply_temperature(logits, temperature))
     oof_report = classification_report(labels, probs, names)
     keys = ("accuracy", "macro_f1", "balanced_accuracy", "ece", "log_loss")
@@ -491,7 +456,7 @@ def _pooled(
         "uncalibrated": {key: raw[key] for key in ("ece", "log_loss")},
     }
     _write_json(
-        cv_dir / OOF_FILE,
+        cv.cv_dir / OOF_FILE,
         [
             {
                 "path": path,
@@ -503,11 +468,12 @@ def _pooled(
         ],
     )
     test = None
-    if settings.train.evaluate_test and store.counts.get("test", 0):
-        test = _test(store, cv_dir, k, rt)
+    if settings.train.evaluate_test and cv.store.counts.get("test", 0):
+        test = _test(cv)
     elif settings.train.evaluate_test:
-        say("note: the store's test split is empty: no test figures")
-    return CvResult(cv_dir, k, metric, records, selection, oof, calibration, test)
+        cv.say("note: the store's test split is empty: no test figures")
+    metric = settings.train.select_metric
+    return CvResult(cv.cv_dir, plan.k, metric, records, selection, oof, calibration, test)
 
 
 def _log(tracker: Any, result: CvResult, cv_dir: Path) -> None:

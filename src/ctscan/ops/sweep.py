@@ -25,9 +25,9 @@ from typing import Any
 
 from ctscan.errors import CtscanError, Interrupted, SettingsError, say_line
 from ctscan.files import database_lock, ensure_dir, folder_lock
-from ctscan.jobs import refused_settings, stopped
-from ctscan.ops import cv, sweep_spec
-from ctscan.ops.sweep_spec import STORAGE_FORMS, Sweep, SweepSpec, prepare, write_recipe
+from ctscan.jobs import experiment_fix, refused_settings, stopped
+from ctscan.ops import sweep_spec
+from ctscan.ops.sweep_spec import STORAGE_FORMS, Sweep, prepare, write_recipe
 from ctscan.settings import public_dict, toml_value
 
 EXTRA_FIX = "pip install 'ctscan[sweep]'"
@@ -46,7 +46,7 @@ TAG_SWEEP = "ctscan.sweep"
 TAG_TRIAL = "ctscan.trial"
 COUNTED = ("COMPLETE", "PRUNED")  # the states `--trials N` counts
 SWEPT_PARAMS = ("metric", "direction", "sampler", "seed", "pruning")  # the parent run's sweep.*
-experiment_fix = partial(cv.experiment_fix, new="a new study (--name)")
+experiment_fix = partial(experiment_fix, new="a new study (--name)")
 
 
 class SweepError(CtscanError):
@@ -108,54 +108,40 @@ def study_lock(sweep: Sweep) -> Iterator[None]:
         yield
 
 
-def _sampler(optuna: Any, spec: SweepSpec, seed: int | None) -> Any:
-    """TPE (with the constant liar: other processes' running trials count) or random."""
-    if spec.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(
-        seed=seed, n_startup_trials=spec.tpe_startup_trials, constant_liar=True
-    )
-
-
-def _pruner(optuna: Any, spec: SweepSpec) -> Any:
-    """The median rule on the per-epoch metric (steps are epochs, 1-based), or none."""
-    if not spec.pruning:
-        return optuna.pruners.NopPruner()
-    return optuna.pruners.MedianPruner(
-        n_startup_trials=spec.pruning_startup_trials,
-        n_warmup_steps=spec.pruning_warmup_epochs + 1,  # epochs 1..warmup are never pruned
-    )
-
-
-def _changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """`key: old -> new` for what differs between two JSON-ready trees."""
-    old, new = sweep_spec.dotted_keys(before), sweep_spec.dotted_keys(now)
-    keys = sorted(old.keys() | new.keys())
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
-
-
 def open_study(optuna: Any, sweep: Sweep) -> Any:
     """Create or load the study (under `study_lock`), refusing a changed spec or settings; the
     process that makes it samples with the spec's seed, any other with its own."""
+    spec = sweep.spec
     sqlite = {"connect_args": {"timeout": 60}} if sweep.db else {"pool_pre_ping": True}
     storage = optuna.storages.RDBStorage(
         sweep.storage_url,
         engine_kwargs=sqlite,
-        heartbeat_interval=sweep.spec.heartbeat_interval,
-        grace_period=sweep.spec.grace_period,
+        heartbeat_interval=spec.heartbeat_interval,
+        grace_period=spec.grace_period,
         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
+    )
+    pruner = optuna.pruners.MedianPruner(  # on the per-epoch metric; steps are epochs, 1-based
+        n_startup_trials=spec.pruning_startup_trials,
+        n_warmup_steps=spec.pruning_warmup_epochs + 1,  # epochs 1..warmup are never pruned
     )
     study = optuna.create_study(
         study_name=sweep.name,
         storage=storage,
-        direction=sweep.spec.direction,
-        pruner=_pruner(optuna, sweep.spec),
+        direction=spec.direction,
+        pruner=pruner if spec.pruning else optuna.pruners.NopPruner(),
         load_if_exists=True,
     )
     identity = json.loads(json.dumps(sweep.identity()))
     recorded = study.user_attrs.get(ATTR_SPEC)
     new = recorded is None and not study.trials
-    study.sampler = _sampler(optuna, sweep.spec, sweep.spec.seed if new else None)
+    seed = spec.seed if new else None  # TPE with the constant liar: running trials count
+    study.sampler = (
+        optuna.samplers.RandomSampler(seed=seed)
+        if spec.sampler == "random"
+        else optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=spec.tpe_startup_trials, constant_liar=True
+        )
+    )
     if new and sweep.folder.is_dir() and any(sweep.folder.glob("trial-*")):
         raise SweepError(  # a new study never writes into an older one's trial folders
             f"the sweep folder '{sweep.folder}' holds trials of an earlier study named "
@@ -165,13 +151,19 @@ def open_study(optuna: Any, sweep: Sweep) -> Any:
     if new:
         study.set_user_attr(ATTR_SETTINGS, json.loads(json.dumps(public_dict(sweep.settings))))
         study.set_user_attr(ATTR_SPEC, identity)  # last: a study with it is whole
-    elif recorded is None:
+        return study
+    if recorded is None:
         raise SweepError(
             f"study '{sweep.name}' in '{sweep.where}' was not made by `ctscan sweep`.",
             "pass another --name.",
         )
-    elif recorded != identity:
-        changed = _changes(recorded, identity)
+    if recorded != identity:
+        old, now = sweep_spec.dotted_keys(recorded), sweep_spec.dotted_keys(identity)
+        changed = [
+            f"{k}: {old.get(k)!r} -> {now.get(k)!r}"
+            for k in sorted(old.keys() | now.keys())
+            if old.get(k) != now.get(k)
+        ]
         raise SweepError(
             f"study '{sweep.name}' in '{sweep.where}' was made from another spec "
             f"({'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''}).",
@@ -180,26 +172,20 @@ def open_study(optuna: Any, sweep: Sweep) -> Any:
             f"{shlex.quote(sweep.where if sweep.db is None else sweep.storage_url)} "
             f"--study-name {sweep.name}).",
         )
-    else:
-        _refuse_changed_settings(sweep, study)
+    # New trials that would train otherwise (defaults, CTSCAN_*, --set) than the study's
+    # earlier ones are refused, as a resumed run compares its settings.
+    own = (*(p.key for p in spec.params), *sweep.forced())
+    refused = refused_settings(study.user_attrs[ATTR_SETTINGS], sweep.settings, may_change=own)
+    if refused:
+        sets = " ".join("--set " + shlex.quote(f"{k}={toml_value(old)}") for k, old, _ in refused)
+        changes = "; ".join(f"{key} {old!r} -> {new!r}" for key, old, new in refused)
+        raise SweepError(
+            f"study '{sweep.name}' in '{sweep.where}': its trials ran with other settings than "
+            f"a new trial would get ({changes}), from ctscan's defaults, CTSCAN_* variables or "
+            "--set.",
+            f"continue with those values ({sets}), or start a new study: --name {sweep.name}-2.",
+        )
     return study
-
-
-def _refuse_changed_settings(sweep: Sweep, study: Any) -> None:
-    """Refuse new trials that would train otherwise (defaults, CTSCAN_*, --set) than the
-    study's earlier ones, as a resumed run compares its settings."""
-    before = study.user_attrs[ATTR_SETTINGS]
-    own = (*(p.key for p in sweep.spec.params), *sweep.forced())
-    refused = refused_settings(before, sweep.settings, may_change=own)
-    if not refused:
-        return
-    sets = " ".join("--set " + shlex.quote(f"{key}={toml_value(old)}") for key, old, _ in refused)
-    changes = "; ".join(f"{key} {old!r} -> {new!r}" for key, old, new in refused)
-    raise SweepError(
-        f"study '{sweep.name}' in '{sweep.where}': its trials ran with other settings than a "
-        f"new trial would get ({changes}), from ctscan's defaults, CTSCAN_* variables or --set.",
-        f"continue with those values ({sets}), or start a new study: --name {sweep.name}-2.",
-    )
 
 
 def finished(study: Any) -> int:
@@ -394,11 +380,20 @@ def _open_parent(sweep: Sweep, study: Any) -> Any:
 
 
 def run_sweep(
-    spec: str | Path, *, say: Callable[[str], None] = say_line, **options: Any
+    spec: str | Path,
+    *,
+    trials: int | None = None,
+    name: str | None = None,
+    recipe: Path | None = None,
+    storage: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    say: Callable[[str], None] = say_line,
 ) -> SweepResult:
     """Run (or join, or continue) a sweep until its study holds N finished trials; write the
-    recipe. `options`: `prepare`'s. A stop raises `Interrupted` saying how to continue."""
-    sweep = prepare(spec, **options)
+    recipe. The options: `prepare`'s. A stop raises `Interrupted` saying how to continue."""
+    sweep = prepare(
+        spec, trials=trials, name=name, recipe=recipe, storage=storage, overrides=overrides
+    )
     optuna = _import_optuna()
     ensure_dir(sweep.folder, what="sweep folder", error=SweepError)
     study = None

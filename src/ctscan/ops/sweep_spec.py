@@ -10,10 +10,11 @@ import shlex
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -177,18 +178,13 @@ class SweepOptions(BaseModel):
     sampler: Literal["tpe", "random"] = "tpe"
     seed: int = 0
     trials: int | None = Field(None, ge=1)
-    settings: list[str] = []
+    settings: Annotated[list[str], BeforeValidator(lambda v: [v] if isinstance(v, str) else v)] = []
     pruning: bool = True
     pruning_startup_trials: int = Field(5, ge=0)
     pruning_warmup_epochs: int = Field(0, ge=0)
     tpe_startup_trials: int = Field(10, ge=0)
     heartbeat_interval: int = Field(60, ge=1)  # seconds between a running trial's heartbeats
     grace_period: int = Field(120, ge=1)  # seconds without one before another process retries
-
-    @field_validator("settings", mode="before")
-    @classmethod
-    def _one_file(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _natural_direction(self) -> SweepOptions:
