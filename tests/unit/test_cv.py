@@ -19,7 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ctscan import CLASS_NAMES
-from ctscan.data.folds import grouped_folds, picture_groups, plan_folds
+from ctscan.data.audit import picture_group_ids
+from ctscan.data.folds import grouped_folds, plan_folds
 from ctscan.data.store import load_store, write_store
 from ctscan.data.transforms import PreprocessSpec
 from ctscan.engine.train import run_training
@@ -78,9 +79,9 @@ def test_exact_and_near_copies_form_one_group() -> None:
     paths = ["train/a.png", "train/b.png", "valid/c.png", "valid/d.png", "train/e.png"]
     hashes = ["h1", "h2", "h1", "h3", "h4"]  # a and c: same pixels
     near = [(("valid/d.png",), ("train/b.png",))]  # d: a re-encoded copy of b
-    groups = picture_groups(paths, hashes, near)
+    groups = picture_group_ids(paths, hashes, near)
     assert groups[0] == groups[2] and groups[1] == groups[3]
-    assert len(set(groups.tolist())) == 3
+    assert len(set(groups)) == 3
 
 
 # ---- a store with copies across train and valid ---------------------------------------------

@@ -215,7 +215,7 @@ def test_bad_file_settings_do_not_make_a_store_stale(tmp_path: Path) -> None:
     ):
         assert stale_keys(load_store(path).meta, data) == []
         store = load_store(path, expect_data=data)
-        assert store.skipped == [{"path": "train/normal/x.png", "reason": "empty"}]
+        assert store.meta["skipped"] == [{"path": "train/normal/x.png", "reason": "empty"}]
     with pytest.raises(DataError, match=r"data\.image_size"):  # tensor settings still count
         load_store(path, expect_data=DataSettings(image_size=2 * SIZE))
 

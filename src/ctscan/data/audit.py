@@ -17,6 +17,7 @@ Near duplicates, two stages:
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,15 +29,6 @@ from PIL import Image
 from ctscan import CLASS_NAMES
 from ctscan.data.raw import SPLITS
 from ctscan.errors import DataError
-
-_FORMAT_SUFFIXES = {
-    "PNG": {".png"},
-    "JPEG": {".jpg", ".jpeg"},
-    "MPO": {".jpg", ".jpeg"},
-    "BMP": {".bmp"},
-    "TIFF": {".tif", ".tiff"},
-    "WEBP": {".webp"},
-}
 
 
 def pixel_hash(gray: np.ndarray) -> str:
@@ -271,12 +263,13 @@ def near_duplicates(records: Sequence[ImageRecord], max_distance: int) -> list[N
 
 
 def _suffix_mismatches(records: Sequence[ImageRecord]) -> list[dict[str, str]]:
+    """Files whose suffix names another format than the one they hold (a JPEG named .png)."""
+    format_of = Image.registered_extensions()  # ".jpg" -> "JPEG"
     out = []
     for r in records:
-        suffix = "." + r.path.rsplit(".", 1)[-1].lower() if "." in r.path else ""
-        expected = _FORMAT_SUFFIXES.get(r.format or "")
-        if expected is not None and suffix not in expected:
-            out.append({"path": r.path, "format": r.format or "?", "suffix": suffix})
+        suffix = os.path.splitext(r.path)[1].lower()
+        if r.format and format_of.get(suffix) != ("JPEG" if r.format == "MPO" else r.format):
+            out.append({"path": r.path, "format": r.format, "suffix": suffix})
     return out
 
 
@@ -295,16 +288,12 @@ def audit(
     """
     groups = duplicate_groups(records)
     sizes = Counter(f"{r.width}x{r.height}" for r in records)
-    size_range = (
-        {
-            "min_width": min(r.width for r in records),
-            "max_width": max(r.width for r in records),
-            "min_height": min(r.height for r in records),
-            "max_height": max(r.height for r in records),
-        }
+    size_range = {  # min_width, max_width, min_height, max_height
+        f"{f.__name__}_{side}": f(getattr(r, side) for r in records)
+        for side in ("width", "height")
+        for f in (min, max)
         if records
-        else {}
-    )
+    }
     report = AuditReport(
         raw_dir=raw_dir,
         counts=_counts(records),

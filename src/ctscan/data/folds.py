@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,13 +33,6 @@ from ctscan.data.store import Split, Store
 from ctscan.errors import SettingsError
 
 POOL_SPLITS = ("train", "valid")  # what the folds divide; test stays out
-
-
-def picture_groups(
-    paths: Sequence[str], hashes: Sequence[str], near_pairs: Iterable[tuple[Sequence[str], ...]]
-) -> np.ndarray:
-    """A group id per image: same pixel hash, or linked by a near-copy pair (paths a, b)."""
-    return np.array(picture_group_ids(paths, hashes, near_pairs), dtype=np.int64)
 
 
 def grouped_folds(labels: Any, groups: Any, k: int, seed: int) -> np.ndarray:
@@ -155,11 +148,12 @@ def plan_folds(store: Store, k: int, seed: int) -> FoldPlan:
     # the other splits join the grouping (copies chained through a test image), then drop out;
     # only their paths and pixel hashes are read, never their images or labels
     others = [store.identities(name) for name in store.split_names if name not in POOL_SPLITS]
-    groups = picture_groups(
+    groups = picture_group_ids(
         [*pool.paths, *(p for paths, _ in others for p in paths)],
         [*pool.hashes, *(h for _, hashes in others for h in hashes)],
         _near_pairs(store),
-    )[: len(pool.paths)]
+    )
+    groups = np.array(groups[: len(pool.paths)], dtype=np.int64)
     n_groups = len(np.unique(groups))
     if k < 2 or k > n_groups:
         raise SettingsError(

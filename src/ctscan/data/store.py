@@ -52,12 +52,11 @@ AUDIT_FILE = "audit.json"
 PREPROCESS = "ctscan preprocess"
 
 
-def rebuild_fix(command: str = PREPROCESS) -> str:
+def rebuild_fix(command: str) -> str:
     """The fix of a missing, broken or outdated store: `command` builds it where it belongs."""
     return f"run `{command}` to rebuild the processed store."
 
 
-PREPROCESS_FIX = rebuild_fix()
 STORE_FIX = (
     "choose another --out folder (paths.processed_dir): a new folder or an existing store, "
     "in a place you can write to."
@@ -65,8 +64,6 @@ STORE_FIX = (
 # The `data` settings that change the stored tensors. The bad-file settings and
 # near_duplicate_distance do not: what a store left out is listed in its meta.json.
 TENSOR_KEYS: tuple[str, ...] = ("image_size", "resize", "on_leak")
-RAW_VERIFIED = "verified"
-RAW_NOT_RECORDED = "not checked: the store records no raw folder"
 
 
 @dataclass
@@ -337,14 +334,11 @@ class Store:
     "not checked: ...".
     """
 
-    def __init__(self, path: Path, meta: dict[str, Any], index: dict[str, Any]) -> None:
-        self.path = path
-        self.meta = meta
-        self._index = index
+    def __init__(self, path: Path, meta: dict[str, Any], index: dict[str, Any], fix: str) -> None:
+        self.path, self.meta, self._index, self.rebuild_fix = path, meta, index, fix
         self._splits: dict[str, Split] = {}
         self.raw_check: str = "not checked: opened without the raw-image check"
         self.raw_dir: Path | None = None
-        self.rebuild_fix = PREPROCESS_FIX  # what a broken split says to run
 
     @property
     def raw_warning(self) -> str | None:
@@ -352,16 +346,6 @@ class Store:
         if not self.raw_check.startswith("raw folder not found"):
             return None
         return f"processed store '{self.path}' not checked against its raw images: {self.raw_check}"
-
-    @property
-    def skipped(self) -> list[dict[str, Any]]:
-        """The raw files preprocess left out as bad (`--on-bad-file skip`), with the reason."""
-        return [dict(s) for s in self.meta.get("skipped", [])]
-
-    @property
-    def dropped(self) -> list[dict[str, Any]]:
-        """The raw files data.on_leak=drop removed, with the reason."""
-        return [dict(d) for d in self.meta.get("dropped", [])]
 
     @property
     def spec(self) -> PreprocessSpec:
@@ -436,7 +420,7 @@ class Store:
             ) from None
 
 
-def _corrupt(store_dir: Path, what: str, fix: str = PREPROCESS_FIX) -> DataError:
+def _corrupt(store_dir: Path, what: str, fix: str) -> DataError:
     return DataError(f"the processed store at '{store_dir}' is corrupt or partial: {what}.", fix)
 
 
@@ -456,11 +440,7 @@ def stale_keys(meta: Mapping[str, Any], expect_data: Mapping[str, Any] | Any) ->
 
 
 def _check_raw_fingerprint(
-    store_dir: Path,
-    meta: Mapping[str, Any],
-    fingerprint: str,
-    raw_dir: Path | None = None,
-    fix: str = PREPROCESS_FIX,
+    store_dir: Path, meta: Mapping[str, Any], fingerprint: str, raw_dir: Path | None, fix: str
 ) -> None:
     """Refuse a store built from other raw images than those with `fingerprint`."""
     if meta["raw_fingerprint"] != fingerprint:
@@ -495,7 +475,7 @@ def check_raw(
     store_dir = Path(store_dir)
     candidates = raw_dir_candidates(store_dir, meta)
     if not candidates:
-        return RAW_NOT_RECORDED, None
+        return "not checked: the store records no raw folder", None
     for folder in candidates:
         if folder.is_dir():
             try:
@@ -507,12 +487,11 @@ def check_raw(
                     f"restore the raw images (`dvc pull`) or run `{command}` to rebuild the store.",
                 ) from None
             _check_raw_fingerprint(store_dir, meta, fingerprint, folder, rebuild_fix(command))
-            return RAW_VERIFIED, folder
+            return "verified", folder
     note = f"raw folder not found: '{candidates[0]}'"
-    dvc_files = [f for f in map(find_dvc_file, candidates) if f and read_dvc_md5(f)]
-    if dvc_files:
-        dvc_file, stored_md5 = dvc_files[0], meta.get("dvc_md5")
-        md5 = read_dvc_md5(dvc_file)
+    found = [(f, md5) for f in map(find_dvc_file, candidates) if f and (md5 := read_dvc_md5(f))]
+    if found:
+        (dvc_file, md5), stored_md5 = found[0], meta.get("dvc_md5")
         if stored_md5 == md5:
             note += f"; '{dvc_file}' records the data version the store was built from ({md5})"
         else:
@@ -593,16 +572,9 @@ def load_store(
             f"`{command} --out {new}`, then add `--set paths.processed_dir={new}` here.",
         )
     if raw_fingerprint is not None:
-        _check_raw_fingerprint(store_dir, meta, raw_fingerprint, fix=fix)
+        _check_raw_fingerprint(store_dir, meta, raw_fingerprint, None, fix)
     PreprocessSpec.from_dict(meta["spec"])  # refuse a bad spec now, not at first use
-    store = Store(store_dir, meta, index)
-    store.rebuild_fix = fix
-    return store
-
-
-def store_files(store_dir: Path | str) -> dict[str, int]:
-    """Bytes on disk of every file in the store, by name."""
-    return {p.name: p.stat().st_size for p in sorted(Path(store_dir).iterdir()) if p.is_file()}
+    return Store(store_dir, meta, index, fix)
 
 
 def open_store(
