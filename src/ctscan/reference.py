@@ -46,13 +46,9 @@ def cli_reference() -> str:
             names = (
                 param.name if kind == "argument" else ", ".join(param.opts + param.secondary_opts)
             )
-            default = param.default
-            shown = "" if default in (None, (), []) else repr(default)
-            kind_type = _cell(param.display_type(ctx))
-            help_text = _cell(getattr(param, "help", "") or "")
-            rows.append(
-                f"| `{_cell(names)}` | {kind} | {kind_type} | {_cell(shown)} | {help_text} |"
-            )
+            shown = "" if param.default in (None, (), []) else repr(param.default)
+            cells = [f"`{names}`", kind, param.display_type(ctx), shown, getattr(param, "help", "")]
+            rows.append("| " + " | ".join(_cell(c or "") for c in cells) + " |")
         if rows:
             lines.append("| name | kind | type | default | help |")
             lines.append("| --- | --- | --- | --- | --- |")
@@ -119,19 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if a file is stale")
     args = parser.parse_args(argv)
-    stale = []
-    for path, text in documents().items():
-        current = path.read_text() if path.is_file() else None
-        if current == text:
-            continue
-        if args.check:
-            stale.append(path)
-        else:
-            path.write_text(text)
-            print(f"wrote {path}")
+    docs = documents()
+    stale = [path for path, text in docs.items() if not path.is_file() or path.read_text() != text]
     for path in stale:
-        print(f"{path} is stale: run `python -m ctscan.reference`", file=sys.stderr)
-    return 1 if stale else 0
+        if args.check:
+            print(f"{path} is stale: run `python -m ctscan.reference`", file=sys.stderr)
+        else:
+            path.write_text(docs[path])
+            print(f"wrote {path}")
+    return 1 if stale and args.check else 0
 
 
 if __name__ == "__main__":

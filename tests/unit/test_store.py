@@ -220,13 +220,6 @@ def test_bad_file_settings_do_not_make_a_store_stale(tmp_path: Path) -> None:
         load_store(path, expect_data=DataSettings(image_size=2 * SIZE))
 
 
-def test_raw_fingerprint_mismatch_is_refused(tmp_path: Path) -> None:
-    path = _write(tmp_path / "processed")
-    assert load_store(path, raw_fingerprint="fp0")
-    with pytest.raises(DataError, match="raw images changed"):
-        load_store(path, raw_fingerprint="fp-other")
-
-
 def test_raw_fingerprint_tracks_paths_and_sizes_not_mtimes(make_raw_tree) -> None:
     root = make_raw_tree("minimal")
     fp = raw_fingerprint(root)

@@ -394,11 +394,8 @@ def leak_policy(
         labels = _ordered((r.label for r in group), CLASS_NAMES)
         if len(labels) > 1:
             where = ", ".join(f"{r.path} ({r.label})" for r in group)
-            for i in idxs:
-                reasons[i] = (
-                    "label_conflict",
-                    f"one picture under labels {'/'.join(labels)}: {where}",
-                )
+            why = f"one picture under labels {'/'.join(labels)}: {where}"
+            reasons.update(dict.fromkeys(idxs, ("label_conflict", why)))
             continue
         train = [i for i in idxs if records[i].split == "train"]
         test = [i for i in idxs if records[i].split == "test"]
@@ -412,9 +409,8 @@ def leak_policy(
                 reasons[i] = ("duplicate", same(i, left[:n]))
     kept = [r for i, r in enumerate(records) if i not in reasons]
     dropped = [
-        DroppedImage(path=r.path, split=r.split, label=r.label, kind=kind, reason=why)  # type: ignore[arg-type]
+        DroppedImage(r.path, r.split, r.label, *reasons[i])
         for i, r in enumerate(records)
         if i in reasons
-        for kind, why in [reasons[i]]
     ]
     return kept, dropped

@@ -106,11 +106,6 @@ class FoldPlan:
             for f in range(self.k)
         ]
 
-    def straddling_groups(self) -> int:
-        """Groups found in more than one fold (0 by construction; a check for tests and docs)."""
-        pairs = {(int(g), int(f)) for g, f in zip(self.group, self.fold, strict=True)}
-        return len(pairs) - len({g for g, _ in pairs})
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "k": self.k,

@@ -28,7 +28,6 @@ from ctscan.data.audit import (
     ImageRecord,
     audit,
     dhash64,
-    leak_policy,
     pixel_hash,
     thumbnail,
 )
@@ -179,7 +178,7 @@ def _scan(
     return scan
 
 
-def _audit(scan: _Scan, data: Any, raw_dir: Path, on_leak: str | None = None) -> AuditReport:
+def _audit(scan: _Scan, data: Any, raw_dir: Path) -> AuditReport:
     tree = scan.tree
     return audit(
         scan.records,
@@ -187,7 +186,7 @@ def _audit(scan: _Scan, data: Any, raw_dir: Path, on_leak: str | None = None) ->
         ignored=[(p.relative_to(tree.raw_dir).as_posix(), why) for p, why in tree.ignored],
         near_duplicate_distance=int(data.near_duplicate_distance),
         raw_dir=str(raw_dir),
-        on_leak=on_leak,
+        on_leak=data.on_leak,
     )
 
 
@@ -225,48 +224,32 @@ class PreprocessResult:
     report: AuditReport
     counts: dict[str, int]
     seconds: float
-    spec: PreprocessSpec | None = None
+    spec: PreprocessSpec
 
 
-def _kept_splits(
-    scan: _Scan, kept: Sequence[ImageRecord], why: str, raw_dir: Path
-) -> dict[str, Split]:
-    """The kept images of each split as arrays; a split left empty is a DataError (`why`)."""
-    kept_ids = {id(r) for r in kept}
-    image_of = {id(r): img for r, img in zip(scan.records, scan.images, strict=True)}
+def _kept_splits(scan: _Scan, data: Any, raw_dir: Path) -> tuple[AuditReport, dict[str, Split]]:
+    """The audit report and the images data.on_leak keeps, per split (none left: a DataError)."""
+    report = _audit(scan, data, raw_dir)
+    dropped = {d.path for d in report.dropped}
     splits: dict[str, Split] = {}
     for name in SPLITS:
-        rows = [r for r in scan.records if r.split == name and id(r) in kept_ids]
+        rows = [
+            (r, image)
+            for r, image in zip(scan.records, scan.images, strict=True)
+            if r.split == name and r.path not in dropped
+        ]
         if not rows:
             raise DataError(
-                f"split '{name}' has no usable images left {why}.",
+                f"split '{name}' has no usable images left ({len(scan.bad)} bad file(s) skipped, "
+                f"{len(dropped)} image(s) dropped by on_leak={data.on_leak}).",
                 f"check the raw folder '{raw_dir / name}' (`ctscan audit` lists the problems).",
             )
         splits[name] = Split(
-            images=np.stack([image_of[id(r)] for r in rows])[:, None],  # (N, 1, S, S) uint8
-            labels=np.array([CLASS_NAMES.index(r.label) for r in rows], dtype=np.int64),
-            paths=[r.path for r in rows],
-            hashes=[r.pixel_hash for r in rows],
+            images=np.stack([image for _, image in rows])[:, None],  # (N, 1, S, S) uint8
+            labels=np.array([CLASS_NAMES.index(r.label) for r, _ in rows], dtype=np.int64),
+            paths=[r.path for r, _ in rows],
+            hashes=[r.pixel_hash for r, _ in rows],
         )
-    return splits
-
-
-def _apply_leak_policy(
-    scan: _Scan, data: Any, raw_dir: Path
-) -> tuple[AuditReport, dict[str, Split]]:
-    """The audit report and the images data.on_leak keeps, per split."""
-    report = _audit(scan, data, raw_dir)
-    kept, dropped = leak_policy(scan.records, data.on_leak, report.near_duplicates)
-    report.on_leak, report.dropped = data.on_leak, dropped
-    why = (
-        f"({len(scan.bad)} bad file(s) skipped, {len(dropped)} image(s) dropped by "
-        f"on_leak={data.on_leak})"
-    )
-    splits = _kept_splits(scan, kept, why, raw_dir)
-    report.kept_counts = {
-        s: {c: int((a.labels == i).sum()) for i, c in enumerate(CLASS_NAMES)}
-        for s, a in splits.items()
-    }
     return report, splits
 
 
@@ -298,8 +281,9 @@ def run_preprocess(
         scan = _scan(raw_dir, data, resize=True, workers=workers, progress=progress)
         if scan.bad and data.on_bad_file == "error":
             _raise_bad_files(scan.bad)
-        report, splits = _apply_leak_policy(scan, data, raw_dir)
-        spec = _spec(data, splits["train"].images)
+        report, splits = _kept_splits(scan, data, raw_dir)
+        mean, std = mean_std(splits["train"].images)
+        spec = PreprocessSpec(int(data.image_size), data.resize, mean, std, CLASS_NAMES)
         store_dir = write_store(
             out_dir,
             splits,
@@ -318,12 +302,6 @@ def run_preprocess(
     return PreprocessResult(store_dir, report, counts, time.perf_counter() - start, spec)
 
 
-def _spec(data: Any, train_images: np.ndarray) -> PreprocessSpec:
-    """The preprocessing spec of a new store: the data settings and the train split's mean/std."""
-    mean, std = mean_std(train_images)
-    return PreprocessSpec(int(data.image_size), data.resize, mean, std, CLASS_NAMES)
-
-
 def run_audit(
     settings: Any,
     raw_dir: Path | str | None = None,
@@ -336,4 +314,4 @@ def run_audit(
     data = settings.data
     raw_dir = Path(raw_dir if raw_dir is not None else settings.paths.raw_dir)
     scan = _scan(raw_dir, data, resize=False, workers=workers, progress=progress)
-    return _audit(scan, data, raw_dir, on_leak=data.on_leak)
+    return _audit(scan, data, raw_dir)

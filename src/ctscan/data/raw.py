@@ -82,10 +82,6 @@ def canonical_label(folder: str) -> str:
     )
 
 
-def _is_hidden(path: Path) -> bool:
-    return path.name.startswith(".")
-
-
 def scan_raw(raw_dir: Path | str) -> RawTree:
     """Find every image under `raw_dir`, plus the files that are not images (ignored, listed)."""
     raw_dir = Path(raw_dir)
@@ -115,7 +111,7 @@ def _scan_split(split_dir: Path, split: str, ignored: list[tuple[Path, str]]) ->
     folder_of: dict[str, Path] = {}
     class_dirs = []
     for entry in sorted(split_dir.iterdir()):
-        if _is_hidden(entry):
+        if entry.name.startswith("."):
             ignored.append((entry, "hidden file"))
         elif entry.is_dir():
             class_dirs.append(entry)
@@ -141,7 +137,7 @@ def _scan_split(split_dir: Path, split: str, ignored: list[tuple[Path, str]]) ->
         index = CLASS_NAMES.index(label)
         before = len(found)
         for item in sorted(class_dir.iterdir()):
-            if _is_hidden(item):
+            if item.name.startswith("."):
                 ignored.append((item, "hidden file"))
             elif item.is_dir():
                 ignored.append((item, "folder inside a class folder (not searched)"))

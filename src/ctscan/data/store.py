@@ -372,41 +372,36 @@ class Store:
         path = self.path / REFERENCE_FILE
         return load_reference(path) if path.is_file() else None
 
-    def _require_split(self, name: str) -> None:
+    def identities(self, name: str) -> tuple[list[str], list[str]]:
+        """The paths and pixel hashes of one split, from the index: no image or label is read
+        (what the fold grouping may see of the test split before the test is read)."""
         if name not in self._index:
             raise DataError(
                 f"split '{name}' is not in the store at '{self.path}' "
                 f"(it has {', '.join(self.split_names)}).",
                 "use one of those splits.",
             )
-
-    def identities(self, name: str) -> tuple[list[str], list[str]]:
-        """The paths and pixel hashes of one split, from the index: no image or label is read
-        (what the fold grouping may see of the test split before the test is read)."""
-        self._require_split(name)
         return list(self._index[name]["paths"]), list(self._index[name]["pixel_hashes"])
 
     def split(self, name: str) -> Split:
         """The images, labels, paths and pixel hashes of one split (loaded once, then cached)."""
         import torch
 
-        self._require_split(name)
         if name not in self._splits:
-            split = Split(
-                self._load_array(f"{name}_images.npy"),
-                self._load_array(f"{name}_labels.npy"),
-                *self.identities(name),
+            paths, hashes = self.identities(name)  # an unknown split is refused here
+            images, labels = (
+                self._load_array(f"{name}_{kind}.npy") for kind in ("images", "labels")
             )
+            split = Split(images, labels, paths, hashes)
             problem = _shape_problem(split, self.spec.image_size, self.spec.channels)
             if problem is not None:
                 raise DataError(
                     f"the store at '{self.path}' is inconsistent: split '{name}' has {problem}.",
                     self.rebuild_fix,
                 )
-            labels = split.labels
             if len(split) and (labels.min() < 0 or labels.max() >= len(self.spec.class_names)):
                 raise DataError(f"split '{name}' has labels out of range.", self.rebuild_fix)
-            split.images, split.labels = torch.from_numpy(split.images), torch.from_numpy(labels)
+            split.images, split.labels = torch.from_numpy(images), torch.from_numpy(labels)
             self._splits[name] = split
         return self._splits[name]
 
@@ -439,44 +434,19 @@ def stale_keys(meta: Mapping[str, Any], expect_data: Mapping[str, Any] | Any) ->
     ]
 
 
-def _check_raw_fingerprint(
-    store_dir: Path, meta: Mapping[str, Any], fingerprint: str, raw_dir: Path | None, fix: str
-) -> None:
-    """Refuse a store built from other raw images than those with `fingerprint`."""
-    if meta["raw_fingerprint"] != fingerprint:
-        where = f"raw folder '{raw_dir}', " if raw_dir is not None else ""
-        raise DataError(
-            f"the raw images changed since the processed store at '{store_dir}' was built "
-            f"({where}raw fingerprint {meta['raw_fingerprint'][:12]} != {fingerprint[:12]}).",
-            fix,
-        )
-
-
-def raw_dir_candidates(store_dir: Path | str, meta: Mapping[str, Any]) -> list[Path]:
-    """Where the raw folder a store was built from may be, best first (they need not exist):
-    the absolute path recorded, then the path relative to the store."""
-    if not meta.get("raw_dir"):
-        return []
-    found = [Path(meta["raw_dir"])]
-    if meta.get("raw_dir_from_store"):
-        found.append(Path(os.path.normpath(Path(store_dir).resolve() / meta["raw_dir_from_store"])))
-    return list(dict.fromkeys(found))
-
-
-def check_raw(
-    store_dir: Path | str, meta: Mapping[str, Any], command: str = PREPROCESS
-) -> tuple[str, Path | None]:
+def check_raw(store_dir: Path, meta: Mapping[str, Any], command: str) -> tuple[str, Path | None]:
     """Check a store against its raw folder: ("verified", folder) or (why not checked, None).
 
     A DataError when the raw folder is found and its images changed (or cannot be read). A raw
     folder not on disk (a copied store) is no error: the note says so, with the data version
     the nearest `.dvc` file records.
     """
-    store_dir = Path(store_dir)
-    candidates = raw_dir_candidates(store_dir, meta)
-    if not candidates:
+    if not meta.get("raw_dir"):
         return "not checked: the store records no raw folder", None
-    for folder in candidates:
+    candidates = [Path(meta["raw_dir"])]  # the absolute path recorded, then relative to the store
+    if meta.get("raw_dir_from_store"):
+        candidates.append(Path(os.path.normpath(store_dir.resolve() / meta["raw_dir_from_store"])))
+    for folder in dict.fromkeys(candidates):
         if folder.is_dir():
             try:
                 fingerprint = raw_fingerprint(folder)
@@ -486,7 +456,13 @@ def check_raw(
                     f"from cannot be checked: {exc.message}",
                     f"restore the raw images (`dvc pull`) or run `{command}` to rebuild the store.",
                 ) from None
-            _check_raw_fingerprint(store_dir, meta, fingerprint, folder, rebuild_fix(command))
+            if meta["raw_fingerprint"] != fingerprint:
+                raise DataError(
+                    f"the raw images changed since the processed store at '{store_dir}' was "
+                    f"built (raw folder '{folder}', raw fingerprint "
+                    f"{meta['raw_fingerprint'][:12]} != {fingerprint[:12]}).",
+                    rebuild_fix(command),
+                )
             return "verified", folder
     note = f"raw folder not found: '{candidates[0]}'"
     found = [(f, md5) for f in map(find_dvc_file, candidates) if f and (md5 := read_dvc_md5(f))]
@@ -542,16 +518,14 @@ def load_store(
     store_dir: Path | str,
     *,
     expect_data: Mapping[str, Any] | Any | None = None,
-    raw_fingerprint: str | None = None,
     verify: bool = True,
     command: str = PREPROCESS,
 ) -> Store:
     """Open a processed store, refusing a missing, corrupt, partial or stale one.
 
     `expect_data`: the `data` settings (dict or DataSettings) the caller runs with; keys in
-    TENSOR_KEYS must match. `raw_fingerprint`: if given, must equal the one the store was built
-    from. `verify`: check every file's sha256. `command`: the preprocess command (with the
-    caller's -s / --set) that builds this store, named in every fix.
+    TENSOR_KEYS must match. `verify`: check every file's sha256. `command`: the preprocess
+    command (with the caller's -s / --set) that builds this store, named in every fix.
     """
     store_dir = Path(store_dir)
     fix = rebuild_fix(command)
@@ -571,8 +545,6 @@ def load_store(
             f"change the settings back, or give these settings a store of their own: "
             f"`{command} --out {new}`, then add `--set paths.processed_dir={new}` here.",
         )
-    if raw_fingerprint is not None:
-        _check_raw_fingerprint(store_dir, meta, raw_fingerprint, None, fix)
     PreprocessSpec.from_dict(meta["spec"])  # refuse a bad spec now, not at first use
     return Store(store_dir, meta, index, fix)
 
@@ -677,14 +649,12 @@ def _store_mismatch(
         return f"no processed store is at {what}"
     meta = _read_meta(path)
     try:
-        held = PreprocessSpec.from_dict(meta["spec"]) if meta else None
-    except (DataError, KeyError, TypeError):
-        return None
-    if held is None:
+        held = PreprocessSpec.from_dict(meta["spec"])
+    except (DataError, KeyError, TypeError):  # no meta.json (None) or a broken spec
         return None
     if held != spec:
         return f"the store at {what} holds {_describe(held)}"
-    stale = stale_keys(meta or {}, data)
+    stale = stale_keys(meta, data)
     return f"the store at {what} was built with {'; '.join(stale)}" if stale else None
 
 

@@ -46,6 +46,7 @@ _HIGH_DEPTH_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 _ALPHA_MODES = frozenset({"LA", "RGBA"})
 # PNG (colour type, bit depth) -> the mode Pillow gives it, for the layouts libspng decodes
 _SPNG_MODES = {(0, 8): "L", (0, 16): "I;16", (2, 8): "RGB", (4, 8): "LA", (6, 8): "RGBA"}
+_BROKEN = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)  # Pillow's
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,7 @@ class DecodeLimits:
 DEFAULT_LIMITS = DecodeLimits()
 
 
-def _read_source(source: Path | bytes, max_bytes: int, name: str) -> bytes:
-    upload = isinstance(source, (bytes, bytearray, memoryview))
-
+def _read_source(source: Path | bytes, max_bytes: int, name: str, upload: bool) -> bytes:
     def too_big(size: int) -> DataError:
         remedy = "send a smaller image" if upload else "remove the file"
         return DataError(
@@ -94,11 +93,8 @@ def _read_source(source: Path | bytes, max_bytes: int, name: str) -> bytes:
 def _damaged_file(problem: str, *, upload: bool) -> DataError:
     """An empty or cut-off file, with the fix its holder can apply: the sender of an upload
     (an HTTP client, a caller passing bytes) sends it again; a file on disk is restored."""
-    if upload:
-        return DataError(
-            problem, "send the whole file again (the upload ended early or was damaged)."
-        )
-    return DataError(problem, "restore the file (`dvc pull`) or remove it.")
+    resend = "send the whole file again (the upload ended early or was damaged)."
+    return DataError(problem, resend if upload else "restore the file (`dvc pull`) or remove it.")
 
 
 def _claimed_size(data: bytes) -> tuple[int, int] | None:
@@ -108,13 +104,9 @@ def _claimed_size(data: bytes) -> tuple[int, int] | None:
     header without `Image.open`'s bomb check and decode no pixel. None if no plugin reads it.
     """
     Image.init()
-    prefix = data[:16]
-    for fmt in DECODE_FORMATS:
-        factory, accept = Image.OPEN.get(fmt, (None, None))
-        if factory is None:
-            continue
+    for factory, accept in [Image.OPEN[fmt] for fmt in DECODE_FORMATS if fmt in Image.OPEN]:
         try:
-            ok = accept(prefix) if accept is not None else True
+            ok = accept(data[:16]) if accept is not None else True
             if not ok or isinstance(ok, str):
                 continue
             with warnings.catch_warnings():
@@ -165,9 +157,9 @@ def decode_image(
     The returned image keeps `format` (e.g. "PNG") and the mode the file was stored in. Only the
     first frame of a multi-frame file is decoded.
     """
-    if name is None:
-        name = "the image" if isinstance(source, (bytes, bytearray, memoryview)) else f"'{source}'"
-    data = _read_source(source, max_bytes, name)
+    upload = isinstance(source, (bytes, bytearray, memoryview))
+    name = name or ("the image" if upload else f"'{source}'")
+    data = _read_source(source, max_bytes, name, upload)
     # Opening reads the header only; ctscan's pixel limit is checked before any pixel is decoded.
     # Pillow's own bomb check runs inside `open`: its warning (above MAX_IMAGE_PIXELS) is silenced
     # here, its error (above twice that) becomes ctscan's message.
@@ -182,7 +174,7 @@ def decode_image(
             ) from None
         except Image.DecompressionBombError:
             raise _too_many_pixels(name, _claimed_size(data), max_pixels) from None
-        except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
+        except _BROKEN as exc:
             raise DataError(
                 f"{name} has a broken header: {exc}.", "remove or replace it."
             ) from None
@@ -200,12 +192,10 @@ def decode_image(
         except Image.DecompressionBombError:  # a plugin that checks again while loading
             img.close()
             raise _too_many_pixels(name, (width, height), max_pixels) from None
-        except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
+        except _BROKEN as exc:
             img.close()
-            raise _damaged_file(
-                f"{name} is truncated or corrupt ({fmt or 'unknown format'}): {exc}.",
-                upload=isinstance(source, (bytes, bytearray, memoryview)),
-            ) from None
+            problem = f"{name} is truncated or corrupt ({fmt or 'unknown format'}): {exc}."
+            raise _damaged_file(problem, upload=upload) from None
     return img
 
 
