@@ -66,8 +66,6 @@ def _type_name(annotation: Any) -> str:
 
 def settings_reference() -> str:
     """Markdown for every settings key: type, default, constraints, description, env variable."""
-    from pydantic_core import PydanticUndefined
-
     from ctscan.settings import ENV_PREFIX, SECRET_KEYS, Settings
 
     lines = [
@@ -83,9 +81,7 @@ def settings_reference() -> str:
         lines.append("| key | type | default | constraints | description |")
         lines.append("| --- | --- | --- | --- | --- |")
         for key, info in model.model_fields.items():
-            default = info.default
-            if default is PydanticUndefined and info.default_factory is not None:
-                default = info.default_factory()
+            default = info.get_default(call_default_factory=True)
             if isinstance(default, Path):
                 default = str(default)
             shown = "unset" if default is None else repr(default)

@@ -214,8 +214,9 @@ def _counts(records: Iterable[Any]) -> dict[str, dict[str, int]]:
 
 
 def _ordered(values: Iterable[str], order: Sequence[str]) -> tuple[str, ...]:
-    unique = set(values)
-    return tuple(sorted(unique, key=lambda v: (order.index(v) if v in order else len(order), v)))
+    return tuple(
+        sorted(set(values), key=lambda v: (order.index(v) if v in order else len(order), v))
+    )
 
 
 def _by_hash(records: Sequence[ImageRecord]) -> dict[str, list[ImageRecord]]:
@@ -314,9 +315,7 @@ def audit(
     report.drop_preview = leak_policy(records, "drop", report.near_duplicates)[1]
     if on_leak is not None:
         kept, dropped = leak_policy(records, on_leak, report.near_duplicates)
-        report.on_leak = on_leak
-        report.dropped = dropped
-        report.kept_counts = _counts(kept)
+        report.on_leak, report.dropped, report.kept_counts = on_leak, dropped, _counts(kept)
     return report
 
 

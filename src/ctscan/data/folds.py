@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,13 +40,12 @@ def grouped_folds(labels: Any, groups: Any, k: int, seed: int) -> np.ndarray:
     g = np.asarray(groups, dtype=np.int64)
     if y.shape != g.shape or y.ndim != 1:
         raise ValueError(f"labels {y.shape} and groups {g.shape} must be two equal 1-D arrays.")
-    n_groups = len(np.unique(g)) if len(g) else 0
+    unique, inverse = np.unique(g, return_inverse=True)
     if k < 2:
         raise ValueError(f"k must be 2 or more, got {k}.")
-    if n_groups < k:
-        raise ValueError(f"{n_groups} picture groups cannot fill {k} folds.")
+    if len(unique) < k:
+        raise ValueError(f"{len(unique)} picture groups cannot fill {k} folds.")
     classes = int(y.max()) + 1
-    unique, inverse = np.unique(g, return_inverse=True)
     counts = np.zeros((len(unique), classes), dtype=np.int64)
     np.add.at(counts, (inverse, y), 1)
     order = np.random.default_rng(seed).permutation(len(unique))
@@ -121,11 +119,6 @@ class FoldPlan:
         }
 
 
-def _near_pairs(store: Store) -> list[tuple[Sequence[str], Sequence[str]]]:
-    audit = store.audit() or {}
-    return [(n["a"], n["b"]) for n in audit.get("near_duplicates", []) if n.get("same_picture")]
-
-
 def pool_split(store: Store) -> Split:
     """Train then valid as one split: what the folds divide."""
     splits = [store.split(name) for name in POOL_SPLITS]
@@ -143,10 +136,11 @@ def plan_folds(store: Store, k: int, seed: int) -> FoldPlan:
     # the other splits join the grouping (copies chained through a test image), then drop out;
     # only their paths and pixel hashes are read, never their images or labels
     others = [store.identities(name) for name in store.split_names if name not in POOL_SPLITS]
+    near = (store.audit() or {}).get("near_duplicates", [])  # near copies join groups too
     groups = picture_group_ids(
         [*pool.paths, *(p for paths, _ in others for p in paths)],
         [*pool.hashes, *(h for _, hashes in others for h in hashes)],
-        _near_pairs(store),
+        [(n["a"], n["b"]) for n in near if n.get("same_picture")],
     )
     groups = np.array(groups[: len(pool.paths)], dtype=np.int64)
     n_groups = len(np.unique(groups))

@@ -202,11 +202,9 @@ def _raise_bad_files(bad: Sequence[BadFile]) -> None:
 
 def mean_std(images: np.ndarray) -> tuple[float, float]:
     """Mean and standard deviation of uint8 pixels in 0..1 units (exact, via a histogram)."""
-    flat = images.reshape(-1)
-    hist = np.zeros(256, dtype=np.float64)
-    step = 1 << 22  # bincount makes an int64 copy: keep it to 32 MB at a time
-    for start in range(0, flat.size, step):
-        hist += np.bincount(flat[start : start + step], minlength=256)
+    flat, step = images.reshape(-1), 1 << 22  # bincount makes an int64 copy: 32 MB at a time
+    chunks = (np.bincount(flat[i : i + step], minlength=256) for i in range(0, flat.size, step))
+    hist = sum(chunks, np.zeros(256, dtype=np.float64))
     if hist.sum() == 0:
         raise DataError("cannot compute mean/std: the train split has no images.")
     values = np.arange(256, dtype=np.float64) / 255.0

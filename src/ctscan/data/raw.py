@@ -89,10 +89,8 @@ def scan_raw(raw_dir: Path | str) -> RawTree:
         what = "is not a folder" if raw_dir.exists() else "does not exist"
         raise DataError(f"raw data folder '{raw_dir}' {what}.", FETCH_FIX)
     images: list[RawImage] = []
-    ignored: list[tuple[Path, str]] = []
-    for entry in sorted(raw_dir.iterdir()):
-        if entry.name not in SPLITS:
-            ignored.append((entry, "not a split folder (train, valid, test)"))
+    why = "not a split folder (train, valid, test)"
+    ignored = [(entry, why) for entry in sorted(raw_dir.iterdir()) if entry.name not in SPLITS]
     for split in SPLITS:
         split_dir = raw_dir / split
         if not split_dir.is_dir():

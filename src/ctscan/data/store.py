@@ -623,8 +623,7 @@ def _found_above(recorded: str | None, model: Any) -> list[Path]:
     path = Path(recorded)
     if path.is_absolute():
         return [path]
-    found = [path, *[f / path for s in _sources(model) for f in Path(s).resolve().parents]]
-    return _unique(found)
+    return _unique([path, *[f / path for s in _sources(model) for f in Path(s).resolve().parents]])
 
 
 def _sources(model: Any) -> list[str]:

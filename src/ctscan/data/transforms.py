@@ -256,10 +256,9 @@ def to_gray(img: Image.Image) -> np.ndarray:
         gray = np.asarray(img)
     elif mode in _HIGH_DEPTH_MODES or mode.startswith("I;"):
         gray = _stretch(np.asarray(img))
-    elif mode == "P":
-        return to_gray(img.convert("RGBA" if "transparency" in img.info else "RGB"))
-    elif mode == "PA":
-        return to_gray(img.convert("RGBA"))
+    elif mode in ("P", "PA"):  # via RGB(A): transparency as alpha
+        opaque = mode == "P" and "transparency" not in img.info
+        return to_gray(img.convert("RGB" if opaque else "RGBA"))
     elif mode in _ALPHA_MODES:
         gray = np.asarray(img.convert("L"))  # luma, alpha ignored
         alpha = np.asarray(img.getchannel("A"))
