@@ -109,14 +109,7 @@ class ImageRecord:
     height: int
     mode: str
     format: str | None
-    file_bytes: int = 0
     thumb: bytes = field(default=b"", repr=False)  # `thumbnail()`; b"": no near-copy check
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["dhash"] = f"{self.dhash:016x}"
-        del d["thumb"]
-        return d
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,7 +92,6 @@ def _process(job: _Job) -> _Done:
         height=height,
         mode=mode,
         format=fmt,
-        file_bytes=os.path.getsize(raw.path),
         thumb=thumbnail(gray),
     )
     image = None if job.size is None else resize_square(gray, job.size, job.resize)
@@ -159,45 +158,29 @@ class _Scan:
     records: list[ImageRecord]
     images: list[np.ndarray | None]  # aligned with records
     bad: list[BadFile]
+    report: AuditReport
 
 
 def _scan(
     raw_dir: Path, data: Any, *, resize: bool, workers: int | None, progress: Progress | None
 ) -> _Scan:
+    """Decode every raw image (`resize`: also to data.image_size) and audit them."""
     tree = scan_raw(raw_dir)
     limits, policy = DecodeLimits.from_settings(data), check_resize(data.resize)
     size = int(data.image_size) if resize else None
     jobs = [_Job(i, raw, size, policy, limits) for i, raw in enumerate(tree.images)]
-    scan = _Scan(tree, [], [], [])
-    for done in _run_jobs(jobs, workers, progress):
-        if isinstance(done.found, BadFile):
-            scan.bad.append(done.found)
-        else:
-            scan.records.append(done.found)
-            scan.images.append(done.image)
-    return scan
-
-
-def _audit(scan: _Scan, data: Any, raw_dir: Path) -> AuditReport:
-    tree = scan.tree
-    return audit(
-        scan.records,
-        bad_files=scan.bad,
+    done = _run_jobs(jobs, workers, progress)
+    good = [d for d in done if isinstance(d.found, ImageRecord)]
+    records, bad = [d.found for d in good], [d.found for d in done if isinstance(d.found, BadFile)]
+    report = audit(
+        records,
+        bad_files=bad,
         ignored=[(p.relative_to(tree.raw_dir).as_posix(), why) for p, why in tree.ignored],
         near_duplicate_distance=int(data.near_duplicate_distance),
         raw_dir=str(raw_dir),
         on_leak=data.on_leak,
     )
-
-
-def _raise_bad_files(bad: Sequence[BadFile]) -> None:
-    shown = "; ".join(b.reason.rstrip(".") for b in bad[:10])
-    more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
-    raise DataError(
-        f"{len(bad)} raw file(s) cannot be used: {shown}{more}.",
-        "fix or remove them (`dvc pull` restores tracked files), or pass --on-bad-file skip "
-        "(data.on_bad_file=skip) to leave them out; they are then listed in audit.json.",
-    )
+    return _Scan(tree, records, [d.image for d in good], bad, report)
 
 
 def mean_std(images: np.ndarray) -> tuple[float, float]:
@@ -225,10 +208,9 @@ class PreprocessResult:
     spec: PreprocessSpec
 
 
-def _kept_splits(scan: _Scan, data: Any, raw_dir: Path) -> tuple[AuditReport, dict[str, Split]]:
-    """The audit report and the images data.on_leak keeps, per split (none left: a DataError)."""
-    report = _audit(scan, data, raw_dir)
-    dropped = {d.path for d in report.dropped}
+def _kept_splits(scan: _Scan, data: Any, raw_dir: Path) -> dict[str, Split]:
+    """The images data.on_leak keeps, per split (none left: a DataError)."""
+    dropped = {d.path for d in scan.report.dropped}
     splits: dict[str, Split] = {}
     for name in SPLITS:
         rows = [
@@ -248,7 +230,7 @@ def _kept_splits(scan: _Scan, data: Any, raw_dir: Path) -> tuple[AuditReport, di
             paths=[r.path for r, _ in rows],
             hashes=[r.pixel_hash for r, _ in rows],
         )
-    return report, splits
+    return splits
 
 
 def run_preprocess(
@@ -277,9 +259,16 @@ def run_preprocess(
     with folder_lock(out_dir.parent, error=DataError, **lock):
         check_store_target(out_dir, data=data, force=force)  # again: another may have written it
         scan = _scan(raw_dir, data, resize=True, workers=workers, progress=progress)
-        if scan.bad and data.on_bad_file == "error":
-            _raise_bad_files(scan.bad)
-        report, splits = _kept_splits(scan, data, raw_dir)
+        if (bad := scan.bad) and data.on_bad_file == "error":
+            more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
+            raise DataError(
+                f"{len(bad)} raw file(s) cannot be used: "
+                f"{'; '.join(b.reason.rstrip('.') for b in bad[:10])}{more}.",
+                "fix or remove them (`dvc pull` restores tracked files), or pass --on-bad-file "
+                "skip (data.on_bad_file=skip) to leave them out; they are then listed in "
+                "audit.json.",
+            )
+        report, splits = scan.report, _kept_splits(scan, data, raw_dir)
         mean, std = mean_std(splits["train"].images)
         spec = PreprocessSpec(int(data.image_size), data.resize, mean, std, CLASS_NAMES)
         store_dir = write_store(
@@ -311,5 +300,4 @@ def run_audit(
     report also shows what data.on_leak would drop."""
     data = settings.data
     raw_dir = Path(raw_dir if raw_dir is not None else settings.paths.raw_dir)
-    scan = _scan(raw_dir, data, resize=False, workers=workers, progress=progress)
-    return _audit(scan, data, raw_dir)
+    return _scan(raw_dir, data, resize=False, workers=workers, progress=progress).report

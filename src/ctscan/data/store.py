@@ -661,17 +661,14 @@ def _describe(spec: PreprocessSpec) -> str:
     return f"{spec.image_size} px, resize {spec.resize}, mean {spec.mean:.6g}, std {spec.std:.6g}"
 
 
-def _run_file(model: Any) -> Path | None:
-    """The `settings.toml` beside the checkpoint (or an ensemble member): its run's settings."""
-    files = [Path(s).parent / "settings.toml" for s in _sources(model)]
-    return next((f.resolve() for f in files if f.is_file()), None)
-
-
 def _build(model: Any, out: Path) -> str:
     """The preprocess command that builds the model's store at `out`: its run's settings (or
     its `data` settings), with absolute paths, so it works from any folder."""
     spec, trained = model.spec, model.settings or {}
-    data, run = trained.get("data") or {}, _run_file(model)
+    data = trained.get("data") or {}
+    # its run's settings: the settings.toml beside the checkpoint (or an ensemble member)
+    runs = [Path(s).parent / "settings.toml" for s in _sources(model)]
+    run = next((f.resolve() for f in runs if f.is_file()), None)
     if run is not None:
         command = f"{PREPROCESS} -s {quote(str(run))}"
         raws = _found_above((trained.get("paths") or {}).get("raw_dir"), model)
