@@ -19,6 +19,12 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ").strip()
 
 
+def _table(head: list[str], rows: list[list[Any]]) -> list[str]:
+    """A Markdown table (cells escaped; None as empty), then a blank line."""
+    cells = [" | ".join(_cell(c or "") for c in row) for row in rows]
+    return [f"| {' | '.join(head)} |", "|" + " --- |" * len(head), *(f"| {c} |" for c in cells), ""]
+
+
 def cli_reference() -> str:
     """Markdown for every command: usage, description, arguments and options with defaults."""
     import typer
@@ -47,21 +53,13 @@ def cli_reference() -> str:
                 param.name if kind == "argument" else ", ".join(param.opts + param.secondary_opts)
             )
             shown = "" if param.default in (None, (), []) else repr(param.default)
-            cells = [f"`{names}`", kind, param.display_type(ctx), shown, getattr(param, "help", "")]
-            rows.append("| " + " | ".join(_cell(c or "") for c in cells) + " |")
+            help_text = getattr(param, "help", "")
+            rows.append([f"`{names}`", kind, param.display_type(ctx), shown, help_text])
         if rows:
-            lines.append("| name | kind | type | default | help |")
-            lines.append("| --- | --- | --- | --- | --- |")
-            lines.extend(rows)
-            lines.append("")
+            lines.extend(_table(["name", "kind", "type", "default", "help"], rows))
 
     walk(root, ["ctscan"])
     return "\n".join(lines).rstrip() + "\n"
-
-
-def _type_name(annotation: Any) -> str:
-    text = getattr(annotation, "__name__", None) or str(annotation)
-    return text.replace("typing.", "").replace("pathlib.", "")
 
 
 def settings_reference() -> str:
@@ -76,11 +74,8 @@ def settings_reference() -> str:
         "Numbers must be numbers: a boolean (`true`) for a numeric key is refused.\n",
     ]
     for section, field in Settings.model_fields.items():
-        model = field.annotation
-        lines.append(f"## `[{section}]`\n")
-        lines.append("| key | type | default | constraints | description |")
-        lines.append("| --- | --- | --- | --- | --- |")
-        for key, info in model.model_fields.items():
+        rows = []
+        for key, info in field.annotation.model_fields.items():
             default = info.get_default(call_default_factory=True)
             if isinstance(default, Path):
                 default = str(default)
@@ -93,11 +88,13 @@ def settings_reference() -> str:
                 for name in ("gt", "ge", "lt", "le", "min_length", "max_length")
                 if getattr(item, name, None) is not None
             )
-            lines.append(
-                f"| `{section}.{key}` | {_cell(_type_name(info.annotation))} | {_cell(shown)} | "
-                f"{_cell(constraints)} | {_cell(info.description or '')} |"
-            )
-        lines.append("")
+            kind = getattr(info.annotation, "__name__", None) or str(info.annotation)
+            kind = kind.replace("typing.", "").replace("pathlib.", "")
+            rows.append([f"`{section}.{key}`", kind, shown, constraints, info.description])
+        lines += [
+            f"## `[{section}]`\n",
+            *_table(["key", "type", "default", "constraints", "description"], rows),
+        ]
     return "\n".join(lines).rstrip() + "\n"
 
 
