@@ -34,9 +34,7 @@ from ctscan.errors import DataError
 def pixel_hash(gray: np.ndarray) -> str:
     """SHA-256 (hex) of a decoded gray image: its shape and its uint8 pixels in C order."""
     arr = np.ascontiguousarray(gray, dtype=np.uint8)
-    h = hashlib.sha256(f"{arr.shape[0]}x{arr.shape[1]}:".encode())
-    h.update(arr.tobytes())
-    return h.hexdigest()
+    return hashlib.sha256(f"{arr.shape[0]}x{arr.shape[1]}:".encode() + arr.tobytes()).hexdigest()
 
 
 def dhash64(gray: np.ndarray) -> int:
@@ -82,11 +80,9 @@ def near_pairs(hashes: Sequence[int], max_distance: int) -> list[tuple[int, int,
     for start in range(0, len(h), block):
         rows = h[start : start + block]
         dist = np.bitwise_count(rows[:, None] ^ h[None, :]).astype(np.int64)  # (b, n)
-        i, j = np.nonzero(dist <= max_distance)
-        i = i + start
-        keep = j > i
-        ii, jj = i[keep], j[keep]
-        out.extend(zip(ii.tolist(), jj.tolist(), dist[ii - start, jj].tolist(), strict=True))
+        later = np.arange(len(h))[None, :] > np.arange(start, start + len(rows))[:, None]
+        i, j = np.nonzero((dist <= max_distance) & later)
+        out.extend(zip((i + start).tolist(), j.tolist(), dist[i, j].tolist(), strict=True))
     return out
 
 

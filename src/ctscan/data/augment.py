@@ -56,12 +56,8 @@ def _erase(x: torch.Tensor, prob: float) -> torch.Tensor:
     left = torch.rand(n, device=device) * (w - ew)
     rows = torch.arange(h, device=device).view(1, h, 1)
     cols = torch.arange(w, device=device).view(1, 1, w)
-    inside = (
-        (rows >= top.view(n, 1, 1))
-        & (rows < (top + eh).view(n, 1, 1))
-        & (cols >= left.view(n, 1, 1))
-        & (cols < (left + ew).view(n, 1, 1))
-    )
+    top, left, eh, ew = (t.view(n, 1, 1) for t in (top, left, eh, ew))
+    inside = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew)
     apply = (torch.rand(n, device=device) < prob).view(n, 1, 1)
     return x.masked_fill((inside & apply).unsqueeze(1), 0.0)
 

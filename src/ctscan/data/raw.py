@@ -10,7 +10,7 @@ This module imports no torch: it runs in preprocessing workers and in `ctscan au
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ctscan import CLASS_NAMES
@@ -53,16 +53,12 @@ class RawTree:
 
     raw_dir: Path
     images: list[RawImage]
-    ignored: list[tuple[Path, str]] = field(default_factory=list)
-
-
-def _tokens(folder: str) -> list[str]:
-    return [t for t in _SEPARATORS.split(folder.strip().lower()) if t]
+    ignored: list[tuple[Path, str]]
 
 
 def canonical_label(folder: str) -> str:
     """Map a class-folder name (long or short Kaggle name, any case or separator) to its label."""
-    tokens = _tokens(folder)
+    tokens = [t for t in _SEPARATORS.split(folder.strip().lower()) if t]
     for class_tokens, name in _CLASS_TOKENS.items():
         n = len(class_tokens)
         if tuple(tokens[:n]) == class_tokens:
@@ -73,11 +69,11 @@ def canonical_label(folder: str) -> str:
             continue
         if all(t in _LOCATION_WORDS or _STAGE_WORD.match(t) for t in rest):
             return name
-    compact = "_".join(tokens)
     raise DataError(
         f"class folder '{folder}' is not one of the known classes ({', '.join(CLASS_NAMES)}; "
         "dots, dashes, spaces and any case are fine, optionally followed by a location/stage "
-        f"suffix such as '_left.hilum_T2_N2_M0_IIIa').{close_matches(compact, CLASS_NAMES)}",
+        "suffix such as '_left.hilum_T2_N2_M0_IIIa')."
+        + close_matches("_".join(tokens), CLASS_NAMES),
         "rename the folder to one of the accepted names or remove it.",
     )
 
