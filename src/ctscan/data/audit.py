@@ -332,21 +332,6 @@ def picture_group_ids(
     return [ids.setdefault(root(h), len(ids)) for h in hashes]
 
 
-def picture_groups(
-    records: Sequence[ImageRecord], near: Sequence[NearDuplicate] = ()
-) -> list[list[int]]:
-    """Record indices grouped by picture: same pixel hash, or linked by a near copy."""
-    ids = picture_group_ids(
-        [r.path for r in records],
-        [r.pixel_hash for r in records],
-        [(n.a, n.b) for n in near if n.same_picture],
-    )
-    groups: dict[int, list[int]] = defaultdict(list)
-    for i, group in enumerate(ids):
-        groups[group].append(i)
-    return list(groups.values())
-
-
 def leak_policy(
     records: Sequence[ImageRecord], on_leak: str, near: Sequence[NearDuplicate] = ()
 ) -> tuple[list[ImageRecord], list[DroppedImage]]:
@@ -367,6 +352,11 @@ def leak_policy(
         raise DataError(f"on_leak '{on_leak}' is not one of keep, drop.", "set data.on_leak.")
     if on_leak == "keep":
         return list(records), []
+    pictures: dict[int, list[int]] = defaultdict(list)  # record indices by picture
+    copies = [(n.a, n.b) for n in near if n.same_picture]
+    paths, hashes = [r.path for r in records], [r.pixel_hash for r in records]
+    for i, picture in enumerate(picture_group_ids(paths, hashes, copies)):
+        pictures[picture].append(i)
     reasons: dict[int, tuple[str, str]] = {}
 
     def same(i: int, sources: list[int]) -> str:
@@ -375,7 +365,7 @@ def leak_policy(
         b = records[(exact or sources)[0]]
         return f"{'same pixels as' if exact else 'near copy of'} {b.path} in {b.split}"
 
-    for idxs in picture_groups(records, near):
+    for idxs in pictures.values():
         if len(idxs) < 2:
             continue
         group = [records[i] for i in idxs]

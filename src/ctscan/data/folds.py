@@ -110,29 +110,22 @@ class FoldPlan:
             "seed": self.seed,
             "identity": self.identity,
             "groups": len(np.unique(self.group)),
-            "images_in_shared_groups": int(
-                np.isin(self.group, np.flatnonzero(np.bincount(self.group) > 1)).sum()
-            ),
+            "images_in_shared_groups": int((np.bincount(self.group)[self.group] > 1).sum()),
             "held_out": {
                 str(f + 1): [self.paths[i] for i in self.held_out(f)] for f in range(self.k)
             },
         }
 
 
-def pool_split(store: Store) -> Split:
-    """Train then valid as one split: what the folds divide."""
-    splits = [store.split(name) for name in POOL_SPLITS]
-    return Split(
+def plan_folds(store: Store, k: int, seed: int) -> FoldPlan:
+    """Assign the store's train + valid images to k folds (see the module docstring)."""
+    splits = [store.split(name) for name in POOL_SPLITS]  # train then valid: what folds divide
+    pool = Split(
         images=torch.cat([s.images for s in splits]),
         labels=torch.cat([s.labels for s in splits]),
         paths=[p for s in splits for p in s.paths],
         hashes=[h for s in splits for h in s.hashes],
     )
-
-
-def plan_folds(store: Store, k: int, seed: int) -> FoldPlan:
-    """Assign the store's train + valid images to k folds (see the module docstring)."""
-    pool = pool_split(store)
     # the other splits join the grouping (copies chained through a test image), then drop out;
     # only their paths and pixel hashes are read, never their images or labels
     others = [store.identities(name) for name in store.split_names if name not in POOL_SPLITS]

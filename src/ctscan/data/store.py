@@ -82,10 +82,8 @@ class Split:
 def raw_fingerprint(source: Path | str | Sequence[RawImage]) -> str:
     """SHA-256 of the relative paths and byte sizes of the raw images (see the module doc)."""
     images = discover(source) if isinstance(source, (str, Path)) else list(source)
-    h = hashlib.sha256()
-    for rel, size in sorted((img.relpath, img.path.stat().st_size) for img in images):
-        h.update(f"{rel}\t{size}\n".encode())
-    return h.hexdigest()
+    rows = sorted((img.relpath, img.path.stat().st_size) for img in images)
+    return hashlib.sha256("".join(f"{rel}\t{size}\n" for rel, size in rows).encode()).hexdigest()
 
 
 _DVC_MD5 = re.compile(r"^\s*-?\s*md5:\s*([0-9a-f]{32}(?:\.dir)?)\s*$", re.MULTILINE)

@@ -338,9 +338,7 @@ class PreprocessSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (class_names as a list)."""
-        d = asdict(self)
-        d["class_names"] = list(self.class_names)
-        return d
+        return {**asdict(self), "class_names": list(self.class_names)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessSpec:
