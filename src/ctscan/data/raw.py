@@ -17,9 +17,7 @@ from ctscan import CLASS_NAMES
 from ctscan.errors import DataError, close_matches
 
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
-IMAGE_SUFFIXES: frozenset[str] = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-)
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 FETCH_FIX = "run `dvc pull` (or `make data`) to fetch the images, or point paths.raw_dir at them."
 
 _SEPARATORS = re.compile(r"[\s._\-]+")

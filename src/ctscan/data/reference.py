@@ -154,8 +154,7 @@ def check_reference(reference: Any, *, source: str = "the drift reference") -> d
     features, samples, n = reference["features"], reference["samples"], reference["n"]
     if not isinstance(features, list) or not features:
         raise bad("'features' must be a non-empty list of names")
-    unknown = [f for f in features if f not in FEATURES]
-    if unknown:
+    if unknown := [f for f in features if f not in FEATURES]:
         raise bad(f"unknown feature(s) {unknown}; known: {', '.join(FEATURES)}")
     if len(set(features)) != len(features):
         raise bad("'features' lists a name twice")

@@ -154,8 +154,7 @@ def check_store_target(
     """
     out_dir = Path(out_dir)
     what = f"processed store folder '{out_dir}'"
-    problem = folder_problem(out_dir, create=False)
-    if problem is not None:
+    if (problem := folder_problem(out_dir, create=False)) is not None:
         raise DataError(f"{what} {problem}.", STORE_FIX)
     if not _looks_like_store(out_dir):
         raise DataError(
@@ -172,8 +171,7 @@ def check_store_target(
             f"write the new store elsewhere (--out {_free_folder(out_dir, _tag(stale, data))}), or "
             "pass --force to replace this one.",
         )
-    problem = folder_problem(out_dir.parent)  # the store itself appears by a rename
-    if problem is not None:
+    if (problem := folder_problem(out_dir.parent)) is not None:  # the store appears by a rename
         raise DataError(f"{what} {problem}.", STORE_FIX)
     return out_dir
 
@@ -266,8 +264,7 @@ def write_store(
     """Write the store atomically to `out_dir` (replacing an older store there) and return it."""
     out_dir = check_store_target(out_dir)
     for name, split in splits.items():
-        problem = _shape_problem(split, spec.image_size)
-        if problem is not None:
+        if (problem := _shape_problem(split, spec.image_size)) is not None:
             raise ValueError(f"split '{name}' has {problem}")
     raw_abs = Path(raw_dir).resolve() if raw_dir is not None else None
     try:
@@ -391,13 +388,13 @@ class Store:
                 self._load_array(f"{name}_{kind}.npy") for kind in ("images", "labels")
             )
             split = Split(images, labels, paths, hashes)
-            problem = _shape_problem(split, self.spec.image_size, self.spec.channels)
-            if problem is not None:
+            spec = self.spec
+            if (problem := _shape_problem(split, spec.image_size, spec.channels)) is not None:
                 raise DataError(
                     f"the store at '{self.path}' is inconsistent: split '{name}' has {problem}.",
                     self.rebuild_fix,
                 )
-            if len(split) and (labels.min() < 0 or labels.max() >= len(self.spec.class_names)):
+            if len(split) and (labels.min() < 0 or labels.max() >= len(spec.class_names)):
                 raise DataError(f"split '{name}' has labels out of range.", self.rebuild_fix)
             split.images, split.labels = torch.from_numpy(images), torch.from_numpy(labels)
             self._splits[name] = split

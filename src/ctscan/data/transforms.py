@@ -42,8 +42,6 @@ if TYPE_CHECKING:
 RESIZE_POLICIES: tuple[str, ...] = ("pad", "stretch", "crop")
 RESAMPLE = Image.Resampling.BILINEAR
 DECODE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")  # JPEG covers MPO
-_HIGH_DEPTH_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
-_ALPHA_MODES = frozenset({"LA", "RGBA"})
 # PNG (colour type, bit depth) -> the mode Pillow gives it, for the layouts libspng decodes
 _SPNG_MODES = {(0, 8): "L", (0, 16): "I;16", (2, 8): "RGB", (4, 8): "LA", (6, 8): "RGBA"}
 _BROKEN = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)  # Pillow's
@@ -60,9 +58,6 @@ class DecodeLimits:
     def from_settings(cls, data: Any) -> DecodeLimits:
         """Limits from a `DataSettings` section (or anything with the same attributes)."""
         return cls(max_pixels=int(data.max_image_pixels), max_bytes=int(data.max_file_bytes))
-
-
-DEFAULT_LIMITS = DecodeLimits()
 
 
 def _read_source(source: Path | bytes, max_bytes: int, name: str, upload: bool) -> bytes:
@@ -148,8 +143,8 @@ def _too_many_pixels(name: str, size: tuple[int, int] | None, max_pixels: int) -
 def decode_image(
     source: Path | bytes,
     *,
-    max_pixels: int = DEFAULT_LIMITS.max_pixels,
-    max_bytes: int = DEFAULT_LIMITS.max_bytes,
+    max_pixels: int = DecodeLimits.max_pixels,
+    max_bytes: int = DecodeLimits.max_bytes,
     name: str | None = None,
 ) -> Image.Image:
     """Decode an image file or bytes into a loaded PIL image, refusing bombs and broken files.
@@ -183,8 +178,7 @@ def decode_image(
             img.close()
             raise _too_many_pixels(name, (width, height), max_pixels)
         fmt = img.format
-        fast = _decode_png(data, img) if fmt == "PNG" else None
-        if fast is not None:
+        if fmt == "PNG" and (fast := _decode_png(data, img)) is not None:
             img.close()
             return fast
         try:
@@ -254,12 +248,12 @@ def to_gray(img: Image.Image) -> np.ndarray:
     mode = img.mode
     if mode == "L":
         gray = np.asarray(img)
-    elif mode in _HIGH_DEPTH_MODES or mode.startswith("I;"):
+    elif mode in ("I", "F") or mode.startswith("I;"):  # 16/32-bit integer, float
         gray = _stretch(np.asarray(img))
     elif mode in ("P", "PA"):  # via RGB(A): transparency as alpha
         opaque = mode == "P" and "transparency" not in img.info
         return to_gray(img.convert("RGB" if opaque else "RGBA"))
-    elif mode in _ALPHA_MODES:
+    elif mode in ("LA", "RGBA"):
         gray = np.asarray(img.convert("L"))  # luma, alpha ignored
         alpha = np.asarray(img.getchannel("A"))
         if alpha.min() < 255:  # composite over black
@@ -370,7 +364,7 @@ def prepare(
     spec: PreprocessSpec | int,
     *,
     resize: str = "pad",
-    limits: DecodeLimits = DEFAULT_LIMITS,
+    limits: DecodeLimits = DecodeLimits(),
     name: str | None = None,
 ) -> np.ndarray:
     """Decode, gray and resize one image file or upload: (S, S) uint8, as `spec` says (or a
