@@ -181,12 +181,10 @@ class AuditReport:
     drop_preview: list[DroppedImage] | None = None  # what on_leak=drop removes (always filled)
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {}
-        for key, value in self.__dict__.items():
+        d = dict(self.__dict__)
+        for key, value in d.items():  # lists of rows as lists of dicts
             if isinstance(value, list):
                 d[key] = [v.to_dict() if hasattr(v, "to_dict") else v for v in value]
-            else:
-                d[key] = value
         d["duplicated_files"] = sum(len(g.paths) for g in self.exact_duplicates)
         copies = [n for n in self.near_duplicates if n.same_picture]
         d["near_copy_pairs"] = len(copies)

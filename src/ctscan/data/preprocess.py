@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,15 +69,9 @@ class _Done:
 
 def _process(job: _Job) -> _Done:
     """Decode one file and compute everything preprocessing needs from it (runs in a worker)."""
-    raw, limits = job.raw, job.limits
+    raw = job.raw
     try:
-        img = decode_image(
-            raw.path,
-            max_pixels=limits.max_pixels,
-            max_bytes=limits.max_bytes,
-            name=f"'{raw.relpath}'",
-        )
-        with img:
+        with decode_image(raw.path, **asdict(job.limits), name=f"'{raw.relpath}'") as img:
             fmt, mode, (width, height) = img.format, img.mode, img.size
             gray = to_gray(img)
     except DataError as exc:
@@ -211,13 +205,12 @@ class PreprocessResult:
 def _kept_splits(scan: _Scan, data: Any, raw_dir: Path) -> dict[str, Split]:
     """The images data.on_leak keeps, per split (none left: a DataError)."""
     dropped = {d.path for d in scan.report.dropped}
+    kept = [
+        (r, im) for r, im in zip(scan.records, scan.images, strict=True) if r.path not in dropped
+    ]
     splits: dict[str, Split] = {}
     for name in SPLITS:
-        rows = [
-            (r, image)
-            for r, image in zip(scan.records, scan.images, strict=True)
-            if r.split == name and r.path not in dropped
-        ]
+        rows = [(r, image) for r, image in kept if r.split == name]
         if not rows:
             raise DataError(
                 f"split '{name}' has no usable images left ({len(scan.bad)} bad file(s) skipped, "

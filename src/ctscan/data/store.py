@@ -110,8 +110,7 @@ def find_dvc_file(path: Path | str) -> Path | None:
 
 def find_dvc_hash(raw_dir: Path | str) -> str | None:
     """The md5 recorded by the `.dvc` file that tracks `raw_dir` (see `find_dvc_file`), or None."""
-    dvc_file = find_dvc_file(Path(raw_dir).resolve())
-    return read_dvc_md5(dvc_file) if dvc_file is not None else None
+    return read_dvc_md5(found) if (found := find_dvc_file(Path(raw_dir).resolve())) else None
 
 
 def _write_file(path: Path, write: Any) -> None:
@@ -162,12 +161,10 @@ def check_store_target(
             "set paths.processed_dir (or --out) to a new folder or remove that one.",
         )
     meta = _read_meta(out_dir) if data is not None and not force else None
-    stale = stale_keys(meta, data) if meta is not None else []
-    if stale:
+    if meta is not None and (stale := stale_keys(meta, data)):
         raise DataError(
             f"the processed store at '{out_dir}' was built with other settings ("
-            + "; ".join(stale)
-            + "); refusing to replace it (the checkpoints trained on it read it).",
+            f"{'; '.join(stale)}); refusing to replace it (the checkpoints trained on it read it).",
             f"write the new store elsewhere (--out {_free_folder(out_dir, _tag(stale, data))}), or "
             "pass --force to replace this one.",
         )
@@ -530,13 +527,12 @@ def load_store(
         raise DataError(f"no processed store at '{store_dir}'{hint}.", f"run `{command}`.")
     meta, index = _read_store_json(store_dir, fix)
     _check_files(store_dir, meta["files"], verify, fix)
-    stale = stale_keys(meta, expect_data) if expect_data is not None else []
-    if stale:  # never "rebuild it": that would take the store from the runs trained on it
+    if expect_data is not None and (stale := stale_keys(meta, expect_data)):
+        # never "rebuild it": that would take the store from the runs trained on it
         new = _free_folder(store_dir, _tag(stale, expect_data))
         raise DataError(
             f"the processed store at '{store_dir}' was built with other settings: "
-            + "; ".join(stale)
-            + ".",
+            f"{'; '.join(stale)}.",
             f"change the settings back, or give these settings a store of their own: "
             f"`{command} --out {new}`, then add `--set paths.processed_dir={new}` here.",
         )

@@ -371,8 +371,7 @@ def prepare(
     side length `spec` with `resize`)."""
     if isinstance(spec, PreprocessSpec):
         spec, resize = spec.image_size, spec.resize
-    img = decode_image(source, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes, name=name)
-    with img:
+    with decode_image(source, **asdict(limits), name=name) as img:  # max_pixels, max_bytes
         return resize_square(to_gray(img), int(spec), resize)
 
 
