@@ -201,9 +201,8 @@ def _counts(records: Iterable[Any]) -> dict[str, dict[str, int]]:
 
 
 def _ordered(values: Iterable[str], order: Sequence[str]) -> tuple[str, ...]:
-    return tuple(
-        sorted(set(values), key=lambda v: (order.index(v) if v in order else len(order), v))
-    )
+    unique = set(values)
+    return tuple(sorted(unique, key=lambda v: (order.index(v) if v in order else len(order), v)))
 
 
 def _by_hash(records: Sequence[ImageRecord]) -> dict[str, list[ImageRecord]]:
