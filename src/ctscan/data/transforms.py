@@ -216,8 +216,7 @@ def _png_layout(data: bytes) -> tuple[int, int] | None:
 def _decode_png(data: bytes, img: Image.Image) -> Image.Image | None:
     """The pixels of a PNG Pillow has opened, decoded by libspng in the same mode; None for a
     layout it does not take or a file it cannot read (Pillow then decodes it or says why)."""
-    layout = _png_layout(data)
-    if layout is None or _SPNG_MODES.get(layout) != img.mode:
+    if _SPNG_MODES.get(_png_layout(data)) != img.mode:  # None: a layout libspng does not take
         return None
     try:
         import pyspng
