@@ -28,7 +28,6 @@ from PIL import Image
 
 from ctscan.data.preprocess import run_preprocess
 from ctscan.data.raw import discover
-from ctscan.data.store import store_files
 from ctscan.settings import Settings
 
 PREDECESSOR_SIDE = 224  # float32 RGB 224x224 per image
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                 lambda: bare_baseline(paths, args.image_size), args.repeat
             ),
         }
-        files = store_files(store)
+        files = {f.name: f.stat().st_size for f in sorted(Path(store).iterdir()) if f.is_file()}
         store_bytes = sum(files.values())
     predecessor = len(paths) * 3 * PREDECESSOR_SIDE * PREDECESSOR_SIDE * 4
     result = {

@@ -19,6 +19,12 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ").strip()
 
 
+def _table(head: list[str], rows: list[list[Any]]) -> list[str]:
+    """A Markdown table (cells escaped; None as empty), then a blank line."""
+    cells = [" | ".join(_cell(c or "") for c in row) for row in rows]
+    return [f"| {' | '.join(head)} |", "|" + " --- |" * len(head), *(f"| {c} |" for c in cells), ""]
+
+
 def cli_reference() -> str:
     """Markdown for every command: usage, description, arguments and options with defaults."""
     import typer
@@ -46,32 +52,18 @@ def cli_reference() -> str:
             names = (
                 param.name if kind == "argument" else ", ".join(param.opts + param.secondary_opts)
             )
-            default = param.default
-            shown = "" if default in (None, (), []) else repr(default)
-            kind_type = _cell(param.display_type(ctx))
-            help_text = _cell(getattr(param, "help", "") or "")
-            rows.append(
-                f"| `{_cell(names)}` | {kind} | {kind_type} | {_cell(shown)} | {help_text} |"
-            )
+            shown = "" if param.default in (None, (), []) else repr(param.default)
+            help_text = getattr(param, "help", "")
+            rows.append([f"`{names}`", kind, param.display_type(ctx), shown, help_text])
         if rows:
-            lines.append("| name | kind | type | default | help |")
-            lines.append("| --- | --- | --- | --- | --- |")
-            lines.extend(rows)
-            lines.append("")
+            lines.extend(_table(["name", "kind", "type", "default", "help"], rows))
 
     walk(root, ["ctscan"])
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _type_name(annotation: Any) -> str:
-    text = getattr(annotation, "__name__", None) or str(annotation)
-    return text.replace("typing.", "").replace("pathlib.", "")
-
-
 def settings_reference() -> str:
     """Markdown for every settings key: type, default, constraints, description, env variable."""
-    from pydantic_core import PydanticUndefined
-
     from ctscan.settings import ENV_PREFIX, SECRET_KEYS, Settings
 
     lines = [
@@ -82,14 +74,9 @@ def settings_reference() -> str:
         "Numbers must be numbers: a boolean (`true`) for a numeric key is refused.\n",
     ]
     for section, field in Settings.model_fields.items():
-        model = field.annotation
-        lines.append(f"## `[{section}]`\n")
-        lines.append("| key | type | default | constraints | description |")
-        lines.append("| --- | --- | --- | --- | --- |")
-        for key, info in model.model_fields.items():
-            default = info.default
-            if default is PydanticUndefined and info.default_factory is not None:
-                default = info.default_factory()
+        rows = []
+        for key, info in field.annotation.model_fields.items():
+            default = info.get_default(call_default_factory=True)
             if isinstance(default, Path):
                 default = str(default)
             shown = "unset" if default is None else repr(default)
@@ -101,11 +88,13 @@ def settings_reference() -> str:
                 for name in ("gt", "ge", "lt", "le", "min_length", "max_length")
                 if getattr(item, name, None) is not None
             )
-            lines.append(
-                f"| `{section}.{key}` | {_cell(_type_name(info.annotation))} | {_cell(shown)} | "
-                f"{_cell(constraints)} | {_cell(info.description or '')} |"
-            )
-        lines.append("")
+            kind = getattr(info.annotation, "__name__", None) or str(info.annotation)
+            kind = kind.replace("typing.", "").replace("pathlib.", "")
+            rows.append([f"`{section}.{key}`", kind, shown, constraints, info.description])
+        lines += [
+            f"## `[{section}]`\n",
+            *_table(["key", "type", "default", "constraints", "description"], rows),
+        ]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -119,19 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if a file is stale")
     args = parser.parse_args(argv)
-    stale = []
-    for path, text in documents().items():
-        current = path.read_text() if path.is_file() else None
-        if current == text:
-            continue
-        if args.check:
-            stale.append(path)
-        else:
-            path.write_text(text)
-            print(f"wrote {path}")
+    docs = documents()
+    stale = [path for path, text in docs.items() if not path.is_file() or path.read_text() != text]
     for path in stale:
-        print(f"{path} is stale: run `python -m ctscan.reference`", file=sys.stderr)
-    return 1 if stale else 0
+        if args.check:
+            print(f"{path} is stale: run `python -m ctscan.reference`", file=sys.stderr)
+        else:
+            path.write_text(docs[path])
+            print(f"wrote {path}")
+    return 1 if stale and args.check else 0
 
 
 if __name__ == "__main__":

@@ -108,7 +108,7 @@ def test_ctrl_c_during_the_pool_is_one_line_exit_130_and_leaves_nothing(tmp_path
     from ctscan.data.store import load_store
 
     store = load_store(out)
-    assert sum(store.counts.values()) + len(store.dropped) == len(list(raw.rglob("*.png")))
+    assert sum(store.counts.values()) + len(store.meta["dropped"]) == len(list(raw.rglob("*.png")))
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="fork start method")

@@ -120,7 +120,7 @@ def test_a_store_that_skipped_bad_files_opens_with_the_default_settings(
     project = tmp_path / "project"
     _project(project, monkeypatch, variant="truncated")  # preprocessed with on_bad_file=skip
     store = open_store(STORE, expect_data=DataSettings(image_size=32))  # on_bad_file="error"
-    assert [s["path"] for s in store.skipped] == ["train/normal/cut.png"]
-    assert "truncated" in store.skipped[0]["reason"]
+    assert [s["path"] for s in store.meta["skipped"]] == ["train/normal/cut.png"]
+    assert "truncated" in store.meta["skipped"][0]["reason"]
     assert store.raw_check == "verified"
     assert load_store(STORE).meta["data"]["on_bad_file"] == "skip"  # recorded, not required

@@ -17,6 +17,7 @@ Near duplicates, two stages:
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,22 +30,11 @@ from ctscan import CLASS_NAMES
 from ctscan.data.raw import SPLITS
 from ctscan.errors import DataError
 
-_FORMAT_SUFFIXES = {
-    "PNG": {".png"},
-    "JPEG": {".jpg", ".jpeg"},
-    "MPO": {".jpg", ".jpeg"},
-    "BMP": {".bmp"},
-    "TIFF": {".tif", ".tiff"},
-    "WEBP": {".webp"},
-}
-
 
 def pixel_hash(gray: np.ndarray) -> str:
     """SHA-256 (hex) of a decoded gray image: its shape and its uint8 pixels in C order."""
     arr = np.ascontiguousarray(gray, dtype=np.uint8)
-    h = hashlib.sha256(f"{arr.shape[0]}x{arr.shape[1]}:".encode())
-    h.update(arr.tobytes())
-    return h.hexdigest()
+    return hashlib.sha256(f"{arr.shape[0]}x{arr.shape[1]}:".encode() + arr.tobytes()).hexdigest()
 
 
 def dhash64(gray: np.ndarray) -> int:
@@ -90,11 +80,9 @@ def near_pairs(hashes: Sequence[int], max_distance: int) -> list[tuple[int, int,
     for start in range(0, len(h), block):
         rows = h[start : start + block]
         dist = np.bitwise_count(rows[:, None] ^ h[None, :]).astype(np.int64)  # (b, n)
-        i, j = np.nonzero(dist <= max_distance)
-        i = i + start
-        keep = j > i
-        ii, jj = i[keep], j[keep]
-        out.extend(zip(ii.tolist(), jj.tolist(), dist[ii - start, jj].tolist(), strict=True))
+        later = np.arange(len(h))[None, :] > np.arange(start, start + len(rows))[:, None]
+        i, j = np.nonzero((dist <= max_distance) & later)
+        out.extend(zip((i + start).tolist(), j.tolist(), dist[i, j].tolist(), strict=True))
     return out
 
 
@@ -117,14 +105,7 @@ class ImageRecord:
     height: int
     mode: str
     format: str | None
-    file_bytes: int = 0
     thumb: bytes = field(default=b"", repr=False)  # `thumbnail()`; b"": no near-copy check
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["dhash"] = f"{self.dhash:016x}"
-        del d["thumb"]
-        return d
 
 
 @dataclass(frozen=True)
@@ -200,12 +181,10 @@ class AuditReport:
     drop_preview: list[DroppedImage] | None = None  # what on_leak=drop removes (always filled)
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {}
-        for key, value in self.__dict__.items():
+        d = dict(self.__dict__)
+        for key, value in d.items():  # lists of rows as lists of dicts
             if isinstance(value, list):
                 d[key] = [v.to_dict() if hasattr(v, "to_dict") else v for v in value]
-            else:
-                d[key] = value
         d["duplicated_files"] = sum(len(g.paths) for g in self.exact_duplicates)
         copies = [n for n in self.near_duplicates if n.same_picture]
         d["near_copy_pairs"] = len(copies)
@@ -271,12 +250,13 @@ def near_duplicates(records: Sequence[ImageRecord], max_distance: int) -> list[N
 
 
 def _suffix_mismatches(records: Sequence[ImageRecord]) -> list[dict[str, str]]:
+    """Files whose suffix names another format than the one they hold (a JPEG named .png)."""
+    format_of = Image.registered_extensions()  # ".jpg" -> "JPEG"
     out = []
     for r in records:
-        suffix = "." + r.path.rsplit(".", 1)[-1].lower() if "." in r.path else ""
-        expected = _FORMAT_SUFFIXES.get(r.format or "")
-        if expected is not None and suffix not in expected:
-            out.append({"path": r.path, "format": r.format or "?", "suffix": suffix})
+        suffix = os.path.splitext(r.path)[1].lower()
+        if r.format and format_of.get(suffix) != ("JPEG" if r.format == "MPO" else r.format):
+            out.append({"path": r.path, "format": r.format, "suffix": suffix})
     return out
 
 
@@ -295,16 +275,12 @@ def audit(
     """
     groups = duplicate_groups(records)
     sizes = Counter(f"{r.width}x{r.height}" for r in records)
-    size_range = (
-        {
-            "min_width": min(r.width for r in records),
-            "max_width": max(r.width for r in records),
-            "min_height": min(r.height for r in records),
-            "max_height": max(r.height for r in records),
-        }
+    size_range = {  # min_width, max_width, min_height, max_height
+        f"{f.__name__}_{side}": f(getattr(r, side) for r in records)
+        for side in ("width", "height")
+        for f in (min, max)
         if records
-        else {}
-    )
+    }
     report = AuditReport(
         raw_dir=raw_dir,
         counts=_counts(records),
@@ -325,9 +301,7 @@ def audit(
     report.drop_preview = leak_policy(records, "drop", report.near_duplicates)[1]
     if on_leak is not None:
         kept, dropped = leak_policy(records, on_leak, report.near_duplicates)
-        report.on_leak = on_leak
-        report.dropped = dropped
-        report.kept_counts = _counts(kept)
+        report.on_leak, report.dropped, report.kept_counts = on_leak, dropped, _counts(kept)
     return report
 
 
@@ -355,21 +329,6 @@ def picture_group_ids(
     return [ids.setdefault(root(h), len(ids)) for h in hashes]
 
 
-def picture_groups(
-    records: Sequence[ImageRecord], near: Sequence[NearDuplicate] = ()
-) -> list[list[int]]:
-    """Record indices grouped by picture: same pixel hash, or linked by a near copy."""
-    ids = picture_group_ids(
-        [r.path for r in records],
-        [r.pixel_hash for r in records],
-        [(n.a, n.b) for n in near if n.same_picture],
-    )
-    groups: dict[int, list[int]] = defaultdict(list)
-    for i, group in enumerate(ids):
-        groups[group].append(i)
-    return list(groups.values())
-
-
 def leak_policy(
     records: Sequence[ImageRecord], on_leak: str, near: Sequence[NearDuplicate] = ()
 ) -> tuple[list[ImageRecord], list[DroppedImage]]:
@@ -390,6 +349,11 @@ def leak_policy(
         raise DataError(f"on_leak '{on_leak}' is not one of keep, drop.", "set data.on_leak.")
     if on_leak == "keep":
         return list(records), []
+    pictures: dict[int, list[int]] = defaultdict(list)  # record indices by picture
+    copies = [(n.a, n.b) for n in near if n.same_picture]
+    paths, hashes = [r.path for r in records], [r.pixel_hash for r in records]
+    for i, picture in enumerate(picture_group_ids(paths, hashes, copies)):
+        pictures[picture].append(i)
     reasons: dict[int, tuple[str, str]] = {}
 
     def same(i: int, sources: list[int]) -> str:
@@ -398,18 +362,15 @@ def leak_policy(
         b = records[(exact or sources)[0]]
         return f"{'same pixels as' if exact else 'near copy of'} {b.path} in {b.split}"
 
-    for idxs in picture_groups(records, near):
+    for idxs in pictures.values():
         if len(idxs) < 2:
             continue
         group = [records[i] for i in idxs]
         labels = _ordered((r.label for r in group), CLASS_NAMES)
         if len(labels) > 1:
             where = ", ".join(f"{r.path} ({r.label})" for r in group)
-            for i in idxs:
-                reasons[i] = (
-                    "label_conflict",
-                    f"one picture under labels {'/'.join(labels)}: {where}",
-                )
+            why = f"one picture under labels {'/'.join(labels)}: {where}"
+            reasons.update(dict.fromkeys(idxs, ("label_conflict", why)))
             continue
         train = [i for i in idxs if records[i].split == "train"]
         test = [i for i in idxs if records[i].split == "test"]
@@ -423,9 +384,8 @@ def leak_policy(
                 reasons[i] = ("duplicate", same(i, left[:n]))
     kept = [r for i, r in enumerate(records) if i not in reasons]
     dropped = [
-        DroppedImage(path=r.path, split=r.split, label=r.label, kind=kind, reason=why)  # type: ignore[arg-type]
+        DroppedImage(r.path, r.split, r.label, *reasons[i])
         for i, r in enumerate(records)
         if i in reasons
-        for kind, why in [reasons[i]]
     ]
     return kept, dropped

@@ -35,14 +35,13 @@ def affine_params(n: int, aug: AugmentSettings, device: torch.device) -> torch.T
     flip_x = torch.where(torch.rand(n, device=device) < aug.hflip, -1.0, 1.0)
     flip_y = torch.where(torch.rand(n, device=device) < aug.vflip, -1.0, 1.0)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack(
+    return torch.stack(  # (n, 2, 3)
         [
             torch.stack([cos * flip_x, -sin * flip_y, shift[:, 0]], dim=1),
             torch.stack([sin * flip_x, cos * flip_y, shift[:, 1]], dim=1),
         ],
         dim=1,
     )
-    return theta  # (n, 2, 3)
 
 
 def _erase(x: torch.Tensor, prob: float) -> torch.Tensor:
@@ -50,20 +49,15 @@ def _erase(x: torch.Tensor, prob: float) -> torch.Tensor:
     n, _, h, w = x.shape
     device = x.device
     area = _uniform(n, 0.02, 0.2, device) * h * w
-    log_ratio = _uniform(n, math.log(0.3), math.log(1 / 0.3), device)
-    ratio = torch.exp(log_ratio)
+    ratio = torch.exp(_uniform(n, math.log(0.3), math.log(1 / 0.3), device))
     eh = torch.sqrt(area * ratio).clamp(1, h)
     ew = torch.sqrt(area / ratio).clamp(1, w)
     top = torch.rand(n, device=device) * (h - eh)
     left = torch.rand(n, device=device) * (w - ew)
     rows = torch.arange(h, device=device).view(1, h, 1)
     cols = torch.arange(w, device=device).view(1, 1, w)
-    inside = (
-        (rows >= top.view(n, 1, 1))
-        & (rows < (top + eh).view(n, 1, 1))
-        & (cols >= left.view(n, 1, 1))
-        & (cols < (left + ew).view(n, 1, 1))
-    )
+    top, left, eh, ew = (t.view(n, 1, 1) for t in (top, left, eh, ew))
+    inside = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew)
     apply = (torch.rand(n, device=device) < prob).view(n, 1, 1)
     return x.masked_fill((inside & apply).unsqueeze(1), 0.0)
 

@@ -17,8 +17,6 @@ def epoch_order(n: int, *, seed: int, epoch: int, shuffle: bool) -> torch.Tensor
 
 def shard(order: torch.Tensor, rank: int, world_size: int, *, pad: bool) -> torch.Tensor:
     """This rank's disjoint share of `order`; `pad` wraps around so every rank has as many."""
-    if world_size == 1:
-        return order
     if pad:
         per_rank = -(-len(order) // world_size)
         total = per_rank * world_size
@@ -39,7 +37,7 @@ def batch_indices(
 
 def steps_per_epoch(n: int, batch_size: int, world_size: int, *, drop_last: bool = True) -> int:
     """Number of batches each rank sees per epoch for `n` training samples."""
-    per_rank = -(-n // world_size) if world_size > 1 else n
+    per_rank = -(-n // world_size)
     if drop_last and per_rank >= batch_size:
         return per_rank // batch_size
     return -(-per_rank // batch_size)

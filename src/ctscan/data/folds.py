@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,26 +34,18 @@ from ctscan.errors import SettingsError
 POOL_SPLITS = ("train", "valid")  # what the folds divide; test stays out
 
 
-def picture_groups(
-    paths: Sequence[str], hashes: Sequence[str], near_pairs: Iterable[tuple[Sequence[str], ...]]
-) -> np.ndarray:
-    """A group id per image: same pixel hash, or linked by a near-copy pair (paths a, b)."""
-    return np.array(picture_group_ids(paths, hashes, near_pairs), dtype=np.int64)
-
-
 def grouped_folds(labels: Any, groups: Any, k: int, seed: int) -> np.ndarray:
     """The fold (0..k-1) of each image: every group in one fold, classes spread evenly."""
     y = np.asarray(labels, dtype=np.int64)
     g = np.asarray(groups, dtype=np.int64)
     if y.shape != g.shape or y.ndim != 1:
         raise ValueError(f"labels {y.shape} and groups {g.shape} must be two equal 1-D arrays.")
-    n_groups = len(np.unique(g)) if len(g) else 0
+    unique, inverse = np.unique(g, return_inverse=True)
     if k < 2:
         raise ValueError(f"k must be 2 or more, got {k}.")
-    if n_groups < k:
-        raise ValueError(f"{n_groups} picture groups cannot fill {k} folds.")
+    if len(unique) < k:
+        raise ValueError(f"{len(unique)} picture groups cannot fill {k} folds.")
     classes = int(y.max()) + 1
-    unique, inverse = np.unique(g, return_inverse=True)
     counts = np.zeros((len(unique), classes), dtype=np.int64)
     np.add.at(counts, (inverse, y), 1)
     order = np.random.default_rng(seed).permutation(len(unique))
@@ -113,53 +104,38 @@ class FoldPlan:
             for f in range(self.k)
         ]
 
-    def straddling_groups(self) -> int:
-        """Groups found in more than one fold (0 by construction; a check for tests and docs)."""
-        pairs = {(int(g), int(f)) for g, f in zip(self.group, self.fold, strict=True)}
-        return len(pairs) - len({g for g, _ in pairs})
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "k": self.k,
             "seed": self.seed,
             "identity": self.identity,
             "groups": len(np.unique(self.group)),
-            "images_in_shared_groups": int(
-                np.isin(self.group, np.flatnonzero(np.bincount(self.group) > 1)).sum()
-            ),
+            "images_in_shared_groups": int((np.bincount(self.group)[self.group] > 1).sum()),
             "held_out": {
                 str(f + 1): [self.paths[i] for i in self.held_out(f)] for f in range(self.k)
             },
         }
 
 
-def _near_pairs(store: Store) -> list[tuple[Sequence[str], Sequence[str]]]:
-    audit = store.audit() or {}
-    return [(n["a"], n["b"]) for n in audit.get("near_duplicates", []) if n.get("same_picture")]
-
-
-def pool_split(store: Store) -> Split:
-    """Train then valid as one split: what the folds divide."""
-    splits = [store.split(name) for name in POOL_SPLITS]
-    return Split(
+def plan_folds(store: Store, k: int, seed: int) -> FoldPlan:
+    """Assign the store's train + valid images to k folds (see the module docstring)."""
+    splits = [store.split(name) for name in POOL_SPLITS]  # train then valid: what folds divide
+    pool = Split(
         images=torch.cat([s.images for s in splits]),
         labels=torch.cat([s.labels for s in splits]),
         paths=[p for s in splits for p in s.paths],
         hashes=[h for s in splits for h in s.hashes],
     )
-
-
-def plan_folds(store: Store, k: int, seed: int) -> FoldPlan:
-    """Assign the store's train + valid images to k folds (see the module docstring)."""
-    pool = pool_split(store)
     # the other splits join the grouping (copies chained through a test image), then drop out;
     # only their paths and pixel hashes are read, never their images or labels
     others = [store.identities(name) for name in store.split_names if name not in POOL_SPLITS]
-    groups = picture_groups(
+    near = (store.audit() or {}).get("near_duplicates", [])  # near copies join groups too
+    groups = picture_group_ids(
         [*pool.paths, *(p for paths, _ in others for p in paths)],
         [*pool.hashes, *(h for _, hashes in others for h in hashes)],
-        _near_pairs(store),
-    )[: len(pool.paths)]
+        [(n["a"], n["b"]) for n in near if n.get("same_picture")],
+    )
+    groups = np.array(groups[: len(pool.paths)], dtype=np.int64)
     n_groups = len(np.unique(groups))
     if k < 2 or k > n_groups:
         raise SettingsError(

@@ -14,8 +14,8 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,6 @@ from ctscan.data.audit import (
     ImageRecord,
     audit,
     dhash64,
-    leak_policy,
     pixel_hash,
     thumbnail,
 )
@@ -70,15 +69,9 @@ class _Done:
 
 def _process(job: _Job) -> _Done:
     """Decode one file and compute everything preprocessing needs from it (runs in a worker)."""
-    raw, limits = job.raw, job.limits
+    raw = job.raw
     try:
-        img = decode_image(
-            raw.path,
-            max_pixels=limits.max_pixels,
-            max_bytes=limits.max_bytes,
-            name=f"'{raw.relpath}'",
-        )
-        with img:
+        with decode_image(raw.path, **asdict(job.limits), name=f"'{raw.relpath}'") as img:
             fmt, mode, (width, height) = img.format, img.mode, img.size
             gray = to_gray(img)
     except DataError as exc:
@@ -93,7 +86,6 @@ def _process(job: _Job) -> _Done:
         height=height,
         mode=mode,
         format=fmt,
-        file_bytes=os.path.getsize(raw.path),
         thumb=thumbnail(gray),
     )
     image = None if job.size is None else resize_square(gray, job.size, job.resize)
@@ -160,54 +152,36 @@ class _Scan:
     records: list[ImageRecord]
     images: list[np.ndarray | None]  # aligned with records
     bad: list[BadFile]
+    report: AuditReport
 
 
 def _scan(
     raw_dir: Path, data: Any, *, resize: bool, workers: int | None, progress: Progress | None
 ) -> _Scan:
+    """Decode every raw image (`resize`: also to data.image_size) and audit them."""
     tree = scan_raw(raw_dir)
     limits, policy = DecodeLimits.from_settings(data), check_resize(data.resize)
     size = int(data.image_size) if resize else None
     jobs = [_Job(i, raw, size, policy, limits) for i, raw in enumerate(tree.images)]
-    scan = _Scan(tree, [], [], [])
-    for done in _run_jobs(jobs, workers, progress):
-        if isinstance(done.found, BadFile):
-            scan.bad.append(done.found)
-        else:
-            scan.records.append(done.found)
-            scan.images.append(done.image)
-    return scan
-
-
-def _audit(scan: _Scan, data: Any, raw_dir: Path, on_leak: str | None = None) -> AuditReport:
-    tree = scan.tree
-    return audit(
-        scan.records,
-        bad_files=scan.bad,
+    done = _run_jobs(jobs, workers, progress)
+    good = [d for d in done if isinstance(d.found, ImageRecord)]
+    records, bad = [d.found for d in good], [d.found for d in done if isinstance(d.found, BadFile)]
+    report = audit(
+        records,
+        bad_files=bad,
         ignored=[(p.relative_to(tree.raw_dir).as_posix(), why) for p, why in tree.ignored],
         near_duplicate_distance=int(data.near_duplicate_distance),
         raw_dir=str(raw_dir),
-        on_leak=on_leak,
+        on_leak=data.on_leak,
     )
-
-
-def _raise_bad_files(bad: Sequence[BadFile]) -> None:
-    shown = "; ".join(b.reason.rstrip(".") for b in bad[:10])
-    more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
-    raise DataError(
-        f"{len(bad)} raw file(s) cannot be used: {shown}{more}.",
-        "fix or remove them (`dvc pull` restores tracked files), or pass --on-bad-file skip "
-        "(data.on_bad_file=skip) to leave them out; they are then listed in audit.json.",
-    )
+    return _Scan(tree, records, [d.image for d in good], bad, report)
 
 
 def mean_std(images: np.ndarray) -> tuple[float, float]:
     """Mean and standard deviation of uint8 pixels in 0..1 units (exact, via a histogram)."""
-    flat = images.reshape(-1)
-    hist = np.zeros(256, dtype=np.float64)
-    step = 1 << 22  # bincount makes an int64 copy: keep it to 32 MB at a time
-    for start in range(0, flat.size, step):
-        hist += np.bincount(flat[start : start + step], minlength=256)
+    flat, step = images.reshape(-1), 1 << 22  # bincount makes an int64 copy: 32 MB at a time
+    chunks = (np.bincount(flat[i : i + step], minlength=256) for i in range(0, flat.size, step))
+    hist = sum(chunks, np.zeros(256, dtype=np.float64))
     if hist.sum() == 0:
         raise DataError("cannot compute mean/std: the train split has no images.")
     values = np.arange(256, dtype=np.float64) / 255.0
@@ -225,49 +199,31 @@ class PreprocessResult:
     report: AuditReport
     counts: dict[str, int]
     seconds: float
-    spec: PreprocessSpec | None = None
+    spec: PreprocessSpec
 
 
-def _kept_splits(
-    scan: _Scan, kept: Sequence[ImageRecord], why: str, raw_dir: Path
-) -> dict[str, Split]:
-    """The kept images of each split as arrays; a split left empty is a DataError (`why`)."""
-    kept_ids = {id(r) for r in kept}
-    image_of = {id(r): img for r, img in zip(scan.records, scan.images, strict=True)}
+def _kept_splits(scan: _Scan, data: Any, raw_dir: Path) -> dict[str, Split]:
+    """The images data.on_leak keeps, per split (none left: a DataError)."""
+    dropped = {d.path for d in scan.report.dropped}
+    kept = [
+        (r, im) for r, im in zip(scan.records, scan.images, strict=True) if r.path not in dropped
+    ]
     splits: dict[str, Split] = {}
     for name in SPLITS:
-        rows = [r for r in scan.records if r.split == name and id(r) in kept_ids]
+        rows = [(r, image) for r, image in kept if r.split == name]
         if not rows:
             raise DataError(
-                f"split '{name}' has no usable images left {why}.",
+                f"split '{name}' has no usable images left ({len(scan.bad)} bad file(s) skipped, "
+                f"{len(dropped)} image(s) dropped by on_leak={data.on_leak}).",
                 f"check the raw folder '{raw_dir / name}' (`ctscan audit` lists the problems).",
             )
         splits[name] = Split(
-            images=np.stack([image_of[id(r)] for r in rows])[:, None],  # (N, 1, S, S) uint8
-            labels=np.array([CLASS_NAMES.index(r.label) for r in rows], dtype=np.int64),
-            paths=[r.path for r in rows],
-            hashes=[r.pixel_hash for r in rows],
+            images=np.stack([image for _, image in rows])[:, None],  # (N, 1, S, S) uint8
+            labels=np.array([CLASS_NAMES.index(r.label) for r, _ in rows], dtype=np.int64),
+            paths=[r.path for r, _ in rows],
+            hashes=[r.pixel_hash for r, _ in rows],
         )
     return splits
-
-
-def _apply_leak_policy(
-    scan: _Scan, data: Any, raw_dir: Path
-) -> tuple[AuditReport, dict[str, Split]]:
-    """The audit report and the images data.on_leak keeps, per split."""
-    report = _audit(scan, data, raw_dir)
-    kept, dropped = leak_policy(scan.records, data.on_leak, report.near_duplicates)
-    report.on_leak, report.dropped = data.on_leak, dropped
-    why = (
-        f"({len(scan.bad)} bad file(s) skipped, {len(dropped)} image(s) dropped by "
-        f"on_leak={data.on_leak})"
-    )
-    splits = _kept_splits(scan, kept, why, raw_dir)
-    report.kept_counts = {
-        s: {c: int((a.labels == i).sum()) for i, c in enumerate(CLASS_NAMES)}
-        for s, a in splits.items()
-    }
-    return report, splits
 
 
 def run_preprocess(
@@ -296,10 +252,18 @@ def run_preprocess(
     with folder_lock(out_dir.parent, error=DataError, **lock):
         check_store_target(out_dir, data=data, force=force)  # again: another may have written it
         scan = _scan(raw_dir, data, resize=True, workers=workers, progress=progress)
-        if scan.bad and data.on_bad_file == "error":
-            _raise_bad_files(scan.bad)
-        report, splits = _apply_leak_policy(scan, data, raw_dir)
-        spec = _spec(data, splits["train"].images)
+        if (bad := scan.bad) and data.on_bad_file == "error":
+            more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
+            raise DataError(
+                f"{len(bad)} raw file(s) cannot be used: "
+                f"{'; '.join(b.reason.rstrip('.') for b in bad[:10])}{more}.",
+                "fix or remove them (`dvc pull` restores tracked files), or pass --on-bad-file "
+                "skip (data.on_bad_file=skip) to leave them out; they are then listed in "
+                "audit.json.",
+            )
+        report, splits = scan.report, _kept_splits(scan, data, raw_dir)
+        mean, std = mean_std(splits["train"].images)
+        spec = PreprocessSpec(int(data.image_size), data.resize, mean, std, CLASS_NAMES)
         store_dir = write_store(
             out_dir,
             splits,
@@ -318,12 +282,6 @@ def run_preprocess(
     return PreprocessResult(store_dir, report, counts, time.perf_counter() - start, spec)
 
 
-def _spec(data: Any, train_images: np.ndarray) -> PreprocessSpec:
-    """The preprocessing spec of a new store: the data settings and the train split's mean/std."""
-    mean, std = mean_std(train_images)
-    return PreprocessSpec(int(data.image_size), data.resize, mean, std, CLASS_NAMES)
-
-
 def run_audit(
     settings: Any,
     raw_dir: Path | str | None = None,
@@ -335,5 +293,4 @@ def run_audit(
     report also shows what data.on_leak would drop."""
     data = settings.data
     raw_dir = Path(raw_dir if raw_dir is not None else settings.paths.raw_dir)
-    scan = _scan(raw_dir, data, resize=False, workers=workers, progress=progress)
-    return _audit(scan, data, raw_dir, on_leak=data.on_leak)
+    return _scan(raw_dir, data, resize=False, workers=workers, progress=progress).report

@@ -10,16 +10,14 @@ This module imports no torch: it runs in preprocessing workers and in `ctscan au
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ctscan import CLASS_NAMES
 from ctscan.errors import DataError, close_matches
 
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
-IMAGE_SUFFIXES: frozenset[str] = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-)
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 FETCH_FIX = "run `dvc pull` (or `make data`) to fetch the images, or point paths.raw_dir at them."
 
 _SEPARATORS = re.compile(r"[\s._\-]+")
@@ -53,16 +51,12 @@ class RawTree:
 
     raw_dir: Path
     images: list[RawImage]
-    ignored: list[tuple[Path, str]] = field(default_factory=list)
-
-
-def _tokens(folder: str) -> list[str]:
-    return [t for t in _SEPARATORS.split(folder.strip().lower()) if t]
+    ignored: list[tuple[Path, str]]
 
 
 def canonical_label(folder: str) -> str:
     """Map a class-folder name (long or short Kaggle name, any case or separator) to its label."""
-    tokens = _tokens(folder)
+    tokens = [t for t in _SEPARATORS.split(folder.strip().lower()) if t]
     for class_tokens, name in _CLASS_TOKENS.items():
         n = len(class_tokens)
         if tuple(tokens[:n]) == class_tokens:
@@ -73,17 +67,13 @@ def canonical_label(folder: str) -> str:
             continue
         if all(t in _LOCATION_WORDS or _STAGE_WORD.match(t) for t in rest):
             return name
-    compact = "_".join(tokens)
     raise DataError(
         f"class folder '{folder}' is not one of the known classes ({', '.join(CLASS_NAMES)}; "
         "dots, dashes, spaces and any case are fine, optionally followed by a location/stage "
-        f"suffix such as '_left.hilum_T2_N2_M0_IIIa').{close_matches(compact, CLASS_NAMES)}",
+        "suffix such as '_left.hilum_T2_N2_M0_IIIa')."
+        + close_matches("_".join(tokens), CLASS_NAMES),
         "rename the folder to one of the accepted names or remove it.",
     )
-
-
-def _is_hidden(path: Path) -> bool:
-    return path.name.startswith(".")
 
 
 def scan_raw(raw_dir: Path | str) -> RawTree:
@@ -93,10 +83,8 @@ def scan_raw(raw_dir: Path | str) -> RawTree:
         what = "is not a folder" if raw_dir.exists() else "does not exist"
         raise DataError(f"raw data folder '{raw_dir}' {what}.", FETCH_FIX)
     images: list[RawImage] = []
-    ignored: list[tuple[Path, str]] = []
-    for entry in sorted(raw_dir.iterdir()):
-        if entry.name not in SPLITS:
-            ignored.append((entry, "not a split folder (train, valid, test)"))
+    why = "not a split folder (train, valid, test)"
+    ignored = [(entry, why) for entry in sorted(raw_dir.iterdir()) if entry.name not in SPLITS]
     for split in SPLITS:
         split_dir = raw_dir / split
         if not split_dir.is_dir():
@@ -115,7 +103,7 @@ def _scan_split(split_dir: Path, split: str, ignored: list[tuple[Path, str]]) ->
     folder_of: dict[str, Path] = {}
     class_dirs = []
     for entry in sorted(split_dir.iterdir()):
-        if _is_hidden(entry):
+        if entry.name.startswith("."):
             ignored.append((entry, "hidden file"))
         elif entry.is_dir():
             class_dirs.append(entry)
@@ -141,7 +129,7 @@ def _scan_split(split_dir: Path, split: str, ignored: list[tuple[Path, str]]) ->
         index = CLASS_NAMES.index(label)
         before = len(found)
         for item in sorted(class_dir.iterdir()):
-            if _is_hidden(item):
+            if item.name.startswith("."):
                 ignored.append((item, "hidden file"))
             elif item.is_dir():
                 ignored.append((item, "folder inside a class folder (not searched)"))

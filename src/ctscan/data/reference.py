@@ -56,8 +56,8 @@ _CHUNK_PIXELS = 1 << 22  # images per chunk: ~4 M pixels (a 32 MB int64 histogra
 _FIX = "run `ctscan preprocess` to rebuild the processed store (it writes reference.json)."
 
 
-def features_matrix(images: np.ndarray) -> np.ndarray:
-    """FEATURES of each image as a float64 (N, F) matrix; images (N, 1, S, S) or (N, S, S) uint8."""
+def _gray_stack(images: Any) -> np.ndarray:
+    """(N, 1, S, S) or (N, S, S) uint8 images as an (N, S, S) array."""
     images = np.asarray(images)
     if images.ndim == 4 and images.shape[1] == 1:
         images = images[:, 0]
@@ -65,17 +65,18 @@ def features_matrix(images: np.ndarray) -> np.ndarray:
         raise ValueError(
             f"expected uint8 images (N, 1, S, S) or (N, S, S), got {images.dtype} {images.shape}"
         )
+    return images
+
+
+def features_matrix(images: np.ndarray) -> np.ndarray:
+    """FEATURES of each image as a float64 (N, F) matrix; images (N, 1, S, S) or (N, S, S) uint8."""
+    images = _gray_stack(images)
     n, height, width = images.shape
-    out = np.empty((n, len(FEATURES)), dtype=np.float64)
-    pixels = height * width
-    if n == 0 or pixels == 0:
-        if pixels == 0 and n:
-            raise ValueError(f"images have no pixels: {images.shape}")
-        return out
-    step = max(1, _CHUNK_PIXELS // pixels)
-    for start in range(0, n, step):
-        out[start : start + step] = _chunk_features(images[start : start + step])
-    return out
+    if n and not height * width:
+        raise ValueError(f"images have no pixels: {images.shape}")
+    step = max(1, _CHUNK_PIXELS // max(1, height * width))
+    chunks = [_chunk_features(images[start : start + step]) for start in range(0, n, step)]
+    return np.concatenate(chunks) if chunks else np.empty((0, len(FEATURES)))
 
 
 def _chunk_features(images: np.ndarray) -> np.ndarray:
@@ -107,17 +108,6 @@ def _chunk_features(images: np.ndarray) -> np.ndarray:
     return np.stack([cols[name] for name in FEATURES], axis=1)
 
 
-def image_features(image: np.ndarray) -> dict[str, float]:
-    """FEATURES of one (S, S) uint8 gray image (as the model sees it), by name."""
-    image = np.asarray(image)
-    if image.ndim == 3 and image.shape[0] == 1:
-        image = image[0]
-    if image.ndim != 2 or image.dtype != np.uint8:
-        raise ValueError(f"expected one uint8 image (S, S), got {image.dtype} {image.shape}")
-    row = features_matrix(image[None])[0]
-    return {name: float(v) for name, v in zip(FEATURES, row, strict=True)}
-
-
 def build_reference(
     train_images: np.ndarray, *, max_samples: int = MAX_SAMPLES, seed: int = 0
 ) -> dict[str, Any]:
@@ -126,16 +116,10 @@ def build_reference(
     `train_images`: (N, 1, S, S) or (N, S, S) uint8. At most `max_samples` images are drawn
     without replacement (all of them when N <= max_samples), reproducibly from `seed`.
     """
-    images = np.asarray(train_images)
-    if images.ndim == 4 and images.shape[1] == 1:
-        images = images[:, 0]
-    if images.ndim != 3 or images.dtype != np.uint8 or images.shape[1] != images.shape[2]:
-        raise ValueError(f"expected uint8 images (N, 1, S, S), got {images.dtype} {images.shape}")
-    if len(images) == 0:
-        raise DataError("cannot build the drift reference: the train split has no images.")
-    if max_samples < 1:
-        raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+    images = _gray_stack(train_images)
     n_images = len(images)
+    if n_images == 0:
+        raise DataError("cannot build the drift reference: the train split has no images.")
     if n_images > max_samples:
         chosen = np.sort(np.random.default_rng(seed).choice(n_images, max_samples, replace=False))
         images = images[chosen]
@@ -170,16 +154,13 @@ def check_reference(reference: Any, *, source: str = "the drift reference") -> d
     features, samples, n = reference["features"], reference["samples"], reference["n"]
     if not isinstance(features, list) or not features:
         raise bad("'features' must be a non-empty list of names")
-    unknown = [f for f in features if f not in FEATURES]
-    if unknown:
+    if unknown := [f for f in features if f not in FEATURES]:
         raise bad(f"unknown feature(s) {unknown}; known: {', '.join(FEATURES)}")
     if len(set(features)) != len(features):
         raise bad("'features' lists a name twice")
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise bad(f"'n' must be a positive integer, got {n!r}")
-    size = reference["image_size"]
-    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-        raise bad(f"'image_size' must be a positive integer, got {size!r}")
+    for key in ("n", "image_size"):
+        if not isinstance(value := reference[key], int) or isinstance(value, bool) or value < 1:
+            raise bad(f"'{key}' must be a positive integer, got {value!r}")
     if not isinstance(samples, Mapping) or set(samples) != set(features):
         raise bad("'samples' must hold one list per name in 'features'")
     for name in features:

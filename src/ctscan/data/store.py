@@ -52,12 +52,11 @@ AUDIT_FILE = "audit.json"
 PREPROCESS = "ctscan preprocess"
 
 
-def rebuild_fix(command: str = PREPROCESS) -> str:
+def rebuild_fix(command: str) -> str:
     """The fix of a missing, broken or outdated store: `command` builds it where it belongs."""
     return f"run `{command}` to rebuild the processed store."
 
 
-PREPROCESS_FIX = rebuild_fix()
 STORE_FIX = (
     "choose another --out folder (paths.processed_dir): a new folder or an existing store, "
     "in a place you can write to."
@@ -65,8 +64,6 @@ STORE_FIX = (
 # The `data` settings that change the stored tensors. The bad-file settings and
 # near_duplicate_distance do not: what a store left out is listed in its meta.json.
 TENSOR_KEYS: tuple[str, ...] = ("image_size", "resize", "on_leak")
-RAW_VERIFIED = "verified"
-RAW_NOT_RECORDED = "not checked: the store records no raw folder"
 
 
 @dataclass
@@ -85,10 +82,8 @@ class Split:
 def raw_fingerprint(source: Path | str | Sequence[RawImage]) -> str:
     """SHA-256 of the relative paths and byte sizes of the raw images (see the module doc)."""
     images = discover(source) if isinstance(source, (str, Path)) else list(source)
-    h = hashlib.sha256()
-    for rel, size in sorted((img.relpath, img.path.stat().st_size) for img in images):
-        h.update(f"{rel}\t{size}\n".encode())
-    return h.hexdigest()
+    rows = sorted((img.relpath, img.path.stat().st_size) for img in images)
+    return hashlib.sha256("".join(f"{rel}\t{size}\n" for rel, size in rows).encode()).hexdigest()
 
 
 _DVC_MD5 = re.compile(r"^\s*-?\s*md5:\s*([0-9a-f]{32}(?:\.dir)?)\s*$", re.MULTILINE)
@@ -115,8 +110,7 @@ def find_dvc_file(path: Path | str) -> Path | None:
 
 def find_dvc_hash(raw_dir: Path | str) -> str | None:
     """The md5 recorded by the `.dvc` file that tracks `raw_dir` (see `find_dvc_file`), or None."""
-    dvc_file = find_dvc_file(Path(raw_dir).resolve())
-    return read_dvc_md5(dvc_file) if dvc_file is not None else None
+    return read_dvc_md5(found) if (found := find_dvc_file(Path(raw_dir).resolve())) else None
 
 
 def _write_file(path: Path, write: Any) -> None:
@@ -159,8 +153,7 @@ def check_store_target(
     """
     out_dir = Path(out_dir)
     what = f"processed store folder '{out_dir}'"
-    problem = folder_problem(out_dir, create=False)
-    if problem is not None:
+    if (problem := folder_problem(out_dir, create=False)) is not None:
         raise DataError(f"{what} {problem}.", STORE_FIX)
     if not _looks_like_store(out_dir):
         raise DataError(
@@ -168,17 +161,14 @@ def check_store_target(
             "set paths.processed_dir (or --out) to a new folder or remove that one.",
         )
     meta = _read_meta(out_dir) if data is not None and not force else None
-    stale = stale_keys(meta, data) if meta is not None else []
-    if stale:
+    if meta is not None and (stale := stale_keys(meta, data)):
         raise DataError(
             f"the processed store at '{out_dir}' was built with other settings ("
-            + "; ".join(stale)
-            + "); refusing to replace it (the checkpoints trained on it read it).",
+            f"{'; '.join(stale)}); refusing to replace it (the checkpoints trained on it read it).",
             f"write the new store elsewhere (--out {_free_folder(out_dir, _tag(stale, data))}), or "
             "pass --force to replace this one.",
         )
-    problem = folder_problem(out_dir.parent)  # the store itself appears by a rename
-    if problem is not None:
+    if (problem := folder_problem(out_dir.parent)) is not None:  # the store appears by a rename
         raise DataError(f"{what} {problem}.", STORE_FIX)
     return out_dir
 
@@ -271,8 +261,7 @@ def write_store(
     """Write the store atomically to `out_dir` (replacing an older store there) and return it."""
     out_dir = check_store_target(out_dir)
     for name, split in splits.items():
-        problem = _shape_problem(split, spec.image_size)
-        if problem is not None:
+        if (problem := _shape_problem(split, spec.image_size)) is not None:
             raise ValueError(f"split '{name}' has {problem}")
     raw_abs = Path(raw_dir).resolve() if raw_dir is not None else None
     try:
@@ -337,14 +326,11 @@ class Store:
     "not checked: ...".
     """
 
-    def __init__(self, path: Path, meta: dict[str, Any], index: dict[str, Any]) -> None:
-        self.path = path
-        self.meta = meta
-        self._index = index
+    def __init__(self, path: Path, meta: dict[str, Any], index: dict[str, Any], fix: str) -> None:
+        self.path, self.meta, self._index, self.rebuild_fix = path, meta, index, fix
         self._splits: dict[str, Split] = {}
         self.raw_check: str = "not checked: opened without the raw-image check"
         self.raw_dir: Path | None = None
-        self.rebuild_fix = PREPROCESS_FIX  # what a broken split says to run
 
     @property
     def raw_warning(self) -> str | None:
@@ -352,16 +338,6 @@ class Store:
         if not self.raw_check.startswith("raw folder not found"):
             return None
         return f"processed store '{self.path}' not checked against its raw images: {self.raw_check}"
-
-    @property
-    def skipped(self) -> list[dict[str, Any]]:
-        """The raw files preprocess left out as bad (`--on-bad-file skip`), with the reason."""
-        return [dict(s) for s in self.meta.get("skipped", [])]
-
-    @property
-    def dropped(self) -> list[dict[str, Any]]:
-        """The raw files data.on_leak=drop removed, with the reason."""
-        return [dict(d) for d in self.meta.get("dropped", [])]
 
     @property
     def spec(self) -> PreprocessSpec:
@@ -388,41 +364,36 @@ class Store:
         path = self.path / REFERENCE_FILE
         return load_reference(path) if path.is_file() else None
 
-    def _require_split(self, name: str) -> None:
+    def identities(self, name: str) -> tuple[list[str], list[str]]:
+        """The paths and pixel hashes of one split, from the index: no image or label is read
+        (what the fold grouping may see of the test split before the test is read)."""
         if name not in self._index:
             raise DataError(
                 f"split '{name}' is not in the store at '{self.path}' "
                 f"(it has {', '.join(self.split_names)}).",
                 "use one of those splits.",
             )
-
-    def identities(self, name: str) -> tuple[list[str], list[str]]:
-        """The paths and pixel hashes of one split, from the index: no image or label is read
-        (what the fold grouping may see of the test split before the test is read)."""
-        self._require_split(name)
         return list(self._index[name]["paths"]), list(self._index[name]["pixel_hashes"])
 
     def split(self, name: str) -> Split:
         """The images, labels, paths and pixel hashes of one split (loaded once, then cached)."""
         import torch
 
-        self._require_split(name)
         if name not in self._splits:
-            split = Split(
-                self._load_array(f"{name}_images.npy"),
-                self._load_array(f"{name}_labels.npy"),
-                *self.identities(name),
+            paths, hashes = self.identities(name)  # an unknown split is refused here
+            images, labels = (
+                self._load_array(f"{name}_{kind}.npy") for kind in ("images", "labels")
             )
-            problem = _shape_problem(split, self.spec.image_size, self.spec.channels)
-            if problem is not None:
+            split = Split(images, labels, paths, hashes)
+            spec = self.spec
+            if (problem := _shape_problem(split, spec.image_size, spec.channels)) is not None:
                 raise DataError(
                     f"the store at '{self.path}' is inconsistent: split '{name}' has {problem}.",
                     self.rebuild_fix,
                 )
-            labels = split.labels
-            if len(split) and (labels.min() < 0 or labels.max() >= len(self.spec.class_names)):
+            if len(split) and (labels.min() < 0 or labels.max() >= len(spec.class_names)):
                 raise DataError(f"split '{name}' has labels out of range.", self.rebuild_fix)
-            split.images, split.labels = torch.from_numpy(split.images), torch.from_numpy(labels)
+            split.images, split.labels = torch.from_numpy(images), torch.from_numpy(labels)
             self._splits[name] = split
         return self._splits[name]
 
@@ -436,7 +407,7 @@ class Store:
             ) from None
 
 
-def _corrupt(store_dir: Path, what: str, fix: str = PREPROCESS_FIX) -> DataError:
+def _corrupt(store_dir: Path, what: str, fix: str) -> DataError:
     return DataError(f"the processed store at '{store_dir}' is corrupt or partial: {what}.", fix)
 
 
@@ -455,48 +426,19 @@ def stale_keys(meta: Mapping[str, Any], expect_data: Mapping[str, Any] | Any) ->
     ]
 
 
-def _check_raw_fingerprint(
-    store_dir: Path,
-    meta: Mapping[str, Any],
-    fingerprint: str,
-    raw_dir: Path | None = None,
-    fix: str = PREPROCESS_FIX,
-) -> None:
-    """Refuse a store built from other raw images than those with `fingerprint`."""
-    if meta["raw_fingerprint"] != fingerprint:
-        where = f"raw folder '{raw_dir}', " if raw_dir is not None else ""
-        raise DataError(
-            f"the raw images changed since the processed store at '{store_dir}' was built "
-            f"({where}raw fingerprint {meta['raw_fingerprint'][:12]} != {fingerprint[:12]}).",
-            fix,
-        )
-
-
-def raw_dir_candidates(store_dir: Path | str, meta: Mapping[str, Any]) -> list[Path]:
-    """Where the raw folder a store was built from may be, best first (they need not exist):
-    the absolute path recorded, then the path relative to the store."""
-    if not meta.get("raw_dir"):
-        return []
-    found = [Path(meta["raw_dir"])]
-    if meta.get("raw_dir_from_store"):
-        found.append(Path(os.path.normpath(Path(store_dir).resolve() / meta["raw_dir_from_store"])))
-    return list(dict.fromkeys(found))
-
-
-def check_raw(
-    store_dir: Path | str, meta: Mapping[str, Any], command: str = PREPROCESS
-) -> tuple[str, Path | None]:
+def check_raw(store_dir: Path, meta: Mapping[str, Any], command: str) -> tuple[str, Path | None]:
     """Check a store against its raw folder: ("verified", folder) or (why not checked, None).
 
     A DataError when the raw folder is found and its images changed (or cannot be read). A raw
     folder not on disk (a copied store) is no error: the note says so, with the data version
     the nearest `.dvc` file records.
     """
-    store_dir = Path(store_dir)
-    candidates = raw_dir_candidates(store_dir, meta)
-    if not candidates:
-        return RAW_NOT_RECORDED, None
-    for folder in candidates:
+    if not meta.get("raw_dir"):
+        return "not checked: the store records no raw folder", None
+    candidates = [Path(meta["raw_dir"])]  # the absolute path recorded, then relative to the store
+    if meta.get("raw_dir_from_store"):
+        candidates.append(Path(os.path.normpath(store_dir.resolve() / meta["raw_dir_from_store"])))
+    for folder in dict.fromkeys(candidates):
         if folder.is_dir():
             try:
                 fingerprint = raw_fingerprint(folder)
@@ -506,13 +448,18 @@ def check_raw(
                     f"from cannot be checked: {exc.message}",
                     f"restore the raw images (`dvc pull`) or run `{command}` to rebuild the store.",
                 ) from None
-            _check_raw_fingerprint(store_dir, meta, fingerprint, folder, rebuild_fix(command))
-            return RAW_VERIFIED, folder
+            if meta["raw_fingerprint"] != fingerprint:
+                raise DataError(
+                    f"the raw images changed since the processed store at '{store_dir}' was "
+                    f"built (raw folder '{folder}', raw fingerprint "
+                    f"{meta['raw_fingerprint'][:12]} != {fingerprint[:12]}).",
+                    rebuild_fix(command),
+                )
+            return "verified", folder
     note = f"raw folder not found: '{candidates[0]}'"
-    dvc_files = [f for f in map(find_dvc_file, candidates) if f and read_dvc_md5(f)]
-    if dvc_files:
-        dvc_file, stored_md5 = dvc_files[0], meta.get("dvc_md5")
-        md5 = read_dvc_md5(dvc_file)
+    found = [(f, md5) for f in map(find_dvc_file, candidates) if f and (md5 := read_dvc_md5(f))]
+    if found:
+        (dvc_file, md5), stored_md5 = found[0], meta.get("dvc_md5")
         if stored_md5 == md5:
             note += f"; '{dvc_file}' records the data version the store was built from ({md5})"
         else:
@@ -563,16 +510,14 @@ def load_store(
     store_dir: Path | str,
     *,
     expect_data: Mapping[str, Any] | Any | None = None,
-    raw_fingerprint: str | None = None,
     verify: bool = True,
     command: str = PREPROCESS,
 ) -> Store:
     """Open a processed store, refusing a missing, corrupt, partial or stale one.
 
     `expect_data`: the `data` settings (dict or DataSettings) the caller runs with; keys in
-    TENSOR_KEYS must match. `raw_fingerprint`: if given, must equal the one the store was built
-    from. `verify`: check every file's sha256. `command`: the preprocess command (with the
-    caller's -s / --set) that builds this store, named in every fix.
+    TENSOR_KEYS must match. `verify`: check every file's sha256. `command`: the preprocess
+    command (with the caller's -s / --set) that builds this store, named in every fix.
     """
     store_dir = Path(store_dir)
     fix = rebuild_fix(command)
@@ -582,27 +527,17 @@ def load_store(
         raise DataError(f"no processed store at '{store_dir}'{hint}.", f"run `{command}`.")
     meta, index = _read_store_json(store_dir, fix)
     _check_files(store_dir, meta["files"], verify, fix)
-    stale = stale_keys(meta, expect_data) if expect_data is not None else []
-    if stale:  # never "rebuild it": that would take the store from the runs trained on it
+    if expect_data is not None and (stale := stale_keys(meta, expect_data)):
+        # never "rebuild it": that would take the store from the runs trained on it
         new = _free_folder(store_dir, _tag(stale, expect_data))
         raise DataError(
             f"the processed store at '{store_dir}' was built with other settings: "
-            + "; ".join(stale)
-            + ".",
+            f"{'; '.join(stale)}.",
             f"change the settings back, or give these settings a store of their own: "
             f"`{command} --out {new}`, then add `--set paths.processed_dir={new}` here.",
         )
-    if raw_fingerprint is not None:
-        _check_raw_fingerprint(store_dir, meta, raw_fingerprint, fix=fix)
     PreprocessSpec.from_dict(meta["spec"])  # refuse a bad spec now, not at first use
-    store = Store(store_dir, meta, index)
-    store.rebuild_fix = fix
-    return store
-
-
-def store_files(store_dir: Path | str) -> dict[str, int]:
-    """Bytes on disk of every file in the store, by name."""
-    return {p.name: p.stat().st_size for p in sorted(Path(store_dir).iterdir()) if p.is_file()}
+    return Store(store_dir, meta, index, fix)
 
 
 def open_store(
@@ -679,8 +614,7 @@ def _found_above(recorded: str | None, model: Any) -> list[Path]:
     path = Path(recorded)
     if path.is_absolute():
         return [path]
-    found = [path, *[f / path for s in _sources(model) for f in Path(s).resolve().parents]]
-    return _unique(found)
+    return _unique([path, *[f / path for s in _sources(model) for f in Path(s).resolve().parents]])
 
 
 def _sources(model: Any) -> list[str]:
@@ -705,14 +639,12 @@ def _store_mismatch(
         return f"no processed store is at {what}"
     meta = _read_meta(path)
     try:
-        held = PreprocessSpec.from_dict(meta["spec"]) if meta else None
-    except (DataError, KeyError, TypeError):
-        return None
-    if held is None:
+        held = PreprocessSpec.from_dict(meta["spec"])
+    except (DataError, KeyError, TypeError):  # no meta.json (None) or a broken spec
         return None
     if held != spec:
         return f"the store at {what} holds {_describe(held)}"
-    stale = stale_keys(meta or {}, data)
+    stale = stale_keys(meta, data)
     return f"the store at {what} was built with {'; '.join(stale)}" if stale else None
 
 
@@ -720,17 +652,14 @@ def _describe(spec: PreprocessSpec) -> str:
     return f"{spec.image_size} px, resize {spec.resize}, mean {spec.mean:.6g}, std {spec.std:.6g}"
 
 
-def _run_file(model: Any) -> Path | None:
-    """The `settings.toml` beside the checkpoint (or an ensemble member): its run's settings."""
-    files = [Path(s).parent / "settings.toml" for s in _sources(model)]
-    return next((f.resolve() for f in files if f.is_file()), None)
-
-
 def _build(model: Any, out: Path) -> str:
     """The preprocess command that builds the model's store at `out`: its run's settings (or
     its `data` settings), with absolute paths, so it works from any folder."""
     spec, trained = model.spec, model.settings or {}
-    data, run = trained.get("data") or {}, _run_file(model)
+    data = trained.get("data") or {}
+    # its run's settings: the settings.toml beside the checkpoint (or an ensemble member)
+    runs = [Path(s).parent / "settings.toml" for s in _sources(model)]
+    run = next((f.resolve() for f in runs if f.is_file()), None)
     if run is not None:
         command = f"{PREPROCESS} -s {quote(str(run))}"
         raws = _found_above((trained.get("paths") or {}).get("raw_dir"), model)

@@ -42,10 +42,9 @@ if TYPE_CHECKING:
 RESIZE_POLICIES: tuple[str, ...] = ("pad", "stretch", "crop")
 RESAMPLE = Image.Resampling.BILINEAR
 DECODE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")  # JPEG covers MPO
-_HIGH_DEPTH_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
-_ALPHA_MODES = frozenset({"LA", "RGBA"})
 # PNG (colour type, bit depth) -> the mode Pillow gives it, for the layouts libspng decodes
 _SPNG_MODES = {(0, 8): "L", (0, 16): "I;16", (2, 8): "RGB", (4, 8): "LA", (6, 8): "RGBA"}
+_BROKEN = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)  # Pillow's
 
 
 @dataclass(frozen=True)
@@ -61,12 +60,7 @@ class DecodeLimits:
         return cls(max_pixels=int(data.max_image_pixels), max_bytes=int(data.max_file_bytes))
 
 
-DEFAULT_LIMITS = DecodeLimits()
-
-
-def _read_source(source: Path | bytes, max_bytes: int, name: str) -> bytes:
-    upload = isinstance(source, (bytes, bytearray, memoryview))
-
+def _read_source(source: Path | bytes, max_bytes: int, name: str, upload: bool) -> bytes:
     def too_big(size: int) -> DataError:
         remedy = "send a smaller image" if upload else "remove the file"
         return DataError(
@@ -94,11 +88,8 @@ def _read_source(source: Path | bytes, max_bytes: int, name: str) -> bytes:
 def _damaged_file(problem: str, *, upload: bool) -> DataError:
     """An empty or cut-off file, with the fix its holder can apply: the sender of an upload
     (an HTTP client, a caller passing bytes) sends it again; a file on disk is restored."""
-    if upload:
-        return DataError(
-            problem, "send the whole file again (the upload ended early or was damaged)."
-        )
-    return DataError(problem, "restore the file (`dvc pull`) or remove it.")
+    resend = "send the whole file again (the upload ended early or was damaged)."
+    return DataError(problem, resend if upload else "restore the file (`dvc pull`) or remove it.")
 
 
 def _claimed_size(data: bytes) -> tuple[int, int] | None:
@@ -108,13 +99,9 @@ def _claimed_size(data: bytes) -> tuple[int, int] | None:
     header without `Image.open`'s bomb check and decode no pixel. None if no plugin reads it.
     """
     Image.init()
-    prefix = data[:16]
-    for fmt in DECODE_FORMATS:
-        factory, accept = Image.OPEN.get(fmt, (None, None))
-        if factory is None:
-            continue
+    for factory, accept in [Image.OPEN[fmt] for fmt in DECODE_FORMATS if fmt in Image.OPEN]:
         try:
-            ok = accept(prefix) if accept is not None else True
+            ok = accept(data[:16]) if accept is not None else True
             if not ok or isinstance(ok, str):
                 continue
             with warnings.catch_warnings():
@@ -156,8 +143,8 @@ def _too_many_pixels(name: str, size: tuple[int, int] | None, max_pixels: int) -
 def decode_image(
     source: Path | bytes,
     *,
-    max_pixels: int = DEFAULT_LIMITS.max_pixels,
-    max_bytes: int = DEFAULT_LIMITS.max_bytes,
+    max_pixels: int = DecodeLimits.max_pixels,
+    max_bytes: int = DecodeLimits.max_bytes,
     name: str | None = None,
 ) -> Image.Image:
     """Decode an image file or bytes into a loaded PIL image, refusing bombs and broken files.
@@ -165,9 +152,9 @@ def decode_image(
     The returned image keeps `format` (e.g. "PNG") and the mode the file was stored in. Only the
     first frame of a multi-frame file is decoded.
     """
-    if name is None:
-        name = "the image" if isinstance(source, (bytes, bytearray, memoryview)) else f"'{source}'"
-    data = _read_source(source, max_bytes, name)
+    upload = isinstance(source, (bytes, bytearray, memoryview))
+    name = name or ("the image" if upload else f"'{source}'")
+    data = _read_source(source, max_bytes, name, upload)
     # Opening reads the header only; ctscan's pixel limit is checked before any pixel is decoded.
     # Pillow's own bomb check runs inside `open`: its warning (above MAX_IMAGE_PIXELS) is silenced
     # here, its error (above twice that) becomes ctscan's message.
@@ -182,7 +169,7 @@ def decode_image(
             ) from None
         except Image.DecompressionBombError:
             raise _too_many_pixels(name, _claimed_size(data), max_pixels) from None
-        except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
+        except _BROKEN as exc:
             raise DataError(
                 f"{name} has a broken header: {exc}.", "remove or replace it."
             ) from None
@@ -191,8 +178,7 @@ def decode_image(
             img.close()
             raise _too_many_pixels(name, (width, height), max_pixels)
         fmt = img.format
-        fast = _decode_png(data, img) if fmt == "PNG" else None
-        if fast is not None:
+        if fmt == "PNG" and (fast := _decode_png(data, img)) is not None:
             img.close()
             return fast
         try:
@@ -200,12 +186,10 @@ def decode_image(
         except Image.DecompressionBombError:  # a plugin that checks again while loading
             img.close()
             raise _too_many_pixels(name, (width, height), max_pixels) from None
-        except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
+        except _BROKEN as exc:
             img.close()
-            raise _damaged_file(
-                f"{name} is truncated or corrupt ({fmt or 'unknown format'}): {exc}.",
-                upload=isinstance(source, (bytes, bytearray, memoryview)),
-            ) from None
+            problem = f"{name} is truncated or corrupt ({fmt or 'unknown format'}): {exc}."
+            raise _damaged_file(problem, upload=upload) from None
     return img
 
 
@@ -232,8 +216,7 @@ def _png_layout(data: bytes) -> tuple[int, int] | None:
 def _decode_png(data: bytes, img: Image.Image) -> Image.Image | None:
     """The pixels of a PNG Pillow has opened, decoded by libspng in the same mode; None for a
     layout it does not take or a file it cannot read (Pillow then decodes it or says why)."""
-    layout = _png_layout(data)
-    if layout is None or _SPNG_MODES.get(layout) != img.mode:
+    if _SPNG_MODES.get(_png_layout(data)) != img.mode:  # None: a layout libspng does not take
         return None
     try:
         import pyspng
@@ -264,13 +247,12 @@ def to_gray(img: Image.Image) -> np.ndarray:
     mode = img.mode
     if mode == "L":
         gray = np.asarray(img)
-    elif mode in _HIGH_DEPTH_MODES or mode.startswith("I;"):
+    elif mode in ("I", "F") or mode.startswith("I;"):  # 16/32-bit integer, float
         gray = _stretch(np.asarray(img))
-    elif mode == "P":
-        return to_gray(img.convert("RGBA" if "transparency" in img.info else "RGB"))
-    elif mode == "PA":
-        return to_gray(img.convert("RGBA"))
-    elif mode in _ALPHA_MODES:
+    elif mode in ("P", "PA"):  # via RGB(A): transparency as alpha
+        opaque = mode == "P" and "transparency" not in img.info
+        return to_gray(img.convert("RGB" if opaque else "RGBA"))
+    elif mode in ("LA", "RGBA"):
         gray = np.asarray(img.convert("L"))  # luma, alpha ignored
         alpha = np.asarray(img.getchannel("A"))
         if alpha.min() < 255:  # composite over black
@@ -349,9 +331,7 @@ class PreprocessSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (class_names as a list)."""
-        d = asdict(self)
-        d["class_names"] = list(self.class_names)
-        return d
+        return {**asdict(self), "class_names": list(self.class_names)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessSpec:
@@ -383,15 +363,14 @@ def prepare(
     spec: PreprocessSpec | int,
     *,
     resize: str = "pad",
-    limits: DecodeLimits = DEFAULT_LIMITS,
+    limits: DecodeLimits = DecodeLimits(),
     name: str | None = None,
 ) -> np.ndarray:
     """Decode, gray and resize one image file or upload: (S, S) uint8, as `spec` says (or a
     side length `spec` with `resize`)."""
     if isinstance(spec, PreprocessSpec):
         spec, resize = spec.image_size, spec.resize
-    img = decode_image(source, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes, name=name)
-    with img:
+    with decode_image(source, **asdict(limits), name=name) as img:  # max_pixels, max_bytes
         return resize_square(to_gray(img), int(spec), resize)
 
 
