@@ -256,7 +256,8 @@ async def ready(service: ServiceDep) -> Any:
 
 
 RAW_TYPES = ("image/png", "image/jpeg", "application/dicom", "application/octet-stream")  # bodies
-_BINARY = {"type": "string", "format": "binary", "description": "PNG/JPEG/DICOM"}
+BINARY = {"type": "string", "format": "binary"}
+_BINARY = {**BINARY, "description": "PNG/JPEG/DICOM"}
 _FORM = {"type": "object", "required": ["file"], "properties": {"file": _BINARY}}
 PREDICT_BODY = {
     "required": True,
@@ -328,7 +329,7 @@ async def predict_batch(
     response_class=Response,
     responses={
         200: {
-            "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+            "content": {"image/png": {"schema": BINARY}},
             "description": "Grad-CAM overlay PNG of the class explained: `target` when sent, "
             "else the predicted class",
             "headers": {
@@ -434,6 +435,10 @@ async def model_ready(name: ServedModel, service: ServiceDep) -> Response:
     return Response(status_code=200)
 
 
+def _json_or_binary(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}, "application/octet-stream": {"schema": BINARY}}
+
+
 @v2_models.post(
     "/infer",
     response_class=Response,
@@ -441,10 +446,7 @@ async def model_ready(name: ServedModel, service: ServiceDep) -> Response:
         200: {
             "description": "probabilities (FP32 [B, C]): JSON, or the binary data extension "
             "(JSON header of Inference-Header-Content-Length bytes, then the raw floats)",
-            "content": {
-                "application/json": {"schema": kserve.INFER_RESPONSE_SCHEMA},
-                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-            },
+            "content": _json_or_binary(kserve.INFER_RESPONSE_SCHEMA),
         },
         **_errors(400, 401, 404, 413, 415, 422, 503),
     },
@@ -453,10 +455,7 @@ async def model_ready(name: ServedModel, service: ServiceDep) -> Response:
             "required": True,
             "description": "JSON, or the binary data extension: the JSON header (its length "
             "in the Inference-Header-Content-Length header), then the raw tensors",
-            "content": {
-                "application/json": {"schema": kserve.INFER_REQUEST_SCHEMA},
-                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-            },
+            "content": _json_or_binary(kserve.INFER_REQUEST_SCHEMA),
         }
     },
 )
@@ -545,7 +544,8 @@ def create_app(service: Service) -> FastAPI:
     _install_error_handlers(app)
     # outside BodyLimit: counts its 413s
     app.add_middleware(RequestTiming, metrics=service.metrics, routers=ROUTERS)
-    token = [Depends(_token_check(serve.token))]  # no security scheme at all without a token
+    # no security scheme at all without a token
+    token = [Depends(_token_check(serve.token))] if serve.token else []
     app.include_router(health_routes)
     app.include_router(guarded, dependencies=token)
     app.include_router(v2_health)
@@ -694,14 +694,8 @@ def _grad_cam_png(
     return overlay_png(image, heat, title=f"{label} {probs[index]:.1%}"), label, float(probs[index])
 
 
-def _token_check(token: str | None) -> Callable[..., Any]:
-    """A dependency (async: no thread hop): without a token none, else Bearer must match."""
-    if not token:
-
-        async def open_route() -> None:
-            return None
-
-        return open_route
+def _token_check(token: str) -> Callable[..., Any]:
+    """A dependency (async: no thread hop): the Bearer token must match `token`."""
     expected = token.encode()
 
     async def check(credentials: BearerCredentials) -> None:

@@ -26,68 +26,52 @@ BYTES_INPUT = "image_bytes"
 OUTPUT = "probabilities"
 
 
-_OBJECT = {"type": "object"}
-INFER_REQUEST_SCHEMA: dict[str, Any] = {  # the JSON part of a request (OpenAPI / JSON Schema)
-    "type": "object",
-    "required": ["inputs"],
-    "properties": {
-        "id": {"type": "string"},
-        "inputs": {
-            "type": "array",
-            "minItems": 1,
-            "maxItems": 1,
-            "items": {
-                "type": "object",
-                "required": ["name", "datatype", "shape"],
-                "properties": {
-                    "name": {"type": "string", "enum": [IMAGE_INPUT, BYTES_INPUT]},
-                    "datatype": {"type": "string", "enum": ["UINT8", "BYTES"]},
-                    "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-                    "data": {
-                        "type": "array",
-                        "description": "UINT8: integers 0..255; BYTES: base64 strings",
-                    },
-                    "parameters": _OBJECT,
-                },
-            },
-        },
-        "outputs": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["name"],
-                "properties": {
-                    "name": {"type": "string", "enum": [OUTPUT]},
-                    "parameters": _OBJECT,
-                },
-            },
-        },
-        "parameters": _OBJECT,
-    },
-}
-INFER_RESPONSE_SCHEMA: dict[str, Any] = {  # the JSON answer (without the binary extension)
-    "type": "object",
-    "required": ["model_name", "outputs"],
-    "properties": {
-        "model_name": {"type": "string"},
-        "model_version": {"type": "string"},
-        "id": {"type": "string"},
-        "outputs": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["name", "datatype", "shape"],
-                "properties": {
-                    "name": {"type": "string"},
-                    "datatype": {"type": "string"},
-                    "shape": {"type": "array", "items": {"type": "integer"}},
-                    "data": {"type": "array", "items": {"type": "number"}},
-                    "parameters": _OBJECT,
-                },
-            },
-        },
-    },
-}
+def _object(required: list[str], **properties: Any) -> dict[str, Any]:
+    return {"type": "object", "required": required, "properties": properties}
+
+
+def _array(items: Any, **extra: Any) -> dict[str, Any]:
+    return {"type": "array", "items": items, **extra}
+
+
+_OBJECT, _STRING = {"type": "object"}, {"type": "string"}
+_TENSOR = ["name", "datatype", "shape"]
+INFER_REQUEST_SCHEMA = _object(  # the JSON part of a request (OpenAPI / JSON Schema)
+    ["inputs"],
+    id=_STRING,
+    inputs=_array(
+        _object(
+            _TENSOR,
+            name={"type": "string", "enum": [IMAGE_INPUT, BYTES_INPUT]},
+            datatype={"type": "string", "enum": ["UINT8", "BYTES"]},
+            shape=_array({"type": "integer", "minimum": 0}),
+            data={"type": "array", "description": "UINT8: integers 0..255; BYTES: base64 strings"},
+            parameters=_OBJECT,
+        ),
+        minItems=1,
+        maxItems=1,
+    ),
+    outputs=_array(
+        _object(["name"], name={"type": "string", "enum": [OUTPUT]}, parameters=_OBJECT)
+    ),
+    parameters=_OBJECT,
+)
+INFER_RESPONSE_SCHEMA = _object(  # the JSON answer (without the binary extension)
+    ["model_name", "outputs"],
+    model_name=_STRING,
+    model_version=_STRING,
+    id=_STRING,
+    outputs=_array(
+        _object(
+            _TENSOR,
+            name=_STRING,
+            datatype=_STRING,
+            shape=_array({"type": "integer"}),
+            data=_array({"type": "number"}),
+            parameters=_OBJECT,
+        )
+    ),
+)
 
 
 class ProtocolError(ValueError):

@@ -51,26 +51,16 @@ class DriftMonitor:
         confidence_reference: Sequence[float] | None = None,
     ) -> None:
         reference = check_reference(reference)
-        if window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
-        if min_samples < 1:
-            raise ValueError(f"min_samples must be >= 1, got {min_samples}")
         if not 0.0 < alpha < 1.0:
             raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-        self.window = window
-        self.min_samples = min_samples
-        self.alpha = alpha
+        self.window, self.min_samples, self.alpha = window, min_samples, alpha
         self.image_size = int(reference["image_size"])
         self.features: tuple[str, ...] = tuple(reference["features"])
-        self._columns = [_INDEX[name] for name in self.features]
         self._reference: dict[str, np.ndarray] = {
             name: np.asarray(reference["samples"][name], dtype=np.float64) for name in self.features
         }
-        if confidence_reference is not None:
-            values = np.asarray(confidence_reference, dtype=np.float64).reshape(-1)
-            if values.size == 0 or not np.isfinite(values).all():
-                raise ValueError("confidence_reference must be a non-empty list of numbers")
-            self._reference[CONFIDENCE] = values
+        if confidence_reference is not None:  # checked by server.read_confidence_reference
+            self._reference[CONFIDENCE] = np.asarray(confidence_reference, dtype=np.float64)
         self.tests: tuple[str, ...] = tuple(self._reference)
         self._window: deque[tuple[np.ndarray, float | None]] = deque(maxlen=window)
         self._lock = threading.Lock()
@@ -92,11 +82,9 @@ class DriftMonitor:
                 f"reference, got {image.dtype} {image.shape}"
             )
         row = features_matrix(image[None])[0]  # computed outside the lock
-        value = None
-        if confidence is not None and math.isfinite(float(confidence)):
-            value = float(confidence)
+        finite = confidence is not None and math.isfinite(float(confidence))
         with self._lock:
-            self._window.append((row, value))
+            self._window.append((row, float(confidence) if finite else None))
 
     def __len__(self) -> int:
         """Requests in the window now."""
@@ -114,15 +102,12 @@ class DriftMonitor:
         with self._lock:
             snapshot = list(self._window)
         rows = np.array([row for row, _ in snapshot], dtype=np.float64).reshape(-1, len(FEATURES))
-        window_values = {
-            name: rows[:, i] for name, i in zip(self.features, self._columns, strict=True)
-        }
+        window_values = {name: rows[:, _INDEX[name]] for name in self.features}
         if CONFIDENCE in self._reference:
             window_values[CONFIDENCE] = np.array(
                 [c for _, c in snapshot if c is not None], dtype=np.float64
             )
         corrected = self.alpha / len(self.tests)
-        enough = len(snapshot) >= self.min_samples
         features: dict[str, dict[str, Any]] = {}
         for name in self.tests:
             ref, recent = self._reference[name], window_values[name]
@@ -132,7 +117,7 @@ class DriftMonitor:
                 statistic, p_value = float(result.statistic), float(result.pvalue)
             # judged on min_samples values of its own (confidence may be missing for some)
             drifted = (
-                recent.size >= self.min_samples and p_value is not None and p_value < corrected
+                p_value is not None and recent.size >= self.min_samples and p_value < corrected
             )
             features[name] = {
                 "statistic": statistic,
@@ -148,7 +133,7 @@ class DriftMonitor:
             "window": len(snapshot),
             "window_capacity": self.window,
             "min_samples": self.min_samples,
-            "enough_data": enough,
+            "enough_data": len(snapshot) >= self.min_samples,
             "drift": bool(drifted_names),
             "alpha": self.alpha,
             "tests": len(self.tests),
@@ -163,25 +148,20 @@ class DriftMonitor:
         """Create the drift gauges in a prometheus_client registry (a second call: ValueError)."""
         from prometheus_client import Gauge
 
-        def gauge(name: str, text: str, *labels: str) -> Any:
-            return Gauge(f"ctscan_drift_{name}", text, labels, registry=registry)
-
+        help_texts = {
+            "statistic": "two-sample KS statistic of recent requests vs the training reference",
+            "p_value": "KS p-value per feature (drift when below alpha / number of tests)",
+            "detected": "1 when drift is detected on any feature (Bonferroni-corrected KS tests)",
+            "window_size": "requests in the drift window",
+        }
         self._gauges = {
-            "statistic": gauge(
-                "statistic",
-                "two-sample KS statistic of recent requests vs the training reference",
-                "feature",
-            ),
-            "p_value": gauge(
-                "p_value",
-                "KS p-value per feature (drift when below alpha / number of tests)",
-                "feature",
-            ),
-            "detected": gauge(
-                "detected",
-                "1 when drift is detected on any feature (Bonferroni-corrected KS tests)",
-            ),
-            "window": gauge("window_size", "requests in the drift window"),
+            name: Gauge(
+                f"ctscan_drift_{name}",
+                text,
+                ["feature"] if name in ("statistic", "p_value") else [],
+                registry=registry,
+            )
+            for name, text in help_texts.items()
         }
         self.update_metrics()
 
@@ -200,4 +180,4 @@ class DriftMonitor:
                 g["statistic"].labels(feature=name).set(nan if statistic is None else statistic)
                 g["p_value"].labels(feature=name).set(nan if p_value is None else p_value)
             g["detected"].set(1 if report["drift"] else 0)
-            g["window"].set(report["window"])
+            g["window_size"].set(report["window"])
