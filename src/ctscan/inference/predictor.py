@@ -12,7 +12,6 @@ The preprocessing spec, the class names and the temperature T come from the arti
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 from collections import deque
@@ -35,7 +34,7 @@ from ctscan.errors import CheckpointError, CtscanError, DataError
 
 MLFLOW_SCHEMES = ("models:/", "runs:/")
 ONNX_METADATA_KEY = "ctscan"  # metadata_props key of an exported ONNX file: JSON, see ops/export
-BATCH = 32
+LUNG_WINDOW = (-600.0, 1500.0)  # (level, width) in HU: the window DICOM slices go through
 
 
 @dataclass(frozen=True)
@@ -88,20 +87,12 @@ class Prediction:
         return out
 
 
-@dataclass(frozen=True)
-class DicomWindow:
-    """The Hounsfield window a DICOM slice is mapped through before the resize."""
-
-    level: float = -600.0
-    width: float = 1500.0
-
-
 def read_image(
     source: Path | bytes,
     spec: PreprocessSpec,
     *,
     limits: DecodeLimits = DecodeLimits(),
-    window: DicomWindow = DicomWindow(),
+    window: tuple[float, float] = LUNG_WINDOW,
     name: str | None = None,
 ) -> np.ndarray:
     """A PNG / JPEG / BMP / TIFF / WebP / DICOM file or upload -> (S, S) uint8, as preprocess does.
@@ -116,7 +107,7 @@ def read_image(
 
     if dicom.is_dicom(data):
         gray = dicom.dicom_to_gray(  # refuses Rows x Columns > max_pixels before decoding
-            data, level=window.level, width=window.width, name=name, max_pixels=limits.max_pixels
+            data, level=window[0], width=window[1], name=name, max_pixels=limits.max_pixels
         )
         return resize_square(gray, spec.image_size, spec.resize)
     return prepare(data, spec, limits=limits, name=name)
@@ -132,18 +123,12 @@ class Predictor:
         info: ModelInfo,
         logits_fn: Callable[[np.ndarray], np.ndarray],
         torch_model: Any = None,
-        limits: DecodeLimits = DecodeLimits(),
-        window: DicomWindow = DicomWindow(),
-        batch_size: int = BATCH,
     ) -> None:
-        self.spec = spec
-        self.info = info
-        self._logits_fn = logits_fn
+        self.spec, self.info, self._logits_fn = spec, info, logits_fn
         self.torch_model = torch_model  # (model, channels) for Grad-CAM; None for ONNX
-        self.limits = limits
-        self.window = window
-        self.batch_size = batch_size
-        self.decode_threads = 0  # 0: min(4, cores)
+        # how files are read and batched: `open_predictor` sets them from the settings
+        self.limits, self.window = DecodeLimits(), LUNG_WINDOW
+        self.batch_size, self.decode_threads = 32, 0  # decode_threads 0: min(4, cores)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -193,25 +178,22 @@ class Predictor:
         except DataError as exc:
             return str(exc)
 
-    def _decoded(self, paths: list[Path]) -> Iterator[tuple[int, np.ndarray | str]]:
-        """(index, image or why it cannot be read), in order: decoded ahead on a few threads, at
+    def _decoded(self, paths: list[Path]) -> Iterator[np.ndarray | str]:
+        """Each image or why it cannot be read, in order: decoded ahead on a few threads, at
         most two batches ahead (bounded memory); a bug in a decoder still raises here."""
         threads = self.decode_threads or min(4, os.cpu_count() or 1)
         if threads <= 1:
-            yield from ((i, self._read_or_error(p)) for i, p in enumerate(paths))
+            yield from map(self._read_or_error, paths)
             return
-        ahead: deque[tuple[int, Future]] = deque()
-        todo = iter(enumerate(paths))
+        ahead: deque[Future] = deque()
         pool = ThreadPoolExecutor(threads, thread_name_prefix="ctscan-decode")
         try:
-            for i, path in itertools.islice(todo, 2 * self.batch_size):
-                ahead.append((i, pool.submit(self._read_or_error, path)))
+            for path in paths:
+                ahead.append(pool.submit(self._read_or_error, path))
+                if len(ahead) > 2 * self.batch_size:
+                    yield ahead.popleft().result()
             while ahead:
-                i, future = ahead.popleft()
-                following = next(todo, None)
-                if following is not None:
-                    ahead.append((following[0], pool.submit(self._read_or_error, following[1])))
-                yield i, future.result()
+                yield ahead.popleft().result()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
@@ -236,7 +218,7 @@ class Predictor:
                 progress(len(batch))
             batch.clear()
 
-        for i, decoded in self._decoded(paths):
+        for i, decoded in enumerate(self._decoded(paths)):
             if isinstance(decoded, str):
                 results[i].error = decoded
                 if progress is not None:
@@ -276,13 +258,10 @@ def open_predictor(
         opened = _open_mlflow(text, settings)
     else:
         opened = (_open_onnx if is_onnx else _open_checkpoint)(Path(text), settings)
+    inference = settings.inference
     opened.limits = DecodeLimits.from_settings(settings.data)
-    opened.window = DicomWindow(
-        level=float(settings.inference.dicom_window_level),
-        width=float(settings.inference.dicom_window_width),
-    )
-    opened.batch_size = int(settings.inference.batch_size)
-    opened.decode_threads = int(settings.inference.decode_threads)
+    opened.window = (inference.dicom_window_level, inference.dicom_window_width)
+    opened.batch_size, opened.decode_threads = inference.batch_size, inference.decode_threads
     return opened
 
 
@@ -331,7 +310,7 @@ def _onnx_metadata(session: Any, path: Path) -> dict[str, Any]:
     try:
         meta = json.loads(props[ONNX_METADATA_KEY])
         PreprocessSpec.from_dict(meta["preprocess"])
-        _temperature(meta, path)
+        _calibration_info(meta, path)
     except (ValueError, KeyError, TypeError, DataError) as exc:
         raise CheckpointError(
             f"'{path}' has broken ctscan metadata ({exc}).", "export it again with ctscan export."
@@ -402,18 +381,12 @@ def _in_chunks(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> n
     return np.concatenate([run(images[i : i + 64]) for i in range(0, len(images), 64)])
 
 
-def _temperature(meta: dict[str, Any], source: Path | str) -> float:
-    """The temperature an exported or logged model holds (files from before: 1.0)."""
-    from ctscan.engine.temperature import check_temperature
-
-    return check_temperature(meta.get("temperature", 1.0), source)
-
-
 def _calibration_info(meta: dict[str, Any], source: Path | str) -> dict[str, Any]:
-    """ModelInfo's temperature and calibration text from a model file's ctscan metadata."""
-    from ctscan.engine.temperature import describe
+    """ModelInfo's temperature and calibration text from a model file's ctscan metadata (files
+    from before calibration: T = 1)."""
+    from ctscan.engine.temperature import check_temperature, describe
 
-    temperature = _temperature(meta, source)
+    temperature = check_temperature(meta.get("temperature", 1.0), source)
     calibration = meta.get("calibration")
     text = describe(temperature, calibration if isinstance(calibration, dict) else None)
     return {"temperature": temperature, "calibration": text}

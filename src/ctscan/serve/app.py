@@ -133,19 +133,18 @@ def _header(text: str) -> dict[str, Any]:
 
 
 _ERROR_HEADERS = {
-    401: {"WWW-Authenticate": _header("Bearer")},
-    503: {"Retry-After": _header("seconds to wait")},
+    401: {"headers": {"WWW-Authenticate": _header("Bearer")}},
+    503: {"headers": {"Retry-After": _header("seconds to wait")}},
 }
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` for error codes: the JSON ErrorResponse, its meaning, its headers."""
-    out: dict[int | str, dict[str, Any]] = {}
-    for code in codes:
-        out[code] = {"model": ErrorResponse, "description": _ERROR_TEXT[code]}
-        if code in _ERROR_HEADERS:
-            out[code]["headers"] = _ERROR_HEADERS[code]
-    return out
+    return {
+        code: {"model": ErrorResponse, "description": _ERROR_TEXT[code]}
+        | _ERROR_HEADERS.get(code, {})
+        for code in codes
+    }
 
 
 class ApiError(Exception):
@@ -411,8 +410,14 @@ async def live() -> Response:
 
 
 @v2_health.get("/ready", response_class=Response, responses={**EMPTY_OK, **_errors(503)})
+@v2_models.get(
+    "/ready",
+    response_class=Response,
+    responses={**EMPTY_OK, **_errors(401, 404, 422, 503)},
+    dependencies=[Depends(served_model)],  # 404 before 503
+)
 async def v2_ready(service: ServiceDep) -> Response:
-    """Open Inference Protocol: the server is ready."""
+    """Open Inference Protocol: the server, or the model, is ready."""
     _require_ready(service)
     return Response(status_code=200)
 
@@ -424,15 +429,6 @@ async def metadata(name: ServedModel, service: ServiceDep) -> dict[str, Any]:
     return kserve.model_metadata(
         name, p.info.version, p.spec.image_size, list(p.class_names), temperature=p.info.temperature
     )
-
-
-@v2_models.get(
-    "/ready", response_class=Response, responses={**EMPTY_OK, **_errors(401, 404, 422, 503)}
-)
-async def model_ready(name: ServedModel, service: ServiceDep) -> Response:
-    """Open Inference Protocol: the model is ready."""
-    _require_ready(service)
-    return Response(status_code=200)
 
 
 def _json_or_binary(schema: dict[str, Any]) -> dict[str, Any]:
@@ -713,10 +709,8 @@ def _token_check(token: str) -> Callable[..., Any]:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        headers = {"Retry-After": RETRY_AFTER_S} if exc.status == 503 else None
-        if exc.status == 401:
-            headers = {"WWW-Authenticate": "Bearer"}
-        return _json_error(exc.status, exc.error, exc.fix, headers)
+        headers = {401: {"WWW-Authenticate": "Bearer"}, 503: {"Retry-After": RETRY_AFTER_S}}
+        return _json_error(exc.status, exc.error, exc.fix, headers.get(exc.status))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -755,13 +749,11 @@ def _document_model_name(app: FastAPI, name: str) -> None:
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = build()
-            for operation in (op for item in schema["paths"].values() for op in item.values()):
+        if app.openapi_schema is None:  # FastAPI's `build` caches its schema there
+            for operation in (op for item in build()["paths"].values() for op in item.values()):
                 for parameter in operation.get("parameters", []):
                     if parameter.get("name") == "model_name" and parameter.get("in") == "path":
                         parameter["example"] = name
-            app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -92,11 +92,8 @@ class InferRequest:
 def model_metadata(
     name: str, version: str, image_size: int, class_names: list[str], *, temperature: float = 1.0
 ) -> dict:
-    """GET /v2/models/{name}: the inputs and outputs the model takes and gives.
-
-    `parameters.temperature`: the calibration T the probabilities are computed with
-    (softmax(logits / T); 1.0: uncalibrated).
-    """
+    """GET /v2/models/{name}: the inputs and outputs the model takes and gives, and the
+    calibration T the probabilities are computed with (softmax(logits / T); 1.0: uncalibrated)."""
     return {
         "name": name,
         "versions": [version],
@@ -232,13 +229,10 @@ def _is_int(value: Any) -> bool:
 def _binary_output(header: dict[str, Any]) -> bool:
     """Whether the client asked for the output in the binary extension; names are checked."""
     params = header.get("parameters")
-    everything = isinstance(params, dict) and params.get("binary_data_output") is True
-    outputs = header.get("outputs")
-    if outputs is None:
-        return everything
+    binary = isinstance(params, dict) and params.get("binary_data_output") is True
+    outputs = [] if header.get("outputs") is None else header["outputs"]
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise ProtocolError("'outputs' must be a list of objects with a 'name'.")
-    binary = everything
     for output in outputs:
         if output.get("name") != OUTPUT:
             raise ProtocolError(f"unknown output '{output.get('name')}'; the output is '{OUTPUT}'.")
@@ -274,15 +268,14 @@ def encode_infer(
     header: dict[str, Any] = {"model_name": model_name, "model_version": version}
     if request.id is not None:
         header["id"] = request.id
+    header["outputs"] = [output]
     if request.binary_output:
         raw = probs.tobytes()
         output["parameters"] = {"binary_data_size": len(raw)}
-        header["outputs"] = [output]
         text = json.dumps(header).encode()
         return text + raw, {
             HEADER_LENGTH: str(len(text)),
             "Content-Type": "application/octet-stream",
         }
-    output["data"] = [float(v) for v in probs.reshape(-1)]
-    header["outputs"] = [output]
+    output["data"] = probs.reshape(-1).tolist()  # float32 -> Python floats
     return json.dumps(header).encode(), {"Content-Type": "application/json"}

@@ -28,35 +28,26 @@ class Metrics:
     def __init__(self, model: dict[str, str]) -> None:
         from prometheus_client import CollectorRegistry, Counter, Histogram, Info, Summary
 
-        self.registry = CollectorRegistry()
-        r = self.registry
+        self.registry = r = CollectorRegistry()
+
+        def histogram(name: str, text: str, buckets: Sequence[float], *labels: str) -> Any:
+            return Histogram(name, text, labels, buckets=buckets, registry=r)
+
         self.requests = Counter(
             "ctscan_requests", "HTTP requests by route and status", ["route", "status"], registry=r
         )
-        self.latency = Histogram(
-            "ctscan_request_latency_seconds",
-            "time to answer, by route",
-            ["route"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.latency = histogram(
+            "ctscan_request_latency_seconds", "time to answer, by route", LATENCY_BUCKETS, "route"
         )
         self.predictions = Counter(
             "ctscan_predictions", "predictions by class", ["label"], registry=r
         )
-        self.confidence = Histogram(
-            "ctscan_prediction_confidence",
-            "probability of the predicted class",
-            buckets=CONFIDENCE_BUCKETS,
-            registry=r,
+        self.confidence = histogram(
+            "ctscan_prediction_confidence", "probability of the predicted class", CONFIDENCE_BUCKETS
         )
-        self.batch_size = Histogram(
-            "ctscan_batch_size", "images per model call", buckets=BATCH_BUCKETS, registry=r
-        )
-        self.model_seconds = Histogram(
-            "ctscan_model_call_seconds",
-            "time of one model call",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.batch_size = histogram("ctscan_batch_size", "images per model call", BATCH_BUCKETS)
+        self.model_seconds = histogram(
+            "ctscan_model_call_seconds", "time of one model call", LATENCY_BUCKETS
         )
         stage = Summary(
             "ctscan_stage_seconds",
@@ -73,11 +64,10 @@ class Metrics:
         }
         Info("ctscan_model", "the model served", registry=r).info(model)
 
-    def count(self, route: str, status: int, seconds: float | None = None) -> None:
+    def count(self, route: str, status: int, seconds: float) -> None:
         """One answered request."""
         self.requests.labels(route=route, status=str(status)).inc()
-        if seconds is not None:
-            self.latency.labels(route=route).observe(seconds)
+        self.latency.labels(route=route).observe(seconds)
 
     def observe_stage(self, stage: str, wall: float, cpu: float | None = None) -> None:
         """One image through one stage: its wall seconds and, where measured, CPU seconds."""

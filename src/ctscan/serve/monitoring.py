@@ -1,16 +1,9 @@
 """Drift monitoring: recent requests against the training reference, by two-sample KS tests.
 
-A `DriftMonitor` keeps a bounded window (a deque) of the per-image FEATURES of recent requests
-(data/reference.py) and, optionally, the model's confidence on them. `report()` runs one
-two-sample Kolmogorov-Smirnov test per feature (scipy.stats.ks_2samp, two-sided) between the
-window and the reference sample written by preprocess (and, when given, the best model's
-confidence on the train images written by train). See docs/monitoring.md.
-
-Prometheus gauges (after `register_metrics(registry)`, refreshed by every `report()`):
-    ctscan_drift_statistic{feature}   KS statistic D (NaN before the first request)
-    ctscan_drift_p_value{feature}     raw p-value (compare with alpha / number of tests)
-    ctscan_drift_detected             1 if drift is detected on any feature, else 0
-    ctscan_drift_window_size          requests in the window
+`report()` runs one two-sided Kolmogorov-Smirnov test (scipy.stats.ks_2samp) per image FEATURE
+(data/reference.py) between the window and the sample written by preprocess, and one on the
+model's confidence when the train images' is given. See docs/monitoring.md. The
+`ctscan_drift_*` gauges (`register_metrics`; NaN before the first request) follow every report.
 """
 
 from __future__ import annotations
@@ -68,11 +61,8 @@ class DriftMonitor:
         self._gauges: dict[str, Any] | None = None
 
     def observe(self, image: np.ndarray, confidence: float | None = None) -> None:
-        """Add one request: its (S, S) uint8 image as the model saw it, and its confidence.
-
-        A ValueError for an image of another dtype or size than the reference (a caller bug:
-        the features would not be comparable).
-        """
+        """Add one request: its (S, S) uint8 image as the model saw it, and its confidence
+        (ValueError for another dtype or size than the reference's: a caller bug)."""
         image = np.asarray(image)
         if image.ndim == 3 and image.shape[0] == 1:
             image = image[0]

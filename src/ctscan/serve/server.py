@@ -61,14 +61,13 @@ def read_confidence_reference(path: Path, temperature: float) -> list[float] | N
     return confidence
 
 
-def _drift_features(model: str, settings: Any, spec: Any) -> tuple[dict | None, str]:
+def _drift_features(beside: Path | None, settings: Any, spec: Any) -> tuple[dict | None, str]:
     """The feature reference of the model's training data, or None and where none was found:
     beside the model (reference_confidence.json's `features`), else the processed store when
     its preprocessing equals the model's (how ONNX files and MLflow models find one)."""
     from ctscan.data.reference import check_reference
     from ctscan.data.store import load_store
 
-    beside = None if model.startswith(MLFLOW_SCHEMES) else Path(model).parent / CONFIDENCE_FILE
     try:
         features = json.loads(beside.read_text())["features"] if beside else None
         if features is not None and check_reference(features)["image_size"] == spec.image_size:
@@ -95,21 +94,18 @@ def _monitor(predictor: Predictor, model: str, settings: Any) -> tuple[Any, str]
         from ctscan.serve.monitoring import DriftMonitor
     except ImportError as exc:  # scipy
         return None, f"the drift monitor cannot run: {exc}"
-    features, why_not = _drift_features(model, settings, predictor.spec)
+    beside = None if model.startswith(MLFLOW_SCHEMES) else Path(model).parent / CONFIDENCE_FILE
+    features, why_not = _drift_features(beside, settings, predictor.spec)
     if features is None:
         return None, why_not
     confidence = None
-    beside = Path(model).parent / CONFIDENCE_FILE
-    if not model.startswith(MLFLOW_SCHEMES) and beside.is_file():
+    if beside is not None and beside.is_file():
         confidence = read_confidence_reference(beside, predictor.info.temperature)
     serve = settings.serve
-    monitor = DriftMonitor(
-        features,
-        window=serve.drift_window,
-        min_samples=serve.drift_min_samples,
-        confidence_reference=confidence,
-    )
-    return monitor, ""
+    window, min_samples = serve.drift_window, serve.drift_min_samples
+    return DriftMonitor(
+        features, window=window, min_samples=min_samples, confidence_reference=confidence
+    ), ""
 
 
 def build_service(model: str, settings: Any) -> Service:
