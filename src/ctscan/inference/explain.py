@@ -34,10 +34,7 @@ TITLE_HEIGHT = 24  # the band above the image that holds the title
 
 
 def grad_cam(
-    model: nn.Module,
-    x: torch.Tensor,
-    target_layer: nn.Module,
-    class_index: int | None = None,
+    model: nn.Module, x: torch.Tensor, target_layer: nn.Module, class_index: int | None = None
 ) -> tuple[np.ndarray, int]:
     """Grad-CAM of one input: the (S, S) float32 heat map in [0, 1] and the class index explained.
 

@@ -17,6 +17,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,9 @@ from ctscan.data.transforms import (
     DecodeLimits,
     PreprocessSpec,
     _read_source,
-    prepare,
+    decode_image,
     resize_square,
+    to_gray,
 )
 from ctscan.errors import CheckpointError, CtscanError, DataError
 
@@ -94,23 +96,30 @@ def read_image(
     limits: DecodeLimits = DecodeLimits(),
     window: tuple[float, float] = LUNG_WINDOW,
     name: str | None = None,
+    stage: Callable[[str], AbstractContextManager] = nullcontext,
 ) -> np.ndarray:
     """A PNG / JPEG / BMP / TIFF / WebP / DICOM file or upload -> (S, S) uint8, as preprocess does.
 
     DICOM (the `DICM` marker) goes through pydicom, Hounsfield units and the window; every
-    other format through `transforms.prepare`. The same size and pixel limits apply to both.
+    other format is decoded and made gray as `transforms.prepare` does. The same size and pixel
+    limits apply to both. `stage("decode")` and `stage("resize")` time the steps (serve).
     """
     if name is None:
         name = "the upload" if isinstance(source, (bytes, bytearray)) else f"'{source}'"
     data = _read_source(source, limits.max_bytes, name)
     from ctscan.inference import dicom
 
-    if dicom.is_dicom(data):
-        gray = dicom.dicom_to_gray(  # refuses Rows x Columns > max_pixels before decoding
-            data, level=window[0], width=window[1], name=name, max_pixels=limits.max_pixels
-        )
+    with stage("decode"):
+        if dicom.is_dicom(data):  # refuses Rows x Columns > max_pixels before decoding
+            gray = dicom.dicom_to_gray(
+                data, level=window[0], width=window[1], name=name, max_pixels=limits.max_pixels
+            )
+        else:
+            max_pixels, max_bytes = limits.max_pixels, limits.max_bytes
+            with decode_image(data, max_pixels=max_pixels, max_bytes=max_bytes, name=name) as img:
+                gray = to_gray(img)
+    with stage("resize"):
         return resize_square(gray, spec.image_size, spec.resize)
-    return prepare(data, spec, limits=limits, name=name)
 
 
 class Predictor:
@@ -155,9 +164,10 @@ class Predictor:
 
         return probabilities(self.logits(images))
 
-    def read(self, source: Path | bytes, *, name: str | None = None) -> np.ndarray:
-        """One file or upload -> the (S, S) uint8 image this model takes."""
-        return read_image(source, self.spec, limits=self.limits, window=self.window, name=name)
+    def read(self, source: Path | bytes, *, name: str | None = None, stage: Any = nullcontext):
+        """One file or upload -> the (S, S) uint8 image this model takes (`stage`: read_image)."""
+        limits, window = self.limits, self.window
+        return read_image(source, self.spec, limits=limits, window=window, name=name, stage=stage)
 
     def predictions(self, probs: np.ndarray, paths: Sequence[str | None]) -> list[Prediction]:
         """Turn probabilities into labelled `Prediction`s."""
@@ -203,26 +213,22 @@ class Predictor:
         """Predict every file; a file that cannot be read gets its own `error` row."""
         paths = list(paths)
         results = [Prediction(path=str(path)) for path in paths]
+        advance = progress or (lambda done: None)
         batch: list[tuple[int, np.ndarray]] = []
 
         def flush() -> None:
-            if not batch:
-                return
-            images = np.stack([img for _, img in batch])[:, None]
-            probs = self.probabilities(images)
-            for (i, _), pred in zip(
-                batch, self.predictions(probs, [str(paths[i]) for i, _ in batch]), strict=True
-            ):
-                results[i] = pred
-            if progress is not None:
-                progress(len(batch))
-            batch.clear()
+            if batch:
+                probs = self.probabilities(np.stack([img for _, img in batch])[:, None])
+                named = self.predictions(probs, [str(paths[i]) for i, _ in batch])
+                for (i, _), prediction in zip(batch, named, strict=True):
+                    results[i] = prediction
+                advance(len(batch))
+                batch.clear()
 
         for i, decoded in enumerate(self._decoded(paths)):
             if isinstance(decoded, str):
                 results[i].error = decoded
-                if progress is not None:
-                    progress(1)
+                advance(1)
             else:
                 batch.append((i, decoded))
             if len(batch) >= self.batch_size:
@@ -234,12 +240,7 @@ class Predictor:
 # ---- opening a model ----------------------------------------------------------------------
 
 
-def open_predictor(
-    model: str | Path,
-    *,
-    settings: Any,
-    backend: str | None = None,
-) -> Predictor:
+def open_predictor(model: str | Path, *, settings: Any, backend: str | None = None) -> Predictor:
     """A Predictor for a checkpoint (.pt) or MLflow URI (torch), or an ONNX file (ONNX Runtime).
 
     `backend`, if given, must name that runtime (`ops.backends.open_model` runs a checkpoint on

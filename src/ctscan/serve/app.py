@@ -36,7 +36,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile as StarletteUpload
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ctscan.data.transforms import decode_image, resize_square, to_gray
 from ctscan.errors import DataError
 from ctscan.inference.predictor import Prediction, Predictor
 from ctscan.serve import kserve, limits
@@ -177,26 +176,8 @@ class Service:
         """Decode an upload on the decode threads (as many as the cores, not the loop's 40)."""
         if self.decoder is None:
             raise RuntimeError("the decode pool runs only while the app does (lifespan)")
-        return await asyncio.get_running_loop().run_in_executor(
-            self.decoder, self._read, data, name
-        )
-
-    def _read(self, data: bytes, name: str) -> np.ndarray:
-        """`predictor.read` in two timed stages: decode (to gray), resize; DICOM in one."""
-        p, stage = self.predictor, self.metrics.stage
-        if sniff_format(data) == "DICOM":
-            with stage("decode"):
-                return p.read(data, name=name)
-        limits = p.limits
-        with (
-            stage("decode"),
-            decode_image(
-                data, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes, name=name
-            ) as img,
-        ):
-            gray = to_gray(img)
-        with stage("resize"):
-            return resize_square(gray, p.spec.image_size, p.spec.resize)
+        read = functools.partial(self.predictor.read, name=name, stage=self.metrics.stage)
+        return await asyncio.get_running_loop().run_in_executor(self.decoder, read, data)
 
     @functools.cached_property
     def identity_json(self) -> str:
@@ -316,9 +297,7 @@ async def predict_batch(
             _record(service, image, prediction)
             items[slot] = BatchItem(filename=items[slot].filename, **_answer_fields(prediction))
     return BatchResponse(
-        predictions=items,
-        model=service.identity(),
-        latency_ms=(time.perf_counter() - start) * 1000,
+        predictions=items, model=service.identity(), latency_ms=(time.perf_counter() - start) * 1000
     )
 
 

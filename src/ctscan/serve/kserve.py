@@ -207,11 +207,8 @@ def _bytes_input(spec: dict, count: int, raw: bytes | None) -> list[bytes]:
     if raw is not None:
         return _unpack_bytes(raw, count)
     data = spec.get("data")
-    if (
-        not isinstance(data, list)
-        or len(data) != count
-        or not all(isinstance(d, str) for d in data)
-    ):
+    strings = isinstance(data, list) and all(isinstance(d, str) for d in data)
+    if not strings or len(data) != count:
         raise ProtocolError(f"input '{BYTES_INPUT}' needs {count} base64 strings in 'data'.")
     try:
         return [base64.b64decode(d, validate=True) for d in data]

@@ -117,14 +117,7 @@ def build_service(model: str, settings: Any) -> Service:
         monitor.register_metrics(metrics.registry)
     else:
         log.warning("drift monitoring is off: %s", drift_off)
-    return Service(
-        predictor=predictor,
-        settings=settings,
-        explainer=explainer,
-        metrics=metrics,
-        monitor=monitor,
-        drift_off=drift_off,
-    )
+    return Service(predictor, settings, explainer, metrics, monitor, drift_off=drift_off)
 
 
 def app_from_env() -> Any:
