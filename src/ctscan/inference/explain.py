@@ -47,12 +47,8 @@ def grad_cam(
         raise ValueError(f"grad_cam expects one input of shape (1, C, S, S), got {tuple(x.shape)}.")
     plain = unwrap(model)  # hooks on a compiled model's submodules need the eager module
     captured: list[torch.Tensor] = []
-
-    def keep_output(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        captured.append(output)
-
     modes = {module: module.training for module in plain.modules()}
-    handle = target_layer.register_forward_hook(keep_output)
+    handle = target_layer.register_forward_hook(lambda _m, _a, output: captured.append(output))
     try:
         plain.eval()
         with torch.inference_mode(False), torch.enable_grad():
@@ -85,9 +81,7 @@ def grad_cam(
             )[0, 0]  # (S, S)
             cam = torch.nan_to_num(cam, nan=0.0, posinf=0.0, neginf=0.0).clamp_(min=0.0)
             peak = float(cam.max())
-            if peak > 0.0:
-                cam = cam / peak
-            heat = cam.clamp_(0.0, 1.0).cpu().numpy().astype(np.float32)
+            heat = (cam / peak if peak > 0.0 else cam).clamp_(0.0, 1.0).cpu().numpy()
     finally:
         handle.remove()
         for module, training in modes.items():

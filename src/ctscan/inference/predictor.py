@@ -300,7 +300,8 @@ def _open_checkpoint(path: Path, settings: Any) -> Predictor:
     )
 
 
-def _onnx_metadata(session: Any, path: Path) -> dict[str, Any]:
+def _onnx_metadata(session: Any, path: Path) -> tuple[dict[str, Any], PreprocessSpec, dict]:
+    """The ctscan metadata of an ONNX file, its preprocessing and its `_calibration_info`."""
     props = session.get_modelmeta().custom_metadata_map
     if ONNX_METADATA_KEY not in props:
         raise CheckpointError(
@@ -310,13 +311,11 @@ def _onnx_metadata(session: Any, path: Path) -> dict[str, Any]:
         )
     try:
         meta = json.loads(props[ONNX_METADATA_KEY])
-        PreprocessSpec.from_dict(meta["preprocess"])
-        _calibration_info(meta, path)
+        return meta, PreprocessSpec.from_dict(meta["preprocess"]), _calibration_info(meta, path)
     except (ValueError, KeyError, TypeError, DataError) as exc:
         raise CheckpointError(
             f"'{path}' has broken ctscan metadata ({exc}).", "export it again with ctscan export."
         ) from None
-    return meta
 
 
 def session_options(settings: Any) -> Any:
@@ -358,8 +357,7 @@ def _open_onnx(path: Path, settings: Any) -> Predictor:
             f"'{path}' is not a readable ONNX model ({first[:200]}).",
             "export it again with `ctscan export`.",
         ) from None
-    meta = _onnx_metadata(session, path)
-    spec = PreprocessSpec.from_dict(meta["preprocess"])
+    meta, spec, calibration = _onnx_metadata(session, path)
     input_name = session.get_inputs()[0].name
 
     def logits_fn(images: np.ndarray) -> np.ndarray:
@@ -372,7 +370,7 @@ def _open_onnx(path: Path, settings: Any) -> Predictor:
         version=str(meta.get("ctscan_version", "unknown")),
         sha256=str(meta.get("checkpoint_sha256") or file_sha256(path)),
         format=str(meta.get("format", "onnx")),
-        **_calibration_info(meta, path),
+        **calibration,
     )
     return Predictor(spec=spec, info=info, logits_fn=logits_fn)
 

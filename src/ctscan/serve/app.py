@@ -281,19 +281,17 @@ async def predict_batch(
     """Predict several files in one request; a file that cannot be read gets its own error."""
     start = time.perf_counter()
     _check_count(len(files), "files in one request", service)
-    items: list[BatchItem] = []
-    images, slots = [], []
-    for upload in files:
+    items = [BatchItem(filename=upload.filename) for upload in files]
+    images: dict[int, np.ndarray] = {}  # item -> its decoded image
+    for slot, upload in enumerate(files):
         try:
-            images.append(await _decode(service, *await _file(upload)))
-            slots.append(len(items))
-            items.append(BatchItem(filename=upload.filename))
+            images[slot] = await _decode(service, *await _file(upload))
         except ApiError as exc:
-            items.append(BatchItem(filename=upload.filename, error=exc.error))
+            items[slot].error = exc.error
     if images:
-        probs = await _submit(service, np.stack(images)[:, None])
+        probs = await _submit(service, np.stack(list(images.values()))[:, None])
         predictions = service.predictor.predictions(probs, [None] * len(images))
-        for slot, image, prediction in zip(slots, images, predictions, strict=True):
+        for (slot, image), prediction in zip(images.items(), predictions, strict=True):
             _record(service, image, prediction)
             items[slot] = BatchItem(filename=items[slot].filename, **_answer_fields(prediction))
     return BatchResponse(
@@ -342,11 +340,10 @@ async def explain(
         raise ApiError(422, f"target '{target}' is not a class.", f"use one of {names}.")
     image = await _decode(service, *await _file(file))
     index = names.index(target) if target else None
-    if explainer is service.predictor and service.batcher is not None:
-        # One PyTorch model answers both: Grad-CAM's hook must not see a batch's forward.
-        png, label, confidence = await service.batcher.run(_grad_cam_png, service, image, index)
-    else:
-        png, label, confidence = await run_in_threadpool(_grad_cam_png, service, image, index)
+    # One PyTorch model answering both: on the model thread, so Grad-CAM's hook sees no batch
+    shared = explainer is service.predictor and service.batcher is not None
+    run = service.batcher.run if shared else run_in_threadpool
+    png, label, confidence = await run(_grad_cam_png, service, image, index)
     headers = {"X-Label": label, "X-Confidence": f"{confidence:.6f}"}
     return Response(png, media_type="image/png", headers=headers)
 

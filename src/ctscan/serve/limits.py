@@ -20,14 +20,11 @@ _MAGIC = (
 
 def sniff_format(data: bytes) -> str | None:
     """The format an upload's first bytes announce (PNG, JPEG, BMP, TIFF, WEBP, DICOM) or None."""
-    for magic, name in _MAGIC:
-        if data.startswith(magic):
-            return name
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
-    if data[128:132] == b"DICM":
+    if data[128:132] == b"DICM":  # after the preamble, which may hold another format's magic
         return "DICOM"
-    return None
+    return next((name for magic, name in _MAGIC if data.startswith(magic)), None)
 
 
 FIX = (

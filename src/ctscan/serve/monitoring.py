@@ -166,8 +166,7 @@ class DriftMonitor:
         with self._report_lock:
             g = self._gauges
             for name, feature in report["features"].items():
-                statistic, p_value = feature["statistic"], feature["p_value"]
-                g["statistic"].labels(feature=name).set(nan if statistic is None else statistic)
-                g["p_value"].labels(feature=name).set(nan if p_value is None else p_value)
+                for key in ("statistic", "p_value"):
+                    g[key].labels(feature=name).set(nan if feature[key] is None else feature[key])
             g["detected"].set(1 if report["drift"] else 0)
             g["window_size"].set(report["window"])

@@ -135,12 +135,8 @@ def run_server(model: str, settings: Any) -> None:
 
     serve = settings.serve
     service = build_service(model, settings)  # fails here, before binding, on a bad MODEL
-    common: dict[str, Any] = {
-        "host": serve.host,
-        "port": serve.port,
-        "timeout_graceful_shutdown": serve.shutdown_timeout_s,
-        "log_level": "info",
-    }
+    common: dict[str, Any] = {"host": serve.host, "port": serve.port, "log_level": "info"}
+    common["timeout_graceful_shutdown"] = serve.shutdown_timeout_s
     if serve.workers == 1:
         uvicorn.run(create_app(service), **common)
     else:
