@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from starlette.requests import Request
 from starlette.routing import Match
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -126,18 +125,18 @@ def model_cpu_clock() -> Callable[[], float]:
     return clock
 
 
-def route_label(request: Any, routers: Sequence[Any]) -> str:
+def route_label(scope: dict, routers: Sequence[Any]) -> str:
     """The route template a request went to (bounded label values for the metrics)."""
-    route = request.scope.get("route")
+    route = scope.get("route")
     if getattr(route, "path", None):
         return str(route.path)
     # Routes that are not APIRoutes (docs, static files) and requests answered before routing
     # (413 from the body limit): match them again; a wrong method is a partial match. The
     # routers' own routes, not the app's: FastAPI includes a router as one opaque entry.
     partial = None
-    routes = [*request.app.router.routes, *(r for router in routers for r in router.routes)]
+    routes = [*scope["app"].router.routes, *(r for router in routers for r in router.routes)]
     for candidate in (route for route in routes if getattr(route, "path", None)):
-        match, _ = candidate.matches(request.scope)
+        match, _ = candidate.matches(scope)
         if match is Match.FULL:
             return str(candidate.path)
         if match is Match.PARTIAL and partial is None:
@@ -155,8 +154,7 @@ class RequestTiming:
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+            return await self.app(scope, receive, send)
         start = time.perf_counter()
         status = 500  # a bug that raises before answering: answered 500 by the handler outside
 
@@ -169,5 +167,5 @@ class RequestTiming:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            label = route_label(Request(scope), self.routers)
+            label = route_label(scope, self.routers)
             self.metrics.count(label, status, time.perf_counter() - start)
