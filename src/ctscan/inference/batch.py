@@ -26,13 +26,9 @@ def collect_inputs(sources: Sequence[Path]) -> list[Path]:
     found: list[Path] = []
     for source in sources:
         if source.is_dir():
-            inside = sorted(
-                p
-                for p in source.rglob("*")
-                if p.is_file()
-                and p.suffix.lower() in INPUT_SUFFIXES
-                and not any(part.startswith(".") for part in p.relative_to(source).parts)
-            )
+            files = (p for p in source.rglob("*") if p.suffix.lower() in INPUT_SUFFIXES)
+            shown = (p for p in files if not any(s[0] == "." for s in p.relative_to(source).parts))
+            inside = sorted(p for p in shown if p.is_file())
             if not inside:
                 raise DataError(
                     f"no image or DICOM files in the folder '{source}' "
@@ -105,15 +101,9 @@ def predictions_csv(predictions: Sequence[Prediction], class_names: Sequence[str
     writer.writerow(["path", "label", "confidence", *(f"p_{n}" for n in class_names), "error"])
     for p in predictions:
         probs = p.probabilities or {}
-        writer.writerow(
-            [
-                p.path,
-                p.label or "",
-                "" if p.confidence is None else f"{p.confidence:.6f}",
-                *("" if n not in probs else f"{probs[n]:.6f}" for n in class_names),
-                p.error or "",
-            ]
-        )
+        confidence = "" if p.confidence is None else f"{p.confidence:.6f}"
+        each = ("" if n not in probs else f"{probs[n]:.6f}" for n in class_names)
+        writer.writerow([p.path, p.label or "", confidence, *each, p.error or ""])
     return buffer.getvalue().encode()
 
 

@@ -183,8 +183,7 @@ def _checked_header(
             "not an image, or it is truncated before the pixels.",
             "pass the image slice itself (CT Image Storage), complete.",
         )
-    rows = _header_int(ds, "Rows", None, name)
-    columns = _header_int(ds, "Columns", None, name)
+    rows, columns = (_header_int(ds, keyword, None, name) for keyword in ("Rows", "Columns"))
     frames = _header_int(ds, "NumberOfFrames", 1, name) if ds.get("NumberOfFrames") else 1
     samples = _header_int(ds, "SamplesPerPixel", 1, name)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()

@@ -279,10 +279,8 @@ def _open_checkpoint(path: Path, settings: Any) -> Predictor:
     spec, temperature = loaded.spec, loaded.temperature
 
     def logits_fn(images: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(images)
-        out = predict(
-            loaded.model, x, mean=spec.mean, std=spec.std, channels=loaded.channels, rt=rt
-        )
+        x, channels = torch.from_numpy(images), loaded.channels
+        out = predict(loaded.model, x, mean=spec.mean, std=spec.std, channels=channels, rt=rt)
         return apply_temperature(out, temperature).cpu().numpy()  # as Deployable divides
 
     info = ModelInfo(

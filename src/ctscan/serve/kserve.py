@@ -109,25 +109,23 @@ def model_metadata(
 
 def _split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
     """The JSON part and the binary tail of a request body."""
-    if header_length is None:
-        json_part, tail = body, b""
-    else:
+    n = len(body)  # without the binary extension: all JSON
+    if header_length is not None:
         try:
             n = int(header_length)
         except ValueError:
             raise ProtocolError(f"{HEADER_LENGTH} '{header_length}' is not a number.") from None
         if not 0 < n <= len(body):
             raise ProtocolError(f"{HEADER_LENGTH} {n} does not fit a body of {len(body)} bytes.")
-        json_part, tail = body[:n], body[n:]
     try:
-        header = json.loads(json_part)
+        header = json.loads(body[:n])
     except RecursionError:
         raise ProtocolError("the request JSON is nested too deeply.") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(f"the request is not valid JSON ({exc}).") from None
     if not isinstance(header, dict):
         raise ProtocolError("the request must be a JSON object with 'inputs'.")
-    return header, tail
+    return header, body[n:]
 
 
 def _unpack_bytes(raw: bytes, count: int) -> list[bytes]:
@@ -162,11 +160,8 @@ def parse_infer(body: bytes, header_length: str | None, image_size: int) -> Infe
         raise ProtocolError(f"input '{name}' needs a shape of non-negative integers.")
     params = spec.get("parameters") or {}
     binary_size = params.get("binary_data_size") if isinstance(params, dict) else None
-    request = InferRequest(
-        id=header.get("id") if isinstance(header.get("id"), str) else None,
-        input_name=name,
-        binary_output=_binary_output(header),
-    )
+    request_id = header.get("id") if isinstance(header.get("id"), str) else None
+    request = InferRequest(request_id, name, binary_output=_binary_output(header))
     raw = None
     if binary_size is not None:
         if not _is_int(binary_size) or binary_size < 0 or binary_size > len(tail):
@@ -270,9 +265,7 @@ def encode_infer(
         raw = probs.tobytes()
         output["parameters"] = {"binary_data_size": len(raw)}
         text = json.dumps(header).encode()
-        return text + raw, {
-            HEADER_LENGTH: str(len(text)),
-            "Content-Type": "application/octet-stream",
-        }
+        headers = {HEADER_LENGTH: str(len(text)), "Content-Type": "application/octet-stream"}
+        return text + raw, headers
     output["data"] = probs.reshape(-1).tolist()  # float32 -> Python floats
     return json.dumps(header).encode(), {"Content-Type": "application/json"}

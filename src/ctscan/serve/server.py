@@ -50,13 +50,9 @@ def read_confidence_reference(path: Path, temperature: float) -> list[float] | N
         log.warning("confidence drift test off: %s cannot be used (%s)", path, exc)
         return None
     if not math.isclose(reference_t, temperature, rel_tol=1e-6):
-        log.warning(
-            "confidence drift test off: %s holds confidences at temperature %g, the model "
-            "shows them at %g (`ctscan calibrate` on the model rewrites the file)",
-            path,
-            reference_t,
-            temperature,
-        )
+        why = f"holds confidences at temperature {reference_t:g}, the model shows them at"
+        fix = "`ctscan calibrate` on the model rewrites the file"
+        log.warning("confidence drift test off: %s %s %g (%s)", path, why, temperature, fix)
         return None
     return confidence
 
@@ -141,9 +137,8 @@ def run_server(model: str, settings: Any) -> None:
         uvicorn.run(create_app(service), **common)
     else:
         # Each worker opens the model itself; a checkpoint's ONNX export is in the cache by now.
-        os.environ[ENV_ARGS] = json.dumps(
-            {"model": model, "settings": settings.model_dump(mode="json")}
-        )
+        args = {"model": model, "settings": settings.model_dump(mode="json")}
+        os.environ[ENV_ARGS] = json.dumps(args)
         del service
         uvicorn.run(
             "ctscan.serve.server:app_from_env", factory=True, workers=serve.workers, **common
