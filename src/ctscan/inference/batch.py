@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,15 +61,13 @@ def run_predict(
     return predictions
 
 
-def _overlay_names(paths: Iterable[str]) -> list[str]:
+def _overlay_names(paths: Iterable[str]) -> Iterator[str]:
     """`<stem>.cam.png` per input; a stem seen before gets `-2`, `-3`, ... (no overwrite)."""
     seen: dict[str, int] = {}
-    names = []
     for path in paths:
         stem = Path(path).stem or "image"
         seen[stem] = seen.get(stem, 0) + 1
-        names.append(f"{stem}.cam.png" if seen[stem] == 1 else f"{stem}-{seen[stem]}.cam.png")
-    return names
+        yield f"{stem}.cam.png" if seen[stem] == 1 else f"{stem}-{seen[stem]}.cam.png"
 
 
 def write_overlays(predictor: Predictor, predictions: Sequence[Prediction], out: Path) -> None:
@@ -82,9 +80,8 @@ def write_overlays(predictor: Predictor, predictions: Sequence[Prediction], out:
         cam = cam_function(predictor.torch_model[0], predictor.info.name)
     except ValueError as exc:
         raise CheckpointError(str(exc), "use a checkpoint written by `ctscan train`.") from None
-    for prediction, name in zip(
-        predictions, _overlay_names(p.path or "" for p in predictions), strict=True
-    ):
+    names = _overlay_names(p.path or "" for p in predictions)
+    for prediction, name in zip(predictions, names, strict=True):
         if prediction.error is not None or prediction.path is None:
             continue
         gray = predictor.read(Path(prediction.path))

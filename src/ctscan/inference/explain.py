@@ -113,12 +113,9 @@ def cam_function(
 
 def cam_heat(predictor: Any, cam: Callable, gray: np.ndarray, index: int | None) -> np.ndarray:
     """The (S, S) heat map of `cam` (from `cam_function`) on one slice of `predictor`'s model."""
-    model, channels = predictor.torch_model
-    spec = predictor.spec
-    device = next(model.parameters()).device
-    x = torch.from_numpy(gray[None, None]).to(device)  # (1, 1, S, S) uint8
-    heat, _ = cam(model_input(x, mean=spec.mean, std=spec.std, channels=channels), index)
-    return heat
+    (model, channels), spec = predictor.torch_model, predictor.spec
+    x = torch.from_numpy(gray[None, None]).to(next(model.parameters()).device)  # (1, 1, S, S)
+    return cam(model_input(x, mean=spec.mean, std=spec.std, channels=channels), index)[0]
 
 
 def jet(values: np.ndarray) -> np.ndarray:

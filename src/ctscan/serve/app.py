@@ -433,8 +433,7 @@ def _json_or_binary(schema: dict[str, Any]) -> dict[str, Any]:
 )
 async def infer(name: ServedModel, request: Request, service: ServiceDep) -> Response:
     """Open Inference Protocol: UINT8 images or BYTES files in, FP32 probabilities out."""
-    body = await request.body()
-    p = service.predictor
+    body, p = await request.body(), service.predictor
     size = p.spec.image_size
     try:
         parsed = kserve.parse_infer(body, request.headers.get(kserve.HEADER_LENGTH), size)
