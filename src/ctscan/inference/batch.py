@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +26,9 @@ def collect_inputs(sources: Sequence[Path]) -> list[Path]:
     found: list[Path] = []
     for source in sources:
         if source.is_dir():
-            inside = sorted(
-                p
-                for p in source.rglob("*")
-                if p.is_file()
-                and p.suffix.lower() in INPUT_SUFFIXES
-                and not any(part.startswith(".") for part in p.relative_to(source).parts)
-            )
+            files = (p for p in source.rglob("*") if p.suffix.lower() in INPUT_SUFFIXES)
+            shown = (p for p in files if not any(s[0] == "." for s in p.relative_to(source).parts))
+            inside = sorted(p for p in shown if p.is_file())
             if not inside:
                 raise DataError(
                     f"no image or DICOM files in the folder '{source}' "
@@ -65,15 +61,13 @@ def run_predict(
     return predictions
 
 
-def _overlay_names(paths: Iterable[str]) -> list[str]:
+def _overlay_names(paths: Iterable[str]) -> Iterator[str]:
     """`<stem>.cam.png` per input; a stem seen before gets `-2`, `-3`, ... (no overwrite)."""
     seen: dict[str, int] = {}
-    names = []
     for path in paths:
         stem = Path(path).stem or "image"
         seen[stem] = seen.get(stem, 0) + 1
-        names.append(f"{stem}.cam.png" if seen[stem] == 1 else f"{stem}-{seen[stem]}.cam.png")
-    return names
+        yield f"{stem}.cam.png" if seen[stem] == 1 else f"{stem}-{seen[stem]}.cam.png"
 
 
 def write_overlays(predictor: Predictor, predictions: Sequence[Prediction], out: Path) -> None:
@@ -86,9 +80,8 @@ def write_overlays(predictor: Predictor, predictions: Sequence[Prediction], out:
         cam = cam_function(predictor.torch_model[0], predictor.info.name)
     except ValueError as exc:
         raise CheckpointError(str(exc), "use a checkpoint written by `ctscan train`.") from None
-    for prediction, name in zip(
-        predictions, _overlay_names(p.path or "" for p in predictions), strict=True
-    ):
+    names = _overlay_names(p.path or "" for p in predictions)
+    for prediction, name in zip(predictions, names, strict=True):
         if prediction.error is not None or prediction.path is None:
             continue
         gray = predictor.read(Path(prediction.path))
@@ -105,15 +98,9 @@ def predictions_csv(predictions: Sequence[Prediction], class_names: Sequence[str
     writer.writerow(["path", "label", "confidence", *(f"p_{n}" for n in class_names), "error"])
     for p in predictions:
         probs = p.probabilities or {}
-        writer.writerow(
-            [
-                p.path,
-                p.label or "",
-                "" if p.confidence is None else f"{p.confidence:.6f}",
-                *("" if n not in probs else f"{probs[n]:.6f}" for n in class_names),
-                p.error or "",
-            ]
-        )
+        confidence = "" if p.confidence is None else f"{p.confidence:.6f}"
+        each = ("" if n not in probs else f"{probs[n]:.6f}" for n in class_names)
+        writer.writerow([p.path, p.label or "", confidence, *each, p.error or ""])
     return buffer.getvalue().encode()
 
 

@@ -71,11 +71,9 @@ def _rescale(ds: Any, frame: int, name: str) -> tuple[float, float]:
         items = ds.get(groups) or []
         if source is None and index < len(items):
             source = (items[index].get("PixelValueTransformationSequence") or [None])[0]
-    if source is None:
-        return 1.0, 0.0
-    return _number(source, "RescaleSlope", 1.0, name), _number(
-        source, "RescaleIntercept", 0.0, name
-    )
+    source = {} if source is None else source  # none: slope 1, intercept 0
+    slope = _number(source, "RescaleSlope", 1.0, name)
+    return slope, _number(source, "RescaleIntercept", 0.0, name)
 
 
 def _header_int(ds: Any, keyword: str, default: int | None, name: str) -> int:
@@ -145,44 +143,31 @@ def dicom_to_gray(
             f"{name} is not a readable DICOM file ({type(exc).__name__}: {exc}).",
             "check that the file is complete (not truncated) or export it again.",
         ) from None
-    try:
-        return _slice(pydicom, ds, level, width, frame, name, max_pixels)
+    try:  # pydicom parses values lazily: a malformed element raises late, anywhere below
+        rows, columns, frames, index, samples, photometric = _checked_header(
+            ds, frame, name, max_pixels
+        )
+        _check_decoder(pydicom, ds, name)
+        try:
+            pixels = pydicom.pixels.pixel_array(ds, index=index if frames > 1 else None)
+        except Exception as exc:  # a corrupt or truncated codestream, a header that lies, ...
+            syntax = ds.file_meta.TransferSyntaxUID
+            raise DataError(
+                f"cannot decode the pixels of {name} ({syntax.name}): {type(exc).__name__}: {exc}",
+                "the file is truncated or corrupt; export it again.",
+            ) from None
+        if pixels.shape[:2] != (rows, columns) or pixels.ndim != (3 if samples == 3 else 2):
+            raise DataError(f"{name} decoded to shape {pixels.shape}, not ({rows}, {columns}).")
+        if samples == 3:
+            return _luma(pixels, _header_int(ds, "BitsStored", 8, name))
+        slope, intercept = _rescale(ds, index, name)
     except CtscanError:
         raise
-    except Exception as exc:  # pydicom parses values lazily: a malformed element raises late
+    except Exception as exc:
         raise DataError(
             f"{name} has a malformed DICOM header ({type(exc).__name__}: {exc}).",
             "export the slice again from the scanner or viewer.",
         ) from exc
-
-
-def _slice(
-    pydicom: Any,
-    ds: Any,
-    level: float,
-    width: float,
-    frame: int | None,
-    name: str,
-    max_pixels: int | None,
-) -> np.ndarray:
-    """The steps of `dicom_to_gray` after reading: check the header, decode, rescale, window."""
-    rows, columns, frames, index, samples, photometric = _checked_header(
-        ds, frame, name, max_pixels
-    )
-    _check_decoder(pydicom, ds, name)
-    try:
-        pixels = pydicom.pixels.pixel_array(ds, index=index if frames > 1 else None)
-    except Exception as exc:  # a corrupt or truncated codestream, a header that lies, ...
-        syntax = ds.file_meta.TransferSyntaxUID
-        raise DataError(
-            f"cannot decode the pixels of {name} ({syntax.name}): {type(exc).__name__}: {exc}",
-            "the file is truncated or corrupt; export it again.",
-        ) from None
-    if pixels.shape[:2] != (rows, columns) or pixels.ndim != (3 if samples == 3 else 2):
-        raise DataError(f"{name} decoded to shape {pixels.shape}, not ({rows}, {columns}).")
-    if samples == 3:
-        return _luma(pixels, _header_int(ds, "BitsStored", 8, name))
-    slope, intercept = _rescale(ds, index, name)
     hu = pixels.astype(np.float64) * slope + intercept  # (H, W) Hounsfield units
     gray = window(hu, level=level, width=width)
     return 255 - gray if photometric == "MONOCHROME1" else gray
@@ -198,8 +183,7 @@ def _checked_header(
             "not an image, or it is truncated before the pixels.",
             "pass the image slice itself (CT Image Storage), complete.",
         )
-    rows = _header_int(ds, "Rows", None, name)
-    columns = _header_int(ds, "Columns", None, name)
+    rows, columns = (_header_int(ds, keyword, None, name) for keyword in ("Rows", "Columns"))
     frames = _header_int(ds, "NumberOfFrames", 1, name) if ds.get("NumberOfFrames") else 1
     samples = _header_int(ds, "SamplesPerPixel", 1, name)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()

@@ -34,10 +34,7 @@ TITLE_HEIGHT = 24  # the band above the image that holds the title
 
 
 def grad_cam(
-    model: nn.Module,
-    x: torch.Tensor,
-    target_layer: nn.Module,
-    class_index: int | None = None,
+    model: nn.Module, x: torch.Tensor, target_layer: nn.Module, class_index: int | None = None
 ) -> tuple[np.ndarray, int]:
     """Grad-CAM of one input: the (S, S) float32 heat map in [0, 1] and the class index explained.
 
@@ -50,12 +47,8 @@ def grad_cam(
         raise ValueError(f"grad_cam expects one input of shape (1, C, S, S), got {tuple(x.shape)}.")
     plain = unwrap(model)  # hooks on a compiled model's submodules need the eager module
     captured: list[torch.Tensor] = []
-
-    def keep_output(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        captured.append(output)
-
     modes = {module: module.training for module in plain.modules()}
-    handle = target_layer.register_forward_hook(keep_output)
+    handle = target_layer.register_forward_hook(lambda _m, _a, output: captured.append(output))
     try:
         plain.eval()
         with torch.inference_mode(False), torch.enable_grad():
@@ -88,9 +81,7 @@ def grad_cam(
             )[0, 0]  # (S, S)
             cam = torch.nan_to_num(cam, nan=0.0, posinf=0.0, neginf=0.0).clamp_(min=0.0)
             peak = float(cam.max())
-            if peak > 0.0:
-                cam = cam / peak
-            heat = cam.clamp_(0.0, 1.0).cpu().numpy().astype(np.float32)
+            heat = (cam / peak if peak > 0.0 else cam).clamp_(0.0, 1.0).cpu().numpy()
     finally:
         handle.remove()
         for module, training in modes.items():
@@ -122,12 +113,9 @@ def cam_function(
 
 def cam_heat(predictor: Any, cam: Callable, gray: np.ndarray, index: int | None) -> np.ndarray:
     """The (S, S) heat map of `cam` (from `cam_function`) on one slice of `predictor`'s model."""
-    model, channels = predictor.torch_model
-    spec = predictor.spec
-    device = next(model.parameters()).device
-    x = torch.from_numpy(gray[None, None]).to(device)  # (1, 1, S, S) uint8
-    heat, _ = cam(model_input(x, mean=spec.mean, std=spec.std, channels=channels), index)
-    return heat
+    (model, channels), spec = predictor.torch_model, predictor.spec
+    x = torch.from_numpy(gray[None, None]).to(next(model.parameters()).device)  # (1, 1, S, S)
+    return cam(model_input(x, mean=spec.mean, std=spec.std, channels=channels), index)[0]
 
 
 def jet(values: np.ndarray) -> np.ndarray:

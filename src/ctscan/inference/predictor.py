@@ -12,12 +12,12 @@ The preprocessing spec, the class names and the temperature T come from the arti
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,14 +28,15 @@ from ctscan.data.transforms import (
     DecodeLimits,
     PreprocessSpec,
     _read_source,
-    prepare,
+    decode_image,
     resize_square,
+    to_gray,
 )
 from ctscan.errors import CheckpointError, CtscanError, DataError
 
 MLFLOW_SCHEMES = ("models:/", "runs:/")
 ONNX_METADATA_KEY = "ctscan"  # metadata_props key of an exported ONNX file: JSON, see ops/export
-BATCH = 32
+LUNG_WINDOW = (-600.0, 1500.0)  # (level, width) in HU: the window DICOM slices go through
 
 
 @dataclass(frozen=True)
@@ -88,38 +89,37 @@ class Prediction:
         return out
 
 
-@dataclass(frozen=True)
-class DicomWindow:
-    """The Hounsfield window a DICOM slice is mapped through before the resize."""
-
-    level: float = -600.0
-    width: float = 1500.0
-
-
 def read_image(
     source: Path | bytes,
     spec: PreprocessSpec,
     *,
     limits: DecodeLimits = DecodeLimits(),
-    window: DicomWindow = DicomWindow(),
+    window: tuple[float, float] = LUNG_WINDOW,
     name: str | None = None,
+    stage: Callable[[str], AbstractContextManager] = nullcontext,
 ) -> np.ndarray:
     """A PNG / JPEG / BMP / TIFF / WebP / DICOM file or upload -> (S, S) uint8, as preprocess does.
 
     DICOM (the `DICM` marker) goes through pydicom, Hounsfield units and the window; every
-    other format through `transforms.prepare`. The same size and pixel limits apply to both.
+    other format is decoded and made gray as `transforms.prepare` does. The same size and pixel
+    limits apply to both. `stage("decode")` and `stage("resize")` time the steps (serve).
     """
     if name is None:
         name = "the upload" if isinstance(source, (bytes, bytearray)) else f"'{source}'"
     data = _read_source(source, limits.max_bytes, name)
     from ctscan.inference import dicom
 
-    if dicom.is_dicom(data):
-        gray = dicom.dicom_to_gray(  # refuses Rows x Columns > max_pixels before decoding
-            data, level=window.level, width=window.width, name=name, max_pixels=limits.max_pixels
-        )
+    with stage("decode"):
+        if dicom.is_dicom(data):  # refuses Rows x Columns > max_pixels before decoding
+            gray = dicom.dicom_to_gray(
+                data, level=window[0], width=window[1], name=name, max_pixels=limits.max_pixels
+            )
+        else:
+            max_pixels, max_bytes = limits.max_pixels, limits.max_bytes
+            with decode_image(data, max_pixels=max_pixels, max_bytes=max_bytes, name=name) as img:
+                gray = to_gray(img)
+    with stage("resize"):
         return resize_square(gray, spec.image_size, spec.resize)
-    return prepare(data, spec, limits=limits, name=name)
 
 
 class Predictor:
@@ -132,18 +132,12 @@ class Predictor:
         info: ModelInfo,
         logits_fn: Callable[[np.ndarray], np.ndarray],
         torch_model: Any = None,
-        limits: DecodeLimits = DecodeLimits(),
-        window: DicomWindow = DicomWindow(),
-        batch_size: int = BATCH,
     ) -> None:
-        self.spec = spec
-        self.info = info
-        self._logits_fn = logits_fn
+        self.spec, self.info, self._logits_fn = spec, info, logits_fn
         self.torch_model = torch_model  # (model, channels) for Grad-CAM; None for ONNX
-        self.limits = limits
-        self.window = window
-        self.batch_size = batch_size
-        self.decode_threads = 0  # 0: min(4, cores)
+        # how files are read and batched: `open_predictor` sets them from the settings
+        self.limits, self.window = DecodeLimits(), LUNG_WINDOW
+        self.batch_size, self.decode_threads = 32, 0  # decode_threads 0: min(4, cores)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -170,9 +164,10 @@ class Predictor:
 
         return probabilities(self.logits(images))
 
-    def read(self, source: Path | bytes, *, name: str | None = None) -> np.ndarray:
-        """One file or upload -> the (S, S) uint8 image this model takes."""
-        return read_image(source, self.spec, limits=self.limits, window=self.window, name=name)
+    def read(self, source: Path | bytes, *, name: str | None = None, stage: Any = nullcontext):
+        """One file or upload -> the (S, S) uint8 image this model takes (`stage`: read_image)."""
+        limits, window = self.limits, self.window
+        return read_image(source, self.spec, limits=limits, window=window, name=name, stage=stage)
 
     def predictions(self, probs: np.ndarray, paths: Sequence[str | None]) -> list[Prediction]:
         """Turn probabilities into labelled `Prediction`s."""
@@ -193,25 +188,22 @@ class Predictor:
         except DataError as exc:
             return str(exc)
 
-    def _decoded(self, paths: list[Path]) -> Iterator[tuple[int, np.ndarray | str]]:
-        """(index, image or why it cannot be read), in order: decoded ahead on a few threads, at
+    def _decoded(self, paths: list[Path]) -> Iterator[np.ndarray | str]:
+        """Each image or why it cannot be read, in order: decoded ahead on a few threads, at
         most two batches ahead (bounded memory); a bug in a decoder still raises here."""
         threads = self.decode_threads or min(4, os.cpu_count() or 1)
         if threads <= 1:
-            yield from ((i, self._read_or_error(p)) for i, p in enumerate(paths))
+            yield from map(self._read_or_error, paths)
             return
-        ahead: deque[tuple[int, Future]] = deque()
-        todo = iter(enumerate(paths))
+        ahead: deque[Future] = deque()
         pool = ThreadPoolExecutor(threads, thread_name_prefix="ctscan-decode")
         try:
-            for i, path in itertools.islice(todo, 2 * self.batch_size):
-                ahead.append((i, pool.submit(self._read_or_error, path)))
+            for path in paths:
+                ahead.append(pool.submit(self._read_or_error, path))
+                if len(ahead) > 2 * self.batch_size:
+                    yield ahead.popleft().result()
             while ahead:
-                i, future = ahead.popleft()
-                following = next(todo, None)
-                if following is not None:
-                    ahead.append((following[0], pool.submit(self._read_or_error, following[1])))
-                yield i, future.result()
+                yield ahead.popleft().result()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
@@ -221,26 +213,22 @@ class Predictor:
         """Predict every file; a file that cannot be read gets its own `error` row."""
         paths = list(paths)
         results = [Prediction(path=str(path)) for path in paths]
+        advance = progress or (lambda done: None)
         batch: list[tuple[int, np.ndarray]] = []
 
         def flush() -> None:
-            if not batch:
-                return
-            images = np.stack([img for _, img in batch])[:, None]
-            probs = self.probabilities(images)
-            for (i, _), pred in zip(
-                batch, self.predictions(probs, [str(paths[i]) for i, _ in batch]), strict=True
-            ):
-                results[i] = pred
-            if progress is not None:
-                progress(len(batch))
-            batch.clear()
+            if batch:
+                probs = self.probabilities(np.stack([img for _, img in batch])[:, None])
+                named = self.predictions(probs, [str(paths[i]) for i, _ in batch])
+                for (i, _), prediction in zip(batch, named, strict=True):
+                    results[i] = prediction
+                advance(len(batch))
+                batch.clear()
 
-        for i, decoded in self._decoded(paths):
+        for i, decoded in enumerate(self._decoded(paths)):
             if isinstance(decoded, str):
                 results[i].error = decoded
-                if progress is not None:
-                    progress(1)
+                advance(1)
             else:
                 batch.append((i, decoded))
             if len(batch) >= self.batch_size:
@@ -252,12 +240,7 @@ class Predictor:
 # ---- opening a model ----------------------------------------------------------------------
 
 
-def open_predictor(
-    model: str | Path,
-    *,
-    settings: Any,
-    backend: str | None = None,
-) -> Predictor:
+def open_predictor(model: str | Path, *, settings: Any, backend: str | None = None) -> Predictor:
     """A Predictor for a checkpoint (.pt) or MLflow URI (torch), or an ONNX file (ONNX Runtime).
 
     `backend`, if given, must name that runtime (`ops.backends.open_model` runs a checkpoint on
@@ -276,13 +259,10 @@ def open_predictor(
         opened = _open_mlflow(text, settings)
     else:
         opened = (_open_onnx if is_onnx else _open_checkpoint)(Path(text), settings)
+    inference = settings.inference
     opened.limits = DecodeLimits.from_settings(settings.data)
-    opened.window = DicomWindow(
-        level=float(settings.inference.dicom_window_level),
-        width=float(settings.inference.dicom_window_width),
-    )
-    opened.batch_size = int(settings.inference.batch_size)
-    opened.decode_threads = int(settings.inference.decode_threads)
+    opened.window = (inference.dicom_window_level, inference.dicom_window_width)
+    opened.batch_size, opened.decode_threads = inference.batch_size, inference.decode_threads
     return opened
 
 
@@ -299,10 +279,8 @@ def _open_checkpoint(path: Path, settings: Any) -> Predictor:
     spec, temperature = loaded.spec, loaded.temperature
 
     def logits_fn(images: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(images)
-        out = predict(
-            loaded.model, x, mean=spec.mean, std=spec.std, channels=loaded.channels, rt=rt
-        )
+        x, channels = torch.from_numpy(images), loaded.channels
+        out = predict(loaded.model, x, mean=spec.mean, std=spec.std, channels=channels, rt=rt)
         return apply_temperature(out, temperature).cpu().numpy()  # as Deployable divides
 
     info = ModelInfo(
@@ -320,7 +298,8 @@ def _open_checkpoint(path: Path, settings: Any) -> Predictor:
     )
 
 
-def _onnx_metadata(session: Any, path: Path) -> dict[str, Any]:
+def _onnx_metadata(session: Any, path: Path) -> tuple[dict[str, Any], PreprocessSpec, dict]:
+    """The ctscan metadata of an ONNX file, its preprocessing and its `_calibration_info`."""
     props = session.get_modelmeta().custom_metadata_map
     if ONNX_METADATA_KEY not in props:
         raise CheckpointError(
@@ -330,13 +309,11 @@ def _onnx_metadata(session: Any, path: Path) -> dict[str, Any]:
         )
     try:
         meta = json.loads(props[ONNX_METADATA_KEY])
-        PreprocessSpec.from_dict(meta["preprocess"])
-        _temperature(meta, path)
+        return meta, PreprocessSpec.from_dict(meta["preprocess"]), _calibration_info(meta, path)
     except (ValueError, KeyError, TypeError, DataError) as exc:
         raise CheckpointError(
             f"'{path}' has broken ctscan metadata ({exc}).", "export it again with ctscan export."
         ) from None
-    return meta
 
 
 def session_options(settings: Any) -> Any:
@@ -378,8 +355,7 @@ def _open_onnx(path: Path, settings: Any) -> Predictor:
             f"'{path}' is not a readable ONNX model ({first[:200]}).",
             "export it again with `ctscan export`.",
         ) from None
-    meta = _onnx_metadata(session, path)
-    spec = PreprocessSpec.from_dict(meta["preprocess"])
+    meta, spec, calibration = _onnx_metadata(session, path)
     input_name = session.get_inputs()[0].name
 
     def logits_fn(images: np.ndarray) -> np.ndarray:
@@ -392,7 +368,7 @@ def _open_onnx(path: Path, settings: Any) -> Predictor:
         version=str(meta.get("ctscan_version", "unknown")),
         sha256=str(meta.get("checkpoint_sha256") or file_sha256(path)),
         format=str(meta.get("format", "onnx")),
-        **_calibration_info(meta, path),
+        **calibration,
     )
     return Predictor(spec=spec, info=info, logits_fn=logits_fn)
 
@@ -402,18 +378,12 @@ def _in_chunks(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> n
     return np.concatenate([run(images[i : i + 64]) for i in range(0, len(images), 64)])
 
 
-def _temperature(meta: dict[str, Any], source: Path | str) -> float:
-    """The temperature an exported or logged model holds (files from before: 1.0)."""
-    from ctscan.engine.temperature import check_temperature
-
-    return check_temperature(meta.get("temperature", 1.0), source)
-
-
 def _calibration_info(meta: dict[str, Any], source: Path | str) -> dict[str, Any]:
-    """ModelInfo's temperature and calibration text from a model file's ctscan metadata."""
-    from ctscan.engine.temperature import describe
+    """ModelInfo's temperature and calibration text from a model file's ctscan metadata (files
+    from before calibration: T = 1)."""
+    from ctscan.engine.temperature import check_temperature, describe
 
-    temperature = _temperature(meta, source)
+    temperature = check_temperature(meta.get("temperature", 1.0), source)
     calibration = meta.get("calibration")
     text = describe(temperature, calibration if isinstance(calibration, dict) else None)
     return {"temperature": temperature, "calibration": text}

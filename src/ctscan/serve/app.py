@@ -36,7 +36,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile as StarletteUpload
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ctscan.data.transforms import decode_image, resize_square, to_gray
 from ctscan.errors import DataError
 from ctscan.inference.predictor import Prediction, Predictor
 from ctscan.serve import kserve, limits
@@ -133,19 +132,18 @@ def _header(text: str) -> dict[str, Any]:
 
 
 _ERROR_HEADERS = {
-    401: {"WWW-Authenticate": _header("Bearer")},
-    503: {"Retry-After": _header("seconds to wait")},
+    401: {"headers": {"WWW-Authenticate": _header("Bearer")}},
+    503: {"headers": {"Retry-After": _header("seconds to wait")}},
 }
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` for error codes: the JSON ErrorResponse, its meaning, its headers."""
-    out: dict[int | str, dict[str, Any]] = {}
-    for code in codes:
-        out[code] = {"model": ErrorResponse, "description": _ERROR_TEXT[code]}
-        if code in _ERROR_HEADERS:
-            out[code]["headers"] = _ERROR_HEADERS[code]
-    return out
+    return {
+        code: {"model": ErrorResponse, "description": _ERROR_TEXT[code]}
+        | _ERROR_HEADERS.get(code, {})
+        for code in codes
+    }
 
 
 class ApiError(Exception):
@@ -178,26 +176,12 @@ class Service:
         """Decode an upload on the decode threads (as many as the cores, not the loop's 40)."""
         if self.decoder is None:
             raise RuntimeError("the decode pool runs only while the app does (lifespan)")
-        return await asyncio.get_running_loop().run_in_executor(
-            self.decoder, self._read, data, name
-        )
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.decoder, self._read, data, name)
 
     def _read(self, data: bytes, name: str) -> np.ndarray:
-        """`predictor.read` in two timed stages: decode (to gray), resize; DICOM in one."""
-        p, stage = self.predictor, self.metrics.stage
-        if sniff_format(data) == "DICOM":
-            with stage("decode"):
-                return p.read(data, name=name)
-        limits = p.limits
-        with (
-            stage("decode"),
-            decode_image(
-                data, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes, name=name
-            ) as img,
-        ):
-            gray = to_gray(img)
-        with stage("resize"):
-            return resize_square(gray, p.spec.image_size, p.spec.resize)
+        """`predictor.read` with its decode and resize steps timed (on a decode thread)."""
+        return self.predictor.read(data, name=name, stage=self.metrics.stage)
 
     @functools.cached_property
     def identity_json(self) -> str:
@@ -256,7 +240,8 @@ async def ready(service: ServiceDep) -> Any:
 
 
 RAW_TYPES = ("image/png", "image/jpeg", "application/dicom", "application/octet-stream")  # bodies
-_BINARY = {"type": "string", "format": "binary", "description": "PNG/JPEG/DICOM"}
+BINARY = {"type": "string", "format": "binary"}
+_BINARY = {**BINARY, "description": "PNG/JPEG/DICOM"}
 _FORM = {"type": "object", "required": ["file"], "properties": {"file": _BINARY}}
 PREDICT_BODY = {
     "required": True,
@@ -300,25 +285,21 @@ async def predict_batch(
     """Predict several files in one request; a file that cannot be read gets its own error."""
     start = time.perf_counter()
     _check_count(len(files), "files in one request", service)
-    items: list[BatchItem] = []
-    images, slots = [], []
-    for upload in files:
+    items = [BatchItem(filename=upload.filename) for upload in files]
+    images: dict[int, np.ndarray] = {}  # item -> its decoded image
+    for slot, upload in enumerate(files):
         try:
-            images.append(await _decode(service, *await _file(upload)))
-            slots.append(len(items))
-            items.append(BatchItem(filename=upload.filename))
+            images[slot] = await _decode(service, *await _file(upload))
         except ApiError as exc:
-            items.append(BatchItem(filename=upload.filename, error=exc.error))
+            items[slot].error = exc.error
     if images:
-        probs = await _submit(service, np.stack(images)[:, None])
+        probs = await _submit(service, np.stack(list(images.values()))[:, None])
         predictions = service.predictor.predictions(probs, [None] * len(images))
-        for slot, image, prediction in zip(slots, images, predictions, strict=True):
+        for (slot, image), prediction in zip(images.items(), predictions, strict=True):
             _record(service, image, prediction)
             items[slot] = BatchItem(filename=items[slot].filename, **_answer_fields(prediction))
     return BatchResponse(
-        predictions=items,
-        model=service.identity(),
-        latency_ms=(time.perf_counter() - start) * 1000,
+        predictions=items, model=service.identity(), latency_ms=(time.perf_counter() - start) * 1000
     )
 
 
@@ -328,7 +309,7 @@ async def predict_batch(
     response_class=Response,
     responses={
         200: {
-            "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+            "content": {"image/png": {"schema": BINARY}},
             "description": "Grad-CAM overlay PNG of the class explained: `target` when sent, "
             "else the predicted class",
             "headers": {
@@ -363,11 +344,10 @@ async def explain(
         raise ApiError(422, f"target '{target}' is not a class.", f"use one of {names}.")
     image = await _decode(service, *await _file(file))
     index = names.index(target) if target else None
-    if explainer is service.predictor and service.batcher is not None:
-        # One PyTorch model answers both: Grad-CAM's hook must not see a batch's forward.
-        png, label, confidence = await service.batcher.run(_grad_cam_png, service, image, index)
-    else:
-        png, label, confidence = await run_in_threadpool(_grad_cam_png, service, image, index)
+    # One PyTorch model answering both: on the model thread, so Grad-CAM's hook sees no batch
+    shared = explainer is service.predictor and service.batcher is not None
+    run = service.batcher.run if shared else run_in_threadpool
+    png, label, confidence = await run(_grad_cam_png, service, image, index)
     headers = {"X-Label": label, "X-Confidence": f"{confidence:.6f}"}
     return Response(png, media_type="image/png", headers=headers)
 
@@ -410,8 +390,14 @@ async def live() -> Response:
 
 
 @v2_health.get("/ready", response_class=Response, responses={**EMPTY_OK, **_errors(503)})
+@v2_models.get(
+    "/ready",
+    response_class=Response,
+    responses={**EMPTY_OK, **_errors(401, 404, 422, 503)},
+    dependencies=[Depends(served_model)],  # 404 before 503
+)
 async def v2_ready(service: ServiceDep) -> Response:
-    """Open Inference Protocol: the server is ready."""
+    """Open Inference Protocol: the server, or the model, is ready."""
     _require_ready(service)
     return Response(status_code=200)
 
@@ -425,13 +411,8 @@ async def metadata(name: ServedModel, service: ServiceDep) -> dict[str, Any]:
     )
 
 
-@v2_models.get(
-    "/ready", response_class=Response, responses={**EMPTY_OK, **_errors(401, 404, 422, 503)}
-)
-async def model_ready(name: ServedModel, service: ServiceDep) -> Response:
-    """Open Inference Protocol: the model is ready."""
-    _require_ready(service)
-    return Response(status_code=200)
+def _json_or_binary(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}, "application/octet-stream": {"schema": BINARY}}
 
 
 @v2_models.post(
@@ -441,10 +422,7 @@ async def model_ready(name: ServedModel, service: ServiceDep) -> Response:
         200: {
             "description": "probabilities (FP32 [B, C]): JSON, or the binary data extension "
             "(JSON header of Inference-Header-Content-Length bytes, then the raw floats)",
-            "content": {
-                "application/json": {"schema": kserve.INFER_RESPONSE_SCHEMA},
-                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-            },
+            "content": _json_or_binary(kserve.INFER_RESPONSE_SCHEMA),
         },
         **_errors(400, 401, 404, 413, 415, 422, 503),
     },
@@ -453,17 +431,13 @@ async def model_ready(name: ServedModel, service: ServiceDep) -> Response:
             "required": True,
             "description": "JSON, or the binary data extension: the JSON header (its length "
             "in the Inference-Header-Content-Length header), then the raw tensors",
-            "content": {
-                "application/json": {"schema": kserve.INFER_REQUEST_SCHEMA},
-                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-            },
+            "content": _json_or_binary(kserve.INFER_REQUEST_SCHEMA),
         }
     },
 )
 async def infer(name: ServedModel, request: Request, service: ServiceDep) -> Response:
     """Open Inference Protocol: UINT8 images or BYTES files in, FP32 probabilities out."""
-    body = await request.body()
-    p = service.predictor
+    body, p = await request.body(), service.predictor
     size = p.spec.image_size
     try:
         parsed = kserve.parse_infer(body, request.headers.get(kserve.HEADER_LENGTH), size)
@@ -545,7 +519,8 @@ def create_app(service: Service) -> FastAPI:
     _install_error_handlers(app)
     # outside BodyLimit: counts its 413s
     app.add_middleware(RequestTiming, metrics=service.metrics, routers=ROUTERS)
-    token = [Depends(_token_check(serve.token))]  # no security scheme at all without a token
+    # no security scheme at all without a token
+    token = [Depends(_token_check(serve.token))] if serve.token else []
     app.include_router(health_routes)
     app.include_router(guarded, dependencies=token)
     app.include_router(v2_health)
@@ -694,14 +669,8 @@ def _grad_cam_png(
     return overlay_png(image, heat, title=f"{label} {probs[index]:.1%}"), label, float(probs[index])
 
 
-def _token_check(token: str | None) -> Callable[..., Any]:
-    """A dependency (async: no thread hop): without a token none, else Bearer must match."""
-    if not token:
-
-        async def open_route() -> None:
-            return None
-
-        return open_route
+def _token_check(token: str) -> Callable[..., Any]:
+    """A dependency (async: no thread hop): the Bearer token must match `token`."""
     expected = token.encode()
 
     async def check(credentials: BearerCredentials) -> None:
@@ -719,10 +688,8 @@ def _token_check(token: str | None) -> Callable[..., Any]:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        headers = {"Retry-After": RETRY_AFTER_S} if exc.status == 503 else None
-        if exc.status == 401:
-            headers = {"WWW-Authenticate": "Bearer"}
-        return _json_error(exc.status, exc.error, exc.fix, headers)
+        headers = {401: {"WWW-Authenticate": "Bearer"}, 503: {"Retry-After": RETRY_AFTER_S}}
+        return _json_error(exc.status, exc.error, exc.fix, headers.get(exc.status))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -761,13 +728,11 @@ def _document_model_name(app: FastAPI, name: str) -> None:
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = build()
-            for operation in (op for item in schema["paths"].values() for op in item.values()):
+        if app.openapi_schema is None:  # FastAPI's `build` caches its schema there
+            for operation in (op for item in build()["paths"].values() for op in item.values()):
                 for parameter in operation.get("parameters", []):
                     if parameter.get("name") == "model_name" and parameter.get("in") == "path":
                         parameter["example"] = name
-            app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -46,17 +46,15 @@ class Batcher:
         queue_size: int = 256,
         enabled: bool = True,
         on_batch: Callable[[list[float], list[int], float, float], None] | None = None,
-        cpu_clock: Callable[[], float] = time.thread_time,
     ) -> None:
         self.model = model
         self.max_batch = max(1, max_batch) if enabled else 1
         self.max_wait = max_wait_ms / 1000.0 if enabled else 0.0
         self.queue_size = queue_size
         self.on_batch = on_batch  # (queue waits, sizes, wall s, cpu s) for the metrics
-        self.cpu_clock = cpu_clock  # read on the model thread around each call
+        self.cpu_clock: Callable[[], float] = time.thread_time  # on the model thread, per call
         self._queue: asyncio.Queue[_Item] | None = None
         self._task: asyncio.Task[None] | None = None
-        self._carry: _Item | None = None  # taken from the queue, did not fit the last call
         self._closed = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctscan-model")
 
@@ -92,32 +90,25 @@ class Batcher:
         """`fn(*args)` on the model thread, between model calls (not queued, not batched)."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def _next(self, timeout: float | None) -> _Item:
-        """The request held over from the last call, else the next one from the queue."""
-        assert self._queue is not None
-        if self._carry is not None:
-            item, self._carry = self._carry, None
-            return item
-        if timeout is None:
-            return await self._queue.get()
-        if timeout <= 0:
-            return self._queue.get_nowait()
-        return await asyncio.wait_for(self._queue.get(), timeout)
-
     async def _run(self) -> None:
         assert self._queue is not None
         loop = asyncio.get_running_loop()
+        carry: _Item | None = None  # taken from the queue, did not fit the last call
         while True:
-            items = [await self._next(None)]
-            size = len(items[0].images)
+            items = [carry or await self._queue.get()]
+            size, carry = len(items[0].images), None
             deadline = loop.time() + self.max_wait
             while size < self.max_batch:
+                wait = deadline - loop.time()
                 try:
-                    item = await self._next(deadline - loop.time())
+                    if wait <= 0:
+                        item = self._queue.get_nowait()
+                    else:
+                        item = await asyncio.wait_for(self._queue.get(), wait)
                 except (asyncio.QueueEmpty, TimeoutError):
                     break
                 if size + len(item.images) > self.max_batch:
-                    self._carry = item  # opens the next call
+                    carry = item  # opens the next call
                     break
                 items.append(item)
                 size += len(item.images)

@@ -26,68 +26,52 @@ BYTES_INPUT = "image_bytes"
 OUTPUT = "probabilities"
 
 
-_OBJECT = {"type": "object"}
-INFER_REQUEST_SCHEMA: dict[str, Any] = {  # the JSON part of a request (OpenAPI / JSON Schema)
-    "type": "object",
-    "required": ["inputs"],
-    "properties": {
-        "id": {"type": "string"},
-        "inputs": {
-            "type": "array",
-            "minItems": 1,
-            "maxItems": 1,
-            "items": {
-                "type": "object",
-                "required": ["name", "datatype", "shape"],
-                "properties": {
-                    "name": {"type": "string", "enum": [IMAGE_INPUT, BYTES_INPUT]},
-                    "datatype": {"type": "string", "enum": ["UINT8", "BYTES"]},
-                    "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-                    "data": {
-                        "type": "array",
-                        "description": "UINT8: integers 0..255; BYTES: base64 strings",
-                    },
-                    "parameters": _OBJECT,
-                },
-            },
-        },
-        "outputs": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["name"],
-                "properties": {
-                    "name": {"type": "string", "enum": [OUTPUT]},
-                    "parameters": _OBJECT,
-                },
-            },
-        },
-        "parameters": _OBJECT,
-    },
-}
-INFER_RESPONSE_SCHEMA: dict[str, Any] = {  # the JSON answer (without the binary extension)
-    "type": "object",
-    "required": ["model_name", "outputs"],
-    "properties": {
-        "model_name": {"type": "string"},
-        "model_version": {"type": "string"},
-        "id": {"type": "string"},
-        "outputs": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["name", "datatype", "shape"],
-                "properties": {
-                    "name": {"type": "string"},
-                    "datatype": {"type": "string"},
-                    "shape": {"type": "array", "items": {"type": "integer"}},
-                    "data": {"type": "array", "items": {"type": "number"}},
-                    "parameters": _OBJECT,
-                },
-            },
-        },
-    },
-}
+def _object(required: list[str], **properties: Any) -> dict[str, Any]:
+    return {"type": "object", "required": required, "properties": properties}
+
+
+def _array(items: Any, **extra: Any) -> dict[str, Any]:
+    return {"type": "array", "items": items, **extra}
+
+
+_OBJECT, _STRING = {"type": "object"}, {"type": "string"}
+_TENSOR = ["name", "datatype", "shape"]
+INFER_REQUEST_SCHEMA = _object(  # the JSON part of a request (OpenAPI / JSON Schema)
+    ["inputs"],
+    id=_STRING,
+    inputs=_array(
+        _object(
+            _TENSOR,
+            name={"type": "string", "enum": [IMAGE_INPUT, BYTES_INPUT]},
+            datatype={"type": "string", "enum": ["UINT8", "BYTES"]},
+            shape=_array({"type": "integer", "minimum": 0}),
+            data={"type": "array", "description": "UINT8: integers 0..255; BYTES: base64 strings"},
+            parameters=_OBJECT,
+        ),
+        minItems=1,
+        maxItems=1,
+    ),
+    outputs=_array(
+        _object(["name"], name={"type": "string", "enum": [OUTPUT]}, parameters=_OBJECT)
+    ),
+    parameters=_OBJECT,
+)
+INFER_RESPONSE_SCHEMA = _object(  # the JSON answer (without the binary extension)
+    ["model_name", "outputs"],
+    model_name=_STRING,
+    model_version=_STRING,
+    id=_STRING,
+    outputs=_array(
+        _object(
+            _TENSOR,
+            name=_STRING,
+            datatype=_STRING,
+            shape=_array({"type": "integer"}),
+            data=_array({"type": "number"}),
+            parameters=_OBJECT,
+        )
+    ),
+)
 
 
 class ProtocolError(ValueError):
@@ -108,11 +92,8 @@ class InferRequest:
 def model_metadata(
     name: str, version: str, image_size: int, class_names: list[str], *, temperature: float = 1.0
 ) -> dict:
-    """GET /v2/models/{name}: the inputs and outputs the model takes and gives.
-
-    `parameters.temperature`: the calibration T the probabilities are computed with
-    (softmax(logits / T); 1.0: uncalibrated).
-    """
+    """GET /v2/models/{name}: the inputs and outputs the model takes and gives, and the
+    calibration T the probabilities are computed with (softmax(logits / T); 1.0: uncalibrated)."""
     return {
         "name": name,
         "versions": [version],
@@ -128,25 +109,23 @@ def model_metadata(
 
 def _split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
     """The JSON part and the binary tail of a request body."""
-    if header_length is None:
-        json_part, tail = body, b""
-    else:
+    n = len(body)  # without the binary extension: all JSON
+    if header_length is not None:
         try:
             n = int(header_length)
         except ValueError:
             raise ProtocolError(f"{HEADER_LENGTH} '{header_length}' is not a number.") from None
         if not 0 < n <= len(body):
             raise ProtocolError(f"{HEADER_LENGTH} {n} does not fit a body of {len(body)} bytes.")
-        json_part, tail = body[:n], body[n:]
     try:
-        header = json.loads(json_part)
+        header = json.loads(body[:n])
     except RecursionError:
         raise ProtocolError("the request JSON is nested too deeply.") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(f"the request is not valid JSON ({exc}).") from None
     if not isinstance(header, dict):
         raise ProtocolError("the request must be a JSON object with 'inputs'.")
-    return header, tail
+    return header, body[n:]
 
 
 def _unpack_bytes(raw: bytes, count: int) -> list[bytes]:
@@ -181,11 +160,8 @@ def parse_infer(body: bytes, header_length: str | None, image_size: int) -> Infe
         raise ProtocolError(f"input '{name}' needs a shape of non-negative integers.")
     params = spec.get("parameters") or {}
     binary_size = params.get("binary_data_size") if isinstance(params, dict) else None
-    request = InferRequest(
-        id=header.get("id") if isinstance(header.get("id"), str) else None,
-        input_name=name,
-        binary_output=_binary_output(header),
-    )
+    request_id = header.get("id") if isinstance(header.get("id"), str) else None
+    request = InferRequest(request_id, name, binary_output=_binary_output(header))
     raw = None
     if binary_size is not None:
         if not _is_int(binary_size) or binary_size < 0 or binary_size > len(tail):
@@ -226,11 +202,8 @@ def _bytes_input(spec: dict, count: int, raw: bytes | None) -> list[bytes]:
     if raw is not None:
         return _unpack_bytes(raw, count)
     data = spec.get("data")
-    if (
-        not isinstance(data, list)
-        or len(data) != count
-        or not all(isinstance(d, str) for d in data)
-    ):
+    strings = isinstance(data, list) and all(isinstance(d, str) for d in data)
+    if not strings or len(data) != count:
         raise ProtocolError(f"input '{BYTES_INPUT}' needs {count} base64 strings in 'data'.")
     try:
         return [base64.b64decode(d, validate=True) for d in data]
@@ -248,13 +221,10 @@ def _is_int(value: Any) -> bool:
 def _binary_output(header: dict[str, Any]) -> bool:
     """Whether the client asked for the output in the binary extension; names are checked."""
     params = header.get("parameters")
-    everything = isinstance(params, dict) and params.get("binary_data_output") is True
-    outputs = header.get("outputs")
-    if outputs is None:
-        return everything
+    binary = isinstance(params, dict) and params.get("binary_data_output") is True
+    outputs = [] if header.get("outputs") is None else header["outputs"]
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise ProtocolError("'outputs' must be a list of objects with a 'name'.")
-    binary = everything
     for output in outputs:
         if output.get("name") != OUTPUT:
             raise ProtocolError(f"unknown output '{output.get('name')}'; the output is '{OUTPUT}'.")
@@ -290,15 +260,12 @@ def encode_infer(
     header: dict[str, Any] = {"model_name": model_name, "model_version": version}
     if request.id is not None:
         header["id"] = request.id
+    header["outputs"] = [output]
     if request.binary_output:
         raw = probs.tobytes()
         output["parameters"] = {"binary_data_size": len(raw)}
-        header["outputs"] = [output]
         text = json.dumps(header).encode()
-        return text + raw, {
-            HEADER_LENGTH: str(len(text)),
-            "Content-Type": "application/octet-stream",
-        }
-    output["data"] = [float(v) for v in probs.reshape(-1)]
-    header["outputs"] = [output]
+        headers = {HEADER_LENGTH: str(len(text)), "Content-Type": "application/octet-stream"}
+        return text + raw, headers
+    output["data"] = probs.reshape(-1).tolist()  # float32 -> Python floats
     return json.dumps(header).encode(), {"Content-Type": "application/json"}

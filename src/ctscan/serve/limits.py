@@ -20,32 +20,17 @@ _MAGIC = (
 
 def sniff_format(data: bytes) -> str | None:
     """The format an upload's first bytes announce (PNG, JPEG, BMP, TIFF, WEBP, DICOM) or None."""
-    for magic, name in _MAGIC:
-        if data.startswith(magic):
-            return name
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
-    if data[128:132] == b"DICM":
+    if data[128:132] == b"DICM":  # after the preamble, which may hold another format's magic
         return "DICOM"
-    return None
+    return next((name for magic, name in _MAGIC if data.startswith(magic)), None)
 
 
 FIX = (
     "send a smaller file or fewer files (the server's serve.max_upload_bytes and "
     "serve.max_batch_files)."
 )
-
-
-def too_large(limit: int, reason: str) -> str:
-    """The message of a body refused at `limit` bytes; `reason` says which settings make it."""
-    return f"the request body is larger than {limit} bytes ({reason})."
-
-
-class BodyTooLarge(HTTPException):
-    """A body that grew past its limit while streaming in (no Content-Length to refuse early)."""
-
-    def __init__(self, limit: int, reason: str) -> None:
-        super().__init__(status_code=413, detail=too_large(limit, reason))
 
 
 class BodyLimit:
@@ -55,33 +40,25 @@ class BodyLimit:
     passes it; each limit carries the settings that make it, for the message."""
 
     def __init__(
-        self,
-        app: Any,
-        *,
-        default: tuple[int, str],
-        larger: dict[str, tuple[int, str]] | None = None,
+        self, app: Any, *, default: tuple[int, str], larger: dict[str, tuple[int, str]]
     ) -> None:
-        self.app = app
-        self.default = default
-        self.larger = larger or {}
-
-    def limit(self, path: str) -> tuple[int, str]:
-        """The body limit for a request path, and its reason."""
-        for prefix, limit in self.larger.items():
-            if path.startswith(prefix):
-                return limit
-        return self.default
+        self.app, self.default, self.larger = app, default, larger
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit, reason = self.limit(scope["path"])
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length")
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        limit, reason = next(
+            (limit for prefix, limit in self.larger.items() if path.startswith(prefix)),
+            self.default,
+        )
+        error = f"the request body is larger than {limit} bytes ({reason})."
+        declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await self._reject(scope, receive, send, limit, reason)
-            return
+            refusal = JSONResponse(
+                {"error": error, "fix": FIX}, status_code=413, headers={"connection": "close"}
+            )
+            return await refusal(scope, receive, send)
         received = 0
 
         async def limited_receive() -> dict:
@@ -89,16 +66,8 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > limit:
-                    raise BodyTooLarge(limit, reason)
+                if received > limit:  # no Content-Length to refuse early: grew while streaming
+                    raise HTTPException(status_code=413, detail=error)
             return message
 
         await self.app(scope, limited_receive, send)
-
-    async def _reject(
-        self, scope: dict, receive: Callable, send: Callable, limit: int, reason: str
-    ):
-        error = {"error": too_large(limit, reason), "fix": FIX}
-        await JSONResponse(error, status_code=413, headers={"connection": "close"})(
-            scope, receive, send
-        )

@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from starlette.requests import Request
 from starlette.routing import Match
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -28,35 +27,26 @@ class Metrics:
     def __init__(self, model: dict[str, str]) -> None:
         from prometheus_client import CollectorRegistry, Counter, Histogram, Info, Summary
 
-        self.registry = CollectorRegistry()
-        r = self.registry
+        self.registry = r = CollectorRegistry()
+
+        def histogram(name: str, text: str, buckets: Sequence[float], *labels: str) -> Any:
+            return Histogram(name, text, labels, buckets=buckets, registry=r)
+
         self.requests = Counter(
             "ctscan_requests", "HTTP requests by route and status", ["route", "status"], registry=r
         )
-        self.latency = Histogram(
-            "ctscan_request_latency_seconds",
-            "time to answer, by route",
-            ["route"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.latency = histogram(
+            "ctscan_request_latency_seconds", "time to answer, by route", LATENCY_BUCKETS, "route"
         )
         self.predictions = Counter(
             "ctscan_predictions", "predictions by class", ["label"], registry=r
         )
-        self.confidence = Histogram(
-            "ctscan_prediction_confidence",
-            "probability of the predicted class",
-            buckets=CONFIDENCE_BUCKETS,
-            registry=r,
+        self.confidence = histogram(
+            "ctscan_prediction_confidence", "probability of the predicted class", CONFIDENCE_BUCKETS
         )
-        self.batch_size = Histogram(
-            "ctscan_batch_size", "images per model call", buckets=BATCH_BUCKETS, registry=r
-        )
-        self.model_seconds = Histogram(
-            "ctscan_model_call_seconds",
-            "time of one model call",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.batch_size = histogram("ctscan_batch_size", "images per model call", BATCH_BUCKETS)
+        self.model_seconds = histogram(
+            "ctscan_model_call_seconds", "time of one model call", LATENCY_BUCKETS
         )
         stage = Summary(
             "ctscan_stage_seconds",
@@ -73,11 +63,10 @@ class Metrics:
         }
         Info("ctscan_model", "the model served", registry=r).info(model)
 
-    def count(self, route: str, status: int, seconds: float | None = None) -> None:
+    def count(self, route: str, status: int, seconds: float) -> None:
         """One answered request."""
         self.requests.labels(route=route, status=str(status)).inc()
-        if seconds is not None:
-            self.latency.labels(route=route).observe(seconds)
+        self.latency.labels(route=route).observe(seconds)
 
     def observe_stage(self, stage: str, wall: float, cpu: float | None = None) -> None:
         """One image through one stage: its wall seconds and, where measured, CPU seconds."""
@@ -136,18 +125,18 @@ def model_cpu_clock() -> Callable[[], float]:
     return clock
 
 
-def route_label(request: Any, routers: Sequence[Any]) -> str:
+def route_label(scope: dict, routers: Sequence[Any]) -> str:
     """The route template a request went to (bounded label values for the metrics)."""
-    route = request.scope.get("route")
+    route = scope.get("route")
     if getattr(route, "path", None):
         return str(route.path)
     # Routes that are not APIRoutes (docs, static files) and requests answered before routing
     # (413 from the body limit): match them again; a wrong method is a partial match. The
     # routers' own routes, not the app's: FastAPI includes a router as one opaque entry.
     partial = None
-    routes = [*request.app.router.routes, *(r for router in routers for r in router.routes)]
+    routes = [*scope["app"].router.routes, *(r for router in routers for r in router.routes)]
     for candidate in (route for route in routes if getattr(route, "path", None)):
-        match, _ = candidate.matches(request.scope)
+        match, _ = candidate.matches(scope)
         if match is Match.FULL:
             return str(candidate.path)
         if match is Match.PARTIAL and partial is None:
@@ -165,8 +154,7 @@ class RequestTiming:
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+            return await self.app(scope, receive, send)
         start = time.perf_counter()
         status = 500  # a bug that raises before answering: answered 500 by the handler outside
 
@@ -179,5 +167,5 @@ class RequestTiming:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            label = route_label(Request(scope), self.routers)
+            label = route_label(scope, self.routers)
             self.metrics.count(label, status, time.perf_counter() - start)

@@ -1,16 +1,9 @@
 """Drift monitoring: recent requests against the training reference, by two-sample KS tests.
 
-A `DriftMonitor` keeps a bounded window (a deque) of the per-image FEATURES of recent requests
-(data/reference.py) and, optionally, the model's confidence on them. `report()` runs one
-two-sample Kolmogorov-Smirnov test per feature (scipy.stats.ks_2samp, two-sided) between the
-window and the reference sample written by preprocess (and, when given, the best model's
-confidence on the train images written by train). See docs/monitoring.md.
-
-Prometheus gauges (after `register_metrics(registry)`, refreshed by every `report()`):
-    ctscan_drift_statistic{feature}   KS statistic D (NaN before the first request)
-    ctscan_drift_p_value{feature}     raw p-value (compare with alpha / number of tests)
-    ctscan_drift_detected             1 if drift is detected on any feature, else 0
-    ctscan_drift_window_size          requests in the window
+`report()` runs one two-sided Kolmogorov-Smirnov test (scipy.stats.ks_2samp) per image FEATURE
+(data/reference.py) between the window and the sample written by preprocess, and one on the
+model's confidence when the train images' is given. See docs/monitoring.md. The
+`ctscan_drift_*` gauges (`register_metrics`; NaN before the first request) follow every report.
 """
 
 from __future__ import annotations
@@ -51,26 +44,16 @@ class DriftMonitor:
         confidence_reference: Sequence[float] | None = None,
     ) -> None:
         reference = check_reference(reference)
-        if window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
-        if min_samples < 1:
-            raise ValueError(f"min_samples must be >= 1, got {min_samples}")
         if not 0.0 < alpha < 1.0:
             raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-        self.window = window
-        self.min_samples = min_samples
-        self.alpha = alpha
+        self.window, self.min_samples, self.alpha = window, min_samples, alpha
         self.image_size = int(reference["image_size"])
         self.features: tuple[str, ...] = tuple(reference["features"])
-        self._columns = [_INDEX[name] for name in self.features]
         self._reference: dict[str, np.ndarray] = {
             name: np.asarray(reference["samples"][name], dtype=np.float64) for name in self.features
         }
-        if confidence_reference is not None:
-            values = np.asarray(confidence_reference, dtype=np.float64).reshape(-1)
-            if values.size == 0 or not np.isfinite(values).all():
-                raise ValueError("confidence_reference must be a non-empty list of numbers")
-            self._reference[CONFIDENCE] = values
+        if confidence_reference is not None:  # checked by server.read_confidence_reference
+            self._reference[CONFIDENCE] = np.asarray(confidence_reference, dtype=np.float64)
         self.tests: tuple[str, ...] = tuple(self._reference)
         self._window: deque[tuple[np.ndarray, float | None]] = deque(maxlen=window)
         self._lock = threading.Lock()
@@ -78,11 +61,8 @@ class DriftMonitor:
         self._gauges: dict[str, Any] | None = None
 
     def observe(self, image: np.ndarray, confidence: float | None = None) -> None:
-        """Add one request: its (S, S) uint8 image as the model saw it, and its confidence.
-
-        A ValueError for an image of another dtype or size than the reference (a caller bug:
-        the features would not be comparable).
-        """
+        """Add one request: its (S, S) uint8 image as the model saw it, and its confidence
+        (ValueError for another dtype or size than the reference's: a caller bug)."""
         image = np.asarray(image)
         if image.ndim == 3 and image.shape[0] == 1:
             image = image[0]
@@ -92,11 +72,9 @@ class DriftMonitor:
                 f"reference, got {image.dtype} {image.shape}"
             )
         row = features_matrix(image[None])[0]  # computed outside the lock
-        value = None
-        if confidence is not None and math.isfinite(float(confidence)):
-            value = float(confidence)
+        finite = confidence is not None and math.isfinite(float(confidence))
         with self._lock:
-            self._window.append((row, value))
+            self._window.append((row, float(confidence) if finite else None))
 
     def __len__(self) -> int:
         """Requests in the window now."""
@@ -114,15 +92,12 @@ class DriftMonitor:
         with self._lock:
             snapshot = list(self._window)
         rows = np.array([row for row, _ in snapshot], dtype=np.float64).reshape(-1, len(FEATURES))
-        window_values = {
-            name: rows[:, i] for name, i in zip(self.features, self._columns, strict=True)
-        }
+        window_values = {name: rows[:, _INDEX[name]] for name in self.features}
         if CONFIDENCE in self._reference:
             window_values[CONFIDENCE] = np.array(
                 [c for _, c in snapshot if c is not None], dtype=np.float64
             )
         corrected = self.alpha / len(self.tests)
-        enough = len(snapshot) >= self.min_samples
         features: dict[str, dict[str, Any]] = {}
         for name in self.tests:
             ref, recent = self._reference[name], window_values[name]
@@ -132,7 +107,7 @@ class DriftMonitor:
                 statistic, p_value = float(result.statistic), float(result.pvalue)
             # judged on min_samples values of its own (confidence may be missing for some)
             drifted = (
-                recent.size >= self.min_samples and p_value is not None and p_value < corrected
+                p_value is not None and recent.size >= self.min_samples and p_value < corrected
             )
             features[name] = {
                 "statistic": statistic,
@@ -148,7 +123,7 @@ class DriftMonitor:
             "window": len(snapshot),
             "window_capacity": self.window,
             "min_samples": self.min_samples,
-            "enough_data": enough,
+            "enough_data": len(snapshot) >= self.min_samples,
             "drift": bool(drifted_names),
             "alpha": self.alpha,
             "tests": len(self.tests),
@@ -163,25 +138,20 @@ class DriftMonitor:
         """Create the drift gauges in a prometheus_client registry (a second call: ValueError)."""
         from prometheus_client import Gauge
 
-        def gauge(name: str, text: str, *labels: str) -> Any:
-            return Gauge(f"ctscan_drift_{name}", text, labels, registry=registry)
-
+        help_texts = {
+            "statistic": "two-sample KS statistic of recent requests vs the training reference",
+            "p_value": "KS p-value per feature (drift when below alpha / number of tests)",
+            "detected": "1 when drift is detected on any feature (Bonferroni-corrected KS tests)",
+            "window_size": "requests in the drift window",
+        }
         self._gauges = {
-            "statistic": gauge(
-                "statistic",
-                "two-sample KS statistic of recent requests vs the training reference",
-                "feature",
-            ),
-            "p_value": gauge(
-                "p_value",
-                "KS p-value per feature (drift when below alpha / number of tests)",
-                "feature",
-            ),
-            "detected": gauge(
-                "detected",
-                "1 when drift is detected on any feature (Bonferroni-corrected KS tests)",
-            ),
-            "window": gauge("window_size", "requests in the drift window"),
+            name: Gauge(
+                f"ctscan_drift_{name}",
+                text,
+                ["feature"] if name in ("statistic", "p_value") else [],
+                registry=registry,
+            )
+            for name, text in help_texts.items()
         }
         self.update_metrics()
 
@@ -196,8 +166,7 @@ class DriftMonitor:
         with self._report_lock:
             g = self._gauges
             for name, feature in report["features"].items():
-                statistic, p_value = feature["statistic"], feature["p_value"]
-                g["statistic"].labels(feature=name).set(nan if statistic is None else statistic)
-                g["p_value"].labels(feature=name).set(nan if p_value is None else p_value)
+                for key in ("statistic", "p_value"):
+                    g[key].labels(feature=name).set(nan if feature[key] is None else feature[key])
             g["detected"].set(1 if report["drift"] else 0)
-            g["window"].set(report["window"])
+            g["window_size"].set(report["window"])

@@ -50,25 +50,20 @@ def read_confidence_reference(path: Path, temperature: float) -> list[float] | N
         log.warning("confidence drift test off: %s cannot be used (%s)", path, exc)
         return None
     if not math.isclose(reference_t, temperature, rel_tol=1e-6):
-        log.warning(
-            "confidence drift test off: %s holds confidences at temperature %g, the model "
-            "shows them at %g (`ctscan calibrate` on the model rewrites the file)",
-            path,
-            reference_t,
-            temperature,
-        )
+        why = f"holds confidences at temperature {reference_t:g}, the model shows them at"
+        fix = "`ctscan calibrate` on the model rewrites the file"
+        log.warning("confidence drift test off: %s %s %g (%s)", path, why, temperature, fix)
         return None
     return confidence
 
 
-def _drift_features(model: str, settings: Any, spec: Any) -> tuple[dict | None, str]:
+def _drift_features(beside: Path | None, settings: Any, spec: Any) -> tuple[dict | None, str]:
     """The feature reference of the model's training data, or None and where none was found:
     beside the model (reference_confidence.json's `features`), else the processed store when
     its preprocessing equals the model's (how ONNX files and MLflow models find one)."""
     from ctscan.data.reference import check_reference
     from ctscan.data.store import load_store
 
-    beside = None if model.startswith(MLFLOW_SCHEMES) else Path(model).parent / CONFIDENCE_FILE
     try:
         features = json.loads(beside.read_text())["features"] if beside else None
         if features is not None and check_reference(features)["image_size"] == spec.image_size:
@@ -95,21 +90,18 @@ def _monitor(predictor: Predictor, model: str, settings: Any) -> tuple[Any, str]
         from ctscan.serve.monitoring import DriftMonitor
     except ImportError as exc:  # scipy
         return None, f"the drift monitor cannot run: {exc}"
-    features, why_not = _drift_features(model, settings, predictor.spec)
+    beside = None if model.startswith(MLFLOW_SCHEMES) else Path(model).parent / CONFIDENCE_FILE
+    features, why_not = _drift_features(beside, settings, predictor.spec)
     if features is None:
         return None, why_not
     confidence = None
-    beside = Path(model).parent / CONFIDENCE_FILE
-    if not model.startswith(MLFLOW_SCHEMES) and beside.is_file():
+    if beside is not None and beside.is_file():
         confidence = read_confidence_reference(beside, predictor.info.temperature)
     serve = settings.serve
-    monitor = DriftMonitor(
-        features,
-        window=serve.drift_window,
-        min_samples=serve.drift_min_samples,
-        confidence_reference=confidence,
-    )
-    return monitor, ""
+    window, min_samples = serve.drift_window, serve.drift_min_samples
+    return DriftMonitor(
+        features, window=window, min_samples=min_samples, confidence_reference=confidence
+    ), ""
 
 
 def build_service(model: str, settings: Any) -> Service:
@@ -121,14 +113,7 @@ def build_service(model: str, settings: Any) -> Service:
         monitor.register_metrics(metrics.registry)
     else:
         log.warning("drift monitoring is off: %s", drift_off)
-    return Service(
-        predictor=predictor,
-        settings=settings,
-        explainer=explainer,
-        metrics=metrics,
-        monitor=monitor,
-        drift_off=drift_off,
-    )
+    return Service(predictor, settings, explainer, metrics, monitor, drift_off=drift_off)
 
 
 def app_from_env() -> Any:
@@ -146,19 +131,14 @@ def run_server(model: str, settings: Any) -> None:
 
     serve = settings.serve
     service = build_service(model, settings)  # fails here, before binding, on a bad MODEL
-    common: dict[str, Any] = {
-        "host": serve.host,
-        "port": serve.port,
-        "timeout_graceful_shutdown": serve.shutdown_timeout_s,
-        "log_level": "info",
-    }
+    common: dict[str, Any] = {"host": serve.host, "port": serve.port, "log_level": "info"}
+    common["timeout_graceful_shutdown"] = serve.shutdown_timeout_s
     if serve.workers == 1:
         uvicorn.run(create_app(service), **common)
     else:
         # Each worker opens the model itself; a checkpoint's ONNX export is in the cache by now.
-        os.environ[ENV_ARGS] = json.dumps(
-            {"model": model, "settings": settings.model_dump(mode="json")}
-        )
+        args = {"model": model, "settings": settings.model_dump(mode="json")}
+        os.environ[ENV_ARGS] = json.dumps(args)
         del service
         uvicorn.run(
             "ctscan.serve.server:app_from_env", factory=True, workers=serve.workers, **common
