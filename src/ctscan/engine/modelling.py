@@ -11,6 +11,7 @@ from torch import nn
 from ctscan import models
 from ctscan.data.transforms import PreprocessSpec, model_input
 from ctscan.errors import CheckpointError, CtscanError, SettingsError
+from ctscan.models.weights import fit_problems
 
 
 def model_channels(name: str) -> int:
@@ -59,26 +60,10 @@ def build(settings: Any, *, image_size: int, num_classes: int) -> nn.Module:
 
 def load_model_state(model: nn.Module, state: dict[str, Any], *, source: Path | str) -> None:
     """Load weights strictly; a checkpoint of another model or shape is a clear error."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or wrong:
-        details = "; ".join(
-            part
-            for part in (
-                f"missing {len(missing)} (e.g. {missing[0]})" if missing else "",
-                f"unexpected {len(unexpected)} (e.g. {unexpected[0]})" if unexpected else "",
-                f"shape mismatch {wrong[0]}" if wrong else "",
-            )
-            if part
-        )
+    problems = fit_problems(model.state_dict(), state)
+    if problems:
         raise CheckpointError(
-            f"checkpoint '{source}' does not fit this model: {details}.",
+            f"checkpoint '{source}' does not fit this model: {'; '.join(problems)}.",
             "use the model name and image size the checkpoint was trained with.",
         )
     model.load_state_dict(state, strict=True)

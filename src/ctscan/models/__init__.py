@@ -29,7 +29,7 @@ import difflib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ctscan.models.weights import WeightsUnavailable
+from ctscan.models.weights import WeightsUnavailable as WeightsUnavailable
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -193,12 +193,6 @@ def backbone_and_head(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Par
     return backbone, head
 
 
-def _is_batch_norm(module: nn.Module) -> bool:
-    from torch import nn
-
-    return isinstance(module, nn.modules.batchnorm._BatchNorm)
-
-
 def freeze_backbone(model: nn.Module, frozen: bool, always: Iterable[nn.Parameter] = ()) -> None:
     """Freeze (or unfreeze) every backbone parameter; a frozen backbone's BatchNorm stays in eval.
 
@@ -219,9 +213,11 @@ def freeze_backbone(model: nn.Module, frozen: bool, always: Iterable[nn.Paramete
 
 def train_mode(model: nn.Module) -> nn.Module:
     """`model.train()`, except BatchNorm layers whose parameters are all frozen stay in eval."""
+    from torch import nn
+
     model.train()
     for module in unwrap(model).modules():
-        if _is_batch_norm(module):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
             params = list(module.parameters(recurse=False))
             if params and not any(p.requires_grad for p in params):
                 module.eval()
@@ -242,29 +238,3 @@ def gradcam_layer(model: nn.Module, name: str) -> nn.Module:
             f"a {type(unwrap(model)).__name__} has no layer '{path}', the Grad-CAM target of "
             f"model '{name}'; was it built as '{name}'?"
         ) from None
-
-
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters (elements) in the model."""
-    return sum(
-        p.numel() for p in unwrap(model).parameters() if p.requires_grad or not trainable_only
-    )
-
-
-__all__ = [
-    "GRADCAM_LAYERS",
-    "MODEL_NAMES",
-    "PRETRAINED_NAMES",
-    "WeightsUnavailable",
-    "backbone_and_head",
-    "build_model",
-    "check_name",
-    "count_parameters",
-    "freeze_backbone",
-    "gradcam_layer",
-    "has_pretrained",
-    "head_module",
-    "input_channels",
-    "train_mode",
-    "unwrap",
-]

@@ -6,22 +6,19 @@ import torch
 from torch import nn
 
 
-def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
-    """Conv3x3 (padding 1) -> BatchNorm -> ReLU -> MaxPool2: halves the side."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-        nn.MaxPool2d(2),
-    )
-
-
 def _features(widths: tuple[int, ...], in_channels: int) -> nn.Sequential:
-    blocks = []
-    for width in widths:
-        blocks.append(conv_block(in_channels, width))
-        in_channels = width
-    return nn.Sequential(*blocks)
+    """Per width: Conv3x3 (padding 1) -> BatchNorm -> ReLU -> MaxPool2 (halves the side)."""
+    return nn.Sequential(
+        *(
+            nn.Sequential(
+                nn.Conv2d(c_in, c_out, kernel_size=3, padding=1),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            )
+            for c_in, c_out in zip((in_channels, *widths), widths, strict=False)
+        )
+    )
 
 
 class BaselineCNN(nn.Module):
