@@ -14,30 +14,10 @@ from ctscan.errors import CheckpointError, CtscanError, SettingsError
 from ctscan.models.weights import fit_problems
 
 
-def model_channels(name: str) -> int:
-    """Input channels the model takes (the gray store is repeated on the device when 3)."""
-    return models.input_channels(name)
-
-
-def build_model(
-    name: str,
-    *,
-    num_classes: int,
-    image_size: int,
-    dropout: float,
-    pretrained: bool = False,
-    weights_path: Path | None = None,
-) -> nn.Module:
-    """A registry model; registry errors become CtscanErrors (bad settings, missing weights)."""
+def build_model(name: str, **options: Any) -> nn.Module:
+    """`ctscan.models.build_model`, its errors made CtscanErrors (bad settings, missing weights)."""
     try:
-        return models.build_model(
-            name,
-            num_classes=num_classes,
-            pretrained=pretrained,
-            weights_path=weights_path,
-            dropout=dropout,
-            image_size=image_size,
-        )
+        return models.build_model(name, **options)
     except models.WeightsUnavailable as exc:
         raise CtscanError(exc.message, exc.fix) from None
     except ValueError as exc:

@@ -62,9 +62,7 @@ def plot_confusion_matrix(cm: Any, class_names: Sequence[str], path: str | Path)
 
 
 def plot_reliability(
-    reliability_bins: Sequence[Mapping[str, Any]],
-    ece: float,
-    path: str | Path,
+    reliability_bins: Sequence[Mapping[str, Any]], ece: float, path: str | Path
 ) -> Path:
     """Draw accuracy against confidence per bin, the perfect-calibration diagonal and bin counts.
 
@@ -80,15 +78,8 @@ def plot_reliability(
         if not count or accuracy is None:
             continue
         lower, upper = float(row["lower"]), float(row["upper"])
-        axes.bar(
-            lower,
-            accuracy,
-            width=upper - lower,
-            align="edge",
-            color="tab:blue",
-            edgecolor="black",
-            alpha=0.75,
-        )
+        bar = {"align": "edge", "color": "tab:blue", "edgecolor": "black", "alpha": 0.75}
+        axes.bar(lower, accuracy, width=upper - lower, **bar)
         confidence = row.get("mean_confidence")
         if confidence is not None:
             axes.plot(confidence, accuracy, marker="o", color="tab:red", markersize=3)
@@ -113,17 +104,12 @@ _CURVE_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:
     """Return the (epochs, values) of `key` over the rows that have a finite number for it."""
-    epochs: list[float] = []
-    values: list[float] = []
-    for index, row in enumerate(history):
-        value = row.get(key)
-        if value is None or not isinstance(value, int | float | np.number):
-            continue
-        if not math.isfinite(float(value)):
-            continue
-        epochs.append(float(row.get("epoch", index + 1)))
-        values.append(float(value))
-    return epochs, values
+    points = [
+        (float(row.get("epoch", index + 1)), float(value))
+        for index, row in enumerate(history)
+        if isinstance(value := row.get(key), int | float | np.number) and math.isfinite(value)
+    ]
+    return [e for e, _ in points], [v for _, v in points]
 
 
 def plot_curves(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
@@ -136,13 +122,11 @@ def plot_curves(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     figure = _figure(10.0, 7.0)
     grid = figure.subplots(2, 2)
     for axes, (label, keys) in zip(grid.flat, _CURVE_PANELS, strict=True):
-        drawn = False
-        for key in keys:
-            epochs, values = _series(history, key)
+        series = {key: _series(history, key) for key in keys}
+        for key, (epochs, values) in series.items():
             if values:
                 axes.plot(epochs, values, marker="o", markersize=3, label=key)
-                drawn = True
-        if drawn:
+        if any(values for _, values in series.values()):
             axes.legend(fontsize=8)
             axes.grid(alpha=0.3)
         else:
@@ -172,16 +156,8 @@ def plot_error_grid(
             f"need one caption per image: {count} images, {len(true_names)} true names, "
             f"{len(pred_names)} predicted names, {len(confidences)} confidences."
         )
-    title = "Most confident errors"
-    if count == 0:
-        figure = _figure(4.0, 2.0)
-        axes = figure.add_subplot()
-        axes.text(0.5, 0.5, "no errors", ha="center", va="center", fontsize=14)
-        axes.set_axis_off()
-        figure.suptitle(title)
-        return _save(figure, path)
-    ncols = min(4, count)
-    nrows = math.ceil(count / ncols)
+    ncols = min(4, count) or 1  # none: one empty panel that says so
+    nrows = math.ceil(count / ncols) or 1
     figure = _figure(2.6 * ncols, 2.9 * nrows + 0.4)
     for index, axes in enumerate(figure.subplots(nrows, ncols, squeeze=False).reshape(-1)):
         axes.set_axis_off()
@@ -189,5 +165,7 @@ def plot_error_grid(
             axes.imshow(pictures[index], cmap="gray", vmin=0, vmax=255)
             caption = f"{true_names[index]} -> {pred_names[index]} (p={confidences[index]:.2f})"
             axes.set_title(textwrap.fill(caption, width=30), fontsize=7)
-    figure.suptitle(title)
+        elif not count:
+            axes.text(0.5, 0.5, "no errors", ha="center", va="center", fontsize=14)
+    figure.suptitle("Most confident errors")
     return _save(figure, path)

@@ -114,26 +114,22 @@ def build_model(
             "model.pretrained=true to load it, or unset model.weights_path."
         )
 
-    if name in ("cnn", "cnn_gap"):
-        from ctscan.models.cnn import BaselineCNN, GapCNN
+    if name == "cnn":
+        from ctscan.models.cnn import BaselineCNN
 
-        if name == "cnn":
-            return BaselineCNN(num_classes=num_classes, image_size=image_size, dropout=dropout)
+        return BaselineCNN(num_classes=num_classes, image_size=image_size, dropout=dropout)
+    if name == "cnn_gap":
+        from ctscan.models.cnn import GapCNN
+
         return GapCNN(num_classes=num_classes, dropout=dropout)
+    weights = {"pretrained": pretrained, "weights_path": weights_path}
     if name == "resnet18":
         from ctscan.models.resnet import build_resnet18
 
-        return build_resnet18(
-            num_classes=num_classes,
-            pretrained=pretrained,
-            weights_path=weights_path,
-            dropout=dropout,
-        )
+        return build_resnet18(num_classes=num_classes, dropout=dropout, **weights)
     from ctscan.models.efficientnet import build_efficientnet_lite0
 
-    return build_efficientnet_lite0(
-        num_classes=num_classes, pretrained=pretrained, weights_path=weights_path, dropout=dropout
-    )
+    return build_efficientnet_lite0(num_classes=num_classes, dropout=dropout, **weights)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

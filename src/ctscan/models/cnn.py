@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 
-def _features(widths: tuple[int, ...], in_channels: int) -> nn.Sequential:
-    """Per width: Conv3x3 (padding 1) -> BatchNorm -> ReLU -> MaxPool2 (halves the side)."""
+def _features(widths: tuple[int, ...]) -> nn.Sequential:
+    """From 1 gray channel, per width: Conv3x3 -> BN -> ReLU -> MaxPool2 (halves the side)."""
     return nn.Sequential(
         *(
             nn.Sequential(
@@ -16,7 +16,7 @@ def _features(widths: tuple[int, ...], in_channels: int) -> nn.Sequential:
                 nn.ReLU(inplace=True),
                 nn.MaxPool2d(2),
             )
-            for c_in, c_out in zip((in_channels, *widths), widths, strict=False)
+            for c_in, c_out in zip((1, *widths), widths, strict=False)
         )
     )
 
@@ -31,19 +31,13 @@ class BaselineCNN(nn.Module):
 
     WIDTHS = (32, 64, 128, 256)
 
-    def __init__(
-        self,
-        num_classes: int = 4,
-        image_size: int = 224,
-        dropout: float = 0.3,
-        in_channels: int = 1,
-    ) -> None:
+    def __init__(self, num_classes: int = 4, image_size: int = 224, dropout: float = 0.3) -> None:
         super().__init__()
         if image_size < 16:
             raise ValueError(f"cnn needs image_size >= 16 (4 poolings), got {image_size}.")
         self.image_size = image_size
         side = image_size // 16
-        self.features = _features(self.WIDTHS, in_channels)
+        self.features = _features(self.WIDTHS)
         self.head = nn.Sequential(
             nn.Flatten(),
             nn.Linear(self.WIDTHS[-1] * side * side, 512),
@@ -70,9 +64,9 @@ class GapCNN(nn.Module):
 
     WIDTHS = (32, 64, 128, 256, 512)
 
-    def __init__(self, num_classes: int = 4, dropout: float = 0.2, in_channels: int = 1) -> None:
+    def __init__(self, num_classes: int = 4, dropout: float = 0.2) -> None:
         super().__init__()
-        self.features = _features(self.WIDTHS, in_channels)
+        self.features = _features(self.WIDTHS)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.WIDTHS[-1], num_classes))
 

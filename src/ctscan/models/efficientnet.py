@@ -82,8 +82,7 @@ def map_lite0_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
             mapped[map_lite0_key(key)] = value
         except (KeyError, IndexError):
             raise WeightsUnavailable(
-                f"weights do not have the EfficientNet-Lite0 layout (unknown key '{key}').",
-                FIX,
+                f"weights do not have the EfficientNet-Lite0 layout (unknown key '{key}').", FIX
             ) from None
     return mapped
 

@@ -97,8 +97,7 @@ def load_backbone(
     problems = fit_problems(wanted, state)
     if problems:
         raise WeightsUnavailable(
-            f"weights from {source} do not fit {type(model).__name__} ({'; '.join(problems)}).",
-            fix,
+            f"weights from {source} do not fit {type(model).__name__} ({'; '.join(problems)}).", fix
         )
     result = model.load_state_dict(state, strict=False)
     assert not result.unexpected_keys
