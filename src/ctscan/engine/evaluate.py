@@ -121,7 +121,6 @@ def evaluate_checkpoint(
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = read_checkpoint(checkpoint)
     require_same_spec(checkpoint, store)
-    spec = store.spec
     data = store.split(split)
     if len(data.labels) == 0:
         raise DataError(
@@ -132,7 +131,7 @@ def evaluate_checkpoint(
     logits = raw_logits(checkpoint, data.images, rt)
     probs = probabilities(apply_temperature(logits, checkpoint.temperature))  # what users see
     y_true = data.labels.cpu().numpy()
-    names = list(spec.class_names)
+    names = list(store.spec.class_names)
     report = classification_report(y_true, probs, names)
     mask = leak_free_mask(store, split)
     leak_free = classification_report(y_true[mask], probs[mask], names) if mask.any() else None

@@ -55,9 +55,7 @@ def plot_confusion_matrix(cm: Any, class_names: Sequence[str], path: str | Path)
             axes.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=9, color=color)
     axes.set_xticks(range(size), labels=names, rotation=35, ha="right", fontsize=8)
     axes.set_yticks(range(size), labels=names, fontsize=8)
-    axes.set_xlabel("predicted")
-    axes.set_ylabel("true")
-    axes.set_title("Confusion matrix")
+    axes.set(xlabel="predicted", ylabel="true", title="Confusion matrix")
     return _save(figure, path)
 
 
@@ -84,11 +82,9 @@ def plot_reliability(
         if confidence is not None:
             axes.plot(confidence, accuracy, marker="o", color="tab:red", markersize=3)
         axes.text((lower + upper) / 2, accuracy + 0.01, str(count), ha="center", fontsize=7)
-    axes.set_xlim(0, 1)
-    axes.set_ylim(0, 1.08)  # room for the counts above bars of accuracy 1
-    axes.set_yticks(np.linspace(0, 1, 6))
-    axes.set_xlabel("confidence (top-label probability)")
-    axes.set_ylabel("accuracy")
+    # ylim 1.08: room for the counts above bars of accuracy 1
+    axes.set(xlim=(0, 1), ylim=(0, 1.08), yticks=np.linspace(0, 1, 6))
+    axes.set(xlabel="confidence (top-label probability)", ylabel="accuracy")
     axes.set_title(f"Reliability diagram (ECE = {float(ece):.3f})")
     axes.legend(loc="upper left", fontsize=8, title="bar label: samples in bin", title_fontsize=7)
     return _save(figure, path)
@@ -133,8 +129,7 @@ def plot_curves(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
             axes.text(0.5, 0.5, "no data", ha="center", va="center", transform=axes.transAxes)
         if label == "learning rate":
             axes.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-        axes.set_title(label)
-        axes.set_xlabel("epoch")
+        axes.set(title=label, xlabel="epoch")
     return _save(figure, path)
 
 

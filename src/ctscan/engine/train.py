@@ -371,7 +371,7 @@ def _run_epochs(
 ) -> TrainResult | None:
     """The epochs, tracked: train, validate, checkpoint, early stop; then `_finish` on rank 0."""
     tr, rt = settings.train, loop.rt
-    stopped_early, train_seconds, train_images = False, 0.0, 0
+    stop, train_seconds, train_images = None, 0.0, 0
     try:
         tracker = _open_run_record(settings, plan, hooks, rt.is_main)
         with (
@@ -399,7 +399,6 @@ def _run_epochs(
                 check_stop()  # a stop swallowed during the epoch acts now
                 progress.epoch_line(row, improved)
                 if stop:
-                    stopped_early = True
                     progress.log(stop)
                     tracker.set_tags({"stop_reason": stop})
                     break
@@ -408,7 +407,7 @@ def _run_epochs(
             result = _finish(settings, loop, store, plan.run_dir, state, tracker, progress)
             result.seconds = time.perf_counter() - t_start
             result.train_images_per_s = train_images / train_seconds if train_seconds else 0.0
-            result.stopped_early = stopped_early
+            result.stopped_early = bool(stop)
             speed = {
                 "run_seconds": result.seconds,
                 "run_train_images_per_s": result.train_images_per_s,
