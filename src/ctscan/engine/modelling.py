@@ -10,16 +10,15 @@ from torch import nn
 
 from ctscan import models
 from ctscan.data.transforms import PreprocessSpec, model_input
-from ctscan.errors import CheckpointError, CtscanError, SettingsError
+from ctscan.errors import CheckpointError, SettingsError
 from ctscan.models.weights import fit_problems
 
 
 def build_model(name: str, **options: Any) -> nn.Module:
-    """`ctscan.models.build_model`, its errors made CtscanErrors (bad settings, missing weights)."""
+    """`ctscan.models.build_model`, its ValueErrors made SettingsErrors (missing weights already
+    are CtscanErrors)."""
     try:
         return models.build_model(name, **options)
-    except models.WeightsUnavailable as exc:
-        raise CtscanError(exc.message, exc.fix) from None
     except ValueError as exc:
         raise SettingsError(str(exc), "check the [model] section of your settings.") from None
 

@@ -19,8 +19,9 @@ replaces `model.train()` so it stays so. AdamW skips parameters whose grad is No
 optimizer can hold every parameter from the start; under DDP, wrap after the last
 requires_grad change.
 
-This package imports nothing else of ctscan: it raises `ValueError` for bad arguments and
-`WeightsUnavailable` for weights it cannot find or load; the engine turns them into CtscanErrors.
+This package imports nothing of ctscan but errors: it raises `ValueError` for bad arguments (the
+engine makes them SettingsErrors) and `WeightsUnavailable`, a CtscanError, for weights it cannot
+find or load.
 """
 
 from __future__ import annotations
@@ -184,9 +185,7 @@ def backbone_and_head(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Par
     """Split the model's parameters into (backbone, head) lists, e.g. for two lr groups."""
     head_ids = {id(p) for p in head_module(model).parameters()}
     params = list(unwrap(model).parameters())
-    backbone = [p for p in params if id(p) not in head_ids]
-    head = [p for p in params if id(p) in head_ids]
-    return backbone, head
+    return [p for p in params if id(p) not in head_ids], [p for p in params if id(p) in head_ids]
 
 
 def freeze_backbone(model: nn.Module, frozen: bool, always: Iterable[nn.Parameter] = ()) -> None:

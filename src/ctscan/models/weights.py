@@ -10,21 +10,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ctscan.errors import CtscanError
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(CtscanError):
     """Pretrained weights cannot be found or do not fit the model; `.fix` says what to do."""
-
-    def __init__(self, message: str, fix: str) -> None:
-        super().__init__(message)
-        self.message = message
-        self.fix = fix
-
-    def __str__(self) -> str:
-        return f"{self.message} Fix: {self.fix}"
 
 
 def read_state_dict(path: Path, fix: str) -> dict[str, torch.Tensor]:
