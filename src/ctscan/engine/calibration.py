@@ -65,10 +65,8 @@ def fit_checkpoint(
     """
     logits, labels = validation_logits(checkpoint, store, rt)
     report = calibration_report(logits, labels, checkpoint.class_names, FIT_SPLIT)
-    calibrated = dataclasses.replace(
-        checkpoint, temperature=report["temperature"], calibration=report
-    )
-    return calibrated, report
+    temperature = report["temperature"]
+    return dataclasses.replace(checkpoint, temperature=temperature, calibration=report), report
 
 
 def train_confidence(checkpoint: Checkpoint, store: Store, rt: Runtime) -> dict[str, Any]:

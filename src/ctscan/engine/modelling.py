@@ -10,6 +10,7 @@ from torch import nn
 
 from ctscan import models
 from ctscan.data.transforms import PreprocessSpec, model_input
+from ctscan.engine.temperature import apply_temperature
 from ctscan.errors import CheckpointError, SettingsError
 from ctscan.models.weights import fit_problems
 
@@ -90,8 +91,7 @@ class Deployable(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = model_input(images, mean=self.mean, std=self.std, channels=self.channels)
-        logits = self.net(x).float()
-        return logits if self.temperature == 1.0 else logits / self.temperature
+        return apply_temperature(self.net(x).float(), self.temperature)
 
 
 def check_model_name(name: str, source: Path | str) -> str:
