@@ -14,11 +14,10 @@ from ctscan.engine.checkpoint import (
     load_model,
     read_checkpoint,
     save_checkpoint,
-    unwrap,
 )
 from ctscan.engine.modelling import load_model_state
 from ctscan.errors import CheckpointError
-from ctscan.models import build_model
+from ctscan.models import build_model, unwrap
 
 SPEC = {
     "image_size": 32,

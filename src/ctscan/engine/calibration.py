@@ -65,10 +65,8 @@ def fit_checkpoint(
     """
     logits, labels = validation_logits(checkpoint, store, rt)
     report = calibration_report(logits, labels, checkpoint.class_names, FIT_SPLIT)
-    calibrated = dataclasses.replace(
-        checkpoint, temperature=report["temperature"], calibration=report
-    )
-    return calibrated, report
+    temperature = report["temperature"]
+    return dataclasses.replace(checkpoint, temperature=temperature, calibration=report), report
 
 
 def train_confidence(checkpoint: Checkpoint, store: Store, rt: Runtime) -> dict[str, Any]:
@@ -84,15 +82,6 @@ def train_confidence(checkpoint: Checkpoint, store: Store, rt: Runtime) -> dict[
 
 
 # ---- `ctscan calibrate` -------------------------------------------------------------------
-
-
-def _output_path(source: Path, out: Path | None) -> Path:
-
-    target = source if out is None else Path(out)
-    problem = checkpoint_file_problem(target, example=source.name)
-    if problem is not None:
-        raise problem
-    return ensure_dir(target.parent, what="folder of the --out checkpoint") / target.name
 
 
 def run_calibrate(
@@ -112,7 +101,11 @@ def run_calibrate(
         raise CtscanError("calibrate runs in one process.", "run it without torchrun.")
     source = Path(checkpoint)
     ckpt = read_checkpoint(source)
-    target = _output_path(source, out)
+    target = source if out is None else Path(out)
+    problem = checkpoint_file_problem(target, example=source.name)
+    if problem is not None:
+        raise problem
+    target = ensure_dir(target.parent, what="folder of the --out checkpoint") / target.name
     store = open_model_store(settings, ckpt)
     with folder_lock(target.parent, what="checkpoint folder"):
         calibrated, report = fit_checkpoint(ckpt, store, rt)

@@ -46,31 +46,14 @@ from torch import nn
 
 import ctscan
 from ctscan.data.transforms import PreprocessSpec
-from ctscan.engine.modelling import (
-    Deployable,
-    build_model,
-    check_model_name,
-    load_model_state,
-    model_channels,
-)
+from ctscan.engine.modelling import Deployable, build_model, check_model_name, load_model_state
 from ctscan.engine.temperature import check_temperature, describe
 from ctscan.errors import CheckpointError, DataError
-from ctscan.files import atomic_write, file_sha256
+from ctscan.files import atomic_write
+from ctscan.files import file_sha256 as file_sha256  # where predict and the benches get it
 from ctscan.jobs import critical
-from ctscan.models import unwrap
+from ctscan.models import input_channels
 from ctscan.models.ensemble import Ensemble, Member, check_flips
-
-__all__ = [
-    "FORMAT_VERSION",
-    "Checkpoint",
-    "LoadedModel",
-    "file_sha256",
-    "git_commit",
-    "load_model",
-    "read_checkpoint",
-    "save_checkpoint",
-    "unwrap",
-]
 
 FORMAT_VERSION = 2
 REQUIRED_KEYS = ("format", "model_name", "model_state", "preprocess", "class_names", "settings")
@@ -83,20 +66,14 @@ _AS_SAVED = ("epoch", "history", "best_epoch", "best_value", "select_metric", "d
 _AS_SAVED += ("git_commit", "ctscan_version", "torch_version", "mlflow_run_id", "training")
 
 
-def git_commit(cwd: Path | None = None) -> str | None:
+def git_commit() -> str | None:
     """The current git commit of the working directory, or None outside a checkout."""
+    command = ["git", "rev-parse", "HEAD"]
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        )
+        out = subprocess.check_output(command, text=True, timeout=5, stderr=subprocess.DEVNULL)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    return out.strip() or None
 
 
 @dataclass
@@ -133,9 +110,7 @@ class Checkpoint:
     @property
     def channels(self) -> int:
         """Input channels of the model (the gray image is repeated when 3)."""
-        if self.members:
-            return model_channels(self.members[0]["model_name"])
-        return model_channels(self.model_name)
+        return input_channels(self.members[0]["model_name"] if self.members else self.model_name)
 
     @property
     def is_ensemble(self) -> bool:
@@ -197,6 +172,13 @@ class Checkpoint:
             isinstance(v, torch.Tensor) for v in state.values()
         ):
             raise CheckpointError(f"checkpoint '{source}' holds no weights.", RUN_FIX)
+        calibration = payload.get("calibration")
+        if calibration is not None and not isinstance(calibration, dict):
+            raise CheckpointError(
+                f"checkpoint '{source}' has a broken calibration entry "
+                f"({type(calibration).__name__}).",
+                "calibrate it again with `ctscan calibrate CHECKPOINT`, or retrain.",
+            )
         members, flips = _ensemble(payload, source)
         return cls(
             **{key: payload[key] for key in _AS_SAVED if key in payload},
@@ -206,7 +188,7 @@ class Checkpoint:
             model_state=state,
             settings=dict(payload["settings"]),
             temperature=check_temperature(payload.get("temperature", 1.0), source),
-            calibration=_calibration(payload.get("calibration"), source),
+            calibration=calibration,
             members=members,
             flips=flips,
             source=source,
@@ -236,22 +218,12 @@ def _ensemble(
         check_model_name(str(member["model_name"]), source)
         check_temperature(member["temperature"], source)
         checked.append(dict(member))
-    if len({model_channels(m["model_name"]) for m in checked}) != 1:
+    if len({input_channels(m["model_name"]) for m in checked}) != 1:
         raise broken("members take different input channels")
     try:
         return checked, check_flips(list(flips))
     except (TypeError, ValueError) as exc:
         raise broken(str(exc)) from None
-
-
-def _calibration(value: Any, source: Path) -> dict[str, Any] | None:
-    """The calibration report: a dict or None, else a CheckpointError."""
-    if value is None or isinstance(value, dict):
-        return value
-    raise CheckpointError(
-        f"checkpoint '{source}' has a broken calibration entry ({type(value).__name__}).",
-        "calibrate it again with `ctscan calibrate CHECKPOINT`, or retrain.",
-    )
 
 
 def save_checkpoint(path: Path, checkpoint: Checkpoint) -> Path:
@@ -306,29 +278,19 @@ def read_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
 
 def build_network(checkpoint: Checkpoint) -> nn.Module:
     """The checkpoint's model with its deploy weights, on the CPU, in eval mode."""
+    size, classes = checkpoint.spec.image_size, len(checkpoint.class_names)
 
-    def network(name: str, dropout: float) -> nn.Module:
-        return build_model(
-            name,
-            num_classes=len(checkpoint.class_names),
-            image_size=checkpoint.spec.image_size,
-            dropout=dropout,
-        )
+    def network(name: str, dropout: Any) -> nn.Module:
+        return build_model(name, num_classes=classes, image_size=size, dropout=float(dropout))
 
     if checkpoint.members is not None:
-        model: nn.Module = Ensemble(
-            [
-                Member(
-                    network(m["model_name"], float(m["dropout"])),
-                    m["model_name"],
-                    float(m["temperature"]),
-                )
-                for m in checkpoint.members
-            ],
-            checkpoint.flips,
-        )
+        members = [
+            Member(network(m["model_name"], m["dropout"]), m["model_name"], float(m["temperature"]))
+            for m in checkpoint.members
+        ]
+        model: nn.Module = Ensemble(members, checkpoint.flips)
     else:
-        dropout = float(checkpoint.settings.get("model", {}).get("dropout", 0.2))
+        dropout = checkpoint.settings.get("model", {}).get("dropout", 0.2)
         model = network(checkpoint.model_name, dropout)
     load_model_state(model, checkpoint.model_state, source=checkpoint.source or "checkpoint")
     return model.eval()

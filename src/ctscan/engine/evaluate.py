@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctscan.data.store import Store, open_model_store
+from ctscan.data.store import Split, Store, open_model_store
 from ctscan.data.transforms import model_input
 from ctscan.engine.checkpoint import Checkpoint, load_model, read_checkpoint
 from ctscan.engine.metrics import SUMMARY, classification_report, probabilities, worst_errors
@@ -111,12 +111,7 @@ def calibration_summary(
 
 
 def evaluate_checkpoint(
-    checkpoint: Checkpoint | Path,
-    *,
-    store: Store,
-    split: str,
-    rt: Runtime,
-    out_dir: Path | None,
+    checkpoint: Checkpoint | Path, *, store: Store, split: str, rt: Runtime, out_dir: Path | None
 ) -> dict[str, Any]:
     """Metrics of the checkpoint's model on `split`; writes JSON and PNGs to `out_dir` if given."""
     if split not in SPLITS:
@@ -126,7 +121,6 @@ def evaluate_checkpoint(
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = read_checkpoint(checkpoint)
     require_same_spec(checkpoint, store)
-    spec = store.spec
     data = store.split(split)
     if len(data.labels) == 0:
         raise DataError(
@@ -137,7 +131,7 @@ def evaluate_checkpoint(
     logits = raw_logits(checkpoint, data.images, rt)
     probs = probabilities(apply_temperature(logits, checkpoint.temperature))  # what users see
     y_true = data.labels.cpu().numpy()
-    names = list(spec.class_names)
+    names = list(store.spec.class_names)
     report = classification_report(y_true, probs, names)
     mask = leak_free_mask(store, split)
     leak_free = classification_report(y_true[mask], probs[mask], names) if mask.any() else None
@@ -165,19 +159,13 @@ def evaluate_checkpoint(
         ],
     }
     if out_dir is not None:
-        _write_outputs(result, probs, y_true, data.images, data.paths, names, out_dir)
+        _write_outputs(result, probs, data, out_dir)
     return result
 
 
-def _write_outputs(
-    result: dict[str, Any],
-    probs: np.ndarray,
-    y_true: np.ndarray,
-    images: torch.Tensor,
-    paths: list[str],
-    names: list[str],
-    out_dir: Path,
-) -> None:
+def _write_outputs(result: dict[str, Any], probs: np.ndarray, data: Split, out_dir: Path) -> None:
+    """The report files: evaluation.json and the confusion, reliability and worst-error PNGs."""
+    y_true, names = data.labels.cpu().numpy(), result["class_names"]
     from ctscan.engine.plots import plot_confusion_matrix, plot_error_grid, plot_reliability
 
     ensure_dir(out_dir, what="report folder")
@@ -185,24 +173,22 @@ def _write_outputs(
         np.array(result["confusion_matrix"]), names, out_dir / "confusion_matrix.png"
     )
     plot_reliability(result["reliability"], result["ece"], out_dir / "reliability.png")
-    worst = worst_errors(y_true, probs, WORST_ERRORS)
-    preds = probs.argmax(1)
-    plot_error_grid(
-        images[worst, 0].cpu().numpy() if worst else np.zeros((0, 1, 1), dtype=np.uint8),
-        [names[y_true[i]] for i in worst],
-        [names[preds[i]] for i in worst],
-        [float(probs[i, preds[i]]) for i in worst],
-        out_dir / "worst_errors.png",
-    )
-    result["worst_errors"] = [
+    preds, worst = probs.argmax(1), worst_errors(y_true, probs, WORST_ERRORS)
+    rows = [
         {
-            "path": paths[i],
+            "path": data.paths[i],
             "true": names[y_true[i]],
             "predicted": names[preds[i]],
             "confidence": float(probs[i, preds[i]]),
         }
         for i in worst
     ]
+    plot_error_grid(
+        data.images[worst, 0].cpu().numpy(),  # (K, S, S) uint8
+        *([row[k] for row in rows] for k in ("true", "predicted", "confidence")),
+        out_dir / "worst_errors.png",
+    )
+    result["worst_errors"] = rows
     result["outputs"] = str(out_dir)
     text = json.dumps(result, indent=2).encode()
     atomic_write(out_dir / "evaluation.json", lambda fh: fh.write(text))

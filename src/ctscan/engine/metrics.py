@@ -62,15 +62,6 @@ def _labels(values: Any, name: str, num_classes: int) -> np.ndarray:
     return array
 
 
-def _check_num_classes(num_classes: int) -> int:
-    """Return `num_classes` if it is a positive int, else raise."""
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer):
-        raise ValueError(f"num_classes must be an int, got {num_classes!r}.")
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
-    return int(num_classes)
-
-
 def _probabilities(probs: Any, n: int, num_classes: int) -> np.ndarray:
     """Return `probs` as a float64 (N, C) array whose rows are probability vectors, else raise."""
     array = np.asarray(probs, dtype=np.float64)
@@ -113,14 +104,17 @@ def probabilities(logits: Any) -> np.ndarray:
 
 def confusion_matrix(y_true: Any, y_pred: Any, num_classes: int) -> np.ndarray:
     """Return the (C, C) int64 confusion matrix: rows are true classes, columns predicted ones."""
-    num_classes = _check_num_classes(num_classes)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer):
+        raise ValueError(f"num_classes must be an int, got {num_classes!r}.")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
     true = _labels(y_true, "y_true", num_classes)
     pred = _labels(y_pred, "y_pred", num_classes)
     if true.shape != pred.shape:
         raise ValueError(
             f"y_true and y_pred must have the same length, got {true.size} and {pred.size}."
         )
-    flat = np.bincount(true * num_classes + pred, minlength=num_classes * num_classes)
+    flat = np.bincount(true * num_classes + pred, minlength=int(num_classes) ** 2)
     return flat.reshape(num_classes, num_classes).astype(np.int64)
 
 
@@ -193,24 +187,18 @@ def _reliability(
     counts = np.bincount(bins, minlength=n_bins)
     confidence_sums = np.bincount(bins, weights=confidence, minlength=n_bins)
     correct_sums = np.bincount(bins, weights=correct, minlength=n_bins)
-    ece = 0.0
-    rows: list[dict[str, Any]] = []
-    for i in range(n_bins):
-        count = int(counts[i])
-        mean_confidence = accuracy = None
-        if count:
-            mean_confidence = float(confidence_sums[i] / count)
-            accuracy = float(correct_sums[i] / count)
-            ece += count / y_true.size * abs(accuracy - mean_confidence)
-        rows.append(
-            {
-                "lower": float(edges[i]),
-                "upper": float(edges[i + 1]),
-                "count": count,
-                "mean_confidence": mean_confidence,
-                "accuracy": accuracy,
-            }
-        )
+    rows = [
+        {
+            "lower": float(edges[i]),
+            "upper": float(edges[i + 1]),
+            "count": int(counts[i]),
+            "mean_confidence": float(confidence_sums[i] / counts[i]) if counts[i] else None,
+            "accuracy": float(correct_sums[i] / counts[i]) if counts[i] else None,
+        }
+        for i in range(n_bins)
+    ]
+    filled = [r for r in rows if r["count"]]  # in bin order, as the sum always ran
+    ece = sum(r["count"] / y_true.size * abs(r["accuracy"] - r["mean_confidence"]) for r in filled)
     return float(ece), rows
 
 
@@ -295,11 +283,7 @@ def ece_debiased(
 
 
 def classification_report(
-    y_true: Any,
-    probs: Any,
-    class_names: Sequence[str],
-    *,
-    n_bins: int = 15,
+    y_true: Any, probs: Any, class_names: Sequence[str], *, n_bins: int = 15
 ) -> dict[str, Any]:
     """Every evaluation metric of predicted probabilities, JSON-ready (module docstring).
 

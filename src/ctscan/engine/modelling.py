@@ -10,35 +10,16 @@ from torch import nn
 
 from ctscan import models
 from ctscan.data.transforms import PreprocessSpec, model_input
-from ctscan.errors import CheckpointError, CtscanError, SettingsError
+from ctscan.engine.temperature import apply_temperature
+from ctscan.errors import CheckpointError, SettingsError
+from ctscan.models.weights import fit_problems
 
 
-def model_channels(name: str) -> int:
-    """Input channels the model takes (the gray store is repeated on the device when 3)."""
-    return models.input_channels(name)
-
-
-def build_model(
-    name: str,
-    *,
-    num_classes: int,
-    image_size: int,
-    dropout: float,
-    pretrained: bool = False,
-    weights_path: Path | None = None,
-) -> nn.Module:
-    """A registry model; registry errors become CtscanErrors (bad settings, missing weights)."""
+def build_model(name: str, **options: Any) -> nn.Module:
+    """`ctscan.models.build_model`, its ValueErrors made SettingsErrors (missing weights already
+    are CtscanErrors)."""
     try:
-        return models.build_model(
-            name,
-            num_classes=num_classes,
-            pretrained=pretrained,
-            weights_path=weights_path,
-            dropout=dropout,
-            image_size=image_size,
-        )
-    except models.WeightsUnavailable as exc:
-        raise CtscanError(exc.message, exc.fix) from None
+        return models.build_model(name, **options)
     except ValueError as exc:
         raise SettingsError(str(exc), "check the [model] section of your settings.") from None
 
@@ -59,26 +40,10 @@ def build(settings: Any, *, image_size: int, num_classes: int) -> nn.Module:
 
 def load_model_state(model: nn.Module, state: dict[str, Any], *, source: Path | str) -> None:
     """Load weights strictly; a checkpoint of another model or shape is a clear error."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or wrong:
-        details = "; ".join(
-            part
-            for part in (
-                f"missing {len(missing)} (e.g. {missing[0]})" if missing else "",
-                f"unexpected {len(unexpected)} (e.g. {unexpected[0]})" if unexpected else "",
-                f"shape mismatch {wrong[0]}" if wrong else "",
-            )
-            if part
-        )
+    problems = fit_problems(model.state_dict(), state)
+    if problems:
         raise CheckpointError(
-            f"checkpoint '{source}' does not fit this model: {details}.",
+            f"checkpoint '{source}' does not fit this model: {'; '.join(problems)}.",
             "use the model name and image size the checkpoint was trained with.",
         )
     model.load_state_dict(state, strict=True)
@@ -126,8 +91,7 @@ class Deployable(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = model_input(images, mean=self.mean, std=self.std, channels=self.channels)
-        logits = self.net(x).float()
-        return logits if self.temperature == 1.0 else logits / self.temperature
+        return apply_temperature(self.net(x).float(), self.temperature)
 
 
 def check_model_name(name: str, source: Path | str) -> str:

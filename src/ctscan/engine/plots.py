@@ -55,16 +55,12 @@ def plot_confusion_matrix(cm: Any, class_names: Sequence[str], path: str | Path)
             axes.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=9, color=color)
     axes.set_xticks(range(size), labels=names, rotation=35, ha="right", fontsize=8)
     axes.set_yticks(range(size), labels=names, fontsize=8)
-    axes.set_xlabel("predicted")
-    axes.set_ylabel("true")
-    axes.set_title("Confusion matrix")
+    axes.set(xlabel="predicted", ylabel="true", title="Confusion matrix")
     return _save(figure, path)
 
 
 def plot_reliability(
-    reliability_bins: Sequence[Mapping[str, Any]],
-    ece: float,
-    path: str | Path,
+    reliability_bins: Sequence[Mapping[str, Any]], ece: float, path: str | Path
 ) -> Path:
     """Draw accuracy against confidence per bin, the perfect-calibration diagonal and bin counts.
 
@@ -80,24 +76,15 @@ def plot_reliability(
         if not count or accuracy is None:
             continue
         lower, upper = float(row["lower"]), float(row["upper"])
-        axes.bar(
-            lower,
-            accuracy,
-            width=upper - lower,
-            align="edge",
-            color="tab:blue",
-            edgecolor="black",
-            alpha=0.75,
-        )
+        bar = {"align": "edge", "color": "tab:blue", "edgecolor": "black", "alpha": 0.75}
+        axes.bar(lower, accuracy, width=upper - lower, **bar)
         confidence = row.get("mean_confidence")
         if confidence is not None:
             axes.plot(confidence, accuracy, marker="o", color="tab:red", markersize=3)
         axes.text((lower + upper) / 2, accuracy + 0.01, str(count), ha="center", fontsize=7)
-    axes.set_xlim(0, 1)
-    axes.set_ylim(0, 1.08)  # room for the counts above bars of accuracy 1
-    axes.set_yticks(np.linspace(0, 1, 6))
-    axes.set_xlabel("confidence (top-label probability)")
-    axes.set_ylabel("accuracy")
+    # ylim 1.08: room for the counts above bars of accuracy 1
+    axes.set(xlim=(0, 1), ylim=(0, 1.08), yticks=np.linspace(0, 1, 6))
+    axes.set(xlabel="confidence (top-label probability)", ylabel="accuracy")
     axes.set_title(f"Reliability diagram (ECE = {float(ece):.3f})")
     axes.legend(loc="upper left", fontsize=8, title="bar label: samples in bin", title_fontsize=7)
     return _save(figure, path)
@@ -113,17 +100,12 @@ _CURVE_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:
     """Return the (epochs, values) of `key` over the rows that have a finite number for it."""
-    epochs: list[float] = []
-    values: list[float] = []
-    for index, row in enumerate(history):
-        value = row.get(key)
-        if value is None or not isinstance(value, int | float | np.number):
-            continue
-        if not math.isfinite(float(value)):
-            continue
-        epochs.append(float(row.get("epoch", index + 1)))
-        values.append(float(value))
-    return epochs, values
+    points = [
+        (float(row.get("epoch", index + 1)), float(value))
+        for index, row in enumerate(history)
+        if isinstance(value := row.get(key), int | float | np.number) and math.isfinite(value)
+    ]
+    return [e for e, _ in points], [v for _, v in points]
 
 
 def plot_curves(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
@@ -136,21 +118,18 @@ def plot_curves(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     figure = _figure(10.0, 7.0)
     grid = figure.subplots(2, 2)
     for axes, (label, keys) in zip(grid.flat, _CURVE_PANELS, strict=True):
-        drawn = False
-        for key in keys:
-            epochs, values = _series(history, key)
+        series = {key: _series(history, key) for key in keys}
+        for key, (epochs, values) in series.items():
             if values:
                 axes.plot(epochs, values, marker="o", markersize=3, label=key)
-                drawn = True
-        if drawn:
+        if any(values for _, values in series.values()):
             axes.legend(fontsize=8)
             axes.grid(alpha=0.3)
         else:
             axes.text(0.5, 0.5, "no data", ha="center", va="center", transform=axes.transAxes)
         if label == "learning rate":
             axes.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-        axes.set_title(label)
-        axes.set_xlabel("epoch")
+        axes.set(title=label, xlabel="epoch")
     return _save(figure, path)
 
 
@@ -172,16 +151,8 @@ def plot_error_grid(
             f"need one caption per image: {count} images, {len(true_names)} true names, "
             f"{len(pred_names)} predicted names, {len(confidences)} confidences."
         )
-    title = "Most confident errors"
-    if count == 0:
-        figure = _figure(4.0, 2.0)
-        axes = figure.add_subplot()
-        axes.text(0.5, 0.5, "no errors", ha="center", va="center", fontsize=14)
-        axes.set_axis_off()
-        figure.suptitle(title)
-        return _save(figure, path)
-    ncols = min(4, count)
-    nrows = math.ceil(count / ncols)
+    ncols = min(4, count) or 1  # none: one empty panel that says so
+    nrows = math.ceil(count / ncols) or 1
     figure = _figure(2.6 * ncols, 2.9 * nrows + 0.4)
     for index, axes in enumerate(figure.subplots(nrows, ncols, squeeze=False).reshape(-1)):
         axes.set_axis_off()
@@ -189,5 +160,7 @@ def plot_error_grid(
             axes.imshow(pictures[index], cmap="gray", vmin=0, vmax=255)
             caption = f"{true_names[index]} -> {pred_names[index]} (p={confidences[index]:.2f})"
             axes.set_title(textwrap.fill(caption, width=30), fontsize=7)
-    figure.suptitle(title)
+        elif not count:
+            axes.text(0.5, 0.5, "no errors", ha="center", va="center", fontsize=14)
+    figure.suptitle("Most confident errors")
     return _save(figure, path)

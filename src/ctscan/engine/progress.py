@@ -16,7 +16,6 @@ class Progress:
         self.steps = steps
         self._progress: Any = None
         self._task: Any = None
-        self._console: Any = None
 
     @property
     def live(self) -> bool:
@@ -24,26 +23,23 @@ class Progress:
         return self.enabled and not self.quiet
 
     def __enter__(self) -> Progress:
-        if not self.enabled:
+        if not self.live:
             return self
         from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import Progress as RichProgress
 
-        self._console = Console(stderr=True)
-        if not self.quiet:
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-            from rich.progress import Progress as RichProgress
-
-            self._progress = RichProgress(
-                TextColumn("epoch {task.fields[epoch]}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[stats]}"),
-                TimeElapsedColumn(),
-                console=self._console,
-                transient=True,
-            )
-            self._progress.start()
-            self._task = self._progress.add_task("train", total=self.steps, epoch="-", stats="")
+        self._progress = RichProgress(
+            TextColumn("epoch {task.fields[epoch]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task("train", total=self.steps, epoch="-", stats="")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -61,8 +57,6 @@ class Progress:
             self._progress.update(self._task, advance=1, stats=stats)
 
     def epoch_line(self, row: dict[str, Any], best: bool) -> None:
-        if not self.enabled:
-            return
         mark = " *" if best else ""
         self.log(
             f"epoch {row['epoch']:>3}/{self.epochs}  "
@@ -76,7 +70,7 @@ class Progress:
         if not self.enabled:
             return
         if self._progress is not None:
-            self._console.print(message, highlight=False, markup=False, soft_wrap=True)
+            self._progress.console.print(message, highlight=False, markup=False, soft_wrap=True)
         else:  # one write, newline included: a signal between two writes would leave the
             # line open and glue the one-line stop message onto it
             sys.stderr.write(f"{message}\n")

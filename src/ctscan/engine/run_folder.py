@@ -92,24 +92,21 @@ def check_resume(checkpoint: Checkpoint, settings: Settings, store: Store) -> li
             f"resume with the run's own settings (-s {settings_file}), or start a new run with "
             "these settings.",
         )
-    notes = []
-    epochs_before = checkpoint.settings.get("train", {}).get("epochs")
     if settings.train.epochs < checkpoint.epoch:
         raise CheckpointError(
             f"train.epochs is {settings.train.epochs}, but '{path}' has already finished "
             f"{checkpoint.epoch} epochs.",
             f"pass --epochs {checkpoint.epoch} or more.",
         )
-    if epochs_before is not None and settings.train.epochs != epochs_before:
-        notes.append(
-            f"train.epochs changed from {epochs_before} to {settings.train.epochs}: the "
-            f"learning-rate schedule now ends at epoch {settings.train.epochs}"
-        )
-    notes += [
-        f"{key} changed from {old!r} to {new!r}"
-        for key, old, new in changed
-        if key != "train.epochs" and not key.startswith(("paths.", "tracking."))
-    ]
+    notes = []
+    for key, old, new in changed:
+        if key == "train.epochs":
+            notes.append(
+                f"train.epochs changed from {old} to {new}: the learning-rate schedule now ends "
+                f"at epoch {new}"
+            )
+        elif not key.startswith(("paths.", "tracking.")):
+            notes.append(f"{key} changed from {old!r} to {new!r}")
     return notes
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ctscan.errors import CtscanError
 from ctscan.settings import TrainSettings
@@ -19,13 +20,11 @@ class Runtime:
     """Resolved execution choices for one process."""
 
     device: torch.device
-    amp_dtype: torch.dtype | None  # None: fp32, no autocast
-    use_scaler: bool  # fp16 only
+    precision: str  # "fp32" (no autocast), "bf16" or "fp16" (autocast; fp16 with a GradScaler)
     compile: bool
     channels_last: bool
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -35,22 +34,12 @@ class Runtime:
     def distributed(self) -> bool:
         return self.world_size > 1
 
-    @property
-    def precision(self) -> str:
-        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
-
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """The autocast context for forward passes (a no-op for fp32)."""
-        if self.amp_dtype is None:
+        if self.precision == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
-
-
-def _dist_env() -> tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    return rank, world, local
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -69,8 +58,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 def resolve_runtime(train: TrainSettings) -> Runtime:
     """Turn the train settings and the torchrun environment into a Runtime."""
-    rank, world, local = _dist_env()
-    device = resolve_device(train.device, local)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(train.device, int(os.environ.get("LOCAL_RANK", "0")))  # torchrun's
     precision = train.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
@@ -79,24 +68,19 @@ def resolve_runtime(train: TrainSettings) -> Runtime:
             "train.precision 'fp16' needs CUDA (CPU autocast supports bf16 only).",
             "use --set train.precision=bf16 or fp32 on the CPU.",
         )
-    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     compile_ = train.compile == "on" or (train.compile == "auto" and device.type == "cuda")
     return Runtime(
         device=device,
-        amp_dtype=amp_dtype,
-        use_scaler=precision == "fp16",
+        precision=precision,
         compile=compile_,
         channels_last=train.channels_last,
         rank=rank,
         world_size=world,
-        local_rank=local,
     )
 
 
 def init_distributed(rt: Runtime) -> None:
     """Join the torchrun process group (gloo on CPU, nccl on CUDA); no-op for one process."""
-    import torch.distributed as dist
-
     if not rt.distributed or dist.is_initialized():
         return
     if rt.device.type == "cuda":
@@ -106,8 +90,6 @@ def init_distributed(rt: Runtime) -> None:
 
 def shutdown_distributed() -> None:
     """Leave the process group if one was joined."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -15,19 +15,15 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ctscan.data.augment import augment
 from ctscan.data.batches import steps_per_epoch
 from ctscan.data.transforms import PreprocessSpec, model_input
 from ctscan.engine.checkpoint import Checkpoint
-from ctscan.engine.modelling import (
-    backbone_frozen,
-    build,
-    freeze_backbone,
-    load_model_state,
-    model_channels,
-)
+from ctscan.engine.modelling import backbone_frozen, build, freeze_backbone, load_model_state
 from ctscan.engine.runtime import Runtime, set_rng_state
+from ctscan.models import input_channels
 from ctscan.settings import Settings
 
 
@@ -63,7 +59,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
-    ema: torch.optim.swa_utils.AveragedModel | None
+    ema: AveragedModel | None
     epoch: int = 0  # epochs finished
     history: list[dict[str, Any]] = field(default_factory=list)
     best_value: float | None = None
@@ -121,35 +117,26 @@ def ema_decay_at(n_averaged: int, decay: float, *, warmup: bool) -> float:
 
 
 def ema_update(decay: float, *, warmup: bool) -> Callable[..., None]:
-    """AveragedModel's `multi_avg_fn`: ema <- d * ema + (1 - d) * weights, d = `ema_decay_at`.
+    """AveragedModel's `multi_avg_fn`: torch's EMA step (`get_ema_multi_avg_fn`) at the decay
+    `ema_decay_at` gives.
 
     AveragedModel copies the weights on its first update and passes the number of updates so
     far (its `n_averaged` buffer, saved in last.pt, so a resumed run goes on with the same
     decay) to the later ones.
     """
 
-    @torch.no_grad()
-    def update(
-        ema_params: list[torch.Tensor], params: list[torch.Tensor], n_averaged: torch.Tensor
-    ) -> None:
-        d = ema_decay_at(int(n_averaged), decay, warmup=warmup)
-        if torch.is_floating_point(ema_params[0]):
-            torch._foreach_lerp_(ema_params, params, 1.0 - d)
-        else:  # integer buffers (BatchNorm's num_batches_tracked), as torch's own EMA does
-            for p_ema, p in zip(ema_params, params, strict=True):
-                p_ema.copy_(p_ema * d + p * (1.0 - d))
+    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], n: torch.Tensor) -> None:
+        get_ema_multi_avg_fn(ema_decay_at(int(n), decay, warmup=warmup))(ema_params, params, n)
 
     return update
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """No weight decay on biases and normalisation weights (1-d tensors)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)
+    params = list(model.parameters())
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
     ]
 
 
@@ -159,7 +146,7 @@ def new_loop(settings: Settings, rt: Runtime, spec: PreprocessSpec, n_train: int
         settings=settings,
         rt=rt,
         spec=spec,
-        channels=model_channels(settings.model.name),
+        channels=input_channels(settings.model.name),
         steps_per_epoch=steps_per_epoch(n_train, settings.train.batch_size, rt.world_size),
         augment=(lambda x: augment(x, settings.augment)) if settings.augment.enabled else None,
     )
@@ -185,19 +172,14 @@ def new_train_state(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup=warmup, total=total)
     )
-    ema = None
-    if tr.ema:
-        from torch.optim.swa_utils import AveragedModel
-
-        ema = AveragedModel(
-            model, multi_avg_fn=ema_update(tr.ema_decay, warmup=tr.ema_warmup), use_buffers=True
-        )
+    average = ema_update(tr.ema_decay, warmup=tr.ema_warmup)
+    ema = AveragedModel(model, multi_avg_fn=average, use_buffers=True) if tr.ema else None
     return TrainState(
         model=model,
         step_model=model,
         optimizer=optimizer,
         scheduler=scheduler,
-        scaler=torch.amp.GradScaler(rt.device.type, enabled=rt.use_scaler),
+        scaler=torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16"),
         ema=ema,
     )
 

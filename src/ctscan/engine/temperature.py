@@ -41,8 +41,7 @@ Status = Literal["fitted", "at_bound", "separated", "empty"]
 
 
 def _as_logits(logits: Any) -> np.ndarray:
-    array = np.asarray(logits.detach().cpu() if hasattr(logits, "detach") else logits)
-    array = array.astype(np.float64)
+    array = np.asarray(logits.detach().cpu() if hasattr(logits, "detach") else logits, np.float64)
     if array.ndim != 2 or array.shape[1] < 1:
         raise ValueError(f"logits must have shape (N, C), got {array.shape}.")
     if not np.all(np.isfinite(array)):

