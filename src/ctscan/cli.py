@@ -62,8 +62,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[
-        bool,
-        typer.Option("--version", callback=_version, is_eager=True, help="Show the version."),
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
     ] = False,
 ) -> None:
     """ctscan: chest-CT slice classification, from raw images to evaluated models."""
@@ -122,7 +121,7 @@ def settings_show(
 def preprocess(
     raw_dir: RawDir = None,
     out: Annotated[
-        Path | None, typer.Option("--out", help="Store folder (default: paths.processed_dir).")
+        Path | None, typer.Option(help="Store folder (default: paths.processed_dir).")
     ] = None,
     on_bad_file: Annotated[
         str | None,
@@ -189,14 +188,14 @@ def train(
     epochs: Annotated[int | None, typer.Option(help="Number of epochs.")] = None,
     out: Annotated[
         Path | None,
-        typer.Option("--out", help="Run folder (default: paths.runs_dir/<model>-s<seed>-<time>)."),
+        typer.Option(help="Run folder (default: paths.runs_dir/<model>-s<seed>-<time>)."),
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     resume: Annotated[
         str | None,
         typer.Option(
             help="'auto' (last.pt in --out, or the newest run of this model and seed) or a "
-            "last.pt path; the run's settings must match (-s RUN/settings.toml).",
+            "last.pt path; the run's settings must match (-s RUN/settings.toml)."
         ),
     ] = None,
     settings_files: SettingsFiles = None,
@@ -209,7 +208,7 @@ def train(
         typer.Option(
             help="Cross-validate: K models on K folds of train + valid (copies never straddle "
             "folds), selected and calibrated out of fold, test read once at the end. --out "
-            "names the folder; the same command with it continues an interrupted run.",
+            "names the folder; the same command with it continues an interrupted run."
         ),
     ] = None,
 ) -> None:
@@ -253,8 +252,7 @@ def evaluate(
     out: Annotated[
         Path | None,
         typer.Option(
-            "--out",
-            help="Folder for the report files (default: eval-<split>/ beside the checkpoint).",
+            help="Folder for the report files (default: eval-<split>/ beside the checkpoint)."
         ),
     ] = None,
     device: Device = None,
@@ -276,8 +274,7 @@ def calibrate(
     out: Annotated[
         Path | None,
         typer.Option(
-            "--out",
-            help="Write the calibrated checkpoint here (default: rewrite CHECKPOINT in place).",
+            help="Write the calibrated checkpoint here (default: rewrite CHECKPOINT in place)."
         ),
     ] = None,
     as_json: ResultJson = False,
@@ -301,18 +298,14 @@ def ensemble(
         list[Path],
         typer.Argument(
             help="Checkpoints (.pt), run folders (their best.pt) or a `train --folds K` folder "
-            "(its fold models).",
+            "(its fold models)."
         ),
     ],
-    out: Annotated[
-        Path,
-        typer.Option("--out", help="The ensemble checkpoint to write (.pt, a new file)."),
-    ],
+    out: Annotated[Path, typer.Option(help="The ensemble checkpoint to write (.pt, a new file).")],
     tta: Annotated[
         list[str] | None,
         typer.Option(
-            "--tta",
-            help="Test-time views averaged with the image itself: hflip, vflip (repeatable).",
+            help="Test-time views averaged with the image itself: hflip, vflip (repeatable)."
         ),
     ] = None,
     as_json: ResultJson = False,
@@ -337,8 +330,7 @@ def predict(
     paths: Annotated[
         list[Path],
         typer.Argument(
-            help="Image files or folders (searched recursively): PNG, JPEG, BMP, TIFF, WebP, "
-            "DICOM.",
+            help="Image files or folders (searched recursively): PNG, JPEG, BMP, TIFF, WebP, DICOM."
         ),
     ],
     model: Annotated[
@@ -357,8 +349,7 @@ def predict(
         Path | None, typer.Option("--csv", help="Also write the predictions to this CSV file.")
     ] = None,
     explain: Annotated[
-        Path | None,
-        typer.Option("--explain", help="Write a Grad-CAM overlay PNG per image into this folder."),
+        Path | None, typer.Option(help="Write a Grad-CAM overlay PNG per image into this folder.")
     ] = None,
     backend: Annotated[
         str,
@@ -374,12 +365,7 @@ def predict(
 ) -> None:
     """Predict the class of CT slices with a trained model; exit 3 if any file failed."""
     from ctscan.files import atomic_write
-    from ctscan.inference.batch import (
-        as_json_rows,
-        collect_inputs,
-        predictions_csv,
-        run_predict,
-    )
+    from ctscan.inference.batch import as_json_rows, collect_inputs, predictions_csv, run_predict
     from ctscan.ops.backends import open_model
     from ctscan.render import progress_bar, render_predictions
 
@@ -410,7 +396,7 @@ def serve(
         str,
         typer.Argument(
             help="A checkpoint (.pt), an ONNX file (.onnx) or an MLflow model URI "
-            "(models:/ctscan-classifier@champion).",
+            "(models:/ctscan-classifier@champion)."
         ),
     ],
     host: Annotated[str | None, typer.Option(help="Address to bind (default: serve.host).")] = None,
@@ -458,16 +444,14 @@ def profile(
     steps: Annotated[
         int,
         typer.Option(
-            min=1,
-            help="Training steps to record, after 1 wait and 1 warmup step (2 on CUDA).",
+            min=1, help="Training steps to record, after 1 wait and 1 warmup step (2 on CUDA)."
         ),
     ] = 5,
     out: Annotated[
         Path | None,
         typer.Option(
-            "--out",
             help="Folder for trace.json.gz, tensorboard/, top_ops.txt and summary.json "
-            "(default: paths.runs_dir/profile-<model>-<time>).",
+            "(default: paths.runs_dir/profile-<model>-<time>)."
         ),
     ] = None,
     settings_files: SettingsFiles = None,
@@ -489,11 +473,7 @@ def profile(
 def export(
     checkpoint: Checkpoint,
     format_: Annotated[
-        str,
-        typer.Option(
-            "--format",
-            help="onnx | pt2 | all (all: onnx and pt2).",
-        ),
+        str, typer.Option("--format", help="onnx | pt2 | all (all: onnx and pt2).")
     ] = "onnx",
     int8: Annotated[
         bool,
@@ -506,17 +486,15 @@ def export(
     out: Annotated[
         Path | None,
         typer.Option(
-            "--out",
             help="The file for one format, a folder for all (default: beside the checkpoint: "
-            "best.onnx, best.int8.onnx, best.pt2).",
+            "best.onnx, best.int8.onnx, best.pt2)."
         ),
     ] = None,
     triton: Annotated[
         Path | None,
         typer.Option(
-            "--triton",
             help="Also lay out a Triton model repository here: <name>/1/model.onnx, "
-            "config.pbtxt, labels.txt.",
+            "config.pbtxt, labels.txt."
         ),
     ] = None,
     settings_files: SettingsFiles = None,
@@ -540,7 +518,7 @@ def sweep(
         Path,
         typer.Argument(
             help="Sweep spec (TOML): the settings to search, the metric, base settings "
-            "(docs/sweep.md); or its name in settings/sweeps/.",
+            "(docs/sweep.md); or its name in settings/sweeps/."
         ),
     ],
     trials: Annotated[
@@ -552,15 +530,13 @@ def sweep(
         ),
     ] = None,
     name: Annotated[
-        str | None,
-        typer.Option(help="Study name (default: the spec file's name)."),
+        str | None, typer.Option(help="Study name (default: the spec file's name).")
     ] = None,
     recipe: Annotated[
         Path | None,
         typer.Option(
-            "--recipe",
             help="Where to write the best trial's settings "
-            "(default: paths.runs_dir/sweeps/NAME/best.toml).",
+            "(default: paths.runs_dir/sweeps/NAME/best.toml)."
         ),
     ] = None,
     storage: Annotated[
@@ -568,7 +544,7 @@ def sweep(
         typer.Option(
             help="The Optuna study's database: sqlite:///PATH, or a PostgreSQL URL "
             "(postgresql+psycopg://USER@HOST/DB) that sweeps on many machines join "
-            "(default: paths.runs_dir/optuna.db).",
+            "(default: paths.runs_dir/optuna.db)."
         ),
     ] = None,
     overrides: Overrides = None,
