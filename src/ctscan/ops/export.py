@@ -104,9 +104,6 @@ class ExportResult:
         return json.loads(json.dumps(data, default=str))
 
 
-# ---- planning and checks (before any work) -----------------------------------------------
-
-
 def plan_outputs(
     checkpoint: Path,
     *,
@@ -155,17 +152,14 @@ def plan_outputs(
     int8_path = onnx_path.with_name(f"{onnx_path.stem}.int8.onnx") if int8 and onnx_path else None
     if triton_dir is not None:
         triton_dir = ensure_dir(triton_dir, what="Triton model repository")
-    return ExportPlan(
-        folder=folder, onnx=onnx_path, int8=int8_path, pt2=pt2_path, triton_dir=triton_dir
-    )
+    return ExportPlan(folder, onnx_path, int8_path, pt2_path, triton_dir)
 
 
 def require_onnx_tools() -> None:
     """onnx, onnxscript and onnxruntime importable, else one error naming the extra."""
-    import importlib.util
+    from importlib.util import find_spec
 
-    needed = ["onnx", "onnxscript", "onnxruntime"]
-    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if find_spec(name) is None]
     if missing:
         raise CtscanError(
             f"ONNX export needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
@@ -174,15 +168,7 @@ def require_onnx_tools() -> None:
         )
 
 
-# ---- the files -----------------------------------------------------------------------------
-
-
-def export_metadata(
-    checkpoint: Checkpoint,
-    *,
-    checkpoint_sha256: str,
-    fmt: str,
-) -> dict[str, Any]:
+def export_metadata(checkpoint: Checkpoint, *, checkpoint_sha256: str, fmt: str) -> dict[str, Any]:
     """The JSON an exported file carries: what the model is, what it takes and gives back."""
     import torch
 
@@ -244,11 +230,8 @@ def write_onnx(deployable: torch.nn.Module, path: Path, *, size: int, meta: dict
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
             opset_version=OPSET,
-            external_data=False,
             verbose=False,
         )
-    if program is None:  # only without dynamo; kept for the type checker
-        raise RuntimeError("torch.onnx.export returned no program")
     model = program.model_proto
     set_onnx_metadata(model, meta)
     model.doc_string = (
@@ -265,8 +248,7 @@ def set_onnx_metadata(model: Any, meta: dict[str, Any]) -> None:
     import onnx
 
     props = {p.key: p.value for p in model.metadata_props}
-    props[METADATA_KEY] = json.dumps(meta)
-    onnx.helper.set_model_props(model, props)
+    onnx.helper.set_model_props(model, props | {METADATA_KEY: json.dumps(meta)})
 
 
 def read_onnx_metadata(path: Path) -> dict[str, Any]:
@@ -397,9 +379,6 @@ def _calibration_reader(images: np.ndarray, step: int) -> Any:
     return Reader()
 
 
-# ---- Triton ------------------------------------------------------------------------------
-
-
 def triton_config(
     name: str, *, image_size: int, num_classes: int, max_batch_size: int = TRITON_MAX_BATCH
 ) -> str:
@@ -443,9 +422,6 @@ def write_triton_layout(repository: Path, onnx_path: Path, name: str, spec: Any)
     return model_dir
 
 
-# ---- parity --------------------------------------------------------------------------------
-
-
 def compare(
     fmt: str, path: Path, logits: np.ndarray, reference: np.ndarray, labels: np.ndarray
 ) -> Parity:
@@ -487,7 +463,6 @@ def staging(folder: Path, name: str) -> Iterator[Path]:
 class _Reference:
     """What each staged file is checked against: eager's logits on the test split."""
 
-    checkpoint: Path
     ckpt: Checkpoint
     sha256: str
     settings: Settings  # the torch reference on the CPU in float32 (what exported files match)
@@ -519,7 +494,6 @@ def run_export(
     int8: bool = False,
     out: Path | None = None,
     triton_dir: Path | None = None,
-    triton_name: str | None = None,
 ) -> ExportResult:
     """The `ctscan export` command: export and check each file on the test split; a float32 file
     off by over FP32_TOLERANCE raises (nothing written), a refused int8 one is `result.error`."""
@@ -530,9 +504,6 @@ def run_export(
     checkpoint = Path(checkpoint)
     ckpt = read_checkpoint(checkpoint)  # missing, a folder, broken: one CheckpointError
     plan = plan_outputs(checkpoint, fmt=fmt, int8=int8, out=out, triton_dir=triton_dir)
-    name = triton_name or f"ctscan-{ckpt.model_name}"
-    if plan.triton_dir is not None:
-        triton_config(name, image_size=ckpt.spec.image_size, num_classes=len(ckpt.class_names))
     if plan.onnx is not None:
         require_onnx_tools()
     store = open_model_store(settings, ckpt)
@@ -545,7 +516,7 @@ def run_export(
     error = None
     with staging(plan.folder, checkpoint.stem) as stage:
         staged, opset = _stage_float32(plan, stage, ref, deployable, rows)
-        if plan.int8 is not None and plan.onnx is not None:
+        if plan.int8 is not None:  # beside the ONNX file
             path = stage / plan.int8.name
             images = calibration_images(store)
             quantize_onnx(staged[plan.onnx], path, images, meta=ref.meta("onnx-int8"))
@@ -555,7 +526,8 @@ def run_export(
                 staged[plan.int8] = path
         written = _commit(staged, stage, plan.folder, checkpoint)
     triton_model_dir = None
-    if plan.triton_dir is not None and plan.onnx is not None:
+    if plan.triton_dir is not None:  # only with an ONNX file (plan_outputs)
+        name = f"ctscan-{ckpt.model_name}"
         triton_model_dir = write_triton_layout(plan.triton_dir, plan.onnx, name, ckpt.spec)
         written += [triton_model_dir / f for f in ("1/model.onnx", "config.pbtxt", "labels.txt")]
     return ExportResult(
@@ -587,7 +559,7 @@ def _reference(
     settings = settings.model_copy(update={"train": train})
     logits = open_predictor(checkpoint, settings=settings, backend="torch").logits(images)
     labels = logits.argmax(1) if labels is None else labels
-    return _Reference(checkpoint, ckpt, file_sha256(checkpoint), settings, images, labels, logits)
+    return _Reference(ckpt, file_sha256(checkpoint), settings, images, labels, logits)
 
 
 def _stage_float32(
@@ -604,7 +576,16 @@ def _stage_float32(
             opset = write_onnx(deployable, path, size=size, meta=ref.meta(fmt))
         else:
             write_pt2(deployable, path, size=size, meta=ref.meta(fmt))
-        rows.append(_checked_fp32(ref.compare(fmt, target, path), len(ref.labels)))
+        row = ref.compare(fmt, target, path)
+        if row.max_abs_diff > FP32_TOLERANCE:
+            raise CtscanError(
+                f"the {fmt} export differs from the eager model by {row.max_abs_diff:.2e} in the "
+                f"logits on {len(ref.labels)} images (the limit is {FP32_TOLERANCE:g}): nothing "
+                "was written.",
+                "this is an exporter problem: retry with CTSCAN_DEBUG=1 and report it; meanwhile "
+                "use the other format (or --backend torch).",
+            )
+        rows.append(row)
         staged[target] = path
     return staged, opset
 
@@ -618,19 +599,6 @@ def _commit(staged: dict[Path, Path], stage: Path, folder: Path, checkpoint: Pat
         with built_aside(target) as aside:  # its permissions, rename and folder fsync
             os.replace(path, aside)
     return list(staged)
-
-
-def _checked_fp32(row: Parity, n_images: int) -> Parity:
-    """The row of a float32 file, or the error that stops the export (nothing written)."""
-    if row.max_abs_diff > FP32_TOLERANCE:
-        raise CtscanError(
-            f"the {row.format} export differs from the eager model by "
-            f"{row.max_abs_diff:.2e} in the logits on {n_images} images "
-            f"(the limit is {FP32_TOLERANCE:g}): nothing was written.",
-            "this is an exporter problem: retry with CTSCAN_DEBUG=1 and report it; meanwhile "
-            "use the other format (or --backend torch).",
-        )
-    return row
 
 
 def _int8_refusal(
@@ -652,9 +620,6 @@ def _int8_refusal(
         f"deploy {plan.onnx.name} (float32), or retrain and export again (a model "
         "that is further from its decision boundaries quantises better).",
     )
-
-
-# ---- the export predict and serve run a checkpoint on ----------------------------------
 
 
 def cached_onnx(checkpoint: Path, settings: Settings) -> Path:
