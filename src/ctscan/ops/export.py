@@ -11,11 +11,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +29,6 @@ from ctscan.inference.predictor import ONNX_METADATA_KEY as METADATA_KEY
 if TYPE_CHECKING:
     import torch
 
-    from ctscan.data.store import Store
     from ctscan.engine.checkpoint import Checkpoint
     from ctscan.settings import Settings
 
@@ -50,7 +48,6 @@ INT8_CALIBRATION = "minmax-avg"  # min/max averaged over the batches (see quanti
 TRITON_MAX_BATCH = 32
 TRITON_QUEUE_DELAY_US = 2000
 EXPORT_EXTRA = "pip install 'ctscan[export]'"
-_TRITON_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 CACHE_FOLDER = "serve-cache"  # under paths.runs_dir: checkpoints exported for predict and serve
 
 
@@ -77,11 +74,6 @@ class Parity:
     accepted: bool = True
     note: str = ""
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready, with the names the JSON has always used."""
-        names = {"max_abs_diff": "max_abs_logit_diff", "agreement": "argmax_agreement"}
-        return {names.get(k, k): str(v) if k == "path" else v for k, v in asdict(self).items()}
-
 
 @dataclass
 class ExportResult:
@@ -96,12 +88,6 @@ class ExportResult:
     triton_model_dir: Path | None = None
     warnings: list[str] = field(default_factory=list)
     error: CtscanError | None = None  # an int8 refusal: raised by the CLI after the table
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: the fields by name, paths and the error as text."""
-        data = {f.name: getattr(self, f.name) for f in fields(self)}
-        data["parity"] = [row.to_dict() for row in self.parity]
-        return json.loads(json.dumps(data, default=str))
 
 
 def plan_outputs(
@@ -285,15 +271,6 @@ def pt2_logits(path: Path, images: np.ndarray, batch: int = 64) -> np.ndarray:
     return torch.cat(chunks).numpy()
 
 
-def calibration_images(store: Store, limit: int | None = None) -> np.ndarray:
-    """The train images for the int8 calibration (all, or `limit` evenly spread): (N, 1, S, S)."""
-    images = store.split("train").images.numpy()
-    if limit is None or len(images) <= limit:
-        return images
-    picks = np.linspace(0, len(images) - 1, limit).round().astype(int)
-    return images[picks]
-
-
 def fp32_node_names(model: Any, keep: tuple[str, ...]) -> list[str]:
     """Names of the nodes `keep` picks: 'stem' the first Conv, 'head' the last weighted node."""
     weighted = [n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
@@ -384,16 +361,6 @@ def triton_config(
 ) -> str:
     """A Triton `config.pbtxt` for an exported ONNX file: uint8 (1, S, S) in, fp32 (C) out
     (Triton adds the batch axis), with dynamic batching."""
-    if not _TRITON_NAME.match(name):
-        raise CtscanError(
-            f"Triton model name '{name}' is not a plain folder name.",
-            "use letters, digits, '_', '-' and '.' only.",
-        )
-    if max_batch_size < 1 or max_batch_size > MAX_BATCH:
-        raise CtscanError(
-            f"Triton max_batch_size {max_batch_size} is outside 1..{MAX_BATCH}.",
-            f"use a value from 1 to {MAX_BATCH} (the exported batch axis allows up to that).",
-        )
     size, labels = f"{image_size}, {image_size}", 'label_filename: "labels.txt"'
     return f"""name: "{name}"
 platform: "onnxruntime_onnx"
@@ -473,13 +440,11 @@ class _Reference:
     def meta(self, fmt: str) -> dict[str, Any]:
         return export_metadata(self.ckpt, checkpoint_sha256=self.sha256, fmt=fmt)
 
-    def compare(self, fmt: str, target: Path, path: Path | None = None) -> Parity:
-        """The parity row of the file at `path` (ONNX or .pt2; None: eager itself)."""
+    def compare(self, fmt: str, target: Path, path: Path) -> Parity:
+        """The parity row of the ONNX or .pt2 file at `path` (to be moved to `target`)."""
         from ctscan.inference import open_predictor
 
-        if path is None:
-            logits = self.logits
-        elif path.suffix == ".pt2":
+        if path.suffix == ".pt2":
             logits = pt2_logits(path, self.images)
         else:
             logits = open_predictor(path, settings=self.settings).logits(self.images)
@@ -511,15 +476,15 @@ def run_export(
     test = store.split("test")
     images = np.ascontiguousarray(test.images.numpy())  # (N, 1, S, S) uint8
     ref = _reference(settings, checkpoint, ckpt, images, test.labels.numpy())
-    rows = [ref.compare("eager", checkpoint)]
+    rows = [compare("eager", checkpoint, ref.logits, ref.logits, ref.labels)]
     deployable = load_model(ckpt).deployable()
     error = None
     with staging(plan.folder, checkpoint.stem) as stage:
         staged, opset = _stage_float32(plan, stage, ref, deployable, rows)
         if plan.int8 is not None:  # beside the ONNX file
             path = stage / plan.int8.name
-            images = calibration_images(store)
-            quantize_onnx(staged[plan.onnx], path, images, meta=ref.meta("onnx-int8"))
+            calibration = store.split("train").images.numpy()  # (N, 1, S, S) uint8, every one
+            quantize_onnx(staged[plan.onnx], path, calibration, meta=ref.meta("onnx-int8"))
             rows.append(ref.compare("onnx-int8", plan.int8, path))
             error = _int8_refusal(rows[-1], rows[0], plan, n_float=len(staged))
             if error is None:
