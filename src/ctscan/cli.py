@@ -226,20 +226,19 @@ def train(
             "train.quiet": quiet,
         },
     )
-    if folds is not None:
+    if folds is None:
+        result = run_training(settings, out_dir=out, resume=resume)
+    elif resume is not None:
+        raise CtscanError(
+            "--resume does not apply to --folds: a cross-validation continues in its folder.",
+            "rerun the same command with --out CV_FOLDER (its finished folds are kept).",
+        )
+    else:
         from ctscan.ops.cv import cv_lines, run_cv
 
-        if resume is not None:
-            raise CtscanError(
-                "--resume does not apply to --folds: a cross-validation continues in its folder.",
-                "rerun the same command with --out CV_FOLDER (its finished folds are kept).",
-            )
-        cv = run_cv(settings, folds, out_dir=out, say=say_line)
-        for line in cv_lines(cv):
+        result = run_cv(settings, folds, out_dir=out, say=say_line)
+        for line in cv_lines(result):
             say_line(line)
-        typer.echo(json.dumps(cv.summary(), indent=2))
-        return
-    result = run_training(settings, out_dir=out, resume=resume)
     if result is not None:
         typer.echo(json.dumps(result.summary(), indent=2))
 
@@ -364,7 +363,7 @@ def predict(
     quiet: Quiet = False,
 ) -> None:
     """Predict the class of CT slices with a trained model; exit 3 if any file failed."""
-    from ctscan.files import atomic_write
+    from ctscan.files import atomic_write, ensure_dir
     from ctscan.inference.batch import as_json_rows, collect_inputs, predictions_csv, run_predict
     from ctscan.ops.backends import open_model
     from ctscan.render import progress_bar, render_predictions
@@ -377,8 +376,13 @@ def predict(
     with progress_bar(len(files), enabled=not quiet and not as_json and len(files) > 1) as advance:
         predictions = run_predict(predictor, files, explain_dir=explain, progress=advance)
     if csv_file is not None:
+        if csv_file.is_dir():
+            raise CtscanError(
+                f"--csv file '{csv_file}' is a folder.", "name a file for --csv file."
+            )
+        ensure_dir(csv_file.parent, what="folder of the --csv file")
         data = predictions_csv(predictions, predictor.class_names)
-        atomic_write(_writable_file(csv_file, "--csv file"), lambda fh: fh.write(data))
+        atomic_write(csv_file, lambda fh: fh.write(data))
     if as_json:
         for row in as_json_rows(predictions, predictor.info.to_dict()):
             typer.echo(json.dumps(row))
@@ -425,16 +429,6 @@ def serve(
         },
     )
     run_server(model, settings)
-
-
-def _writable_file(path: Path, what: str) -> Path:
-    """`path`'s folder created and writable, `path` not a folder: else one clear error."""
-    from ctscan.files import ensure_dir
-
-    if path.is_dir():
-        raise CtscanError(f"{what} '{path}' is a folder.", f"name a file for {what}.")
-    ensure_dir(path.parent, what=f"folder of the {what}")
-    return path
 
 
 @app.command()
