@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from ctscan.engine.state import Loop, TrainState
     from ctscan.settings import Settings
 
-DEFAULT_STEPS = 5
 WAIT_STEPS = 1
 TOP_N = 25
 INPUT_RANGES = ("data", "augment")
@@ -64,7 +63,7 @@ def profiled_epoch(settings: Settings) -> int:
 
 
 def run_profile(
-    settings: Settings, *, steps: int = DEFAULT_STEPS, out_dir: Path | None = None
+    settings: Settings, *, steps: int = 5, out_dir: Path | None = None
 ) -> ProfileResult:
     """Profile `steps` training steps of the run the settings describe; write the files (and
     log them to MLflow, tag kind=profile, when tracking is on)."""
@@ -81,10 +80,8 @@ def run_profile(
     with folder_lock(out_dir, what="profile folder"):
         text = to_toml(settings).encode()
         atomic_write(out_dir / SETTINGS_FILE, lambda fh: fh.write(text))
-        tracker = open_tracker(
-            settings.tracking, runs_dir=settings.paths.runs_dir, run_name=out_dir.name
-        )
-        with tracker:
+        runs_dir = settings.paths.runs_dir
+        with open_tracker(settings.tracking, runs_dir=runs_dir, run_name=out_dir.name) as tracker:
             summary = _profile_run(settings, rt, store, steps, out_dir)
             summary["mlflow_run_id"], torch_version = tracker.run_id, summary["torch_version"]
             payload = (json.dumps(summary, indent=2) + "\n").encode()
@@ -184,6 +181,7 @@ def _profile_run(
 
     import ctscan
     from ctscan.engine.modelling import backbone_frozen
+    from ctscan.files import atomic_write
 
     tr = settings.train
     run = prepare_run(settings, rt, store)
@@ -212,7 +210,16 @@ def _profile_run(
         }
     )
     summary["memory"].update(profiled_peak_allocated(rec.prof))
-    _write_top_ops(rec.prof, out_dir / TOP_OPS_FILE, summary)
+    parts = [  # key_averages tables: by self CPU time, and by self CUDA time on CUDA
+        f"ctscan profile: {summary['model']} on {summary['device']} ({summary['precision']}), "
+        f"batch {tr.batch_size}, {summary['steps_profiled']} steps profiled"
+    ]
+    averages = rec.prof.key_averages()
+    for unit in ("CPU", "CUDA") if rt.device.type == "cuda" else ("CPU",):
+        table = averages.table(sort_by=f"self_{unit.lower()}_time_total", row_limit=TOP_N)
+        parts += ["", f"Top {TOP_N} by self {unit} time", table]
+    text = "\n".join(parts) + "\n"
+    atomic_write(out_dir / TOP_OPS_FILE, lambda fh: fh.write(text.encode()))
     return summary
 
 
@@ -360,23 +367,6 @@ def profiled_peak_allocated(prof: Any) -> dict[str, float | None]:
         f"{name}_profiled_peak_allocated_mb": round(peak[d] / MB, 3) if d in peak else None
         for name, d in (("cpu", DeviceType.CPU), ("cuda", DeviceType.CUDA))
     }
-
-
-def _write_top_ops(prof: Any, path: Path, summary: dict[str, Any]) -> None:
-    """key_averages tables: top operators by self CPU time, and by self CUDA time on CUDA."""
-    from ctscan.files import atomic_write
-
-    averages = prof.key_averages()
-    head = (
-        f"ctscan profile: {summary['model']} on {summary['device']} ({summary['precision']}), "
-        f"batch {summary['batch_size']}, {summary['steps_profiled']} steps profiled"
-    )
-    parts = [head]
-    for unit in ("CPU", "CUDA") if summary["device"].startswith("cuda") else ("CPU",):
-        table = averages.table(sort_by=f"self_{unit.lower()}_time_total", row_limit=TOP_N)
-        parts += ["", f"Top {TOP_N} by self {unit} time", table]
-    text = "\n".join(parts) + "\n"
-    atomic_write(path, lambda fh: fh.write(text.encode()))
 
 
 def summary_metrics(summary: dict[str, Any]) -> dict[str, float]:
