@@ -73,11 +73,13 @@ FLAG_NAMES = {"model.name": "--model", "paths.processed_dir": "--out", "paths.ra
 
 
 def _settings(
-    files: list[str] | None, overrides: list[str] | None, **flags: Any
+    files: list[str] | None, overrides: list[str] | None, **sections: dict[str, Any]
 ) -> Any:  # -> Settings
-    """Resolve settings; explicit command flags (not None) beat --set, env and files."""
+    """Resolve settings; explicit command flags (not None), by settings section (e.g.
+    `train={"epochs": epochs}`), beat --set, env and files."""
     from ctscan.settings import load_settings, toml_value
 
+    flags = {f"{name}.{key}": v for name, keys in sections.items() for key, v in keys.items()}
     given = {key: value for key, value in flags.items() if value is not None}
     extra = [f"{key}={toml_value(value)}" for key, value in given.items()]
     origins = {
@@ -146,11 +148,8 @@ def preprocess(
     from ctscan.data.preprocess import run_preprocess
     from ctscan.render import render_summary
 
-    settings = _settings(
-        settings_files,
-        overrides,
-        **{"paths.raw_dir": raw_dir, "paths.processed_dir": out, "data.on_bad_file": on_bad_file},
-    )
+    paths = {"raw_dir": raw_dir, "processed_dir": out}
+    settings = _settings(settings_files, overrides, paths=paths, data={"on_bad_file": on_bad_file})
     result = run_preprocess(settings, force=force)
     console = _console()
     if not quiet:
@@ -177,7 +176,7 @@ def audit(
     from ctscan.data.preprocess import run_audit
     from ctscan.render import render_summary
 
-    audit_report = run_audit(_settings(settings_files, overrides, **{"paths.raw_dir": raw_dir}))
+    audit_report = run_audit(_settings(settings_files, overrides, paths={"raw_dir": raw_dir}))
     _emit(audit_report.to_dict(), as_json, render_summary(audit_report))
 
 
@@ -215,17 +214,8 @@ def train(
     """Train a model on the processed store; evaluate the best checkpoint on test."""
     from ctscan.engine.train import run_training
 
-    settings = _settings(
-        settings_files,
-        overrides,
-        **{
-            "model.name": model,
-            "train.device": device,
-            "train.epochs": epochs,
-            "train.seed": seed,
-            "train.quiet": quiet,
-        },
-    )
+    flags = {"device": device, "epochs": epochs, "seed": seed, "quiet": quiet}
+    settings = _settings(settings_files, overrides, model={"name": model}, train=flags)
     if folds is None:
         result = run_training(settings, out_dir=out, resume=resume)
     elif resume is not None:
@@ -262,7 +252,7 @@ def evaluate(
     from ctscan.engine.evaluate import run_evaluation
     from ctscan.render import render_report
 
-    settings = _settings(settings_files, overrides, **{"train.device": device})
+    settings = _settings(settings_files, overrides, train={"device": device})
     result = run_evaluation(settings, checkpoint, split=split, out_dir=out)
     _emit(result, as_json, render_report(result), warnings=result["warnings"])
 
@@ -285,7 +275,7 @@ def calibrate(
     from ctscan.engine.calibration import run_calibrate
     from ctscan.render import render_calibration
 
-    settings = _settings(settings_files, overrides, **{"train.device": device})
+    settings = _settings(settings_files, overrides, train={"device": device})
     result = run_calibrate(settings, checkpoint, out=out)
     shown = (render_calibration(result), result["checkpoint"])
     _emit(result, as_json, *shown, warnings=result["warnings"])
@@ -315,7 +305,7 @@ def ensemble(
     """Average several checkpoints (and flipped views) into one checkpoint any command takes."""
     from ctscan.ops.ensemble import build_ensemble
 
-    settings = _settings(settings_files, overrides, **{"train.device": device})
+    settings = _settings(settings_files, overrides, train={"device": device})
     result = build_ensemble(settings, members, out=out, flips=tuple(tta or ()))
     _emit(result.to_dict(), as_json, str(result.checkpoint), warnings=result.warnings)
     if not as_json:
@@ -368,7 +358,7 @@ def predict(
     from ctscan.ops.backends import open_model
     from ctscan.render import progress_bar, render_predictions
 
-    settings = _settings(settings_files, overrides, **{"train.device": device})
+    settings = _settings(settings_files, overrides, train={"device": device})
     if explain is not None and backend == "auto":
         backend = "torch"  # Grad-CAM needs the PyTorch model's gradients
     predictor = open_model(model, settings, backend)
@@ -418,16 +408,8 @@ def serve(
     """Serve the model over HTTP: /predict, /explain, KServe v2, /metrics and a web page."""
     from ctscan.serve.server import run_server
 
-    settings = _settings(
-        settings_files,
-        overrides,
-        **{
-            "serve.host": host,
-            "serve.port": port,
-            "serve.workers": workers,
-            "serve.backend": backend,
-        },
-    )
+    flags = {"host": host, "port": port, "workers": workers, "backend": backend}
+    settings = _settings(settings_files, overrides, serve=flags)
     run_server(model, settings)
 
 
@@ -455,7 +437,7 @@ def profile(
     from ctscan.ops.profile import run_profile, split_line
     from ctscan.render import render_profile
 
-    settings = _settings(settings_files, overrides, **{"model.name": model, "train.device": device})
+    settings = _settings(settings_files, overrides, model={"name": model}, train={"device": device})
     result = run_profile(settings, steps=steps, out_dir=out)
     console = _console()
     console.print(render_profile(result.summary))
