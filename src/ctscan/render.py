@@ -255,14 +255,9 @@ def render_parity(result: ExportResult) -> Any:
     table.add_column("status")
     for row in result.parity:
         status = "reference" if row.format == "eager" else ("ok" if row.accepted else row.note)
-        table.add_row(
-            row.format,
-            escape(row.path.name),
-            "-" if row.format == "eager" else f"{row.max_abs_diff:.2e}",
-            f"{row.agreement:.2%}",
-            f"{row.accuracy:.2%}",
-            escape(status),
-        )
+        diff = "-" if row.format == "eager" else f"{row.max_abs_diff:.2e}"
+        rates = (f"{row.agreement:.2%}", f"{row.accuracy:.2%}")
+        table.add_row(row.format, escape(row.path.name), diff, *rates, escape(status))
     return table
 
 
