@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ctscan.errors import CtscanError
 
@@ -116,9 +116,8 @@ def runtime_and_store(settings: Settings) -> tuple[Runtime, Store]:
     return rt, store
 
 
-@dataclass
-class PreparedRun:
-    """A run built as `ctscan train` builds it, ready for steps."""
+class PreparedRun(NamedTuple):
+    """A run built as `ctscan train` builds it: `train_one_epoch`'s positional arguments."""
 
     state: TrainState
     loop: Loop
@@ -135,7 +134,7 @@ def prepare_run(settings: Settings, rt: Runtime, store: Store) -> PreparedRun:
     loop = new_loop(settings, rt, store.spec, len(train_split))
     state = new_train_state(settings, rt, store.spec, loop.steps_per_epoch)
     wrap_for_steps(state, settings, rt)
-    return PreparedRun(state=state, loop=loop, images=images, labels=labels)
+    return PreparedRun(state, loop, images, labels)
 
 
 def run_steps(run: PreparedRun, total: int, *, epoch: int, after_step: Callable[[], None]) -> int:
@@ -155,14 +154,7 @@ def run_steps(run: PreparedRun, total: int, *, epoch: int, after_step: Callable[
         while done < total:
             before = done
             train_one_epoch(
-                run.state,
-                run.loop,
-                run.images,
-                run.labels,
-                epoch=epoch,
-                progress=progress,
-                max_steps=total - done,
-                after_step=counted,
+                *run, epoch=epoch, progress=progress, max_steps=total - done, after_step=counted
             )
             passes += 1
             if done == before:
