@@ -426,16 +426,27 @@ def staging(folder: Path, name: str) -> Iterator[Path]:
         yield Path(stage)
 
 
-@dataclass
 class _Reference:
-    """What each staged file is checked against: eager's logits on the test split."""
+    """What each staged file is checked against: eager's logits on `images` (N, 1, S, S) uint8,
+    on the CPU in float32 (`labels` None: eager's own answers stand in)."""
 
-    ckpt: Checkpoint
-    sha256: str
-    settings: Settings  # the torch reference on the CPU in float32 (what exported files match)
-    images: np.ndarray  # (N, 1, S, S) uint8 test split
-    labels: np.ndarray
-    logits: np.ndarray  # eager's
+    def __init__(
+        self,
+        settings: Settings,
+        checkpoint: Path,
+        ckpt: Checkpoint,
+        images: np.ndarray,
+        labels: Any,
+    ) -> None:
+        from ctscan.files import file_sha256
+        from ctscan.inference import open_predictor
+
+        train = settings.train.model_copy(update={"device": "cpu", "precision": "fp32"})
+        self.settings = settings.model_copy(update={"train": train})
+        self.ckpt, self.sha256, self.images = ckpt, file_sha256(checkpoint), images
+        predictor = open_predictor(checkpoint, settings=self.settings, backend="torch")
+        self.logits = predictor.logits(images)
+        self.labels = self.logits.argmax(1) if labels is None else labels
 
     def meta(self, fmt: str) -> dict[str, Any]:
         return export_metadata(self.ckpt, checkpoint_sha256=self.sha256, fmt=fmt)
@@ -475,7 +486,7 @@ def run_export(
     configure_threads(settings.train.threads, 1)
     test = store.split("test")
     images = np.ascontiguousarray(test.images.numpy())  # (N, 1, S, S) uint8
-    ref = _reference(settings, checkpoint, ckpt, images, test.labels.numpy())
+    ref = _Reference(settings, checkpoint, ckpt, images, test.labels.numpy())
     rows = [compare("eager", checkpoint, ref.logits, ref.logits, ref.labels)]
     deployable = load_model(ckpt).deployable()
     error = None
@@ -506,25 +517,6 @@ def run_export(
         warnings=[store.raw_warning] if store.raw_warning else [],
         error=error,
     )
-
-
-def _reference(
-    settings: Settings,
-    checkpoint: Path,
-    ckpt: Checkpoint,
-    images: np.ndarray,
-    labels: np.ndarray | None,
-) -> _Reference:
-    """Eager's logits on `images` (N, 1, S, S) uint8, on the CPU in float32 (`labels` None:
-    eager's own answers stand in)."""
-    from ctscan.files import file_sha256
-    from ctscan.inference import open_predictor
-
-    train = settings.train.model_copy(update={"device": "cpu", "precision": "fp32"})
-    settings = settings.model_copy(update={"train": train})
-    logits = open_predictor(checkpoint, settings=settings, backend="torch").logits(images)
-    labels = logits.argmax(1) if labels is None else labels
-    return _Reference(ckpt, file_sha256(checkpoint), settings, images, labels, logits)
 
 
 def _stage_float32(
@@ -604,7 +596,7 @@ def cached_onnx(checkpoint: Path, settings: Settings) -> Path:
     ckpt = read_checkpoint(checkpoint)
     size = ckpt.spec.image_size
     images = np.random.default_rng(0).integers(0, 256, (8, 1, size, size), dtype=np.uint8)
-    ref = _reference(settings, checkpoint, ckpt, images, None)
+    ref = _Reference(settings, checkpoint, ckpt, images, None)
     with staging(target.parent, target.stem) as stage:
         plan = ExportPlan(target.parent, onnx=target)
         staged, _ = _stage_float32(plan, stage, ref, load_model(ckpt).deployable(), [])
