@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import accumulate
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -349,16 +350,12 @@ def profiled_peak_allocated(prof: Any) -> dict[str, float | None]:
         for e in prof.profiler.kineto_results.events()
         if e.name() == "[memory]"
     )
-    total = {DeviceType.CPU: 0, DeviceType.CUDA: 0}
-    peak: dict[Any, int] = {}
-    for _, nbytes, device in records:
-        if device in total:
-            total[device] += nbytes
-            peak[device] = max(peak.get(device, 0), total[device])
-    return {
-        f"{name}_profiled_peak_allocated_mb": round(peak[d] / MB, 3) if d in peak else None
-        for name, d in (("cpu", DeviceType.CPU), ("cuda", DeviceType.CUDA))
-    }
+    peaks = {}
+    for name, device in (("cpu", DeviceType.CPU), ("cuda", DeviceType.CUDA)):
+        sizes = [nbytes for _, nbytes, on in records if on == device]
+        peak = round(max(accumulate(sizes, initial=0)) / MB, 3) if sizes else None
+        peaks[f"{name}_profiled_peak_allocated_mb"] = peak
+    return peaks
 
 
 def summary_metrics(summary: dict[str, Any]) -> dict[str, float]:
