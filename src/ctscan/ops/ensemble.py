@@ -141,7 +141,6 @@ def build_ensemble(
         for k, c in enumerate(checkpoints)
         for key, value in c.model_state.items()
     }
-    hashes = {c.data_hash for c in checkpoints}
     ensemble = Checkpoint(
         kind="best",
         model_name=ENSEMBLE,
@@ -149,7 +148,7 @@ def build_ensemble(
         model_state=state,
         settings=first.settings,
         select_metric=first.select_metric,
-        data_hash=first.data_hash if len(hashes) == 1 else None,
+        data_hash=first.data_hash if len({c.data_hash for c in checkpoints}) == 1 else None,
         members=members,
         flips=flips,
         source=target,

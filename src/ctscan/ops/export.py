@@ -8,12 +8,10 @@ the checkpoint on torch, then renamed into place (docs/export.md). `cached_onnx`
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -242,8 +240,7 @@ def read_onnx_metadata(path: Path) -> dict[str, Any]:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    props = {p.key: p.value for p in model.metadata_props}
-    return json.loads(props[METADATA_KEY])
+    return json.loads({p.key: p.value for p in model.metadata_props}[METADATA_KEY])
 
 
 def onnx_opset(model: Any) -> int:
@@ -417,13 +414,11 @@ def int8_refusal(row: Parity, eager: Parity) -> str | None:
     return "; ".join(reasons) or None
 
 
-@contextlib.contextmanager
-def staging(folder: Path, name: str) -> Iterator[Path]:
+def staging(folder: Path, name: str) -> tempfile.TemporaryDirectory[str]:
     """A temporary folder inside `folder` (same file system: renames are atomic), removed after."""
-    with tempfile.TemporaryDirectory(
+    return tempfile.TemporaryDirectory(
         prefix=f".{name}.export-", suffix=".tmp", dir=folder, ignore_cleanup_errors=True
-    ) as stage:
-        yield Path(stage)
+    )
 
 
 class _Reference:
@@ -490,7 +485,8 @@ def run_export(
     rows = [compare("eager", checkpoint, ref.logits, ref.logits, ref.labels)]
     deployable = load_model(ckpt).deployable()
     error = None
-    with staging(plan.folder, checkpoint.stem) as stage:
+    with staging(plan.folder, checkpoint.stem) as stage_dir:
+        stage = Path(stage_dir)
         staged, opset = _stage_float32(plan, stage, ref, deployable, rows)
         if plan.int8 is not None:  # beside the ONNX file
             path = stage / plan.int8.name
@@ -597,7 +593,8 @@ def cached_onnx(checkpoint: Path, settings: Settings) -> Path:
     size = ckpt.spec.image_size
     images = np.random.default_rng(0).integers(0, 256, (8, 1, size, size), dtype=np.uint8)
     ref = _Reference(settings, checkpoint, ckpt, images, None)
-    with staging(target.parent, target.stem) as stage:
+    with staging(target.parent, target.stem) as stage_dir:
+        stage = Path(stage_dir)
         plan = ExportPlan(target.parent, onnx=target)
         staged, _ = _stage_float32(plan, stage, ref, load_model(ckpt).deployable(), [])
         with built_aside(target) as aside:  # its permissions, rename and folder fsync
