@@ -144,17 +144,12 @@ def _ece_rows(
     from ctscan.engine.metrics import ECE_TARGET
 
     said = {True: "met", False: "missed", None: "cannot tell"}
-    rows = [
-        ["  ece debiased", *(f"{v['estimate']:.4f}" if v else "-" for v in debiased)],
-        [
-            "  its 95% interval",
-            *(f"{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}" if v else "-" for v in debiased),
-        ],
-        [
-            f"  {ECE_TARGET:g} target by it",
-            *(said[v["meets_target"]] if v else "-" for v in debiased),
-        ],
-    ]
+    shown = {
+        "  ece debiased": lambda v: f"{v['estimate']:.4f}",
+        "  its 95% interval": lambda v: f"{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}",
+        f"  {ECE_TARGET:g} target by it": lambda v: said[v["meets_target"]],
+    }
+    rows = [[name, *(show(v) if v else "-" for v in debiased)] for name, show in shown.items()]
     if floors:
         floor = (f"{f['median']:.4f}, {f['p95']:.4f}" if f else "-" for f in floors)
         rows.insert(0, ["  ece if calibrated (median, p95)", *floor])
