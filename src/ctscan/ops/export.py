@@ -371,18 +371,16 @@ dynamic_batching {{ max_queue_delay_microseconds: {TRITON_QUEUE_DELAY_US} }}
 def write_triton_layout(repository: Path, onnx_path: Path, name: str, spec: Any) -> Path:
     """`repository/<name>/1/model.onnx` + `config.pbtxt` + `labels.txt`, each written
     atomically (version 1 replaced); returns the model folder."""
-    class_names = list(spec.class_names)
-    config = triton_config(name, image_size=spec.image_size, num_classes=len(class_names))
+    config = triton_config(name, image_size=spec.image_size, num_classes=len(spec.class_names))
     model_dir = ensure_dir(repository / name, what="Triton model folder")
     version_dir = ensure_dir(model_dir / "1", what="Triton model version folder")
-    labels = ("\n".join(class_names) + "\n").encode()
-    writers = {
-        version_dir / "model.onnx": lambda fh: fh.write(onnx_path.read_bytes()),
-        model_dir / "labels.txt": lambda fh: fh.write(labels),
-        model_dir / "config.pbtxt": lambda fh: fh.write(config.encode()),
+    contents = {
+        version_dir / "model.onnx": onnx_path.read_bytes(),
+        model_dir / "labels.txt": ("\n".join(spec.class_names) + "\n").encode(),
+        model_dir / "config.pbtxt": config.encode(),
     }
-    for path, write in writers.items():
-        atomic_write(path, write)
+    for path, data in contents.items():
+        atomic_write(path, lambda fh, data=data: fh.write(data))
     return model_dir
 
 
@@ -502,16 +500,10 @@ def run_export(
         name = f"ctscan-{ckpt.model_name}"
         triton_model_dir = write_triton_layout(plan.triton_dir, plan.onnx, name, ckpt.spec)
         written += [triton_model_dir / f for f in ("1/model.onnx", "config.pbtxt", "labels.txt")]
+    warnings = [store.raw_warning] if store.raw_warning else []
+    n_test = len(ref.labels)
     return ExportResult(
-        checkpoint=checkpoint,
-        model_name=ckpt.model_name,
-        n_test=len(ref.labels),
-        opset=opset,
-        parity=rows,
-        paths=written,
-        triton_model_dir=triton_model_dir,
-        warnings=[store.raw_warning] if store.raw_warning else [],
-        error=error,
+        checkpoint, ckpt.model_name, n_test, opset, rows, written, triton_model_dir, warnings, error
     )
 
 

@@ -182,26 +182,24 @@ def _profile_run(
     warmup = warmup_steps(rt.device)
     rec = record_steps(run, epoch=epoch, warmup=warmup, active=steps, out_dir=out_dir)
     summary = summarize(rec, rt.device, batch_size=tr.batch_size)
-    summary.update(
-        {
-            "model": settings.model.name,
-            "device": str(rt.device),
-            "precision": rt.precision,
-            "compile": rt.compile,
-            "channels_last": rt.channels_last,
-            "batch_size": tr.batch_size,
-            "image_size": store.spec.image_size,
-            "threads": torch.get_num_threads(),
-            "epoch": epoch,
-            "backbone_frozen": backbone_frozen(settings, epoch),
-            "epoch_passes": rec.passes,
-            "schedule": {"wait": WAIT_STEPS, "warmup": warmup, "active": steps},
-            "torch_version": str(torch.__version__),
-            "ctscan_version": ctscan.__version__,
-            "created": datetime.now().astimezone().isoformat(timespec="seconds"),
-            "files": {"trace": TRACE_FILE, "tensorboard": TENSORBOARD_DIR, "top_ops": TOP_OPS_FILE},
-        }
-    )
+    summary |= {
+        "model": settings.model.name,
+        "device": str(rt.device),
+        "precision": rt.precision,
+        "compile": rt.compile,
+        "channels_last": rt.channels_last,
+        "batch_size": tr.batch_size,
+        "image_size": store.spec.image_size,
+        "threads": torch.get_num_threads(),
+        "epoch": epoch,
+        "backbone_frozen": backbone_frozen(settings, epoch),
+        "epoch_passes": rec.passes,
+        "schedule": {"wait": WAIT_STEPS, "warmup": warmup, "active": steps},
+        "torch_version": str(torch.__version__),
+        "ctscan_version": ctscan.__version__,
+        "created": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "files": {"trace": TRACE_FILE, "tensorboard": TENSORBOARD_DIR, "top_ops": TOP_OPS_FILE},
+    }
     summary["memory"].update(profiled_peak_allocated(rec.prof))
     parts = [  # key_averages tables: by self CPU time, and by self CUDA time on CUDA
         f"ctscan profile: {summary['model']} on {summary['device']} ({summary['precision']}), "
