@@ -272,8 +272,7 @@ def fp32_node_names(model: Any, keep: tuple[str, ...]) -> list[str]:
     """Names of the nodes `keep` picks: 'stem' the first Conv, 'head' the last weighted node."""
     weighted = [n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
     parts = {"stem": weighted[:1], "head": weighted[-1:]}
-    unknown = set(keep) - set(parts)
-    if unknown:
+    if unknown := set(keep) - set(parts):
         raise ValueError(f"unknown parts {sorted(unknown)}: use {sorted(parts)}")
     return [name for part in keep for name in parts[part]]
 
@@ -292,7 +291,6 @@ def quantize_onnx(
     import onnx
     from onnxruntime.quantization import (
         CalibrationMethod,
-        QuantFormat,
         QuantType,
         quant_pre_process,
         quantize_static,
@@ -322,11 +320,8 @@ def quantize_onnx(
             # the histogram calibrators stack every batch's outputs: one image at a time keeps
             # the shapes equal (ONNX Runtime 1.32 fails on a shorter last batch)
             _calibration_reader(images, CALIBRATION_BATCH if minmax else 1),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            reduce_range=False,
+            per_channel=True,  # QDQ format, int8 weights, no reduce_range: ORT's defaults
             activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
             calibrate_method=calibrate_method,
             nodes_to_exclude=fp32_node_names(onnx.load(str(prepared)), keep_fp32),
             extra_options={"CalibMovingAverage": method == "minmax-avg"},
