@@ -19,7 +19,6 @@ from ctscan.errors import CtscanError, debug_enabled, report, say_line
 
 app = typer.Typer(
     name="ctscan",
-    help="Train, check and serve chest-CT slice classifiers.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -65,7 +64,7 @@ def _root(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
     ] = False,
 ) -> None:
-    """ctscan: chest-CT slice classification, from raw images to evaluated models."""
+    """Train, check and serve chest-CT slice classifiers."""
 
 
 # command flags named otherwise than their settings key (the others are --<key>, _ as -)

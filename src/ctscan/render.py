@@ -69,8 +69,7 @@ def _files_table(report: AuditReport) -> Any:
     files = _table("Files", ["property", "values"], left=2)
     files.add_row("modes", ", ".join(f"{k}: {v}" for k, v in report.modes.items()))
     files.add_row("formats", ", ".join(f"{k}: {v}" for k, v in report.formats.items()))
-    if report.size_range:
-        r = report.size_range
+    if r := report.size_range:
         files.add_row(
             "sizes",
             f"{len(report.sizes)} distinct, width {r['min_width']}..{r['max_width']}, height "

@@ -113,8 +113,7 @@ def runtime_and_store(settings: Settings) -> tuple[Runtime, Store]:
         os.environ.setdefault("KINETO_LOG_LEVEL", "5")
     configure_threads(tr.threads, rt.world_size)
     seed_everything(tr.seed, tr.deterministic)
-    store = open_settings_store(settings)
-    return rt, store
+    return rt, open_settings_store(settings)
 
 
 class PreparedRun(NamedTuple):
