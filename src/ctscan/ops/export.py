@@ -35,7 +35,6 @@ OPSET = 20  # ai.onnx opset: ONNX Runtime >= 1.17 (the floor of the [export] ext
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 PT2_EXTRA_FILE = f"{METADATA_KEY}.json"  # the same JSON in a .pt2 file's extra files
-EXAMPLE_BATCH = 2
 MAX_BATCH = 4096  # upper bound of the dynamic batch axis
 FP32_TOLERANCE = 1e-4  # max |logit difference| vs eager for a float32 export
 INT8_MIN_AGREEMENT = 0.98  # argmax agreement with eager on the test split
@@ -192,7 +191,7 @@ def _example_and_dims(size: int) -> tuple[tuple[torch.Tensor], tuple[dict[int, A
     """An example batch (of 2: 1 would specialise the batch axis) and its dynamic batch axis."""
     import torch
 
-    example = torch.zeros((EXAMPLE_BATCH, 1, size, size), dtype=torch.uint8)  # (B, 1, S, S) uint8
+    example = torch.zeros((2, 1, size, size), dtype=torch.uint8)  # (B, 1, S, S) uint8
     return (example,), ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},)
 
 
