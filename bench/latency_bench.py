@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +42,20 @@ from ctscan import CLASS_NAMES
 from ctscan.data.transforms import PreprocessSpec
 from ctscan.engine.checkpoint import Checkpoint, LoadedModel, load_model
 from ctscan.engine.modelling import build_model
-from ctscan.ops.export import export_metadata, quantize_onnx, run_export, write_onnx
+from ctscan.ops.export import ExportResult, export_metadata, quantize_onnx, run_export, write_onnx
 
 FORMATS = ("eager", "onnx", "onnx-int8")
 TARGET_ORT_VS_EAGER = 1.8  # at batch 1
 TARGET_INT8_VS_ORT = 2.0
+
+
+def export_summary(result: ExportResult) -> dict[str, Any]:
+    """`run_export`'s result as JSON: paths and the error as text, the parity rows' names as the
+    reports have always had them."""
+    names = {"max_abs_diff": "max_abs_logit_diff", "agreement": "argmax_agreement"}
+    data = {f.name: getattr(result, f.name) for f in fields(result)}
+    data["parity"] = [{names.get(k, k): v for k, v in asdict(r).items()} for r in result.parity]
+    return json.loads(json.dumps(data, default=str))
 
 
 def cpu_name() -> str:
@@ -274,7 +284,7 @@ def main() -> None:
             out = folder / "checkpoint" / "model.onnx"
             result = run_export(settings, args.checkpoint, int8=True, out=out)
             torch.set_num_threads(args.threads)  # run_export sets train.threads
-            accuracy.update(result.to_dict(), processed_dir=str(settings.paths.processed_dir))
+            accuracy.update(export_summary(result), processed_dir=str(settings.paths.processed_dir))
             loaded = load_model(args.checkpoint)
             calls = runners(loaded, out, out.with_name("model.int8.onnx"), args.threads)
             label = f"{loaded.checkpoint.model_name} (checkpoint)"

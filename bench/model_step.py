@@ -39,7 +39,6 @@ from ctscan.engine.checkpoint import file_sha256, load_model, read_checkpoint
 from ctscan.inference import open_predictor
 from ctscan.inference.predictor import session_options
 from ctscan.ops.export import (
-    calibration_images,
     compare,
     export_metadata,
     int8_refusal,
@@ -102,6 +101,14 @@ def ov_call(path: Path, threads: int, precision: str | None) -> Callable[[np.nda
         return request.get_output_tensor(0).data.copy()
 
     return call
+
+
+def calibration_images(store: Any, limit: int | None) -> np.ndarray:
+    """The train images `ctscan export --int8` calibrates on (all), or `limit` evenly spread."""
+    images = store.split("train").images.numpy()
+    if limit is None or len(images) <= limit:
+        return images
+    return images[np.linspace(0, len(images) - 1, limit).round().astype(int)]
 
 
 def batched(call: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> np.ndarray:

@@ -19,7 +19,6 @@ from ctscan.errors import CtscanError, debug_enabled, report, say_line
 
 app = typer.Typer(
     name="ctscan",
-    help="Train, check and serve chest-CT slice classifiers.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -62,11 +61,10 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[
-        bool,
-        typer.Option("--version", callback=_version, is_eager=True, help="Show the version."),
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
     ] = False,
 ) -> None:
-    """ctscan: chest-CT slice classification, from raw images to evaluated models."""
+    """Train, check and serve chest-CT slice classifiers."""
 
 
 # command flags named otherwise than their settings key (the others are --<key>, _ as -)
@@ -74,11 +72,13 @@ FLAG_NAMES = {"model.name": "--model", "paths.processed_dir": "--out", "paths.ra
 
 
 def _settings(
-    files: list[str] | None, overrides: list[str] | None, **flags: Any
+    files: list[str] | None, overrides: list[str] | None, **sections: dict[str, Any]
 ) -> Any:  # -> Settings
-    """Resolve settings; explicit command flags (not None) beat --set, env and files."""
+    """Resolve settings; explicit command flags (not None), by settings section (e.g.
+    `train={"epochs": epochs}`), beat --set, env and files."""
     from ctscan.settings import load_settings, toml_value
 
+    flags = {f"{name}.{key}": v for name, keys in sections.items() for key, v in keys.items()}
     given = {key: value for key, value in flags.items() if value is not None}
     extra = [f"{key}={toml_value(value)}" for key, value in given.items()]
     origins = {
@@ -122,7 +122,7 @@ def settings_show(
 def preprocess(
     raw_dir: RawDir = None,
     out: Annotated[
-        Path | None, typer.Option("--out", help="Store folder (default: paths.processed_dir).")
+        Path | None, typer.Option(help="Store folder (default: paths.processed_dir).")
     ] = None,
     on_bad_file: Annotated[
         str | None,
@@ -147,11 +147,8 @@ def preprocess(
     from ctscan.data.preprocess import run_preprocess
     from ctscan.render import render_summary
 
-    settings = _settings(
-        settings_files,
-        overrides,
-        **{"paths.raw_dir": raw_dir, "paths.processed_dir": out, "data.on_bad_file": on_bad_file},
-    )
+    paths = {"raw_dir": raw_dir, "processed_dir": out}
+    settings = _settings(settings_files, overrides, paths=paths, data={"on_bad_file": on_bad_file})
     result = run_preprocess(settings, force=force)
     console = _console()
     if not quiet:
@@ -178,7 +175,7 @@ def audit(
     from ctscan.data.preprocess import run_audit
     from ctscan.render import render_summary
 
-    audit_report = run_audit(_settings(settings_files, overrides, **{"paths.raw_dir": raw_dir}))
+    audit_report = run_audit(_settings(settings_files, overrides, paths={"raw_dir": raw_dir}))
     _emit(audit_report.to_dict(), as_json, render_summary(audit_report))
 
 
@@ -189,14 +186,14 @@ def train(
     epochs: Annotated[int | None, typer.Option(help="Number of epochs.")] = None,
     out: Annotated[
         Path | None,
-        typer.Option("--out", help="Run folder (default: paths.runs_dir/<model>-s<seed>-<time>)."),
+        typer.Option(help="Run folder (default: paths.runs_dir/<model>-s<seed>-<time>)."),
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     resume: Annotated[
         str | None,
         typer.Option(
             help="'auto' (last.pt in --out, or the newest run of this model and seed) or a "
-            "last.pt path; the run's settings must match (-s RUN/settings.toml).",
+            "last.pt path; the run's settings must match (-s RUN/settings.toml)."
         ),
     ] = None,
     settings_files: SettingsFiles = None,
@@ -209,38 +206,28 @@ def train(
         typer.Option(
             help="Cross-validate: K models on K folds of train + valid (copies never straddle "
             "folds), selected and calibrated out of fold, test read once at the end. --out "
-            "names the folder; the same command with it continues an interrupted run.",
+            "names the folder; the same command with it continues an interrupted run."
         ),
     ] = None,
 ) -> None:
     """Train a model on the processed store; evaluate the best checkpoint on test."""
     from ctscan.engine.train import run_training
 
-    settings = _settings(
-        settings_files,
-        overrides,
-        **{
-            "model.name": model,
-            "train.device": device,
-            "train.epochs": epochs,
-            "train.seed": seed,
-            "train.quiet": quiet,
-        },
-    )
-    if folds is not None:
+    flags = {"device": device, "epochs": epochs, "seed": seed, "quiet": quiet}
+    settings = _settings(settings_files, overrides, model={"name": model}, train=flags)
+    if folds is None:
+        result = run_training(settings, out_dir=out, resume=resume)
+    elif resume is not None:
+        raise CtscanError(
+            "--resume does not apply to --folds: a cross-validation continues in its folder.",
+            "rerun the same command with --out CV_FOLDER (its finished folds are kept).",
+        )
+    else:
         from ctscan.ops.cv import cv_lines, run_cv
 
-        if resume is not None:
-            raise CtscanError(
-                "--resume does not apply to --folds: a cross-validation continues in its folder.",
-                "rerun the same command with --out CV_FOLDER (its finished folds are kept).",
-            )
-        cv = run_cv(settings, folds, out_dir=out, say=say_line)
-        for line in cv_lines(cv):
+        result = run_cv(settings, folds, out_dir=out, say=say_line)
+        for line in cv_lines(result):
             say_line(line)
-        typer.echo(json.dumps(cv.summary(), indent=2))
-        return
-    result = run_training(settings, out_dir=out, resume=resume)
     if result is not None:
         typer.echo(json.dumps(result.summary(), indent=2))
 
@@ -253,8 +240,7 @@ def evaluate(
     out: Annotated[
         Path | None,
         typer.Option(
-            "--out",
-            help="Folder for the report files (default: eval-<split>/ beside the checkpoint).",
+            help="Folder for the report files (default: eval-<split>/ beside the checkpoint)."
         ),
     ] = None,
     device: Device = None,
@@ -265,7 +251,7 @@ def evaluate(
     from ctscan.engine.evaluate import run_evaluation
     from ctscan.render import render_report
 
-    settings = _settings(settings_files, overrides, **{"train.device": device})
+    settings = _settings(settings_files, overrides, train={"device": device})
     result = run_evaluation(settings, checkpoint, split=split, out_dir=out)
     _emit(result, as_json, render_report(result), warnings=result["warnings"])
 
@@ -276,8 +262,7 @@ def calibrate(
     out: Annotated[
         Path | None,
         typer.Option(
-            "--out",
-            help="Write the calibrated checkpoint here (default: rewrite CHECKPOINT in place).",
+            help="Write the calibrated checkpoint here (default: rewrite CHECKPOINT in place)."
         ),
     ] = None,
     as_json: ResultJson = False,
@@ -289,7 +274,7 @@ def calibrate(
     from ctscan.engine.calibration import run_calibrate
     from ctscan.render import render_calibration
 
-    settings = _settings(settings_files, overrides, **{"train.device": device})
+    settings = _settings(settings_files, overrides, train={"device": device})
     result = run_calibrate(settings, checkpoint, out=out)
     shown = (render_calibration(result), result["checkpoint"])
     _emit(result, as_json, *shown, warnings=result["warnings"])
@@ -301,18 +286,14 @@ def ensemble(
         list[Path],
         typer.Argument(
             help="Checkpoints (.pt), run folders (their best.pt) or a `train --folds K` folder "
-            "(its fold models).",
+            "(its fold models)."
         ),
     ],
-    out: Annotated[
-        Path,
-        typer.Option("--out", help="The ensemble checkpoint to write (.pt, a new file)."),
-    ],
+    out: Annotated[Path, typer.Option(help="The ensemble checkpoint to write (.pt, a new file).")],
     tta: Annotated[
         list[str] | None,
         typer.Option(
-            "--tta",
-            help="Test-time views averaged with the image itself: hflip, vflip (repeatable).",
+            help="Test-time views averaged with the image itself: hflip, vflip (repeatable)."
         ),
     ] = None,
     as_json: ResultJson = False,
@@ -323,7 +304,7 @@ def ensemble(
     """Average several checkpoints (and flipped views) into one checkpoint any command takes."""
     from ctscan.ops.ensemble import build_ensemble
 
-    settings = _settings(settings_files, overrides, **{"train.device": device})
+    settings = _settings(settings_files, overrides, train={"device": device})
     result = build_ensemble(settings, members, out=out, flips=tuple(tta or ()))
     _emit(result.to_dict(), as_json, str(result.checkpoint), warnings=result.warnings)
     if not as_json:
@@ -337,8 +318,7 @@ def predict(
     paths: Annotated[
         list[Path],
         typer.Argument(
-            help="Image files or folders (searched recursively): PNG, JPEG, BMP, TIFF, WebP, "
-            "DICOM.",
+            help="Image files or folders (searched recursively): PNG, JPEG, BMP, TIFF, WebP, DICOM."
         ),
     ],
     model: Annotated[
@@ -357,8 +337,7 @@ def predict(
         Path | None, typer.Option("--csv", help="Also write the predictions to this CSV file.")
     ] = None,
     explain: Annotated[
-        Path | None,
-        typer.Option("--explain", help="Write a Grad-CAM overlay PNG per image into this folder."),
+        Path | None, typer.Option(help="Write a Grad-CAM overlay PNG per image into this folder.")
     ] = None,
     backend: Annotated[
         str,
@@ -373,17 +352,12 @@ def predict(
     quiet: Quiet = False,
 ) -> None:
     """Predict the class of CT slices with a trained model; exit 3 if any file failed."""
-    from ctscan.files import atomic_write
-    from ctscan.inference.batch import (
-        as_json_rows,
-        collect_inputs,
-        predictions_csv,
-        run_predict,
-    )
+    from ctscan.files import atomic_write, ensure_dir
+    from ctscan.inference.batch import as_json_rows, collect_inputs, predictions_csv, run_predict
     from ctscan.ops.backends import open_model
     from ctscan.render import progress_bar, render_predictions
 
-    settings = _settings(settings_files, overrides, **{"train.device": device})
+    settings = _settings(settings_files, overrides, train={"device": device})
     if explain is not None and backend == "auto":
         backend = "torch"  # Grad-CAM needs the PyTorch model's gradients
     predictor = open_model(model, settings, backend)
@@ -391,8 +365,13 @@ def predict(
     with progress_bar(len(files), enabled=not quiet and not as_json and len(files) > 1) as advance:
         predictions = run_predict(predictor, files, explain_dir=explain, progress=advance)
     if csv_file is not None:
+        if csv_file.is_dir():
+            raise CtscanError(
+                f"--csv file '{csv_file}' is a folder.", "name a file for --csv file."
+            )
+        ensure_dir(csv_file.parent, what="folder of the --csv file")
         data = predictions_csv(predictions, predictor.class_names)
-        atomic_write(_writable_file(csv_file, "--csv file"), lambda fh: fh.write(data))
+        atomic_write(csv_file, lambda fh: fh.write(data))
     if as_json:
         for row in as_json_rows(predictions, predictor.info.to_dict()):
             typer.echo(json.dumps(row))
@@ -410,7 +389,7 @@ def serve(
         str,
         typer.Argument(
             help="A checkpoint (.pt), an ONNX file (.onnx) or an MLflow model URI "
-            "(models:/ctscan-classifier@champion).",
+            "(models:/ctscan-classifier@champion)."
         ),
     ],
     host: Annotated[str | None, typer.Option(help="Address to bind (default: serve.host).")] = None,
@@ -428,27 +407,9 @@ def serve(
     """Serve the model over HTTP: /predict, /explain, KServe v2, /metrics and a web page."""
     from ctscan.serve.server import run_server
 
-    settings = _settings(
-        settings_files,
-        overrides,
-        **{
-            "serve.host": host,
-            "serve.port": port,
-            "serve.workers": workers,
-            "serve.backend": backend,
-        },
-    )
+    flags = {"host": host, "port": port, "workers": workers, "backend": backend}
+    settings = _settings(settings_files, overrides, serve=flags)
     run_server(model, settings)
-
-
-def _writable_file(path: Path, what: str) -> Path:
-    """`path`'s folder created and writable, `path` not a folder: else one clear error."""
-    from ctscan.files import ensure_dir
-
-    if path.is_dir():
-        raise CtscanError(f"{what} '{path}' is a folder.", f"name a file for {what}.")
-    ensure_dir(path.parent, what=f"folder of the {what}")
-    return path
 
 
 @app.command()
@@ -458,16 +419,14 @@ def profile(
     steps: Annotated[
         int,
         typer.Option(
-            min=1,
-            help="Training steps to record, after 1 wait and 1 warmup step (2 on CUDA).",
+            min=1, help="Training steps to record, after 1 wait and 1 warmup step (2 on CUDA)."
         ),
     ] = 5,
     out: Annotated[
         Path | None,
         typer.Option(
-            "--out",
             help="Folder for trace.json.gz, tensorboard/, top_ops.txt and summary.json "
-            "(default: paths.runs_dir/profile-<model>-<time>).",
+            "(default: paths.runs_dir/profile-<model>-<time>)."
         ),
     ] = None,
     settings_files: SettingsFiles = None,
@@ -477,7 +436,7 @@ def profile(
     from ctscan.ops.profile import run_profile, split_line
     from ctscan.render import render_profile
 
-    settings = _settings(settings_files, overrides, **{"model.name": model, "train.device": device})
+    settings = _settings(settings_files, overrides, model={"name": model}, train={"device": device})
     result = run_profile(settings, steps=steps, out_dir=out)
     console = _console()
     console.print(render_profile(result.summary))
@@ -489,11 +448,7 @@ def profile(
 def export(
     checkpoint: Checkpoint,
     format_: Annotated[
-        str,
-        typer.Option(
-            "--format",
-            help="onnx | pt2 | all (all: onnx and pt2).",
-        ),
+        str, typer.Option("--format", help="onnx | pt2 | all (all: onnx and pt2).")
     ] = "onnx",
     int8: Annotated[
         bool,
@@ -506,17 +461,15 @@ def export(
     out: Annotated[
         Path | None,
         typer.Option(
-            "--out",
             help="The file for one format, a folder for all (default: beside the checkpoint: "
-            "best.onnx, best.int8.onnx, best.pt2).",
+            "best.onnx, best.int8.onnx, best.pt2)."
         ),
     ] = None,
     triton: Annotated[
         Path | None,
         typer.Option(
-            "--triton",
             help="Also lay out a Triton model repository here: <name>/1/model.onnx, "
-            "config.pbtxt, labels.txt.",
+            "config.pbtxt, labels.txt."
         ),
     ] = None,
     settings_files: SettingsFiles = None,
@@ -540,7 +493,7 @@ def sweep(
         Path,
         typer.Argument(
             help="Sweep spec (TOML): the settings to search, the metric, base settings "
-            "(docs/sweep.md); or its name in settings/sweeps/.",
+            "(docs/sweep.md); or its name in settings/sweeps/."
         ),
     ],
     trials: Annotated[
@@ -552,15 +505,13 @@ def sweep(
         ),
     ] = None,
     name: Annotated[
-        str | None,
-        typer.Option(help="Study name (default: the spec file's name)."),
+        str | None, typer.Option(help="Study name (default: the spec file's name).")
     ] = None,
     recipe: Annotated[
         Path | None,
         typer.Option(
-            "--recipe",
             help="Where to write the best trial's settings "
-            "(default: paths.runs_dir/sweeps/NAME/best.toml).",
+            "(default: paths.runs_dir/sweeps/NAME/best.toml)."
         ),
     ] = None,
     storage: Annotated[
@@ -568,7 +519,7 @@ def sweep(
         typer.Option(
             help="The Optuna study's database: sqlite:///PATH, or a PostgreSQL URL "
             "(postgresql+psycopg://USER@HOST/DB) that sweeps on many machines join "
-            "(default: paths.runs_dir/optuna.db).",
+            "(default: paths.runs_dir/optuna.db)."
         ),
     ] = None,
     overrides: Overrides = None,

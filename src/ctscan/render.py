@@ -8,6 +8,11 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from rich.console import Console, Group
+from rich.markup import escape  # paths may hold [brackets]
+from rich.progress import Progress
+from rich.table import Table
+
 from ctscan import CLASS_NAMES
 from ctscan.data.audit import SAME_PICTURE_MAD, AuditReport, DroppedImage
 
@@ -17,8 +22,6 @@ if TYPE_CHECKING:
 
 def _table(title: str, columns: Sequence[str], *, left: int = 1, **options: Any) -> Any:
     """A Rich table: the first `left` columns aligned left, the others (numbers) right."""
-    from rich.table import Table
-
     table = Table(title=title, **options)
     for i, name in enumerate(columns):
         table.add_column(name, justify="left" if i < left else "right")
@@ -26,8 +29,6 @@ def _table(title: str, columns: Sequence[str], *, left: int = 1, **options: Any)
 
 
 def _examples(items: Sequence[str], n: int = 3) -> str:
-    from rich.markup import escape  # paths may hold [brackets]
-
     shown = ", ".join(items[:n])
     return escape(shown + (f" (+{len(items) - n} more)" if len(items) > n else ""))
 
@@ -50,8 +51,6 @@ def _kinds(dropped: Sequence[DroppedImage]) -> str:
 
 def render_summary(report: AuditReport) -> Any:
     """Rich tables for the CLI: counts per split and class, file properties, findings."""
-    from rich.console import Group
-
     return Group(_counts_table(report), _files_table(report), _findings_table(report))
 
 
@@ -70,8 +69,7 @@ def _files_table(report: AuditReport) -> Any:
     files = _table("Files", ["property", "values"], left=2)
     files.add_row("modes", ", ".join(f"{k}: {v}" for k, v in report.modes.items()))
     files.add_row("formats", ", ".join(f"{k}: {v}" for k, v in report.formats.items()))
-    if report.size_range:
-        r = report.size_range
+    if r := report.size_range:
         files.add_row(
             "sizes",
             f"{len(report.sizes)} distinct, width {r['min_width']}..{r['max_width']}, height "
@@ -94,9 +92,7 @@ def _findings_table(report: AuditReport) -> Any:
     )
     findings.add_column("example")
     findings.add_row(
-        "bad files",
-        str(len(report.bad_files)),
-        _examples([b.reason for b in report.bad_files], 1),
+        "bad files", str(len(report.bad_files)), _examples([b.reason for b in report.bad_files], 1)
     )
     findings.add_row(
         "ignored files",
@@ -147,17 +143,12 @@ def _ece_rows(
     from ctscan.engine.metrics import ECE_TARGET
 
     said = {True: "met", False: "missed", None: "cannot tell"}
-    rows = [
-        ["  ece debiased", *(f"{v['estimate']:.4f}" if v else "-" for v in debiased)],
-        [
-            "  its 95% interval",
-            *(f"{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}" if v else "-" for v in debiased),
-        ],
-        [
-            f"  {ECE_TARGET:g} target by it",
-            *(said[v["meets_target"]] if v else "-" for v in debiased),
-        ],
-    ]
+    shown = {
+        "  ece debiased": lambda v: f"{v['estimate']:.4f}",
+        "  its 95% interval": lambda v: f"{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}",
+        f"  {ECE_TARGET:g} target by it": lambda v: said[v["meets_target"]],
+    }
+    rows = [[name, *(show(v) if v else "-" for v in debiased)] for name, show in shown.items()]
     if floors:
         floor = (f"{f['median']:.4f}, {f['p95']:.4f}" if f else "-" for f in floors)
         rows.insert(0, ["  ece if calibrated (median, p95)", *floor])
@@ -170,25 +161,18 @@ def _number(value: Any) -> str:
 
 def render_report(result: dict[str, Any]) -> Any:
     """Rich tables: summary, per-class metrics and the confusion matrix."""
-    from rich.console import Group
-
     title = f"{result['model_name']} on {result['split']} ({result['n']} images)"
-    lf = result.get("leak_free") or {}
+    pair = [result, result.get("leak_free") or {}]
     summary = _table(title, ["metric", "all", f"leak-free (-{result['leak_free_excluded']})"])
-    for key in ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "macro_roc_auc"):
-        summary.add_row(key, _number(result.get(key)), _number(lf.get(key)))
-    summary.add_row("ece", _number(result.get("ece")), _number(lf.get("ece")))
-    for row in _ece_rows(
-        [result.get("ece_debiased"), lf.get("ece_debiased")],
-        [result.get("ece_floor"), lf.get("ece_floor")],
-    ):
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "macro_roc_auc", "ece"):
+        summary.add_row(key, *(_number(r.get(key)) for r in pair))
+    for row in _ece_rows(*([r.get(key) for r in pair] for key in ("ece_debiased", "ece_floor"))):
         summary.add_row(*row)
-    summary.add_row("log_loss", _number(result.get("log_loss")), _number(lf.get("log_loss")))
-    per_class = _table("per class", ["class", "precision", "recall", "f1", "support"])
+    summary.add_row("log_loss", *(_number(r.get("log_loss")) for r in pair))
+    columns = ["precision", "recall", "f1", "support"]
+    per_class = _table("per class", ["class", *columns])
     for name, row in result["per_class"].items():
-        per_class.add_row(
-            name, *(_number(row[k]) for k in ("precision", "recall", "f1", "support"))
-        )
+        per_class.add_row(name, *(_number(row[k]) for k in columns))
     names = result["class_names"]
     cm = _table("confusion matrix (rows: true, columns: predicted)", ["", *(n[:12] for n in names)])
     for name, row in zip(names, result["confusion_matrix"], strict=True):
@@ -203,8 +187,6 @@ def render_report(result: dict[str, Any]) -> Any:
 
 def _calibration_effect(calibration: dict[str, Any], split: str) -> Any:
     """A Rich table: ECE and log-loss of the split before (T = 1) and after the temperature."""
-    from rich.markup import escape
-
     note = "accuracy and F1 do not depend on T (the argmax is unchanged)"
     if calibration.get("fitted_on_this_split"):
         note = f"T was fitted on {split}: 'after' is optimistic here; judge it on test"
@@ -229,8 +211,6 @@ def _calibration_effect(calibration: dict[str, Any], split: str) -> Any:
 
 def render_calibration(result: dict[str, Any]) -> Any:
     """A Rich table for `ctscan calibrate`: the temperature and the validation metrics it moved."""
-    from rich.markup import escape
-
     report = result["calibration"]
     notes = [str(report["note"])] if report.get("note") else []
     if result["previous_temperature"] != 1.0:
@@ -256,8 +236,6 @@ def render_calibration(result: dict[str, Any]) -> Any:
 
 def render_parity(result: ExportResult) -> Any:
     """A Rich table: each format's max |logit difference| vs eager, agreement and accuracy."""
-    from rich.markup import escape
-
     opset = f", ONNX opset {result.opset}" if result.opset else ""
     table = _table(
         f"{result.model_name}: parity with the eager checkpoint on {result.n_test} test "
@@ -271,21 +249,14 @@ def render_parity(result: ExportResult) -> Any:
     table.add_column("status")
     for row in result.parity:
         status = "reference" if row.format == "eager" else ("ok" if row.accepted else row.note)
-        table.add_row(
-            row.format,
-            escape(row.path.name),
-            "-" if row.format == "eager" else f"{row.max_abs_diff:.2e}",
-            f"{row.agreement:.2%}",
-            f"{row.accuracy:.2%}",
-            escape(status),
-        )
+        diff = "-" if row.format == "eager" else f"{row.max_abs_diff:.2e}"
+        rates = (f"{row.agreement:.2%}", f"{row.accuracy:.2%}")
+        table.add_row(row.format, escape(row.path.name), diff, *rates, escape(status))
     return table
 
 
 def render_predictions(predictions: Sequence[Any], predictor: Any) -> Any:
     """A Rich table: one row per input with its label, confidence and class probabilities."""
-    from rich.markup import escape
-
     info = predictor.info
     names = list(predictor.class_names)
     table = _table(
@@ -302,10 +273,7 @@ def render_predictions(predictions: Sequence[Any], predictor: Any) -> Any:
             continue
         probs = p.probabilities or {}
         table.add_row(
-            escape(str(p.path)),
-            p.label,
-            f"{p.confidence:.3f}",
-            *(f"{probs[n]:.3f}" for n in names),
+            escape(str(p.path)), p.label, f"{p.confidence:.3f}", *(f"{probs[n]:.3f}" for n in names)
         )
     return table
 
@@ -313,9 +281,6 @@ def render_predictions(predictions: Sequence[Any], predictor: Any) -> Any:
 @contextlib.contextmanager
 def progress_bar(total: int, *, enabled: bool) -> Iterator[Callable[[int], None]]:
     """A Rich progress bar on stderr (none when disabled or not a terminal); yields `advance(n)`."""
-    from rich.console import Console
-    from rich.progress import Progress
-
     shown = enabled and sys.stderr.isatty()
     with Progress(console=Console(stderr=True), transient=True, disable=not shown) as bar:
         task = bar.add_task("predict", total=total)
@@ -324,8 +289,6 @@ def progress_bar(total: int, *, enabled: bool) -> Iterator[Callable[[int], None]
 
 def render_profile(summary: dict[str, Any], rows: int = 10) -> Any:
     """A Rich table of the top operators by self CPU time (and self CUDA time on CUDA)."""
-    from rich.markup import escape
-
     cuda = summary["device"].startswith("cuda")
     table = _table(
         f"{summary['model']} on {summary['device']}: top operators by self CPU time",
@@ -334,18 +297,13 @@ def render_profile(summary: dict[str, Any], rows: int = 10) -> Any:
     )
     table.columns[0].overflow = "fold"
     for op in summary["top_ops"][:rows]:
-        cells = [escape(op["name"]), str(op["calls"]), f"{op['self_cpu_ms']:.2f}"]
-        if cuda:
-            cells.append(f"{op['self_cuda_ms']:.2f}")
-        cells.append(f"{op['cpu_memory_mb']:.1f}")
-        table.add_row(*cells)
+        ms = [f"{op[key]:.2f}" for key in ("self_cpu_ms", "self_cuda_ms")[: 1 + cuda]]
+        table.add_row(escape(op["name"]), str(op["calls"]), *ms, f"{op['cpu_memory_mb']:.1f}")
     return table
 
 
 def render_sweep(summary: dict[str, Any]) -> Any:
     """A Rich table of a sweep's trials: state, parameters, metric, epochs, seconds; best marked."""
-    from rich.markup import escape
-
     metric, keys = summary["metric"], summary["param_keys"]
     best = (summary.get("best") or {}).get("number")
     counts = ", ".join(f"{n} {state}" for state, n in sorted(summary["counts"].items()))
@@ -370,8 +328,8 @@ def render_sweep(summary: dict[str, Any]) -> Any:
             "" if row["seconds"] is None else f"{row['seconds']:.1f}",
             escape(row["note"]),
         ]
-        style = "bold green" if row["number"] == best else None
-        if row["state"] != "COMPLETE":
-            style = "dim"
+        style = (
+            "dim" if row["state"] != "COMPLETE" else "bold green" if row["number"] == best else None
+        )
         table.add_row(*cells, style=style)
     return table

@@ -15,20 +15,6 @@ BACKENDS = ("auto", "onnx", "torch")
 log = logging.getLogger(__name__)
 
 
-def check_model_path(model: str) -> None:
-    """A model path that is missing or a folder fails at once, before the heavy imports."""
-    if model.startswith(MLFLOW_SCHEMES):
-        return
-    path = Path(model)
-    if path.is_dir() or not path.is_file():
-        problem = "is a folder, not a model file" if path.is_dir() else "does not exist"
-        raise CheckpointError(
-            f"model '{path}' {problem}.",
-            "pass best.pt from a run folder (ctscan train), an ONNX file (ctscan export) or an "
-            "MLflow model URI (models:/ctscan-classifier@champion).",
-        )
-
-
 def open_model(model: str | Path, settings: Any, backend: str = "auto") -> Predictor:
     """The Predictor for `model` on `backend`; auto runs a checkpoint on its cached ONNX export,
     on torch (with a warning) when that cannot be made."""
@@ -38,14 +24,21 @@ def open_model(model: str | Path, settings: Any, backend: str = "auto") -> Predi
         raise CtscanError(
             f"backend '{backend}' is not one of {', '.join(BACKENDS)}.", "use --backend auto."
         )
-    text = str(model)
-    check_model_path(text)
-    if text.startswith(MLFLOW_SCHEMES) or text.lower().endswith(".onnx") or backend == "torch":
+    text, path = str(model), Path(model)
+    uri = text.startswith(MLFLOW_SCHEMES)
+    if not uri and not path.is_file():  # before the heavy imports
+        problem = "is a folder, not a model file" if path.is_dir() else "does not exist"
+        raise CheckpointError(
+            f"model '{path}' {problem}.",
+            "pass best.pt from a run folder (ctscan train), an ONNX file (ctscan export) or an "
+            "MLflow model URI (models:/ctscan-classifier@champion).",
+        )
+    if uri or text.lower().endswith(".onnx") or backend == "torch":
         return open_predictor(
             text, settings=settings, backend=None if backend == "auto" else backend
         )
     try:
-        predictor = open_predictor(cached_onnx(Path(text), settings), settings=settings)
+        predictor = open_predictor(cached_onnx(path, settings), settings=settings)
         predictor.info = dataclasses.replace(predictor.info, source=text)  # not the cache file
         return predictor
     except CheckpointError:

@@ -136,27 +136,25 @@ def build_ensemble(
         }
         for p, c, sha in zip(paths, checkpoints, shas, strict=True)
     ]
-    state = {
-        f"members.{k}.net.{key}": value
-        for k, c in enumerate(checkpoints)
-        for key, value in c.model_state.items()
-    }
-    hashes = {c.data_hash for c in checkpoints}
     ensemble = Checkpoint(
         kind="best",
         model_name=ENSEMBLE,
         spec=first.spec,
-        model_state=state,
+        model_state={
+            f"members.{k}.net.{key}": value
+            for k, c in enumerate(checkpoints)
+            for key, value in c.model_state.items()
+        },
         settings=first.settings,
         select_metric=first.select_metric,
-        data_hash=first.data_hash if len(hashes) == 1 else None,
+        data_hash=first.data_hash if len({c.data_hash for c in checkpoints}) == 1 else None,
         members=members,
         flips=flips,
         source=target,
     )
     build_network(ensemble)  # the weights fit the recorded members (a CheckpointError if not)
     reference, warnings = _confidence_reference(settings, ensemble, rt)  # before any write
-    written = _write(target, ensemble, reference)
+    written = _write(target, ensemble, reference)  # the checkpoint, then the reference if any
     reference_path = written[1] if len(written) > 1 else None
     return EnsembleResult(target, members, flips, reference_path, warnings)
 

@@ -8,14 +8,11 @@ the checkpoint on torch, then renamed into place (docs/export.md). `cached_onnx`
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import re
 import shutil
 import tempfile
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +27,6 @@ from ctscan.inference.predictor import ONNX_METADATA_KEY as METADATA_KEY
 if TYPE_CHECKING:
     import torch
 
-    from ctscan.data.store import Store
     from ctscan.engine.checkpoint import Checkpoint
     from ctscan.settings import Settings
 
@@ -39,7 +35,6 @@ OPSET = 20  # ai.onnx opset: ONNX Runtime >= 1.17 (the floor of the [export] ext
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 PT2_EXTRA_FILE = f"{METADATA_KEY}.json"  # the same JSON in a .pt2 file's extra files
-EXAMPLE_BATCH = 2
 MAX_BATCH = 4096  # upper bound of the dynamic batch axis
 FP32_TOLERANCE = 1e-4  # max |logit difference| vs eager for a float32 export
 INT8_MIN_AGREEMENT = 0.98  # argmax agreement with eager on the test split
@@ -50,7 +45,6 @@ INT8_CALIBRATION = "minmax-avg"  # min/max averaged over the batches (see quanti
 TRITON_MAX_BATCH = 32
 TRITON_QUEUE_DELAY_US = 2000
 EXPORT_EXTRA = "pip install 'ctscan[export]'"
-_TRITON_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 CACHE_FOLDER = "serve-cache"  # under paths.runs_dir: checkpoints exported for predict and serve
 
 
@@ -77,11 +71,6 @@ class Parity:
     accepted: bool = True
     note: str = ""
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready, with the names the JSON has always used."""
-        names = {"max_abs_diff": "max_abs_logit_diff", "agreement": "argmax_agreement"}
-        return {names.get(k, k): str(v) if k == "path" else v for k, v in asdict(self).items()}
-
 
 @dataclass
 class ExportResult:
@@ -96,15 +85,6 @@ class ExportResult:
     triton_model_dir: Path | None = None
     warnings: list[str] = field(default_factory=list)
     error: CtscanError | None = None  # an int8 refusal: raised by the CLI after the table
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: the fields by name, paths and the error as text."""
-        data = {f.name: getattr(self, f.name) for f in fields(self)}
-        data["parity"] = [row.to_dict() for row in self.parity]
-        return json.loads(json.dumps(data, default=str))
-
-
-# ---- planning and checks (before any work) -----------------------------------------------
 
 
 def plan_outputs(
@@ -155,17 +135,14 @@ def plan_outputs(
     int8_path = onnx_path.with_name(f"{onnx_path.stem}.int8.onnx") if int8 and onnx_path else None
     if triton_dir is not None:
         triton_dir = ensure_dir(triton_dir, what="Triton model repository")
-    return ExportPlan(
-        folder=folder, onnx=onnx_path, int8=int8_path, pt2=pt2_path, triton_dir=triton_dir
-    )
+    return ExportPlan(folder, onnx_path, int8_path, pt2_path, triton_dir)
 
 
 def require_onnx_tools() -> None:
     """onnx, onnxscript and onnxruntime importable, else one error naming the extra."""
-    import importlib.util
+    from importlib.util import find_spec
 
-    needed = ["onnx", "onnxscript", "onnxruntime"]
-    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if find_spec(name) is None]
     if missing:
         raise CtscanError(
             f"ONNX export needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
@@ -174,15 +151,7 @@ def require_onnx_tools() -> None:
         )
 
 
-# ---- the files -----------------------------------------------------------------------------
-
-
-def export_metadata(
-    checkpoint: Checkpoint,
-    *,
-    checkpoint_sha256: str,
-    fmt: str,
-) -> dict[str, Any]:
+def export_metadata(checkpoint: Checkpoint, *, checkpoint_sha256: str, fmt: str) -> dict[str, Any]:
     """The JSON an exported file carries: what the model is, what it takes and gives back."""
     import torch
 
@@ -222,7 +191,7 @@ def _example_and_dims(size: int) -> tuple[tuple[torch.Tensor], tuple[dict[int, A
     """An example batch (of 2: 1 would specialise the batch axis) and its dynamic batch axis."""
     import torch
 
-    example = torch.zeros((EXAMPLE_BATCH, 1, size, size), dtype=torch.uint8)  # (B, 1, S, S) uint8
+    example = torch.zeros((2, 1, size, size), dtype=torch.uint8)  # (B, 1, S, S) uint8
     return (example,), ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},)
 
 
@@ -244,11 +213,8 @@ def write_onnx(deployable: torch.nn.Module, path: Path, *, size: int, meta: dict
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
             opset_version=OPSET,
-            external_data=False,
             verbose=False,
         )
-    if program is None:  # only without dynamo; kept for the type checker
-        raise RuntimeError("torch.onnx.export returned no program")
     model = program.model_proto
     set_onnx_metadata(model, meta)
     model.doc_string = (
@@ -265,8 +231,7 @@ def set_onnx_metadata(model: Any, meta: dict[str, Any]) -> None:
     import onnx
 
     props = {p.key: p.value for p in model.metadata_props}
-    props[METADATA_KEY] = json.dumps(meta)
-    onnx.helper.set_model_props(model, props)
+    onnx.helper.set_model_props(model, props | {METADATA_KEY: json.dumps(meta)})
 
 
 def read_onnx_metadata(path: Path) -> dict[str, Any]:
@@ -274,8 +239,7 @@ def read_onnx_metadata(path: Path) -> dict[str, Any]:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    props = {p.key: p.value for p in model.metadata_props}
-    return json.loads(props[METADATA_KEY])
+    return json.loads({p.key: p.value for p in model.metadata_props}[METADATA_KEY])
 
 
 def onnx_opset(model: Any) -> int:
@@ -303,21 +267,11 @@ def pt2_logits(path: Path, images: np.ndarray, batch: int = 64) -> np.ndarray:
     return torch.cat(chunks).numpy()
 
 
-def calibration_images(store: Store, limit: int | None = None) -> np.ndarray:
-    """The train images for the int8 calibration (all, or `limit` evenly spread): (N, 1, S, S)."""
-    images = store.split("train").images.numpy()
-    if limit is None or len(images) <= limit:
-        return images
-    picks = np.linspace(0, len(images) - 1, limit).round().astype(int)
-    return images[picks]
-
-
 def fp32_node_names(model: Any, keep: tuple[str, ...]) -> list[str]:
     """Names of the nodes `keep` picks: 'stem' the first Conv, 'head' the last weighted node."""
     weighted = [n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
     parts = {"stem": weighted[:1], "head": weighted[-1:]}
-    unknown = set(keep) - set(parts)
-    if unknown:
+    if unknown := set(keep) - set(parts):
         raise ValueError(f"unknown parts {sorted(unknown)}: use {sorted(parts)}")
     return [name for part in keep for name in parts[part]]
 
@@ -336,7 +290,6 @@ def quantize_onnx(
     import onnx
     from onnxruntime.quantization import (
         CalibrationMethod,
-        QuantFormat,
         QuantType,
         quant_pre_process,
         quantize_static,
@@ -366,11 +319,8 @@ def quantize_onnx(
             # the histogram calibrators stack every batch's outputs: one image at a time keeps
             # the shapes equal (ONNX Runtime 1.32 fails on a shorter last batch)
             _calibration_reader(images, CALIBRATION_BATCH if minmax else 1),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            reduce_range=False,
+            per_channel=True,  # QDQ format, int8 weights, no reduce_range: ORT's defaults
             activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
             calibrate_method=calibrate_method,
             nodes_to_exclude=fp32_node_names(onnx.load(str(prepared)), keep_fp32),
             extra_options={"CalibMovingAverage": method == "minmax-avg"},
@@ -397,24 +347,11 @@ def _calibration_reader(images: np.ndarray, step: int) -> Any:
     return Reader()
 
 
-# ---- Triton ------------------------------------------------------------------------------
-
-
 def triton_config(
     name: str, *, image_size: int, num_classes: int, max_batch_size: int = TRITON_MAX_BATCH
 ) -> str:
     """A Triton `config.pbtxt` for an exported ONNX file: uint8 (1, S, S) in, fp32 (C) out
     (Triton adds the batch axis), with dynamic batching."""
-    if not _TRITON_NAME.match(name):
-        raise CtscanError(
-            f"Triton model name '{name}' is not a plain folder name.",
-            "use letters, digits, '_', '-' and '.' only.",
-        )
-    if max_batch_size < 1 or max_batch_size > MAX_BATCH:
-        raise CtscanError(
-            f"Triton max_batch_size {max_batch_size} is outside 1..{MAX_BATCH}.",
-            f"use a value from 1 to {MAX_BATCH} (the exported batch axis allows up to that).",
-        )
     size, labels = f"{image_size}, {image_size}", 'label_filename: "labels.txt"'
     return f"""name: "{name}"
 platform: "onnxruntime_onnx"
@@ -428,22 +365,17 @@ dynamic_batching {{ max_queue_delay_microseconds: {TRITON_QUEUE_DELAY_US} }}
 def write_triton_layout(repository: Path, onnx_path: Path, name: str, spec: Any) -> Path:
     """`repository/<name>/1/model.onnx` + `config.pbtxt` + `labels.txt`, each written
     atomically (version 1 replaced); returns the model folder."""
-    class_names = list(spec.class_names)
-    config = triton_config(name, image_size=spec.image_size, num_classes=len(class_names))
+    config = triton_config(name, image_size=spec.image_size, num_classes=len(spec.class_names))
     model_dir = ensure_dir(repository / name, what="Triton model folder")
     version_dir = ensure_dir(model_dir / "1", what="Triton model version folder")
-    labels = ("\n".join(class_names) + "\n").encode()
-    writers = {
-        version_dir / "model.onnx": lambda fh: fh.write(onnx_path.read_bytes()),
-        model_dir / "labels.txt": lambda fh: fh.write(labels),
-        model_dir / "config.pbtxt": lambda fh: fh.write(config.encode()),
+    contents = {
+        version_dir / "model.onnx": onnx_path.read_bytes(),
+        model_dir / "labels.txt": ("\n".join(spec.class_names) + "\n").encode(),
+        model_dir / "config.pbtxt": config.encode(),
     }
-    for path, write in writers.items():
-        atomic_write(path, write)
+    for path, data in contents.items():
+        atomic_write(path, lambda fh, data=data: fh.write(data))
     return model_dir
-
-
-# ---- parity --------------------------------------------------------------------------------
 
 
 def compare(
@@ -474,37 +406,43 @@ def int8_refusal(row: Parity, eager: Parity) -> str | None:
     return "; ".join(reasons) or None
 
 
-@contextlib.contextmanager
-def staging(folder: Path, name: str) -> Iterator[Path]:
+def staging(folder: Path, name: str) -> tempfile.TemporaryDirectory[str]:
     """A temporary folder inside `folder` (same file system: renames are atomic), removed after."""
-    with tempfile.TemporaryDirectory(
+    return tempfile.TemporaryDirectory(
         prefix=f".{name}.export-", suffix=".tmp", dir=folder, ignore_cleanup_errors=True
-    ) as stage:
-        yield Path(stage)
+    )
 
 
-@dataclass
 class _Reference:
-    """What each staged file is checked against: eager's logits on the test split."""
+    """What each staged file is checked against: eager's logits on `images` (N, 1, S, S) uint8,
+    on the CPU in float32 (`labels` None: eager's own answers stand in)."""
 
-    checkpoint: Path
-    ckpt: Checkpoint
-    sha256: str
-    settings: Settings  # the torch reference on the CPU in float32 (what exported files match)
-    images: np.ndarray  # (N, 1, S, S) uint8 test split
-    labels: np.ndarray
-    logits: np.ndarray  # eager's
+    def __init__(
+        self,
+        settings: Settings,
+        checkpoint: Path,
+        ckpt: Checkpoint,
+        images: np.ndarray,
+        labels: Any,
+    ) -> None:
+        from ctscan.files import file_sha256
+        from ctscan.inference import open_predictor
+
+        train = settings.train.model_copy(update={"device": "cpu", "precision": "fp32"})
+        self.settings = settings.model_copy(update={"train": train})
+        self.ckpt, self.sha256, self.images = ckpt, file_sha256(checkpoint), images
+        predictor = open_predictor(checkpoint, settings=self.settings, backend="torch")
+        self.logits = predictor.logits(images)
+        self.labels = self.logits.argmax(1) if labels is None else labels
 
     def meta(self, fmt: str) -> dict[str, Any]:
         return export_metadata(self.ckpt, checkpoint_sha256=self.sha256, fmt=fmt)
 
-    def compare(self, fmt: str, target: Path, path: Path | None = None) -> Parity:
-        """The parity row of the file at `path` (ONNX or .pt2; None: eager itself)."""
+    def compare(self, fmt: str, target: Path, path: Path) -> Parity:
+        """The parity row of the ONNX or .pt2 file at `path` (to be moved to `target`)."""
         from ctscan.inference import open_predictor
 
-        if path is None:
-            logits = self.logits
-        elif path.suffix == ".pt2":
+        if path.suffix == ".pt2":
             logits = pt2_logits(path, self.images)
         else:
             logits = open_predictor(path, settings=self.settings).logits(self.images)
@@ -519,7 +457,6 @@ def run_export(
     int8: bool = False,
     out: Path | None = None,
     triton_dir: Path | None = None,
-    triton_name: str | None = None,
 ) -> ExportResult:
     """The `ctscan export` command: export and check each file on the test split; a float32 file
     off by over FP32_TOLERANCE raises (nothing written), a refused int8 one is `result.error`."""
@@ -530,64 +467,38 @@ def run_export(
     checkpoint = Path(checkpoint)
     ckpt = read_checkpoint(checkpoint)  # missing, a folder, broken: one CheckpointError
     plan = plan_outputs(checkpoint, fmt=fmt, int8=int8, out=out, triton_dir=triton_dir)
-    name = triton_name or f"ctscan-{ckpt.model_name}"
-    if plan.triton_dir is not None:
-        triton_config(name, image_size=ckpt.spec.image_size, num_classes=len(ckpt.class_names))
     if plan.onnx is not None:
         require_onnx_tools()
     store = open_model_store(settings, ckpt)
     configure_threads(settings.train.threads, 1)
     test = store.split("test")
     images = np.ascontiguousarray(test.images.numpy())  # (N, 1, S, S) uint8
-    ref = _reference(settings, checkpoint, ckpt, images, test.labels.numpy())
-    rows = [ref.compare("eager", checkpoint)]
+    ref = _Reference(settings, checkpoint, ckpt, images, test.labels.numpy())
+    rows = [compare("eager", checkpoint, ref.logits, ref.logits, ref.labels)]
     deployable = load_model(ckpt).deployable()
     error = None
-    with staging(plan.folder, checkpoint.stem) as stage:
+    with staging(plan.folder, checkpoint.stem) as stage_dir:
+        stage = Path(stage_dir)
         staged, opset = _stage_float32(plan, stage, ref, deployable, rows)
-        if plan.int8 is not None and plan.onnx is not None:
+        if plan.int8 is not None:  # beside the ONNX file
             path = stage / plan.int8.name
-            images = calibration_images(store)
-            quantize_onnx(staged[plan.onnx], path, images, meta=ref.meta("onnx-int8"))
+            calibration = store.split("train").images.numpy()  # (N, 1, S, S) uint8, every one
+            quantize_onnx(staged[plan.onnx], path, calibration, meta=ref.meta("onnx-int8"))
             rows.append(ref.compare("onnx-int8", plan.int8, path))
             error = _int8_refusal(rows[-1], rows[0], plan, n_float=len(staged))
             if error is None:
                 staged[plan.int8] = path
         written = _commit(staged, stage, plan.folder, checkpoint)
     triton_model_dir = None
-    if plan.triton_dir is not None and plan.onnx is not None:
+    if plan.triton_dir is not None:  # only with an ONNX file (plan_outputs)
+        name = f"ctscan-{ckpt.model_name}"
         triton_model_dir = write_triton_layout(plan.triton_dir, plan.onnx, name, ckpt.spec)
         written += [triton_model_dir / f for f in ("1/model.onnx", "config.pbtxt", "labels.txt")]
+    warnings = [store.raw_warning] if store.raw_warning else []
+    n_test = len(ref.labels)
     return ExportResult(
-        checkpoint=checkpoint,
-        model_name=ckpt.model_name,
-        n_test=len(ref.labels),
-        opset=opset,
-        parity=rows,
-        paths=written,
-        triton_model_dir=triton_model_dir,
-        warnings=[store.raw_warning] if store.raw_warning else [],
-        error=error,
+        checkpoint, ckpt.model_name, n_test, opset, rows, written, triton_model_dir, warnings, error
     )
-
-
-def _reference(
-    settings: Settings,
-    checkpoint: Path,
-    ckpt: Checkpoint,
-    images: np.ndarray,
-    labels: np.ndarray | None,
-) -> _Reference:
-    """Eager's logits on `images` (N, 1, S, S) uint8, on the CPU in float32 (`labels` None:
-    eager's own answers stand in)."""
-    from ctscan.files import file_sha256
-    from ctscan.inference import open_predictor
-
-    train = settings.train.model_copy(update={"device": "cpu", "precision": "fp32"})
-    settings = settings.model_copy(update={"train": train})
-    logits = open_predictor(checkpoint, settings=settings, backend="torch").logits(images)
-    labels = logits.argmax(1) if labels is None else labels
-    return _Reference(checkpoint, ckpt, file_sha256(checkpoint), settings, images, labels, logits)
 
 
 def _stage_float32(
@@ -604,7 +515,16 @@ def _stage_float32(
             opset = write_onnx(deployable, path, size=size, meta=ref.meta(fmt))
         else:
             write_pt2(deployable, path, size=size, meta=ref.meta(fmt))
-        rows.append(_checked_fp32(ref.compare(fmt, target, path), len(ref.labels)))
+        row = ref.compare(fmt, target, path)
+        if row.max_abs_diff > FP32_TOLERANCE:
+            raise CtscanError(
+                f"the {fmt} export differs from the eager model by {row.max_abs_diff:.2e} in the "
+                f"logits on {len(ref.labels)} images (the limit is {FP32_TOLERANCE:g}): nothing "
+                "was written.",
+                "this is an exporter problem: retry with CTSCAN_DEBUG=1 and report it; meanwhile "
+                "use the other format (or --backend torch).",
+            )
+        rows.append(row)
         staged[target] = path
     return staged, opset
 
@@ -618,19 +538,6 @@ def _commit(staged: dict[Path, Path], stage: Path, folder: Path, checkpoint: Pat
         with built_aside(target) as aside:  # its permissions, rename and folder fsync
             os.replace(path, aside)
     return list(staged)
-
-
-def _checked_fp32(row: Parity, n_images: int) -> Parity:
-    """The row of a float32 file, or the error that stops the export (nothing written)."""
-    if row.max_abs_diff > FP32_TOLERANCE:
-        raise CtscanError(
-            f"the {row.format} export differs from the eager model by "
-            f"{row.max_abs_diff:.2e} in the logits on {n_images} images "
-            f"(the limit is {FP32_TOLERANCE:g}): nothing was written.",
-            "this is an exporter problem: retry with CTSCAN_DEBUG=1 and report it; meanwhile "
-            "use the other format (or --backend torch).",
-        )
-    return row
 
 
 def _int8_refusal(
@@ -654,9 +561,6 @@ def _int8_refusal(
     )
 
 
-# ---- the export predict and serve run a checkpoint on ----------------------------------
-
-
 def cached_onnx(checkpoint: Path, settings: Settings) -> Path:
     """The checkpoint's ONNX export, keyed by its sha256 in `paths.runs_dir/serve-cache/` (else
     a temporary folder): a file enters the cache only once it matches eager on random images."""
@@ -674,8 +578,9 @@ def cached_onnx(checkpoint: Path, settings: Settings) -> Path:
     ckpt = read_checkpoint(checkpoint)
     size = ckpt.spec.image_size
     images = np.random.default_rng(0).integers(0, 256, (8, 1, size, size), dtype=np.uint8)
-    ref = _reference(settings, checkpoint, ckpt, images, None)
-    with staging(target.parent, target.stem) as stage:
+    ref = _Reference(settings, checkpoint, ckpt, images, None)
+    with staging(target.parent, target.stem) as stage_dir:
+        stage = Path(stage_dir)
         plan = ExportPlan(target.parent, onnx=target)
         staged, _ = _stage_float32(plan, stage, ref, load_model(ckpt).deployable(), [])
         with built_aside(target) as aside:  # its permissions, rename and folder fsync

@@ -16,8 +16,9 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import accumulate
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ctscan.errors import CtscanError
 
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
     from ctscan.engine.state import Loop, TrainState
     from ctscan.settings import Settings
 
-DEFAULT_STEPS = 5
 WAIT_STEPS = 1
 TOP_N = 25
 INPUT_RANGES = ("data", "augment")
@@ -64,7 +64,7 @@ def profiled_epoch(settings: Settings) -> int:
 
 
 def run_profile(
-    settings: Settings, *, steps: int = DEFAULT_STEPS, out_dir: Path | None = None
+    settings: Settings, *, steps: int = 5, out_dir: Path | None = None
 ) -> ProfileResult:
     """Profile `steps` training steps of the run the settings describe; write the files (and
     log them to MLflow, tag kind=profile, when tracking is on)."""
@@ -81,10 +81,8 @@ def run_profile(
     with folder_lock(out_dir, what="profile folder"):
         text = to_toml(settings).encode()
         atomic_write(out_dir / SETTINGS_FILE, lambda fh: fh.write(text))
-        tracker = open_tracker(
-            settings.tracking, runs_dir=settings.paths.runs_dir, run_name=out_dir.name
-        )
-        with tracker:
+        runs_dir = settings.paths.runs_dir
+        with open_tracker(settings.tracking, runs_dir=runs_dir, run_name=out_dir.name) as tracker:
             summary = _profile_run(settings, rt, store, steps, out_dir)
             summary["mlflow_run_id"], torch_version = tracker.run_id, summary["torch_version"]
             payload = (json.dumps(summary, indent=2) + "\n").encode()
@@ -115,13 +113,11 @@ def runtime_and_store(settings: Settings) -> tuple[Runtime, Store]:
         os.environ.setdefault("KINETO_LOG_LEVEL", "5")
     configure_threads(tr.threads, rt.world_size)
     seed_everything(tr.seed, tr.deterministic)
-    store = open_settings_store(settings)
-    return rt, store
+    return rt, open_settings_store(settings)
 
 
-@dataclass
-class PreparedRun:
-    """A run built as `ctscan train` builds it, ready for steps."""
+class PreparedRun(NamedTuple):
+    """A run built as `ctscan train` builds it: `train_one_epoch`'s positional arguments."""
 
     state: TrainState
     loop: Loop
@@ -138,7 +134,7 @@ def prepare_run(settings: Settings, rt: Runtime, store: Store) -> PreparedRun:
     loop = new_loop(settings, rt, store.spec, len(train_split))
     state = new_train_state(settings, rt, store.spec, loop.steps_per_epoch)
     wrap_for_steps(state, settings, rt)
-    return PreparedRun(state=state, loop=loop, images=images, labels=labels)
+    return PreparedRun(state, loop, images, labels)
 
 
 def run_steps(run: PreparedRun, total: int, *, epoch: int, after_step: Callable[[], None]) -> int:
@@ -158,14 +154,7 @@ def run_steps(run: PreparedRun, total: int, *, epoch: int, after_step: Callable[
         while done < total:
             before = done
             train_one_epoch(
-                run.state,
-                run.loop,
-                run.images,
-                run.labels,
-                epoch=epoch,
-                progress=progress,
-                max_steps=total - done,
-                after_step=counted,
+                *run, epoch=epoch, progress=progress, max_steps=total - done, after_step=counted
             )
             passes += 1
             if done == before:
@@ -184,6 +173,7 @@ def _profile_run(
 
     import ctscan
     from ctscan.engine.modelling import backbone_frozen
+    from ctscan.files import atomic_write
 
     tr = settings.train
     run = prepare_run(settings, rt, store)
@@ -191,28 +181,35 @@ def _profile_run(
     warmup = warmup_steps(rt.device)
     rec = record_steps(run, epoch=epoch, warmup=warmup, active=steps, out_dir=out_dir)
     summary = summarize(rec, rt.device, batch_size=tr.batch_size)
-    summary.update(
-        {
-            "model": settings.model.name,
-            "device": str(rt.device),
-            "precision": rt.precision,
-            "compile": rt.compile,
-            "channels_last": rt.channels_last,
-            "batch_size": tr.batch_size,
-            "image_size": store.spec.image_size,
-            "threads": torch.get_num_threads(),
-            "epoch": epoch,
-            "backbone_frozen": backbone_frozen(settings, epoch),
-            "epoch_passes": rec.passes,
-            "schedule": {"wait": WAIT_STEPS, "warmup": warmup, "active": steps},
-            "torch_version": str(torch.__version__),
-            "ctscan_version": ctscan.__version__,
-            "created": datetime.now().astimezone().isoformat(timespec="seconds"),
-            "files": {"trace": TRACE_FILE, "tensorboard": TENSORBOARD_DIR, "top_ops": TOP_OPS_FILE},
-        }
-    )
+    summary |= {
+        "model": settings.model.name,
+        "device": str(rt.device),
+        "precision": rt.precision,
+        "compile": rt.compile,
+        "channels_last": rt.channels_last,
+        "batch_size": tr.batch_size,
+        "image_size": store.spec.image_size,
+        "threads": torch.get_num_threads(),
+        "epoch": epoch,
+        "backbone_frozen": backbone_frozen(settings, epoch),
+        "epoch_passes": rec.passes,
+        "schedule": {"wait": WAIT_STEPS, "warmup": warmup, "active": steps},
+        "torch_version": str(torch.__version__),
+        "ctscan_version": ctscan.__version__,
+        "created": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "files": {"trace": TRACE_FILE, "tensorboard": TENSORBOARD_DIR, "top_ops": TOP_OPS_FILE},
+    }
     summary["memory"].update(profiled_peak_allocated(rec.prof))
-    _write_top_ops(rec.prof, out_dir / TOP_OPS_FILE, summary)
+    parts = [  # key_averages tables: by self CPU time, and by self CUDA time on CUDA
+        f"ctscan profile: {summary['model']} on {summary['device']} ({summary['precision']}), "
+        f"batch {tr.batch_size}, {summary['steps_profiled']} steps profiled"
+    ]
+    averages = rec.prof.key_averages()
+    for unit in ("CPU", "CUDA") if rt.device.type == "cuda" else ("CPU",):
+        table = averages.table(sort_by=f"self_{unit.lower()}_time_total", row_limit=TOP_N)
+        parts += ["", f"Top {TOP_N} by self {unit} time", table]
+    text = "\n".join(parts) + "\n"
+    atomic_write(out_dir / TOP_OPS_FILE, lambda fh: fh.write(text.encode()))
     return summary
 
 
@@ -350,33 +347,12 @@ def profiled_peak_allocated(prof: Any) -> dict[str, float | None]:
         for e in prof.profiler.kineto_results.events()
         if e.name() == "[memory]"
     )
-    total = {DeviceType.CPU: 0, DeviceType.CUDA: 0}
-    peak: dict[Any, int] = {}
-    for _, nbytes, device in records:
-        if device in total:
-            total[device] += nbytes
-            peak[device] = max(peak.get(device, 0), total[device])
-    return {
-        f"{name}_profiled_peak_allocated_mb": round(peak[d] / MB, 3) if d in peak else None
-        for name, d in (("cpu", DeviceType.CPU), ("cuda", DeviceType.CUDA))
-    }
-
-
-def _write_top_ops(prof: Any, path: Path, summary: dict[str, Any]) -> None:
-    """key_averages tables: top operators by self CPU time, and by self CUDA time on CUDA."""
-    from ctscan.files import atomic_write
-
-    averages = prof.key_averages()
-    head = (
-        f"ctscan profile: {summary['model']} on {summary['device']} ({summary['precision']}), "
-        f"batch {summary['batch_size']}, {summary['steps_profiled']} steps profiled"
-    )
-    parts = [head]
-    for unit in ("CPU", "CUDA") if summary["device"].startswith("cuda") else ("CPU",):
-        table = averages.table(sort_by=f"self_{unit.lower()}_time_total", row_limit=TOP_N)
-        parts += ["", f"Top {TOP_N} by self {unit} time", table]
-    text = "\n".join(parts) + "\n"
-    atomic_write(path, lambda fh: fh.write(text.encode()))
+    peaks = {}
+    for name, device in (("cpu", DeviceType.CPU), ("cuda", DeviceType.CUDA)):
+        sizes = [nbytes for _, nbytes, on in records if on == device]
+        peak = round(max(accumulate(sizes, initial=0)) / MB, 3) if sizes else None
+        peaks[f"{name}_profiled_peak_allocated_mb"] = peak
+    return peaks
 
 
 def summary_metrics(summary: dict[str, Any]) -> dict[str, float]:
