@@ -69,31 +69,19 @@ MAX_PARAM_CHARS = 6000
 
 
 class Tracker:
-    """Tracking switched off: every method is a safe no-op."""
+    """Tracking switched off: every method is a safe no-op (what each does: MlflowTracker)."""
 
     enabled: bool = False
     run_id: str | None = None
     uri: str | None = None
     reopened: bool = False  # an earlier run continued (it holds its params already)
 
-    def log_params(self, params: dict[str, Any]) -> None:
-        """Record run parameters (values are stored as strings)."""
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Record metric values at a step (the epoch for the training loop)."""
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        """Set run tags."""
-
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        """Copy a file or a folder into the run's artifacts."""
-
-    def log_dict(self, data: dict, artifact_file: str) -> None:
-        """Store a dict as a JSON or YAML artifact (by the file's suffix)."""
-
-    def log_model(self, model: torch.nn.Module, **options: Any) -> dict | None:
-        """Log and register the model; returns None when tracking or model logging is off."""
-        return None
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def log_dict(self, data: dict, artifact_file: str) -> None: ...
+    def log_model(self, model: torch.nn.Module, **options: Any) -> dict | None: ...
 
     def close(self, status: str = "FINISHED") -> None:
         """End the run with FINISHED, FAILED or KILLED."""
@@ -323,26 +311,24 @@ class MlflowTracker(Tracker):
         """Record run parameters (values are stored as strings)."""
         from mlflow.entities import Param
 
-        batch = [Param(key, str(value)[:MAX_PARAM_CHARS]) for key, value in params.items()]
-        with self._errors("log parameters"), quiet(logging.CRITICAL):  # the error: one line
-            self.client.log_batch(self.run_id, params=batch)
+        self._log_batch(params=[Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in params.items()])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Record metric values at a step (the epoch for the training loop)."""
         from mlflow.entities import Metric
 
-        now_ms = int(time.time() * 1000)
-        batch = [Metric(key, float(value), now_ms, int(step)) for key, value in metrics.items()]
-        with self._errors("log metrics"), quiet(logging.CRITICAL):
-            self.client.log_batch(self.run_id, metrics=batch)
+        now = int(time.time() * 1000)
+        self._log_batch(metrics=[Metric(k, float(v), now, int(step)) for k, v in metrics.items()])
 
     def set_tags(self, tags: dict[str, str]) -> None:
         """Set run tags."""
         from mlflow.entities import RunTag
 
-        batch = [RunTag(key, str(value)) for key, value in tags.items()]
-        with self._errors("set tags"), quiet(logging.CRITICAL):
-            self.client.log_batch(self.run_id, tags=batch)
+        self._log_batch(tags=[RunTag(key, str(value)) for key, value in tags.items()])
+
+    def _log_batch(self, **batch: list) -> None:
+        with self._errors(f"log {', '.join(batch)}"), quiet(logging.CRITICAL):  # one line
+            self.client.log_batch(self.run_id, **batch)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Copy a file or a folder into the run's artifacts."""
