@@ -1,19 +1,10 @@
-"""Durable jobs: how train, train --folds and preprocess stop, continue and keep their record.
+"""Durable jobs (train, train --folds, sweep, preprocess): how they stop, continue, keep a record.
 
-Written once, here:
-- stops: `cli.main` installs the one handler (`install_stop_handlers`) for Ctrl-C and SIGTERM;
-  both unwind as KeyboardInterrupt (SIGTERM as its subclass `Terminated`) so that `finally`
-  blocks and context managers run, and each stop is remembered until it is acted on. A stop
-  that landed where it was swallowed (a garbage-collector callback, a half-done import) acts
-  at the next `check_stop()` between two steps of the work.
-- `critical()`: a step a stop must not split (a checkpoint and its metrics, a run and its
-  record); a stop inside waits for the step to end.
-- `stopped(...)`: the one line a stopped job ends with, and the command that continues it.
-- `MAY_CHANGE` / `refused_changes`: what a continued job (a resumed run, a continued
-  cross-validation or sweep) may change from the settings it recorded; anything else is
-  refused before any write.
-- `open_run_record`: the job's MLflow run, opened or reopened once by the id the job recorded,
-  and that record written with the run's creation (the MLflow calls: engine/tracking.py).
+Stops: `cli.main` installs `on_stop` once for Ctrl-C and SIGTERM; both unwind as KeyboardInterrupt
+(SIGTERM as `Terminated`) so that `finally` blocks run, and each stop is remembered until acted on:
+one swallowed where it landed (a garbage-collector callback, a half-done import) acts at the next
+`check_stop()`. `critical()` holds a stop until a step ends; `stopped()` is the one line a stopped
+job ends with. `MAY_CHANGE`: what a continue may change. `open_run_record`: the job's MLflow run.
 The locks are `files.folder_lock` (with `wait=` for a SQLite store) and `files.database_lock`.
 """
 
@@ -84,9 +75,8 @@ def forget_stops() -> None:
 def check_stop() -> None:
     """Act on a stop that was received but swallowed: raise it again here, between two steps
     of the work, so the job stops as it was asked to."""
-    signum = stop_received()
-    if signum is not None:
-        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    if _STOPS:
+        raise Terminated() if _STOPS[0] == signal.SIGTERM else KeyboardInterrupt()
 
 
 @contextmanager
@@ -130,8 +120,7 @@ def stopped(
         terminated = stop_received() == signal.SIGTERM
     forget_stops()
     how = "SIGTERM" if terminated else "Ctrl-C"
-    job = f"{job} " if job else ""
-    return Interrupted(f"{job}stopped by {how}{detail}.", fix, terminated=terminated)
+    return Interrupted(f"{job} stopped by {how}{detail}.".lstrip(), fix, terminated=terminated)
 
 
 # ---- what a continued job may change ------------------------------------------------------
