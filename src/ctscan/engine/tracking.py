@@ -32,7 +32,6 @@ from ctscan.engine.tracking_store import (
     first_line,
     open_store,
     quiet,
-    resolve_tracking_uri,
     resolve_uri,
     scheme_of,
     sqlite_path,
@@ -48,8 +47,6 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
-
-__all__ = ["TrackingError", "resolve_tracking_uri"]  # re-exported: where runs go
 
 CHAMPION_ALIAS = "champion"
 MODEL_ARTIFACT_NAME = "model"
@@ -333,8 +330,6 @@ class MlflowTracker(Tracker):
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Copy a file or a folder into the run's artifacts."""
         path = Path(path)
-        if not path.exists():
-            raise TrackingError(f"artifact '{path}' does not exist.", "log a file that exists.")
         with self._errors(f"log the artifact '{path}'"):
             if path.is_dir():
                 self.client.log_artifacts(self.run_id, str(path), artifact_path)

@@ -41,13 +41,9 @@ class TrackingError(CtscanError):
 DISABLE_FIX = "or set tracking.enabled=false to train without tracking."
 
 
-def resolve_tracking_uri(tracking: TrackingSettings, runs_dir: Path) -> str:
-    """The tracking URI: tracking.uri, else MLFLOW_TRACKING_URI, else a SQLite file in runs_dir."""
-    return resolve_uri(tracking, runs_dir)[0]
-
-
 def resolve_uri(tracking: TrackingSettings, runs_dir: Path) -> tuple[str, str]:
-    """The tracking URI and where it came from, checked for a known scheme."""
+    """The tracking URI (tracking.uri, else MLFLOW_TRACKING_URI, else a SQLite file in runs_dir)
+    and where it came from, checked for a known scheme."""
     if tracking.uri and tracking.uri.strip():
         uri, source = tracking.uri.strip(), "tracking.uri"
     elif os.environ.get("MLFLOW_TRACKING_URI", "").strip():
