@@ -1,10 +1,5 @@
-"""Files and folders the user names: checked with one clear error, written atomically, locked.
-
-`ensure_dir` (every folder a command writes into), `atomic_write` (the one temp file + fsync +
-rename writer), `folder_lock` (the one lock) and `database_lock` (its twin for a PostgreSQL
-database: a shared Optuna study, a PostgreSQL MLflow store) turn OS errors into one
-`CtscanError` line.
-"""
+"""Files and folders the user names: checked (`ensure_dir`), written atomically (`atomic_write`),
+locked (`folder_lock`; `database_lock` for PostgreSQL), each OS error one `CtscanError` line."""
 
 from __future__ import annotations
 
@@ -60,11 +55,8 @@ def ensure_dir(
     error: type[CtscanError] = CtscanError,
     fix: str | None = None,
 ) -> Path:
-    """Create folder `path` (and its parents) or raise one clear error naming it.
-
-    `what` says what the folder is for ("run folder", "report folder"); the error names the
-    path, why it cannot be used (a file, under a file, not writable) and the fix.
-    """
+    """Create folder `path` (and its parents) or raise one error naming it, why it cannot be
+    used (a file, under a file, not writable) and the fix; `what` says what it is for."""
     problem = folder_problem(path)
     if problem is not None:
         fix = fix or f"choose another {what} (an existing or new folder you can write to)."
@@ -89,11 +81,8 @@ def checkpoint_file_problem(target: Path, *, example: str) -> CtscanError | None
 
 def file_sha256(path: Path | str) -> str:
     """The sha256 of a file's bytes (a checkpoint's or an exported model's identity)."""
-    h = hashlib.sha256()
     with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def fsync_dir(path: Path) -> None:
@@ -188,9 +177,7 @@ def folder_lock(
     if fh is None:
         yield
         return
-    import fcntl
-
-    with fh:
+    with fh:  # closing it releases the lock, after the file is removed
         text = fh.read().strip()
         if text and not _LOCK_TEXT.fullmatch(text):  # not left by a ctscan process: not ours
             raise error(
@@ -207,7 +194,6 @@ def folder_lock(
             if _names_open_file(lock_path, fh):  # not if renamed or replaced meanwhile
                 with contextlib.suppress(OSError):
                     lock_path.unlink()  # still held: a later opener finds no file, or a new one
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def _take_lock(

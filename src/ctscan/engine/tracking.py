@@ -21,7 +21,6 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -98,12 +97,7 @@ class Tracker:
     def __enter__(self) -> Tracker:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         self.end(exc_type)
 
 
@@ -620,11 +614,8 @@ def _inference_form(module: Any) -> Any:
 def _registry_version(model_uri: str) -> str:
     """`models:/name/3` -> "3", `models:/name@alias` -> the version behind the alias."""
     import mlflow
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
 
-    rest = model_uri.split(":/", 1)[1].lstrip("/")
     if model_uri.startswith("runs:"):
-        return f"run {rest.split('/', 1)[0]}"
-    if "@" in rest:
-        name, alias = rest.split("@", 1)
-        return str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
-    return rest.rsplit("/", 1)[-1]
+        return f"run {model_uri.split(':/', 1)[1].lstrip('/').split('/', 1)[0]}"
+    return str(get_model_name_and_version(mlflow.MlflowClient(), model_uri)[-1])
