@@ -101,6 +101,18 @@ class Tracker:
         self.end(exc_type)
 
 
+@contextlib.contextmanager
+def _unless_error(*codes: str) -> Iterator[None]:
+    """Swallow an MlflowException with one of these error codes (a thing missing or there)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        if exc.error_code not in codes:
+            raise
+
+
 def _check_status(status: str) -> None:
     if status not in RUN_STATUSES:
         raise ValueError(f"run status {status!r} is not one of {', '.join(RUN_STATUSES)}")
@@ -142,16 +154,11 @@ def promote_if_better(
     or selected by another metric than `metric`, is not comparable: the alias stays (a warning
     says how to move it by hand). A tie or a NaN value does not promote.
     """
-    from mlflow.exceptions import MlflowException
-
     if math.isnan(value):
         return False
-    try:
+    champion = None
+    with _unless_error("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):  # no champion yet
         champion = client.get_model_version_by_alias(name, CHAMPION_ALIAS)
-    except MlflowException as exc:
-        if exc.error_code not in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):
-            raise
-        champion = None
     if champion is None:
         client.set_registered_model_alias(name, CHAMPION_ALIAS, str(version))
         return True
@@ -198,16 +205,10 @@ class MlflowTracker(Tracker):
         parent's run there (`fix` given) is refused, `fix(its experiment)` the fix."""
         if not run_id:
             return None
-        from mlflow.exceptions import MlflowException
-
-        experiment = self.settings.experiment
+        experiment, run = self.settings.experiment, None
         with self._errors("open the experiment"), quiet():
-            try:
+            with _unless_error("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                 run = self.client.get_run(run_id)
-            except MlflowException as exc:
-                if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-                    raise
-                run = None
             why = "is not in this tracking store" if run is None else ""
             if run is not None and run.info.lifecycle_stage == "deleted":
                 why = "is deleted"
@@ -278,17 +279,12 @@ class MlflowTracker(Tracker):
 
     def _experiment_id(self, name: str) -> str:
         """The experiment `name` (created if missing; refused if deleted)."""
-        from mlflow.exceptions import MlflowException
-
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
             location = artifact_location(self.uri, self.runs_dir)
-            try:
+            with _unless_error("RESOURCE_ALREADY_EXISTS"):  # another process created it just now
                 return self.client.create_experiment(name, artifact_location=location)
-            except MlflowException as exc:  # another process created it an instant ago
-                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-                experiment = self.client.get_experiment_by_name(name)
+            experiment = self.client.get_experiment_by_name(name)
         if experiment.lifecycle_stage == "deleted":
             store = shlex.quote(f"MLFLOW_TRACKING_URI={self.uri}")
             raise TrackingError(
@@ -423,14 +419,9 @@ class MlflowTracker(Tracker):
         higher_is_better: bool,
     ) -> dict:
         """Add a registry version for a logged model and decide on the champion alias."""
-        from mlflow.exceptions import MlflowException
-
         name = self.settings.registered_model
-        try:
+        with _unless_error("RESOURCE_ALREADY_EXISTS"):
             self.client.create_registered_model(name)
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
         tags = {
             TAG_SELECT_METRIC: select_metric,
             TAG_SELECT_VALUE: repr(select_value),

@@ -76,24 +76,26 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(path) if path and path != ":memory:" else None
 
 
+def _local_folder(uri: str, runs_dir: Path) -> Path | None:
+    """The folder of a local store (a SQLite file's, else runs_dir; a file store), else None."""
+    scheme = scheme_of(uri)
+    if scheme == "sqlite":
+        db = sqlite_path(uri)
+        return db.parent if db is not None else Path(runs_dir)
+    return Path(urlsplit(uri).path if scheme == "file" else uri) if scheme in ("", "file") else None
+
+
 def artifact_location(uri: str, runs_dir: Path) -> str | None:
     """Where a new experiment keeps artifacts: next to a SQLite store, else the server decides."""
     if scheme_of(uri) != "sqlite":
         return None
-    db = sqlite_path(uri)
-    root = db.parent if db is not None else Path(runs_dir)
-    return (root / "mlartifacts").resolve().as_uri()
+    return (_local_folder(uri, runs_dir) / "mlartifacts").resolve().as_uri()
 
 
 def _prepare_local_store(uri: str, runs_dir: Path) -> None:
     """The folder of a local store, made and checked writable (one clear error if not)."""
-    scheme = scheme_of(uri)
-    if scheme == "sqlite":
-        db = sqlite_path(uri)
-        folder = db.parent if db is not None else Path(runs_dir)
-    elif scheme in ("", "file"):
-        folder = Path(urlsplit(uri).path) if scheme == "file" else Path(uri)
-    else:
+    folder = _local_folder(uri, runs_dir)
+    if folder is None:
         return
     fix = f"choose a writable paths.runs_dir or tracking.uri, {DISABLE_FIX}"
     ensure_dir(folder, what="tracking store folder", error=TrackingError, fix=fix)
@@ -265,7 +267,12 @@ def open_store(tracking: TrackingSettings, runs_dir: Path) -> tuple[str, str]:
     uri, source = resolve_uri(tracking, runs_dir)
     _prepare_local_store(uri, runs_dir)
     _probe_server(uri, source)
-    import_mlflow()
+    try:
+        import mlflow  # noqa: F401
+    except ImportError as exc:
+        raise TrackingError(
+            f"mlflow cannot be imported ({exc}).", f"pip install 'mlflow>=3,<4', {DISABLE_FIX}"
+        ) from None
     if scheme_of(uri) == "sqlite":
         _open_sqlite_store(uri, runs_dir)
     elif scheme_of(uri) == "postgresql":
@@ -304,12 +311,3 @@ def quiet(level: int = logging.WARNING) -> Iterator[None]:
 def first_line(exc: BaseException, limit: int = 300) -> str:
     text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def import_mlflow() -> None:
-    try:
-        import mlflow  # noqa: F401
-    except ImportError as exc:
-        raise TrackingError(
-            f"mlflow cannot be imported ({exc}).", f"pip install 'mlflow>=3,<4', {DISABLE_FIX}"
-        ) from None
