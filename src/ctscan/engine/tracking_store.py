@@ -159,12 +159,8 @@ def _check_sqlite_file(db: Path) -> None:
 
 
 def _open_sqlite_store(uri: str, runs_dir: Path) -> None:
-    """Create or migrate a SQLite store under the lock; a broken store is a TrackingError.
-
-    Creating MLflow's store object runs the migrations, and on a new database it creates the
-    Default experiment: here with its artifacts in `mlartifacts/` next to the database file,
-    not in `./mlruns` of the current folder.
-    """
+    """Create or migrate a SQLite store under the lock; a broken store is a TrackingError. A new
+    store's Default experiment keeps its artifacts in `mlartifacts/` beside it, not ./mlruns."""
     db = sqlite_path(uri)
     if db is None:
         return  # in-memory: one process only
@@ -185,9 +181,8 @@ def _open_sqlite_store(uri: str, runs_dir: Path) -> None:
         # A new store is built beside its place and renamed into it: a stop (or a kill) during
         # MLflow's migrations, which take seconds, leaves no half-made store to refuse later.
         with built_aside(db) as tmp:
-            query = uri.split("?", 1)[1] if "?" in uri else ""
-            built = f"sqlite:///{tmp}" + (f"?{query}" if query else "")
-            _migrate_sqlite_store(built, db, runs_dir, artifacts_for=uri)
+            query = "".join(uri.partition("?")[1:])  # "?..." or ""
+            _migrate_sqlite_store(f"sqlite:///{tmp}{query}", db, runs_dir, artifacts_for=uri)
 
 
 def _migrate_sqlite_store(
