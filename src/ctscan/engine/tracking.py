@@ -1,11 +1,8 @@
 """Experiment tracking with MLflow: runs, params, metrics, artifacts and the model registry.
 
-The only module of ctscan that imports mlflow, and only when tracking is enabled. The tracking
-URI: `tracking.uri`, else `MLFLOW_TRACKING_URI`, else `sqlite:///<runs_dir>/mlflow.db` with
-artifacts in `<runs_dir>/mlartifacts`. A SQLite or PostgreSQL store is created and migrated under
-a lock, so processes that start together never run MLflow's migrations at once. Runs are written
-through `MlflowClient`, never made MLflow's process-wide active run; how a job opens its run once
-and records it: `jobs.open_run_record`.
+With tracking_store.py (where runs go) the only modules that import mlflow, and only when tracking
+is enabled. Runs are written through `MlflowClient`, never made MLflow's process-wide active run;
+a job opens its run once and records it in `jobs.open_run_record`.
 """
 
 from __future__ import annotations
@@ -81,7 +78,8 @@ class Tracker:
 
     def close(self, status: str = "FINISHED") -> None:
         """End the run with FINISHED, FAILED or KILLED."""
-        _check_status(status)
+        if status not in RUN_STATUSES:
+            raise ValueError(f"run status {status!r} is not one of {', '.join(RUN_STATUSES)}")
 
     def end(self, exc_type: type[BaseException] | None = None) -> None:
         """Close with the status `exc_type` means; a failure to close is a warning when an
@@ -113,11 +111,6 @@ def _unless_error(*codes: str) -> Iterator[None]:
             raise
 
 
-def _check_status(status: str) -> None:
-    if status not in RUN_STATUSES:
-        raise ValueError(f"run status {status!r} is not one of {', '.join(RUN_STATUSES)}")
-
-
 def model_requirements() -> list[str]:
     """Pinned pip requirements for a logged model (explicit, so MLflow infers nothing)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -133,10 +126,10 @@ def model_requirements() -> list[str]:
 
 def _float_or_none(text: str | None) -> float | None:
     try:
-        value = float(text) if text is not None else None
+        value = float(text or "nan")  # a missing tag: NaN, None below
     except ValueError:
         return None
-    return None if value is None or math.isnan(value) else value
+    return None if math.isnan(value) else value
 
 
 def promote_if_better(
@@ -343,17 +336,12 @@ class MlflowTracker(Tracker):
     ) -> dict | None:
         """Log the model (torch.export 'pt2' format), register a version, maybe move 'champion'.
 
-        `model` takes the uint8 gray batch `(B, 1, S, S)` and returns logits (normalisation and
-        channel expansion inside it); `input_example` is a uint8 array of that shape. The
-        signature is the uint8 tensor spec `(-1, 1, S, S)` -> the logits. `metadata` (the
-        ctscan spec: SPEC_KEYS at least, JSON-ready) goes into the MLmodel file's `metadata`,
-        into `ctscan_spec.json` beside the MLmodel file, and, in part, into the version's tags.
-
-        May be called after close. The model is copied to the CPU in eval mode, unwrapped; an
-        example batch of 1 is repeated to 2 rows so the exported graph keeps a dynamic batch
-        dimension. A model torch.export cannot trace is pickled instead (loading it needs
-        ctscan). Returns the registered name and version, whether it was promoted, and the
-        champion's version and value after the decision; None when tracking.log_model is false.
+        `model` maps the uint8 gray batch `(B, 1, S, S)` (`input_example`'s shape) to logits;
+        `metadata` (SPEC_KEYS at least) goes into the MLmodel file, `ctscan_spec.json` beside it
+        and, in part, the version's tags. May be called after close. A batch of 1 is repeated to
+        2 rows so the exported graph keeps a dynamic batch dimension; a model torch.export cannot
+        trace is pickled (loading it needs ctscan). Returns the registered name and version,
+        whether it was promoted and the champion after it; None when tracking.log_model is false.
         """
         if not self.settings.log_model:
             return None
@@ -378,7 +366,10 @@ class MlflowTracker(Tracker):
         signature = infer_signature(example, logits.numpy())
         with self._errors("log the model"), self._as_active_run():
             info = self._log_pytorch(mlflow.pytorch, net, example, signature, spec)
-            self._log_spec_file(info.model_id, spec)
+            with tempfile.TemporaryDirectory() as tmp:  # ctscan_spec.json beside MLmodel
+                path = Path(tmp) / SPEC_ARTIFACT
+                path.write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+                self.client.log_model_artifact(info.model_id, str(path))
             return self._register(info, spec, select_metric, float(select_value), higher_is_better)
 
     def _log_pytorch(
@@ -402,13 +393,6 @@ class MlflowTracker(Tracker):
             log.warning("torch.export failed (%s); logging a pickled model", first_line(exc))
             logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # same warning again
             return flavor.log_model(net, serialization_format="pickle", **kwargs)
-
-    def _log_spec_file(self, model_id: str, spec: dict) -> None:
-        """Write the spec as ctscan_spec.json into the logged model's folder, beside MLmodel."""
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / SPEC_ARTIFACT
-            path.write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
-            self.client.log_model_artifact(model_id, str(path))
 
     def _register(
         self,
@@ -464,7 +448,7 @@ class MlflowTracker(Tracker):
 
     def close(self, status: str = "FINISHED") -> None:
         """End the run with FINISHED, FAILED or KILLED (a second call does nothing)."""
-        _check_status(status)
+        super().close(status)
         if self._closed or self.run_id is None:
             return
         self._closed = True
@@ -494,16 +478,14 @@ def _checked_spec(metadata: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"model metadata is not JSON-ready: {exc}") from None
 
 
-MODEL_URI_FORMS = "models:/<name>@<alias>, models:/<name>/<version> or runs:/<run id>/model"
-
-
 def load_model_spec(model_uri: str, tracking: TrackingSettings, runs_dir: Path) -> dict[str, Any]:
     """The ctscan metadata (class names, preprocessing spec, versions) of a logged MLflow model,
     looked up in the store `open_tracker` would use."""
     scheme = urlsplit(model_uri).scheme.lower()
     if scheme not in ("models", "runs"):
         raise TrackingError(
-            f"'{model_uri}' is not an MLflow model URI.", f"write it as {MODEL_URI_FORMS}."
+            f"'{model_uri}' is not an MLflow model URI.",
+            "write it as models:/<name>@<alias>, models:/<name>/<version> or runs:/<run id>/model.",
         )
     uri, source = resolve_uri(tracking, runs_dir)
     where = f"'{uri}' (from {source})"
@@ -546,10 +528,8 @@ def load_logged_model(
 ) -> tuple[Any, dict[str, Any], str]:
     """A logged ctscan model, ready to call: (module for inference on the CPU, metadata, version).
 
-    The module takes uint8 gray images (B, 1, S, S) and returns logits. `version` is the
-    registry version a `models:/` URI resolves to, or `run <id>` for a `runs:/` URI. Both
-    formats `log_model` writes load: `pt2` (a torch.export graph) and the pickled fallback
-    (needs ctscan importable and MLFLOW_ALLOW_PICKLE_DESERIALIZATION, true by default).
+    `version`: the registry version a `models:/` URI resolves to, or `run <id>` for `runs:/`.
+    The pickled fallback of `log_model` needs MLFLOW_ALLOW_PICKLE_DESERIALIZATION (default true).
     """
     metadata = load_model_spec(model_uri, tracking, runs_dir)  # checks the URI and the store
     uri, source = resolve_uri(tracking, runs_dir)
