@@ -104,12 +104,8 @@ def _umask() -> int:
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
-    """Write `path` through `write(fh)` into a temp file beside it, fsync, then rename over it.
-
-    A failure (or a signal) mid-write leaves the old file as it was; the temp file is removed,
-    except after SIGKILL, which `remove_stale_temps` cleans on the next start. A file-system
-    failure (a folder made read-only, a full disk) is one CtscanError line naming the file.
-    """
+    """Write `path` through `write(fh)` into a temp file beside it (`built_aside`), fsync, rename
+    over it. A file-system failure (a read-only folder, a full disk) is one CtscanError line."""
     path = Path(path)
     try:
         with built_aside(path) as tmp, open(tmp, "wb") as fh:
@@ -163,15 +159,11 @@ def folder_lock(
     wait: float = 0.0,
     name: str = ".lock",
 ) -> Iterator[None]:
-    """Hold an exclusive lock on `folder` (the file `name` inside it): at once, or within
-    `wait` seconds, or fail with one line.
-
-    The one lock of ctscan: run, cross-validation and sweep folders (no wait: a second process
-    is refused), the MLflow SQLite store (waited for: processes that start together take turns
-    at its migrations). An advisory `flock` goes away with its process, even after SIGKILL. The
-    lock file is removed on release; whoever takes the lock checks that the path still names
-    the file it locked. No lock without fcntl (Windows) or where the file system cannot lock.
-    """
+    """Hold an exclusive lock on `folder` (the file `name` inside it): at once (run, cv, sweep
+    folders), or within `wait` seconds (the MLflow SQLite store's migrations), or fail with one
+    line. An advisory `flock` goes away with its process, even after SIGKILL. The file is removed
+    on release; whoever takes the lock checks that the path still names the file it locked. No
+    lock without fcntl (Windows) or where the file system cannot lock."""
     lock_path = Path(folder) / name
     fh = _take_lock(lock_path, folder, what, error, wait)
     if fh is None:

@@ -58,11 +58,8 @@ def ignore_stops() -> None:
 
 
 def stop_received() -> int | None:
-    """The first stop signal received and not acted on yet, or None.
-
-    A stop can land inside code that swallows it (an import half done, a library's broad
-    `except`) and surface as an unrelated error later: the CLI reports that as the stop.
-    """
+    """The first stop signal received and not acted on yet (one swallowed where it landed, too:
+    the CLI reports the unrelated error it can surface as later as the stop), or None."""
     return _STOPS[0] if _STOPS else None
 
 
@@ -212,14 +209,11 @@ def open_run_record(
 ) -> Any:
     """A job's MLflow run, opened once through `tracker` (engine/tracking.py's, store open).
 
-    The run `recorded_id` names (kept by the job: last.pt, folds.json, the study) is reopened;
-    else a new run starts with `tags`, nested under `parent_run_id`, gets `params`, and
-    `record(its id)` keeps it, in one critical step with its creation: a stop never leaves a
+    The run `recorded_id` names (in last.pt, folds.json, the study) is reopened if it may be
+    (`tracker.find_run`); else a new run starts with `tags`, under `parent_run_id`, gets `params`,
+    and `record(its id)` keeps it in one critical step with its creation: a stop never leaves a
     run the next attempt cannot find. A stop or failure while opening ends the run (KILLED,
-    FAILED). A recorded run in another experiment than tracking.experiment: a parent
-    (`experiment_fix` given) is refused with `experiment_fix(its experiment)`, a child
-    (`parent_run_id`) gets a new run, any other run is reopened there. Tracking off: `tracker`
-    is a no-op and `record` is not called.
+    FAILED). Tracking off: `tracker` is a no-op and `record` is not called.
     """
     if not tracker.enabled:
         return tracker
