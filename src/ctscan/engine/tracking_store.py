@@ -31,7 +31,6 @@ TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "m
 SERVER_PROBE_TIMEOUT_S = 5.0
 NOISY_LOGGERS = ("mlflow", "mlflow.pytorch", "alembic")
 STORE_LOCK_TIMEOUT_S = 600.0
-SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
 class TrackingError(CtscanError):
@@ -140,9 +139,6 @@ def _check_sqlite_file(db: Path) -> None:
     """Refuse a file that is not SQLite, or that an interrupted migration left half done."""
     if not db.is_file() or db.stat().st_size == 0:
         return  # a new store
-    with open(db, "rb") as fh:
-        if fh.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
-            raise _broken_store(db, "is not an SQLite database")
     try:
         with contextlib.closing(sqlite3.connect(db)) as conn:
             rows = conn.execute(
@@ -150,7 +146,7 @@ def _check_sqlite_file(db: Path) -> None:
                 "AND name LIKE '\\_alembic\\_tmp\\_%' ESCAPE '\\' ORDER BY name"
             ).fetchall()
     except sqlite3.DatabaseError as exc:
-        raise _broken_store(db, f"cannot be read ({exc})") from None
+        raise _broken_store(db, f"is not an SQLite database it can read ({exc})") from None
     if rows:
         tables = ", ".join(name for (name,) in rows)
         raise _broken_store(
