@@ -49,11 +49,7 @@ def folder_problem(path: Path | str, *, create: bool = True) -> str | None:
 
 
 def ensure_dir(
-    path: Path | str,
-    *,
-    what: str,
-    error: type[CtscanError] = CtscanError,
-    fix: str | None = None,
+    path: Path | str, *, what: str, error: type[CtscanError] = CtscanError, fix: str | None = None
 ) -> Path:
     """Create folder `path` (and its parents) or raise one error naming it, why it cannot be
     used (a file, under a file, not writable) and the fix; `what` says what it is for."""

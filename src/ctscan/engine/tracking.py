@@ -395,12 +395,7 @@ class MlflowTracker(Tracker):
             return flavor.log_model(net, serialization_format="pickle", **kwargs)
 
     def _register(
-        self,
-        info: Any,
-        spec: dict,
-        select_metric: str,
-        select_value: float,
-        higher_is_better: bool,
+        self, info: Any, spec: dict, select_metric: str, select_value: float, higher_is_better: bool
     ) -> dict:
         """Add a registry version for a logged model and decide on the champion alias."""
         name = self.settings.registered_model
