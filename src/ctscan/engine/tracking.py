@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -349,6 +350,7 @@ class MlflowTracker(Tracker):
         import mlflow.pytorch
         import numpy as np
         import torch
+        from mlflow.exceptions import MlflowException
         from mlflow.models import infer_signature
 
         spec = _checked_spec(metadata)
@@ -363,36 +365,29 @@ class MlflowTracker(Tracker):
         net = copy.deepcopy(unwrap(model)).to("cpu").eval()
         with torch.no_grad():
             logits = net(torch.from_numpy(example))  # (B, C) float
-        signature = infer_signature(example, logits.numpy())
+        log_pytorch = partial(
+            mlflow.pytorch.log_model,
+            net,
+            name=MODEL_ARTIFACT_NAME,
+            input_example=example,
+            signature=infer_signature(example, logits.numpy()),
+            metadata=spec,
+            pip_requirements=model_requirements(),
+        )
         with self._errors("log the model"), self._as_active_run():
-            info = self._log_pytorch(mlflow.pytorch, net, example, signature, spec)
+            try:
+                info = log_pytorch(serialization_format="pt2")
+            except (MlflowException, OSError):
+                raise
+            except Exception as exc:  # torch.export could not trace the model
+                log.warning("torch.export failed (%s); logging a pickled model", first_line(exc))
+                logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # same warning again
+                info = log_pytorch(serialization_format="pickle")
             with tempfile.TemporaryDirectory() as tmp:  # ctscan_spec.json beside MLmodel
                 path = Path(tmp) / SPEC_ARTIFACT
                 path.write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
                 self.client.log_model_artifact(info.model_id, str(path))
             return self._register(info, spec, select_metric, float(select_value), higher_is_better)
-
-    def _log_pytorch(
-        self, flavor: Any, net: torch.nn.Module, example: np.ndarray, signature: Any, spec: dict
-    ) -> Any:
-        """mlflow.pytorch.log_model in pt2 format, or pickled when torch.export fails."""
-        from mlflow.exceptions import MlflowException
-
-        kwargs = {
-            "name": MODEL_ARTIFACT_NAME,
-            "input_example": example,
-            "signature": signature,
-            "metadata": spec,
-            "pip_requirements": model_requirements(),
-        }
-        try:
-            return flavor.log_model(net, serialization_format="pt2", **kwargs)
-        except (MlflowException, OSError):
-            raise
-        except Exception as exc:  # torch.export could not trace the model
-            log.warning("torch.export failed (%s); logging a pickled model", first_line(exc))
-            logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # same warning again
-            return flavor.log_model(net, serialization_format="pickle", **kwargs)
 
     def _register(
         self, info: Any, spec: dict, select_metric: str, select_value: float, higher_is_better: bool
@@ -532,6 +527,7 @@ def load_logged_model(
 
     _import_mlflow_pytorch()
     import mlflow.pytorch
+    import torch
     from mlflow.environment_variables import MLFLOW_ALLOW_PICKLE_DESERIALIZATION
     from mlflow.exceptions import MlflowException
 
@@ -552,7 +548,10 @@ def load_logged_model(
                 f"{first_line(exc)}",
                 fix,
             ) from None
-    return _inference_form(module), metadata, version
+    # pt2: a GraphModule traced in eval mode (its eval() raises in torch 2.14): as it is.
+    # Pickled (log_model's fallback): ctscan's Deployable, a plain nn.Module: eval().
+    module = module if isinstance(module, torch.fx.GraphModule) else module.eval()
+    return module, metadata, version
 
 
 def _import_mlflow_pytorch() -> None:
@@ -566,15 +565,6 @@ def _import_mlflow_pytorch() -> None:
     root.setLevel(level)
     for handler in [h for h in root.handlers if h not in handlers]:
         root.removeHandler(handler)
-
-
-def _inference_form(module: Any) -> Any:
-    """The module `mlflow.pytorch.load_model` gave, ready for inference (the one place deciding)."""
-    import torch
-
-    # pt2: a GraphModule traced in eval mode (its eval() raises in torch 2.14): as it is.
-    # Pickled (log_model's fallback): ctscan's Deployable, a plain nn.Module: eval().
-    return module if isinstance(module, torch.fx.GraphModule) else module.eval()
 
 
 def _registry_version(model_uri: str) -> str:
