@@ -114,8 +114,7 @@ def _probe_server(uri: str, source: str) -> None:
             "write it as http://host:5000.",
         ) from None
     try:
-        with socket.create_connection((host, port), timeout=SERVER_PROBE_TIMEOUT_S):
-            pass
+        socket.create_connection((host, port), timeout=SERVER_PROBE_TIMEOUT_S).close()
     except OSError as exc:
         reason = exc.strerror or str(exc) or type(exc).__name__
         raise TrackingError(
@@ -233,17 +232,12 @@ def _open_postgres_store(uri: str, source: str) -> None:
     import sqlalchemy.exc
 
     where = f"'{hide_password(uri)}' (from {source})"
+    fix = f"pip install psycopg, write postgresql+psycopg://..., {DISABLE_FIX}"
+    lock = database_lock(
+        uri, "ctscan.mlflow-store", what=f"the MLflow store {where}", error=TrackingError, fix=fix
+    )
     try:
-        with (
-            database_lock(
-                uri,
-                "ctscan.mlflow-store",
-                what=f"the MLflow store {where}",
-                error=TrackingError,
-                fix=f"pip install psycopg, write postgresql+psycopg://..., {DISABLE_FIX}",
-            ),
-            quiet(),
-        ):
+        with lock, quiet():
             mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except (sqlalchemy.exc.SQLAlchemyError, mlflow.exceptions.MlflowException) as exc:
         raise TrackingError(
