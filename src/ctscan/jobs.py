@@ -92,8 +92,7 @@ def critical(*signums: int) -> Iterator[None]:
     caught: list[int] = []
     previous = {}
     for signum in signums or STOP_SIGNALS:
-        handler = signal.getsignal(signum)
-        if handler is not None:  # None: set outside Python, cannot be put back
+        if signal.getsignal(signum) is not None:  # None: set outside Python, cannot be put back
             previous[signum] = signal.signal(signum, lambda s, frame: caught.append(s))
     try:
         yield
@@ -222,8 +221,7 @@ def open_run_record(
         with critical():
             tracker.start_run(run_name, stored, recorded_id, tags or {}, parent_run_id)
             if not tracker.reopened:
-                if params:
-                    tracker.log_params(params)
+                tracker.log_params(params or {})
                 if record is not None:
                     record(str(tracker.run_id))
     except BaseException as exc:

@@ -85,12 +85,11 @@ class Tracker:
     def end(self, exc_type: type[BaseException] | None = None) -> None:
         """Close with the status `exc_type` means; a failure to close is a warning when an
         error already ends the run (it is not hidden)."""
-        if exc_type is None:
-            self.close()
-            return
         try:
             self.close(end_status(exc_type))
         except TrackingError as close_error:
+            if exc_type is None:
+                raise
             log.warning("could not close the tracking run: %s", close_error)
 
     def __enter__(self) -> Tracker:
@@ -153,26 +152,24 @@ def promote_if_better(
     champion = None
     with _unless_error("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):  # no champion yet
         champion = client.get_model_version_by_alias(name, CHAMPION_ALIAS)
-    if champion is None:
-        client.set_registered_model_alias(name, CHAMPION_ALIAS, str(version))
-        return True
-    if str(champion.version) == str(version):
-        return False
-    champion_value = _float_or_none(champion.tags.get(TAG_SELECT_VALUE))
-    champion_metric = champion.tags.get(TAG_SELECT_METRIC)
-    if champion_value is None or (metric and champion_metric and champion_metric != metric):
-        why = f"was selected by {champion_metric}, not {metric}"
-        why = f"has no {TAG_SELECT_VALUE} tag" if champion_value is None else why
-        log.warning(
-            "model %s version %s is the champion but %s: not comparable, the alias stays. "
-            "Move it by hand: MlflowClient().set_registered_model_alias(%r, %r, '%s').",
-            *(name, champion.version, why, name, CHAMPION_ALIAS, version),
-        )
-        return False
-    better = value > champion_value if higher_is_better else value < champion_value
-    if better:
-        client.set_registered_model_alias(name, CHAMPION_ALIAS, str(version))
-    return better
+    if champion is not None:
+        if str(champion.version) == str(version):
+            return False
+        champion_value = _float_or_none(champion.tags.get(TAG_SELECT_VALUE))
+        champion_metric = champion.tags.get(TAG_SELECT_METRIC)
+        if champion_value is None or (metric and champion_metric and champion_metric != metric):
+            why = f"was selected by {champion_metric}, not {metric}"
+            why = f"has no {TAG_SELECT_VALUE} tag" if champion_value is None else why
+            log.warning(
+                "model %s version %s is the champion but %s: not comparable, the alias stays. "
+                "Move it by hand: MlflowClient().set_registered_model_alias(%r, %r, '%s').",
+                *(name, champion.version, why, name, CHAMPION_ALIAS, version),
+            )
+            return False
+        if not (value > champion_value if higher_is_better else value < champion_value):
+            return False
+    client.set_registered_model_alias(name, CHAMPION_ALIAS, str(version))
+    return True
 
 
 class MlflowTracker(Tracker):
@@ -245,8 +242,7 @@ class MlflowTracker(Tracker):
             if stored is not None:
                 self.run_id, self.experiment_id = stored.info.run_id, stored.info.experiment_id
                 self.client.update_run(self.run_id, status="RUNNING")
-                if tags:
-                    self.set_tags(tags)
+                self.set_tags(tags)
                 return
             if resumed_from:
                 tags = {**tags, TAG_RESUMED_FROM: resumed_from}
