@@ -135,15 +135,12 @@ def built_aside(path: Path) -> Iterator[Path]:
     fsync_dir(path.parent)
 
 
-def remove_stale_temps(folder: Path, names: tuple[str, ...]) -> list[Path]:
+def remove_stale_temps(folder: Path, names: tuple[str, ...]) -> None:
     """Delete temp files `atomic_write` left for `names` in `folder` (call under `folder_lock`)."""
-    removed = []
     for name in names:
         for tmp in Path(folder).glob(f".{name}.*{TEMP_SUFFIX}"):
             with contextlib.suppress(OSError):
                 tmp.unlink()
-                removed.append(tmp)
-    return removed
 
 
 @contextlib.contextmanager

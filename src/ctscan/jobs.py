@@ -149,17 +149,8 @@ MAY_CHANGE = (
 def changed_settings(before: dict[str, Any], now: Settings) -> list[tuple[str, Any, Any]]:
     """(key, recorded value, value now) for each setting that differs, `section.key` names.
     `before`: the recorded settings (sections of keys); `now`: the settings of this attempt."""
-    recorded = {
-        f"{section}.{key}": value
-        for section, values in before.items()
-        if isinstance(values, dict)
-        for key, value in values.items()
-    }
-    return [
-        (key, recorded[key], value)
-        for key, value in flatten(now).items()
-        if key in recorded and recorded[key] != value
-    ]
+    old = {f"{s}.{k}": v for s, vs in before.items() if isinstance(vs, dict) for k, v in vs.items()}
+    return [(k, old[k], v) for k, v in flatten(now).items() if k in old and old[k] != v]
 
 
 def refused_settings(
@@ -168,20 +159,16 @@ def refused_settings(
     """(key, recorded value, value now) for each change a continue may not make: not in
     MAY_CHANGE, nor one of the job's own `may_change` keys (a resume's train.epochs, a sweep's
     searched keys)."""
-    return [
-        (key, old, new)
-        for key, old, new in changed_settings(before, now)
-        if key not in may_change and not key.startswith(MAY_CHANGE)
-    ]
+    changed = changed_settings(before, now)
+    return [c for c in changed if c[0] not in may_change and not c[0].startswith(MAY_CHANGE)]
 
 
 def refused_changes(
     before: dict[str, Any], now: Settings, may_change: tuple[str, ...] = ()
 ) -> list[str]:
     """`key old -> new` for each of `refused_settings`."""
-    return [
-        f"{key} {old!r} -> {new!r}" for key, old, new in refused_settings(before, now, may_change)
-    ]
+    refused = refused_settings(before, now, may_change)
+    return [f"{key} {old!r} -> {new!r}" for key, old, new in refused]
 
 
 # ---- the run record -----------------------------------------------------------------------
