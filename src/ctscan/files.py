@@ -24,9 +24,7 @@ log = logging.getLogger(__name__)
 
 def folder_problem(path: Path | str, *, create: bool = True) -> str | None:
     """Why `path` cannot be a folder to write in ("is a file, ...", "lies under ..."), or None.
-
-    With `create`, the folder (and its parents) is created and a probe file written in it.
-    """
+    With `create`, the folder (and its parents) is created and a probe file written in it."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         return "is a file, not a folder"

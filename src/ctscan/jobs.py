@@ -30,11 +30,9 @@ _LAST_STOP = [-math.inf]  # when the last stop was received (time.monotonic)
 
 
 def on_stop(signum: int, frame: object) -> None:
-    """The handler of Ctrl-C and SIGTERM: remember the stop, unwind as Ctrl-C does.
-
-    A second stop within SAME_STOP_S of one not acted on yet is remembered but raises nothing:
-    raised, it would cut the first one's unwinding (its cleanup, its stopped line and the
-    continue command in it) in half."""
+    """The handler of Ctrl-C and SIGTERM: remember the stop, unwind as Ctrl-C does. A second stop
+    within SAME_STOP_S of one not acted on yet raises nothing: it would cut the first one's
+    unwinding (its cleanup, its stopped line and continue command) in half."""
     now, pending = time.monotonic(), bool(_STOPS)
     _STOPS.append(signum)
     if pending and now - _LAST_STOP[0] < SAME_STOP_S:
@@ -79,13 +77,11 @@ def check_stop() -> None:
 @contextmanager
 def critical(*signums: int) -> Iterator[None]:
     """A step a stop must not split: Ctrl-C and SIGTERM (or `signums`) wait for the block, then
-    act as they would have (a KeyboardInterrupt or `Terminated` raised from the `with`; nothing
-    if the signal is ignored).
+    act as they would have (raised from the `with`; nothing if the signal is ignored).
 
     A Python-level handler, not a blocked mask: the kernel may hand a process signal to any
-    thread, and Python runs the handler in the main thread at its next instruction, wherever
-    that is. Outside the main thread (where handlers cannot be set) the block runs unguarded.
-    """
+    thread, and Python runs the handler in the main thread at its next instruction. Outside the
+    main thread (where handlers cannot be set) the block runs unguarded."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -67,7 +67,6 @@ class Tracker:
 
     enabled: bool = False
     run_id: str | None = None
-    uri: str | None = None
     reopened: bool = False  # an earlier run continued (it holds its params already)
 
     def log_params(self, params: dict[str, Any]) -> None: ...
@@ -142,11 +141,8 @@ def promote_if_better(
     metric: str | None = None,
 ) -> bool:
     """Point the 'champion' alias at `version` if its value beats the champion's (or none exists).
-
-    The champion's value is read from its `ctscan.select_value` tag. A champion without that tag,
-    or selected by another metric than `metric`, is not comparable: the alias stays (a warning
-    says how to move it by hand). A tie or a NaN value does not promote.
-    """
+    A champion without a `ctscan.select_value` tag, or selected by another `metric`, is not
+    comparable: the alias stays (a warning says how to move it). A tie or NaN does not promote."""
     if math.isnan(value):
         return False
     champion = None
@@ -356,8 +352,7 @@ class MlflowTracker(Tracker):
                 f"input_example must be a (B, 1, S, S) uint8 array, not {example.dtype} "
                 f"{example.shape}"
             )
-        if example.shape[0] == 1:
-            example = np.concatenate([example, example])
+        example = np.repeat(example, 2, axis=0) if len(example) == 1 else example
         net = copy.deepcopy(unwrap(model)).to("cpu").eval()
         with torch.no_grad():
             logits = net(torch.from_numpy(example))  # (B, C) float
@@ -475,14 +470,13 @@ def load_model_spec(model_uri: str, tracking: TrackingSettings, runs_dir: Path) 
         )
     uri, source = resolve_uri(tracking, runs_dir)
     where = f"'{uri}' (from {source})"
-    if scheme_of(uri) == "sqlite":
-        db = sqlite_path(uri)
-        if db is not None and not db.is_file():
-            raise TrackingError(
-                f"there is no MLflow store at {where} to look up '{model_uri}'.",
-                "train and register a model first (ctscan train), or point tracking.uri / "
-                "MLFLOW_TRACKING_URI at the store that holds it.",
-            )
+    db = sqlite_path(uri) if scheme_of(uri) == "sqlite" else None
+    if db is not None and not db.is_file():
+        raise TrackingError(
+            f"there is no MLflow store at {where} to look up '{model_uri}'.",
+            "train and register a model first (ctscan train), or point tracking.uri / "
+            "MLFLOW_TRACKING_URI at the store that holds it.",
+        )
     open_store(tracking, runs_dir)
     import mlflow.models
     from mlflow.exceptions import MlflowException
