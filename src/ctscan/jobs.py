@@ -115,8 +115,6 @@ def stopped(
     return Interrupted(f"{job} stopped by {how}{detail}.".lstrip(), fix, terminated=terminated)
 
 
-# ---- what a continued job may change ------------------------------------------------------
-
 # Where and how a job runs (threads, device, compile, determinism: the arithmetic's last bits,
 # never the recipe) and what it does at its end: a resumed run, a continued cross-validation or
 # sweep may change these, never what or how it trains. A job adds its own keys at the call (a
@@ -165,9 +163,6 @@ def refused_changes(
     """`key old -> new` for each of `refused_settings`."""
     refused = refused_settings(before, now, may_change)
     return [f"{key} {old!r} -> {new!r}" for key, old, new in refused]
-
-
-# ---- the run record -----------------------------------------------------------------------
 
 
 def end_status(exc_type: type[BaseException] | None) -> str:

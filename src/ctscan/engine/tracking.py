@@ -305,9 +305,8 @@ class MlflowTracker(Tracker):
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Copy a file or a folder into the run's artifacts."""
-        path = Path(path)
         with self._errors(f"log the artifact '{path}'"):
-            if path.is_dir():
+            if Path(path).is_dir():
                 self.client.log_artifacts(self.run_id, str(path), artifact_path)
             else:
                 self.client.log_artifact(self.run_id, str(path), artifact_path)
