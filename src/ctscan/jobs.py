@@ -10,7 +10,6 @@ The locks are `files.folder_lock` (with `wait=` for a SQLite store) and `files.d
 
 from __future__ import annotations
 
-import math
 import signal
 import threading
 import time
@@ -23,10 +22,8 @@ from ctscan.settings import Settings, flatten
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _STOPS: list[int] = []  # the stop signals this process received and has not acted on yet
-
-
 SAME_STOP_S = 1.0  # a stop this soon after the last is the same stop (a double Ctrl-C)
-_LAST_STOP = [-math.inf]  # when the last stop was received (time.monotonic)
+_LAST_STOP = [float("-inf")]  # when the last stop was received (time.monotonic)
 
 
 def on_stop(signum: int, frame: object) -> None:
