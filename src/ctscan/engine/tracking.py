@@ -82,8 +82,7 @@ class Tracker:
             raise ValueError(f"run status {status!r} is not one of {', '.join(RUN_STATUSES)}")
 
     def end(self, exc_type: type[BaseException] | None = None) -> None:
-        """Close with the status `exc_type` means; a failure to close is a warning when an
-        error already ends the run (it is not hidden)."""
+        """Close with the status `exc_type` means (a failure to close it is a warning then)."""
         try:
             self.close(end_status(exc_type))
         except TrackingError as close_error:

@@ -1,7 +1,6 @@
-"""Where MLflow runs go: the tracking URI, its store made ready (folders, a server that
-answers, a SQLite or PostgreSQL store created or migrated under ctscan's lock), and the one-line
-errors for a store that cannot be used. Imported by tracking.py; mlflow only inside functions.
-"""
+"""Where MLflow runs go: the tracking URI, its store made ready (folders, a server that answers,
+a SQLite or PostgreSQL store created or migrated under ctscan's lock), one-line errors for a store
+that cannot be used. Imported by tracking.py; mlflow only inside functions."""
 
 from __future__ import annotations
 
