@@ -82,7 +82,7 @@ class Tracker:
             raise ValueError(f"run status {status!r} is not one of {', '.join(RUN_STATUSES)}")
 
     def end(self, exc_type: type[BaseException] | None = None) -> None:
-        """Close with the status `exc_type` means (a failure to close it is a warning then)."""
+        """Close with the status `exc_type` means; after an error, failing to close is a warning."""
         try:
             self.close(end_status(exc_type))
         except TrackingError as close_error:
