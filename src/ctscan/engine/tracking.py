@@ -22,18 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from ctscan.engine.tracking_store import (
-    DISABLE_FIX,
-    TrackingError,
-    artifact_location,
-    first_line,
-    open_store,
-    quiet,
-    resolve_uri,
-    scheme_of,
-    sqlite_path,
-    using_uri,
-)
+from ctscan.engine import tracking_store
+from ctscan.engine.tracking_store import DISABLE_FIX, TrackingError, first_line, quiet, using_uri
 from ctscan.jobs import critical, end_status, open_run_record
 from ctscan.models import unwrap
 from ctscan.settings import TrackingSettings
@@ -175,7 +165,7 @@ class MlflowTracker(Tracker):
 
     def __init__(self, tracking: TrackingSettings, *, runs_dir: Path) -> None:
         self.settings, self.runs_dir = tracking, Path(runs_dir)
-        self.uri, self._source = open_store(tracking, self.runs_dir)
+        self.uri, self._source = tracking_store.open_store(tracking, self.runs_dir)
         self._closed = False
         import mlflow
 
@@ -266,7 +256,7 @@ class MlflowTracker(Tracker):
         """The experiment `name` (created if missing; refused if deleted)."""
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
-            location = artifact_location(self.uri, self.runs_dir)
+            location = tracking_store.artifact_location(self.uri, self.runs_dir)
             with _unless_error("RESOURCE_ALREADY_EXISTS"):  # another process created it just now
                 return self.client.create_experiment(name, artifact_location=location)
             experiment = self.client.get_experiment_by_name(name)
@@ -466,16 +456,16 @@ def load_model_spec(model_uri: str, tracking: TrackingSettings, runs_dir: Path) 
             f"'{model_uri}' is not an MLflow model URI.",
             "write it as models:/<name>@<alias>, models:/<name>/<version> or runs:/<run id>/model.",
         )
-    uri, source = resolve_uri(tracking, runs_dir)
+    uri, source = tracking_store.resolve_uri(tracking, runs_dir)
     where = f"'{uri}' (from {source})"
-    db = sqlite_path(uri) if scheme_of(uri) == "sqlite" else None
+    db = tracking_store.sqlite_path(uri) if tracking_store.scheme_of(uri) == "sqlite" else None
     if db is not None and not db.is_file():
         raise TrackingError(
             f"there is no MLflow store at {where} to look up '{model_uri}'.",
             "train and register a model first (ctscan train), or point tracking.uri / "
             "MLFLOW_TRACKING_URI at the store that holds it.",
         )
-    open_store(tracking, runs_dir)
+    tracking_store.open_store(tracking, runs_dir)
     import mlflow.models
     from mlflow.exceptions import MlflowException
 
@@ -510,7 +500,7 @@ def load_logged_model(
     The pickled fallback of `log_model` needs MLFLOW_ALLOW_PICKLE_DESERIALIZATION (default true).
     """
     metadata = load_model_spec(model_uri, tracking, runs_dir)  # checks the URI and the store
-    uri, source = resolve_uri(tracking, runs_dir)
+    uri, source = tracking_store.resolve_uri(tracking, runs_dir)
     import zipfile
 
     _import_mlflow_pytorch()

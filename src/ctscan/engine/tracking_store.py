@@ -15,15 +15,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from ctscan import files
 from ctscan.errors import CtscanError
-from ctscan.files import (
-    built_aside,
-    database_lock,
-    ensure_dir,
-    folder_lock,
-    hide_password,
-    remove_stale_temps,
-)
 from ctscan.settings import TrackingSettings
 
 TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
@@ -96,7 +89,7 @@ def _prepare_local_store(uri: str, runs_dir: Path) -> None:
     if folder is None:
         return
     fix = f"choose a writable paths.runs_dir or tracking.uri, {DISABLE_FIX}"
-    ensure_dir(folder, what="tracking store folder", error=TrackingError, fix=fix)
+    files.ensure_dir(folder, what="tracking store folder", error=TrackingError, fix=fix)
 
 
 def _probe_server(uri: str, source: str) -> None:
@@ -159,7 +152,7 @@ def _open_sqlite_store(uri: str, runs_dir: Path) -> None:
     if db is None:
         return  # in-memory: one process only
     db = db.resolve()
-    lock = folder_lock(
+    lock = files.folder_lock(
         db.parent,
         what="MLflow store",
         error=TrackingError,
@@ -167,14 +160,14 @@ def _open_sqlite_store(uri: str, runs_dir: Path) -> None:
         name=f"{db.name}.lock",
     )
     with lock, quiet():
-        remove_stale_temps(db.parent, (db.name,))  # a store creation killed with SIGKILL
+        files.remove_stale_temps(db.parent, (db.name,))  # a store creation killed with SIGKILL
         _check_sqlite_file(db)
         if db.is_file() and db.stat().st_size:
             _migrate_sqlite_store(uri, db, runs_dir)
             return
         # A new store is built beside its place and renamed into it: a stop (or a kill) during
         # MLflow's migrations, which take seconds, leaves no half-made store to refuse later.
-        with built_aside(db) as tmp:
+        with files.built_aside(db) as tmp:
             query = "".join(uri.partition("?")[1:])  # "?..." or ""
             _migrate_sqlite_store(f"sqlite:///{tmp}{query}", db, runs_dir, artifacts_for=uri)
 
@@ -230,9 +223,9 @@ def _open_postgres_store(uri: str, source: str) -> None:
     import mlflow
     import sqlalchemy.exc
 
-    where = f"'{hide_password(uri)}' (from {source})"
+    where = f"'{files.hide_password(uri)}' (from {source})"
     fix = f"pip install psycopg, write postgresql+psycopg://..., {DISABLE_FIX}"
-    lock = database_lock(
+    lock = files.database_lock(
         uri, "ctscan.mlflow-store", what=f"the MLflow store {where}", error=TrackingError, fix=fix
     )
     try:
