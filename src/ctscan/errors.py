@@ -22,11 +22,8 @@ class CtscanError(Exception):
 
 
 class SettingsError(CtscanError):
-    """A settings file, key or value is wrong.
-
-    `conflict_keys`: when every fault is a check across keys (augment.scale_min <= scale_max),
-    the dotted keys it names; empty when a value is wrong by itself.
-    """
+    """A settings file, key or value is wrong. `conflict_keys`: the dotted keys a check across
+    keys names (augment.scale_min <= scale_max) when every fault is one; else empty."""
 
     exit_code = 2
     conflict_keys: frozenset[str] = frozenset()

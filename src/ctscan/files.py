@@ -1,10 +1,5 @@
-"""Files and folders the user names: checked with one clear error, written atomically, locked.
-
-`ensure_dir` (every folder a command writes into), `atomic_write` (the one temp file + fsync +
-rename writer), `folder_lock` (the one lock) and `database_lock` (its twin for a PostgreSQL
-database: a shared Optuna study, a PostgreSQL MLflow store) turn OS errors into one
-`CtscanError` line.
-"""
+"""Files and folders the user names: checked (`ensure_dir`), written atomically (`atomic_write`),
+locked (`folder_lock`; `database_lock` for PostgreSQL), each OS error one `CtscanError` line."""
 
 from __future__ import annotations
 
@@ -29,9 +24,7 @@ log = logging.getLogger(__name__)
 
 def folder_problem(path: Path | str, *, create: bool = True) -> str | None:
     """Why `path` cannot be a folder to write in ("is a file, ...", "lies under ..."), or None.
-
-    With `create`, the folder (and its parents) is created and a probe file written in it.
-    """
+    With `create`, the folder (and its parents) is created and a probe file written in it."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         return "is a file, not a folder"
@@ -54,17 +47,10 @@ def folder_problem(path: Path | str, *, create: bool = True) -> str | None:
 
 
 def ensure_dir(
-    path: Path | str,
-    *,
-    what: str,
-    error: type[CtscanError] = CtscanError,
-    fix: str | None = None,
+    path: Path | str, *, what: str, error: type[CtscanError] = CtscanError, fix: str | None = None
 ) -> Path:
-    """Create folder `path` (and its parents) or raise one clear error naming it.
-
-    `what` says what the folder is for ("run folder", "report folder"); the error names the
-    path, why it cannot be used (a file, under a file, not writable) and the fix.
-    """
+    """Create folder `path` (and its parents) or raise one error naming it, why it cannot be
+    used (a file, under a file, not writable) and the fix; `what` says what it is for."""
     problem = folder_problem(path)
     if problem is not None:
         fix = fix or f"choose another {what} (an existing or new folder you can write to)."
@@ -89,11 +75,8 @@ def checkpoint_file_problem(target: Path, *, example: str) -> CtscanError | None
 
 def file_sha256(path: Path | str) -> str:
     """The sha256 of a file's bytes (a checkpoint's or an exported model's identity)."""
-    h = hashlib.sha256()
     with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def fsync_dir(path: Path) -> None:
@@ -115,12 +98,8 @@ def _umask() -> int:
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
-    """Write `path` through `write(fh)` into a temp file beside it, fsync, then rename over it.
-
-    A failure (or a signal) mid-write leaves the old file as it was; the temp file is removed,
-    except after SIGKILL, which `remove_stale_temps` cleans on the next start. A file-system
-    failure (a folder made read-only, a full disk) is one CtscanError line naming the file.
-    """
+    """Write `path` through `write(fh)` into a temp file beside it (`built_aside`), fsync, rename
+    over it. A file-system failure (a read-only folder, a full disk) is one CtscanError line."""
     path = Path(path)
     try:
         with built_aside(path) as tmp, open(tmp, "wb") as fh:
@@ -154,15 +133,12 @@ def built_aside(path: Path) -> Iterator[Path]:
     fsync_dir(path.parent)
 
 
-def remove_stale_temps(folder: Path, names: tuple[str, ...]) -> list[Path]:
+def remove_stale_temps(folder: Path, names: tuple[str, ...]) -> None:
     """Delete temp files `atomic_write` left for `names` in `folder` (call under `folder_lock`)."""
-    removed = []
     for name in names:
         for tmp in Path(folder).glob(f".{name}.*{TEMP_SUFFIX}"):
             with contextlib.suppress(OSError):
                 tmp.unlink()
-                removed.append(tmp)
-    return removed
 
 
 @contextlib.contextmanager
@@ -174,23 +150,17 @@ def folder_lock(
     wait: float = 0.0,
     name: str = ".lock",
 ) -> Iterator[None]:
-    """Hold an exclusive lock on `folder` (the file `name` inside it): at once, or within
-    `wait` seconds, or fail with one line.
-
-    The one lock of ctscan: run, cross-validation and sweep folders (no wait: a second process
-    is refused), the MLflow SQLite store (waited for: processes that start together take turns
-    at its migrations). An advisory `flock` goes away with its process, even after SIGKILL. The
-    lock file is removed on release; whoever takes the lock checks that the path still names
-    the file it locked. No lock without fcntl (Windows) or where the file system cannot lock.
-    """
+    """Hold an exclusive lock on `folder` (the file `name` inside it): at once (run, cv, sweep
+    folders), or within `wait` seconds (the MLflow SQLite store's migrations), or fail with one
+    line. An advisory `flock` goes away with its process, even after SIGKILL. The file is removed
+    on release; whoever takes the lock checks that the path still names the file it locked. No
+    lock without fcntl (Windows) or where the file system cannot lock."""
     lock_path = Path(folder) / name
     fh = _take_lock(lock_path, folder, what, error, wait)
     if fh is None:
         yield
         return
-    import fcntl
-
-    with fh:
+    with fh:  # closing it releases the lock, after the file is removed
         text = fh.read().strip()
         if text and not _LOCK_TEXT.fullmatch(text):  # not left by a ctscan process: not ours
             raise error(
@@ -207,7 +177,6 @@ def folder_lock(
             if _names_open_file(lock_path, fh):  # not if renamed or replaced meanwhile
                 with contextlib.suppress(OSError):
                     lock_path.unlink()  # still held: a later opener finds no file, or a new one
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def _take_lock(

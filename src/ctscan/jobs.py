@@ -1,25 +1,15 @@
-"""Durable jobs: how train, train --folds and preprocess stop, continue and keep their record.
+"""Durable jobs (train, train --folds, sweep, preprocess): how they stop, continue, keep a record.
 
-Written once, here:
-- stops: `cli.main` installs the one handler (`install_stop_handlers`) for Ctrl-C and SIGTERM;
-  both unwind as KeyboardInterrupt (SIGTERM as its subclass `Terminated`) so that `finally`
-  blocks and context managers run, and each stop is remembered until it is acted on. A stop
-  that landed where it was swallowed (a garbage-collector callback, a half-done import) acts
-  at the next `check_stop()` between two steps of the work.
-- `critical()`: a step a stop must not split (a checkpoint and its metrics, a run and its
-  record); a stop inside waits for the step to end.
-- `stopped(...)`: the one line a stopped job ends with, and the command that continues it.
-- `MAY_CHANGE` / `refused_changes`: what a continued job (a resumed run, a continued
-  cross-validation or sweep) may change from the settings it recorded; anything else is
-  refused before any write.
-- `open_run_record`: the job's MLflow run, opened or reopened once by the id the job recorded,
-  and that record written with the run's creation (the MLflow calls: engine/tracking.py).
+Stops: `cli.main` installs `on_stop` once for Ctrl-C and SIGTERM; both unwind as KeyboardInterrupt
+(SIGTERM as `Terminated`) so that `finally` blocks run, and each stop is remembered until acted on:
+one swallowed where it landed (a garbage-collector callback, a half-done import) acts at the next
+`check_stop()`. `critical()` holds a stop until a step ends; `stopped()` is the one line a stopped
+job ends with. `MAY_CHANGE`: what a continue may change. `open_run_record`: the job's MLflow run.
 The locks are `files.folder_lock` (with `wait=` for a SQLite store) and `files.database_lock`.
 """
 
 from __future__ import annotations
 
-import math
 import signal
 import threading
 import time
@@ -32,18 +22,14 @@ from ctscan.settings import Settings, flatten
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _STOPS: list[int] = []  # the stop signals this process received and has not acted on yet
-
-
 SAME_STOP_S = 1.0  # a stop this soon after the last is the same stop (a double Ctrl-C)
-_LAST_STOP = [-math.inf]  # when the last stop was received (time.monotonic)
+_LAST_STOP = [float("-inf")]  # when the last stop was received (time.monotonic)
 
 
 def on_stop(signum: int, frame: object) -> None:
-    """The handler of Ctrl-C and SIGTERM: remember the stop, unwind as Ctrl-C does.
-
-    A second stop within SAME_STOP_S of one not acted on yet is remembered but raises nothing:
-    raised, it would cut the first one's unwinding (its cleanup, its stopped line and the
-    continue command in it) in half."""
+    """The handler of Ctrl-C and SIGTERM: remember the stop, unwind as Ctrl-C does. A second stop
+    within SAME_STOP_S of one not acted on yet raises nothing: it would cut the first one's
+    unwinding (its cleanup, its stopped line and continue command) in half."""
     now, pending = time.monotonic(), bool(_STOPS)
     _STOPS.append(signum)
     if pending and now - _LAST_STOP[0] < SAME_STOP_S:
@@ -67,11 +53,8 @@ def ignore_stops() -> None:
 
 
 def stop_received() -> int | None:
-    """The first stop signal received and not acted on yet, or None.
-
-    A stop can land inside code that swallows it (an import half done, a library's broad
-    `except`) and surface as an unrelated error later: the CLI reports that as the stop.
-    """
+    """The first stop signal received and not acted on yet (one swallowed where it landed, too:
+    the CLI reports the unrelated error it can surface as later as the stop), or None."""
     return _STOPS[0] if _STOPS else None
 
 
@@ -84,29 +67,25 @@ def forget_stops() -> None:
 def check_stop() -> None:
     """Act on a stop that was received but swallowed: raise it again here, between two steps
     of the work, so the job stops as it was asked to."""
-    signum = stop_received()
-    if signum is not None:
-        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    if _STOPS:
+        raise Terminated() if _STOPS[0] == signal.SIGTERM else KeyboardInterrupt()
 
 
 @contextmanager
 def critical(*signums: int) -> Iterator[None]:
     """A step a stop must not split: Ctrl-C and SIGTERM (or `signums`) wait for the block, then
-    act as they would have (a KeyboardInterrupt or `Terminated` raised from the `with`; nothing
-    if the signal is ignored).
+    act as they would have (raised from the `with`; nothing if the signal is ignored).
 
     A Python-level handler, not a blocked mask: the kernel may hand a process signal to any
-    thread, and Python runs the handler in the main thread at its next instruction, wherever
-    that is. Outside the main thread (where handlers cannot be set) the block runs unguarded.
-    """
+    thread, and Python runs the handler in the main thread at its next instruction. Outside the
+    main thread (where handlers cannot be set) the block runs unguarded."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught: list[int] = []
     previous = {}
     for signum in signums or STOP_SIGNALS:
-        handler = signal.getsignal(signum)
-        if handler is not None:  # None: set outside Python, cannot be put back
+        if signal.getsignal(signum) is not None:  # None: set outside Python, cannot be put back
             previous[signum] = signal.signal(signum, lambda s, frame: caught.append(s))
     try:
         yield
@@ -130,11 +109,8 @@ def stopped(
         terminated = stop_received() == signal.SIGTERM
     forget_stops()
     how = "SIGTERM" if terminated else "Ctrl-C"
-    job = f"{job} " if job else ""
-    return Interrupted(f"{job}stopped by {how}{detail}.", fix, terminated=terminated)
+    return Interrupted(f"{job} stopped by {how}{detail}.".lstrip(), fix, terminated=terminated)
 
-
-# ---- what a continued job may change ------------------------------------------------------
 
 # Where and how a job runs (threads, device, compile, determinism: the arithmetic's last bits,
 # never the recipe) and what it does at its end: a resumed run, a continued cross-validation or
@@ -164,17 +140,8 @@ MAY_CHANGE = (
 def changed_settings(before: dict[str, Any], now: Settings) -> list[tuple[str, Any, Any]]:
     """(key, recorded value, value now) for each setting that differs, `section.key` names.
     `before`: the recorded settings (sections of keys); `now`: the settings of this attempt."""
-    recorded = {
-        f"{section}.{key}": value
-        for section, values in before.items()
-        if isinstance(values, dict)
-        for key, value in values.items()
-    }
-    return [
-        (key, recorded[key], value)
-        for key, value in flatten(now).items()
-        if key in recorded and recorded[key] != value
-    ]
+    old = {f"{s}.{k}": v for s, vs in before.items() if isinstance(vs, dict) for k, v in vs.items()}
+    return [(k, old[k], v) for k, v in flatten(now).items() if k in old and old[k] != v]
 
 
 def refused_settings(
@@ -183,23 +150,16 @@ def refused_settings(
     """(key, recorded value, value now) for each change a continue may not make: not in
     MAY_CHANGE, nor one of the job's own `may_change` keys (a resume's train.epochs, a sweep's
     searched keys)."""
-    return [
-        (key, old, new)
-        for key, old, new in changed_settings(before, now)
-        if key not in may_change and not key.startswith(MAY_CHANGE)
-    ]
+    changed = changed_settings(before, now)
+    return [c for c in changed if c[0] not in may_change and not c[0].startswith(MAY_CHANGE)]
 
 
 def refused_changes(
     before: dict[str, Any], now: Settings, may_change: tuple[str, ...] = ()
 ) -> list[str]:
     """`key old -> new` for each of `refused_settings`."""
-    return [
-        f"{key} {old!r} -> {new!r}" for key, old, new in refused_settings(before, now, may_change)
-    ]
-
-
-# ---- the run record -----------------------------------------------------------------------
+    refused = refused_settings(before, now, may_change)
+    return [f"{key} {old!r} -> {new!r}" for key, old, new in refused]
 
 
 def end_status(exc_type: type[BaseException] | None) -> str:
@@ -223,14 +183,11 @@ def open_run_record(
 ) -> Any:
     """A job's MLflow run, opened once through `tracker` (engine/tracking.py's, store open).
 
-    The run `recorded_id` names (kept by the job: last.pt, folds.json, the study) is reopened;
-    else a new run starts with `tags`, nested under `parent_run_id`, gets `params`, and
-    `record(its id)` keeps it, in one critical step with its creation: a stop never leaves a
+    The run `recorded_id` names (in last.pt, folds.json, the study) is reopened if it may be
+    (`tracker.find_run`); else a new run starts with `tags`, under `parent_run_id`, gets `params`,
+    and `record(its id)` keeps it in one critical step with its creation: a stop never leaves a
     run the next attempt cannot find. A stop or failure while opening ends the run (KILLED,
-    FAILED). A recorded run in another experiment than tracking.experiment: a parent
-    (`experiment_fix` given) is refused with `experiment_fix(its experiment)`, a child
-    (`parent_run_id`) gets a new run, any other run is reopened there. Tracking off: `tracker`
-    is a no-op and `record` is not called.
+    FAILED). Tracking off: `tracker` is a no-op and `record` is not called.
     """
     if not tracker.enabled:
         return tracker
@@ -239,8 +196,7 @@ def open_run_record(
         with critical():
             tracker.start_run(run_name, stored, recorded_id, tags or {}, parent_run_id)
             if not tracker.reopened:
-                if params:
-                    tracker.log_params(params)
+                tracker.log_params(params or {})
                 if record is not None:
                     record(str(tracker.run_id))
     except BaseException as exc:

@@ -37,8 +37,8 @@ from ctscan.engine.tracking import (
     model_requirements,
     open_tracker,
     promote_if_better,
-    resolve_tracking_uri,
 )
+from ctscan.engine.tracking_store import resolve_uri
 from ctscan.errors import CtscanError, Interrupted, Terminated
 from ctscan.models import unwrap
 from ctscan.settings import TrackingSettings
@@ -95,6 +95,10 @@ def log(tracker: Tracker, model: torch.nn.Module, value: float, **kwargs) -> dic
     """log_model with the test metadata and a val_macro_f1 value."""
     kwargs = {"select_metric": "val_macro_f1", "metadata": METADATA} | kwargs
     return tracker.log_model(model, input_example=example(), select_value=value, **kwargs)
+
+
+def resolve_tracking_uri(tracking: TrackingSettings, runs_dir: Path) -> str:
+    return resolve_uri(tracking, runs_dir)[0]
 
 
 def client_for(tracker: Tracker):

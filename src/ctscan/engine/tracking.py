@@ -1,11 +1,8 @@
 """Experiment tracking with MLflow: runs, params, metrics, artifacts and the model registry.
 
-The only module of ctscan that imports mlflow, and only when tracking is enabled. The tracking
-URI: `tracking.uri`, else `MLFLOW_TRACKING_URI`, else `sqlite:///<runs_dir>/mlflow.db` with
-artifacts in `<runs_dir>/mlartifacts`. A SQLite or PostgreSQL store is created and migrated under
-a lock, so processes that start together never run MLflow's migrations at once. Runs are written
-through `MlflowClient`, never made MLflow's process-wide active run; how a job opens its run once
-and records it: `jobs.open_run_record`.
+With tracking_store.py (where runs go) the only modules that import mlflow, and only when tracking
+is enabled. Runs are written through `MlflowClient`, never made MLflow's process-wide active run;
+a job opens its run once and records it in `jobs.open_run_record`.
 """
 
 from __future__ import annotations
@@ -20,24 +17,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from ctscan.engine.tracking_store import (
-    DISABLE_FIX,
-    TrackingError,
-    artifact_location,
-    first_line,
-    open_store,
-    quiet,
-    resolve_tracking_uri,
-    resolve_uri,
-    scheme_of,
-    sqlite_path,
-    using_uri,
-)
+from ctscan.engine import tracking_store
+from ctscan.engine.tracking_store import DISABLE_FIX, TrackingError, first_line, quiet, using_uri
 from ctscan.jobs import critical, end_status, open_run_record
 from ctscan.models import unwrap
 from ctscan.settings import TrackingSettings
@@ -48,8 +34,6 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
-
-__all__ = ["TrackingError", "resolve_tracking_uri"]  # re-exported: where runs go
 
 CHAMPION_ALIAS = "champion"
 MODEL_ARTIFACT_NAME = "model"
@@ -69,62 +53,50 @@ MAX_PARAM_CHARS = 6000
 
 
 class Tracker:
-    """Tracking switched off: every method is a safe no-op."""
+    """Tracking switched off: every method is a safe no-op (what each does: MlflowTracker)."""
 
     enabled: bool = False
     run_id: str | None = None
-    uri: str | None = None
     reopened: bool = False  # an earlier run continued (it holds its params already)
 
-    def log_params(self, params: dict[str, Any]) -> None:
-        """Record run parameters (values are stored as strings)."""
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Record metric values at a step (the epoch for the training loop)."""
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        """Set run tags."""
-
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        """Copy a file or a folder into the run's artifacts."""
-
-    def log_dict(self, data: dict, artifact_file: str) -> None:
-        """Store a dict as a JSON or YAML artifact (by the file's suffix)."""
-
-    def log_model(self, model: torch.nn.Module, **options: Any) -> dict | None:
-        """Log and register the model; returns None when tracking or model logging is off."""
-        return None
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def log_dict(self, data: dict, artifact_file: str) -> None: ...
+    def log_model(self, model: torch.nn.Module, **options: Any) -> dict | None: ...
 
     def close(self, status: str = "FINISHED") -> None:
         """End the run with FINISHED, FAILED or KILLED."""
-        _check_status(status)
+        if status not in RUN_STATUSES:
+            raise ValueError(f"run status {status!r} is not one of {', '.join(RUN_STATUSES)}")
 
     def end(self, exc_type: type[BaseException] | None = None) -> None:
-        """Close with the status `exc_type` means; a failure to close is a warning when an
-        error already ends the run (it is not hidden)."""
-        if exc_type is None:
-            self.close()
-            return
+        """Close with the status `exc_type` means; after an error, failing to close is a warning."""
         try:
             self.close(end_status(exc_type))
         except TrackingError as close_error:
+            if exc_type is None:
+                raise
             log.warning("could not close the tracking run: %s", close_error)
 
     def __enter__(self) -> Tracker:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         self.end(exc_type)
 
 
-def _check_status(status: str) -> None:
-    if status not in RUN_STATUSES:
-        raise ValueError(f"run status {status!r} is not one of {', '.join(RUN_STATUSES)}")
+@contextlib.contextmanager
+def _unless_error(*codes: str) -> Iterator[None]:
+    """Swallow an MlflowException with one of these error codes (a thing missing or there)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        if exc.error_code not in codes:
+            raise
 
 
 def model_requirements() -> list[str]:
@@ -142,10 +114,10 @@ def model_requirements() -> list[str]:
 
 def _float_or_none(text: str | None) -> float | None:
     try:
-        value = float(text) if text is not None else None
+        value = float(text or "nan")  # a missing tag: NaN, None below
     except ValueError:
         return None
-    return None if value is None or math.isnan(value) else value
+    return None if math.isnan(value) else value
 
 
 def promote_if_better(
@@ -158,41 +130,31 @@ def promote_if_better(
     metric: str | None = None,
 ) -> bool:
     """Point the 'champion' alias at `version` if its value beats the champion's (or none exists).
-
-    The champion's value is read from its `ctscan.select_value` tag. A champion without that tag,
-    or selected by another metric than `metric`, is not comparable: the alias stays (a warning
-    says how to move it by hand). A tie or a NaN value does not promote.
-    """
-    from mlflow.exceptions import MlflowException
-
+    A champion without a `ctscan.select_value` tag, or selected by another `metric`, is not
+    comparable: the alias stays (a warning says how to move it). A tie or NaN does not promote."""
     if math.isnan(value):
         return False
-    try:
+    champion = None
+    with _unless_error("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):  # no champion yet
         champion = client.get_model_version_by_alias(name, CHAMPION_ALIAS)
-    except MlflowException as exc:
-        if exc.error_code not in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):
-            raise
-        champion = None
-    if champion is None:
-        client.set_registered_model_alias(name, CHAMPION_ALIAS, str(version))
-        return True
-    if str(champion.version) == str(version):
-        return False
-    champion_value = _float_or_none(champion.tags.get(TAG_SELECT_VALUE))
-    champion_metric = champion.tags.get(TAG_SELECT_METRIC)
-    if champion_value is None or (metric and champion_metric and champion_metric != metric):
-        why = f"was selected by {champion_metric}, not {metric}"
-        why = f"has no {TAG_SELECT_VALUE} tag" if champion_value is None else why
-        log.warning(
-            "model %s version %s is the champion but %s: not comparable, the alias stays. "
-            "Move it by hand: MlflowClient().set_registered_model_alias(%r, %r, '%s').",
-            *(name, champion.version, why, name, CHAMPION_ALIAS, version),
-        )
-        return False
-    better = value > champion_value if higher_is_better else value < champion_value
-    if better:
-        client.set_registered_model_alias(name, CHAMPION_ALIAS, str(version))
-    return better
+    if champion is not None:
+        if str(champion.version) == str(version):
+            return False
+        champion_value = _float_or_none(champion.tags.get(TAG_SELECT_VALUE))
+        champion_metric = champion.tags.get(TAG_SELECT_METRIC)
+        if champion_value is None or (metric and champion_metric and champion_metric != metric):
+            why = f"was selected by {champion_metric}, not {metric}"
+            why = f"has no {TAG_SELECT_VALUE} tag" if champion_value is None else why
+            log.warning(
+                "model %s version %s is the champion but %s: not comparable, the alias stays. "
+                "Move it by hand: MlflowClient().set_registered_model_alias(%r, %r, '%s').",
+                *(name, champion.version, why, name, CHAMPION_ALIAS, version),
+            )
+            return False
+        if not (value > champion_value if higher_is_better else value < champion_value):
+            return False
+    client.set_registered_model_alias(name, CHAMPION_ALIAS, str(version))
+    return True
 
 
 class MlflowTracker(Tracker):
@@ -203,7 +165,7 @@ class MlflowTracker(Tracker):
 
     def __init__(self, tracking: TrackingSettings, *, runs_dir: Path) -> None:
         self.settings, self.runs_dir = tracking, Path(runs_dir)
-        self.uri, self._source = open_store(tracking, self.runs_dir)
+        self.uri, self._source = tracking_store.open_store(tracking, self.runs_dir)
         self._closed = False
         import mlflow
 
@@ -219,16 +181,10 @@ class MlflowTracker(Tracker):
         parent's run there (`fix` given) is refused, `fix(its experiment)` the fix."""
         if not run_id:
             return None
-        from mlflow.exceptions import MlflowException
-
-        experiment = self.settings.experiment
+        experiment, run = self.settings.experiment, None
         with self._errors("open the experiment"), quiet():
-            try:
+            with _unless_error("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                 run = self.client.get_run(run_id)
-            except MlflowException as exc:
-                if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-                    raise
-                run = None
             why = "is not in this tracking store" if run is None else ""
             if run is not None and run.info.lifecycle_stage == "deleted":
                 why = "is deleted"
@@ -271,8 +227,7 @@ class MlflowTracker(Tracker):
             if stored is not None:
                 self.run_id, self.experiment_id = stored.info.run_id, stored.info.experiment_id
                 self.client.update_run(self.run_id, status="RUNNING")
-                if tags:
-                    self.set_tags(tags)
+                self.set_tags(tags)
                 return
             if resumed_from:
                 tags = {**tags, TAG_RESUMED_FROM: resumed_from}
@@ -299,17 +254,12 @@ class MlflowTracker(Tracker):
 
     def _experiment_id(self, name: str) -> str:
         """The experiment `name` (created if missing; refused if deleted)."""
-        from mlflow.exceptions import MlflowException
-
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
-            location = artifact_location(self.uri, self.runs_dir)
-            try:
+            location = tracking_store.artifact_location(self.uri, self.runs_dir)
+            with _unless_error("RESOURCE_ALREADY_EXISTS"):  # another process created it just now
                 return self.client.create_experiment(name, artifact_location=location)
-            except MlflowException as exc:  # another process created it an instant ago
-                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-                experiment = self.client.get_experiment_by_name(name)
+            experiment = self.client.get_experiment_by_name(name)
         if experiment.lifecycle_stage == "deleted":
             store = shlex.quote(f"MLFLOW_TRACKING_URI={self.uri}")
             raise TrackingError(
@@ -323,34 +273,29 @@ class MlflowTracker(Tracker):
         """Record run parameters (values are stored as strings)."""
         from mlflow.entities import Param
 
-        batch = [Param(key, str(value)[:MAX_PARAM_CHARS]) for key, value in params.items()]
-        with self._errors("log parameters"), quiet(logging.CRITICAL):  # the error: one line
-            self.client.log_batch(self.run_id, params=batch)
+        self._log_batch(params=[Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in params.items()])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Record metric values at a step (the epoch for the training loop)."""
         from mlflow.entities import Metric
 
-        now_ms = int(time.time() * 1000)
-        batch = [Metric(key, float(value), now_ms, int(step)) for key, value in metrics.items()]
-        with self._errors("log metrics"), quiet(logging.CRITICAL):
-            self.client.log_batch(self.run_id, metrics=batch)
+        now = int(time.time() * 1000)
+        self._log_batch(metrics=[Metric(k, float(v), now, int(step)) for k, v in metrics.items()])
 
     def set_tags(self, tags: dict[str, str]) -> None:
         """Set run tags."""
         from mlflow.entities import RunTag
 
-        batch = [RunTag(key, str(value)) for key, value in tags.items()]
-        with self._errors("set tags"), quiet(logging.CRITICAL):
-            self.client.log_batch(self.run_id, tags=batch)
+        self._log_batch(tags=[RunTag(key, str(value)) for key, value in tags.items()])
+
+    def _log_batch(self, **batch: list) -> None:
+        with self._errors(f"log {', '.join(batch)}"), quiet(logging.CRITICAL):  # one line
+            self.client.log_batch(self.run_id, **batch)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Copy a file or a folder into the run's artifacts."""
-        path = Path(path)
-        if not path.exists():
-            raise TrackingError(f"artifact '{path}' does not exist.", "log a file that exists.")
         with self._errors(f"log the artifact '{path}'"):
-            if path.is_dir():
+            if Path(path).is_dir():
                 self.client.log_artifacts(self.run_id, str(path), artifact_path)
             else:
                 self.client.log_artifact(self.run_id, str(path), artifact_path)
@@ -372,17 +317,12 @@ class MlflowTracker(Tracker):
     ) -> dict | None:
         """Log the model (torch.export 'pt2' format), register a version, maybe move 'champion'.
 
-        `model` takes the uint8 gray batch `(B, 1, S, S)` and returns logits (normalisation and
-        channel expansion inside it); `input_example` is a uint8 array of that shape. The
-        signature is the uint8 tensor spec `(-1, 1, S, S)` -> the logits. `metadata` (the
-        ctscan spec: SPEC_KEYS at least, JSON-ready) goes into the MLmodel file's `metadata`,
-        into `ctscan_spec.json` beside the MLmodel file, and, in part, into the version's tags.
-
-        May be called after close. The model is copied to the CPU in eval mode, unwrapped; an
-        example batch of 1 is repeated to 2 rows so the exported graph keeps a dynamic batch
-        dimension. A model torch.export cannot trace is pickled instead (loading it needs
-        ctscan). Returns the registered name and version, whether it was promoted, and the
-        champion's version and value after the decision; None when tracking.log_model is false.
+        `model` maps the uint8 gray batch `(B, 1, S, S)` (`input_example`'s shape) to logits;
+        `metadata` (SPEC_KEYS at least) goes into the MLmodel file, `ctscan_spec.json` beside it
+        and, in part, the version's tags. May be called after close. A batch of 1 is repeated to
+        2 rows so the exported graph keeps a dynamic batch dimension; a model torch.export cannot
+        trace is pickled (loading it needs ctscan). Returns the registered name and version,
+        whether it was promoted and the champion after it; None when tracking.log_model is false.
         """
         if not self.settings.log_model:
             return None
@@ -390,6 +330,7 @@ class MlflowTracker(Tracker):
         import mlflow.pytorch
         import numpy as np
         import torch
+        from mlflow.exceptions import MlflowException
         from mlflow.models import infer_signature
 
         spec = _checked_spec(metadata)
@@ -399,63 +340,41 @@ class MlflowTracker(Tracker):
                 f"input_example must be a (B, 1, S, S) uint8 array, not {example.dtype} "
                 f"{example.shape}"
             )
-        if example.shape[0] == 1:
-            example = np.concatenate([example, example])
+        example = np.repeat(example, 2, axis=0) if len(example) == 1 else example
         net = copy.deepcopy(unwrap(model)).to("cpu").eval()
         with torch.no_grad():
             logits = net(torch.from_numpy(example))  # (B, C) float
-        signature = infer_signature(example, logits.numpy())
+        log_pytorch = partial(
+            mlflow.pytorch.log_model,
+            net,
+            name=MODEL_ARTIFACT_NAME,
+            input_example=example,
+            signature=infer_signature(example, logits.numpy()),
+            metadata=spec,
+            pip_requirements=model_requirements(),
+        )
         with self._errors("log the model"), self._as_active_run():
-            info = self._log_pytorch(mlflow.pytorch, net, example, signature, spec)
-            self._log_spec_file(info.model_id, spec)
+            try:
+                info = log_pytorch(serialization_format="pt2")
+            except (MlflowException, OSError):
+                raise
+            except Exception as exc:  # torch.export could not trace the model
+                log.warning("torch.export failed (%s); logging a pickled model", first_line(exc))
+                logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # same warning again
+                info = log_pytorch(serialization_format="pickle")
+            with tempfile.TemporaryDirectory() as tmp:  # ctscan_spec.json beside MLmodel
+                path = Path(tmp) / SPEC_ARTIFACT
+                path.write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+                self.client.log_model_artifact(info.model_id, str(path))
             return self._register(info, spec, select_metric, float(select_value), higher_is_better)
 
-    def _log_pytorch(
-        self, flavor: Any, net: torch.nn.Module, example: np.ndarray, signature: Any, spec: dict
-    ) -> Any:
-        """mlflow.pytorch.log_model in pt2 format, or pickled when torch.export fails."""
-        from mlflow.exceptions import MlflowException
-
-        kwargs = {
-            "name": MODEL_ARTIFACT_NAME,
-            "input_example": example,
-            "signature": signature,
-            "metadata": spec,
-            "pip_requirements": model_requirements(),
-        }
-        try:
-            return flavor.log_model(net, serialization_format="pt2", **kwargs)
-        except (MlflowException, OSError):
-            raise
-        except Exception as exc:  # torch.export could not trace the model
-            log.warning("torch.export failed (%s); logging a pickled model", first_line(exc))
-            logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # same warning again
-            return flavor.log_model(net, serialization_format="pickle", **kwargs)
-
-    def _log_spec_file(self, model_id: str, spec: dict) -> None:
-        """Write the spec as ctscan_spec.json into the logged model's folder, beside MLmodel."""
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / SPEC_ARTIFACT
-            path.write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
-            self.client.log_model_artifact(model_id, str(path))
-
     def _register(
-        self,
-        info: Any,
-        spec: dict,
-        select_metric: str,
-        select_value: float,
-        higher_is_better: bool,
+        self, info: Any, spec: dict, select_metric: str, select_value: float, higher_is_better: bool
     ) -> dict:
         """Add a registry version for a logged model and decide on the champion alias."""
-        from mlflow.exceptions import MlflowException
-
         name = self.settings.registered_model
-        try:
+        with _unless_error("RESOURCE_ALREADY_EXISTS"):
             self.client.create_registered_model(name)
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
         tags = {
             TAG_SELECT_METRIC: select_metric,
             TAG_SELECT_VALUE: repr(select_value),
@@ -498,7 +417,7 @@ class MlflowTracker(Tracker):
 
     def close(self, status: str = "FINISHED") -> None:
         """End the run with FINISHED, FAILED or KILLED (a second call does nothing)."""
-        _check_status(status)
+        super().close(status)
         if self._closed or self.run_id is None:
             return
         self._closed = True
@@ -528,28 +447,25 @@ def _checked_spec(metadata: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"model metadata is not JSON-ready: {exc}") from None
 
 
-MODEL_URI_FORMS = "models:/<name>@<alias>, models:/<name>/<version> or runs:/<run id>/model"
-
-
 def load_model_spec(model_uri: str, tracking: TrackingSettings, runs_dir: Path) -> dict[str, Any]:
     """The ctscan metadata (class names, preprocessing spec, versions) of a logged MLflow model,
     looked up in the store `open_tracker` would use."""
     scheme = urlsplit(model_uri).scheme.lower()
     if scheme not in ("models", "runs"):
         raise TrackingError(
-            f"'{model_uri}' is not an MLflow model URI.", f"write it as {MODEL_URI_FORMS}."
+            f"'{model_uri}' is not an MLflow model URI.",
+            "write it as models:/<name>@<alias>, models:/<name>/<version> or runs:/<run id>/model.",
         )
-    uri, source = resolve_uri(tracking, runs_dir)
+    uri, source = tracking_store.resolve_uri(tracking, runs_dir)
     where = f"'{uri}' (from {source})"
-    if scheme_of(uri) == "sqlite":
-        db = sqlite_path(uri)
-        if db is not None and not db.is_file():
-            raise TrackingError(
-                f"there is no MLflow store at {where} to look up '{model_uri}'.",
-                "train and register a model first (ctscan train), or point tracking.uri / "
-                "MLFLOW_TRACKING_URI at the store that holds it.",
-            )
-    open_store(tracking, runs_dir)
+    db = tracking_store.sqlite_path(uri) if tracking_store.scheme_of(uri) == "sqlite" else None
+    if db is not None and not db.is_file():
+        raise TrackingError(
+            f"there is no MLflow store at {where} to look up '{model_uri}'.",
+            "train and register a model first (ctscan train), or point tracking.uri / "
+            "MLFLOW_TRACKING_URI at the store that holds it.",
+        )
+    tracking_store.open_store(tracking, runs_dir)
     import mlflow.models
     from mlflow.exceptions import MlflowException
 
@@ -580,17 +496,16 @@ def load_logged_model(
 ) -> tuple[Any, dict[str, Any], str]:
     """A logged ctscan model, ready to call: (module for inference on the CPU, metadata, version).
 
-    The module takes uint8 gray images (B, 1, S, S) and returns logits. `version` is the
-    registry version a `models:/` URI resolves to, or `run <id>` for a `runs:/` URI. Both
-    formats `log_model` writes load: `pt2` (a torch.export graph) and the pickled fallback
-    (needs ctscan importable and MLFLOW_ALLOW_PICKLE_DESERIALIZATION, true by default).
+    `version`: the registry version a `models:/` URI resolves to, or `run <id>` for `runs:/`.
+    The pickled fallback of `log_model` needs MLFLOW_ALLOW_PICKLE_DESERIALIZATION (default true).
     """
     metadata = load_model_spec(model_uri, tracking, runs_dir)  # checks the URI and the store
-    uri, source = resolve_uri(tracking, runs_dir)
+    uri, source = tracking_store.resolve_uri(tracking, runs_dir)
     import zipfile
 
     _import_mlflow_pytorch()
     import mlflow.pytorch
+    import torch
     from mlflow.environment_variables import MLFLOW_ALLOW_PICKLE_DESERIALIZATION
     from mlflow.exceptions import MlflowException
 
@@ -611,7 +526,10 @@ def load_logged_model(
                 f"{first_line(exc)}",
                 fix,
             ) from None
-    return _inference_form(module), metadata, version
+    # pt2: a GraphModule traced in eval mode (its eval() raises in torch 2.14): as it is.
+    # Pickled (log_model's fallback): ctscan's Deployable, a plain nn.Module: eval().
+    module = module if isinstance(module, torch.fx.GraphModule) else module.eval()
+    return module, metadata, version
 
 
 def _import_mlflow_pytorch() -> None:
@@ -627,23 +545,11 @@ def _import_mlflow_pytorch() -> None:
         root.removeHandler(handler)
 
 
-def _inference_form(module: Any) -> Any:
-    """The module `mlflow.pytorch.load_model` gave, ready for inference (the one place deciding)."""
-    import torch
-
-    # pt2: a GraphModule traced in eval mode (its eval() raises in torch 2.14): as it is.
-    # Pickled (log_model's fallback): ctscan's Deployable, a plain nn.Module: eval().
-    return module if isinstance(module, torch.fx.GraphModule) else module.eval()
-
-
 def _registry_version(model_uri: str) -> str:
     """`models:/name/3` -> "3", `models:/name@alias` -> the version behind the alias."""
     import mlflow
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
 
-    rest = model_uri.split(":/", 1)[1].lstrip("/")
     if model_uri.startswith("runs:"):
-        return f"run {rest.split('/', 1)[0]}"
-    if "@" in rest:
-        name, alias = rest.split("@", 1)
-        return str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
-    return rest.rsplit("/", 1)[-1]
+        return f"run {model_uri.split(':/', 1)[1].lstrip('/').split('/', 1)[0]}"
+    return str(get_model_name_and_version(mlflow.MlflowClient(), model_uri)[-1])

@@ -1,7 +1,6 @@
-"""Where MLflow runs go: the tracking URI, its store made ready (folders, a server that
-answers, a SQLite or PostgreSQL store created or migrated under ctscan's lock), and the one-line
-errors for a store that cannot be used. Imported by tracking.py; mlflow only inside functions.
-"""
+"""Where MLflow runs go: the tracking URI, its store made ready (folders, a server that answers,
+a SQLite or PostgreSQL store created or migrated under ctscan's lock), one-line errors for a store
+that cannot be used. Imported by tracking.py; mlflow only inside functions."""
 
 from __future__ import annotations
 
@@ -16,22 +15,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from ctscan import files
 from ctscan.errors import CtscanError
-from ctscan.files import (
-    built_aside,
-    database_lock,
-    ensure_dir,
-    folder_lock,
-    hide_password,
-    remove_stale_temps,
-)
 from ctscan.settings import TrackingSettings
 
 TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 SERVER_PROBE_TIMEOUT_S = 5.0
 NOISY_LOGGERS = ("mlflow", "mlflow.pytorch", "alembic")
 STORE_LOCK_TIMEOUT_S = 600.0
-SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
 class TrackingError(CtscanError):
@@ -41,13 +32,9 @@ class TrackingError(CtscanError):
 DISABLE_FIX = "or set tracking.enabled=false to train without tracking."
 
 
-def resolve_tracking_uri(tracking: TrackingSettings, runs_dir: Path) -> str:
-    """The tracking URI: tracking.uri, else MLFLOW_TRACKING_URI, else a SQLite file in runs_dir."""
-    return resolve_uri(tracking, runs_dir)[0]
-
-
 def resolve_uri(tracking: TrackingSettings, runs_dir: Path) -> tuple[str, str]:
-    """The tracking URI and where it came from, checked for a known scheme."""
+    """The tracking URI (tracking.uri, else MLFLOW_TRACKING_URI, else a SQLite file in runs_dir)
+    and where it came from, checked for a known scheme."""
     if tracking.uri and tracking.uri.strip():
         uri, source = tracking.uri.strip(), "tracking.uri"
     elif os.environ.get("MLFLOW_TRACKING_URI", "").strip():
@@ -80,27 +67,29 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(path) if path and path != ":memory:" else None
 
 
+def _local_folder(uri: str, runs_dir: Path) -> Path | None:
+    """The folder of a local store (a SQLite file's, else runs_dir; a file store), else None."""
+    scheme = scheme_of(uri)
+    if scheme == "sqlite":
+        db = sqlite_path(uri)
+        return db.parent if db is not None else Path(runs_dir)
+    return Path(urlsplit(uri).path if scheme == "file" else uri) if scheme in ("", "file") else None
+
+
 def artifact_location(uri: str, runs_dir: Path) -> str | None:
     """Where a new experiment keeps artifacts: next to a SQLite store, else the server decides."""
     if scheme_of(uri) != "sqlite":
         return None
-    db = sqlite_path(uri)
-    root = db.parent if db is not None else Path(runs_dir)
-    return (root / "mlartifacts").resolve().as_uri()
+    return (_local_folder(uri, runs_dir) / "mlartifacts").resolve().as_uri()
 
 
 def _prepare_local_store(uri: str, runs_dir: Path) -> None:
     """The folder of a local store, made and checked writable (one clear error if not)."""
-    scheme = scheme_of(uri)
-    if scheme == "sqlite":
-        db = sqlite_path(uri)
-        folder = db.parent if db is not None else Path(runs_dir)
-    elif scheme in ("", "file"):
-        folder = Path(urlsplit(uri).path) if scheme == "file" else Path(uri)
-    else:
+    folder = _local_folder(uri, runs_dir)
+    if folder is None:
         return
     fix = f"choose a writable paths.runs_dir or tracking.uri, {DISABLE_FIX}"
-    ensure_dir(folder, what="tracking store folder", error=TrackingError, fix=fix)
+    files.ensure_dir(folder, what="tracking store folder", error=TrackingError, fix=fix)
 
 
 def _probe_server(uri: str, source: str) -> None:
@@ -117,8 +106,7 @@ def _probe_server(uri: str, source: str) -> None:
             "write it as http://host:5000.",
         ) from None
     try:
-        with socket.create_connection((host, port), timeout=SERVER_PROBE_TIMEOUT_S):
-            pass
+        socket.create_connection((host, port), timeout=SERVER_PROBE_TIMEOUT_S).close()
     except OSError as exc:
         reason = exc.strerror or str(exc) or type(exc).__name__
         raise TrackingError(
@@ -142,9 +130,6 @@ def _check_sqlite_file(db: Path) -> None:
     """Refuse a file that is not SQLite, or that an interrupted migration left half done."""
     if not db.is_file() or db.stat().st_size == 0:
         return  # a new store
-    with open(db, "rb") as fh:
-        if fh.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
-            raise _broken_store(db, "is not an SQLite database")
     try:
         with contextlib.closing(sqlite3.connect(db)) as conn:
             rows = conn.execute(
@@ -152,7 +137,7 @@ def _check_sqlite_file(db: Path) -> None:
                 "AND name LIKE '\\_alembic\\_tmp\\_%' ESCAPE '\\' ORDER BY name"
             ).fetchall()
     except sqlite3.DatabaseError as exc:
-        raise _broken_store(db, f"cannot be read ({exc})") from None
+        raise _broken_store(db, f"is not an SQLite database it can read ({exc})") from None
     if rows:
         tables = ", ".join(name for (name,) in rows)
         raise _broken_store(
@@ -161,17 +146,13 @@ def _check_sqlite_file(db: Path) -> None:
 
 
 def _open_sqlite_store(uri: str, runs_dir: Path) -> None:
-    """Create or migrate a SQLite store under the lock; a broken store is a TrackingError.
-
-    Creating MLflow's store object runs the migrations, and on a new database it creates the
-    Default experiment: here with its artifacts in `mlartifacts/` next to the database file,
-    not in `./mlruns` of the current folder.
-    """
+    """Create or migrate a SQLite store under the lock; a broken store is a TrackingError. A new
+    store's Default experiment keeps its artifacts in `mlartifacts/` beside it, not ./mlruns."""
     db = sqlite_path(uri)
     if db is None:
         return  # in-memory: one process only
     db = db.resolve()
-    lock = folder_lock(
+    lock = files.folder_lock(
         db.parent,
         what="MLflow store",
         error=TrackingError,
@@ -179,17 +160,16 @@ def _open_sqlite_store(uri: str, runs_dir: Path) -> None:
         name=f"{db.name}.lock",
     )
     with lock, quiet():
-        remove_stale_temps(db.parent, (db.name,))  # a store creation killed with SIGKILL
+        files.remove_stale_temps(db.parent, (db.name,))  # a store creation killed with SIGKILL
         _check_sqlite_file(db)
         if db.is_file() and db.stat().st_size:
             _migrate_sqlite_store(uri, db, runs_dir)
             return
         # A new store is built beside its place and renamed into it: a stop (or a kill) during
         # MLflow's migrations, which take seconds, leaves no half-made store to refuse later.
-        with built_aside(db) as tmp:
-            query = uri.split("?", 1)[1] if "?" in uri else ""
-            built = f"sqlite:///{tmp}" + (f"?{query}" if query else "")
-            _migrate_sqlite_store(built, db, runs_dir, artifacts_for=uri)
+        with files.built_aside(db) as tmp:
+            query = "".join(uri.partition("?")[1:])  # "?..." or ""
+            _migrate_sqlite_store(f"sqlite:///{tmp}{query}", db, runs_dir, artifacts_for=uri)
 
 
 def _migrate_sqlite_store(
@@ -243,18 +223,13 @@ def _open_postgres_store(uri: str, source: str) -> None:
     import mlflow
     import sqlalchemy.exc
 
-    where = f"'{hide_password(uri)}' (from {source})"
+    where = f"'{files.hide_password(uri)}' (from {source})"
+    fix = f"pip install psycopg, write postgresql+psycopg://..., {DISABLE_FIX}"
+    lock = files.database_lock(
+        uri, "ctscan.mlflow-store", what=f"the MLflow store {where}", error=TrackingError, fix=fix
+    )
     try:
-        with (
-            database_lock(
-                uri,
-                "ctscan.mlflow-store",
-                what=f"the MLflow store {where}",
-                error=TrackingError,
-                fix=f"pip install psycopg, write postgresql+psycopg://..., {DISABLE_FIX}",
-            ),
-            quiet(),
-        ):
+        with lock, quiet():
             mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except (sqlalchemy.exc.SQLAlchemyError, mlflow.exceptions.MlflowException) as exc:
         raise TrackingError(
@@ -269,7 +244,12 @@ def open_store(tracking: TrackingSettings, runs_dir: Path) -> tuple[str, str]:
     uri, source = resolve_uri(tracking, runs_dir)
     _prepare_local_store(uri, runs_dir)
     _probe_server(uri, source)
-    import_mlflow()
+    try:
+        import mlflow  # noqa: F401
+    except ImportError as exc:
+        raise TrackingError(
+            f"mlflow cannot be imported ({exc}).", f"pip install 'mlflow>=3,<4', {DISABLE_FIX}"
+        ) from None
     if scheme_of(uri) == "sqlite":
         _open_sqlite_store(uri, runs_dir)
     elif scheme_of(uri) == "postgresql":
@@ -308,12 +288,3 @@ def quiet(level: int = logging.WARNING) -> Iterator[None]:
 def first_line(exc: BaseException, limit: int = 300) -> str:
     text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def import_mlflow() -> None:
-    try:
-        import mlflow  # noqa: F401
-    except ImportError as exc:
-        raise TrackingError(
-            f"mlflow cannot be imported ({exc}).", f"pip install 'mlflow>=3,<4', {DISABLE_FIX}"
-        ) from None
