@@ -263,16 +263,20 @@ def _one_command_per_test() -> object:
 # The files that take a minute or more in CI, slowest first. `make test` (-n 2 --dist loadfile)
 # hands out whole files in collection order (xdist would otherwise go by test count, and leave a
 # slow file with few tests to run alone at the end): these start first, the many short files
-# then fill both workers up to the end.
+# then fill both workers up to the end (the other integration files come next: few tests each,
+# real data).
 SLOW_FILES = (
     "tests/integration/test_docs_examples.py",
     "tests/unit/test_train.py",
     "tests/unit/test_sweep.py",
-    "tests/unit/test_model_store.py",
-    "tests/unit/test_cli.py",
+    "tests/unit/test_model_sources.py",
     "tests/unit/test_cv.py",
+    "tests/unit/test_cli.py",
+    "tests/integration/test_input_path.py",
     "tests/unit/test_export.py",
-    "tests/integration/test_serve_real.py",
+    "tests/unit/test_model_store.py",
+    "tests/unit/test_train_tracking.py",
+    "tests/unit/test_tracking_store.py",
     "tests/unit/test_tracking.py",
     "tests/unit/test_train_resume.py",
 )
