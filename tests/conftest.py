@@ -260,25 +260,28 @@ def _one_command_per_test() -> object:
             signal.signal(signum, handler)
 
 
-# The files that take a minute or more in CI, slowest first. `make test` (-n 2 --dist loadfile)
-# hands out whole files in collection order (xdist would otherwise go by test count, and leave a
-# slow file with few tests to run alone at the end): these start first, the many short files
-# then fill both workers up to the end (the other integration files come next: few tests each,
-# real data).
+# The files that take a minute or more in CI, slowest first (from a baseline's --durations).
+# `make test` (-n 2 --dist loadfile) hands out whole files in collection order (xdist would
+# otherwise go by test count, and start a slow file with few tests, such as the integration
+# ones, last): these start first, and the many short files fill both workers up to the end.
 SLOW_FILES = (
     "tests/integration/test_docs_examples.py",
     "tests/unit/test_train.py",
-    "tests/unit/test_sweep.py",
     "tests/unit/test_model_sources.py",
+    "tests/unit/test_sweep.py",
+    "tests/integration/test_real_data.py",
     "tests/unit/test_cv.py",
     "tests/unit/test_cli.py",
     "tests/integration/test_input_path.py",
-    "tests/unit/test_export.py",
-    "tests/unit/test_model_store.py",
-    "tests/unit/test_train_tracking.py",
     "tests/unit/test_tracking_store.py",
-    "tests/unit/test_tracking.py",
+    "tests/integration/test_export_real.py",
+    "tests/unit/test_export.py",
+    "tests/unit/test_train_tracking.py",
+    "tests/unit/test_model_store.py",
     "tests/unit/test_train_resume.py",
+    "tests/integration/test_serve_real.py",
+    "tests/unit/test_ensemble.py",
+    "tests/unit/test_tracking.py",
 )
 
 
