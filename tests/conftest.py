@@ -260,8 +260,40 @@ def _one_command_per_test() -> object:
             signal.signal(signum, handler)
 
 
+# The files that take a minute or more in CI, slowest first (from a baseline's --durations).
+# `make test` (-n 2 --dist loadfile) hands out whole files in collection order (xdist would
+# otherwise go by test count, and start a slow file with few tests, such as the integration
+# ones, last): these start first, and the many short files fill both workers up to the end.
+SLOW_FILES = (
+    "tests/integration/test_docs_examples.py",
+    "tests/unit/test_train.py",
+    "tests/unit/test_model_sources.py",
+    "tests/unit/test_sweep.py",
+    "tests/integration/test_real_data.py",
+    "tests/unit/test_cv.py",
+    "tests/unit/test_cli.py",
+    "tests/integration/test_input_path.py",
+    "tests/unit/test_tracking_store.py",
+    "tests/integration/test_export_real.py",
+    "tests/unit/test_export.py",
+    "tests/unit/test_train_tracking.py",
+    "tests/unit/test_model_store.py",
+    "tests/unit/test_train_resume.py",
+    "tests/integration/test_serve_real.py",
+    "tests/unit/test_ensemble.py",
+    "tests/unit/test_tracking.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """SLOW_FILES first, then the rest in their usual order (a stable sort)."""
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    """Let Ctrl-C reach the tests and the processes they start, as in a terminal.
+    """Let Ctrl-C reach the tests and the processes they start, as in a terminal; with xdist,
+    hand out the test files in collection order (SLOW_FILES first).
 
     A shell starts a background job (`cmd &` in a script, `nohup`) with SIGINT ignored, Python
     then installs no KeyboardInterrupt handler, and the children inherit the ignore: every
@@ -271,3 +303,5 @@ def pytest_configure(config: pytest.Config) -> None:
 
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    if hasattr(config.option, "loadscopereorder"):  # xdist's --no-loadscope-reorder
+        config.option.loadscopereorder = False

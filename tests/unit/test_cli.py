@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from typer.testing import CliRunner
 
 from ctscan import __version__
 from ctscan.cli import app
+from tests.conftest import build_raw_tree
 from tests.unit.conftest_store import engine_overrides, write_synthetic_store
 
 runner = CliRunner()
@@ -226,6 +228,16 @@ def _tree_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
+@pytest.fixture(scope="module")
+def minimal_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(raw tree, the store `ctscan preprocess` built from it), built once (read-only)."""
+    root = tmp_path_factory.mktemp("minimal")
+    raw = build_raw_tree(root / "chest-ctscan-images", "minimal")
+    code, _, err = _run("preprocess", str(raw), "--out", str(root / "store"), "--quiet")
+    assert code == 0, err
+    return raw, root / "store"
+
+
 @pytest.mark.parametrize(
     ("out", "expected"),
     [
@@ -238,14 +250,13 @@ def _tree_bytes(root: Path) -> dict[str, bytes]:
     ],
 )
 def test_bad_out_paths_are_one_line_exit_3_and_write_nothing(
-    make_raw_tree, tmp_path: Path, out: str, expected: str
+    minimal_store: tuple[Path, Path], tmp_path: Path, out: str, expected: str
 ) -> None:
-    raw = make_raw_tree("minimal")
+    raw, store = minimal_store
     work = tmp_path / "work"
     work.mkdir()
     (work / "notes.txt").write_text("precious")
-    code, _, err = _run("preprocess", str(raw), "--out", str(work / "store"), "--quiet")
-    assert code == 0, err
+    shutil.copytree(store, work / "store")  # a store preprocess wrote, as if into this folder
     before = _tree_bytes(work)
     target = out if out.startswith("/") else str(work / out)
     code, _, err = _run("preprocess", str(raw), "--out", target, "--quiet")

@@ -2,9 +2,10 @@
 
 A project folder with the default 160 px store and a tiny recipe with its own store: the
 checkpoint trained on the recipe is evaluated, calibrated, exported and ensembled with the
-default settings (on the store it was trained on); a checkpoint whose store is gone gets the
-`-s RUN/settings.toml` fix, which works when followed; `preprocess` does not replace a store
-built with other settings without `--force`; the "no store" fix names the recipe.
+default settings (on the store it was trained on; these commands run in this process); a
+checkpoint whose store is gone gets the `-s RUN/settings.toml` fix, which works when followed;
+`preprocess` does not replace a store built with other settings without `--force`; the "no
+store" fix names the recipe.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import Result
+from typer.testing import CliRunner
 
+from ctscan.cli import app
 from ctscan.data.preprocess import run_preprocess
 from ctscan.data.store import _replace_dir, open_model_store
 from ctscan.engine.checkpoint import read_checkpoint
@@ -29,7 +33,7 @@ from ctscan.files import folder_lock
 from ctscan.settings import given_args, is_given, load_settings
 from tests.conftest import build_raw_tree
 
-pytestmark = pytest.mark.slow  # about 25 `ctscan` processes on a 45-image tree
+pytestmark = pytest.mark.slow  # about 20 `ctscan` processes on a 45-image tree
 
 RECIPE = """\
 [paths]
@@ -65,6 +69,15 @@ def ctscan(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
         env=env,
         cwd=project,
     )
+
+
+def in_process(*args: str) -> Result:
+    """`ctscan ARGS` run by Typer in this process, in the working folder (it must exit 0): for
+    commands whose output, not their exit, is checked; spares the interpreter that would import
+    torch again."""
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, (result.output[-3000:], result.exception)
+    return result
 
 
 def ok(done: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
@@ -107,19 +120,19 @@ def kept(project: Path, tmp_path: Path) -> Iterator[Path]:
         shutil.move(aside, store)
 
 
-def test_a_recipe_checkpoint_works_with_the_default_settings(project: Path) -> None:
-    default_meta = (project / DEFAULT_META).read_bytes()
+def test_a_recipe_checkpoint_works_with_the_default_settings(here: Path) -> None:
+    default_meta = (here / DEFAULT_META).read_bytes()
     best = str(RUN / "best.pt")
-    report = json.loads(ok(ctscan(project, "evaluate", best, "--json")).stdout)
+    report = json.loads(in_process("evaluate", best, "--json").stdout)
     assert report["n"] == 13 and report["warnings"] == []
-    ok(ctscan(project, "calibrate", best, "--out", str(RUN / "calibrated.pt")))
-    ok(ctscan(project, "export", best, "--out", "outputs/tiny.onnx"))
-    assert (project / "outputs" / "tiny.onnx").is_file()
-    made = ok(ctscan(project, "ensemble", best, "--tta", "hflip", "--out", "outputs/ens/e.pt"))
+    in_process("calibrate", best, "--out", str(RUN / "calibrated.pt"))
+    in_process("export", best, "--out", "outputs/tiny.onnx")
+    assert (here / "outputs" / "tiny.onnx").is_file()
+    made = in_process("ensemble", best, "--tta", "hflip", "--out", "outputs/ens/e.pt")
     assert "warning" not in made.stderr  # its drift reference came from the recipe's store
-    assert (project / "outputs" / "ens" / "reference_confidence.json").is_file()
-    ok(ctscan(project, "evaluate", "outputs/ens/e.pt", "--json"))
-    assert (project / DEFAULT_META).read_bytes() == default_meta  # nothing rebuilt it
+    assert (here / "outputs" / "ens" / "reference_confidence.json").is_file()
+    in_process("evaluate", "outputs/ens/e.pt", "--json")
+    assert (here / DEFAULT_META).read_bytes() == default_meta  # nothing rebuilt it
 
 
 def test_a_named_store_that_does_not_fit_says_which_store_does(project: Path) -> None:
@@ -133,7 +146,7 @@ def test_a_named_store_that_does_not_fit_says_which_store_does(project: Path) ->
 
 
 def test_a_checkpoint_whose_store_is_gone_gets_a_fix_that_works(
-    project: Path, kept: Path, tmp_path: Path
+    project: Path, kept: Path, here: Path, tmp_path: Path
 ) -> None:
     store = project / "outputs" / "processed-tiny"
     settings, raw = project / RUN / "settings.toml", project / "data" / "chest-ctscan-images"
@@ -149,7 +162,7 @@ def test_a_checkpoint_whose_store_is_gone_gets_a_fix_that_works(
     elsewhere = tmp_path / "elsewhere"  # absolute paths: the fix works from any folder
     elsewhere.mkdir()
     ok(ctscan(elsewhere, *shlex.split(line.split("`")[1])[1:], "-q"))
-    ok(ctscan(project, "evaluate", str(RUN / "best.pt"), "--json"))
+    in_process("evaluate", str(RUN / "best.pt"), "--json")
 
 
 def test_preprocess_replaces_a_store_of_other_settings_only_with_force(project: Path) -> None:

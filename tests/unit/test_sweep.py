@@ -823,11 +823,11 @@ def test_ctrl_c_stops_a_sweep_cleanly_and_a_rerun_finishes_it(
     runs = mlflow_runs_dir
     base = write_base(tmp_path, store, runs, **{"tracking.enabled": "true"})
     spec = write_spec(
-        tmp_path, base, sweep={"trials": 3, "pruning": False}, fixed={"train.epochs": 3}
+        tmp_path, base, sweep={"trials": 3, "pruning": False}, fixed={"train.epochs": 2}
     )
     storage = f"sqlite:///{runs}/optuna.db"
-    # the Ctrl-C lands in trial 2's first validation (trial 1 validated its 3 epochs)
-    proc = ctscan_stopped(["sweep", str(spec)], signal.SIGINT, at=4, cwd=tmp_path)
+    # the Ctrl-C lands in trial 2's first validation (trial 1 validated its 2 epochs)
+    proc = ctscan_stopped(["sweep", str(spec)], signal.SIGINT, at=3, cwd=tmp_path)
     out, err = proc.stdout, proc.stderr
     assert proc.returncode == 130, err
     last = err.strip().splitlines()[-1]
