@@ -35,11 +35,8 @@ def validation_logits(checkpoint: Checkpoint, store: Store, rt: Runtime) -> tupl
 def calibration_report(
     logits: np.ndarray, labels: np.ndarray, class_names: list[str], split: str
 ) -> dict[str, Any]:
-    """Fit T on held-out `logits` (from `split`): the fit, and ECE / log-loss before and after.
-
-    The report every calibrated checkpoint keeps (`Checkpoint.calibration`); `temperature` is
-    the T to store. With no images the fit is T = 1 and no metrics are added.
-    """
+    """Fit T on held-out `logits` (from `split`): the fit, and ECE / log-loss before and after
+    (`Checkpoint.calibration`)."""
     fit = fit_temperature(logits, labels)
     report: dict[str, Any] = {"method": "temperature", "split": split, **fit.to_dict()}
     report["bounds"] = [T_MIN, T_MAX]
@@ -57,12 +54,8 @@ def calibration_report(
 def fit_checkpoint(
     checkpoint: Checkpoint, store: Store, rt: Runtime
 ) -> tuple[Checkpoint, dict[str, Any]]:
-    """Fit T on the validation split for `checkpoint`'s deploy weights.
-
-    Returns (the checkpoint with `temperature` and `calibration` set, the calibration report:
-    the fit plus the validation ECE and log-loss before and after). Any T the checkpoint held
-    before is ignored: the fit always starts from the raw logits.
-    """
+    """(`checkpoint` with T fitted on the validation split, the report); from the raw logits,
+    whatever T it held."""
     logits, labels = validation_logits(checkpoint, store, rt)
     report = calibration_report(logits, labels, checkpoint.class_names, FIT_SPLIT)
     temperature = report["temperature"]
@@ -70,11 +63,8 @@ def fit_checkpoint(
 
 
 def train_confidence(checkpoint: Checkpoint, store: Store, rt: Runtime) -> dict[str, Any]:
-    """reference_confidence.json's content: the drift reference that travels with the model.
-
-    The calibrated max-softmax on every train image, and (`features`) the store's feature
-    sample, so a server finds both beside the model, whatever its working directory.
-    """
+    """reference_confidence.json: the calibrated max-softmax on every train image and the
+    store's feature sample, the drift reference that travels with the model."""
     logits = raw_logits(checkpoint, store.split("train").images, rt)
     probs = probabilities(apply_temperature(logits, checkpoint.temperature))
     confidence, temperature = probs.max(axis=1), checkpoint.temperature
@@ -87,15 +77,8 @@ def train_confidence(checkpoint: Checkpoint, store: Store, rt: Runtime) -> dict[
 def run_calibrate(
     settings: Settings, checkpoint: Path | str, *, out: Path | None = None
 ) -> dict[str, Any]:
-    """The `ctscan calibrate` command: fit T on the store's validation split, write the file.
-
-    The checkpoint is rewritten in place (atomically) unless `out` names another .pt file; its
-    training state, if any, is kept. reference_confidence.json beside the written file is
-    rewritten for the new T (the server's drift reference), except when `out` is another file
-    in the source's own folder: the reference there belongs to the source. Returns what it did,
-    JSON-ready: source, checkpoint, previous_temperature, temperature, calibration (the report),
-    reference_confidence (the reference rewritten, or None), warnings.
-    """
+    """The `ctscan calibrate` command: fit T on the store's validation split, write the file
+    (in place unless `out`) and the reference_confidence.json beside it; JSON-ready result."""
     rt = resolve_runtime(settings.train)
     if rt.distributed:
         raise CtscanError("calibrate runs in one process.", "run it without torchrun.")
@@ -112,6 +95,7 @@ def run_calibrate(
         save_checkpoint(target, calibrated)
         reference = None
         same_folder = target.parent.resolve() == source.parent.resolve()
+        # another file in the source's folder: the reference there belongs to the source
         if target.resolve() == source.resolve() or not same_folder:
             body = json.dumps(train_confidence(calibrated, store, rt)).encode()
             reference = atomic_write(target.parent / CONFIDENCE_FILE, lambda fh: fh.write(body))

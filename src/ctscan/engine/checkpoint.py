@@ -227,17 +227,16 @@ def _ensemble(
 
 
 def save_checkpoint(path: Path, checkpoint: Checkpoint) -> Path:
-    """Write `checkpoint` to `path` atomically (temp file in the same folder, fsync, rename).
+    """Write `checkpoint` to `path` atomically.
 
-    Ctrl-C and SIGTERM wait for the write: torch.save's zip writer turns an exception raised in
-    its write callback (where a signal handler may run) into a RuntimeError, so a stop
-    mid-write looked like a failed write instead of a stop. They act once the file is in place.
+    A stop waits for the write: torch.save's zip writer turns an exception raised in its write
+    callback (where a signal handler may run) into a RuntimeError, a failed write, not a stop.
     """
     with critical():
         return atomic_write(Path(path), lambda fh: torch.save(checkpoint.to_payload(), fh))
 
 
-def read_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> Checkpoint:
+def read_checkpoint(path: Path | str) -> Checkpoint:
     """Read a ctscan checkpoint safely; anything else is refused with one clear error."""
     path = Path(path)
     if path.is_dir():
@@ -254,7 +253,7 @@ def read_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
             "re-copy the file or use another checkpoint (last.pt / best.pt).",
         )
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         lines = str(exc).splitlines() or [type(exc).__name__]
         reason = next((ln.strip() for ln in lines if "global" in ln.lower()), lines[0])
@@ -300,22 +299,19 @@ def build_network(checkpoint: Checkpoint) -> nn.Module:
 class LoadedModel:
     """A model ready for inference, with what it needs to be fed and read."""
 
-    model: nn.Module  # eval mode, on `device`: model_input's batch -> raw logits (not / T)
+    model: nn.Module  # eval mode: model_input's batch -> raw logits (not / T)
     checkpoint: Checkpoint
 
     @property
     def spec(self) -> PreprocessSpec:
-        """The preprocessing spec the model was trained with."""
         return self.checkpoint.spec
 
     @property
     def channels(self) -> int:
-        """Input channels of the model."""
         return self.checkpoint.channels
 
     @property
     def temperature(self) -> float:
-        """The checkpoint's temperature: probabilities are softmax(logits / temperature)."""
         return self.checkpoint.temperature
 
     def deployable(self) -> Deployable:

@@ -1,8 +1,7 @@
 """Evaluate a checkpoint on a split of the processed store: metrics, plots, the leak-free subset.
 
-The probabilities scored are the ones every consumer shows: softmax(logits / T) with the
-checkpoint's temperature (engine/temperature.py). `calibration` in the result gives the ECE and
-log-loss of the same split before (T = 1) and after; accuracy and F1 do not depend on T.
+The probabilities scored are the ones every consumer shows, softmax(logits / T); `calibration`
+in the result gives the split's ECE and log-loss before (T = 1) and after.
 """
 
 from __future__ import annotations
@@ -29,10 +28,7 @@ WORST_ERRORS = 16
 
 
 def leak_free_mask(store: Store, split: str) -> np.ndarray:
-    """True for images of `split` with no exact duplicate (same pixels) in the other splits.
-
-    For test: not in train or valid; for valid: not in train; for train: all True.
-    """
+    """True for images of `split` with no exact duplicate (same pixels) in an earlier split."""
     others = {"test": ("train", "valid"), "valid": ("train",), "train": ()}[split]
     seen = {h for other in others for h in store.split(other).hashes}
     return np.array([h not in seen for h in store.split(split).hashes], dtype=bool)
@@ -74,8 +70,7 @@ def raw_logits(checkpoint: Checkpoint, images: torch.Tensor, rt: Runtime) -> tor
 
 
 def require_same_spec(checkpoint: Checkpoint, store: Store) -> None:
-    """The store holds images preprocessed as the checkpoint expects, else a DataError (exit 3,
-    as `open_model_store` says it)."""
+    """The store holds images preprocessed as the checkpoint expects, else a DataError."""
     if checkpoint.spec != store.spec:
         raise DataError(
             f"checkpoint '{checkpoint.source}' expects images preprocessed as "
@@ -94,8 +89,7 @@ def calibration_summary(
     split: str,
     after: dict[str, Any],
 ) -> dict[str, Any]:
-    """ECE and log-loss of `split` before (T = 1) and after the checkpoint's temperature
-    (`after`: the report of the calibrated probabilities, already computed by the caller)."""
+    """ECE and log-loss of `split` before (T = 1) and after (`after`: the calibrated report)."""
     before = classification_report(y_true, probabilities(logits), names)
     fitted_on = (checkpoint.calibration or {}).get("split", FIT_SPLIT)
     return {
@@ -195,8 +189,7 @@ def _write_outputs(result: dict[str, Any], probs: np.ndarray, data: Split, out_d
 
 
 def log_evaluation(tracker: Any, result: dict[str, Any], *, step: int) -> None:
-    """An evaluation's figures (`<split>_accuracy`, ...) and report files (eval-<split>/) in the
-    run record: the same for `ctscan evaluate` and the test split at the end of training."""
+    """An evaluation's figures (`<split>_accuracy`, ...) and report files in the run record."""
     split = result["split"]
     figures = (*SUMMARY, "ece", "log_loss")
     metrics = {f"{split}_{k}": float(result[k]) for k in figures if result.get(k) is not None}

@@ -285,12 +285,7 @@ def ece_debiased(
 def classification_report(
     y_true: Any, probs: Any, class_names: Sequence[str], *, n_bins: int = 15
 ) -> dict[str, Any]:
-    """Every evaluation metric of predicted probabilities, JSON-ready (module docstring).
-
-    `y_true` (N,) class indices, `probs` (N, C) in the order of `class_names`, predictions their
-    argmax. `reliability` has one row per bin (lower, upper, count, mean_confidence, accuracy;
-    the last two None when empty); `ece_debiased` is None below 2 images.
-    """
+    """Every metric (module docstring) of `probs` (N, C) for `y_true` (N,), JSON-ready."""
     names = [str(name) for name in class_names]
     if not names:
         raise ValueError("class_names is empty; pass one name per probability column.")

@@ -60,23 +60,17 @@ def backbone_frozen(settings: Any, epoch: int) -> bool:
 
 
 def freeze_backbone(model: nn.Module, settings: Any, epoch: int) -> None:
-    """Freeze the backbone for epoch `epoch` or unfreeze it, all but its `model.frozen_stages`.
-
-    BatchNorm layers whose parameters are frozen stay in eval.
-    """
+    """Freeze the backbone for epoch `epoch` or unfreeze it, all but its `model.frozen_stages`."""
     stages = settings.model.frozen_stages if uses_pretrained(settings) else 0
     always = models.early_parameters(model, settings.model.name, stages)
     models.freeze_backbone(model, backbone_frozen(settings, epoch), always)
 
 
 class Deployable(nn.Module):
-    """A classifier that takes what a runtime has after decode + resize: uint8 gray images.
+    """(B, 1, S, S) uint8 gray images -> (B, C) float32 logits / temperature.
 
-    forward: (B, 1, S, S) uint8 -> (B, C) float32 calibrated logits, the network's logits
-    divided by `temperature` (engine/temperature.py; 1.0 leaves them as they are), so softmax of
-    the output gives the calibrated probabilities and the argmax is the network's. Normalisation
-    (the spec's mean/std) and the channel repeat run inside, through `model_input`, so the
-    MLflow model and the exported files need nothing from ctscan but the decode and resize.
+    Normalisation and the channel repeat run inside, so the MLflow model and the exported files
+    need nothing from ctscan but the decode and resize.
     """
 
     def __init__(

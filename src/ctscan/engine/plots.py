@@ -19,14 +19,12 @@ DPI = 110
 
 
 def _figure(width: float, height: float) -> Any:
-    """Return a new constrained-layout matplotlib Figure that is not registered with pyplot."""
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 
 def _save(figure: Any, path: str | Path) -> Path:
-    """Write `figure` as a PNG at `path` (making parent folders) and return the path."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, format="png", dpi=DPI)
@@ -62,11 +60,7 @@ def plot_confusion_matrix(cm: Any, class_names: Sequence[str], path: str | Path)
 def plot_reliability(
     reliability_bins: Sequence[Mapping[str, Any]], ece: float, path: str | Path
 ) -> Path:
-    """Draw accuracy against confidence per bin, the perfect-calibration diagonal and bin counts.
-
-    `reliability_bins` is the `reliability` list of `classification_report` (lower, upper, count,
-    mean_confidence, accuracy); empty bins draw no bar.
-    """
+    """Draw accuracy against confidence per bin (`classification_report`'s `reliability`)."""
     figure = _figure(5.5, 5.0)
     axes = figure.add_subplot()
     axes.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect calibration")
@@ -109,12 +103,8 @@ def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float]
 
 
 def plot_curves(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
-    """Draw per-epoch loss, accuracy, macro F1 (train and val) and learning rate in four panels.
-
-    Each row is one epoch, e.g. {"epoch": 1, "train_loss": ..., "val_loss": ...,
-    "train_accuracy": ..., "val_accuracy": ..., "val_macro_f1": ..., "lr": ...}; missing keys,
-    None and non-finite values are skipped, and a panel without data says so.
-    """
+    """Draw per-epoch loss, accuracy, macro F1 (train and val) and learning rate in four panels;
+    missing, None and non-finite values are skipped."""
     figure = _figure(10.0, 7.0)
     grid = figure.subplots(2, 2)
     for axes, (label, keys) in zip(grid.flat, _CURVE_PANELS, strict=True):

@@ -1,10 +1,7 @@
 """A run folder: where a run writes, what it continues, what it refuses, the line it stops with.
 
-`plan_run` decides the folder and the last.pt to resume and refuses, before any write, what
-would lose work or mix runs (a finished folder, a cross-validation's folder or fold, the
-processed store, changed settings: `jobs.MAY_CHANGE` is what a continue may change);
-`open_run_dir` prepares it under its lock; `run_stopped` is the one line a stopped run ends
-with, naming the command that continues it.
+`plan_run` refuses, before any write, what would lose work or mix runs; `open_run_dir` prepares
+the folder under its lock.
 """
 
 from __future__ import annotations
@@ -126,8 +123,7 @@ def _refuse_finished_run(run_dir: Path, checkpoint: Checkpoint, settings: Settin
 
 
 def write_result(run_dir: Path, summary: dict) -> None:
-    """The run finished: its summary in RESULT_FILE (a later --resume with nothing left to
-    train is refused)."""
+    """The run finished: its summary in RESULT_FILE."""
     text = (json.dumps(summary, indent=2) + "\n").encode()
     atomic_write(run_dir / RESULT_FILE, lambda fh: fh.write(text))
 
@@ -193,8 +189,7 @@ def plan_run(
     *,
     fold: bool = False,
 ) -> RunPlan:
-    """Decide the run folder and the checkpoint to resume; refuse what would lose work.
-    `fold`: the run is a cross-validation's fold (else a fold folder is refused first)."""
+    """Decide the run folder and the checkpoint to resume; refuse what would lose work."""
     resume_path = _resume_path(resume, out_dir, settings)
     run_dir = out_dir or (resume_path.parent if resume_path else _default_run_dir(settings))
     if not fold:
@@ -253,10 +248,7 @@ def run_stopped(
     run_dir: Path, exc: BaseException, finished: int = 0, every: int = 1
 ) -> Interrupted:
     """The one line a stopped run ends with: where its last checkpoint is, how to resume.
-
-    `finished`: the epochs this run had finished; `every`: train.checkpoint_every (last.pt is
-    written every `every` epochs, so the epochs after it are lost).
-    """
+    `finished`: the epochs this run had finished; `every`: train.checkpoint_every."""
     last = run_dir / "last.pt"
     try:
         epoch = read_checkpoint(last).epoch if last.is_file() else 0

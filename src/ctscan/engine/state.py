@@ -1,10 +1,5 @@
-"""The training state: what a run builds, last.pt saves and a resume restores.
-
-`Loop` is what stays fixed during a run (settings, runtime, input spec, step schedule);
-`TrainState` what changes (model, its DDP/compile wrapper, AdamW, the warmup + cosine schedule,
-GradScaler, EMA, epoch, history, best value). `new_loop` / `new_train_state` / `wrap_for_steps`
-build them as `ctscan train`, `ctscan profile` and the benchmarks run them (engine/train.py).
-"""
+"""The training state: what a run builds (for train, profile and the benchmarks), last.pt saves
+and a resume restores."""
 
 from __future__ import annotations
 
@@ -108,22 +103,16 @@ def lr_factor(step: int, *, warmup: int, total: int) -> float:
 def ema_decay_at(n_averaged: int, decay: float, *, warmup: bool) -> float:
     """The EMA decay of the update after `n_averaged` earlier ones.
 
-    With `warmup`, min(decay, (1 + n) / (10 + n)) (TensorFlow's ExponentialMovingAverage with
-    num_updates): the average then spans about the last ninth of the steps until that reaches
-    `decay`, so it never carries the initial weights far into training. Without it, `decay`
-    from the first update on: at 0.99 an average still holds 0.99^n of the starting weights.
+    `warmup` as TensorFlow's ExponentialMovingAverage with num_updates: the average spans about
+    the last ninth of the steps until that reaches `decay`, so it never carries the initial
+    weights far into training (without it, at 0.99 it still holds 0.99^n of them).
     """
     return min(decay, (1 + n_averaged) / (10 + n_averaged)) if warmup else decay
 
 
 def ema_update(decay: float, *, warmup: bool) -> Callable[..., None]:
-    """AveragedModel's `multi_avg_fn`: torch's EMA step (`get_ema_multi_avg_fn`) at the decay
-    `ema_decay_at` gives.
-
-    AveragedModel copies the weights on its first update and passes the number of updates so
-    far (its `n_averaged` buffer, saved in last.pt, so a resumed run goes on with the same
-    decay) to the later ones.
-    """
+    """AveragedModel's `multi_avg_fn`: torch's EMA step at `ema_decay_at`'s decay; `n` is its
+    `n_averaged` buffer, saved in last.pt, so a resumed run goes on with the same decay."""
 
     def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], n: torch.Tensor) -> None:
         get_ema_multi_avg_fn(ema_decay_at(int(n), decay, warmup=warmup))(ema_params, params, n)

@@ -1,24 +1,12 @@
 """Temperature scaling: one T > 0 fitted on validation logits, so softmax(logits / T) is calibrated.
 
-    fit = fit_temperature(val_logits, val_labels)      # pure: numpy float64, deterministic
-    fit.temperature                                     # 1.0 when nothing could be fitted
-
-T minimises the mean negative log-likelihood of the validation labels under softmax(logits / T),
-found by scipy's bounded Brent search over log T in [T_MIN, T_MAX] (the NLL is convex in 1/T).
-Dividing by T > 0 never changes the argmax: accuracy and macro-F1 are the same before and after.
-
-When the fit cannot say anything, T stays 1.0 (uncalibrated) and `status` says why:
-  empty        the validation split holds no images;
-  separated    every validation image is already right: the NLL keeps falling as T -> 0 (every
-               answer at 100 %), so there is no optimum to find, only a bound; sharpening a model
-               on no observed error is what calibration is meant to prevent.
-A minimum outside [T_MIN, T_MAX] is clamped to the bound (`status` "at_bound", said in the note);
-fewer than FEW_IMAGES validation images get a note that T is uncertain.
-
-Where T lives: `Checkpoint.temperature` (+ `calibration`, this fit's report), fitted at the end
-of training on best.pt (`train.calibrate`) or later by `ctscan calibrate`; `Deployable` divides
-its logits by it, so the ONNX / .pt2 exports and the MLflow model carry it; the checkpoint
-predictor and `ctscan evaluate` apply it. The test split is never read here.
+T minimises the mean NLL of the validation labels under softmax(logits / T): scipy's bounded Brent
+search over log T in [T_MIN, T_MAX] (the NLL is convex in 1/T). Dividing by T > 0 never changes the
+argmax: accuracy and macro-F1 stay. Where the fit cannot say anything, T stays 1.0 and `status`
+says why: `empty` (no validation images) or `separated` (every validation image already right:
+the NLL keeps falling as T -> 0, so there is no optimum, only a bound; sharpening a model on no
+observed error is what calibration is meant to prevent). A minimum outside the bounds is clamped
+(`at_bound`). The test split is never read here.
 """
 
 from __future__ import annotations
@@ -86,11 +74,7 @@ class TemperatureFit:
 
 
 def fit_temperature(logits: Any, labels: Any) -> TemperatureFit:
-    """The T in [T_MIN, T_MAX] that minimises the NLL of `labels` under softmax(logits / T).
-
-    `logits` (N, C) and `labels` (N,) as arrays or tensors, in float64, deterministic; the
-    degenerate cases are in the module docstring.
-    """
+    """The T in [T_MIN, T_MAX] minimising the NLL of `labels` (N,) under softmax(logits / T)."""
     from scipy.optimize import minimize_scalar
 
     z = _as_logits(logits)

@@ -1,9 +1,7 @@
 """The one training loop: CPU or CUDA, one process or N under torchrun, AMP, compile, EMA.
 
-Read it top to bottom: `run_training` -> `_train` (open the store, plan the run folder with
-run_folder.py, build the `TrainState`, maybe resume it, then one `train_one_epoch` + `validate`
-+ `save_checkpoints` per epoch) -> `_finish` (curves, test evaluation of best.pt, the MLflow
-model). `train_step` is one optimisation step, shared with `ctscan profile` and the benchmarks.
+`run_training` -> `_train` -> `_run_epochs` (`train_one_epoch`, `validate`, `save_checkpoints`
+per epoch) -> `_finish`. `train_step` is shared with `ctscan profile` and the benchmarks.
 """
 
 from __future__ import annotations
@@ -123,14 +121,8 @@ class TrainResult:
 def train_step(
     state: TrainState, loop: Loop, images: torch.Tensor, labels: torch.Tensor, *, update: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One micro-batch: forward and backward; with `update`, the optimizer step too.
-
-    `images` (B, 1, S, S) uint8 and `labels` (B,) on the device. Returns the detached loss and
-    logits. Order: augment + normalise (+ MixUp / CutMix) -> autocast forward -> scaled
-    backward -> (unscale -> clip -> step -> scaler update -> schedule -> zero_grad -> EMA) on the
-    last micro-batch of an accumulation group. DDP skips the gradient all-reduce on the other
-    micro-batches.
-    """
+    """One micro-batch (`images` (B, 1, S, S) uint8, `labels` (B,)): forward, backward and, with
+    `update` (the last of an accumulation group), the optimizer step. Detached loss and logits."""
     tr, rt = loop.settings.train, loop.rt
     with record_function("augment"):
         x = loop.model_input(images, train=True)
@@ -173,8 +165,7 @@ def train_one_epoch(
 ) -> dict[str, Any]:
     """One pass over this rank's shard of the train split; returns loss, accuracy, lr, img/s.
 
-    `max_steps` cuts the pass short and `after_step` runs after every step (`ctscan profile`
-    drives its profiler schedule with it); the training run uses neither.
+    `max_steps` and `after_step` (run after every step) are for `ctscan profile`.
     """
     tr, rt = loop.settings.train, loop.rt
     order = epoch_order(len(labels), seed=tr.seed, epoch=epoch, shuffle=True)  # seeded, sharded
@@ -277,12 +268,10 @@ def _gather_rng(rt: Runtime) -> list[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class RunHooks:
-    """What a caller (cv, sweep) adds to a run: tags and a parent of its MLflow run, a say per
-    epoch.
+    """What a caller (cv, sweep) adds to a run: MLflow tags and parent, a say per epoch.
 
-    `on_epoch(row)` gets each epoch's metrics row (`epoch`, train_*, val_*) on every rank and
-    returns None to go on, or a reason to stop after that epoch (under torchrun every rank must
-    answer alike). A stopped run ends as an early stop does: last.pt, then `_finish`.
+    `on_epoch(row)` runs on every rank (which must answer alike) and returns None to go on, or a
+    reason to stop after that epoch, as an early stop does.
     """
 
     tags: dict[str, str] = field(default_factory=dict)
@@ -300,10 +289,7 @@ def run_training(
 ) -> TrainResult | None:
     """Train as the settings say; returns the result on rank 0 and None on other ranks.
 
-    `splits` (train, validation) replaces the store's train and valid splits: a fold of
-    cross-validation (ops/cv.py). Ctrl-C and SIGTERM end the run with an `Interrupted` error
-    that says where the last checkpoint is and how to resume (exit codes 130 and 143 from the
-    CLI).
+    `splits` (train, validation) replaces the store's splits: a cross-validation fold (ops/cv.py).
     """
     rt = resolve_runtime(settings.train)
     init_distributed(rt)
@@ -419,9 +405,8 @@ def _run_epochs(
 
 
 def _open_run_record(settings: Settings, plan: RunPlan, hooks: RunHooks, is_main: bool) -> Tracker:
-    """The run's MLflow run on rank 0: a resumed run's own reopened, else a new one (with the
-    caller's tags and parent from its creation); a resume that gets a new run records it in
-    last.pt at once."""
+    """The run's MLflow run on rank 0: a resumed run's own reopened, else a new one (recorded in
+    last.pt at once when resuming)."""
     from ctscan.engine.tracking import Tracker, open_tracker
 
     if not is_main:
@@ -622,10 +607,7 @@ def calibrate_best(
 def log_best_model(
     settings: Settings, best_path: Path, tracker: Any, best_value: float
 ) -> dict[str, Any] | None:
-    """Log best.pt as an MLflow model that takes uint8 gray images, with its spec; maybe promote.
-
-    The checkpoint's own weights are used (no ImageNet weights are loaded to be overwritten).
-    """
+    """Log best.pt as an MLflow model that takes uint8 gray images, with its spec; maybe promote."""
     loaded = load_model(best_path)
     spec = loaded.spec
     example = torch.zeros(1, 1, spec.image_size, spec.image_size, dtype=torch.uint8).numpy()

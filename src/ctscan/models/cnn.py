@@ -24,9 +24,7 @@ def _features(widths: tuple[int, ...]) -> nn.Sequential:
 class BaselineCNN(nn.Module):
     """The predecessor's baseline: 4 conv blocks (32/64/128/256), flatten -> 512 -> classes.
 
-    The flatten head is sized for `image_size` (256 * (image_size // 16)^2 inputs, 25.7M of its
-    26.1M parameters at 224 px), so the model only takes inputs of that size. The predecessor used
-    dropout 0.3.
+    The flatten head is sized for `image_size` (25.7M of its 26.1M parameters at 224 px).
     """
 
     WIDTHS = (32, 64, 128, 256)
@@ -59,7 +57,7 @@ class BaselineCNN(nn.Module):
 class GapCNN(nn.Module):
     """The baseline's conv blocks, 5 of them (32..512), with a global-average-pooling head.
 
-    1.6M parameters whatever the input size (>= 32 px): the head is Dropout -> Linear(512, classes).
+    1.6M parameters whatever the input size (>= 32 px).
     """
 
     WIDTHS = (32, 64, 128, 256, 512)

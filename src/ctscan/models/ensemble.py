@@ -1,19 +1,11 @@
 """Several trained networks (and flipped views of the input) as one model.
 
-    ensemble = Ensemble([Member(net, "efficientnet_lite0", temperature=0.9), ...], flips=("hflip",))
-    logits = ensemble(x)             # x: model_input(...) (B, C, S, S), as for any member
-
-The output is log of the averaged probabilities, p = mean over members m and views v of
-softmax(net_m(v(x)) / T_m), so that softmax(output) = p exactly and every consumer of logits
-(evaluate, calibration, predict, serve, the ONNX export) handles an ensemble like one network.
-Each member's own temperature is applied before averaging (its probabilities are the calibrated
-ones it would show alone); the views are the identity plus the flips asked for ("hflip": left-right,
-"vflip": up-down). A member runs once per batch on all views together.
-
-Averaging probabilities, not logits: the members' logit scales differ (their temperatures do), and
-the mean of calibrated probabilities is what the literature on deep ensembles evaluates
-(Lakshminarayanan et al., 2017). The log is taken of p clamped at the smallest normal float32, so
-a class every member rules out gets a very negative but finite logit.
+The output is the log of p = mean over members m and views v of softmax(net_m(v(x)) / T_m), so
+every consumer of logits (evaluate, calibration, predict, serve, the ONNX export) handles an
+ensemble like one network. Probabilities, not logits, are averaged: the members' logit scales
+differ (their temperatures do), and the mean of calibrated probabilities is what the literature on
+deep ensembles evaluates (Lakshminarayanan et al., 2017). p is clamped at the smallest normal
+float32, so a class every member rules out gets a very negative but finite logit.
 """
 
 from __future__ import annotations
@@ -29,9 +21,7 @@ class Member(nn.Module):
     """One network of an ensemble: its registry name (for Grad-CAM) and its temperature."""
 
     def __init__(self, net: nn.Module, name: str, temperature: float = 1.0) -> None:
-        super().__init__()
-        if not temperature > 0.0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        super().__init__()  # temperature > 0: checked where a checkpoint is read
         self.net = net
         self.name = str(name)
         self.temperature = float(temperature)
@@ -59,22 +49,15 @@ class Ensemble(nn.Module):
 
     def __init__(self, members: list[Member], flips: tuple[str, ...] = ()) -> None:
         super().__init__()
-        if not members:
-            raise ValueError("an ensemble needs at least one member")
         self.members = nn.ModuleList(members)
         self.flips = check_flips(flips)
 
-    @property
-    def views(self) -> int:
-        """Inputs each member sees per image: 1 + the number of flips."""
-        return 1 + len(self.flips)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch = x.shape[0]
+        batch, views = x.shape[0], 1 + len(self.flips)
         inputs = torch.cat([x, *(_view(x, f) for f in self.flips)]) if self.flips else x
         total = sum(  # each member's probabilities (views * B, C) summed over the views
-            torch.softmax(member(inputs), dim=1).reshape(self.views, batch, -1).sum(dim=0)
+            torch.softmax(member(inputs), dim=1).reshape(views, batch, -1).sum(dim=0)
             for member in self.members
         )
-        mean = total / float(len(self.members) * self.views)
+        mean = total / float(len(self.members) * views)
         return torch.log(mean.clamp_min(_TINY))
