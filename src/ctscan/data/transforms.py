@@ -86,18 +86,14 @@ def _read_source(source: Path | bytes, max_bytes: int, name: str, upload: bool) 
 
 
 def _damaged_file(problem: str, *, upload: bool) -> DataError:
-    """An empty or cut-off file, with the fix its holder can apply: the sender of an upload
-    (an HTTP client, a caller passing bytes) sends it again; a file on disk is restored."""
+    """An empty or cut-off file, with the fix for an upload (resend) or a file on disk (restore)."""
     resend = "send the whole file again (the upload ended early or was damaged)."
     return DataError(problem, resend if upload else "restore the file (`dvc pull`) or remove it.")
 
 
 def _claimed_size(data: bytes) -> tuple[int, int] | None:
-    """Width and height a file's header claims, read by Pillow's format plugins alone.
-
-    Used once Pillow has refused the file as a bomb, to name its size: the plugins parse the
-    header without `Image.open`'s bomb check and decode no pixel. None if no plugin reads it.
-    """
+    """Width and height a refused bomb's header claims, parsed by Pillow's plugins without
+    `Image.open`'s bomb check; None if no plugin reads it."""
     Image.init()
     for factory, accept in [Image.OPEN[fmt] for fmt in DECODE_FORMATS if fmt in Image.OPEN]:
         try:
@@ -147,17 +143,11 @@ def decode_image(
     max_bytes: int = DecodeLimits.max_bytes,
     name: str | None = None,
 ) -> Image.Image:
-    """Decode an image file or bytes into a loaded PIL image, refusing bombs and broken files.
-
-    The returned image keeps `format` (e.g. "PNG") and the mode the file was stored in. Only the
-    first frame of a multi-frame file is decoded.
-    """
+    """Decode an image file or bytes (first frame, stored mode and `format` kept) into a loaded
+    PIL image, refusing bombs and broken files."""
     upload = isinstance(source, (bytes, bytearray, memoryview))
     name = name or ("the image" if upload else f"'{source}'")
     data = _read_source(source, max_bytes, name, upload)
-    # Opening reads the header only; ctscan's pixel limit is checked before any pixel is decoded.
-    # Pillow's own bomb check runs inside `open`: its warning (above MAX_IMAGE_PIXELS) is silenced
-    # here, its error (above twice that) becomes ctscan's message.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
@@ -286,8 +276,6 @@ def resize_square(gray: np.ndarray, size: int, policy: str = "pad") -> np.ndarra
     - pad: keep the aspect ratio, scale the long side to `size`, centre it on black.
     - crop: cut the centre square (side = the short side; offsets rounded down), scale it.
     - stretch: scale both sides to `size` independently (the aspect ratio changes).
-
-    Pillow `BILINEAR` (antialiased when shrinking) is used for every policy.
     """
     check_resize(policy)
     if size < 1:
@@ -366,8 +354,7 @@ def prepare(
     limits: DecodeLimits = DecodeLimits(),
     name: str | None = None,
 ) -> np.ndarray:
-    """Decode, gray and resize one image file or upload: (S, S) uint8, as `spec` says (or a
-    side length `spec` with `resize`)."""
+    """Decode, gray and resize one image file or upload to (S, S) uint8 as `spec` says."""
     if isinstance(spec, PreprocessSpec):
         spec, resize = spec.image_size, spec.resize
     with decode_image(source, **asdict(limits), name=name) as img:  # max_pixels, max_bytes
@@ -385,10 +372,8 @@ def model_input(
 ) -> torch.Tensor:
     """uint8 gray (B, 1, S, S) -> the model's float input (B, channels, S, S): THE normalisation.
 
-    `(x / 255 - mean) / std` with the store's train mean/std (0..1 units), the gray channel
-    repeated when the model takes 3. `augment`, if given, runs on the [0, 1] floats before the
-    normalisation (training only). Train, evaluate, the MLflow model and every later consumer
-    (predict, export, serve) call this one function; it is traceable by torch.export.
+    `augment` (training only) runs on the [0, 1] floats before normalising. Train, evaluate,
+    the MLflow model, predict, export and serve all call this; it is traceable by torch.export.
     """
     import torch
 
