@@ -235,12 +235,10 @@ def run_preprocess(
     workers: int | None = None,
     force: bool = False,
 ) -> PreprocessResult:
-    """Build the processed store from the raw images (see the module docstring).
+    """Build the processed store from the raw images.
 
-    `settings`: a `Settings` (its `data` and `paths` are used); `raw_dir` / `out_dir` default to
-    paths.raw_dir / paths.processed_dir. `progress(done, total)` is called after each image.
-    `workers`: processes (default: all cores; 0 or 1: this one). A store at `out_dir` built with
-    other data settings is replaced only with `force`; one with the same settings is rebuilt.
+    `progress(done, total)` is called after each image; `workers`: processes (default: all
+    cores; 0 or 1: this one); `force` replaces a store built with other data settings.
     """
     start = time.perf_counter()
     data = settings.data

@@ -111,11 +111,9 @@ def _chunk_features(images: np.ndarray) -> np.ndarray:
 def build_reference(
     train_images: np.ndarray, *, max_samples: int = MAX_SAMPLES, seed: int = 0
 ) -> dict[str, Any]:
-    """The reference dict (see the module doc) from a random sample of the train images.
+    """The reference dict of at most `max_samples` train images drawn from `seed`.
 
-    `train_images`: (N, 1, S, S) or (N, S, S) uint8. At most `max_samples` images are drawn
-    without replacement (all of them when N <= max_samples), reproducibly from `seed`.
-    """
+    `train_images`: (N, 1, S, S) or (N, S, S) uint8."""
     images = _gray_stack(train_images)
     n_images = len(images)
     if n_images == 0:
@@ -190,12 +188,8 @@ def confidence_reference(
     temperature: float = 1.0,
     features: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The content of reference_confidence.json: the model's max-softmax per train image.
-
-    `temperature` is the T the probabilities were computed with (softmax(logits / T)): the
-    server uses the reference only for a model that shows probabilities with the same T.
-    `features`: the store's reference.json, kept beside the model too (see the module doc).
-    """
+    """reference_confidence.json: the model's max-softmax per train image at `temperature`
+    (the server uses it only for a model whose probabilities use the same T)."""
     values = [float(v) for v in np.asarray(confidence, dtype=np.float64).reshape(-1)]
     saved = {"confidence": values, "n": len(values), "split": "train", "temperature": temperature}
     return saved if features is None else {**saved, "features": dict(features)}

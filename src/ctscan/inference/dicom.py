@@ -124,10 +124,8 @@ def dicom_to_gray(
 ) -> np.ndarray:
     """A DICOM file's bytes -> the (H, W) uint8 slice through the Hounsfield window.
 
-    `level` / `width` are the window in HU (default: the lung window). `frame` picks one frame
-    (0-based) of a multi-frame file, which is refused without it. `name` names the file in
-    messages. `max_pixels`, if given, refuses a slice whose header claims more pixels (Rows x
-    Columns) before anything is decoded. See the module docstring for each step.
+    `level` / `width`: the window in HU. `frame` (0-based) is required for a multi-frame file.
+    `max_pixels` refuses a slice whose Rows x Columns exceed it before anything is decoded.
     """
     if not (math.isfinite(level) and math.isfinite(width) and width > 0):
         raise SettingsError(

@@ -38,10 +38,8 @@ def grad_cam(
 ) -> tuple[np.ndarray, int]:
     """Grad-CAM of one input: the (S, S) float32 heat map in [0, 1] and the class index explained.
 
-    `x` is the model's float input (1, C, S, S), as `transforms.model_input` returns it;
-    `class_index` None explains the predicted class (argmax of the logits). The model runs in
-    eval mode and is returned in the mode each of its modules was in; the hook is removed even
-    on error; parameters' `.grad` are left as they were.
+    `x`: `model_input`'s (1, C, S, S); `class_index` None: the predicted class. The modules'
+    train/eval modes and parameters' `.grad` are restored, the hook removed even on error.
     """
     if x.ndim != 4 or x.shape[0] != 1:
         raise ValueError(f"grad_cam expects one input of shape (1, C, S, S), got {tuple(x.shape)}.")

@@ -100,9 +100,7 @@ def read_image(
 ) -> np.ndarray:
     """A PNG / JPEG / BMP / TIFF / WebP / DICOM file or upload -> (S, S) uint8, as preprocess does.
 
-    DICOM (the `DICM` marker) goes through pydicom, Hounsfield units and the window; every
-    other format is decoded and made gray as `transforms.prepare` does. The same size and pixel
-    limits apply to both. `stage("decode")` and `stage("resize")` time the steps (serve).
+    `stage("decode")` and `stage("resize")` time the steps (serve).
     """
     if name is None:
         name = "the upload" if isinstance(source, (bytes, bytearray)) else f"'{source}'"
