@@ -26,12 +26,9 @@ _INDEX = {name: i for i, name in enumerate(FEATURES)}
 class DriftMonitor:
     """A bounded window of request statistics, tested against the training reference.
 
-    `reference`: a reference dict (`build_reference`, `load_reference`, `Store.reference()`);
-    `window`: requests kept; `min_samples`: requests needed before drift is claimed;
-    `alpha`: family-wise level; `confidence_reference`: the model's max-softmax on the train
-    images (reference_confidence.json), one more test when given. With k tests a feature drifts
-    when its p-value < alpha / k (Bonferroni; repeated reports are not corrected for, see
-    docs/monitoring.md). Thread-safe: `observe` may run on many threads while `report` runs.
+    `min_samples`: requests needed before drift is claimed; `alpha`: family-wise level. With k
+    tests a feature drifts when its p-value < alpha / k (Bonferroni; repeated reports are not
+    corrected for). Thread-safe: `observe` may run on many threads while `report` runs.
     """
 
     def __init__(
@@ -82,13 +79,8 @@ class DriftMonitor:
             return len(self._window)
 
     def report(self) -> dict[str, Any]:
-        """Test the window against the reference; refresh the Prometheus gauges; return it all.
-
-        {"window", "window_capacity", "min_samples", "enough_data", "drift", "alpha",
-        "tests", "corrected_alpha", "features": {name: {"statistic", "p_value", "drift",
-        "reference_mean", "window_mean", "n_reference", "n_window"}}, "drifted": [names]}.
-        A feature's statistic and p_value are None while the window holds no value for it.
-        """
+        """Test the window against the reference, refresh the gauges and return the report (a
+        feature's statistic and p_value are None while the window holds no value for it)."""
         with self._lock:
             snapshot = list(self._window)
         rows = np.array([row for row, _ in snapshot], dtype=np.float64).reshape(-1, len(FEATURES))
