@@ -102,9 +102,9 @@ def read_image(
 
     `stage("decode")` and `stage("resize")` time the steps (serve).
     """
-    if name is None:
-        name = "the upload" if isinstance(source, (bytes, bytearray)) else f"'{source}'"
-    data = _read_source(source, limits.max_bytes, name)
+    upload = isinstance(source, (bytes, bytearray, memoryview))
+    name = name or ("the upload" if upload else f"'{source}'")
+    data = _read_source(source, limits.max_bytes, name, upload)
     from ctscan.inference import dicom
 
     with stage("decode"):
@@ -113,8 +113,7 @@ def read_image(
                 data, level=window[0], width=window[1], name=name, max_pixels=limits.max_pixels
             )
         else:
-            max_pixels, max_bytes = limits.max_pixels, limits.max_bytes
-            with decode_image(data, max_pixels=max_pixels, max_bytes=max_bytes, name=name) as img:
+            with decode_image(data, **asdict(limits), name=name) as img:  # max_pixels, max_bytes
                 gray = to_gray(img)
     with stage("resize"):
         return resize_square(gray, spec.image_size, spec.resize)
@@ -164,8 +163,9 @@ class Predictor:
 
     def read(self, source: Path | bytes, *, name: str | None = None, stage: Any = nullcontext):
         """One file or upload -> the (S, S) uint8 image this model takes (`stage`: read_image)."""
-        limits, window = self.limits, self.window
-        return read_image(source, self.spec, limits=limits, window=window, name=name, stage=stage)
+        return read_image(
+            source, self.spec, limits=self.limits, window=self.window, name=name, stage=stage
+        )
 
     def predictions(self, probs: np.ndarray, paths: Sequence[str | None]) -> list[Prediction]:
         """Turn probabilities into labelled `Prediction`s."""
@@ -239,11 +239,8 @@ class Predictor:
 
 
 def open_predictor(model: str | Path, *, settings: Any, backend: str | None = None) -> Predictor:
-    """A Predictor for a checkpoint (.pt) or MLflow URI (torch), or an ONNX file (ONNX Runtime).
-
-    `backend`, if given, must name that runtime (`ops.backends.open_model` runs a checkpoint on
-    its ONNX export); `settings` gives the device, decode limits, DICOM window, tracking store.
-    """
+    """A Predictor for a checkpoint (.pt) or MLflow URI (torch), or an ONNX file (ONNX Runtime);
+    `backend`, if given, must name that runtime."""
     text = str(model)
     is_onnx = not text.startswith(MLFLOW_SCHEMES) and Path(text).suffix.lower() == ".onnx"
     runs_on = "onnx" if is_onnx else "torch"
