@@ -287,8 +287,6 @@ def run_audit(
     progress: Progress | None = None,
     workers: int | None = None,
 ) -> AuditReport:
-    """Audit the raw images without writing anything; bad files are listed, not raised. The
-    report also shows what data.on_leak would drop."""
-    data = settings.data
+    """Audit the raw images without writing anything; bad files are listed, not raised."""
     raw_dir = Path(raw_dir if raw_dir is not None else settings.paths.raw_dir)
-    return _scan(raw_dir, data, resize=False, workers=workers, progress=progress).report
+    return _scan(raw_dir, settings.data, resize=False, workers=workers, progress=progress).report

@@ -11,11 +11,9 @@ Each image is described by FEATURES, computed on the (S, S) uint8 gray image the
     entropy             Shannon entropy of the 256-bin histogram, in bits (0..8)
     edge_energy         mean absolute difference between neighbouring pixels (sharpness/noise)
 
-`preprocess` stores a sample of these values (a two-sample test needs samples) as
-`reference.json` in the store (`Store.reference()`, `load_reference`). `train` writes the best
-model's calibrated max-softmax on the train images, with its T and a copy of reference.json
-under `features`, as `reference_confidence.json` beside the checkpoint; the server's
-`DriftMonitor` (serve/monitoring.py) compares recent requests with both.
+`preprocess` stores a sample of these values (a two-sample test needs samples) as the store's
+`reference.json`; `train` writes the model's max-softmax on the train images (with its T and a
+copy of reference.json) as `reference_confidence.json` beside the checkpoint.
 
 reference.json: {"format": 1, "features": [names], "samples": {name: [float, ...]}, "n": number
 of sampled images, "n_images": images in the split, "split": "train", "image_size": S, "seed",

@@ -90,8 +90,7 @@ def grad_cam(
 def cam_function(
     model: nn.Module, name: str
 ) -> Callable[[torch.Tensor, int | None], tuple[np.ndarray, int]]:
-    """`(x, class_index) -> (heat, class_index)` for a registry model or an ensemble (the mean
-    of its members' maps for its class, max 1; no flipped views). Layers found up front."""
+    """`(x, class_index) -> (heat, class_index)` for a model, or an ensemble (its members' mean)."""
     plain = unwrap(model)
     if not isinstance(plain, Ensemble):
         layer = gradcam_layer(model, name)
@@ -132,8 +131,7 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 def overlay_png(gray: np.ndarray, heat: np.ndarray, *, title: str) -> bytes:
-    """PNG of the (S, S) uint8 slice under the (S, S) heat map in colour, upscaled (bilinear) by
-    ceil(256 / S), below a black band of TITLE_HEIGHT with `title` in white."""
+    """PNG of the (S, S) uint8 slice under the coloured (S, S) heat map, upscaled, with `title`."""
     if gray.ndim != 2 or gray.dtype != np.uint8:
         raise ValueError(f"gray must be a (S, S) uint8 array, got {gray.dtype} {gray.shape}.")
     if heat.shape != gray.shape:
