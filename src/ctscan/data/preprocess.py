@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -127,19 +128,14 @@ def _start_pool(ctx: Any, processes: int) -> Any:
 
 def _run_jobs(jobs: list[_Job], workers: int | None, progress: Progress | None) -> list[_Done]:
     total, workers = len(jobs), (os.cpu_count() or 1) if workers is None else workers
-    done: list[_Done] = []
-    if workers <= 1 or total < POOL_MIN_IMAGES:
-        for job in jobs:
-            done.append(_process(job))
-            if progress:
-                progress(len(done), total)
-        return done
+    serial = workers <= 1 or total < POOL_MIN_IMAGES
     # fork on Linux: workers start at once and need no `if __name__ == "__main__"` guard in the
     # caller; they run only PIL/numpy code, never torch. Elsewhere fork is unsafe.
     ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-    chunk = max(1, total // (workers * 8))
-    with _start_pool(ctx, min(workers, total)) as pool:  # on Ctrl-C: terminated
-        for result in pool.imap_unordered(_process, jobs, chunksize=chunk):
+    done: list[_Done] = []
+    with nullcontext() if serial else _start_pool(ctx, min(workers, total)) as pool:  # Ctrl-C
+        chunk = max(1, total // (max(1, workers) * 8))
+        for result in map(_process, jobs) if serial else pool.imap_unordered(_process, jobs, chunk):
             done.append(result)
             if progress:
                 progress(len(done), total)
