@@ -6,9 +6,7 @@
 Steps (docs/inference.md, "DICOM input"): decode the pixels; HU = stored x RescaleSlope +
 RescaleIntercept (top level or the functional groups); the window [level - width/2, level +
 width/2] mapped linearly to 0..255, rounded half up (the plain linear window, not the DICOM VOI
-LUT formula); MONOCHROME1 inverted. Colour (RGB / YBR) becomes BT.601 luma, unwindowed. Every
-problem with the file is a `DataError` naming it; pydicom missing, a `CtscanError` naming the
-extra. pydicom is imported inside the functions that need it.
+LUT formula); MONOCHROME1 inverted. Colour (RGB / YBR) becomes BT.601 luma, unwindowed.
 """
 
 from __future__ import annotations

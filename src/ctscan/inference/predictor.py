@@ -6,8 +6,7 @@
 
 The preprocessing spec, the class names and the temperature T come from the artifact itself
 (checkpoint payload, ONNX `ctscan` metadata, MLflow model metadata), never from the settings.
-`logits` are the network's divided by T; `probabilities` their softmax. Files are read through
-`read_image` (DICOM via inference/dicom.py, the rest via `transforms.prepare`, as preprocess).
+`logits` are the network's divided by T; `probabilities` their softmax.
 """
 
 from __future__ import annotations
@@ -233,9 +232,6 @@ class Predictor:
                 flush()
         flush()
         return results
-
-
-# ---- opening a model ----------------------------------------------------------------------
 
 
 def open_predictor(model: str | Path, *, settings: Any, backend: str | None = None) -> Predictor:
