@@ -109,9 +109,7 @@ def _chunk_features(images: np.ndarray) -> np.ndarray:
 def build_reference(
     train_images: np.ndarray, *, max_samples: int = MAX_SAMPLES, seed: int = 0
 ) -> dict[str, Any]:
-    """The reference dict of at most `max_samples` train images drawn from `seed`.
-
-    `train_images`: (N, 1, S, S) or (N, S, S) uint8."""
+    """The reference dict of at most `max_samples` train images (uint8), drawn from `seed`."""
     images = _gray_stack(train_images)
     n_images = len(images)
     if n_images == 0:

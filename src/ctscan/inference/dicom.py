@@ -120,11 +120,8 @@ def dicom_to_gray(
     name: str = "the DICOM file",
     max_pixels: int | None = None,
 ) -> np.ndarray:
-    """A DICOM file's bytes -> the (H, W) uint8 slice through the Hounsfield window.
-
-    `level` / `width`: the window in HU. `frame` (0-based) is required for a multi-frame file.
-    `max_pixels` refuses a slice whose Rows x Columns exceed it before anything is decoded.
-    """
+    """A DICOM file's bytes -> the (H, W) uint8 slice through the Hounsfield window (`level` /
+    `width`); `frame` (0-based) is required for a multi-frame file."""
     if not (math.isfinite(level) and math.isfinite(width) and width > 0):
         raise SettingsError(
             f"DICOM window level {level} / width {width}: the width must be > 0 and both finite.",

@@ -97,10 +97,8 @@ def read_image(
     name: str | None = None,
     stage: Callable[[str], AbstractContextManager] = nullcontext,
 ) -> np.ndarray:
-    """A PNG / JPEG / BMP / TIFF / WebP / DICOM file or upload -> (S, S) uint8, as preprocess does.
-
-    `stage("decode")` and `stage("resize")` time the steps (serve).
-    """
+    """A PNG / JPEG / BMP / TIFF / WebP / DICOM file or upload -> (S, S) uint8, as preprocess does;
+    `stage` times the decode and resize steps (serve)."""
     upload = isinstance(source, (bytes, bytearray, memoryview))
     name = name or ("the upload" if upload else f"'{source}'")
     data = _read_source(source, limits.max_bytes, name, upload)
@@ -131,7 +129,6 @@ class Predictor:
     ) -> None:
         self.spec, self.info, self._logits_fn = spec, info, logits_fn
         self.torch_model = torch_model  # (model, channels) for Grad-CAM; None for ONNX
-        # how files are read and batched: `open_predictor` sets them from the settings
         self.limits, self.window = DecodeLimits(), LUNG_WINDOW
         self.batch_size, self.decode_threads = 32, 0  # decode_threads 0: min(4, cores)
 
@@ -370,8 +367,7 @@ def _in_chunks(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> n
 
 
 def _calibration_info(meta: dict[str, Any], source: Path | str) -> dict[str, Any]:
-    """ModelInfo's temperature and calibration text from a model file's ctscan metadata (files
-    from before calibration: T = 1)."""
+    """ModelInfo's temperature (default 1) and calibration text from a file's ctscan metadata."""
     from ctscan.engine.temperature import check_temperature, describe
 
     temperature = check_temperature(meta.get("temperature", 1.0), source)

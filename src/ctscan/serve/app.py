@@ -494,7 +494,6 @@ def create_app(service: Service) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.service = service
-    # each body limit with the settings that make it (the message names them)
     per_file = f"serve.max_upload_bytes = {serve.max_upload_bytes}"
     per_batch = f"{per_file} x serve.max_batch_files = {serve.max_batch_files}"
     batch_limit = serve.max_upload_bytes * serve.max_batch_files + 64 * 1024

@@ -58,8 +58,7 @@ class DriftMonitor:
         self._gauges: dict[str, Any] | None = None
 
     def observe(self, image: np.ndarray, confidence: float | None = None) -> None:
-        """Add one request: its (S, S) uint8 image as the model saw it, and its confidence
-        (ValueError for another dtype or size than the reference's: a caller bug)."""
+        """Add one request: its (S, S) uint8 image as the model saw it, and its confidence."""
         image = np.asarray(image)
         if image.ndim == 3 and image.shape[0] == 1:
             image = image[0]
