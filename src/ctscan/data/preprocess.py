@@ -231,11 +231,8 @@ def run_preprocess(
     workers: int | None = None,
     force: bool = False,
 ) -> PreprocessResult:
-    """Build the processed store from the raw images.
-
-    `progress(done, total)` is called after each image; `workers`: processes (default: all
-    cores; 0 or 1: this one); `force` replaces a store built with other data settings.
-    """
+    """Build the processed store from the raw images; `workers`: processes (default: all cores;
+    0 or 1: this one); `force` replaces a store built with other data settings."""
     start = time.perf_counter()
     data = settings.data
     raw_dir = Path(raw_dir if raw_dir is not None else settings.paths.raw_dir)

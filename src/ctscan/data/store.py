@@ -142,10 +142,8 @@ def _looks_like_store(path: Path) -> bool:
 def check_store_target(
     out_dir: Path | str, *, data: Mapping[str, Any] | Any | None = None, force: bool = False
 ) -> Path:
-    """Make sure a store can be written at `out_dir`, or raise one DataError naming the path.
-
-    A store there built with other TENSOR_KEYS than `data` is replaced only with `force`: the
-    runs trained on it would lose their data."""
+    """Make sure a store can be written at `out_dir`, or raise one DataError naming the path;
+    one built with other TENSOR_KEYS than `data` is replaced only with `force`."""
     out_dir = Path(out_dir)
     what = f"processed store folder '{out_dir}'"
     if (problem := folder_problem(out_dir, create=False)) is not None:
@@ -416,11 +414,8 @@ def stale_keys(meta: Mapping[str, Any], expect_data: Mapping[str, Any] | Any) ->
 
 
 def check_raw(store_dir: Path, meta: Mapping[str, Any], command: str) -> tuple[str, Path | None]:
-    """Check a store against its raw folder: ("verified", folder) or (why not checked, None).
-
-    A DataError when the raw folder is found and its images changed; a raw folder not on disk
-    (a copied store) is no error: the note names the data version the nearest `.dvc` records.
-    """
+    """Check a store against its raw folder: ("verified", folder) or (why not checked, None);
+    a DataError when the raw folder is found and its images changed."""
     if not meta.get("raw_dir"):
         return "not checked: the store records no raw folder", None
     candidates = [Path(meta["raw_dir"])]  # the absolute path recorded, then relative to the store

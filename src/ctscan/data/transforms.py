@@ -92,8 +92,7 @@ def _damaged_file(problem: str, *, upload: bool) -> DataError:
 
 
 def _claimed_size(data: bytes) -> tuple[int, int] | None:
-    """Width and height a refused bomb's header claims, parsed by Pillow's plugins without
-    `Image.open`'s bomb check; None if no plugin reads it."""
+    """The (width, height) a refused bomb claims, from Pillow's plugins without the bomb check."""
     Image.init()
     for factory, accept in [Image.OPEN[fmt] for fmt in DECODE_FORMATS if fmt in Image.OPEN]:
         try:
@@ -204,8 +203,7 @@ def _png_layout(data: bytes) -> tuple[int, int] | None:
 
 
 def _decode_png(data: bytes, img: Image.Image) -> Image.Image | None:
-    """The pixels of a PNG Pillow has opened, decoded by libspng in the same mode; None for a
-    layout it does not take or a file it cannot read (Pillow then decodes it or says why)."""
+    """A PNG Pillow has opened, decoded by libspng in the same mode; None: Pillow decodes it."""
     if _SPNG_MODES.get(_png_layout(data)) != img.mode:  # None: a layout libspng does not take
         return None
     try:
@@ -372,8 +370,7 @@ def model_input(
 ) -> torch.Tensor:
     """uint8 gray (B, 1, S, S) -> the model's float input (B, channels, S, S): THE normalisation.
 
-    `augment` (training only) runs on the [0, 1] floats before normalising. Train, evaluate,
-    the MLflow model, predict, export and serve all call this; it is traceable by torch.export.
+    `augment` (training) runs on the [0, 1] floats; traceable by torch.export.
     """
     import torch
 

@@ -38,8 +38,7 @@ def grad_cam(
 ) -> tuple[np.ndarray, int]:
     """Grad-CAM of one input: the (S, S) float32 heat map in [0, 1] and the class index explained.
 
-    `x`: `model_input`'s (1, C, S, S); `class_index` None: the predicted class. The modules'
-    train/eval modes and parameters' `.grad` are restored, the hook removed even on error.
+    `x`: `model_input`'s (1, C, S, S); modes, `.grad` and hooks are left as they were.
     """
     if x.ndim != 4 or x.shape[0] != 1:
         raise ValueError(f"grad_cam expects one input of shape (1, C, S, S), got {tuple(x.shape)}.")
