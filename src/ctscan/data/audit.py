@@ -299,8 +299,7 @@ def audit(
 def picture_group_ids(
     paths: Sequence[str], hashes: Sequence[str], near_pairs: Iterable[tuple[Sequence[str], ...]]
 ) -> list[int]:
-    """A group id per image (0, 1, ... in order of first appearance): same pixel hash, or
-    linked by a near-copy pair (the paths of its two sides)."""
+    """A group id per image (0, 1, ...): same pixel hash, or linked by a near-copy pair."""
     parent: dict[str, str] = {}
 
     def root(h: str) -> str:

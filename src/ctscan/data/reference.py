@@ -184,8 +184,7 @@ def confidence_reference(
     temperature: float = 1.0,
     features: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """reference_confidence.json: the model's max-softmax per train image at `temperature`
-    (the server uses it only for a model whose probabilities use the same T)."""
+    """reference_confidence.json: the model's max-softmax per train image at `temperature`."""
     values = [float(v) for v in np.asarray(confidence, dtype=np.float64).reshape(-1)]
     saved = {"confidence": values, "n": len(values), "split": "train", "temperature": temperature}
     return saved if features is None else {**saved, "features": dict(features)}

@@ -496,10 +496,8 @@ def load_store(
     verify: bool = True,
     command: str = PREPROCESS,
 ) -> Store:
-    """Open a processed store, refusing a missing, corrupt, partial or stale one.
-
-    `expect_data`: the caller's `data` settings (TENSOR_KEYS must match); `command`: the
-    preprocess command that builds this store, named in every fix."""
+    """Open a processed store, refusing a missing, corrupt, partial or stale one (TENSOR_KEYS
+    of `expect_data`); `command`: the preprocess command named in every fix."""
     store_dir = Path(store_dir)
     fix = rebuild_fix(command)
     if not store_dir.is_dir():

@@ -1,8 +1,5 @@
 """DICOM slices -> (H, W) uint8 gray: pydicom, Hounsfield units, a window, as a viewer shows them.
 
-    if is_dicom(data):
-        gray = dicom_to_gray(data, level=-600.0, width=1500.0, name="'scan.dcm'")
-
 Steps (docs/inference.md, "DICOM input"): decode the pixels; HU = stored x RescaleSlope +
 RescaleIntercept (top level or the functional groups); the window [level - width/2, level +
 width/2] mapped linearly to 0..255, rounded half up (the plain linear window, not the DICOM VOI

@@ -148,8 +148,7 @@ class Predictor:
             )
         if len(images) == 0:
             return np.zeros((0, len(self.class_names)), dtype=np.float32)
-        out = self._logits_fn(np.ascontiguousarray(images))
-        return np.asarray(out, dtype=np.float32)
+        return np.asarray(self._logits_fn(np.ascontiguousarray(images)), dtype=np.float32)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """uint8 (B, 1, S, S) -> calibrated class probabilities (B, C), float64."""
@@ -183,8 +182,7 @@ class Predictor:
             return str(exc)
 
     def _decoded(self, paths: list[Path]) -> Iterator[np.ndarray | str]:
-        """Each image or why it cannot be read, in order: decoded ahead on a few threads, at
-        most two batches ahead (bounded memory); a bug in a decoder still raises here."""
+        """Each image or why it cannot be read, in order, decoded at most two batches ahead."""
         threads = self.decode_threads or min(4, os.cpu_count() or 1)
         if threads <= 1:
             yield from map(self._read_or_error, paths)

@@ -24,11 +24,10 @@ _INDEX = {name: i for i, name in enumerate(FEATURES)}
 
 
 class DriftMonitor:
-    """A bounded window of request statistics, tested against the training reference.
+    """A bounded, thread-safe window of request statistics, tested against the training reference.
 
-    `min_samples`: requests needed before drift is claimed; `alpha`: family-wise level. With k
-    tests a feature drifts when its p-value < alpha / k (Bonferroni; repeated reports are not
-    corrected for). Thread-safe: `observe` may run on many threads while `report` runs.
+    With k tests a feature drifts when its p-value < alpha / k (Bonferroni; repeated reports are
+    not corrected for) and the window holds `min_samples` values of it.
     """
 
     def __init__(
