@@ -183,7 +183,6 @@ def _free_folder(base: Path | str, tag: str) -> Path:
 
 
 def _replace_dir(new: Path, target: Path) -> None:
-    """Put `new` where `target` is, replacing an existing store."""
     if target.exists():
         backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
         backup.rmdir()

@@ -110,7 +110,6 @@ def _claimed_size(data: bytes) -> tuple[int, int] | None:
 
 
 def _too_many_pixels(name: str, size: tuple[int, int] | None, max_pixels: int) -> DataError:
-    """ctscan's refusal of an image whose header claims too many pixels."""
     hard = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
     if size is not None:
         width, height = size

@@ -166,20 +166,19 @@ def parse_infer(body: bytes, header_length: str | None, image_size: int) -> Infe
         if not _is_int(binary_size) or binary_size < 0 or binary_size > len(tail):
             raise ProtocolError(f"input '{name}' binary_data_size does not fit the data sent.")
         raw = tail[:binary_size]
-    datatype = {IMAGE_INPUT: "UINT8", BYTES_INPUT: "BYTES"}.get(name)
-    if datatype is None:
-        raise ProtocolError(f"unknown input '{name}'; use '{IMAGE_INPUT}' or '{BYTES_INPUT}'.")
-    if spec.get("datatype") != datatype:
-        raise ProtocolError(f"input '{name}' must be {datatype}, not {spec.get('datatype')}.")
     if name == IMAGE_INPUT:
         request.images = _image_input(spec, shape, raw, image_size)
-    else:
+    elif name == BYTES_INPUT:
         request.files = _bytes_input(spec, math.prod(shape), raw)
+    else:
+        raise ProtocolError(f"unknown input '{name}'; use '{IMAGE_INPUT}' or '{BYTES_INPUT}'.")
     return request
 
 
 def _image_input(spec: dict, shape: list[int], raw: bytes | None, image_size: int) -> np.ndarray:
     """The `image` input: UINT8 (B, 1, S, S) from the binary tail or the JSON `data`."""
+    if spec.get("datatype") != "UINT8":
+        raise ProtocolError(f"input '{IMAGE_INPUT}' must be UINT8, not {spec.get('datatype')}.")
     if len(shape) != 4 or shape[1:] != [1, image_size, image_size]:
         raise ProtocolError(
             f"input '{IMAGE_INPUT}' must have shape [B, 1, {image_size}, {image_size}], "
@@ -197,6 +196,8 @@ def _image_input(spec: dict, shape: list[int], raw: bytes | None, image_size: in
 
 def _bytes_input(spec: dict, count: int, raw: bytes | None) -> list[bytes]:
     """The `image_bytes` input: files from the binary tail, or base64 strings in JSON `data`."""
+    if spec.get("datatype") != "BYTES":
+        raise ProtocolError(f"input '{BYTES_INPUT}' must be BYTES, not {spec.get('datatype')}.")
     if raw is not None:
         return _unpack_bytes(raw, count)
     data = spec.get("data")
