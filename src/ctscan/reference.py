@@ -91,10 +91,8 @@ def settings_reference() -> str:
             kind = getattr(info.annotation, "__name__", None) or str(info.annotation)
             kind = kind.replace("typing.", "").replace("pathlib.", "")
             rows.append([f"`{section}.{key}`", kind, shown, constraints, info.description])
-        lines += [
-            f"## `[{section}]`\n",
-            *_table(["key", "type", "default", "constraints", "description"], rows),
-        ]
+        lines.append(f"## `[{section}]`\n")
+        lines += _table(["key", "type", "default", "constraints", "description"], rows)
     return "\n".join(lines).rstrip() + "\n"
 
 

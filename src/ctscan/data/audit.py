@@ -40,10 +40,8 @@ def pixel_hash(gray: np.ndarray) -> str:
 def dhash64(gray: np.ndarray) -> int:
     """A 64-bit perceptual difference hash of a (H, W) gray image.
 
-    The image is area-averaged (Pillow BOX, in float so flat regions give no rounding ties) to
-    9 columns x 8 rows; bit r*8+c (most significant first) is 1 where column c+1 is brighter
-    than column c in row r. Re-encoding, resizing and mild noise change few bits; a different
-    picture differs in about half of them.
+    Area-averaged (Pillow BOX, in float so flat regions give no rounding ties) to 9 x 8; bit
+    r*8+c (most significant first) is 1 where column c+1 is brighter than column c in row r.
     """
     small = Image.fromarray(np.asarray(gray, dtype=np.float32)).resize((9, 8), Image.Resampling.BOX)
     a = np.asarray(small, dtype=np.float32)  # (8, 9)
@@ -130,11 +128,7 @@ class DuplicateGroup(_Row):
 
 @dataclass(frozen=True)
 class NearDuplicate(_Row):
-    """Two different pixel hashes (each possibly with exact copies) with close dHashes.
-
-    `mad`: mean absolute difference of their thumbnails (None if unknown); `same_picture`:
-    mad <= SAME_PICTURE_MAD, i.e. a re-encoded or resized copy (see the module docstring).
-    """
+    """Two different pixel hashes (each possibly with exact copies) with close dHashes."""
 
     distance: int
     a: tuple[str, ...]
@@ -269,10 +263,7 @@ def audit(
     raw_dir: str | None = None,
     on_leak: str | None = None,
 ) -> AuditReport:
-    """Summarise the records: counts, sizes, modes, duplicates, leakage, conflicts, bad files.
-
-    With `on_leak` set, the report also lists what `leak_policy` keeps and drops.
-    """
+    """Summarise the records: counts, sizes, modes, duplicates, leakage, conflicts, bad files."""
     groups = duplicate_groups(records)
     sizes = Counter(f"{r.width}x{r.height}" for r in records)
     size_range = {  # min_width, max_width, min_height, max_height
@@ -308,8 +299,7 @@ def audit(
 def picture_group_ids(
     paths: Sequence[str], hashes: Sequence[str], near_pairs: Iterable[tuple[Sequence[str], ...]]
 ) -> list[int]:
-    """A group id per image (0, 1, ... in order of first appearance): same pixel hash, or
-    linked by a near-copy pair (the paths of its two sides)."""
+    """A group id per image (0, 1, ...): same pixel hash, or linked by a near-copy pair."""
     parent: dict[str, str] = {}
 
     def root(h: str) -> str:

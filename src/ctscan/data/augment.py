@@ -35,13 +35,8 @@ def affine_params(n: int, aug: AugmentSettings, device: torch.device) -> torch.T
     flip_x = torch.where(torch.rand(n, device=device) < aug.hflip, -1.0, 1.0)
     flip_y = torch.where(torch.rand(n, device=device) < aug.vflip, -1.0, 1.0)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    return torch.stack(  # (n, 2, 3)
-        [
-            torch.stack([cos * flip_x, -sin * flip_y, shift[:, 0]], dim=1),
-            torch.stack([sin * flip_x, cos * flip_y, shift[:, 1]], dim=1),
-        ],
-        dim=1,
-    )
+    rows = [cos * flip_x, -sin * flip_y, shift[:, 0], sin * flip_x, cos * flip_y, shift[:, 1]]
+    return torch.stack(rows, dim=1).view(n, 2, 3)
 
 
 def _erase(x: torch.Tensor, prob: float) -> torch.Tensor:

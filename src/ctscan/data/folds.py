@@ -1,9 +1,8 @@
 """K folds over train + valid, grouped by picture, stratified by class.
 
-Cross-validated selection (`ctscan train --folds K`, ops/cv.py) trains one model per fold on the
-other K-1 folds and reads the held-out fold as its validation split. The valid split of the
-Kaggle set has 72 images, 10 of them copies of train images: its accuracy says little about test.
-K folds give every train + valid image one out-of-fold prediction.
+`ctscan train --folds K` (ops/cv.py) trains one model per fold on the other K-1 folds. The valid
+split of the Kaggle set has 72 images, 10 of them copies of train images: its accuracy says little
+about test; K folds give every train + valid image one out-of-fold prediction.
 
 Copies never straddle folds: images with the same pixels (the store's `pixel_hashes`), and near
 copies the audit found (`audit.json`, `same_picture` pairs: re-encoded or resized copies), form

@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -127,19 +128,14 @@ def _start_pool(ctx: Any, processes: int) -> Any:
 
 def _run_jobs(jobs: list[_Job], workers: int | None, progress: Progress | None) -> list[_Done]:
     total, workers = len(jobs), (os.cpu_count() or 1) if workers is None else workers
-    done: list[_Done] = []
-    if workers <= 1 or total < POOL_MIN_IMAGES:
-        for job in jobs:
-            done.append(_process(job))
-            if progress:
-                progress(len(done), total)
-        return done
+    serial = workers <= 1 or total < POOL_MIN_IMAGES
     # fork on Linux: workers start at once and need no `if __name__ == "__main__"` guard in the
     # caller; they run only PIL/numpy code, never torch. Elsewhere fork is unsafe.
     ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-    chunk = max(1, total // (workers * 8))
-    with _start_pool(ctx, min(workers, total)) as pool:  # on Ctrl-C: terminated
-        for result in pool.imap_unordered(_process, jobs, chunksize=chunk):
+    done: list[_Done] = []
+    with nullcontext() if serial else _start_pool(ctx, min(workers, total)) as pool:  # Ctrl-C
+        chunk = max(1, total // (max(1, workers) * 8))
+        for result in map(_process, jobs) if serial else pool.imap_unordered(_process, jobs, chunk):
             done.append(result)
             if progress:
                 progress(len(done), total)
@@ -235,13 +231,8 @@ def run_preprocess(
     workers: int | None = None,
     force: bool = False,
 ) -> PreprocessResult:
-    """Build the processed store from the raw images (see the module docstring).
-
-    `settings`: a `Settings` (its `data` and `paths` are used); `raw_dir` / `out_dir` default to
-    paths.raw_dir / paths.processed_dir. `progress(done, total)` is called after each image.
-    `workers`: processes (default: all cores; 0 or 1: this one). A store at `out_dir` built with
-    other data settings is replaced only with `force`; one with the same settings is rebuilt.
-    """
+    """Build the processed store from the raw images; `workers`: processes (default: all cores;
+    0 or 1: this one); `force` replaces a store built with other data settings."""
     start = time.perf_counter()
     data = settings.data
     raw_dir = Path(raw_dir if raw_dir is not None else settings.paths.raw_dir)
@@ -289,8 +280,6 @@ def run_audit(
     progress: Progress | None = None,
     workers: int | None = None,
 ) -> AuditReport:
-    """Audit the raw images without writing anything; bad files are listed, not raised. The
-    report also shows what data.on_leak would drop."""
-    data = settings.data
+    """Audit the raw images without writing anything; bad files are listed, not raised."""
     raw_dir = Path(raw_dir if raw_dir is not None else settings.paths.raw_dir)
-    return _scan(raw_dir, data, resize=False, workers=workers, progress=progress).report
+    return _scan(raw_dir, settings.data, resize=False, workers=workers, progress=progress).report

@@ -11,11 +11,9 @@ Each image is described by FEATURES, computed on the (S, S) uint8 gray image the
     entropy             Shannon entropy of the 256-bin histogram, in bits (0..8)
     edge_energy         mean absolute difference between neighbouring pixels (sharpness/noise)
 
-`preprocess` stores a sample of these values (a two-sample test needs samples) as
-`reference.json` in the store (`Store.reference()`, `load_reference`). `train` writes the best
-model's calibrated max-softmax on the train images, with its T and a copy of reference.json
-under `features`, as `reference_confidence.json` beside the checkpoint; the server's
-`DriftMonitor` (serve/monitoring.py) compares recent requests with both.
+`preprocess` stores a sample of these values (a two-sample test needs samples) as the store's
+`reference.json`; `train` writes the model's max-softmax on the train images (with its T and a
+copy of reference.json) as `reference_confidence.json` beside the checkpoint.
 
 reference.json: {"format": 1, "features": [names], "samples": {name: [float, ...]}, "n": number
 of sampled images, "n_images": images in the split, "split": "train", "image_size": S, "seed",
@@ -111,11 +109,7 @@ def _chunk_features(images: np.ndarray) -> np.ndarray:
 def build_reference(
     train_images: np.ndarray, *, max_samples: int = MAX_SAMPLES, seed: int = 0
 ) -> dict[str, Any]:
-    """The reference dict (see the module doc) from a random sample of the train images.
-
-    `train_images`: (N, 1, S, S) or (N, S, S) uint8. At most `max_samples` images are drawn
-    without replacement (all of them when N <= max_samples), reproducibly from `seed`.
-    """
+    """The reference dict of at most `max_samples` train images (uint8), drawn from `seed`."""
     images = _gray_stack(train_images)
     n_images = len(images)
     if n_images == 0:
@@ -190,12 +184,7 @@ def confidence_reference(
     temperature: float = 1.0,
     features: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The content of reference_confidence.json: the model's max-softmax per train image.
-
-    `temperature` is the T the probabilities were computed with (softmax(logits / T)): the
-    server uses the reference only for a model that shows probabilities with the same T.
-    `features`: the store's reference.json, kept beside the model too (see the module doc).
-    """
+    """reference_confidence.json: the model's max-softmax per train image at `temperature`."""
     values = [float(v) for v in np.asarray(confidence, dtype=np.float64).reshape(-1)]
     saved = {"confidence": values, "n": len(values), "split": "train", "temperature": temperature}
     return saved if features is None else {**saved, "features": dict(features)}

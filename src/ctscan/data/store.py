@@ -14,8 +14,6 @@ It is built in a temp folder beside the target, fsynced, then renamed in (old st
 new -> target): a failure leaves the old store whole. The raw fingerprint (SHA-256 of every raw
 image's `split/class/file` path and byte size) needs one `stat` per file and survives `dvc
 checkout`; an edit that keeps the size is left to the pixel hashes and the DVC md5.
-`open_store` finds the raw folder by its absolute path, then relative to the store; a store
-copied without its raw images stays usable, and `Store.raw_warning` says so.
 """
 
 from __future__ import annotations
@@ -99,8 +97,7 @@ def read_dvc_md5(dvc_file: Path | str) -> str | None:
 
 
 def find_dvc_file(path: Path | str) -> Path | None:
-    """The `.dvc` file tracking `path` or a folder above it (`data.dvc` for `data/...`), or None;
-    `path` need not exist (a checkout without `dvc pull`)."""
+    """The `.dvc` file tracking `path` (which need not exist) or a folder above it, or None."""
     here = Path(os.path.abspath(path))
     for folder in [here, *here.parents]:
         if folder.name and (folder.parent / f"{folder.name}.dvc").is_file():
@@ -145,12 +142,8 @@ def _looks_like_store(path: Path) -> bool:
 def check_store_target(
     out_dir: Path | str, *, data: Mapping[str, Any] | Any | None = None, force: bool = False
 ) -> Path:
-    """Make sure a store can be written at `out_dir`, or raise one DataError naming the path.
-
-    Called before preprocessing starts (a bad `--out` fails at once) and by `write_store`. With
-    `data` (the new store's `data` settings), a store there built with other TENSOR_KEYS is
-    replaced only with `force`: the runs trained on it would lose their data.
-    """
+    """Make sure a store can be written at `out_dir`, or raise one DataError naming the path;
+    one built with other TENSOR_KEYS than `data` is replaced only with `force`."""
     out_dir = Path(out_dir)
     what = f"processed store folder '{out_dir}'"
     if (problem := folder_problem(out_dir, create=False)) is not None:
@@ -190,7 +183,6 @@ def _free_folder(base: Path | str, tag: str) -> Path:
 
 
 def _replace_dir(new: Path, target: Path) -> None:
-    """Put `new` where `target` is, replacing an existing store."""
     if target.exists():
         backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
         backup.rmdir()
@@ -311,7 +303,6 @@ def _write_failed(out_dir: Path, exc: OSError) -> DataError:
 
 
 def _relative(target: Path, store_dir: Path) -> str | None:
-    """`target` relative to the store folder (None when no relative path exists)."""
     try:
         return os.path.relpath(target, Path(store_dir).resolve())
     except ValueError:  # another drive (Windows)
@@ -319,12 +310,8 @@ def _relative(target: Path, store_dir: Path) -> str | None:
 
 
 class Store:
-    """A processed store opened by `load_store`: `.meta`, `.spec`, `.split(name)`.
-
-    `raw_check`: how `open_store` checked it against its raw folder (`raw_dir`): "verified",
-    "raw folder not found: ..." (a copied store: `raw_warning` is the line to print) or
-    "not checked: ...".
-    """
+    """A processed store opened by `load_store`; `raw_check`: how `open_store` checked it
+    against its raw folder: "verified", "raw folder not found: ..." or "not checked: ..."."""
 
     def __init__(self, path: Path, meta: dict[str, Any], index: dict[str, Any], fix: str) -> None:
         self.path, self.meta, self._index, self.rebuild_fix = path, meta, index, fix
@@ -365,8 +352,7 @@ class Store:
         return load_reference(path) if path.is_file() else None
 
     def identities(self, name: str) -> tuple[list[str], list[str]]:
-        """The paths and pixel hashes of one split, from the index: no image or label is read
-        (what the fold grouping may see of the test split before the test is read)."""
+        """The paths and pixel hashes of one split, from the index (no image or label is read)."""
         if name not in self._index:
             raise DataError(
                 f"split '{name}' is not in the store at '{self.path}' "
@@ -427,12 +413,8 @@ def stale_keys(meta: Mapping[str, Any], expect_data: Mapping[str, Any] | Any) ->
 
 
 def check_raw(store_dir: Path, meta: Mapping[str, Any], command: str) -> tuple[str, Path | None]:
-    """Check a store against its raw folder: ("verified", folder) or (why not checked, None).
-
-    A DataError when the raw folder is found and its images changed (or cannot be read). A raw
-    folder not on disk (a copied store) is no error: the note says so, with the data version
-    the nearest `.dvc` file records.
-    """
+    """Check a store against its raw folder: ("verified", folder) or (why not checked, None);
+    a DataError when the raw folder is found and its images changed."""
     if not meta.get("raw_dir"):
         return "not checked: the store records no raw folder", None
     candidates = [Path(meta["raw_dir"])]  # the absolute path recorded, then relative to the store
@@ -513,12 +495,8 @@ def load_store(
     verify: bool = True,
     command: str = PREPROCESS,
 ) -> Store:
-    """Open a processed store, refusing a missing, corrupt, partial or stale one.
-
-    `expect_data`: the `data` settings (dict or DataSettings) the caller runs with; keys in
-    TENSOR_KEYS must match. `verify`: check every file's sha256. `command`: the preprocess
-    command (with the caller's -s / --set) that builds this store, named in every fix.
-    """
+    """Open a processed store, refusing a missing, corrupt, partial or stale one (TENSOR_KEYS
+    of `expect_data`); `command`: the preprocess command named in every fix."""
     store_dir = Path(store_dir)
     fix = rebuild_fix(command)
     if not store_dir.is_dir():
@@ -546,16 +524,14 @@ def open_store(
     expect_data: Mapping[str, Any] | Any | None,
     command: str = PREPROCESS,
 ) -> Store:
-    """`load_store`, then checked against its raw images (`check_raw`): refused when they
-    changed; a store copied without them opens, and `store.raw_warning` says so."""
+    """`load_store`, then `check_raw`; a copy without its raw images opens (`raw_warning`)."""
     store = load_store(processed_dir, expect_data=expect_data, command=command)
     store.raw_check, store.raw_dir = check_raw(store.path, store.meta, command)
     return store
 
 
 def open_settings_store(settings: Any) -> Store:
-    """The store `settings` name, checked against their `data` (train, cross-validation,
-    profile): every fix names the preprocess command with the user's own -s / --set."""
+    """The store `settings` name, checked against their `data` (fixes keep the user's -s)."""
     from ctscan.settings import given_args
 
     command = f"{PREPROCESS} {given_args(settings)}".strip()
@@ -563,14 +539,11 @@ def open_settings_store(settings: Any) -> Store:
 
 
 def open_model_store(settings: Any, model: Any) -> Store:
-    """The store holding images as `model` (a Checkpoint) takes them (evaluate, calibrate,
-    export, ensemble).
+    """The store holding images as `model` (a Checkpoint) takes them.
 
-    `paths.processed_dir` when the user names it; else the first store that holds the model's
-    spec, built with its `data` settings (TENSOR_KEYS), and opens, among: the model's own
-    `paths.processed_dir` (from here, then above the checkpoint and each ensemble member), the
-    default store, and their `NAME-*` siblings. When none does: one DataError whose fix builds
-    a matching store without replacing any other.
+    `paths.processed_dir` when the user names it; else the first matching store that opens
+    among the model's own `paths.processed_dir`, the default store, and their `NAME-*` siblings.
+    None: a DataError whose fix builds a matching store without replacing any other.
     """
     from ctscan.settings import is_given
 
@@ -607,8 +580,7 @@ def open_model_store(settings: Any, model: Any) -> Store:
 
 
 def _found_above(recorded: str | None, model: Any) -> list[Path]:
-    """Where a path a checkpoint's settings record may be: as given (from here), then from each
-    folder above the checkpoint and above each ensemble member's source, nearest first."""
+    """A path a checkpoint records: as given, then under each folder above its sources."""
     if not recorded:
         return []
     path = Path(recorded)
@@ -618,7 +590,6 @@ def _found_above(recorded: str | None, model: Any) -> list[Path]:
 
 
 def _sources(model: Any) -> list[str]:
-    """The checkpoint's file, then each ensemble member's."""
     return [s for s in [model.source, *[m.get("source") for m in model.members or []]] if s]
 
 
@@ -633,8 +604,7 @@ def _unique(paths: Sequence[Path]) -> list[Path]:
 def _store_mismatch(
     path: Path, spec: PreprocessSpec, data: Mapping[str, Any], what: str = ""
 ) -> str | None:
-    """Why the store at `path` (`what`) does not hold images as `spec` + `data`; None when it
-    does (or cannot be read: opening it then says what is wrong)."""
+    """Why the store at `path` lacks `spec` + `data` images (None: it has them or is unreadable)."""
     if not path.is_dir():
         return f"no processed store is at {what}"
     meta = _read_meta(path)
@@ -653,11 +623,9 @@ def _describe(spec: PreprocessSpec) -> str:
 
 
 def _build(model: Any, out: Path) -> str:
-    """The preprocess command that builds the model's store at `out`: its run's settings (or
-    its `data` settings), with absolute paths, so it works from any folder."""
+    """The preprocess command, with absolute paths, that builds the model's store at `out`."""
     spec, trained = model.spec, model.settings or {}
     data = trained.get("data") or {}
-    # its run's settings: the settings.toml beside the checkpoint (or an ensemble member)
     runs = [Path(s).parent / "settings.toml" for s in _sources(model)]
     run = next((f.resolve() for f in runs if f.is_file()), None)
     if run is not None:
@@ -675,8 +643,7 @@ def _build(model: Any, out: Path) -> str:
 
 
 def _model_store_fix(model: Any, own: list[Path], chosen: Path, match: Path | None) -> str:
-    """Use a store that matches the model, or build one where no store is (absolute paths:
-    a run's settings.toml records paths relative to the folder it was trained in)."""
+    """Use a store that matches the model, or build one where no store is."""
     if match is not None:
         where = quote(str(match.resolve()))
         return f"use a store that holds its images: pass `--set paths.processed_dir={where}`."

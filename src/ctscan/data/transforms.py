@@ -86,18 +86,13 @@ def _read_source(source: Path | bytes, max_bytes: int, name: str, upload: bool) 
 
 
 def _damaged_file(problem: str, *, upload: bool) -> DataError:
-    """An empty or cut-off file, with the fix its holder can apply: the sender of an upload
-    (an HTTP client, a caller passing bytes) sends it again; a file on disk is restored."""
+    """An empty or cut-off file, with the fix for an upload (resend) or a file on disk (restore)."""
     resend = "send the whole file again (the upload ended early or was damaged)."
     return DataError(problem, resend if upload else "restore the file (`dvc pull`) or remove it.")
 
 
 def _claimed_size(data: bytes) -> tuple[int, int] | None:
-    """Width and height a file's header claims, read by Pillow's format plugins alone.
-
-    Used once Pillow has refused the file as a bomb, to name its size: the plugins parse the
-    header without `Image.open`'s bomb check and decode no pixel. None if no plugin reads it.
-    """
+    """The (width, height) a refused bomb claims, from Pillow's plugins without the bomb check."""
     Image.init()
     for factory, accept in [Image.OPEN[fmt] for fmt in DECODE_FORMATS if fmt in Image.OPEN]:
         try:
@@ -115,7 +110,6 @@ def _claimed_size(data: bytes) -> tuple[int, int] | None:
 
 
 def _too_many_pixels(name: str, size: tuple[int, int] | None, max_pixels: int) -> DataError:
-    """ctscan's refusal of an image whose header claims too many pixels."""
     hard = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
     if size is not None:
         width, height = size
@@ -147,17 +141,11 @@ def decode_image(
     max_bytes: int = DecodeLimits.max_bytes,
     name: str | None = None,
 ) -> Image.Image:
-    """Decode an image file or bytes into a loaded PIL image, refusing bombs and broken files.
-
-    The returned image keeps `format` (e.g. "PNG") and the mode the file was stored in. Only the
-    first frame of a multi-frame file is decoded.
-    """
+    """Decode an image file or bytes (first frame, stored mode and `format` kept) into a loaded
+    PIL image, refusing bombs and broken files."""
     upload = isinstance(source, (bytes, bytearray, memoryview))
     name = name or ("the image" if upload else f"'{source}'")
     data = _read_source(source, max_bytes, name, upload)
-    # Opening reads the header only; ctscan's pixel limit is checked before any pixel is decoded.
-    # Pillow's own bomb check runs inside `open`: its warning (above MAX_IMAGE_PIXELS) is silenced
-    # here, its error (above twice that) becomes ctscan's message.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
@@ -214,8 +202,7 @@ def _png_layout(data: bytes) -> tuple[int, int] | None:
 
 
 def _decode_png(data: bytes, img: Image.Image) -> Image.Image | None:
-    """The pixels of a PNG Pillow has opened, decoded by libspng in the same mode; None for a
-    layout it does not take or a file it cannot read (Pillow then decodes it or says why)."""
+    """A PNG Pillow has opened, decoded by libspng in the same mode; None: Pillow decodes it."""
     if _SPNG_MODES.get(_png_layout(data)) != img.mode:  # None: a layout libspng does not take
         return None
     try:
@@ -286,8 +273,6 @@ def resize_square(gray: np.ndarray, size: int, policy: str = "pad") -> np.ndarra
     - pad: keep the aspect ratio, scale the long side to `size`, centre it on black.
     - crop: cut the centre square (side = the short side; offsets rounded down), scale it.
     - stretch: scale both sides to `size` independently (the aspect ratio changes).
-
-    Pillow `BILINEAR` (antialiased when shrinking) is used for every policy.
     """
     check_resize(policy)
     if size < 1:
@@ -366,8 +351,7 @@ def prepare(
     limits: DecodeLimits = DecodeLimits(),
     name: str | None = None,
 ) -> np.ndarray:
-    """Decode, gray and resize one image file or upload: (S, S) uint8, as `spec` says (or a
-    side length `spec` with `resize`)."""
+    """Decode, gray and resize one image file or upload to (S, S) uint8 as `spec` says."""
     if isinstance(spec, PreprocessSpec):
         spec, resize = spec.image_size, spec.resize
     with decode_image(source, **asdict(limits), name=name) as img:  # max_pixels, max_bytes
@@ -385,10 +369,7 @@ def model_input(
 ) -> torch.Tensor:
     """uint8 gray (B, 1, S, S) -> the model's float input (B, channels, S, S): THE normalisation.
 
-    `(x / 255 - mean) / std` with the store's train mean/std (0..1 units), the gray channel
-    repeated when the model takes 3. `augment`, if given, runs on the [0, 1] floats before the
-    normalisation (training only). Train, evaluate, the MLflow model and every later consumer
-    (predict, export, serve) call this one function; it is traceable by torch.export.
+    `augment` (training) runs on the [0, 1] floats; traceable by torch.export.
     """
     import torch
 

@@ -21,8 +21,7 @@ INPUT_SUFFIXES = IMAGE_SUFFIXES | DICOM_SUFFIXES
 
 
 def collect_inputs(sources: Sequence[Path]) -> list[Path]:
-    """Named files as they are (a missing one kept: its row says so); folders searched
-    recursively for image or DICOM suffixes, hidden files skipped, sorted."""
+    """Named files as they are (a missing one gets an error row); folders searched recursively."""
     found: list[Path] = []
     for source in sources:
         if source.is_dir():

@@ -1,14 +1,9 @@
 """DICOM slices -> (H, W) uint8 gray: pydicom, Hounsfield units, a window, as a viewer shows them.
 
-    if is_dicom(data):
-        gray = dicom_to_gray(data, level=-600.0, width=1500.0, name="'scan.dcm'")
-
 Steps (docs/inference.md, "DICOM input"): decode the pixels; HU = stored x RescaleSlope +
 RescaleIntercept (top level or the functional groups); the window [level - width/2, level +
 width/2] mapped linearly to 0..255, rounded half up (the plain linear window, not the DICOM VOI
-LUT formula); MONOCHROME1 inverted. Colour (RGB / YBR) becomes BT.601 luma, unwindowed. Every
-problem with the file is a `DataError` naming it; pydicom missing, a `CtscanError` naming the
-extra. pydicom is imported inside the functions that need it.
+LUT formula); MONOCHROME1 inverted. Colour (RGB / YBR) becomes BT.601 luma, unwindowed.
 """
 
 from __future__ import annotations
@@ -122,13 +117,8 @@ def dicom_to_gray(
     name: str = "the DICOM file",
     max_pixels: int | None = None,
 ) -> np.ndarray:
-    """A DICOM file's bytes -> the (H, W) uint8 slice through the Hounsfield window.
-
-    `level` / `width` are the window in HU (default: the lung window). `frame` picks one frame
-    (0-based) of a multi-frame file, which is refused without it. `name` names the file in
-    messages. `max_pixels`, if given, refuses a slice whose header claims more pixels (Rows x
-    Columns) before anything is decoded. See the module docstring for each step.
-    """
+    """A DICOM file's bytes -> the (H, W) uint8 slice through the Hounsfield window (`level` /
+    `width`); `frame` (0-based) is required for a multi-frame file."""
     if not (math.isfinite(level) and math.isfinite(width) and width > 0):
         raise SettingsError(
             f"DICOM window level {level} / width {width}: the width must be > 0 and both finite.",

@@ -38,10 +38,7 @@ def grad_cam(
 ) -> tuple[np.ndarray, int]:
     """Grad-CAM of one input: the (S, S) float32 heat map in [0, 1] and the class index explained.
 
-    `x` is the model's float input (1, C, S, S), as `transforms.model_input` returns it;
-    `class_index` None explains the predicted class (argmax of the logits). The model runs in
-    eval mode and is returned in the mode each of its modules was in; the hook is removed even
-    on error; parameters' `.grad` are left as they were.
+    `x`: `model_input`'s (1, C, S, S); modes, `.grad` and hooks are left as they were.
     """
     if x.ndim != 4 or x.shape[0] != 1:
         raise ValueError(f"grad_cam expects one input of shape (1, C, S, S), got {tuple(x.shape)}.")
@@ -92,8 +89,7 @@ def grad_cam(
 def cam_function(
     model: nn.Module, name: str
 ) -> Callable[[torch.Tensor, int | None], tuple[np.ndarray, int]]:
-    """`(x, class_index) -> (heat, class_index)` for a registry model or an ensemble (the mean
-    of its members' maps for its class, max 1; no flipped views). Layers found up front."""
+    """`(x, class_index) -> (heat, class_index)` for a model, or an ensemble (its members' mean)."""
     plain = unwrap(model)
     if not isinstance(plain, Ensemble):
         layer = gradcam_layer(model, name)
@@ -134,8 +130,7 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 def overlay_png(gray: np.ndarray, heat: np.ndarray, *, title: str) -> bytes:
-    """PNG of the (S, S) uint8 slice under the (S, S) heat map in colour, upscaled (bilinear) by
-    ceil(256 / S), below a black band of TITLE_HEIGHT with `title` in white."""
+    """PNG of the (S, S) uint8 slice under the coloured (S, S) heat map, upscaled, with `title`."""
     if gray.ndim != 2 or gray.dtype != np.uint8:
         raise ValueError(f"gray must be a (S, S) uint8 array, got {gray.dtype} {gray.shape}.")
     if heat.shape != gray.shape:

@@ -6,8 +6,7 @@
 
 The preprocessing spec, the class names and the temperature T come from the artifact itself
 (checkpoint payload, ONNX `ctscan` metadata, MLflow model metadata), never from the settings.
-`logits` are the network's divided by T; `probabilities` their softmax. Files are read through
-`read_image` (DICOM via inference/dicom.py, the rest via `transforms.prepare`, as preprocess).
+`logits` are the network's divided by T; `probabilities` their softmax.
 """
 
 from __future__ import annotations
@@ -98,15 +97,11 @@ def read_image(
     name: str | None = None,
     stage: Callable[[str], AbstractContextManager] = nullcontext,
 ) -> np.ndarray:
-    """A PNG / JPEG / BMP / TIFF / WebP / DICOM file or upload -> (S, S) uint8, as preprocess does.
-
-    DICOM (the `DICM` marker) goes through pydicom, Hounsfield units and the window; every
-    other format is decoded and made gray as `transforms.prepare` does. The same size and pixel
-    limits apply to both. `stage("decode")` and `stage("resize")` time the steps (serve).
-    """
-    if name is None:
-        name = "the upload" if isinstance(source, (bytes, bytearray)) else f"'{source}'"
-    data = _read_source(source, limits.max_bytes, name)
+    """A PNG / JPEG / BMP / TIFF / WebP / DICOM file or upload -> (S, S) uint8, as preprocess does;
+    `stage` times the decode and resize steps (serve)."""
+    upload = isinstance(source, (bytes, bytearray, memoryview))
+    name = name or ("the upload" if upload else f"'{source}'")
+    data = _read_source(source, limits.max_bytes, name, upload)
     from ctscan.inference import dicom
 
     with stage("decode"):
@@ -115,8 +110,7 @@ def read_image(
                 data, level=window[0], width=window[1], name=name, max_pixels=limits.max_pixels
             )
         else:
-            max_pixels, max_bytes = limits.max_pixels, limits.max_bytes
-            with decode_image(data, max_pixels=max_pixels, max_bytes=max_bytes, name=name) as img:
+            with decode_image(data, **asdict(limits), name=name) as img:  # max_pixels, max_bytes
                 gray = to_gray(img)
     with stage("resize"):
         return resize_square(gray, spec.image_size, spec.resize)
@@ -135,7 +129,6 @@ class Predictor:
     ) -> None:
         self.spec, self.info, self._logits_fn = spec, info, logits_fn
         self.torch_model = torch_model  # (model, channels) for Grad-CAM; None for ONNX
-        # how files are read and batched: `open_predictor` sets them from the settings
         self.limits, self.window = DecodeLimits(), LUNG_WINDOW
         self.batch_size, self.decode_threads = 32, 0  # decode_threads 0: min(4, cores)
 
@@ -155,8 +148,7 @@ class Predictor:
             )
         if len(images) == 0:
             return np.zeros((0, len(self.class_names)), dtype=np.float32)
-        out = self._logits_fn(np.ascontiguousarray(images))
-        return np.asarray(out, dtype=np.float32)
+        return np.asarray(self._logits_fn(np.ascontiguousarray(images)), dtype=np.float32)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """uint8 (B, 1, S, S) -> calibrated class probabilities (B, C), float64."""
@@ -166,8 +158,9 @@ class Predictor:
 
     def read(self, source: Path | bytes, *, name: str | None = None, stage: Any = nullcontext):
         """One file or upload -> the (S, S) uint8 image this model takes (`stage`: read_image)."""
-        limits, window = self.limits, self.window
-        return read_image(source, self.spec, limits=limits, window=window, name=name, stage=stage)
+        return read_image(
+            source, self.spec, limits=self.limits, window=self.window, name=name, stage=stage
+        )
 
     def predictions(self, probs: np.ndarray, paths: Sequence[str | None]) -> list[Prediction]:
         """Turn probabilities into labelled `Prediction`s."""
@@ -189,8 +182,7 @@ class Predictor:
             return str(exc)
 
     def _decoded(self, paths: list[Path]) -> Iterator[np.ndarray | str]:
-        """Each image or why it cannot be read, in order: decoded ahead on a few threads, at
-        most two batches ahead (bounded memory); a bug in a decoder still raises here."""
+        """Each image or why it cannot be read, in order, decoded at most two batches ahead."""
         threads = self.decode_threads or min(4, os.cpu_count() or 1)
         if threads <= 1:
             yield from map(self._read_or_error, paths)
@@ -237,15 +229,9 @@ class Predictor:
         return results
 
 
-# ---- opening a model ----------------------------------------------------------------------
-
-
 def open_predictor(model: str | Path, *, settings: Any, backend: str | None = None) -> Predictor:
-    """A Predictor for a checkpoint (.pt) or MLflow URI (torch), or an ONNX file (ONNX Runtime).
-
-    `backend`, if given, must name that runtime (`ops.backends.open_model` runs a checkpoint on
-    its ONNX export); `settings` gives the device, decode limits, DICOM window, tracking store.
-    """
+    """A Predictor for a checkpoint (.pt) or MLflow URI (torch), or an ONNX file (ONNX Runtime);
+    `backend`, if given, must name that runtime."""
     text = str(model)
     is_onnx = not text.startswith(MLFLOW_SCHEMES) and Path(text).suffix.lower() == ".onnx"
     runs_on = "onnx" if is_onnx else "torch"
@@ -379,8 +365,7 @@ def _in_chunks(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> n
 
 
 def _calibration_info(meta: dict[str, Any], source: Path | str) -> dict[str, Any]:
-    """ModelInfo's temperature and calibration text from a model file's ctscan metadata (files
-    from before calibration: T = 1)."""
+    """ModelInfo's temperature (default 1) and calibration text from a file's ctscan metadata."""
     from ctscan.engine.temperature import check_temperature, describe
 
     temperature = check_temperature(meta.get("temperature", 1.0), source)

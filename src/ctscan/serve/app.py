@@ -1,7 +1,5 @@
 """The HTTP service: FastAPI routes over the one Predictor, dynamic batching, metrics, a web page.
 
-Routes (OpenAPI at /docs): /predict, /predict/batch, /explain (uploads); /health, /ready;
-/metrics, /monitoring/drift; /v2/... (Open Inference Protocol, KServe v2); / (the web page).
 Every error is JSON `{"error": ..., "fix": ...}`, a 4xx for bad input (`_ERROR_TEXT`), 500 only
 for a bug (trace in the log). With `serve.token` every route but health, the page and the docs
 needs `Authorization: Bearer`. No filesystem path comes from a request.
@@ -52,9 +50,6 @@ BearerCredentials = Annotated[
     Security(HTTPBearer(auto_error=False, description="serve.token")),
 ]
 ModelName = Annotated[str, PathParam(description="serve.model_name (default: ctscan)")]
-
-
-# ---- response models (they document the API) -----------------------------------------------
 
 
 class ModelIdentity(BaseModel):
@@ -152,9 +147,6 @@ class ApiError(Exception):
     def __init__(self, status: int, error: str, fix: str | None = None) -> None:
         super().__init__(error)
         self.status, self.error, self.fix = status, error, fix
-
-
-# ---- the service state -----------------------------------------------------------------------
 
 
 @dataclass
@@ -502,7 +494,6 @@ def create_app(service: Service) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.service = service
-    # each body limit with the settings that make it (the message names them)
     per_file = f"serve.max_upload_bytes = {serve.max_upload_bytes}"
     per_batch = f"{per_file} x serve.max_batch_files = {serve.max_batch_files}"
     batch_limit = serve.max_upload_bytes * serve.max_batch_files + 64 * 1024
@@ -530,9 +521,6 @@ def create_app(service: Service) -> FastAPI:
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
         app.add_api_route("/", page, include_in_schema=False)
     return app
-
-
-# ---- helpers of the routes ---------------------------------------------------------------
 
 
 async def _upload(request: Request, service: Service) -> tuple[bytes, str]:

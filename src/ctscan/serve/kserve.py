@@ -92,8 +92,7 @@ class InferRequest:
 def model_metadata(
     name: str, version: str, image_size: int, class_names: list[str], *, temperature: float = 1.0
 ) -> dict:
-    """GET /v2/models/{name}: the inputs and outputs the model takes and gives, and the
-    calibration T the probabilities are computed with (softmax(logits / T); 1.0: uncalibrated)."""
+    """GET /v2/models/{name}: the model's inputs, outputs, class names and temperature T."""
     return {
         "name": name,
         "versions": [version],

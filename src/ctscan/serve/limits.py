@@ -34,10 +34,8 @@ FIX = (
 
 
 class BodyLimit:
-    """ASGI middleware: refuse bodies above a limit per path prefix with 413, before reading them.
-
-    A declared Content-Length above the limit is refused at once, a streamed body cut off when it
-    passes it; each limit carries the settings that make it, for the message."""
+    """ASGI middleware: refuse bodies above a limit per path prefix with 413, before reading them;
+    each limit carries the settings that make it, for the message."""
 
     def __init__(
         self, app: Any, *, default: tuple[int, str], larger: dict[str, tuple[int, str]]

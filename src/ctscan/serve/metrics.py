@@ -145,9 +145,8 @@ def route_label(scope: dict, routers: Sequence[Any]) -> str:
 
 
 class RequestTiming:
-    """ASGI middleware: every HTTP request counted by route and status, with its latency.
-
-    Plain ASGI: Starlette's BaseHTTPMiddleware costs a task group and streams per request."""
+    """ASGI middleware: every HTTP request counted by route and status, with its latency (plain
+    ASGI: Starlette's BaseHTTPMiddleware costs a task group and streams per request)."""
 
     def __init__(self, app: Any, metrics: Metrics, routers: Sequence[Any]) -> None:
         self.app, self.metrics, self.routers = app, metrics, routers

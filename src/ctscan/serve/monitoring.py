@@ -24,14 +24,10 @@ _INDEX = {name: i for i, name in enumerate(FEATURES)}
 
 
 class DriftMonitor:
-    """A bounded window of request statistics, tested against the training reference.
+    """A bounded, thread-safe window of request statistics, tested against the training reference.
 
-    `reference`: a reference dict (`build_reference`, `load_reference`, `Store.reference()`);
-    `window`: requests kept; `min_samples`: requests needed before drift is claimed;
-    `alpha`: family-wise level; `confidence_reference`: the model's max-softmax on the train
-    images (reference_confidence.json), one more test when given. With k tests a feature drifts
-    when its p-value < alpha / k (Bonferroni; repeated reports are not corrected for, see
-    docs/monitoring.md). Thread-safe: `observe` may run on many threads while `report` runs.
+    With k tests a feature drifts when its p-value < alpha / k (Bonferroni; repeated reports are
+    not corrected for) and the window holds `min_samples` values of it.
     """
 
     def __init__(
@@ -61,8 +57,7 @@ class DriftMonitor:
         self._gauges: dict[str, Any] | None = None
 
     def observe(self, image: np.ndarray, confidence: float | None = None) -> None:
-        """Add one request: its (S, S) uint8 image as the model saw it, and its confidence
-        (ValueError for another dtype or size than the reference's: a caller bug)."""
+        """Add one request: its (S, S) uint8 image as the model saw it, and its confidence."""
         image = np.asarray(image)
         if image.ndim == 3 and image.shape[0] == 1:
             image = image[0]
@@ -82,13 +77,8 @@ class DriftMonitor:
             return len(self._window)
 
     def report(self) -> dict[str, Any]:
-        """Test the window against the reference; refresh the Prometheus gauges; return it all.
-
-        {"window", "window_capacity", "min_samples", "enough_data", "drift", "alpha",
-        "tests", "corrected_alpha", "features": {name: {"statistic", "p_value", "drift",
-        "reference_mean", "window_mean", "n_reference", "n_window"}}, "drifted": [names]}.
-        A feature's statistic and p_value are None while the window holds no value for it.
-        """
+        """Test the window against the reference, refresh the gauges and return the report (a
+        feature's statistic and p_value are None while the window holds no value for it)."""
         with self._lock:
             snapshot = list(self._window)
         rows = np.array([row for row, _ in snapshot], dtype=np.float64).reshape(-1, len(FEATURES))

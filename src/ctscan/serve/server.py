@@ -38,8 +38,7 @@ def open_models(model: str, settings: Any, backend: str) -> tuple[Predictor, Pre
 
 
 def read_confidence_reference(path: Path, temperature: float) -> list[float] | None:
-    """The train confidences of reference_confidence.json if computed at `temperature` (the T
-    the server shows them at), else None: one for another T, or unreadable, is not used."""
+    """The confidences in reference_confidence.json if computed at `temperature`, else None."""
     try:
         saved = json.loads(path.read_text())
         confidence = [float(value) for value in saved["confidence"]]
@@ -58,9 +57,8 @@ def read_confidence_reference(path: Path, temperature: float) -> list[float] | N
 
 
 def _drift_features(beside: Path | None, settings: Any, spec: Any) -> tuple[dict | None, str]:
-    """The feature reference of the model's training data, or None and where none was found:
-    beside the model (reference_confidence.json's `features`), else the processed store when
-    its preprocessing equals the model's (how ONNX files and MLflow models find one)."""
+    """The model's feature reference, or None and why: beside the model, else from the processed
+    store when its preprocessing equals the model's (how ONNX files and MLflow models find one)."""
     from ctscan.data.reference import check_reference
     from ctscan.data.store import load_store
 
@@ -136,7 +134,6 @@ def run_server(model: str, settings: Any) -> None:
     if serve.workers == 1:
         uvicorn.run(create_app(service), **common)
     else:
-        # Each worker opens the model itself; a checkpoint's ONNX export is in the cache by now.
         args = {"model": model, "settings": settings.model_dump(mode="json")}
         os.environ[ENV_ARGS] = json.dumps(args)
         del service
