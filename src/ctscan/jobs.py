@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -53,10 +54,24 @@ def on_stop(signum: int, frame: object) -> None:
 
 
 def install_stop_handlers() -> None:
-    """`on_stop` for SIGTERM, and for SIGINT unless it is ignored (a background job's)."""
+    """`on_stop` for SIGTERM, and for SIGINT unless it is ignored (a background job's); and
+    `_quiet_stop` for what Python cannot raise."""
     signal.signal(signal.SIGTERM, on_stop)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, on_stop)
+    if sys.unraisablehook is not _quiet_stop:
+        _UNRAISABLE[0], sys.unraisablehook = sys.unraisablehook, _quiet_stop
+
+
+_UNRAISABLE = [sys.__unraisablehook__]  # the hook before `_quiet_stop`, which it passes on to
+
+
+def _quiet_stop(unraisable: Any) -> None:
+    """A stop raised where Python cannot raise it (a `__del__`, a garbage-collector callback)
+    is remembered and acts at the next `check_stop()`: Python's "Exception ignored" and its
+    traceback would only be noise before the stop's one line. Anything else is passed on."""
+    if not (isinstance(unraisable.exc_value, KeyboardInterrupt) and _STOPS):
+        _UNRAISABLE[0](unraisable)
 
 
 def ignore_stops() -> None:
