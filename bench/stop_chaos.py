@@ -53,6 +53,7 @@ STOPS = ("INT", "TERM", "KILL", "INT+INT", "TERM+TERM", "TERM+INT", "INT+TERM")
 WEIGHTS = {"preprocess": 2, "train": 4, "train --folds": 2, "sweep": 2}  # launches drawn
 FOLDS, TRIALS, EPOCHS = 2, 3, 3
 OUT = {"preprocess": "processed", "train": "run", "train --folds": "cv", "sweep": "."}
+FINISHED = {"train": "run/result.json", "train --folds": "cv/cv.json"}  # what a finished job left
 STOP_LINE = re.compile(r"^ctscan: (interrupted|terminated): (.*)$", re.M)
 CLASSES = ("adenocarcinoma", "large.cell.carcinoma", "normal", "squamous.cell.carcinoma")
 
@@ -391,9 +392,13 @@ def launch(ws: Workspace, refs: dict, i: int, command: str, stop: str, rng: rand
         time.sleep(3)  # past the spec's grace_period: the killed trial's heartbeat is stale
     again = _continue_args(ws, command, folder, args, line)
     row["continue"] = shlex.join(["ctscan", *again])
-    code2, _, err2, _ = ws.run(again)
+    code2, err2 = None, ""
+    if (folder / FINISHED.get(command, "-")).is_file():
+        row["continue"] = None  # it ended before the stop: a rerun is refused (a finished run)
+    else:
+        code2, _, err2, _ = ws.run(again)
     row["continue_exit"] = code2
-    if code2 != 0:
+    if code2:
         bad["continue"] = f"exit {code2}"
     if "Traceback" in err2:
         bad["traceback"] = "in the continue"
@@ -459,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     ws = Workspace(root)
     ws.build()
     refs = references(ws)
-    rows = []
+    rows: list[dict] = []
     t0 = time.perf_counter()
     for i, (command, stop) in enumerate(plan):
         row = launch(ws, refs, i, command, stop, rng)
@@ -470,8 +475,19 @@ def main(argv: list[str] | None = None) -> int:
             + (f"; DEFECTS {row['defects']}" if row["defects"] else ""),
             file=sys.stderr,
         )
+        write(args, ws, rows, time.perf_counter() - t0)  # a cut-short run keeps what it found
+    print(render(table(rows)))
+    print(f"wrote {args.out}" + ("" if not args.keep else f"; temp folder {root}"))
+    if not args.keep:
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+    return 1 if any(r["defects"] for r in rows) else 0
+
+
+def write(args: argparse.Namespace, ws: Workspace, rows: list[dict], seconds: float) -> None:
+    """The results so far as JSON to `args.out`."""
     summary = table(rows)
-    print(render(summary))
     facts = cpu_facts()
     result = {
         "machine": {
@@ -484,13 +500,14 @@ def main(argv: list[str] | None = None) -> int:
         ).stdout.strip(),
         "settings": {
             "launches": args.launches,
+            "done": len(rows),
             "seed": args.seed,
             "epochs": EPOCHS,
             "folds": FOLDS,
             "trials": TRIALS,
             "reference_seconds": {k: round(v, 1) for k, v in ws.seconds.items()},
         },
-        "seconds": round(time.perf_counter() - t0, 1),
+        "seconds": round(seconds, 1),
         "totals": {k: sum(s.get(k, 0) for s in summary) for k in (*KINDS, "documented")},
         "counts": summary,
         "defects": [r for r in rows if r["defects"]],
@@ -498,12 +515,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}" + ("" if not args.keep else f"; temp folder {root}"))
-    if not args.keep:
-        import shutil
-
-        shutil.rmtree(root, ignore_errors=True)
-    return 1 if result["defects"] else 0
 
 
 if __name__ == "__main__":

@@ -26,10 +26,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ctscan.errors import Interrupted, Terminated
-from ctscan.settings import Settings, flatten
+
+if TYPE_CHECKING:  # cli.main imports this module before the stop handlers exist: kept light
+    from ctscan.settings import Settings
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _STOPS: list[int] = []  # the stop signals this process received and has not acted on yet
@@ -179,6 +181,8 @@ MAY_CHANGE = (
 def changed_settings(before: dict[str, Any], now: Settings) -> list[tuple[str, Any, Any]]:
     """(key, recorded value, value now) for each setting that differs, `section.key` names.
     `before`: the recorded settings (sections of keys); `now`: the settings of this attempt."""
+    from ctscan.settings import flatten
+
     recorded = {
         f"{section}.{key}": value
         for section, values in before.items()
