@@ -131,6 +131,7 @@ class Workspace:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("CTSCAN_", "MLFLOW_"))}
         self.env.update(PYTHONPATH=str(ROOT / "src"), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
         self.seconds: dict[str, float] = {}
+        self.latest = 1.05  # the latest stop, in times an uninterrupted run's time
 
     def build(self) -> None:
         write_raw_tree(self.raw, {"train": 24, "valid": 6, "test": 6})
@@ -342,7 +343,7 @@ def launch(ws: Workspace, refs: dict, i: int, command: str, stop: str, rng: rand
     name = f"chaos-{i:02d}"
     folder = ws.root / name
     args = ws.args(command, folder, name)
-    delay = rng.uniform(0.2, ws.seconds[command] * 1.05)
+    delay = rng.uniform(0.2, ws.seconds[command] * ws.latest)
     gap = rng.uniform(0.0, 0.5)
     signals = stop.split("+")
     proc = ws.popen(args)
@@ -454,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/stop_chaos.json")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder")
+    parser.add_argument(
+        "--latest", type=float, default=1.05, help="latest stop / an uninterrupted run's time"
+    )
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     plan = [
@@ -462,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     root = Path(tempfile.mkdtemp(prefix="ctscan-chaos-"))
     ws = Workspace(root)
+    ws.latest = args.latest
     ws.build()
     refs = references(ws)
     rows: list[dict] = []
@@ -502,6 +507,7 @@ def write(args: argparse.Namespace, ws: Workspace, rows: list[dict], seconds: fl
             "launches": args.launches,
             "done": len(rows),
             "seed": args.seed,
+            "latest": ws.latest,
             "epochs": EPOCHS,
             "folds": FOLDS,
             "trials": TRIALS,
