@@ -14,7 +14,8 @@ Counted per launch, each a defect where it should be 0:
 - continue: the continue did not exit 0;
 - running: MLflow runs left RUNNING after the continue (after SIGKILL: listed, not a defect: a
   kill before the run is recorded is documented to leave one);
-- broken: a store or run folder that does not load, or a temp/lock/old-store file left behind;
+- broken: a store or run folder that does not load, or a temp/lock/old-store file left behind
+  (after SIGKILL a lock file nobody holds is listed, not a defect: its flock died with it);
 - weights: the continued run's (or each fold's) last.pt and best.pt weights not torch.equal to
   an uninterrupted run's with the same settings; the continued store's files not the same bytes;
 - sweep: the study does not hold exactly the asked finished trials, holds a RUNNING trial or
@@ -235,6 +236,19 @@ def _left_behind(folder: Path) -> list[str]:
     )
 
 
+def _held(lock: Path) -> bool:
+    """Whether a process holds the flock on `lock` (a lock file a SIGKILL left is not held)."""
+    import fcntl
+
+    with lock.open() as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    return False
+
+
 def _same_weights(a: Path, b: Path) -> str | None:
     """Why checkpoint `a`'s weights differ from `b`'s (None: torch.equal, every tensor)."""
     import torch
@@ -288,7 +302,8 @@ def check(ws: Workspace, refs: dict[str, Path], command: str, folder: Path, name
     bad: dict[str, str] = {}
     out, ref = folder / OUT[command], refs[command]
     left = _left_behind(folder)
-    if left:
+    stale = [p for p in left if p.endswith(".lock") and not _held(folder / p)]
+    if set(left) - set(stale):
         bad["broken"] = f"left behind: {left}"
     try:
         if command == "preprocess":
@@ -321,7 +336,7 @@ def check(ws: Workspace, refs: dict[str, Path], command: str, folder: Path, name
     runs = _mlflow_runs(ws.uri, name) if command != "preprocess" else Counter()
     if runs.get("RUNNING"):
         bad["running"] = f"MLflow runs: {dict(runs)}"
-    return {"bad": bad, "mlflow_runs": dict(runs)}
+    return {"bad": bad, "mlflow_runs": dict(runs), "stale_locks": stale}
 
 
 def references(ws: Workspace) -> dict[str, Path]:
@@ -407,6 +422,10 @@ def launch(ws: Workspace, refs: dict, i: int, command: str, stop: str, rng: rand
     row["mlflow_runs"] = facts["mlflow_runs"]
     if first == "KILL" and "running" in facts["bad"]:
         row["documented"] = facts["bad"].pop("running")
+    if facts["stale_locks"] and first == "KILL":  # their flock went with the killed process
+        row["documented"] = f"lock files left, not held: {facts['stale_locks']}"
+    elif facts["stale_locks"]:
+        bad["broken"] = f"lock files left: {facts['stale_locks']}"
     bad.update(facts["bad"])
     row["defects"] = bad
     if bad:
