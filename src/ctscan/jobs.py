@@ -11,14 +11,17 @@ The locks are `files.folder_lock` (with `wait=` for a SQLite store) and `files.d
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ctscan.errors import Interrupted, Terminated
-from ctscan.settings import Settings, flatten
+
+if TYPE_CHECKING:  # cli.main imports this module before the stop handlers exist: kept light
+    from ctscan.settings import Settings
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _STOPS: list[int] = []  # the stop signals this process received and has not acted on yet
@@ -39,10 +42,24 @@ def on_stop(signum: int, frame: object) -> None:
 
 
 def install_stop_handlers() -> None:
-    """`on_stop` for SIGTERM, and for SIGINT unless it is ignored (a background job's)."""
+    """`on_stop` for SIGTERM, and for SIGINT unless it is ignored (a background job's); and
+    `_quiet_stop` for what Python cannot raise."""
     signal.signal(signal.SIGTERM, on_stop)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, on_stop)
+    if sys.unraisablehook is not _quiet_stop:
+        _UNRAISABLE[0], sys.unraisablehook = sys.unraisablehook, _quiet_stop
+
+
+_UNRAISABLE = [sys.__unraisablehook__]  # the hook before `_quiet_stop`, which it passes on to
+
+
+def _quiet_stop(unraisable: Any) -> None:
+    """A stop raised where Python cannot raise it (a `__del__`, a garbage-collector callback)
+    is remembered and acts at the next `check_stop()`: Python's "Exception ignored" and its
+    traceback would only be noise before the stop's one line. Anything else is passed on."""
+    if not (isinstance(unraisable.exc_value, KeyboardInterrupt) and _STOPS):
+        _UNRAISABLE[0](unraisable)
 
 
 def ignore_stops() -> None:
@@ -140,6 +157,8 @@ MAY_CHANGE = (
 def changed_settings(before: dict[str, Any], now: Settings) -> list[tuple[str, Any, Any]]:
     """(key, recorded value, value now) for each setting that differs, `section.key` names.
     `before`: the recorded settings (sections of keys); `now`: the settings of this attempt."""
+    from ctscan.settings import flatten
+
     old = {f"{s}.{k}": v for s, vs in before.items() if isinstance(vs, dict) for k, v in vs.items()}
     return [(k, old[k], v) for k, v in flatten(now).items() if k in old and old[k] != v]
 

@@ -182,6 +182,53 @@ def test_a_stop_swallowed_by_work_that_then_finishes_still_exits_as_stopped() ->
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    ("stop", "code", "kind"), [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted")]
+)
+def test_a_stop_in_a_garbage_collector_callback_prints_no_traceback(
+    stop: str, code: int, kind: str
+) -> None:
+    """A real stop landing in a `__del__` (where Python cannot raise it: it prints "Exception
+    ignored" and a traceback, then goes on): remembered and acted on, with the one line only.
+    Found by bench/stop_chaos.py (a sweep's Ctrl-C in a WeakKeyDictionary callback)."""
+    proc = _settings_show_with(
+        "import time\n"
+        "class Dropped:\n"
+        "    def __del__(self):\n"
+        f"        os.kill(os.getpid(), signal.{stop})\n"
+        "        time.sleep(0.5)  # the handler raises here, inside __del__\n"
+        "def dropping(*a, **k):\n"
+        "    Dropped()\n"
+        "    return load(*a, **k)\n"
+        "settings.load_settings = dropping\n"
+    )
+    assert proc.returncode == code, proc.stderr
+    assert proc.stderr.startswith(f"ctscan: {kind}: stopped by "), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_a_ctrl_c_while_the_cli_starts_is_the_one_line() -> None:
+    """A Ctrl-C as the command starts (here: as the settings module is imported): the one line
+    and 130, not a KeyboardInterrupt traceback. `cli.main` installs the handlers before it
+    imports anything slow (jobs.py imports the settings only where it compares them). Found by
+    bench/stop_chaos.py (a preprocess stopped 0.8 s after its start)."""
+    source = (
+        "import importlib.abc, os, signal, sys\n"
+        "class StopAtSettings(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'ctscan.settings':\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "sys.meta_path.insert(0, StopAtSettings())\n"
+        "import ctscan.cli as cli\n"
+        "sys.argv = ['ctscan', 'settings', 'show']\ncli.main()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "CTSCAN_DEBUG"}
+    proc = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, env=env)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.startswith("ctscan: interrupted: stopped by Ctrl-C"), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
 def test_a_second_stop_while_exiting_is_ignored() -> None:
     """After the one line for a stop, another SIGTERM while the interpreter shuts down does
     not add "Exception ignored" noise or change the exit code."""
