@@ -14,6 +14,7 @@ uint8 (B, 1, S, S) in. ONNX Runtime sessions use `session_options` (what predict
 OpenVINO `INFERENCE_NUM_THREADS` with the LATENCY hint. The JSON goes to
 bench/results/model_step_<cpu>.json (<cpu>: vnni, avx512 or avx2), rewritten after every batch.
 
+    pip install openvino   # not one of ctscan's extras: only this bench uses it
     python bench/model_step.py --checkpoint RUN/best.pt --set paths.processed_dir=STORE
     python bench/model_step.py --checkpoint RUN/best.pt --work /tmp/ms  # again: reuse the files
 """

@@ -35,7 +35,8 @@ def run_row(processes: int, create: object, store: Path, trials: int, work: Path
     name = f"p{processes}"
     study_url, mlflow_url = create(f"optuna_{name}"), create(f"mlflow_{name}")  # type: ignore[operator]
     threads = max(1, (os.cpu_count() or 1) // processes)
-    command = [sys.executable, "-m", "ctscan", "sweep", "cpu-smoke", "--trials", str(trials)]
+    spec = ROOT / "settings/sweeps/cpu-smoke.toml"  # by path: the sweeps run in `work`
+    command = [sys.executable, "-m", "ctscan", "sweep", str(spec), "--trials", str(trials)]
     command += ["--storage", study_url, "--set", f"tracking.uri={mlflow_url}"]
     command += ["--set", f"paths.processed_dir={store}", "--set", f"paths.runs_dir={work / name}"]
     command += ["--set", f"train.threads={threads}", "--set", "train.quiet=true"]
