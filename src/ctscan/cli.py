@@ -211,10 +211,10 @@ def train(
     ] = None,
 ) -> None:
     """Train a model on the processed store; evaluate the best checkpoint on test."""
-    from ctscan.engine.train import run_training
-
     flags = {"device": device, "epochs": epochs, "seed": seed, "quiet": quiet}
     settings = _settings(settings_files, overrides, model={"name": model}, train=flags)
+    from ctscan.engine.train import run_training  # torch: after the settings, so a typo fails fast
+
     if folds is None:
         result = run_training(settings, out_dir=out, resume=resume)
     elif resume is not None:
@@ -248,10 +248,10 @@ def evaluate(
     overrides: Overrides = None,
 ) -> None:
     """Evaluate a checkpoint on a split: metrics, confusion matrix, calibration, worst errors."""
+    settings = _settings(settings_files, overrides, train={"device": device})
     from ctscan.engine.evaluate import run_evaluation
     from ctscan.render import render_report
 
-    settings = _settings(settings_files, overrides, train={"device": device})
     result = run_evaluation(settings, checkpoint, split=split, out_dir=out)
     _emit(result, as_json, render_report(result), warnings=result["warnings"])
 
@@ -271,10 +271,10 @@ def calibrate(
     overrides: Overrides = None,
 ) -> None:
     """Fit a checkpoint's temperature on the validation split (never test) and store it in it."""
+    settings = _settings(settings_files, overrides, train={"device": device})
     from ctscan.engine.calibration import run_calibrate
     from ctscan.render import render_calibration
 
-    settings = _settings(settings_files, overrides, train={"device": device})
     result = run_calibrate(settings, checkpoint, out=out)
     shown = (render_calibration(result), result["checkpoint"])
     _emit(result, as_json, *shown, warnings=result["warnings"])
@@ -302,9 +302,9 @@ def ensemble(
     overrides: Overrides = None,
 ) -> None:
     """Average several checkpoints (and flipped views) into one checkpoint any command takes."""
+    settings = _settings(settings_files, overrides, train={"device": device})
     from ctscan.ops.ensemble import build_ensemble
 
-    settings = _settings(settings_files, overrides, train={"device": device})
     result = build_ensemble(settings, members, out=out, flips=tuple(tta or ()))
     _emit(result.to_dict(), as_json, str(result.checkpoint), warnings=result.warnings)
     if not as_json:
@@ -433,10 +433,10 @@ def profile(
     overrides: Overrides = None,
 ) -> None:
     """Profile training steps with torch.profiler: a Perfetto trace, top operators, a summary."""
+    settings = _settings(settings_files, overrides, model={"name": model}, train={"device": device})
     from ctscan.ops.profile import run_profile, split_line
     from ctscan.render import render_profile
 
-    settings = _settings(settings_files, overrides, model={"name": model}, train={"device": device})
     result = run_profile(settings, steps=steps, out_dir=out)
     console = _console()
     console.print(render_profile(result.summary))
@@ -476,10 +476,10 @@ def export(
     overrides: Overrides = None,
 ) -> None:
     """Export a checkpoint to ONNX (fp32, int8) or .pt2, checked against it on the test split."""
+    settings = _settings(settings_files, overrides)
     from ctscan.ops.export import run_export
     from ctscan.render import render_parity
 
-    settings = _settings(settings_files, overrides)
     result = run_export(settings, checkpoint, fmt=format_, int8=int8, out=out, triton_dir=triton)
     shown = (render_parity(result), *(str(path) for path in result.paths))
     _emit(None, False, *shown, warnings=result.warnings)
