@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import io
 import json
 import os
@@ -471,6 +472,24 @@ def main() -> None:
         help="int8 ONNX file for the int8 configurations (default: best.int8.onnx beside "
         "--checkpoint, written by `ctscan export --int8`)",
     )
+    ap.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a settings override for every server (e.g. serve.max_batch_size=4); repeatable",
+    )
+    ap.add_argument(
+        "--batch-sizes",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=[],
+        help="comma-separated serve.max_batch_size values: each configuration once per value "
+        "(named CONFIG-bN), the values taking turns",
+    )
+    ap.add_argument(
+        "--repeats", type=int, default=1, help="the whole list of configurations this many times"
+    )
     ap.add_argument("--note", default="", help="a line kept in the JSON (e.g. what else ran)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/serve_load.json"))
     args = ap.parse_args()
@@ -489,6 +508,15 @@ def main() -> None:
             ap.error(f"--int8 {int8} does not exist: run `ctscan export --int8` first")
         print(f"skipping the int8 configurations: no {int8}", file=sys.stderr)
         configs = [c for c in configs if not c.int8]
+    if args.batch_sizes:
+        configs = [
+            dataclasses.replace(
+                c, name=f"{c.name}-b{n}", sets=(*c.sets, f"serve.max_batch_size={n}")
+            )
+            for n in args.batch_sizes
+            for c in configs
+        ]
+    configs = configs * args.repeats
     checkpoint = describe_checkpoint(args.checkpoint)
     bodies = {False: multipart_bodies(images), True: raw_bodies(images)}
     small_same = None
@@ -514,7 +542,7 @@ def main() -> None:
                 backend=config.backend,
                 batching=config.batching,
                 log=log,
-                sets=config.sets,
+                sets=(*config.sets, *args.sets),
             )
             try:
                 print(f"{config.name}: ready in {startup:.1f} s, loading...", file=sys.stderr)
