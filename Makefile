@@ -27,7 +27,7 @@ PRE_COMMIT_RUN = git ls-files -z --cached --others --exclude-standard | xargs -0
 # TORCH_INDEX names a wheel index for it (CI on Linux: https://download.pytorch.org/whl/cpu).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 TORCH_INDEX ?=
-EXTRAS ?= dev,serve,export,dicom,sweep
+EXTRAS ?= dev,serve,export,dicom,sweep,openvino
 # Images: $(IMAGE):$(IMAGE_TAG) (CPU) and $(IMAGE):$(IMAGE_TAG)-cuda; PUSH=1 pushes them after the build.
 IMAGE ?= ctscan
 IMAGE_TAG ?= latest

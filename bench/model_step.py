@@ -14,7 +14,7 @@ uint8 (B, 1, S, S) in. ONNX Runtime sessions use `session_options` (what predict
 OpenVINO `INFERENCE_NUM_THREADS` with the LATENCY hint. The JSON goes to
 bench/results/model_step_<cpu>.json (<cpu>: vnni, avx512 or avx2), rewritten after every batch.
 
-    pip install openvino   # not one of ctscan's extras: only this bench uses it
+    pip install 'ctscan[openvino]'   # or: pip install openvino
     python bench/model_step.py --checkpoint RUN/best.pt --set paths.processed_dir=STORE
     python bench/model_step.py --checkpoint RUN/best.pt --work /tmp/ms  # again: reuse the files
 """
@@ -38,7 +38,7 @@ import numpy as np
 from ctscan.data.store import open_model_store
 from ctscan.engine.checkpoint import file_sha256, load_model, read_checkpoint
 from ctscan.inference import open_predictor
-from ctscan.inference.predictor import session_options
+from ctscan.inference.predictor import openvino_call, session_options
 from ctscan.ops.export import (
     compare,
     export_metadata,
@@ -89,19 +89,9 @@ def ort_call(path: Path, settings: Any) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def ov_call(path: Path, threads: int, precision: str | None) -> Callable[[np.ndarray], np.ndarray]:
-    """One OpenVINO CPU infer request on the ONNX file (precision None: the CPU's default)."""
-    import openvino as ov
-
-    config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
-    if precision is not None:
-        config["INFERENCE_PRECISION_HINT"] = precision
-    request = ov.Core().compile_model(str(path), "CPU", config).create_infer_request()
-
-    def call(x: np.ndarray) -> np.ndarray:
-        request.infer({0: x}, share_inputs=True)
-        return request.get_output_tensor(0).data.copy()
-
-    return call
+    """One OpenVINO CPU infer request as `--backend openvino` makes it (precision fp32 or bf16;
+    None: the CPU's default)."""
+    return openvino_call(path, threads, precision)[0]
 
 
 def calibration_images(store: Any, limit: int | None) -> np.ndarray:
@@ -234,7 +224,7 @@ def main() -> None:
     def engines(threads: int) -> dict[str, Callable[[np.ndarray], Any]]:
         s = load_settings(args.settings, [*base, f"train.threads={threads}"])
         calls: dict[str, Callable[[np.ndarray], Any]] = {"ORT fp32": ort_call(fp32, s)}
-        calls["OpenVINO f32"] = ov_call(fp32, threads, "f32")
+        calls["OpenVINO f32"] = ov_call(fp32, threads, "fp32")
         calls["OpenVINO default (bf16 here)"] = ov_call(fp32, threads, None)
         for name in choices:
             calls[f"ORT int8 {name}"] = ort_call(files[f"int8 {name}"], s)

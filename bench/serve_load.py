@@ -7,7 +7,13 @@ ONNX file (`--int8`, default best.int8.onnx beside the checkpoint; skipped when 
 with raw bodies; both again with `-small` bodies: the slice shrunk by the client to the model's
 input side, as the web page and docs/serving.md do (the script checks that the server gives the
 model the same pixels for the small and the full file, and records how many did);
-`onnx-batch4` and `onnx-batch4-2w` (2 workers of 1 thread each) on request.
+`onnx-batch4` and `onnx-batch4-2w` (2 workers of 1 thread each) on request, and on request the
+OpenVINO backend (`pip install 'ctscan[openvino]'`) with small raw bodies: `openvino-raw-small`
+serves the exported float32 file (`--onnx`, default best.onnx beside the checkpoint, written by
+`ctscan export` with openvino installed: its verdict lets OpenVINO use the CPU's default
+precision, bf16 with AVX512_BF16 or AMX), `openvino-fp32-raw-small` the checkpoint (its cached
+export has no verdict: fp32), `openvino-int8-raw-small` the int8 file (refused without an
+accepted verdict). Each row records the backend, format and precision the server's /ready gave.
 Against each, `--clients` closed-loop clients (each sends its next request when the last one is
 answered) post real test PNGs for `--seconds` after
 `--warmup` seconds that are not counted. Reported per configuration: requests/s (answered 200),
@@ -30,6 +36,7 @@ configuration >= 300 requests/s with p99 <= 80 ms on an AVX-512 + VNNI CPU, >= 1
 
     python bench/serve_load.py --checkpoint outputs/runs/x/best.pt
     python bench/serve_load.py --checkpoint best.pt --seconds 20 --configs onnx-raw,int8-raw
+    python bench/serve_load.py --checkpoint best.pt --configs onnx-raw-small,openvino-raw-small
 """
 
 from __future__ import annotations
@@ -70,6 +77,7 @@ class Config:
     sets: tuple[str, ...] = ()  # more `--set` overrides of the server
     raw: bool = False  # the image as the body, not a multipart form
     int8: bool = False  # serve the --int8 file instead of the checkpoint
+    onnx: bool = False  # serve the --onnx file (float32, exported) instead of the checkpoint
     small: bool = False  # raw bodies shrunk by the client to the model's input side first
 
 
@@ -88,6 +96,9 @@ CONFIGS = (
         True,
         ("serve.max_batch_size=4", "serve.workers=2", "train.threads=1"),
     ),
+    Config("openvino-raw-small", "openvino", True, raw=True, small=True, onnx=True),
+    Config("openvino-fp32-raw-small", "openvino", True, raw=True, small=True),
+    Config("openvino-int8-raw-small", "openvino", True, raw=True, int8=True, small=True),
 )
 DEFAULT_CONFIGS = (
     "onnx-batching",
@@ -409,7 +420,7 @@ def describe_checkpoint(path: Path) -> dict[str, Any]:
 
 def render(report: dict[str, Any]) -> str:
     head = (
-        f"{'configuration':<18} {'start s':>7} {'req/s':>7} {'p50 ms':>7} {'p95 ms':>7} "
+        f"{'configuration':<28} {'start s':>7} {'req/s':>7} {'p50 ms':>7} {'p95 ms':>7} "
         f"{'p99 ms':>7} {'errors':>6} {'batch':>6} {'srv cpu':>7} {'cli cpu':>7} {'others':>7} "
         f"{'req/cpu-s':>9}"
     )
@@ -417,7 +428,7 @@ def render(report: dict[str, Any]) -> str:
     for row in report["configurations"]:
         lat = row["latency_ms"]
         lines.append(
-            f"{row['name']:<18} {row['startup_s']:>7.1f} {row['requests_per_s']:>7.1f} "
+            f"{row['name']:<28} {row['startup_s']:>7.1f} {row['requests_per_s']:>7.1f} "
             f"{lat['p50']:>7} {lat['p95']:>7} {lat['p99']:>7} {row['errors']:>6} "
             f"{row['mean_batch']!s:>6} {row['server_cpu_cores']!s:>7} "
             f"{row['client_cpu_cores']!s:>7} {row['other_cpu_cores']!s:>7} "
@@ -490,6 +501,13 @@ def main() -> None:
     ap.add_argument(
         "--repeats", type=int, default=1, help="the whole list of configurations this many times"
     )
+    ap.add_argument(
+        "--onnx",
+        type=Path,
+        default=None,
+        help="float32 ONNX file for openvino-raw-small (default: best.onnx beside --checkpoint, "
+        "written by `ctscan export` with openvino installed)",
+    )
     ap.add_argument("--note", default="", help="a line kept in the JSON (e.g. what else ran)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/serve_load.json"))
     args = ap.parse_args()
@@ -517,6 +535,9 @@ def main() -> None:
             for c in configs
         ]
     configs = configs * args.repeats
+    onnx = args.onnx or args.checkpoint.with_name("best.onnx")
+    if any(c.onnx for c in configs) and not onnx.is_file():
+        ap.error(f"--onnx {onnx} does not exist: run `ctscan export` first")
     checkpoint = describe_checkpoint(args.checkpoint)
     bodies = {False: multipart_bodies(images), True: raw_bodies(images)}
     small_same = None
@@ -536,7 +557,7 @@ def main() -> None:
             log = Path(tmp) / f"{config.name}.log"
             cached_before = any((runs_dir / "serve-cache").glob("*.onnx"))
             proc, startup = start_server(
-                int8 if config.int8 else args.checkpoint,
+                int8 if config.int8 else onnx if config.onnx else args.checkpoint,
                 port=port,
                 runs_dir=runs_dir,
                 backend=config.backend,
@@ -545,7 +566,12 @@ def main() -> None:
                 sets=(*config.sets, *args.sets),
             )
             try:
-                print(f"{config.name}: ready in {startup:.1f} s, loading...", file=sys.stderr)
+                ready = httpx.get(f"http://127.0.0.1:{port}/ready", timeout=10).json()["model"]
+                served = " ".join(str(ready.get(k)) for k in ("backend", "format", "precision"))
+                print(
+                    f"{config.name}: ready in {startup:.1f} s ({served}), loading...",
+                    file=sys.stderr,
+                )
                 row = measure(
                     f"http://127.0.0.1:{port}",
                     proc.pid,
@@ -556,8 +582,8 @@ def main() -> None:
                 )
             finally:
                 stop_server(proc)
-            if config.int8:
-                what = "the int8 .onnx file (ONNX only)"
+            if config.int8 or config.onnx:
+                what = f"the {'int8' if config.int8 else 'float32'} .onnx file ({config.backend})"
             elif config.backend == "torch":
                 what = "checkpoint on the torch backend (no export)"
             elif cached_before:
@@ -566,7 +592,13 @@ def main() -> None:
                 what = "checkpoint, first start: export to ONNX + parity check + cache"
             cold.append({"what": what, "configuration": config.name, "seconds": round(startup, 2)})
             rows.append(
-                {"name": config.name, **vars(config), "startup_s": round(startup, 2), **row}
+                {
+                    "name": config.name,
+                    **vars(config),
+                    "served": served,
+                    "startup_s": round(startup, 2),
+                }
+                | row
             )
         cached = sorted((runs_dir / "serve-cache").glob("*.onnx"))
         if cached:
@@ -623,6 +655,7 @@ def main() -> None:
         "max_wait_ms 0, queue_size 256)",
         "checkpoint": checkpoint,
         "int8": str(int8) if any(c.int8 for c in configs) else None,
+        "onnx": str(onnx) if any(c.onnx for c in configs) else None,
         "note": args.note,
         "configurations": rows,
         "cold_start": cold,

@@ -342,8 +342,9 @@ def predict(
     backend: Annotated[
         str,
         typer.Option(
-            help="auto | onnx | torch. auto: a checkpoint runs on its ONNX export (made once, "
-            "checked against it and cached in paths.runs_dir/serve-cache), torch with --explain."
+            help="auto | onnx | openvino | torch. auto: a checkpoint runs on its ONNX export "
+            "(made once, checked against it and cached in paths.runs_dir/serve-cache) on ONNX "
+            "Runtime, torch with --explain; openvino: that export, or the .onnx file, on OpenVINO."
         ),
     ] = "auto",
     device: Device = None,
@@ -399,7 +400,9 @@ def serve(
     ] = None,
     backend: Annotated[
         str | None,
-        typer.Option(help="auto | torch | onnx (default: auto, ONNX Runtime when it can)."),
+        typer.Option(
+            help="auto | torch | onnx | openvino (default: auto, ONNX Runtime when it can)."
+        ),
     ] = None,
     settings_files: SettingsFiles = None,
     overrides: Overrides = None,

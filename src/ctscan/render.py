@@ -260,7 +260,7 @@ def render_predictions(predictions: Sequence[Any], predictor: Any) -> Any:
     info = predictor.info
     names = list(predictor.class_names)
     table = _table(
-        f"{info.name} ({info.format}, {info.backend}) sha256 {info.sha256[:12]}, "
+        f"{info.name} ({info.format}, {info.backend} {info.precision}) sha256 {info.sha256[:12]}, "
         f"{escape(info.calibration)}",
         ["file", "label", "confidence", *(name[:12] for name in names)],
         left=2,

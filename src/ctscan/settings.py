@@ -250,8 +250,10 @@ class ServeSettings(Section):
     host: str = Field("127.0.0.1", description="address `ctscan serve` binds")
     port: int = Field(8000, ge=1, le=65535, description="port `ctscan serve` listens on")
     workers: int = Field(1, ge=1, description="uvicorn worker processes, each with the model")
-    backend: Literal["auto", "torch", "onnx"] = Field(
-        "auto", description="auto: ONNX Runtime when the model is or can be exported, else torch"
+    backend: Literal["auto", "torch", "onnx", "openvino"] = Field(
+        "auto",
+        description="auto: ONNX Runtime when the model is or can be exported, else torch; "
+        "openvino: the ONNX model on OpenVINO (docs/serving.md)",
     )
     model_name: str = Field("ctscan", min_length=1, description="the name in /v2/models/{name}")
     max_upload_bytes: int = Field(20_000_000, ge=1, description="largest file accepted (413)")

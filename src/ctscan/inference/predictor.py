@@ -12,7 +12,9 @@ The preprocessing spec, the class names and the temperature T come from the arti
 from __future__ import annotations
 
 import json
+import logging
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,6 +38,10 @@ from ctscan.errors import CheckpointError, CtscanError, DataError
 MLFLOW_SCHEMES = ("models:/", "runs:/")
 ONNX_METADATA_KEY = "ctscan"  # metadata_props key of an exported ONNX file: JSON, see ops/export
 LUNG_WINDOW = (-600.0, 1500.0)  # (level, width) in HU: the window DICOM slices go through
+OPENVINO_EXTRA = "pip install 'ctscan[openvino]'"
+OPENVINO_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}  # ours -> INFERENCE_PRECISION_HINT
+OPENVINO_NAMES = {hint: ours for ours, hint in OPENVINO_HINTS.items()}
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,12 +50,13 @@ class ModelInfo:
 
     name: str  # registry model name, e.g. efficientnet_lite0
     source: str  # the path or URI it was opened from
-    backend: str  # torch | onnx
+    backend: str  # torch | onnx | openvino
     version: str  # the MLflow model version, or the ctscan version that wrote the file
     sha256: str  # of the checkpoint the weights come from (an export names its checkpoint)
     format: str  # checkpoint | onnx | onnx-int8 | mlflow
     temperature: float = 1.0  # probabilities = softmax(network logits / T); 1.0: uncalibrated
     calibration: str = "uncalibrated"  # what T is, in words ('T = 1.31 (valid, 72 images)')
+    precision: str = "fp32"  # what the runtime computes in: fp32 | bf16 | fp16 (int8: the rest)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
@@ -230,21 +237,23 @@ class Predictor:
 
 
 def open_predictor(model: str | Path, *, settings: Any, backend: str | None = None) -> Predictor:
-    """A Predictor for a checkpoint (.pt) or MLflow URI (torch), or an ONNX file (ONNX Runtime);
-    `backend`, if given, must name that runtime."""
+    """A Predictor for a checkpoint (.pt) or MLflow URI (torch), or an ONNX file (ONNX Runtime,
+    or OpenVINO with backend 'openvino'); `backend`, if given, must name such a runtime."""
     text = str(model)
     is_onnx = not text.startswith(MLFLOW_SCHEMES) and Path(text).suffix.lower() == ".onnx"
-    runs_on = "onnx" if is_onnx else "torch"
-    if backend is not None and backend != runs_on:
+    runs_on = ("onnx", "openvino") if is_onnx else ("torch",)
+    if backend is not None and backend not in runs_on:
         raise CtscanError(
-            f"'{text}' runs on {runs_on}, not {backend}.",
+            f"'{text}' runs on {' or '.join(runs_on)}, not {backend}.",
             "use --backend auto (a checkpoint runs on its ONNX export), or pass a model file "
             f"that runs on {backend}.",
         )
     if text.startswith(MLFLOW_SCHEMES):
         opened = _open_mlflow(text, settings)
+    elif is_onnx:
+        opened = _open_onnx(Path(text), settings, backend or "onnx")
     else:
-        opened = (_open_onnx if is_onnx else _open_checkpoint)(Path(text), settings)
+        opened = _open_checkpoint(Path(text), settings)
     inference = settings.inference
     opened.limits = DecodeLimits.from_settings(settings.data)
     opened.window = (inference.dicom_window_level, inference.dicom_window_width)
@@ -278,15 +287,18 @@ def _open_checkpoint(path: Path, settings: Any) -> Predictor:
         format="checkpoint",
         temperature=temperature,
         calibration=loaded.checkpoint.calibration_text,
+        precision=rt.precision,
     )
     return Predictor(
         spec=spec, info=info, logits_fn=logits_fn, torch_model=(loaded.model, loaded.channels)
     )
 
 
-def _onnx_metadata(session: Any, path: Path) -> tuple[dict[str, Any], PreprocessSpec, dict]:
-    """The ctscan metadata of an ONNX file, its preprocessing and its `_calibration_info`."""
-    props = session.get_modelmeta().custom_metadata_map
+def _onnx_metadata(
+    props: dict[str, str], path: Path
+) -> tuple[dict[str, Any], PreprocessSpec, dict]:
+    """The ctscan metadata of an ONNX file (`props`: its metadata_props), its preprocessing and
+    its `_calibration_info`."""
     if ONNX_METADATA_KEY not in props:
         raise CheckpointError(
             f"'{path}' is an ONNX file without ctscan metadata (no '{ONNX_METADATA_KEY}' entry): "
@@ -317,46 +329,133 @@ def session_options(settings: Any) -> Any:
     return options
 
 
-def _open_onnx(path: Path, settings: Any) -> Predictor:
+def _open_onnx(path: Path, settings: Any, backend: str = "onnx") -> Predictor:
     if path.is_dir() or not path.is_file():
         raise CheckpointError(
             f"ONNX file '{path}' {'is a folder' if path.is_dir() else 'does not exist'}.",
             "pass a .onnx file written by `ctscan export`.",
         )
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise CtscanError(
-            "onnxruntime is not installed.", "pip install 'ctscan[export]' (or [serve])."
-        ) from None
     from ctscan.files import file_sha256
 
-    try:
-        session = ort.InferenceSession(
-            str(path), sess_options=session_options(settings), providers=["CPUExecutionProvider"]
+    if backend == "openvino":
+        ov = import_openvino()
+        try:
+            model = ov.Core().read_model(str(path))
+        except Exception as exc:  # OpenVINO raises its own exception types for bad files
+            raise _unreadable(path, exc) from None
+        key = ["framework", ONNX_METADATA_KEY]  # OpenVINO's metadata_props
+        found = model.has_rt_info(key)
+        props = {ONNX_METADATA_KEY: model.get_rt_info(key).astype(str)} if found else {}
+        meta, spec, calibration = _onnx_metadata(props, path)
+        run, precision = openvino_call(
+            model, settings.train.threads, _openvino_precision(meta, path)
         )
-    except Exception as exc:  # onnxruntime raises its own exception types for bad files
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(
-            f"'{path}' is not a readable ONNX model ({first[:200]}).",
-            "export it again with `ctscan export`.",
-        ) from None
-    meta, spec, calibration = _onnx_metadata(session, path)
-    input_name = session.get_inputs()[0].name
-
-    def logits_fn(images: np.ndarray) -> np.ndarray:
-        return _in_chunks(lambda chunk: session.run(None, {input_name: chunk})[0], images)
+    else:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise CtscanError(
+                "onnxruntime is not installed.", "pip install 'ctscan[export]' (or [serve])."
+            ) from None
+        try:
+            session = ort.InferenceSession(
+                str(path),
+                sess_options=session_options(settings),
+                providers=["CPUExecutionProvider"],
+            )
+        except Exception as exc:  # onnxruntime raises its own exception types for bad files
+            raise _unreadable(path, exc) from None
+        meta, spec, calibration = _onnx_metadata(session.get_modelmeta().custom_metadata_map, path)
+        input_name = session.get_inputs()[0].name
+        run, precision = (lambda chunk: session.run(None, {input_name: chunk})[0]), "fp32"
 
     info = ModelInfo(
         name=str(meta.get("model_name", "unknown")),
         source=str(path),
-        backend="onnx",
+        backend=backend,
         version=str(meta.get("ctscan_version", "unknown")),
         sha256=str(meta.get("checkpoint_sha256") or file_sha256(path)),
         format=str(meta.get("format", "onnx")),
+        precision=precision,
         **calibration,
     )
-    return Predictor(spec=spec, info=info, logits_fn=logits_fn)
+    return Predictor(spec=spec, info=info, logits_fn=lambda images: _in_chunks(run, images))
+
+
+def _unreadable(path: Path, exc: Exception) -> CheckpointError:
+    first = (str(exc).splitlines() or [type(exc).__name__])[0]
+    return CheckpointError(
+        f"'{path}' is not a readable ONNX model ({first[:200]}).",
+        "export it again with `ctscan export`.",
+    )
+
+
+def import_openvino() -> Any:
+    """The openvino module, or one CtscanError naming the extra."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise CtscanError(
+            "--backend openvino needs openvino, which is not installed.",
+            f"{OPENVINO_EXTRA}, or use --backend onnx.",
+        ) from None
+    return ov
+
+
+def openvino_default_precision() -> str:
+    """The precision OpenVINO's CPU plugin computes in by default here: fp32, or bf16 on a CPU
+    with AVX512_BF16 or AMX."""
+    hint = import_openvino().Core().get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
+    return OPENVINO_NAMES.get(hint, hint)
+
+
+def openvino_call(
+    model: Any, threads: int, precision: str | None = None
+) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
+    """One OpenVINO CPU infer request on an ONNX file or read model, LATENCY hint, `threads`
+    (as ONNX Runtime's session_options; 0: all cores) at `precision` (fp32, bf16; None: the
+    CPU's default): (logits of a uint8 batch, the precision it computes in)."""
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+    if threads > 0:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    if precision is not None:
+        config["INFERENCE_PRECISION_HINT"] = OPENVINO_HINTS[precision]
+    model = str(model) if isinstance(model, Path) else model
+    compiled = import_openvino().Core().compile_model(model, "CPU", config)
+    request, lock = compiled.create_infer_request(), threading.Lock()
+
+    def call(images: np.ndarray) -> np.ndarray:
+        with lock:  # one request: one batch at a time
+            return request.infer({0: images}, share_inputs=True)[0]
+
+    used = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+    return call, OPENVINO_NAMES.get(used, used)
+
+
+def _openvino_precision(meta: dict[str, Any], path: Path) -> str | None:
+    """None (the CPU's default) where `ctscan export` accepted it for this file (its verdicts in
+    meta["openvino"]), else fp32; an int8 file with no accepted verdict is refused."""
+    verdicts = meta.get("openvino") if isinstance(meta.get("openvino"), dict) else {}
+    accepted = {p for p, v in verdicts.items() if isinstance(v, dict) and v.get("accepted") is True}
+    default = openvino_default_precision()
+    precision = default if default == "fp32" or default in accepted else "fp32"
+    if meta.get("format") == "onnx-int8" and precision not in accepted:
+        raise CtscanError(
+            f"'{path}' is an int8 file with no accepted OpenVINO verdict at {precision} (the "
+            "parity rule on the test split, checked by `ctscan export --int8` when openvino is "
+            "installed): OpenVINO may answer differently from ONNX Runtime on it.",
+            "export the checkpoint again with --int8 where openvino is installed "
+            f"({OPENVINO_EXTRA}), or run this file with --backend onnx, or the float32 file "
+            "with --backend openvino.",
+        )
+    if precision != default:
+        log.warning(
+            "OpenVINO runs '%s' at fp32: this CPU's default, %s, has no accepted verdict in its "
+            "metadata (`ctscan export` with openvino installed checks it on the test split)",
+            path,
+            default,
+        )
+    return None if precision == default else precision
 
 
 def _in_chunks(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> np.ndarray:

@@ -2,8 +2,10 @@
 
 Every file holds `LoadedModel.deployable()` (uint8 (B, 1, S, S) in, calibrated float32 logits
 out) and `export_metadata`; each is staged beside its target, checked on the test split against
-the checkpoint on torch, then renamed into place (docs/export.md). `cached_onnx` is the export
-`ctscan predict` and `ctscan serve` run a checkpoint on.
+the checkpoint on torch, then renamed into place (docs/export.md). With openvino installed, each
+ONNX file's run on OpenVINO at this CPU's default precision is gated like int8 and the verdict
+kept in its metadata (`--backend openvino` reads it). `cached_onnx` is the export `ctscan
+predict` and `ctscan serve` run a checkpoint on.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -476,7 +479,7 @@ def run_export(
     ref = _Reference(settings, checkpoint, ckpt, images, test.labels.numpy())
     rows = [compare("eager", checkpoint, ref.logits, ref.logits, ref.labels)]
     deployable = load_model(ckpt).deployable()
-    error = None
+    error, warnings = None, [store.raw_warning] if store.raw_warning else []
     with staging(plan.folder, checkpoint.stem) as stage_dir:
         stage = Path(stage_dir)
         staged, opset = _stage_float32(plan, stage, ref, deployable, rows)
@@ -488,13 +491,14 @@ def run_export(
             error = _int8_refusal(rows[-1], rows[0], plan, n_float=len(staged))
             if error is None:
                 staged[plan.int8] = path
+        if plan.onnx is not None and find_spec("openvino") is not None:
+            warnings += _gate_openvino(ref, rows, staged, plan)
         written = _commit(staged, stage, plan.folder, checkpoint)
     triton_model_dir = None
     if plan.triton_dir is not None:  # only with an ONNX file (plan_outputs)
         name = f"ctscan-{ckpt.model_name}"
         triton_model_dir = write_triton_layout(plan.triton_dir, plan.onnx, name, ckpt.spec)
         written += [triton_model_dir / f for f in ("1/model.onnx", "config.pbtxt", "labels.txt")]
-    warnings = [store.raw_warning] if store.raw_warning else []
     n_test = len(ref.labels)
     return ExportResult(
         checkpoint, ckpt.model_name, n_test, opset, rows, written, triton_model_dir, warnings, error
@@ -559,6 +563,43 @@ def _int8_refusal(
         f"deploy {plan.onnx.name} (float32), or retrain and export again (a model "
         "that is further from its decision boundaries quantises better).",
     )
+
+
+def _gate_openvino(
+    ref: _Reference, rows: list[Parity], staged: dict[Path, Path], plan: ExportPlan
+) -> list[str]:
+    """OpenVINO's run of each staged ONNX file at this CPU's default precision (an int8 file's at
+    fp32 too; a float32 file at fp32 is exact) against eager, by the int8 rule: rows into `rows`,
+    verdicts into the file's metadata (`openvino`: precision -> agreement, accuracy, accepted),
+    which `--backend openvino` reads; a warning per refusal."""
+    import onnx
+
+    from ctscan.inference.predictor import _in_chunks, openvino_call, openvino_default_precision
+
+    default, warnings = openvino_default_precision(), []
+    for fmt, target in (("onnx", plan.onnx), ("onnx-int8", plan.int8)):
+        if target not in staged:
+            continue
+        path, verdicts = staged[target], {}
+        for precision in sorted({default, "fp32"} if fmt == "onnx-int8" else {default} - {"fp32"}):
+            run, used = openvino_call(path, ref.settings.train.threads, precision)
+            logits = _in_chunks(run, ref.images)
+            row = compare(f"{fmt} openvino {used}", target, logits, ref.logits, ref.labels)
+            refusal = int8_refusal(row, rows[0])
+            verdicts[used] = {
+                "agreement": row.agreement,
+                "accuracy": row.accuracy,
+                "accepted": refusal is None,
+            }
+            if refusal is not None:
+                row.accepted, row.note = False, "refused: --backend openvino won't use it"
+                warnings.append(f"OpenVINO at {used} on {target.name} was refused: {refusal}.")
+            rows.append(row)
+        if verdicts:
+            model = onnx.load(str(path))
+            set_onnx_metadata(model, read_onnx_metadata(path) | {"openvino": verdicts})
+            onnx.save_model(model, str(path))
+    return warnings
 
 
 def cached_onnx(checkpoint: Path, settings: Settings) -> Path:

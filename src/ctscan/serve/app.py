@@ -58,8 +58,11 @@ class ModelIdentity(BaseModel):
     name: str = Field(description="registry model name, e.g. efficientnet_lite0")
     version: str = Field(description="MLflow model version or the ctscan version that wrote it")
     sha256: str = Field(description="sha256 of the checkpoint the weights come from")
-    backend: str = Field(description="torch or onnx")
+    backend: str = Field(description="torch, onnx (ONNX Runtime) or openvino")
     format: str = Field(description="checkpoint, onnx, onnx-int8 or mlflow")
+    precision: str = Field(
+        description="what the runtime computes in: fp32, bf16 or fp16 (onnx-int8: its float parts)"
+    )
     temperature: float = Field(
         description="calibration temperature T: probabilities are softmax(logits / T); "
         "1.0 when uncalibrated"

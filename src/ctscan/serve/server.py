@@ -2,8 +2,9 @@
 
 Backend `auto` (`ops.backends.open_model`): a checkpoint is served by ONNX Runtime from its
 cached ONNX export, keeping the PyTorch model for /explain; an ONNX file runs on ONNX Runtime,
-an MLflow URI on torch. With N workers every worker process loads the model itself (uvicorn's
-multiprocess mode); the parent exports first, so the workers find the cache.
+an MLflow URI on torch; `openvino` runs the ONNX file or the cached export on OpenVINO. With N
+workers every worker process loads the model itself (uvicorn's multiprocess mode); the parent
+exports first, so the workers find the cache.
 """
 
 from __future__ import annotations
