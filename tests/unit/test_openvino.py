@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from ctscan.data.store import load_store
-from ctscan.errors import CtscanError
+from ctscan.errors import CheckpointError, CtscanError
 from ctscan.inference import open_predictor
 from ctscan.inference import predictor as predictor_module
 from ctscan.ops import export
@@ -222,3 +222,20 @@ def test_serve_on_openvino_answers_predict(serve_model: ServeModel, tmp_path: Pa
     assert (ready["backend"], ready["format"], ready["precision"]) == ("openvino", "onnx", "fp32")
     assert body["model"] == ready
     assert np.abs(np.array(list(body["probabilities"].values())) - expected).max() <= FP32_TOLERANCE
+
+
+def test_a_bad_or_foreign_onnx_file_is_one_checkpoint_error(tmp_path: Path, exported) -> None:
+    helper, uint8, float32 = onnx.helper, onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT
+    settings = exported[3]
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not an onnx model")
+    with pytest.raises(CheckpointError, match="not a readable ONNX model"):
+        open_predictor(garbage, settings=settings, backend="openvino")
+    x = helper.make_tensor_value_info("images", uint8, ["batch", 1, 4, 4])
+    y = helper.make_tensor_value_info("logits", float32, ["batch", 16])
+    nodes = [helper.make_node("Cast", ["images"], ["f"], to=float32)]
+    nodes.append(helper.make_node("Flatten", ["f"], ["logits"]))
+    foreign = tmp_path / "foreign.onnx"  # a valid model without ctscan's metadata
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y])), str(foreign))
+    with pytest.raises(CheckpointError, match="without ctscan metadata"):
+        open_predictor(foreign, settings=settings, backend="openvino")
