@@ -97,7 +97,8 @@
     el.modelSha.textContent = model.sha256 ? model.sha256.slice(0, 12) : "—";
     el.modelSha.title = model.sha256 || "";
     const format = model.format && model.format !== model.backend ? ` (${model.format})` : "";
-    el.modelBackend.textContent = `${model.backend}${format}`;
+    const precision = model.precision ? `, ${model.precision}` : "";
+    el.modelBackend.textContent = `${model.backend}${format}${precision}`;
     el.modelCalibration.textContent = model.calibration || "uncalibrated";
     el.server.textContent = `Serving ${model.name} · ${model.backend}`;
     el.server.classList.add("ok");
