@@ -10,6 +10,8 @@ The locks are `files.folder_lock` (with `wait=` for a SQLite store) and `files.d
 
 from __future__ import annotations
 
+import json
+import shlex
 import signal
 import sys
 import threading
@@ -224,10 +226,8 @@ def open_run_record(
     return tracker
 
 
-def experiment_fix(experiment: str, new: str = "a new cross-validation (another --out)") -> str:
-    """The fix when a parent run (a cross-validation's, a sweep's) is in another experiment."""
-    import json
-    import shlex
-
+def experiment_fix(experiment: str, new: str) -> str:
+    """The fix when a parent run (a cross-validation's, a sweep's) is in another experiment;
+    `new`: the job's other way out (its words: "a new study (--name)")."""
     setting = shlex.quote(f"tracking.experiment={json.dumps(experiment)}")
     return f"continue with --set {setting}, or start {new}."

@@ -460,17 +460,18 @@ def test_a_child_run_is_reopened_only_in_tracking_experiment(mlflow_runs_dir, ca
 
 
 @pytest.mark.parametrize("name", ["2024", "true", "it's mine", "ctscan"])
-def test_the_experiment_fixes_can_be_pasted(name: str) -> None:
-    """cv's and the sweep's fixes are each a --set that keeps the name a string in the shell
-    (the sweep takes --set since it runs on Optuna's machinery)."""
+def test_the_experiment_fix_can_be_pasted(name: str) -> None:
+    """The fix cv and the sweep give is a --set that keeps the name a string in the shell (the
+    sweep takes --set since it runs on Optuna's machinery), then the job's own way out."""
     import shlex
 
-    from ctscan.ops import cv, sweep
+    from ctscan.jobs import experiment_fix
     from ctscan.settings import load_settings
 
-    for fix in (cv.experiment_fix(name), sweep.experiment_fix(name)):
-        words = shlex.split(fix.split("--set ", 1)[1].split(",")[0])
-        assert load_settings([], words).tracking.experiment == name, fix
+    fix = experiment_fix(name, new="a new study (--name)")
+    assert fix.endswith(", or start a new study (--name)."), fix
+    words = shlex.split(fix.split("--set ", 1)[1].split(",")[0])
+    assert load_settings([], words).tracking.experiment == name, fix
 
 
 @pytest.mark.parametrize("missing", ["0123456789abcdef0123456789abcdef", "not-a-run-id"])

@@ -14,7 +14,7 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -356,7 +356,9 @@ def run_cv(
                 recorded_id=(recorded or {}).get("parent_run_id"),
                 tags={"kind": "cv", TAG_CV: cv_dir.name, "model": settings.model.name},
                 params={"cv.folds": k, "cv.seed": plan.seed, "cv.identity": plan.identity},
-                experiment_fix=experiment_fix,
+                experiment_fix=partial(
+                    experiment_fix, new="a new cross-validation (another --out)"
+                ),
                 record=record,
             )
             with tracker:

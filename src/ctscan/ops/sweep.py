@@ -46,7 +46,6 @@ TAG_SWEEP = "ctscan.sweep"
 TAG_TRIAL = "ctscan.trial"
 COUNTED = ("COMPLETE", "PRUNED")  # the states `--trials N` counts
 SWEPT_PARAMS = ("metric", "direction", "sampler", "seed", "pruning")  # the parent run's sweep.*
-experiment_fix = partial(experiment_fix, new="a new study (--name)")
 
 
 class SweepError(CtscanError):
@@ -374,7 +373,7 @@ def _open_parent(sweep: Sweep, study: Any) -> Any:
         recorded_id=study.user_attrs.get(ATTR_PARENT_RUN),
         tags={"kind": "sweep", TAG_SWEEP: sweep.name, "optuna_storage": sweep.where},
         params=params,
-        experiment_fix=experiment_fix,
+        experiment_fix=partial(experiment_fix, new="a new study (--name)"),
         record=lambda run_id: study.set_user_attr(ATTR_PARENT_RUN, run_id),
     )
 
