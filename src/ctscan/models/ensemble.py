@@ -10,6 +10,8 @@ float32, so a class every member rules out gets a very negative but finite logit
 
 from __future__ import annotations
 
+from functools import reduce
+
 import torch
 from torch import nn
 
@@ -55,9 +57,10 @@ class Ensemble(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, views = x.shape[0], 1 + len(self.flips)
         inputs = torch.cat([x, *(_view(x, f) for f in self.flips)]) if self.flips else x
-        total = sum(  # each member's probabilities (views * B, C) summed over the views
+        each = (  # each member's probabilities (views * B, C) summed over the views
             torch.softmax(member(inputs), dim=1).reshape(views, batch, -1).sum(dim=0)
             for member in self.members
         )
+        total = reduce(torch.add, each)  # not sum(): its start, int 0, is one more Add in ONNX
         mean = total / float(len(self.members) * views)
         return torch.log(mean.clamp_min(_TINY))
