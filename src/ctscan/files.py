@@ -15,9 +15,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from ctscan.errors import CtscanError
+from ctscan.errors import CheckpointError, CtscanError
 
 TEMP_SUFFIX = ".tmp"
+RUN_FIX = "pass best.pt or last.pt from a run folder written by `ctscan train`."
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,21 @@ def checkpoint_file_problem(target: Path, *, example: str) -> CtscanError | None
             f"name the file '{target.with_suffix('.pt').name}'.",
         )
     return None
+
+
+def model_file(path: Path | str, what: str = "checkpoint", fix: str = RUN_FIX) -> Path:
+    """`path` if it is a file, else a CheckpointError: a folder (naming its best.pt) or missing.
+    Torch-free: the CLI checks a checkpoint argument with it before torch is imported (2.7 s)."""
+    path = Path(path)
+    if path.is_dir():
+        hint = " (it holds best.pt)" if (path / "best.pt").is_file() else ""
+        raise CheckpointError(
+            f"'{path}' is a folder, not a {what} file{hint}.",
+            f"pass the file, e.g. '{path / 'best.pt'}'.",
+        )
+    if not path.is_file():
+        raise CheckpointError(f"{what} '{path}' does not exist.", fix)
+    return path
 
 
 def file_sha256(path: Path | str) -> str:

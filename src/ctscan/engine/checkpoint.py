@@ -49,7 +49,7 @@ from ctscan.data.transforms import PreprocessSpec
 from ctscan.engine.modelling import Deployable, build_model, check_model_name, load_model_state
 from ctscan.engine.temperature import check_temperature, describe
 from ctscan.errors import CheckpointError, DataError
-from ctscan.files import atomic_write
+from ctscan.files import RUN_FIX, atomic_write, model_file
 from ctscan.files import file_sha256 as file_sha256  # where predict and the benches get it
 from ctscan.jobs import critical
 from ctscan.models import input_channels
@@ -57,7 +57,6 @@ from ctscan.models.ensemble import Ensemble, Member, check_flips
 
 FORMAT_VERSION = 2
 REQUIRED_KEYS = ("format", "model_name", "model_state", "preprocess", "class_names", "settings")
-RUN_FIX = "pass best.pt or last.pt from a run folder written by `ctscan train`."
 ENSEMBLE = "ensemble"  # model_name of an ensemble checkpoint
 MEMBER_KEYS = ("model_name", "dropout", "temperature", "source", "sha256", "best_value")
 _NOT_SAVED = ("spec", "source")  # saved as preprocess + class_names; where it was read from
@@ -238,15 +237,7 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint) -> Path:
 
 def read_checkpoint(path: Path | str) -> Checkpoint:
     """Read a ctscan checkpoint safely; anything else is refused with one clear error."""
-    path = Path(path)
-    if path.is_dir():
-        hint = " (it holds best.pt)" if (path / "best.pt").is_file() else ""
-        raise CheckpointError(
-            f"'{path}' is a folder, not a checkpoint file{hint}.",
-            f"pass the file, e.g. '{path / 'best.pt'}'.",
-        )
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint '{path}' does not exist.", RUN_FIX)
+    path = model_file(path)
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is broken
         raise CheckpointError(
             f"checkpoint '{path}' is not a PyTorch checkpoint file, or it is truncated.",

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ctscan.errors import CheckpointError, CtscanError
+from ctscan.files import model_file
 from ctscan.inference.predictor import MLFLOW_SCHEMES, Predictor, import_openvino, open_predictor
 
 BACKENDS = ("auto", "onnx", "openvino", "torch")
@@ -28,13 +29,9 @@ def open_model(model: str | Path, settings: Any, backend: str = "auto") -> Predi
         )
     text, path = str(model), Path(model)
     uri = text.startswith(MLFLOW_SCHEMES)
-    if not uri and not path.is_file():  # before the heavy imports
-        problem = "is a folder, not a model file" if path.is_dir() else "does not exist"
-        raise CheckpointError(
-            f"model '{path}' {problem}.",
-            "pass best.pt from a run folder (ctscan train), an ONNX file (ctscan export) or an "
-            "MLflow model URI (models:/ctscan-classifier@champion).",
-        )
+    if not uri:  # before the heavy imports
+        fix = "pass best.pt from a run folder (ctscan train), an ONNX file (ctscan export) or an"
+        model_file(path, "model", f"{fix} MLflow model URI (models:/ctscan-classifier@champion).")
     if backend == "openvino":
         import_openvino()  # a missing extra: before the export
     asked = None if backend == "auto" else backend

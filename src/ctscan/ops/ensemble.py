@@ -14,7 +14,7 @@ from typing import Any
 
 from ctscan.data.reference import CONFIDENCE_FILE
 from ctscan.errors import CheckpointError, CtscanError
-from ctscan.files import checkpoint_file_problem, ensure_dir, file_sha256, folder_lock
+from ctscan.files import checkpoint_file_problem, ensure_dir, file_sha256, folder_lock, model_file
 
 RUN_FILES = ("best.pt", "last.pt")
 FOLD = re.compile(r"fold-[0-9]+")  # a cross-validation's fold folders (ops/cv.py)
@@ -54,7 +54,7 @@ def member_paths(sources: list[Path]) -> list[Path]:
                     "pass checkpoint files, a run folder or a `ctscan train --folds K` folder.",
                 )
         else:
-            found.append(source)
+            found.append(model_file(source))
     if not found:
         raise CheckpointError("no members given.", "pass one or more checkpoints or folders.")
     return found
@@ -111,6 +111,7 @@ def build_ensemble(
     settings: Any, sources: list[Path], *, out: Path, flips: tuple[str, ...] = ()
 ) -> EnsembleResult:
     """Read, check and combine the members; write the ensemble checkpoint atomically."""
+    paths = member_paths(sources)  # a missing member: said before torch is imported
     from ctscan.engine.checkpoint import ENSEMBLE, Checkpoint, build_network
     from ctscan.engine.runtime import resolve_runtime
     from ctscan.models.ensemble import check_flips
@@ -120,7 +121,6 @@ def build_ensemble(
     except ValueError as exc:
         raise CtscanError(f"--tta: {exc}", "use --tta hflip and/or --tta vflip.") from None
     rt = resolve_runtime(settings.train)  # a device that is not there: said before any write
-    paths = member_paths(sources)
     checkpoints, shas = _read_members(paths)
     _same_preprocessing(checkpoints)
     target = _output_path(out)
