@@ -10,7 +10,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 
@@ -567,18 +567,6 @@ def _interrupt_in(exc: BaseException) -> KeyboardInterrupt | None:
     return None
 
 
-def _stopped_exit(exc: BaseException | None, why: str, *, again: bool = True) -> NoReturn:
-    """The stop's line for a command that stopped without a line of its own (a job prints its
-    own continue command); `again`: the command did not finish, so its continue is itself."""
-    import shlex
-
-    from ctscan.jobs import ignore_stops, stopped
-
-    ignore_stops()
-    fix = f"run it again: `{shlex.join(['ctscan', *sys.argv[1:]])}`." if again else None
-    sys.exit(report(stopped("", exc, why, fix)))
-
-
 def main() -> None:
     """Console-script entry point: user errors and interrupts become one line and an exit code.
 
@@ -586,9 +574,10 @@ def main() -> None:
     143 SIGTERM; a traceback only for bugs (or with CTSCAN_DEBUG=1).
     """
     from ctscan.errors import Interrupted
-    from ctscan.jobs import ignore_stops, install_stop_handlers, stop_received
+    from ctscan.jobs import exit_stopped, ignore_stops, install_stop_handlers, stop_received
 
-    install_stop_handlers()  # the only place: every command unwinds (and cleans up) on a stop
+    install_stop_handlers()  # every command unwinds (and cleans up) on a stop (done already by
+    # ctscan.__main__.main, the `ctscan` script's entry, before this module's imports)
     try:
         app()
     except CtscanError as error:
@@ -600,9 +589,9 @@ def main() -> None:
     except (KeyboardInterrupt, SystemExit) as exc:
         interrupt = _interrupt_in(exc)
         if interrupt is not None:
-            _stopped_exit(interrupt, "")
+            exit_stopped(interrupt, "")
         if stop_received() is not None and getattr(exc, "code", None) in (0, None):
-            _stopped_exit(
+            exit_stopped(
                 None,
                 " (it landed where it could not act; the command had done its work)",
                 again=False,
@@ -613,6 +602,6 @@ def main() -> None:
         # surfaces as another error: it is reported as the stop, not as a bug.
         if stop_received() is None or debug_enabled():
             raise
-        _stopped_exit(
+        exit_stopped(
             None, " (while starting or stopping; CTSCAN_DEBUG=1 shows the error it caused)"
         )

@@ -1,11 +1,13 @@
 """Durable jobs (train, train --folds, sweep, preprocess): how they stop, continue, keep a record.
 
-Stops: `cli.main` installs `on_stop` once for Ctrl-C and SIGTERM; both unwind as KeyboardInterrupt
-(SIGTERM as `Terminated`) so that `finally` blocks run, and each stop is remembered until acted on:
-one swallowed where it landed (a garbage-collector callback, a half-done import) acts at the next
-`check_stop()`. `critical()` holds a stop until a step ends; `stopped()` is the one line a stopped
-job ends with. `MAY_CHANGE`: what a continue may change. `open_run_record`: the job's MLflow run.
-The locks are `files.folder_lock` (with `wait=` for a SQLite store) and `files.database_lock`.
+Stops: the entry point (`ctscan.__main__.main`, then `cli.main`) installs `on_stop` for Ctrl-C and
+SIGTERM; both unwind as KeyboardInterrupt (SIGTERM as `Terminated`) so that `finally` blocks run,
+and each stop is remembered until acted on: one swallowed where it landed (a garbage-collector
+callback, a half-done import) acts at the next `check_stop()`. `critical()` holds a stop until a
+step ends; `stopped()` is the one line a stopped job ends with (`exit_stopped` exits with it for
+a command with no line of its own). `MAY_CHANGE`: what a continue may change. `open_run_record`:
+the job's MLflow run. The locks are `files.folder_lock` (with `wait=` for a SQLite store) and
+`files.database_lock`.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from ctscan.errors import Interrupted, Terminated
+from ctscan.errors import Interrupted, Terminated, report
 
-if TYPE_CHECKING:  # cli.main imports this module before the stop handlers exist: kept light
+if TYPE_CHECKING:  # imported before the stop handlers exist, first of all: kept light
     from ctscan.settings import Settings
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -129,6 +131,15 @@ def stopped(
     forget_stops()
     how = "SIGTERM" if terminated else "Ctrl-C"
     return Interrupted(f"{job} stopped by {how}{detail}.".lstrip(), fix, terminated=terminated)
+
+
+def exit_stopped(exc: BaseException | None, why: str, *, again: bool = True) -> NoReturn:
+    """Exit with the stop's line for a command that stopped without a line of its own (a job
+    prints its own continue command); `again`: the command did not finish, so its continue is
+    itself."""
+    ignore_stops()
+    fix = f"run it again: `{shlex.join(['ctscan', *sys.argv[1:]])}`." if again else None
+    sys.exit(report(stopped("", exc, why, fix)))
 
 
 # Where and how a job runs (threads, device, compile, determinism: the arithmetic's last bits,

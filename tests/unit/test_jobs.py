@@ -207,25 +207,37 @@ def test_a_stop_in_a_garbage_collector_callback_prints_no_traceback(
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
-def test_a_ctrl_c_while_the_cli_starts_is_the_one_line() -> None:
-    """A Ctrl-C as the command starts (here: as the settings module is imported): the one line
-    and 130, not a KeyboardInterrupt traceback. `cli.main` installs the handlers before it
-    imports anything slow (jobs.py imports the settings only where it compares them). Found by
-    bench/stop_chaos.py (a preprocess stopped 0.8 s after its start)."""
+@pytest.mark.parametrize(
+    ("module", "entry", "stop"),
+    [
+        ("ctscan.settings", "ctscan.cli", "SIGINT"),
+        ("typer", "ctscan.__main__", "SIGINT"),
+        ("typer", "ctscan.__main__", "SIGTERM"),
+    ],
+)
+def test_a_ctrl_c_while_the_cli_starts_is_the_one_line(module: str, entry: str, stop: str) -> None:
+    """A Ctrl-C as the command starts (as `module` is imported): the one line and 130, not a
+    KeyboardInterrupt traceback. `cli.main` installs the handlers before it imports anything
+    slow (jobs.py imports the settings only where it compares them), and the `ctscan` script's
+    and `python -m ctscan`'s entry, `ctscan.__main__.main`, before it imports the CLI (typer:
+    the first ~0.3 s). Found by bench/stop_chaos.py (a preprocess stopped 0.8 s after its
+    start; a Ctrl-C 0.1 s after `ctscan` starts)."""
     source = (
-        "import importlib.abc, os, signal, sys\n"
-        "class StopAtSettings(importlib.abc.MetaPathFinder):\n"
+        "import importlib, importlib.abc, os, signal, sys\n"
+        "class StopAt(importlib.abc.MetaPathFinder):\n"
         "    def find_spec(self, name, path, target=None):\n"
-        "        if name == 'ctscan.settings':\n"
-        "            os.kill(os.getpid(), signal.SIGINT)\n"
-        "sys.meta_path.insert(0, StopAtSettings())\n"
-        "import ctscan.cli as cli\n"
-        "sys.argv = ['ctscan', 'settings', 'show']\ncli.main()\n"
+        f"        if name == {module!r}:\n"
+        f"            os.kill(os.getpid(), signal.{stop})\n"
+        "sys.meta_path.insert(0, StopAt())\n"
+        f"entry = importlib.import_module({entry!r})\n"
+        "sys.argv = ['ctscan', 'settings', 'show']\nentry.main()\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "CTSCAN_DEBUG"}
     proc = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, env=env)
-    assert proc.returncode == 130, proc.stderr
-    assert proc.stderr.startswith("ctscan: interrupted: stopped by Ctrl-C"), proc.stderr
+    term = stop == "SIGTERM"
+    line = "terminated: stopped by SIGTERM" if term else "interrupted: stopped by Ctrl-C"
+    assert proc.returncode == (143 if term else 130), proc.stderr
+    assert proc.stderr.startswith(f"ctscan: {line}"), proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
