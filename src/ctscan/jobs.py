@@ -68,9 +68,13 @@ def _quiet_stop(unraisable: Any) -> None:
 
 def ignore_stops() -> None:
     """The stop is being reported: a second Ctrl-C or SIGTERM while the process exits would
-    only print "Exception ignored" noise from the interpreter's shutdown (SIGKILL still works)."""
+    only print "Exception ignored" noise from the interpreter's shutdown (SIGKILL still works).
+    And the exit code is the line's: CPython 3.11-3.13 take a Ctrl-C that left an eval() or
+    exec() of a string (typer evaluates the commands' annotations so) for one nobody handled,
+    and `python -m ctscan` then ends by SIGINT (-2), not 130; the next such exec forgets it."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    exec("")  # clears CPython's "unhandled KeyboardInterrupt" mark (run_eval_code_obj)
 
 
 def stop_received() -> int | None:
