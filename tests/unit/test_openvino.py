@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
@@ -239,3 +240,22 @@ def test_a_bad_or_foreign_onnx_file_is_one_checkpoint_error(tmp_path: Path, expo
     onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y])), str(foreign))
     with pytest.raises(CheckpointError, match="without ctscan metadata"):
         open_predictor(foreign, settings=settings, backend="openvino")
+
+
+def test_predictors_that_come_and_go_leave_signals_working(exported) -> None:
+    """OpenVINO's CPU plugin swaps the thread's signal stack per Core: two Cores freed in the
+    order they were made left it on a freed buffer, and the next Ctrl-C was a SIGSEGV (-11)."""
+    _, onnx_file, _, _ = exported
+    script = (
+        "import gc, signal, sys\n"
+        "from ctscan.inference.predictor import openvino_call\n"
+        "first = openvino_call(sys.argv[1], 1)\n"
+        "second = openvino_call(sys.argv[1], 1)\n"
+        "del first; gc.collect(); del second; gc.collect()\n"
+        "signal.signal(signal.SIGINT, lambda *_: print('handled'))\n"
+        "signal.raise_signal(signal.SIGINT)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(onnx_file)], capture_output=True, text=True, timeout=120
+    )
+    assert (done.returncode, done.stdout) == (0, "handled\n"), done.stderr[-2000:]

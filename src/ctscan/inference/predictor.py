@@ -11,6 +11,7 @@ The preprocessing spec, the class names and the temperature T come from the arti
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -338,9 +339,8 @@ def _open_onnx(path: Path, settings: Any, backend: str = "onnx") -> Predictor:
     from ctscan.files import file_sha256
 
     if backend == "openvino":
-        ov = import_openvino()
         try:
-            model = ov.Core().read_model(str(path))
+            model = openvino_core().read_model(str(path))
         except Exception as exc:  # OpenVINO raises its own exception types for bad files
             raise _unreadable(path, exc) from None
         key = ["framework", ONNX_METADATA_KEY]  # OpenVINO's metadata_props
@@ -402,10 +402,18 @@ def import_openvino() -> Any:
     return ov
 
 
+@functools.cache
+def openvino_core() -> Any:
+    """The process's one OpenVINO Core. Its CPU plugin points the thread's signal stack at a
+    buffer of its own while a Core holds it; Cores that overlap and go out of order left the
+    stack on a freed buffer, and the next signal (a Ctrl-C) crashed the process (SIGSEGV)."""
+    return import_openvino().Core()
+
+
 def openvino_default_precision() -> str:
     """The precision OpenVINO's CPU plugin computes in by default here: fp32, or bf16 on a CPU
     with AVX512_BF16 or AMX."""
-    hint = import_openvino().Core().get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
+    hint = openvino_core().get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
     return OPENVINO_NAMES.get(hint, hint)
 
 
@@ -421,7 +429,7 @@ def openvino_call(
     if precision is not None:
         config["INFERENCE_PRECISION_HINT"] = OPENVINO_HINTS[precision]
     model = str(model) if isinstance(model, Path) else model
-    compiled = import_openvino().Core().compile_model(model, "CPU", config)
+    compiled = openvino_core().compile_model(model, "CPU", config)
     request, lock = compiled.create_infer_request(), threading.Lock()
 
     def call(images: np.ndarray) -> np.ndarray:
