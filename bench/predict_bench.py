@@ -3,8 +3,9 @@
 Each run is `ctscan predict DIR --model FILE --json` in a fresh process: its wall seconds and its
 CPU seconds (user + system, all threads), images/s = files / wall. A checkpoint runs twice: on
 `--backend torch` and on `--backend auto` (its cached ONNX export, made by one untimed run
-first); an .onnx file (fp32 or int8) on ONNX Runtime. The runs take turns, repeat by repeat,
-so that a change of load hits them alike; medians over `--repeats`. The JSON names the CPU and
+first); an .onnx file (fp32 or int8) on ONNX Runtime (and with `--openvino` on OpenVINO). The
+runs take turns, repeat by repeat, so that a change of load hits them alike; medians over
+`--repeats`. The JSON names the CPU and
 its flags (figures from AVX2 and AVX-512 + VNNI CPUs go in separate columns).
 
     ctscan export outputs/runs/x/best.pt --int8
@@ -52,6 +53,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("-s", "--settings", action="append", default=[], help="settings file")
     ap.add_argument("--set", action="append", default=[], dest="overrides", help="k=v")
+    ap.add_argument(
+        "--openvino", action="store_true", help="each .onnx file on --backend openvino too"
+    )
     ap.add_argument("--out", type=Path, default=Path("bench/results/predict_cpu.json"))
     args = ap.parse_args()
 
@@ -60,7 +64,13 @@ def main() -> None:
     cases = [
         (model, backend)
         for model in args.models
-        for backend in (("torch", "auto") if model.suffix.lower() == ".pt" else ("auto",))
+        for backend in (
+            ("torch", "auto")
+            if model.suffix.lower() == ".pt"
+            else ("auto", "openvino")
+            if args.openvino
+            else ("auto",)
+        )
     ]
     for model, backend in cases:  # warm-up: the file cache, a checkpoint's ONNX export
         run_predict(model, backend, args.images, extra)
@@ -84,7 +94,7 @@ def main() -> None:
         }
         rows.append(row)
         print(
-            f"{model.name:>24}  --backend {backend:<5} ({row['ran_on']:>5})  "
+            f"{model.name:>24}  --backend {backend:<8} ({row['ran_on']:>8})  "
             f"{row['images_per_s']:7.1f} img/s  {wall:6.2f} s wall  {row['cpu_s']:6.2f} CPU s"
         )
     write_result(args, rows)
