@@ -150,6 +150,52 @@ def test_a_ctrl_c_while_the_pool_forks_is_raised_not_lost(taken_by: str) -> None
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
+def test_a_sigterm_that_reaches_a_worker_before_its_initializer_ends_it() -> None:
+    """terminate() after a stop mid-start may reach a worker just forked: it ran ctscan's
+    handler there (inherited), or CPython dropped it as it forked, and the parent waited for that
+    worker for ever (1 stop in 27). Workers now start with SIGTERM blocked until they ignore
+    Ctrl-C and take SIGTERM's default action."""
+    import multiprocessing as mp
+
+    from ctscan.data.preprocess import _start_pool
+    from ctscan.jobs import install_stop_handlers
+
+    fork = mp.get_context("fork")
+
+    def terminated_first(initializer):  # terminate() comes before the worker's initializer
+        def init(*args: object) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+            initializer(*args)
+            time.sleep(30)  # not reached: the SIGTERM held since the fork ends it here
+
+        return init
+
+    forked: list = []  # every worker, in order (the pool replaces the ones that end)
+
+    class Forking(type(fork)):
+        def Process(self, *args: object, **kwargs: object) -> object:
+            forked.append(super().Process(*args, **kwargs))
+            return forked[-1]
+
+        def Pool(self, **kwargs: object) -> object:  # multiprocessing's name
+            init = terminated_first(kwargs["initializer"])
+            return super().Pool(**{**kwargs, "initializer": init})
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    install_stop_handlers()  # the workers inherit ctscan's handlers, as under the CLI
+    try:
+        pool = _start_pool(Forking(), 2)
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    first = forked[:2]
+    for worker in first:
+        worker.join(timeout=20)
+    pool.terminate()
+    pool.join()
+    assert [w.exitcode for w in first] == [-signal.SIGTERM] * 2  # not 1: no Terminated raised
+
+
 @pytest.mark.slow
 @needs_proc_children
 def test_the_pool_workers_end_quietly_when_preprocess_is_killed(tmp_path: Path) -> None:

@@ -98,6 +98,7 @@ def _init_worker(parent: int) -> None:
     none of them writing to its closed pipe (each a BrokenPipeError traceback)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not ctscan's handler, inherited by fork
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # held since the fork: acts now
     if sys.platform == "linux":
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
         if os.getppid() != parent:  # it died before prctl
@@ -112,12 +113,21 @@ def _start_pool(ctx: Any, processes: int) -> Any:
     the parent forks (a worker forked then inherits the holding handler, harmless, until its
     initializer ignores SIGINT); a Ctrl-C in that moment is raised once the pool exists, which
     is then terminated. (Ignoring SIGINT around the fork lost it; blocking it in the main thread
-    only let another thread take it and raise mid-start, leaking the workers.)
+    only let another thread take it and raise mid-start, leaking the workers.) The workers are
+    forked with SIGTERM blocked until their initializer has set its default action: a terminate()
+    that reached one before that ran ctscan's handler there, or was lost (CPython forgets the
+    signals that arrive as it forks), and the parent waited for it for ever.
     """
     pool = None
     try:
-        with critical(signal.SIGINT):
-            pool = ctx.Pool(processes=processes, initializer=_init_worker, initargs=(os.getpid(),))
+        with critical():  # Ctrl-C and SIGTERM
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+            try:
+                pool = ctx.Pool(
+                    processes=processes, initializer=_init_worker, initargs=(os.getpid(),)
+                )
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
     except BaseException:
         if pool is not None:
             pool.terminate()
