@@ -27,10 +27,11 @@ RUN pip install --index-url "$TORCH_INDEX" "torch==$TORCH_VERSION" "torchvision=
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src ./src
-# The project (not editable) with what train, evaluate, predict (DICOM too), export and serve use;
-# its dependency ranges live in pyproject.toml, torch above already satisfies them.
+# The project (not editable) with what train, evaluate, predict (DICOM too), export and serve use,
+# OpenVINO too (--backend openvino: bf16 on AMX CPUs); its dependency ranges live in
+# pyproject.toml, torch above already satisfies them.
 # hadolint ignore=DL3013
-RUN pip install ".[serve,export,dicom,sweep]" \
+RUN pip install ".[serve,export,dicom,sweep,openvino]" \
     && pip check
 
 # ---- final: the slim base, the installed environment, no compilers
