@@ -4,14 +4,17 @@ One tiny cnn_gap (1 epoch, 32 px, synthetic store) is trained with tracking on i
 MLflow store, so training registers it as `models:/ctscan-classifier@champion` in torch.export's
 `pt2` format. The same best.pt is logged once more as `ctscan-pickled` with torch.export failing
 (the pickled fallback of `MlflowTracker.log_model`), exported to ONNX, and made a one-member
-ensemble with a flip. Each source, run by the CLI in a fresh process (and the registry models
-by a real server), must give the answers of its reference opened in this process: best.pt for
-the MLflow models and the ONNX file, the ensemble checkpoint for the ensemble.
+ensemble with a flip. Each source, run by `ctscan predict` (through Typer's runner in this
+process: a fresh interpreter per source would only import torch again) and the registry models
+by a real server in a process of its own, must give the answers of its reference opened in this
+process: best.pt for the MLflow models and the ONNX file, the ensemble checkpoint for the
+ensemble. The refusal of a pickled model is a process of its own too (its exit code and line).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -20,7 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
+from ctscan.cli import app
 from ctscan.inference import open_predictor
 from tests.serve_helpers import clean_env, live_server, png_bytes, sample_images
 from tests.unit.conftest_mlflow import MLFLOW_ENV, copy_mlflow_store
@@ -142,10 +147,8 @@ def test_predict_answers_as_the_reference_for_every_model_source(
     sources: Sources, expected: dict, key: str
 ) -> None:
     model = sources.model(key)
-    done = _ctscan(sources, "predict", *map(str, sources.images), "--model", model, "--json")
-    assert done.returncode == 0, done.stderr
-    assert "Traceback" not in done.stderr
-    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    stdout = _in_process(sources, "predict", *map(str, sources.images), "--model", model, "--json")
+    rows = [json.loads(line) for line in stdout.splitlines()]
     assert [r["path"] for r in rows] == [str(p) for p in sources.images]
     _, reference, tol = SOURCES[key]
     for row, want in zip(rows, expected[reference], strict=True):
@@ -196,6 +199,18 @@ def test_a_pickled_model_mlflow_may_not_unpickle_is_one_line_with_the_fix(
     assert "Deserializing model using pickle is disallowed" in done.stderr
     assert "Fix: a pickled model" in done.stderr
     assert "MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true" in done.stderr
+
+
+def _in_process(sources: Sources, *args: str) -> str:
+    """`ctscan ARGS --set ...` (the sources' settings) run by Typer in this process, in the
+    sources' folder, without CTSCAN_/MLFLOW_ env; its stdout (it must exit 0)."""
+    unset = {k: None for k in os.environ if k.startswith(("CTSCAN_", "MLFLOW_"))}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(sources.root)
+        result = CliRunner(env=unset).invoke(app, [*args, *sources.sets()])
+    assert result.exit_code == 0, (result.output[-3000:], result.exception)
+    assert "Traceback" not in result.stderr
+    return result.stdout
 
 
 def _ctscan(sources: Sources, *args: str, env: dict[str, str] | None = None):
