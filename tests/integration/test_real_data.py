@@ -107,6 +107,8 @@ def test_train_and_evaluate_end_to_end(real_store: Path, tmp_path: Path) -> None
         "model.pretrained=false",
         "--set",
         "train.batch_size=64",
+        "--set",
+        "train.threads=1",  # two pytest workers share the cores (tests/conftest.py)
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)

@@ -866,6 +866,7 @@ def test_the_cpu_smoke_spec_runs_and_its_recipe_trains(
     store = write_synthetic_store(tmp_path / "store64", size=64, train=8, valid=4, test=4)
     monkeypatch.setenv("CTSCAN_PATHS__PROCESSED_DIR", str(store))
     monkeypatch.setenv("CTSCAN_PATHS__RUNS_DIR", str(mlflow_runs_dir))
+    monkeypatch.setenv("CTSCAN_TRAIN__THREADS", "1")  # two pytest workers share the cores
     result = run_sweep(SMOKE_SPEC, say=lambda line: None)
     summary = result.summary()
     assert summary["study"] == "cpu-smoke" and summary["trials_wanted"] == 4
