@@ -14,7 +14,6 @@ ensemble. The refusal of a pickled model is a process of its own too (its exit c
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -23,10 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
-from ctscan.cli import app
 from ctscan.inference import open_predictor
+from tests.processes import ctscan_in_process
 from tests.serve_helpers import clean_env, live_server, png_bytes, sample_images
 from tests.unit.conftest_mlflow import MLFLOW_ENV, copy_mlflow_store
 from tests.unit.conftest_store import engine_overrides, engine_settings, write_synthetic_store
@@ -147,8 +145,9 @@ def test_predict_answers_as_the_reference_for_every_model_source(
     sources: Sources, expected: dict, key: str
 ) -> None:
     model = sources.model(key)
-    stdout = _in_process(sources, "predict", *map(str, sources.images), "--model", model, "--json")
-    rows = [json.loads(line) for line in stdout.splitlines()]
+    args = ("predict", *map(str, sources.images), "--model", model, "--json", *sources.sets())
+    done = ctscan_in_process(*args, cwd=sources.root)
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert [r["path"] for r in rows] == [str(p) for p in sources.images]
     _, reference, tol = SOURCES[key]
     for row, want in zip(rows, expected[reference], strict=True):
@@ -199,18 +198,6 @@ def test_a_pickled_model_mlflow_may_not_unpickle_is_one_line_with_the_fix(
     assert "Deserializing model using pickle is disallowed" in done.stderr
     assert "Fix: a pickled model" in done.stderr
     assert "MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true" in done.stderr
-
-
-def _in_process(sources: Sources, *args: str) -> str:
-    """`ctscan ARGS --set ...` (the sources' settings) run by Typer in this process, in the
-    sources' folder, without CTSCAN_/MLFLOW_ env; its stdout (it must exit 0)."""
-    unset = {k: None for k in os.environ if k.startswith(("CTSCAN_", "MLFLOW_"))}
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(sources.root)
-        result = CliRunner(env=unset).invoke(app, [*args, *sources.sets()])
-    assert result.exit_code == 0, (result.output[-3000:], result.exception)
-    assert "Traceback" not in result.stderr
-    return result.stdout
 
 
 def _ctscan(sources: Sources, *args: str, env: dict[str, str] | None = None):
