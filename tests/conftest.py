@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import struct
+import sys
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -236,8 +237,6 @@ def _denormals_back_on() -> object:
     property test that runs after a training test in the same process would fail.
     """
     yield
-    import sys
-
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.set_flush_denormal(False)
@@ -293,7 +292,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     """Let Ctrl-C reach the tests and the processes they start, as in a terminal; with xdist,
-    hand out the test files in collection order (SLOW_FILES first).
+    hand out the test files in collection order (SLOW_FILES first), and give each worker's
+    torch (in the worker and in the processes it starts) one thread.
+
+    Two workers on two cores, each with torch's two threads, is four threads on two cores: the
+    OpenMP threads spin waiting for a core the other worker holds (a 3-epoch training on the
+    real data took 44 s of CPU instead of 20). Trainings set train.threads=1 for the same
+    reason (ctscan gives train.threads=0 every core, whatever OMP_NUM_THREADS says).
 
     A shell starts a background job (`cmd &` in a script, `nohup`) with SIGINT ignored, Python
     then installs no KeyboardInterrupt handler, and the children inherit the ignore: every
@@ -305,3 +310,8 @@ def pytest_configure(config: pytest.Config) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if hasattr(config.option, "loadscopereorder"):  # xdist's --no-loadscope-reorder
         config.option.loadscopereorder = False
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        torch = sys.modules.get("torch")  # imported already by a fixture module: tell it too
+        if torch is not None:
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

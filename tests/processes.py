@@ -42,6 +42,25 @@ def ctscan(
     )
 
 
+def ctscan_in_process(*args: str, cwd: Path | None = None) -> Any:
+    """`ctscan ARGS` run by Typer in this process (the environment `clean_env()` would give, in
+    `cwd`); its click Result, which must exit 0. For a command whose output, not its process,
+    is checked: it spares an interpreter that would import torch again."""
+    import pytest
+    from typer.testing import CliRunner
+
+    from ctscan.cli import app
+
+    unset = {k: None for k in os.environ if k.startswith(("CTSCAN_", "MLFLOW_"))}
+    with pytest.MonkeyPatch.context() as patch:
+        if cwd is not None:
+            patch.chdir(cwd)
+        result = CliRunner(env=unset).invoke(app, list(args))
+    assert result.exit_code == 0, (result.output[-3000:], result.exception)
+    assert "Traceback" not in result.stderr
+    return result
+
+
 def stopping_at(validate: Callable[..., Any], at: int, stop: Callable[[], None]) -> Callable:
     """`validate` that calls `stop()` first in its `at`-th call."""
     calls: list[int] = []

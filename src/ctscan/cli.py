@@ -225,15 +225,15 @@ def train(
     """Train a model on the processed store; evaluate the best checkpoint on test."""
     flags = {"device": device, "epochs": epochs, "seed": seed, "quiet": quiet}
     settings = _settings(settings_files, overrides, model={"name": model}, train=flags)
-    from ctscan.engine.train import run_training  # torch: after the settings, so a typo fails fast
-
-    if folds is None:
-        result = run_training(settings, out_dir=out, resume=resume)
-    elif resume is not None:
+    if folds is not None and resume is not None:
         raise CtscanError(
             "--resume does not apply to --folds: a cross-validation continues in its folder.",
             "rerun the same command with --out CV_FOLDER (its finished folds are kept).",
         )
+    from ctscan.engine.train import run_training  # torch: after the checks, so a typo fails fast
+
+    if folds is None:
+        result = run_training(settings, out_dir=out, resume=resume)
     else:
         from ctscan.ops.cv import cv_lines, run_cv
 

@@ -10,7 +10,7 @@ The examples run page by page, each page in one bash (a variable set in one bloc
 next, as by a reader working down the page), in a throwaway copy of the repository (its tracked
 and new files) whose `data/` is a sample of the real raw set (SAMPLE images per class, plus every
 file a page names), after `make main` with tiny settings: the CTSCAN_* variables below (cnn_gap,
-32 px, one epoch, MLflow off except in the main job, which registers the champion).
+32 px, one epoch, one thread, MLflow off except in the main job, which registers the champion).
 `ctscan serve` starts in the background on a free port and stays up, answering the page's `curl`
 lines, until the next `ctscan serve` or the end of the page; `curl` gets that port for
 127.0.0.1:8000 and fails on an HTTP error. After each page nothing may be new
@@ -44,6 +44,7 @@ CHEAP = {  # the main job's and every example's settings, unless a command sets 
     "CTSCAN_TRAIN__EPOCHS": "1",
     "CTSCAN_TRAIN__DEVICE": "cpu",
     "CTSCAN_TRACKING__ENABLED": "false",
+    "CTSCAN_TRAIN__THREADS": "1",  # torch and ONNX Runtime: two pytest workers share two cores
 }
 PRELUDE = r"""
 set -euo pipefail

@@ -34,6 +34,7 @@ def _settings(store: Path, runs: Path) -> Settings:
             "train.batch_size=64",
             "train.evaluate_test=false",
             "train.quiet=true",
+            "train.threads=1",  # two pytest workers share the cores (tests/conftest.py)
             "tracking.enabled=false",
         ],
     )

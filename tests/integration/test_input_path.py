@@ -106,6 +106,7 @@ def test_checkpoint_predictor_on_raw_files_equals_evaluate_on_the_store(
             "train.epochs=1",
             "train.evaluate_test=false",
             "train.quiet=true",
+            "train.threads=1",  # two pytest workers share the cores (tests/conftest.py)
             "tracking.enabled=false",
         ],
     )

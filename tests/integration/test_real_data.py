@@ -13,6 +13,7 @@ import pytest
 from ctscan.data.preprocess import run_preprocess
 from ctscan.data.store import load_store
 from ctscan.settings import load_settings
+from tests.processes import ctscan_in_process
 
 pytestmark = pytest.mark.integration
 
@@ -107,15 +108,16 @@ def test_train_and_evaluate_end_to_end(real_store: Path, tmp_path: Path) -> None
         "model.pretrained=false",
         "--set",
         "train.batch_size=64",
+        "--set",
+        "train.threads=1",  # two pytest workers share the cores (tests/conftest.py)
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
     assert summary["test"]["n"] == 259
     assert summary["test"]["leak_free"]["n"] < 259
     assert summary["registered_model"]["version"] >= 1
-    proc = _cli("evaluate", str(tmp_path / "run" / "best.pt"), "--json", *common)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout)
+    evaluated = ctscan_in_process("evaluate", str(tmp_path / "run" / "best.pt"), "--json", *common)
+    report = json.loads(evaluated.stdout)
     assert report["n"] == 259 and report["accuracy"] == pytest.approx(summary["test"]["accuracy"])
     assert report["macro_f1"] == pytest.approx(summary["test"]["macro_f1"])
     # A store preprocessed differently is refused, naming the setting.

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from ctscan import __version__
 from ctscan.cli import app
 from tests.conftest import build_raw_tree
+from tests.processes import ctscan_in_process
 from tests.unit.conftest_store import engine_overrides, write_synthetic_store
 
 runner = CliRunner()
@@ -147,9 +148,7 @@ def test_train_then_evaluate_json(synthetic_store: Path, tmp_path: Path) -> None
     args = ["train", "--out", str(tmp_path / "run"), "--epochs", "2"]
     for item in engine_overrides(synthetic_store, tmp_path / "runs"):
         args += ["--set", item]
-    code, out, err = _run(*args)
-    assert code == 0, err
-    summary = json.loads(out)
+    summary = json.loads(ctscan_in_process(*args).stdout)  # success: no interpreter of its own
     assert summary["epochs_run"] == 2 and Path(summary["best_checkpoint"]).is_file()
     eval_args = ["evaluate", summary["best_checkpoint"], "--json", "--split", "valid"]
     eval_args += [
@@ -159,9 +158,7 @@ def test_train_then_evaluate_json(synthetic_store: Path, tmp_path: Path) -> None
         "tracking.enabled=false",
     ]
     eval_args += ["--set", "data.image_size=32", "--out", str(tmp_path / "eval")]
-    code, out, err = _run(*eval_args)
-    assert code == 0, err
-    report = json.loads(out)
+    report = json.loads(ctscan_in_process(*eval_args).stdout)
     assert report["split"] == "valid" and 0.0 <= report["accuracy"] <= 1.0
     assert set(report) >= {"accuracy", "macro_f1", "balanced_accuracy", "per_class", "ece"}
     for name in ("confusion_matrix.png", "reliability.png", "worst_errors.png", "evaluation.json"):
@@ -176,12 +173,10 @@ def test_a_store_without_test_images_trains_and_says_so(tmp_path: Path) -> None:
     args = ["train", "--out", str(tmp_path / "run"), "--epochs", "1"]
     for item in engine_overrides(store, tmp_path / "runs", **{"tracking.enabled": "false"}):
         args += ["--set", item]
-    code, out, err = _run(*args)
-    assert code == 0, err
-    assert "test split is empty: no test figures" in err + out
+    assert "test split is empty: no test figures" in ctscan_in_process(*args).output
     assert (tmp_path / "run" / "best.pt").is_file()
     assert not (tmp_path / "run" / "eval-test").exists()
-    code, out, err = _run(
+    code, _, err = _run(
         "evaluate",
         str(tmp_path / "run" / "best.pt"),
         "--set",

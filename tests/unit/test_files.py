@@ -141,23 +141,25 @@ def test_a_write_the_file_system_refuses_is_one_line_and_keeps_the_old_file(
 
 def test_a_lock_with_wait_takes_turns_and_says_who_held_it_too_long(tmp_path: Path) -> None:
     import threading
-    import time
 
-    released = threading.Event()
+    released, holding, letting_go = threading.Event(), threading.Event(), threading.Event()
 
     def hold(seconds: float) -> None:
         with folder_lock(tmp_path, what="store"):
+            holding.set()
             released.wait(seconds)
+            letting_go.set()  # the last thing done under the lock
 
     holder = threading.Thread(target=hold, args=(0.4,))
     holder.start()
-    time.sleep(0.1)  # the thread holds it now
+    assert holding.wait(30)  # the thread holds it now (a sleep lost that race on a busy machine)
     with folder_lock(tmp_path, what="store", wait=30):  # waits for the holder to finish
-        assert not holder.is_alive()
+        assert letting_go.is_set()  # (is_alive() raced the thread's exit after the release)
     holder.join()
+    holding.clear()
     held = threading.Thread(target=hold, args=(30,))
     held.start()
-    time.sleep(0.1)
+    assert holding.wait(30)
     try:
         too_long = r"has held the lock '.*\.lock' for over 0 s"
         with (

@@ -4,9 +4,11 @@ One tiny cnn_gap (1 epoch, 32 px, synthetic store) is trained with tracking on i
 MLflow store, so training registers it as `models:/ctscan-classifier@champion` in torch.export's
 `pt2` format. The same best.pt is logged once more as `ctscan-pickled` with torch.export failing
 (the pickled fallback of `MlflowTracker.log_model`), exported to ONNX, and made a one-member
-ensemble with a flip. Each source, run by the CLI in a fresh process (and the registry models
-by a real server), must give the answers of its reference opened in this process: best.pt for
-the MLflow models and the ONNX file, the ensemble checkpoint for the ensemble.
+ensemble with a flip. Each source, run by `ctscan predict` (through Typer's runner in this
+process: a fresh interpreter per source would only import torch again) and the registry models
+by a real server in a process of its own, must give the answers of its reference opened in this
+process: best.pt for the MLflow models and the ONNX file, the ensemble checkpoint for the
+ensemble. The refusal of a pickled model is a process of its own too (its exit code and line).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import pytest
 from PIL import Image
 
 from ctscan.inference import open_predictor
+from tests.processes import ctscan_in_process
 from tests.serve_helpers import clean_env, live_server, png_bytes, sample_images
 from tests.unit.conftest_mlflow import MLFLOW_ENV, copy_mlflow_store
 from tests.unit.conftest_store import engine_overrides, engine_settings, write_synthetic_store
@@ -142,9 +145,8 @@ def test_predict_answers_as_the_reference_for_every_model_source(
     sources: Sources, expected: dict, key: str
 ) -> None:
     model = sources.model(key)
-    done = _ctscan(sources, "predict", *map(str, sources.images), "--model", model, "--json")
-    assert done.returncode == 0, done.stderr
-    assert "Traceback" not in done.stderr
+    args = ("predict", *map(str, sources.images), "--model", model, "--json", *sources.sets())
+    done = ctscan_in_process(*args, cwd=sources.root)
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert [r["path"] for r in rows] == [str(p) for p in sources.images]
     _, reference, tol = SOURCES[key]

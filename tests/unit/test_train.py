@@ -16,7 +16,7 @@ from ctscan.engine.checkpoint import read_checkpoint
 from ctscan.engine.state import ema_decay_at, ema_update, lr_factor
 from ctscan.engine.train import RunHooks, run_training
 from ctscan.errors import CheckpointError, CtscanError, Terminated
-from tests.processes import ctscan, ctscan_stopped
+from tests.processes import ctscan, ctscan_in_process, ctscan_stopped
 from tests.unit.conftest_store import engine_overrides, engine_settings
 
 
@@ -357,8 +357,7 @@ def test_interrupted_run_resumes_to_the_same_weights(
         line = err.strip().splitlines()[-1]
         assert line.startswith(f"ctscan: {kind}: training stopped by"), err
         assert str(cut / "last.pt") in line and f"--resume auto --out {cut}" in line
-    resumed = ctscan(*_train_args(synthetic_store, runs, cut, "--resume", "auto"))
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = ctscan_in_process(*_train_args(synthetic_store, runs, cut, "--resume", "auto"))
     assert f"resumed from {cut / 'last.pt'} at epoch {stopped_at + 1}" in resumed.stderr
     assert read_checkpoint(cut / "last.pt").epoch == 4
     assert _same_weights(uninterrupted_run, cut / "last.pt")
