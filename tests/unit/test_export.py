@@ -323,6 +323,35 @@ def test_an_export_that_differs_is_not_cached_and_auto_falls_back_to_torch(
 
 
 @pytest.mark.slow
+def test_an_export_starts_from_the_cached_file_only_when_it_is_the_same_export(
+    trained: Path, synthetic_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An export fills the serve cache of an existing runs folder; the next export of that
+    checkpoint copies the file (torch.onnx.export takes 7-10 s), unless its metadata is not what
+    this export writes (then it exports anew)."""
+    settings = _settings(synthetic_store, tmp_path)
+    (tmp_path / "runs").mkdir()
+    first = run_export(settings, trained, out=tmp_path / "a" / "best.onnx")
+    cache = export.cache_path(settings, file_sha256(trained))
+    meta = export.read_onnx_metadata(cache)
+    exported_meta = export.read_onnx_metadata(tmp_path / "a" / "best.onnx")
+    assert meta == {k: v for k, v in exported_meta.items() if k != "openvino"}
+    calls, real = [], export.write_onnx
+    monkeypatch.setattr(export, "write_onnx", lambda *a, **k: calls.append(1) or real(*a, **k))
+    second = run_export(settings, trained, out=tmp_path / "b" / "best.onnx")
+    assert calls == [] and second.opset == first.opset
+    assert [(r.format, r.agreement) for r in second.parity] == [
+        (r.format, r.agreement) for r in first.parity
+    ]
+    model = onnx.load(str(cache))
+    export.set_onnx_metadata(model, meta | {"ctscan_version": "0.0.0"})  # an older ctscan's
+    onnx.save_model(model, str(cache))
+    run_export(settings, trained, out=tmp_path / "c" / "best.onnx")
+    assert calls == [1]
+    assert export.read_onnx_metadata(tmp_path / "c" / "best.onnx")["ctscan_version"] != "0.0.0"
+
+
+@pytest.mark.slow
 def test_onnx_graph_takes_uint8_with_a_dynamic_batch(exported: Exported) -> None:
     path = exported.folder / "best.onnx"
     model = onnx.load(str(path))

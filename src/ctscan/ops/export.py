@@ -483,6 +483,7 @@ def run_export(
     with staging(plan.folder, checkpoint.stem) as stage_dir:
         stage = Path(stage_dir)
         staged, opset = _stage_float32(plan, stage, ref, deployable, rows)
+        _fill_cache(ref, staged.get(plan.onnx))
         if plan.int8 is not None:  # beside the ONNX file
             path = stage / plan.int8.name
             calibration = store.split("train").images.numpy()  # (N, 1, S, S) uint8, every one
@@ -516,7 +517,9 @@ def _stage_float32(
             continue
         path = stage / target.name
         if fmt == "onnx":
-            opset = write_onnx(deployable, path, size=size, meta=ref.meta(fmt))
+            opset = _reuse_cached(ref, path) or write_onnx(
+                deployable, path, size=size, meta=ref.meta(fmt)
+            )
         else:
             write_pt2(deployable, path, size=size, meta=ref.meta(fmt))
         row = ref.compare(fmt, target, path)
@@ -531,6 +534,40 @@ def _stage_float32(
         rows.append(row)
         staged[target] = path
     return staged, opset
+
+
+def _reuse_cached(ref: _Reference, path: Path) -> int | None:
+    """The checkpoint's cached export (predict, serve and `ctscan export` leave it in the serve
+    cache) copied to `path` if it carries the very metadata this export writes, and its opset;
+    else None. torch.onnx.export takes 7-10 s even for a small model."""
+    import onnx
+
+    cache = cache_path(ref.settings, ref.sha256)
+    try:
+        if read_onnx_metadata(cache) != json.loads(json.dumps(ref.meta("onnx"))):
+            return None
+        shutil.copyfile(cache, path)
+        return onnx_opset(onnx.load(str(path), load_external_data=False))
+    except Exception:  # no cache, or one that does not read: export anew
+        return None
+
+
+def _fill_cache(ref: _Reference, path: Path | None) -> None:
+    """A checked float32 export enters the serve cache of an existing `paths.runs_dir` (if it
+    has none yet and can be written): predict, serve and the next export start from it."""
+    from ctscan.files import folder_problem
+
+    cache = cache_path(ref.settings, ref.sha256)
+    if path is None or cache.is_file() or not Path(ref.settings.paths.runs_dir).is_dir():
+        return
+    if folder_problem(cache.parent) is None:
+        with built_aside(cache) as aside:
+            shutil.copyfile(path, aside)
+
+
+def cache_path(settings: Settings, sha256: str) -> Path:
+    """Where the serve cache keeps a checkpoint's ONNX export (by the checkpoint's sha256)."""
+    return Path(settings.paths.runs_dir) / CACHE_FOLDER / f"{sha256[:24]}.onnx"
 
 
 def _commit(staged: dict[Path, Path], stage: Path, folder: Path, checkpoint: Path) -> list[Path]:
@@ -607,8 +644,7 @@ def cached_onnx(checkpoint: Path, settings: Settings) -> Path:
     a temporary folder): a file enters the cache only once it matches eager on random images."""
     from ctscan.files import file_sha256, folder_problem
 
-    sha = file_sha256(checkpoint)
-    target = Path(settings.paths.runs_dir) / CACHE_FOLDER / f"{sha[:24]}.onnx"
+    target = cache_path(settings, file_sha256(checkpoint))
     if target.is_file():
         return target
     if folder_problem(target.parent) is not None:
