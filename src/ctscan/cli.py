@@ -383,8 +383,7 @@ def predict(
                 f"--csv file '{csv_file}' is a folder.", "name a file for --csv file."
             )
         ensure_dir(csv_file.parent, what="folder of the --csv file")
-        data = predictions_csv(predictions, predictor.class_names)
-        atomic_write(csv_file, lambda fh: fh.write(data))
+        atomic_write(csv_file, predictions_csv(predictions, predictor.class_names))
     if as_json:
         for row in as_json_rows(predictions, predictor.info.to_dict()):
             typer.echo(json.dumps(row))

@@ -113,13 +113,17 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
-    """Write `path` through `write(fh)` into a temp file beside it (`built_aside`), fsync, rename
-    over it. A file-system failure (a read-only folder, a full disk) is one CtscanError line."""
+def atomic_write(path: Path, write: Callable[[IO[bytes]], Any] | bytes) -> Path:
+    """Write `path` (the bytes `write`, or through `write(fh)`) into a temp file beside it
+    (`built_aside`), fsync, rename over it. A file-system failure (a read-only folder, a full
+    disk) is one CtscanError line."""
     path = Path(path)
     try:
         with built_aside(path) as tmp, open(tmp, "wb") as fh:
-            write(fh)
+            if isinstance(write, bytes):
+                fh.write(write)
+            else:
+                write(fh)
             fh.flush()
             os.fsync(fh.fileno())
     except OSError as exc:

@@ -98,7 +98,7 @@ def run_calibrate(
         # another file in the source's folder: the reference there belongs to the source
         if target.resolve() == source.resolve() or not same_folder:
             body = json.dumps(train_confidence(calibrated, store, rt)).encode()
-            reference = atomic_write(target.parent / CONFIDENCE_FILE, lambda fh: fh.write(body))
+            reference = atomic_write(target.parent / CONFIDENCE_FILE, body)
     warnings = [store.raw_warning] if store.raw_warning else []
     if report.get("note"):
         warnings.append(str(report["note"]))

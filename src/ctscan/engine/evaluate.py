@@ -184,8 +184,7 @@ def _write_outputs(result: dict[str, Any], probs: np.ndarray, data: Split, out_d
     )
     result["worst_errors"] = rows
     result["outputs"] = str(out_dir)
-    text = json.dumps(result, indent=2).encode()
-    atomic_write(out_dir / "evaluation.json", lambda fh: fh.write(text))
+    atomic_write(out_dir / "evaluation.json", json.dumps(result, indent=2).encode())
 
 
 def log_evaluation(tracker: Any, result: dict[str, Any], *, step: int) -> None:

@@ -124,8 +124,7 @@ def _refuse_finished_run(run_dir: Path, checkpoint: Checkpoint, settings: Settin
 
 def write_result(run_dir: Path, summary: dict) -> None:
     """The run finished: its summary in RESULT_FILE."""
-    text = (json.dumps(summary, indent=2) + "\n").encode()
-    atomic_write(run_dir / RESULT_FILE, lambda fh: fh.write(text))
+    atomic_write(run_dir / RESULT_FILE, (json.dumps(summary, indent=2) + "\n").encode())
 
 
 def refuse_reserved_out(out: Path, settings: Settings) -> None:

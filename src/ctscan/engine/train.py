@@ -474,8 +474,7 @@ def _log_run_start(
     settings: Settings, rt: Runtime, plan: RunPlan, store: Store, tracker: Any, meta: dict[str, Any]
 ) -> None:
     """settings.toml (what this run uses) in the run folder, params and tags in MLflow."""
-    text = to_toml(settings).encode()
-    settings_file = atomic_write(plan.run_dir / "settings.toml", lambda fh: fh.write(text))
+    settings_file = atomic_write(plan.run_dir / "settings.toml", to_toml(settings).encode())
     if not tracker.reopened:  # a reopened MLflow run holds its params already; a new one not,
         tracker.log_params(flatten(settings))  # also when it continues a run folder
     tracker.set_tags(
@@ -561,7 +560,7 @@ def _finish(
 
     reference = train_confidence(read_checkpoint(best_path), store, loop.rt)
     body = json.dumps(reference).encode()
-    tracker.log_artifact(atomic_write(run_dir / CONFIDENCE_FILE, lambda fh: fh.write(body)))
+    tracker.log_artifact(atomic_write(run_dir / CONFIDENCE_FILE, body))
     best_value = float(state.best_value) if state.best_value is not None else float("nan")
     model_version = None
     if settings.tracking.enabled and settings.tracking.log_model:

@@ -37,8 +37,7 @@ FOLD_FIX = "use --folds 5 (or leave --folds out to select on the valid split)."
 
 
 def _write_json(path: Path, data: Any) -> Path:
-    body = json.dumps(data, indent=1).encode()
-    return atomic_write(path, lambda fh: fh.write(body))
+    return atomic_write(path, json.dumps(data, indent=1).encode())
 
 
 def _read_json(path: Path, keys: tuple[str, ...], fix: str) -> dict[str, Any]:
@@ -340,8 +339,8 @@ def run_cv(
     refuse_reserved_out(cv_dir, settings)
     with folder_lock(ensure_dir(cv_dir, what="cross-validation folder"), what="cross-validation"):
         recorded = _check_same_cv(cv_dir, plan, settings)
-        text = to_toml(settings).encode()  # what the user ran: the command to continue uses
-        atomic_write(cv_dir / "settings.toml", lambda fh: fh.write(text))
+        # what the user ran: the command to continue uses
+        atomic_write(cv_dir / "settings.toml", to_toml(settings).encode())
         assignment = {**plan.to_dict(), "settings": public_dict(settings)}
 
         def record(parent_run_id: str | None) -> None:  # where a continue finds the parent

@@ -201,9 +201,7 @@ def _write(target: Path, ensemble: Any, reference: dict[str, Any] | None) -> lis
             written.append(save_checkpoint(target, ensemble))
             if reference is not None:
                 body = json.dumps(reference).encode()
-                written.append(
-                    atomic_write(target.parent / CONFIDENCE_FILE, lambda fh: fh.write(body))
-                )
+                written.append(atomic_write(target.parent / CONFIDENCE_FILE, body))
         except BaseException:
             for path in written:
                 path.unlink(missing_ok=True)

@@ -79,14 +79,12 @@ def run_profile(
     default = settings.paths.runs_dir / f"profile-{settings.model.name}-{stamp}"
     out_dir = ensure_dir(out_dir or default, what="profile folder")
     with folder_lock(out_dir, what="profile folder"):
-        text = to_toml(settings).encode()
-        atomic_write(out_dir / SETTINGS_FILE, lambda fh: fh.write(text))
+        atomic_write(out_dir / SETTINGS_FILE, to_toml(settings).encode())
         runs_dir = settings.paths.runs_dir
         with open_tracker(settings.tracking, runs_dir=runs_dir, run_name=out_dir.name) as tracker:
             summary = _profile_run(settings, rt, store, steps, out_dir)
             summary["mlflow_run_id"], torch_version = tracker.run_id, summary["torch_version"]
-            payload = (json.dumps(summary, indent=2) + "\n").encode()
-            atomic_write(out_dir / SUMMARY_FILE, lambda fh: fh.write(payload))
+            atomic_write(out_dir / SUMMARY_FILE, (json.dumps(summary, indent=2) + "\n").encode())
             tracker.log_params(flatten(settings))
             tags = {"kind": "profile", "model": settings.model.name, "device": str(rt.device)}
             tracker.set_tags(tags | {"precision": rt.precision, "torch_version": torch_version})
@@ -208,8 +206,7 @@ def _profile_run(
     for unit in ("CPU", "CUDA") if rt.device.type == "cuda" else ("CPU",):
         table = averages.table(sort_by=f"self_{unit.lower()}_time_total", row_limit=TOP_N)
         parts += ["", f"Top {TOP_N} by self {unit} time", table]
-    text = "\n".join(parts) + "\n"
-    atomic_write(out_dir / TOP_OPS_FILE, lambda fh: fh.write(text.encode()))
+    atomic_write(out_dir / TOP_OPS_FILE, ("\n".join(parts) + "\n").encode())
     return summary
 
 

@@ -509,7 +509,6 @@ def recipe_text(sweep: Sweep, best: dict[str, Any]) -> str:
 def write_recipe(sweep: Sweep, best: dict[str, Any], path: Path) -> Path:
     """Write the recipe atomically and check that it loads as `ctscan train -s` loads it."""
     ensure_dir(path.parent, what="recipe folder", error=CtscanError)
-    text = recipe_text(sweep, best).encode()
-    atomic_write(path, lambda fh: fh.write(text))
+    atomic_write(path, recipe_text(sweep, best).encode())
     load_settings([path])
     return path
