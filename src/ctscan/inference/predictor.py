@@ -331,12 +331,9 @@ def session_options(settings: Any) -> Any:
 
 
 def _open_onnx(path: Path, settings: Any, backend: str = "onnx") -> Predictor:
-    if path.is_dir() or not path.is_file():
-        raise CheckpointError(
-            f"ONNX file '{path}' {'is a folder' if path.is_dir() else 'does not exist'}.",
-            "pass a .onnx file written by `ctscan export`.",
-        )
-    from ctscan.files import file_sha256
+    from ctscan.files import file_sha256, model_file
+
+    model_file(path, "model", "pass a .onnx file written by `ctscan export`.")
 
     if backend == "openvino":
         try:
