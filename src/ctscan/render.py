@@ -244,9 +244,9 @@ def render_parity(result: ExportResult) -> Any:
         left=2,
         title_justify="left",
     )
-    for column in table.columns[:2]:
-        column.no_wrap = True
     table.add_column("status")
+    for i, column in enumerate(table.columns):  # figures whole, file names folded, not cut
+        column.no_wrap, column.overflow = 2 <= i <= 4, "fold"
     for row in result.parity:
         status = "reference" if row.format == "eager" else ("ok" if row.accepted else row.note)
         diff = "-" if row.format == "eager" else f"{row.max_abs_diff:.2e}"

@@ -534,3 +534,28 @@ def test_int8_keeps_the_named_parts_in_fp32(exported: Exported, tmp_path: Path) 
     assert set(weight_from[1:-1]) == {"DequantizeLinear"}
     with pytest.raises(ValueError, match="unknown parts"):
         export.fp32_node_names(onnx.load(str(fp32)), ("neck",))
+
+
+def test_parity_table_keeps_every_figure_and_name_whole_in_80_columns():
+    """The widest rows (OpenVINO's, a refusal note) in an 80-column terminal: rich may fold a
+    name or wrap a note, but no figure, format or file name is cut to an ellipsis."""
+    from rich.console import Console
+
+    from ctscan.ops.export import ExportResult, Parity
+    from ctscan.render import render_parity
+
+    note = "refused: 97.3% agreement < 98% (needs 98%)"
+    rows = [
+        Parity("eager", Path("best.pt"), 0.0, 1.0, 0.9459),
+        Parity(
+            "onnx-int8 openvino bf16", Path("best.int8.onnx"), 0.31, 0.9923, 0.9459, False, note
+        ),
+    ]
+    console = Console(width=80, record=True)
+    console.print(
+        render_parity(ExportResult(Path("best.pt"), "efficientnet_lite0", 259, 18, rows, []))
+    )
+    text = console.export_text()
+    assert "…" not in text  # rich's mark of a cut cell
+    for figure in ("3.10e-01", "99.23%", "94.59%", "100.00%"):
+        assert figure in text
