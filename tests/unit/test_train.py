@@ -363,15 +363,16 @@ def test_interrupted_run_resumes_to_the_same_weights(
     assert _same_weights(uninterrupted_run, cut / "last.pt")
 
 
-def _torchrun(overrides: list[str], out: Path, port: int) -> subprocess.CompletedProcess[str]:
+def _torchrun(overrides: list[str], out: Path) -> subprocess.CompletedProcess[str]:
+    """torchrun --standalone: its rendezvous on a free local port (two suites at once, or
+    another program on a fixed port, would fail with EADDRINUSE)."""
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nproc-per-node",
         "2",
-        "--master-port",
-        str(port),
+        "--standalone",
         "-m",
         "ctscan",
         "train",
@@ -388,7 +389,7 @@ def test_ddp_two_processes_with_gloo(synthetic_store: Path, tmp_path: Path) -> N
     overrides = engine_overrides(
         synthetic_store, tmp_path / "runs", **{"train.epochs": 3, "train.evaluate_test": "false"}
     )
-    proc = _torchrun(overrides, tmp_path / "run", 29533)
+    proc = _torchrun(overrides, tmp_path / "run")
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Only rank 0 prints the summary and the epoch lines.
     assert proc.stdout.count('"best_checkpoint"') == 1
@@ -404,7 +405,7 @@ def test_ddp_two_processes_with_gloo(synthetic_store: Path, tmp_path: Path) -> N
 def test_ddp_with_a_frozen_then_unfrozen_backbone(synthetic_store: Path, tmp_path: Path) -> None:
     # The always-frozen stages are set aside before DDP is built: not in its gradient buckets.
     overrides = engine_overrides(synthetic_store, tmp_path / "runs", **_FROZEN_TWO)
-    proc = _torchrun(overrides, tmp_path / "run", 29534)
+    proc = _torchrun(overrides, tmp_path / "run")
     assert proc.returncode == 0, proc.stderr[-3000:]
     history = read_checkpoint(tmp_path / "run" / "last.pt").history
     assert [row["epoch"] for row in history] == [1, 2]

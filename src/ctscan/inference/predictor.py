@@ -426,7 +426,15 @@ def openvino_call(
     if precision is not None:
         config["INFERENCE_PRECISION_HINT"] = OPENVINO_HINTS[precision]
     model = str(model) if isinstance(model, Path) else model
-    compiled = openvino_core().compile_model(model, "CPU", config)
+    try:
+        compiled = openvino_core().compile_model(model, "CPU", config)
+    except RuntimeError as exc:  # e.g. no kernel for a layer at this precision on this CPU
+        at = precision or openvino_default_precision()
+        raise CtscanError(
+            f"OpenVINO cannot compile the model on this CPU ({at} precision): "
+            f"{str(exc).strip().splitlines()[-1]}",
+            'run it on ONNX Runtime: --backend onnx (serve.backend = "onnx").',
+        ) from exc
     request, lock = compiled.create_infer_request(), threading.Lock()
 
     def call(images: np.ndarray) -> np.ndarray:
