@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +87,8 @@ def test_fp32_answers_equal_onnx_runtime_and_say_so(exported, tmp_path: Path) ->
 
 
 def test_export_gates_openvinos_default_precision_and_predict_follows_it(exported) -> None:
+    if "ONEDNN_MAX_CPU_ISA" in os.environ:  # the test below covers what the export does then
+        pytest.skip("OpenVINO's oneDNN held to another ISA may not compile at the CPU's default")
     result, onnx_file, int8_file, settings = exported
     default = predictor_module.openvino_default_precision()
     rows = {row.format: row for row in result.parity}
@@ -212,6 +215,8 @@ def test_a_model_openvino_cannot_compile_here_is_one_line_and_the_export_still_w
     predict on OpenVINO is one line naming ONNX Runtime as the way out, not a traceback."""
     if predictor_module.openvino_default_precision() == "fp32":
         pytest.skip("this CPU computes in fp32 by default: the bf16 kernels are never asked for")
+    if "ONEDNN_MAX_CPU_ISA" in os.environ:
+        pytest.skip("the suite runs held to another ISA: `exported` could not be checked at bf16")
     _, onnx_file, _, _ = exported
     capped = {"ONEDNN_MAX_CPU_ISA": "AVX2"}
     sets = [a for o in engine_overrides(synthetic_store, tmp_path / "runs") for a in ("--set", o)]
@@ -275,8 +280,8 @@ def test_predictors_that_come_and_go_leave_signals_working(exported) -> None:
     script = (
         "import gc, signal, sys\n"
         "from ctscan.inference.predictor import openvino_call\n"
-        "first = openvino_call(sys.argv[1], 1)\n"
-        "second = openvino_call(sys.argv[1], 1)\n"
+        "first = openvino_call(sys.argv[1], 1, 'fp32')\n"
+        "second = openvino_call(sys.argv[1], 1, 'fp32')\n"
         "del first; gc.collect(); del second; gc.collect()\n"
         "signal.signal(signal.SIGINT, lambda *_: print('handled'))\n"
         "signal.raise_signal(signal.SIGINT)\n"
