@@ -288,8 +288,6 @@ def _open_lock(lock_path: Path, what: str, error: type[CtscanError]) -> IO:
 def _names_open_file(path: Path, fh: IO) -> bool:
     """Whether `path` still names the file open as `fh` (same device and inode)."""
     try:
-        named = path.lstat()
+        return os.path.samestat(path.lstat(), os.fstat(fh.fileno()))
     except OSError:
         return False
-    opened = os.fstat(fh.fileno())
-    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
