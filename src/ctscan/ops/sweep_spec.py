@@ -9,6 +9,7 @@ import re
 import shlex
 import tomllib
 from dataclasses import dataclass
+from functools import reduce
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -407,9 +408,7 @@ def prepare(
         )
     files = _base_files(spec)
     given = _check_overrides(spec, files, list(overrides))
-    base: dict[str, Any] = {}
-    for path in files:
-        base = deep_merge(base, read_settings_file(path))
+    base = reduce(deep_merge, map(read_settings_file, files), {})
     settings = _spec_settings(spec, files, given, {})
     _check_drawable(spec, files, given)
     url, db = _storage(storage, settings.paths.runs_dir)
