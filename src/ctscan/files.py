@@ -52,8 +52,7 @@ def ensure_dir(
 ) -> Path:
     """Create folder `path` (and its parents) or raise one error naming it, why it cannot be
     used (a file, under a file, not writable) and the fix; `what` says what it is for."""
-    problem = folder_problem(path)
-    if problem is not None:
+    if (problem := folder_problem(path)) is not None:
         fix = fix or f"choose another {what} (an existing or new folder you can write to)."
         raise error(f"{what} '{path}' {problem}.", fix)
     return Path(path)

@@ -80,8 +80,7 @@ def check_resume(checkpoint: Checkpoint, settings: Settings, store: Store) -> li
     changed = changed_settings(checkpoint.settings, settings)
     # A resumed run (one model) may also extend its schedule.
     schedule = ("train.epochs", "train.early_stop_patience")
-    refused = refused_changes(checkpoint.settings, settings, may_change=schedule)
-    if refused:
+    if refused := refused_changes(checkpoint.settings, settings, may_change=schedule):
         settings_file = Path(path or ".").parent / "settings.toml"
         raise CheckpointError(
             f"resuming '{path}' with other settings than the run used: {'; '.join(refused)}. "

@@ -373,8 +373,7 @@ def _check_overrides(spec: SweepSpec, files: tuple[Path, ...], overrides: list[s
     load_settings(list(files), overrides)
     given = dotted_keys(parse_overrides(overrides))
     for key in given:
-        searched = key in {p.key for p in spec.params}
-        if searched or key in FORCED_KEYS:
+        if (searched := key in {p.key for p in spec.params}) or key in FORCED_KEYS:
             raise SettingsError(
                 f"--set {key}: the sweep {'searches' if searched else 'sets'} it for every "
                 "trial, so the value would reach none.",
