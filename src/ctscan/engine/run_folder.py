@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import shutil
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -223,8 +222,7 @@ def open_run_dir(plan: RunPlan) -> None:
         return
     best = source.parent / "best.pt"
     if best.is_file():  # the best epoch so far may never be beaten after the resume
-        with best.open("rb") as src:
-            atomic_write(plan.run_dir / "best.pt", lambda fh: shutil.copyfileobj(src, fh))
+        atomic_write(plan.run_dir / "best.pt", best.read_bytes())
     elif plan.resume_from is not None and plan.resume_from.best_epoch:
         raise CheckpointError(
             f"'{best}' is missing: the run's best epoch ({plan.resume_from.best_epoch}) would "
