@@ -38,6 +38,7 @@ from ctscan.engine.metrics import probabilities
 from ctscan.engine.temperature import apply_temperature, check_temperature, describe
 from ctscan.errors import CheckpointError, CtscanError, DataError
 from ctscan.files import file_sha256, model_file
+from ctscan.inference.dicom import dicom_to_gray, is_dicom
 
 MLFLOW_SCHEMES = ("models:/", "runs:/")
 ONNX_METADATA_KEY = "ctscan"  # metadata_props key of an exported ONNX file: JSON, see ops/export
@@ -113,11 +114,9 @@ def read_image(
     upload = isinstance(source, (bytes, bytearray, memoryview))
     name = name or ("the upload" if upload else f"'{source}'")
     data = _read_source(source, limits.max_bytes, name, upload)
-    from ctscan.inference import dicom
-
     with stage("decode"):
-        if dicom.is_dicom(data):  # refuses Rows x Columns > max_pixels before decoding
-            gray = dicom.dicom_to_gray(
+        if is_dicom(data):  # refuses Rows x Columns > max_pixels before decoding
+            gray = dicom_to_gray(
                 data, level=window[0], width=window[1], name=name, max_pixels=limits.max_pixels
             )
         else:
