@@ -30,8 +30,7 @@ def _table(title: str, columns: Sequence[str], *, left: int = 1, **options: Any)
 
 
 def _examples(items: Sequence[str], n: int = 3) -> str:
-    shown = ", ".join(items[:n])
-    return escape(shown + (f" (+{len(items) - n} more)" if len(items) > n else ""))
+    return escape(", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else ""))
 
 
 def _short(path: str) -> str:

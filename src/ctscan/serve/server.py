@@ -114,8 +114,7 @@ def build_service(model: str, settings: Any) -> Service:
 def app_from_env() -> Any:
     """uvicorn's factory in each worker process: the model and settings the parent resolved."""
     args = json.loads(os.environ[ENV_ARGS])
-    settings = Settings.model_validate(args["settings"])
-    return create_app(build_service(args["model"], settings))
+    return create_app(build_service(args["model"], Settings.model_validate(args["settings"])))
 
 
 def run_server(model: str, settings: Any) -> None:
