@@ -218,5 +218,4 @@ def _confidence_reference(
         store = open_model_store(settings, ensemble)
     except CtscanError as exc:
         return None, [f"no {CONFIDENCE_FILE} (serve's drift reference) written: {exc}"]
-    warnings = [store.raw_warning] if store.raw_warning else []
-    return train_confidence(ensemble, store, rt), warnings
+    return train_confidence(ensemble, store, rt), ([store.raw_warning] if store.raw_warning else [])
