@@ -389,8 +389,7 @@ def predict(
             typer.echo(json.dumps(row))
     else:
         _console(stderr=False).print(render_predictions(predictions, predictor))
-    failed = sum(p.error is not None for p in predictions)
-    if failed:
+    if failed := sum(p.error is not None for p in predictions):
         _console().print(f"{failed} of {len(predictions)} files could not be predicted")
         raise typer.Exit(3)
 
@@ -422,8 +421,7 @@ def serve(
     from ctscan.serve.server import run_server
 
     flags = {"host": host, "port": port, "workers": workers, "backend": backend}
-    settings = _settings(settings_files, overrides, serve=flags)
-    run_server(model, settings)
+    run_server(model, _settings(settings_files, overrides, serve=flags))
 
 
 @app.command()
@@ -586,8 +584,7 @@ def main() -> None:
             ignore_stops()
         sys.exit(report(error))
     except (KeyboardInterrupt, SystemExit) as exc:
-        interrupt = _interrupt_in(exc)
-        if interrupt is not None:
+        if (interrupt := _interrupt_in(exc)) is not None:
             exit_stopped(interrupt, "")
         if stop_received() is not None and getattr(exc, "code", None) in (0, None):
             exit_stopped(

@@ -52,8 +52,7 @@ def ensure_dir(
 ) -> Path:
     """Create folder `path` (and its parents) or raise one error naming it, why it cannot be
     used (a file, under a file, not writable) and the fix; `what` says what it is for."""
-    problem = folder_problem(path)
-    if problem is not None:
+    if (problem := folder_problem(path)) is not None:
         fix = fix or f"choose another {what} (an existing or new folder you can write to)."
         raise error(f"{what} '{path}' {problem}.", fix)
     return Path(path)
@@ -288,8 +287,6 @@ def _open_lock(lock_path: Path, what: str, error: type[CtscanError]) -> IO:
 def _names_open_file(path: Path, fh: IO) -> bool:
     """Whether `path` still names the file open as `fh` (same device and inode)."""
     try:
-        named = path.lstat()
+        return os.path.samestat(path.lstat(), os.fstat(fh.fileno()))
     except OSError:
         return False
-    opened = os.fstat(fh.fileno())
-    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)

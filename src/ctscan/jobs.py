@@ -174,9 +174,9 @@ MAY_CHANGE = (
 def changed_settings(before: dict[str, Any], now: Settings) -> list[tuple[str, Any, Any]]:
     """(key, recorded value, value now) for each setting that differs, `section.key` names.
     `before`: the recorded settings (sections of keys); `now`: the settings of this attempt."""
-    from ctscan.settings import flatten
+    from ctscan.settings import dotted, flatten
 
-    old = {f"{s}.{k}": v for s, vs in before.items() if isinstance(vs, dict) for k, v in vs.items()}
+    old = dotted(before)
     return [(k, old[k], v) for k, v in flatten(now).items() if k in old and old[k] != v]
 
 

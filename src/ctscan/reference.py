@@ -42,8 +42,7 @@ def cli_reference() -> str:
         ctx = command.context_class(command, info_name=" ".join(path))
         lines.append(f"## `{' '.join(path)}`\n")
         lines.append((command.help or "").strip().split("\n\n")[0] + "\n")
-        pieces = command.collect_usage_pieces(ctx)
-        lines.append(f"```\n{' '.join(path)} {' '.join(pieces)}\n```\n")
+        lines.append(f"```\n{' '.join(path)} {' '.join(command.collect_usage_pieces(ctx))}\n```\n")
         rows = []
         for param in command.params:
             if getattr(param, "hidden", False) or param.name == "help":

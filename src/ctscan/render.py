@@ -15,6 +15,7 @@ from rich.table import Table
 
 from ctscan import CLASS_NAMES
 from ctscan.data.audit import SAME_PICTURE_MAD, AuditReport, DroppedImage
+from ctscan.engine.metrics import ECE_TARGET
 
 if TYPE_CHECKING:
     from ctscan.ops.export import ExportResult
@@ -29,8 +30,7 @@ def _table(title: str, columns: Sequence[str], *, left: int = 1, **options: Any)
 
 
 def _examples(items: Sequence[str], n: int = 3) -> str:
-    shown = ", ".join(items[:n])
-    return escape(shown + (f" (+{len(items) - n} more)" if len(items) > n else ""))
+    return escape(", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else ""))
 
 
 def _short(path: str) -> str:
@@ -140,8 +140,6 @@ def _ece_rows(
     """Table rows under the ECE, one column per value ('-' where None): what a perfectly
     calibrated model would read here (`ece_floor` dicts; no row without them), then the
     debiased estimate (`ece_debiased`, engine/metrics.py), its 95 % interval and its verdict."""
-    from ctscan.engine.metrics import ECE_TARGET
-
     said = {True: "met", False: "missed", None: "cannot tell"}
     shown = {
         "  ece debiased": lambda v: f"{v['estimate']:.4f}",

@@ -334,8 +334,7 @@ def find_toml(
     path = Path(name)
     if path.is_file():
         return path
-    named = folder / f"{name}.toml"
-    if path.suffix == "" and named.is_file():
+    if path.suffix == "" and (named := folder / f"{name}.toml").is_file():
         return named
     if path.is_dir():
         inside = sorted(str(p) for p in path.glob("*.toml"))[:5]
@@ -436,8 +435,7 @@ def _source_of(
     section, key = str(loc[0]), str(loc[1])
     if key in (cli.get(section) or {}):
         return origins.get(f"{section}.{key}", f"--set {section}.{key}")
-    var = _env_value(section, key)
-    if var is not None:
+    if (var := _env_value(section, key)) is not None:
         return f"environment variable {var}"
     for path, data in reversed(files):  # later files win
         if isinstance(data.get(section), dict) and key in data[section]:

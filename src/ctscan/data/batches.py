@@ -11,8 +11,7 @@ def epoch_order(n: int, *, seed: int, epoch: int, shuffle: bool) -> torch.Tensor
     """The sample order of one epoch; the same on every rank (seeded by seed and epoch)."""
     if not shuffle:
         return torch.arange(n)
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=gen)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
 def shard(order: torch.Tensor, rank: int, world_size: int, *, pad: bool) -> torch.Tensor:

@@ -39,6 +39,7 @@ from ctscan.data.reference import REFERENCE_FILE, load_reference
 from ctscan.data.transforms import PreprocessSpec
 from ctscan.errors import DataError
 from ctscan.files import file_sha256, folder_problem, fsync_dir
+from ctscan.settings import given_args, is_given
 
 if TYPE_CHECKING:
     import torch
@@ -481,8 +482,7 @@ def _check_files(store_dir: Path, files: Mapping[str, Any], verify: bool, fix: s
         path = store_dir / fname
         if not path.is_file():
             raise _corrupt(store_dir, f"'{fname}' is missing", fix)
-        size = path.stat().st_size
-        if size != info["bytes"]:
+        if (size := path.stat().st_size) != info["bytes"]:
             raise _corrupt(store_dir, f"'{fname}' has {size} bytes, expected {info['bytes']}", fix)
         if verify and file_sha256(path) != info["sha256"]:
             raise _corrupt(store_dir, f"'{fname}' does not match its sha256", fix)
@@ -532,8 +532,6 @@ def open_store(
 
 def open_settings_store(settings: Any) -> Store:
     """The store `settings` name, checked against their `data` (fixes keep the user's -s)."""
-    from ctscan.settings import given_args
-
     command = f"{PREPROCESS} {given_args(settings)}".strip()
     return open_store(settings.paths.processed_dir, expect_data=settings.data, command=command)
 
@@ -545,8 +543,6 @@ def open_model_store(settings: Any, model: Any) -> Store:
     among the model's own `paths.processed_dir`, the default store, and their `NAME-*` siblings.
     None: a DataError whose fix builds a matching store without replacing any other.
     """
-    from ctscan.settings import is_given
-
     trained = model.settings or {}
     data = trained.get("data") or {}
     own = _found_above((trained.get("paths") or {}).get("processed_dir"), model)
@@ -560,8 +556,7 @@ def open_model_store(settings: Any, model: Any) -> Store:
     broken: DataError | None = None
     for path in candidates:
         named_by = " (its run's paths.processed_dir)" if path in own[:1] else ""
-        problem = _store_mismatch(path, model.spec, data, f"'{path}'{named_by}")
-        if problem is None:
+        if (problem := _store_mismatch(path, model.spec, data, f"'{path}'{named_by}")) is None:
             try:
                 return open_store(path, expect_data=None, command=_build(model, path))
             except DataError as exc:  # corrupt, partial, raw images changed: try the next one
@@ -627,8 +622,7 @@ def _build(model: Any, out: Path) -> str:
     spec, trained = model.spec, model.settings or {}
     data = trained.get("data") or {}
     runs = [Path(s).parent / "settings.toml" for s in _sources(model)]
-    run = next((f.resolve() for f in runs if f.is_file()), None)
-    if run is not None:
+    if (run := next((f.resolve() for f in runs if f.is_file()), None)) is not None:
         command = f"{PREPROCESS} -s {quote(str(run))}"
         raws = _found_above((trained.get("paths") or {}).get("raw_dir"), model)
         raw = next((p for p in raws if p.is_dir()), None)

@@ -85,8 +85,7 @@ def run_calibrate(
     source = Path(checkpoint)
     ckpt = read_checkpoint(source)
     target = source if out is None else Path(out)
-    problem = checkpoint_file_problem(target, example=source.name)
-    if problem is not None:
+    if (problem := checkpoint_file_problem(target, example=source.name)) is not None:
         raise problem
     target = ensure_dir(target.parent, what="folder of the --out checkpoint") / target.name
     store = open_model_store(settings, ckpt)

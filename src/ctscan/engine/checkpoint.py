@@ -143,8 +143,7 @@ class Checkpoint:
     @classmethod
     def from_payload(cls, payload: dict[str, Any], *, source: Path) -> Checkpoint:
         """Check and type a loaded dict; CheckpointError if it is off."""
-        missing = [k for k in REQUIRED_KEYS if k not in payload]
-        if missing:
+        if missing := [k for k in REQUIRED_KEYS if k not in payload]:
             raise CheckpointError(
                 f"'{source}' is not a ctscan checkpoint (missing {', '.join(missing)}).", RUN_FIX
             )

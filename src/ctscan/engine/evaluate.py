@@ -17,8 +17,10 @@ from ctscan.data.store import Split, Store, open_model_store
 from ctscan.data.transforms import model_input
 from ctscan.engine.checkpoint import Checkpoint, load_model, read_checkpoint
 from ctscan.engine.metrics import SUMMARY, classification_report, probabilities, worst_errors
+from ctscan.engine.plots import plot_confusion_matrix, plot_error_grid, plot_reliability
 from ctscan.engine.runtime import Runtime, resolve_runtime
 from ctscan.engine.temperature import FIT_SPLIT, apply_temperature
+from ctscan.engine.tracking import open_tracker
 from ctscan.errors import CtscanError, DataError
 from ctscan.files import atomic_write, ensure_dir
 from ctscan.settings import Settings
@@ -160,8 +162,6 @@ def evaluate_checkpoint(
 def _write_outputs(result: dict[str, Any], probs: np.ndarray, data: Split, out_dir: Path) -> None:
     """The report files: evaluation.json and the confusion, reliability and worst-error PNGs."""
     y_true, names = data.labels.cpu().numpy(), result["class_names"]
-    from ctscan.engine.plots import plot_confusion_matrix, plot_error_grid, plot_reliability
-
     ensure_dir(out_dir, what="report folder")
     plot_confusion_matrix(
         np.array(result["confusion_matrix"]), names, out_dir / "confusion_matrix.png"
@@ -217,8 +217,6 @@ def run_evaluation(
     result = evaluate_checkpoint(ckpt, store=store, split=split, rt=rt, out_dir=out)
     result["warnings"] = [store.raw_warning] if store.raw_warning else []
     if settings.tracking.enabled:
-        from ctscan.engine.tracking import open_tracker
-
         with open_tracker(
             settings.tracking,
             runs_dir=settings.paths.runs_dir,

@@ -144,8 +144,7 @@ SUMMARY = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1")
 
 def quick_metrics(y_true: Any, y_pred: Any, num_classes: int) -> dict[str, float]:
     """Return accuracy and macro F1 of hard predictions (the same numbers as the report)."""
-    cm = confusion_matrix(y_true, y_pred, num_classes)  # checks the labels
-    if cm.sum() == 0:
+    if confusion_matrix(y_true, y_pred, num_classes).sum() == 0:  # checks the labels too
         raise ValueError("cannot compute metrics of an empty set (y_true has no samples).")
     scores = _scores(_labels(y_true, "y_true", num_classes), np.asarray(y_pred), num_classes)
     return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}

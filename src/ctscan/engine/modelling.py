@@ -40,8 +40,7 @@ def build(settings: Any, *, image_size: int, num_classes: int) -> nn.Module:
 
 def load_model_state(model: nn.Module, state: dict[str, Any], *, source: Path | str) -> None:
     """Load weights strictly; a checkpoint of another model or shape is a clear error."""
-    problems = fit_problems(model.state_dict(), state)
-    if problems:
+    if problems := fit_problems(model.state_dict(), state):
         raise CheckpointError(
             f"checkpoint '{source}' does not fit this model: {'; '.join(problems)}.",
             "use the model name and image size the checkpoint was trained with.",

@@ -72,8 +72,7 @@ def plot_reliability(
         lower, upper = float(row["lower"]), float(row["upper"])
         bar = {"align": "edge", "color": "tab:blue", "edgecolor": "black", "alpha": 0.75}
         axes.bar(lower, accuracy, width=upper - lower, **bar)
-        confidence = row.get("mean_confidence")
-        if confidence is not None:
+        if (confidence := row.get("mean_confidence")) is not None:
             axes.plot(confidence, accuracy, marker="o", color="tab:red", markersize=3)
         axes.text((lower + upper) / 2, accuracy + 0.01, str(count), ha="center", fontsize=7)
     # ylim 1.08: room for the counts above bars of accuracy 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from ctscan.errors import say_line
+
 
 class Progress:
     """Shows live loss, accuracy, lr and img/s; silent on non-main ranks."""
@@ -67,11 +69,7 @@ class Progress:
         )
 
     def log(self, message: str) -> None:
-        if not self.enabled:
-            return
-        if self._progress is not None:
+        if self._progress is not None:  # live: only when enabled
             self._progress.console.print(message, highlight=False, markup=False, soft_wrap=True)
-        else:  # one write, newline included: a signal between two writes would leave the
-            # line open and glue the one-line stop message onto it
-            sys.stderr.write(f"{message}\n")
-            sys.stderr.flush()
+        elif self.enabled:
+            say_line(message)

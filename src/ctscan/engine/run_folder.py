@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import shutil
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -80,8 +79,7 @@ def check_resume(checkpoint: Checkpoint, settings: Settings, store: Store) -> li
     changed = changed_settings(checkpoint.settings, settings)
     # A resumed run (one model) may also extend its schedule.
     schedule = ("train.epochs", "train.early_stop_patience")
-    refused = refused_changes(checkpoint.settings, settings, may_change=schedule)
-    if refused:
+    if refused := refused_changes(checkpoint.settings, settings, may_change=schedule):
         settings_file = Path(path or ".").parent / "settings.toml"
         raise CheckpointError(
             f"resuming '{path}' with other settings than the run used: {'; '.join(refused)}. "
@@ -224,8 +222,7 @@ def open_run_dir(plan: RunPlan) -> None:
         return
     best = source.parent / "best.pt"
     if best.is_file():  # the best epoch so far may never be beaten after the resume
-        with best.open("rb") as src:
-            atomic_write(plan.run_dir / "best.pt", lambda fh: shutil.copyfileobj(src, fh))
+        atomic_write(plan.run_dir / "best.pt", best.read_bytes())
     elif plan.resume_from is not None and plan.resume_from.best_epoch:
         raise CheckpointError(
             f"'{best}' is missing: the run's best epoch ({plan.resume_from.best_epoch}) would "

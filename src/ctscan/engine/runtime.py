@@ -68,11 +68,10 @@ def resolve_runtime(train: TrainSettings) -> Runtime:
             "train.precision 'fp16' needs CUDA (CPU autocast supports bf16 only).",
             "use --set train.precision=bf16 or fp32 on the CPU.",
         )
-    compile_ = train.compile == "on" or (train.compile == "auto" and device.type == "cuda")
     return Runtime(
         device=device,
         precision=precision,
-        compile=compile_,
+        compile=train.compile == "on" or (train.compile == "auto" and device.type == "cuda"),
         channels_last=train.channels_last,
         rank=rank,
         world_size=world,

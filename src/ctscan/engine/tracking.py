@@ -436,8 +436,7 @@ def open_tracker(
 
 def _checked_spec(metadata: dict[str, Any]) -> dict[str, Any]:
     """A JSON round-trip copy of the model metadata, with every key of SPEC_KEYS."""
-    missing = [key for key in SPEC_KEYS if key not in metadata]
-    if missing:
+    if missing := [key for key in SPEC_KEYS if key not in metadata]:
         raise ValueError(
             f"model metadata lacks {', '.join(missing)} (needs {', '.join(SPEC_KEYS)})"
         )
@@ -450,8 +449,7 @@ def _checked_spec(metadata: dict[str, Any]) -> dict[str, Any]:
 def load_model_spec(model_uri: str, tracking: TrackingSettings, runs_dir: Path) -> dict[str, Any]:
     """The ctscan metadata (class names, preprocessing spec, versions) of a logged MLflow model,
     looked up in the store `open_tracker` would use."""
-    scheme = urlsplit(model_uri).scheme.lower()
-    if scheme not in ("models", "runs"):
+    if urlsplit(model_uri).scheme.lower() not in ("models", "runs"):
         raise TrackingError(
             f"'{model_uri}' is not an MLflow model URI.",
             "write it as models:/<name>@<alias>, models:/<name>/<version> or runs:/<run id>/model.",
@@ -480,8 +478,7 @@ def load_model_spec(model_uri: str, tracking: TrackingSettings, runs_dir: Path) 
                 "store that holds the model.",
             ) from None
     metadata = dict(info.metadata or {})
-    missing = [key for key in SPEC_KEYS if key not in metadata]
-    if missing:
+    if missing := [key for key in SPEC_KEYS if key not in metadata]:
         raise TrackingError(
             f"the MLflow model '{model_uri}' carries no ctscan metadata (missing: "
             f"{', '.join(missing)}).",

@@ -41,8 +41,7 @@ def resolve_uri(tracking: TrackingSettings, runs_dir: Path) -> tuple[str, str]:
         uri, source = os.environ["MLFLOW_TRACKING_URI"].strip(), "MLFLOW_TRACKING_URI"
     else:
         uri, source = f"sqlite:///{(Path(runs_dir) / 'mlflow.db').resolve()}", "default"
-    scheme = scheme_of(uri)
-    if scheme and scheme not in TRACKING_SCHEMES:
+    if (scheme := scheme_of(uri)) and scheme not in TRACKING_SCHEMES:
         raise TrackingError(
             f"tracking URI '{uri}' (from {source}) has the unknown scheme '{scheme}:'; "
             f"known schemes: {', '.join(TRACKING_SCHEMES)}.",

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -25,7 +25,9 @@ from torch.profiler import record_function
 import ctscan
 from ctscan.data.augment import mix_batch, mixed_loss
 from ctscan.data.batches import batch_indices, epoch_order, shard
+from ctscan.data.reference import CONFIDENCE_FILE
 from ctscan.data.store import Split, Store, open_settings_store
+from ctscan.engine.calibration import fit_checkpoint, train_confidence
 from ctscan.engine.checkpoint import (
     Checkpoint,
     git_commit,
@@ -36,6 +38,7 @@ from ctscan.engine.checkpoint import (
 from ctscan.engine.evaluate import evaluate_checkpoint, log_evaluation, predict
 from ctscan.engine.metrics import quick_metrics
 from ctscan.engine.modelling import freeze_backbone
+from ctscan.engine.plots import plot_curves
 from ctscan.engine.progress import Progress
 from ctscan.engine.run_folder import (
     RunPlan,
@@ -55,13 +58,11 @@ from ctscan.engine.runtime import (
     shutdown_distributed,
 )
 from ctscan.engine.state import Loop, TrainState, new_loop, new_train_state, wrap_for_steps
+from ctscan.engine.tracking import Tracker, open_tracker
 from ctscan.files import atomic_write, ensure_dir, file_sha256, folder_lock
 from ctscan.jobs import check_stop, critical
 from ctscan.models import unwrap
 from ctscan.settings import Settings, flatten, public_dict, to_toml
-
-if TYPE_CHECKING:
-    from ctscan.engine.tracking import Tracker
 
 
 @dataclass
@@ -110,8 +111,7 @@ class TrainResult:
                 before = self.test["calibration"]["before"]
                 out["test"]["ece_uncalibrated"] = before["ece"]
                 out["test"]["log_loss_uncalibrated"] = before["log_loss"]
-            leak_free = self.test.get("leak_free")
-            if leak_free:
+            if leak_free := self.test.get("leak_free"):
                 out["test"]["leak_free"] = {
                     k: leak_free[k] for k in ("accuracy", "macro_f1", "n") if k in leak_free
                 }
@@ -407,8 +407,6 @@ def _run_epochs(
 def _open_run_record(settings: Settings, plan: RunPlan, hooks: RunHooks, is_main: bool) -> Tracker:
     """The run's MLflow run on rank 0: a resumed run's own reopened, else a new one (recorded in
     last.pt at once when resuming)."""
-    from ctscan.engine.tracking import Tracker, open_tracker
-
     if not is_main:
         return Tracker()
     resumed = plan.resume_from
@@ -489,8 +487,7 @@ def _log_run_start(
         }
     )
     tracker.log_artifact(settings_file)
-    audit_json = store.path / "audit.json"
-    if audit_json.is_file():
+    if (audit_json := store.path / "audit.json").is_file():
         tracker.log_artifact(audit_json)
 
 
@@ -527,8 +524,6 @@ def _finish(
     progress: Progress,
 ) -> TrainResult:
     """Curves, calibration, test evaluation of the best checkpoint, model logging: rank 0 only."""
-    from ctscan.engine.plots import plot_curves
-
     best_path, last_path = run_dir / "best.pt", run_dir / "last.pt"
     tracker.log_artifact(plot_curves(state.history, run_dir / "curves.png"))
     calibration = None
@@ -555,12 +550,8 @@ def _finish(
         log_evaluation(tracker, test, step=len(state.history))
     # The best model's calibrated confidence (max softmax of logits / T) on train: serve's drift
     # reference, the same probabilities the server shows.
-    from ctscan.data.reference import CONFIDENCE_FILE
-    from ctscan.engine.calibration import train_confidence
-
     reference = train_confidence(read_checkpoint(best_path), store, loop.rt)
-    body = json.dumps(reference).encode()
-    tracker.log_artifact(atomic_write(run_dir / CONFIDENCE_FILE, body))
+    tracker.log_artifact(atomic_write(run_dir / CONFIDENCE_FILE, json.dumps(reference).encode()))
     best_value = float(state.best_value) if state.best_value is not None else float("nan")
     model_version = None
     if settings.tracking.enabled and settings.tracking.log_model:
@@ -584,8 +575,6 @@ def calibrate_best(
     best_path: Path, store: Store, rt: Runtime, tracker: Any, progress: Progress
 ) -> dict[str, Any]:
     """Fit best.pt's temperature on the validation split and write it into best.pt."""
-    from ctscan.engine.calibration import fit_checkpoint
-
     best = read_checkpoint(best_path)
     calibrated, report = fit_checkpoint(best, store, rt)
     if (calibrated.temperature, calibrated.calibration) != (best.temperature, best.calibration):

@@ -86,7 +86,7 @@ def write_overlays(predictor: Predictor, predictions: Sequence[Prediction], out:
         gray = predictor.read(Path(prediction.path))
         heat = cam_heat(predictor, cam, gray, prediction.index)
         png = overlay_png(gray, heat, title=f"{prediction.label} {prediction.confidence:.1%}")
-        atomic_write(out / name, lambda fh, data=png: fh.write(data))
+        atomic_write(out / name, png)
         prediction.explanation = str(out / name)
 
 

@@ -34,7 +34,11 @@ from ctscan.data.transforms import (
     resize_square,
     to_gray,
 )
+from ctscan.engine.metrics import probabilities
+from ctscan.engine.temperature import apply_temperature, check_temperature, describe
 from ctscan.errors import CheckpointError, CtscanError, DataError
+from ctscan.files import file_sha256, model_file
+from ctscan.inference.dicom import dicom_to_gray, is_dicom
 
 MLFLOW_SCHEMES = ("models:/", "runs:/")
 ONNX_METADATA_KEY = "ctscan"  # metadata_props key of an exported ONNX file: JSON, see ops/export
@@ -110,11 +114,9 @@ def read_image(
     upload = isinstance(source, (bytes, bytearray, memoryview))
     name = name or ("the upload" if upload else f"'{source}'")
     data = _read_source(source, limits.max_bytes, name, upload)
-    from ctscan.inference import dicom
-
     with stage("decode"):
-        if dicom.is_dicom(data):  # refuses Rows x Columns > max_pixels before decoding
-            gray = dicom.dicom_to_gray(
+        if is_dicom(data):  # refuses Rows x Columns > max_pixels before decoding
+            gray = dicom_to_gray(
                 data, level=window[0], width=window[1], name=name, max_pixels=limits.max_pixels
             )
         else:
@@ -160,8 +162,6 @@ class Predictor:
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """uint8 (B, 1, S, S) -> calibrated class probabilities (B, C), float64."""
-        from ctscan.engine.metrics import probabilities
-
         return probabilities(self.logits(images))
 
     def read(self, source: Path | bytes, *, name: str | None = None, stage: Any = nullcontext):
@@ -265,10 +265,9 @@ def open_predictor(model: str | Path, *, settings: Any, backend: str | None = No
 def _open_checkpoint(path: Path, settings: Any) -> Predictor:
     import torch
 
-    from ctscan.engine.checkpoint import file_sha256, load_model
+    from ctscan.engine.checkpoint import load_model
     from ctscan.engine.evaluate import predict
     from ctscan.engine.runtime import resolve_runtime
-    from ctscan.engine.temperature import apply_temperature
 
     rt = resolve_runtime(settings.train)  # as `ctscan evaluate` runs: same device and precision
     loaded = load_model(path, device=rt.device, channels_last=rt.channels_last)
@@ -321,8 +320,7 @@ def session_options(settings: Any) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    threads = int(settings.train.threads)
-    if threads > 0:
+    if (threads := int(settings.train.threads)) > 0:
         options.intra_op_num_threads = threads
     options.log_severity_level = 3
     if not settings.inference.onnx_spinning:
@@ -331,10 +329,7 @@ def session_options(settings: Any) -> Any:
 
 
 def _open_onnx(path: Path, settings: Any, backend: str = "onnx") -> Predictor:
-    from ctscan.files import file_sha256, model_file
-
     model_file(path, "model", "pass a .onnx file written by `ctscan export`.")
-
     if backend == "openvino":
         try:
             model = openvino_core().read_model(str(path))
@@ -478,8 +473,6 @@ def _in_chunks(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> n
 
 def _calibration_info(meta: dict[str, Any], source: Path | str) -> dict[str, Any]:
     """ModelInfo's temperature (default 1) and calibration text from a file's ctscan metadata."""
-    from ctscan.engine.temperature import check_temperature, describe
-
     temperature = check_temperature(meta.get("temperature", 1.0), source)
     calibration = meta.get("calibration")
     text = describe(temperature, calibration if isinstance(calibration, dict) else None)

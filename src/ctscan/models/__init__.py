@@ -133,8 +133,7 @@ def head_module(model: nn.Module) -> nn.Module:
     if hasattr(model, "get_classifier"):  # timm models
         return model.get_classifier()
     for attribute in ("head", "fc"):  # ctscan's CNNs; torchvision's ResNet
-        head = getattr(model, attribute, None)
-        if isinstance(head, nn.Module):
+        if isinstance(head := getattr(model, attribute, None), nn.Module):
             return head
     raise ValueError(f"cannot find the classification head of a {type(model).__name__}.")
 

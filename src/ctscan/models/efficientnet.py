@@ -57,8 +57,7 @@ _BLOCK_KEY = re.compile(r"_blocks\.(\d+)\.(\w+)\.(\w+)")
 
 def map_lite0_key(key: str) -> str:
     """`_blocks.3._bn1.weight` -> `blocks.2.0.bn2.weight`; KeyError for a key outside the layout."""
-    match = _BLOCK_KEY.fullmatch(key)
-    if match:
+    if match := _BLOCK_KEY.fullmatch(key):
         flat, layer, tensor = int(match[1]), match[2], match[3]
         stage, index = _FLAT_TO_STAGE[flat]
         table = _FIRST_BLOCK if flat == 0 else _BLOCK

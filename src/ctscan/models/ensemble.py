@@ -36,8 +36,7 @@ class Member(nn.Module):
 
 def check_flips(flips: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """The flips, each known and once, in FLIPS order; a ValueError names a wrong one."""
-    unknown = [f for f in flips if f not in FLIPS]
-    if unknown:
+    if unknown := [f for f in flips if f not in FLIPS]:
         raise ValueError(f"unknown flip '{unknown[0]}'; expected any of {', '.join(FLIPS)}.")
     return tuple(f for f in FLIPS if f in flips)
 

@@ -84,8 +84,7 @@ def load_backbone(
     """Copy `state` into `model`'s backbone (all but `head_prefix`), matched by name and shape."""
     state = {k: v for k, v in state.items() if not k.startswith(head_prefix)}
     wanted = {k: v for k, v in model.state_dict().items() if not k.startswith(head_prefix)}
-    problems = fit_problems(wanted, state)
-    if problems:
+    if problems := fit_problems(wanted, state):
         raise WeightsUnavailable(
             f"weights from {source} do not fit {type(model).__name__} ({'; '.join(problems)}).", fix
         )

@@ -12,6 +12,7 @@ from typing import Any
 from ctscan.errors import CheckpointError, CtscanError
 from ctscan.files import model_file
 from ctscan.inference.predictor import MLFLOW_SCHEMES, Predictor, import_openvino, open_predictor
+from ctscan.ops.export import cached_onnx
 
 BACKENDS = ("auto", "onnx", "openvino", "torch")
 log = logging.getLogger(__name__)
@@ -21,8 +22,6 @@ def open_model(model: str | Path, settings: Any, backend: str = "auto") -> Predi
     """The Predictor for `model` on `backend`; auto runs a checkpoint on its cached ONNX export,
     on torch (with a warning) when that cannot be made; openvino runs that export, or an ONNX
     file, on OpenVINO."""
-    from ctscan.ops.export import cached_onnx
-
     if backend not in BACKENDS:
         raise CtscanError(
             f"backend '{backend}' is not one of {', '.join(BACKENDS)}.", "use --backend auto."

@@ -7,6 +7,7 @@ split read, once. A stop keeps the finished folds: the same command with `--out`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -22,6 +23,21 @@ import numpy as np
 
 from ctscan.data.folds import FoldPlan, fold_splits, plan_folds
 from ctscan.data.reference import CONFIDENCE_FILE
+from ctscan.data.store import open_settings_store
+from ctscan.engine.calibration import calibration_report, train_confidence
+from ctscan.engine.checkpoint import read_checkpoint, save_checkpoint
+from ctscan.engine.evaluate import (
+    evaluate_checkpoint,
+    leak_free_mask,
+    raw_logits,
+    require_same_spec,
+)
+from ctscan.engine.metrics import classification_report, probabilities
+from ctscan.engine.run_folder import refuse_reserved_out
+from ctscan.engine.runtime import resolve_runtime
+from ctscan.engine.temperature import apply_temperature
+from ctscan.engine.tracking import open_tracker
+from ctscan.engine.train import RunHooks, run_training
 from ctscan.errors import CheckpointError, CtscanError, Interrupted, SettingsError, say_line
 from ctscan.files import atomic_write, ensure_dir, folder_lock
 from ctscan.jobs import check_stop, critical, experiment_fix, refused_changes, stopped
@@ -46,8 +62,7 @@ def _read_json(path: Path, keys: tuple[str, ...], fix: str) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise CtscanError(f"'{path}' cannot be read ({exc}).", fix) from None
-    missing = [k for k in keys if not isinstance(data, dict) or k not in data]
-    if missing:
+    if missing := [k for k in keys if not isinstance(data, dict) or k not in data]:
         raise CtscanError(f"'{path}' is not ctscan's (no {', '.join(missing)}).", fix)
     return data
 
@@ -83,8 +98,6 @@ class _Cv:
 
     @cached_property
     def rt(self) -> Any:
-        from ctscan.engine.runtime import resolve_runtime
-
         return resolve_runtime(self.settings.train)
 
 
@@ -151,8 +164,7 @@ def _check_same_cv(cv_dir: Path, plan: FoldPlan, settings: Settings) -> dict[str
             "assignment of images to folds).",
             fix,
         )
-    refused = refused_changes(recorded.get("settings") or {}, settings)
-    if refused:
+    if refused := refused_changes(recorded.get("settings") or {}, settings):
         raise CheckpointError(
             f"'{cv_dir}' was trained with other settings: {'; '.join(refused)}.", fix
         )
@@ -161,8 +173,6 @@ def _check_same_cv(cv_dir: Path, plan: FoldPlan, settings: Settings) -> dict[str
 
 def _train_fold(cv: _Cv, fold: int, parent: str | None) -> dict[str, Any]:
     """Train fold `fold` (1-based), or resume it from its last.pt; returns its fold.json."""
-    from ctscan.engine.train import RunHooks, run_training
-
     fold_dir = cv.cv_dir / f"fold-{fold}"
     train_split, held_out = fold_splits(cv.plan, fold - 1)
     tags = {TAG_CV: cv.cv_dir.name, TAG_FOLD: str(fold)}
@@ -193,8 +203,6 @@ def _train_fold(cv: _Cv, fold: int, parent: str | None) -> dict[str, Any]:
 
 def _fold_checkpoint(cv_dir: Path, fold: int, record: dict[str, Any], metric: str) -> Any:
     """Fold `fold`'s best.pt, checked to be the model that fold trained (its fold.json)."""
-    from ctscan.engine.checkpoint import read_checkpoint
-
     path = cv_dir / f"fold-{fold}" / "best.pt"
     try:
         checkpoint = read_checkpoint(path)
@@ -235,8 +243,6 @@ def _finished_fold(cv_dir: Path, fold: int, metric: str) -> dict[str, Any] | Non
 
 def _out_of_fold(cv: _Cv, records: list[dict[str, Any]]) -> tuple[np.ndarray, list[Any]]:
     """The raw logits of every train + valid image from the model that did not train on it."""
-    from ctscan.engine.evaluate import raw_logits, require_same_spec
-
     plan, metric = cv.plan, cv.settings.train.select_metric
     logits = np.zeros((len(plan.paths), len(cv.store.spec.class_names)), dtype=np.float64)
     checkpoints = []
@@ -252,11 +258,6 @@ def _out_of_fold(cv: _Cv, records: list[dict[str, Any]]) -> tuple[np.ndarray, li
 
 def _calibrate(cv: _Cv, checkpoints: list[Any], logits: np.ndarray) -> dict[str, Any]:
     """One temperature, fitted on the pooled out-of-fold logits, into every fold's best.pt."""
-    import dataclasses
-
-    from ctscan.engine.calibration import calibration_report, train_confidence
-    from ctscan.engine.checkpoint import save_checkpoint
-
     names = list(checkpoints[0].class_names)
     report = calibration_report(logits, cv.plan.labels, names, f"out-of-fold ({cv.plan.k} folds)")
     temperature = report["temperature"]
@@ -269,16 +270,12 @@ def _calibrate(cv: _Cv, checkpoints: list[Any], logits: np.ndarray) -> dict[str,
     for fold, checkpoint in enumerate(checkpoints, 1):  # serve's drift reference follows T
         calibrated = dataclasses.replace(checkpoint, temperature=temperature)
         body = json.dumps(train_confidence(calibrated, cv.store, cv.rt)).encode()
-        path = cv.cv_dir / f"fold-{fold}" / CONFIDENCE_FILE
-        atomic_write(path, lambda fh, b=body: fh.write(b))
+        atomic_write(cv.cv_dir / f"fold-{fold}" / CONFIDENCE_FILE, body)
     return report
 
 
 def _test(cv: _Cv) -> dict[str, Any]:
     """Read the test split, once, after everything else: each fold model and their average."""
-    from ctscan.engine.evaluate import evaluate_checkpoint, leak_free_mask
-    from ctscan.engine.metrics import classification_report
-
     store, names = cv.store, list(cv.store.spec.class_names)
     folds = [cv.cv_dir / f"fold-{fold}" for fold in range(1, cv.plan.k + 1)]
     results = [
@@ -319,10 +316,6 @@ def run_cv(
     say: Callable[[str], None] = say_line,
 ) -> CvResult:
     """Train K fold models, pool their out-of-fold predictions, calibrate, then test once."""
-    from ctscan.data.store import open_settings_store
-    from ctscan.engine.run_folder import refuse_reserved_out
-    from ctscan.engine.tracking import open_tracker
-
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise CtscanError(
             "--folds runs its folds one after another in one process; it does not run under "
@@ -409,8 +402,7 @@ def _train_folds(cv: _Cv, parent: str | None) -> list[dict[str, Any]]:
     done = {fold: _finished_fold(cv.cv_dir, fold, metric) for fold in range(1, k + 1)}
     counts = np.array(cv.plan.counts(len(cv.store.spec.class_names)))
     present = counts.sum(axis=0) > 0
-    lacking = [f + 1 for f in range(k) if (present & (counts[f] == 0)).any()]
-    if lacking:
+    if lacking := [f + 1 for f in range(k) if (present & (counts[f] == 0)).any()]:
         say(
             f"warning: fold(s) {', '.join(map(str, lacking))} hold no image of some class (too "
             "few images per class for this K): their held-out figures miss that class."
@@ -435,9 +427,6 @@ def _train_folds(cv: _Cv, parent: str | None) -> list[dict[str, Any]]:
 
 def _pooled(cv: _Cv, records: list[dict[str, Any]]) -> CvResult:
     """After the folds: the out-of-fold predictions, the temperature, then the test split."""
-    from ctscan.engine.metrics import classification_report, probabilities
-    from ctscan.engine.temperature import apply_temperature
-
     settings, plan, labels = cv.settings, cv.plan, cv.plan.labels
     logits, checkpoints = _out_of_fold(cv, records)
     names = list(cv.store.spec.class_names)

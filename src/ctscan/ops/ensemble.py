@@ -42,8 +42,7 @@ def member_paths(sources: list[Path]) -> list[Path]:
         source = Path(source)
         if source.is_dir():
             numbered = (p for p in source.glob("fold-*/best.pt") if FOLD.fullmatch(p.parent.name))
-            folds = sorted(numbered, key=lambda p: int(p.parent.name.removeprefix("fold-")))
-            if folds:
+            if folds := sorted(numbered, key=lambda p: int(p.parent.name.removeprefix("fold-"))):
                 found += folds
             elif (source / "best.pt").is_file():
                 found.append(source / "best.pt")
@@ -82,8 +81,7 @@ def _same_preprocessing(checkpoints: list[Any]) -> None:
 
 def _output_path(out: Path) -> Path:
     out = Path(out)
-    problem = checkpoint_file_problem(out, example="ensemble.pt")
-    if problem is not None:
+    if (problem := checkpoint_file_problem(out, example="ensemble.pt")) is not None:
         raise problem
     if out.exists():
         raise CtscanError(
@@ -220,5 +218,4 @@ def _confidence_reference(
         store = open_model_store(settings, ensemble)
     except CtscanError as exc:
         return None, [f"no {CONFIDENCE_FILE} (serve's drift reference) written: {exc}"]
-    warnings = [store.raw_warning] if store.raw_warning else []
-    return train_confidence(ensemble, store, rt), warnings
+    return train_confidence(ensemble, store, rt), ([store.raw_warning] if store.raw_warning else [])

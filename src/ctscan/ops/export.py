@@ -377,7 +377,7 @@ def write_triton_layout(repository: Path, onnx_path: Path, name: str, spec: Any)
         model_dir / "config.pbtxt": config.encode(),
     }
     for path, data in contents.items():
-        atomic_write(path, lambda fh, data=data: fh.write(data))
+        atomic_write(path, data)
     return model_dir
 
 
@@ -400,8 +400,7 @@ def int8_refusal(row: Parity, eager: Parity) -> str | None:
             f"it agrees with eager on {row.agreement:.1%} of the test images "
             f"(needs >= {INT8_MIN_AGREEMENT:.0%})"
         )
-    drop = eager.accuracy - row.accuracy
-    if drop > INT8_MAX_ACCURACY_DROP + 1e-9:
+    if (drop := eager.accuracy - row.accuracy) > INT8_MAX_ACCURACY_DROP + 1e-9:
         reasons.append(
             f"its test accuracy {row.accuracy:.1%} is {drop * 100:.1f} points below eager's "
             f"{eager.accuracy:.1%} (at most {INT8_MAX_ACCURACY_DROP * 100:.0f} allowed)"

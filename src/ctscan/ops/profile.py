@@ -18,17 +18,23 @@ from dataclasses import dataclass
 from datetime import datetime
 from itertools import accumulate
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+import ctscan
+from ctscan.data.store import Store, open_settings_store
+from ctscan.engine.modelling import backbone_frozen
+from ctscan.engine.progress import Progress
+from ctscan.engine.runtime import Runtime, configure_threads, resolve_runtime, seed_everything
+from ctscan.engine.state import Loop, TrainState, new_loop, new_train_state, wrap_for_steps
+from ctscan.engine.tracking import open_tracker
+from ctscan.engine.train import train_one_epoch
 from ctscan.errors import CtscanError
-
-if TYPE_CHECKING:
-    import torch
-
-    from ctscan.data.store import Store
-    from ctscan.engine.runtime import Runtime
-    from ctscan.engine.state import Loop, TrainState
-    from ctscan.settings import Settings
+from ctscan.files import atomic_write, ensure_dir, folder_lock
+from ctscan.settings import Settings, flatten, to_toml
 
 WAIT_STEPS = 1
 TOP_N = 25
@@ -68,10 +74,6 @@ def run_profile(
 ) -> ProfileResult:
     """Profile `steps` training steps of the run the settings describe; write the files (and
     log them to MLflow, tag kind=profile, when tracking is on)."""
-    from ctscan.engine.tracking import open_tracker
-    from ctscan.files import atomic_write, ensure_dir, folder_lock
-    from ctscan.settings import flatten, to_toml
-
     if steps < 1:
         raise CtscanError(f"--steps is {steps}; it must be 1 or more.", "pass --steps 5, say.")
     rt, store = runtime_and_store(settings)
@@ -97,9 +99,6 @@ def run_profile(
 
 def runtime_and_store(settings: Settings) -> tuple[Runtime, Store]:
     """Runtime (one process), threads, seed and the checked store, set as `ctscan train` does."""
-    from ctscan.data.store import open_settings_store
-    from ctscan.engine.runtime import configure_threads, resolve_runtime, seed_everything
-
     tr = settings.train
     rt = resolve_runtime(tr)
     if rt.distributed:
@@ -125,8 +124,6 @@ class PreparedRun(NamedTuple):
 
 def prepare_run(settings: Settings, rt: Runtime, store: Store) -> PreparedRun:
     """The `Loop`, a fresh `TrainState` (wrapped for steps) and the train split on the device."""
-    from ctscan.engine.state import new_loop, new_train_state, wrap_for_steps
-
     train_split = store.split("train")
     images, labels = train_split.images.to(rt.device), train_split.labels.to(rt.device)
     loop = new_loop(settings, rt, store.spec, len(train_split))
@@ -138,9 +135,6 @@ def prepare_run(settings: Settings, rt: Runtime, store: Store) -> PreparedRun:
 def run_steps(run: PreparedRun, total: int, *, epoch: int, after_step: Callable[[], None]) -> int:
     """`total` steps through `train_one_epoch` (the same epoch again while the split is shorter),
     `after_step` after each; returns the number of `train_one_epoch` passes."""
-    from ctscan.engine.progress import Progress
-    from ctscan.engine.train import train_one_epoch
-
     done = passes = 0
 
     def counted() -> None:
@@ -167,12 +161,6 @@ def _profile_run(
     settings: Settings, rt: Runtime, store: Store, steps: int, out_dir: Path
 ) -> dict[str, Any]:
     """Build the run as `ctscan train` does, profile it, write the trace files; the summary."""
-    import torch
-
-    import ctscan
-    from ctscan.engine.modelling import backbone_frozen
-    from ctscan.files import atomic_write
-
     tr = settings.train
     run = prepare_run(settings, rt, store)
     epoch = profiled_epoch(settings)
@@ -224,9 +212,6 @@ def record_steps(
 ) -> Recording:
     """Run wait + warmup + active steps under the profiler, recording the active ones; the
     tensorboard handler's trace (it can be saved once) is copied to `out_dir/trace.json.gz`."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
-
     rt = run.loop.rt
     cuda = rt.device.type == "cuda"
     tb_dir = out_dir / TENSORBOARD_DIR
@@ -275,12 +260,10 @@ def _ms(us: float) -> float:
 
 def summarize(rec: Recording, device: torch.device, *, batch_size: int) -> dict[str, Any]:
     """Step times, range totals, the input vs model split, top operators and peak memory."""
-    import torch
-
     prof = rec.prof
     step_us = [e.time_range.elapsed_us() for e in prof.events() if e.name.startswith(STEP_EVENT)]
     averages = prof.key_averages()
-    by_name = {e.key: e for e in averages if e.device_type == torch.autograd.DeviceType.CPU}
+    by_name = {e.key: e for e in averages if e.device_type == DeviceType.CPU}
     range_us = {
         name: float(getattr(by_name.get(name), "cpu_time_total", 0)) for name in LOOP_RANGES
     }
@@ -337,8 +320,6 @@ def summarize(rec: Recording, device: torch.device, *, batch_size: int) -> dict[
 def profiled_peak_allocated(prof: Any) -> dict[str, float | None]:
     """Peak tensor memory allocated during the recorded steps, per device (MiB): the running sum
     of the profiler's `[memory]` events (the trace's "Total Allocated")."""
-    from torch.autograd import DeviceType
-
     records = sorted(
         (e.start_ns(), e.nbytes(), e.device_type())
         for e in prof.profiler.kineto_results.events()

@@ -86,25 +86,21 @@ def storage_errors(sweep: Sweep) -> Iterator[None]:
         ) from None
 
 
-@contextlib.contextmanager
-def study_lock(sweep: Sweep) -> Iterator[None]:
+def study_lock(sweep: Sweep) -> contextlib.AbstractContextManager[None]:
     """Make, load and check the study and its parent run one process at a time: a folder lock
     beside a SQLite file, a PostgreSQL advisory lock per study (both die with the process)."""
     if sweep.db is not None:
         folder = ensure_dir(sweep.db.parent, what="Optuna storage folder", error=SweepError)
-        with folder_lock(
+        return folder_lock(
             folder, what="Optuna storage", error=SweepError, wait=600, name=sweep.db.name + ".lock"
-        ):
-            yield
-        return
-    with database_lock(
+        )
+    return database_lock(
         sweep.storage_url,
         f"ctscan.sweep {sweep.name}",
         what=f"the Optuna storage '{sweep.where}'",
         error=SweepError,
         fix=f"{EXTRA_FIX} (psycopg 3), and write the URL as postgresql+psycopg://...",
-    ):
-        yield
+    )
 
 
 def open_study(optuna: Any, sweep: Sweep) -> Any:
@@ -470,8 +466,7 @@ def _result(sweep: Sweep, study: Any, parent_run_id: str | None) -> SweepResult:
 
 def _log_end(tracker: Any, result: SweepResult) -> None:
     """The parent run's summary: best value, trial counts, the recipe and the trials table."""
-    counts = result.summary()["counts"]
-    metrics = {f"trials_{state}": float(n) for state, n in counts.items()}
+    metrics = {f"trials_{state}": float(n) for state, n in result.summary()["counts"].items()}
     if result.best is not None:
         metrics[f"best_{result.sweep.spec.metric}"] = result.best["value"]
         tracker.set_tags({"best_trial": str(result.best["number"])})

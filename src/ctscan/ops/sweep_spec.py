@@ -9,6 +9,7 @@ import re
 import shlex
 import tomllib
 from dataclasses import dataclass
+from functools import reduce
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -372,8 +373,7 @@ def _check_overrides(spec: SweepSpec, files: tuple[Path, ...], overrides: list[s
     load_settings(list(files), overrides)
     given = dotted_keys(parse_overrides(overrides))
     for key in given:
-        searched = key in {p.key for p in spec.params}
-        if searched or key in FORCED_KEYS:
+        if (searched := key in {p.key for p in spec.params}) or key in FORCED_KEYS:
             raise SettingsError(
                 f"--set {key}: the sweep {'searches' if searched else 'sets'} it for every "
                 "trial, so the value would reach none.",
@@ -407,9 +407,7 @@ def prepare(
         )
     files = _base_files(spec)
     given = _check_overrides(spec, files, list(overrides))
-    base: dict[str, Any] = {}
-    for path in files:
-        base = deep_merge(base, read_settings_file(path))
+    base = reduce(deep_merge, map(read_settings_file, files), {})
     settings = _spec_settings(spec, files, given, {})
     _check_drawable(spec, files, given)
     url, db = _storage(storage, settings.paths.runs_dir)

@@ -171,12 +171,8 @@ class Service:
         """Decode an upload on the decode threads (as many as the cores, not the loop's 40)."""
         if self.decoder is None:
             raise RuntimeError("the decode pool runs only while the app does (lifespan)")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.decoder, self._read, data, name)
-
-    def _read(self, data: bytes, name: str) -> np.ndarray:
-        """`predictor.read` with its decode and resize steps timed (on a decode thread)."""
-        return self.predictor.read(data, name=name, stage=self.metrics.stage)
+        read = functools.partial(self.predictor.read, data, name=name, stage=self.metrics.stage)
+        return await asyncio.get_running_loop().run_in_executor(self.decoder, read)
 
     @functools.cached_property
     def identity_json(self) -> str:

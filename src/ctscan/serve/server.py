@@ -9,6 +9,7 @@ exports first, so the workers find the cache.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -16,13 +17,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ctscan.data.reference import CONFIDENCE_FILE
+from ctscan.data.reference import CONFIDENCE_FILE, check_reference
+from ctscan.data.store import load_store
 from ctscan.errors import CtscanError
 from ctscan.inference.predictor import MLFLOW_SCHEMES, Predictor, open_predictor
 from ctscan.jobs import forget_stops
 from ctscan.ops.backends import open_model
 from ctscan.serve.app import Service, create_app
 from ctscan.serve.metrics import Metrics
+from ctscan.settings import Settings
 
 log = logging.getLogger("ctscan.serve")
 ENV_ARGS = "_CTSCAN_SERVE_ARGS"  # how the parent hands the model and settings to its workers
@@ -60,22 +63,15 @@ def read_confidence_reference(path: Path, temperature: float) -> list[float] | N
 def _drift_features(beside: Path | None, settings: Any, spec: Any) -> tuple[dict | None, str]:
     """The model's feature reference, or None and why: beside the model, else from the processed
     store when its preprocessing equals the model's (how ONNX files and MLflow models find one)."""
-    from ctscan.data.reference import check_reference
-    from ctscan.data.store import load_store
-
-    try:
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, CtscanError):
         features = json.loads(beside.read_text())["features"] if beside else None
         if features is not None and check_reference(features)["image_size"] == spec.image_size:
             return features, ""
-    except (OSError, ValueError, KeyError, TypeError, CtscanError):
-        pass
     store_dir = settings.paths.processed_dir
-    try:
+    with contextlib.suppress(CtscanError, OSError):
         store = load_store(store_dir, verify=False)
         if store.spec == spec and (features := store.reference()) is not None:
             return features, ""
-    except (CtscanError, OSError):
-        pass
     where = f"in '{beside}' (`features`) nor " if beside else ""
     return None, (
         f"no training reference {where}in a processed store at '{store_dir}' built with the "
@@ -117,11 +113,8 @@ def build_service(model: str, settings: Any) -> Service:
 
 def app_from_env() -> Any:
     """uvicorn's factory in each worker process: the model and settings the parent resolved."""
-    from ctscan.settings import Settings
-
     args = json.loads(os.environ[ENV_ARGS])
-    settings = Settings.model_validate(args["settings"])
-    return create_app(build_service(args["model"], settings))
+    return create_app(build_service(args["model"], Settings.model_validate(args["settings"])))
 
 
 def run_server(model: str, settings: Any) -> None:
