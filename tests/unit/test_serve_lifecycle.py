@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -81,6 +82,23 @@ def test_a_bad_model_fails_before_binding_with_one_line(tmp_path: Path) -> None:
         assert err.startswith("ctscan: error: ") and err.count("\n") == 1, (model, err)
         assert words in err and "Traceback" not in err, (model, err)
         assert "address already in use" not in err.lower() and out == "", (model, out)
+
+
+@pytest.mark.parametrize("missing", ["fastapi", "uvicorn", "prometheus_client", "python_multipart"])
+def test_a_missing_serve_extra_is_one_line_naming_it(missing: str, tmp_path: Path) -> None:
+    """Each of the serve extra's packages, as if not installed: one line naming it and the extra
+    (fastapi, uvicorn and prometheus_client were tracebacks, python-multipart one after the model
+    was opened)."""
+    code = (
+        f"import sys; sys.modules[{missing!r}] = None\n"  # import fails, find_spec gives None
+        "from ctscan.cli import main\n"
+        f"sys.argv = ['ctscan', 'serve', {str(tmp_path / 'none.onnx')!r}]\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"ctscan: error: ctscan serve needs {missing}."), proc.stderr
+    assert "pip install 'ctscan[serve]'" in proc.stderr
 
 
 def _workers(parent: psutil.Process) -> list[psutil.Process]:
