@@ -50,7 +50,7 @@ from ctscan.engine.modelling import Deployable, build_model, check_model_name, l
 from ctscan.engine.temperature import check_temperature, describe
 from ctscan.errors import CheckpointError, DataError
 from ctscan.files import RUN_FIX, atomic_write, model_file
-from ctscan.files import file_sha256 as file_sha256  # where predict and the benches get it
+from ctscan.files import file_sha256 as file_sha256  # where the benches and tests get it
 from ctscan.jobs import critical
 from ctscan.models import input_channels
 from ctscan.models.ensemble import Ensemble, Member, check_flips
