@@ -21,6 +21,17 @@ class CtscanError(Exception):
         return self.message if not self.fix else f"{self.message} Fix: {self.fix}"
 
 
+def require_extra(extra: str, needed_by: str, *names: str, fix: str = "") -> None:
+    """Each of `names` importable, else one CtscanError: what `needed_by` lacks and the extra."""
+    from importlib.util import find_spec
+
+    if missing := [name for name in names if find_spec(name) is None]:
+        raise CtscanError(
+            f"{needed_by} needs {', '.join(missing)}, not installed.",
+            f"pip install 'ctscan[{extra}]'{fix}.",
+        )
+
+
 class SettingsError(CtscanError):
     """A settings file, key or value is wrong. `conflict_keys`: the dotted keys a check across
     keys names (augment.scale_min <= scale_max) when every fault is one; else empty."""

@@ -97,7 +97,7 @@ def test_a_missing_serve_extra_is_one_line_naming_it(missing: str, tmp_path: Pat
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
-    assert proc.stderr.startswith(f"ctscan: error: ctscan serve needs {missing}."), proc.stderr
+    assert proc.stderr.startswith(f"ctscan: error: ctscan serve needs {missing}, not "), proc.stderr
     assert "pip install 'ctscan[serve]'" in proc.stderr
 
 

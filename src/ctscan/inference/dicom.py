@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ctscan.errors import CtscanError, DataError, SettingsError
+from ctscan.errors import CtscanError, DataError, SettingsError, require_extra
 
 DICM_OFFSET = 128  # the "DICM" marker follows the 128-byte preamble of a DICOM file (Part 10)
 INSTALL = "pip install 'ctscan[dicom]'"
@@ -29,14 +29,12 @@ def is_dicom(data: bytes) -> bool:
 
 
 def _import_pydicom() -> Any:
-    try:
-        import pydicom
-        import pydicom.pixels
-    except ImportError:
-        raise CtscanError(
-            "reading DICOM files needs pydicom, which is not installed.",
-            f"{INSTALL} (pydicom and the JPEG decoders {DECODERS}).",
-        ) from None
+    require_extra(
+        "dicom", "reading DICOM files", "pydicom", fix=f" (and the JPEG decoders {DECODERS})"
+    )
+    import pydicom
+    import pydicom.pixels
+
     return pydicom
 
 

@@ -36,7 +36,7 @@ from ctscan.data.transforms import (
 )
 from ctscan.engine.metrics import probabilities
 from ctscan.engine.temperature import apply_temperature, check_temperature, describe
-from ctscan.errors import CheckpointError, CtscanError, DataError
+from ctscan.errors import CheckpointError, CtscanError, DataError, require_extra
 from ctscan.files import file_sha256, model_file
 from ctscan.inference.dicom import dicom_to_gray, is_dicom
 
@@ -343,12 +343,9 @@ def _open_onnx(path: Path, settings: Any, backend: str = "onnx") -> Predictor:
             model, settings.train.threads, _openvino_precision(meta, path)
         )
     else:
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise CtscanError(
-                "onnxruntime is not installed.", "pip install 'ctscan[export]' (or [serve])."
-            ) from None
+        require_extra("export", "an ONNX model", "onnxruntime", fix=" (or [serve])")
+        import onnxruntime as ort
+
         try:
             session = ort.InferenceSession(
                 str(path),
@@ -384,13 +381,9 @@ def _unreadable(path: Path, exc: Exception) -> CheckpointError:
 
 def import_openvino() -> Any:
     """The openvino module, or one CtscanError naming the extra."""
-    try:
-        import openvino as ov
-    except ImportError:
-        raise CtscanError(
-            "--backend openvino needs openvino, which is not installed.",
-            f"{OPENVINO_EXTRA}, or use --backend onnx.",
-        ) from None
+    require_extra("openvino", "--backend openvino", "openvino", fix=", or use --backend onnx")
+    import openvino as ov
+
     return ov
 
 

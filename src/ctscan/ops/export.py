@@ -23,7 +23,7 @@ import numpy as np
 
 import ctscan
 from ctscan.data.reference import CONFIDENCE_FILE
-from ctscan.errors import CtscanError
+from ctscan.errors import CtscanError, require_extra
 from ctscan.files import atomic_write, built_aside, ensure_dir
 from ctscan.inference.predictor import ONNX_METADATA_KEY as METADATA_KEY
 
@@ -143,15 +143,7 @@ def plan_outputs(
 
 def require_onnx_tools() -> None:
     """onnx, onnxscript and onnxruntime importable, else one error naming the extra."""
-    from importlib.util import find_spec
-
-    missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if find_spec(name) is None]
-    if missing:
-        raise CtscanError(
-            f"ONNX export needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
-            "not installed.",
-            EXPORT_EXTRA + ".",
-        )
+    require_extra("export", "ONNX export", "onnx", "onnxscript", "onnxruntime")
 
 
 def export_metadata(checkpoint: Checkpoint, *, checkpoint_sha256: str, fmt: str) -> dict[str, Any]:
