@@ -7,13 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctscan.data.preprocess import run_preprocess
 from ctscan.data.store import load_store
-from ctscan.engine.train import run_training
 from ctscan.inference import open_predictor
 from ctscan.ops import export
 from ctscan.ops.export import read_onnx_metadata, run_export
 from ctscan.settings import Settings, load_settings
+from tests.unit.conftest_real import real_training_overrides
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 pytest.importorskip("onnxscript")
@@ -21,46 +20,14 @@ pytest.importorskip("onnxruntime")
 
 
 def _settings(store: Path, runs: Path) -> Settings:
-    return load_settings(
-        [],
-        [
-            f'paths.processed_dir="{store}"',
-            f'paths.runs_dir="{runs}"',
-            "data.image_size=64",
-            'model.name="cnn_gap"',
-            "model.pretrained=false",
-            'train.device="cpu"',
-            "train.epochs=3",
-            "train.batch_size=64",
-            "train.evaluate_test=false",
-            "train.quiet=true",
-            "train.threads=1",  # two pytest workers share the cores (tests/conftest.py)
-            "tracking.enabled=false",
-        ],
-    )
+    return load_settings([], real_training_overrides(store, runs))
 
 
-@pytest.fixture(scope="module")
-def real_run(real_raw_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(best.pt of cnn_gap trained 3 epochs on the real data at 64 px on the CPU, its store)."""
-    root = tmp_path_factory.mktemp("export-real")
-    store = root / "processed"
-    run_preprocess(
-        load_settings(
-            [],
-            [
-                f'paths.raw_dir="{real_raw_dir}"',
-                f'paths.processed_dir="{store}"',
-                "data.image_size=64",
-            ],
-        )
-    )
-    run_training(_settings(store, root / "runs"), out_dir=root / "run")
-    return root / "run" / "best.pt", store
-
-
-def test_onnx_and_int8_against_the_checkpoint(real_run: tuple[Path, Path], tmp_path: Path) -> None:
-    checkpoint, store = real_run
+def test_onnx_and_int8_against_the_checkpoint(
+    real_checkpoint_64: Path, real_store_64: Path, tmp_path: Path
+) -> None:
+    """cnn_gap trained 3 epochs on the real data at 64 px (conftest_real.py), exported."""
+    checkpoint, store = real_checkpoint_64, real_store_64
     settings = _settings(store, tmp_path / "runs")
     out = tmp_path / "deploy" / "model.onnx"
     result = run_export(settings, checkpoint, fmt="onnx", int8=True, out=out)

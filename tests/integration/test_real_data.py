@@ -25,21 +25,8 @@ def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str
     )
 
 
-@pytest.fixture(scope="module")
-def real_store(real_raw_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real data preprocessed at 64 px with the official split (on_leak=keep)."""
-    out = tmp_path_factory.mktemp("real") / "processed"
-    settings = load_settings(
-        [],
-        [f'paths.raw_dir="{real_raw_dir}"', f'paths.processed_dir="{out}"', "data.image_size=64"],
-    )
-    result = run_preprocess(settings)
-    assert result.store_dir == out
-    return out
-
-
-def test_split_counts_and_audit_findings(real_store: Path) -> None:
-    store = load_store(real_store)
+def test_split_counts_and_audit_findings(real_store_64: Path) -> None:
+    store = load_store(real_store_64)
     assert store.counts == {"train": 613, "valid": 72, "test": 259}
     assert store.split("train").images.shape == (613, 1, 64, 64)
     audit = store.audit()
@@ -50,7 +37,7 @@ def test_split_counts_and_audit_findings(real_store: Path) -> None:
     assert len(audit["cross_split_duplicates"]) > 0
     assert len(audit["label_conflicts"]) == 1
     assert audit["bad_files"] == []
-    assert (real_store / "audit.json").is_file()
+    assert (real_store_64 / "audit.json").is_file()
     mean, std = store.spec.mean, store.spec.std
     assert 0.05 < mean < 0.6 and 0.05 < std < 0.5
 
@@ -83,10 +70,10 @@ def test_drop_policy_removes_leaks(real_raw_dir: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_train_and_evaluate_end_to_end(real_store: Path, tmp_path: Path) -> None:
+def test_train_and_evaluate_end_to_end(real_store_64: Path, tmp_path: Path) -> None:
     common = [
         "--set",
-        f'paths.processed_dir="{real_store}"',
+        f'paths.processed_dir="{real_store_64}"',
         "--set",
         f'paths.runs_dir="{tmp_path / "runs"}"',
         "--set",

@@ -1,12 +1,13 @@
 """Same answer everywhere, on the real images: the server (torch and ONNX), predict, evaluate.
 
-The real data preprocessed at 64 px, cnn_gap trained 2 epochs on it, then 40 test-split files
-answered by: `ctscan serve --backend torch` (/predict and /v2/.../infer through tritonclient),
-`ctscan serve --backend onnx` (the checkpoint exported on start-up; the same two routes),
-`ctscan predict --json` and `ctscan evaluate --json` (its "predictions", computed from the
-store's preprocessed images; both commands run in this process through Typer's runner, which
-spares two interpreters that would import torch again). On one backend every answer agrees to
-1e-5; ONNX Runtime agrees with PyTorch to 1e-4.
+The real data preprocessed at 64 px, cnn_gap trained 3 epochs on it (both shared with
+test_export_real: conftest_real.py), then 40 test-split files answered by: `ctscan serve
+--backend torch` (/predict and /v2/.../infer through tritonclient), `ctscan serve --backend
+onnx` (the checkpoint exported on start-up; the same two routes), `ctscan predict --json` and
+`ctscan evaluate --json` (its "predictions", computed from the store's preprocessed images; both
+commands run in this process through Typer's runner, which spares two interpreters that would
+import torch again). On one backend every answer agrees to 1e-5; ONNX Runtime agrees with
+PyTorch to 1e-4.
 """
 
 from __future__ import annotations
@@ -20,12 +21,8 @@ import pytest
 from typer.testing import CliRunner
 
 from ctscan.cli import app
-from ctscan.data.preprocess import run_preprocess
 from ctscan.data.store import load_store
-from ctscan.engine.train import run_training
-from ctscan.settings import load_settings
 from tests.serve_helpers import live_server, toml_str
-from tests.unit.conftest_store import engine_overrides
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -36,28 +33,18 @@ ONNX_VS_TORCH_ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def trained(real_raw_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The real store at 64 px and best.pt of a 2-epoch cnn_gap run on it."""
+def trained(
+    real_store_64: Path, real_checkpoint_64: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """The real store at 64 px and best.pt of a 3-epoch cnn_gap run on it (conftest_real.py,
+    shared: read-only); a runs folder of this module's own for the servers' ONNX exports."""
     root = tmp_path_factory.mktemp("serve-real")
-    store = root / "processed"
-    run_preprocess(
-        load_settings(
-            [],
-            [
-                f"paths.raw_dir={toml_str(real_raw_dir)}",
-                f"paths.processed_dir={toml_str(store)}",
-                f"data.image_size={SIZE}",
-            ],
-        )
-    )
-    overrides = engine_overrides(
-        store,
-        root / "runs",
-        SIZE,
-        **{"train.epochs": 2, "train.batch_size": 64, "train.evaluate_test": "false"},
-    )
-    run_training(load_settings([], overrides), out_dir=root / "run")
-    return {"root": root, "store": store, "runs": root / "runs", "checkpoint": root / "run/best.pt"}
+    return {
+        "root": root,
+        "store": real_store_64,
+        "runs": root / "runs",
+        "checkpoint": real_checkpoint_64,
+    }
 
 
 def _cli_json(*args: str) -> str:
