@@ -18,10 +18,12 @@ import numpy as np
 DPI = 110
 
 
-def _figure(width: float, height: float) -> Any:
+def _figure(width: float, height: float, layout: str | None = "constrained") -> Any:
+    """A figure; `layout=None` where the panels' margins are fixed, set by the caller (matplotlib's
+    constrained layout draws the figure twice: half of a small training's plotting time)."""
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    return Figure(figsize=(width, height), dpi=DPI, layout=layout)
 
 
 def _save(figure: Any, path: str | Path) -> Path:
@@ -104,8 +106,9 @@ def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float]
 def plot_curves(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     """Draw per-epoch loss, accuracy, macro F1 (train and val) and learning rate in four panels;
     missing, None and non-finite values are skipped."""
-    figure = _figure(10.0, 7.0)
-    grid = figure.subplots(2, 2)
+    figure = _figure(10.0, 7.0, layout=None)
+    margins = {"left": 0.07, "right": 0.98, "bottom": 0.07, "top": 0.95}
+    grid = figure.subplots(2, 2, gridspec_kw=margins | {"wspace": 0.2, "hspace": 0.3})
     for axes, (label, keys) in zip(grid.flat, _CURVE_PANELS, strict=True):
         series = {key: _series(history, key) for key in keys}
         for key, (epochs, values) in series.items():
@@ -142,8 +145,11 @@ def plot_error_grid(
         )
     ncols = min(4, count) or 1  # none: one empty panel that says so
     nrows = math.ceil(count / ncols) or 1
-    figure = _figure(2.6 * ncols, 2.9 * nrows + 0.4)
-    for index, axes in enumerate(figure.subplots(nrows, ncols, squeeze=False).reshape(-1)):
+    height = 2.9 * nrows + 0.4
+    figure = _figure(2.6 * ncols, height, layout=None)
+    margins = {"left": 0.02, "right": 0.98, "bottom": 0.02, "top": 1 - 0.8 / height}
+    panels = figure.subplots(nrows, ncols, squeeze=False, gridspec_kw=margins | {"hspace": 0.3})
+    for index, axes in enumerate(panels.reshape(-1)):
         axes.set_axis_off()
         if index < count:
             axes.imshow(pictures[index], cmap="gray", vmin=0, vmax=255)
