@@ -38,6 +38,8 @@ DVC_MIRROR ?= $(abspath $(wildcard ../shared/dvc-store))
 SETTINGS ?=
 SETTINGS_ARGS := $(foreach s,$(SETTINGS),--settings $(s))
 RUN_DIR ?= outputs/runs/main-$(shell date +%Y%m%d-%H%M%S)
+# once: a ?= variable runs date again at each use (train and evaluate could name two folders)
+RUN_DIR := $(RUN_DIR)
 PYTEST_ARGS ?=
 # Two pytest workers (pytest-xdist); a test file runs whole on one worker, so its module fixtures
 # are built once. PYTEST_WORKERS=0 runs in one process.
