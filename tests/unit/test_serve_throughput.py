@@ -46,13 +46,13 @@ def test_uploads_are_decoded_on_the_decode_pool_of_the_configured_size(
     settings = _settings(serve_model, f"inference.decode_threads={threads}")
     service = build_service(str(serve_model.onnx), settings)
     seen: list[str] = []
-    read = service._read  # decode + resize of one upload, timed
+    read = service.predictor.read  # decode + resize of one upload, timed
 
-    def recording_read(data: bytes, name: str):
+    def recording_read(data: bytes, **options):
         seen.append(threading.current_thread().name)
-        return read(data, name)
+        return read(data, **options)
 
-    service._read = recording_read  # type: ignore[method-assign]
+    service.predictor.read = recording_read  # type: ignore[method-assign]
     images = [png_bytes(image) for image in sample_images(8)]
     with TestClient(create_app(service)) as client:
         assert service.decoder is not None
