@@ -417,10 +417,9 @@ def openvino_call(
     try:
         compiled = openvino_core().compile_model(model, "CPU", config)
     except RuntimeError as exc:  # e.g. no kernel for a layer at this precision on this CPU
-        at = precision or openvino_default_precision()
+        at, why = precision or openvino_default_precision(), str(exc).strip().rpartition("\n")[2]
         raise CtscanError(
-            f"OpenVINO cannot compile the model on this CPU ({at} precision): "
-            f"{str(exc).strip().splitlines()[-1]}",
+            f"OpenVINO cannot compile the model on this CPU ({at} precision): {why}",
             'run it on ONNX Runtime: --backend onnx (serve.backend = "onnx").',
         ) from exc
     request, lock = compiled.create_infer_request(), threading.Lock()

@@ -47,7 +47,6 @@ INT8_KEEP_FP32: tuple[str, ...] = ("stem",)  # parts left in float32 (see fp32_n
 INT8_CALIBRATION = "minmax-avg"  # min/max averaged over the batches (see quantize_onnx)
 TRITON_MAX_BATCH = 32
 TRITON_QUEUE_DELAY_US = 2000
-EXPORT_EXTRA = "pip install 'ctscan[export]'"
 CACHE_FOLDER = "serve-cache"  # under paths.runs_dir: checkpoints exported for predict and serve
 
 
